@@ -1,0 +1,47 @@
+# orayboxvpn / mpvpn developer Makefile.
+#   make demo   - the main job (see README)
+#   make test   - install everything into .venv and run the whole suite
+#   make bench  - run the benchmarks under bench/
+# (The OpenWrt package recipe lives in package/orayboxvpn/Makefile.)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Debian packages the suite and the demo use (commands checked before installing).
+SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2
+
+.PHONY: all venv sysdeps test demo bench clean
+
+all: test
+
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS_CMDS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "warning: missing system packages:$$missing (install them as root)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m mpvpn.demo
+
+bench: $(STAMP)
+	$(PY) bench/core.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

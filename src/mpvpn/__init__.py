@@ -1,0 +1,3 @@
+"""mpvpn: the orayboxvpn agent (SMPU multipath UDP over several carriers)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from mpvpn.cli import main
+
+raise SystemExit(main())
