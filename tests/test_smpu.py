@@ -1,0 +1,270 @@
+"""The SMPU session: duplicate sending, one copy delivered in order, hold
+deadline, group membership and events, hostile input."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpvpn import wire
+from mpvpn.simnet import SimPair
+from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
+                        SubflowDown, SubflowUp)
+from mpvpn.wire import Op
+
+
+def indices(pkts):
+    return [int.from_bytes(p[:4], "big") for p in pkts]
+
+
+def test_every_packet_goes_out_on_every_established_subflow():
+    pair = SimPair(3)
+    assert pair.handshake()
+    pair.a.send(b"x" * 100, pair.now)
+    out = pair.a.datagrams_to_send()
+    assert sorted(m for m, _ in out) == [1, 2, 3]
+    seqs = {wire.decode(d).seq for _, d in out}
+    assert len(seqs) == 1  # the same sequence number: copies of one packet
+    assert all(d.endswith(b"x" * 100) for _, d in out)
+
+
+def test_receiver_keeps_exactly_one_copy_in_order():
+    pair = SimPair(3, delay=0.010, jitter=0.004, fifo=False)  # jitter reorders
+    assert pair.handshake()
+    sent = pair.stream("a", 2000, 2000.0)
+    pair.run(0.5)
+    assert pair.delivered["b"] == sent
+    c = pair.b.counters()
+    assert c["delivered"] == 2000 and c["duplicates"] == 4000
+
+
+def test_scheduler_hook_chooses_the_subflows():
+    pair = SimPair(3)
+    assert pair.handshake()
+    pair.a.scheduler = lambda pkt, up, now: [s for s in up if s.member == 2]
+    pair.stream("a", 50, 1000.0)
+    pair.run(0.2)
+    assert len(pair.delivered["b"]) == 50
+    assert pair.a.subflows[2].data_tx == 50
+    assert pair.a.subflows[1].data_tx == 0 and pair.a.subflows[3].data_tx == 0
+    pair.a.scheduler = lambda pkt, up, now: []
+    assert not pair.a.send(b"p", pair.now)
+    assert pair.a.tx_no_subflow == 1
+
+
+@pytest.mark.parametrize("n,p", [(2, 0.2), (3, 0.2)])
+def test_delivered_loss_is_the_product_of_carrier_losses(n, p):
+    pair = SimPair(n, loss=p, delay=0.010, jitter=0.002, seed=11)
+    assert pair.handshake(timeout=10)
+    count = 20000
+    pair.stream("a", count, 4000.0, size=60)
+    pair.run(1.0)
+    lost = count - len(pair.delivered["b"])
+    expected = count * p ** n
+    sd = math.sqrt(count * p ** n * (1 - p ** n))
+    assert abs(lost - expected) < 4.5 * sd, (lost, expected)
+    assert lost < count * p / 4  # far below a single carrier's loss
+    got = indices(pair.delivered["b"])
+    assert got == sorted(set(got))
+
+
+def test_session_up_when_first_subflow_establishes_down_when_last_dies():
+    pair = SimPair(2, delay=0.01)
+    assert pair.handshake()
+    kinds = [type(ev) for _, ev in pair.events["a"]]
+    assert kinds.count(SessionUp) == 1 and kinds.count(SubflowUp) == 2
+    assert kinds.index(SessionUp) == kinds.index(SubflowUp) + 1
+    pair.set(1, up=False)
+    pair.run(4.0)
+    assert pair.a.connected  # one subflow is enough
+    pair.set(2, up=False)
+    pair.run(4.0)
+    evs = [ev for _, ev in pair.events["a"]]
+    assert isinstance(evs[-1], SessionDown)
+    assert [type(e) for e in evs].count(SubflowDown) == 2
+    assert not pair.a.connected and not pair.a.send(b"x", pair.now)
+    pair.set(1, up=True)
+    pair.set(2, up=True)
+    pair.run(2.0)
+    assert pair.a.connected and pair.b.connected
+
+
+def test_subflows_join_and_leave_mid_stream_without_loss():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.stream("a", 300, 1000.0)
+    pair.add_subflow(3, delay=0.030)  # joins while traffic flows
+    pair.stream("a", 300, 1000.0, first=300)
+    assert pair.a.subflows[3].established
+    pair.a.remove_subflow(1, pair.now)  # leaves while traffic flows
+    pair.stream("a", 300, 1000.0, first=600)
+    pair.run(0.5)
+    assert indices(pair.delivered["b"]) == list(range(900))
+    assert 1 not in pair.a.subflows
+    assert any(isinstance(ev, SubflowClosed) and ev.member == 1 for _, ev in pair.events["a"])
+    assert not any(isinstance(ev, SessionDown) for _, ev in pair.events["a"])
+
+
+def test_packet_lost_on_every_path_stalls_delivery_at_most_hold():
+    cfg = SessionConfig(hold=0.030)
+    pair = SimPair(2, delay=0.010, config=cfg)
+    assert pair.handshake()
+    pair.stream("a", 10, 1000.0)
+    pair.set(1, up=False)
+    pair.set(2, up=False)
+    pair.send("a", (10).to_bytes(4, "big") + bytes(20))  # lost everywhere
+    pair.set(1, up=True)
+    pair.set(2, up=True)
+    t_send = pair.now
+    pair.send("a", (11).to_bytes(4, "big") + bytes(20))
+    arrival = t_send + 0.010
+    while len(pair.delivered["b"]) < 11:
+        pair.run(0.001)
+        assert pair.now < t_send + 1.0
+    waited = pair.now - arrival
+    assert 0.030 - 0.002 <= waited <= 0.030 + 0.002
+    assert pair.b.counters()["deadline_releases"] == 1
+    assert indices(pair.delivered["b"])[-1] == 11
+
+
+def test_seed_rule_without_hold_waits_for_the_buffer_to_fill():
+    cfg = SessionConfig(hold=None, reorder_capacity=6)
+    pair = SimPair(1, delay=0.010, config=cfg)
+    assert pair.handshake()
+    pair.stream("a", 5, 1000.0)  # 0..4 = seq 1..5
+    pair.set(1, "a", up=False)
+    pair.send("a", (5).to_bytes(4, "big"))  # seq 6 lost
+    pair.set(1, "a", up=True)
+    pair.stream("a", 6, 1000.0, first=6)  # seq 7..12 buffered (full)
+    pair.run(5.0)
+    assert len(pair.delivered["b"]) == 5  # nothing released: no deadline
+    pair.send("a", (12).to_bytes(4, "big"))  # buffer full -> flush
+    pair.run(0.1)
+    assert indices(pair.delivered["b"]) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12]
+    assert pair.b.counters()["reorder_flushes"] == 1
+
+
+def test_automatic_hold_follows_the_rtt_spread():
+    pair = SimPair(0, delay=0.0)
+    pair.add_subflow(1, delay=0.010)
+    pair.add_subflow(2, delay=0.040)
+    assert pair.handshake()
+    pair.stream("a", 500, 500.0)
+    hold = pair.b.reorder.hold
+    # RTTs 20 and 80 ms: spread 60 ms, plus a small variance term, under the cap
+    assert 0.060 <= hold <= 0.080
+    c = pair.b.config
+    pair.add_subflow(3, delay=0.400)
+    pair.stream("a", 500, 500.0, first=500)
+    pair.run(2.0)  # its handshake takes 1.2 s to complete on the responder
+    assert pair.b.reorder.hold == c.hold_max
+
+
+def test_retransmit_from_the_send_buffer_on_another_subflow():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.set(1, up=False)
+    pair.set(2, up=False)
+    pair.send("a", b"lost-everywhere")
+    seq = pair.a._seq
+    pair.set(1, up=True)
+    pair.set(2, up=True)
+    assert pair.a.retransmit(seq, [2], pair.now)
+    pair.run(0.1)
+    assert pair.delivered["b"] == [b"lost-everywhere"]
+    assert not pair.a.retransmit(seq + 5, [2], pair.now)  # never sent
+    for i in range(pair.a.config.send_buffer):
+        pair.a.send(b"fill", pair.now)
+    assert not pair.a.retransmit(seq, [2], pair.now)  # overwritten
+
+
+def test_send_refuses_what_cannot_go():
+    s = Session(1, initiator=True)
+    assert not s.send(b"x", 0.0)
+    assert s.tx_no_subflow == 1
+    pair = SimPair(1)
+    assert pair.handshake()
+    assert not pair.a.send(bytes(pair.a.config.max_payload + 1), pair.now)
+    assert not pair.a.send(b"", pair.now)
+    assert pair.a.tx_too_big == 2
+
+
+def _established_b():
+    pair = SimPair(2, delay=0.005)
+    assert pair.handshake()
+    return pair
+
+
+def test_wrong_session_member_and_malformed_are_counted_not_raised():
+    pair = _established_b()
+    b = pair.b
+    sid = b.session_id
+    good = wire.encode(Op.DATA, 1, sid, 1, b"payload")
+    assert pair.inject("b", 2, good) == []  # member 1 datagram arriving on subflow 2
+    assert b.wrong_member == 1
+    assert pair.inject("b", 1, wire.encode(Op.DATA, 1, sid + 1, 1, b"x")) == []
+    assert b.wrong_session == 1
+    assert pair.inject("b", 9, wire.encode(Op.DATA, 9, sid, 1, b"x")) == []
+    assert b.unknown_member == 1
+    for bad in (b"", b"\x01", good[:-1], good + b"x", b"\x02" + good[1:]):
+        assert pair.inject("b", 1, bad) == []
+    assert sum(b.malformed.values()) == 5
+    assert b.malformed["truncated"] == 3 and b.malformed["length"] == 1 and b.malformed["version"] == 1
+    sealed = wire.encode(Op.DATA, 1, sid, 1, bytes(30), flags=wire.F_SEALED)
+    assert pair.inject("b", 1, sealed) == []  # no keys: rejected
+    assert b.malformed["sealed"] == 1
+    assert b.counters()["delivered"] == 0
+    # the session still works
+    pair.send("a", b"after")
+    pair.run(0.1)
+    assert pair.delivered["b"] == [b"after"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 300))
+def test_random_datagrams_never_raise_or_deliver_garbage(data, member):
+    pair = SimPair(2, delay=0.005)
+    pair.run(0.05)
+    out = pair.b.receive_datagram(data, member, pair.now)
+    h = wire.decode(data)
+    if out:
+        # only a well-formed unsealed DATA for this session can deliver
+        assert isinstance(h, wire.Header) and h.opcode == Op.DATA
+        assert h.session == pair.b.session_id
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=60),
+       st.integers(0, 2**31))
+def test_any_loss_pattern_delivers_each_packet_at_most_once_in_order(pattern, seed):
+    pair = SimPair(3, delay=0.005, jitter=0.01, fifo=False, duplicate=0.1, seed=seed)
+    assert pair.handshake()
+    for i, drops in enumerate(pattern):
+        for m, d in enumerate(drops, start=1):
+            pair.set(m, "a", up=not d)
+        pair.send("a", i.to_bytes(4, "big"))
+        pair.run(0.002)
+    pair.run(1.0)
+    got = indices(pair.delivered["b"])
+    assert got == sorted(set(got))  # no duplicates, strictly in order
+    survivors = {i for i, d in enumerate(pattern) if not all(d)}
+    # every packet with a surviving copy arrives (hold deadline lets none be late:
+    # all copies arrive within 15 ms of each other and the hold is >= 50 ms)
+    assert set(got) == survivors
+    assert len(pair.b.reorder) <= pair.b.config.reorder_capacity
+
+
+def test_status_document_has_what_the_ui_needs():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.stream("a", 20, 1000.0)
+    pair.run(0.1)
+    st_ = pair.a.status(pair.now)
+    assert st_["state"] == "connected" and st_["session_id"] == pair.a.session_id
+    link = st_["links"][0]
+    for key in ("member", "name", "state", "rtt_ms", "loss", "tx_packets", "rx_packets",
+                "tx_bytes", "rx_bytes", "last_rx_age"):
+        assert key in link
+    assert link["tx_packets"] > 20 and link["rtt_ms"] == pytest.approx(20, abs=2)
+    assert pair.b.status(pair.now)["counters"]["delivered"] == 20

@@ -1,0 +1,258 @@
+"""The subflow state machine: 3-way open, 2-way close, keepalive, dead detection."""
+
+import pytest
+
+from mpvpn import wire
+from mpvpn.simnet import SimPair
+from mpvpn.smpu import SessionConfig, SubflowDown, SubflowUp
+from mpvpn.subflow import RESPONDER_OVERRIDES, TRANSITIONS, State, SubflowConfig
+from mpvpn.wire import Op
+
+
+def ops_sent(pair, side):
+    """Flush a side's queue into a list of (member, opcode) without delivering."""
+    return [(m, d[1]) for m, d in pair.session(side).datagrams_to_send()]
+
+
+def test_every_state_is_reachable_and_can_get_back_to_closed():
+    reach = {State.CLOSED}
+    changed = True
+    while changed:
+        changed = False
+        for (s, _e), n in list(TRANSITIONS.items()) + list(RESPONDER_OVERRIDES.items()):
+            if s in reach and n not in reach:
+                reach.add(n)
+                changed = True
+    assert reach == set(State)
+    for st in State:
+        # from every state some path leads back to CLOSED
+        seen, todo = {st}, [st]
+        while todo:
+            cur = todo.pop()
+            for (s, _e), n in TRANSITIONS.items():
+                if s is cur and n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        assert State.CLOSED in seen
+
+
+def test_three_way_open_over_clean_links():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake(timeout=1.0)
+    for side in "ab":
+        for sub in pair.session(side).subflows.values():
+            assert sub.state is State.ESTABLISHED
+            # RTT measured by the handshake itself: 2 x 10 ms
+            assert sub.rtt.srtt == pytest.approx(0.020, abs=0.002)
+    # the initiator sent CONNECT and ACK, the responder CONNECT_ACK, per subflow
+    assert pair.a.subflows[1].ups == 1 and pair.b.subflows[1].ups == 1
+
+
+def test_lost_connect_is_retried_with_doubling_backoff_capped():
+    cfg = SessionConfig(subflow=SubflowConfig(connect_backoff=0.2, keepalive_idle=0.75))
+    pair = SimPair(0, config=cfg)
+    t0 = pair.now
+    pair.add_subflow(1, up=False)  # every CONNECT is lost
+    link = pair.links[("a", 1)]
+    seen, sent = 1, []  # the first CONNECT went out at t0
+    while pair.now - t0 < 4.0:
+        pair.run(0.005)
+        if link.sent != seen:
+            sent.append(pair.now - t0)
+            seen = link.sent
+    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    # first retry after 0.2 s, then 0.4, then capped at keepalive_idle (0.75)
+    assert sent[0] == pytest.approx(0.2, abs=0.01)
+    assert gaps[0] == pytest.approx(0.4, abs=0.01)
+    assert gaps[1:] and all(g == pytest.approx(0.75, abs=0.01) for g in gaps[1:])
+    pair.set(1, up=True)
+    pair.run(1.0)
+    assert pair.a.subflows[1].established and pair.b.subflows[1].established
+
+
+def test_lost_ack_responder_establishes_on_first_traffic():
+    pair = SimPair(1, delay=0.005)
+    # let CONNECT and CONNECT_ACK through, then lose exactly the ACK
+    pair.run(0.004)  # CONNECT in flight
+    pair.run(0.003)  # CONNECT arrived at b, CONNECT_ACK in flight
+    pair.set(1, "a", up=False)
+    pair.run(0.010)  # CONNECT_ACK arrived, a established, ACK lost
+    assert pair.a.subflows[1].established
+    assert pair.b.subflows[1].state is State.CONNECT_RCVD
+    pair.set(1, "a", up=True)
+    pair.send("a", b"hello")
+    pair.run(0.05)
+    assert pair.b.subflows[1].established
+    assert pair.delivered["b"] == [b"hello"]
+
+
+def test_lost_connect_ack_is_answered_again():
+    pair = SimPair(1, delay=0.005)
+    pair.set(1, "b", up=False)  # CONNECT_ACKs lost
+    pair.run(0.5)
+    assert pair.b.subflows[1].state is State.CONNECT_RCVD
+    assert not pair.a.subflows[1].established
+    pair.set(1, "b", up=True)
+    pair.run(1.0)
+    assert pair.a.subflows[1].established and pair.b.subflows[1].established
+
+
+def test_half_open_responder_gives_up():
+    cfg = SessionConfig(subflow=SubflowConfig(connect_rcvd_timeout=2.0))
+    pair = SimPair(1, delay=0.005, config=cfg)
+    pair.run(0.007)
+    pair.set(1, up=False)
+    pair.a.subflows[1].deadline = None  # initiator falls silent
+    pair.run(2.5)
+    assert pair.b.subflows[1].state is State.CLOSED
+
+
+def _time_to_down(pair, side, member):
+    for t, ev in pair.events[side]:
+        if isinstance(ev, SubflowDown) and ev.member == member:
+            return t
+    return None
+
+
+def test_dead_detected_within_half_a_second_while_data_flows():
+    pair = SimPair(3, delay=0.010, jitter=0.002)
+    assert pair.handshake()
+    pair.stream("a", 200, 1000.0)  # traffic flowing
+    t_fail = pair.now
+    pair.set(2, up=False)
+    pair.stream("a", 800, 1000.0, first=200)
+    down = _time_to_down(pair, "a", 2)
+    assert down is not None and down - t_fail <= 0.5
+    # duplicate mode: nothing was lost meanwhile
+    pair.run(0.5)
+    got = sorted(int.from_bytes(p[:4], "big") for p in pair.delivered["b"])
+    assert got == list(range(1000))
+
+
+def test_dead_detected_within_three_seconds_when_idle():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.run(5.0)
+    for side in "ab":
+        assert all(s.established for s in pair.session(side).subflows.values())
+    t_fail = pair.now
+    pair.set(1, up=False)
+    pair.run(4.0)
+    for side in "ab":
+        down = _time_to_down(pair, side, 1)
+        assert down is not None and down - t_fail <= 3.0, side
+    assert pair.b.subflows[1].state is State.CLOSED  # responder waits
+    assert pair.a.subflows[1].state is State.CONNECT_SENT  # initiator re-probes
+    assert pair.a.subflows[2].established and pair.a.connected
+
+
+def test_carrier_returns_and_rejoins_within_three_keepalive_intervals():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.set(1, up=False)
+    pair.run(5.0)
+    assert not pair.a.subflows[1].established
+    t_back = pair.now
+    pair.set(1, up=True)
+    pair.run(3 * 0.75)
+    ups = [t for t, ev in pair.events["a"] if isinstance(ev, SubflowUp) and ev.member == 1 and t >= t_back]
+    assert ups and ups[0] - t_back <= 3 * 0.75
+    assert pair.b.subflows[1].established
+
+
+def test_one_way_failure_takes_the_subflow_down_on_both_sides():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    pair.set(1, "b", up=False)  # b -> a dead, a -> b still works
+    pair.run(5.0)
+    assert not pair.a.subflows[1].established
+    assert not pair.b.subflows[1].established
+    assert pair.a.subflows[2].established
+
+
+def test_lossy_but_alive_link_is_not_declared_dead():
+    # 20 % loss each way: 36 % of probe round trips fail; fixed 3-probe rule
+    # would flap every few seconds.  The adaptive plan must hold it up.
+    pair = SimPair(1, delay=0.015, jitter=0.003, loss=0.20, seed=3)
+    assert pair.handshake(timeout=10)
+    for _ in range(20):
+        pair.stream("a", 100, 500.0)  # 0.2 s of traffic
+        pair.run(1.5)  # idle
+    assert pair.a.subflows[1].downs == 0 and pair.b.subflows[1].downs == 0
+    interval, need = pair.a.subflows[1].probe_plan(pair.now)
+    assert need > 3 and interval < 0.75
+
+
+def test_probe_plan_keeps_detection_window_on_lossy_links():
+    pair = SimPair(1)
+    sub = pair.a.subflows[1]
+    c = sub.config
+    assert sub.probe_plan(pair.now) == (c.keepalive_idle, c.dead_after)
+    sub.loss_out_ppm = 300_000
+    interval, need = sub.probe_plan(pair.now)
+    assert need > c.dead_after
+    assert interval * (need + 1) == pytest.approx(c.keepalive_idle * (c.dead_after + 1))
+
+
+def test_two_way_close_and_lost_close_ack_retries():
+    pair = SimPair(2, delay=0.005)
+    assert pair.handshake()
+    pair.a.remove_subflow(1, pair.now)
+    pair.run(0.1)
+    assert 1 not in pair.a.subflows
+    assert pair.b.subflows[1].state is State.CLOSED
+    assert pair.a.connected and pair.a.subflows[2].established
+    # now lose the CLOSE_ACK: the closer retries, then gives up and closes anyway
+    pair.set(2, "b", up=False)
+    pair.b.remove_subflow(2, pair.now)
+    pair.run(2.0)
+    assert 2 not in pair.b.subflows
+    assert not pair.b.connected
+
+
+def test_close_reason_travels_in_close():
+    pair = SimPair(1, delay=0.005)
+    assert pair.handshake()
+    pair.a.close(pair.now)
+    out = pair.a.datagrams_to_send()
+    assert len(out) == 1
+    h = wire.decode(out[0][1])
+    assert h.opcode == Op.CLOSE
+    assert out[0][1][-1] == wire.CloseReason.SHUTDOWN
+
+
+def test_stray_control_datagrams_are_ignored_and_counted():
+    pair = SimPair(1, delay=0.005)
+    assert pair.handshake()
+    sub = pair.b.subflows[1]
+    before = sub.unexpected
+    # responder receives a CONNECT_ACK: responders never get one
+    d = wire.encode(Op.CONNECT_ACK, 1, pair.b.session_id, 99, wire.CONNECT_ACK.pack(1, 2))
+    pair.inject("b", 1, d)
+    assert sub.unexpected == before + 1 and sub.established
+    # a CLOSE_ACK while established is not in the table
+    pair.inject("b", 1, wire.encode(Op.CLOSE_ACK, 1, pair.b.session_id, 100))
+    assert sub.unexpected == before + 2 and sub.established
+
+
+def test_keepalives_measure_rtt_and_report_loss_to_the_sender():
+    pair = SimPair(1, delay=0.020, seed=5)
+    assert pair.handshake()
+    pair.set(1, "a", loss=0.10)
+    for _ in range(15):
+        pair.stream("a", 200, 1000.0)
+    sub = pair.a.subflows[1]
+    assert sub.rtt.srtt == pytest.approx(0.040, abs=0.005)
+    # b measured a->b loss from a's counters and told a
+    assert sub.loss == pytest.approx(0.10, abs=0.04)
+    assert pair.b.subflows[1].loss_in.loss == pytest.approx(0.10, abs=0.04)
+    assert pair.b.subflows[1].loss in (None, 0.0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        SubflowConfig(keepalive_active=1.0, keepalive_idle=0.5).validate()
+    with pytest.raises(ValueError):
+        SubflowConfig(dead_after=0).validate()
+    with pytest.raises(ValueError):
+        SessionConfig(send_buffer=1000).validate()

@@ -1,0 +1,92 @@
+"""SMPU header encoding and the validation of untrusted datagrams."""
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpvpn import wire
+from mpvpn.wire import DecodeError, Op
+
+
+def test_header_layout_is_the_documented_one():
+    d = wire.encode(Op.DATA, member=2, session=0x01020304, seq=5, payload=b"ab")
+    assert d == bytes.fromhex("01 10 02 00 01020304 0002 00 00 0000000000000005 6162")
+    assert wire.HEADER_LEN == 20
+
+
+def test_roundtrip_every_opcode_with_its_payload_size():
+    for op in Op:
+        size = 7 if op == Op.DATA else wire.CONTROL_SIZES[op]
+        d = wire.encode(op, 9, 0xDEADBEEF, 2**64 - 1, bytes(range(size)), epoch=3)
+        h = wire.decode(d)
+        assert isinstance(h, wire.Header), op
+        assert (h.opcode, h.member, h.session, h.seq, h.length, h.epoch) == (
+            op, 9, 0xDEADBEEF, 2**64 - 1, size, 3)
+        assert bytes(wire.payload_of(d, h)) == bytes(range(size))
+
+
+def test_sealed_datagram_counts_the_tag_outside_the_length():
+    body = b"x" * 30 + b"T" * wire.TAG_LEN
+    d = wire.encode(Op.DATA, 1, 1, 1, body, flags=wire.F_SEALED)
+    h = wire.decode(d)
+    assert h.length == 30 and h.flags == wire.F_SEALED
+    # the same bytes without the SEALED flag no longer add up
+    bad = bytearray(d)
+    bad[3] = 0
+    assert wire.decode(bytes(bad)) is DecodeError.LENGTH
+
+
+def _data(**kw):
+    fields = dict(version=1, opcode=0x10, member=1, flags=0, session=7, length=3, epoch=0,
+                  reserved=0, seq=1)
+    fields.update(kw)
+    return struct.pack("!BBBBIHBBQ", *fields.values()) + b"abc"
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"", DecodeError.TRUNCATED),
+    (_data()[:19], DecodeError.TRUNCATED),
+    (_data()[:-1], DecodeError.TRUNCATED),
+    (_data() + b"!", DecodeError.LENGTH),
+    (_data(length=60000), DecodeError.TRUNCATED),
+    (_data(version=2), DecodeError.VERSION),
+    (_data(version=0), DecodeError.VERSION),
+    (_data(opcode=0x42), DecodeError.OPCODE),
+    (_data(flags=0x80), DecodeError.FLAGS),
+    (_data(reserved=1), DecodeError.FLAGS),
+    (_data(member=0), DecodeError.MEMBER),
+    (_data(session=0), DecodeError.SESSION),
+    (_data(opcode=int(Op.KEEPALIVE)), DecodeError.PAYLOAD),  # 3 bytes is not a probe
+    (_data(opcode=int(Op.CLOSE_ACK)), DecodeError.PAYLOAD),
+])
+def test_malformed_datagrams_are_classified(data, why):
+    assert wire.decode(data) is why
+
+
+def test_encode_refuses_oversized_payload():
+    with pytest.raises(ValueError):
+        wire.encode(Op.DATA, 1, 1, 1, bytes(wire.MAX_PAYLOAD + 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=80))
+def test_decode_never_raises_on_random_bytes(data):
+    r = wire.decode(data)
+    assert isinstance(r, (wire.Header, DecodeError))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Op)), st.integers(1, 255), st.integers(1, 2**32 - 1),
+       st.integers(0, 2**64 - 1), st.data())
+def test_any_bit_flip_in_the_header_is_either_caught_or_changes_a_field(op, member, session, seq, data):
+    size = 5 if op == Op.DATA else wire.CONTROL_SIZES[op]
+    d = bytearray(wire.encode(op, member, session, seq, bytes(size)))
+    i = data.draw(st.integers(0, wire.HEADER_LEN - 1))
+    bit = data.draw(st.integers(0, 7))
+    d[i] ^= 1 << bit
+    r = wire.decode(bytes(d))
+    if isinstance(r, wire.Header):
+        before = (op, member, session, seq, size, 0)
+        assert (r.opcode, r.member, r.session, r.seq, r.length, r.epoch) != before
