@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Core benchmark: user packets per second through SMPU encode -> decode ->
+reorder, for 1, 2 and 3 subflows at 0 % and 20 % loss per subflow.
+
+Both sessions run in this one process on one core; datagrams are handed over
+in memory (no sockets), so this measures the protocol engine alone.  The
+yardstick row, measured in the same run, is the bare minimum any
+encapsulation needs: pack a header, concatenate, decode it.
+
+    python bench/core.py [--packets N] [--size BYTES] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from mpvpn import wire  # noqa: E402
+from mpvpn.simnet import SimPair  # noqa: E402
+
+
+def yardstick(packets: int, size: int) -> float:
+    payload = bytes(size)
+    pack, decode = wire.HEADER.pack, wire.decode
+    t0 = time.perf_counter()
+    for seq in range(1, packets + 1):
+        d = pack(1, 0x10, 1, 0, 7, size, 0, 0, seq) + payload
+        h = decode(d)
+        _ = d[20:]
+        if h.seq != seq:
+            raise AssertionError
+    return packets / (time.perf_counter() - t0)
+
+
+def engine(n: int, loss: float, packets: int, size: int, seed: int = 1) -> dict:
+    pair = SimPair(n, delay=0.001, seed=seed)
+    if not pair.handshake():
+        raise RuntimeError("handshake failed")
+    a, b = pair.a, pair.b
+    rng = random.Random(seed)
+    # pre-drawn drop decisions so the RNG is not timed
+    drops = [rng.random() < loss for _ in range(packets * n)] if loss else None
+    payload = bytes(size)
+    now = pair.now
+    delivered = 0
+    send, out, recv = a.send, a.datagrams_to_send, b.receive_datagram
+    k = 0
+    t0 = time.perf_counter()
+    for i in range(packets):
+        send(payload, now)
+        for m, d in out():
+            if drops is not None and d[1] == 0x10:
+                k += 1
+                if drops[k - 1]:
+                    continue
+            delivered += len(recv(d, m, now))
+        now += 1e-5  # 100k packets/s of simulated time
+        if not i & 63:
+            for s in (a, b):
+                t = s.get_timer()
+                if t is not None and t <= now:
+                    released = s.handle_timer(now)
+                    if s is b:
+                        delivered += len(released)
+            # carry keepalives both ways (lossless here: only data is dropped)
+            for m, d in b.datagrams_to_send():
+                a.receive_datagram(d, m, now)
+            for m, d in a.datagrams_to_send():
+                delivered += len(recv(d, m, now))
+    dt = time.perf_counter() - t0
+    delivered += len(b.handle_timer(now + 10.0))
+    return {
+        "subflows": n,
+        "loss": loss,
+        "packets": packets,
+        "seconds": dt,
+        "pps": packets / dt,
+        "datagrams_per_s": packets * n / dt,
+        "us_per_packet": dt / packets * 1e6,
+        "delivered_loss": 1 - delivered / packets,
+        "expected_loss": loss ** n,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packets", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=1400)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+
+    base = yardstick(args.packets, args.size)
+    rows = [engine(n, p, args.packets, args.size) for p in (0.0, 0.2) for n in (1, 2, 3)]
+    ref = rows[0]["pps"]
+    print(f"SMPU core, {args.packets} packets of {args.size} B, Python {platform.python_version()}, "
+          f"one core, in-memory")
+    print(f"yardstick (pack + concat + decode only): {base:,.0f} pkt/s")
+    hdr = f"{'subflows':>8} {'loss':>5} {'user pkt/s':>11} {'datagrams/s':>12} {'us/pkt':>7} " \
+          f"{'vs 1x0%':>8} {'Mbit/s':>7} {'delivered loss':>15} {'p^N':>7}"
+    print(hdr)
+    for r in rows:
+        r["ratio_vs_single_clean"] = r["pps"] / ref
+        r["ratio_vs_yardstick"] = r["pps"] / base
+        mbit = r["pps"] * args.size * 8 / 1e6
+        print(f"{r['subflows']:>8} {r['loss'] * 100:>4.0f}% {r['pps']:>11,.0f} "
+              f"{r['datagrams_per_s']:>12,.0f} {r['us_per_packet']:>7.2f} "
+              f"{r['ratio_vs_single_clean']:>8.2f} {mbit:>7.0f} "
+              f"{r['delivered_loss'] * 100:>14.3f}% {r['expected_loss'] * 100:>6.3f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bench": "core", "size": args.size, "yardstick_pps": base,
+                       "python": platform.python_version(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
