@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
-SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2
+SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping
 
 .PHONY: all venv sysdeps test demo bench clean
 

@@ -39,8 +39,9 @@ def yardstick(packets: int, size: int) -> float:
     return packets / (time.perf_counter() - t0)
 
 
-def engine(n: int, loss: float, packets: int, size: int, seed: int = 1) -> dict:
-    pair = SimPair(n, delay=0.001, seed=seed)
+def engine(n: int, loss: float, packets: int, size: int, seed: int = 1,
+           sealed: bool = False) -> dict:
+    pair = SimPair(n, delay=0.001, seed=seed, sealed=sealed)
     if not pair.handshake():
         raise RuntimeError("handshake failed")
     a, b = pair.a, pair.b
@@ -79,6 +80,7 @@ def engine(n: int, loss: float, packets: int, size: int, seed: int = 1) -> dict:
     return {
         "subflows": n,
         "loss": loss,
+        "sealed": sealed,
         "packets": packets,
         "seconds": dt,
         "pps": packets / dt,
@@ -98,18 +100,20 @@ def main(argv=None) -> int:
 
     base = yardstick(args.packets, args.size)
     rows = [engine(n, p, args.packets, args.size) for p in (0.0, 0.2) for n in (1, 2, 3)]
+    rows += [engine(n, p, args.packets, args.size, sealed=True)
+             for n, p in ((1, 0.0), (3, 0.0), (3, 0.2))]
     ref = rows[0]["pps"]
     print(f"SMPU core, {args.packets} packets of {args.size} B, Python {platform.python_version()}, "
           f"one core, in-memory")
     print(f"yardstick (pack + concat + decode only): {base:,.0f} pkt/s")
-    hdr = f"{'subflows':>8} {'loss':>5} {'user pkt/s':>11} {'datagrams/s':>12} {'us/pkt':>7} " \
+    hdr = f"{'subflows':>8} {'AEAD':>5} {'loss':>5} {'user pkt/s':>11} {'datagrams/s':>12} {'us/pkt':>7} " \
           f"{'vs 1x0%':>8} {'Mbit/s':>7} {'delivered loss':>15} {'p^N':>7}"
     print(hdr)
     for r in rows:
         r["ratio_vs_single_clean"] = r["pps"] / ref
         r["ratio_vs_yardstick"] = r["pps"] / base
         mbit = r["pps"] * args.size * 8 / 1e6
-        print(f"{r['subflows']:>8} {r['loss'] * 100:>4.0f}% {r['pps']:>11,.0f} "
+        print(f"{r['subflows']:>8} {'yes' if r['sealed'] else 'no':>5} {r['loss'] * 100:>4.0f}% {r['pps']:>11,.0f} "
               f"{r['datagrams_per_s']:>12,.0f} {r['us_per_packet']:>7.2f} "
               f"{r['ratio_vs_single_clean']:>8.2f} {mbit:>7.0f} "
               f"{r['delivered_loss'] * 100:>14.3f}% {r['expected_loss'] * 100:>6.3f}%")

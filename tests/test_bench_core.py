@@ -15,8 +15,10 @@ def test_core_bench_small_run_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [(r["subflows"], r["loss"]) for r in rows] == [
-        (1, 0.0), (2, 0.0), (3, 0.0), (1, 0.2), (2, 0.2), (3, 0.2)]
+    assert [(r["subflows"], r["loss"], r["sealed"]) for r in rows] == [
+        (1, 0.0, False), (2, 0.0, False), (3, 0.0, False),
+        (1, 0.2, False), (2, 0.2, False), (3, 0.2, False),
+        (1, 0.0, True), (3, 0.0, True), (3, 0.2, True)]
     assert all(r["pps"] > 0 for r in rows)
     assert rows[0]["delivered_loss"] == 0.0
     assert "user pkt/s" in r.stdout

@@ -268,3 +268,114 @@ def test_status_document_has_what_the_ui_needs():
         assert key in link
     assert link["tx_packets"] > 20 and link["rtt_ms"] == pytest.approx(20, abs=2)
     assert pair.b.status(pair.now)["counters"]["delivered"] == 20
+
+
+# -- sealed sessions (AEAD on every datagram) ---------------------------------
+
+def test_sealed_stream_arrives_and_is_encrypted_on_the_wire():
+    pair = SimPair(3, delay=0.010, jitter=0.004, fifo=False, sealed=True)
+    assert pair.handshake()
+    secret = b"SECRET-PAYLOAD-" * 4
+    pair.a.send(secret, pair.now)
+    wire_copies = [d for _, d in pair.a.datagrams_to_send()]
+    assert len(wire_copies) == 3
+    assert all(secret not in d and d[3] & wire.F_SEALED for d in wire_copies)
+    # the copies differ only in the member byte
+    assert len({d[:2] + d[3:] for d in wire_copies}) == 1
+    for m, d in zip((1, 2, 3), wire_copies):
+        pair.inject("b", m, d)
+    assert pair.delivered["b"] == [secret]
+    sent = pair.stream("a", 500, 2000.0)
+    pair.run(0.5)
+    assert pair.delivered["b"][1:] == sent
+
+
+def test_duplicate_copies_cost_one_decryption():
+    pair = SimPair(3, delay=0.010, jitter=0.004, fifo=False, sealed=True)
+    assert pair.handshake()
+    opened = []
+
+    class CountingSealer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def open(self, data, hdr=None):
+            if data[1] == Op.DATA:
+                opened.append(data[12:20])
+            return self.inner.open(data, hdr)
+
+    pair.b.sealer = CountingSealer(pair.b.sealer)
+    pair.stream("a", 300, 2000.0)
+    pair.run(0.5)
+    assert len(pair.delivered["b"]) == 300
+    assert len(opened) == 300 == len(set(opened))  # 900 copies, 300 decryptions
+    assert pair.b.counters()["duplicates"] == 600
+
+
+def test_replayed_or_altered_datagrams_are_rejected():
+    pair = SimPair(2, delay=0.010, sealed=True)
+    assert pair.handshake()
+    b = pair.b
+    pair.a.send(b"first", pair.now)
+    (m1, d1), (m2, d2) = pair.a.datagrams_to_send()
+    pair.inject("b", m1, d1)
+    assert pair.delivered["b"] == [b"first"]
+    # replay: the same datagram again, on either subflow
+    pair.inject("b", m1, d1)
+    pair.inject("b", m2, d2)
+    assert pair.delivered["b"] == [b"first"]
+    assert b.counters()["duplicates"] == 2
+    # one flipped bit, anywhere after the member byte, before the genuine copy
+    pair.a.send(b"second", pair.now)
+    (m1, d1), (m2, d2) = pair.a.datagrams_to_send()
+    for i in (3, 5, 9, 10, 13, 20, len(d1) - 1):
+        bad = bytearray(d1)
+        bad[i] ^= 0x01
+        pair.inject("b", m1, bytes(bad))
+    assert pair.delivered["b"] == [b"first"]
+    assert b.auth_failures + sum(b.malformed.values()) >= 5
+    pair.inject("b", m2, d2)  # the genuine copy still gets through
+    assert pair.delivered["b"] == [b"first", b"second"]
+    # an unsealed datagram is refused by a sealed session
+    f0 = b.auth_failures
+    pair.inject("b", 1, wire.encode(Op.DATA, 1, b.session_id, 99, b"plain"))
+    assert b.auth_failures == f0 + 1 and len(pair.delivered["b"]) == 2
+
+
+def test_replayed_control_datagram_is_rejected_by_the_window():
+    pair = SimPair(1, delay=0.010, sealed=True)
+    assert pair.handshake()
+    pair.run(2.0)  # some keepalives went by
+    pair.a.subflows[1]._send_probe(Op.KEEPALIVE, pair.now)
+    ((m, probe),) = pair.a.datagrams_to_send()
+    pair.inject("b", m, probe)
+    pair.b.datagrams_to_send()  # the KEEPALIVE_ACK
+    r0 = pair.b.replays
+    pair.inject("b", m, probe)
+    assert pair.b.replays == r0 + 1
+    assert pair.b.datagrams_to_send() == []  # no answer to a replay
+
+
+def test_rekey_under_traffic_loses_nothing():
+    pair = SimPair(2, delay=0.010, jitter=0.003, sealed=True)
+    assert pair.handshake()
+    pair.stream("a", 300, 2000.0)
+    k3, k4 = bytes(range(32)), bytes(range(1, 33))
+    # initiator rotates at once, responder defers sending until it sees epoch 2
+    pair.a.sealer.rotate(k3, k4, 2)
+    pair.b.sealer.rotate(k4, k3, 2, defer_send=True)
+    pair.stream("a", 300, 2000.0, first=300)
+    pair.stream("b", 100, 2000.0)
+    pair.run(0.5)
+    assert indices(pair.delivered["b"]) == list(range(600))
+    assert len(pair.delivered["a"]) == 100
+    assert pair.b.sealer.send_epoch == 2 and not pair.b.sealer.send_pending
+    pair.a.sealer.drop_previous()
+    pair.b.sealer.drop_previous()
+    pair.stream("a", 100, 2000.0, first=600)
+    pair.run(0.5)
+    assert len(pair.delivered["b"]) == 700
+    assert pair.a.connected and pair.b.connected

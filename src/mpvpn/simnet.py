@@ -53,11 +53,17 @@ class SimPair:
     def __init__(self, n_subflows: int = 3, *, loss: float = 0.0, delay: float = 0.010,
                  jitter: float = 0.0, duplicate: float = 0.0, fifo: bool = True,
                  config: SessionConfig | None = None, config_b: SessionConfig | None = None,
-                 seed: int = 1, session_id: int = 0x5E55, start: float = 1000.0):
+                 seed: int = 1, session_id: int = 0x5E55, start: float = 1000.0,
+                 sealed: bool = False):
         self.rng = random.Random(seed)
         self.now = start
-        self.a = Session(session_id, initiator=True, config=config)
-        self.b = Session(session_id, initiator=False, config=config_b or config)
+        sa = sb = None
+        if sealed:  # AEAD on every datagram, as the agent runs it
+            from mpvpn.seal import Sealer
+            k1, k2 = self.rng.randbytes(32), self.rng.randbytes(32)
+            sa, sb = Sealer(k1, k2, 1), Sealer(k2, k1, 1)
+        self.a = Session(session_id, initiator=True, config=config, sealer=sa)
+        self.b = Session(session_id, initiator=False, config=config_b or config, sealer=sb)
         # links[(side, member)] carries datagrams sent by `side` on `member`
         self.links: dict[tuple[str, int], SimLink] = {}
         self._heap: list = []

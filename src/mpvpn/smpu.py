@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from mpvpn import wire
 from mpvpn.reorder import ReorderBuffer
+from mpvpn.replay import ReplayWindow
 from mpvpn.subflow import State, Subflow, SubflowConfig
 from mpvpn.wire import DecodeError, Op
 
@@ -34,6 +35,7 @@ _pack = wire.HEADER.pack
 _HLEN = wire.HEADER_LEN
 _DATA = wire.DATA
 _VERSION = wire.VERSION
+_MEMBER = [bytes((i,)) for i in range(256)]
 
 
 @dataclass
@@ -99,7 +101,8 @@ def duplicate_all(packet, up, now):
 class Session:
     """One SMPU connection: a group of subflows sharing one sequence space."""
 
-    def __init__(self, session_id: int, initiator: bool, config: SessionConfig | None = None):
+    def __init__(self, session_id: int, initiator: bool, config: SessionConfig | None = None,
+                 sealer=None):
         if not 0 < session_id <= 0xFFFFFFFF:
             raise ValueError("session id must be 1..2**32-1")
         self.config = config or SessionConfig()
@@ -107,7 +110,14 @@ class Session:
         c = self.config
         self.session_id = session_id
         self.initiator = initiator
-        self.epoch = 0
+        # mpvpn.seal.Sealer: every datagram authenticated, DATA encrypted.
+        # None = plaintext (tests and the in-memory demo only).
+        self.sealer = sealer
+        # Control datagrams carry a per-member counter that never restarts in
+        # a session (it is the AEAD nonce), and are checked against a replay
+        # window per member before decryption, updated only after it.
+        self._ctrl_seq: dict[int, int] = {}
+        self._ctrl_replay: dict[int, ReplayWindow] = {}
         self.subflows: dict[int, Subflow] = {}
         self._up: tuple[Subflow, ...] = ()
         self._closing: set[int] = set()
@@ -127,6 +137,8 @@ class Session:
         self.tx_queue_full = 0
         self.retransmits = 0
         self.malformed: dict[str, int] = {}
+        self.auth_failures = 0  # datagrams whose AEAD tag did not verify (or not sealed)
+        self.replays = 0  # control datagrams rejected by the replay window
         self.wrong_session = 0
         self.wrong_member = 0
         self.unknown_member = 0
@@ -140,6 +152,7 @@ class Session:
         sub = Subflow(member, self.initiator, self.config.subflow, self._emit, self._on_state,
                       name=name, meta=meta)
         self.subflows[member] = sub
+        self._ctrl_replay.setdefault(member, ReplayWindow(8192))
         if self.initiator:
             sub.open(now)
         return sub
@@ -194,10 +207,18 @@ class Session:
 
     # -- sending ----------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int:
+        return self.sealer.send_epoch if self.sealer is not None else 0
+
     def _emit(self, sub: Subflow, opcode: int, payload: bytes) -> None:
         """Queue a control datagram for ``sub`` (called by subflows)."""
-        dgram = _pack(_VERSION, opcode, sub.member, 0, self.session_id, len(payload),
-                      self.epoch, 0, 0) + payload
+        m = sub.member
+        self._ctrl_seq[m] = seq = self._ctrl_seq.get(m, 0) + 1
+        if self.sealer is not None:
+            dgram = self.sealer.seal(opcode, m, self.session_id, seq, payload)
+        else:
+            dgram = _pack(_VERSION, opcode, m, 0, self.session_id, len(payload), 0, 0, seq) + payload
         sub.tx_packets += 1
         sub.tx_bytes += len(dgram)
         self._out.append((sub.member, dgram))
@@ -224,10 +245,24 @@ class Session:
             return False
         self._seq = seq = self._seq + 1
         self.sent += 1
+        out = self._out
+        if self.sealer is not None:
+            # Sealed once; the copies differ only in the header's member byte.
+            sealed = self.sealer.seal_data(self.session_id, seq, packet)
+            self._sendbuf[seq & self._sendmask] = (seq, sealed)
+            head, tail = sealed[:2], sealed[3:]
+            for sub in targets:
+                dgram = head + _MEMBER[sub.member] + tail
+                out.append((sub.member, dgram))
+                sub.tx_packets += 1
+                sub.tx_bytes += len(dgram)
+                sub.data_tx += 1
+                sub.note_data_sent(now)
+            return True
         self._sendbuf[seq & self._sendmask] = (seq, packet)
-        sid, epoch, out = self.session_id, self.epoch, self._out
+        sid = self.session_id
         for sub in targets:
-            dgram = _pack(_VERSION, _DATA, sub.member, 0, sid, n, epoch, 0, seq) + packet
+            dgram = _pack(_VERSION, _DATA, sub.member, 0, sid, n, 0, 0, seq) + packet
             out.append((sub.member, dgram))
             sub.tx_packets += 1
             sub.tx_bytes += len(dgram)
@@ -240,13 +275,16 @@ class Session:
         entry = self._sendbuf[seq & self._sendmask]
         if entry is None or entry[0] != seq:
             return False
-        packet = entry[1]
+        stored = entry[1]  # sealed datagram (resent as is: never sealed twice) or plaintext
         sent = False
         for m in members:
             sub = self.subflows.get(m)
             if sub is None or sub.state is not State.ESTABLISHED:
                 continue
-            dgram = _pack(_VERSION, _DATA, m, 0, self.session_id, len(packet), self.epoch, 0, seq) + packet
+            if self.sealer is not None:
+                dgram = stored[:2] + _MEMBER[m] + stored[3:]
+            else:
+                dgram = _pack(_VERSION, _DATA, m, 0, self.session_id, len(stored), 0, 0, seq) + stored
             self._out.append((m, dgram))
             sub.tx_packets += 1
             sub.tx_bytes += len(dgram)
@@ -293,18 +331,21 @@ class Session:
             self.wrong_member += 1
             sub.malformed += 1
             return []
-        if hdr.flags & wire.F_SEALED:
-            # Sealed datagrams need keys (added by the security layer).
-            return self._drop_malformed("sealed", sub)
-        sub.on_receive(len(data), now)
+        sealer = self.sealer
+        if sealer is None:
+            if hdr.flags & wire.F_SEALED:  # sealed datagrams need keys
+                return self._drop_malformed("sealed", sub)
+        elif not hdr.flags & wire.F_SEALED:
+            self.auth_failures += 1
+            return []
         if hdr.opcode == _DATA:
-            sub.on_data(now)
             seq = hdr.seq
             reorder = self.reorder
             if reorder.is_stale(seq):
-                # Duplicate copy from another subflow (or a late one): the
-                # cheap check before any payload work.  push() never stores a
-                # stale copy; it only counts it as duplicate or late.
+                # A copy that already came over another subflow (or a late
+                # one): dropped before any decryption, so N copies cost one.
+                # push() never stores a stale copy; it only counts it.
+                sub.on_receive(len(data), now)
                 l0 = reorder.late
                 reorder.push(seq, None, now)
                 if reorder.late != l0:
@@ -312,8 +353,30 @@ class Session:
                 else:
                     sub.duplicates += 1
                 return []
-            return reorder.push(seq, data[_HLEN:], now)
-        sub.on_control(hdr.opcode, memoryview(data)[_HLEN:], now)
+            if sealer is None:
+                payload = data[_HLEN:]
+            else:
+                payload = sealer.open(data)
+                if payload is None:
+                    self.auth_failures += 1
+                    return []
+            sub.on_receive(len(data), now)
+            sub.on_data(now)
+            return reorder.push(seq, payload, now)
+        window = self._ctrl_replay[member]
+        if not window.check(hdr.seq):
+            self.replays += 1
+            return []
+        if sealer is None:
+            payload = memoryview(data)[_HLEN:]
+        else:
+            payload = sealer.open(data)
+            if payload is None:
+                self.auth_failures += 1
+                return []
+        window.update(hdr.seq)
+        sub.on_receive(len(data), now)
+        sub.on_control(hdr.opcode, payload, now)
         if hdr.opcode in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
             self._update_hold()
         if sub.state is State.CLOSED and member in self._closing:
@@ -379,6 +442,8 @@ class Session:
             "tx_queue_full": self.tx_queue_full,
             "malformed": sum(self.malformed.values()) + self.wrong_member,
             "malformed_by_reason": dict(self.malformed),
+            "auth_failures": self.auth_failures,
+            "replays": self.replays,
             "wrong_session": self.wrong_session,
             "unknown_member": self.unknown_member,
         }
