@@ -1,0 +1,849 @@
+"""The master control connection (mpvpn.control), driven in memory.
+
+Client and server machines are joined by piping ``data_to_send()`` of one
+into ``receive_data()`` of the other, on a fake clock (h11's tests/helpers
+style).  No sockets, no threads, no sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpvpn import noise
+from mpvpn.control import (
+    MAX_MESSAGE,
+    PREAUTH_MAX_FRAME,
+    ClientConnection,
+    ClientReconnect,
+    ConnectionClosed,
+    ControlConfig,
+    FrameDecoder,
+    HandshakeComplete,
+    KeysActivated,
+    KeysRetired,
+    KeysRotated,
+    PeerUpdated,
+    ProtocolError,
+    RateLimiter,
+    ServerConnection,
+    ServerSessions,
+    SessionEstablished,
+    SessionFreed,
+    State,
+    Vnc,
+    decode_message,
+    encode_frame,
+    peer_problem,
+)
+from mpvpn.pairing import Uplink, mirror
+
+PSK = bytes(range(32))
+OTHER_PSK = bytes(range(1, 33))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def client_cfg(i: int = 1, **kw) -> ControlConfig:
+    ups = (Uplink("wan1", "telecom", f"120.22.{i}.2", 7000),
+           Uplink("wan2", "unicom", f"220.36.{i}.46", 7000),
+           Uplink("wan3", "mobile", f"61.120.{i}.230", 7000))
+    cfg = ControlConfig(psk=PSK, name=f"site{i}", uplinks=ups,
+                        vnc=Vnc(f"10.99.0.{i + 1}", "255.255.255.0", "02:00:00:00:00:%02x" % i),
+                        lans=(f"192.168.{i}.0/24",))
+    return replace(cfg, **kw)
+
+
+def server_cfg(**kw) -> ControlConfig:
+    ups = (Uplink("t", "telecom", "120.61.20.12", 7000),
+           Uplink("u", "unicom", "180.22.154.31", 7000),
+           Uplink("m", "mobile", "61.35.11.10", 7000))
+    cfg = ControlConfig(psk=PSK, name="hub", uplinks=ups, vnc=Vnc("10.99.0.1", "255.255.255.0"),
+                        lans=("10.10.0.0/16",), control_port=7001)
+    return replace(cfg, **kw)
+
+
+def step(src, dst, now) -> bool:
+    data = src.data_to_send()
+    if data:
+        dst.receive_data(data, now)
+    return bool(data)
+
+
+def pump(a, b, now, rounds: int = 50) -> None:
+    for _ in range(rounds):
+        x = step(a, b, now)
+        y = step(b, a, now)
+        if not (x or y):
+            return
+    raise AssertionError("pump did not settle")
+
+
+def evs(conn):
+    return conn.events()
+
+
+def only(events, cls):
+    return [e for e in events if isinstance(e, cls)]
+
+
+def connect(ccfg=None, scfg=None, now=0.0, registry=None, addr=("198.51.100.7", 40000)):
+    """A client/server pair driven to quiescence; returns (client, server, registry)."""
+    scfg = scfg or server_cfg()
+    reg = registry if registry is not None else ServerSessions(scfg, rng=random.Random(1))
+    s = reg.accept(addr, now)
+    c = ClientConnection(ccfg or client_cfg(), now)
+    pump(c, s, now)
+    return c, s, reg
+
+
+def run_clock(conns, start, end, dt=0.5, pairs=()):
+    """Advance a fake clock, firing due timers and piping bytes between pairs."""
+    t = start
+    while t < end:
+        t = min(end, t + dt)
+        for c in conns:
+            tm = c.get_timer()
+            if tm is not None and tm <= t:
+                c.handle_timer(t)
+        for a, b in pairs:
+            pump(a, b, t)
+    return t
+
+
+class DataPlane:
+    """Stands in for the SMPU data plane: keeps keys per epoch as the events
+    say, seals/opens 'datagrams' with ChaCha20-Poly1305."""
+
+    def __init__(self):
+        self.send_keys, self.recv_keys = {}, {}
+        self.send_epoch = None
+        self.seq = 0
+
+    def on(self, events):
+        for e in events:
+            if isinstance(e, SessionEstablished):
+                self.send_keys[e.epoch], self.recv_keys[e.epoch] = e.keys.send, e.keys.recv
+                self.send_epoch = e.epoch
+            elif isinstance(e, KeysRotated):
+                self.send_keys[e.epoch], self.recv_keys[e.epoch] = e.keys.send, e.keys.recv
+                if e.sending:
+                    self.send_epoch = e.epoch
+            elif isinstance(e, KeysActivated):
+                self.send_epoch = e.epoch
+            elif isinstance(e, KeysRetired):
+                self.send_keys.pop(e.epoch, None)
+                self.recv_keys.pop(e.epoch, None)
+        return events
+
+    def seal(self, data: bytes):
+        self.seq += 1
+        nonce = self.seq.to_bytes(12, "big")
+        return (self.send_epoch, nonce,
+                ChaCha20Poly1305(self.send_keys[self.send_epoch]).encrypt(nonce, data, b""))
+
+    def open(self, dgram):
+        epoch, nonce, ct = dgram
+        key = self.recv_keys.get(epoch)
+        if key is None:
+            return None
+        try:
+            return ChaCha20Poly1305(key).decrypt(nonce, ct, b"")
+        except Exception:
+            return None
+
+
+# --- framing -------------------------------------------------------------------------------
+
+
+def test_frames_split_and_joined_arbitrarily():
+    bodies = [b"a", b"bc" * 100, bytes(range(256)) * 3, b"z"]
+    stream = b"".join(encode_frame(x) for x in bodies)
+    for chunk in (1, 2, 3, 7, 100, len(stream)):
+        d = FrameDecoder()
+        got = []
+        for i in range(0, len(stream), chunk):
+            d.feed(stream[i:i + chunk])
+            while (f := d.next_frame()) is not None:
+                got.append(f)
+        assert got == bodies and d.error is None and d.buffered == 0
+
+
+def test_frame_limits():
+    d = FrameDecoder(max_frame=10)
+    d.feed(encode_frame(b"x" * 11))
+    assert d.next_frame() is None and d.error == "oversized" and d.buffered == 0
+    d = FrameDecoder()
+    d.feed(b"\x00\x00rest")
+    assert d.next_frame() is None and d.error == "malformed"
+    with pytest.raises(ValueError):
+        encode_frame(b"")
+    with pytest.raises(ValueError):
+        encode_frame(b"x" * 65536)
+
+
+# --- success --------------------------------------------------------------------------------
+
+
+def test_success_both_sides_agree():
+    c, s, reg = connect()
+    ce, se = evs(c), evs(s)
+    assert [type(e) for e in ce] == [HandshakeComplete, SessionEstablished]
+    assert [type(e) for e in se] == [HandshakeComplete, SessionEstablished]
+    a, b = ce[1], se[1]
+    assert a.session_id == b.session_id != 0 and a.session_id in reg
+    assert a.epoch == b.epoch == 1 and a.version == b.version == 1
+    assert a.keys.send == b.keys.recv and a.keys.recv == b.keys.send and a.keys.send != a.keys.recv
+    assert len(a.keys.send) == 32
+    assert a.peer.name == "hub" and b.peer.name == "site1"
+    assert b.peer.vnc.mac == "02:00:00:00:00:01" and b.peer.lans == ("192.168.1.0/24",)
+    assert a.plan == mirror(b.plan)
+    assert {(p.local, p.remote) for p in a.plan} == {("wan1", "t"), ("wan2", "u"), ("wan3", "m")}
+    assert c.server_addresses == [("120.61.20.12", 7001), ("180.22.154.31", 7001),
+                                  ("61.35.11.10", 7001)]
+    assert c.state is s.state is State.ESTABLISHED
+    assert "secret" not in repr(a) and repr(a.keys) == "DataKeys(epoch=1)"
+
+
+def test_keepalives_keep_an_idle_connection_up():
+    c, s, reg = connect()
+    evs(c), evs(s)
+    t = run_clock([c, s], 0.0, 300.0, dt=1.0, pairs=[(c, s)])
+    assert c.state is s.state is State.ESTABLISHED
+    assert not only(evs(c) + evs(s), ConnectionClosed)
+    assert t == 300.0
+
+
+def test_bye_frees_the_session():
+    c, s, reg = connect()
+    sid = c.session_id
+    c.close("shutdown", "router rebooting")
+    pump(c, s, 1.0)
+    closed = only(evs(s), ConnectionClosed)[0]
+    assert closed.reason == "bye" and closed.by_peer and "router rebooting" in closed.text
+    assert reg.events() == [SessionFreed(sid, "site1", "bye")] and sid not in reg
+
+
+def test_kkpsk0_with_static_keys():
+    cpriv, cpub = noise.generate_keypair()
+    spriv, spub = noise.generate_keypair()
+    c, s, reg = connect(client_cfg(pattern="KKpsk0", static_key=cpriv, remote_static=spub),
+                        server_cfg(pattern="KKpsk0", static_key=spriv, remote_static=cpub))
+    assert c.state is State.ESTABLISHED and s.state is State.ESTABLISHED
+    # A client with some other static key is refused before any reply.
+    opriv, _ = noise.generate_keypair()
+    c2, s2, _ = connect(client_cfg(2, pattern="KKpsk0", static_key=opriv, remote_static=spub),
+                        server_cfg(pattern="KKpsk0", static_key=spriv, remote_static=cpub),
+                        registry=reg)
+    assert s2.close_reason == "bad_psk" and c2.state is State.HANDSHAKE
+
+
+# --- authentication and version ---------------------------------------------------------------
+
+
+def test_wrong_psk_no_reply_no_state_client_sees_auth():
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
+    s = reg.accept(("198.51.100.7", 1), 0.0)
+    c = ClientConnection(client_cfg(psk=OTHER_PSK), 0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    assert s.data_to_send() == b""  # nothing at all is sent to an unauthenticated peer
+    assert s.closed and s.close_reason == "bad_psk"
+    assert s._send_cs is None and s._session is None and s.session_id is None
+    assert len(reg) == 0 and reg.counters["bad_psk"] == 1
+    assert [type(e) for e in evs(s)] == [ConnectionClosed]
+    # The server's edge closes the socket; the client reads EOF.
+    c.receive_data(b"", 0.1)
+    ce = evs(c)
+    assert ce[0] == ProtocolError("auth", ce[0].text, by_peer=True)
+    assert ce[1].reason == "auth" and c.closed and c.counters["auth"] == 1
+
+
+def test_forged_server_reply_is_auth_on_client():
+    # Someone without the PSK (a rogue server, a middlebox) answers msg1.
+    c = ClientConnection(client_cfg(), 0.0)
+    c.data_to_send()
+    c.receive_data(encode_frame(bytes(range(64))), 0.1)
+    assert c.close_reason == "auth" and c.counters["bad_psk"] == 1
+    assert only(evs(c), ProtocolError)[0].code == "auth" and c.data_to_send() == b""
+
+
+@pytest.mark.parametrize("cv,sv,ok", [((2,), (1,), False), ((1, 2), (1,), True),
+                                       ((1, 2, 3), (2, 3), True)])
+def test_version_negotiation(cv, sv, ok):
+    c, s, reg = connect(client_cfg(versions=cv), server_cfg(versions=sv))
+    if ok:
+        assert c.version == s.version == max(set(cv) & set(sv))
+        assert c.state is State.ESTABLISHED
+        return
+    ce, se = evs(c), evs(s)
+    assert only(ce, ProtocolError)[0].code == "version" and only(ce, ProtocolError)[0].by_peer
+    assert only(ce, ConnectionClosed)[0].reason == "version"
+    assert only(se, ConnectionClosed)[0].reason == "version"
+    assert reg.counters["bad_version"] == 1 and len(reg) == 0 and s.session_id is None
+
+
+def test_handshake_timeout_counts_and_allocates_nothing():
+    reg = ServerSessions(server_cfg())
+    s = reg.accept(("198.51.100.9", 1), 0.0)
+    s.receive_data(b"\x00", 1.0)  # half a length prefix, then silence
+    assert s.get_timer() == 10.0
+    s.handle_timer(10.0)
+    assert s.close_reason == "timeout" and reg.counters["timeout"] == 1 and len(reg) == 0
+
+
+def test_replayed_first_message_gets_no_session():
+    c = ClientConnection(client_cfg(), 0.0)
+    msg1 = c.data_to_send()
+    reg = ServerSessions(server_cfg())
+    s1 = reg.accept(("198.51.100.7", 1), 0.0)
+    s1.receive_data(msg1, 0.0)
+    c.receive_data(s1.data_to_send(), 0.0)
+    s1.receive_data(c.data_to_send(), 0.0)
+    assert s1.state is State.ESTABLISHED
+    # An eavesdropper replays msg1: the server answers (PSK-authenticated),
+    # but the replayer cannot produce HELLO under the new keys.
+    s2 = reg.accept(("203.0.113.66", 1), 1.0)
+    s2.receive_data(msg1, 1.0)
+    assert s2.state is State.HELLO and s2.data_to_send()
+    s2.receive_data(encode_frame(b"\x00" * 80), 2.0)  # a forged "HELLO"
+    assert s2.close_reason == "auth" and s2.counters["decrypt"] == 1
+    assert len(reg) == 1
+
+
+def test_preauth_oversized_and_malformed_first_frames():
+    reg = ServerSessions(server_cfg(), limiter=None)
+    s = reg.accept(("198.51.100.1", 1), 0.0)
+    s.receive_data((PREAUTH_MAX_FRAME + 1).to_bytes(2, "big"), 0.0)
+    assert s.close_reason == "oversized" and s.data_to_send() == b""
+    s = reg.accept(("198.51.100.1", 1), 0.0)
+    s.receive_data(encode_frame(b"short"), 0.0)
+    assert s.close_reason == "malformed" and s.data_to_send() == b""
+    assert reg.counters["oversized"] == reg.counters["malformed"] == 1
+
+
+def test_rate_limit_per_source():
+    rl = RateLimiter(rate=1.0, burst=3, max_entries=4)
+    assert [rl.allow(("192.0.2.1", 5), 0.0) for _ in range(4)] == [True, True, True, False]
+    assert rl.allow("192.0.2.2", 0.0)  # another source has its own bucket
+    assert not rl.allow(("192.0.2.1", 6), 0.5)
+    assert rl.allow(("192.0.2.1", 7), 1.0)  # refilled by one token
+    # IPv6 is keyed per /64; v4-mapped addresses as IPv4.
+    assert rl.key(("2001:db8:1:2::5", 1, 0, 0)) == rl.key("2001:db8:1:2:ffff::1")
+    assert rl.key("::ffff:192.0.2.1") == "192.0.2.1"
+    for i in range(20):
+        rl.allow(f"198.51.100.{i}", 2.0)
+    assert len(rl) == 4 and rl.evictions > 0  # bounded table
+    reg = ServerSessions(server_cfg(), limiter=RateLimiter(rate=0.1, burst=2))
+    got = [reg.accept(("203.0.113.5", p), 0.0) for p in range(5)]
+    assert sum(g is not None for g in got) == 2 and reg.counters["rate_limited"] == 3
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def test_lan_overlap_is_reported_on_both_sides():
+    c, s, reg = connect(client_cfg(lans=("10.10.5.0/24",)))
+    ce, se = evs(c), evs(s)
+    pe_c, pe_s = only(ce, ProtocolError)[0], only(se, ProtocolError)[0]
+    assert pe_s.code == pe_c.code == "overlap"
+    assert not pe_s.by_peer and pe_c.by_peer and pe_c.text == pe_s.text
+    assert "10.10.5.0/24" in pe_c.text and "10.10.0.0/16" in pe_c.text
+    assert only(ce, ConnectionClosed)[0].reason == "overlap" and len(reg) == 0
+    assert reg.counters["overlap"] == 1
+
+
+def test_client_detects_a_bad_server_and_tells_it():
+    # The server announces a default route; the client does not allow it.
+    c, s, reg = connect(client_cfg(), server_cfg(lans=("0.0.0.0/0",)))
+    ce, se = evs(c), evs(s)
+    assert only(ce, ProtocolError)[0].code == "route" and not only(ce, ProtocolError)[0].by_peer
+    assert only(se, ProtocolError)[0].code == "route" and only(se, ProtocolError)[0].by_peer
+    assert c.closed and s.closed and len(reg) == 0 and reg.counters["sessions_freed"] == 1
+    # Allowed by option, it works.
+    c, s, reg = connect(client_cfg(allow_peer_default_route=True), server_cfg(lans=("0.0.0.0/0",)))
+    assert c.state is State.ESTABLISHED and c.peer.lans == ("0.0.0.0/0",)
+
+
+@pytest.mark.parametrize("ccfg,code,needle", [
+    (dict(vnc=Vnc("10.98.0.2", "255.255.255.0")), "vnic", "not in our vNIC subnet"),
+    (dict(vnc=Vnc("10.99.0.1", "255.255.255.0")), "vnic", "equals ours"),
+    (dict(vnc=Vnc("10.99.0.2", "255.255.0.0")), "vnic", "not in our vNIC subnet"),
+    (dict(lans=("10.99.0.0/25",)), None, None),  # caught locally (own vNIC subnet)
+    (dict(lans=("120.61.20.0/24",)), "overlap", "uplink address"),
+    (dict(lans=("192.168.0.0/16", "192.168.3.0/24")), None, None),  # caught locally
+])
+def test_peer_validation_codes(ccfg, code, needle):
+    if code is None:
+        with pytest.raises(ValueError):
+            client_cfg(**ccfg).local_info()
+        return
+    c, s, reg = connect(client_cfg(**ccfg))
+    pe = only(evs(s), ProtocolError)[0]
+    assert pe.code == code and needle in pe.text
+    assert only(evs(c), ProtocolError)[0].code == code
+
+
+def test_check_peer_directly():
+    local = server_cfg().local_info()
+    peer = client_cfg().local_info()
+    assert peer_problem(local, peer) is None
+    bad = replace(peer, lans=("10.99.0.0/25",))
+    assert peer_problem(local, bad)[0] == "overlap"
+    bad = replace(peer, lans=("::/0",))
+    assert peer_problem(local, bad)[0] == "route"
+    assert peer_problem(local, bad, allow_default_route=True) is None
+    v6l = replace(local, vnc=Vnc("fd00::1", "64"))
+    v6p = replace(peer, vnc=Vnc("fd00::2", "64"))
+    assert peer_problem(v6l, v6p) is None
+    assert peer_problem(v6l, replace(v6p, vnc=Vnc("fd00::", "64")))[0] == "vnic"
+    assert peer_problem(v6l, replace(v6p, lans=("fd00::/48",)))[0] == "overlap"
+
+
+def test_network_and_broadcast_vnic_addresses_are_refused():
+    for ip in ("10.99.0.0", "10.99.0.255"):
+        with pytest.raises(ValueError):
+            client_cfg(vnc=Vnc(ip, "255.255.255.0")).local_info()
+
+
+def test_cross_session_conflicts_and_busy():
+    reg = ServerSessions(server_cfg(), rng=random.Random(3), max_sessions=2)
+    c1, s1, _ = connect(client_cfg(1), registry=reg)
+    c2, s2, _ = connect(client_cfg(2, lans=("192.168.1.128/25",)), registry=reg)
+    assert only(evs(c2), ProtocolError)[0].code == "overlap"
+    c3, s3, _ = connect(client_cfg(3, vnc=Vnc("10.99.0.2", "255.255.255.0")), registry=reg)
+    assert only(evs(c3), ProtocolError)[0].code == "vnic"
+    c4, s4, _ = connect(client_cfg(4), registry=reg)
+    c5, s5, _ = connect(client_cfg(5), registry=reg)
+    assert c4.state is State.ESTABLISHED and only(evs(c5), ProtocolError)[0].code == "busy"
+    assert len(reg) == 2 and c1.state is State.ESTABLISHED
+
+
+# --- reconnect -------------------------------------------------------------------------------------
+
+
+def test_reconnect_policy_backoff_rotation_and_learned_addresses():
+    rc = ClientReconnect([("203.0.113.1", 7001), ("203.0.113.2", 7001)], 0.0,
+                         base=1.0, cap=8.0, jitter=0.0, rng=random.Random(7))
+    assert rc.get_timer() == 0.0 and rc.handle_timer(0.0) == ("203.0.113.1", 7001)
+    assert rc.get_timer() is None  # connecting
+    seen, delays, t = [], [], 0.0
+    for _ in range(8):
+        d = rc.failed(t, "refused")
+        delays.append(d)
+        t += d
+        seen.append(rc.handle_timer(t))
+    assert delays == [1, 1, 2, 2, 4, 4, 8, 8]  # doubling per full round, capped
+    assert seen[:4] == [("203.0.113.2", 7001), ("203.0.113.1", 7001)] * 2
+    # After a success: back to base, and the server's uplinks join the rotation.
+    rc.established(t, [("120.61.20.12", 7001), ("203.0.113.2", 7001)])
+    assert rc.addresses[-1] == ("120.61.20.12", 7001) and len(rc.addresses) == 3
+    assert rc.failed(t, "eof") == 1.0
+    assert rc.handle_timer(t + 1.0) == rc.addresses[(rc.addresses.index(seen[-1]) + 1) % 3]
+    assert rc.failed(t, "auth") == 8.0  # configuration failures wait the cap
+    # Jitter only ever shortens the delay, and is reproducible with a seeded RNG.
+    a = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)
+    b = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)
+    da = [a.failed(0.0) for _ in range(6)]
+    assert da == [b.failed(0.0) for _ in range(6)]
+    assert all(0.5 * m <= d <= m for d, m in zip(da, [1, 2, 4, 8, 16, 32]))
+
+
+def test_reconnect_with_same_name_replaces_old_session():
+    reg = ServerSessions(server_cfg(), rng=random.Random(9))
+    c1, s1, _ = connect(registry=reg)
+    old = c1.session_id
+    evs(c1), evs(s1)
+    # The client lost its TCP path (no FIN reached the server) and reconnects
+    # through another uplink, driven by ClientReconnect.
+    rc = ClientReconnect([("203.0.113.1", 7001)], 0.0, rng=random.Random(1))
+    rc.handle_timer(0.0)
+    rc.established(0.0, c1.server_addresses)
+    c1.receive_data(b"", 5.0)  # the client's side sees the loss
+    assert only(evs(c1), ConnectionClosed)[0].reason == "eof"
+    delay = rc.failed(5.0, "eof")
+    addr = rc.handle_timer(5.0 + delay)
+    assert addr == ("120.61.20.12", 7001)  # the next address: a learned server uplink
+    c2, s2, _ = connect(registry=reg, now=5.0 + delay, addr=("61.120.1.230", 5000))
+    assert c2.state is State.ESTABLISHED and c2.session_id != old
+    freed = reg.events()
+    assert freed == [SessionFreed(old, "site1", "replaced")] and freed[0].conn is s1
+    assert old not in reg and len(reg) == 1
+    assert s1.closed and s1.close_reason == "replaced"
+    assert b"" != s1.data_to_send()  # BYE for the stale connection, if anyone still reads it
+
+
+# --- rekey ----------------------------------------------------------------------------------------
+
+
+def test_rekey_under_traffic_no_packet_lost():
+    c, s, reg = connect()
+    dc, ds = DataPlane(), DataPlane()
+    dc.on(evs(c)), ds.on(evs(s))
+    delivered = lost = 0
+
+    def traffic(n=5):
+        nonlocal delivered, lost
+        for _ in range(n):
+            for a, b in ((dc, ds), (ds, dc)):
+                if b.open(a.seal(b"payload")) == b"payload":
+                    delivered += 1
+                else:
+                    lost += 1
+
+    traffic()
+    old_hh = c._hh
+    old_send = noise.CipherState(c._send_cs._k, c._send_cs.n)  # the client's control send key
+    assert c.rekey(1.0)
+    # Drive the three REKEY steps one TCP direction at a time, with
+    # datagrams flying in between (UDP may overtake TCP).
+    for src, dst in ((c, s), (s, c), (c, s)):
+        step(src, dst, 1.0)
+        dc.on(evs(c)), ds.on(evs(s))
+        traffic()
+    assert c.epoch == s.epoch == c.send_epoch == s.send_epoch == 2
+    assert dc.send_epoch == ds.send_epoch == 2 and set(dc.recv_keys) == {1, 2}
+    assert dc.send_keys[2] == ds.recv_keys[2] and dc.send_keys[2] != dc.send_keys[1]
+    assert lost == 0 and delivered == 40
+    # The control channel moved to the rekey's keys: a frame sealed with the
+    # session's original control key is now refused.
+    assert c._hh == s._hh != old_hh
+    s.receive_data(encode_frame(old_send.encrypt_with_ad(b"", b'{"type":"KEEPALIVE","n":9}')),
+                   1.5)
+    assert s.closed and s.counters["decrypt"] == 1
+
+
+def test_rekey_overlap_then_retire():
+    c, s, reg = connect()
+    dc, ds = DataPlane(), DataPlane()
+    dc.on(evs(c)), ds.on(evs(s))
+    c.rekey(1.0)
+    pump(c, s, 1.0)
+    dc.on(evs(c)), ds.on(evs(s))
+    # A straggler sealed with epoch 1 still opens during the overlap...
+    straggler = (1, (999).to_bytes(12, "big"),
+                 ChaCha20Poly1305(ds.send_keys[1]).encrypt((999).to_bytes(12, "big"), b"old", b""))
+    assert dc.open(straggler) == b"old"
+    # ...and is refused once the overlap (10 s) is over and the keys dropped.
+    run_clock([c, s], 1.0, 12.0, pairs=[(c, s)])
+    dc.on(evs(c)), ds.on(evs(s))
+    assert set(dc.recv_keys) == {2} == set(ds.recv_keys)
+    assert dc.open(straggler) is None
+    for _ in range(3):  # and again: the chain of rekeys keeps both sides in step
+        c.rekey(20.0)
+        pump(c, s, 20.0)
+    assert c.epoch == s.epoch == 5 and not c.closed and not s.closed
+    run_clock([c, s], 20.0, 200.0, dt=5.0, pairs=[(c, s)])
+    assert not c.closed and not s.closed and c.epoch == s.epoch
+
+
+def test_rekey_on_timer_and_on_packet_count():
+    c, s, reg = connect(client_cfg(rekey_interval=120.0, rekey_packets=1000), server_cfg())
+    dc, ds = DataPlane(), DataPlane()
+    dc.on(evs(c)), ds.on(evs(s))
+    run_clock([c, s], 0.0, 125.0, dt=1.0, pairs=[(c, s)])
+    assert c.epoch == s.epoch == 2 and c.counters["rekey_started"] == 1
+    assert s.counters["rekey_started"] == 0  # the client drives; the server is the backstop
+    c.note_packets(999, 126.0)
+    assert c.epoch == 2
+    c.note_packets(1, 126.0)
+    pump(c, s, 126.0)
+    assert c.epoch == s.epoch == 3
+    dc.on(evs(c)), ds.on(evs(s))
+    assert dc.send_keys[3] == ds.recv_keys[3]
+
+
+def test_rekey_collision_is_resolved_deterministically():
+    c, s, reg = connect()
+    dc, ds = DataPlane(), DataPlane()
+    dc.on(evs(c)), ds.on(evs(s))
+    assert c.rekey(5.0) and s.rekey(5.0)
+    a, b = c.data_to_send(), s.data_to_send()  # both REKEYs cross on the wire
+    s.receive_data(a, 5.0)
+    c.receive_data(b, 5.0)
+    pump(c, s, 5.0)
+    assert c.epoch == s.epoch == 2 and not c.closed and not s.closed
+    assert c.counters["rekey_collision"] == s.counters["rekey_collision"] == 1
+    dc.on(evs(c)), ds.on(evs(s))
+    assert dc.send_keys[2] == ds.recv_keys[2] and ds.send_keys[2] == dc.recv_keys[2]
+    assert dc.send_epoch == ds.send_epoch == 2
+
+
+def test_unanswered_rekey_times_out():
+    c, s, reg = connect()
+    c.rekey(1.0)
+    c.data_to_send()  # lost in a black hole (TCP stuck)
+    run_clock([c], 1.0, 40.0)
+    assert c.closed and c.close_reason == "timeout"
+
+
+# --- UPDATE --------------------------------------------------------------------------------------
+
+
+def test_update_after_an_address_change_replans():
+    c, s, reg = connect()
+    evs(c), evs(s)
+    before = {p.local: p.member for p in c.plan}
+    new_ups = (Uplink("wan1", "telecom", "120.22.1.99", 7000),) + c.local.uplinks[1:]
+    c.send_update(10.0, uplinks=new_ups)
+    pump(c, s, 10.0)
+    su, cu = only(evs(s), PeerUpdated)[0], only(evs(c), PeerUpdated)[0]
+    assert su.origin == cu.origin == "peer"
+    assert len(cu.diff.changed) == 1 and len(cu.diff.kept) == 2
+    old, new = cu.diff.changed[0]
+    assert old.member == new.member == before["wan1"] and new.local_addr == "120.22.1.99"
+    assert su.diff.changed[0][1].remote_addr == "120.22.1.99"
+    assert c.plan == mirror(s.plan)
+    # A server-side change: a new uplink of a carrier the client has.
+    s.send_update(11.0, uplinks=s.local.uplinks + (Uplink("t2", "telecom", "120.61.20.13", 7000),))
+    pump(c, s, 11.0)
+    su, cu = only(evs(s), PeerUpdated)[0], only(evs(c), PeerUpdated)[0]
+    assert su.origin == "local" and not su.diff.added  # the client has only one telecom uplink
+    # The client adds a second telecom uplink: it pairs with t2.
+    c.send_update(12.0, uplinks=c.local.uplinks + (Uplink("wan4", "telecom", "120.22.1.4", 7000),))
+    pump(c, s, 12.0)
+    cu = only(evs(c), PeerUpdated)[0]
+    assert [(p.local, p.remote, p.member) for p in cu.diff.added] == [("wan4", "t2", 4)]
+    assert c.plan == mirror(s.plan) and len(c.plan) == 4
+
+
+def test_crossing_updates_still_agree():
+    c, s, reg = connect()
+    evs(c), evs(s)
+    c.send_update(1.0, uplinks=c.local.uplinks[:2])  # the client lost its mobile uplink
+    s.send_update(1.0, uplinks=s.local.uplinks + (Uplink("u2", "unicom", "180.22.154.32", 7000),))
+    a, b = c.data_to_send(), s.data_to_send()
+    s.receive_data(a, 1.0)
+    c.receive_data(b, 1.0)
+    pump(c, s, 1.0)
+    assert not c.closed and not s.closed
+    assert c.plan == mirror(s.plan) and {p.local for p in c.plan} == {"wan1", "wan2"}
+
+
+def test_update_with_overlapping_lan_is_refused():
+    c, s, reg = connect()
+    evs(c), evs(s)
+    c.send_update(1.0, lans=("10.10.1.0/24",))
+    pump(c, s, 1.0)
+    assert only(evs(c), ProtocolError)[0].code == "overlap" and c.closed and s.closed
+    assert reg.events()[0].reason == "overlap"
+
+
+# --- many clients ---------------------------------------------------------------------------------
+
+
+def test_twenty_clients_and_misbehaving_ones():
+    reg = ServerSessions(server_cfg(), rng=random.Random(42), limiter=None)
+    clients, servers = [], []
+    for i in range(1, 21):
+        servers.append(reg.accept((f"198.51.100.{i}", 40000), 0.0))
+        clients.append(ClientConnection(client_cfg(i), 0.0))
+    garbage = reg.accept(("203.0.113.9", 1), 0.0)
+    oversized = reg.accept(("203.0.113.10", 1), 0.0)
+    rng = random.Random(0)
+    # Interleave everyone, one small chunk at a time.
+    for rnd in range(40):
+        garbage.receive_data(bytes(rng.getrandbits(8) for _ in range(37)), 0.0)
+        oversized.receive_data(b"\xff\xff" + b"A" * 100, 0.0)
+        for c, s in zip(clients, servers):
+            step(c, s, 0.0)
+            step(s, c, 0.0)
+    assert all(c.state is State.ESTABLISHED for c in clients)
+    assert len(reg) == 20 and len({c.session_id for c in clients}) == 20
+    assert garbage.closed and garbage.close_reason in ("malformed", "oversized", "bad_psk")
+    assert oversized.close_reason == "oversized" and garbage.data_to_send() == b""
+    # An authenticated client that then sends garbage loses only its own session.
+    bad_c = ClientConnection(client_cfg(21), 0.0)
+    bad_s = reg.accept(("198.51.100.21", 1), 0.0)
+    pump(bad_c, bad_s, 0.0)
+    assert bad_c.state is State.ESTABLISHED and len(reg) == 21
+    bad_s.receive_data(encode_frame(bad_c._send_cs.encrypt_with_ad(b"", b"{not json")), 1.0)
+    assert bad_s.close_reason == "invalid" and bad_s.counters["malformed"] == 1
+    pump(bad_c, bad_s, 1.0)
+    assert only(evs(bad_c), ProtocolError)[0].code == "invalid"
+    assert [e.reason for e in reg.events()] == ["invalid"] and len(reg) == 20
+    # Everyone else carries on.
+    run_clock([*clients, *servers], 1.0, 60.0, dt=1.0, pairs=list(zip(clients, servers)))
+    assert all(c.state is State.ESTABLISHED for c in clients) and len(reg) == 20
+    assert reg.counters["malformed"] + reg.counters["oversized"] + reg.counters["bad_psk"] >= 3
+
+
+def test_silent_session_expires_and_is_reported():
+    reg = ServerSessions(server_cfg(), rng=random.Random(5), session_timeout=90.0)
+    c, s, _ = connect(registry=reg)
+    sid = c.session_id
+    evs(s)
+    # The client vanishes.  The control connection dies after the keepalive
+    # timeout; the session is detached, then expired.
+    t = run_clock([s, reg], 0.0, 31.0)
+    assert s.close_reason == "timeout" and sid in reg and reg.get(sid).conn is None
+    assert reg.get_timer() == pytest.approx(90.0)
+    run_clock([reg], t, 89.0)
+    assert sid in reg
+    run_clock([reg], 89.0, 91.0)
+    assert reg.events() == [SessionFreed(sid, "site1", "expired")] and len(reg) == 0
+    # With data-plane activity a detached session lives on.
+    c, s, _ = connect(registry=reg, now=100.0)
+    sid = c.session_id
+    s.receive_data(b"", 101.0)
+    assert reg.get(sid).conn is None
+    for t in range(110, 400, 30):
+        assert reg.touch(sid, float(t))
+        reg.handle_timer(float(t))
+    assert sid in reg
+
+
+# --- hostile input -------------------------------------------------------------------------------
+
+
+def test_tampered_frame_is_rejected_and_counted():
+    c, s, reg = connect()
+    c.send_update(1.0, lans=("192.168.77.0/24",))
+    data = bytearray(c.data_to_send())
+    data[10] ^= 1
+    s.receive_data(bytes(data), 1.0)
+    assert s.close_reason == "auth" and s.counters["decrypt"] == 1
+    pump(c, s, 1.0)
+    assert only(evs(c), ProtocolError)[-1].code == "auth"
+
+
+def test_oversized_frame_after_handshake():
+    c, s, reg = connect()
+    s.receive_data((20000).to_bytes(2, "big") + b"\x00" * 100, 1.0)
+    assert s.closed and s.counters["oversized"] == 1 and reg.counters["oversized"] == 1
+    pump(c, s, 1.0)
+    pe = only(evs(c), ProtocolError)[0]
+    assert pe.code == "invalid" and pe.by_peer and "longer than" in pe.text
+    assert [e.reason for e in reg.events()] == ["invalid"]
+
+
+def test_learned_addresses_without_control_port():
+    c, s, reg = connect(scfg=server_cfg(control_port=None))
+    assert c.server_addresses[0] == ("120.61.20.12", None)
+    rc = ClientReconnect([("203.0.113.1", 7001)])
+    rc.handle_timer(0.0)
+    rc.established(0.0, c.server_addresses)
+    assert ("61.35.11.10", 7001) in rc.addresses and len(rc.addresses) == 4
+
+
+def _good_messages():
+    ups = [{"name": "wan1", "type": "telecom", "addr": "120.22.1.2", "port": 7000}]
+    return [
+        {"type": "KEEPALIVE", "n": 1},
+        {"type": "UPDATE", "seq": 1, "uplinks": ups},
+        {"type": "BYE", "reason": "shutdown", "text": "bye"},
+        {"type": "REKEY", "step": 3, "epoch": 2},
+        {"type": "HELLO", "name": "x", "uplinks": ups, "vnc": {"ip": "10.0.0.2", "netmask": "24"},
+         "lans": ["192.168.9.0/24"], "mode": "duplicate", "options": {"pair_unmatched": True}},
+    ]
+
+
+@pytest.mark.parametrize("bad", [
+    b"[]", b"{}", b'{"type":"NOPE"}', b'{"type":"KEEPALIVE","n":true}',
+    b'{"type":"KEEPALIVE","n":1,"n":2}', b'{"type":"KEEPALIVE","n":NaN}',
+    b'{"type":"KEEPALIVE","n":1,"extra":0}', b"[" * 20000, b'{"type":"KEEPALIVE","n":1e400}',
+    b"\xff\xfe", b'{"type":"UPDATE","seq":1}', b'{"type":"WELCOME"}',
+    json.dumps({"type": "UPDATE", "seq": 1, "lans": ["10.0.0.1/8"]}).encode(),
+    json.dumps({"type": "UPDATE", "seq": 1, "uplinks": [
+        {"name": f"w{i}", "type": "t", "addr": f"1.1.1.{i}", "port": 1} for i in range(17)]}).encode(),
+    json.dumps({"type": "UPDATE", "seq": 1, "uplinks": [
+        {"name": "w", "type": "BAD TYPE", "addr": "1.1.1.1", "port": 1}]}).encode(),
+    json.dumps({"type": "UPDATE", "seq": 1, "uplinks": [
+        {"name": "w", "type": "t", "addr": "fe80::1%eth0", "port": 1}]}).encode(),
+    json.dumps({"type": "BYE", "reason": "x", "text": "y" * 257}).encode(),
+    b" " * (MAX_MESSAGE + 1),
+])
+def test_decode_message_rejects(bad):
+    msg, why, text = decode_message(bad, from_client=True)
+    assert msg is None and why in ("malformed", "invalid", "oversized") and text
+
+
+def test_decode_message_accepts_good_ones():
+    for m in _good_messages():
+        got, why, _ = decode_message(json.dumps(m).encode(), from_client=True)
+        assert why is None and got["type"] == m["type"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=20), st.integers(16, 70000))
+def test_fuzz_frame_decoder(chunks, limit):
+    d = FrameDecoder(max_frame=min(limit, 65535))
+    for ch in chunks:
+        d.feed(ch)
+        while d.next_frame() is not None:
+            pass
+    assert d.error in (None, "malformed", "oversized")
+    assert d.buffered <= 2 + d.max_frame + 300
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=700), min_size=1, max_size=6))
+def test_fuzz_server_preauth(chunks):
+    reg = ServerSessions(server_cfg(), limiter=None)
+    s = reg.accept(("203.0.113.1", 1), 0.0)
+    for ch in chunks:
+        s.receive_data(ch, 0.0)
+    s.handle_timer(100.0)
+    assert s.closed and len(reg) == 0 and s.data_to_send() == b""
+    assert sum(reg.counters[k] for k in ("bad_psk", "malformed", "oversized", "timeout",
+                                         "eof")) == 1
+
+
+def _mutations():
+    good = [json.dumps(m).encode() for m in _good_messages()]
+    return st.one_of(
+        st.binary(max_size=400),
+        st.sampled_from(good).flatmap(lambda g: st.integers(0, len(g)).map(lambda n: g[:n])),
+        st.sampled_from(good).flatmap(lambda g: st.tuples(st.just(g), st.integers(0, len(g) - 1),
+                                                          st.integers(0, 255))).map(
+            lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:]),
+        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=8), ch,
+                                                                           max_size=4),
+                     max_leaves=20).map(lambda o: json.dumps(o).encode()),
+        st.just(b"x" * (MAX_MESSAGE + 1)),
+    )
+
+
+_PAIR = {}
+
+
+def _fresh_pair():
+    # One handshake per example is cheap, but reuse the configs.
+    c = ClientConnection(_PAIR.setdefault("cc", client_cfg()), 0.0)
+    reg = ServerSessions(_PAIR.setdefault("sc", server_cfg()), limiter=None)
+    s = reg.accept(("203.0.113.1", 1), 0.0)
+    pump(c, s, 0.0)
+    evs(c), evs(s)
+    return c, s, reg
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_mutations(), min_size=1, max_size=4), st.booleans())
+def test_fuzz_post_handshake_messages(payloads, to_client):
+    c, s, reg = _fresh_pair()
+    src, dst = (s, c) if to_client else (c, s)
+    bad = 0
+    for p in payloads:
+        if dst.closed:
+            break
+        before = sum(dst.counters.values())
+        state_before = dst.state
+        dst.receive_data(encode_frame(src._send_cs.encrypt_with_ad(b"", p)), 0.0)
+        msg, why, _ = decode_message(p, from_client=not to_client)
+        if msg is None:
+            bad += 1
+            # every bad input is counted and ends the connection with a reason
+            assert dst.closed and sum(dst.counters.values()) == before + 1
+            assert dst.close_reason in ("invalid", "auth")
+        elif dst.closed:
+            assert dst.close_reason is not None and state_before is State.ESTABLISHED
+    for e in dst.events():
+        assert isinstance(e, (ProtocolError, ConnectionClosed, PeerUpdated, KeysRotated,
+                              KeysActivated))
