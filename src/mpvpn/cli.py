@@ -14,6 +14,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(["--packets", str(args.packets), "--loss", str(args.loss)])
 
 
+def _cmd_genpsk(args: argparse.Namespace) -> int:
+    from mpvpn import noise
+
+    print(noise.genpsk())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpvpn", description="orayboxvpn multipath VPN agent")
     p.add_argument("--version", action="version", version=f"mpvpn {__version__}")
@@ -22,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--packets", type=int, default=20000)
     d.add_argument("--loss", type=float, default=20.0, help="loss per carrier, percent")
     d.set_defaults(func=_cmd_demo)
+    g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
+    g.set_defaults(func=_cmd_genpsk)
+    from mpvpn import check
+
+    check.register(sub)
     return p
 
 

@@ -1,0 +1,27 @@
+"""The mpvpn command line: subcommands exist and behave."""
+
+import base64
+
+from mpvpn import cli
+from mpvpn.noise import load_psk
+
+
+def test_genpsk_prints_a_key_that_loads(capsys):
+    assert cli.main(["genpsk"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert len(base64.b64decode(key)) == 32
+    assert load_psk(key) == base64.b64decode(key)
+    cli.main(["genpsk"])
+    assert capsys.readouterr().out.strip() != key
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_check_subcommand_is_wired(tmp_path, capsys):
+    (tmp_path / "orayboxvpn").write_text("config base 'base'\n\toption role 'client'\n")
+    assert cli.main(["check", "--uci-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "orayboxvpn.base.psk" in out and "NOT OK" in out
