@@ -379,3 +379,24 @@ def test_rekey_under_traffic_loses_nothing():
     pair.run(0.5)
     assert len(pair.delivered["b"]) == 700
     assert pair.a.connected and pair.b.connected
+
+
+def test_remote_endpoint_follows_only_authenticated_control_datagrams():
+    pair = SimPair(1, delay=0.010, sealed=True)
+    assert pair.handshake()
+    b, sub = pair.b, pair.b.subflows[1]
+    sub.remote = ("10.1.0.1", 7000)
+    pair.a.send(b"data", pair.now)
+    ((m, data),) = pair.a.datagrams_to_send()
+    b.receive_datagram(data, m, pair.now, source=("198.51.100.9", 4000))
+    assert sub.remote == ("10.1.0.1", 7000)  # DATA never moves the endpoint
+    pair.a.subflows[1]._send_probe(Op.KEEPALIVE, pair.now)
+    ((m, probe),) = pair.a.datagrams_to_send()
+    forged = bytearray(probe)
+    forged[-1] ^= 1
+    b.receive_datagram(bytes(forged), m, pair.now, source=("203.0.113.66", 1))
+    assert sub.remote == ("10.1.0.1", 7000)  # unauthenticated: ignored
+    b.receive_datagram(probe, m, pair.now, source=("198.51.100.9", 4000))
+    assert sub.remote == ("198.51.100.9", 4000) and sub.roams == 1  # NAT rebinding followed
+    b.receive_datagram(probe, m, pair.now, source=("203.0.113.66", 1))
+    assert sub.remote == ("198.51.100.9", 4000)  # a replay moves nothing

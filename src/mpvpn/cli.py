@@ -21,6 +21,87 @@ def _cmd_genpsk(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_UCI_DIR = "/etc/config"
+DEFAULT_RUN_DIR = "/var/run/orayboxvpn"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from mpvpn import config as cfgmod
+
+    cfg, problems = cfgmod.load_config(args.uci_dir)
+    level = cfg.base.log_level.upper() if cfg is not None else "INFO"
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
+                        format="%(levelname)s: %(message)s")
+    log = logging.getLogger("mpvpn")
+    for p in problems:
+        (log.error if p.severity == cfgmod.ERROR else log.warning)("%s", p)
+    if cfg is None or any(p.severity == cfgmod.ERROR for p in problems):
+        log.error("not starting: fix the configuration (mpvpn check --uci-dir %s)", args.uci_dir)
+        return 1
+    if not cfg.enabled:
+        log.warning("orayboxvpn is disabled (orayboxvpn.base.enabled=0): not starting")
+        return 0
+    from mpvpn.agent import Agent
+
+    agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir)
+    try:
+        return agent.run()
+    except OSError as e:
+        log.error("cannot run: %s", e.strerror or e)
+        return 1
+
+
+def _print_status(st: dict) -> None:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    print(f"orayboxvpn {st.get('role')} '{st.get('name')}': {st.get('state')} - {st.get('state_text')}")
+    v = st.get("vnc") or {}
+    print(f"  vNIC {v.get('ifname')} {v.get('address')}/{v.get('netmask')} mtu {v.get('mtu')}, "
+          f"mode {st.get('mode')}, up {st.get('uptime', 0):.0f} s")
+    if st.get("routes"):
+        print(f"  routes via vNIC: {', '.join(st['routes'])}")
+    if st.get("last_error"):
+        print(f"  last error: {st['last_error']}")
+    for up in st.get("uplinks", []):
+        extra = f" ({up['error']})" if up.get("error") else ""
+        print(f"  uplink {up['name']:<10} {up.get('type', ''):<10} {up.get('bind_ip')}:{up.get('port')} "
+              f"{up.get('state')}{extra}")
+    links = st.get("links") or []
+    if links:
+        print(f"  {'peer':<12}{'#':>3} {'carrier':<10}{'local':<22}{'remote':<22}{'state':<13}"
+              f"{'rtt ms':>8}{'loss':>7}{'tx pkts':>10}{'rx pkts':>10}")
+        for ln in links:
+            rtt = "-" if ln.get("rtt_ms") is None else f"{ln['rtt_ms']:.1f}"
+            print(f"  {str(ln.get('peer', '')):<12}{ln['member']:>3} {str(ln.get('type', '')):<10}"
+                  f"{str(ln.get('local', '')):<22}{str(ln.get('remote', '')):<22}{ln['state']:<13}"
+                  f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}")
+    c = st.get("counters") or {}
+    if c:
+        keys = ("sent", "delivered", "duplicates", "late", "deadline_releases", "reorder_flushes",
+                "malformed", "auth_failures", "replays", "unknown_session")
+        print("  " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from mpvpn import rpc
+
+    try:
+        st = rpc.call(rpc.socket_path(args.run_dir), "status")
+    except rpc.RpcError as e:
+        print(f"orayboxvpn: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        _print_status(st)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpvpn", description="orayboxvpn multipath VPN agent")
     p.add_argument("--version", action="version", version=f"mpvpn {__version__}")
@@ -29,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--packets", type=int, default=20000)
     d.add_argument("--loss", type=float, default=20.0, help="loss per carrier, percent")
     d.set_defaults(func=_cmd_demo)
+    r = sub.add_parser("run", help="run the agent in the foreground (what procd starts)")
+    r.add_argument("--uci-dir", default=DEFAULT_UCI_DIR, help="directory with orayboxvpn and network")
+    r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="where the status socket lives")
+    r.set_defaults(func=_cmd_run)
+    st = sub.add_parser("status", help="print the running agent's status")
+    st.add_argument("--json", action="store_true", help="the whole status document as JSON")
+    st.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    st.set_defaults(func=_cmd_status)
     g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
     g.set_defaults(func=_cmd_genpsk)
     from mpvpn import check

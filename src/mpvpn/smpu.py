@@ -311,11 +311,16 @@ class Session:
             sub.malformed += 1
         return []
 
-    def receive_datagram(self, data: bytes, member: int, now: float) -> list:
+    def receive_datagram(self, data: bytes, member: int, now: float, source=None) -> list:
         """Process one datagram that arrived on subflow ``member``.
 
         Returns the user packets now deliverable, in order.  Never raises for
         any ``data``: bad datagrams are dropped and counted.
+
+        ``source`` (opaque, e.g. the UDP source address) updates the
+        subflow's ``remote`` -- where its datagrams are sent -- but only
+        from an authenticated control datagram, so a NAT rebinding is
+        followed and a spoofed or replayed datagram can move nothing.
         """
         hdr = wire.decode(data)
         sub = self.subflows.get(member)
@@ -375,6 +380,10 @@ class Session:
                 self.auth_failures += 1
                 return []
         window.update(hdr.seq)
+        if source is not None and source != sub.remote:
+            if sub.remote is not None:
+                sub.roams += 1
+            sub.remote = source
         sub.on_receive(len(data), now)
         sub.on_control(hdr.opcode, payload, now)
         if hdr.opcode in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):

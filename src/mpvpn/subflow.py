@@ -128,6 +128,8 @@ class Subflow:
         self.config = config
         self.name = name or f"member{member}"
         self.meta = dict(meta or {})  # carrier type, addresses: for status only
+        self.remote = None  # where the I/O layer sends this subflow's datagrams (opaque)
+        self.roams = 0  # times an authenticated control datagram moved ``remote``
         self._emit = emit  # emit(subflow, opcode, payload_bytes)
         self._notify = notify  # notify(subflow, old_state, new_state, reason)
         self.state = State.CLOSED

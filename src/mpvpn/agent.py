@@ -1,0 +1,944 @@
+"""The agent: configuration -> control connection -> tun vNIC, routes and
+carrier-bound subflows -> the data path.
+
+One thread, one ``selectors`` loop.  The protocol logic lives in the
+sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module only
+moves bytes between them and the kernel (tun, UDP, TCP, netlink) and keeps
+the status document.  The per-packet path (tun -> session -> UDP and back)
+is plain loops over non-blocking reads in batches, with no asyncio.
+
+What the agent adds to the system (the tun device, its address, routes to
+the peer's LAN subnets) is removed when it stops.  Routes stay in place
+while the peer is unreachable (the tunnel fails closed: traffic for the
+peer's LAN never leaks out of the default route).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from mpvpn import __version__, control, pairing, rpc
+from mpvpn import config as cfgmod
+from mpvpn.seal import Sealer
+from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
+                        SubflowDown, SubflowUp)
+from mpvpn.subflow import State, SubflowConfig
+from mpvpn.udp import UplinkUnavailable, open_uplink, sockaddr
+
+log = logging.getLogger("mpvpn")
+
+BATCH = 256  # packets taken from one fd per wake-up before looking at the others
+UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
+MAX_TIMEOUT = 1.0
+
+
+def _hostname_word(text: str) -> str:
+    word = "".join(c if c.isalnum() or c in "_.-" else "-" for c in text)[:40].strip("-.")
+    return word if word and word[0].isalnum() else "site"
+
+
+@dataclass(eq=False)
+class UplinkIO:
+    """A local uplink and its UDP socket (absent while its address is missing)."""
+
+    cfg: cfgmod.Uplink
+    sock: socket.socket | None = None
+    state: str = "waiting"  # up | waiting | error
+    error: str | None = None
+    retry_at: float = 0.0
+    tx_errors: int = 0
+    rx_datagrams: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def addr(self) -> str | None:
+        return str(self.cfg.bind_ip) if self.cfg.bind_ip is not None else None
+
+    @property
+    def wire_name(self) -> str:
+        """The name announced to the peer (``@smpu[0]`` -> ``smpu_0``)."""
+        return self.cfg.name.lstrip("@").replace("[", "_").replace("]", "")
+
+
+@dataclass(eq=False)
+class DataSession:
+    """One SMPU session with a peer site, its plan and its routes."""
+
+    sess: Session
+    peer: control.PeerInfo
+    plan: dict = field(default_factory=dict)  # member -> pairing.SubflowSpec
+    uplink_of: dict = field(default_factory=dict)  # member -> UplinkIO carrying it
+    routes: list = field(default_factory=list)  # CIDR strings routed into the tun
+    conn: object = None  # control connection (ClientConnection / ServerConnection)
+    started: float = 0.0
+
+    @property
+    def session_id(self) -> int:
+        return self.sess.session_id
+
+
+@dataclass(eq=False)
+class ControlIO:
+    """A control TCP connection: socket, sans-I/O machine, pending output."""
+
+    sock: socket.socket
+    conn: object = None
+    out: bytearray = field(default_factory=bytearray)
+    connecting: bool = False
+    addr: tuple = ()
+    closing: bool = False
+
+
+class Agent:
+    """Runs one site's side of orayboxvpn until stopped."""
+
+    def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
+                 run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
+                 tun_factory=None, net_factory=None, name: str | None = None):
+        self.cfg = cfg
+        self.uci_dir = uci_dir
+        self.run_dir = run_dir
+        self.clock = clock
+        if tun_factory is None:
+            from mpvpn.tun import LinuxTun as tun_factory
+        if net_factory is None:
+            from mpvpn.netcfg import NetConfig as net_factory
+        self._tun_factory = tun_factory
+        self._net_factory = net_factory
+        self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
+        self.role = cfg.base.role
+        self.sel = selectors.DefaultSelector()
+        self.tun = None
+        self.net = None
+        self.rpc: rpc.RpcServer | None = None
+        self.uplinks: dict[str, UplinkIO] = {}
+        self.sessions: dict[int, DataSession] = {}
+        self.controls: list[ControlIO] = []
+        self.listener: socket.socket | None = None
+        self.registry: control.ServerSessions | None = None
+        self.reconnect: control.ClientReconnect | None = None
+        self._routes: dict[str, int] = {}  # CIDR -> reference count
+        self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
+        self._stop = False
+        self._reload = False
+        self._wake_r = self._wake_w = None
+        self.started = clock()
+        self.state = "connecting"
+        self.state_since = self.started
+        self.last_error: str | None = None
+        self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
+                         "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
+                         "control_connects": 0, "control_failures": 0}
+
+    # ------------------------------------------------------------------ set-up
+
+    def _session_config(self) -> SessionConfig:
+        b = self.cfg.base
+        return SessionConfig(
+            subflow=SubflowConfig(keepalive_idle=b.keepalive_idle,
+                                  keepalive_active=min(b.keepalive_active, b.keepalive_idle),
+                                  dead_after=b.dead_after),
+            reorder_capacity=b.reorder_capacity,
+            hold_max=b.hold_max_ms / 1000.0,
+            hold_min=min(0.005, b.hold_max_ms / 1000.0),
+            hold_initial=min(0.050, b.hold_max_ms / 1000.0),
+        )
+
+    def _control_config(self) -> control.ControlConfig:
+        c = self.cfg
+        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port)
+               for up in self.uplinks.values() if up.state == "up"]
+        return control.ControlConfig(
+            psk=c.base.psk, name=self.name, uplinks=tuple(ups),
+            vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
+            lans=tuple(str(n) for n in c.lan.subnets), mode=c.base.mode,
+            control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
+        )
+
+    def _uplink_by_wire_name(self, name: str) -> UplinkIO | None:
+        for up in self.uplinks.values():
+            if up.wire_name == name:
+                return up
+        return None
+
+    def setup(self) -> None:
+        now = self.clock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.net = self._net_factory()
+        stale = self.net.flush_ours()
+        if stale:
+            log.info("removed %d route(s) left by an earlier run", stale)
+        v = self.cfg.vnc
+        if self.net.index(v.ifname) is not None:
+            log.info("removing leftover interface %s", v.ifname)
+            self.net.delete_link(v.ifname)
+        self.tun = self._tun_factory(v.ifname)
+        self.net.configure(self.tun.name, str(v.interface), v.mtu)
+        self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
+        for u in self.cfg.enabled_uplinks:
+            self.uplinks[u.name] = UplinkIO(u)
+            self._open_uplink(self.uplinks[u.name], now)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
+        if self.role == "server":
+            self._start_server(now)
+        else:
+            servers = [(hp.host, hp.port) for hp in self.cfg.base.server_address]
+            self.reconnect = control.ClientReconnect(servers, now)
+        log.info("orayboxvpn %s started: role %s, vNIC %s %s, %d uplink(s)", __version__, self.role,
+                 self.tun.name, v.interface, len(self.uplinks))
+
+    def _open_uplink(self, up: UplinkIO, now: float) -> None:
+        if up.addr is None:
+            up.state, up.error = "waiting", "no bind_ip (interface address lookup needs ubus)"
+            up.retry_at = now + UPLINK_RETRY
+            return
+        try:
+            up.sock = open_uplink(up.addr, up.cfg.port, up.cfg.device)
+        except UplinkUnavailable as e:
+            if up.state != "waiting" or up.error != str(e.strerror):
+                log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
+            up.state, up.error, up.retry_at = "waiting", e.strerror, now + UPLINK_RETRY
+            return
+        except OSError as e:
+            log.error("uplink %s: %s", up.name, e.strerror or e)
+            up.state, up.error, up.retry_at = "error", e.strerror or str(e), now + UPLINK_RETRY
+            return
+        up.state, up.error = "up", None
+        self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
+        log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
+
+    def _start_server(self, now: float) -> None:
+        la = self.cfg.base.listen_address
+        self.registry = control.ServerSessions(self._control_config())
+        ip = ipaddress.ip_address(la.host)
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((la.host, la.port))
+        except OSError as e:
+            s.close()
+            raise OSError(e.errno, f"cannot listen on {la}: {e.strerror}") from None
+        s.listen(64)
+        s.setblocking(False)
+        self.listener = s
+        self.sel.register(s, selectors.EVENT_READ, self._on_accept)
+        log.info("control listening on %s", la)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Set up, loop until SIGTERM/SIGINT (reload on SIGHUP), tear down."""
+        old = {sig: signal.signal(sig, self._on_signal) for sig in
+               (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            self.setup()
+            while not self._stop:
+                self.step()
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+            return 0
+        finally:
+            self.teardown()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def step(self, max_timeout: float = MAX_TIMEOUT) -> None:
+        """One turn of the loop: wait for I/O or the next timer, handle both."""
+        now = self.clock()
+        t = self._next_timer()
+        timeout = max_timeout if t is None else min(max_timeout, max(0.0, t - now))
+        for key, mask in self.sel.select(timeout):
+            key.data(mask)
+        self._run_timers(self.clock())
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+
+    def _on_wake(self, _mask) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _next_timer(self) -> float | None:
+        ts = []
+        for ds in self.sessions.values():
+            ts.append(ds.sess.get_timer())
+        for c in self.controls:
+            if c.conn is not None:
+                ts.append(c.conn.get_timer())
+        if self.registry is not None:
+            ts.append(self.registry.get_timer())
+        if self.reconnect is not None and not self._client_connected():
+            ts.append(self.reconnect.get_timer())
+        for up in self.uplinks.values():
+            if up.state != "up":
+                ts.append(up.retry_at)
+        ts = [t for t in ts if t is not None]
+        return min(ts) if ts else None
+
+    def _run_timers(self, now: float) -> None:
+        for ds in list(self.sessions.values()):
+            t = ds.sess.get_timer()
+            if t is not None and t <= now:
+                self._deliver(ds.sess.handle_timer(now))
+            self._session_events(ds)
+            self._flush_session(ds)
+        for c in list(self.controls):
+            if c.conn is None:
+                continue
+            t = c.conn.get_timer()
+            if t is not None and t <= now:
+                c.conn.handle_timer(now)
+            self._control_pump(c, now)
+        if self.registry is not None:
+            t = self.registry.get_timer()
+            if t is not None and t <= now:
+                self.registry.handle_timer(now)
+            self._registry_events(now)
+        if self.reconnect is not None and not self._client_connected():
+            t = self.reconnect.get_timer()
+            if t is not None and t <= now:
+                addr = self.reconnect.handle_timer(now)
+                if addr is not None:
+                    self._connect(addr, now)
+        for up in self.uplinks.values():
+            if up.state != "up" and up.retry_at <= now:
+                self._open_uplink(up, now)
+                if up.state == "up":
+                    self._uplinks_changed(now)
+        if self.rpc is not None:
+            self.rpc.expire()
+        self._update_state(now)
+
+    # ------------------------------------------------------------------ data path
+
+    def _route(self, pkt: bytes) -> DataSession | None:
+        """The session whose peer owns the packet's destination."""
+        if len(self.sessions) == 1 and self.role == "client":
+            return next(iter(self.sessions.values()))
+        if not pkt:
+            return None
+        v = pkt[0] >> 4
+        if v == 4 and len(pkt) >= 20:
+            dst = int.from_bytes(pkt[16:20], "big")
+        elif v == 6 and len(pkt) >= 40:
+            dst = int.from_bytes(pkt[24:40], "big")
+        else:
+            return None
+        for ver, net, mask, ds in self._route_table:
+            if ver == v and dst & mask == net:
+                return ds
+        return None
+
+    def _on_tun(self, _mask) -> None:
+        now = self.clock()
+        touched = set()
+        read = self.tun.read
+        for _ in range(BATCH):
+            pkt = read()
+            if pkt is None:
+                break
+            ds = self._route(pkt)
+            if ds is None:
+                self.counters["tun_no_route"] += 1
+                continue
+            ds.sess.send(pkt, now)
+            touched.add(ds)
+        for ds in touched:
+            self._flush_session(ds)
+
+    def _on_udp(self, up: UplinkIO) -> None:
+        now = self.clock()
+        sock = up.sock
+        if sock is None:
+            return
+        touched = set()
+        sessions = self.sessions
+        write = self.tun.write
+        for _ in range(BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # ICMP errors surface here (ECONNREFUSED...)
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue
+                log.debug("uplink %s recv: %s", up.name, e)
+                break
+            up.rx_datagrams += 1
+            if len(data) < 20:
+                self.counters["malformed"] += 1
+                continue
+            ds = sessions.get(int.from_bytes(data[4:8], "big"))
+            if ds is None:
+                self.counters["unknown_session"] += 1  # no state, no reply
+                continue
+            member = data[2]
+            if ds.uplink_of.get(member) is not up:
+                self.counters["wrong_uplink"] += 1
+                continue
+            for p in ds.sess.receive_datagram(data, member, now, source=addr):
+                if not write(p):
+                    self.counters["tun_write_errors"] += 1
+            touched.add(ds)
+        for ds in touched:
+            if self.registry is not None:
+                self.registry.touch(ds.session_id, now)
+            self._flush_session(ds)
+
+    def _deliver(self, packets) -> None:
+        write = self.tun.write
+        for p in packets:
+            if not write(p):
+                self.counters["tun_write_errors"] += 1
+
+    def _flush_session(self, ds: DataSession) -> None:
+        out = ds.sess.datagrams_to_send()
+        if not out:
+            return
+        subs = ds.sess.subflows
+        uplink_of = ds.uplink_of
+        for member, dgram in out:
+            sub = subs.get(member)
+            up = uplink_of.get(member)
+            if sub is None or up is None or up.sock is None or sub.remote is None:
+                continue
+            try:
+                up.sock.sendto(dgram, sub.remote)
+            except (BlockingIOError, InterruptedError):
+                up.tx_errors += 1
+            except OSError:
+                up.tx_errors += 1
+                self.counters["send_errors"] += 1
+
+    def _session_events(self, ds: DataSession) -> None:
+        ev = ds.sess.next_event()
+        while ev is not None:
+            peer = ds.peer.name
+            if isinstance(ev, SubflowUp):
+                spec = ds.plan.get(ev.member)
+                log.info("%s: subflow %d (%s) up", peer, ev.member, spec.type if spec else "?")
+            elif isinstance(ev, SubflowDown):
+                log.warning("%s: subflow %d down: %s", peer, ev.member, ev.reason)
+            elif isinstance(ev, SessionUp):
+                log.info("%s: session %#x connected", peer, ds.session_id)
+            elif isinstance(ev, SessionDown):
+                log.warning("%s: session %#x has no subflow up (%s)", peer, ds.session_id, ev.reason)
+            elif isinstance(ev, SubflowClosed):
+                log.info("%s: subflow %d removed", peer, ev.member)
+            ev = ds.sess.next_event()
+
+    # ------------------------------------------------------------------ sessions
+
+    def _new_session(self, session_id: int, peer, plan, keys, conn, now: float) -> DataSession:
+        sealer = Sealer(keys.send, keys.recv, keys.epoch)
+        sess = Session(session_id, initiator=(self.role == "client"),
+                       config=self._session_config(), sealer=sealer)
+        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
+        self.sessions[session_id] = ds
+        self._apply_plan(ds, plan, now)
+        self._set_routes(ds, list(peer.lans))
+        log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s", session_id, peer.name,
+                 len(plan), ", ".join(peer.lans) or "none")
+        return ds
+
+    def _apply_plan(self, ds: DataSession, plan, now: float) -> None:
+        new = {s.member: s for s in plan}
+        for member in [m for m in ds.plan if m not in new or new[m] != ds.plan[m]]:
+            ds.sess.remove_subflow(member, now)
+            del ds.plan[member]
+            # (its CLOSE still goes out through uplink_of until it is reaped)
+        for member, spec in new.items():
+            if member in ds.plan:
+                continue
+            # A member whose old subflow is still closing is re-added later.
+            if member in ds.sess.subflows:
+                ds.sess._reap(member)
+            ds.plan[member] = spec
+            ds.uplink_of[member] = self._uplink_by_wire_name(spec.local)
+            sub = ds.sess.add_subflow(member, now, name=spec.local, meta={
+                "type": spec.type, "local": f"{spec.local_addr}:{spec.local_port}",
+                "remote": f"{spec.remote_addr}:{spec.remote_port}", "peer": ds.peer.name,
+                "session_id": ds.session_id})
+            sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
+        self._flush_session(ds)
+
+    def _set_routes(self, ds: DataSession, cidrs: list) -> None:
+        old, new = set(ds.routes), set(cidrs)
+        for c in old - new:
+            self._route_unref(c)
+        for c in new - old:
+            self._route_ref(c)
+        ds.routes = sorted(new)
+        self._rebuild_route_table()
+
+    def _route_ref(self, cidr: str) -> None:
+        n = self._routes.get(cidr, 0)
+        if n == 0:
+            try:
+                self.net.add_route(cidr, self.tun.name)
+            except Exception as e:  # netlink refused: keep running, say why
+                self.last_error = f"cannot add route {cidr}: {e}"
+                log.error(self.last_error)
+        self._routes[cidr] = n + 1
+
+    def _route_unref(self, cidr: str) -> None:
+        n = self._routes.get(cidr, 0) - 1
+        if n <= 0:
+            self._routes.pop(cidr, None)
+            self.net.del_route(cidr, self.tun.name)
+        else:
+            self._routes[cidr] = n
+
+    def _rebuild_route_table(self) -> None:
+        table = []
+        for ds in self.sessions.values():
+            nets = [ipaddress.ip_network(c) for c in ds.routes]
+            nets.append(ipaddress.ip_network(f"{ds.peer.vnc.ip}/{32 if ':' not in ds.peer.vnc.ip else 128}"))
+            for n in nets:
+                table.append((n.prefixlen, n.version, int(n.network_address), int(n.netmask), ds))
+        table.sort(key=lambda e: -e[0])
+        self._route_table = [e[1:] for e in table]
+
+    def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
+        ds = self.sessions.pop(session_id, None)
+        if ds is None:
+            return
+        log.info("session %#x with %s ended: %s", session_id, ds.peer.name, reason)
+        if not keep_routes:
+            for c in ds.routes:
+                self._route_unref(c)
+        ds.routes = []
+        self._rebuild_route_table()
+
+    # ------------------------------------------------------------------ control edge
+
+    def _client_connected(self) -> bool:
+        return any(not c.closing for c in self.controls)
+
+    def _connect(self, addr, now: float) -> None:
+        host, port = addr
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            self.last_error = f"cannot resolve server {host}: {e}"
+            log.warning(self.last_error)
+            self.reconnect.failed(now, "resolve")
+            return
+        fam, _, _, _, sa = infos[0]
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = s.connect_ex(sa)
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            self.last_error = f"cannot connect to {host}:{port}: {os.strerror(err)}"
+            log.warning(self.last_error)
+            self.reconnect.failed(now, "connect")
+            return
+        c = ControlIO(sock=s, connecting=True, addr=(host, port))
+        self.controls.append(c)
+        self.counters["control_connects"] += 1
+        self.sel.register(s, selectors.EVENT_WRITE, lambda m, c=c: self._on_control(c, m))
+        log.info("connecting to server %s:%d", host, port)
+
+    def _on_accept(self, _mask) -> None:
+        now = self.clock()
+        try:
+            s, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn = self.registry.accept(addr[0], now)
+        if conn is None:  # rate-limited or full: close at once, send nothing
+            s.close()
+            return
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c = ControlIO(sock=s, conn=conn, addr=addr)
+        self.controls.append(c)
+        self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+
+    def _on_control(self, c: ControlIO, mask) -> None:
+        now = self.clock()
+        if c.connecting:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._control_gone(c, f"cannot connect to {c.addr[0]}:{c.addr[1]}: {os.strerror(err)}",
+                                   now, "connect")
+                return
+            c.connecting = False
+            c.conn = control.ClientConnection(self._control_config(), now)
+            self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+        if mask & selectors.EVENT_READ and c.conn is not None:
+            try:
+                data = c.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                c.conn.receive_data(data, now)
+        if mask & selectors.EVENT_WRITE and c.out:
+            self._control_write(c)
+        self._control_pump(c, now)
+
+    def _control_write(self, c: ControlIO) -> None:
+        try:
+            n = c.sock.send(c.out)
+            del c.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            c.out.clear()
+
+    def _control_pump(self, c: ControlIO, now: float) -> None:
+        """Move the machine's output to the socket and act on its events."""
+        conn = c.conn
+        if conn is None:
+            return
+        data = conn.data_to_send()
+        if data:
+            c.out += data
+            self._control_write(c)
+        closed = None
+        ev = conn.next_event()
+        while ev is not None:
+            closed = self._control_event(c, ev, now) or closed
+            ev = conn.next_event()
+        if self.registry is not None:
+            self._registry_events(now)
+        if closed is not None:
+            data = conn.data_to_send()
+            if data:
+                c.out += data
+                self._control_write(c)
+            self._control_gone(c, closed, now, None)
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        try:
+            if self.sel.get_key(c.sock).events != want:
+                self.sel.modify(c.sock, want, lambda m, c=c: self._on_control(c, m))
+        except (KeyError, ValueError):
+            pass
+
+    def _control_event(self, c: ControlIO, ev, now: float):
+        if isinstance(ev, control.SessionEstablished):
+            old = [sid for sid, ds in self.sessions.items()
+                   if self.role == "client" or ds.peer.name == ev.peer.name]
+            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now)
+            for sid in old:
+                if sid != ev.session_id:
+                    self._drop_session(sid, "replaced by a new session")
+            self.last_error = None
+            if self.reconnect is not None:
+                learned = [(u.addr, ev.peer.control_port or c.addr[1]) for u in ev.peer.uplinks]
+                self.reconnect.established(now, learned)
+            log.info("control: session %#x established with %s", ev.session_id, ev.peer.name)
+        elif isinstance(ev, control.PeerUpdated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.peer = ev.peer
+                self._apply_plan(ds, ev.plan, now)
+                self._set_routes(ds, list(ev.peer.lans))
+                log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
+                         len(ev.plan), ", ".join(ev.peer.lans))
+        elif isinstance(ev, control.KeysRotated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.sess.sealer.rotate(ev.keys.send, ev.keys.recv, ev.epoch, defer_send=not ev.sending)
+        elif isinstance(ev, control.KeysActivated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.sess.sealer.confirm_send()
+        elif isinstance(ev, control.KeysRetired):
+            ds = self._session_of(c.conn)
+            if ds is not None and ds.sess.sealer.prev_epoch == ev.epoch:
+                ds.sess.sealer.drop_previous()
+        elif isinstance(ev, control.ProtocolError):
+            who = "peer reports" if ev.by_peer else "refused peer"
+            self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
+            log.error("control: %s", self.last_error)
+        elif isinstance(ev, control.ConnectionClosed):
+            return ev.reason + (f" ({ev.text})" if ev.text else "")
+        return None
+
+    def _session_of(self, conn) -> DataSession | None:
+        for ds in self.sessions.values():
+            if ds.conn is conn:
+                return ds
+        if conn is not None and getattr(conn, "session_id", None) in self.sessions:
+            return self.sessions[conn.session_id]
+        return None
+
+    def _control_gone(self, c: ControlIO, reason: str, now: float, kind: str | None) -> None:
+        if c in self.controls:
+            self.controls.remove(c)
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        if c.out:  # best effort: the BYE / ERROR
+            try:
+                c.sock.setblocking(True)
+                c.sock.settimeout(0.2)
+                c.sock.sendall(c.out)
+            except OSError:
+                pass
+        c.sock.close()
+        c.closing = True
+        if self.role == "client":
+            self.counters["control_failures"] += 1
+            word = (kind or reason.split(" ", 1)[0]).split("(")[0].strip()
+            if kind is not None or word not in ("eof", "timeout", "bye"):
+                self.last_error = self.last_error if word in ("auth", "version") and self.last_error else reason
+            if word == "auth" and (self.last_error is None or "auth" not in self.last_error):
+                self.last_error = "server closed the handshake: wrong PSK (or rate-limited)"
+            delay = self.reconnect.failed(now, word)
+            log.warning("control connection to %s:%s closed: %s; retrying in %.1f s",
+                        c.addr[0] if c.addr else "?", c.addr[1] if c.addr else "?", reason, delay)
+            # The data session lives on (its subflows may be fine); only a
+            # session the server refused or ended is dropped.
+            if word not in ("eof", "timeout", "connect", "closed"):
+                for sid in [sid for sid, ds in self.sessions.items() if ds.conn is c.conn]:
+                    self._drop_session(sid, reason, keep_routes=True)
+        else:
+            if c.conn is not None and getattr(c.conn, "session_id", None):
+                log.info("control connection from %s closed: %s", c.addr[0] if c.addr else "?", reason)
+
+    def _registry_events(self, now: float) -> None:
+        ev = self.registry.next_event()
+        while ev is not None:
+            if isinstance(ev, control.SessionFreed):
+                self._drop_session(ev.session_id, ev.reason)
+                if ev.conn is not None:
+                    for c in list(self.controls):
+                        if c.conn is ev.conn:
+                            self._control_pump(c, now)
+            ev = self.registry.next_event()
+
+    def _uplinks_changed(self, now: float) -> None:
+        """An uplink came or went: tell the peer so it re-plans."""
+        info = self._control_config()
+        for c in self.controls:
+            if c.conn is not None and getattr(c.conn, "state", None) == control.State.ESTABLISHED:
+                c.conn.send_update(now, uplinks=list(info.uplinks))
+                self._control_pump(c, now)
+        if self.registry is not None:
+            self.registry.config = info
+
+    # ------------------------------------------------------------------ reload / stop
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; live options apply in place, anything
+        else restarts the sessions (documented in docs/openwrt.md)."""
+        new, problems = cfgmod.load_config(self.uci_dir)
+        errors = [p for p in problems if p.severity == cfgmod.ERROR]
+        if new is None or errors:
+            self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
+            log.error(self.last_error)
+            return
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms")
+        from dataclasses import replace as dc_replace
+        same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
+                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks and new.lan == self.cfg.lan)
+        self.cfg = new
+        if same_rest:
+            logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
+            sc = self._session_config()
+            for ds in self.sessions.values():
+                ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle
+                ds.sess.config.subflow.keepalive_active = sc.subflow.keepalive_active
+                ds.sess.config.subflow.dead_after = sc.subflow.dead_after
+                ds.sess.config.hold_max = sc.hold_max
+            log.info("reloaded: live options applied, tunnel kept")
+            return
+        log.info("reloaded: configuration changed, restarting sessions")
+        self.teardown()
+        self.__init__(new, uci_dir=self.uci_dir, run_dir=self.run_dir, clock=self.clock,
+                      tun_factory=self._tun_factory, net_factory=self._net_factory)
+        self.setup()
+
+    def teardown(self) -> None:
+        """Close sessions (CLOSE / BYE to the peer), remove routes and the vNIC."""
+        now = self.clock()
+        for ds in list(self.sessions.values()):
+            try:
+                ds.sess.close(now)
+                self._flush_session(ds)
+            except Exception:
+                log.exception("closing session %#x", ds.session_id)
+        for c in list(self.controls):
+            if c.conn is not None:
+                try:
+                    c.conn.close("shutdown", "agent stopped")
+                    c.out += c.conn.data_to_send()
+                except Exception:
+                    log.exception("closing control connection")
+            try:
+                if c.out and not c.connecting:
+                    c.sock.setblocking(True)
+                    c.sock.settimeout(0.2)
+                    c.sock.sendall(c.out)
+            except OSError:
+                pass
+            c.sock.close()
+        self.controls = []
+        for cidr in list(self._routes):
+            try:
+                self.net.del_route(cidr, self.tun.name)
+            except Exception:
+                pass
+        self._routes.clear()
+        self.sessions.clear()
+        for up in self.uplinks.values():
+            if up.sock is not None:
+                up.sock.close()
+                up.sock = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.rpc is not None:
+            self.rpc.close()
+            self.rpc = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if self.net is not None:
+            self.net.close()
+            self.net = None
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
+        self.state = "stopped"
+
+    # ------------------------------------------------------------------ status
+
+    def _update_state(self, now: float) -> None:
+        if any(ds.sess.connected for ds in self.sessions.values()):
+            st = "connected"
+        elif self.sessions:
+            st = "degraded"
+        else:
+            st = "connecting"
+        if st != self.state:
+            self.state, self.state_since = st, now
+
+    def _state_text(self) -> str:
+        if self.state == "connected":
+            parts = []
+            for ds in self.sessions.values():
+                up = len(ds.sess.up)
+                parts.append(f"{ds.peer.name} over {up} of {len(ds.sess.subflows)} subflows")
+            return "connected to " + "; ".join(parts)
+        if self.state == "degraded":
+            return "session established but no subflow is up: check the uplinks and the peer"
+        if self.state == "connecting":
+            if self.role == "server":
+                return "waiting for clients"
+            return "connecting to " + ", ".join(str(h) for h in self.cfg.base.server_address)
+        return self.state
+
+    def status(self) -> dict:
+        now = self.clock()
+        sessions = []
+        links = []
+        totals: dict[str, int] = {}
+        for ds in self.sessions.values():
+            st = ds.sess.status(now)
+            for ln in st["links"]:
+                ln["weight"] = 1.0 if ln["state"] == State.ESTABLISHED.value else 0.0
+                links.append(ln)
+            for k, v in st["counters"].items():
+                if isinstance(v, int):
+                    totals[k] = totals.get(k, 0) + v
+            sessions.append({
+                "session_id": ds.session_id, "name": ds.peer.name,
+                "state": st["state"], "peer": _peer_json(ds.peer), "routes": list(ds.routes),
+                "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
+                "links": st["links"], "counters": st["counters"],
+            })
+        for k, v in self.counters.items():
+            totals[k] = totals.get(k, 0) + v
+        first = sessions[0] if sessions else None
+        v = self.cfg.vnc
+        ctl = None
+        for c in self.controls:
+            if c.conn is not None:
+                ctl = {"state": c.conn.state.value, "peer": f"{c.addr[0]}:{c.addr[1]}" if c.addr else None,
+                       "epoch": getattr(c.conn, "epoch", None)}
+                break
+        return {
+            "version": __version__,
+            "state": self.state,
+            "state_text": self._state_text(),
+            "role": self.role,
+            "mode": self.cfg.base.mode,
+            "name": self.name,
+            "uptime": round(now - self.started, 3),
+            "since": round(now - self.state_since, 3),
+            "last_error": self.last_error,
+            "session_id": first["session_id"] if first else None,
+            "peer": first["peer"] if first else None,
+            "vnc": {"ifname": self.tun.name if self.tun else v.ifname, "address": str(v.ipaddr),
+                    "netmask": str(v.netmask), "mtu": v.mtu},
+            "routes": sorted(self._routes),
+            "control": ctl,
+            "uplinks": [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
+                         "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
+                        for up in self.uplinks.values()],
+            "links": links,
+            "counters": totals,
+            "sessions": sessions,
+        }
+
+    def rpc_handlers(self) -> dict:
+        def reconnect(_args):
+            now = self.clock()
+            for c in list(self.controls):
+                if c.conn is not None:
+                    c.conn.close("reconnect", "requested by the administrator")
+                    self._control_pump(c, now)
+            if self.reconnect is not None:
+                self.reconnect = control.ClientReconnect(
+                    [(hp.host, hp.port) for hp in self.cfg.base.server_address], now)
+            return {"ok": True}
+
+        return {"status": lambda _args: self.status(), "reconnect": reconnect}
+
+
+def _peer_json(p: control.PeerInfo) -> dict:
+    return {"name": p.name,
+            "uplinks": [{"name": u.name, "type": u.type, "addr": u.addr, "port": u.port} for u in p.uplinks],
+            "vnc": {"ip": p.vnc.ip, "netmask": p.vnc.netmask}, "lans": list(p.lans)}
+
+
