@@ -66,3 +66,17 @@ def test_loss_rebases_when_peer_counter_restarts_and_clamps():
     with pytest.raises(ValueError):
         LossEstimator(tau=0)
     assert not math.isnan(e.loss)
+
+
+def test_a_big_clean_burst_does_not_hide_a_link_turning_bad():
+    e = LossEstimator()
+    e.observe(0, 0, 0.0)
+    e.observe(100_000, 100_000, 0.5)  # 100k datagrams, none lost
+    tx = rx = 100_000
+    t = 0.5
+    for _ in range(20):  # 2 s at 300 datagrams/s, 20 % lost
+        t += 0.1
+        tx += 30
+        rx += 24
+        e.observe(tx, rx, t)
+    assert e.loss > 0.15

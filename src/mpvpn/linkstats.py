@@ -51,15 +51,18 @@ class LossEstimator:
     subflow so far (``tx_total``); we know how many of them arrived
     (``rx_total``).  Between two probes, ``dtx - drx`` datagrams were lost.
     Both sums decay with time constant ``tau`` seconds so that a link that
-    recovers is trusted again, however bad it was.
+    recovers is trusted again, however bad it was; and their mass is capped
+    at ``window`` datagrams so that a big burst (a bulk transfer on a clean
+    link) cannot hide a link that turns bad right after it.
     """
 
-    __slots__ = ("tau", "_last_tx", "_last_rx", "_last_t", "_sent", "_lost", "probes")
+    __slots__ = ("tau", "window", "_last_tx", "_last_rx", "_last_t", "_sent", "_lost", "probes")
 
-    def __init__(self, tau: float = 3.0):
-        if tau <= 0:
-            raise ValueError("tau must be > 0")
+    def __init__(self, tau: float = 3.0, window: int = 200):
+        if tau <= 0 or window < 1:
+            raise ValueError("need tau > 0 and window >= 1")
         self.tau = tau
+        self.window = window
         self._last_tx: int | None = None
         self._last_rx = 0
         self._last_t = 0.0
@@ -81,6 +84,10 @@ class LossEstimator:
         decay = math.exp(-max(0.0, now - self._last_t) / self.tau)
         self._sent = self._sent * decay + dtx
         self._lost = self._lost * decay + (dtx - drx)
+        if self._sent > self.window:
+            f = self.window / self._sent
+            self._sent *= f
+            self._lost *= f
         self._last_tx, self._last_rx, self._last_t = tx_total, rx_total, now
 
     @property

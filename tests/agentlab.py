@@ -1,0 +1,206 @@
+"""Two real agents in the namespace lab: site A (client) in ``ra``, site B
+(server) in ``rb``, with the configuration of issue 4 written as UCI files.
+Used by the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CARRIERS = ("telecom", "unicom", "mobile")
+
+
+def site_config(role: str, psk: str, idx: int, vnc: str, lan: str, carriers: int = 3,
+                extra_base: str = "") -> tuple[str, str]:
+    """(orayboxvpn, network) UCI texts of one site, as in issue 4."""
+    base = f"config base 'base'\n\toption role '{role}'\n"
+    if role == "client":
+        base += "\toption server_address '10.1.0.2:7000'\n"
+    else:
+        base += "\toption listen_address '0.0.0.0:7000'\n"
+    base += f"\toption psk '{psk}'\n{extra_base}"
+    text = base + f"\nconfig vnc 'vnc'\n\toption ipaddr '{vnc}'\n\toption netmask '255.255.255.252'\n"
+    for i, name in enumerate(CARRIERS[:carriers], start=1):
+        text += f"\nconfig smpu '{name}'\n\toption type '{name}'\n\toption bind_ip '10.{i}.0.{idx}'\n"
+    network = ("config interface 'lan'\n\toption device 'br-lan'\n\toption proto 'static'\n"
+               f"\toption ipaddr '{lan}'\n\toption netmask '255.255.255.0'\n")
+    return text, network
+
+
+class Site:
+    """One agent process in a lab namespace."""
+
+    def __init__(self, lab, ns: str, workdir: Path, name: str):
+        self.lab, self.ns, self.name = lab, ns, name
+        self.uci_dir = workdir / f"{name}-config"
+        self.run_dir = workdir / f"{name}-run"
+        self.log_path = workdir / f"{name}.log"
+        self.uci_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = None
+
+    def write(self, orayboxvpn: str, network: str) -> None:
+        (self.uci_dir / "orayboxvpn").write_text(orayboxvpn)
+        (self.uci_dir / "network").write_text(network)
+
+    def start(self) -> None:
+        self.logf = open(self.log_path, "a")
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.proc = self.lab.popen(self.ns, [PYTHON, "-m", "mpvpn", "run", "--uci-dir", str(self.uci_dir),
+                                             "--run-dir", str(self.run_dir)],
+                                   stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self, sig: str = "TERM") -> int | None:
+        if self.proc is None:
+            return None
+        if sig == "KILL":
+            self.proc.kill()
+            rc = self.proc.wait(5)
+        else:
+            self.proc.terminate()
+            try:
+                rc = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait(5)
+        self.proc = None
+        self.logf.close()
+        return rc
+
+    def status(self) -> dict | None:
+        from mpvpn import rpc
+
+        try:
+            return rpc.call(rpc.socket_path(str(self.run_dir)), "status", timeout=2.0)
+        except rpc.RpcError:
+            return None
+
+    def wait(self, pred, timeout: float = 15.0, what: str = "condition") -> dict:
+        end = time.monotonic() + timeout
+        st = None
+        while time.monotonic() < end:
+            st = self.status()
+            if st is not None and pred(st):
+                return st
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} agent exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: timed out waiting for {what}; last status {st}\n{self.log()}")
+
+    def wait_connected(self, subflows: int = 3, timeout: float = 15.0) -> dict:
+        def ok(st):
+            return st["state"] == "connected" and sum(
+                1 for ln in st["links"] if ln["state"] == "established") >= subflows
+        return self.wait(ok, timeout, f"connected with {subflows} subflows")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except OSError:
+            return ""
+
+
+class TwoSites:
+    """Site A (client, ra) and site B (server, rb) with a shared PSK."""
+
+    def __init__(self, lab, psk: str | None = None, psk_b: str | None = None, carriers: int = 3,
+                 extra_base: str = ""):
+        from mpvpn.noise import genpsk
+
+        self.lab = lab
+        self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-e2e-")
+        work = Path(self._tmp.name)
+        psk = psk or genpsk()
+        self.a = Site(lab, lab.ra, work, "a")
+        self.b = Site(lab, lab.rb, work, "b")
+        self.a.write(*site_config("client", psk, 1, "172.30.0.1", "192.168.10.1", carriers, extra_base))
+        self.b.write(*site_config("server", psk_b or psk, 2, "172.30.0.2", "192.168.20.1", carriers,
+                                  extra_base))
+
+    def start(self, wait: bool = True) -> None:
+        self.b.start()
+        self.b.wait(lambda st: True, 10, "server up")
+        self.a.start()
+        if wait:
+            self.a.wait_connected()
+            self.b.wait_connected()
+
+    def close(self) -> None:
+        for s in (self.a, self.b):
+            if s.proc is not None:
+                s.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- traffic helpers run inside the lab hosts ------------------------------------------
+
+RECEIVER = r"""
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+SENDER = r"""
+import hashlib, random, socket, sys, time
+dst, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(42); h = hashlib.sha256(); s = socket.create_connection((dst, port), timeout=30)
+t0 = time.monotonic(); sent = 0
+while sent < total:
+    b = rng.randbytes(min(1 << 16, total - sent)); s.sendall(b); h.update(b); sent += len(b)
+s.shutdown(socket.SHUT_WR); s.recv(1); dt = time.monotonic() - t0
+print(sent, h.hexdigest(), dt, flush=True)
+"""
+
+UDP_SINK = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3])); seen = set(); dups = 0
+print("ready", flush=True)
+try:
+    while True:
+        d, _ = s.recvfrom(2048); i = int.from_bytes(d[:4], "big")
+        dups += i in seen; seen.add(i)
+except socket.timeout:
+    pass
+print(len(seen), dups, max(seen) if seen else -1, flush=True)
+"""
+
+UDP_SOURCE = r"""
+import socket, sys, time
+dst, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); t0 = time.monotonic()
+for i in range(count):
+    s.sendto(i.to_bytes(4, "big") + bytes(196), (dst, port))
+    delay = t0 + (i + 1) / rate - time.monotonic()
+    if delay > 0: time.sleep(delay)
+print(count, flush=True)
+"""
+
+
+def tcp_transfer(lab, nbytes: int, timeout: float = 120.0) -> tuple[int, str, int, str, float]:
+    """Send ``nbytes`` from ha to hb over TCP; returns (sent, sha_sent, received, sha_received, seconds)."""
+    rx = lab.python_popen(lab.hb, RECEIVER, "192.168.20.2", "5001", stdout=subprocess.PIPE, text=True)
+    assert rx.stdout.readline().strip() == "ready"
+    tx = lab.python(lab.ha, SENDER, "192.168.20.2", "5001", str(nbytes), timeout=timeout)
+    sent, sha_tx, secs = tx.stdout.split()
+    out, _ = rx.communicate(timeout=30)
+    got, sha_rx = out.split()
+    return int(sent), sha_tx, int(got), sha_rx, float(secs)
