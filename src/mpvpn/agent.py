@@ -339,9 +339,9 @@ class Agent:
     # ------------------------------------------------------------------ data path
 
     def _route(self, pkt: bytes) -> DataSession | None:
-        """The session whose peer owns the packet's destination."""
-        if len(self.sessions) == 1 and self.role == "client":
-            return next(iter(self.sessions.values()))
+        """The session whose peer owns the packet's destination (its LANs or
+        vNIC address); None for anything else the kernel sends into the tun,
+        such as IPv6 router solicitations."""
         if not pkt:
             return None
         v = pkt[0] >> 4

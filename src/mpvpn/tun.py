@@ -22,7 +22,7 @@ class TunError(OSError):
 
 
 def valid_ifname(name: str) -> bool:
-    return (0 < len(name) < IFNAMSIZ and name not in (".", "..")
+    return (0 < len(name) < IFNAMSIZ and name not in (".", "..") and name.isascii()
             and all(c.isalnum() or c in "-_." for c in name))
 
 

@@ -1,0 +1,48 @@
+"""Uplink sockets: bound to their address, absent addresses retried, clear errors."""
+
+import socket
+
+import pytest
+
+from mpvpn.udp import UplinkUnavailable, open_uplink, sockaddr
+
+
+def test_bound_to_the_uplink_address_and_non_blocking():
+    s = open_uplink("127.0.0.1", 0)
+    try:
+        assert s.getsockname()[0] == "127.0.0.1"
+        assert s.gettimeout() == 0.0
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.sendto(b"x", s.getsockname())
+        import select
+
+        select.select([s], [], [], 1)
+        assert s.recvfrom(100)[0] == b"x"
+        peer.close()
+    finally:
+        s.close()
+
+
+def test_absent_address_is_retryable_not_fatal():
+    with pytest.raises(UplinkUnavailable, match="not configured"):
+        open_uplink("192.0.2.123", 7000)  # TEST-NET-1: never on this host
+
+
+def test_port_in_use_is_explained():
+    a = open_uplink("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="already in use"):
+            open_uplink("127.0.0.1", a.getsockname()[1])
+    finally:
+        a.close()
+
+
+def test_ipv6_and_sockaddr():
+    assert sockaddr("10.1.0.2", 7000) == ("10.1.0.2", 7000)
+    assert sockaddr("fd00:1::2", 7000) == ("fd00:1::2", 7000, 0, 0)
+    try:
+        s = open_uplink("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert s.family == socket.AF_INET6
+    s.close()
