@@ -122,13 +122,13 @@ class TwoSites:
         self.b.write(*site_config("server", psk_b or psk, 2, "172.30.0.2", "192.168.20.1", carriers,
                                   extra_base))
 
-    def start(self, wait: bool = True) -> None:
+    def start(self, wait: bool = True, subflows: int = 3) -> None:
         self.b.start()
         self.b.wait(lambda st: True, 10, "server up")
         self.a.start()
         if wait:
-            self.a.wait_connected()
-            self.b.wait_connected()
+            self.a.wait_connected(subflows)
+            self.b.wait_connected(subflows)
 
     def close(self) -> None:
         for s in (self.a, self.b):

@@ -31,7 +31,7 @@ from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
 from mpvpn.subflow import State, SubflowConfig
-from mpvpn.udp import UplinkUnavailable, open_uplink, sockaddr
+from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
 
 log = logging.getLogger("mpvpn")
 
@@ -51,6 +51,7 @@ class UplinkIO:
 
     cfg: cfgmod.Uplink
     sock: socket.socket | None = None
+    batch: BatchSocket | None = None
     state: str = "waiting"  # up | waiting | error
     error: str | None = None
     retry_at: float = 0.0
@@ -220,6 +221,7 @@ class Agent:
             up.state, up.error, up.retry_at = "error", e.strerror or str(e), now + UPLINK_RETRY
             return
         up.state, up.error = "up", None
+        up.batch = BatchSocket(up.sock)
         self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
 
@@ -381,9 +383,10 @@ class Agent:
         touched = set()
         sessions = self.sessions
         write = self.tun.write
+        recv = up.batch.recv
         for _ in range(BATCH):
             try:
-                data, addr = sock.recvfrom(65535)
+                datagrams, addr = recv()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # ICMP errors surface here (ECONNREFUSED...)
@@ -391,22 +394,23 @@ class Agent:
                     continue
                 log.debug("uplink %s recv: %s", up.name, e)
                 break
-            up.rx_datagrams += 1
-            if len(data) < 20:
-                self.counters["malformed"] += 1
-                continue
-            ds = sessions.get(int.from_bytes(data[4:8], "big"))
-            if ds is None:
-                self.counters["unknown_session"] += 1  # no state, no reply
-                continue
-            member = data[2]
-            if ds.uplink_of.get(member) is not up:
-                self.counters["wrong_uplink"] += 1
-                continue
-            for p in ds.sess.receive_datagram(data, member, now, source=addr):
-                if not write(p):
-                    self.counters["tun_write_errors"] += 1
-            touched.add(ds)
+            for data in datagrams:
+                up.rx_datagrams += 1
+                if len(data) < 20:
+                    self.counters["malformed"] += 1
+                    continue
+                ds = sessions.get(int.from_bytes(data[4:8], "big"))
+                if ds is None:
+                    self.counters["unknown_session"] += 1  # no state, no reply
+                    continue
+                member = data[2]
+                if ds.uplink_of.get(member) is not up:
+                    self.counters["wrong_uplink"] += 1
+                    continue
+                for p in ds.sess.receive_datagram(data, member, now, source=addr):
+                    if not write(p):
+                        self.counters["tun_write_errors"] += 1
+                touched.add(ds)
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
@@ -424,18 +428,22 @@ class Agent:
             return
         subs = ds.sess.subflows
         uplink_of = ds.uplink_of
+        runs: dict[int, list] = {}  # member -> its datagrams, in order
         for member, dgram in out:
+            run = runs.get(member)
+            if run is None:
+                runs[member] = [dgram]
+            else:
+                run.append(dgram)
+        for member, dgrams in runs.items():
             sub = subs.get(member)
             up = uplink_of.get(member)
-            if sub is None or up is None or up.sock is None or sub.remote is None:
+            if sub is None or up is None or up.batch is None or sub.remote is None:
                 continue
-            try:
-                up.sock.sendto(dgram, sub.remote)
-            except (BlockingIOError, InterruptedError):
-                up.tx_errors += 1
-            except OSError:
-                up.tx_errors += 1
-                self.counters["send_errors"] += 1
+            failed = up.batch.send(dgrams, sub.remote)
+            if failed:
+                up.tx_errors += failed
+                self.counters["send_errors"] += failed
 
     def _session_events(self, ds: DataSession) -> None:
         ev = ds.sess.next_event()
@@ -819,7 +827,7 @@ class Agent:
         for up in self.uplinks.values():
             if up.sock is not None:
                 up.sock.close()
-                up.sock = None
+                up.sock = up.batch = None
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -32,6 +32,7 @@ from mpvpn.subflow import State, Subflow, SubflowConfig
 from mpvpn.wire import DecodeError, Op
 
 _pack = wire.HEADER.pack
+_unpack = wire.HEADER.unpack_from
 _HLEN = wire.HEADER_LEN
 _DATA = wire.DATA
 _VERSION = wire.VERSION
@@ -111,8 +112,11 @@ class Session:
         self.session_id = session_id
         self.initiator = initiator
         # mpvpn.seal.Sealer: every datagram authenticated, DATA encrypted.
-        # None = plaintext (tests and the in-memory demo only).
+        # None = plaintext (tests and the in-memory demo only).  Chosen for
+        # the session's life (a rekey rotates keys inside the same sealer).
         self.sealer = sealer
+        self._data_flags = wire.F_SEALED if sealer is not None else 0
+        self._tag_len = wire.TAG_LEN if sealer is not None else 0
         # Control datagrams carry a per-member counter that never restarts in
         # a session (it is the AEAD nonce), and are checked against a replay
         # window per member before decryption, updated only after it.
@@ -322,6 +326,18 @@ class Session:
         from an authenticated control datagram, so a NAT rebinding is
         followed and a spoofed or replayed datagram can move nothing.
         """
+        # Fast path for well-formed DATA of this session (most traffic, and
+        # in duplicate mode mostly copies that are dropped right here, before
+        # any decryption).  Anything unusual takes the full path below, which
+        # classifies and counts it.
+        n = len(data)
+        if n >= _HLEN and data[1] == _DATA:
+            ver, _op, m, flags, sid, length, _ep, rsv, seq = _unpack(data)
+            if (m == member and sid == self.session_id and ver == _VERSION and not rsv
+                    and flags == self._data_flags and n == _HLEN + length + self._tag_len):
+                sub = self.subflows.get(member)
+                if sub is not None:
+                    return self._receive_data(data, seq, sub, now)
         hdr = wire.decode(data)
         sub = self.subflows.get(member)
         if hdr.__class__ is DecodeError:
@@ -344,30 +360,7 @@ class Session:
             self.auth_failures += 1
             return []
         if hdr.opcode == _DATA:
-            seq = hdr.seq
-            reorder = self.reorder
-            if reorder.is_stale(seq):
-                # A copy that already came over another subflow (or a late
-                # one): dropped before any decryption, so N copies cost one.
-                # push() never stores a stale copy; it only counts it.
-                sub.on_receive(len(data), now)
-                l0 = reorder.late
-                reorder.push(seq, None, now)
-                if reorder.late != l0:
-                    sub.late += 1
-                else:
-                    sub.duplicates += 1
-                return []
-            if sealer is None:
-                payload = data[_HLEN:]
-            else:
-                payload = sealer.open(data)
-                if payload is None:
-                    self.auth_failures += 1
-                    return []
-            sub.on_receive(len(data), now)
-            sub.on_data(now)
-            return reorder.push(seq, payload, now)
+            return self._receive_data(data, hdr.seq, sub, now)
         window = self._ctrl_replay[member]
         if not window.check(hdr.seq):
             self.replays += 1
@@ -391,6 +384,36 @@ class Session:
         if sub.state is State.CLOSED and member in self._closing:
             self._reap(member)
         return []
+
+    def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
+        """A header-valid DATA datagram for ``sub``: drop stale copies before
+        any decryption (N copies cost one), authenticate, reorder."""
+        reorder = self.reorder
+        sub.rx_packets += 1
+        sub.rx_bytes += len(data)
+        sub.last_rx = now
+        if reorder.is_stale(seq):
+            # push() never stores a stale copy; it only counts it.
+            late = reorder.late
+            reorder.push(seq, None, now)
+            if reorder.late != late:
+                sub.late += 1
+            else:
+                sub.duplicates += 1
+            return []
+        sealer = self.sealer
+        if sealer is None:
+            payload = data[_HLEN:]
+        else:
+            payload = sealer.open(data)
+            if payload is None:
+                # Not authentic: undo the receive accounting, change nothing.
+                sub.rx_packets -= 1
+                sub.rx_bytes -= len(data)
+                self.auth_failures += 1
+                return []
+        sub.on_data(now)
+        return reorder.push(seq, payload, now)
 
     # -- timers -----------------------------------------------------------------
 

@@ -8,9 +8,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import sys
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = 103  # linux/udp.h: send one buffer as many equal datagrams (GSO)
+UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams of one flow
 BUFFER = 4 << 20
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in the kernel
+GSO_MAX_BYTES = 65000  # stay under the 64 KiB IP datagram limit
+_CMSG_SPACE = socket.CMSG_SPACE(4)
+_ORDER = sys.byteorder  # cmsg values are host-order integers
 
 
 class UplinkUnavailable(OSError):
@@ -43,6 +51,12 @@ def open_uplink(bind_ip: str, port: int, device: str | None = None,
             except OSError as e:
                 raise OSError(e.errno, f"cannot bind to device {device!r}: {e.strerror}") from None
         try:
+            # Coalesced receive (GRO): one recvmsg may return many datagrams
+            # of one subflow; see recv_batch.  Older kernels: plain receive.
+            s.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            pass
+        try:
             s.bind((str(ip), port))
         except OSError as e:
             if e.errno == errno.EADDRNOTAVAIL:
@@ -60,3 +74,67 @@ def sockaddr(addr: str, port: int) -> tuple:
     """The sendto() address for ``addr:port`` (IPv4 or IPv6)."""
     ip = ipaddress.ip_address(addr)
     return (str(ip), port) if ip.version == 4 else (str(ip), port, 0, 0)
+
+
+class BatchSocket:
+    """Send/receive many datagrams per system call where the kernel allows.
+
+    ``send(datagrams, addr)``: consecutive datagrams of equal size (the last of
+    a run may be shorter) go out in one ``sendmsg`` with UDP_SEGMENT (UDP GSO,
+    Linux >= 4.18); the kernel or the NIC cuts them into datagrams identical
+    to sending them one by one.  Falls back to one ``sendto`` each if the
+    kernel refuses.  ``recv()``: one ``recvmsg``, split by the UDP_GRO segment
+    size if the kernel coalesced several datagrams.
+    """
+
+    __slots__ = ("sock", "gso", "tx_calls", "rx_calls")
+
+    def __init__(self, sock: socket.socket, gso: bool = True):
+        self.sock = sock
+        self.gso = gso
+        self.tx_calls = 0
+        self.rx_calls = 0
+
+    def send(self, datagrams: list, addr) -> int:
+        """Send all; returns how many could not be sent (counted by the caller)."""
+        sock = self.sock
+        failed = 0
+        i, n = 0, len(datagrams)
+        while i < n:
+            size = len(datagrams[i])
+            j = i + 1
+            if self.gso:
+                limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, GSO_MAX_BYTES // size))
+                while j < limit and len(datagrams[j]) == size:
+                    j += 1
+                if j < limit and len(datagrams[j]) < size:
+                    j += 1  # a shorter last segment is allowed
+            try:
+                self.tx_calls += 1
+                if j - i == 1:
+                    sock.sendto(datagrams[i], addr)
+                else:
+                    sock.sendmsg([b"".join(datagrams[i:j])],
+                                 [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, _ORDER))], 0, addr)
+            except (BlockingIOError, InterruptedError):
+                failed += j - i
+            except OSError as e:
+                if j - i > 1 and e.errno in (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
+                    self.gso = False  # this kernel/path cannot: one by one from now on
+                    continue
+                failed += j - i
+            i = j
+        return failed
+
+    def recv(self) -> tuple[list, object]:
+        """One receive: (datagrams, source address); raises BlockingIOError when empty."""
+        data, anc, _flags, addr = self.sock.recvmsg(65535, _CMSG_SPACE)
+        self.rx_calls += 1
+        if anc:
+            for level, kind, value in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    # an int in host byte order (big-endian on MIPS routers)
+                    seg = int.from_bytes(value[:4], _ORDER) if len(value) >= 4 else 0
+                    if 0 < seg < len(data):
+                        return [data[k:k + seg] for k in range(0, len(data), seg)], addr
+        return [data], addr
