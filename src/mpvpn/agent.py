@@ -15,10 +15,12 @@ peer's LAN never leaks out of the default route).
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import ipaddress
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from mpvpn import __version__, control, pairing, rpc
+from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
@@ -123,6 +126,8 @@ class Agent:
         self.tun = None
         self.net = None
         self.rpc: rpc.RpcServer | None = None
+        self.ubus: ubusmod.UbusTransport | None = None
+        self._posted: queue.SimpleQueue = queue.SimpleQueue()  # calls from other threads
         self.uplinks: dict[str, UplinkIO] = {}
         self.sessions: dict[int, DataSession] = {}
         self.controls: list[ControlIO] = []
@@ -196,6 +201,13 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
+        module, where = ubusmod.available()
+        if module is not None:
+            self.ubus = ubusmod.UbusTransport(module, where, self.rpc_handlers(), self.post)
+            if not self.ubus.start():
+                self.ubus = None
+        else:
+            log.debug("ubus not used (%s); status on %s", where, self.rpc.path)
         if self.role == "server":
             self._start_server(now)
         else:
@@ -286,6 +298,29 @@ class Agent:
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        while True:
+            try:
+                fn, fut = self._posted.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def post(self, fn) -> concurrent.futures.Future:
+        """Run ``fn()`` on the agent's thread (from any thread); a Future of its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._posted.put((fn, fut))
+        try:
+            self._wake_w.send(b"!")
+        except (BlockingIOError, OSError, AttributeError):
+            pass  # the loop wakes within MAX_TIMEOUT anyway
+        return fut
+
+    def _event(self, name: str, data: dict) -> None:
+        if self.ubus is not None:
+            self.ubus.send_event(name, data)
 
     def _next_timer(self) -> float | None:
         ts = []
@@ -449,15 +484,26 @@ class Agent:
         ev = ds.sess.next_event()
         while ev is not None:
             peer = ds.peer.name
-            if isinstance(ev, SubflowUp):
+            if isinstance(ev, (SubflowUp, SubflowDown)):
                 spec = ds.plan.get(ev.member)
-                log.info("%s: subflow %d (%s) up", peer, ev.member, spec.type if spec else "?")
-            elif isinstance(ev, SubflowDown):
-                log.warning("%s: subflow %d down: %s", peer, ev.member, ev.reason)
+                carrier = spec.type if spec else "?"
+                up = isinstance(ev, SubflowUp)
+                if up:
+                    log.info("%s: subflow %d (%s) up", peer, ev.member, carrier)
+                else:
+                    log.warning("%s: subflow %d (%s) down: %s", peer, ev.member, carrier, ev.reason)
+                self._event("orayboxvpn.link", {"peer": peer, "session_id": ds.session_id,
+                                                "member": ev.member, "type": carrier,
+                                                "state": "up" if up else "down",
+                                                "reason": "" if up else ev.reason})
             elif isinstance(ev, SessionUp):
                 log.info("%s: session %#x connected", peer, ds.session_id)
+                self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
+                                                   "state": "connected"})
             elif isinstance(ev, SessionDown):
                 log.warning("%s: session %#x has no subflow up (%s)", peer, ds.session_id, ev.reason)
+                self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
+                                                   "state": "down", "reason": ev.reason})
             elif isinstance(ev, SubflowClosed):
                 log.info("%s: subflow %d removed", peer, ev.member)
             ev = ds.sess.next_event()
@@ -834,6 +880,9 @@ class Agent:
         if self.rpc is not None:
             self.rpc.close()
             self.rpc = None
+        if self.ubus is not None:
+            self.ubus.stop()
+            self.ubus = None
         if self.tun is not None:
             self.tun.close()
             self.tun = None
