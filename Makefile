@@ -2,6 +2,10 @@
 #   make demo   - the main job (see README)
 #   make test   - install everything into .venv and run the whole suite
 #   make bench  - run the benchmarks under bench/
+#   make ipk    - build dist/orayboxvpn_<ver>_all.ipk and dist/luci-app-mpvpn_<ver>_all.ipk
+#                 (OpenWrt 24.10 and older; no SDK needed, see docs/openwrt.md)
+#   make test-openwrt - the OpenWrt packaging tests (a real OpenWrt rootfs in Docker
+#                 when a Docker engine runs, otherwise skipped with the reason)
 # (The OpenWrt package recipe lives in package/orayboxvpn/Makefile.)
 
 PYTHON ?= python3
@@ -11,7 +15,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
 SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping
 
-.PHONY: all venv sysdeps test demo bench clean
+.PHONY: all venv sysdeps test demo bench ipk test-openwrt clean
 
 all: test
 
@@ -42,6 +46,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/core.py
+
+ipk: $(STAMP)
+	$(PY) -m mpvpn.ipk --out dist
+
+test-openwrt: $(STAMP)
+	$(PY) -m pytest -rs tests/test_initscript.py tests/test_ipk.py tests/test_pair.py tests/test_package_makefiles.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -45,10 +45,11 @@ def test_lan_hosts_reach_each_other_and_tcp_arrives_intact(sites):
         lab.set_loss(c, 20)
     sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, 50_000_000)
     assert (got, sha_rx) == (sent, sha_tx)
+    lab.ping(lab.ha, "192.168.20.2", count=300, interval=0.01)  # steady traffic both ways
     st = ts.b.status()
     assert st["counters"]["duplicates"] > 0 and st["counters"]["auth_failures"] == 0
     for ln in st["links"]:
-        assert 0.10 < ln["loss"] < 0.30  # each carrier's own loss is measured and shown
+        assert 0.08 < ln["loss"] < 0.35  # each carrier's own loss is measured and shown
 
 
 def test_delivered_loss_is_p_cubed_not_p(sites):
