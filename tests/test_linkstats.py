@@ -80,3 +80,15 @@ def test_a_big_clean_burst_does_not_hide_a_link_turning_bad():
         rx += 24
         e.observe(tx, rx, t)
     assert e.loss > 0.15
+
+
+def test_handshake_sample_is_replaced_by_the_first_probe():
+    r = RttEstimator()
+    r.sample(0.160, provisional=True)  # included ARP on a fresh path
+    assert r.srtt == pytest.approx(0.160)  # better than nothing until a probe
+    r.sample(0.080)
+    assert r.srtt == pytest.approx(0.080) and r.rttvar == pytest.approx(0.040)
+    assert r.min_rtt == pytest.approx(0.080)
+    r.sample(0.070, provisional=True)  # only a first sample can be provisional
+    r.sample(0.080)
+    assert r.srtt == pytest.approx(0.875 * (0.875 * 0.080 + 0.125 * 0.070) + 0.125 * 0.080)

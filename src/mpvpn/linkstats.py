@@ -10,7 +10,7 @@ import math
 class RttEstimator:
     """Smoothed RTT and RTT variance, RFC 6298 section 2 (alpha 1/8, beta 1/4)."""
 
-    __slots__ = ("srtt", "rttvar", "latest", "min_rtt", "samples")
+    __slots__ = ("srtt", "rttvar", "latest", "min_rtt", "samples", "_provisional")
 
     ALPHA = 0.125
     BETA = 0.25
@@ -21,11 +21,22 @@ class RttEstimator:
         self.latest: float | None = None
         self.min_rtt: float | None = None
         self.samples = 0
+        self._provisional = False
 
-    def sample(self, rtt: float) -> None:
-        """Feed one RTT measurement in seconds (ignored if not finite or < 0)."""
+    def sample(self, rtt: float, provisional: bool = False) -> None:
+        """Feed one RTT measurement in seconds (ignored if not finite or < 0).
+
+        A ``provisional`` sample (the handshake's: it may include ARP or
+        neighbour discovery on a fresh path) is replaced by the first
+        ordinary one instead of being averaged with it.
+        """
         if not (rtt >= 0.0 and math.isfinite(rtt)):
             return
+        if self._provisional:
+            self.srtt = self.rttvar = self.min_rtt = None
+            self._provisional = False
+        if provisional and self.srtt is None:
+            self._provisional = True
         self.latest = rtt
         self.samples += 1
         if self.min_rtt is None or rtt < self.min_rtt:

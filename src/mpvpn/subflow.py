@@ -256,7 +256,7 @@ class Subflow:
                 self.unexpected += 1
                 return
             if self._fire(E.RECV_CONNECT_ACK, now):
-                self._rtt_from_echo(echo, 0, now)
+                self._rtt_from_echo(echo, 0, now, provisional=True)
                 self._emit(self, Op.ACK, wire.ACK.pack(peer_ts))
         elif opcode == Op.ACK:
             (echo,) = wire.ACK.unpack(payload)
@@ -265,7 +265,7 @@ class Subflow:
                 return
             was = self.state
             if self._fire(E.RECV_ACK, now) and was is S.CONNECT_RCVD:
-                self._rtt_from_echo(echo, 0, now)
+                self._rtt_from_echo(echo, 0, now, provisional=True)
         elif opcode == Op.CLOSE:
             if self._fire(E.RECV_CLOSE, now, "closed by peer"):
                 self._emit(self, Op.CLOSE_ACK, b"")
@@ -298,10 +298,11 @@ class Subflow:
             self.probes_unanswered = 0
             self.last_answer = now
 
-    def _rtt_from_echo(self, echo_ts: int, delay_us: int, now: float) -> None:
+    def _rtt_from_echo(self, echo_ts: int, delay_us: int, now: float,
+                       provisional: bool = False) -> None:
         rtt = (_ts(now) - echo_ts - delay_us) / 1_000_000
         if 0.0 <= rtt < 60.0:
-            self.rtt.sample(rtt)
+            self.rtt.sample(rtt, provisional)
 
     # -- output --------------------------------------------------------------
 

@@ -1,0 +1,350 @@
+'use strict';
+'require view';
+'require form';
+'require tools.widgets as widgets';
+
+/*
+ * Editor for /etc/config/orayboxvpn.  The options, their defaults and their
+ * checks follow mpvpn.config.OPTIONS (docs/config.md); `mpvpn check` on the
+ * router remains the complete check, including the rules across sections.
+ */
+
+var PSK_BYTES = 32;
+
+/* 32 random bytes from the browser's CSPRNG, base64 (what `head -c 32 /dev/urandom | base64` gives) */
+function generatePsk() {
+	var bytes = new Uint8Array(PSK_BYTES), bin = '';
+
+	window.crypto.getRandomValues(bytes);
+
+	for (var i = 0; i < bytes.length; i++)
+		bin += String.fromCharCode(bytes[i]);
+
+	return window.btoa(bin);
+}
+
+function validatePsk(section_id, value) {
+	if (value == null || value === '')
+		return true;
+
+	if (!/^[A-Za-z0-9+\/]{43}=$/.test(value))
+		return _('Expecting exactly 32 bytes in base64: 44 characters ending in "=". Use "Generate" to make one.');
+
+	if (/^A{43}=$/.test(value))
+		return _('The key is all zero bytes: use a random key.');
+
+	return true;
+}
+
+var IPV4_RE = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;
+var HOSTNAME_RE = /^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+
+function isIPv6(s) {
+	var halves = String(s).split('::'), groups = [];
+
+	if (halves.length > 2)
+		return false;
+
+	for (var h = 0; h < halves.length; h++) {
+		var parts = (halves[h] === '') ? [] : halves[h].split(':');
+
+		for (var i = 0; i < parts.length; i++) {
+			/* an embedded IPv4 address may end the last half and counts as two groups */
+			if (h == halves.length - 1 && i == parts.length - 1 && IPV4_RE.test(parts[i]))
+				groups.push('0', '0');
+			else if (/^[0-9A-Fa-f]{1,4}$/.test(parts[i]))
+				groups.push(parts[i]);
+			else
+				return false;
+		}
+	}
+
+	return (halves.length == 2) ? groups.length < 8 : groups.length == 8;
+}
+
+function validPort(s) {
+	return /^[0-9]{1,5}$/.test(s) && +s >= 1 && +s <= 65535;
+}
+
+/* host:port, [v6addr]:port or a host alone (port 7000), as mpvpn.config.parse_hostport */
+function checkHostPort(value, allowName) {
+	var s = String(value).trim(), host, port = null, m;
+
+	if (s === '')
+		return true;
+
+	if ((m = /^\[([^\]]*)\](?::(.*))?$/.exec(s)) != null) {
+		if (!isIPv6(m[1]))
+			return _('Expecting an IPv6 address inside the brackets');
+		if (m[2] != null && !validPort(m[2]))
+			return _('Expecting a port from 1 to 65535 after the colon');
+		return true;
+	}
+
+	if (s.split(':').length > 2)
+		return _('Write an IPv6 address as [address]:port');
+
+	m = s.split(':');
+	host = m[0];
+	if (m.length == 2)
+		port = m[1];
+
+	if (port != null && !validPort(port))
+		return _('Expecting a port from 1 to 65535 after the colon');
+
+	if (IPV4_RE.test(host))
+		return true;
+
+	if (!allowName)
+		return _('Expecting an IP address with an optional port, e.g. 0.0.0.0:7000 or [::]:7000');
+
+	if (!HOSTNAME_RE.test(host) || /^[0-9.]+$/.test(host))
+		return _('Expecting a host name or IP address with an optional port, e.g. 203.0.113.10:7000');
+
+	return true;
+}
+
+/* dotted netmask or prefix length, /8 to /30 (a /30 holds both ends) */
+function netmaskPrefix(value) {
+	var s = String(value).replace(/^\//, ''), m, n;
+
+	if (/^[0-9]{1,2}$/.test(s))
+		return +s;
+
+	if (!IPV4_RE.test(s))
+		return null;
+
+	m = s.split('.').reduce(function(acc, o) { return acc * 256 + (+o); }, 0);
+	n = 0;
+	while (n < 32 && Math.floor(m / Math.pow(2, 31 - n)) % 2 == 1)
+		n++;
+
+	/* the remaining bits must all be zero */
+	return (m % Math.pow(2, 32 - n) == 0) ? n : null;
+}
+
+function validIfname(value) {
+	return value.length > 0 && value.length < 16 && value != '.' && value != '..' && !/[\/:\s]/.test(value);
+}
+
+return view.extend({
+	render: function() {
+		var m, s, o;
+
+		m = new form.Map('orayboxvpn', _('Multipath VPN'),
+			_('Joins this site to the peer site over several carriers at once. Both sites need the same pre-shared key and uplinks of matching carrier types. Run "mpvpn check" on the router for a complete check of the configuration.'));
+
+		/* --- config base 'base' ------------------------------------------------ */
+
+		s = m.section(form.NamedSection, 'base', 'base', _('General settings'));
+		s.addremove = false;
+		s.tab('general', _('General'));
+		s.tab('advanced', _('Advanced'));
+
+		o = s.taboption('general', form.Flag, 'enabled', _('Enabled'),
+			_('Run the agent. Fill in the settings below first; the new configuration applies on the next restart of the service.'));
+		o.default = '1';
+		o.rmempty = false;
+
+		o = s.taboption('general', form.ListValue, 'role', _('Role'),
+			_('The client opens the control connection, the server accepts it. Start the server side first.'));
+		o.value('client', _('Client'));
+		o.value('server', _('Server'));
+		o.rmempty = false;
+
+		o = s.taboption('general', form.DynamicList, 'server_address', _('Server address'),
+			_('Where the server accepts the control connection, as host:port (IPv6 as [address]:port); the port defaults to 7000. Several addresses, e.g. the server\'s address on each carrier, are tried in order.'));
+		o.depends('role', 'client');
+		o.placeholder = '203.0.113.10:7000';
+		o.rmempty = false;
+		o.validate = function(section_id, value) {
+			return checkHostPort(value, true);
+		};
+
+		o = s.taboption('general', form.Value, 'listen_address', _('Listen address'),
+			_('Address and TCP port the control connection is accepted on, e.g. 0.0.0.0:7000 or [::]:7000; the port defaults to 7000.'));
+		o.depends('role', 'server');
+		o.placeholder = '0.0.0.0:7000';
+		o.rmempty = false;
+		o.validate = function(section_id, value) {
+			return checkHostPort(value, false);
+		};
+
+		o = s.taboption('general', form.Value, 'psk', _('Pre-shared key'),
+			_('32 random bytes in base64, the same on both sites. Keep it secret.'));
+		o.password = true;
+		o.rmempty = false;
+		o.validate = validatePsk;
+
+		o = s.taboption('general', form.Button, '_generate_psk', _('Generate pre-shared key'),
+			_('Fills in a new random key made by this browser. Save it here, then enter the same key on the other site.'));
+		o.inputtitle = _('Generate');
+		o.inputstyle = 'apply';
+		o.onclick = function(ev, section_id) {
+			var widget = this.section.getUIElement(section_id, 'psk');
+
+			if (widget) {
+				widget.setValue(generatePsk());
+				widget.triggerValidation();
+			}
+		};
+
+		o = s.taboption('general', form.ListValue, 'mode', _('Mode'),
+			_('How packets are spread over the subflows.'));
+		o.value('duplicate', _('Duplicate: every packet on every subflow'));
+		o.value('aggregate', _('Aggregate: each packet on one subflow, spread by link quality'));
+		o.value('adaptive', _('Adaptive: duplicate over lossy subflows, spread over good ones'));
+		o.default = 'duplicate';
+
+		o = s.taboption('general', form.DynamicList, 'lan_subnet', _('Extra LAN subnets'),
+			_('Subnets behind this router, besides the LAN of the "lan" interface, that the peer routes into the tunnel.'));
+		o.datatype = 'cidr';
+		o.placeholder = '192.168.30.0/24';
+
+		o = s.taboption('advanced', form.Value, 'keepalive_idle', _('Idle keepalive interval (s)'),
+			_('Keepalive interval of a subflow without traffic (0.05 to 60 seconds).'));
+		o.datatype = 'and(ufloat,range(0.05,60))';
+		o.placeholder = '0.75';
+
+		o = s.taboption('advanced', form.Value, 'keepalive_active', _('Active keepalive interval (s)'),
+			_('Keepalive interval of a subflow while data flows (0.01 to 60 seconds).'));
+		o.datatype = 'and(ufloat,range(0.01,60))';
+		o.placeholder = '0.1';
+
+		o = s.taboption('advanced', form.Value, 'dead_after', _('Dead after'),
+			_('A subflow is down after this many consecutive unanswered keepalives (1 to 100).'));
+		o.datatype = 'and(uinteger,range(1,100))';
+		o.placeholder = '3';
+
+		o = s.taboption('advanced', form.Value, 'hold_max_ms', _('Longest reorder wait (ms)'),
+			_('Longest time a packet waits in the reorder buffer for a missing predecessor (0 to 10000 ms).'));
+		o.datatype = 'and(uinteger,range(0,10000))';
+		o.placeholder = '200';
+
+		o = s.taboption('advanced', form.Value, 'reorder_capacity', _('Reorder buffer size (packets)'),
+			_('When the buffer is full everything in it is delivered (16 to 65536).'));
+		o.datatype = 'and(uinteger,range(16,65536))';
+		o.placeholder = '1024';
+
+		o = s.taboption('advanced', form.Value, 'mtu', _('Tunnel MTU'),
+			_('MTU of the tunnel interface. 1400 keeps encapsulated packets within a 1500-byte path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).'));
+		o.datatype = 'and(uinteger,range(576,9000))';
+		o.placeholder = '1400';
+
+		o = s.taboption('advanced', form.ListValue, 'log_level', _('Log level'),
+			_('Verbosity of the agent\'s messages in the system log.'));
+		o.value('debug', _('Debug'));
+		o.value('info', _('Info'));
+		o.value('warning', _('Warning'));
+		o.value('error', _('Error'));
+		o.default = 'info';
+
+		/* --- config vnc 'vnc' -------------------------------------------------- */
+
+		s = m.section(form.NamedSection, 'vnc', 'vnc', _('Tunnel interface'),
+			_('The virtual interface that carries the traffic between the sites. The two sites use two addresses of one small subnet, e.g. 172.30.0.1 and 172.30.0.2 in a /30.'));
+		s.addremove = false;
+
+		o = s.option(form.Value, 'ipaddr', _('IPv4 address'),
+			_('This site\'s address on the tunnel, optionally with a /prefix (e.g. 172.30.0.1/30).'));
+		o.datatype = 'or(ip4addr(1),cidr4)';
+		o.placeholder = '172.30.0.1';
+		o.rmempty = false;
+
+		o = s.option(form.Value, 'netmask', _('Netmask'),
+			_('A dotted netmask or a prefix length from 8 to 30. Not needed when the address carries a /prefix.'));
+		o.value('255.255.255.252');
+		o.value('255.255.255.248');
+		o.value('255.255.255.0');
+		o.placeholder = '255.255.255.252';
+		o.validate = function(section_id, value) {
+			if (value == null || value === '') {
+				var addr = this.section.formvalue(section_id, 'ipaddr');
+				return (addr && String(addr).indexOf('/') < 0)
+					? _('Expecting a netmask, e.g. 255.255.255.252, or an address with a /prefix')
+					: true;
+			}
+
+			var prefix = netmaskPrefix(value);
+
+			if (prefix == null || prefix > 32)
+				return _('Expecting a netmask such as 255.255.255.252 or a prefix length such as 30');
+			if (prefix > 30)
+				return _('A /%d leaves no room for both ends of the tunnel: use /30 (255.255.255.252) or larger').format(prefix);
+			if (prefix < 8)
+				return _('A /%d is far too large for a point-to-point link: use /8 to /30').format(prefix);
+
+			return true;
+		};
+
+		o = s.option(form.Value, 'ifname', _('Interface name'),
+			_('Name of the tunnel device.'));
+		o.placeholder = 'mpvpn0';
+		o.validate = function(section_id, value) {
+			if (value == null || value === '' || validIfname(value))
+				return true;
+			return _('Expecting 1 to 15 characters without "/", ":" or spaces');
+		};
+
+		o = s.option(form.Value, 'mtu', _('MTU'),
+			_('MTU of the tunnel interface; overrides the general tunnel MTU when set.'));
+		o.datatype = 'and(uinteger,range(576,9000))';
+		o.placeholder = _('as in the general settings');
+
+		/* --- config smpu (one per uplink) -------------------------------------- */
+
+		s = m.section(form.GridSection, 'smpu', _('Uplinks'),
+			_('One uplink per carrier. Each uplink is paired with the peer\'s uplink of the same carrier type, one subflow per pair. Give either the uplink\'s own address or its OpenWrt interface.'));
+		s.anonymous = false;
+		s.addremove = true;
+		s.sortable = true;
+		s.nodescriptions = true;
+
+		o = s.option(form.Flag, 'enabled', _('Enabled'));
+		o.default = '1';
+		o.rmempty = false;
+		o.editable = true;
+
+		o = s.option(form.Value, 'type', _('Carrier type'),
+			_('Carrier of this uplink, e.g. telecom, unicom or mobile: letters, digits, "_", "-" and ".".'));
+		o.value('telecom');
+		o.value('unicom');
+		o.value('mobile');
+		o.rmempty = false;
+		o.validate = function(section_id, value) {
+			if (value == null || value === '' || /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value))
+				return true;
+			return _('Expecting a word of letters, digits, "_", "-" and "." (at most 32 characters)');
+		};
+
+		o = s.option(form.Value, 'bind_ip', _('Bind address'),
+			_('This uplink\'s own IPv4 or IPv6 address; the subflow\'s UDP socket is bound to it.'));
+		o.datatype = 'ipaddr(1)';
+		o.validate = function(section_id, value) {
+			if ((value == null || value === '') && !this.section.formvalue(section_id, 'interface'))
+				return _('Set the bind address or the interface of this uplink');
+			return true;
+		};
+
+		o = s.option(widgets.NetworkSelect, 'interface', _('Interface'),
+			_('OpenWrt interface of the uplink, e.g. wan2; the agent follows its address.'));
+		o.nocreate = true;
+		o.optional = true;
+
+		o = s.option(form.Value, 'device', _('Device'),
+			_('Linux device to bind the socket to; found from the interface when that is set.'));
+		o.modalonly = true;
+		o.validate = function(section_id, value) {
+			if (value == null || value === '' || validIfname(value))
+				return true;
+			return _('Expecting 1 to 15 characters without "/", ":" or spaces');
+		};
+
+		o = s.option(form.Value, 'port', _('Local port'),
+			_('Local UDP port of the subflow. Default: the port of the listen address (server) or of the first server address (client), else 7000.'));
+		o.datatype = 'and(port,min(1))';
+		o.placeholder = _('default');
+
+		return m.render();
+	}
+});

@@ -1,0 +1,555 @@
+'use strict';
+'require view';
+'require rpc';
+'require poll';
+'require ui';
+'require dom';
+
+/*
+ * Status of the orayboxvpn agent (docs/status.md in the orayboxvpn sources):
+ * session header, one table row per subflow with its scheduler weight and a
+ * short RTT/loss history, and the agent's counters.  Everything is built with
+ * E(); text from the agent is only ever passed as array children (text nodes),
+ * never as markup.
+ */
+
+var callStatus = rpc.declare({
+	object: 'orayboxvpn',
+	method: 'status',
+	expect: { '': {} },
+	reject: true
+});
+
+var callReconnect = rpc.declare({
+	object: 'orayboxvpn',
+	method: 'reconnect',
+	expect: { '': {} },
+	reject: true
+});
+
+var POLL_INTERVAL = 3;    /* seconds */
+var HISTORY_POINTS = 60;  /* samples kept per subflow: 3 minutes at one per poll */
+var MIN_SAMPLE = 1;       /* seconds between two samples of a subflow's counters */
+var SVG_NS = 'http://www.w3.org/2000/svg';
+var NONE = '\u2014';
+
+var GREEN = '#3c9a3c', ORANGE = '#d58512', RED = '#c9302c', GREY = '#888888';
+var RTT_COLOR = '#337ab7', LOSS_COLOR = '#d9534f';
+
+var COUNTERS = [
+	[ 'delivered', _('Delivered to the LAN') ],
+	[ 'sent', _('Sent into the tunnel') ],
+	[ 'duplicates', _('Duplicates discarded') ],
+	[ 'late', _('Late copies discarded') ],
+	[ 'deadline_releases', _('Reorder releases (hold deadline)') ],
+	[ 'reorder_flushes', _('Reorder buffer flushes') ],
+	[ 'auth_failures', _('Authentication failures') ],
+	[ 'replays', _('Replays rejected') ],
+	[ 'malformed', _('Malformed datagrams') ],
+	[ 'unknown_session', _('Datagrams for an unknown session') ],
+	[ 'tx_no_subflow', _('Dropped: no subflow up') ],
+	[ 'tun_write_errors', _('Tunnel write errors') ]
+];
+
+/* counters that point at an attack or a misconfiguration when they grow */
+var ALARM_COUNTERS = { auth_failures: true, replays: true, malformed: true, unknown_session: true };
+
+function isNum(v) {
+	return (typeof(v) == 'number' && isFinite(v));
+}
+
+function isObj(v) {
+	return (v != null && typeof(v) == 'object' && !Array.isArray(v));
+}
+
+function text(v) {
+	return (v == null || v === '') ? NONE : String(v);
+}
+
+function badge(label, color, state) {
+	return E('span', {
+		'class': 'label mpvpn-badge',
+		'data-state': (state != null) ? String(state) : null,
+		'style': 'display:inline-block;padding:0 .5em;border-radius:3px;color:#fff;background:' + color
+	}, [ label ]);
+}
+
+function sessionState(state) {
+	switch (state) {
+	case 'connected':  return [ _('Connected'), GREEN ];
+	case 'degraded':   return [ _('Degraded'), RED ];
+	case 'connecting': return [ _('Connecting'), ORANGE ];
+	case 'disabled':   return [ _('Disabled'), GREY ];
+	case 'stopped':    return [ _('Stopped'), GREY ];
+	case 'error':      return [ _('Error'), RED ];
+	default:           return [ (state != null) ? String(state) : _('Unknown'), GREY ];
+	}
+}
+
+function linkState(state) {
+	switch (state) {
+	case 'established':  return [ _('Up'), GREEN ];
+	case 'connect_sent':
+	case 'connect_rcvd': return [ _('Connecting'), ORANGE ];
+	case 'closing':      return [ _('Closing'), ORANGE ];
+	case 'closed':       return [ _('Down'), RED ];
+	default:             return [ (state != null) ? String(state) : _('Unknown'), GREY ];
+	}
+}
+
+function uplinkState(state) {
+	switch (state) {
+	case 'up':      return [ _('Up'), GREEN ];
+	case 'waiting': return [ _('Waiting'), ORANGE ];
+	case 'down':    return [ _('Down'), RED ];
+	case 'error':   return [ _('Error'), RED ];
+	default:        return [ (state != null) ? String(state) : _('Unknown'), GREY ];
+	}
+}
+
+function roleLabel(role) {
+	switch (role) {
+	case 'client': return _('Client (connects to the server)');
+	case 'server': return _('Server (accepts the client)');
+	default:       return text(role);
+	}
+}
+
+function modeLabel(mode) {
+	switch (mode) {
+	case 'duplicate': return _('Duplicate: every packet on every subflow');
+	case 'aggregate': return _('Aggregate: each packet on one subflow, spread by link quality');
+	case 'adaptive':  return _('Adaptive: duplicate over lossy subflows, spread over good ones');
+	default:          return text(mode);
+	}
+}
+
+function fmtDuration(s) {
+	return isNum(s) ? '%t'.format(Math.max(0, Math.floor(s))) : NONE;
+}
+
+function fmtMs(v) {
+	return isNum(v) ? _('%.1f ms').format(v) : NONE;
+}
+
+function fmtPct(frac) {
+	return isNum(frac) ? _('%.1f %%').format(frac * 100) : NONE;
+}
+
+function fmtRate(bps) {
+	if (!isNum(bps))
+		return NONE;
+	if (bps >= 1e9)
+		return _('%.2f Gbit/s').format(bps / 1e9);
+	if (bps >= 1e6)
+		return _('%.2f Mbit/s').format(bps / 1e6);
+	if (bps >= 1e3)
+		return _('%.1f kbit/s').format(bps / 1e3);
+	return _('%d bit/s').format(Math.round(bps));
+}
+
+/* The first line of an error: LuCI appends a stack trace to RPC errors. */
+function errorLine(err) {
+	var msg = (err && err.message != null) ? err.message : err;
+	return String(msg).split(/\n/)[0];
+}
+
+function explainError(err) {
+	var msg = errorLine(err);
+
+	if (/error -32000\b/.test(msg) || /Object not found/.test(msg))
+		return _('The orayboxvpn agent is not running: ubus has no "orayboxvpn" object. Start it with "/etc/init.d/orayboxvpn start"; if it stops again, "logread -e orayboxvpn" tells why.');
+	if (/error -32002\b/.test(msg))
+		return _('Access denied: this login may not read the orayboxvpn status.');
+	if (/ubus code 3\b/.test(msg))
+		return _('The running agent does not know this request: update the orayboxvpn package.');
+	if (/ubus code 7\b/.test(msg) || /timed out/.test(msg))
+		return _('The agent did not answer in time: it may be busy or hanging.');
+
+	return _('Cannot read the status from the agent: %s').format(msg);
+}
+
+function svgEl(tag, attrs, children) {
+	return E(document.createElementNS(SVG_NS, tag), attrs || {}, children || []);
+}
+
+/* RTT (blue) and loss (red) over the kept samples, oldest left, newest right. */
+function sparkline(points) {
+	var w = 120, h = 28, step = w / (Math.max(points.length, 2) - 1),
+	    maxRtt = 0, maxLoss = 0, lines = [];
+
+	points.forEach(function(p) {
+		if (isNum(p.rtt)) maxRtt = Math.max(maxRtt, p.rtt);
+		if (isNum(p.loss)) maxLoss = Math.max(maxLoss, p.loss);
+	});
+
+	function polyline(key, top, color) {
+		var coords = [];
+
+		for (var i = 0; i < points.length; i++) {
+			var v = points[i][key];
+
+			if (!isNum(v))
+				continue;
+
+			var x = i * step,
+			    y = (h - 1) - Math.min(v / top, 1) * (h - 2);
+
+			coords.push(x.toFixed(1) + ',' + y.toFixed(1));
+		}
+
+		if (coords.length > 1)
+			lines.push(svgEl('polyline', {
+				'points': coords.join(' '),
+				'fill': 'none',
+				'stroke': color,
+				'stroke-width': '1.5'
+			}));
+	}
+
+	/* loss scaled to at least 5 %, so a clean link stays a flat line */
+	polyline('loss', Math.max(maxLoss, 0.05), LOSS_COLOR);
+	polyline('rtt', Math.max(maxRtt * 1.25, 1), RTT_COLOR);
+
+	var title = _('Last %d samples: RTT up to %.1f ms, loss up to %.1f %%').format(points.length, maxRtt, maxLoss * 100);
+
+	return svgEl('svg', {
+		'class': 'mpvpn-spark',
+		'width': String(w),
+		'height': String(h),
+		'viewBox': '0 0 ' + w + ' ' + h,
+		'role': 'img',
+		'aria-label': title
+	}, [
+		svgEl('title', {}, [ title ]),
+		svgEl('rect', { 'x': '0.5', 'y': '0.5', 'width': String(w - 1), 'height': String(h - 1), 'fill': 'none', 'stroke': '#ddd' })
+	].concat(lines));
+}
+
+function weightBar(weight) {
+	if (!isNum(weight))
+		return E('span', [ NONE ]);
+
+	var pc = Math.max(0, Math.min(100, weight * 100));
+
+	/* LuCI themes print a progress bar's title on the bar */
+	return E('div', {
+		'class': 'cbi-progressbar mpvpn-weight',
+		'title': _('%.0f %%').format(pc)
+	}, [
+		E('div', { 'style': 'width:' + pc.toFixed(1) + '%' })
+	]);
+}
+
+function small(children) {
+	return E('small', { 'style': 'opacity:.75' }, children);
+}
+
+return view.extend({
+	load: function() {
+		return callStatus().then(function(st) {
+			return { status: st };
+		}, function(err) {
+			return { error: err };
+		});
+	},
+
+	render: function(data) {
+		this.history = {};
+
+		this.alertNode = E('div', { 'id': 'mpvpn-alert' });
+		this.headerNode = E('div', { 'id': 'mpvpn-session' });
+		this.totalsNode = E('div', { 'id': 'mpvpn-counters' });
+
+		this.linksTable = new ui.Table([
+			_('Carrier'),
+			_('Local \u21c4 remote'),
+			_('State'),
+			_('RTT'),
+			_('Loss'),
+			_('Traffic'),
+			_('Weight'),
+			_('History (RTT blue, loss red)')
+		], {
+			id: 'mpvpn-links',
+			sortable: [ true, true, true, true, true, false, true, false ]
+		}, E('em', [ _('Collecting data\u2026') ]));
+
+		var node = E('div', { 'class': 'cbi-map', 'id': 'mpvpn-status' }, [
+			E('h2', [ _('Multipath VPN') ]),
+			E('div', { 'class': 'cbi-map-descr' }, [
+				_('Every subflow is one carrier (telecom, unicom, mobile, ...) between this site and the peer site. The page refreshes every few seconds.')
+			]),
+			this.alertNode,
+			E('div', { 'class': 'cbi-section' }, [
+				E('h3', [ _('Session') ]),
+				this.headerNode,
+				E('div', { 'class': 'right', 'style': 'margin-top:.5em' }, [
+					E('button', {
+						'class': 'cbi-button cbi-button-action',
+						'id': 'mpvpn-reconnect',
+						'click': ui.createHandlerFn(this, 'handleReconnect')
+					}, [ _('Reconnect') ])
+				])
+			]),
+			E('div', { 'class': 'cbi-section' }, [
+				E('h3', [ _('Subflows') ]),
+				this.linksTable.render()
+			]),
+			E('div', { 'class': 'cbi-section' }, [
+				E('h3', [ _('Totals') ]),
+				this.totalsNode
+			])
+		]);
+
+		this.update(data);
+		poll.add(this.refresh.bind(this), POLL_INTERVAL);
+
+		return node;
+	},
+
+	refresh: function() {
+		var self = this;
+
+		return callStatus().then(function(st) {
+			self.update({ status: st });
+		}, function(err) {
+			self.update({ error: err });
+		});
+	},
+
+	update: function(data) {
+		var st = data ? data.status : null;
+
+		if ((data && data.error) || !isObj(st) || st.state == null) {
+			var why = (data && data.error) ? explainError(data.error)
+				: _('The agent answered without a status document: it may still be starting.');
+
+			dom.content(this.alertNode, E('div', { 'class': 'alert-message warning' }, [
+				E('strong', [ _('No status from the agent.') ]), ' ', why
+			]));
+			dom.content(this.headerNode, E('em', [ _('Not available.') ]));
+			dom.content(this.totalsNode, E('em', [ _('Not available.') ]));
+			this.linksTable.update([], E('em', [ _('No data: the agent is not reachable.') ]));
+			this.history = {};
+			return;
+		}
+
+		if (st.state == 'error' && st.last_error != null)
+			dom.content(this.alertNode, E('div', { 'class': 'alert-message danger' }, [
+				E('strong', [ _('The agent cannot run:') ]), ' ', String(st.last_error)
+			]));
+		else
+			dom.content(this.alertNode, []);
+
+		dom.content(this.headerNode, this.renderHeader(st));
+		this.linksTable.update(this.linkRows(st), E('em', [ _('No subflows: the tunnel is not set up yet.') ]));
+		dom.content(this.totalsNode, this.renderCounters(st.counters));
+	},
+
+	renderHeader: function(st) {
+		var ss = sessionState(st.state),
+		    peer = isObj(st.peer) ? st.peer : {},
+		    vnc = isObj(st.vnc) ? st.vnc : {},
+		    ctl = isObj(st.control) ? st.control : null,
+		    rows = [];
+
+		rows.push([ _('State'), E('span', [
+			badge(ss[0], ss[1], st.state), ' ', text(st.state_text)
+		]) ]);
+
+		if (st.last_error != null)
+			rows.push([ _('Last error'), E('span', { 'style': 'color:' + RED }, [ String(st.last_error) ]) ]);
+
+		rows.push([ _('Role'), roleLabel(st.role) ]);
+		rows.push([ _('This site'), text(st.name) ]);
+		rows.push([ _('Peer site'), text(peer.name) ]);
+		rows.push([ _('Mode'), modeLabel(st.mode) ]);
+
+		var vnic = [ text(vnc.ifname) ];
+		if (vnc.address != null)
+			vnic.push(' ', String(vnc.address) + (vnc.netmask != null ? '/' + vnc.netmask : ''));
+		if (isNum(vnc.mtu))
+			vnic.push(' ', _('MTU %d').format(vnc.mtu));
+		rows.push([ _('Tunnel interface'), E('span', vnic) ]);
+
+		var routes = Array.isArray(st.routes) ? st.routes.filter(function(r) { return r != null; }) : [];
+		rows.push([ _('Routes into the tunnel'), routes.length ? routes.join(', ') : E('em', [ _('none') ]) ]);
+
+		if (ctl) {
+			var c = [ text(ctl.state) ],
+			    other = (ctl.server != null) ? ctl.server : ctl.peer;  /* docs/status.md: server; agent 0.1: peer */
+			if (other != null)
+				c.push(' ', _('with %s').format(String(other)));
+			if (isNum(ctl.rekeys))
+				c.push(' ', small([ _('(%d rekeys)').format(ctl.rekeys) ]));
+			rows.push([ _('Control connection'), E('span', c) ]);
+		}
+
+		if (Array.isArray(st.uplinks) && st.uplinks.length)
+			rows.push([ _('Uplinks'), E('div', st.uplinks.filter(isObj).map(function(u) {
+				var us = uplinkState(u.state),
+				    line = [ badge(us[0], us[1], u.state), ' ', text(u.name) ];
+
+				if (u.type != null && u.type != u.name)
+					line.push(' (' + u.type + ')');
+				if (u.bind_ip != null)
+					line.push(' ', String(u.bind_ip) + (isNum(u.port) ? ':' + u.port : ''));
+				if (u.error != null)
+					line.push(' ', E('span', { 'style': 'color:' + RED }, [ String(u.error) ]));
+
+				return E('div', line);
+			})) ]);
+
+		if (Array.isArray(st.sessions) && st.sessions.length > 1)
+			rows.push([ _('Connected sites'), st.sessions.filter(isObj).map(function(s) {
+				return text(s.name) + ' (' + text(s.state) + ')';
+			}).join(', ') ]);
+
+		var up = [ fmtDuration(st.uptime) ];
+		if (isNum(st.since))
+			up.push(' ', small([ _('in this state for %s').format(fmtDuration(st.since)) ]));
+		rows.push([ _('Agent uptime'), E('span', up) ]);
+
+		if (st.version != null)
+			rows.push([ _('Agent version'), String(st.version) ]);
+
+		return E('table', { 'class': 'table', 'id': 'mpvpn-header' }, rows.map(function(r) {
+			return E('tr', { 'class': 'tr' }, [
+				E('td', { 'class': 'td left', 'width': '33%' }, [ r[0] ]),
+				E('td', { 'class': 'td left' }, [ r[1] ])
+			]);
+		}));
+	},
+
+	linkRows: function(st) {
+		var links = Array.isArray(st.links) ? st.links.filter(isObj) : [],
+		    now = isNum(st.uptime) ? st.uptime : Date.now() / 1000,
+		    peers = {}, seen = {}, self = this;
+
+		links.forEach(function(l) { peers[String(l.peer)] = true; });
+
+		var multiPeer = Object.keys(peers).length > 1;
+
+		var rows = links.map(function(l, i) {
+			var key = [ l.session_id, l.member != null ? l.member : 'i' + i, l.name ].join('/'),
+			    h = self.history[key] || (self.history[key] = { points: [], prev: null, rx: null, tx: null });
+
+			seen[key] = true;
+
+			/*
+			 * rx/tx rate from the byte counters since the previous sample; a
+			 * sample closer than MIN_SAMPLE to the previous one (LuCI runs a
+			 * new poll function at once, right after load()) is only shown
+			 */
+			var dt = h.prev ? now - h.prev.t : null;
+
+			if (dt != null && dt >= MIN_SAMPLE) {
+				h.rx = (isNum(l.rx_bytes) && isNum(h.prev.rx) && l.rx_bytes >= h.prev.rx) ? (l.rx_bytes - h.prev.rx) * 8 / dt : null;
+				h.tx = (isNum(l.tx_bytes) && isNum(h.prev.tx) && l.tx_bytes >= h.prev.tx) ? (l.tx_bytes - h.prev.tx) * 8 / dt : null;
+			}
+			else if (dt != null && dt < 0) {
+				h.rx = h.tx = null;  /* the agent restarted */
+				h.points = [];
+				h.prev = null;
+			}
+
+			if (!h.prev || dt >= MIN_SAMPLE) {
+				h.prev = { t: now, rx: l.rx_bytes, tx: l.tx_bytes };
+				h.points.push({ rtt: l.rtt_ms, loss: l.loss });
+				if (h.points.length > HISTORY_POINTS)
+					h.points.splice(0, h.points.length - HISTORY_POINTS);
+			}
+
+			var ls = linkState(l.state),
+			    carrier = [ E('strong', [ text(l.name) ]) ];
+
+			if (l.type != null && l.type != l.name)
+				carrier.push(E('br'), small([ String(l.type) ]));
+			if (multiPeer && l.peer != null)
+				carrier.push(E('br'), small([ _('to %s').format(String(l.peer)) ]));
+
+			var stateCell = [ badge(ls[0], ls[1], l.state) ];
+			if (l.state != 'established' && l.last_down_reason)
+				stateCell.push(E('br'), small([ String(l.last_down_reason) ]));
+
+			var rtt = [ fmtMs(l.rtt_ms) ];
+			if (isNum(l.rtt_ms) && isNum(l.rttvar_ms))
+				rtt.push(E('br'), small([ _('\u00b1 %.1f ms').format(l.rttvar_ms) ]));
+
+			var loss = [ fmtPct(l.loss) ];
+			if (isNum(l.loss_in))
+				loss.push(E('br'), small([ _('incoming %s').format(fmtPct(l.loss_in)) ]));
+
+			return [
+				[ text(l.name), E('span', carrier) ],
+				E('span', [ text(l.local), ' \u21c4 ', text(l.remote) ]),
+				[ String(l.state), E('span', stateCell) ],
+				[ isNum(l.rtt_ms) ? l.rtt_ms : -1, E('span', { 'class': 'mpvpn-rtt' }, rtt) ],
+				[ isNum(l.loss) ? l.loss : -1, E('span', { 'class': 'mpvpn-loss' }, loss) ],
+				E('span', { 'class': 'mpvpn-rate' }, [
+					_('rx %s').format(fmtRate(h.rx)), E('br'), _('tx %s').format(fmtRate(h.tx))
+				]),
+				[ isNum(l.weight) ? l.weight : -1, weightBar(l.weight) ],
+				sparkline(h.points)
+			];
+		});
+
+		/* forget subflows that went away */
+		Object.keys(this.history).forEach(function(key) {
+			if (!seen[key])
+				delete self.history[key];
+		});
+
+		return rows;
+	},
+
+	renderCounters: function(counters) {
+		if (!isObj(counters))
+			return E('em', [ _('No counters reported.') ]);
+
+		var cells = COUNTERS.filter(function(c) { return c[0] in counters; }).map(function(c) {
+			var v = counters[c[0]],
+			    alarm = ALARM_COUNTERS[c[0]] && isNum(v) && v > 0;
+
+			return [
+				E('td', { 'class': 'td left', 'width': '35%' }, [ c[1] ]),
+				E('td', {
+					'class': 'td left',
+					'width': '15%',
+					'data-counter': c[0],
+					'style': alarm ? 'color:' + RED + ';font-weight:bold' : null
+				}, [ isNum(v) ? String(v) : NONE ])
+			];
+		});
+
+		/* two counters per row */
+		var rows = [];
+		for (var i = 0; i < cells.length; i += 2)
+			rows.push(E('tr', { 'class': 'tr' }, cells[i].concat(cells[i + 1] || [])));
+
+		return E('table', { 'class': 'table', 'id': 'mpvpn-totals' }, rows);
+	},
+
+	handleReconnect: function(ev) {
+		var self = this;
+
+		if (!window.confirm(_('Reconnect now? The tunnel stops carrying traffic for a moment while the control connection and the subflows are set up again.')))
+			return;
+
+		return callReconnect().then(function() {
+			ui.addNotification(null, E('p', [
+				_('Reconnect requested: the agent sets up the control connection and the subflows again.')
+			]), 'info');
+			return self.refresh();
+		}, function(err) {
+			ui.addNotification(null, E('p', [
+				_('Reconnect failed: %s').format(errorLine(err))
+			]), 'danger');
+		});
+	},
+
+	handleSaveApply: null,
+	handleSave: null,
+	handleReset: null
+});

@@ -1,0 +1,866 @@
+"""luci-app-mpvpn: the LuCI app, checked statically and in a real browser.
+
+Static checks (node): every JS file parses, JSON files are valid, the rpcd ACL
+grants exactly the ubus methods the views declare, the menu points to views
+that exist, user-visible strings go through _(), no markup strings, and the
+config page edits the options of mpvpn.config.OPTIONS with matching
+widgets, datatypes, defaults and validators (its validators are run in node
+and compared with what the agent's config loader accepts).
+
+Browser checks (headless Chromium, tests/luci_harness): the status view is
+served with a minimal stand-in for the LuCI client API and its ubus calls are
+answered from the real in-memory engine (mpvpn.simnet.SimPair); the rendered
+rows are compared with the status documents served, a screenshot is saved
+under the test's output folder (and copied to /tmp/luci-status.png).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from mpvpn.config import KINDS, OPTIONS, load_config
+
+from luci_harness import server as harness_server
+from luci_harness.simagent import SimAgentBackend
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "luci-app-mpvpn"
+VIEWS = APP / "htdocs" / "luci-static" / "resources" / "view"
+STATUS_JS = VIEWS / "mpvpn" / "status.js"
+CONFIG_JS = VIEWS / "mpvpn" / "config.js"
+MENU = APP / "root" / "usr" / "share" / "luci" / "menu.d" / "luci-app-mpvpn.json"
+ACL = APP / "root" / "usr" / "share" / "rpcd" / "acl.d" / "luci-app-mpvpn.json"
+HARNESS = Path(harness_server.__file__).resolve().parent
+PROBE = HARNESS / "probe.js"
+
+VIEW_FILES = sorted(VIEWS.rglob("*.js"))
+JS_FILES = sorted(APP.rglob("*.js")) + sorted(HARNESS.glob("*.js"))
+JSON_FILES = sorted(APP.rglob("*.json"))
+
+# modules of luci-base a view may 'require' (no custom client modules)
+LUCI_MODULES = {"baseclass", "dom", "form", "fs", "network", "poll", "request", "rpc", "uci",
+                "ui", "view", "validation", "tools.widgets", "firewall"}
+
+NODE = shutil.which("node") or shutil.which("nodejs")
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(REPO))
+
+
+def need_node():
+    if not NODE:
+        sys.stderr.write("\nluci tests skipped: node (Debian package nodejs) is not installed\n")
+        pytest.skip("node (Debian package nodejs) is not installed")
+
+
+_probe_cache: dict = {}
+
+
+def probe(view: Path, probes: list | None = None) -> dict:
+    """Run tests/luci_harness/probe.js on a view (see there)."""
+    need_node()
+    key = (view, json.dumps(probes, sort_keys=True))
+    if key not in _probe_cache:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(probes or [], f)
+        try:
+            out = subprocess.run([NODE, str(PROBE), str(view), f.name], capture_output=True,
+                                 text=True, timeout=60)
+        finally:
+            os.unlink(f.name)
+        assert out.returncode == 0, f"probe.js failed on {rel(view)}:\n{out.stderr}"
+        _probe_cache[key] = json.loads(out.stdout)
+    return _probe_cache[key]
+
+
+# --- package layout ---------------------------------------------------------------------
+
+def test_app_layout_and_makefile():
+    assert not (APP / ".keep").exists()
+    for p in (STATUS_JS, CONFIG_JS, MENU, ACL, APP / "Makefile"):
+        assert p.is_file(), rel(p)
+    mk = (APP / "Makefile").read_text()
+    assert re.search(r"^LUCI_TITLE:=\S", mk, re.M)
+    assert re.search(r"^LUCI_DEPENDS:=\+luci-base \+orayboxvpn$", mk, re.M)
+    assert re.search(r"^LUCI_PKGARCH:=all$", mk, re.M)
+    assert re.search(r"^PKG_LICENSE:=\S", mk, re.M)
+    assert re.search(r"^include \.\./\.\./luci\.mk$", mk, re.M)
+    assert mk.rstrip().endswith("# call BuildPackage - OpenWrt buildroot signature")
+
+
+def _luci_factory(path: Path) -> str:
+    """A view's source as LuCI compiles it: the body of a function whose
+    parameters are window, document, L and the 'require'd modules."""
+    src = path.read_text()
+    names = []
+    for m in re.finditer(r"^'require\s+(\S+)(?:\s+as\s+(\w+))?';", src, re.M):
+        names.append(m.group(2) or re.sub(r"[^a-zA-Z0-9_]", "_", m.group(1)))
+    return "(function(window, document, L%s) { %s\n});\n" % ("".join(", " + n for n in names), src)
+
+
+@pytest.mark.parametrize("path", JS_FILES, ids=rel)
+def test_js_parses(path, tmp_path):
+    need_node()
+    target = path
+    if VIEWS in path.parents:  # a top-level `return view.extend(...)` is only valid inside LuCI's factory
+        target = tmp_path / path.name
+        target.write_text(_luci_factory(path))
+    out = subprocess.run([NODE, "--check", str(target)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"{rel(path)}:\n{out.stderr}"
+
+
+@pytest.mark.parametrize("path", JSON_FILES, ids=rel)
+def test_json_valid(path):
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", VIEW_FILES, ids=rel)
+def test_views_require_only_luci_base_modules(path):
+    got = {r[0] for r in probe(path)["requires"]}
+    assert got <= LUCI_MODULES, f"{rel(path)} requires {sorted(got - LUCI_MODULES)}"
+    assert "view" in got
+
+
+# --- ACL and menu ---------------------------------------------------------------------------
+
+def test_acl_grants_exactly_the_ubus_methods_the_views_call():
+    declared: dict[str, set[str]] = {}
+    for path in VIEW_FILES:
+        for d in probe(path)["declares"]:
+            declared.setdefault(d["object"], set()).add(d["method"])
+    assert declared == {"orayboxvpn": {"status", "reconnect"}}
+
+    acl = json.loads(ACL.read_text())
+    assert list(acl) == ["luci-app-mpvpn"]
+    entry = acl["luci-app-mpvpn"]
+    read_ubus = {o: set(m) for o, m in entry["read"].get("ubus", {}).items()}
+    write_ubus = {o: set(m) for o, m in entry.get("write", {}).get("ubus", {}).items()}
+    assert harness_server.acl_grants(ACL) == declared  # nothing more, nothing less
+    assert read_ubus == {"orayboxvpn": {"status"}}  # reading the status is a read right
+    assert write_ubus == {"orayboxvpn": {"reconnect"}}  # reconnecting changes state: write
+    assert "orayboxvpn" in entry["read"]["uci"]
+    assert entry["write"]["uci"] == ["orayboxvpn"]
+
+
+def test_menu_entries_point_to_existing_views():
+    menu = json.loads(MENU.read_text())
+    acl = json.loads(ACL.read_text())
+    assert "admin/services/mpvpn" in menu
+    top = menu["admin/services/mpvpn"]
+    assert top["depends"]["acl"] == ["luci-app-mpvpn"] and set(top["depends"]["acl"]) <= set(acl)
+    views = {}
+    for path, entry in menu.items():
+        assert path == "admin/services/mpvpn" or path.rsplit("/", 1)[0] in menu, f"{path}: no parent entry"
+        assert entry.get("title")
+        action = entry["action"]
+        if action["type"] == "view":
+            views[path] = action["path"]
+            assert (VIEWS / (action["path"] + ".js")).is_file(), f"{path}: no view {action['path']}"
+    assert views == {"admin/services/mpvpn/status": "mpvpn/status",
+                     "admin/services/mpvpn/config": "mpvpn/config"}
+    assert sorted(rel(p) for p in VIEW_FILES) == sorted(
+        rel(VIEWS / (v + ".js")) for v in views.values())  # no orphan view
+
+
+# --- strings and markup -----------------------------------------------------------------------
+
+def js_strings(src: str) -> list[tuple[int, str]]:
+    """(offset, value) of every '...' / "..." literal, skipping comments and regex literals."""
+    out, i, n = [], 0, len(src)
+    prev = ""  # last significant character outside strings/comments
+    prev_word = ""
+    while i < n:
+        c = src[i]
+        if src.startswith("//", i):
+            i = src.find("\n", i)
+            i = n if i < 0 else i
+        elif src.startswith("/*", i):
+            i = src.index("*/", i) + 2
+        elif c in "'\"":
+            j, buf = i + 1, []
+            while src[j] != c:
+                if src[j] == "\\":
+                    buf.append(src[j:j + 2])
+                    j += 2
+                else:
+                    buf.append(src[j])
+                    j += 1
+            raw = "".join(buf)
+            try:
+                val = json.loads('"' + raw.replace('"', '\\"').replace("\\'", "'") + '"')
+            except ValueError:
+                val = raw
+            out.append((i, val))
+            i, prev, prev_word = j + 1, c, ""
+        elif c == "`":
+            raise AssertionError("template literals are not used in LuCI views")
+        elif c == "/" and (prev in "(,=:[!&|?{};+-*%<>~^" or prev == "" or prev_word in ("return", "typeof")):
+            j, in_class = i + 1, False  # a regex literal
+            while True:
+                if src[j] == "\\":
+                    j += 2
+                    continue
+                if src[j] == "[":
+                    in_class = True
+                elif src[j] == "]":
+                    in_class = False
+                elif src[j] == "/" and not in_class:
+                    break
+                j += 1
+            i, prev = j + 1, "/"
+            while i < n and src[i].isalpha():  # flags
+                i += 1
+        else:
+            if not c.isspace():
+                prev = c
+                if c.isalnum() or c in "_$":
+                    m = re.match(r"[\w$]+", src[i:])
+                    prev_word = m.group(0)
+                    i += len(prev_word)
+                    prev = prev_word[-1]
+                    continue
+                prev_word = ""
+            i += 1
+    return out
+
+
+# attribute/option keys whose values never reach the user as text
+_TECHNICAL_KEYS = r"class|style|id|width|height|viewBox|points|fill|stroke|stroke-width|role|x|y|data-[\w-]+|href|src|type|rel|object|method"
+
+
+def untranslated_strings(src: str) -> list[str]:
+    bad = []
+    for pos, s in js_strings(src):
+        before = src[:pos].rstrip()
+        if re.search(r"(?<![\w$.])N?_\($", before):
+            continue  # _('...')
+        if re.search(r"^(?:use strict|require \S+(?: as \S+)?)$", s):
+            continue  # LuCI pragmas
+        if re.search(r"['\"]?(?:%s)['\"]?\s*:$" % _TECHNICAL_KEYS, before):
+            continue  # { 'class': '...' }
+        after = src[pos:].split("\n", 1)[0]
+        if re.match(r"""(['"]).*?(?<!\\)\1\s*:""", after) and before.endswith(("{", ",")):
+            continue  # an object key
+        probe_s = re.sub(r"%(?:[-\d]*(?:\.\d+)?[sdftqh%])", " ", s)
+        words = re.findall(r"[A-Za-z]{2,}", probe_s)
+        if not words:
+            continue
+        if re.search(r"[A-Za-z]{2,}\s+\S*[A-Za-z]{2,}", probe_s) or re.match(r"\s*[A-Z][a-z]", probe_s):
+            bad.append(s)
+    return bad
+
+
+@pytest.mark.parametrize("path", VIEW_FILES, ids=rel)
+def test_user_visible_strings_are_translated(path):
+    assert untranslated_strings(path.read_text()) == []
+
+
+def test_translation_heuristic_catches_bare_strings():
+    src = "E('p', [ 'Hello there' ]); E('p', [ _('Fine') ]); E('b', { 'class': 'a b' }, [ 'Up' ]);"
+    assert untranslated_strings(src) == ["Hello there", "Up"]
+
+
+@pytest.mark.parametrize("path", VIEW_FILES, ids=rel)
+def test_no_markup_strings(path):
+    src = path.read_text()
+    for word in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser", "rawhtml"):
+        assert word not in src, f"{rel(path)} uses {word}"
+    assert not re.search(r"""\bE\(\s*['"]<""", src), "E() with a markup string"
+    for _pos, s in js_strings(src):
+        assert not re.search(r"<\s*/?\s*[a-zA-Z][^>]*>", s), f"markup in a string literal: {s!r}"
+
+
+def test_status_view_api_use():
+    info = probe(STATUS_JS)
+    for d in info["declares"]:
+        assert d["object"] == "orayboxvpn" and d["reject"] is True and d["expect"] == {"": {}}
+    src = STATUS_JS.read_text()
+    m = re.search(r"poll\.add\([^;]*?,\s*(\w+)\)", src)
+    interval = int(m.group(1)) if m.group(1).isdigit() else int(re.search(
+        r"var %s = (\d+)" % m.group(1), src).group(1))
+    assert 2 <= interval <= 5
+    assert "new ui.Table(" in src and "dom.content(" in src
+    assert {"load", "render", "handleReconnect"} <= set(info["methods"])
+
+
+# --- config page against mpvpn.config.OPTIONS --------------------------------------------------
+
+def config_form() -> dict:
+    form = probe(CONFIG_JS)["form"]
+    assert form and form["config"] == "orayboxvpn"
+    return form
+
+
+def section_type(sec: dict) -> str:
+    return sec["args"][1] if sec["widget"] == "form.NamedSection" else sec["args"][0]
+
+
+def config_options() -> dict[str, dict[str, dict]]:
+    """section type -> option name -> recorded option (helper buttons '_...' left out)."""
+    rv: dict[str, dict[str, dict]] = {}
+    for sec in config_form()["sections"]:
+        opts = rv.setdefault(section_type(sec), {})
+        for o in sec["options"]:
+            if not o["option"].startswith("_"):
+                assert o["option"] not in opts, f"{section_type(sec)}.{o['option']} twice"
+                opts[o["option"]] = o
+    return rv
+
+
+def test_config_sections():
+    secs = {section_type(s): s for s in config_form()["sections"]}
+    assert set(secs) == set(OPTIONS)
+    assert secs["base"]["widget"] == secs["vnc"]["widget"] == "form.NamedSection"
+    assert secs["base"]["args"][0] == "base" and secs["vnc"]["args"][0] == "vnc"
+    assert secs["smpu"]["widget"] == "form.GridSection" and secs["smpu"]["addremove"] is True
+
+
+def test_config_options_exist_in_agent_options():
+    for sec, opts in config_options().items():
+        unknown = set(opts) - set(OPTIONS[sec])
+        assert not unknown, f"config.js edits options the agent does not read: {sec}.{sorted(unknown)}"
+
+
+def test_config_page_covers_the_agent_options():
+    opts = config_options()
+    must = {"base": {"psk", "role", "server_address", "listen_address"},
+            "vnc": {"ipaddr", "netmask"},
+            "smpu": {"type", "bind_ip", "interface", "port", "enabled"}}
+    for sec, names in must.items():
+        assert names <= set(opts[sec]), f"config.js lacks {sec}.{sorted(names - set(opts[sec]))}"
+    for sec, names in OPTIONS.items():
+        missing = set(names) - set(opts[sec])
+        assert not missing, (f"mpvpn.config.OPTIONS has {sec}.{sorted(missing)} but the LuCI "
+                             "config page does not edit it: add it to config.js")
+
+
+def _choices(kind: str) -> list[str]:
+    return re.findall(r'"([^"]+)"', KINDS[kind][1])  # 'or("client","server")'
+
+
+def test_config_widgets_follow_option_kinds():
+    opts = config_options()
+    for sec, names in OPTIONS.items():
+        for name, spec in names.items():
+            o = opts[sec][name]
+            where = f"{sec}.{name} ({spec.kind})"
+            dt = o.get("datatype") or ""
+            kind = spec.kind
+            if kind == "bool":
+                assert o["widget"] == "form.Flag", where
+            elif kind in ("role", "mode", "log_level"):
+                assert o["widget"] == "form.ListValue", where
+                assert [v[0] for v in o["values"]] == _choices(kind), where
+            elif kind in ("hostport_list", "cidr_list"):
+                assert o["widget"] == "form.DynamicList", where
+                assert o.get("validate") or "cidr" in dt, where
+            elif kind in ("hostport", "psk", "netmask", "carrier", "ifname", "device"):
+                assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
+            elif kind == "seconds":
+                assert "ufloat" in dt and "range(" in dt, where
+            elif kind in ("count", "ms", "packets"):
+                assert "uinteger" in dt and "range(" in dt, where
+            elif kind == "mtu":
+                assert "range(576,9000)" in dt, where
+            elif kind == "ip4cidr":
+                assert "ip4addr" in dt and "cidr4" in dt, where
+            elif kind == "ipaddr":
+                assert dt.startswith("ipaddr"), where
+            elif kind == "network":
+                assert o["widget"] == "widgets.NetworkSelect", where
+            elif kind == "port":
+                assert "port" in dt, where
+            else:
+                raise AssertionError(f"no check for option kind {kind!r}: extend this test")
+            if spec.default is not None:  # shown as the default or as the placeholder
+                assert spec.default in (o.get("default"), o.get("placeholder")), where
+            if kind == "psk":
+                assert o.get("password") is True
+            if spec.description.startswith("Required."):
+                assert o.get("rmempty") is False, f"{where} is required: rmempty = false"
+
+
+def test_config_depends_on_role():
+    base = config_options()["base"]
+    assert base["server_address"]["depends"] == [{"role": "client"}]
+    assert base["listen_address"]["depends"] == [{"role": "server"}]
+    assert base["server_address"]["rmempty"] is False and base["listen_address"]["rmempty"] is False
+
+
+def test_generate_psk_button_fills_a_key_the_agent_accepts(tmp_path):
+    presses = [{"press": "base", "option": "_generate_psk"}] * 2
+    out = probe(CONFIG_JS, presses)["probes"]
+    keys = [p["value"] for p in out]
+    assert [p["validated"] for p in out] == [1, 2]  # validation triggered on every press
+    assert keys[0] != keys[1]
+    for key in keys:
+        assert len(base64.b64decode(key, validate=True)) == 32
+        assert agent_problems(tmp_path, "base", "psk", key) == []
+    checks = probe(CONFIG_JS, [{"section": "base", "option": "psk", "value": k} for k in keys])["probes"]
+    assert [c["result"] for c in checks] == [True, True]
+
+
+# what the agent's config loader says about one value, in an otherwise valid configuration
+_BASELINE = {
+    "base": {"role": "client", "server_address": "10.1.0.2:7000",
+             "psk": base64.b64encode(bytes(range(1, 33))).decode()},
+    "vnc": {"ipaddr": "172.30.0.1", "netmask": "255.255.255.252"},
+}
+
+
+def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: str = "client") -> list[str]:
+    """Errors of mpvpn.config.load_config about `orayboxvpn.<section>.<option>`."""
+    base = dict(_BASELINE["base"], role=role)
+    if role == "server":
+        del base["server_address"]
+        base["listen_address"] = "0.0.0.0:7000"
+    vnc = dict(_BASELINE["vnc"])
+    smpu = {"telecom": {"type": "telecom", "bind_ip": "10.1.0.1"},
+            "unicom": {"type": "unicom", "bind_ip": "10.2.0.1"}}
+    if section == "base":
+        base[option] = value
+    elif section == "vnc":
+        vnc[option] = value
+    else:
+        smpu["telecom"][option] = value
+
+    def q(v: str) -> str:
+        return "'" + v.replace("'", "'\\''") + "'"
+
+    lines = ["config base 'base'"] + [
+        f"\t{'list' if k == 'server_address' else 'option'} {k} {q(v)}" for k, v in base.items()]
+    lines += ["", "config vnc 'vnc'"] + [f"\toption {k} {q(v)}" for k, v in vnc.items()]
+    for name, opts in smpu.items():
+        lines += ["", f"config smpu '{name}'"] + [f"\toption {k} {q(v)}" for k, v in opts.items()]
+    d = tmp_path / f"uci-{abs(hash((section, option, value, role)))}"
+    d.mkdir()
+    (d / "orayboxvpn").write_text("\n".join(lines) + "\n")
+    sec_ref = "telecom" if section == "smpu" else section
+    _cfg, problems = load_config(str(d))
+    return [str(p) for p in problems if p.is_error and p.path == f"orayboxvpn.{sec_ref}.{option}"]
+
+
+_GOOD_PSK = base64.b64encode(bytes(range(100, 132))).decode()
+
+VALIDATOR_SAMPLES = [
+    # (section, option, role, values)
+    ("base", "server_address", "client", [
+        "203.0.113.10:7000", "203.0.113.10", "vpn.example.com", "vpn.example.com:7001",
+        "[2001:db8::1]:7000", "[2001:db8::1]", "[::ffff:192.0.2.1]:7000", "2001:db8::1",
+        "1.2.3.4:0", "1.2.3.4:70000", "host:port", "bad_host!:1", ":7000", "999.1.1.1",
+        "[1:2:3]:7000", "[2001:db8::1]7000"]),
+    ("base", "listen_address", "server", [
+        "0.0.0.0:7000", "[::]:7000", "10.1.0.2", "vpn.example.com:7000", "[::1", "0.0.0.0:x"]),
+    ("base", "psk", "client", [
+        _GOOD_PSK, "abc", "A" * 43 + "=", base64.b64encode(bytes(31)).decode(),
+        _GOOD_PSK.rstrip("="), _GOOD_PSK[:-2] + "!="]),
+    ("vnc", "netmask", "client", [
+        "255.255.255.252", "30", "/30", "8", "255.255.255.0", "255.255.255.254", "7", "255.0.255.0",
+        "33", "abc"]),
+    ("vnc", "ifname", "client", ["mpvpn0", "a" * 15, "a" * 16, "a/b", "a:b", "a b"]),
+    ("smpu", "type", "client", ["telecom", "my-carrier.2", "_x", "-x", "a b", "x" * 33]),
+    ("smpu", "device", "client", ["eth1", "wan.2", "a" * 16, "a/b"]),
+]
+
+
+@pytest.mark.parametrize("section,option,role,values", VALIDATOR_SAMPLES,
+                         ids=[f"{s}.{o}" for s, o, _r, _v in VALIDATOR_SAMPLES])
+def test_config_validators_agree_with_the_agent(tmp_path, section, option, role, values):
+    results = probe(CONFIG_JS, [{"section": section, "option": option, "value": v} for v in values])["probes"]
+    disagree = []
+    for v, r in zip(values, results):
+        assert "error" not in r, r
+        js_ok = r["result"] is True
+        agent_ok = agent_problems(tmp_path, section, option, v, role) == []
+        if js_ok != agent_ok:
+            disagree.append(f"{v!r}: LuCI {'accepts' if js_ok else 'rejects (' + str(r['result']) + ')'}, "
+                            f"agent {'accepts' if agent_ok else 'rejects'}")
+    assert not disagree, "\n".join(disagree)
+
+
+def test_netmask_may_be_left_out_only_with_a_prefix():
+    out = probe(CONFIG_JS, [
+        {"section": "vnc", "option": "netmask", "value": "", "form": {"ipaddr": "172.30.0.1"}},
+        {"section": "vnc", "option": "netmask", "value": "", "form": {"ipaddr": "172.30.0.1/30"}},
+        {"section": "smpu", "option": "bind_ip", "value": "", "form": {"interface": ""}},
+        {"section": "smpu", "option": "bind_ip", "value": "", "form": {"interface": "wan"}},
+    ])["probes"]
+    assert [r["result"] is True for r in out] == [False, True, False, True]
+
+
+# --- the status view in a real browser ---------------------------------------------------------
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent: "Node | None"):
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list = []
+
+    def iter(self):
+        yield self
+        for c in self.children:
+            if isinstance(c, Node):
+                yield from c.iter()
+
+    def find_all(self, tag: str | None = None, cls: str | None = None, **attrs) -> list["Node"]:
+        """Matching descendants (not the node itself), in document order."""
+        rv = []
+        for n in self.iter():
+            if n is self:
+                continue
+            if tag and n.tag != tag:
+                continue
+            if cls and cls not in (n.attrs.get("class") or "").split():
+                continue
+            if all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items()):
+                rv.append(n)
+        return rv
+
+    def find(self, *args, **kw) -> "Node | None":
+        found = self.find_all(*args, **kw)
+        return found[0] if found else None
+
+    @property
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text for c in self.children)
+
+    @property
+    def words(self) -> str:
+        return " ".join(self.text.split())
+
+
+class _TreeBuilder(HTMLParser):
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = self.cur = Node("#document", {}, None)
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, dict(attrs), self.cur)
+        self.cur.children.append(node)
+        if tag not in self.VOID:
+            self.cur = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.cur.children.append(Node(tag, dict(attrs), self.cur))
+
+    def handle_endtag(self, tag):
+        n = self.cur
+        while n is not None and n.tag != tag:
+            n = n.parent
+        if n is not None and n.parent is not None:
+            self.cur = n.parent
+
+    def handle_data(self, data):
+        self.cur.children.append(data)
+
+
+def parse_html(html: str) -> Node:
+    b = _TreeBuilder()
+    b.feed(html)
+    b.close()
+    return b.root
+
+
+def find_chromium() -> str | None:
+    env = os.environ.get("MPVPN_CHROMIUM")
+    if env:
+        return env
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars"]
+
+BUDGET_MS = 10500  # virtual time: the initial load plus polls at 0, 3, 6 and 9 s
+
+EVIL = '<img src=x onerror="document.title=\'pwned\'"><b id="injected">x</b>'
+
+HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls everywhere
+    "version": None, "state": "degraded", "state_text": "state " + EVIL, "role": None,
+    "mode": "future-mode", "name": EVIL, "uptime": None, "since": None,
+    "last_error": "wrong PSK " + EVIL, "session_id": None, "peer": None,
+    "vnc": {"ifname": EVIL, "address": None, "netmask": None, "mtu": None},
+    "routes": [EVIL, None], "control": None,
+    "uplinks": [{"name": EVIL, "type": EVIL, "bind_ip": None, "port": None, "state": "waiting",
+                 "error": "address missing " + EVIL}, None],
+    "links": [{"member": 1, "session_id": None, "peer": EVIL, "name": EVIL, "type": EVIL,
+               "local": EVIL, "remote": None, "state": EVIL, "rtt_ms": None, "rttvar_ms": None,
+               "loss": None, "loss_in": None, "tx_bytes": None, "rx_bytes": None, "weight": None,
+               "last_down_reason": EVIL},
+              {"member": 2}, None],
+    "counters": {"delivered": None, "auth_failures": 3},
+    "sessions": [{"name": EVIL, "state": "connected"}, {"name": "site-c", "state": None}],
+}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Four headless Chromium runs side by side, one fixture server each:
+    main (engine, presses Reconnect), shot (engine, screenshot), hostile, down."""
+    chromium = find_chromium()
+    if not chromium:
+        reason = "chromium is not installed (Debian: apt-get install chromium)"
+        sys.stderr.write(f"\nbrowser tests skipped: {reason}\n")
+        pytest.skip(reason)
+    out_dir = tmp_path_factory.mktemp("luci")
+    backends = {"main": SimAgentBackend(), "shot": SimAgentBackend(),
+                "hostile": harness_server.StaticBackend(HOSTILE_DOC),
+                "down": harness_server.DownBackend()}
+    servers = {k: harness_server.HarnessServer(b).__enter__() for k, b in backends.items()}
+    shot = out_dir / "luci-status.png"
+    runs = {
+        "main": ([f"--virtual-time-budget={BUDGET_MS}", "--dump-dom"], "?view=mpvpn/status#click=reconnect"),
+        "shot": ([f"--virtual-time-budget={BUDGET_MS}", "--window-size=1280,1000", f"--screenshot={shot}"],
+                 "?view=mpvpn/status"),
+        "hostile": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
+        "down": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
+    }
+    procs, results = {}, {}
+    t0 = time.monotonic()
+    try:
+        for name, (flags, query) in runs.items():
+            profile = out_dir / f"profile-{name}"
+            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, servers[name].url + query]
+            procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True, cwd=out_dir)
+        for name, p in procs.items():
+            try:
+                stdout, stderr = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                stdout, stderr = p.communicate()
+                raise AssertionError(f"chromium run {name!r} timed out:\n{stderr[-2000:]}")
+            assert p.returncode == 0, f"chromium run {name!r} failed ({p.returncode}):\n{stderr[-2000:]}"
+            results[name] = stdout
+            (out_dir / f"{name}.html").write_text(stdout)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for s in servers.values():
+            s.close()
+    if shot.is_file():
+        shutil.copyfile(shot, "/tmp/luci-status.png")
+    sys.stderr.write(f"\nluci browser runs: {time.monotonic() - t0:.1f} s, screenshot {shot} "
+                     "(copy: /tmp/luci-status.png)\n")
+    return {"dom": {k: parse_html(v) for k, v in results.items()}, "raw": results,
+            "backends": backends, "servers": servers, "screenshot": shot, "out_dir": out_dir}
+
+
+def view_of(doc: Node) -> Node:
+    errors = doc.find(id="harness-errors")
+    assert errors is not None and errors.text.strip() == "", f"harness errors:\n{errors.text if errors else '?'}"
+    view = doc.find(id="view")
+    assert view is not None and view.find("h2") is not None, "the view did not render"
+    return view
+
+
+def header_rows(view: Node) -> dict[str, Node]:
+    table = view.find("table", id="mpvpn-header")
+    assert table is not None
+    rows = {}
+    for tr in table.find_all("tr"):
+        tds = tr.find_all("td")
+        rows[tds[0].words] = tds[1]
+    return rows
+
+
+def link_rows(view: Node) -> list[dict[str, Node]]:
+    table = view.find("table", id="mpvpn-links")
+    assert table is not None
+    rows = []
+    for tr in table.find_all("tr"):
+        if "table-titles" in tr.attrs.get("class", "") or "placeholder" in tr.attrs.get("class", ""):
+            continue
+        cells = tr.find_all("td")
+        rows.append({td.attrs.get("data-title"): td for td in cells})
+    return rows
+
+
+def luci_t(seconds: float) -> str:
+    """LuCI's '%t' format."""
+    ts = int(seconds)
+    tm, ts = divmod(ts, 60)
+    th, tm = divmod(tm, 60)
+    td, th = divmod(th, 24)
+    return f"{td}d {th}h {tm}m {ts}s" if td else f"{th}h {tm}m {ts}s"
+
+
+def number(text: str) -> float:
+    return float(re.search(r"-?\d+(?:\.\d+)?", text).group(0))
+
+
+def rendered_document(view: Node, docs: list[dict]) -> dict:
+    """The served status document the page shows (identified by its uptime)."""
+    uptime = header_rows(view)["Agent uptime"].words
+    matches = [d for d in docs if uptime.startswith(luci_t(math.floor(d["uptime"])) + " ")]
+    assert len(matches) == 1, f"uptime {uptime!r} matches {len(matches)} of {[d['uptime'] for d in docs]}"
+    return matches[0]
+
+
+def test_browser_status_rows_match_the_engine_document(browser):
+    backend = browser["backends"]["main"]
+    server = browser["servers"]["main"]
+    view = view_of(browser["dom"]["main"])
+    docs = backend.docs
+    assert len(docs) >= 4, f"only {len(docs)} status calls: the view does not poll"
+    doc = rendered_document(view, docs)
+    assert doc is docs[-1]  # the page shows the latest answer
+
+    head = header_rows(view)
+    state = head["State"]
+    assert state.find("span", cls="mpvpn-badge").attrs["data-state"] == doc["state"] == "connected"
+    assert doc["state_text"] in state.words
+    assert head["Peer site"].words == doc["peer"]["name"]
+    assert head["This site"].words == doc["name"]
+    assert doc["vnc"]["address"] in head["Tunnel interface"].words
+    assert doc["vnc"]["ifname"] in head["Tunnel interface"].words
+    assert head["Routes into the tunnel"].words == ", ".join(doc["routes"])
+    assert "Last error" not in head
+
+    rows = link_rows(view)
+    assert len(rows) == len(doc["links"]) == 3
+    for row, link in zip(rows, doc["links"]):
+        name = link["name"]
+        assert row["Carrier"].find("strong").words == name
+        assert f"{link['local']} ⇄ {link['remote']}" == row["Local ⇄ remote"].words
+        badge = row["State"].find("span", cls="mpvpn-badge")
+        assert badge.attrs["data-state"] == link["state"] and badge.words, name
+        assert abs(number(row["RTT"].words) - link["rtt_ms"]) <= 0.051, name
+        assert abs(number(row["Loss"].words) - link["loss"] * 100) <= 0.051, name
+        bar = row["Weight"].find("div", cls="cbi-progressbar")
+        width = float(re.fullmatch(r"width:([\d.]+)%", bar.find("div").attrs["style"]).group(1))
+        assert abs(width - link["weight"] * 100) <= 0.051, name
+        polyline = row["History (RTT blue, loss red)"].find("polyline")
+        assert polyline is not None and len(polyline.attrs["points"].split()) >= 3, name
+        rx, tx = re.fullmatch(r"rx (.+?)\s*tx (.+)", row["Traffic"].words).groups()  # <br> between
+        if link["state"] == "established":  # traffic flows both ways: rates from counter deltas
+            assert re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", rx) and re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", tx), name
+    states = [lk["state"] for lk in doc["links"]]
+    assert states.count("established") == 2 and "established" != states[2]  # mobile lost its carrier
+    assert rows[2]["State"].find("small").words == doc["links"][2]["last_down_reason"]
+
+    totals = view.find("table", id="mpvpn-totals")
+    shown = {td.attrs["data-counter"]: td.words for td in totals.find_all("td") if "data-counter" in td.attrs}
+    for key in ("delivered", "duplicates", "deadline_releases", "reorder_flushes", "auth_failures"):
+        assert shown[key] == str(doc["counters"][key]), key
+    assert doc["counters"]["delivered"] > 0 and doc["counters"]["duplicates"] > 0
+
+    # Reconnect: pressed by the harness, reached the agent, acknowledged on the page
+    assert backend.reconnects == 1
+    assert ("orayboxvpn", "reconnect", {}) in server.calls and server.denied == []
+    notes = browser["dom"]["main"].find(id="maincontent").find_all("div", cls="alert-message")
+    assert any("Reconnect requested" in n.words for n in notes)
+
+
+def test_browser_screenshot_saved(browser):
+    shot = browser["screenshot"]
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert Path("/tmp/luci-status.png").read_bytes() == data
+    assert len(browser["backends"]["shot"].docs) >= 4
+
+
+def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser):
+    page = browser["dom"]["hostile"]
+    view = view_of(page)
+    assert page.find(id="injected") is None and view.find("img") is None and view.find("b") is None
+    assert page.find("title").words == "luci-app-mpvpn test harness"
+    assert EVIL in view.text  # shown as text
+    text = view.words
+    for word in ("undefined", "NaN", "null", "[object Object]"):
+        assert word not in text, word
+    head = header_rows(view)
+    assert "wrong PSK" in head["Last error"].words
+    assert head["Mode"].words == "future-mode"
+    rows = link_rows(view)
+    assert len(rows) == 2  # the null entry is skipped
+    assert rows[0]["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == EVIL
+    assert rows[1]["RTT"].words == "—" and rows[1]["Weight"].words == "—"
+    totals = view.find("table", id="mpvpn-totals")
+    auth = totals.find("td", data_counter="auth_failures")
+    assert auth.words == "3" and "bold" in auth.attrs.get("style", "")
+
+
+def test_browser_status_explains_an_agent_that_is_not_running(browser):
+    view = view_of(browser["dom"]["down"])
+    alert = view.find(id="mpvpn-alert")
+    assert "agent is not running" in alert.words and "/etc/init.d/orayboxvpn start" in alert.words
+    assert "at harness" not in alert.words  # the stack trace LuCI appends is not shown
+    table = view.find("table", id="mpvpn-links")
+    assert "not reachable" in table.find("tr", cls="placeholder").words
+    server = browser["servers"]["down"]
+    assert len([c for c in server.calls if c[1] == "status"]) >= 2  # it keeps polling
+
+
+# --- the harness itself -------------------------------------------------------------------------
+
+def test_harness_ubus_follows_the_acl_and_maps_agent_errors(tmp_path):
+    srv = harness_server.HarnessServer(harness_server.StaticBackend({"state": "connected"}))
+
+    def call(obj, method):
+        return srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
+                         "params": ["0" * 32, obj, method, {}]})
+
+    assert call("orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
+    assert call("orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
+    assert call("file", "exec")["error"]["code"] == -32002
+    srv.backend = harness_server.DownBackend()
+    assert call("orayboxvpn", "status")["error"] == {"code": -32000, "message": "Object not found"}
+    srv.close()
+
+
+def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
+    import socket
+    import threading
+
+    path = str(tmp_path / "orayboxvpn.sock")
+    backend = harness_server.SocketAgentBackend(path)
+    with pytest.raises(harness_server.ObjectNotFound):  # no agent
+        backend.call("orayboxvpn", "status", {})
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    seen = []
+
+    def agent():
+        for _ in range(2):
+            conn, _a = srv.accept()
+            with conn:
+                req = json.loads(conn.makefile().readline())
+                seen.append(req)
+                reply = ({"ok": True, "result": {"state": "connected"}} if req["method"] == "status"
+                         else {"ok": False, "error": "unknown method 'x'"})
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    t = threading.Thread(target=agent, daemon=True)
+    t.start()
+    assert backend.call("orayboxvpn", "status", {}) == {"state": "connected"}
+    with pytest.raises(harness_server.UbusStatus) as e:
+        backend.call("orayboxvpn", "x", {})
+    assert e.value.code == 3
+    t.join(5)
+    srv.close()
+    assert seen == [{"method": "status", "args": {}}, {"method": "x", "args": {}}]
