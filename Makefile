@@ -13,7 +13,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
-SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping
+SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping iperf3:iperf3
 
 .PHONY: all venv sysdeps test demo bench ipk test-openwrt clean
 
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	$(MAKE) sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,agent]'
 	touch $@
 
 venv: $(STAMP)
@@ -41,11 +41,20 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The main job: two sites, three carriers, the real agent, in network
+# namespaces on this machine (root).  Without root: the in-memory demo.
 demo: $(STAMP)
-	$(PY) -m mpvpn.demo
+	@if [ "$$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; then \
+	  $(PY) tests/labdemo.py; \
+	else \
+	  echo "(not root: network namespaces unavailable, running the in-memory SMPU demo)"; \
+	  $(PY) -m mpvpn.demo; \
+	fi
 
 bench: $(STAMP)
 	$(PY) bench/core.py
+	$(PY) bench/loss.py
+	$(PY) bench/agent.py
 
 ipk: $(STAMP)
 	$(PY) -m mpvpn.ipk --out dist
