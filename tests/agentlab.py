@@ -17,7 +17,7 @@ CARRIERS = ("telecom", "unicom", "mobile")
 
 
 def site_config(role: str, psk: str, idx: int, vnc: str, lan: str, carriers: int = 3,
-                extra_base: str = "") -> tuple[str, str]:
+                extra_base: str = "", v6_carriers=(), lan6: str | None = None) -> tuple[str, str]:
     """(orayboxvpn, network) UCI texts of one site, as in issue 4."""
     base = f"config base 'base'\n\toption role '{role}'\n"
     if role == "client":
@@ -27,9 +27,12 @@ def site_config(role: str, psk: str, idx: int, vnc: str, lan: str, carriers: int
     base += f"\toption psk '{psk}'\n{extra_base}"
     text = base + f"\nconfig vnc 'vnc'\n\toption ipaddr '{vnc}'\n\toption netmask '255.255.255.252'\n"
     for i, name in enumerate(CARRIERS[:carriers], start=1):
-        text += f"\nconfig smpu '{name}'\n\toption type '{name}'\n\toption bind_ip '10.{i}.0.{idx}'\n"
+        addr = f"fd00:{i:x}::{idx}" if i in v6_carriers else f"10.{i}.0.{idx}"
+        text += f"\nconfig smpu '{name}'\n\toption type '{name}'\n\toption bind_ip '{addr}'\n"
     network = ("config interface 'lan'\n\toption device 'br-lan'\n\toption proto 'static'\n"
                f"\toption ipaddr '{lan}'\n\toption netmask '255.255.255.0'\n")
+    if lan6:
+        network += f"\toption ip6addr '{lan6}'\n"
     return text, network
 
 
@@ -109,7 +112,7 @@ class TwoSites:
     """Site A (client, ra) and site B (server, rb) with a shared PSK."""
 
     def __init__(self, lab, psk: str | None = None, psk_b: str | None = None, carriers: int = 3,
-                 extra_base: str = ""):
+                 extra_base: str = "", v6_carriers=(), lan6: bool = False):
         from mpvpn.noise import genpsk
 
         self.lab = lab
@@ -118,9 +121,10 @@ class TwoSites:
         psk = psk or genpsk()
         self.a = Site(lab, lab.ra, work, "a")
         self.b = Site(lab, lab.rb, work, "b")
-        self.a.write(*site_config("client", psk, 1, "172.30.0.1", "192.168.10.1", carriers, extra_base))
+        self.a.write(*site_config("client", psk, 1, "172.30.0.1", "192.168.10.1", carriers, extra_base,
+                                  v6_carriers, "fd10::1/64" if lan6 else None))
         self.b.write(*site_config("server", psk_b or psk, 2, "172.30.0.2", "192.168.20.1", carriers,
-                                  extra_base))
+                                  extra_base, v6_carriers, "fd20::1/64" if lan6 else None))
 
     def start(self, wait: bool = True, subflows: int = 3) -> None:
         self.b.start()

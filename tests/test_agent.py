@@ -157,3 +157,25 @@ def test_status_command_prints_a_readable_summary(sites):
     ts.a.stop()
     r = subprocess.run([sys.executable, *env_py], capture_output=True, text=True, timeout=10)
     assert r.returncode == 3 and "not running" in r.stderr
+
+
+def test_ipv6_inner_packets_and_an_ipv6_carrier(make_lab):
+    lab = make_lab(carriers=3, ipv6=True)
+    for ns, host, addr, gw in ((lab.ra, None, "fd10::1/64", None), (lab.ha, True, "fd10::2/64", "fd10::1"),
+                               (lab.rb, None, "fd20::1/64", None), (lab.hb, True, "fd20::2/64", "fd20::1")):
+        lab.run(ns, ["ip", "-6", "addr", "add", addr, "dev", "lan", "nodad"])
+        if host:
+            lab.run(ns, ["ip", "-6", "route", "add", "default", "via", gw])
+    with TwoSites(lab, v6_carriers=(3,), lan6=True) as ts:  # mobile pairs over IPv6 uplinks
+        ts.start()
+        st = ts.a.status()
+        mobile = links_by_type(st)["mobile"]
+        assert mobile["local"].startswith("fd00:3::1") and mobile["state"] == "established"
+        assert "fd20::/64" in st["routes"]
+        p = lab.ping(lab.ha, "fd20::2", count=10, interval=0.02)
+        assert p.received == 10  # IPv6 inside the tunnel
+        assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.02).received == 5
+        lab.link_down(1)
+        lab.link_down(2)  # only the IPv6 carrier is left
+        ts.a.wait(lambda s: sum(ln["state"] == "established" for ln in s["links"]) == 1, 6, "v6 only")
+        assert lab.ping(lab.ha, "fd20::2", count=10, interval=0.02).received == 10
