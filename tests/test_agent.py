@@ -179,3 +179,34 @@ def test_ipv6_inner_packets_and_an_ipv6_carrier(make_lab):
         lab.link_down(2)  # only the IPv6 carrier is left
         ts.a.wait(lambda s: sum(ln["state"] == "established" for ln in s["links"]) == 1, 6, "v6 only")
         assert lab.ping(lab.ha, "fd20::2", count=10, interval=0.02).received == 10
+
+
+def test_sighup_applies_live_options_in_place_and_restarts_for_the_rest(sites):
+    import signal
+
+    lab, ts = sites
+    ts.start()
+    sid = ts.a.status()["session_id"]
+    conf = ts.a.uci_dir / "orayboxvpn"
+    text = conf.read_text()
+    # live: keepalive tuning; the tunnel and its session stay
+    conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\toption keepalive_idle '0.5'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    ts.a.wait(lambda s: "live options applied" in ts.a.log(), 5, "reload logged")
+    st = ts.a.status()
+    assert st["session_id"] == sid and st["state"] == "connected"
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+    # disruptive: a new LAN subnet must reach the peer, so the session restarts
+    conf.write_text(conf.read_text().replace("config base 'base'\n",
+                                             "config base 'base'\n\tlist lan_subnet '10.99.0.0/24'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    ts.b.wait(lambda s: "10.99.0.0/24" in s["routes"] and s["state"] == "connected", 20, "new route on B")
+    st = ts.a.wait_connected()
+    assert st["session_id"] != sid
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+    # a broken config is refused and the running tunnel kept
+    conf.write_text(conf.read_text().replace("option role 'client'", "option role 'nonsense'"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    st = ts.a.wait(lambda s: s["last_error"] and "reload refused" in s["last_error"], 5, "refusal")
+    assert st["state"] == "connected"
+    assert "Traceback" not in ts.a.log()
