@@ -130,8 +130,10 @@ def test_wrong_psk_gives_no_tunnel_and_says_why(make_lab):
                        "a PSK error")
         assert st["state"] == "connecting" and st["session_id"] is None
         assert not lab.reachable(lab.ha, "192.168.20.2")
-        sb = ts.b.status()
+        sb = ts.b.wait(lambda s: s["control"]["closed_by_reason"].get("bad_psk", 0) >= 1, 10,
+                       "server counts the bad PSK")
         assert sb["sessions"] == [] and sb["state"] == "connecting"
+        assert "rejected a connection" in ts.b.log()
         for site in (ts.a, ts.b):
             assert "Traceback" not in site.log()
 

@@ -143,6 +143,7 @@ class Agent:
         self.state = "connecting"
         self.state_since = self.started
         self.last_error: str | None = None
+        self.control_counters: dict[str, int] = {}  # rejected/closed control connections by reason
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0}
@@ -782,8 +783,13 @@ class Agent:
                 for sid in [sid for sid, ds in self.sessions.items() if ds.conn is c.conn]:
                     self._drop_session(sid, reason, keep_routes=True)
         else:
+            who = c.addr[0] if c.addr else "?"
+            word = reason.split(" ", 1)[0]
+            self.control_counters[word] = self.control_counters.get(word, 0) + 1
             if c.conn is not None and getattr(c.conn, "session_id", None):
-                log.info("control connection from %s closed: %s", c.addr[0] if c.addr else "?", reason)
+                log.info("control connection from %s closed: %s", who, reason)
+            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout"):
+                log.warning("control: rejected a connection from %s: %s", who, word)
 
     def _registry_events(self, now: float) -> None:
         ev = self.registry.next_event()
@@ -948,12 +954,19 @@ class Agent:
             totals[k] = totals.get(k, 0) + v
         first = sessions[0] if sessions else None
         v = self.cfg.vnc
-        ctl = None
-        for c in self.controls:
-            if c.conn is not None:
-                ctl = {"state": c.conn.state.value, "peer": f"{c.addr[0]}:{c.addr[1]}" if c.addr else None,
-                       "epoch": getattr(c.conn, "epoch", None)}
-                break
+        if self.role == "server":
+            ctl = {"state": "listening", "listen": str(self.cfg.base.listen_address),
+                   "connections": sum(1 for c in self.controls if c.conn is not None),
+                   "closed_by_reason": dict(self.control_counters),
+                   "registry": dict(self.registry.counters) if self.registry is not None else {}}
+        else:
+            ctl = {"state": "connecting", "server": None, "epoch": None}
+            for c in self.controls:
+                if c.conn is not None:
+                    ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",
+                           "epoch": getattr(c.conn, "epoch", None),
+                           "counters": dict(getattr(c.conn, "counters", {}))}
+                    break
         return {
             "version": __version__,
             "state": self.state,
