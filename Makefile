@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,agent]'
+	@# atheris (coverage-guided fuzzing, tests/fuzz) has wheels for common Linux
+	@# Pythons; without one the fuzz run is skipped with a printed reason.
+	$(PY) -m pip install -q atheris || echo "atheris unavailable: the fuzz run will be skipped"
 	touch $@
 
 venv: $(STAMP)

@@ -98,7 +98,11 @@ def test_app_layout_and_makefile():
     assert re.search(r"^LUCI_DEPENDS:=\+luci-base \+orayboxvpn$", mk, re.M)
     assert re.search(r"^LUCI_PKGARCH:=all$", mk, re.M)
     assert re.search(r"^PKG_LICENSE:=\S", mk, re.M)
-    assert re.search(r"^include \.\./\.\./luci\.mk$", mk, re.M)
+    # part of this repository's feed (package/luci-app-mpvpn -> ../luci-app-mpvpn), so luci.mk
+    # comes from the installed luci feed, as third-party LuCI apps do
+    assert re.search(r"^include \$\(TOPDIR\)/feeds/luci/luci\.mk$", mk, re.M)
+    link = APP.parent / "package" / "luci-app-mpvpn"
+    assert link.is_symlink() and link.resolve() == APP.resolve()
     assert mk.rstrip().endswith("# call BuildPackage - OpenWrt buildroot signature")
 
 

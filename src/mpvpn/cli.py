@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_status)
     g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
     g.set_defaults(func=_cmd_genpsk)
-    from mpvpn import check
+    from mpvpn import check, pair
 
     check.register(sub)
+    pair.register(sub)
     return p
 
 

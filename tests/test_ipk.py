@@ -1,0 +1,373 @@
+"""``make ipk`` (mpvpn.ipk): OpenWrt's ipk format, checked member by member.
+
+The expected values are written out here from OpenWrt's scripts/ipkg-build and
+include/package-pack.mk; where GNU tar is installed the three tar streams are
+also compared byte for byte with what ``tar --format=gnu --numeric-owner
+--sort=name --mtime=@EPOCH`` (ipkg-build's command) makes of the same tree.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mpvpn import __version__, ipk
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCH = 1700000000
+SITE = "usr/lib/python3.11/site-packages/mpvpn"
+
+POSTINST = """#!/bin/sh
+[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0
+[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
+. ${IPKG_INSTROOT}/lib/functions.sh
+default_postinst $0 $@
+"""
+PRERM = """#!/bin/sh
+[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
+. ${IPKG_INSTROOT}/lib/functions.sh
+default_prerm $0 $@
+"""
+DEPENDS = "libc, python3-light, python3-logging, python3-cryptography, python3-pyroute2, python3-pytun, python3-ubus, kmod-tun"
+
+
+def _gnu_tar_ok() -> bool:
+    tar = shutil.which("tar")
+    if not tar:
+        return False
+    r = subprocess.run([tar, "--version"], capture_output=True, text=True)
+    return "GNU tar" in r.stdout and subprocess.run(
+        [tar, "--sort=name", "--format=gnu", "-cf", "/dev/null", "--files-from=/dev/null"],
+        capture_output=True).returncode == 0
+
+
+GNU_TAR = _gnu_tar_ok()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    paths = ipk.build(out, ROOT, EPOCH)
+    return {p.name: p for p in paths}
+
+
+def open_ipk(path: Path) -> dict:
+    raw = path.read_bytes()
+    assert raw[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03", "gzip -n header (no name, time 0, Unix)"
+    outer = gzip.decompress(raw)
+    assert len(outer) % 10240 == 0
+    with tarfile.open(fileobj=io.BytesIO(outer), format=tarfile.GNU_FORMAT) as t:
+        members = t.getmembers()
+        assert [m.name for m in members] == ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]
+        for m in members:
+            assert (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.mtime) == \
+                (tarfile.REGTYPE, 0o644, 0, 0, "", "", EPOCH), m.name
+        blobs = {m.name: t.extractfile(m).read() for m in members}
+    assert blobs["./debian-binary"] == b"2.0\n"
+    res = {"outer": outer, "data_gz": blobs["./data.tar.gz"], "control_gz": blobs["./control.tar.gz"]}
+    for key in ("data", "control"):
+        gz = res[f"{key}_gz"]
+        assert gz[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
+        res[key] = gzip.decompress(gz)
+        with tarfile.open(fileobj=io.BytesIO(res[key])) as t:
+            res[f"{key}_members"] = {}
+            res[f"{key}_order"] = []
+            for m in t.getmembers():
+                assert (m.uid, m.gid, m.uname, m.gname, m.mtime) == (0, 0, "", "", EPOCH), m.name
+                name = m.name + "/" if m.isdir() else m.name  # tarfile drops a directory's "/"
+                res[f"{key}_order"].append(name)
+                res[f"{key}_members"][name] = (
+                    m.mode, None if m.isdir() else t.extractfile(m).read())
+                assert m.isdir() or m.isreg(), m.name
+    return res
+
+
+def test_file_names(built):
+    assert set(built) == {f"orayboxvpn_{__version__}_all.ipk", f"luci-app-mpvpn_{__version__}_all.ipk"}
+
+
+def _expected_core_data() -> dict:
+    """Every member of the orayboxvpn data.tar.gz: name -> (mode, content)."""
+    files = {
+        "etc/config/orayboxvpn": 0o600,  # INSTALL_CONF: it holds the psk
+        "etc/init.d/orayboxvpn": 0o755,
+        "etc/hotplug.d/iface/40-orayboxvpn": 0o644,
+        "usr/bin/mpvpn": 0o755,
+    }
+    # every file shipped under files/ is installed
+    shipped = {str(p.relative_to(ROOT / "files")) for p in (ROOT / "files").rglob("*") if p.is_file()}
+    assert shipped == set(files), "a file under files/ is not installed by the package (or vice versa)"
+    out = {f"./{k}": (v, (ROOT / "files" / k).read_bytes()) for k, v in files.items()}
+    src = ROOT / "src" / "mpvpn"
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+            out[f"./{SITE}/{p.relative_to(src)}"] = (0o644, p.read_bytes())
+    dirs = {"./"}
+    for name in list(out):
+        parts = name[2:].split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("./" + "/".join(parts[:i]) + "/")
+    for d in dirs:
+        out[d] = (0o755, None)
+    return out
+
+
+def test_core_data_members(built):
+    res = open_ipk(built[f"orayboxvpn_{__version__}_all.ipk"])
+    members = res["data_members"]
+    assert members == _expected_core_data()
+    assert f"./{SITE}/templates/orayboxvpn.j2" in members
+    assert f"./{SITE}/agent.py" in members or not (ROOT / "src/mpvpn/agent.py").exists()
+    assert not any("__pycache__" in n or "/tests/" in n or n.endswith(".pyc") for n in members)
+    # GNU tar --sort=name order: each directory, then its entries by name
+    order = res["data_order"]
+    assert order[0] == "./"
+    for i, name in enumerate(order[1:], 1):
+        parent = name.rstrip("/").rsplit("/", 1)[0] + "/"
+        assert parent in order[:i], f"{name} before its directory"
+
+
+def test_core_control(built):
+    res = open_ipk(built[f"orayboxvpn_{__version__}_all.ipk"])
+    c = res["control_members"]
+    assert res["control_order"] == ["./", "./conffiles", "./control", "./postinst", "./prerm"]
+    assert c["./"] == (0o755, None)
+    assert c["./postinst"] == (0o755, POSTINST.encode())
+    assert c["./prerm"] == (0o755, PRERM.encode())
+    assert c["./conffiles"] == (0o644, b"/etc/config/orayboxvpn\n")
+    mode, control = c["./control"]
+    assert mode == 0o644
+    assert control.decode() == (
+        "Package: orayboxvpn\n"
+        f"Version: {__version__}\n"
+        f"Depends: {DEPENDS}\n"
+        "Source: feeds/orayboxvpn/orayboxvpn\n"
+        "SourceName: orayboxvpn\n"
+        "License: GPL-2.0-only\n"
+        "Section: net\n"
+        f"SourceDateEpoch: {EPOCH}\n"
+        "Architecture: all\n"
+        f"Installed-Size: {len(res['data'])}\n"
+        "Description:  The mpvpn agent joins two router sites through a tun vNIC and sends every\n"
+        " packet over every carrier-matched pair of uplinks (telecom, unicom,\n"
+        " mobile, ...) as SMPU subflows, so a packet is lost only if every carrier\n"
+        " loses it. Configured in /etc/config/orayboxvpn; run by procd.\n"
+    )
+
+
+def test_control_fields_follow_the_makefile(built):
+    """Version and Depends come from package/orayboxvpn/Makefile."""
+    mk = ipk.parse_makefile(ROOT / "package/orayboxvpn/Makefile")
+    deps = mk.package_fields("orayboxvpn")["DEPENDS"].split()
+    assert ", ".join(["libc"] + [d.lstrip("+") for d in deps]) == DEPENDS
+    assert mk.var("PKG_VERSION") == __version__
+
+
+def test_luci_package(built):
+    res = open_ipk(built[f"luci-app-mpvpn_{__version__}_all.ipk"])
+    fields = dict(line.split(": ", 1) for line in
+                  res["control_members"]["./control"][1].decode().split("\n") if ": " in line)
+    assert fields["Package"] == "luci-app-mpvpn"
+    assert fields["Version"] == __version__
+    assert [d.strip() for d in fields["Depends"].split(",")][:1] == ["libc"]
+    assert {"luci-base", "orayboxvpn"} <= {d.strip() for d in fields["Depends"].split(",")}
+    assert fields["Section"] == "luci"
+    assert fields["Architecture"] == "all"
+    assert fields["Installed-Size"] == str(len(res["data"]))
+    # htdocs/* -> /www, root/* -> /
+    expect = {}
+    luci = ROOT / "luci-app-mpvpn"
+    for sub, dest in (("htdocs", "www"), ("root", "")):
+        base = luci / sub
+        if base.is_dir():
+            for p in base.rglob("*"):
+                if p.is_file() and not p.relative_to(base).parts[0].startswith("."):
+                    name = "./" + "/".join(x for x in (dest, str(p.relative_to(base))) if x)
+                    expect[name] = (0o755 if os.stat(p).st_mode & 0o111 else 0o644, p.read_bytes())
+    files = {k: v for k, v in res["data_members"].items() if v[1] is not None}
+    assert files == expect
+    assert res["control_members"]["./postinst-pkg"][0] == 0o755
+    assert "./conffiles" not in res["control_members"]
+
+
+def test_luci_mapping_and_postinst(tmp_path):
+    luci = tmp_path / "luci-app-mpvpn"
+    (luci / "htdocs/luci-static/resources/view/mpvpn").mkdir(parents=True)
+    (luci / "htdocs/luci-static/resources/view/mpvpn/status.js").write_text("'use strict';\n")
+    (luci / "root/etc/uci-defaults").mkdir(parents=True)
+    (luci / "root/etc/uci-defaults/80_mpvpn").write_text("exit 0\n")
+    (luci / "root/usr/share/rpcd/acl.d").mkdir(parents=True)
+    (luci / "root/usr/share/rpcd/acl.d/luci-app-mpvpn.json").write_text("{}\n")
+    (luci / "root/.keep").write_text("")
+    (luci / "root/usr/share/rpcd/acl.d/old.json~").write_text("")
+    pkg = ipk.luci_package(ROOT, "9.9", luci_dir=luci)
+    assert set(pkg.files) == {
+        "www/luci-static/resources/view/mpvpn/status.js",
+        "etc/uci-defaults/80_mpvpn",
+        "usr/share/rpcd/acl.d/luci-app-mpvpn.json",
+    }
+    assert pkg.version == "9.9" and pkg.depends == ["libc", "luci-base", "orayboxvpn"]
+    assert pkg.description == "LuCI luci-app-mpvpn app"
+    # luci.mk's default postinst, run by default_postinst as postinst-pkg
+    assert pkg.postinst_pkg == (
+        '[ -n "${IPKG_INSTROOT}" ] || {\n'
+        "\t(. /etc/uci-defaults/80_mpvpn) && rm -f /etc/uci-defaults/80_mpvpn\n"
+        "\trm -f /tmp/luci-indexcache\n"
+        "\trm -rf /tmp/luci-modulecache/\n"
+        "\tkillall -HUP rpcd 2>/dev/null\n"
+        "\texit 0\n"
+        "}"
+    )
+    path = ipk.build_ipk(pkg, tmp_path / "out", EPOCH)
+    assert path.name == "luci-app-mpvpn_9.9_all.ipk"
+    res = open_ipk(path)
+    assert res["control_order"] == ["./", "./control", "./postinst", "./postinst-pkg", "./prerm"]
+    assert res["control_members"]["./postinst-pkg"] == (0o755, (pkg.postinst_pkg + "\n").encode())
+
+
+def test_nearly_empty_luci_dir(tmp_path):
+    (tmp_path / "luci-app-mpvpn").mkdir()
+    pkg = ipk.luci_package(ROOT, "1.0", luci_dir=tmp_path / "luci-app-mpvpn")
+    res = open_ipk(ipk.build_ipk(pkg, tmp_path, EPOCH))
+    assert res["data_members"] == {"./": (0o755, None)}
+
+
+def test_reproducible_and_epoch(tmp_path, monkeypatch):
+    a = ipk.build(tmp_path / "a", ROOT, EPOCH)
+    b = ipk.build(tmp_path / "b", ROOT, EPOCH)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(EPOCH + 60))
+    monkeypatch.delenv("PKG_SOURCE_DATE_EPOCH", raising=False)
+    assert ipk.main(["--out", str(tmp_path / "c"), "--root", str(ROOT)]) == 0
+    c = tmp_path / "c" / a[0].name
+    with tarfile.open(c) as t:
+        assert {m.mtime for m in t.getmembers()} == {EPOCH + 60}
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert ipk.source_date_epoch(ROOT) > 0  # git or file times
+
+
+def test_main_reports_bad_epoch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    assert ipk.main(["--out", str(tmp_path), "--root", str(ROOT)]) == 1
+    assert "SOURCE_DATE_EPOCH" in capsys.readouterr().err
+
+
+# --- byte for byte against GNU tar -------------------------------------------------
+
+def _stage(files: dict, where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    for name, (mode, data) in files.items():
+        if data is None:
+            continue
+        p = where / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chmod(p, mode)
+    for dirpath, _, _ in os.walk(where):
+        os.chmod(dirpath, 0o755)
+
+
+def _gnu(cwd: Path, *names: str) -> bytes:
+    return subprocess.run(
+        ["tar", "--format=gnu", "--numeric-owner", "--owner=0", "--group=0", "--sort=name",
+         "-cf", "-", f"--mtime=@{EPOCH}", *names],
+        cwd=cwd, capture_output=True, check=True).stdout
+
+
+@pytest.mark.skipif(not GNU_TAR, reason="GNU tar with --sort=name not installed")
+@pytest.mark.parametrize("name", [f"orayboxvpn_{__version__}_all.ipk", f"luci-app-mpvpn_{__version__}_all.ipk"])
+def test_same_bytes_as_gnu_tar(built, tmp_path, name):
+    res = open_ipk(built[name])
+    for key in ("data", "control"):
+        files = {n[2:]: v for n, v in res[f"{key}_members"].items() if v[1] is not None}
+        _stage(files, tmp_path / key)
+        assert _gnu(tmp_path / key, ".") == res[key], f"{key}.tar differs from GNU tar's"
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    (outer / "debian-binary").write_bytes(b"2.0\n")
+    (outer / "data.tar.gz").write_bytes(res["data_gz"])
+    (outer / "control.tar.gz").write_bytes(res["control_gz"])
+    for f in outer.iterdir():
+        os.chmod(f, 0o644)
+    assert _gnu(outer, "./debian-binary", "./data.tar.gz", "./control.tar.gz") == res["outer"]
+
+
+@pytest.mark.skipif(not GNU_TAR, reason="GNU tar with --sort=name not installed")
+def test_long_names_as_gnu_tar(tmp_path):
+    long_dir = "d" * 70
+    files = {f"{long_dir}/{long_dir}/file.txt": (0o644, b"hi\n"), "a": (0o755, b"#!/bin/sh\n"),
+             "B/c": (0o600, b"")}
+    _stage(files, tmp_path / "t")
+    assert _gnu(tmp_path / "t", ".") == ipk.gnu_tar(ipk.tree(files), EPOCH)
+
+
+def test_gzip_n_roundtrip():
+    data = os.urandom(1000) + b"x" * 100000
+    gz = ipk.gzip_n(data)
+    assert gz[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
+    assert gzip.decompress(gz) == data
+    if shutil.which("gzip"):
+        assert subprocess.run(["gzip", "-dc"], input=gz, capture_output=True, check=True).stdout == data
+
+
+# --- a real OpenWrt root file system -------------------------------------------------
+
+def _docker_reason() -> str | None:
+    docker = shutil.which("docker")
+    if not docker:
+        return "docker is not installed"
+    if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode != 0:
+        return "no Docker engine is running"
+    return None
+
+
+OPENWRT_SCRIPT = r"""
+set -e
+mkdir -p /var/lock /var/run
+opkg update >/dev/null
+opkg install python3-light python3-logging python3-cryptography python3-pyroute2 python3-ubus kmod-tun >/dev/null || true
+opkg install --force-depends /pkgs/orayboxvpn_*_all.ipk /pkgs/luci-app-mpvpn_*_all.ipk
+test "$(stat -c %a /etc/config/orayboxvpn)" = 600
+uci set orayboxvpn.base.role='server'
+uci set orayboxvpn.base.listen_address='0.0.0.0:7000'
+uci set orayboxvpn.base.psk="$(mpvpn genpsk)"
+uci set orayboxvpn.vnc.ipaddr='172.30.0.2'
+uci set orayboxvpn.telecom.bind_ip='127.0.0.1'
+uci set orayboxvpn.base.enabled='1'
+uci commit orayboxvpn
+mpvpn check || true
+/etc/init.d/orayboxvpn restart
+sleep 5
+ubus call service list '{"name":"orayboxvpn"}'
+ubus call orayboxvpn status
+"""
+
+
+def test_openwrt_rootfs_in_docker(built):
+    """make test-openwrt: install both packages into the official OpenWrt
+    rootfs image, configure, start, ask ubus for the status."""
+    reason = _docker_reason()
+    if reason:
+        sys.stderr.write(f"\nOpenWrt rootfs test skipped: {reason}\n")
+        pytest.skip(f"OpenWrt rootfs test: {reason}")
+    image = os.environ.get("OPENWRT_ROOTFS_IMAGE", "openwrt/rootfs:x86-64-24.10.0")
+    pkgs = next(iter(built.values())).parent
+    name = f"mpvpn-openwrt-test-{os.getpid()}"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--cap-add", "NET_ADMIN",
+                    "--device", "/dev/net/tun", "-v", f"{pkgs}:/pkgs:ro", image, "/sbin/init"],
+                   check=True, capture_output=True, timeout=600)
+    try:
+        r = subprocess.run(["docker", "exec", name, "/bin/sh", "-c", OPENWRT_SCRIPT],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert '"state"' in r.stdout
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
