@@ -212,3 +212,23 @@ def test_sighup_applies_live_options_in_place_and_restarts_for_the_rest(sites):
     st = ts.a.wait(lambda s: s["last_error"] and "reload refused" in s["last_error"], 5, "refusal")
     assert st["state"] == "connected"
     assert "Traceback" not in ts.a.log()
+
+
+def test_rekey_under_traffic_loses_nothing(make_lab):
+    lab = make_lab(carriers=3)
+    with TwoSites(lab, extra_base="\toption rekey_interval '1.5'\n") as ts:
+        ts.start()
+        epoch0 = ts.a.status()["sessions"][0]["epoch"]
+        sink = lab.python_popen(lab.hb, UDP_SINK, "192.168.20.2", "6000", "3",
+                                stdout=subprocess.PIPE, text=True)
+        assert sink.stdout.readline().strip() == "ready"
+        count, rate = 3000, 500.0  # 6 s: several rekeys while packets flow
+        lab.python(lab.ha, UDP_SOURCE, "192.168.20.2", "6000", str(count), str(rate), timeout=30)
+        out, _ = sink.communicate(timeout=20)
+        got, dups, last = map(int, out.split())
+        assert (got, dups) == (count, 0)
+        st_a, st_b = ts.a.status(), ts.b.status()
+        epoch_a, epoch_b = st_a["sessions"][0]["epoch"], st_b["sessions"][0]["epoch"]
+        assert epoch_a >= epoch0 + 2 and abs(epoch_a - epoch_b) <= 1  # keys really changed
+        assert st_a["session_id"] == st_b["session_id"]  # same session throughout
+        assert st_b["counters"]["auth_failures"] == 0

@@ -170,6 +170,7 @@ class Agent:
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
             lans=tuple(str(n) for n in c.lan.subnets), mode=c.base.mode,
+            rekey_interval=c.base.rekey_interval,
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
         )
 

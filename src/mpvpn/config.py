@@ -140,6 +140,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Longest wait of a packet in the reorder buffer for a missing predecessor "
             "(0 to 10000).",
         ),
+        "rekey_interval": Option(
+            "seconds", "120",
+            "New data-plane keys from a fresh handshake (forward secrecy) this often; "
+            "traffic is not interrupted (1 to 86400).",
+        ),
         "reorder_capacity": Option(
             "packets", "1024",
             "Reorder buffer size; when it is full everything in it is delivered "
@@ -286,6 +291,7 @@ class Base:
     keepalive_active: float = 0.1
     dead_after: int = 3
     hold_max_ms: int = 200
+    rekey_interval: float = 120.0
     reorder_capacity: int = 1024
     mtu: int = 1400
     log_level: str = "info"
@@ -628,6 +634,9 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     if b["dead_after"] == 1:
         chk.warn(sec.path("dead_after"), "1: a single lost keepalive takes a subflow down")
     b["hold_max_ms"] = sec.parsed("hold_max_ms", lambda s: _parse_int(s, 0, 10000, "ms"), _default("hold_max_ms", int))
+    b["rekey_interval"] = sec.parsed(
+        "rekey_interval", lambda s: _parse_float(s, 1, 86400, "seconds"), _default("rekey_interval", float)
+    )
     b["reorder_capacity"] = sec.parsed(
         "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
     )
@@ -1016,6 +1025,7 @@ def validate(
         keepalive_active=b["keepalive_active"],
         dead_after=b["dead_after"],
         hold_max_ms=b["hold_max_ms"],
+        rekey_interval=b["rekey_interval"],
         reorder_capacity=b["reorder_capacity"],
         mtu=b["mtu"],
         log_level=b["log_level"],

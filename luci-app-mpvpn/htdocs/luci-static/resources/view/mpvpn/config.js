@@ -221,6 +221,11 @@ return view.extend({
 		o.datatype = 'and(uinteger,range(0,10000))';
 		o.placeholder = '200';
 
+		o = s.taboption('advanced', form.Value, 'rekey_interval', _('Rekey interval (s)'),
+			_('New data keys from a fresh handshake (forward secrecy) this often; traffic is not interrupted (1 to 86400 seconds).'));
+		o.datatype = 'and(ufloat,range(1,86400))';
+		o.placeholder = '120';
+
 		o = s.taboption('advanced', form.Value, 'reorder_capacity', _('Reorder buffer size (packets)'),
 			_('When the buffer is full everything in it is delivered (16 to 65536).'));
 		o.datatype = 'and(uinteger,range(16,65536))';
