@@ -232,3 +232,45 @@ def test_rekey_under_traffic_loses_nothing(make_lab):
         assert epoch_a >= epoch0 + 2 and abs(epoch_a - epoch_b) <= 1  # keys really changed
         assert st_a["session_id"] == st_b["session_id"]  # same session throughout
         assert st_b["counters"]["auth_failures"] == 0
+
+
+def test_server_routes_each_packet_to_the_site_that_owns_its_destination(tmp_path):
+    """Hub and spoke: one tun, several client sites; the longest prefix wins."""
+    from agentlab import site_config
+    from mpvpn import config as cfgmod
+    from mpvpn.agent import Agent, DataSession
+    from mpvpn.control import PeerInfo, Vnc
+    from mpvpn.noise import genpsk
+
+    text, net = site_config("server", genpsk(), 2, "172.30.0.2", "192.168.20.1")
+    (tmp_path / "orayboxvpn").write_text(text.replace("255.255.255.252", "255.255.255.0"))
+    (tmp_path / "network").write_text(net)
+    cfg, problems = cfgmod.load_config(str(tmp_path))
+    assert cfg is not None, problems
+    agent = Agent(cfg, uci_dir=str(tmp_path), run_dir=str(tmp_path / "run"))
+
+    def site(sid, name, vnc_ip, lans):
+        ds = DataSession(sess=type("S", (), {"session_id": sid})(),
+                         peer=PeerInfo(name, (), Vnc(vnc_ip, "255.255.255.0"), tuple(lans)))
+        ds.routes = list(lans)
+        agent.sessions[sid] = ds
+        return ds
+
+    a = site(1, "site-a", "172.30.0.1", ["192.168.10.0/24", "fd10::/64"])
+    c = site(3, "site-c", "172.30.0.3", ["192.168.30.0/24", "192.168.10.128/25"])
+    agent._rebuild_route_table()
+
+    def v4(dst):
+        return bytes([0x45]) + bytes(15) + bytes(int(x) for x in dst.split(".")) + bytes(20)
+
+    def v6(dst):
+        import ipaddress
+        return bytes([0x60]) + bytes(23) + ipaddress.ip_address(dst).packed + bytes(8)
+
+    assert agent._route(v4("192.168.10.7")) is a
+    assert agent._route(v4("192.168.10.200")) is c  # more specific prefix of site C
+    assert agent._route(v4("192.168.30.1")) is c
+    assert agent._route(v4("172.30.0.3")) is c  # the peer's vNIC address
+    assert agent._route(v6("fd10::5")) is a
+    assert agent._route(v4("8.8.8.8")) is None and agent._route(v6("ff02::2")) is None
+    assert agent._route(b"") is None and agent._route(b"\x45\x00") is None
