@@ -51,9 +51,9 @@ class Site:
         (self.uci_dir / "orayboxvpn").write_text(orayboxvpn)
         (self.uci_dir / "network").write_text(network)
 
-    def start(self) -> None:
+    def start(self, env_extra: dict | None = None) -> None:
         self.logf = open(self.log_path, "a")
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env_extra or {}))
         self.proc = self.lab.popen(self.ns, [PYTHON, "-m", "mpvpn", "run", "--uci-dir", str(self.uci_dir),
                                              "--run-dir", str(self.run_dir)],
                                    stdout=self.logf, stderr=subprocess.STDOUT, env=env)

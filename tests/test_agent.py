@@ -274,3 +274,54 @@ def test_server_routes_each_packet_to_the_site_that_owns_its_destination(tmp_pat
     assert agent._route(v6("fd10::5")) is a
     assert agent._route(v4("8.8.8.8")) is None and agent._route(v6("ff02::2")) is None
     assert agent._route(b"") is None and agent._route(b"\x45\x00") is None
+
+
+FAKE_UBUS = """#!/bin/sh
+# stands in for OpenWrt's ubus CLI: `ubus call network.interface.<name> status`
+name="${2#network.interface.}"
+f="$FAKE_UBUS_DIR/$name.json"
+[ "$1" = call ] && [ "$3" = status ] && [ -f "$f" ] || { echo "Command failed: Not found" >&2; exit 4; }
+cat "$f"
+"""
+
+
+def test_uplink_given_by_interface_follows_its_address(sites, tmp_path):
+    import json
+    import os
+    import signal
+
+    lab, ts = sites
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ubus").write_text(FAKE_UBUS)
+    (bindir / "ubus").chmod(0o755)
+
+    def netifd_says(addr):
+        (tmp_path / "wan1.json").write_text(json.dumps(
+            {"up": True, "l3_device": "c1", "ipv4-address": [{"address": addr, "mask": 24}]}))
+
+    netifd_says("10.1.0.1")
+    conf = ts.a.uci_dir / "orayboxvpn"
+    conf.write_text(conf.read_text().replace("\toption bind_ip '10.1.0.1'\n", "\toption interface 'wan1'\n"))
+    ts.b.start()
+    ts.b.wait(lambda s: True, 10, "server up")
+    ts.a.start(env_extra={"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_UBUS_DIR": str(tmp_path)})
+    st = ts.a.wait_connected()
+    assert {u["name"]: u["bind_ip"] for u in st["uplinks"]}["telecom"] == "10.1.0.1"
+    # the DHCP lease changes: netifd has a new address, hotplug sends SIGHUP
+    lab.run(lab.ra, ["ip", "addr", "add", "10.1.0.11/24", "dev", "c1"])
+    netifd_says("10.1.0.11")
+    ts.a.proc.send_signal(signal.SIGHUP)
+    st = ts.a.wait(lambda s: any(ln["type"] == "telecom" and ln["local"].startswith("10.1.0.11:")
+                                 and ln["state"] == "established" for ln in s["links"]), 15,
+                   "telecom re-planned on its new address")
+    sb = ts.b.status()
+    assert any(ln["type"] == "telecom" and ln["remote"].startswith("10.1.0.11:") for ln in sb["links"])
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+    # the interface goes down: the uplink waits, the peer drops that subflow
+    (tmp_path / "wan1.json").write_text(json.dumps({"up": False, "l3_device": "c1"}))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    st = ts.a.wait(lambda s: {u["name"]: u["state"] for u in s["uplinks"]}["telecom"] == "waiting"
+                   and not any(ln["type"] == "telecom" for ln in s["links"]), 10, "telecom withdrawn")
+    assert "is down" in {u["name"]: u["error"] for u in st["uplinks"]}["telecom"]
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5

@@ -256,3 +256,18 @@ def test_config_validation():
         SubflowConfig(dead_after=0).validate()
     with pytest.raises(ValueError):
         SessionConfig(send_buffer=1000).validate()
+
+
+def test_reopen_after_an_endpoint_moved_runs_the_handshake_again():
+    pair = SimPair(2, delay=0.005)
+    assert pair.handshake()
+    sub = pair.a.subflows[1]
+    sub.open(pair.now)  # the uplink got a new address
+    assert sub.state is State.CONNECT_SENT
+    assert pair.a.connected  # the other subflow carries on
+    pair.run(0.2)
+    assert sub.established and pair.b.subflows[1].established
+    downs = [ev for _, ev in pair.events["a"] if isinstance(ev, SubflowDown)]
+    assert [(d.member, d.reason) for d in downs] == [(1, "endpoint changed")]
+    with pytest.raises(RuntimeError):
+        pair.b.subflows[1].open(pair.now)  # responders never open

@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, pairing, rpc
+from mpvpn import __version__, control, ifaddr, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.seal import Sealer
@@ -60,6 +60,8 @@ class UplinkIO:
     retry_at: float = 0.0
     tx_errors: int = 0
     rx_datagrams: int = 0
+    resolved: str | None = None  # address of an uplink given by OpenWrt interface
+    device: str | None = None  # Linux device for SO_BINDTODEVICE, where known
 
     @property
     def name(self) -> str:
@@ -67,7 +69,18 @@ class UplinkIO:
 
     @property
     def addr(self) -> str | None:
-        return str(self.cfg.bind_ip) if self.cfg.bind_ip is not None else None
+        return str(self.cfg.bind_ip) if self.cfg.bind_ip is not None else self.resolved
+
+    def resolve(self, lookup=ifaddr.lookup) -> str | None:
+        """Refresh ``resolved``/``device`` from the OpenWrt interface; None or a reason."""
+        self.device = self.cfg.device
+        if not self.cfg.interface:
+            return None if self.addr else "no bind_ip, interface or device address"
+        res = lookup(self.cfg.interface)
+        self.device = self.cfg.device or res.device
+        if self.cfg.bind_ip is None:
+            self.resolved = res.address
+        return None if self.addr else res.error
 
     @property
     def wire_name(self) -> str:
@@ -219,12 +232,15 @@ class Agent:
                  self.tun.name, v.interface, len(self.uplinks))
 
     def _open_uplink(self, up: UplinkIO, now: float) -> None:
+        why = up.resolve()
         if up.addr is None:
-            up.state, up.error = "waiting", "no bind_ip (interface address lookup needs ubus)"
+            if up.state != "waiting" or up.error != why:
+                log.warning("uplink %s: %s; retrying every %.0f s", up.name, why, UPLINK_RETRY)
+            up.state, up.error = "waiting", why
             up.retry_at = now + UPLINK_RETRY
             return
         try:
-            up.sock = open_uplink(up.addr, up.cfg.port, up.cfg.device)
+            up.sock = open_uplink(up.addr, up.cfg.port, up.device)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -525,23 +541,33 @@ class Agent:
         return ds
 
     def _apply_plan(self, ds: DataSession, plan, now: float) -> None:
+        """Make the session's subflows match ``plan``: new members open, gone
+        members close, a member whose endpoints moved keeps its state and
+        (initiator) runs its handshake again on the new path."""
         new = {s.member: s for s in plan}
-        for member in [m for m in ds.plan if m not in new or new[m] != ds.plan[m]]:
+        for member in [m for m in ds.plan if m not in new]:
             ds.sess.remove_subflow(member, now)
             del ds.plan[member]
             # (its CLOSE still goes out through uplink_of until it is reaped)
         for member, spec in new.items():
-            if member in ds.plan:
+            old = ds.plan.get(member)
+            if old == spec:
                 continue
-            # A member whose old subflow is still closing is re-added later.
-            if member in ds.sess.subflows:
-                ds.sess._reap(member)
             ds.plan[member] = spec
             ds.uplink_of[member] = self._uplink_by_wire_name(spec.local)
-            sub = ds.sess.add_subflow(member, now, name=spec.local, meta={
-                "type": spec.type, "local": f"{spec.local_addr}:{spec.local_port}",
-                "remote": f"{spec.remote_addr}:{spec.remote_port}", "peer": ds.peer.name,
-                "session_id": ds.session_id})
+            meta = {"type": spec.type, "local": f"{spec.local_addr}:{spec.local_port}",
+                    "remote": f"{spec.remote_addr}:{spec.remote_port}", "peer": ds.peer.name,
+                    "session_id": ds.session_id}
+            sub = ds.sess.subflows.get(member)
+            if old is not None and sub is not None and sub.state is not State.CLOSING:
+                sub.meta.update(meta)
+                sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
+                if sub.initiator:
+                    sub.open(now)
+                continue
+            if sub is not None:  # an old subflow of that member is still closing
+                ds.sess._reap(member)
+            sub = ds.sess.add_subflow(member, now, name=spec.local, meta=meta)
             sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
         self._flush_session(ds)
 
@@ -815,9 +841,40 @@ class Agent:
 
     # ------------------------------------------------------------------ reload / stop
 
+    def refresh_uplinks(self, now: float) -> bool:
+        """Re-read the addresses of uplinks given by OpenWrt interface (hotplug
+        sends SIGHUP on ifup/ifdown/ifupdate); rebind what moved and tell the
+        peer.  Returns whether anything changed."""
+        changed = False
+        for up in self.uplinks.values():
+            if not up.cfg.interface:
+                continue
+            before = up.addr if up.state == "up" else None
+            up.resolve()
+            after = up.addr
+            if after == before and (up.state == "up") == (after is not None):
+                continue
+            if up.sock is not None:
+                try:
+                    self.sel.unregister(up.sock)
+                except (KeyError, ValueError):
+                    pass
+                up.sock.close()
+                up.sock = up.batch = None
+            log.info("uplink %s (interface %s): address %s -> %s", up.name, up.cfg.interface,
+                     before or "none", after or "none")
+            up.state = "waiting"
+            self._open_uplink(up, now)
+            changed = True
+        if changed:
+            self._uplinks_changed(now)
+        return changed
+
     def reload(self) -> None:
         """SIGHUP: re-read the config; live options apply in place, anything
-        else restarts the sessions (documented in docs/openwrt.md)."""
+        else restarts the sessions (documented in docs/openwrt.md).  Uplinks
+        given by OpenWrt interface are looked up again either way."""
+        self.refresh_uplinks(self.clock())
         new, problems = cfgmod.load_config(self.uci_dir)
         errors = [p for p in problems if p.severity == cfgmod.ERROR]
         if new is None or errors:

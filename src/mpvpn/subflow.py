@@ -54,6 +54,8 @@ TRANSITIONS: dict[tuple[State, Ev], State] = {
     (S.CLOSED, E.RECV_CLOSE): S.CLOSED,  # answer CLOSE-ACK so the peer's close completes
     (S.CONNECT_SENT, E.RECV_CONNECT_ACK): S.ESTABLISHED,
     (S.CONNECT_SENT, E.RETRY): S.CONNECT_SENT,
+    (S.CONNECT_SENT, E.OPEN): S.CONNECT_SENT,  # re-open: restart the backoff
+    (S.ESTABLISHED, E.OPEN): S.CONNECT_SENT,  # re-open after an endpoint moved (new address)
     (S.CONNECT_SENT, E.CLOSE): S.CLOSED,
     (S.CONNECT_SENT, E.RECV_CLOSE): S.CLOSED,
     (S.CONNECT_RCVD, E.RECV_ACK): S.ESTABLISHED,
@@ -203,10 +205,15 @@ class Subflow:
     # -- local commands ------------------------------------------------------
 
     def open(self, now: float) -> None:
-        """Initiator: start the 3-way open (CONNECT, retried with backoff)."""
+        """Initiator: start the 3-way open (CONNECT, retried with backoff).
+
+        Also used to re-open an established subflow whose endpoint moved (an
+        uplink got a new address): the handshake runs again on the new path.
+        """
         if not self.initiator:
             raise RuntimeError("only the initiator opens subflows")
-        if self._fire(E.OPEN, now):
+        if self._fire(E.OPEN, now, "endpoint changed"):
+            self._next_probe = None
             self._retry_interval = self.config.connect_backoff
             self._send_connect(now)
 
