@@ -868,3 +868,37 @@ def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
     t.join(5)
     srv.close()
     assert seen == [{"method": "status", "args": {}}, {"method": "x", "args": {}}]
+
+
+def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):
+    """The status page against a real agent (real tun, UDP, routes) in the lab,
+    through the agent's own status socket."""
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    from agentlab import TwoSites
+    from mpvpn import rpc
+
+    lab = make_lab(carriers=3)
+    with TwoSites(lab) as ts:
+        ts.start()
+        lab.link_down(3)  # one carrier out, so the page has something to show
+        ts.a.wait(lambda s: sum(ln["state"] == "established" for ln in s["links"]) == 2, 8, "2 of 3")
+        backend = harness_server.SocketAgentBackend(rpc.socket_path(str(ts.a.run_dir)))
+        with harness_server.HarnessServer(backend) as srv:
+            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                   "--virtual-time-budget=4500", "--dump-dom", srv.url + "?view=mpvpn/status"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        live = ts.a.status()
+    view = view_of(parse_html(r.stdout))
+    head = header_rows(view)
+    assert head["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == "connected"
+    assert head["Peer site"].words == live["peer"]["name"]
+    assert head["Routes into the tunnel"].words == "192.168.20.0/24"
+    rows = link_rows(view)
+    assert len(rows) == len(live["links"]) == 3
+    shown = {row["Carrier"].find("strong").words:
+             row["State"].find("span", cls="mpvpn-badge").attrs["data-state"] for row in rows}
+    assert shown == {ln["name"]: ln["state"] for ln in live["links"]}
+    assert shown["mobile"] != "established" and shown["telecom"] == "established"
