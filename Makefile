@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) bench/core.py
 	$(PY) bench/loss.py
 	$(PY) bench/agent.py
+	$(PY) bench/idle.py
 
 ipk: $(STAMP)
 	$(PY) -m mpvpn.ipk --out dist
