@@ -55,3 +55,30 @@ def make_lab(netlab_ready):
 @pytest.fixture
 def lab(make_lab) -> netlab.Lab:
     return make_lab()
+
+
+@pytest.fixture
+def throwaway_netns():
+    """A fresh, empty network namespace; yields run(code) -> (CompletedProcess, run_cmd)
+    where run(code) executes Python ``code`` inside it with ``sys.argv[1]`` = src/.
+    Deleted afterwards whatever happens."""
+    import subprocess
+    import uuid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    ns = f"mpvtmp{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+    def run(code: str, timeout: float = 30):
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, src],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def cmd(*argv: str):
+        return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True)
+
+    try:
+        yield run, cmd
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

@@ -1,11 +1,5 @@
 """Netlink edge: address, MTU, routes tagged with our protocol number, crash cleanup."""
 
-import os
-import subprocess
-import sys
-import uuid
-
-import pytest
 
 CODE = r"""
 import sys, subprocess
@@ -44,16 +38,8 @@ print("ok")
 """
 
 
-def test_netcfg_in_a_throwaway_namespace():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    ns = f"mpvnc{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        src = os.path.join(os.path.dirname(__file__), "..", "src")
-        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CODE, src],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "ok"
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+def test_netcfg_in_a_throwaway_namespace(throwaway_netns):
+    run, _ = throwaway_netns
+    r = run(CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

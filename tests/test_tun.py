@@ -1,10 +1,6 @@
 """The tun edge: the real device (in a throwaway namespace) and the in-memory stand-in."""
 
-import os
 import select
-import subprocess
-import sys
-import uuid
 
 import pytest
 
@@ -56,19 +52,10 @@ print("ok", t.name)
 """
 
 
-def test_linux_tun_carries_packets_in_a_throwaway_namespace():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    ns = f"mpvtun{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        src = os.path.join(os.path.dirname(__file__), "..", "src")
-        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CODE, src],
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "ok mpvt0"
-        # not persistent: the device went away with the process
-        links = subprocess.run(["ip", "netns", "exec", ns, "ip", "link"], capture_output=True, text=True)
-        assert "mpvt0" not in links.stdout
-    finally:
-        subprocess.run(["ip", "netns", "del", ns])
+def test_linux_tun_carries_packets_in_a_throwaway_namespace(throwaway_netns):
+    run, cmd = throwaway_netns
+    r = run(CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok mpvt0"
+    # not persistent: the device went away with the process
+    assert "mpvt0" not in cmd("ip", "link").stdout
