@@ -897,6 +897,26 @@ class _Connection:
             self._now = now
             self._start_rekey(now)
 
+    # The message that introduces the peer in state HELLO: HELLO (server side)
+    # or WELCOME (client side); set by the subclasses.
+    _INTRO = ""
+
+    def _on_frame(self, frame: bytes, now: float) -> None:
+        """One complete frame: the Noise handshake first, then one message."""
+        if self.state is State.HANDSHAKE:
+            self._on_handshake_frame(frame, now)
+            return
+        m = self._on_message(frame, now)
+        if self._common(m, now):
+            return
+        t = m["type"]
+        if self.state is State.HELLO and t == self._INTRO:
+            self._on_intro(m, now)
+        elif self.state is State.ESTABLISHED and t == "UPDATE":
+            self._on_update(m, now)
+        else:
+            raise self._unexpected(m)
+
     def status(self) -> dict:
         return {"state": self.state.value, "session_id": self.session_id,
                 "peer": self.peer.name if self.peer else None, "version": self.version,
@@ -960,8 +980,11 @@ class _Connection:
         except Exception:
             raise _Bad("auth", "control message failed authentication", "decrypt") from None
 
-    def _on_frame(self, frame: bytes, now: float) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _on_handshake_frame(self, frame: bytes, now: float) -> None:  # pragma: no cover
+        raise NotImplementedError  # subclasses: the Noise message 1 (server) or 2 (client)
+
+    def _on_intro(self, m: dict, now: float) -> None:  # pragma: no cover
+        raise NotImplementedError  # subclasses: HELLO (server) or WELCOME (client)
 
     def _install_channel(self, keys) -> None:
         self._send_cs, self._recv_cs = keys.send, keys.recv
@@ -1133,6 +1156,8 @@ class ClientConnection(_Connection):
     """The client side of one control connection (create it once TCP is
     connected; it queues the first handshake message at once)."""
 
+    _INTRO = "WELCOME"
+
     is_client = True
 
     def __init__(self, config: ControlConfig, now: float):
@@ -1192,20 +1217,11 @@ class ClientConnection(_Connection):
         else:
             super()._on_eof()
 
-    def _on_frame(self, frame: bytes, now: float) -> None:
-        if self.state is State.HANDSHAKE:
-            self._on_msg2(frame, now)
-            return
-        m = self._on_message(frame, now)
-        if self._common(m, now):
-            return
-        t = m["type"]
-        if self.state is State.HELLO and t == "WELCOME":
-            self._on_welcome(m, now)
-        elif self.state is State.ESTABLISHED and t == "UPDATE":
-            self._on_update(m, now)
-        else:
-            raise self._unexpected(m)
+    def _on_handshake_frame(self, frame: bytes, now: float) -> None:
+        self._on_msg2(frame, now)
+
+    def _on_intro(self, m: dict, now: float) -> None:
+        self._on_welcome(m, now)
 
     def _on_msg2(self, frame: bytes, now: float) -> None:
         try:
@@ -1299,6 +1315,8 @@ class ServerConnection(_Connection):
     build it directly (then ``rng`` picks the session ID).
     """
 
+    _INTRO = "HELLO"
+
     is_client = False
 
     def __init__(self, config: ControlConfig, now: float, registry: ServerSessions | None = None,
@@ -1365,20 +1383,11 @@ class ServerConnection(_Connection):
         else:
             super()._on_eof()
 
-    def _on_frame(self, frame: bytes, now: float) -> None:
-        if self.state is State.HANDSHAKE:
-            self._on_msg1(frame, now)
-            return
-        m = self._on_message(frame, now)
-        if self._common(m, now):
-            return
-        t = m["type"]
-        if self.state is State.HELLO and t == "HELLO":
-            self._on_hello(m, now)
-        elif self.state is State.ESTABLISHED and t == "UPDATE":
-            self._on_update(m, now)
-        else:
-            raise self._unexpected(m)
+    def _on_handshake_frame(self, frame: bytes, now: float) -> None:
+        self._on_msg1(frame, now)
+
+    def _on_intro(self, m: dict, now: float) -> None:
+        self._on_hello(m, now)
 
     def _on_msg1(self, frame: bytes, now: float) -> None:
         if len(frame) < MIN_HANDSHAKE_MSG:
