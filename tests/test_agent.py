@@ -325,3 +325,31 @@ def test_uplink_given_by_interface_follows_its_address(sites, tmp_path):
                    and not any(ln["type"] == "telecom" for ln in s["links"]), 10, "telecom withdrawn")
     assert "is down" in {u["name"]: u["error"] for u in st["uplinks"]}["telecom"]
     assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+
+
+def test_static_keys_kkpsk0_connect_and_a_wrong_peer_key_is_refused(make_lab):
+    import base64
+
+    from mpvpn.noise import generate_keypair
+
+    b64 = lambda k: base64.b64encode(k).decode()  # noqa: E731
+    a_priv, a_pub = generate_keypair()
+    b_priv, b_pub = generate_keypair()
+    _x_priv, x_pub = generate_keypair()
+    lab = make_lab(carriers=3)
+    with TwoSites(lab) as ts:
+        for site, priv, peer in ((ts.a, a_priv, b_pub), (ts.b, b_priv, a_pub)):
+            conf = site.uci_dir / "orayboxvpn"
+            conf.write_text(conf.read_text().replace(
+                "config base 'base'\n", f"config base 'base'\n\toption private_key '{b64(priv)}'\n"
+                f"\toption peer_public_key '{b64(peer)}'\n"))
+        ts.start()
+        assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+        ts.a.stop()
+        # site A now expects another server key: the handshake must fail, no tunnel
+        conf = ts.a.uci_dir / "orayboxvpn"
+        conf.write_text(conf.read_text().replace(b64(b_pub), b64(x_pub)))
+        ts.a.start()
+        st = ts.a.wait(lambda s: s["last_error"] is not None, 10, "a handshake error")
+        assert st["state"] == "connecting" and st["session_id"] is None
+        assert not lab.reachable(lab.ha, "192.168.20.2")

@@ -25,3 +25,19 @@ def test_check_subcommand_is_wired(tmp_path, capsys):
     assert cli.main(["check", "--uci-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "orayboxvpn.base.psk" in out and "NOT OK" in out
+
+
+def test_genkey_and_pubkey(capsys, monkeypatch):
+    import io
+
+    from mpvpn.noise import public_key
+
+    assert cli.main(["genkey"]) == 0
+    priv = capsys.readouterr().out.strip()
+    assert len(base64.b64decode(priv)) == 32
+    monkeypatch.setattr("sys.stdin", io.StringIO(priv + "\n"))
+    assert cli.main(["pubkey"]) == 0
+    assert base64.b64decode(capsys.readouterr().out.strip()) == public_key(base64.b64decode(priv))
+    monkeypatch.setattr("sys.stdin", io.StringIO("not a key"))
+    assert cli.main(["pubkey"]) == 1
+    assert "expected a private key" in capsys.readouterr().err

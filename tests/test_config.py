@@ -802,3 +802,30 @@ def test_property_validate_never_raises(pkg, network):
         assert s.startswith(("orayboxvpn", "network")) and "\n" not in s
         if p.path.endswith(".psk"):
             assert PSK not in s
+
+
+def test_static_keys_are_optional_and_come_in_pairs():
+    import base64
+
+    from mpvpn.noise import generate_keypair
+
+    priv, _pub = generate_keypair()
+    _priv2, peer_pub = generate_keypair()
+    b64 = lambda k: base64.b64encode(k).decode()  # noqa: E731
+    both = edit(SITE_A, "config base 'base'\n", "config base 'base'\n"
+                f"\toption private_key '{b64(priv)}'\n\toption peer_public_key '{b64(peer_pub)}'\n")
+    cfg, problems = check(both)
+    assert errors(problems) == []
+    assert (cfg.base.private_key, cfg.base.peer_public_key) == (priv, peer_pub)
+    assert b64(priv) not in repr(cfg)  # the private key never reaches logs
+    cfg, problems = check(SITE_A)
+    assert cfg.base.private_key is None and cfg.base.peer_public_key is None
+    only = edit(SITE_A, "config base 'base'\n", f"config base 'base'\n\toption private_key '{b64(priv)}'\n")
+    assert errors(check(only)[1]) == [
+        "orayboxvpn.base.peer_public_key: missing: static keys are used only in pairs "
+        "(private_key here and the peer's public key), or not at all"]
+    bad = edit(both, b64(peer_pub), "c2hvcnQ=")
+    assert any("peer_public_key: decodes to 5 bytes" in e for e in errors(check(bad)[1]))
+    bad = edit(both, b64(priv), "!!!")
+    errs = errors(check(bad)[1])
+    assert any("private_key: is not valid base64" in e for e in errs) and all("!!!" not in e for e in errs)

@@ -372,7 +372,7 @@ def test_config_widgets_follow_option_kinds():
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
                 assert o.get("validate") or "cidr" in dt, where
-            elif kind in ("hostport", "psk", "netmask", "carrier", "ifname", "device"):
+            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device"):
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
             elif kind == "seconds":
                 assert "ufloat" in dt and "range(" in dt, where

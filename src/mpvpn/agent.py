@@ -184,6 +184,8 @@ class Agent:
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
             lans=tuple(str(n) for n in c.lan.subnets), mode=c.base.mode,
             rekey_interval=c.base.rekey_interval,
+            **({"pattern": "KKpsk0", "static_key": c.base.private_key,
+                "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
         )
 

@@ -102,6 +102,35 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_genkey(args: argparse.Namespace) -> int:
+    import base64
+
+    from mpvpn import noise
+
+    private, _public = noise.generate_keypair()
+    print(base64.b64encode(private).decode())
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    import base64
+    import binascii
+
+    from mpvpn import noise
+
+    text = sys.stdin.read().strip()
+    try:
+        private = base64.b64decode(text, validate=True)
+        if len(private) != 32:
+            raise ValueError
+    except (binascii.Error, ValueError):
+        print("mpvpn pubkey: expected a private key (base64 of 32 bytes) on standard input",
+              file=sys.stderr)
+        return 1
+    print(base64.b64encode(noise.public_key(private)).decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpvpn", description="orayboxvpn multipath VPN agent")
     p.add_argument("--version", action="version", version=f"mpvpn {__version__}")
@@ -120,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_status)
     g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
     g.set_defaults(func=_cmd_genpsk)
+    k = sub.add_parser("genkey", help="print a new X25519 private key (base64); see pubkey")
+    k.set_defaults(func=_cmd_genkey)
+    pk = sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    pk.set_defaults(func=_cmd_pubkey)
     from mpvpn import check, pair
 
     check.register(sub)

@@ -75,6 +75,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "hostport": ("host:port (IPv6 as `[addr]:port`)", "string"),
     "hostport_list": ("host:port, several as a list or separated by spaces", "list(string)"),
     "psk": ("base64 of exactly 32 bytes", "string"),
+    "key32": ("base64 of exactly 32 bytes (an X25519 key)", "string"),
     "seconds": ("seconds (decimal)", "ufloat"),
     "count": ("whole number", "uinteger"),
     "ms": ("milliseconds (whole number)", "uinteger"),
@@ -118,6 +119,16 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "psk", None,
             "Required. Shared secret, the same on both sides: 32 random bytes in base64 "
             "(`head -c 32 /dev/urandom | base64`).",
+        ),
+        "private_key": Option(
+            "key32", None,
+            "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
+            "handshake also proves both sites' static keys (Noise KKpsk0), so a leaked PSK alone "
+            "cannot impersonate a site. Set both or neither; one client per server in this mode.",
+        ),
+        "peer_public_key": Option(
+            "key32", None,
+            "Optional: the peer site's X25519 public key (`mpvpn pubkey` on the peer prints it).",
         ),
         "mode": Option(
             "mode", "duplicate",
@@ -293,6 +304,8 @@ class Base:
     hold_max_ms: int = 200
     rekey_interval: float = 120.0
     reorder_capacity: int = 1024
+    private_key: bytes | None = field(default=None, repr=False)
+    peer_public_key: bytes | None = None
     mtu: int = 1400
     log_level: str = "info"
 
@@ -624,6 +637,27 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
                 chk.err(sec.path("psk"), "is all zero bytes: use a random key")
                 psk = None
     b["psk"] = psk
+
+    # optional static keys (Noise KKpsk0): both or neither; never echo the private one
+    for name in ("private_key", "peer_public_key"):
+        raw = sec.single(name)
+        b[name] = None
+        if raw is None:
+            continue
+        try:
+            key = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            chk.err(sec.path(name), "is not valid base64 (make a key pair with `mpvpn genkey`)")
+            continue
+        if len(key) != PSK_BYTES:
+            chk.err(sec.path(name), f"decodes to {len(key)} bytes; an X25519 key is exactly {PSK_BYTES}")
+            continue
+        b[name] = key
+    if (b["private_key"] is None) != (b["peer_public_key"] is None) and not (
+            sec.has("private_key") and sec.has("peer_public_key")):
+        missing = "peer_public_key" if b["private_key"] is not None else "private_key"
+        chk.err(sec.path(missing), "missing: static keys are used only in pairs "
+                                   "(private_key here and the peer's public key), or not at all")
 
     b["mode"] = sec.parsed("mode", lambda s: _parse_choice(s, ("duplicate", "aggregate", "adaptive")), _default("mode"))
     b["keepalive_idle"] = sec.parsed("keepalive_idle", lambda s: _parse_float(s, 0.05, 60, "seconds"), _default("keepalive_idle", float))
@@ -1026,6 +1060,8 @@ def validate(
         dead_after=b["dead_after"],
         hold_max_ms=b["hold_max_ms"],
         rekey_interval=b["rekey_interval"],
+        private_key=b["private_key"],
+        peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],
         mtu=b["mtu"],
         log_level=b["log_level"],

@@ -189,6 +189,15 @@ return view.extend({
 			}
 		};
 
+		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
+			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));
+		o.password = true;
+		o.validate = validatePsk;
+
+		o = s.taboption('advanced', form.Value, 'peer_public_key', _('Peer public key (optional)'),
+			_('The other site\'s X25519 public key (mpvpn pubkey on that site prints it).'));
+		o.validate = validatePsk;
+
 		o = s.taboption('general', form.ListValue, 'mode', _('Mode'),
 			_('How packets are spread over the subflows.'));
 		o.value('duplicate', _('Duplicate: every packet on every subflow'));
