@@ -47,3 +47,35 @@ def test_no_ubus_on_a_plain_host(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     r = ifaddr.lookup("wan")
     assert r.address is None and "no ubus here" in r.error
+
+
+def test_lan_subnets_from_netifd(tmp_path, monkeypatch):
+    cmd = fake_ubus(tmp_path, monkeypatch, lan={
+        "up": True, "l3_device": "br-lan",
+        "ipv4-address": [{"address": "192.168.10.1", "mask": 24}, {"address": "10.9.0.1", "mask": 16}],
+        "ipv6-address": [{"address": "fe80::1", "mask": 64}],
+        "ipv6-prefix-assignment": [{"address": "fd10::", "mask": 64}]})
+    assert ifaddr.subnets("lan", ubus_cmd=cmd) == ["192.168.10.0/24", "10.9.0.0/16", "fd10::/64"]
+    assert ifaddr.subnets("nope", ubus_cmd=cmd) is None
+
+
+def test_agent_takes_the_lan_from_netifd_where_ubus_is(tmp_path, monkeypatch):
+    from agentlab import site_config
+    from mpvpn import config as cfgmod
+    from mpvpn.agent import Agent
+    from mpvpn.noise import genpsk
+
+    text, net = site_config("client", genpsk(), 1, "172.30.0.1", "192.168.10.1",
+                            extra_base="\tlist lan_subnet '192.168.99.0/24'\n")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "orayboxvpn").write_text(text)
+    (conf / "network").write_text(net)
+    cfg, _ = cfgmod.load_config(str(conf))
+    monkeypatch.setenv("PATH", "/nonexistent")  # a plain host: UCI network.lan
+    assert Agent(cfg).lans == ["192.168.10.0/24", "192.168.99.0/24"]
+    cmd = fake_ubus(tmp_path, monkeypatch, lan={
+        "up": True, "ipv4-address": [{"address": "192.168.11.1", "mask": 24}]})
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert cmd.startswith(str(tmp_path))
+    assert Agent(cfg).lans == ["192.168.11.0/24", "192.168.99.0/24"]  # netifd's live address wins

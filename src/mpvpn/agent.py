@@ -134,6 +134,7 @@ class Agent:
         self._tun_factory = tun_factory
         self._net_factory = net_factory
         self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
+        self.lans = self._lan_subnets()
         self.role = cfg.base.role
         self.sel = selectors.DefaultSelector()
         self.tun = None
@@ -163,6 +164,19 @@ class Agent:
 
     # ------------------------------------------------------------------ set-up
 
+    def _lan_subnets(self) -> list[str]:
+        """What the peer routes to us: network.interface.lan from netifd where
+        ubus is there (the live truth on a router), else UCI network.lan; plus
+        base.lan_subnet."""
+        live = ifaddr.subnets("lan")
+        if live is None:
+            return [str(n) for n in self.cfg.lan.subnets]
+        out = [n for n in live if not ipaddress.ip_network(n).overlaps(self.cfg.vnc.network)]
+        for n in self.cfg.lan.extra:
+            if str(n) not in out:
+                out.append(str(n))
+        return out
+
     def _session_config(self) -> SessionConfig:
         b = self.cfg.base
         return SessionConfig(
@@ -182,7 +196,7 @@ class Agent:
         return control.ControlConfig(
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
-            lans=tuple(str(n) for n in c.lan.subnets), mode=c.base.mode,
+            lans=tuple(self.lans), mode=c.base.mode,
             rekey_interval=c.base.rekey_interval,
             **({"pattern": "KKpsk0", "static_key": c.base.private_key,
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
