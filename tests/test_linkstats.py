@@ -92,3 +92,141 @@ def test_handshake_sample_is_replaced_by_the_first_probe():
     r.sample(0.070, provisional=True)  # only a first sample can be provisional
     r.sample(0.080)
     assert r.srtt == pytest.approx(0.875 * (0.875 * 0.080 + 0.125 * 0.070) + 0.125 * 0.080)
+
+
+# -- LinkMeter: delivery rate and backlog from echoed probes -----------------------
+
+from mpvpn.linkstats import LinkMeter  # noqa: E402
+
+
+class Bottleneck:
+    """A FIFO link of ``rate`` bytes/s and one-way delay ``owd`` (both ways),
+    driving a LinkMeter the way the session does: datagrams go through it,
+    probes are answered by the peer at once."""
+
+    def __init__(self, meter, rate, owd=0.01):
+        self.m, self.rate, self.owd = meter, rate, owd
+        self.busy = 0.0
+        self.now = 0.0
+        self.pending = []  # (echo arrival time, ts)
+        self.ts = 0
+
+    def queue(self):
+        return max(0.0, self.busy - self.now) * self.rate
+
+    def send(self, n, probe=False):
+        start = max(self.busy, self.now)
+        self.busy = start + n / self.rate
+        self.m.on_send(n, self.now)
+        if probe:
+            self.ts += 1
+            self.m.on_probe_sent(self.ts, self.now)
+            self.pending.append((self.busy + 2 * self.owd, self.ts))
+
+    def run(self, seconds, send_rate, size=1000, probe_every=0.1, gate=None):
+        """Offer ``send_rate``; with ``gate`` (seconds), hold back what would
+        make the model's queue longer than that, as the scheduler does."""
+        end = self.now + seconds
+        gap = size / send_rate if send_rate else seconds
+        t_send = self.now
+        t_probe = self.now
+        while self.now < end:
+            nxt = min(t_send, t_probe, min((t for t, _ in self.pending), default=end), end)
+            self.now = nxt
+            for item in [p for p in self.pending if p[0] <= self.now]:
+                self.pending.remove(item)
+                self.m.on_echo(item[1], 0.0, self.now, None)
+            if send_rate and self.now >= t_send:
+                if gate is not None and self.m.qdelay(self.now) >= gate:
+                    self.m.held = True
+                else:
+                    self.send(size)
+                t_send += gap
+            if self.now >= t_probe:
+                self.send(60, probe=True)
+                t_probe += probe_every
+            if nxt == end:
+                break
+
+
+def test_meter_measures_a_saturated_link_and_its_queue():
+    m = LinkMeter()
+    m.note_rtt(0.020)  # the handshake's RTT, before any queue
+    link = Bottleneck(m, rate=400e3)
+    # the sender pushes 50 % more than the link carries, as if the scheduler
+    # held nothing back: the queue grows, the samples are busy
+    link.run(3.0, send_rate=600e3)
+    assert m.bw == pytest.approx(400e3, rel=0.05)
+    assert not m.startup
+    # the model backlog follows the real queue (re-anchored on each echo)
+    assert m.backlog(link.now) == pytest.approx(link.queue(), rel=0.1)
+    assert m.qdelay(link.now) == pytest.approx(link.queue() / 400e3, rel=0.1)
+
+
+def test_meter_keeps_capacity_while_the_link_is_lightly_used():
+    m = LinkMeter()
+    m.note_rtt(0.020)
+    link = Bottleneck(m, rate=400e3)
+    link.run(2.0, send_rate=600e3)
+    assert m.bw == pytest.approx(400e3, rel=0.05)
+    link.run(5.0, send_rate=50e3)  # app-limited: samples of 50e3 must not lower it
+    assert m.bw == pytest.approx(400e3, rel=0.05)
+    assert m.backlog(link.now) < 2000
+
+
+def test_meter_follows_a_link_that_got_slower():
+    m = LinkMeter()
+    m.note_rtt(0.020)
+    link = Bottleneck(m, rate=400e3)
+    link.run(2.0, send_rate=600e3, gate=0.015)
+    assert m.bw == pytest.approx(400e3, rel=0.05)
+    assert link.queue() / 400e3 < 0.03  # the gate keeps the real queue short
+    link.rate = 150e3  # the carrier slowed down (the queue shows it: busy samples)
+    link.run(2.0, send_rate=600e3, gate=0.015)
+    assert m.bw == pytest.approx(150e3, rel=0.1)
+    assert link.queue() / 150e3 < 0.05
+    link.rate = 300e3  # and recovered: the held traffic finds an empty queue
+    link.run(2.0, send_rate=600e3, gate=0.015)
+    assert m.bw == pytest.approx(300e3, rel=0.1)
+
+
+def test_meter_probes_upwards_when_held_traffic_meets_an_empty_queue():
+    m = LinkMeter(bw0=100e3)
+    m.note_rtt(0.020)
+    link = Bottleneck(m, rate=1e6)
+    assert m.rate == 100e3 and m.bw is None
+    m.held = True  # a scheduler queued traffic because the model said "full"
+    link.run(0.15, send_rate=100e3)
+    assert m.bw == pytest.approx(200e3)  # start-up: doubles
+    m.startup = False
+    m.held = True
+    link.run(0.1, send_rate=100e3)
+    assert m.bw == pytest.approx(250e3, rel=0.02)  # afterwards: x1.25
+
+
+def test_meter_min_rtt_and_stale_or_unknown_echoes():
+    m = LinkMeter()
+    m.note_rtt(0.050)
+    m.note_rtt(0.080)
+    m.note_rtt(None)
+    assert m.min_rtt == 0.050
+    assert m.on_echo(12345, 0.0, 1.0, None) is None  # never sent
+    m.on_send(100, 0.0)
+    m.on_probe_sent(7, 0.0)
+    m.on_echo(7, 0.0, 0.03, None)
+    assert m.last_echo == 0.03 and m.min_rtt == pytest.approx(0.030)
+    assert m.on_echo(7, 0.0, 0.05, None) is None and m.last_echo == 0.03  # same echo again
+    m.reset_queue(2.0)
+    assert m.min_rtt is None and m.backlog(2.0) == 0.0
+    with pytest.raises(ValueError):
+        LinkMeter(bw0=0)
+
+
+def test_meter_backlog_drains_at_the_rate():
+    m = LinkMeter(bw0=1000.0)
+    m.on_send(500, 10.0)
+    assert m.backlog(10.0) == 500
+    assert m.backlog(10.2) == pytest.approx(300)
+    assert m.backlog(11.0) == 0.0
+    m.on_send(100, 11.0)
+    assert m.backlog(11.0) == pytest.approx(100)

@@ -45,3 +45,30 @@ def test_pair_delivers_both_directions_and_records_events():
     before = pair.now
     pair.run(1.0)
     assert pair.now == pytest.approx(before + 1.0)
+
+
+def test_rate_limited_link_spaces_departures_and_drops_beyond_its_queue():
+    rng = random.Random(4)
+    lk = SimLink(delay=0.01, rate=1000.0, queue=3000)
+    t = [lk.transit(0.0, rng, 1000) for _ in range(4)]
+    # 1 s per 1000-byte datagram; the fourth does not fit the 3000-byte queue
+    # (which counts the datagram being sent)
+    assert t[:3] == [[pytest.approx(1.01)], [pytest.approx(2.01)], [pytest.approx(3.01)]]
+    assert t[3] == [] and lk.qdropped == 1 and lk.dropped == 1
+    assert lk.backlog(0.0) == pytest.approx(3000)
+    assert lk.backlog(2.5) == pytest.approx(500)
+    assert lk.transit(10.0, rng, 500) == [pytest.approx(10.51)]  # idle again: no wait
+    assert SimLink().backlog(0.0) == 0.0
+
+
+def test_pair_over_rate_limited_links_carries_at_most_the_rate():
+    pair = SimPair(0)
+    pair.add_subflow(1, delay=0.005, rate=100e3)
+    assert pair.handshake()
+    t0 = pair.now
+    for _ in range(300):  # 300 kB at once
+        pair.a.send(bytes(1000), pair.now)
+    pair.run(1.0)
+    assert len(pair.delivered["b"]) == pytest.approx(100, abs=3)
+    assert pair.delivered_at["b"][0] > t0
+    assert len(pair.delivered_at["b"]) == len(pair.delivered["b"])

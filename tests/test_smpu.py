@@ -400,3 +400,144 @@ def test_remote_endpoint_follows_only_authenticated_control_datagrams():
     assert sub.remote == ("198.51.100.9", 4000) and sub.roams == 1  # NAT rebinding followed
     b.receive_datagram(probe, m, pair.now, source=("203.0.113.66", 1))
     assert sub.remote == ("198.51.100.9", 4000)  # a replay moves nothing
+
+
+# -- NACK (cross-path retransmission) and the scheduler hook's extras -------------
+
+class _NackOnly:
+    """A plain duplicate-all hook that turns NACKs on (no queue)."""
+    nack = True
+
+    def __call__(self, packet, up, now):
+        return up
+
+
+def _nack_pair(n=2, **kw):
+    pair = SimPair(n, delay=0.010, **kw)
+    assert pair.handshake()
+    pair.a.scheduler = _NackOnly()
+    pair.b.scheduler = _NackOnly()
+    return pair
+
+
+def test_nacks_are_off_with_the_default_hook():
+    pair = SimPair(2, delay=0.010)
+    assert pair.handshake()
+    assert not pair.b.nack_enabled
+    pair.stream("a", 10, 1000.0)
+    pair.set(1, "a", up=False)
+    pair.set(2, "a", up=False)
+    pair.send("a", b"lost")
+    pair.set(1, "a", up=True)
+    pair.set(2, "a", up=True)
+    pair.stream("a", 10, 1000.0, first=11)
+    pair.run(0.5)
+    c = pair.b.counters()
+    assert c["nacks_sent"] == 0 and c["deadline_releases"] == 1
+
+
+def test_a_nack_brings_back_a_packet_lost_on_every_path():
+    pair = _nack_pair()
+    pair.stream("a", 10, 1000.0)
+    pair.set(1, "a", up=False)
+    pair.set(2, "a", up=False)
+    pair.send("a", b"lost-everywhere")
+    pair.set(1, "a", up=True)
+    pair.set(2, "a", up=True)
+    rest = pair.stream("a", 10, 1000.0, first=11)
+    pair.run(0.5)
+    assert pair.delivered["b"][10:] == [b"lost-everywhere"] + rest
+    c, ca = pair.b.counters(), pair.a.counters()
+    assert c["deadline_releases"] == 0
+    assert c["nacks_sent"] == 1 and c["nack_seqs"] == 1
+    assert ca["nacks_received"] == 2  # one NACK, sent on the two fastest subflows
+    assert ca["nack_retransmits"] == 1 and ca["nack_duplicates"] == 1
+
+
+def test_nack_asks_only_while_a_resend_can_beat_the_hold():
+    cfg = SessionConfig(hold=0.004)  # shorter than any round trip here
+    pair = SimPair(2, delay=0.010, config=cfg)
+    assert pair.handshake()
+    pair.a.scheduler = _NackOnly()
+    pair.b.scheduler = _NackOnly()
+    pair.stream("a", 5, 1000.0)
+    pair.set(1, "a", up=False)
+    pair.set(2, "a", up=False)
+    pair.send("a", b"lost")
+    pair.set(1, "a", up=True)
+    pair.set(2, "a", up=True)
+    pair.stream("a", 5, 1000.0, first=6)
+    pair.run(0.5)
+    c = pair.b.counters()
+    assert c["nacks_sent"] == 0 and c["nack_too_late"] == 1 and c["deadline_releases"] == 1
+
+
+def test_nack_for_numbers_no_longer_buffered_and_garbage_nacks():
+    pair = _nack_pair()
+    a = pair.a
+    for _ in range(a.config.send_buffer + 5):
+        a.send(b"x", pair.now)
+    a.datagrams_to_send()
+    for payload in (wire.nack_encode([1, 2, 3]), bytes(16), b"\xff" * 16):
+        a._on_nack(payload, pair.now)
+    assert a.counters()["nack_unavailable"] == 4  # 1, 2, 3 and 2**64-1 (base 0 names none)
+    assert a.datagrams_to_send() == []  # nothing re-sent
+    # a NACK arriving as a datagram goes through the control path
+    d = wire.encode(Op.NACK, 1, a.session_id, 10**6, wire.nack_encode([a._seq]))
+    pair.inject("a", 1, d)
+    assert a.counters()["nack_retransmits"] == 1
+
+
+def test_resend_goes_on_another_subflow_than_the_one_that_lost_it():
+    pair = _nack_pair(3)
+    a = pair.a
+    a.scheduler = lambda pkt, up, now: [s for s in up if s.member == 1]
+    a.scheduler.nack = True  # noqa: B010 (a function attribute is fine for the hook)
+    a.scheduler = a.scheduler  # re-read the attributes
+    pair.stream("a", 20, 1000.0)
+    pair.set(1, "a", up=False)
+    pair.send("a", b"lost-on-1")
+    pair.set(1, "a", up=True)
+    pair.stream("a", 10, 1000.0, first=21)
+    pair.run(0.5)
+    assert b"lost-on-1" in pair.delivered["b"]
+    assert a.counters()["nack_retransmits"] == 1
+    # 31 on subflow 1 (the lost one too), the re-send alone on another
+    assert a.subflows[1].data_tx == 31 and a.subflows[2].data_tx + a.subflows[3].data_tx == 1
+
+
+def test_nack_works_on_a_sealed_session():
+    pair = SimPair(2, delay=0.010, sealed=True)
+    assert pair.handshake()
+    pair.a.scheduler = _NackOnly()
+    pair.b.scheduler = _NackOnly()
+    pair.stream("a", 5, 1000.0)
+    pair.set(1, "a", up=False)
+    pair.set(2, "a", up=False)
+    pair.send("a", b"sealed-lost")
+    pair.set(1, "a", up=True)
+    pair.set(2, "a", up=True)
+    pair.stream("a", 5, 1000.0, first=6)
+    pair.run(0.5)
+    assert b"sealed-lost" in pair.delivered["b"]
+    assert pair.b.counters()["auth_failures"] == 0
+    assert pair.a.counters()["nack_retransmits"] == 1
+
+
+def test_replacing_a_queueing_scheduler_counts_its_queue_as_dropped():
+    from mpvpn.scheduler import make_scheduler
+    pair = SimPair(1, delay=0.010)
+    pair.add_subflow(2, delay=0.010, rate=1000.0)  # a very slow link
+    pair.set(1, up=False)
+    pair.run(5.0)
+    assert [s.member for s in pair.a.up] == [2]
+    pair.a.scheduler = make_scheduler("aggregate")
+    assert pair.a.nack_enabled and pair.a._queueing
+    for i in range(20):
+        assert pair.a.send(bytes(1000), pair.now)
+    queued = pair.a.scheduler.pending
+    assert queued > 10 and pair.a.get_timer() is not None
+    pair.a.scheduler = make_scheduler("duplicate")
+    assert not pair.a.nack_enabled and not pair.a._queueing
+    assert pair.a.counters()["tx_sched_drops"] == queued
+    assert "scheduler" in pair.a.status(pair.now)

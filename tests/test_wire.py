@@ -90,3 +90,26 @@ def test_any_bit_flip_in_the_header_is_either_caught_or_changes_a_field(op, memb
     if isinstance(r, wire.Header):
         before = (op, member, session, seq, size, 0)
         assert (r.opcode, r.member, r.session, r.seq, r.length, r.epoch) != before
+
+
+def test_nack_payload_names_up_to_64_sequence_numbers():
+    p = wire.nack_encode([100, 101, 163])
+    assert len(p) == wire.NACK.size == wire.CONTROL_SIZES[Op.NACK] == 16
+    assert wire.nack_decode(p) == [100, 101, 163]
+    assert wire.NACK.unpack(p) == (100, (1 << 0) | (1 << 1) | (1 << 63))
+    with pytest.raises(ValueError):
+        wire.nack_encode([100, 164])
+    assert wire.nack_decode(wire.NACK.pack(0, 0xFF)) == []  # base 0 names nothing
+    top = wire.nack_decode(wire.NACK.pack(wire.MAX_SEQ - 1, 0xFFFFFFFFFFFFFFFF))
+    assert top == [wire.MAX_SEQ - 1, wire.MAX_SEQ]  # never beyond 2**64-1
+    d = wire.encode(Op.NACK, 2, 9, 1, p)
+    h = wire.decode(d)
+    assert h.opcode == Op.NACK and bytes(wire.payload_of(d, h)) == p
+    assert wire.decode(wire.encode(Op.NACK, 2, 9, 1, p[:8])) is DecodeError.PAYLOAD
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2**64 - 65), st.sets(st.integers(0, 63), min_size=1))
+def test_nack_roundtrip(base, offsets):
+    seqs = sorted(base + o for o in offsets)
+    assert wire.nack_decode(wire.nack_encode(seqs)) == seqs

@@ -5,6 +5,7 @@ echoed packet counters (after angt/mud).  Sans-I/O: callers pass ``now``.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 
 class RttEstimator:
@@ -111,3 +112,257 @@ class LossEstimator:
     def ppm(self) -> int | None:
         v = self.loss
         return None if v is None else int(round(v * 1_000_000))
+
+
+class LinkMeter:
+    """Sender-side model of one subflow's bottleneck: delivery rate and backlog.
+
+    Sans-I/O, fed by the session with what it already does:
+
+    * ``on_send(nbytes, now)`` for every datagram sent on the subflow;
+    * ``on_probe_sent(ts_us, now)`` for every probe (KEEPALIVE / KEEPALIVE_ACK)
+      we send, right after its ``on_send``;
+    * ``on_echo(echo_ts_us, echo_delay, now, min_rtt)`` when a probe from the
+      peer echoes one of ours.
+
+    Idea (BBR's delivery-rate sampling, with our probes as the acks): a probe
+    sits in the same bottleneck queue as the data sent before it.  When the
+    peer's answer arrives we know when the probe left the bottleneck,
+    ``t_pass = now - echo_delay - min_rtt`` (the bottleneck being the local
+    uplink, the usual case), and that every byte sent before it had left by
+    then.  Two such probes ``a``, ``b`` give a delivery-rate sample
+    ``(tx_b - tx_a) / (t_pass_b - t_pass_a)``.
+
+    ``min_rtt`` is the smallest round trip seen since the subflow was
+    (re-)established, the handshake's included (``note_rtt``): the one taken
+    before any data queued on the path.
+
+    ``bw`` (bytes/s) follows the samples: a sample above the estimate is taken
+    at once; a lower one moves it only if the link was *busy* -- both probes
+    met a queue (``t_pass - t_sent > busy_delay``): half-way -- or the sender
+    kept it loaded (the model queue never ran empty in between): by
+    ``smooth``; otherwise the sample only says what the application offered.
+    So an idle or lightly used link keeps its capacity estimate, a link that
+    got slower is re-measured within a few probes, and one that got faster is
+    found when the scheduler pushes it: ``held`` (the scheduler queued
+    traffic for it) while the probe met no queue multiplies the estimate by
+    ``gain_up`` (by 2 in *startup*, until the first busy sample, as BBR's
+    start-up does).
+
+    ``backlog(now)``: bytes waiting at the bottleneck, a token-bucket model
+    drained at ``rate`` (``bw``, or ``bw0`` before any sample) and
+    re-anchored on every fresh echo to the queue actually measured: bytes
+    sent after the probe minus what drained since it passed.
+    """
+
+    __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span",
+                 "samples", "last_sample", "last_echo", "probe_qdelay", "min_rtt", "startup",
+                 "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass",
+                 "_bucket", "_sent_b", "_nack_b")
+
+    MAX_PROBES = 64  # sent probes remembered (echoes of older ones are ignored)
+    MAX_MARKS = 32
+    FRESH_ECHO = 0.05  # an echo that waited longer at the peer does not re-anchor the queue
+
+    STARTUP_GAIN = 2.0
+
+    def __init__(self, bw0: float = 125_000.0, busy_delay: float = 0.003, gain_up: float = 1.25,
+                 smooth: float = 0.25, span: float = 0.08):
+        if bw0 <= 0 or busy_delay < 0 or gain_up < 1 or not 0 < smooth <= 1 or span <= 0:
+            raise ValueError("bad LinkMeter parameters")
+        self.bw: float | None = None  # measured delivery rate, bytes/s
+        self.bw0 = bw0  # the guess used until the first sample
+        self.q = 0.0  # model backlog at time t, bytes
+        self.t = 0.0
+        self.tx = 0  # bytes sent on the subflow (every datagram)
+        self.held = False  # set by a scheduler that held traffic because this link was full
+        self.busy_delay = busy_delay
+        self.gain_up = gain_up
+        self.smooth = smooth
+        self.span = span
+        self.samples = 0
+        self.last_sample: float | None = None
+        self.last_echo: float | None = None  # when the last usable echo arrived
+        self.probe_qdelay: float | None = None  # queueing delay the last echoed probe met
+        self.min_rtt: float | None = None
+        self.startup = True
+        self._probes: dict = {}  # ts_us -> (t_sent, tx incl. the probe, _empties then)
+        self._marks: deque = deque()  # (t_pass, tx, qdelay, _empties) of echoed probes
+        self._empties = 0  # times the model queue ran empty (app-limited moments)
+        self._last_echo_ts = 0
+        self._last_tpass = float("-inf")
+        # datagrams sent and NACKed (sent only here), per 100 ms: [previous, current]
+        self._bucket = 0
+        self._sent_b = [0, 0]
+        self._nack_b = [0, 0]
+
+    BUCKET = 0.1
+
+    def _roll(self, now: float) -> None:
+        b = int(now / self.BUCKET)
+        if b != self._bucket:
+            if b == self._bucket + 1:
+                self._sent_b = [self._sent_b[1], 0]
+                self._nack_b = [self._nack_b[1], 0]
+            else:
+                self._sent_b = [0, 0]
+                self._nack_b = [0, 0]
+            self._bucket = b
+
+    def note_nack(self, now: float) -> None:
+        """The peer asked again for a packet sent only on this subflow."""
+        self._roll(now)
+        self._nack_b[1] += 1
+
+    def nack_ratio(self, now: float) -> float:
+        """NACKed / sent over the last 100-200 ms (0 when nothing was sent)."""
+        self._roll(now)
+        sent = self._sent_b[0] + self._sent_b[1]
+        nacked = self._nack_b[0] + self._nack_b[1]
+        return nacked / sent if sent else 0.0
+
+    def nacked_recently(self, now: float) -> int:
+        self._roll(now)
+        return self._nack_b[0] + self._nack_b[1]
+
+    @property
+    def rate(self) -> float:
+        """The drain rate the model uses: ``bw`` once measured, else ``bw0``."""
+        bw = self.bw
+        return bw if bw is not None else self.bw0
+
+    def _advance(self, now: float) -> None:
+        dt = now - self.t
+        if dt > 0.0:
+            q = self.q - self.rate * dt
+            if q <= 0.0:
+                if self.q > 0.0:
+                    self._empties += 1
+                q = 0.0
+            self.q = q
+            self.t = now
+
+    def on_send(self, nbytes: int, now: float) -> None:
+        """A datagram of ``nbytes`` went out on the subflow."""
+        b = int(now / self.BUCKET)
+        if b != self._bucket:
+            self._roll(now)
+        self._sent_b[1] += 1
+        dt = now - self.t
+        if dt > 0.0:
+            q = self.q - self.rate * dt
+            if q <= 0.0:
+                if self.q > 0.0:
+                    self._empties += 1
+                q = 0.0
+            self.t = now
+            self.q = q + nbytes
+        else:
+            self.q += nbytes
+        self.tx += nbytes
+
+    def backlog(self, now: float) -> float:
+        """Bytes the model says still wait at the bottleneck at ``now``."""
+        q = self.q - self.rate * (now - self.t)
+        return q if q > 0.0 else 0.0
+
+    def qdelay(self, now: float) -> float:
+        """Seconds a datagram sent now would wait at the bottleneck (model)."""
+        return self.backlog(now) / self.rate
+
+    def note_rtt(self, rtt: float | None) -> None:
+        """An RTT sample of the subflow (handshake or probe), seconds."""
+        if rtt is not None and rtt >= 0.0 and (self.min_rtt is None or rtt < self.min_rtt):
+            self.min_rtt = rtt
+
+    def reset_queue(self, now: float) -> None:
+        """Forget the backlog, pending probes and the path's minimum RTT (the
+        subflow was re-established, perhaps over another path)."""
+        self.min_rtt = None
+        self._last_tpass = float("-inf")
+        self.q = 0.0
+        self.t = now
+        self._probes.clear()
+        self._marks.clear()
+        self._empties += 1
+        self.held = False
+
+    def on_probe_sent(self, ts_us: int, now: float) -> None:
+        self._advance(now)
+        probes = self._probes
+        probes[ts_us] = (now, self.tx, self._empties)
+        if len(probes) > self.MAX_PROBES:
+            del probes[next(iter(probes))]
+
+    def on_echo(self, echo_ts_us: int, echo_delay: float, now: float,
+                min_rtt: float | None) -> float | None:
+        """A probe from the peer echoed ``echo_ts_us``; returns the rate sample, if any."""
+        if echo_ts_us == self._last_echo_ts:
+            return None
+        rec = self._probes.get(echo_ts_us)
+        if rec is None:
+            return None
+        self._last_echo_ts = echo_ts_us
+        t0, tx0, empties = rec
+        self.note_rtt(now - echo_delay - t0)
+        base = self.min_rtt
+        if min_rtt is not None and (base is None or min_rtt < base):
+            base = min_rtt
+        t_pass = now - echo_delay - (base or 0.0)
+        if t_pass < t0:
+            t_pass = t0
+        if t_pass > now:
+            t_pass = now
+        if t_pass < self._last_tpass:  # keep marks monotone (jitter)
+            t_pass = self._last_tpass
+        self._last_tpass = t_pass
+        qd = t_pass - t0
+        self.probe_qdelay = qd
+        self.last_echo = now
+        rate = self.rate
+        # -- re-anchor the backlog on what was measured --------------------------
+        if echo_delay <= self.FRESH_ECHO:
+            self._advance(now)
+            real = self.tx - tx0 - rate * (now - t_pass)
+            if real < 0.0:
+                real = 0.0
+            if self.held and qd <= self.busy_delay and real <= rate * self.busy_delay:
+                # The scheduler held traffic for this link, yet the probe met
+                # no queue (measured, not modelled: a rate guessed too high
+                # would make the model look empty): it drains faster than we
+                # think.  Probe upwards.
+                self.bw = rate * (self.STARTUP_GAIN if self.startup else self.gain_up)
+            self.held = False
+            if real <= 0.0 < self.q:
+                self._empties += 1
+            self.q = real
+        # -- delivery-rate sample ------------------------------------------------
+        marks = self._marks
+        sample = None
+        ref = None
+        for m in reversed(marks):
+            if t_pass - m[0] >= self.span:
+                ref = m
+                break
+        if ref is not None and tx0 > ref[1]:
+            sample = (tx0 - ref[1]) / (t_pass - ref[0])
+            app_limited = empties != ref[3]
+            busy = qd > self.busy_delay and ref[2] > self.busy_delay
+            if busy:
+                self.startup = False
+            bw = self.bw
+            if bw is None:
+                if busy or not app_limited or sample > self.bw0:
+                    self.bw = sample
+            elif sample >= bw:
+                self.bw = sample
+            elif busy:
+                self.bw = bw + 0.5 * (sample - bw)
+            elif not app_limited:
+                self.bw = bw + self.smooth * (sample - bw)
+            self.samples += 1
+            self.last_sample = sample
+        marks.append((t_pass, tx0, qd, empties))
+        if len(marks) > self.MAX_MARKS:
+            marks.popleft()
+        return sample

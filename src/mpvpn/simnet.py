@@ -26,20 +26,47 @@ class SimLink:
     duplicate: float = 0.0  # probability a datagram is delivered twice
     up: bool = True  # False: everything is dropped (carrier down)
     fifo: bool = True  # True: jitter never reorders within this link
+    # Bottleneck (a rate-limited uplink, like tbf): None = unlimited, else
+    # bytes per second; datagrams wait in a FIFO queue of at most ``queue``
+    # bytes (None: unbounded) and a datagram that does not fit is dropped.
+    rate: float | None = None
+    queue: int | None = None
     sent: int = 0
-    dropped: int = 0
+    dropped: int = 0  # by loss, down, or a full queue
+    qdropped: int = 0  # of those, by a full queue
+    sent_bytes: int = 0
     _last_arrival: float = 0.0
+    _busy_until: float = 0.0
 
-    def transit(self, now: float, rng: random.Random) -> list[float]:
-        """Arrival times for one datagram sent now (empty if dropped)."""
+    def backlog(self, now: float) -> float:
+        """Bytes waiting in the bottleneck queue at ``now`` (0 without a rate)."""
+        if self.rate is None:
+            return 0.0
+        return max(0.0, self._busy_until - now) * self.rate
+
+    def transit(self, now: float, rng: random.Random, size: int = 0) -> list[float]:
+        """Arrival times for one datagram of ``size`` bytes sent now (empty if dropped)."""
         self.sent += 1
-        if not self.up or (self.loss and rng.random() < self.loss):
+        if not self.up:
+            self.dropped += 1
+            return []
+        depart = now
+        if self.rate is not None:
+            start = self._busy_until if self._busy_until > now else now
+            if self.queue is not None and (start - now) * self.rate + size > self.queue:
+                self.dropped += 1
+                self.qdropped += 1
+                return []
+            depart = start + size / self.rate
+            self._busy_until = depart
+        self.sent_bytes += size
+        if self.loss and rng.random() < self.loss:
             self.dropped += 1
             return []
         copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
         out = []
         for _ in range(copies):
-            t = now + self.delay + (rng.random() * self.jitter if self.jitter else 0.0)
+            t = depart + self.delay + (rng.random() * self.jitter if self.jitter else 0.0)
             if self.fifo and t < self._last_arrival:
                 t = self._last_arrival
             self._last_arrival = max(self._last_arrival, t)
@@ -69,6 +96,7 @@ class SimPair:
         self._heap: list = []
         self._n = 0
         self.delivered = {"a": [], "b": []}  # user packets handed up, per receiving side
+        self.delivered_at = {"a": [], "b": []}  # when each of them was handed up
         self.events = {"a": [], "b": []}
         for m in range(1, n_subflows + 1):
             self.add_subflow(m, loss=loss, delay=delay, jitter=jitter,
@@ -102,7 +130,7 @@ class SimPair:
             lk = self.links.get((side, member))
             if lk is None:
                 continue
-            for t in lk.transit(self.now, self.rng):
+            for t in lk.transit(self.now, self.rng, len(dgram)):
                 self._n += 1
                 heapq.heappush(self._heap, (t, self._n, other, member, dgram))
 
@@ -113,6 +141,10 @@ class SimPair:
             self.events[side].append((self.now, ev))
             ev = sess.next_event()
 
+    def _deliver(self, side: str, packets: list) -> None:
+        self.delivered[side].extend(packets)
+        self.delivered_at[side].extend([self.now] * len(packets))
+
     def send(self, side: str, packet: bytes) -> bool:
         ok = self.session(side).send(packet, self.now)
         self._flush(side)
@@ -121,7 +153,7 @@ class SimPair:
     def inject(self, side: str, member: int, datagram: bytes) -> list:
         """Hand a raw datagram to ``side`` as if it arrived on ``member``."""
         out = self.session(side).receive_datagram(datagram, member, self.now)
-        self.delivered[side].extend(out)
+        self._deliver(side, out)
         self._flush(side)
         self._collect(side)
         return out
@@ -146,14 +178,14 @@ class SimPair:
                 _, _, side, member, dgram = heapq.heappop(heap)
                 out = self.session(side).receive_datagram(dgram, member, self.now)
                 if out:
-                    self.delivered[side].extend(out)
+                    self._deliver(side, out)
                 self._flush(side)
             for side, s in (("a", a), ("b", b)):
                 d = s.get_timer()
                 if d is not None and d <= self.now:
                     out = s.handle_timer(self.now)
                     if out:
-                        self.delivered[side].extend(out)
+                        self._deliver(side, out)
                     self._flush(side)
             self._collect("a")
             self._collect("b")

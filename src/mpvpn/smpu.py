@@ -17,7 +17,17 @@ every state change (subflow up/down, session up/down).
 Sending is duplicate mode by default: every user packet goes out on every
 established subflow.  ``Session.scheduler`` is the hook a scheduler replaces:
 ``scheduler(packet, up, now) -> sequence of Subflow`` chooses which of the
-established subflows ``up`` carry the packet.
+established subflows ``up`` carry the packet.  A scheduler from
+:func:`mpvpn.scheduler.make_scheduler` may also *queue* (``queueing``): then
+``send`` hands the packet to ``scheduler.enqueue`` and the session transmits
+whatever ``scheduler.pull`` releases, now or at a later timer; and it may
+turn on NACKs (``nack``): the receiver asks for sequence numbers missing
+from its reorder buffer before their hold deadline and the sender re-sends
+them from its send buffer on another subflow (docs/scheduler.md).
+
+Each subflow carries ``sub.meter`` (:class:`mpvpn.linkstats.LinkMeter`),
+the session's model of its delivery rate and backlog, fed here from the
+datagrams sent and the probes echoed.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mpvpn import wire
+from mpvpn.linkstats import LinkMeter
 from mpvpn.reorder import ReorderBuffer
 from mpvpn.replay import ReplayWindow
 from mpvpn.subflow import State, Subflow, SubflowConfig
@@ -37,6 +48,8 @@ _HLEN = wire.HEADER_LEN
 _DATA = wire.DATA
 _VERSION = wire.VERSION
 _MEMBER = [bytes((i,)) for i in range(256)]
+_PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
+_NACK = int(Op.NACK)
 
 
 @dataclass
@@ -50,6 +63,13 @@ class SessionConfig:
     send_buffer: int = 1024  # recent packets kept for retransmission (power of two)
     max_payload: int = 65535 - 8 - 40 - wire.HEADER_LEN - wire.TAG_LEN
     max_queue: int = 65536  # outgoing datagrams not yet collected by the I/O layer
+    # NACK (on when the scheduler says so: ``scheduler.nack``)
+    nack_interval: float = 0.005  # at most one NACK round per interval
+    nack_copies: int = 2  # a NACK goes out on this many (fastest) subflows
+    nack_track: int = 512  # missing sequence numbers remembered at once
+    nack_wait_min: float = 0.003  # never ask sooner than this after a gap appears
+    retransmit_budget: float = 0.25  # retransmissions per packet sent, on average...
+    retransmit_burst: int = 128  # ...with this burst
 
     def validate(self) -> None:
         self.subflow.validate()
@@ -63,6 +83,10 @@ class SessionConfig:
             raise ValueError("send_buffer must be a power of two")
         if not 0 < self.max_payload <= wire.MAX_PAYLOAD:
             raise ValueError("max_payload out of range")
+        if (self.nack_interval < 0 or self.nack_copies < 1 or self.nack_track < 1
+                or self.nack_wait_min < 0 or self.retransmit_budget < 0
+                or self.retransmit_burst < 0):
+            raise ValueError("bad NACK settings")
 
 
 # -- events ------------------------------------------------------------------
@@ -126,7 +150,10 @@ class Session:
         self._up: tuple[Subflow, ...] = ()
         self._closing: set[int] = set()
         self.connected = False
-        self.scheduler = duplicate_all
+        self._sched = duplicate_all
+        self._queueing = False
+        self.nack_enabled = False  # receiver: ask for missing packets (set by the scheduler)
+        self._now = 0.0  # the latest `now` seen (for datagrams emitted by subflows)
         self._seq = 0
         self._sendbuf: list = [None] * c.send_buffer
         self._sendmask = c.send_buffer - 1
@@ -140,6 +167,27 @@ class Session:
         self.tx_too_big = 0
         self.tx_queue_full = 0
         self.retransmits = 0
+        self._sched_drops = 0  # packets lost with a replaced queueing scheduler
+        # NACK, receiver side
+        self._missing: dict[int, float] = {}  # seq -> when its gap was noticed
+        self._rx_high = 0  # highest DATA sequence number received
+        # member -> [highest seq received on it, when data last came, smoothed gap]
+        self._high_by: dict[int, list] = {}
+        self._nack_next: float | None = None
+        self._nack_last = float("-inf")  # when the last NACK went out (rate limit)
+        self._nack_wait = c.nack_wait_min
+        self.nacks_sent = 0
+        self.nack_seqs = 0  # sequence numbers asked for
+        self.nack_too_late = 0  # missing numbers not asked for: no time left before the hold
+        self.nack_untracked = 0  # missing numbers beyond nack_track
+        # NACK, sender side
+        self.nacks_received = 0
+        self.nack_retransmits = 0  # sequence numbers re-sent for a NACK
+        self.nack_unavailable = 0  # asked for but no longer in the send buffer
+        self.nack_budget_drops = 0  # asked for but over the retransmission budget
+        self.nack_duplicates = 0  # asked for again right after a re-send
+        self._retx_tokens = float(c.retransmit_burst)
+        self._retx_mark = 0  # self.sent when the tokens were last topped up
         self.malformed: dict[str, int] = {}
         self.auth_failures = 0  # datagrams whose AEAD tag did not verify (or not sealed)
         self.replays = 0  # control datagrams rejected by the replay window
@@ -147,14 +195,68 @@ class Session:
         self.wrong_member = 0
         self.unknown_member = 0
 
+    # -- the scheduler -----------------------------------------------------------
+
+    @property
+    def scheduler(self):
+        """The hook choosing subflows (see the module docstring).  Assigning a
+        scheduler with ``queueing`` / ``nack`` attributes turns those on."""
+        return self._sched
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        old = self._sched
+        self._sched = value
+        self._queueing = bool(getattr(value, "queueing", False))
+        self.nack_enabled = bool(getattr(value, "nack", False))
+        if not self.nack_enabled:
+            self._missing.clear()
+            self._nack_next = None
+        bw0 = getattr(getattr(value, "options", None), "initial_rate", None)
+        if bw0:
+            for sub in self.subflows.values():
+                sub.meter.bw0 = bw0
+        if old is not value:
+            # packets queued in the old one are gone; its drops stay counted
+            self._sched_drops += getattr(old, "pending", 0) + getattr(old, "dropped", 0)
+        self._update_hold()
+
+    def _pump(self, now: float) -> None:
+        """Transmit what a queueing scheduler releases now."""
+        up = self._up
+        if not up:
+            return
+        sched = self._sched
+        pull = sched.pull
+        pull_retx = getattr(sched, "pull_retransmit", None)
+        transmit = self._transmit
+        out = self._out
+        limit = self.config.max_queue
+        while len(out) < limit:
+            if pull_retx is not None and sched._retx:
+                r = pull_retx(up, now)
+                if r is not None:  # stage 3: re-sends first
+                    entry = self._sendbuf[r[0] & self._sendmask]
+                    if entry is not None and entry[0] == r[0]:
+                        if self._retransmit_entry(entry, [s.member for s in r[1]], now):
+                            self.nack_retransmits += 1
+                    continue
+            item = pull(up, now)
+            if item is None:
+                break
+            transmit(item[0], item[1], now)
+
     # -- subflow management ---------------------------------------------------
 
     def add_subflow(self, member: int, now: float, name: str = "", meta: dict | None = None) -> Subflow:
         """Add a subflow; the initiator starts its 3-way open at once."""
         if member in self.subflows:
             raise ValueError(f"member {member} already in session")
+        self._now = now
         sub = Subflow(member, self.initiator, self.config.subflow, self._emit, self._on_state,
                       name=name, meta=meta)
+        sub.meter = LinkMeter(bw0=getattr(getattr(self._sched, "options", None),
+                                          "initial_rate", 125_000.0))
         self.subflows[member] = sub
         self._ctrl_replay.setdefault(member, ReplayWindow(8192))
         if self.initiator:
@@ -188,6 +290,7 @@ class Session:
 
     def _on_state(self, sub: Subflow, old: State, new: State, reason: str) -> None:
         if new is State.ESTABLISHED:
+            sub.meter.reset_queue(self._now)
             self._events.append(SubflowUp(sub.member))
         elif old is State.ESTABLISHED:
             self._events.append(SubflowDown(sub.member, reason))
@@ -225,14 +328,20 @@ class Session:
             dgram = _pack(_VERSION, opcode, m, 0, self.session_id, len(payload), 0, 0, seq) + payload
         sub.tx_packets += 1
         sub.tx_bytes += len(dgram)
+        meter = sub.meter
+        meter.on_send(len(dgram), self._now)
+        if opcode in _PROBES:
+            meter.on_probe_sent(int.from_bytes(payload[:8], "big"), self._now)
         self._out.append((sub.member, dgram))
 
     def send(self, packet: bytes, now: float) -> bool:
         """Send one user packet on the subflows the scheduler picks.
 
-        Returns False (and counts why) if it could not be sent at all.
+        Returns False (and counts why) if it could not be sent at all.  With a
+        queueing scheduler True means accepted: it leaves when released.
         """
         up = self._up
+        self._now = now
         if not up:
             self.tx_no_subflow += 1
             return False
@@ -243,42 +352,62 @@ class Session:
         if len(self._out) >= self.config.max_queue:
             self.tx_queue_full += 1
             return False
-        targets = self.scheduler(packet, up, now)
+        if self._queueing:
+            targets = self._sched.offer(packet, up, now)
+            if targets:
+                self._transmit(packet, targets, now)
+                return True
+            self._pump(now)  # time went by: what is queued may leave now
+            return targets is None
+        targets = self._sched(packet, up, now)
         if not targets:
             self.tx_no_subflow += 1
             return False
+        self._transmit(packet, targets, now)
+        return True
+
+    def _transmit(self, packet: bytes, targets, now: float) -> None:
+        """Give ``packet`` the next sequence number and send it on ``targets``."""
+        n = len(packet)
         self._seq = seq = self._seq + 1
         self.sent += 1
         out = self._out
         if self.sealer is not None:
             # Sealed once; the copies differ only in the header's member byte.
             sealed = self.sealer.seal_data(self.session_id, seq, packet)
-            self._sendbuf[seq & self._sendmask] = (seq, sealed)
+            self._sendbuf[seq & self._sendmask] = (seq, sealed, targets)
             head, tail = sealed[:2], sealed[3:]
+            dlen = len(sealed)
             for sub in targets:
                 dgram = head + _MEMBER[sub.member] + tail
                 out.append((sub.member, dgram))
                 sub.tx_packets += 1
-                sub.tx_bytes += len(dgram)
+                sub.tx_bytes += dlen
                 sub.data_tx += 1
+                sub.meter.on_send(dlen, now)
                 sub.note_data_sent(now)
-            return True
-        self._sendbuf[seq & self._sendmask] = (seq, packet)
+            return
+        self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
         sid = self.session_id
+        dlen = n + _HLEN
         for sub in targets:
             dgram = _pack(_VERSION, _DATA, sub.member, 0, sid, n, 0, 0, seq) + packet
             out.append((sub.member, dgram))
             sub.tx_packets += 1
-            sub.tx_bytes += len(dgram)
+            sub.tx_bytes += dlen
             sub.data_tx += 1
+            sub.meter.on_send(dlen, now)
             sub.note_data_sent(now)
-        return True
 
     def retransmit(self, seq: int, members, now: float) -> bool:
         """Send ``seq`` again from the send buffer on the given established subflows."""
         entry = self._sendbuf[seq & self._sendmask]
         if entry is None or entry[0] != seq:
             return False
+        return self._retransmit_entry(entry, members, now)
+
+    def _retransmit_entry(self, entry, members, now: float) -> bool:
+        seq = entry[0]
         stored = entry[1]  # sealed datagram (resent as is: never sealed twice) or plaintext
         sent = False
         for m in members:
@@ -293,9 +422,12 @@ class Session:
             sub.tx_packets += 1
             sub.tx_bytes += len(dgram)
             sub.data_tx += 1
+            sub.meter.on_send(len(dgram), now)
+            sub.note_data_sent(now)
             sent = True
         if sent:
             self.retransmits += 1
+            self._sendbuf[seq & self._sendmask] = (seq, stored, entry[2], now)
         return sent
 
     def datagrams_to_send(self, now: float | None = None) -> list[tuple[int, bytes]]:
@@ -326,6 +458,7 @@ class Session:
         from an authenticated control datagram, so a NAT rebinding is
         followed and a spoofed or replayed datagram can move nothing.
         """
+        self._now = now
         # Fast path for well-formed DATA of this session (most traffic, and
         # in duplicate mode mostly copies that are dropped right here, before
         # any decryption).  Anything unusual takes the full path below, which
@@ -378,11 +511,24 @@ class Session:
                 sub.roams += 1
             sub.remote = source
         sub.on_receive(len(data), now)
-        sub.on_control(hdr.opcode, payload, now)
-        if hdr.opcode in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
+        op = hdr.opcode
+        if op == _NACK:
+            self._on_nack(payload, now)
+            return []
+        samples = sub.rtt.samples
+        sub.on_control(op, payload, now)
+        if sub.rtt.samples != samples:
+            sub.meter.note_rtt(sub.rtt.latest)  # the handshake's too: before any queue
+        if op in _PROBES and sub.state is State.ESTABLISHED:
+            _ts, echo, delay_us, _tx, _loss = wire.PROBE.unpack(payload)
+            if echo:
+                sub.meter.on_echo(echo, delay_us / 1_000_000, now, sub.rtt.min_rtt)
+        if op in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
             self._update_hold()
         if sub.state is State.CLOSED and member in self._closing:
             self._reap(member)
+        if self._queueing and self._sched.pending:
+            self._pump(now)  # a re-measured backlog or a subflow that came up may free room
         return []
 
     def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
@@ -413,7 +559,163 @@ class Session:
                 self.auth_failures += 1
                 return []
         sub.on_data(now)
-        return reorder.push(seq, payload, now)
+        out = reorder.push(seq, payload, now)
+        if self.nack_enabled:
+            h = self._high_by.get(sub.member)
+            if h is None:
+                self._high_by[sub.member] = [seq, now, 0.01]
+            else:
+                gap = now - h[1]
+                h[2] += 0.125 * ((gap if gap < 0.1 else 0.1) - h[2])
+                h[1] = now
+                if seq > h[0]:
+                    h[0] = seq
+            missing = self._missing
+            if seq > self._rx_high:
+                if seq > self._rx_high + 1:
+                    self._note_gap(seq, now)
+                self._rx_high = seq
+            elif missing:
+                missing.pop(seq, None)
+            if missing:
+                # Subflows are FIFO: once every subflow carrying data has
+                # delivered something above a missing number, it is lost.
+                first = next(iter(missing))
+                if first < self._passed_all(now):
+                    c = self.config
+                    t = max(now, missing[first] + c.nack_wait_min, self._nack_last + c.nack_interval)
+                    if self._nack_next is None or t < self._nack_next:
+                        self._nack_next = t
+        return out
+
+    # -- NACK ---------------------------------------------------------------------
+
+    def _note_gap(self, seq: int, now: float) -> None:
+        """DATA ``seq`` arrived above the highest so far: the numbers between are missing."""
+        lo = max(self._rx_high, self.reorder.last) + 1
+        missing = self._missing
+        c = self.config
+        lo = max(lo, seq - c.send_buffer)  # the sender no longer has older ones
+        room = c.nack_track - len(missing)
+        hi = min(seq, lo + max(0, room))
+        if hi < seq:
+            self.nack_untracked += seq - hi
+        for s in range(lo, hi):
+            missing[s] = now
+        if hi > lo and self._nack_next is None:
+            self._nack_next = max(now + self._nack_wait, self._nack_last + c.nack_interval)
+
+    def _passed_all(self, now: float) -> int:
+        """The lowest of the highest numbers received on each subflow that
+        is delivering data (0: no evidence).  A subflow counts while its data
+        keeps coming at its usual pace (within 4 smoothed gaps): one that went
+        quiet -- dead, or no longer used -- can hide nothing."""
+        low = 0
+        slack = self.config.nack_wait_min
+        for h in self._high_by.values():
+            if now - h[1] <= 4 * h[2] + slack and (low == 0 or h[0] < low):
+                low = h[0]
+        return low
+
+    def _nack_tick(self, now: float) -> None:
+        """Send one NACK for the missing numbers that waited long enough."""
+        missing = self._missing
+        if not missing:
+            self._nack_next = None
+            return
+        if self._nack_next is not None and now < self._nack_next:
+            return
+        if now < self._nack_last + self.config.nack_interval:
+            self._nack_next = self._nack_last + self.config.nack_interval
+            return
+        reorder = self.reorder
+        hold = reorder.hold
+        wait = self._nack_wait
+        up = [s for s in self._up if s.rtt.srtt is not None] or list(self._up)
+        fastest = min((s.rtt.srtt for s in up if s.rtt.srtt is not None), default=0.0)
+        due: list[int] = []
+        nxt = None
+        passed = self._passed_all(now)
+        wait_min = self.config.nack_wait_min
+        for s, t in list(missing.items()):
+            if reorder.is_stale(s):  # arrived meanwhile, or given up
+                del missing[s]
+                continue
+            if t + wait > now and not (s < passed and t + wait_min <= now):
+                nxt = t + wait if s >= passed else t + wait_min
+                break
+            if hold is not None and t + hold < now + fastest:
+                del missing[s]  # a re-send could not arrive before the hold deadline
+                self.nack_too_late += 1
+                continue
+            if due and s - due[0] >= wire.NACK_SPAN:
+                nxt = now
+                break
+            due.append(s)
+        if due and up:
+            for s in due:
+                del missing[s]
+            payload = wire.nack_encode(due)
+            up.sort(key=lambda sub: sub.rtt.srtt if sub.rtt.srtt is not None else 1e9)
+            for sub in up[: self.config.nack_copies]:
+                self._emit(sub, Op.NACK, payload)
+            self.nacks_sent += 1
+            self.nack_seqs += len(due)
+            self._nack_last = now
+        if missing:
+            if nxt is None:
+                nxt = next(iter(missing.values())) + wait
+            self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
+        else:
+            self._nack_next = None
+
+    def _on_nack(self, payload, now: float) -> None:
+        """The peer is missing these sequence numbers: re-send them on other subflows."""
+        self.nacks_received += 1
+        up = self._up
+        if not up:
+            return
+        c = self.config
+        # top up the retransmission budget: retransmit_budget per packet sent
+        self._retx_tokens = min(float(c.retransmit_burst),
+                                self._retx_tokens + c.retransmit_budget * (self.sent - self._retx_mark))
+        self._retx_mark = self.sent
+        targets_for = getattr(self._sched, "retransmit_targets", None)
+        queue_for = getattr(self._sched, "queue_retransmit", None) if self._queueing else None
+        # The copies of one NACK arrive within the RTT of the slowest subflow
+        # that carries them; our receiver never asks twice for a number.
+        srtts = sorted(s.rtt.srtt for s in up if s.rtt.srtt is not None) or [0.02]
+        dedupe = srtts[min(c.nack_copies, len(srtts)) - 1]
+        for seq in wire.nack_decode(payload):
+            entry = self._sendbuf[seq & self._sendmask]
+            if entry is None or entry[0] != seq:
+                self.nack_unavailable += 1
+                continue
+            if len(entry) > 3 and now - entry[3] < dedupe:
+                self.nack_duplicates += 1  # the other copy of the same NACK
+                continue
+            if self._retx_tokens < 1.0:
+                self.nack_budget_drops += 1
+                continue
+            carried = entry[2]
+            if len(carried) == 1:
+                carried[0].meter.note_nack(now)  # evidence against that subflow
+            if queue_for is not None:
+                # paced like everything else, but ahead of it (see _pump)
+                queue_for(seq, carried, len(entry[1]), now)
+                self._sendbuf[seq & self._sendmask] = (seq, entry[1], carried, now)
+                self._retx_tokens -= 1.0
+                continue
+            if targets_for is not None:
+                subs = targets_for(carried, up, now, len(entry[1]))
+            else:
+                carried_m = {s.member for s in carried}
+                subs = [s for s in up if s.member not in carried_m][:1] or list(up[:1])
+            if self._retransmit_entry(entry, [s.member for s in subs], now):
+                self._retx_tokens -= 1.0
+                self.nack_retransmits += 1
+        if queue_for is not None:
+            self._pump(now)
 
     # -- timers -----------------------------------------------------------------
 
@@ -424,17 +726,30 @@ class Session:
             d = sub.next_deadline()
             if d is not None and (t is None or d < t):
                 t = d
+        d = self._nack_next
+        if d is not None and (t is None or d < t):
+            t = d
+        if self._queueing and self._up:
+            d = self._sched.next_release()
+            if d is not None and (t is None or d < t):
+                t = d
         return t
 
     def handle_timer(self, now: float) -> list:
         """Run due timers; returns user packets released by the hold deadline."""
+        self._now = now
         for member, sub in list(self.subflows.items()):
             d = sub.next_deadline()
             if d is not None and d <= now:
                 sub.on_timer(now)
                 if sub.state is State.CLOSED and member in self._closing:
                     self._reap(member)
-        return self.reorder.expire(now)
+        out = self.reorder.expire(now)
+        if self._nack_next is not None and self._nack_next <= now:
+            self._nack_tick(now)
+        if self._queueing and self._sched.pending:
+            self._pump(now)
+        return out
 
     def next_event(self):
         """The next event (SubflowUp, SubflowDown, ...) or None."""
@@ -443,19 +758,49 @@ class Session:
     # -- hold deadline ------------------------------------------------------------
 
     def _update_hold(self) -> None:
-        """Automatic hold: RTT spread across established subflows + 4 * max rttvar."""
+        """Automatic hold: RTT spread across established subflows + 4 * max rttvar.
+
+        With NACKs on, the hold is stretched, if needed, to leave room for one
+        repair (see below), and a gap that no subflow's order has proven lost
+        yet is asked for after ``wait = min(hold/2, spread + 4 * rttvar)``
+        (at least ``nack_wait_min``).
+        """
         c = self.config
-        if c.hold != -1.0:
+        up = [s for s in self._up if s.rtt.srtt is not None]
+        if not up:
+            self._nack_wait = c.nack_wait_min
+            if c.hold == -1.0:
+                self.reorder.hold = c.hold_initial
             return
-        srtts = [s.rtt.srtt for s in self._up if s.rtt.srtt is not None]
-        if not srtts:
-            self.reorder.hold = c.hold_initial
-            return
+        srtts = [s.rtt.srtt for s in up]
         spread = max(srtts) - min(srtts)
-        var = max(s.rtt.rttvar for s in self._up if s.rtt.rttvar is not None)
-        self.reorder.hold = min(c.hold_max, max(c.hold_min, spread + 4 * var))
+        var = max(s.rtt.rttvar for s in up)
+        base = spread + 4 * var
+        hold = base
+        if self.nack_enabled:
+            # a repair: the loss shows once the slowest subflow overtook it
+            # (half the spread); the NACK crosses a fast subflow and the
+            # re-send another one, behind its queue: with the fastest one
+            # lost, about 1.5 RTTs of the second fastest (srtt includes the
+            # queue, which is all on the data's way)
+            srtts.sort()
+            second = srtts[1] if len(srtts) > 1 else srtts[0]
+            repair = spread / 2 + 1.5 * second + 4 * var + c.nack_interval
+            hold = max(hold, repair)
+        if c.hold == -1.0:
+            self.reorder.hold = hold = min(c.hold_max, max(c.hold_min, hold))
+        elif c.hold is not None:
+            hold = c.hold
+        # Without evidence from the subflows' order (see _nack_tick), a gap is
+        # taken for a loss after about the RTT spread, at most half the hold.
+        self._nack_wait = max(c.nack_wait_min, min(hold / 2, spread + 4 * var))
 
     # -- status -------------------------------------------------------------------
+
+    @property
+    def tx_sched_drops(self) -> int:
+        """User packets a queueing scheduler dropped (overflow, too old, replaced)."""
+        return self._sched_drops + getattr(self._sched, "dropped", 0)
 
     def counters(self) -> dict:
         r = self.reorder
@@ -469,6 +814,16 @@ class Session:
             "deadline_releases": r.deadline_releases,
             "skipped": r.skipped,
             "retransmits": self.retransmits,
+            "nacks_sent": self.nacks_sent,
+            "nack_seqs": self.nack_seqs,
+            "nack_too_late": self.nack_too_late,
+            "nack_untracked": self.nack_untracked,
+            "nacks_received": self.nacks_received,
+            "nack_retransmits": self.nack_retransmits,
+            "nack_unavailable": self.nack_unavailable,
+            "nack_budget_drops": self.nack_budget_drops,
+            "nack_duplicates": self.nack_duplicates,
+            "tx_sched_drops": self.tx_sched_drops,  # dropped by the scheduler's queue
             "tx_no_subflow": self.tx_no_subflow,
             "tx_too_big": self.tx_too_big,
             "tx_queue_full": self.tx_queue_full,
@@ -481,7 +836,7 @@ class Session:
         }
 
     def status(self, now: float) -> dict:
-        return {
+        doc = {
             "session_id": self.session_id,
             "state": "connected" if self.connected else "disconnected",
             "initiator": self.initiator,
@@ -489,3 +844,7 @@ class Session:
             "links": [s.status(now) for s in self.subflows.values()],
             "counters": self.counters(),
         }
+        sched_status = getattr(self._sched, "status", None)
+        if sched_status is not None:
+            doc["scheduler"] = sched_status(self._up, now)
+        return doc

@@ -51,6 +51,7 @@ class Op(IntEnum):
     CLOSE_ACK = 0x05
     KEEPALIVE = 0x06  # probe: timestamps and echoed counters
     KEEPALIVE_ACK = 0x07  # immediate answer to a probe, same layout
+    NACK = 0x08  # receiver -> sender: please re-send these missing sequence numbers
     DATA = 0x10  # one user packet (inner IPv4/IPv6 datagram)
 
 
@@ -163,6 +164,42 @@ CLOSE = struct.Struct("!B")
 #                subflow, parts per million; 0xFFFFFFFF = not measured yet
 PROBE = struct.Struct("!QQIQI")
 LOSS_UNKNOWN = 0xFFFFFFFF
+# NACK: the receiver asks for DATA sequence numbers it is missing
+#   base_seq     the lowest sequence number asked for
+#   bitmap       bit i (least significant = 0) set: base_seq + i is missing;
+#                bit 0 is always set, so one NACK names 1..64 numbers
+NACK = struct.Struct("!QQ")
+NACK_SPAN = 64
+
+
+def nack_encode(seqs) -> bytes:
+    """NACK payload for ascending ``seqs`` that all lie in ``seqs[0] .. seqs[0] + 63``."""
+    base = seqs[0]
+    bits = 0
+    for s in seqs:
+        d = s - base
+        if not 0 <= d < NACK_SPAN:
+            raise ValueError("NACK sequence numbers must lie within 64 of the first")
+        bits |= 1 << d
+    return NACK.pack(base, bits)
+
+
+def nack_decode(payload) -> list[int]:
+    """The sequence numbers a NACK payload names (ascending; empty if base is 0)."""
+    base, bits = NACK.unpack(payload)
+    if base == 0:
+        return []
+    out = []
+    i = 0
+    while bits:
+        if bits & 1:
+            s = base + i
+            if s > MAX_SEQ:
+                break
+            out.append(s)
+        bits >>= 1
+        i += 1
+    return out
 
 CONTROL_SIZES = {
     int(Op.CONNECT): CONNECT.size,
@@ -172,6 +209,7 @@ CONTROL_SIZES = {
     int(Op.CLOSE_ACK): 0,
     int(Op.KEEPALIVE): PROBE.size,
     int(Op.KEEPALIVE_ACK): PROBE.size,
+    int(Op.NACK): NACK.size,
 }
 
 

@@ -1,0 +1,140 @@
+"""Inner-packet classification for the scheduler: flow keys and urgency.
+
+Pure functions over the bytes of one inner IPv4/IPv6 datagram (what the tun
+hands us); no state, no I/O, never raises on garbage.
+
+* :func:`classify` returns ``(key, urgent)``: ``key`` identifies the flow
+  (the 5-tuple, see :data:`FlowKey`) and ``urgent`` is a bit set of
+  :class:`Urgent` reasons (0: an ordinary packet).
+* Urgent, after seed 000's stage 3 ("urgent packets go first"): TCP
+  SYN/FIN/RST, pure TCP ACKs (no payload), DNS (UDP or TCP port 53),
+  ICMP/ICMPv6, DSCP EF (46) and the network-control classes CS6/CS7
+  (48/56), and any packet of at most ``small`` bytes.
+* Fragments: every fragment of a datagram (first or later) gets the key
+  without ports, so the fragments of one datagram stay in one flow.
+* Anything that is not a parsable IPv4/IPv6 header gets the key
+  :data:`OTHER`.
+"""
+
+from __future__ import annotations
+
+from enum import IntFlag
+
+__all__ = ["Urgent", "classify", "flow_key", "OTHER", "describe", "EF", "URGENT_DSCP"]
+
+# FlowKey = (ip version, protocol, src address bytes, dst address bytes, sport, dport)
+OTHER = (0, 0, b"", b"", 0, 0)
+
+EF = 46  # Expedited Forwarding (RFC 3246)
+URGENT_DSCP = frozenset({EF, 48, 56})  # EF, CS6, CS7
+
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+_TCP_FIN, _TCP_SYN, _TCP_RST, _TCP_ACK = 0x01, 0x02, 0x04, 0x10
+# IPv6 extension headers we walk: hop-by-hop, routing, destination options,
+# fragment (special), authentication header (length in 4-byte units).
+_EXT_8 = frozenset({0, 43, 60})
+_FRAG6 = 44
+_AH = 51
+_MAX_EXT = 8
+
+
+class Urgent(IntFlag):
+    NONE = 0
+    SYN = 0x01  # TCP SYN (connection set-up)
+    FIN = 0x02  # TCP FIN
+    RST = 0x04  # TCP RST
+    ACK = 0x08  # pure TCP ACK (no payload)
+    DNS = 0x10  # UDP or TCP port 53
+    ICMP = 0x20  # ICMP or ICMPv6
+    DSCP = 0x40  # DSCP EF / CS6 / CS7
+    SMALL = 0x80  # at most `small` bytes
+
+
+# plain ints on the per-packet path (IntFlag arithmetic is slow)
+_SYN, _FIN, _RST, _ACK, _DNS, _ICMP, _DSCP, _SMALL = (int(u) for u in (
+    Urgent.SYN, Urgent.FIN, Urgent.RST, Urgent.ACK, Urgent.DNS, Urgent.ICMP, Urgent.DSCP,
+    Urgent.SMALL))
+
+
+def describe(urgent: int) -> list[str]:
+    """Names of the reasons in ``urgent`` (for status and tests)."""
+    return [u.name.lower() for u in Urgent if u and urgent & u]
+
+
+def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
+    """``(flow key, urgent reasons)`` of one inner IP datagram."""
+    n = len(packet)
+    if n < 1:
+        return OTHER, 0
+    v = packet[0] >> 4
+    urgent = _SMALL if n <= small else 0
+    if v == 4:
+        if n < 20:
+            return OTHER, urgent
+        ihl = (packet[0] & 0x0F) * 4
+        if ihl < 20 or n < ihl:
+            return OTHER, urgent
+        dscp = packet[1] >> 2
+        proto = packet[9]
+        src = packet[12:16]
+        dst = packet[16:20]
+        frag = ((packet[6] & 0x3F) << 8) | packet[7]  # MF flag + fragment offset
+        off = ihl
+        end = min(n, int.from_bytes(packet[2:4], "big") or n)
+        fragmented = frag != 0
+    elif v == 6:
+        if n < 40:
+            return OTHER, urgent
+        dscp = ((packet[0] & 0x0F) << 2) | (packet[1] >> 6)
+        proto = packet[6]
+        src = packet[8:24]
+        dst = packet[24:40]
+        off = 40
+        end = min(n, 40 + int.from_bytes(packet[4:6], "big")) if packet[4:6] != b"\0\0" else n
+        fragmented = False
+        for _ in range(_MAX_EXT):
+            if proto in _EXT_8:
+                if off + 2 > end:
+                    break
+                proto, off = packet[off], off + (packet[off + 1] + 1) * 8
+            elif proto == _AH:
+                if off + 2 > end:
+                    break
+                proto, off = packet[off], off + (packet[off + 1] + 2) * 4
+            elif proto == _FRAG6:
+                if off + 8 > end:
+                    break
+                fragmented = True
+                proto, off = packet[off], off + 8
+            else:
+                break
+    else:
+        return OTHER, urgent
+    if dscp in URGENT_DSCP:
+        urgent |= _DSCP
+    if proto == ICMP or proto == ICMPV6:
+        return (v, proto, src, dst, 0, 0), urgent | _ICMP
+    if fragmented or proto not in (TCP, UDP) or off + 4 > end:
+        return (v, proto, src, dst, 0, 0), urgent
+    sport = (packet[off] << 8) | packet[off + 1]
+    dport = (packet[off + 2] << 8) | packet[off + 3]
+    if sport == 53 or dport == 53:
+        urgent |= _DNS
+    if proto == TCP and off + 14 <= end:
+        flags = packet[off + 13]
+        if flags & _TCP_SYN:
+            urgent |= _SYN
+        if flags & _TCP_FIN:
+            urgent |= _FIN
+        if flags & _TCP_RST:
+            urgent |= _RST
+        doff = (packet[off + 12] >> 4) * 4
+        if flags & _TCP_ACK and doff >= 20 and off + doff >= end and not flags & (
+                _TCP_SYN | _TCP_FIN | _TCP_RST):
+            urgent |= _ACK
+    return (v, proto, src, dst, sport, dport), urgent
+
+
+def flow_key(packet: bytes) -> tuple:
+    """Just the flow key of :func:`classify`."""
+    return classify(packet)[0]
