@@ -353,3 +353,22 @@ def test_static_keys_kkpsk0_connect_and_a_wrong_peer_key_is_refused(make_lab):
         st = ts.a.wait(lambda s: s["last_error"] is not None, 10, "a handshake error")
         assert st["state"] == "connecting" and st["session_id"] is None
         assert not lab.reachable(lab.ha, "192.168.20.2")
+
+
+def test_aggregate_mode_spreads_by_weight_and_delivers_intact(make_lab):
+    lab = make_lab(carriers=3)
+    with TwoSites(lab, extra_base="\toption mode 'aggregate'\n") as ts:
+        for c, mbit in ((1, 50), (2, 30), (3, 20)):
+            lab.set_rate(c, mbit)
+        lab.set_loss(2, 5)
+        ts.start()
+        sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, 20_000_000)
+        assert (got, sha_rx) == (sent, sha_tx)
+        st = ts.a.status()
+        share = {ln["type"]: ln["tx_bytes"] for ln in st["links"]}
+        total = sum(share.values())
+        assert total < 1.5 * sent  # one copy per packet (plus repairs), not three
+        assert share["telecom"] > share["mobile"]  # the 50 Mbit/s carrier carries more than the 20
+        w = {ln["type"]: ln["weight"] for ln in st["links"]}
+        assert abs(sum(w.values()) - 1.0) < 0.01 and w["telecom"] > w["mobile"]
+        assert st["mode"] == "aggregate"

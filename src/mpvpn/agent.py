@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from mpvpn import __version__, control, ifaddr, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
+from mpvpn.scheduler import make_scheduler
 from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
@@ -187,6 +188,8 @@ class Agent:
             hold_max=b.hold_max_ms / 1000.0,
             hold_min=min(0.005, b.hold_max_ms / 1000.0),
             hold_initial=min(0.050, b.hold_max_ms / 1000.0),
+            # NACK repairs (aggregate/adaptive) need the packets of a few RTTs
+            send_buffer=1024 if b.mode == "duplicate" else 4096,
         )
 
     def _control_config(self) -> control.ControlConfig:
@@ -548,6 +551,7 @@ class Agent:
         sealer = Sealer(keys.send, keys.recv, keys.epoch)
         sess = Session(session_id, initiator=(self.role == "client"),
                        config=self._session_config(), sealer=sealer)
+        sess.scheduler = make_scheduler(self.cfg.base.mode)
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
@@ -1012,8 +1016,15 @@ class Agent:
         totals: dict[str, int] = {}
         for ds in self.sessions.values():
             st = ds.sess.status(now)
+            sched = ds.sess.scheduler
+            quality = sched.weights(ds.sess.up, now) if hasattr(sched, "weights") else {}
+            duplicate = self.cfg.base.mode == "duplicate"
             for ln in st["links"]:
-                ln["weight"] = 1.0 if ln["state"] == State.ESTABLISHED.value else 0.0
+                # quality: seed 000's u_i share; weight: the share of packets this
+                # subflow carries (duplicate mode: every established one carries all)
+                ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
+                up = ln["state"] == State.ESTABLISHED.value
+                ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
                 links.append(ln)
             for k, v in st["counters"].items():
                 if isinstance(v, int):
