@@ -372,3 +372,21 @@ def test_aggregate_mode_spreads_by_weight_and_delivers_intact(make_lab):
         w = {ln["type"]: ln["weight"] for ln in st["links"]}
         assert abs(sum(w.values()) - 1.0) < 0.01 and w["telecom"] > w["mobile"]
         assert st["mode"] == "aggregate"
+
+
+def test_unmatched_carriers_stay_idle_unless_pair_unmatched(make_lab):
+    lab = make_lab(carriers=3)
+    with TwoSites(lab) as ts:
+        conf_b = ts.b.uci_dir / "orayboxvpn"
+        conf_b.write_text(conf_b.read_text().replace("option type 'mobile'", "option type 'broadband'"))
+        ts.start(subflows=2)
+        st = ts.a.status()
+        assert sorted(ln["type"] for ln in st["links"]) == ["telecom", "unicom"]  # seed rule
+        ts.a.stop()
+        conf_a = ts.a.uci_dir / "orayboxvpn"
+        conf_a.write_text(conf_a.read_text().replace(
+            "config base 'base'\n", "config base 'base'\n\toption pair_unmatched '1'\n"))
+        ts.a.start()
+        st = ts.a.wait_connected(subflows=3, timeout=20)
+        cross = [ln for ln in st["links"] if ln["type"] == "mobile"]
+        assert cross and cross[0]["remote"].startswith("10.3.0.2:")

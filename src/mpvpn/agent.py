@@ -200,7 +200,7 @@ class Agent:
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
             lans=tuple(self.lans), mode=c.base.mode,
-            rekey_interval=c.base.rekey_interval,
+            rekey_interval=c.base.rekey_interval, pair_unmatched=c.base.pair_unmatched,
             **({"pattern": "KKpsk0", "static_key": c.base.private_key,
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,

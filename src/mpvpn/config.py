@@ -120,6 +120,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Required. Shared secret, the same on both sides: 32 random bytes in base64 "
             "(`head -c 32 /dev/urandom | base64`).",
         ),
+        "pair_unmatched": Option(
+            "bool", "0",
+            "Carriers without a same-type partner on the peer stay idle (the seed's rule); `1` "
+            "pairs the leftovers across carriers. Either side may turn it on.",
+        ),
         "private_key": Option(
             "key32", None,
             "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
@@ -304,6 +309,7 @@ class Base:
     hold_max_ms: int = 200
     rekey_interval: float = 120.0
     reorder_capacity: int = 1024
+    pair_unmatched: bool = False
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
@@ -637,6 +643,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
                 chk.err(sec.path("psk"), "is all zero bytes: use a random key")
                 psk = None
     b["psk"] = psk
+    b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
 
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
     for name in ("private_key", "peer_public_key"):
@@ -1060,6 +1067,7 @@ def validate(
         dead_after=b["dead_after"],
         hold_max_ms=b["hold_max_ms"],
         rekey_interval=b["rekey_interval"],
+        pair_unmatched=b["pair_unmatched"],
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],

@@ -189,6 +189,10 @@ return view.extend({
 			}
 		};
 
+		o = s.taboption('general', form.Flag, 'pair_unmatched', _('Pair unmatched carriers'),
+			_('Carriers without a same-type partner on the other site stay idle unless this is on; then the leftovers are paired across carriers.'));
+		o.default = '0';
+
 		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
 			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));
 		o.password = true;
