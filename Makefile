@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/loss.py
 	$(PY) bench/agent.py
 	$(PY) bench/idle.py
+	$(PY) bench/aggregate.py
 
 ipk: $(STAMP)
 	$(PY) -m mpvpn.ipk --out dist
