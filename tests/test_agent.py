@@ -156,6 +156,9 @@ def test_status_command_prints_a_readable_summary(sites):
         assert key in st
     assert st["vnc"] == {"ifname": "mpvpn0", "address": "172.30.0.1", "netmask": "255.255.255.252",
                          "mtu": 1400}
+    from mpvpn.seal import preferred_ciphers
+
+    assert st["sessions"][0]["cipher"] == preferred_ciphers()[0]  # both ends are this CPU
     ts.a.stop()
     r = subprocess.run([sys.executable, *env_py], capture_output=True, text=True, timeout=10)
     assert r.returncode == 3 and "not running" in r.stderr

@@ -847,3 +847,38 @@ def test_fuzz_post_handshake_messages(payloads, to_client):
     for e in dst.events():
         assert isinstance(e, (ProtocolError, ConnectionClosed, PeerUpdated, KeysRotated,
                               KeysActivated))
+
+
+@pytest.mark.parametrize("client, server, chosen", [
+    (("aes-256-gcm", "chacha20-poly1305"), ("aes-256-gcm", "chacha20-poly1305"), "aes-256-gcm"),
+    (("chacha20-poly1305", "aes-256-gcm"), ("aes-256-gcm", "chacha20-poly1305"), "chacha20-poly1305"),
+    (("aes-256-gcm", "chacha20-poly1305"), ("chacha20-poly1305", "aes-256-gcm"), "chacha20-poly1305"),
+    (("chacha20-poly1305",), ("aes-256-gcm", "chacha20-poly1305"), "chacha20-poly1305"),
+])
+def test_data_cipher_negotiation(client, server, chosen):
+    """AES-GCM only when both sides prefer it (both CPUs have AES instructions);
+    ChaCha20-Poly1305 otherwise, which every peer has."""
+    c, s, _reg = connect(client_cfg(ciphers=client), server_cfg(ciphers=server))
+    ec = only(evs(c), SessionEstablished)[0]
+    es = only(evs(s), SessionEstablished)[0]
+    assert ec.cipher == es.cipher == chosen == c.cipher == s.cipher
+
+
+def test_a_server_choosing_a_cipher_we_did_not_offer_is_refused():
+    from mpvpn import control as ctl
+
+    c = ClientConnection(client_cfg(ciphers=("chacha20-poly1305",)), 0.0)
+    real = ctl.seal.choose_cipher
+    ctl.seal.choose_cipher = lambda server, client: "aes-256-gcm"  # a broken server
+    try:
+        s = ServerConnection(server_cfg(), 0.0)
+        pump(c, s, 0.0)
+    finally:
+        ctl.seal.choose_cipher = real
+    assert c.state is State.CLOSED and c.close_reason == "invalid"
+    assert "cipher" in c.close_text or any("cipher" in e.text for e in only(evs(c), ProtocolError))
+
+
+def test_ciphers_must_be_known_locally():
+    with pytest.raises(ValueError):
+        client_cfg(ciphers=("rot13",)).local_info()

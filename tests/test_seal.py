@@ -312,3 +312,33 @@ def test_epoch_validation_and_next_epoch():
     with pytest.raises(ValueError):
         Sealer(K_AB[:16], K_BA, 1)
     assert next_epoch(1) == 2 and next_epoch(254) == 255 and next_epoch(255) == 1
+
+
+def test_aes_gcm_sessions_work_and_do_not_open_chacha_datagrams():
+    import os as _os
+
+    from mpvpn import seal as sealmod
+
+    k1, k2 = _os.urandom(32), _os.urandom(32)
+    a = sealmod.Sealer(k1, k2, 1, cipher=sealmod.AES)
+    b = sealmod.Sealer(k2, k1, 1, cipher=sealmod.AES)
+    d = sealmod.with_member(a.seal_data(9, 1, b"payload"), 2)
+    assert b.open(d) == b"payload"
+    b.rotate(_os.urandom(32), _os.urandom(32), 2)  # a rekey keeps the session's cipher
+    assert b.cipher == sealmod.AES and b.open(d) == b"payload"  # previous epoch still opens
+    wrong = sealmod.Sealer(k2, k1, 1)  # ChaCha20 with the same keys
+    assert wrong.open(d) is None and wrong.bad_tag == 1
+    with pytest.raises(ValueError):
+        sealmod.Sealer(k1, k2, 1, cipher="rot13")
+
+
+def test_cpu_detection_and_preference():
+    from mpvpn import seal as sealmod
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n"
+    mips = "system type\t\t: MediaTek MT7621\ncpu model\t\t: MIPS 1004Kc\n"
+    assert sealmod.preferred_ciphers(x86) == (sealmod.AES, sealmod.CHACHA)
+    assert sealmod.preferred_ciphers(arm) == (sealmod.AES, sealmod.CHACHA)
+    assert sealmod.preferred_ciphers(mips) == (sealmod.CHACHA, sealmod.AES)
+    assert sealmod.choose_cipher((sealmod.AES, sealmod.CHACHA), ("other",)) is None

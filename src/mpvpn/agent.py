@@ -547,8 +547,9 @@ class Agent:
 
     # ------------------------------------------------------------------ sessions
 
-    def _new_session(self, session_id: int, peer, plan, keys, conn, now: float) -> DataSession:
-        sealer = Sealer(keys.send, keys.recv, keys.epoch)
+    def _new_session(self, session_id: int, peer, plan, keys, conn, now: float,
+                     cipher: str = "chacha20-poly1305") -> DataSession:
+        sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
         sess = Session(session_id, initiator=(self.role == "client"),
                        config=self._session_config(), sealer=sealer)
         sess.scheduler = make_scheduler(self.cfg.base.mode)
@@ -556,8 +557,8 @@ class Agent:
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
         self._set_routes(ds, list(peer.lans))
-        log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s", session_id, peer.name,
-                 len(plan), ", ".join(peer.lans) or "none")
+        log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
+                 peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
         return ds
 
     def _apply_plan(self, ds: DataSession, plan, now: float) -> None:
@@ -753,7 +754,7 @@ class Agent:
         if isinstance(ev, control.SessionEstablished):
             old = [sid for sid, ds in self.sessions.items()
                    if self.role == "client" or ds.peer.name == ev.peer.name]
-            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now)
+            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
             for sid in old:
                 if sid != ev.session_id:
                     self._drop_session(sid, "replaced by a new session")
@@ -1033,6 +1034,7 @@ class Agent:
                 "session_id": ds.session_id, "name": ds.peer.name,
                 "state": st["state"], "peer": _peer_json(ds.peer), "routes": list(ds.routes),
                 "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
+                "cipher": ds.sess.sealer.cipher if ds.sess.sealer else None,
                 "links": st["links"], "counters": st["counters"],
             })
         for k, v in self.counters.items():

@@ -43,7 +43,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from mpvpn import noise, pairing
+from mpvpn import noise, pairing, seal
 from mpvpn.pairing import PlanDiff, SubflowSpec, Uplink
 
 __all__ = [
@@ -125,6 +125,7 @@ class SessionEstablished:
     keys: DataKeys
     epoch: int
     version: int
+    cipher: str = "chacha20-poly1305"  # the data-plane AEAD (mpvpn.seal.CIPHERS)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,10 @@ class PeerInfo:
     mode: str = "duplicate"
     pair_unmatched: bool = False
     control_port: int | None = None  # server only: where its control listener is
+    # data-plane AEADs this side can use, best first (HELLO), and the one the
+    # server chose for the session (WELCOME); peers without them mean ChaCha20
+    ciphers: tuple = (seal.CHACHA,)
+    cipher: str | None = None
 
     @property
     def networks(self):
@@ -258,6 +263,7 @@ class ControlConfig:
     mode: str = "duplicate"
     pair_unmatched: bool = False
     allow_peer_default_route: bool = False
+    ciphers: tuple | None = None  # data-plane AEADs, best first; None: seal.preferred_ciphers()
     versions: tuple = VERSIONS
     control_port: int | None = None
     handshake_timeout: float = 10.0
@@ -285,8 +291,12 @@ class ControlConfig:
             raise ValueError("vnc is required")
         ups = [u if isinstance(u, Uplink) else Uplink(*u) for u in self.uplinks]
         vnc = self.vnc if isinstance(self.vnc, Vnc) else Vnc(*self.vnc)
-        return _local_info(self.name, ups, vnc, list(self.lans), self.mode, self.pair_unmatched,
+        ciphers = tuple(self.ciphers) if self.ciphers is not None else seal.preferred_ciphers()
+        if not ciphers or any(c not in seal.CIPHERS for c in ciphers):
+            raise ValueError(f"ciphers must be a non-empty subset of {seal.CIPHERS}")
+        info = _local_info(self.name, ups, vnc, list(self.lans), self.mode, self.pair_unmatched,
                            self.control_port)
+        return replace(info, ciphers=ciphers)
 
 
 def _local_info(name, uplinks, vnc, lans, mode, pair_unmatched, control_port) -> PeerInfo:
@@ -512,8 +522,18 @@ def _parse_lans(v, what: str) -> tuple:
 
 
 def _parse_options(v, what: str) -> dict:
-    d = _obj(v, what, set(), {"pair_unmatched"})
-    return {"pair_unmatched": _bool(d.get("pair_unmatched", False), f"{what}.pair_unmatched")}
+    d = _obj(v, what, set(), {"pair_unmatched", "ciphers", "cipher"})
+    out = {"pair_unmatched": _bool(d.get("pair_unmatched", False), f"{what}.pair_unmatched"),
+           "ciphers": (seal.CHACHA,), "cipher": None}
+    if "ciphers" in d:
+        items = _list(d["ciphers"], f"{what}.ciphers", 8)
+        words = tuple(_match(c, f"{what}.ciphers[]", WORD_RE, "a cipher name") for c in items)
+        if not words or len(set(words)) != len(words):
+            raise _Bad("invalid", f"{what}.ciphers must be a non-empty list without repeats")
+        out["ciphers"] = words  # unknown names are allowed (newer peers) and never chosen
+    if "cipher" in d:
+        out["cipher"] = _match(d["cipher"], f"{what}.cipher", WORD_RE, "a cipher name")
+    return out
 
 
 def _parse_info(d: dict, what: str) -> PeerInfo:
@@ -523,7 +543,8 @@ def _parse_info(d: dict, what: str) -> PeerInfo:
     lans = _parse_lans(d["lans"], f"{what}.lans")
     mode = _match(d["mode"], f"{what}.mode", WORD_RE, "a mode word [a-z0-9_-]{1,32}")
     opts = _parse_options(d.get("options", {}), f"{what}.options")
-    return PeerInfo(name, uplinks, vnc, lans, mode, opts["pair_unmatched"])
+    return PeerInfo(name, uplinks, vnc, lans, mode, opts["pair_unmatched"],
+                    ciphers=opts["ciphers"], cipher=opts["cipher"])
 
 
 def _parse_plan(v, what: str) -> list:
@@ -672,7 +693,7 @@ def decode_message(data, from_client: bool) -> tuple[dict | None, str | None, st
 def _info_json(info: PeerInfo) -> dict:
     return {"name": info.name, "uplinks": [u.to_json() for u in info.uplinks],
             "vnc": info.vnc.to_json(), "lans": list(info.lans), "mode": info.mode,
-            "options": {"pair_unmatched": info.pair_unmatched}}
+            "options": {"pair_unmatched": info.pair_unmatched, "ciphers": list(info.ciphers)}}
 
 
 # --- peer validation ---------------------------------------------------------------------
@@ -790,6 +811,7 @@ class _Connection:
         self.keepalive_interval = config.keepalive_interval
         self.keepalive_timeout = config.keepalive_timeout
         self.pair_unmatched = False
+        self.cipher: str | None = None  # data-plane AEAD of the session (after WELCOME)
         self._out = bytearray()
         self._events: deque = deque()
         self._decoder = FrameDecoder(PREAUTH_MAX_FRAME)
@@ -1271,13 +1293,18 @@ class ClientConnection(_Connection):
         self.plan = expected
         self.pair_unmatched = pe
         self.keepalive_interval, self.keepalive_timeout = m["interval"], m["timeout"]
+        cipher = server.cipher or seal.CHACHA
+        if cipher not in self.local.ciphers:
+            raise _Bad("invalid", f"the server chose cipher {cipher!r}, we offered "
+                                  f"{list(self.local.ciphers)}")
+        self.cipher = cipher
         self._learn(server)
         self._established(now)
         keys = self._keys
         self._keys = None
         self._emit(SessionEstablished(self.session_id, server, list(expected),
                                       DataKeys(1, keys.data_send_key, keys.data_recv_key), 1,
-                                      self.version))
+                                      self.version, cipher))
 
     def _on_update(self, m: dict, now: float) -> None:
         ack = m["ack"]
@@ -1448,8 +1475,13 @@ class ServerConnection(_Connection):
         self.peer = client
         self.plan = plan
         self.pair_unmatched = pe
+        cipher = seal.choose_cipher(self.local.ciphers, client.ciphers)
+        if cipher is None:  # cannot happen between our versions: both always offer ChaCha20
+            raise _Bad("invalid", f"no common data cipher (client offers {list(client.ciphers)})")
+        self.cipher = cipher
         welcome = dict(type="WELCOME", session_id=sid, **_info_json(self.local))
-        welcome["options"] = {"pair_unmatched": pe}
+        welcome["options"] = {"pair_unmatched": pe, "ciphers": list(self.local.ciphers),
+                              "cipher": cipher}
         welcome["plan"] = pairing.to_wire(plan, local_is_client=False)
         welcome["keepalive"] = {"interval": self.keepalive_interval,
                                 "timeout": self.keepalive_timeout}
@@ -1460,7 +1492,7 @@ class ServerConnection(_Connection):
         keys = self._keys_for_session
         self._emit(SessionEstablished(sid, client, list(plan),
                                       DataKeys(1, keys.data_send_key, keys.data_recv_key), 1,
-                                      self.version))
+                                      self.version, cipher))
 
     def _install_channel(self, keys) -> None:
         super()._install_channel(keys)

@@ -27,7 +27,7 @@ Sans-I/O: bytes in, bytes out; no sockets, clocks or threads.
 from __future__ import annotations
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from . import wire
 
@@ -66,10 +66,51 @@ def next_epoch(epoch: int) -> int:
     return epoch + 1 if epoch < MAX_EPOCH else MIN_EPOCH
 
 
-def _aead(key: bytes, what: str) -> ChaCha20Poly1305:
+CHACHA = "chacha20-poly1305"  # every peer supports it; fast without AES instructions (MIPS)
+AES = "aes-256-gcm"  # ~3x faster where the CPU has AES instructions (x86 AES-NI, ARMv8 CE)
+CIPHERS = (CHACHA, AES)
+
+
+def cpu_has_aes(cpuinfo: str | None = None) -> bool:
+    """Does this CPU have AES instructions (x86 ``aes`` flag, ARM ``aes`` feature)?"""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and "aes" in value.split():
+            return True
+    return False
+
+
+def preferred_ciphers(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """Our ciphers, best first for this CPU (both are always offered)."""
+    return (AES, CHACHA) if cpu_has_aes(cpuinfo) else (CHACHA, AES)
+
+
+def choose_cipher(server: tuple, client: tuple) -> str | None:
+    """The data-plane cipher for a session: the common first choice if both
+    sides have the same one (both have AES instructions, say), else
+    ChaCha20-Poly1305 if both have it, else any common one; None if none."""
+    common = [c for c in client if c in server and c in CIPHERS]
+    if not common:
+        return None
+    if server and client and server[0] == client[0] and server[0] in common:
+        return server[0]
+    return CHACHA if CHACHA in common else common[0]
+
+
+def _aead(key: bytes, what: str, cipher: str = CHACHA):
     if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
         raise ValueError(f"{what} must be {KEY_LEN} bytes")
-    return ChaCha20Poly1305(bytes(key))
+    if cipher == CHACHA:
+        return ChaCha20Poly1305(bytes(key))
+    if cipher == AES:
+        return AESGCM(bytes(key))
+    raise ValueError(f"unknown cipher {cipher!r}; known: {', '.join(CIPHERS)}")
 
 
 def _check_epoch(epoch: int) -> int:
@@ -102,16 +143,17 @@ class Sealer:
     """
 
     __slots__ = (
-        "_send", "send_epoch", "_send_guard_data", "_send_guard_ctrl",
+        "cipher", "_send", "send_epoch", "_send_guard_data", "_send_guard_ctrl",
         "_recv", "epoch", "_prev_recv", "prev_epoch", "_pending_send",
         "bad_tag", "unknown_epoch", "not_sealed", "malformed",
     )
 
-    def __init__(self, send_key: bytes, recv_key: bytes, epoch: int):
+    def __init__(self, send_key: bytes, recv_key: bytes, epoch: int, cipher: str = CHACHA):
         _check_epoch(epoch)
-        self._send = _aead(send_key, "send_key")
+        self.cipher = cipher  # the AEAD of this session, for every epoch (same nonce/tag layout)
+        self._send = _aead(send_key, "send_key", cipher)
         self.send_epoch = epoch  # epoch written on sealed datagrams
-        self._recv = _aead(recv_key, "recv_key")
+        self._recv = _aead(recv_key, "recv_key", cipher)
         self.epoch = epoch  # newest receive epoch
         self._prev_recv = None
         self.prev_epoch: int | None = None
@@ -224,8 +266,8 @@ class Sealer:
         _check_epoch(new_epoch)
         if new_epoch == self.epoch:
             raise ValueError(f"epoch {new_epoch} is already current")
-        send = _aead(new_send, "new_send")
-        recv = _aead(new_recv, "new_recv")
+        send = _aead(new_send, "new_send", self.cipher)
+        recv = _aead(new_recv, "new_recv", self.cipher)
         self._prev_recv, self.prev_epoch = self._recv, self.epoch
         self._recv, self.epoch = recv, new_epoch
         if defer_send:
