@@ -692,8 +692,7 @@ class Agent:
         if c.connecting:
             err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._control_gone(c, f"cannot connect to {c.addr[0]}:{c.addr[1]}: {os.strerror(err)}",
-                                   now, "connect")
+                self._control_gone(c, "connect", os.strerror(err), now)
                 return
             c.connecting = False
             c.conn = control.ClientConnection(self._control_config(), now)
@@ -741,7 +740,7 @@ class Agent:
             if data:
                 c.out += data
                 self._control_write(c)
-            self._control_gone(c, closed, now, None)
+            self._control_gone(c, closed[0], closed[1], now)
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         try:
@@ -788,7 +787,7 @@ class Agent:
             self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
             log.error("control: %s", self.last_error)
         elif isinstance(ev, control.ConnectionClosed):
-            return ev.reason + (f" ({ev.text})" if ev.text else "")
+            return ev.reason, ev.text
         return None
 
     def _session_of(self, conn) -> DataSession | None:
@@ -799,7 +798,13 @@ class Agent:
             return self.sessions[conn.session_id]
         return None
 
-    def _control_gone(self, c: ControlIO, reason: str, now: float, kind: str | None) -> None:
+    # Ends of a control connection that say nothing is wrong with the session.
+    _BENIGN_ENDS = ("eof", "timeout", "connect", "closed", "shutdown", "reconnect")
+    # ProtocolError already put these in last_error, in the peer's own words.
+    _EXPLAINED_ENDS = ("auth", "version", "overlap", "vnic", "route", "invalid", "busy")
+
+    def _control_gone(self, c: ControlIO, word: str, text: str, now: float) -> None:
+        """A control connection ended (``word`` says how, ``text`` details)."""
         if c in self.controls:
             self.controls.remove(c)
         try:
@@ -815,29 +820,25 @@ class Agent:
                 pass
         c.sock.close()
         c.closing = True
+        where = f"{c.addr[0]}:{c.addr[1]}" if c.addr else "?"
+        detail = f"{word} ({text})" if text else word
         if self.role == "client":
             self.counters["control_failures"] += 1
-            word = (kind or reason.split(" ", 1)[0]).split("(")[0].strip()
-            if kind is not None or word not in ("eof", "timeout", "bye"):
-                self.last_error = self.last_error if word in ("auth", "version") and self.last_error else reason
-            if word == "auth" and (self.last_error is None or "auth" not in self.last_error):
-                self.last_error = "server closed the handshake: wrong PSK (or rate-limited)"
+            if word not in self._EXPLAINED_ENDS or not self.last_error:
+                self.last_error = f"control connection to {where}: {detail}"
             delay = self.reconnect.failed(now, word)
-            log.warning("control connection to %s:%s closed: %s; retrying in %.1f s",
-                        c.addr[0] if c.addr else "?", c.addr[1] if c.addr else "?", reason, delay)
-            # The data session lives on (its subflows may be fine); only a
-            # session the server refused or ended is dropped.
-            if word not in ("eof", "timeout", "connect", "closed"):
+            log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
+            # The data session lives on when only the TCP connection was lost
+            # (its subflows may be fine); a session the server ended goes.
+            if word not in self._BENIGN_ENDS:
                 for sid in [sid for sid, ds in self.sessions.items() if ds.conn is c.conn]:
-                    self._drop_session(sid, reason, keep_routes=True)
+                    self._drop_session(sid, detail, keep_routes=True)
         else:
-            who = c.addr[0] if c.addr else "?"
-            word = reason.split(" ", 1)[0]
             self.control_counters[word] = self.control_counters.get(word, 0) + 1
             if c.conn is not None and getattr(c.conn, "session_id", None):
-                log.info("control connection from %s closed: %s", who, reason)
+                log.info("control connection from %s closed: %s", where, detail)
             elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout"):
-                log.warning("control: rejected a connection from %s: %s", who, word)
+                log.warning("control: rejected a connection from %s: %s", where, word)
 
     def _registry_events(self, now: float) -> None:
         ev = self.registry.next_event()
