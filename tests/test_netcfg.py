@@ -43,3 +43,22 @@ def test_netcfg_in_a_throwaway_namespace(throwaway_netns):
     r = run(CODE)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+BAD_MTU = r"""
+import sys, subprocess
+sys.path.insert(0, sys.argv[1])
+from mpvpn.netcfg import NetConfig, NetError
+subprocess.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d0p"], check=True)
+try:
+    NetConfig().configure("d0", "172.30.9.1/30", 70000)  # the kernel refuses this MTU
+except NetError as e:
+    print("refused:", "mtu 70000" in str(e))
+"""
+
+
+def test_kernel_refusals_become_clear_errors(throwaway_netns):
+    run, _ = throwaway_netns
+    r = run(BAD_MTU)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "refused: True"

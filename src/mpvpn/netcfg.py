@@ -48,6 +48,14 @@ class NetConfig:
 
     def configure(self, ifname: str, address: str, mtu: int) -> None:
         """Give ``ifname`` exactly one address (``'172.30.0.1/30'``), an MTU, and bring it up."""
+        try:
+            self._configure(ifname, address, mtu)
+        except NetError:
+            raise
+        except Exception as e:  # pyroute2's NetlinkError is not an OSError
+            raise NetError(f"cannot configure {ifname} as {address} mtu {mtu}: {e}") from None
+
+    def _configure(self, ifname: str, address: str, mtu: int) -> None:
         iface = ipaddress.ip_interface(address)
         idx = self._need_index(ifname)
         ipr = self._ipr
@@ -114,7 +122,10 @@ class NetConfig:
         idx = self.index(ifname)
         if idx is None:
             return False
-        self._ipr.link("del", index=idx)
+        try:
+            self._ipr.link("del", index=idx)
+        except Exception as e:
+            raise NetError(f"cannot remove interface {ifname}: {e}") from None
         return True
 
     def addresses(self, ifname: str) -> list[str]:
