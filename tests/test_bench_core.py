@@ -15,10 +15,13 @@ def test_core_bench_small_run_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [(r["subflows"], r["loss"], r["sealed"]) for r in rows] == [
-        (1, 0.0, False), (2, 0.0, False), (3, 0.0, False),
-        (1, 0.2, False), (2, 0.2, False), (3, 0.2, False),
-        (1, 0.0, True), (3, 0.0, True), (3, 0.2, True)]
+    assert [(r["mode"], r["subflows"], r["loss"], r["sealed"]) for r in rows] == [
+        ("duplicate", 1, 0.0, False), ("duplicate", 2, 0.0, False), ("duplicate", 3, 0.0, False),
+        ("duplicate", 1, 0.2, False), ("duplicate", 2, 0.2, False), ("duplicate", 3, 0.2, False),
+        ("duplicate", 1, 0.0, True), ("duplicate", 3, 0.0, True), ("duplicate", 3, 0.2, True),
+        ("aggregate", 3, 0.0, False), ("aggregate", 3, 0.2, False),
+        ("adaptive", 3, 0.0, False), ("adaptive", 3, 0.2, False)]
     assert all(r["pps"] > 0 for r in rows)
     assert rows[0]["delivered_loss"] == 0.0
+    assert rows[9]["delivered_loss"] < 0.05  # aggregate, clean: packets leave, not dropped
     assert "user pkt/s" in r.stdout

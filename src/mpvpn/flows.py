@@ -18,6 +18,7 @@ hands us); no state, no I/O, never raises on garbage.
 
 from __future__ import annotations
 
+import struct
 from enum import IntFlag
 
 __all__ = ["Urgent", "classify", "flow_key", "OTHER", "describe", "EF", "URGENT_DSCP"]
@@ -61,28 +62,36 @@ def describe(urgent: int) -> list[str]:
     return [u.name.lower() for u in Urgent if u and urgent & u]
 
 
+_V4 = struct.Struct("!BBHHHxB2x4s4s")  # ver/ihl, tos, length, id, flags/frag, proto, src, dst
+_PORTS = struct.Struct("!HH")
+_TCP_HDR = struct.Struct("!HH8xBB")  # ports, data offset, flags
+_v4 = _V4.unpack_from
+_ports = _PORTS.unpack_from
+_tcp = _TCP_HDR.unpack_from
+
+
 def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
     """``(flow key, urgent reasons)`` of one inner IP datagram."""
     n = len(packet)
     if n < 1:
         return OTHER, 0
-    v = packet[0] >> 4
     urgent = _SMALL if n <= small else 0
-    if v == 4:
-        if n < 20:
-            return OTHER, urgent
-        ihl = (packet[0] & 0x0F) * 4
+    if n >= 20 and packet[0] >> 4 == 4:
+        b0, tos, length, _id, frag, proto, src, dst = _v4(packet)
+        ihl = (b0 & 0x0F) * 4
         if ihl < 20 or n < ihl:
             return OTHER, urgent
-        dscp = packet[1] >> 2
-        proto = packet[9]
-        src = packet[12:16]
-        dst = packet[16:20]
-        frag = ((packet[6] & 0x3F) << 8) | packet[7]  # MF flag + fragment offset
+        v = 4
+        dscp = tos >> 2
         off = ihl
-        end = min(n, int.from_bytes(packet[2:4], "big") or n)
-        fragmented = frag != 0
-    elif v == 6:
+        end = length if 0 < length < n else n
+        fragmented = frag & 0x3FFF != 0  # MF flag + fragment offset
+    else:
+        v = packet[0] >> 4
+        if v == 4:  # shorter than an IPv4 header
+            return OTHER, urgent
+        if v != 6:
+            return OTHER, urgent
         if n < 40:
             return OTHER, urgent
         dscp = ((packet[0] & 0x0F) << 2) | (packet[1] >> 6)
@@ -108,30 +117,38 @@ def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
                 proto, off = packet[off], off + 8
             else:
                 break
-    else:
-        return OTHER, urgent
     if dscp in URGENT_DSCP:
         urgent |= _DSCP
+    if proto == TCP:
+        if fragmented or off + 4 > end:
+            return (v, proto, src, dst, 0, 0), urgent
+        if off + 14 > end:
+            sport, dport = _ports(packet, off)
+            if sport == 53 or dport == 53:
+                urgent |= _DNS
+            return (v, proto, src, dst, sport, dport), urgent
+        sport, dport, doff, flags = _tcp(packet, off)
+        if sport == 53 or dport == 53:
+            urgent |= _DNS
+        if flags & 0x07:  # FIN, SYN, RST
+            if flags & _TCP_SYN:
+                urgent |= _SYN
+            if flags & _TCP_FIN:
+                urgent |= _FIN
+            if flags & _TCP_RST:
+                urgent |= _RST
+        elif flags & _TCP_ACK:
+            doff = (doff >> 4) * 4
+            if doff >= 20 and off + doff >= end:
+                urgent |= _ACK
+        return (v, proto, src, dst, sport, dport), urgent
     if proto == ICMP or proto == ICMPV6:
         return (v, proto, src, dst, 0, 0), urgent | _ICMP
-    if fragmented or proto not in (TCP, UDP) or off + 4 > end:
+    if fragmented or proto != UDP or off + 4 > end:
         return (v, proto, src, dst, 0, 0), urgent
-    sport = (packet[off] << 8) | packet[off + 1]
-    dport = (packet[off + 2] << 8) | packet[off + 3]
+    sport, dport = _ports(packet, off)
     if sport == 53 or dport == 53:
         urgent |= _DNS
-    if proto == TCP and off + 14 <= end:
-        flags = packet[off + 13]
-        if flags & _TCP_SYN:
-            urgent |= _SYN
-        if flags & _TCP_FIN:
-            urgent |= _FIN
-        if flags & _TCP_RST:
-            urgent |= _RST
-        doff = (packet[off + 12] >> 4) * 4
-        if flags & _TCP_ACK and doff >= 20 and off + doff >= end and not flags & (
-                _TCP_SYN | _TCP_FIN | _TCP_RST):
-            urgent |= _ACK
     return (v, proto, src, dst, sport, dport), urgent
 
 

@@ -234,7 +234,8 @@ class LinkMeter:
     def _advance(self, now: float) -> None:
         dt = now - self.t
         if dt > 0.0:
-            q = self.q - self.rate * dt
+            bw = self.bw
+            q = self.q - (bw if bw is not None else self.bw0) * dt
             if q <= 0.0:
                 if self.q > 0.0:
                     self._empties += 1
@@ -244,15 +245,16 @@ class LinkMeter:
 
     def on_send(self, nbytes: int, now: float) -> None:
         """A datagram of ``nbytes`` went out on the subflow."""
-        b = int(now / self.BUCKET)
-        if b != self._bucket:
+        if int(now / self.BUCKET) != self._bucket:
             self._roll(now)
         self._sent_b[1] += 1
         dt = now - self.t
         if dt > 0.0:
-            q = self.q - self.rate * dt
+            bw = self.bw
+            q0 = self.q
+            q = q0 - (bw if bw is not None else self.bw0) * dt
             if q <= 0.0:
-                if self.q > 0.0:
+                if q0 > 0.0:
                     self._empties += 1
                 q = 0.0
             self.t = now
@@ -263,12 +265,16 @@ class LinkMeter:
 
     def backlog(self, now: float) -> float:
         """Bytes the model says still wait at the bottleneck at ``now``."""
-        q = self.q - self.rate * (now - self.t)
+        bw = self.bw
+        q = self.q - (bw if bw is not None else self.bw0) * (now - self.t)
         return q if q > 0.0 else 0.0
 
     def qdelay(self, now: float) -> float:
         """Seconds a datagram sent now would wait at the bottleneck (model)."""
-        return self.backlog(now) / self.rate
+        bw = self.bw
+        rate = bw if bw is not None else self.bw0
+        q = self.q - rate * (now - self.t)
+        return (q if q > 0.0 else 0.0) / rate
 
     def note_rtt(self, rtt: float | None) -> None:
         """An RTT sample of the subflow (handshake or probe), seconds."""

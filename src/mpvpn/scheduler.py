@@ -171,7 +171,7 @@ class SchedulerOptions:
 class _View:
     """What the scheduler knows about one established subflow at one instant."""
 
-    __slots__ = ("sub", "member", "meter", "rate", "owd", "loss", "u", "suspect", "stale")
+    __slots__ = ("sub", "member", "meter", "rate", "owd", "loss", "ldiv", "u", "suspect", "stale")
 
     def __init__(self, sub, now: float, opts: SchedulerOptions):
         self.sub = sub
@@ -187,6 +187,8 @@ class _View:
         self.owd = base / 2
         loss = sub.loss
         self.loss = loss
+        # eta's stretch for loss (0.0: none); the same float eta always divided by
+        self.ldiv = 1.0 - min(loss, 0.9) if loss else 0.0
         # seed 000: f = 1/RTT + alpha*BW (alpha = 1/alpha_bytes), u = (1-L) f
         self.u = (1.0 - (loss or 0.0)) * (1.0 / max(srtt, 1e-4) + self.rate / opts.alpha_bytes)
         # Probes unanswered (2 on a clean path, one less than the subflow's
@@ -199,16 +201,20 @@ class _View:
         else:
             silent = now - last
             cfg = getattr(sub, "config", None)
-            fast = getattr(cfg, "keepalive_active", 0.1)
             idle = getattr(cfg, "keepalive_idle", 0.75)
-            rto = rtt.timeout() or 0.2
-            try:  # lossy paths need more unanswered probes (Subflow.probe_plan)
-                need = sub.probe_plan(now)[1] - 1
-            except AttributeError:
-                need = 2
-            # ... and long ones have several in flight normally
-            need = max(2, need, int(rto / fast) + 2)
-            self.suspect = (getattr(sub, "probes_unanswered", 0) >= need and silent > rto + fast)
+            unanswered = getattr(sub, "probes_unanswered", 0)
+            if unanswered >= 2:  # else below any threshold (need >= 2): skip the work
+                fast = getattr(cfg, "keepalive_active", 0.1)
+                rto = rtt.timeout() or 0.2
+                try:  # lossy paths need more unanswered probes (Subflow.probe_plan)
+                    need = sub.probe_plan(now)[1] - 1
+                except AttributeError:
+                    need = 2
+                # ... and long ones have several in flight normally
+                need = max(2, need, int(rto / fast) + 2)
+                self.suspect = unanswered >= need and silent > rto + fast
+            else:
+                self.suspect = False
             self.stale = loss is None or rtt.srtt is None or silent > idle + opts.stale_after
         # NACKs are faster evidence: most of what went out only here lately
         # was asked for again (a carrier that just died drops everything).
@@ -216,9 +222,15 @@ class _View:
                 and meter.nack_ratio(now) > opts.suspect_nack_ratio):
             self.suspect = True
 
+    # The meter's backlog and rate are read live (LinkMeter.backlog inlined:
+    # these run several times per packet).
+
     def qdelay(self, now: float) -> float:
         m = self.meter
-        return m.backlog(now) / m.rate
+        bw = m.bw
+        rate = bw if bw is not None else m.bw0
+        q = m.q - rate * (now - m.t)
+        return (q if q > 0.0 else 0.0) / rate
 
     def score(self, now: float, alpha_bytes: int) -> float:
         """Seed 000's per-interface term u_i / (1 + buf_i), buf_i in queued packets."""
@@ -228,10 +240,13 @@ class _View:
         """When a packet of ``size`` sent now is expected to arrive (relative, s),
         stretched by the loss rate (expected delivery per attempt)."""
         m = self.meter
-        t = self.owd + (m.backlog(now) + size) / m.rate
-        loss = self.loss
-        if loss:
-            t /= 1.0 - min(loss, 0.9)
+        bw = m.bw
+        rate = bw if bw is not None else m.bw0
+        q = m.q - rate * (now - m.t)
+        t = self.owd + ((q if q > 0.0 else 0.0) + size) / rate
+        ldiv = self.ldiv
+        if ldiv:
+            t /= ldiv
         return t
 
 
@@ -268,6 +283,7 @@ class Scheduler:
         self._policies = opts.policies
         self._reserved = tuple(p for p in opts.policies if p.exclusive)
         self._flows: OrderedDict = OrderedDict()
+        self._mru = None  # the flow last seen: the last entry of _flows
         self._active: deque = deque()  # flows with queued packets, DRR order
         self._urgent: deque = deque()  # (packet, flow): strict priority
         self._retx: deque = deque()  # (seq, carried, size, queued_at): before everything
@@ -278,6 +294,7 @@ class Scheduler:
         self._views_t = -math.inf
         self._views: list = []
         self._good: list = []  # the views that are not suspect (or all)
+        self._fviews: dict = {}  # id(policy) -> _flow_views for the current views
         self._rate_sum = 0.0
         self._utokens = 0.0
         self._ut = None
@@ -300,6 +317,7 @@ class Scheduler:
             views = [_View(s, now, opts) for s in up]
             self._views = views
             self._good = [v for v in views if not v.suspect] or views
+            self._fviews = {}
             self._rate_sum = sum(v.rate for v in views)
             self._views_up = up
             self._views_t = now
@@ -312,6 +330,10 @@ class Scheduler:
         pol = fl.policy
         if pol is None and not self._reserved:
             return self._good
+        # depends only on the views (rebuilt: cache dropped) and the policy
+        cached = self._fviews.get(id(pol))
+        if cached is not None:
+            return cached
         if pol is not None and pol.carriers is not None:
             allowed = [v for v in views if pol.allows(v.sub)]
             if not allowed:
@@ -322,8 +344,9 @@ class Scheduler:
             allowed = views
         if not allowed:
             allowed = views
-        good = [v for v in allowed if not v.suspect]
-        return good or allowed
+        good = [v for v in allowed if not v.suspect] or allowed
+        self._fviews[id(pol)] = good
+        return good
 
     def _is_reserved(self, sub, own) -> bool:
         for p in self._reserved:
@@ -355,8 +378,10 @@ class Scheduler:
             if now - fl.last > self.options.flow_idle and not fl.q:
                 fl.sent = 0  # a new burst (say the next web object): pin again
                 fl.pinned = None
-            flows.move_to_end(key)
+            if fl is not self._mru:  # else it is the last entry already
+                flows.move_to_end(key)
         fl.last = now
+        self._mru = fl
         return fl
 
     # -- choices -----------------------------------------------------------------
@@ -431,7 +456,8 @@ class Scheduler:
         the subflow(s) this flow may use are full (blocked)."""
         o = self.options
         target = o.queue_target
-        if fl.mode == "duplicate":
+        mode = fl.mode
+        if mode == "duplicate":
             if gate and not any(v.qdelay(now) < target for v in views):
                 for v in views:
                     v.meter.held = True
@@ -439,9 +465,10 @@ class Scheduler:
             return views
         if fl.sent < o.pin_bytes:
             pv = None
-            if fl.pinned is not None:
+            pinned = fl.pinned
+            if pinned is not None:
                 for v in views:
-                    if v.member == fl.pinned:
+                    if v.member == pinned:
                         pv = v
                         break
             if pv is None:
@@ -459,12 +486,24 @@ class Scheduler:
             self.c["pinned"] += 1
             primary = pv
         else:
+            # the subflow where the packet arrives first (_View.eta), among
+            # those with room (_View.qdelay) if gated -- inlined: hot path
             best = None
             best_t = math.inf
             for v in views:
-                if gate and v.qdelay(now) >= target:
+                m = v.meter
+                rate = m.bw
+                if rate is None:
+                    rate = m.bw0
+                q = m.q - rate * (now - m.t)
+                if not q > 0.0:
+                    q = 0.0
+                if gate and q / rate >= target:
                     continue
-                t = v.eta(size, now)
+                t = v.owd + (q + size) / rate
+                ldiv = v.ldiv
+                if ldiv:
+                    t /= ldiv
                 if t < best_t:
                     best, best_t = v, t
             if best is None:
@@ -473,7 +512,7 @@ class Scheduler:
                 return None
             self.c["spread"] += 1
             primary = best
-        if fl.mode == "adaptive":
+        if mode == "adaptive":
             return self._adaptive_set(primary, views, now)
         return [primary]
 
@@ -533,18 +572,30 @@ class Scheduler:
         key, urg = classify(packet, o.small_bytes)
         fl = self._flow(key, now)
         n = len(packet)
-        self.c["enqueued"] += 1
-        views = self._flow_views(fl, up, now)
+        c = self.c
+        c["enqueued"] += 1
+        if fl.policy is None and not self._reserved:  # _flow_views, short
+            self._all_views(up, now)
+            views = self._good
+        else:
+            views = self._flow_views(fl, up, now)
         if urg and o.urgent and fl.mode != "duplicate":
             if self._urgent_ok(n, views, now):
                 self._note_urgent(urg)
                 chosen = self._objective_set(views, o.urgent_value, now, n)
-                self.c["urgent_copies"] += len(chosen) - 1
+                c["urgent_copies"] += len(chosen) - 1
                 return self._release(fl, n, chosen)
-            self.c["urgent_over_budget"] += 1
-        chosen = self._choose(fl, n, views, now, gate=True)
-        if chosen is not None:
-            return self._release(fl, n, chosen)
+            c["urgent_over_budget"] += 1
+        chosen = self._choose(fl, n, views, now, True)
+        if chosen is not None:  # _release, inlined
+            fl.sent += n
+            fl.packets += 1
+            c["released"] += 1
+            k = len(chosen)
+            if k == 1:
+                return [chosen[0].sub]
+            c["copies"] += k - 1
+            return [v.sub for v in chosen]
         self._release_at = None
         self._push(fl, packet, 0, now, up)
         return None
@@ -593,6 +644,8 @@ class Scheduler:
         else:
             limit = o.queue_min_bytes
         ok = True
+        if self._qbytes <= limit and self._qpackets <= o.queue_max_packets:
+            return ok
         while self._qbytes > limit or self._qpackets > o.queue_max_packets:
             victim = max(self._active, key=lambda f: f.qbytes)  # the fattest flow
             pkt, _u, _t = victim.q.popleft()
@@ -639,8 +692,14 @@ class Scheduler:
         # Nothing can leave while no subflow has room: say when one will.
         earliest = math.inf
         for v in self._all_views(up, now):
-            m = v.meter
-            wait = m.backlog(now) / m.rate - target
+            m = v.meter  # wait = qdelay - target (inlined)
+            rate = m.bw
+            if rate is None:
+                rate = m.bw0
+            q = m.q - rate * (now - m.t)
+            if not q > 0.0:
+                q = 0.0
+            wait = q / rate - target
             if wait < 0.0:
                 break
             if wait < earliest:
@@ -656,12 +715,18 @@ class Scheduler:
             return None
         tries = 2 * len(active) + 1
         release_at = math.inf
+        max_sojourn = o.max_sojourn
+        # Nothing changes in this loop until a packet leaves, so a flow found
+        # blocked stays blocked with the same head packet: remembered (same
+        # count, same release time) instead of deciding it again.
+        blocked = None
         while active and tries > 0:
             tries -= 1
             fl = active[0]
-            packet, urg, t_in = fl.q[0]
+            head = fl.q[0]
+            packet, urg, t_in = head
             n = len(packet)
-            if now - t_in > o.max_sojourn:
+            if now - t_in > max_sojourn:
                 fl.q.popleft()
                 self._dequeued(fl, n)
                 self.c["dropped_sojourn"] += 1
@@ -671,7 +736,14 @@ class Scheduler:
                 fl.deficit += o.quantum
                 active.rotate(-1)
                 continue
-            views = self._flow_views(fl, up, now)
+            if blocked is not None and blocked.get(fl) is head:
+                self.c["blocked"] += 1
+                active.rotate(-1)
+                continue
+            if fl.policy is None and not self._reserved:  # _flow_views, short
+                views = self._good  # fresh: _all_views ran above, same now
+            else:
+                views = self._flow_views(fl, up, now)
             if urg and fl.mode != "duplicate":  # queued behind its own flow: no jump, copies
                 chosen = self._objective_set(views, o.urgent_value, now, n)
                 if not any(v.qdelay(now) < target for v in chosen):
@@ -689,12 +761,24 @@ class Scheduler:
                     t = now + (v.qdelay(now) - target)
                     if t < release_at:
                         release_at = t
+                if blocked is None:
+                    blocked = {}
+                blocked[fl] = head
                 active.rotate(-1)
                 continue
             fl.q.popleft()
             fl.deficit -= n
             self._dequeued(fl, n)
-            return packet, self._release(fl, n, chosen)
+            # _release, inlined
+            fl.sent += n
+            fl.packets += 1
+            c = self.c
+            c["released"] += 1
+            k = len(chosen)
+            if k == 1:
+                return packet, [chosen[0].sub]
+            c["copies"] += k - 1
+            return packet, [v.sub for v in chosen]
         if self.pending:
             t = max(release_at, now + 1e-4) if release_at < math.inf else now + 1e-3
             if self._retx and self._release_at is not None and self._release_at > now:

@@ -379,8 +379,8 @@ class Session:
             head, tail = sealed[:2], sealed[3:]
             dlen = len(sealed)
             for sub in targets:
-                dgram = head + _MEMBER[sub.member] + tail
-                out.append((sub.member, dgram))
+                m = sub.member
+                out.append((m, head + _MEMBER[m] + tail))
                 sub.tx_packets += 1
                 sub.tx_bytes += dlen
                 sub.data_tx += 1
@@ -391,8 +391,8 @@ class Session:
         sid = self.session_id
         dlen = n + _HLEN
         for sub in targets:
-            dgram = _pack(_VERSION, _DATA, sub.member, 0, sid, n, 0, 0, seq) + packet
-            out.append((sub.member, dgram))
+            m = sub.member
+            out.append((m, _pack(_VERSION, _DATA, m, 0, sid, n, 0, 0, seq) + packet))
             sub.tx_packets += 1
             sub.tx_bytes += dlen
             sub.data_tx += 1
