@@ -187,6 +187,21 @@ except socket.timeout:
 print(len(seen), dups, max(seen) if seen else -1, flush=True)
 """
 
+UDP_GAP_SINK = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3])); seen = set(); last = None; gap = 0.0
+print("ready", flush=True)
+try:
+    while True:
+        d, _ = s.recvfrom(2048); now = time.monotonic(); seen.add(int.from_bytes(d[:4], "big"))
+        if last is not None: gap = max(gap, now - last)
+        last = now
+except socket.timeout:
+    pass
+print(len(seen), round(gap, 4), flush=True)
+"""
+
 UDP_SOURCE = r"""
 import socket, sys, time
 dst, port, count, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
