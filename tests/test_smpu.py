@@ -18,6 +18,15 @@ def indices(pkts):
     return [int.from_bytes(p[:4], "big") for p in pkts]
 
 
+def lose_everywhere(pair, payload, members=(1, 2)):
+    """Send ``payload`` from a while every a->b path drops it, then heal the paths."""
+    for m in members:
+        pair.set(m, "a", up=False)
+    pair.send("a", payload)
+    for m in members:
+        pair.set(m, "a", up=True)
+
+
 def test_every_packet_goes_out_on_every_established_subflow():
     pair = SimPair(3)
     assert pair.handshake()
@@ -425,11 +434,7 @@ def test_nacks_are_off_with_the_default_hook():
     assert pair.handshake()
     assert not pair.b.nack_enabled
     pair.stream("a", 10, 1000.0)
-    pair.set(1, "a", up=False)
-    pair.set(2, "a", up=False)
-    pair.send("a", b"lost")
-    pair.set(1, "a", up=True)
-    pair.set(2, "a", up=True)
+    lose_everywhere(pair, b"lost")
     pair.stream("a", 10, 1000.0, first=11)
     pair.run(0.5)
     c = pair.b.counters()
@@ -439,11 +444,7 @@ def test_nacks_are_off_with_the_default_hook():
 def test_a_nack_brings_back_a_packet_lost_on_every_path():
     pair = _nack_pair()
     pair.stream("a", 10, 1000.0)
-    pair.set(1, "a", up=False)
-    pair.set(2, "a", up=False)
-    pair.send("a", b"lost-everywhere")
-    pair.set(1, "a", up=True)
-    pair.set(2, "a", up=True)
+    lose_everywhere(pair, b"lost-everywhere")
     rest = pair.stream("a", 10, 1000.0, first=11)
     pair.run(0.5)
     assert pair.delivered["b"][10:] == [b"lost-everywhere"] + rest
@@ -461,11 +462,7 @@ def test_nack_asks_only_while_a_resend_can_beat_the_hold():
     pair.a.scheduler = _NackOnly()
     pair.b.scheduler = _NackOnly()
     pair.stream("a", 5, 1000.0)
-    pair.set(1, "a", up=False)
-    pair.set(2, "a", up=False)
-    pair.send("a", b"lost")
-    pair.set(1, "a", up=True)
-    pair.set(2, "a", up=True)
+    lose_everywhere(pair, b"lost")
     pair.stream("a", 5, 1000.0, first=6)
     pair.run(0.5)
     c = pair.b.counters()
@@ -512,11 +509,7 @@ def test_nack_works_on_a_sealed_session():
     pair.a.scheduler = _NackOnly()
     pair.b.scheduler = _NackOnly()
     pair.stream("a", 5, 1000.0)
-    pair.set(1, "a", up=False)
-    pair.set(2, "a", up=False)
-    pair.send("a", b"sealed-lost")
-    pair.set(1, "a", up=True)
-    pair.set(2, "a", up=True)
+    lose_everywhere(pair, b"sealed-lost")
     pair.stream("a", 5, 1000.0, first=6)
     pair.run(0.5)
     assert b"sealed-lost" in pair.delivered["b"]
