@@ -829,3 +829,12 @@ def test_static_keys_are_optional_and_come_in_pairs():
     bad = edit(both, b64(priv), "!!!")
     errs = errors(check(bad)[1])
     assert any("private_key: is not valid base64" in e for e in errs) and all("!!!" not in e for e in errs)
+
+
+def test_target_loss_option():
+    cfg, problems = check(edit(SITE_A, "config base 'base'\n",
+                               "config base 'base'\n\toption mode 'adaptive'\n\toption target_loss '0.0001'\n"))
+    assert errors(problems) == [] and cfg.base.target_loss == 0.0001
+    assert check(SITE_A)[0].base.target_loss == 0.001
+    _cfg, problems = check(edit(SITE_A, "config base 'base'\n", "config base 'base'\n\toption target_loss '2'\n"))
+    assert errors(problems) == ["orayboxvpn.base.target_loss: '2' is out of range: use 1e-06 to 0.5"]

@@ -374,7 +374,7 @@ def test_config_widgets_follow_option_kinds():
                 assert o.get("validate") or "cidr" in dt, where
             elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device"):
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
-            elif kind == "seconds":
+            elif kind in ("seconds", "fraction"):
                 assert "ufloat" in dt and "range(" in dt, where
             elif kind in ("count", "ms", "packets"):
                 assert "uinteger" in dt and "range(" in dt, where

@@ -556,7 +556,8 @@ class Agent:
         # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
         # enough for most WAN uplinks, high enough that TCP's slow start is
         # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
-        sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE)
+        sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
+                                        target_loss=self.cfg.base.target_loss)
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)

@@ -77,6 +77,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "psk": ("base64 of exactly 32 bytes", "string"),
     "key32": ("base64 of exactly 32 bytes (an X25519 key)", "string"),
     "seconds": ("seconds (decimal)", "ufloat"),
+    "fraction": ("fraction (decimal; 0.001 = 0.1 %)", "ufloat"),
     "count": ("whole number", "uinteger"),
     "ms": ("milliseconds (whole number)", "uinteger"),
     "packets": ("packets (whole number)", "uinteger"),
@@ -150,6 +151,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "dead_after": Option(
             "count", "3",
             "A subflow is dead after this many consecutive unanswered keepalives (1 to 100).",
+        ),
+        "target_loss": Option(
+            "fraction", "0.001",
+            "`adaptive` mode: the loss each packet may have; a packet goes on the fewest "
+            "subflows whose combined loss meets it (0.000001 to 0.5).",
         ),
         "hold_max_ms": Option(
             "ms", "200",
@@ -307,6 +313,7 @@ class Base:
     keepalive_active: float = 0.1
     dead_after: int = 3
     hold_max_ms: int = 200
+    target_loss: float = 0.001
     rekey_interval: float = 120.0
     reorder_capacity: int = 1024
     pair_unmatched: bool = False
@@ -674,6 +681,9 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["dead_after"] = sec.parsed("dead_after", lambda s: _parse_int(s, 1, 100), _default("dead_after", int))
     if b["dead_after"] == 1:
         chk.warn(sec.path("dead_after"), "1: a single lost keepalive takes a subflow down")
+    b["target_loss"] = sec.parsed(
+        "target_loss", lambda s: _parse_float(s, 0.000001, 0.5, ""), _default("target_loss", float)
+    )
     b["hold_max_ms"] = sec.parsed("hold_max_ms", lambda s: _parse_int(s, 0, 10000, "ms"), _default("hold_max_ms", int))
     b["rekey_interval"] = sec.parsed(
         "rekey_interval", lambda s: _parse_float(s, 1, 86400, "seconds"), _default("rekey_interval", float)
@@ -1066,6 +1076,7 @@ def validate(
         keepalive_active=b["keepalive_active"],
         dead_after=b["dead_after"],
         hold_max_ms=b["hold_max_ms"],
+        target_loss=b["target_loss"],
         rekey_interval=b["rekey_interval"],
         pair_unmatched=b["pair_unmatched"],
         private_key=b["private_key"],

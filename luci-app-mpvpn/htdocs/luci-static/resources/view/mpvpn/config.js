@@ -209,6 +209,12 @@ return view.extend({
 		o.value('adaptive', _('Adaptive: duplicate over lossy subflows, spread over good ones'));
 		o.default = 'duplicate';
 
+		o = s.taboption('general', form.Value, 'target_loss', _('Target loss (adaptive mode)'),
+			_('The loss each packet may have in adaptive mode; it goes on the fewest subflows whose combined loss meets it (0.001 = 0.1 %).'));
+		o.datatype = 'and(ufloat,range(0.000001,0.5))';
+		o.placeholder = '0.001';
+		o.depends('mode', 'adaptive');
+
 		o = s.taboption('general', form.DynamicList, 'lan_subnet', _('Extra LAN subnets'),
 			_('Subnets behind this router, besides the LAN of the "lan" interface, that the peer routes into the tunnel.'));
 		o.datatype = 'cidr';
