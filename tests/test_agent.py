@@ -421,3 +421,24 @@ def test_aggregate_mode_carrier_failure_stalls_no_longer_than_detection(make_lab
         assert got >= count - int(rate * 0.5), got
         st = ts.a.status()
         assert {ln["type"]: ln["state"] for ln in st["links"]}[busiest] != "established"
+
+
+def test_per_host_policy_keeps_a_hosts_traffic_on_its_carrier(make_lab):
+    lab = make_lab(carriers=3)
+    with TwoSites(lab) as ts:
+        conf = ts.a.uci_dir / "orayboxvpn"
+        conf.write_text(conf.read_text() + "\nconfig policy 'host_a'\n\toption src '192.168.10.2'\n"
+                                           "\tlist carrier 'mobile'\n")
+        ts.start()
+        before = {ln["type"]: ln["data_tx"] for ln in ts.a.status()["links"]}
+        sink = lab.python_popen(lab.hb, UDP_SINK, "192.168.20.2", "6000", "2",
+                                stdout=subprocess.PIPE, text=True)
+        assert sink.stdout.readline().strip() == "ready"
+        lab.python(lab.ha, UDP_SOURCE, "192.168.20.2", "6000", "500", "500", timeout=30)
+        got = int(sink.communicate(timeout=20)[0].split()[0])
+        assert got == 500
+        st = ts.a.status()
+        sent = {ln["type"]: ln["data_tx"] - before[ln["type"]] for ln in st["links"]}
+        assert sent["mobile"] >= 500 and sent["telecom"] < 10 and sent["unicom"] < 10, sent
+        assert st["policies"] == [{"name": "host_a", "src": "192.168.10.2/32", "dst": None,
+                                   "carriers": ["mobile"], "exclusive": False, "mode": None}]

@@ -714,7 +714,7 @@ def test_parse_hostport_rejects(text):
 
 
 def test_options_table_is_consistent():
-    assert set(config.OPTIONS) == {"base", "vnc", "smpu"}
+    assert set(config.OPTIONS) == {"base", "vnc", "smpu", "policy"}
     for section, options in config.OPTIONS.items():
         for name, opt in options.items():
             assert uci.validate_name(name)
@@ -838,3 +838,30 @@ def test_target_loss_option():
     assert check(SITE_A)[0].base.target_loss == 0.001
     _cfg, problems = check(edit(SITE_A, "config base 'base'\n", "config base 'base'\n\toption target_loss '2'\n"))
     assert errors(problems) == ["orayboxvpn.base.target_loss: '2' is out of range: use 1e-06 to 0.5"]
+
+
+def test_policy_sections():
+    text = SITE_A + (
+        "\nconfig policy 'cameras'\n\toption src '192.168.10.50'\n\tlist carrier 'telecom'\n"
+        "\tlist carrier 'unicom'\n\toption mode 'duplicate'\n"
+        "\nconfig policy 'backup'\n\toption src '192.168.10.0/25'\n\toption dst '192.168.20.10'\n"
+        "\tlist carrier 'mobile'\n\toption exclusive '1'\n"
+        "\nconfig policy 'off'\n\toption src '10.0.0.0/8'\n\toption enabled '0'\n")
+    cfg, problems = check(text)
+    assert errors(problems) == [] and warnings(problems) == []
+    cams, backup = cfg.policies
+    assert (cams.name, str(cams.src), cams.dst, cams.carriers, cams.exclusive, cams.mode) == (
+        "cameras", "192.168.10.50/32", None, ("telecom", "unicom"), False, "duplicate")
+    assert (str(backup.dst), backup.carriers, backup.exclusive, backup.mode) == (
+        "192.168.20.10/32", ("mobile",), True, None)
+    bad = SITE_A + ("\nconfig policy 'p'\n\toption dst 'nonsense'\n\toption exclusive '1'\n"
+                    "\tlist carrier 'satellite'\n\toption mode 'fast'\n")
+    _cfg, problems = check(bad)
+    assert set(errors(problems)) == {
+        "orayboxvpn.p.src: missing: the LAN host or subnet this policy applies to",
+        "orayboxvpn.p.dst: 'nonsense' is not an address or subnet",
+        "orayboxvpn.p.mode: 'fast' is not allowed: use 'duplicate', 'aggregate' or 'adaptive'"}
+    assert warnings(problems) == [
+        "orayboxvpn.p.carrier: warning: no enabled uplink has type 'satellite'; known: mobile, telecom, unicom"]
+    _cfg, problems = check(SITE_A + "\nconfig policy 'q'\n\toption src '192.168.10.9'\n\toption exclusive '1'\n")
+    assert errors(problems) == ["orayboxvpn.q.exclusive: needs `list carrier`: which carriers to reserve"]

@@ -331,6 +331,7 @@ def test_config_sections():
     assert secs["base"]["widget"] == secs["vnc"]["widget"] == "form.NamedSection"
     assert secs["base"]["args"][0] == "base" and secs["vnc"]["args"][0] == "vnc"
     assert secs["smpu"]["widget"] == "form.GridSection" and secs["smpu"]["addremove"] is True
+    assert secs["policy"]["widget"] == "form.GridSection" and secs["policy"]["addremove"] is True
 
 
 def test_config_options_exist_in_agent_options():
@@ -368,7 +369,15 @@ def test_config_widgets_follow_option_kinds():
                 assert o["widget"] == "form.Flag", where
             elif kind in ("role", "mode", "log_level"):
                 assert o["widget"] == "form.ListValue", where
-                assert [v[0] for v in o["values"]] == _choices(kind), where
+                choices = [v[0] for v in o["values"]]
+                if choices and choices[0] == "":  # "not set": only for options without a default
+                    assert spec.default is None, where
+                    choices = choices[1:]
+                assert choices == _choices(kind), where
+            elif kind == "net":
+                assert "ipaddr" in dt and "cidr" in dt, where
+            elif kind == "carrier_list":
+                assert o["widget"] == "form.DynamicList" and o.get("validate") == "<function>", where
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
                 assert o.get("validate") or "cidr" in dt, where

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from mpvpn import __version__, control, ifaddr, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
-from mpvpn.scheduler import make_scheduler
+from mpvpn.scheduler import LinkPolicy, make_scheduler
 from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
@@ -178,6 +178,13 @@ class Agent:
             if str(n) not in out:
                 out.append(str(n))
         return out
+
+    def _policies(self) -> list:
+        """config policy sections (seed 004) as the scheduler's LinkPolicy."""
+        return [LinkPolicy(src=str(p.src), dst=None if p.dst is None else str(p.dst),
+                           carriers=p.carriers, exclusive=p.exclusive, mode=p.mode,
+                           name=p.name)
+                for p in self.cfg.policies]
 
     def _session_config(self) -> SessionConfig:
         b = self.cfg.base
@@ -557,7 +564,8 @@ class Agent:
         # enough for most WAN uplinks, high enough that TCP's slow start is
         # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
         sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
-                                        target_loss=self.cfg.base.target_loss)
+                                        target_loss=self.cfg.base.target_loss,
+                                        policies=self._policies())
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
@@ -1076,6 +1084,9 @@ class Agent:
                     "netmask": str(v.netmask), "mtu": v.mtu},
             "routes": sorted(self._routes),
             "control": ctl,
+            "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
+                          "carriers": list(p.carriers) if p.carriers else None,
+                          "exclusive": p.exclusive, "mode": p.mode} for p in self.cfg.policies],
             "uplinks": [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
                          "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
                         for up in self.uplinks.values()],

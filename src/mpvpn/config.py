@@ -91,6 +91,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "network": ("OpenWrt interface (UCI section name in /etc/config/network)", "uciname"),
     "device": ("Linux network device", "string"),
     "port": ("port, 1 to 65535", "port"),
+    "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
+    "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
 }
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -224,6 +226,23 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "(server) or of the first `base.server_address` (client), else 7000.",
         ),
         "enabled": Option("bool", "1", "`0` leaves this uplink unused."),
+    },
+    "policy": {
+        "src": Option(
+            "net", None,
+            "Required. The LAN host or subnet whose traffic this policy steers (seed 004), "
+            "e.g. '192.168.10.50' or '192.168.10.0/25'.",
+        ),
+        "dst": Option("net", None, "Only traffic to this host or subnet (at the peer); any if unset."),
+        "carrier": Option(
+            "carrier_list", None,
+            "The carriers (`smpu` `type`) this traffic may use, least loaded first; any if unset.",
+        ),
+        "exclusive": Option(
+            "bool", "0", "Reserve those carriers for this traffic: other traffic may not use them.",
+        ),
+        "mode": Option("mode", None, "This traffic's mode, instead of `base.mode`."),
+        "enabled": Option("bool", "1", "`0` ignores this policy."),
     },
 }
 
@@ -371,11 +390,24 @@ class Lan:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """A per-host link policy (seed 004): which carriers a LAN host's traffic uses."""
+
+    name: str
+    src: IPNetwork
+    dst: IPNetwork | None = None
+    carriers: tuple[str, ...] | None = None
+    exclusive: bool = False
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base
     vnc: Vnc
     uplinks: tuple[Uplink, ...]
     lan: Lan
+    policies: tuple[Policy, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -992,6 +1024,40 @@ def _check_lan(chk: _Checker, network: uci.Package | None, missing: str | None) 
     return subnets, addresses
 
 
+def _parse_net(s: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(s, strict=False)
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not an address or subnet") from None
+
+
+def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> list[Policy]:
+    types = {u.type for u in uplinks if u.enabled}
+    out: list[Policy] = []
+    for sec in (_Sec(chk, pkg, s) for s in pkg.sections("policy")):
+        sec.unknown_options()
+        if not sec.parsed("enabled", _parse_bool, True):
+            continue
+        src = sec.parsed("src", _parse_net)
+        if src is None and not sec.has("src"):
+            chk.err(sec.path("src"), "missing: the LAN host or subnet this policy applies to")
+        dst = sec.parsed("dst", _parse_net)
+        carriers = sec.multi("carrier")
+        for c in carriers:
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", c):
+                chk.err(sec.path("carrier"), f"{_q(c)} is not a carrier word")
+            elif types and c not in types:
+                chk.warn(sec.path("carrier"), f"no enabled uplink has type {_q(c)}; "
+                                              f"known: {', '.join(sorted(types))}")
+        exclusive = sec.parsed("exclusive", _parse_bool, False)
+        if exclusive and not carriers:
+            chk.err(sec.path("exclusive"), "needs `list carrier`: which carriers to reserve")
+        mode = sec.parsed("mode", lambda v: _parse_choice(v, ("duplicate", "aggregate", "adaptive")))
+        if src is not None:
+            out.append(Policy(sec.ref, src, dst, tuple(carriers) or None, exclusive, mode))
+    return out
+
+
 def validate(
     orayboxvpn: uci.Package,
     network: uci.Package | None = None,
@@ -1018,6 +1084,7 @@ def validate(
         elif b["role"] == "client" and b["server_address"]:
             default_port = b["server_address"][0].port
     uplinks = _check_uplinks(chk, pkg, default_port)
+    policies = _check_policies(chk, pkg, uplinks)
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks
@@ -1086,7 +1153,8 @@ def validate(
         log_level=b["log_level"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
-    return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan), chk.problems
+    return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,
+                  policies=tuple(policies)), chk.problems
 
 
 def load_config(uci_dir: str = "/etc/config") -> tuple[Config | None, list[Problem]]:

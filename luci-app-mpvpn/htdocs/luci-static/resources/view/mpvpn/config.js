@@ -369,6 +369,48 @@ return view.extend({
 		o.datatype = 'and(port,min(1))';
 		o.placeholder = _('default');
 
+		/* --- config policy (per-host link policies, seed 004) ------------------- */
+
+		s = m.section(form.GridSection, 'policy', _('Link policies'),
+			_('Which carriers the traffic of a LAN host or subnet may use. The first matching policy wins; if none of its carriers is up, the traffic falls back to the others.'));
+		s.anonymous = false;
+		s.addremove = true;
+		s.sortable = true;
+		s.nodescriptions = true;
+
+		o = s.option(form.Flag, 'enabled', _('Enabled'));
+		o.default = '1';
+		o.rmempty = false;
+		o.editable = true;
+
+		o = s.option(form.Value, 'src', _('Source host or subnet'),
+			_('LAN host or subnet whose traffic this policy steers, e.g. 192.168.10.50 or 192.168.10.0/25.'));
+		o.datatype = 'or(ipaddr,cidr)';
+		o.rmempty = false;
+
+		o = s.option(form.Value, 'dst', _('Destination (optional)'),
+			_('Only traffic to this host or subnet at the peer site.'));
+		o.datatype = 'or(ipaddr,cidr)';
+
+		o = s.option(form.DynamicList, 'carrier', _('Carriers'),
+			_('Carrier types (the uplinks\' type) this traffic may use; any if empty.'));
+		o.validate = function(section_id, value) {
+			if (value == null || value === '' || /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value))
+				return true;
+			return _('Expecting a carrier word of letters, digits, "_", "-" and "."');
+		};
+
+		o = s.option(form.Flag, 'exclusive', _('Exclusive'),
+			_('Reserve these carriers for this traffic: nothing else may use them.'));
+		o.default = '0';
+
+		o = s.option(form.ListValue, 'mode', _('Mode'),
+			_('This traffic\'s mode instead of the general one.'));
+		o.value('', _('as in the general settings'));
+		o.value('duplicate', _('Duplicate'));
+		o.value('aggregate', _('Aggregate'));
+		o.value('adaptive', _('Adaptive'));
+
 		return m.render();
 	}
 });
