@@ -41,6 +41,7 @@ def main() -> int:
         ok = lab.reachable(lab.ha, "192.168.20.2")
         print(f"before the VPN, host A reaches host B: {ok}")
         ts.start()
+        time.sleep(1.0)  # a keepalive round replaces the handshake's RTT sample (it includes ARP)
         say("mpvpn status on router A")
         _print_status(ts.a.status())
         p = lab.ping(lab.ha, "192.168.20.2", count=50, interval=0.02)
