@@ -46,6 +46,7 @@ __all__ = [
 PACKAGE = "orayboxvpn"
 DEFAULT_PORT = 7000
 PSK_BYTES = 32
+CARRIER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")  # smpu.type, policy.carrier
 # Per-packet overhead of the tunnel (docs/protocol.md): SMPU 20 + tag 16 + UDP 8 + IP.
 OVERHEAD_IPV4 = 64
 OVERHEAD_IPV6 = 84
@@ -882,7 +883,7 @@ def _check_uplinks(chk: _Checker, pkg: uci.Package, default_port: int) -> list[U
             if not sec.has("type"):
                 chk.err(sec.path("type"), "missing: the carrier of this uplink, e.g. 'telecom' (uplinks pair with the peer's uplink of the same type)")
             ok = False
-        elif not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", type_):
+        elif not CARRIER_RE.fullmatch(type_):
             chk.err(sec.path("type"), f"{_q(type_)} is not a carrier word (letters, digits, '_', '-', '.'; at most 32)")
             ok = False
         bind_ip = None
@@ -1044,7 +1045,7 @@ def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> l
         dst = sec.parsed("dst", _parse_net)
         carriers = sec.multi("carrier")
         for c in carriers:
-            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", c):
+            if not CARRIER_RE.fullmatch(c):
                 chk.err(sec.path("carrier"), f"{_q(c)} is not a carrier word")
             elif types and c not in types:
                 chk.warn(sec.path("carrier"), f"no enabled uplink has type {_q(c)}; "

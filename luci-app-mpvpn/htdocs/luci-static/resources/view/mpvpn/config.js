@@ -123,6 +123,11 @@ function netmaskPrefix(value) {
 	return (m % Math.pow(2, 32 - n) == 0) ? n : null;
 }
 
+/* A carrier type word, as the agent reads smpu.type and policy.carrier. */
+function validCarrier(value) {
+	return /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value);
+}
+
 function validIfname(value) {
 	return value.length > 0 && value.length < 16 && value != '.' && value != '..' && !/[\/:\s]/.test(value);
 }
@@ -336,7 +341,7 @@ return view.extend({
 		o.value('mobile');
 		o.rmempty = false;
 		o.validate = function(section_id, value) {
-			if (value == null || value === '' || /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value))
+			if (value == null || value === '' || validCarrier(value))
 				return true;
 			return _('Expecting a word of letters, digits, "_", "-" and "." (at most 32 characters)');
 		};
@@ -395,7 +400,7 @@ return view.extend({
 		o = s.option(form.DynamicList, 'carrier', _('Carriers'),
 			_('Carrier types (the uplinks\' type) this traffic may use; any if empty.'));
 		o.validate = function(section_id, value) {
-			if (value == null || value === '' || /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value))
+			if (value == null || value === '' || validCarrier(value))
 				return true;
 			return _('Expecting a carrier word of letters, digits, "_", "-" and "."');
 		};
