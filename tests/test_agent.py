@@ -442,3 +442,49 @@ def test_per_host_policy_keeps_a_hosts_traffic_on_its_carrier(make_lab):
         assert sent["mobile"] >= 500 and sent["telecom"] < 10 and sent["unicom"] < 10, sent
         assert st["policies"] == [{"name": "host_a", "src": "192.168.10.2/32", "dst": None,
                                    "carriers": ["mobile"], "exclusive": False, "mode": None}]
+
+
+def test_test_links_measures_each_carrier_then_all_both_ways(sites):
+    """mpvpn test-links between two real agents: rates follow the carriers' tbf,
+    loss shows on the lossy carrier only, errors come back as messages."""
+    import json
+    import sys
+
+    from mpvpn import rpc
+
+    lab, ts = sites
+    for c, mbit in ((1, 40), (2, 20), (3, 10)):
+        lab.set_rate(c, mbit)
+    lab.set_loss(3, 5)
+    ts.start()
+    path = rpc.socket_path(str(ts.a.run_dir))
+    assert rpc.call(path, "test_links", {"duration": 99}) == {
+        "error": "duration must be 0.5..10 seconds"}
+    assert rpc.call(path, "test_links", {"duration": "2"}) == {"error": "duration must be a number of seconds"}
+    assert ts.a.status()["link_test"] is None
+    cmd = [sys.executable, "-m", "mpvpn", "test-links", "--duration", "1.5", "--json",
+           "--run-dir", str(ts.a.run_dir)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ts.a.wait(lambda st: (st.get("link_test") or {}).get("state") == "running", what="test running")
+    assert rpc.call(path, "test_links", {})["error"] == "a link test is already running"
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["state"] == "done" and doc["error"] is None and abs(doc["started"] - time.time()) < 120
+    res = {(r["name"], r["direction"]): r for r in doc["results"]}
+    assert len(res) == 8
+    names = {ln["member"]: ln["name"] for ln in ts.a.status()["links"]}
+    rate = {"telecom": 40, "unicom": 20, "mobile": 10}
+    for name, mbit in rate.items():
+        for d in ("up", "down"):
+            r = res[(name, d)]
+            assert 0.7 * mbit <= r["mbps"] <= 1.05 * mbit, (name, d, r)
+            assert r["rtt_ms"] is not None and r["packets"] > 0
+    for d in ("up", "down"):
+        assert 0.02 <= res[("mobile", d)]["loss"] <= 0.12, res[("mobile", d)]
+        assert res[("telecom", d)]["loss"] < 0.01
+        agg = res[("+".join(names[m] for m in sorted(names)), d)]
+        assert 0.7 * 70 <= agg["mbps"] <= 1.05 * 70, agg
+    # the peer saw the same test from the other side: its counters stayed clean
+    stb = ts.b.status()
+    assert stb["link_test"] is None and stb["counters"]["malformed"] == 0

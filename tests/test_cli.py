@@ -41,3 +41,21 @@ def test_genkey_and_pubkey(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("not a key"))
     assert cli.main(["pubkey"]) == 1
     assert "expected a private key" in capsys.readouterr().err
+
+
+def test_link_test_table_formats_results_and_survives_odd_values():
+    doc = {"id": 3, "state": "done", "error": None, "peer": "siteb", "results": [
+        {"name": "telecom", "direction": "up", "mbps": 48.7, "goodput_mbps": 43.9, "rtt_ms": 23.4,
+         "loss": 0.0123},
+        {"name": "x" * 80, "direction": "down", "mbps": None, "goodput_mbps": "fast", "rtt_ms": True,
+         "loss": None}]}
+    out = cli.format_link_test(doc).splitlines()
+    assert out[0] == "link test 3 with siteb: done"
+    assert out[2].split() == ["telecom", "up", "48.7", "43.9", "23.4", "1.23%"]
+    assert out[3].split()[1:] == ["down", "-", "-", "-", "-"] and len(out[3].split()[0]) == 27
+    assert "(no load" in cli.format_link_test({"state": "done", "error": "no load from the peer"})
+
+
+def test_test_links_without_an_agent_says_so(tmp_path, capsys):
+    assert cli.main(["test-links", "--run-dir", str(tmp_path)]) == 3
+    assert "not running" in capsys.readouterr().err

@@ -11,7 +11,11 @@ Browser checks (headless Chromium, tests/luci_harness): the status view is
 served with a minimal stand-in for the LuCI client API and its ubus calls are
 answered from the real in-memory engine (mpvpn.simnet.SimPair); the rendered
 rows are compared with the status documents served, a screenshot is saved
-under the test's output folder (and copied to /tmp/luci-status.png).
+under the test's output folder (and copied to /tmp/luci-status.png).  The
+per-host policies table and the link test (the "Test links" button, the
+test_links ubus method and the document's link_test: progress, results,
+errors) are checked with the engine and with fixed documents, hostile ones
+included.
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     for path in VIEW_FILES:
         for d in probe(path)["declares"]:
             declared.setdefault(d["object"], set()).add(d["method"])
-    assert declared == {"orayboxvpn": {"status", "reconnect"}}
+    assert declared == {"orayboxvpn": {"status", "reconnect", "test_links"}}
 
     acl = json.loads(ACL.read_text())
     assert list(acl) == ["luci-app-mpvpn"]
@@ -155,7 +159,8 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     write_ubus = {o: set(m) for o, m in entry.get("write", {}).get("ubus", {}).items()}
     assert harness_server.acl_grants(ACL) == declared  # nothing more, nothing less
     assert read_ubus == {"orayboxvpn": {"status"}}  # reading the status is a read right
-    assert write_ubus == {"orayboxvpn": {"reconnect"}}  # reconnecting changes state: write
+    # reconnecting and starting a link test change state (and load the links): write
+    assert write_ubus == {"orayboxvpn": {"reconnect", "test_links"}}
     assert "orayboxvpn" in entry["read"]["uci"]
     assert entry["write"]["uci"] == ["orayboxvpn"]
 
@@ -298,7 +303,9 @@ def test_status_view_api_use():
         r"var %s = (\d+)" % m.group(1), src).group(1))
     assert 2 <= interval <= 5
     assert "new ui.Table(" in src and "dom.content(" in src
-    assert {"load", "render", "handleReconnect"} <= set(info["methods"])
+    assert {"load", "render", "handleReconnect", "handleTestLinks"} <= set(info["methods"])
+    test_links = [d for d in info["declares"] if d["method"] == "test_links"]
+    assert len(test_links) == 1 and test_links[0]["params"] == ["duration"]
 
 
 # --- config page against mpvpn.config.OPTIONS --------------------------------------------------
@@ -623,30 +630,77 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
               {"member": 2}, None],
     "counters": {"delivered": None, "auth_failures": 3},
     "sessions": [{"name": EVIL, "state": "connected"}, {"name": "site-c", "state": None}],
+    # numbers too big to format, strings where numbers belong, markup in names
+    "policies": [{"name": EVIL, "src": EVIL, "dst": 12345, "carriers": EVIL, "exclusive": "yes",
+                  "mode": EVIL, "packets": 1e308, "counters": {EVIL: 7, "bytes": "many", "tx_bytes": -1e300}},
+                 None, "policy",
+                 {"name": "p2", "src": None, "carriers": [EVIL, None, 3], "exclusive": True}],
+    "link_test": {"id": "x", "state": "running", "error": "probe " + EVIL, "started": 1e308,
+                  "phase": 1e300, "phases": "8",
+                  "results": [{"name": EVIL, "direction": EVIL, "members": EVIL, "mbps": "fast",
+                               "rtt_ms": 1e308, "loss": "0.5", "packets": -1, "bytes": 1e308},
+                              None, 5,
+                              {"name": None, "direction": "up", "members": [1e308, "2"], "mbps": 1e308,
+                               "rtt_ms": -3, "loss": 1e308, "packets": 1e308, "bytes": None}]},
 }
+
+TEST_ERROR = "no session with the peer " + EVIL  # test_links refused (the "failed" run)
+
+
+def fixed_documents() -> dict[str, dict]:
+    """Status documents of the engine with a link test in a fixed state:
+    running (phase 3 of 8, policies with per-policy counters) and failed
+    (no policies)."""
+    base = SimAgentBackend(policies=()).document()
+    results = [
+        {"name": "telecom", "direction": "up", "members": [1], "mbps": 47.5, "rtt_ms": 12.3,
+         "loss": 0.01, "packets": 12700, "bytes": 17780000},
+        {"name": "telecom", "direction": "down", "members": [1], "mbps": 3.25, "rtt_ms": 12.9,
+         "loss": None, "packets": 870, "bytes": 1218000, "goodput_mbps": 2.75},  # an optional key
+    ]
+    running = dict(base, policies=[
+        {"name": "camera", "src": "192.168.10.50/32", "dst": None, "carriers": ["telecom"],
+         "exclusive": True, "mode": None, "tx_packets": 1234, "counters": {"bytes": 2500000, "flows": 2}},
+        {"name": "office", "src": "192.168.10.0/25", "dst": "192.168.20.0/24", "carriers": None,
+         "exclusive": False, "mode": "adaptive"},
+    ], link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
+                  "phases": 8, "results": results, "peer": "site-b"})
+    failed = dict(base, policies=[], link_test={
+        "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
+        "started": 1767225600.0, "phase": None, "phases": 8, "results": results[:1]})
+    return {"running": running, "failed": failed}
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    """Four headless Chromium runs side by side, one fixture server each:
-    main (engine, presses Reconnect), shot (engine, screenshot), hostile, down."""
+    """Headless Chromium runs side by side, one fixture server each: main (engine,
+    presses Test links then Reconnect), shot (engine, link test, screenshot),
+    hostile, down, running and failed (fixed link test states; both press Test links)."""
     chromium = find_chromium()
     if not chromium:
         reason = "chromium is not installed (Debian: apt-get install chromium)"
         sys.stderr.write(f"\nbrowser tests skipped: {reason}\n")
         pytest.skip(reason)
     out_dir = tmp_path_factory.mktemp("luci")
+    fixed = fixed_documents()
     backends = {"main": SimAgentBackend(), "shot": SimAgentBackend(),
                 "hostile": harness_server.StaticBackend(HOSTILE_DOC),
-                "down": harness_server.DownBackend()}
+                "down": harness_server.DownBackend(),
+                "running": harness_server.StaticBackend(fixed["running"],
+                                                        replies={"test_links": {"started": True, "id": 9}}),
+                "failed": harness_server.StaticBackend(fixed["failed"],
+                                                       replies={"test_links": {"error": TEST_ERROR}})}
     servers = {k: harness_server.HarnessServer(b).__enter__() for k, b in backends.items()}
     shot = out_dir / "luci-status.png"
     runs = {
-        "main": ([f"--virtual-time-budget={BUDGET_MS}", "--dump-dom"], "?view=mpvpn/status#click=reconnect"),
-        "shot": ([f"--virtual-time-budget={BUDGET_MS}", "--window-size=1280,1000", f"--screenshot={shot}"],
-                 "?view=mpvpn/status"),
-        "hostile": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
+        "main": ([f"--virtual-time-budget={BUDGET_MS}", "--dump-dom"],
+                 "?view=mpvpn/status#click=test-links@1500,reconnect@4000"),
+        "shot": ([f"--virtual-time-budget={BUDGET_MS}", "--window-size=1280,1700", f"--screenshot={shot}"],
+                 "?view=mpvpn/status#click=test-links@1500"),
+        "hostile": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
         "down": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
+        "running": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
+        "failed": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
     }
     procs, results = {}, {}
     t0 = time.monotonic()
@@ -699,9 +753,10 @@ def header_rows(view: Node) -> dict[str, Node]:
     return rows
 
 
-def link_rows(view: Node) -> list[dict[str, Node]]:
-    table = view.find("table", id="mpvpn-links")
-    assert table is not None
+def link_rows(view: Node, table_id: str = "mpvpn-links") -> list[dict[str, Node]]:
+    """The rows of a ui.Table as {column title: cell}."""
+    table = view.find("table", id=table_id)
+    assert table is not None, table_id
     rows = []
     for tr in table.find_all("tr"):
         if "table-titles" in tr.attrs.get("class", "") or "placeholder" in tr.attrs.get("class", ""):
@@ -802,7 +857,7 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     assert page.find("title").words == "luci-app-mpvpn test harness"
     assert EVIL in view.text  # shown as text
     text = view.words
-    for word in ("undefined", "NaN", "null", "[object Object]"):
+    for word in ("undefined", "NaN", "null", "[object Object]", "Infinity"):
         assert word not in text, word
     head = header_rows(view)
     assert "wrong PSK" in head["Last error"].words
@@ -815,6 +870,32 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     auth = totals.find("td", data_counter="auth_failures")
     assert auth.words == "3" and "bold" in auth.attrs.get("style", "")
 
+    # policies: the null and string entries are skipped, "yes" is not exclusive
+    assert not hidden(view.find(id="mpvpn-policies"))
+    pols = link_rows(view, "mpvpn-policy-table")
+    assert len(pols) == 2
+    assert pols[0]["Policy"].words == EVIL and EVIL in pols[0]["Carriers"].words
+    assert pols[0]["Carriers"].find("span", cls="mpvpn-exclusive") is None
+    assert pols[1]["Carriers"].find("span", cls="mpvpn-exclusive") is not None
+    assert pols[1]["Carriers"].find("span", cls="mpvpn-carriers").words.startswith(EVIL + ", 3")
+    assert "12345" in pols[0]["Match"].words and pols[1]["Match"].words.startswith("—")
+    counters = {d.attrs["data-counter"]: d.words for d in pols[0]["Traffic"].find_all("div")}
+    assert set(counters) == {"packets", EVIL, "tx_bytes"}  # the string "many" is no counter
+    assert counters[EVIL] == f"{EVIL}: 7"
+
+    # link test: running, but without a usable phase count; the button is disabled
+    assert test_state(view) == "running"
+    assert view.find(id="mpvpn-linktest-progress").words == "starting…"
+    assert "probe " + EVIL in view.find(id="mpvpn-linktest-error").words
+    assert button_disabled(view) and clicked(page) == [["test-links", True]]
+    assert not [c for c in browser["servers"]["hostile"].calls if c[1] == "test_links"]
+    res = link_rows(view, "mpvpn-linktest")
+    assert len(res) == 2  # null and 5 skipped
+    assert res[0]["Links"].find("strong").words == EVIL and res[0]["Direction"].words == EVIL
+    assert res[0]["Throughput"].words == "—" and res[0]["Loss"].words == "—"
+    assert res[1]["Throughput"].words == "—" and res[1]["Loss"].words == "—"  # 1e308 Mbit/s, 1e310 %
+    assert res[1]["Links"].find("strong").words == "—"
+
 
 def test_browser_status_explains_an_agent_that_is_not_running(browser):
     view = view_of(browser["dom"]["down"])
@@ -825,6 +906,149 @@ def test_browser_status_explains_an_agent_that_is_not_running(browser):
     assert "not reachable" in table.find("tr", cls="placeholder").words
     server = browser["servers"]["down"]
     assert len([c for c in server.calls if c[1] == "status"]) >= 2  # it keeps polling
+    assert hidden(view.find(id="mpvpn-policies"))
+    assert button_disabled(view)
+
+
+# --- policies and the link test -----------------------------------------------------------------
+
+def hidden(node: Node) -> bool:
+    return bool(re.search(r"display:\s*none", node.attrs.get("style") or ""))
+
+
+def button_disabled(view: Node) -> bool:
+    return "disabled" in view.find("button", id="mpvpn-test-links").attrs
+
+
+def clicked(page: Node) -> list:
+    """[button, was it disabled] per press of the harness (index.html #click=)."""
+    return json.loads(page.find("body").attrs.get("data-clicked") or "[]")
+
+
+def test_state(view: Node) -> str | None:
+    badge = view.find(id="mpvpn-linktest-state").find("span", cls="mpvpn-badge")
+    return badge.attrs["data-state"] if badge is not None else None
+
+
+test_state.__test__ = False  # a helper, not a test
+
+
+def rate_mbps(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+) (Gbit|Mbit|kbit|bit)/s", text).groups()
+    return float(value) * {"Gbit": 1e3, "Mbit": 1, "kbit": 1e-3, "bit": 1e-6}[unit]
+
+
+def check_results(rows: list[dict[str, Node]], results: list[dict]) -> None:
+    """Link test rows against the document's link_test.results."""
+    assert len(rows) == len(results)
+    for row, r in zip(rows, results):
+        where = f"{r['name']} {r['direction']}"
+        assert row["Links"].find("strong").words == r["name"], where
+        if len(r["members"]) > 1:
+            assert f"{len(r['members'])} subflows" in row["Links"].words, where
+        assert row["Direction"].find("span", data_direction=r["direction"]) is not None, where
+        assert row["Direction"].words.startswith({"up": "Up: this site", "down": "Down: peer"}[r["direction"]])
+        shown = re.split(r"\s*goodput ", row["Throughput"].words)  # a <br> between
+        if r["mbps"] is None:
+            assert shown[0] == "—", where
+        else:
+            assert abs(rate_mbps(shown[0]) - r["mbps"]) <= 0.0051, where
+        if r.get("goodput_mbps") is not None:  # optional in the contract
+            assert abs(rate_mbps(shown[1]) - r["goodput_mbps"]) <= 0.0051, where
+        else:
+            assert len(shown) == 1, where
+        if r["rtt_ms"] is None:
+            assert row["RTT"].words == "—", where
+        else:
+            assert abs(number(row["RTT"].words) - r["rtt_ms"]) <= 0.051, where
+        if r["loss"] is None:
+            assert row["Loss"].words == "—", where
+        else:
+            assert abs(number(row["Loss"].words) - r["loss"] * 100) <= 0.051, where
+        assert row["Packets"].words.startswith(f"{r['packets']} packets"), where
+
+
+def test_browser_policies_table_matches_the_engine_document(browser):
+    view = view_of(browser["dom"]["main"])
+    doc = rendered_document(view, browser["backends"]["main"].docs)
+    assert not hidden(view.find(id="mpvpn-policies"))
+    rows = link_rows(view, "mpvpn-policy-table")
+    assert len(rows) == len(doc["policies"]) == 2
+    for row, pol in zip(rows, doc["policies"]):
+        assert set(row) == {"Policy", "Match", "Carriers", "Mode"}  # no Traffic: no counters reported
+        assert row["Policy"].words == pol["name"]
+        assert row["Match"].words == f"{pol['src']} → {pol['dst'] or 'any destination'}"
+        carriers = row["Carriers"]
+        assert carriers.words.startswith(", ".join(pol["carriers"]))
+        assert (carriers.find("span", cls="mpvpn-badge", data_state="exclusive") is not None) == pol["exclusive"]
+    assert rows[0]["Mode"].words == "as the tunnel (Duplicate)"
+    assert rows[1]["Mode"].find("span", data_mode="aggregate").words == "Aggregate"
+
+
+def test_browser_link_test_runs_and_shows_the_engine_results(browser):
+    page = browser["dom"]["main"]
+    view = view_of(page)
+    backend, server = browser["backends"]["main"], browser["servers"]["main"]
+    # pressed once, with the default duration, while the button was enabled
+    assert clicked(page) == [["test-links", False], ["reconnect", False]]
+    assert backend.test_calls == [{"duration": 3}]
+    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    states = [d["link_test"]["state"] if d["link_test"] else None for d in backend.docs]
+    assert states[0] is None and "running" in states and states[-1] == "done"
+    doc = rendered_document(view, backend.docs)
+    lt = doc["link_test"]
+    assert test_state(view) == "done" and len(lt["results"]) == lt["phases"] == 8
+    assert view.find(id="mpvpn-linktest-progress") is None
+    assert view.find(id="mpvpn-linktest-error") is None
+    assert not button_disabled(view)
+    check_results(link_rows(view, "mpvpn-linktest"), lt["results"])
+    # the mobile carrier is down: its phases carried nothing
+    mobile = [r for r in lt["results"] if r["name"] == "mobile"]
+    assert mobile and all(r["mbps"] is None for r in mobile)
+
+
+def test_browser_link_test_running_shows_progress_and_a_disabled_button(browser):
+    page = browser["dom"]["running"]
+    view = view_of(page)
+    doc = browser["backends"]["running"].doc
+    assert test_state(view) == "running"
+    assert view.find(id="mpvpn-linktest-progress").words == "phase 3 of 8"
+    assert "with site-b" in view.find(id="mpvpn-linktest-state").words
+    bar = view.find(id="mpvpn-linktest-state").find("div", cls="cbi-progressbar")
+    assert re.fullmatch(r"width:\s*25(?:\.0)?%;?", bar.find("div").attrs["style"])
+    assert button_disabled(view) and clicked(page) == [["test-links", True]]
+    assert "disabled" in view.find("select", id="mpvpn-test-duration").attrs
+    assert not [c for c in browser["servers"]["running"].calls if c[1] == "test_links"]
+    assert view.find(id="mpvpn-linktest-error") is None
+    check_results(link_rows(view, "mpvpn-linktest"), doc["link_test"]["results"])
+
+    # per-policy counters: a Traffic column
+    rows = link_rows(view, "mpvpn-policy-table")
+    assert len(rows) == 2
+    counters = {d.attrs["data-counter"]: d.words for d in rows[0]["Traffic"].find_all("div")}
+    assert counters == {"tx_packets": "Packets sent: 1234", "bytes": "Bytes: 2.50 MB", "flows": "Flows: 2"}
+    assert rows[1]["Traffic"].words == ""
+    assert rows[1]["Carriers"].words == "any carrier" and rows[1]["Mode"].words == "Adaptive"
+
+
+def test_browser_link_test_failure_and_refusal_are_shown(browser):
+    page = browser["dom"]["failed"]
+    view = view_of(page)
+    server = browser["servers"]["failed"]
+    assert page.find(id="injected") is None and view.find("img") is None
+    assert page.find("title").words == "luci-app-mpvpn test harness"
+    # the failed test in the document
+    assert test_state(view) == "failed"
+    error = view.find(id="mpvpn-linktest-error")
+    assert error.words == "The link test failed: the peer stopped answering " + EVIL
+    check_results(link_rows(view, "mpvpn-linktest"), browser["backends"]["failed"].doc["link_test"]["results"])
+    # a new test may be started; the agent refuses it and the page says why
+    assert clicked(page) == [["test-links", False]] and not button_disabled(view)
+    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    notes = page.find(id="maincontent").find_all("div", cls="alert-message")
+    assert any(n.words == "The link test did not start: " + TEST_ERROR for n in notes)
+    # no policies: no section
+    assert hidden(view.find(id="mpvpn-policies"))
 
 
 # --- the harness itself -------------------------------------------------------------------------
@@ -838,6 +1062,9 @@ def test_harness_ubus_follows_the_acl_and_maps_agent_errors(tmp_path):
 
     assert call("orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
     assert call("orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
+    assert call("orayboxvpn", "test_links")["result"] == [3]  # granted; this backend has no such method
+    srv.backend = harness_server.StaticBackend({}, replies={"test_links": {"started": True, "id": 1}})
+    assert call("orayboxvpn", "test_links")["result"] == [0, {"started": True, "id": 1}]
     assert call("file", "exec")["error"]["code"] == -32002
     srv.backend = harness_server.DownBackend()
     assert call("orayboxvpn", "status")["error"] == {"code": -32000, "message": "Object not found"}

@@ -128,3 +128,24 @@ def test_available_reports_why_not():
         assert mod is fake and where in ubusmod.SOCKET_PATHS
     else:
         assert (mod, where) == (None, "no ubusd socket")
+
+
+def test_test_links_declares_its_arguments_with_blobmsg_types():
+    fake = FakeUbus()
+    seen = []
+
+    def test_links(args):
+        seen.append(args)
+        return {"started": True, "id": 1}
+
+    t = ubusmod.UbusTransport(fake, "/x", {"test_links": test_links, "status": lambda a: {}}, inline_post)
+    assert t.start()
+    try:
+        sig = fake.objects["orayboxvpn"]["test_links"]["signature"]
+        assert sig == {"ubus_rpc_session": 3, "duration": 5, "peer": 3}  # STRING, INT32, STRING
+        box = fake.call("orayboxvpn", "test_links", {"duration": 2, "ubus_rpc_session": "s"})
+        assert box["reply"] == {"started": True, "id": 1} and seen == [{"duration": 2}]
+        # status takes no arguments of its own
+        assert fake.call("orayboxvpn", "status", {"duration": 2})["status"] == "UBUS_STATUS_INVALID_ARGUMENT"
+    finally:
+        t.stop()

@@ -113,3 +113,13 @@ def test_nack_payload_names_up_to_64_sequence_numbers():
 def test_nack_roundtrip(base, offsets):
     seqs = sorted(base + o for o in offsets)
     assert wire.nack_decode(wire.nack_encode(seqs)) == seqs
+
+
+def test_test_opcode_has_a_minimum_length_not_a_fixed_one():
+    head = wire.TEST_HEAD.pack(1, 7, 0, 2)
+    for pad in (0, 1, 1400):
+        h = wire.decode(wire.encode(Op.TEST, 2, 5, 9, head + bytes(pad)))
+        assert isinstance(h, wire.Header) and h.length == len(head) + pad
+    assert wire.decode(wire.encode(Op.TEST, 2, 5, 9, head[:-1])) is wire.DecodeError.PAYLOAD
+    # other control opcodes stay exact
+    assert wire.decode(wire.encode(Op.NACK, 2, 5, 9, bytes(wire.NACK.size + 1))) is wire.DecodeError.PAYLOAD

@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, ifaddr, pairing, rpc
+from mpvpn import __version__, control, ifaddr, linktest, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -152,6 +152,7 @@ class Agent:
         self.reconnect: control.ClientReconnect | None = None
         self._routes: dict[str, int] = {}  # CIDR -> reference count
         self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
+        self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
         self._wake_r = self._wake_w = None
@@ -566,6 +567,7 @@ class Agent:
         sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
                                         target_loss=self.cfg.base.target_loss,
                                         policies=self._policies())
+        sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
@@ -1084,6 +1086,7 @@ class Agent:
                     "netmask": str(v.netmask), "mtu": v.mtu},
             "routes": sorted(self._routes),
             "control": ctl,
+            "link_test": self._link_test_status(now),
             "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
                           "carriers": list(p.carriers) if p.carriers else None,
                           "exclusive": p.exclusive, "mode": p.mode} for p in self.cfg.policies],
@@ -1094,6 +1097,52 @@ class Agent:
             "counters": totals,
             "sessions": sessions,
         }
+
+    def _link_test_status(self, now: float) -> dict | None:
+        """The latest link test's document (mpvpn.linktest), with wall-clock ``started``."""
+        if self._link_test is None:
+            return None
+        sid, last = self._link_test
+        ds = self.sessions.get(sid)
+        doc = ds.sess.linktest.status() if ds is not None else None
+        if doc is None:  # the session ended: what was known then
+            doc = dict(last)
+            if doc.get("state") == "running":
+                doc.update(state="failed", error="the session ended during the test", phase=None)
+        else:
+            doc["started"] = round(time.time() - (now - doc["started"]), 3)
+            doc["peer"] = ds.peer.name
+        self._link_test = (sid, doc)
+        return doc
+
+    def test_links(self, args: dict) -> dict:
+        """rpc/ubus ``test_links {duration, peer}``: start a link test with a peer."""
+        now = self.clock()
+        duration = args.get("duration", linktest.DEFAULT_DURATION)
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            return {"error": "duration must be a number of seconds"}
+        peer = args.get("peer")
+        if peer is not None and not isinstance(peer, str):
+            return {"error": "peer must be a site name"}
+        cands = [ds for ds in self.sessions.values()
+                 if ds.sess.connected and (peer is None or ds.peer.name == peer)]
+        if not cands:
+            return {"error": f"no connected session with {peer}" if peer else "no connected session"}
+        if self._link_test is not None and self._link_test[1].get("state") == "running":
+            cur = self._link_test_status(now)
+            if cur is not None and cur.get("state") == "running":
+                return {"error": "a link test is already running"}
+        ds = cands[0]
+        try:
+            test_id = ds.sess.start_link_test(now, duration)
+        except linktest.LinkTestError as e:
+            return {"error": str(e)}
+        self._link_test = (ds.session_id, {"state": "running"})
+        doc = self._link_test_status(now)
+        self._flush_session(ds)
+        log.info("link test %d with %s started: %d phases of %g s", test_id, ds.peer.name,
+                 doc["phases"], float(duration))
+        return {"started": True, "id": test_id, "phases": doc["phases"], "peer": ds.peer.name}
 
     def rpc_handlers(self) -> dict:
         def reconnect(_args):
@@ -1107,7 +1156,8 @@ class Agent:
                     [(hp.host, hp.port) for hp in self.cfg.base.server_address], now)
             return {"ok": True}
 
-        return {"status": lambda _args: self.status(), "reconnect": reconnect}
+        return {"status": lambda _args: self.status(), "reconnect": reconnect,
+                "test_links": self.test_links}
 
 
 def _peer_json(p: control.PeerInfo) -> dict:

@@ -102,6 +102,65 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_link_test(doc: dict) -> str:
+    """The results table of a link test document (status ``link_test``)."""
+    def num(x, fmt):
+        return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else fmt.format(x)
+
+    lines = [f"link test {doc.get('id')} with {doc.get('peer', 'the peer')}: {doc.get('state')}"
+             + (f" ({doc['error']})" if doc.get("error") else "")]
+    lines.append(f"  {'link':<28}{'dir':<6}{'Mbit/s':>9}{'goodput':>9}{'rtt ms':>9}{'loss':>8}")
+    for r in doc.get("results") or []:
+        loss = r.get("loss")
+        lines.append(f"  {str(r.get('name'))[:27]:<28}{str(r.get('direction')):<6}"
+                     f"{num(r.get('mbps'), '{:.1f}'):>9}{num(r.get('goodput_mbps'), '{:.1f}'):>9}"
+                     f"{num(r.get('rtt_ms'), '{:.1f}'):>9}"
+                     f"{num(None if loss is None else 100 * loss, '{:.2f}%'):>8}")
+    return "\n".join(lines)
+
+
+def _cmd_test_links(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from mpvpn import rpc
+
+    path = rpc.socket_path(args.run_dir)
+    req = {"duration": args.duration}
+    if args.peer:
+        req["peer"] = args.peer
+    try:
+        started = rpc.call(path, "test_links", req)
+        if started.get("error"):
+            print(f"mpvpn test-links: {started['error']}", file=sys.stderr)
+            return 1
+        if not args.json:
+            print(f"testing {started.get('phases')} phases of {args.duration:g} s with "
+                  f"{started.get('peer')} (each link alone, then all; up = from here) ...", flush=True)
+        shown = 0
+        while True:
+            time.sleep(0.5)
+            doc = (rpc.call(path, "status") or {}).get("link_test") or {}
+            if doc.get("id") != started.get("id"):
+                print("mpvpn test-links: the test was replaced or lost", file=sys.stderr)
+                return 1
+            results = doc.get("results") or []
+            if not args.json and len(results) > shown:
+                for r in results[shown:]:
+                    print(f"  done: {r.get('name')} {r.get('direction')}", flush=True)
+                shown = len(results)
+            if doc.get("state") != "running":
+                break
+    except rpc.RpcError as e:
+        print(f"mpvpn test-links: {e}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(format_link_test(doc))
+    return 0 if doc.get("state") == "done" else 1
+
+
 def _cmd_genkey(args: argparse.Namespace) -> int:
     import base64
 
@@ -147,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="the whole status document as JSON")
     st.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
     st.set_defaults(func=_cmd_status)
+    t = sub.add_parser("test-links", help="measure each link alone, then all together, both ways")
+    t.add_argument("--duration", type=float, default=3.0, help="seconds per phase (0.5-10)")
+    t.add_argument("--peer", help="site name of the peer (a hub with several sites)")
+    t.add_argument("--json", action="store_true", help="the test's document as JSON")
+    t.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    t.set_defaults(func=_cmd_test_links)
     g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
     g.set_defaults(func=_cmd_genpsk)
     k = sub.add_parser("genkey", help="print a new X25519 private key (base64); see pubkey")

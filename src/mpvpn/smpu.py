@@ -35,7 +35,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mpvpn import wire
+from mpvpn import linktest, wire
+from mpvpn.linktest import LinkTester
 from mpvpn.linkstats import LinkMeter
 from mpvpn.reorder import ReorderBuffer
 from mpvpn.replay import ReplayWindow
@@ -50,6 +51,7 @@ _VERSION = wire.VERSION
 _MEMBER = [bytes((i,)) for i in range(256)]
 _PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
 _NACK = int(Op.NACK)
+_TEST = int(Op.TEST)
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Session:
         self.wrong_session = 0
         self.wrong_member = 0
         self.unknown_member = 0
+        self.test_queue_full = 0  # link-test datagrams not queued: the output queue was full
+        self.linktest = LinkTester(self)
 
     # -- the scheduler -----------------------------------------------------------
 
@@ -333,6 +337,28 @@ class Session:
         if opcode in _PROBES:
             meter.on_probe_sent(int.from_bytes(payload[:8], "big"), self._now)
         self._out.append((sub.member, dgram))
+
+    def _emit_test(self, member: int, payload: bytes) -> None:
+        """Queue a link-test datagram (mpvpn.linktest): sealed like control
+        datagrams, but kept out of the subflow's counters and meter, so a test
+        does not move loss estimates, dead detection or the scheduler's rates."""
+        sub = self.subflows.get(member)
+        if sub is None or sub.state is not State.ESTABLISHED:
+            return
+        if len(self._out) >= self.config.max_queue:
+            self.test_queue_full += 1
+            return
+        self._ctrl_seq[member] = seq = self._ctrl_seq.get(member, 0) + 1
+        if self.sealer is not None:
+            dgram = self.sealer.seal(_TEST, member, self.session_id, seq, payload)
+        else:
+            dgram = _pack(_VERSION, _TEST, member, 0, self.session_id, len(payload), 0, 0, seq) + payload
+        self._out.append((member, dgram))
+
+    def start_link_test(self, now: float, duration: float = linktest.DEFAULT_DURATION) -> int:
+        """Start ``mpvpn test-links`` (see mpvpn.linktest); raises LinkTestError."""
+        self._now = now
+        return self.linktest.start(now, duration)
 
     def send(self, packet: bytes, now: float) -> bool:
         """Send one user packet on the subflows the scheduler picks.
@@ -510,8 +536,12 @@ class Session:
             if sub.remote is not None:
                 sub.roams += 1
             sub.remote = source
-        sub.on_receive(len(data), now)
         op = hdr.opcode
+        if op == _TEST:  # link test: out of the subflow's counters (see _emit_test)
+            if sub.state is State.ESTABLISHED:
+                self.linktest.on_message(payload, member, now)
+            return []
+        sub.on_receive(len(data), now)
         if op == _NACK:
             self._on_nack(payload, now)
             return []
@@ -733,6 +763,11 @@ class Session:
             d = self._sched.next_release()
             if d is not None and (t is None or d < t):
                 t = d
+        lt = self.linktest
+        if lt.run is not None or lt.sender is not None or lt.receiver is not None:
+            d = lt.deadline()
+            if d is not None and (t is None or d < t):
+                t = d
         return t
 
     def handle_timer(self, now: float) -> list:
@@ -749,6 +784,11 @@ class Session:
             self._nack_tick(now)
         if self._queueing and self._sched.pending:
             self._pump(now)
+        lt = self.linktest
+        if lt.run is not None or lt.sender is not None or lt.receiver is not None:
+            d = lt.deadline()
+            if d is not None and d <= now:
+                lt.on_timer(now)
         return out
 
     def next_event(self):
@@ -833,6 +873,8 @@ class Session:
             "replays": self.replays,
             "wrong_session": self.wrong_session,
             "unknown_member": self.unknown_member,
+            "test_queue_full": self.test_queue_full,
+            "test_stray": self.linktest.stray,
         }
 
     def status(self, now: float) -> dict:

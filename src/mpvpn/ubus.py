@@ -44,6 +44,12 @@ def available(module=None) -> tuple[object | None, str | None]:
     return None, "no ubusd socket"
 
 
+# Arguments a method takes besides rpcd's ubus_rpc_session (blobmsg types).
+ARGUMENTS = {
+    "test_links": {"duration": "INT32", "peer": "STRING"},
+}
+
+
 class UbusTransport:
     """Publishes ``handlers`` (name -> fn(args) -> dict) as ubus object ``orayboxvpn``.
 
@@ -88,7 +94,9 @@ class UbusTransport:
         try:
             u.connect(self._path)
             sig = {"ubus_rpc_session": u.BLOBMSG_TYPE_STRING}
-            u.add(OBJECT, {name: {"method": self._method(name), "signature": dict(sig)}
+            u.add(OBJECT, {name: {"method": self._method(name),
+                                  "signature": dict(sig, **{k: getattr(u, f"BLOBMSG_TYPE_{t}")
+                                                            for k, t in ARGUMENTS.get(name, {}).items()})}
                            for name in self._handlers})
         except Exception as e:
             self.error = f"cannot publish ubus object {OBJECT}: {e}"

@@ -52,6 +52,7 @@ class Op(IntEnum):
     KEEPALIVE = 0x06  # probe: timestamps and echoed counters
     KEEPALIVE_ACK = 0x07  # immediate answer to a probe, same layout
     NACK = 0x08  # receiver -> sender: please re-send these missing sequence numbers
+    TEST = 0x09  # link test (mpvpn test-links): load, reports, requests; variable length
     DATA = 0x10  # one user packet (inner IPv4/IPv6 datagram)
 
 
@@ -140,7 +141,7 @@ def decode(data: bytes) -> Header | DecodeError:
         return DecodeError.SESSION
     if opcode != DATA:
         size = CONTROL_SIZES[opcode]
-        if length != size:
+        if length != size and (opcode not in VARIABLE_SIZE or length < size):
             return DecodeError.PAYLOAD
     return Header(opcode, member, session, seq, length, flags, epoch, version)
 
@@ -201,6 +202,15 @@ def nack_decode(payload) -> list[int]:
         i += 1
     return out
 
+# TEST: every link-test message starts with
+#   kind     1 LOAD, 2 REPORT, 3 PULL, 4 END (see mpvpn.linktest)
+#   test_id  the test run (chosen by the side that runs the test)
+#   phase    index of the phase within the run
+#   about    the member the message is about (LOAD: the member it travels on)
+# followed by the kind's body (mpvpn.linktest); a LOAD is padded to the size
+# of a full data packet.
+TEST_HEAD = struct.Struct("!BIBB")
+
 CONTROL_SIZES = {
     int(Op.CONNECT): CONNECT.size,
     int(Op.CONNECT_ACK): CONNECT_ACK.size,
@@ -210,7 +220,10 @@ CONTROL_SIZES = {
     int(Op.KEEPALIVE): PROBE.size,
     int(Op.KEEPALIVE_ACK): PROBE.size,
     int(Op.NACK): NACK.size,
+    int(Op.TEST): TEST_HEAD.size,  # the minimum: TEST is in VARIABLE_SIZE
 }
+# Control opcodes whose payload may be longer than CONTROL_SIZES (a minimum then).
+VARIABLE_SIZE = frozenset({int(Op.TEST)})
 
 
 class CloseReason(IntEnum):

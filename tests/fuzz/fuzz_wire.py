@@ -67,7 +67,8 @@ def reference_decode(data: bytes):
         return "MEMBER"
     if session == 0:
         return "SESSION"
-    if op != 0x10 and length != _CTRL_SIZES[op]:
+    if op != 0x10 and length != _CTRL_SIZES[op] and not (
+            op in getattr(wire, "VARIABLE_SIZE", ()) and length > _CTRL_SIZES[op]):
         return "PAYLOAD"
     return (op, member, flags, session, length, epoch, seq)
 

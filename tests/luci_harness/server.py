@@ -65,19 +65,21 @@ def acl_grants(path: Path = ACL_FILE) -> dict[str, set[str]]:
 
 
 class StaticBackend:
-    """Answers ``status`` with a fixed document; ``reconnect`` with {}."""
+    """Answers ``status`` with a fixed document, ``reconnect`` with {} and
+    other methods with the fixed answers in ``replies`` (method -> dict)."""
 
-    def __init__(self, doc: dict, obj: str = "orayboxvpn"):
+    def __init__(self, doc: dict, obj: str = "orayboxvpn", replies: dict | None = None):
         self.doc = doc
         self.obj = obj
+        self.replies = {"reconnect": {}, **(replies or {})}
 
     def call(self, obj: str, method: str, args: dict) -> dict:
         if obj != self.obj:
             raise ObjectNotFound(obj)
         if method == "status":
             return self.doc
-        if method == "reconnect":
-            return {}
+        if method in self.replies:
+            return self.replies[method]
         raise UbusStatus(3)  # UBUS_STATUS_METHOD_NOT_FOUND
 
 

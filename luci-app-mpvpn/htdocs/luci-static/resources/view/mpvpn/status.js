@@ -8,7 +8,9 @@
 /*
  * Status of the orayboxvpn agent (docs/status.md in the orayboxvpn sources):
  * session header, one table row per subflow with its scheduler weight and a
- * short RTT/loss history, and the agent's counters.  Everything is built with
+ * short RTT/loss history, the per-host link policies, the link test (started
+ * with the "Test links" button, followed through the status document's
+ * link_test) and the agent's counters.  Everything is built with
  * E(); text from the agent is only ever passed as array children (text nodes),
  * never as markup.
  */
@@ -27,9 +29,20 @@ var callReconnect = rpc.declare({
 	reject: true
 });
 
+/* { duration: seconds per phase, 1..10 } -> { started: true, id } or { error } */
+var callTestLinks = rpc.declare({
+	object: 'orayboxvpn',
+	method: 'test_links',
+	params: [ 'duration' ],
+	expect: { '': {} },
+	reject: true
+});
+
 var POLL_INTERVAL = 3;    /* seconds */
 var HISTORY_POINTS = 60;  /* samples kept per subflow: 3 minutes at one per poll */
 var MIN_SAMPLE = 1;       /* seconds between two samples of a subflow's counters */
+var TEST_DURATIONS = [ 1, 2, 3, 5, 10 ];  /* seconds per link test phase (the agent takes 1..10) */
+var TEST_DEFAULT_DURATION = 3;
 var SVG_NS = 'http://www.w3.org/2000/svg';
 var NONE = '\u2014';
 
@@ -50,6 +63,20 @@ var COUNTERS = [
 	[ 'tx_no_subflow', _('Dropped: no subflow up') ],
 	[ 'tun_write_errors', _('Tunnel write errors') ]
 ];
+
+/* per-policy counters with a label of their own; others are shown by their key */
+var POLICY_COUNTERS = {
+	flows: _('Flows'),
+	packets: _('Packets'),
+	bytes: _('Bytes'),
+	tx_packets: _('Packets sent'),
+	tx_bytes: _('Bytes sent'),
+	rx_packets: _('Packets received'),
+	rx_bytes: _('Bytes received')
+};
+
+/* keys of a policy entry that are its configuration, not counters */
+var POLICY_FIELDS = { name: true, src: true, dst: true, carriers: true, exclusive: true, mode: true, enabled: true, counters: true };
 
 /* counters that point at an attack or a misconfiguration when they grow */
 var ALARM_COUNTERS = { auth_failures: true, replays: true, malformed: true, unknown_session: true };
@@ -124,6 +151,57 @@ function modeLabel(mode) {
 	}
 }
 
+function modeName(mode) {
+	switch (mode) {
+	case 'duplicate': return _('Duplicate');
+	case 'aggregate': return _('Aggregate');
+	case 'adaptive':  return _('Adaptive');
+	default:          return text(mode);
+	}
+}
+
+function testState(state) {
+	switch (state) {
+	case 'running': return [ _('Running'), ORANGE ];
+	case 'done':    return [ _('Finished'), GREEN ];
+	case 'failed':  return [ _('Failed'), RED ];
+	default:        return [ (state != null) ? String(state) : _('Unknown'), GREY ];
+	}
+}
+
+function directionLabel(dir) {
+	switch (dir) {
+	case 'up':   return _('Up: this site \u2192 peer');
+	case 'down': return _('Down: peer \u2192 this site');
+	default:     return text(dir);
+	}
+}
+
+/* a count as digits, however large (no 32-bit wrap as with %d) */
+function fmtCount(v) {
+	return isNum(v) ? String(Math.round(v)) : NONE;
+}
+
+function fmtBytes(v) {
+	if (!isNum(v))
+		return NONE;
+	if (Math.abs(v) >= 1e9)
+		return _('%.2f GB').format(v / 1e9);
+	if (Math.abs(v) >= 1e6)
+		return _('%.2f MB').format(v / 1e6);
+	if (Math.abs(v) >= 1e3)
+		return _('%.1f kB').format(v / 1e3);
+	return _('%s B').format(fmtCount(v));
+}
+
+/* a unix time in the browser's locale, or null */
+function fmtTime(t) {
+	if (!isNum(t))
+		return null;
+	var d = new Date(t * 1000);
+	return isNaN(d.getTime()) ? null : d.toLocaleString();
+}
+
 function fmtDuration(s) {
 	return isNum(s) ? '%t'.format(Math.max(0, Math.floor(s))) : NONE;
 }
@@ -133,7 +211,7 @@ function fmtMs(v) {
 }
 
 function fmtPct(frac) {
-	return isNum(frac) ? _('%.1f %%').format(frac * 100) : NONE;
+	return (isNum(frac) && isNum(frac * 100)) ? _('%.1f %%').format(frac * 100) : NONE;
 }
 
 function fmtRate(bps) {
@@ -275,6 +353,44 @@ return view.extend({
 			sortable: [ true, true, true, true, true, false, true, false ]
 		}, E('em', [ _('Collecting data\u2026') ]));
 
+		this.policiesNode = E('div');
+		this.policiesTable = null;
+		this.policiesCounters = null;
+		this.policiesSection = E('div', { 'class': 'cbi-section', 'id': 'mpvpn-policies', 'style': 'display:none' }, [
+			E('h3', [ _('Per-host link policies') ]),
+			E('div', { 'class': 'cbi-section-descr' }, [
+				_('Traffic of these LAN hosts or subnets uses only the carriers listed; an exclusive policy reserves its carriers for that traffic. The first matching policy applies.')
+			]),
+			this.policiesNode
+		]);
+
+		this.testBusy = false;
+		this.testRunning = false;
+		this.reachable = false;
+		this.testStateNode = E('div', { 'id': 'mpvpn-linktest-state' });
+		this.testDuration = E('select', { 'class': 'cbi-input-select', 'id': 'mpvpn-test-duration' },
+			TEST_DURATIONS.map(function(d) {
+				return E('option', { 'value': String(d), 'selected': (d == TEST_DEFAULT_DURATION) ? 'selected' : null },
+					[ _('%d s per phase').format(d) ]);
+			}));
+		this.testButton = E('button', {
+			'class': 'cbi-button cbi-button-action',
+			'id': 'mpvpn-test-links',
+			'disabled': 'disabled',
+			'click': this.handleTestLinks.bind(this)
+		}, [ _('Test links') ]);
+		this.testTable = new ui.Table([
+			_('Links'),
+			_('Direction'),
+			_('Throughput'),
+			_('RTT'),
+			_('Loss'),
+			_('Packets')
+		], {
+			id: 'mpvpn-linktest'
+		}, E('em', [ _('No results yet.') ]));
+		this.testTableNode = E('div', { 'style': 'display:none' }, [ this.testTable.render() ]);
+
 		var node = E('div', { 'class': 'cbi-map', 'id': 'mpvpn-status' }, [
 			E('h2', [ _('Multipath VPN') ]),
 			E('div', { 'class': 'cbi-map-descr' }, [
@@ -296,6 +412,18 @@ return view.extend({
 				E('h3', [ _('Subflows') ]),
 				this.linksTable.render()
 			]),
+			E('div', { 'class': 'cbi-section', 'id': 'mpvpn-linktest-section' }, [
+				E('h3', [ _('Link test') ]),
+				E('div', { 'class': 'cbi-section-descr' }, [
+					_('Measures the throughput, RTT and loss of each carrier alone and of all of them together, in both directions, one phase after the other. Each phase fills the links under test, so traffic through the tunnel may slow down while it runs.')
+				]),
+				E('div', { 'style': 'margin-bottom:.5em' }, [
+					this.testDuration, ' ', this.testButton
+				]),
+				this.testStateNode,
+				this.testTableNode
+			]),
+			this.policiesSection,
 			E('div', { 'class': 'cbi-section' }, [
 				E('h3', [ _('Totals') ]),
 				this.totalsNode
@@ -332,8 +460,15 @@ return view.extend({
 			dom.content(this.totalsNode, E('em', [ _('Not available.') ]));
 			this.linksTable.update([], E('em', [ _('No data: the agent is not reachable.') ]));
 			this.history = {};
+			this.reachable = false;
+			this.updatePolicies([], null);
+			dom.content(this.testStateNode, E('em', [ _('Not available.') ]));
+			this.testRunning = false;
+			this.updateTestButton();
 			return;
 		}
+
+		this.reachable = true;
 
 		if (st.state == 'error' && st.last_error != null)
 			dom.content(this.alertNode, E('div', { 'class': 'alert-message danger' }, [
@@ -345,6 +480,167 @@ return view.extend({
 		dom.content(this.headerNode, this.renderHeader(st));
 		this.linksTable.update(this.linkRows(st), E('em', [ _('No subflows: the tunnel is not set up yet.') ]));
 		dom.content(this.totalsNode, this.renderCounters(st.counters));
+		this.updatePolicies(Array.isArray(st.policies) ? st.policies.filter(isObj) : [], st.mode);
+		this.updateLinkTest(isObj(st.link_test) ? st.link_test : null);
+	},
+
+	/* numeric per-policy counters: top-level numbers that are no policy option, and policy.counters */
+	policyCounters: function(p) {
+		var out = [];
+
+		Object.keys(p).forEach(function(k) {
+			if (!POLICY_FIELDS[k] && isNum(p[k]))
+				out.push([ k, p[k] ]);
+		});
+
+		if (isObj(p.counters))
+			Object.keys(p.counters).forEach(function(k) {
+				if (isNum(p.counters[k]))
+					out.push([ k, p.counters[k] ]);
+			});
+
+		return out;
+	},
+
+	updatePolicies: function(policies, tunnelMode) {
+		var self = this,
+		    counted = policies.some(function(p) { return self.policyCounters(p).length > 0; });
+
+		this.policiesSection.style.display = policies.length ? '' : 'none';
+
+		/* the Traffic column only when the agent reports per-policy counters */
+		if (this.policiesTable == null || this.policiesCounters !== counted) {
+			var captions = [ _('Policy'), _('Match'), _('Carriers'), _('Mode') ];
+
+			if (counted)
+				captions.push(_('Traffic'));
+
+			this.policiesTable = new ui.Table(captions, { id: 'mpvpn-policy-table' },
+				E('em', [ _('No policies.') ]));
+			this.policiesCounters = counted;
+			dom.content(this.policiesNode, this.policiesTable.render());
+		}
+
+		this.policiesTable.update(policies.map(function(p) {
+			var match = [ text(p.src), ' \u2192 ', (p.dst != null) ? String(p.dst) : _('any destination') ],
+			    carriers = [];
+
+			if (Array.isArray(p.carriers) && p.carriers.length)
+				carriers.push(p.carriers.filter(function(c) { return c != null; }).map(String).join(', '));
+			else if (p.carriers != null && !Array.isArray(p.carriers))
+				carriers.push(String(p.carriers));
+			else
+				carriers.push(E('em', [ _('any carrier') ]));
+
+			if (p.exclusive === true)
+				carriers.push(' ', E('span', {
+					'class': 'mpvpn-exclusive',
+					'title': _('Other traffic may not use these carriers')
+				}, [ badge(_('exclusive'), ORANGE, 'exclusive') ]));
+
+			var mode = (p.mode != null) ? modeName(p.mode)
+				: E('em', [ _('as the tunnel (%s)').format(modeName(tunnelMode)) ]);
+
+			var row = [
+				E('strong', [ text(p.name) ]),
+				E('span', { 'class': 'mpvpn-match' }, match),
+				E('span', { 'class': 'mpvpn-carriers' }, carriers),
+				E('span', { 'class': 'mpvpn-mode', 'data-mode': (p.mode != null) ? String(p.mode) : null }, [ mode ])
+			];
+
+			if (counted)
+				row.push(E('span', { 'class': 'mpvpn-policy-counters' }, self.policyCounters(p).map(function(c) {
+					var v = /bytes$/.test(c[0]) ? fmtBytes(c[1]) : fmtCount(c[1]);
+					return E('div', { 'data-counter': c[0] }, [ POLICY_COUNTERS[c[0]] || c[0], ': ', v ]);
+				})));
+
+			return row;
+		}), E('em', [ _('No policies.') ]));
+	},
+
+	updateTestButton: function() {
+		var busy = this.testBusy || this.testRunning;
+
+		this.testButton.disabled = busy || !this.reachable;
+		this.testDuration.disabled = busy;
+		this.testButton.classList.toggle('spinning', busy);
+	},
+
+	updateLinkTest: function(lt) {
+		this.testRunning = (lt != null && lt.state == 'running');
+		this.updateTestButton();
+
+		if (lt == null) {
+			dom.content(this.testStateNode, E('em', [ _('No link test has run since the agent started.') ]));
+			this.testTableNode.style.display = 'none';
+			return;
+		}
+
+		var ts = testState(lt.state),
+		    line = [ badge(ts[0], ts[1], lt.state) ],
+		    started = fmtTime(lt.started);
+
+		if (lt.state == 'running') {
+			var known = isNum(lt.phase) && isNum(lt.phases) && lt.phase >= 0 && lt.phases > 0;
+
+			line.push(' ', E('span', { 'id': 'mpvpn-linktest-progress' }, [
+				known ? _('phase %s of %s').format(fmtCount(lt.phase + 1), fmtCount(lt.phases))
+				      : _('starting\u2026')
+			]));
+
+			if (known) {
+				var pc = Math.max(0, Math.min(100, lt.phase / lt.phases * 100));
+
+				line.push(E('div', {
+					'class': 'cbi-progressbar',
+					'title': _('%.0f %%').format(pc),
+					'style': 'display:inline-block;vertical-align:middle;margin-left:1em'
+				}, [ E('div', { 'style': 'width:' + pc.toFixed(1) + '%' }) ]));
+			}
+		}
+		else if (isNum(lt.phases)) {
+			line.push(' ', small([ _('%s phases').format(fmtCount(lt.phases)) ]));
+		}
+
+		if (lt.peer != null)  /* the agent may name the peer site (several clients on a server) */
+			line.push(' ', small([ _('with %s').format(String(lt.peer)) ]));
+		if (started != null)
+			line.push(' ', small([ _('started %s').format(started) ]));
+
+		var nodes = [ E('div', line) ];
+
+		if (lt.error != null)
+			nodes.push(E('div', { 'class': 'alert-message danger', 'id': 'mpvpn-linktest-error', 'style': 'margin-top:.5em' }, [
+				E('strong', [ _('The link test failed:') ]), ' ', String(lt.error)
+			]));
+
+		dom.content(this.testStateNode, nodes);
+
+		var results = Array.isArray(lt.results) ? lt.results.filter(isObj) : [];
+
+		this.testTableNode.style.display = '';
+		this.testTable.update(results.map(function(r) {
+			var name = [ E('strong', [ text(r.name) ]) ],
+			    members = Array.isArray(r.members) ? r.members.filter(isNum) : [];
+
+			if (members.length > 1)
+				name.push(E('br'), small([ _('%s subflows').format(fmtCount(members.length)) ]));
+
+			var rate = [ isNum(r.mbps) ? fmtRate(r.mbps * 1e6) : NONE ];
+			if (isNum(r.goodput_mbps) && isNum(r.goodput_mbps * 1e6))  /* optional: what arrived of the load */
+				rate.push(E('br'), small([ _('goodput %s').format(fmtRate(r.goodput_mbps * 1e6)) ]));
+
+			return [
+				E('span', name),
+				E('span', { 'data-direction': (r.direction != null) ? String(r.direction) : null }, [ directionLabel(r.direction) ]),
+				[ isNum(r.mbps) ? r.mbps : -1, E('span', { 'class': 'mpvpn-mbps' }, rate) ],
+				[ isNum(r.rtt_ms) ? r.rtt_ms : -1, E('span', { 'class': 'mpvpn-rtt' }, [ fmtMs(r.rtt_ms) ]) ],
+				[ isNum(r.loss) ? r.loss : -1, E('span', { 'class': 'mpvpn-loss' }, [ fmtPct(r.loss) ]) ],
+				E('span', { 'class': 'mpvpn-volume' }, [
+					_('%s packets').format(fmtCount(r.packets)), E('br'), small([ fmtBytes(r.bytes) ])
+				])
+			];
+		}), E('em', [ (lt.state == 'running') ? _('The first phase is still running.') : _('No results.') ]));
 	},
 
 	renderHeader: function(st) {
@@ -546,6 +842,43 @@ return view.extend({
 			ui.addNotification(null, E('p', [
 				_('Reconnect failed: %s').format(errorLine(err))
 			]), 'danger');
+		});
+	},
+
+	handleTestLinks: function(ev) {
+		var self = this,
+		    duration = parseInt(this.testDuration.value, 10);
+
+		if (this.testBusy || this.testRunning)
+			return;
+
+		if (!(duration >= 1 && duration <= 10))
+			duration = TEST_DEFAULT_DURATION;
+
+		if (!window.confirm(_('Test the links now? Each phase fills the links under test for %d seconds, so traffic through the tunnel may slow down meanwhile.').format(duration)))
+			return;
+
+		this.testBusy = true;
+		this.updateTestButton();
+
+		return callTestLinks(duration).then(function(res) {
+			if (res.error != null || res.started !== true)
+				ui.addNotification(null, E('p', [
+					_('The link test did not start: %s').format((res.error != null) ? String(res.error) : _('no answer from the agent'))
+				]), 'danger');
+
+			return self.refresh();
+		}, function(err) {
+			var msg = errorLine(err);
+
+			ui.addNotification(null, E('p', [
+				/ubus code 3\b/.test(msg)
+					? _('The running agent cannot test links: update the orayboxvpn package.')
+					: _('The link test did not start: %s').format(msg)
+			]), 'danger');
+		}).finally(function() {
+			self.testBusy = false;
+			self.updateTestButton();
 		});
 	},
 
