@@ -416,9 +416,10 @@ def test_aggregate_mode_carrier_failure_stalls_no_longer_than_detection(make_lab
         got, gap = out.split()
         got, gap = int(got), float(gap)
         assert gap <= 0.5, gap  # no stall longer than the detection time
-        # at most what went out on the dead carrier before it was detected (0.5 s) is lost;
-        # duplicate mode is the one that loses nothing
-        assert got >= count - int(rate * 0.5), got
+        # what was in flight on the dead carrier is asked for (NACK) and re-sent on the
+        # others while the receiver holds the line for it (was ~90 of 3000 lost before);
+        # a handful of slack for a loaded CI machine
+        assert got >= count - 5, got
         st = ts.a.status()
         assert {ln["type"]: ln["state"] for ln in st["links"]}[busiest] != "established"
 

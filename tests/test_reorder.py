@@ -398,3 +398,20 @@ def test_arbitrary_push_order_without_hold(capacity, seqs):
         assert not b.is_stale(b.last + 1)
     assert b.delivered == len(released)
     assert b.delivered + b.duplicates + b.late + len(b) == len(seqs)
+
+
+def test_defer_holds_deadline_releases_but_not_in_order_delivery():
+    rb = ReorderBuffer(capacity=16, hold=0.010)
+    assert rb.push(1, "a", 0.0) == ["a"]
+    assert rb.push(3, "c", 0.0) == []  # 2 missing
+    rb.defer(0.050)  # a repair for 2 is on its way
+    assert rb.next_deadline() == 0.050
+    assert rb.expire(0.020) == [] and rb.skipped == 0
+    assert rb.push(2, "b", 0.030) == ["b", "c"]  # the repair arrived in time
+    assert rb.push(5, "e", 0.031) == []
+    rb.defer(0.040)  # an earlier floor never moves it back
+    assert rb.hold_until == 0.050 and rb.deferrals == 1
+    assert rb.expire(0.049) == []
+    assert rb.expire(0.050) == ["e"] and rb.skipped == 1  # bounded: given up at the floor
+    rb.reset()
+    assert rb.hold_until == -math.inf

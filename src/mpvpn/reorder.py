@@ -81,6 +81,8 @@ class ReorderBuffer:
         "flushed",
         "deadline_releases",
         "skipped",
+        "hold_until",
+        "deferrals",
     )
 
     def __init__(self, capacity: int, hold: float | None, start: int = 0):
@@ -103,6 +105,7 @@ class ReorderBuffer:
         self.flushed = 0
         self.deadline_releases = 0
         self.skipped = 0
+        self.deferrals = 0  # defer() calls that moved the floor
         self.reset(start)
 
     def reset(self, start: int = 0) -> None:
@@ -115,6 +118,7 @@ class ReorderBuffer:
         self._arrivals: deque = deque()
         self._tlast = float("-inf")  # latest arrival time stored
         self._skips: deque = deque(maxlen=SKIP_MEMORY)  # (lo, hi), ascending
+        self.hold_until = float("-inf")  # see defer()
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -189,7 +193,16 @@ class ReorderBuffer:
         last = self.last
         while arrivals[0][1] <= last:  # a live entry exists: buffer non-empty
             arrivals.popleft()
-        return arrivals[0][0] + hold
+        t = arrivals[0][0] + hold
+        return t if t >= self.hold_until else self.hold_until
+
+    def defer(self, until: float) -> None:
+        """No deadline release before ``until`` (a repair for a gap is on its
+        way: the engine asked for it).  Items still wait at least ``hold``;
+        in-order delivery and flushes are unaffected."""
+        if until > self.hold_until:
+            self.hold_until = until
+            self.deferrals += 1
 
     def expire(self, now: float) -> list:
         """Release items whose hold deadline has passed (a deadline release).
@@ -202,7 +215,7 @@ class ReorderBuffer:
         """
         hold = self.hold
         buf = self._buf
-        if hold is None or not buf:
+        if hold is None or not buf or now < self.hold_until:
             return []
         arrivals = self._arrivals
         last = self.last

@@ -70,8 +70,10 @@ class SessionConfig:
     nack_copies: int = 2  # a NACK goes out on this many (fastest) subflows
     nack_track: int = 512  # missing sequence numbers remembered at once
     nack_wait_min: float = 0.003  # never ask sooner than this after a gap appears
+    nack_per_round: int = 8  # NACK payloads (64 numbers each) one round may send
     retransmit_budget: float = 0.25  # retransmissions per packet sent, on average...
-    retransmit_burst: int = 128  # ...with this burst
+    retransmit_burst: int = 128  # ...with this burst, or a second's worth of the budget if more
+    # (a carrier failing under a fast flow loses its whole in-flight tail at once)
 
     def validate(self) -> None:
         self.subflow.validate()
@@ -86,7 +88,7 @@ class SessionConfig:
         if not 0 < self.max_payload <= wire.MAX_PAYLOAD:
             raise ValueError("max_payload out of range")
         if (self.nack_interval < 0 or self.nack_copies < 1 or self.nack_track < 1
-                or self.nack_wait_min < 0 or self.retransmit_budget < 0
+                or self.nack_wait_min < 0 or self.nack_per_round < 1 or self.retransmit_budget < 0
                 or self.retransmit_burst < 0):
             raise ValueError("bad NACK settings")
 
@@ -190,6 +192,8 @@ class Session:
         self.nack_duplicates = 0  # asked for again right after a re-send
         self._retx_tokens = float(c.retransmit_burst)
         self._retx_mark = 0  # self.sent when the tokens were last topped up
+        self._rate_mark = (float("-inf"), 0)  # (time, self.sent) where _send_rate's step began
+        self._send_rate = 0.0  # user packets per second (see _mark_rate)
         self.malformed: dict[str, int] = {}
         self.auth_failures = 0  # datagrams whose AEAD tag did not verify (or not sealed)
         self.replays = 0  # control datagrams rejected by the replay window
@@ -664,6 +668,9 @@ class Session:
         up = [s for s in self._up if s.rtt.srtt is not None] or list(self._up)
         fastest = min((s.rtt.srtt for s in up if s.rtt.srtt is not None), default=0.0)
         due: list[int] = []
+        chunks: list[int] = []  # where each NACK payload after the first starts in ``due``
+        chunk0 = 0
+        oldest = now  # when the oldest gap asked for now appeared
         nxt = None
         passed = self._passed_all(now)
         wait_min = self.config.nack_wait_min
@@ -678,20 +685,44 @@ class Session:
                 del missing[s]  # a re-send could not arrive before the hold deadline
                 self.nack_too_late += 1
                 continue
-            if due and s - due[0] >= wire.NACK_SPAN:
-                nxt = now
-                break
+            if t < oldest:
+                oldest = t
+            if due and s - chunk0 >= wire.NACK_SPAN:
+                if len(chunks) + 1 >= self.config.nack_per_round:
+                    nxt = now
+                    break
+                chunks.append(len(due))  # the next NACK payload starts here
+                chunk0 = s
+            elif not due:
+                chunk0 = s
             due.append(s)
         if due and up:
             for s in due:
                 del missing[s]
-            payload = wire.nack_encode(due)
             up.sort(key=lambda sub: sub.rtt.srtt if sub.rtt.srtt is not None else 1e9)
-            for sub in up[: self.config.nack_copies]:
-                self._emit(sub, Op.NACK, payload)
-            self.nacks_sent += 1
+            # a burst of losses (a carrier failing under a flow) can need more
+            # than one NACK's 64 numbers: they all go in this round, since the
+            # next one may come after the hold deadline
+            bounds = [0] + chunks + [len(due)]
+            for i in range(len(bounds) - 1):
+                payload = wire.nack_encode(due[bounds[i]:bounds[i + 1]])
+                for sub in up[: self.config.nack_copies]:
+                    self._emit(sub, Op.NACK, payload)
+                self.nacks_sent += 1
             self.nack_seqs += len(due)
             self._nack_last = now
+            # Hold the line until the re-sends can be here: a NACK over the
+            # fastest path, the re-sends over the next one, one after the
+            # other at the pace data has been arriving (a failed carrier's
+            # whole in-flight tail can be a few hundred packets).  Bounded:
+            # never past hold_max after the oldest of these gaps appeared.
+            srtts = sorted(sub.rtt.srtt for sub in up if sub.rtt.srtt is not None) or [0.0]
+            second = srtts[1] if len(srtts) > 1 else srtts[0]
+            gaps = [h[2] for h in self._high_by.values() if h[2] > 0]
+            burst = len(due) * (min(gaps) if gaps else 0.0)
+            until = min(now + 1.5 * second + burst + self.config.nack_interval,
+                        oldest + self.config.hold_max)
+            reorder.defer(until)
         if missing:
             if nxt is None:
                 nxt = next(iter(missing.values())) + wait
@@ -707,8 +738,9 @@ class Session:
             return
         c = self.config
         # top up the retransmission budget: retransmit_budget per packet sent
-        self._retx_tokens = min(float(c.retransmit_burst),
-                                self._retx_tokens + c.retransmit_budget * (self.sent - self._retx_mark))
+        self._mark_rate(now)
+        cap = max(float(c.retransmit_burst), c.retransmit_budget * self._send_rate)
+        self._retx_tokens = min(cap, self._retx_tokens + c.retransmit_budget * (self.sent - self._retx_mark))
         self._retx_mark = self.sent
         targets_for = getattr(self._sched, "retransmit_targets", None)
         queue_for = getattr(self._sched, "queue_retransmit", None) if self._queueing else None
@@ -770,9 +802,21 @@ class Session:
                 t = d
         return t
 
+    def _mark_rate(self, now: float) -> None:
+        """Packets sent per second, measured over >= 0.5 s steps; quick to
+        rise, slow to fall (it caps the retransmission burst)."""
+        t0, n0 = self._rate_mark
+        dt = now - t0
+        if dt >= 0.5:
+            inst = (self.sent - n0) / dt if dt < 5.0 else 0.0
+            est = self._send_rate
+            self._send_rate = inst if inst > est else 0.7 * est + 0.3 * inst
+            self._rate_mark = (now, self.sent)
+
     def handle_timer(self, now: float) -> list:
         """Run due timers; returns user packets released by the hold deadline."""
         self._now = now
+        self._mark_rate(now)
         for member, sub in list(self.subflows.items()):
             d = sub.next_deadline()
             if d is not None and d <= now:
