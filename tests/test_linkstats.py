@@ -230,3 +230,30 @@ def test_meter_backlog_drains_at_the_rate():
     assert m.backlog(11.0) == 0.0
     m.on_send(100, 11.0)
     assert m.backlog(11.0) == pytest.approx(100)
+
+
+def test_jitter_does_not_make_a_lightly_used_link_look_busy():
+    """A path with a few ms of jitter and a trickle of traffic: the idle probes'
+    queueing delay is the path's noise, not a queue of ours, so the capacity
+    estimate must not follow the trickle down (it did: ~1.6 kB/s for a
+    30 Mbit/s carrier, and a failover onto it then overflowed the scheduler)."""
+    import struct
+
+    from mpvpn.scheduler import make_scheduler
+    from mpvpn.simnet import SimPair
+
+    pair = SimPair(0, seed=3)
+    for m in (1, 2):
+        pair.add_subflow(m, delay=0.010, jitter=0.008, rate=3.75e6)
+    assert pair.handshake()
+    for s in (pair.a, pair.b):
+        s.scheduler = make_scheduler("aggregate", initial_rate=1.25e6)
+    pkt = bytes([0x45, 0]) + struct.pack("!HHH", 228, 0, 0) + bytes([64, 17, 0, 0]) \
+        + bytes([192, 168, 1, 10, 192, 168, 2, 10]) + struct.pack("!HHHH", 5000, 6000, 208, 0) + bytes(200)
+    for _ in range(4000):  # 4 s at 200 packets/s: a trickle
+        pair.send("a", pkt)
+        pair.run(0.005)
+    meters = [s.meter for s in pair.a.subflows.values()]
+    assert all(m.samples > 5 for m in meters)
+    assert all(m.rate >= 0.5e6 for m in meters), [round(m.rate) for m in meters]
+    assert all(0 < m.noise <= m.MAX_NOISE for m in meters)

@@ -155,7 +155,7 @@ class LinkMeter:
     sent after the probe minus what drained since it passed.
     """
 
-    __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span",
+    __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span", "noise",
                  "samples", "last_sample", "last_echo", "probe_qdelay", "min_rtt", "startup",
                  "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass",
                  "_bucket", "_sent_b", "_nack_b")
@@ -165,6 +165,7 @@ class LinkMeter:
     FRESH_ECHO = 0.05  # an echo that waited longer at the peer does not re-anchor the queue
 
     STARTUP_GAIN = 2.0
+    MAX_NOISE = 0.0125  # the jitter allowance never exceeds 2 * this
 
     def __init__(self, bw0: float = 125_000.0, busy_delay: float = 0.003, gain_up: float = 1.25,
                  smooth: float = 0.25, span: float = 0.08):
@@ -186,7 +187,13 @@ class LinkMeter:
         self.probe_qdelay: float | None = None  # queueing delay the last echoed probe met
         self.min_rtt: float | None = None
         self.startup = True
-        self._probes: dict = {}  # ts_us -> (t_sent, tx incl. the probe, _empties then)
+        # Queueing delay that idle probes (sent with nothing of ours queued)
+        # meet anyway: the path's jitter.  A probe counts as having met a
+        # queue only above busy_delay + 2 * noise (capped at MAX_NOISE), so a
+        # jittery path does not make a lightly used link look busy -- which
+        # would drag its capacity estimate down to what it was offered.
+        self.noise = 0.0
+        self._probes: dict = {}  # ts_us -> (t_sent, tx incl. the probe, _empties then, idle)
         self._marks: deque = deque()  # (t_pass, tx, qdelay, _empties) of echoed probes
         self._empties = 0  # times the model queue ran empty (app-limited moments)
         self._last_echo_ts = 0
@@ -296,7 +303,8 @@ class LinkMeter:
     def on_probe_sent(self, ts_us: int, now: float) -> None:
         self._advance(now)
         probes = self._probes
-        probes[ts_us] = (now, self.tx, self._empties)
+        # idle: only the probe itself in the model queue
+        probes[ts_us] = (now, self.tx, self._empties, self.q <= 1500.0)
         if len(probes) > self.MAX_PROBES:
             del probes[next(iter(probes))]
 
@@ -309,7 +317,7 @@ class LinkMeter:
         if rec is None:
             return None
         self._last_echo_ts = echo_ts_us
-        t0, tx0, empties = rec
+        t0, tx0, empties, idle = rec
         self.note_rtt(now - echo_delay - t0)
         base = self.min_rtt
         if min_rtt is not None and (base is None or min_rtt < base):
@@ -324,6 +332,9 @@ class LinkMeter:
         self._last_tpass = t_pass
         qd = t_pass - t0
         self.probe_qdelay = qd
+        if idle:
+            self.noise += 0.125 * (min(qd, self.MAX_NOISE) - self.noise)
+        busy_delay = self.busy_delay + 2.0 * self.noise
         self.last_echo = now
         rate = self.rate
         # -- re-anchor the backlog on what was measured --------------------------
@@ -332,7 +343,7 @@ class LinkMeter:
             real = self.tx - tx0 - rate * (now - t_pass)
             if real < 0.0:
                 real = 0.0
-            if self.held and qd <= self.busy_delay and real <= rate * self.busy_delay:
+            if self.held and qd <= busy_delay and real <= rate * busy_delay:
                 # The scheduler held traffic for this link, yet the probe met
                 # no queue (measured, not modelled: a rate guessed too high
                 # would make the model look empty): it drains faster than we
@@ -353,7 +364,7 @@ class LinkMeter:
         if ref is not None and tx0 > ref[1]:
             sample = (tx0 - ref[1]) / (t_pass - ref[0])
             app_limited = empties != ref[3]
-            busy = qd > self.busy_delay and ref[2] > self.busy_delay
+            busy = qd > busy_delay and ref[2] > busy_delay
             if busy:
                 self.startup = False
             bw = self.bw
