@@ -489,3 +489,14 @@ def test_test_links_measures_each_carrier_then_all_both_ways(sites):
     # the peer saw the same test from the other side: its counters stayed clean
     stb = ts.b.status()
     assert stb["link_test"] is None and stb["counters"]["malformed"] == 0
+
+
+def test_configured_upload_speed_seeds_the_link_rate_until_measured(make_lab):
+    lab = make_lab(carriers=3)
+    with TwoSites(lab, extra_base="\toption mode 'aggregate'\n") as ts:
+        conf = ts.a.uci_dir / "orayboxvpn"
+        conf.write_text(conf.read_text().replace(
+            "config smpu 'telecom'\n", "config smpu 'telecom'\n\toption upload '2000'\n"))
+        ts.start()
+        rates = {ln["type"]: (ln["rate_kbps"], ln["rate_measured"]) for ln in ts.a.status()["links"]}
+        assert rates == {"telecom": (2000, False), "unicom": (10000, False), "mobile": (10000, False)}

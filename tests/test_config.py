@@ -865,3 +865,14 @@ def test_policy_sections():
         "orayboxvpn.p.carrier: warning: no enabled uplink has type 'satellite'; known: mobile, telecom, unicom"]
     _cfg, problems = check(SITE_A + "\nconfig policy 'q'\n\toption src '192.168.10.9'\n\toption exclusive '1'\n")
     assert errors(problems) == ["orayboxvpn.q.exclusive: needs `list carrier`: which carriers to reserve"]
+
+
+def test_smpu_upload_speed_is_parsed_and_bounded():
+    with_upload = edit(SITE_A, "config smpu 'telecom'\n", "config smpu 'telecom'\n\toption upload '20000'\n")
+    cfg, problems = check(with_upload)
+    assert errors(problems) == []
+    assert {u.name: u.upload_kbit for u in cfg.uplinks} == {"telecom": 20000, "unicom": None, "mobile": None}
+    for bad in ("20M", "0", "7", "100000001", "-5", "1e4"):
+        _, problems = check(edit(with_upload, "'20000'", f"'{bad}'"))
+        errs = errors(problems)
+        assert len(errs) == 1 and errs[0].startswith("orayboxvpn.telecom.upload: ") and "kbit/s" in errs[0], errs

@@ -392,7 +392,7 @@ def test_config_widgets_follow_option_kinds():
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
             elif kind in ("seconds", "fraction"):
                 assert "ufloat" in dt and "range(" in dt, where
-            elif kind in ("count", "ms", "packets"):
+            elif kind in ("count", "ms", "packets", "kbit"):
                 assert "uinteger" in dt and "range(" in dt, where
             elif kind == "mtu":
                 assert "range(576,9000)" in dt, where

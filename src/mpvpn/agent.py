@@ -605,6 +605,9 @@ class Agent:
                 ds.sess._reap(member)
             sub = ds.sess.add_subflow(member, now, name=spec.local, meta=meta)
             sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
+            up = ds.uplink_of[member]
+            if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
+                sub.meter.bw0 = up.cfg.upload_kbit * 125.0
         self._flush_session(ds)
 
     def _set_routes(self, ds: DataSession, cidrs: list) -> None:

@@ -94,6 +94,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "port": ("port, 1 to 65535", "port"),
     "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
     "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
+    "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
 }
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -225,6 +226,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "port", None,
             "Local UDP port of the subflow. Default: the port of `base.listen_address` "
             "(server) or of the first `base.server_address` (client), else 7000.",
+        ),
+        "upload": Option(
+            "kbit", None,
+            "Upload speed of this uplink in kbit/s, as in sqm (e.g. `20000` for 20 Mbit/s). "
+            "Optional: aggregate and adaptive modes start from it instead of assuming "
+            "10 Mbit/s until the link is measured; the measurement takes over after.",
         ),
         "enabled": Option("bool", "1", "`0` leaves this uplink unused."),
     },
@@ -381,6 +388,7 @@ class Uplink:
     interface: str | None = None  # OpenWrt logical interface
     device: str | None = None  # Linux device
     enabled: bool = True
+    upload_kbit: int | None = None  # configured upload speed (seeds the link's rate estimate)
 
 
 @dataclass(frozen=True)
@@ -458,6 +466,12 @@ def _parse_int(s: str, lo: int, hi: int, unit: str = "") -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{_q(s)} is out of range: use {lo} to {hi} {unit}".rstrip())
     return v
+
+
+def _parse_kbit(s: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", s) or not 8 <= int(s) <= 100_000_000:
+        raise ValueError(f"{_q(s)} is not a speed in kbit/s from 8 to 100000000 (e.g. 20000 for 20 Mbit/s)")
+    return int(s)
 
 
 def _parse_port(s: str) -> int:
@@ -923,8 +937,13 @@ def _check_uplinks(chk: _Checker, pkg: uci.Package, default_port: int) -> list[U
             if sec.has("port"):
                 ok = False
             port = default_port
+        upload = None
+        if sec.has("upload"):
+            upload = sec.parsed("upload", _parse_kbit, None)
+            if upload is None:
+                ok = False
         if ok:
-            uplinks.append(Uplink(sec.ref, type_, port, bind_ip, interface, device, enabled))
+            uplinks.append(Uplink(sec.ref, type_, port, bind_ip, interface, device, enabled, upload))
 
     active = [u for u in uplinks if u.enabled]
     by_path = {u.name: f"{pkg.name}.{u.name}" for u in uplinks}

@@ -423,6 +423,7 @@ class Subflow:
 
     def status(self, now: float) -> dict:
         srtt = self.rtt.srtt
+        meter = getattr(self, "meter", None)
         return {
             "member": self.member,
             "name": self.name,
@@ -446,4 +447,8 @@ class Subflow:
             "ups": self.ups,
             "downs": self.downs,
             "last_down_reason": self.last_down_reason,
+            # the sender's estimate of this link's upload rate: measured, or
+            # (until measured) the configured smpu.upload or the agent's guess
+            "rate_kbps": None if meter is None else int(meter.rate * 8 / 1000),
+            "rate_measured": meter is not None and meter.bw is not None,
         }

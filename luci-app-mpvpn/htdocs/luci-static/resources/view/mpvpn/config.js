@@ -374,6 +374,12 @@ return view.extend({
 		o.datatype = 'and(port,min(1))';
 		o.placeholder = _('default');
 
+		o = s.option(form.Value, 'upload', _('Upload (kbit/s)'),
+			_('Optional: this uplink\'s upload speed in kbit/s, e.g. 20000 for 20 Mbit/s. Aggregate and adaptive modes start from it instead of assuming 10 Mbit/s until the link is measured.'));
+		o.datatype = 'and(uinteger,range(8,100000000))';
+		o.placeholder = _('measured');
+		o.modalonly = true;
+
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
 		s = m.section(form.GridSection, 'policy', _('Link policies'),
