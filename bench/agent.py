@@ -8,7 +8,10 @@ baseline measured in the same run:
 * ``yardstick``: bench/yardstick_fwd.py, a ~40-line unencrypted Python
   tun <-> UDP forwarder over one carrier.
 
-    python bench/agent.py [--seconds S] [--json FILE]     (root; needs iperf3)
+    python bench/agent.py [--seconds S] [--offload off,gro,tso] [--json FILE]     (root; needs iperf3)
+
+Each mpvpn row is measured per tun offload mode (``MPVPN_TUN_OFFLOAD``, see
+mpvpn.tun): ``off`` is the plain one-packet-per-system-call path.
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--offload", default="off,tso",
+                    help="tun offload modes to measure, comma-separated: off, gro (coalesced writes "
+                         "only), tso (and super-segment reads); default off,tso")
+    ap.add_argument("--no-one-carrier", dest="one_carrier", action="store_false",
+                    help="skip the 1-carrier rows")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
@@ -102,25 +110,29 @@ def main(argv=None) -> int:
                             lab.ha, lab.hb, "192.168.20.2", args.seconds))
         Lab.stop(fa)
         Lab.stop(fb)
-        for n in (1, 3):
+        runs = [(1, m) for m in args.offload.split(",") if args.one_carrier]
+        runs += [(3, m) for m in args.offload.split(",")]
+        for n, mode in runs:
+            os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.tun)
             with TwoSites(lab, carriers=n) as ts:
                 ts.start(subflows=n)
-                rows.append(measure(lab, f"mpvpn ({'duplicate x3' if n == 3 else '1 carrier'}, AEAD)",
+                rows.append(measure(lab, f"mpvpn ({'duplicate x3' if n == 3 else '1 carrier'}, AEAD, {mode})",
                                     [ts.a.proc.pid, ts.b.proc.pid], lab.ha, lab.hb, "192.168.20.2",
                                     args.seconds))
                 st = ts.b.status()
                 rows[-1]["duplicates_dropped"] = st["counters"]["duplicates"]
+                rows[-1]["tun_offload"] = mode
     kernel, yard, ours = rows[0], rows[1], rows[-1]
     raw_rtts = kernel["rtt_p50_ms"]
     print(f"agent benchmark: iperf3 TCP {args.seconds:.0f} s, ping 400 x 10 ms; both agents on this "
           f"{os.cpu_count()}-core machine")
-    print(f"{'path':<44}{'Mbit/s':>9}{'vs yard':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/GB':>10}{'RSS MiB':>9}")
+    print(f"{'path':<50}{'Mbit/s':>9}{'vs yard':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU s/GB':>10}{'RSS MiB':>9}")
     for r in rows:
         r["ratio_vs_yardstick"] = r["goodput_mbit"] / yard["goodput_mbit"]
         r["added_p50_ms"] = r["rtt_p50_ms"] - raw_rtts
         cpu = "-" if r["cpu_s_per_gb"] is None else f"{r['cpu_s_per_gb']:.1f}"
         rss = "-" if r["rss_mib"] is None else f"{r['rss_mib']:.1f}"
-        print(f"{r['path']:<44}{r['goodput_mbit']:>9.0f}{r['ratio_vs_yardstick']:>8.2f}"
+        print(f"{r['path']:<50}{r['goodput_mbit']:>9.0f}{r['ratio_vs_yardstick']:>8.2f}"
               f"{r['rtt_p50_ms']:>8.3f}{r['rtt_p99_ms']:>8.3f}{cpu:>10}{rss:>9}")
     print(f"added latency (p50) over the raw carrier: yardstick {yard['added_p50_ms']:.3f} ms, "
           f"mpvpn {ours['added_p50_ms']:.3f} ms")

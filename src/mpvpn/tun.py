@@ -5,6 +5,18 @@ The agent only needs ``fileno()``, ``read()``, ``write()`` and ``close()``.
 IFF_NO_PI``); it is not persistent, so it disappears with the process (a ``kill -9``
 leaves no interface or route behind).  Addresses, MTU and routes are set by
 :mod:`mpvpn.netcfg`.  Tests use :class:`MemoryTun`.
+
+Offloads: where the kernel allows, the device is opened with
+``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` so that one write can carry a TCP
+super-segment of up to 64 KiB (GRO, see :func:`mpvpn.offload.coalesce`) and,
+with TSO, one read can return one (:func:`mpvpn.offload.split`).  The
+environment variable ``MPVPN_TUN_OFFLOAD`` picks the mode: ``gro`` (default:
+coalesced writes; reads stay one packet each, segmented and checksummed by
+the kernel), ``tso`` (also super-segment reads, split and checksummed here in
+Python: measured slower than the kernel doing it, see bench/agent.py) or
+``off``.  A kernel that refuses falls back to
+``off``.  The agent uses :meth:`read_packets` and :meth:`write_packets`,
+which do the right thing in every mode.
 """
 
 from __future__ import annotations
@@ -13,8 +25,14 @@ import errno
 import os
 from collections import deque
 
+from mpvpn import offload as _ofl
+
 IFNAMSIZ = 16
 MAX_PACKET = 65535
+READ_SIZE = MAX_PACKET + _ofl.VNET_HDR_LEN
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+OFFLOAD_MODES = ("tso", "gro", "off")
 
 
 class TunError(OSError):
@@ -30,19 +48,43 @@ class LinuxTun:
     """A non-persistent, non-blocking tun device (layer 3, no packet info),
     created with python-pytun; packets move with os.read/os.write on its fd."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, offload: str | None = None):
         if not valid_ifname(name):
             raise TunError(errno.EINVAL, f"invalid interface name {name!r}")
+        if offload is None:
+            offload = os.environ.get("MPVPN_TUN_OFFLOAD", "gro")
+        if offload not in OFFLOAD_MODES:
+            raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
         try:
             import pytun
         except ImportError:
             raise TunError(errno.ENOSYS, "python-pytun is not installed "
                                          "(opkg install python3-pytun / pip install python-pytun)") from None
-        try:
-            self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
-        except (pytun.Error, OSError) as e:
-            raise TunError(errno.EPERM, f"cannot create tun {name!r}: {e} "
-                                        "(is kmod-tun loaded? running as root?)") from None
+        self.offload = "off"  # what is in effect
+        self.offload_error = ""  # why the requested mode was refused
+        self._pending: deque = deque()  # segments of a super-segment not yet returned by read()
+        self.split_errors = 0
+        self._dev = None
+        vnet = getattr(pytun, "IFF_VNET_HDR", 0x4000)
+        if offload != "off":
+            try:
+                self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | vnet)
+                import fcntl
+                fcntl.ioctl(self._dev.fileno(), TUNSETOFFLOAD,
+                            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload == "tso" else 0)
+                self.offload = offload
+            except (pytun.Error, OSError) as e:
+                self.offload_error = str(e)
+                if self._dev is not None:
+                    self._dev.close()  # not persistent: the device goes with it
+                    self._dev = None
+        if self._dev is None:
+            try:
+                self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            except (pytun.Error, OSError) as e:
+                raise TunError(errno.EPERM, f"cannot create tun {name!r}: {e} "
+                                            "(is kmod-tun loaded? running as root?)") from None
+        self.vnet_hdr = self.offload != "off"
         self.name = self._dev.name
         self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)
@@ -52,15 +94,47 @@ class LinuxTun:
 
     def read(self) -> bytes | None:
         """One packet, or None if none is waiting."""
+        if not self.vnet_hdr:
+            try:
+                return os.read(self._fd, MAX_PACKET)
+            except BlockingIOError:
+                return None
+        if not self._pending:
+            pkts = self.read_packets()
+            if pkts is None:
+                return None
+            self._pending.extend(pkts)
+        return self._pending.popleft() if self._pending else None
+
+    def read_packets(self) -> list | None:
+        """The plain IP packets of one read (several when the kernel handed
+        over a TCP super-segment; empty if it could not be split), or None
+        if nothing is waiting."""
+        if self._pending:
+            pkts = list(self._pending)
+            self._pending.clear()
+            return pkts
         try:
-            return os.read(self._fd, MAX_PACKET)
+            frame = os.read(self._fd, READ_SIZE)
         except BlockingIOError:
             return None
+        if not self.vnet_hdr:
+            return [frame]
+        if frame[1] == 0 and not frame[0] & _ofl.F_NEEDS_CSUM:  # the common plain case, inline
+            return [frame[_ofl.VNET_HDR_LEN:]]
+        try:
+            return _ofl.split(frame)
+        except (_ofl.OffloadError, IndexError):
+            self.split_errors += 1
+            return []
 
     def write(self, packet: bytes) -> bool:
         """Write one packet; False if the kernel queue is full (counted by caller)."""
         try:
-            os.write(self._fd, packet)
+            if self.vnet_hdr:
+                os.writev(self._fd, (_ofl.PLAIN_HDR, packet))
+            else:
+                os.write(self._fd, packet)
             return True
         except BlockingIOError:
             return False
@@ -68,6 +142,26 @@ class LinuxTun:
             if e.errno in (errno.EINVAL, errno.EIO):  # malformed inner packet, device down
                 return False
             raise
+
+    def write_packets(self, packets: list) -> int:
+        """Write ``packets`` (in order; with offloads consecutive segments of
+        a TCP flow go as one super-segment); returns how many were not written."""
+        if not self.vnet_hdr:
+            write = self.write
+            return sum(1 for p in packets if not write(p))
+        failed = 0
+        fd = self._fd
+        for bufs in _ofl.coalesce(packets):
+            try:
+                os.writev(fd, bufs)
+            except BlockingIOError:
+                failed += len(bufs) - 1  # the packets in it: header + first + the others' payloads
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.EIO):
+                    failed += len(bufs) - 1
+                    continue
+                raise
+        return failed
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -101,9 +195,18 @@ class MemoryTun:
             pass
         return self._rx.popleft()
 
+    def read_packets(self) -> list | None:
+        p = self.read()
+        return None if p is None else [p]
+
     def write(self, packet: bytes) -> bool:
         self.written.append(bytes(packet))
         return True
+
+    def write_packets(self, packets: list) -> int:
+        for p in packets:
+            self.written.append(bytes(p))
+        return 0
 
     def close(self) -> None:
         for fd in (self._r, self._w):
