@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
 SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping iperf3:iperf3
 
-.PHONY: all venv sysdeps test demo bench ipk test-openwrt clean
+.PHONY: all venv sysdeps test demo bench ipk test-openwrt clean fastpath
 
 all: test
 
@@ -41,12 +41,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The optional C loops of the data path (src/mpvpn/_fastpath.c), built in
+# place next to the Python sources; without a compiler everything runs the
+# pure-Python path and the C-vs-Python tests are skipped with the reason.
+fastpath: $(STAMP)
+	$(PY) -m mpvpn.fastpath --build || echo "C loops not built: the pure-Python path will be used"
+
+test: $(STAMP) fastpath
 	$(PY) -m pytest
 
 # The main job: two sites, three carriers, the real agent, in network
 # namespaces on this machine (root).  Without root: the in-memory demo.
-demo: $(STAMP)
+demo: $(STAMP) fastpath
 	@if [ "$$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; then \
 	  $(PY) tests/labdemo.py; \
 	else \
@@ -54,7 +60,7 @@ demo: $(STAMP)
 	  $(PY) -m mpvpn.demo; \
 	fi
 
-bench: $(STAMP)
+bench: $(STAMP) fastpath
 	$(PY) bench/core.py
 	$(PY) bench/loss.py
 	$(PY) bench/agent.py

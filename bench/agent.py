@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offload", default="off,tso",
                     help="tun offload modes to measure, comma-separated: off, gro (coalesced writes "
                          "only), tso (and super-segment reads); default off,tso")
+    ap.add_argument("--fastpath", default="on",
+                    help="C loops of the data path (mpvpn.fastpath), comma-separated: on, off; default on")
     ap.add_argument("--no-one-carrier", dest="one_carrier", action="store_false",
                     help="skip the 1-carrier rows")
     args = ap.parse_args(argv)
@@ -110,18 +112,22 @@ def main(argv=None) -> int:
                             lab.ha, lab.hb, "192.168.20.2", args.seconds))
         Lab.stop(fa)
         Lab.stop(fb)
-        runs = [(1, m) for m in args.offload.split(",") if args.one_carrier]
-        runs += [(3, m) for m in args.offload.split(",")]
-        for n, mode in runs:
+        runs = [(1, m, f) for m in args.offload.split(",") for f in args.fastpath.split(",")
+                if args.one_carrier]
+        runs += [(3, m, f) for m in args.offload.split(",") for f in args.fastpath.split(",")]
+        for n, mode, fast in runs:
             os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.tun)
+            os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"  # see mpvpn.fastpath
+            cloops = ", C" if fast == "on" else ""
             with TwoSites(lab, carriers=n) as ts:
                 ts.start(subflows=n)
-                rows.append(measure(lab, f"mpvpn ({'duplicate x3' if n == 3 else '1 carrier'}, AEAD, {mode})",
+                rows.append(measure(lab, f"mpvpn ({'duplicate x3' if n == 3 else '1 carrier'}, AEAD, {mode}{cloops})",
                                     [ts.a.proc.pid, ts.b.proc.pid], lab.ha, lab.hb, "192.168.20.2",
                                     args.seconds))
                 st = ts.b.status()
                 rows[-1]["duplicates_dropped"] = st["counters"]["duplicates"]
                 rows[-1]["tun_offload"] = mode
+                rows[-1]["fastpath"] = fast == "on"
     kernel, yard, ours = rows[0], rows[1], rows[-1]
     raw_rtts = kernel["rtt_p50_ms"]
     print(f"agent benchmark: iperf3 TCP {args.seconds:.0f} s, ping 400 x 10 ms; both agents on this "

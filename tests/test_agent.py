@@ -159,6 +159,10 @@ def test_status_command_prints_a_readable_summary(sites):
     from mpvpn.seal import preferred_ciphers
 
     assert st["sessions"][0]["cipher"] == preferred_ciphers()[0]  # both ends are this CPU
+    from mpvpn import fastpath
+
+    assert st["dataplane"]["c_loops"] == (fastpath.LOOPS is not None)
+    assert st["dataplane"]["tun_offload"] in ("gro", "tso", "off")
     ts.a.stop()
     r = subprocess.run([sys.executable, *env_py], capture_output=True, text=True, timeout=10)
     assert r.returncode == 3 and "not running" in r.stderr

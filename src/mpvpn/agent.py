@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, ifaddr, linktest, pairing, rpc
+from mpvpn import __version__, control, fastpath, ifaddr, linktest, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -442,7 +442,7 @@ class Agent:
 
     def _on_tun(self, _mask) -> None:
         now = self.clock()
-        touched = set()
+        touched: dict = {}  # DataSession -> its packets of this wake-up, in order
         read = self.tun.read_packets  # one read: one packet, or the segments of a TCP super-segment
         budget = BATCH
         while budget > 0:
@@ -456,11 +456,13 @@ class Agent:
             if ds is None:
                 self.counters["tun_no_route"] += len(pkts)
                 continue
-            send = ds.sess.send
-            for pkt in pkts:
-                send(pkt, now)
-            touched.add(ds)
-        for ds in touched:
+            batch = touched.get(ds)
+            if batch is None:
+                touched[ds] = pkts if isinstance(pkts, list) else list(pkts)
+            else:
+                batch += pkts
+        for ds, batch in touched.items():
+            ds.sess.send_many(batch, now)  # one batch per session: the C loops where built
             self._flush_session(ds)
 
     def _on_udp(self, up: UplinkIO) -> None:
@@ -472,7 +474,8 @@ class Agent:
         sessions = self.sessions
         deliver = []  # written in batches: consecutive TCP segments go as one super-segment
         recv = up.batch.recv
-        last_key = receive = member = None  # session lookup of the previous datagram (same key: same result)
+        # the session lookup of the previous datagram (same key: same result)
+        last_key = cur = member = None
         for _ in range(BATCH):
             try:
                 datagrams, addr = recv()
@@ -484,24 +487,37 @@ class Agent:
                 log.debug("uplink %s recv: %s", up.name, e)
                 break
             up.rx_datagrams += len(datagrams)
+            if len(datagrams) > 1:
+                key = datagrams[0][2:8]  # member, flags, session id
+                if len(key) == 6 and all(d[2:8] == key for d in datagrams):
+                    if key != last_key:  # the usual: one session and subflow per batch
+                        first = datagrams[0]
+                        ds = sessions.get(int.from_bytes(first[4:8], "big"))
+                        if ds is not None and ds.uplink_of.get(first[2]) is up:
+                            cur, member, last_key = ds, first[2], key
+                            touched.add(ds)
+                    if key == last_key and len(datagrams[0]) >= 20:
+                        deliver += cur.sess.receive_many(datagrams, member, now, source=addr)
+                        if len(deliver) >= DELIVER_BATCH:
+                            self._deliver(deliver)
+                            deliver = []
+                        continue
             for data in datagrams:
                 if len(data) < 20:
                     self.counters["malformed"] += 1
                     continue
-                key = data[2:8]  # member, flags, session id
+                key = data[2:8]
                 if key != last_key:
                     ds = sessions.get(int.from_bytes(data[4:8], "big"))
                     if ds is None:
                         self.counters["unknown_session"] += 1  # no state, no reply
                         continue
-                    member = data[2]
-                    if ds.uplink_of.get(member) is not up:
+                    if ds.uplink_of.get(data[2]) is not up:
                         self.counters["wrong_uplink"] += 1
                         continue
-                    receive = ds.sess.receive_datagram
+                    cur, member, last_key = ds, data[2], key
                     touched.add(ds)
-                    last_key = key
-                deliver += receive(data, member, now, source=addr)
+                deliver += cur.sess.receive_datagram(data, member, now, source=addr)
             if len(deliver) >= DELIVER_BATCH:
                 self._deliver(deliver)
                 deliver = []
@@ -518,18 +534,11 @@ class Agent:
             self.counters["tun_write_errors"] += failed
 
     def _flush_session(self, ds: DataSession) -> None:
-        out = ds.sess.datagrams_to_send()
-        if not out:
+        runs = ds.sess.datagrams_by_member()  # member -> its datagrams, in order
+        if not runs:
             return
         subs = ds.sess.subflows
         uplink_of = ds.uplink_of
-        runs: dict[int, list] = {}  # member -> its datagrams, in order
-        for member, dgram in out:
-            run = runs.get(member)
-            if run is None:
-                runs[member] = [dgram]
-            else:
-                run.append(dgram)
         for member, dgrams in runs.items():
             sub = subs.get(member)
             up = uplink_of.get(member)
@@ -1102,6 +1111,7 @@ class Agent:
             "vnc": {"ifname": self.tun.name if self.tun else v.ifname, "address": str(v.ipaddr),
                     "netmask": str(v.netmask), "mtu": v.mtu},
             "routes": sorted(self._routes),
+            "dataplane": self._dataplane_status(),
             "control": ctl,
             "link_test": self._link_test_status(now),
             "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
@@ -1114,6 +1124,14 @@ class Agent:
             "counters": totals,
             "sessions": sessions,
         }
+
+    def _dataplane_status(self) -> dict:
+        """How packets are moved: the C loops (mpvpn.fastpath) and the tun's offloads."""
+        t = self.tun
+        return {"c_loops": fastpath.LOOPS is not None, "c_loops_off_why": fastpath.WHY,
+                "tun_offload": getattr(t, "offload", "off"),
+                "tun_offload_error": getattr(t, "offload_error", "") or None,
+                "tun_split_errors": getattr(t, "split_errors", 0)}
 
     def _link_test_status(self, now: float) -> dict | None:
         """The latest link test's document (mpvpn.linktest), with wall-clock ``started``."""

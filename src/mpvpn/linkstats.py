@@ -270,6 +270,16 @@ class LinkMeter:
             self.q += nbytes
         self.tx += nbytes
 
+    def on_send_many(self, count: int, nbytes: int, now: float) -> None:
+        """``count`` datagrams of ``nbytes`` in all went out together at ``now``."""
+        if int(now / self.BUCKET) != self._bucket:
+            self._roll(now)
+        self._sent_b[1] += count
+        self._advance(now)
+        self.t = now
+        self.q += nbytes
+        self.tx += nbytes
+
     def backlog(self, now: float) -> float:
         """Bytes the model says still wait at the bottleneck at ``now``."""
         bw = self.bw

@@ -531,6 +531,12 @@ class Scheduler:
 
     # -- the plain hook: an immediate decision ------------------------------------
 
+    @property
+    def duplicates_everything(self) -> bool:
+        """Every packet goes on every established subflow (duplicate mode, no
+        policies): the session may then batch without asking per packet."""
+        return self.mode == "duplicate" and not self._policies
+
     def __call__(self, packet: bytes, up, now: float):
         """``scheduler(packet, up, now) -> subflows``: decide at once (no queue)."""
         if self.mode == "duplicate" and not self._policies:

@@ -35,7 +35,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from cryptography.exceptions import InvalidTag
+
 from mpvpn import linktest, wire
+from mpvpn.fastpath import LOOPS as _LOOPS
 from mpvpn.linktest import LinkTester
 from mpvpn.linkstats import LinkMeter
 from mpvpn.reorder import ReorderBuffer
@@ -156,6 +159,7 @@ class Session:
         self.connected = False
         self._sched = duplicate_all
         self._queueing = False
+        self._dup_all = True  # the scheduler sends every packet on every subflow
         self.nack_enabled = False  # receiver: ask for missing packets (set by the scheduler)
         self._now = 0.0  # the latest `now` seen (for datagrams emitted by subflows)
         self._seq = 0
@@ -164,6 +168,8 @@ class Session:
         hold = c.hold_initial if c.hold == -1.0 else c.hold
         self.reorder = ReorderBuffer(c.reorder_capacity, hold)
         self._out: deque = deque()
+        self._bulk: dict[int, list] = {}  # member -> sealed DATA from send_many (C loops)
+        self._bulk_n = 0
         self._events: deque = deque()
         # session counters
         self.sent = 0  # user packets accepted by send()
@@ -216,6 +222,7 @@ class Session:
         old = self._sched
         self._sched = value
         self._queueing = bool(getattr(value, "queueing", False))
+        self._dup_all = value is duplicate_all or bool(getattr(value, "duplicates_everything", False))
         self.nack_enabled = bool(getattr(value, "nack", False))
         if not self.nack_enabled:
             self._missing.clear()
@@ -396,6 +403,54 @@ class Session:
         self._transmit(packet, targets, now)
         return True
 
+    def send_many(self, packets: list, now: float) -> int:
+        """``send`` for a batch of user packets; returns how many were accepted.
+
+        In duplicate mode with sealing, the per-packet work (seal once, one
+        copy per subflow, send buffer) runs in the optional C loops
+        (:mod:`mpvpn.fastpath`) and the per-subflow bookkeeping once per
+        batch; the datagrams are the same as ``send`` makes.  Anything else
+        takes ``send`` packet by packet."""
+        loops = _LOOPS
+        up = self._up
+        if (loops is None or not self._dup_all or self.sealer is None or not up
+                or len(self._out) + self._bulk_n + len(packets) * len(up) > self.config.max_queue):
+            send = self.send
+            return sum(1 for p in packets if send(p, now))
+        maxp = self.config.max_payload
+        for p in packets:
+            if not 0 < len(p) <= maxp:
+                send = self.send
+                return sum(1 for p in packets if send(p, now))
+        self._now = now
+        sealer = self.sealer
+        seq0 = self._seq + 1
+        n = len(packets)
+        if not sealer._send_guard_data < seq0 or seq0 + n - 1 > wire.MAX_SEQ:
+            raise ValueError("DATA sequence numbers exhausted or reused")
+        targets = up
+        runs, nbytes = loops.seal_dup(sealer._send.encrypt, self.session_id, sealer.send_epoch, seq0,
+                                      packets, bytes(s.member for s in up), self._sendbuf,
+                                      self._sendmask, targets)
+        self._seq = last = seq0 + n - 1
+        sealer._send_guard_data = last
+        self.sent += n
+        bulk = self._bulk
+        for sub, run in zip(up, runs):
+            m = sub.member
+            q = bulk.get(m)
+            if q is None:
+                bulk[m] = run
+            else:
+                q += run
+            sub.tx_packets += n
+            sub.tx_bytes += nbytes
+            sub.data_tx += n
+            sub.meter.on_send_many(n, nbytes, now)
+            sub.note_data_sent(now)
+        self._bulk_n += n * len(up)
+        return n
+
     def _transmit(self, packet: bytes, targets, now: float) -> None:
         """Give ``packet`` the next sequence number and send it on ``targets``."""
         n = len(packet)
@@ -463,11 +518,31 @@ class Session:
     def datagrams_to_send(self, now: float | None = None) -> list[tuple[int, bytes]]:
         """Everything queued since the last call: ``(member, datagram)`` pairs."""
         out = self._out
-        if not out:
-            return []
         items = list(out)
         out.clear()
+        if self._bulk:
+            for m, run in self._bulk.items():
+                items += [(m, d) for d in run]
+            self._bulk = {}
+            self._bulk_n = 0
         return items
+
+    def datagrams_by_member(self) -> dict[int, list]:
+        """Everything queued since the last call, as ``member -> [datagram, ...]``
+        (each member's in the order queued; what an I/O layer sends per socket)."""
+        runs = self._bulk
+        self._bulk = {}
+        self._bulk_n = 0
+        out = self._out
+        if out:
+            for m, d in out:
+                run = runs.get(m)
+                if run is None:
+                    runs[m] = [d]
+                else:
+                    run.append(d)
+            out.clear()
+        return runs
 
     # -- receiving ----------------------------------------------------------------
 
@@ -564,6 +639,64 @@ class Session:
         if self._queueing and self._sched.pending:
             self._pump(now)  # a re-measured backlog or a subflow that came up may free room
         return []
+
+    def receive_many(self, datagrams: list, member: int, now: float, source=None) -> list:
+        """``receive_datagram`` for a batch that arrived on subflow ``member``.
+
+        Runs of sealed DATA that are stale copies or come exactly in order go
+        through the optional C loops (:mod:`mpvpn.fastpath`) with the same
+        accounting; anything else (control, reordering, NACK bookkeeping, a
+        rekey being confirmed) datagram by datagram through the full path."""
+        loops = _LOOPS
+        sealer = self.sealer
+        sub = self.subflows.get(member)
+        if (loops is None or sealer is None or sub is None or self.nack_enabled
+                or sealer._pending_send is not None):
+            out = []
+            for d in datagrams:
+                out += self.receive_datagram(d, member, now, source)
+            return out
+        self._now = now
+        reorder = self.reorder
+        prev = sealer.prev_epoch
+        prev_dec = sealer._prev_recv.decrypt if prev is not None and sealer._prev_recv is not None else None
+        out = []
+        i = 0
+        n = len(datagrams)
+        sid = self.session_id
+        while i < n:
+            if not reorder._buf:
+                skips = reorder._skips
+                lo, hi = skips[-1] if skips else (0, 0)
+                j, got, last, dup, late, nbytes, bad = loops.open_run(
+                    datagrams, i, member, sid, reorder.last, lo, hi, sealer.epoch,
+                    sealer._recv.decrypt, -1 if prev is None else prev, prev_dec, InvalidTag)
+                if j > i:
+                    ok = j - i - bad
+                    if ok:
+                        sub.rx_packets += ok
+                        sub.rx_bytes += nbytes
+                        sub.last_rx = now
+                    if dup:
+                        reorder.duplicates += dup
+                        sub.duplicates += dup
+                    if late:
+                        reorder.late += late
+                        sub.late += late
+                    if bad:
+                        self.auth_failures += bad
+                    if got:
+                        reorder.last = last
+                        reorder.delivered += len(got)
+                        sub.on_data(now)
+                        sub.data_rx += len(got) - 1
+                        out += got
+                    i = j
+                    if i >= n:
+                        break
+            out += self.receive_datagram(datagrams[i], member, now, source)
+            i += 1
+        return out
 
     def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
         """A header-valid DATA datagram for ``sub``: drop stale copies before
