@@ -280,3 +280,69 @@ def test_single_packets_are_written_as_they_came():
     pkt = flow(4, 1)[0]
     assert o.coalesce([pkt]) == [[o.PLAIN_HDR, pkt]]
     assert o.coalesce([b"\x60"]) == [[o.PLAIN_HDR, b"\x60"]]  # junk is passed on, never raises
+
+
+# -- the C loops (mpvpn.fastpath) against this module's Python ---------------------
+
+from mpvpn import fastpath  # noqa: E402
+
+needs_c = pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+
+
+@needs_c
+def test_c_coalesce_writes_exactly_what_python_writes():
+    rng = random.Random(7)
+    for trial in range(200):
+        v = rng.choice([4, 6])
+        flows = [flow(v, rng.randint(1, 30), mss=rng.choice([536, 1348, 1388]), seq0=rng.randint(0, 2**32 - 1),
+                      last=rng.choice([None, 1, 700]), ident0=rng.randint(0, 65535), sport=40000 + k)
+                 for k in range(rng.randint(1, 3))]
+        packets = []
+        while any(flows):
+            f = rng.choice([f for f in flows if f])
+            packets.append(f.pop(0))
+            r = rng.random()
+            if r < 0.05:
+                packets.append(tcp_segment(v, 1, b"", flags=o.TCP_ACK))  # pure ACK: never merged
+            elif r < 0.08 and len(packets) > 2:
+                packets.append(packets[-2])  # out of order
+            elif r < 0.10:
+                packets.append(os.urandom(rng.randint(0, 80)))  # not even IP
+        want = [join(bufs) for bufs in o.coalesce(packets)]
+        got = fastpath.LOOPS.coalesce(packets)
+        assert got == want, trial
+        assert sum(o.frame_packets(f) for f in got) == len(packets)
+
+
+@needs_c
+def test_c_split_matches_python_and_refuses_the_same_frames():
+    rng = random.Random(8)
+    frames = []
+    for v in (4, 6):
+        for size in (1, 999, 1000, 3001, 60000):
+            frames.append(super_segment(v, rng.randint(0, 2**32 - 1), os.urandom(size), rng.choice([536, 1000, 1448])))
+        segs = flow(v, 20, last=333)
+        frames += [join(bufs) for bufs in o.coalesce(segs)]  # what we write is what the kernel would hand over
+    payload = os.urandom(3000)
+    udp = bytearray(struct.pack("!HHHH", 5000, 443, 8 + len(payload), 0) + payload)
+    pkt = bytearray(ip4(bytes(udp), proto=17, ident=9))
+    frames.append(o.build_hdr(o.F_NEEDS_CSUM, o.GSO_UDP_L4, 28, 1200, 20, 6) + bytes(pkt))
+    frames.append(o.build_hdr(o.F_NEEDS_CSUM, 0, 0, 0, 20, 16) + flow(4, 1)[0])  # partial checksum only
+    frames.append(o.PLAIN_HDR + b"anything")
+    for f in frames:
+        assert fastpath.LOOPS.split(f) == o.split_py(f)
+    for _ in range(3000):  # mangled frames: both refuse, or both give the same packets
+        f = bytearray(rng.choice(frames))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(min(len(f), 80))
+            f[i] = rng.randrange(256)
+        f = bytes(f[:rng.randint(0, len(f))]) if rng.random() < 0.3 else bytes(f)
+        try:
+            want = o.split_py(f)
+        except (o.OffloadError, IndexError, ValueError):
+            want = None
+        try:
+            got = fastpath.LOOPS.split(f)
+        except ValueError:
+            got = None
+        assert got == want

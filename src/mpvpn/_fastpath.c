@@ -244,9 +244,435 @@ open_run(PyObject *self, PyObject *args)
     return Py_BuildValue("(nNKKKKK)", i, out, last, dup, late, rx_bytes, auth_fail);
 }
 
+
+/* ---------------------------------------------------------------------------
+ * tun offloads (mpvpn.offload has the reference Python and the rules):
+ *
+ * split(frame) -> [packet, ...]: one read from a vnet-hdr tun (10-byte
+ *     virtio_net_hdr + packet, possibly a TCP or UDP super-segment) as plain
+ *     packets with complete checksums.  ValueError if it cannot be split.
+ * coalesce(packets) -> [frame, ...]: tun writes (vnet header + packet) for
+ *     packets in delivery order, consecutive in-order TCP segments of a flow
+ *     merged into one super-segment with NEEDS_CSUM (the kernel completes
+ *     the checksum).  Byte for byte what offload.coalesce() writes.
+ * ------------------------------------------------------------------------- */
+
+#define VNET 10
+#define F_NEEDS_CSUM 1
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_UDP_L4 5
+#define GSO_ECN 0x80
+#define MAX_SUPER 65535
+
+static uint32_t ones_sum(const unsigned char *p, Py_ssize_t n) {
+    uint64_t acc = 0;
+    Py_ssize_t i = 0;
+    for (; i + 1 < n; i += 2)
+        acc += ((uint32_t)p[i] << 8) | p[i + 1];
+    if (i < n)
+        acc += (uint32_t)p[i] << 8;
+    return (uint32_t)(acc % 0xFFFF);
+}
+
+static uint16_t csum_field(uint32_t sum) {  /* offload.checksum(): 0xFFFF - sum % 0xFFFF */
+    return (uint16_t)(0xFFFF - sum % 0xFFFF);
+}
+
+static uint16_t get16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static uint32_t get32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static void put16(unsigned char *p, uint32_t v) { p[0] = (v >> 8) & 0xff; p[1] = v & 0xff; }
+
+static PyObject *offload_error(const char *why) {
+    PyErr_SetString(PyExc_ValueError, why);
+    return NULL;
+}
+
+static Py_ssize_t l4_offset(const unsigned char *pkt, Py_ssize_t n, int cstart, int proto) {
+    if (n < 20)
+        return -1;
+    int v = pkt[0] >> 4;
+    if (v == 4) {
+        int ihl = (pkt[0] & 15) * 4;
+        if (ihl < 20 || pkt[9] != proto || cstart != ihl)
+            return -1;
+        return ihl;
+    }
+    if (v == 6) {
+        if (cstart < 40 || (cstart == 40 && pkt[6] != proto))
+            return -1;
+        return cstart;
+    }
+    return -1;
+}
+
+/* segments of a TCP (tcp=1) or UDP super-segment */
+static PyObject *gso_split(const unsigned char *pkt, Py_ssize_t total, int gso_size, int cstart, int tcp) {
+    Py_ssize_t t = l4_offset(pkt, total, cstart, tcp ? 6 : 17);
+    if (t < 0)
+        return offload_error("not a plain IP segment of the expected protocol");
+    Py_ssize_t hlen;
+    if (tcp) {
+        if (t + 20 > total)
+            return offload_error("truncated TCP header");
+        hlen = t + (pkt[t + 12] >> 4) * 4;
+        if (hlen > total || hlen < t + 20 || gso_size == 0)
+            return offload_error("bad TCP header length or gso_size");
+    } else {
+        hlen = t + 8;
+        if (hlen > total || gso_size == 0)
+            return offload_error("bad UDP header or gso_size");
+    }
+    int v4 = pkt[0] >> 4 == 4;
+    unsigned char *head = PyMem_Malloc(hlen);
+    if (head == NULL)
+        return PyErr_NoMemory();
+    memcpy(head, pkt, hlen);
+    uint32_t seq0 = tcp ? get32(head + t + 4) : 0;
+    unsigned char flags0 = tcp ? head[t + 13] : 0;
+    uint16_t ident0 = 0;
+    if (tcp) { head[t + 16] = head[t + 17] = 0; } else { head[t + 6] = head[t + 7] = 0; }
+    uint32_t addr_sum;
+    if (v4) {
+        ident0 = get16(head + 4);
+        head[10] = head[11] = 0;
+        addr_sum = ones_sum(head + 12, 8);
+    } else {
+        addr_sum = ones_sum(head + 8, 32);
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyMem_Free(head);
+        return NULL;
+    }
+    Py_ssize_t pos = hlen;
+    uint32_t i = 0;
+    while (pos < total) {
+        Py_ssize_t end = pos + gso_size < total ? pos + gso_size : total;
+        Py_ssize_t n = end - pos;
+        int last = end == total;
+        PyObject *seg = PyBytes_FromStringAndSize(NULL, hlen + n);
+        if (seg == NULL) {
+            Py_DECREF(out);
+            PyMem_Free(head);
+            return NULL;
+        }
+        unsigned char *h = (unsigned char *)PyBytes_AS_STRING(seg);
+        memcpy(h, head, hlen);
+        memcpy(h + hlen, pkt + pos, n);
+        uint32_t l4;
+        if (tcp) {
+            uint32_t sq = seq0 + (uint32_t)(pos - hlen);
+            h[t + 4] = sq >> 24; h[t + 5] = sq >> 16; h[t + 6] = sq >> 8; h[t + 7] = sq;
+            unsigned char fl = flags0;
+            if (!last)
+                fl &= ~(0x01 | 0x08);  /* FIN, PSH */
+            if (i)
+                fl &= ~0x80;  /* CWR */
+            h[t + 13] = fl;
+            l4 = (uint32_t)(hlen - t + n);
+        } else {
+            put16(h + t + 4, (uint32_t)(8 + n));
+            l4 = (uint32_t)(8 + n);
+        }
+        if (v4) {
+            put16(h + 2, (uint32_t)(hlen + n));
+            put16(h + 4, (uint32_t)((ident0 + i) & 0xFFFF));
+            uint16_t c = csum_field(ones_sum(h, t));
+            h[10] = c >> 8; h[11] = c & 0xff;
+        } else {
+            put16(h + 4, (uint32_t)(hlen - 40 + n));
+        }
+        uint32_t init = tcp ? addr_sum + 6 + (l4 >> 16) + (l4 & 0xFFFF) : addr_sum + 17 + l4;
+        uint16_t c = csum_field(ones_sum(h + t, hlen - t + n) + init % 0xFFFF);
+        Py_ssize_t at = tcp ? t + 16 : t + 6;
+        h[at] = c >> 8; h[at + 1] = c & 0xff;
+        if (PyList_Append(out, seg) < 0) {
+            Py_DECREF(seg);
+            Py_DECREF(out);
+            PyMem_Free(head);
+            return NULL;
+        }
+        Py_DECREF(seg);
+        pos = end;
+        i++;
+    }
+    PyMem_Free(head);
+    return out;
+}
+
+static PyObject *
+split(PyObject *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg))
+        return offload_error("frame must be bytes");
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(arg);
+    if (n < VNET)
+        return offload_error("frame shorter than a virtio_net_hdr");
+    uint16_t hv[4];
+    memcpy(hv, f + 2, 8);  /* host byte order: hdr_len, gso_size, csum_start, csum_offset */
+    int flags = f[0], gso = f[1] & ~GSO_ECN;
+    const unsigned char *pkt = f + VNET;
+    Py_ssize_t plen = n - VNET;
+    if (gso == GSO_NONE) {
+        PyObject *p = PyBytes_FromStringAndSize((const char *)pkt, plen);
+        if (p == NULL)
+            return NULL;
+        if (flags & F_NEEDS_CSUM) {
+            Py_ssize_t start = hv[2], at = (Py_ssize_t)hv[2] + hv[3];
+            if (at + 2 > plen) {
+                Py_DECREF(p);
+                return offload_error("checksum offsets outside the packet");
+            }
+            unsigned char *q = (unsigned char *)PyBytes_AS_STRING(p);
+            uint16_t c = csum_field(ones_sum(q + start, plen - start));
+            q[at] = c >> 8; q[at + 1] = c & 0xff;
+        }
+        PyObject *out = PyList_New(1);
+        if (out == NULL) {
+            Py_DECREF(p);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, 0, p);
+        return out;
+    }
+    if (gso == GSO_TCPV4 || gso == GSO_TCPV6)
+        return gso_split(pkt, plen, hv[1], hv[2], 1);
+    if (gso == GSO_UDP_L4)
+        return gso_split(pkt, plen, hv[1], hv[2], 0);
+    return offload_error("unsupported gso_type");
+}
+
+typedef struct {
+    PyObject *first, *last;
+    Py_ssize_t start, count;  /* packets[start..] that joined, via idx list */
+    int t, hlen, gso, closed, limit;
+    Py_ssize_t size;
+    uint32_t next_seq;
+    uint16_t next_id;
+    Py_ssize_t *members;  /* indices of the packets in this group */
+    Py_ssize_t nmem, cap;
+    int single;  /* not a TCP candidate: written as it came */
+} group_t;
+
+static int tcp_candidate(const unsigned char *p, Py_ssize_t n, int *t_out, int *hlen_out) {
+    if (n < 40)
+        return 0;
+    int t;
+    if (p[0] == 0x45) {
+        if (p[9] != 6 || (p[6] & 0xBF) || p[7])
+            return 0;
+        t = 20;
+    } else if (p[0] >> 4 == 6) {
+        if (p[6] != 6 || n < 60)
+            return 0;
+        t = 40;
+    } else {
+        return 0;
+    }
+    int fl = p[t + 13];
+    if (fl != 0x10 && fl != (0x10 | 0x08))
+        return 0;
+    int hlen = t + (p[t + 12] >> 4) * 4;
+    if (hlen >= n || hlen < t + 20)
+        return 0;
+    *t_out = t;
+    *hlen_out = hlen;
+    return 1;
+}
+
+static int same_fields(const unsigned char *a, const unsigned char *b, int t, int hlen) {
+    if (t == 20)
+        return !memcmp(a, b, 2) && !memcmp(a + 6, b + 6, 4) && !memcmp(a + 12, b + 12, 12)
+            && !memcmp(a + 28, b + 28, 5) && !memcmp(a + 34, b + 34, 2) && !memcmp(a + 38, b + 38, hlen - 38);
+    return !memcmp(a, b, 4) && !memcmp(a + 6, b + 6, 38) && !memcmp(a + 48, b + 48, 5)
+        && !memcmp(a + 54, b + 54, 2) && !memcmp(a + 58, b + 58, hlen - 58);
+}
+
+static int group_push(group_t *g, Py_ssize_t idx) {
+    if (g->nmem == g->cap) {
+        Py_ssize_t cap = g->cap ? g->cap * 2 : 8;
+        Py_ssize_t *m = PyMem_Realloc(g->members, cap * sizeof(Py_ssize_t));
+        if (m == NULL)
+            return -1;
+        g->members = m;
+        g->cap = cap;
+    }
+    g->members[g->nmem++] = idx;
+    return 0;
+}
+
+static int group_add(group_t *g, PyObject *po) {
+    if (g->single || g->closed)
+        return 0;
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(po);
+    Py_ssize_t len = PyBytes_GET_SIZE(po);
+    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(g->first);
+    int hlen = g->hlen, t = g->t;
+    Py_ssize_t n = len - hlen;
+    if (n <= 0 || n > g->gso || g->size + n > g->limit)
+        return 0;
+    if (len < hlen || !same_fields(p, f, t, hlen))
+        return 0;
+    if (t == 20) {
+        if (get32(p + 24) != g->next_seq || get16(p + 4) != g->next_id)
+            return 0;
+        g->next_id = (uint16_t)(g->next_id + 1);
+    } else if (get32(p + 44) != g->next_seq) {
+        return 0;
+    }
+    g->size += n;
+    g->next_seq += (uint32_t)n;
+    g->last = po;
+    if (n < g->gso || (p[t + 13] & 0x08))
+        g->closed = 1;
+    return 1;
+}
+
+static PyObject *group_frame(group_t *g, PyObject *packets) {
+    if (g->single || g->nmem == 1) {
+        Py_ssize_t n = PyBytes_GET_SIZE(g->first);
+        PyObject *fr = PyBytes_FromStringAndSize(NULL, VNET + n);
+        if (fr == NULL)
+            return NULL;
+        char *q = PyBytes_AS_STRING(fr);
+        memset(q, 0, VNET);
+        memcpy(q + VNET, PyBytes_AS_STRING(g->first), n);
+        return fr;
+    }
+    int t = g->t, hlen = g->hlen;
+    Py_ssize_t total = g->size;
+    PyObject *fr = PyBytes_FromStringAndSize(NULL, VNET + total);
+    if (fr == NULL)
+        return NULL;
+    unsigned char *q = (unsigned char *)PyBytes_AS_STRING(fr);
+    unsigned char *h = q + VNET;
+    memcpy(h, PyBytes_AS_STRING(g->first), PyBytes_GET_SIZE(g->first));
+    uint32_t l4 = (uint32_t)(total - t), ps;
+    unsigned char gso_type;
+    if (t == 20) {
+        put16(h + 2, (uint32_t)total);
+        h[10] = h[11] = 0;
+        uint16_t c = csum_field(ones_sum(h, 20));
+        h[10] = c >> 8; h[11] = c & 0xff;
+        gso_type = GSO_TCPV4;
+        ps = (ones_sum(h + 12, 8) + 6 + l4) % 0xFFFF;
+    } else {
+        put16(h + 4, (uint32_t)(total - 40));
+        gso_type = GSO_TCPV6;
+        ps = (ones_sum(h + 8, 32) + 6 + (l4 >> 16) + (l4 & 0xFFFF)) % 0xFFFF;
+    }
+    h[t + 13] = ((const unsigned char *)PyBytes_AS_STRING(g->last))[t + 13];
+    h[t + 16] = ps >> 8; h[t + 17] = ps & 0xff;
+    Py_ssize_t off = PyBytes_GET_SIZE(g->first);
+    for (Py_ssize_t k = 1; k < g->nmem; k++) {
+        PyObject *p = PyList_GET_ITEM(packets, g->members[k]);
+        Py_ssize_t n = PyBytes_GET_SIZE(p) - hlen;
+        memcpy(h + off, PyBytes_AS_STRING(p) + hlen, n);
+        off += n;
+    }
+    q[0] = F_NEEDS_CSUM;
+    q[1] = gso_type;
+    uint16_t hv[4] = {(uint16_t)hlen, (uint16_t)g->gso, (uint16_t)t, 16};
+    memcpy(q + 2, hv, 8);
+    return fr;
+}
+
+static PyObject *
+coalesce(PyObject *self, PyObject *arg)
+{
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be a list");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(arg);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyBytes_Check(PyList_GET_ITEM(arg, i))) {
+            PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+            return NULL;
+        }
+    group_t *gs = PyMem_Calloc(n ? n : 1, sizeof(group_t));
+    if (gs == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t ng = 0, prev = -1;
+    PyObject *out = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *po = PyList_GET_ITEM(arg, i);
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(po);
+        Py_ssize_t len = PyBytes_GET_SIZE(po);
+        int t, hlen;
+        if (!tcp_candidate(p, len, &t, &hlen)) {
+            group_t *g = &gs[ng++];
+            g->first = g->last = po;
+            g->single = 1;
+            continue;
+        }
+        if (prev >= 0 && group_add(&gs[prev], po)) {
+            if (group_push(&gs[prev], i) < 0)
+                goto fail;
+            continue;
+        }
+        /* the newest group of this flow (addresses and ports) */
+        Py_ssize_t found = -1;
+        for (Py_ssize_t k = ng - 1; k >= 0; k--) {
+            group_t *g = &gs[k];
+            if (g->single || g->t != t)
+                continue;
+            const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(g->first);
+            if (t == 20 ? !memcmp(f + 12, p + 12, 12) : !memcmp(f + 8, p + 8, 36)) {
+                found = k;
+                break;
+            }
+        }
+        if (found >= 0 && group_add(&gs[found], po)) {
+            if (group_push(&gs[found], i) < 0)
+                goto fail;
+            prev = found;
+            continue;
+        }
+        group_t *g = &gs[ng];
+        g->first = g->last = po;
+        g->t = t;
+        g->hlen = hlen;
+        g->gso = (int)(len - hlen);
+        g->size = len;
+        g->limit = MAX_SUPER + (t == 40) * 40;
+        g->next_seq = get32(p + t + 4) + (uint32_t)g->gso;
+        g->next_id = t == 20 ? (uint16_t)(get16(p + 4) + 1) : 0;
+        g->closed = (p[t + 13] & 0x08) != 0;
+        if (group_push(g, i) < 0)
+            goto fail;
+        prev = ng++;
+    }
+    out = PyList_New(ng);
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t k = 0; k < ng; k++) {
+        PyObject *fr = group_frame(&gs[k], arg);
+        if (fr == NULL) {
+            Py_CLEAR(out);
+            goto fail;
+        }
+        PyList_SET_ITEM(out, k, fr);
+    }
+fail:
+    for (Py_ssize_t k = 0; k < ng; k++)
+        PyMem_Free(gs[k].members);
+    if (ng < n)  /* a group being filled when an allocation failed */
+        PyMem_Free(gs[ng].members);
+    PyMem_Free(gs);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
     {"open_run", open_run, METH_VARARGS, "Receive in-order or stale sealed DATA."},
+    {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
+    {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
     {NULL, NULL, 0, NULL},
 };
 

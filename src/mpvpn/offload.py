@@ -116,7 +116,18 @@ def build_hdr(flags: int = 0, gso_type: int = GSO_NONE, hdr_len: int = 0, gso_si
 # -- reading: one frame -> plain packets --------------------------------------------
 
 def split(frame) -> list:
-    """The plain IP packets in one frame read from a vnet-hdr tun."""
+    """The plain IP packets in one frame read from a vnet-hdr tun (the C
+    loops of :mod:`mpvpn.fastpath` where built; same result)."""
+    if _C is not None and frame.__class__ is bytes:
+        try:
+            return _C.split(frame)
+        except ValueError as e:
+            raise OffloadError(str(e)) from None
+    return split_py(frame)
+
+
+def split_py(frame) -> list:
+    """:func:`split` in Python: the reference."""
     flags, gso_type, _hdr_len, gso_size, cstart, coff = parse_hdr(frame)
     gso = gso_type & ~GSO_ECN
     if gso == GSO_NONE:
@@ -372,3 +383,22 @@ def coalesce(packets) -> list:
         open_by_flow[key] = g
         groups.append(g)
     return [[PLAIN_HDR, g] if g.__class__ is not _Group else g.frame() for g in groups]
+
+
+def frame_packets(frame) -> int:
+    """How many packets one tun write of :func:`coalesce_frames` carries."""
+    flags, gso_type, hdr_len, gso_size, _cs, _co = parse_hdr(frame)
+    if gso_type == GSO_NONE or not gso_size:
+        return 1
+    return -(-(len(frame) - VNET_HDR_LEN - hdr_len) // gso_size)
+
+
+def coalesce_frames(packets: list) -> list:
+    """:func:`coalesce` as whole frames, one ``bytes`` per tun write (the C
+    loops of :mod:`mpvpn.fastpath` where built; byte for byte the same)."""
+    if _C is not None:
+        return _C.coalesce(packets)
+    return [b"".join(bufs) for bufs in coalesce(packets)]
+
+
+from mpvpn.fastpath import LOOPS as _C  # noqa: E402  (None: pure Python)

@@ -10,12 +10,13 @@ Offloads: where the kernel allows, the device is opened with
 ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` so that one write can carry a TCP
 super-segment of up to 64 KiB (GRO, see :func:`mpvpn.offload.coalesce`) and,
 with TSO, one read can return one (:func:`mpvpn.offload.split`).  The
-environment variable ``MPVPN_TUN_OFFLOAD`` picks the mode: ``gro`` (default:
-coalesced writes; reads stay one packet each, segmented and checksummed by
-the kernel), ``tso`` (also super-segment reads, split and checksummed here in
-Python: measured slower than the kernel doing it, see bench/agent.py) or
-``off``.  A kernel that refuses falls back to
-``off``.  The agent uses :meth:`read_packets` and :meth:`write_packets`,
+environment variable ``MPVPN_TUN_OFFLOAD`` picks the mode: ``tso``
+(super-segments read and written; the default when the C loops of
+:mod:`mpvpn.fastpath` are built, which split and checksum them), ``gro``
+(coalesced writes; reads stay one packet each, segmented and checksummed by
+the kernel: the default in pure Python, where splitting costs more than the
+kernel doing it, see bench/agent.py) or ``off``.  A kernel that refuses
+falls back to ``off``.  The agent uses :meth:`read_packets` and :meth:`write_packets`,
 which do the right thing in every mode.
 """
 
@@ -52,7 +53,9 @@ class LinuxTun:
         if not valid_ifname(name):
             raise TunError(errno.EINVAL, f"invalid interface name {name!r}")
         if offload is None:
-            offload = os.environ.get("MPVPN_TUN_OFFLOAD", "gro")
+            # tso (super-segments read and written) when the C loops split
+            # them; in pure Python splitting costs more than it saves: gro
+            offload = os.environ.get("MPVPN_TUN_OFFLOAD") or ("tso" if _ofl._C is not None else "gro")
         if offload not in OFFLOAD_MODES:
             raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
         try:
@@ -151,14 +154,15 @@ class LinuxTun:
             return sum(1 for p in packets if not write(p))
         failed = 0
         fd = self._fd
-        for bufs in _ofl.coalesce(packets):
+        write = os.write
+        for frame in _ofl.coalesce_frames(packets):
             try:
-                os.writev(fd, bufs)
+                write(fd, frame)
             except BlockingIOError:
-                failed += len(bufs) - 1  # the packets in it: header + first + the others' payloads
+                failed += _ofl.frame_packets(frame)
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.EIO):
-                    failed += len(bufs) - 1
+                    failed += _ofl.frame_packets(frame)
                     continue
                 raise
         return failed
