@@ -108,7 +108,8 @@ def _expected_core_data() -> dict:
     out = {f"./{k}": (v, (ROOT / "files" / k).read_bytes()) for k, v in files.items()}
     src = ROOT / "src" / "mpvpn"
     for p in sorted(src.rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+        # compiled parts (the C loops, a locally built .so) are package orayboxvpn-fastpath
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".c"):
             out[f"./{SITE}/{p.relative_to(src)}"] = (0o644, p.read_bytes())
     dirs = {"./"}
     for name in list(out):
@@ -126,7 +127,8 @@ def test_core_data_members(built):
     assert members == _expected_core_data()
     assert f"./{SITE}/templates/orayboxvpn.j2" in members
     assert f"./{SITE}/agent.py" in members or not (ROOT / "src/mpvpn/agent.py").exists()
-    assert not any("__pycache__" in n or "/tests/" in n or n.endswith(".pyc") for n in members)
+    assert not any("__pycache__" in n or "/tests/" in n or n.endswith((".pyc", ".so", ".c")) for n in members)
+    assert f"./{SITE}/fastpath.py" in members  # the loader is there; it falls back to Python
     # GNU tar --sort=name order: each directory, then its entries by name
     order = res["data_order"]
     assert order[0] == "./"

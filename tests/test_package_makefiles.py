@@ -236,3 +236,28 @@ def test_top_level_makefile_targets():
     assert re.search(r"^test-openwrt:", text, re.M)
     phony = re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split()
     assert {"ipk", "test-openwrt"} <= set(phony)
+
+
+FAST = ROOT / "package" / "orayboxvpn-fastpath" / "Makefile"
+
+
+def test_fastpath_package_builds_the_c_loops_for_the_target():
+    mk = ipk.parse_makefile(FAST)
+    assert mk.var("PKG_NAME") == "orayboxvpn-fastpath" == FAST.parent.name
+    assert mk.var("PKG_VERSION") == ipk.parse_makefile(CORE).var("PKG_VERSION")
+    fields = mk.package_fields("orayboxvpn-fastpath")
+    assert fields["DEPENDS"].split() == ["+orayboxvpn", "+python3-light"]
+    assert "PKGARCH" not in fields  # compiled: one package per architecture
+    compile_ = mk.define("Build/Compile")
+    assert "$(TARGET_CC)" in compile_ and "-I$(PYTHON3_INC_DIR)" in compile_ and "_fastpath.c" in compile_
+    install = mk.define("Package/orayboxvpn-fastpath/install")
+    assert "$(PYTHON3_PKG_DIR)/mpvpn/_fastpath.so" in install
+    assert (ROOT / "src" / "mpvpn" / "_fastpath.c").exists()
+    assert re.search(r"call (Build/DefaultTargets|BuildPackage|KernelPackage)", FAST.read_text())
+    # the module name the agent imports (mpvpn.fastpath) is the one built
+    import importlib.machinery
+
+    assert ".so" in importlib.machinery.EXTENSION_SUFFIXES
+    assert "from mpvpn import _fastpath" in (ROOT / "src" / "mpvpn" / "fastpath.py").read_text()
+    # and the architecture-independent package leaves compiled parts out
+    assert "-name '*.so'" in ipk.parse_makefile(CORE).define("Build/Compile")

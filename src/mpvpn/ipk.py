@@ -439,7 +439,7 @@ def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VER
     pyfiles: dict = {}
     _add_tree(pyfiles, root / "src" / "mpvpn", site)
     for path, (mode, data) in pyfiles.items():
-        if path.endswith((".pyc", ".pyo")):
+        if path.endswith((".pyc", ".pyo", ".so", ".c")):  # compiled parts: orayboxvpn-fastpath
             continue
         files[path] = (0o644, data)
     conffiles = (mk.define(f"Package/{name}/conffiles") or "").split()
