@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
 """Scheduler benchmark in the namespace lab (issue 7): carriers rate-limited
-to 50/30/20 Mbit/s with tbf, TCP LAN host to LAN host through two real
-agents, for each base.mode; once on clean carriers and once with 5 % loss
-on the 30 Mbit/s carrier.  Goodput is quoted against the 100 Mbit/s sum and
-against the fastest single carrier (what duplicate mode can reach): steady
-state (iperf3, first 3 s omitted) and a whole fixed-size transfer with
-sha256 check (which includes the ramp-up).
+to 50/30/20 Mbit/s with tbf and delayed 10/25/40 ms one way (+- 2/3/4 ms
+jitter, FIFO: no reordering) by the lab's delay shim, in each direction;
+TCP LAN host to LAN host through two real agents, for each base.mode; once
+on clean carriers and once with 5 % loss on the 30 Mbit/s carrier (both
+directions, nftables, after the shim).  Goodput is quoted against the
+100 Mbit/s sum and against the fastest single carrier (what duplicate mode
+can reach): steady state (iperf3, first 3 s omitted) and a whole
+fixed-size transfer with sha256 check (which includes the ramp-up).
 
-    python bench/aggregate.py [--bytes N] [--seconds S] [--json FILE]   (root, iperf3)
+First, the carriers alone (router to router, no tunnel): TCP goodput of
+each against its tbf rate, the ping RTT, and the shim's counters (frames it
+dropped or failed to send: 0 means it kept up).  The shim's counters are
+also read after every agent run.
+
+    python bench/aggregate.py [--bytes N] [--seconds S] [--modes M,..] [--losses 0,5]
+                              [--no-delay] [--json FILE]   (root, iperf3)
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -26,51 +38,211 @@ from agent import iperf  # noqa: E402  (bench/agent.py)
 from agentlab import TwoSites, tcp_transfer  # noqa: E402
 from netlab import Lab  # noqa: E402
 
-RATES = {1: 50, 2: 30, 3: 20}
+RATES = {1: 50, 2: 30, 3: 20}  # Mbit/s (tbf on the sending router)
+DELAYS = {1: (10, 2), 2: (25, 3), 3: (40, 4)}  # one-way ms, jitter ms (shim, each direction)
+MODES = ("duplicate", "aggregate", "adaptive")
+
+
+def make_lab(delays: bool) -> Lab:
+    lab = Lab(3, delays=DELAYS if delays else None)
+    for c, mbit in RATES.items():
+        lab.set_rate(c, mbit)
+    return lab
+
+
+def shim_counters(lab) -> dict:
+    """{carrier: {forwarded, dropped, send_errors}} summed over both directions."""
+    if lab.wan is None:
+        return {}
+    out = {}
+    for c in RATES:
+        st = lab.shim_stats(c)
+        out[c] = {k: st["a2b"][k] + st["b2a"][k] for k in ("forwarded", "dropped", "send_errors")}
+    return out
+
+
+def tbf_drops(lab) -> dict:
+    """{carrier: packets tbf dropped on router A (queue full)}."""
+    out = {}
+    for c in RATES:
+        txt = lab.run(lab.ra, ["tc", "-s", "qdisc", "show", "dev", f"c{c}"]).stdout
+        m = re.search(r"dropped (\d+)", txt)
+        out[c] = int(m.group(1)) if m else 0
+    return out
+
+
+def udp_rcvbuf_errors(lab, ns) -> int:
+    """UDP datagrams dropped in ``ns`` for a full socket buffer (an agent that fell behind)."""
+    lines = [ln.split() for ln in lab.run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+def shim_delta(after: dict, before: dict) -> dict:
+    return {c: {k: v - before.get(c, {}).get(k, 0) for k, v in d.items()} for c, d in after.items()}
+
+
+def check_carriers(delays: bool, seconds: float) -> list:
+    """Each carrier alone, router to router: does tbf (+ shim) give the intended rate?"""
+    rows = []
+    with make_lab(delays) as lab:
+        for c, mbit in RATES.items():
+            ip = f"10.{c}.0.2"
+            lab.ping(lab.ra, ip, count=2, interval=0.2)  # ARP
+            s0 = shim_counters(lab)
+            srv = lab.popen(lab.rb, ["iperf3", "-s", "-1", "-B", ip], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
+            r = lab.run(lab.ra, ["iperf3", "-c", ip, "-t", str(seconds), "-O", "1", "-J"],
+                        timeout=seconds + 30)
+            srv.wait(10)
+            end = json.loads(r.stdout)["end"]
+            ping = lab.ping(lab.ra, ip, count=20, interval=0.05)
+            shim = shim_delta(shim_counters(lab), s0).get(c)
+            got = end["sum_received"]["bits_per_second"] / 1e6
+            rows.append({"carrier": c, "tbf_mbit": mbit, "delay_ms": DELAYS[c][0] if delays else 0,
+                         "jitter_ms": DELAYS[c][1] if delays else 0, "tcp_mbit": got,
+                         "tcp_vs_tbf": got / mbit, "tcp_retransmits": end["sum_sent"].get("retransmits"),
+                         "ping_min_ms": ping.rtt_min, "ping_avg_ms": ping.rtt_avg,
+                         "ping_max_ms": ping.rtt_max, "shim": shim})
+    return rows
+
+
+class Sampler:
+    """Polls site A's status while traffic runs: the loss each subflow reports."""
+
+    def __init__(self, site, period: float = 0.5):
+        self.site, self.period = site, period
+        self.samples: list = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            st = self.site.status()
+            if st is not None:
+                self.samples.append({ln["type"]: ln["loss"] for ln in st["links"]})
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+
+    def mean_loss(self) -> dict:
+        out = {}
+        for s in self.samples:
+            for k, v in s.items():
+                if v is not None:
+                    out.setdefault(k, []).append(v)
+        return {k: round(sum(v) / len(v), 5) for k, v in out.items()}
+
+
+def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
+    with make_lab(delays) as lab, TwoSites(lab, extra_base=f"\toption mode '{mode}'\n") as ts:
+        if loss:
+            lab.set_loss(2, loss)
+        ts.start()
+        s0 = shim_counters(lab)
+        t0, r0 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
+        st0 = ts.a.status()
+        with Sampler(ts.a) as smp:
+            steady_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.seconds, omit=3)
+        st1 = ts.a.status()
+        t1, r1 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
+        sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, args.bytes, timeout=300)
+        st = ts.a.status()
+        stb = ts.b.status()
+        shim = shim_delta(shim_counters(lab), s0)
+
+    def wire(s):
+        return sum(ln["tx_bytes"] for ln in s["links"])
+
+    def data_tx(s):
+        return sum(ln["data_tx"] for ln in s["links"])
+
+    mbit = got * 8 / secs / 1e6
+    steady = steady_bps / 1e6
+    ca, ca0 = st["counters"], st1["counters"]
+    total = sum(RATES.values())
+    return {"mode": mode, "loss_on_30": loss / 100, "delays": delays,
+            "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total,
+            "vs_sum": mbit / total, "vs_best_single": mbit / max(RATES.values()),
+            "intact": (got, sha_rx) == (sent, sha_tx),
+            "wire_bytes_per_byte": (wire(st) - wire(st1)) / max(1, got),
+            # copies per user packet while iperf3 ran (A -> B), re-sends included
+            "copies_steady": (data_tx(st1) - data_tx(st0)) / max(1, st1["counters"]["sent"]
+                                                                  - st0["counters"]["sent"]),
+            "weights": {ln["type"]: ln["weight"] for ln in st["links"]},
+            "reported_loss_mean": smp.mean_loss(),
+            "retransmits": ca.get("retransmits", 0) - ca0.get("retransmits", 0),
+            "b_skipped": stb["counters"].get("skipped", 0),
+            "b_nack_too_late": stb["counters"].get("nack_too_late", 0),
+            "b_deadline_releases": stb["counters"].get("deadline_releases", 0),
+            "b_hold_ms": stb["sessions"][0]["hold_ms"] if stb.get("sessions") else None,
+            "a_tx_sched_drops": ca.get("tx_sched_drops", 0),
+            # where "carrier loss" came from during the steady run: our uplink's
+            # queue overflowing (an over-estimated rate) or agent B falling behind
+            "tbf_drops_steady": {c: t1[c] - t0[c] for c in RATES},
+            "b_udp_rcvbuf_errors_steady": r1 - r0,
+            "a_datagrams_steady": {ln["type"]: ln["data_tx"] - l0["data_tx"]
+                                   for ln, l0 in zip(st1["links"], st0["links"])},
+            "shim": shim}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", type=int, default=30_000_000)
     ap.add_argument("--seconds", type=float, default=8.0, help="steady-state iperf3 run (after 3 s)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--losses", default="0,5", help="percent on the 30 Mbit/s carrier")
+    ap.add_argument("--no-delay", action="store_true", help="carriers without the delay shim")
+    ap.add_argument("--skip-check", action="store_true", help="no per-carrier check")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
-    rows = []
-    for loss in (0, 5):
-        for mode in ("duplicate", "aggregate", "adaptive"):
-            with Lab(3) as lab, TwoSites(lab, extra_base=f"\toption mode '{mode}'\n") as ts:
-                for c, mbit in RATES.items():
-                    lab.set_rate(c, mbit)
-                if loss:
-                    lab.set_loss(2, loss)
-                ts.start()
-                steady_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.seconds, omit=3)
-                before = sum(ln["tx_bytes"] for ln in ts.a.status()["links"])
-                sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, args.bytes, timeout=300)
-                st = ts.a.status()
-                wire_bytes = sum(ln["tx_bytes"] for ln in st["links"]) - before
-                mbit = got * 8 / secs / 1e6
-                steady = steady_bps / 1e6
-                rows.append({"mode": mode, "loss_on_30": loss / 100, "goodput_mbit": mbit,
-                             "steady_mbit": steady, "steady_vs_sum": steady / sum(RATES.values()),
-                             "vs_sum": mbit / sum(RATES.values()), "vs_best_single": mbit / max(RATES.values()),
-                             "intact": (got, sha_rx) == (sent, sha_tx),
-                             "wire_bytes_per_byte": wire_bytes / max(1, got),
-                             "weights": {ln["type"]: ln["weight"] for ln in st["links"]},
-                             "retransmits": st["counters"].get("retransmits", 0)})
-    print(f"TCP {args.bytes / 1e6:.0f} MB through two agents, carriers {RATES[1]}/{RATES[2]}/{RATES[3]} Mbit/s (tbf)")
+    delays = not args.no_delay
+    modes = [m for m in args.modes.split(",") if m]
+    losses = [int(x) for x in args.losses.split(",") if x]
+    carriers = [] if args.skip_check else check_carriers(delays, 5.0)
+    rows = [run_mode(mode, loss, delays, args) for loss in losses for mode in modes]
+    desc = ", ".join(f"{RATES[c]} Mbit/s" + (f" {DELAYS[c][0]}+-{DELAYS[c][1]} ms" if delays else "")
+                     for c in RATES)
+    print(f"carriers (tbf rate, one-way delay +- jitter, FIFO, each direction): {desc}")
+    if carriers:
+        print(f"{'carrier':<8}{'tbf':>6}{'TCP':>8}{'vs tbf':>8}{'ping min/avg/max ms':>22}"
+              f"{'shim fwd':>10}{'dropped':>9}{'errors':>8}")
+        for r in carriers:
+            s = r["shim"] or {"forwarded": 0, "dropped": 0, "send_errors": 0}
+            print(f"{r['carrier']:<8}{r['tbf_mbit']:>6}{r['tcp_mbit']:>8.1f}{r['tcp_vs_tbf']:>8.2f}"
+                  f"{r['ping_min_ms']:>8.1f}/{r['ping_avg_ms']:.1f}/{r['ping_max_ms']:.1f}"
+                  f"{s['forwarded']:>10}{s['dropped']:>9}{s['send_errors']:>8}")
+        print("(TCP over the bare carrier; 0.95-0.96 of tbf is the TCP/IP header share)")
+    print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s (steady), then "
+          f"{args.bytes / 1e6:.0f} MB sha256-checked (whole)")
     print(f"{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'whole':>8}{'vs sum':>8}{'vs best':>8}"
-          f"{'wire/byte':>10}{'intact':>7}")
+          f"{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
     for r in rows:
+        sd = sum(v["dropped"] + v["send_errors"] for v in r["shim"].values()) if r["shim"] else 0
         print(f"{r['mode']:<10}{100 * r['loss_on_30']:>10.0f}%{r['steady_mbit']:>8.1f}{r['steady_vs_sum']:>8.2f}"
               f"{r['goodput_mbit']:>8.1f}{r['vs_sum']:>8.2f}{r['vs_best_single']:>8.2f}"
-              f"{r['wire_bytes_per_byte']:>10.2f}{'yes' if r['intact'] else 'NO':>7}")
-    print("steady: iperf3 Mbit/s after the first 3 s; whole: a sha256-checked transfer incl. ramp-up")
+              f"{r['copies_steady']:>8.2f}{r['wire_bytes_per_byte']:>10.2f}{'yes' if r['intact'] else 'NO':>7}"
+              f"{r['b_skipped']:>8}{sd:>10}")
+    print("copies: datagrams per user packet A->B during the steady run (re-sends included); "
+          "wire/byte: during the whole transfer; skipped: sequence numbers B gave up")
+    for r in rows:
+        print(f"  {r['mode']:<10}{100 * r['loss_on_30']:>3.0f}%: reported loss {r['reported_loss_mean']}, "
+              f"weights {r['weights']}, re-sends {r['retransmits']}, hold {r['b_hold_ms']} ms; steady run: "
+              f"tbf drops {r['tbf_drops_steady']} of datagrams {r['a_datagrams_steady']}, "
+              f"B socket overflows {r['b_udp_rcvbuf_errors_steady']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "aggregate", "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"bench": "aggregate", "rates_mbit": RATES,
+                                               "delays_ms": DELAYS if delays else None,
+                                               "carriers": carriers, "rows": rows}, indent=2))
     return 0
 
 

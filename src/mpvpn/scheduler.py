@@ -21,9 +21,11 @@ Modes (``base.mode``):
                -- and therefore fairness and priority -- is here and not in
                the modem.  NACK on.
 ``adaptive``   as aggregate, but each packet goes on the smallest set of
-               subflows, cheapest first, whose combined loss (product of
-               the subflows' loss rates) is at most ``target_loss``; on all
-               of them while the estimates are missing or stale.  NACK on.
+               subflows whose combined loss (product of the subflows'
+               persistent loss rates, times the chance that a NACK re-send
+               does not repair it in time) is at most ``target_loss``;
+               copies go where there is room first; on all of them while
+               the estimates are missing or stale.  NACK on.
 
 Queueing schedulers (aggregate, adaptive with ``pace``) are driven by the
 session through ``offer(packet, up, now)`` (decide at once while nothing is
@@ -48,6 +50,8 @@ from mpvpn.linkstats import LinkMeter
 __all__ = ["MODES", "LinkPolicy", "SchedulerOptions", "Scheduler", "make_scheduler"]
 
 MODES = ("duplicate", "aggregate", "adaptive")
+BUSY_DELAY_MIN = 0.003  # s: LinkMeter's default busy_delay, the floor of ours
+NACK_INTERVAL = 0.005  # s: SessionConfig.nack_interval's default (repair time estimate)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,11 @@ class SchedulerOptions:
     stale_after: float = 3.0  # s without a probe answer (beyond the probe interval): stale
     suspect_nacks: int = 4  # a subflow is suspect once this many packets sent only on
     suspect_nack_ratio: float = 0.5  # it were NACKed lately, above this share of its sends
+    loss_reports: int = 9  # adaptive: L_i is the median of this many recent loss reports...
+    congestion_qdelay: float = 0.03  # ...made while the probes met less queue than this (s)
+    repair_max: float = 0.2  # adaptive: count on a NACK re-send if one fits in this time (s)
+    jitter_busy: float = 0.0  # > 0: a probe met a queue (LinkMeter.busy_delay) above this many
+    #                           rttvar, at least 3 ms and at most 0.8 queue_target (0: 3 ms)
     policies: tuple = ()  # LinkPolicy, first match wins
 
     def validate(self) -> None:
@@ -162,6 +171,10 @@ class SchedulerOptions:
             raise ValueError("flow_idle and stale_after must be > 0")
         if self.suspect_nacks < 1 or not 0 < self.suspect_nack_ratio <= 1:
             raise ValueError("bad suspect_nacks / suspect_nack_ratio")
+        if (self.loss_reports < 1 or self.repair_max < 0 or self.jitter_busy < 0
+                or self.congestion_qdelay <= 0):
+            raise ValueError("need loss_reports >= 1, repair_max >= 0, jitter_busy >= 0 and "
+                             "congestion_qdelay > 0")
         self.policies = tuple(self.policies)
         for p in self.policies:
             if not isinstance(p, LinkPolicy):
@@ -171,9 +184,10 @@ class SchedulerOptions:
 class _View:
     """What the scheduler knows about one established subflow at one instant."""
 
-    __slots__ = ("sub", "member", "meter", "rate", "owd", "loss", "ldiv", "u", "suspect", "stale")
+    __slots__ = ("sub", "member", "meter", "rate", "owd", "srtt", "rttvar", "loss", "lrand", "ldiv",
+                 "u", "suspect", "stale")
 
-    def __init__(self, sub, now: float, opts: SchedulerOptions):
+    def __init__(self, sub, now: float, opts: SchedulerOptions, hist: dict | None = None):
         self.sub = sub
         self.member = sub.member
         meter = getattr(sub, "meter", None)
@@ -183,10 +197,52 @@ class _View:
         self.rate = meter.rate
         rtt = sub.rtt
         srtt = rtt.srtt if rtt.srtt is not None else 0.1
+        self.srtt = rtt.srtt
+        self.rttvar = var = rtt.rttvar
         base = rtt.min_rtt if rtt.min_rtt is not None else srtt
         self.owd = base / 2
+        if var is not None and opts.jitter_busy:
+            # The meter calls a probe "busy" (it met a queue) above busy_delay
+            # of queueing delay, measured against the path's minimum RTT.  On a
+            # path with jitter every probe is that much above the minimum:
+            # the threshold has to clear the jitter (rttvar, the mean
+            # deviation of the RTT), or app-limited rate samples are taken for
+            # a busy link and pull the estimate down to what we happened to
+            # send (docs/scheduler.md, "Delay and jitter").
+            # Off by default: the same threshold gates the meter's growth,
+            # which then runs past the carrier's rate in the lab.
+            bd = opts.jitter_busy * var
+            cap = 0.8 * opts.queue_target
+            meter.busy_delay = BUSY_DELAY_MIN if bd < BUSY_DELAY_MIN else (cap if bd > cap else bd)
         loss = sub.loss
         self.loss = loss
+        # adaptive: the loss that is not congestion -- the median of the last
+        # few reports (one per probe from the peer) made while the link's
+        # queue was not overflowing -- so that a burst of queue-overflow
+        # drops in one probe interval, or a link we overfill (its rate
+        # over-estimated: the probes meet a queue far above our target),
+        # buys no copies
+        self.lrand = loss
+        if hist is not None and loss is not None:
+            li = getattr(sub, "loss_in", None)
+            key = getattr(li, "probes", None)
+            if key is not None:
+                h = hist.get(self.member)
+                if h is None or h[0] is not sub:
+                    h = hist[self.member] = [sub, None, deque(maxlen=opts.loss_reports), loss,
+                                             deque(maxlen=4)]
+                if key != h[1]:
+                    h[1] = key
+                    # the queue our last few echoed probes met: a report covers
+                    # the interval before it, and the echo is an RTT old
+                    qds = h[4]
+                    if meter.probe_qdelay is not None:
+                        qds.append(meter.probe_qdelay)
+                    if not qds or max(qds) < opts.congestion_qdelay or not h[2]:
+                        h[2].append(loss)
+                        vals = sorted(h[2])
+                        h[3] = vals[len(vals) // 2]  # of an even count, the upper one
+                self.lrand = h[3]
         # eta's stretch for loss (0.0: none); the same float eta always divided by
         self.ldiv = 1.0 - min(loss, 0.9) if loss else 0.0
         # seed 000: f = 1/RTT + alpha*BW (alpha = 1/alpha_bytes), u = (1-L) f
@@ -296,6 +352,11 @@ class Scheduler:
         self._good: list = []  # the views that are not suspect (or all)
         self._fviews: dict = {}  # id(policy) -> _flow_views for the current views
         self._rate_sum = 0.0
+        self._repair = None  # id(views) -> {None: repair fits, member: P(repair fails)}
+        self._loss_hist: dict = {}  # member -> [sub, probes seen, recent loss reports, median]
+        # Does the peer ask for missing packets (NACK)?  None: as we do (the
+        # same base.mode on both sites); the agent may set it from the peer's mode.
+        self.peer_nack: bool | None = None
         self._utokens = 0.0
         self._ut = None
         # counters
@@ -314,10 +375,11 @@ class Scheduler:
     def _all_views(self, up, now: float) -> list:
         if up is not self._views_up or not 0.0 <= now - self._views_t < self.VIEW_TTL:
             opts = self.options
-            views = [_View(s, now, opts) for s in up]
+            views = [_View(s, now, opts, self._loss_hist) for s in up]
             self._views = views
             self._good = [v for v in views if not v.suspect] or views
             self._fviews = {}
+            self._repair = None
             self._rate_sum = sum(v.rate for v in views)
             self._views_up = up
             self._views_t = now
@@ -430,22 +492,68 @@ class Scheduler:
             p *= lj
         return chosen
 
+    def repair_time(self, views) -> float | None:
+        """How long a NACK repair takes (s): the loss shows once the slowest
+        subflow overtook it, the NACK crosses a fast subflow and the re-send
+        another one (the session's hold formula, ``Session._update_hold``)."""
+        srtts = sorted(v.srtt for v in views if v.srtt is not None)
+        if not srtts:
+            return None
+        var = max(v.rttvar for v in views if v.rttvar is not None)
+        second = srtts[1] if len(srtts) > 1 else srtts[0]
+        return (srtts[-1] - srtts[0]) / 2 + 1.5 * second + 4 * var + NACK_INTERVAL
+
+    def _repair_miss(self, primary: _View, views) -> float:
+        """P(a packet lost on ``primary`` is not repaired by a NACK re-send in
+        time): 1 when the peer does not NACK or a repair takes longer than
+        ``repair_max``; else the loss of the best other subflow the re-send
+        can take (re-sends get a second copy above ~1 % loss), at least
+        ``loss_floor``."""
+        caches = self._repair
+        if caches is None:
+            caches = self._repair = {}
+        cache = caches.get(id(views))  # views: all subflows or a policy's (cached) subset
+        if cache is None:
+            cache = caches[id(views)] = {}
+            nack = self.nack if self.peer_nack is None else self.peer_nack
+            t = self.repair_time(views) if nack else None
+            cache[None] = t is not None and t <= self.options.repair_max
+        miss = cache.get(primary.member)
+        if miss is None:
+            if not cache[None]:
+                miss = 1.0
+            else:
+                others = [v.lrand for v in views
+                          if v is not primary and not v.stale and not v.suspect]
+                best = min(others) if others else primary.lrand
+                miss = max(self.options.loss_floor, best)
+            cache[primary.member] = miss
+        return miss
+
     def _adaptive_set(self, primary: _View, views, now: float) -> list:
-        """Smallest set, cheapest (earliest arrival) first, with prod(L) <= target;
-        every subflow if the fresh estimates cannot show the target is met."""
+        """Smallest set with prod(L) * P(repair fails) <= target: the stage-2
+        subflow, then copies on subflows with room (a copy costs capacity like
+        any packet), earliest arrival first, then on full ones; every subflow
+        if the fresh estimates cannot show the target is met.  L is the
+        persistent loss (``_View.lrand``)."""
         if primary.stale:
             return views
-        p = primary.loss
+        target = self.options.target_loss
+        p = primary.lrand
+        if p <= target:
+            return [primary]
+        p *= self._repair_miss(primary, views)
         chosen = [primary]
-        if p > self.options.target_loss:
+        if p > target:
+            qt = self.options.queue_target
             rest = sorted((v for v in views if v is not primary and not v.stale),
-                          key=lambda v: v.eta(0, now))
+                          key=lambda v: (v.qdelay(now) >= qt, v.eta(0, now)))
             for v in rest:
                 chosen.append(v)
-                p *= v.loss
-                if p <= self.options.target_loss:
+                p *= v.lrand
+                if p <= target:
                     break
-            if p > self.options.target_loss:
+            if p > target:
                 return views  # stale or too lossy: full duplication
         return chosen
 
@@ -884,6 +992,7 @@ class Scheduler:
                 "qdelay_ms": round(v.qdelay(now) * 1000, 3),
                 "probe_qdelay_ms": None if m.probe_qdelay is None else round(m.probe_qdelay * 1000, 3),
                 "loss": v.loss,
+                "loss_persistent": v.lrand,
                 "suspect": v.suspect,
                 "stale": v.stale,
             }
