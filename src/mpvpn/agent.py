@@ -590,6 +590,8 @@ class Agent:
         sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
                                         target_loss=self.cfg.base.target_loss,
                                         policies=self._policies())
+        # adaptive counts on the peer's NACKs only if its mode sends them
+        sess.scheduler.peer_nack = getattr(peer, "mode", "duplicate") != "duplicate"
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
@@ -1078,6 +1080,7 @@ class Agent:
                 "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
                 "cipher": ds.sess.sealer.cipher if ds.sess.sealer else None,
                 "links": st["links"], "counters": st["counters"],
+                "scheduler": st.get("scheduler"),
             })
         for k, v in self.counters.items():
             totals[k] = totals.get(k, 0) + v

@@ -155,7 +155,7 @@ class LinkMeter:
     sent after the probe minus what drained since it passed.
     """
 
-    __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span", "noise",
+    __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span", "noise", "loss",
                  "samples", "last_sample", "last_echo", "probe_qdelay", "min_rtt", "startup",
                  "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass",
                  "_bucket", "_sent_b", "_nack_b")
@@ -193,6 +193,12 @@ class LinkMeter:
         # jittery path does not make a lightly used link look busy -- which
         # would drag its capacity estimate down to what it was offered.
         self.noise = 0.0
+        # Loss the peer reports on this direction (set by the session): bytes
+        # that were dropped at or before the bottleneck never took its time,
+        # so a delivery-rate sample counts only the share that got through --
+        # otherwise a tbf/queue that drops looks faster than it is, and the
+        # scheduler keeps overfilling it.
+        self.loss = 0.0
         self._probes: dict = {}  # ts_us -> (t_sent, tx incl. the probe, _empties then, idle)
         self._marks: deque = deque()  # (t_pass, tx, qdelay, _empties) of echoed probes
         self._empties = 0  # times the model queue ran empty (app-limited moments)
@@ -353,7 +359,10 @@ class LinkMeter:
             real = self.tx - tx0 - rate * (now - t_pass)
             if real < 0.0:
                 real = 0.0
-            if self.held and qd <= busy_delay and real <= rate * busy_delay:
+            # (the strict threshold here: with the jitter allowance a real
+            # queue of up to 2 * noise would read as none and the estimate
+            # would keep growing past the link's rate)
+            if self.held and qd <= self.busy_delay and real <= rate * self.busy_delay:
                 # The scheduler held traffic for this link, yet the probe met
                 # no queue (measured, not modelled: a rate guessed too high
                 # would make the model look empty): it drains faster than we
@@ -372,7 +381,7 @@ class LinkMeter:
                 ref = m
                 break
         if ref is not None and tx0 > ref[1]:
-            sample = (tx0 - ref[1]) / (t_pass - ref[0])
+            sample = (tx0 - ref[1]) * (1.0 - min(self.loss, 0.9)) / (t_pass - ref[0])
             app_limited = empties != ref[3]
             busy = qd > busy_delay and ref[2] > busy_delay
             if busy:
@@ -382,7 +391,9 @@ class LinkMeter:
                 if busy or not app_limited or sample > self.bw0:
                     self.bw = sample
             elif sample >= bw:
-                self.bw = sample
+                # At once in start-up; after it half-way, since on a jittery
+                # path two probes that bunch up give one sample too high.
+                self.bw = sample if self.startup else bw + 0.5 * (sample - bw)
             elif busy:
                 self.bw = bw + 0.5 * (sample - bw)
             elif not app_limited:

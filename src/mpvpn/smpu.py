@@ -630,6 +630,8 @@ class Session:
             sub.meter.note_rtt(sub.rtt.latest)  # the handshake's too: before any queue
         if op in _PROBES and sub.state is State.ESTABLISHED:
             _ts, echo, delay_us, _tx, _loss = wire.PROBE.unpack(payload)
+            if sub.loss_out_ppm is not None:
+                sub.meter.loss = sub.loss_out_ppm / 1_000_000
             if echo:
                 sub.meter.on_echo(echo, delay_us / 1_000_000, now, sub.rtt.min_rtt)
         if op in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
