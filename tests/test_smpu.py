@@ -583,3 +583,39 @@ def test_the_retransmission_burst_grows_with_the_send_rate():
     lost, cb, ca = _pinned_failover(5000, 1000, (0.010, 0.025, 0.040), (12e6, 6e6, 6e6))
     assert ca["nack_budget_drops"] == 0 and ca["nack_retransmits"] > 128
     assert lost == [], lost[:10]
+
+
+def test_a_slow_subflow_that_delivers_in_bursts_still_hides_its_in_flight_packets():
+    """Data on a subflow often arrives in bursts (a GRO batch at one instant), so
+    its smoothed inter-arrival gap is tiny; it must still count as able to hide a
+    gap for about the RTT spread, else every packet still in flight on it is
+    'proven lost' by a faster subflow and NACKed for nothing (13 % spurious
+    re-sends in the delayed lab)."""
+
+    class Nacking:  # receiver side: NACKs on, no queue
+        nack = True
+
+        def __call__(self, packet, up, now):
+            return up
+
+    pair = SimPair(0)
+    pair.add_subflow(1, delay=0.040)  # slow
+    pair.add_subflow(2, delay=0.010)  # fast
+    assert pair.handshake()
+    pair.b.scheduler = Nacking()
+    pair.run(3.0)  # probes: srtt 80 ms and 20 ms, so the spread is ~60 ms
+    route = {"member": 1}
+    pair.a.scheduler = lambda packet, up, now: [s for s in up if s.member == route["member"]]
+    for i in range(60):  # a burst on the slow subflow: it arrives at one instant
+        pair.send("a", bytes([i]) * 50)
+    pair.run(0.010)
+    for i in range(60, 70):  # ten more on the slow subflow, 10 ms later
+        pair.send("a", bytes([i]) * 50)
+    pair.run(0.025)
+    route["member"] = 2
+    for i in range(70, 80):  # then the fast one overtakes them all
+        pair.send("a", bytes([i]) * 50)
+    pair.run(0.5)
+    c = pair.b.counters()
+    assert c["delivered"] == 80 and c["skipped"] == 0
+    assert c["nack_seqs"] == 0 and pair.a.retransmits == 0

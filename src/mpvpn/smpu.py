@@ -777,12 +777,17 @@ class Session:
     def _passed_all(self, now: float) -> int:
         """The lowest of the highest numbers received on each subflow that
         is delivering data (0: no evidence).  A subflow counts while its data
-        keeps coming at its usual pace (within 4 smoothed gaps): one that went
-        quiet -- dead, or no longer used -- can hide nothing."""
+        keeps coming at its usual pace (within 4 smoothed gaps) or came within
+        the NACK wait (the RTT spread: it may still have packets in flight --
+        data often arrives in bursts, a GRO batch at one instant, so its
+        smoothed gap alone says little); one that went quiet for longer --
+        dead, or no longer used -- can hide nothing."""
         low = 0
         slack = self.config.nack_wait_min
+        wait = self._nack_wait
         for h in self._high_by.values():
-            if now - h[1] <= 4 * h[2] + slack and (low == 0 or h[0] < low):
+            quiet = now - h[1]
+            if (quiet <= 4 * h[2] + slack or quiet <= wait) and (low == 0 or h[0] < low):
                 low = h[0]
         return low
 
