@@ -47,13 +47,14 @@ def rss_mib(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
-def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0) -> tuple[float, int]:
+def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0, streams: int = 1) -> tuple[float, int]:
     """TCP goodput (bit/s) and bytes received, iperf3 src -> dst (the first
-    ``omit`` seconds, slow start, not counted)."""
+    ``omit`` seconds, slow start, not counted; ``streams`` parallel TCP flows)."""
     srv = lab.popen(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
     time.sleep(0.3)
-    r = lab.run(src_ns, ["iperf3", "-c", dst_ip, "-t", str(seconds), "-O", str(omit), "-J"],
+    r = lab.run(src_ns, ["iperf3", "-c", dst_ip, "-t", str(seconds), "-O", str(omit), "-J",
+                         "-P", str(streams)],
                 timeout=seconds + omit + 30)
     srv.wait(10)
     end = json.loads(r.stdout)["end"]["sum_received"]

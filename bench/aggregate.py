@@ -149,7 +149,8 @@ def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
         t0, r0 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
         st0 = ts.a.status()
         with Sampler(ts.a) as smp:
-            steady_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.seconds, omit=3)
+            steady_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.seconds, omit=3,
+                                  streams=args.streams)
         st1 = ts.a.status()
         t1, r1 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
         sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, args.bytes, timeout=300)
@@ -168,7 +169,7 @@ def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
     ca, ca0 = st["counters"], st1["counters"]
     total = sum(RATES.values())
     return {"mode": mode, "loss_on_30": loss / 100, "delays": delays,
-            "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total,
+            "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total, "streams": args.streams,
             "vs_sum": mbit / total, "vs_best_single": mbit / max(RATES.values()),
             "intact": (got, sha_rx) == (sent, sha_tx),
             "wire_bytes_per_byte": (wire(st) - wire(st1)) / max(1, got),
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bytes", type=int, default=30_000_000)
     ap.add_argument("--seconds", type=float, default=8.0, help="steady-state iperf3 run (after 3 s)")
+    ap.add_argument("--streams", type=int, default=1, help="parallel TCP flows in the steady run")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--losses", default="0,5", help="percent on the 30 Mbit/s carrier")
     ap.add_argument("--no-delay", action="store_true", help="carriers without the delay shim")
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
                   f"{r['ping_min_ms']:>8.1f}/{r['ping_avg_ms']:.1f}/{r['ping_max_ms']:.1f}"
                   f"{s['forwarded']:>10}{s['dropped']:>9}{s['send_errors']:>8}")
         print("(TCP over the bare carrier; 0.95-0.96 of tbf is the TCP/IP header share)")
-    print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s (steady), then "
+    print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s, {args.streams} flow(s) (steady), then "
           f"{args.bytes / 1e6:.0f} MB sha256-checked (whole)")
     print(f"{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'whole':>8}{'vs sum':>8}{'vs best':>8}"
           f"{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
