@@ -23,7 +23,7 @@ import time
 import pytest
 
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz")
-TARGETS = ("wire", "session", "control")
+TARGETS = ("wire", "session", "control", "fastpath")
 RANDOM_INPUTS = 2000
 ATHERIS_SECONDS = 5
 
