@@ -36,18 +36,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from agent import iperf  # noqa: E402  (bench/agent.py)
 from agentlab import TwoSites, tcp_transfer  # noqa: E402
-from netlab import Lab  # noqa: E402
+from wan import DELAYS, RATES, make_lab  # noqa: E402
 
-RATES = {1: 50, 2: 30, 3: 20}  # Mbit/s (tbf on the sending router)
-DELAYS = {1: (10, 2), 2: (25, 3), 3: (40, 4)}  # one-way ms, jitter ms (shim, each direction)
 MODES = ("duplicate", "aggregate", "adaptive")
-
-
-def make_lab(delays: bool) -> Lab:
-    lab = Lab(3, delays=DELAYS if delays else None)
-    for c, mbit in RATES.items():
-        lab.set_rate(c, mbit)
-    return lab
 
 
 def shim_counters(lab) -> dict:

@@ -30,9 +30,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from agentlab import UDP_GAP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
 from netlab import Lab  # noqa: E402
+from wan import make_lab  # noqa: E402
 
-RATES = {1: 50, 2: 30, 3: 20}  # Mbit/s (tbf)
-DELAYS = {1: (10, 2), 2: (25, 3), 3: (40, 4)}  # one-way ms, jitter ms
 CARRIERS = ("telecom", "unicom", "mobile")
 
 
@@ -80,9 +79,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     rows = []
-    with Lab(3, delays=None if args.no_delay else DELAYS) as lab:
-        for c, mbit in RATES.items():
-            lab.set_rate(c, mbit)
+    with make_lab(not args.no_delay) as lab:
         for mode in args.modes.split(","):
             rows.append(one(lab, mode, args))
     print(f"failover: {args.packets} packets at {args.rate:g}/s, carriers 50/30/20 Mbit/s"

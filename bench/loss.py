@@ -32,24 +32,15 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from agentlab import UDP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
-from netlab import Lab  # noqa: E402
+from wan import DELAYS, RATES, make_lab  # noqa: E402
 
 LOSSES = (1, 5, 10, 20, 30)
-RATES = {1: 50, 2: 30, 3: 20}  # Mbit/s (tbf)
-DELAYS = {1: (10, 2), 2: (25, 3), 3: (40, 4)}  # one-way ms, jitter ms (shim, each direction)
 MODES = ("duplicate", "adaptive", "aggregate")
 # carrier -> loss %, both directions
 SCENARIOS = {"clean": {}, "5% on the 50 Mbit/s carrier": {1: 5}, "5% on the 30 Mbit/s carrier": {2: 5},
              "2% on every carrier": {1: 2, 2: 2, 3: 2},
              "10% on every carrier": {1: 10, 2: 10, 3: 10}}
 INNER = 228  # bytes: the UDP source's 200-byte payload + UDP + IPv4 headers
-
-
-def make_lab(delays: bool) -> Lab:
-    lab = Lab(3, delays=DELAYS if delays else None)
-    for c, mbit in RATES.items():
-        lab.set_rate(c, mbit)
-    return lab
 
 
 def wire_bytes(st) -> int:

@@ -85,9 +85,17 @@ def _print_status(st: dict) -> None:
         print("  " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    import json
+def _show(doc: dict, as_json: bool, text) -> None:
+    """Print an agent's document as JSON or through ``text(doc)``."""
+    if as_json:
+        import json
 
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        text(doc)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
     from mpvpn import rpc
 
     try:
@@ -95,10 +103,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except rpc.RpcError as e:
         print(f"orayboxvpn: {e}", file=sys.stderr)
         return 3
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        _print_status(st)
+    _show(st, args.json, _print_status)
     return 0
 
 
@@ -120,7 +125,6 @@ def format_link_test(doc: dict) -> str:
 
 
 def _cmd_test_links(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from mpvpn import rpc
@@ -154,10 +158,7 @@ def _cmd_test_links(args: argparse.Namespace) -> int:
     except rpc.RpcError as e:
         print(f"mpvpn test-links: {e}", file=sys.stderr)
         return 3
-    if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(format_link_test(doc))
+    _show(doc, args.json, lambda d: print(format_link_test(d)))
     return 0 if doc.get("state") == "done" else 1
 
 

@@ -159,6 +159,23 @@ def _l4_offset(pkt, csum_start: int, proto: int) -> int:
     raise OffloadError("not IP")
 
 
+def _template(pkt, hlen: int, csum_at: int) -> tuple:
+    """The headers every segment starts from: ``(v4, header with the
+    transport checksum and the IPv4 header checksum zeroed, first IPv4 id,
+    one's-complement sum of the addresses)``."""
+    v4 = pkt[0] >> 4 == 4
+    head = bytearray(pkt[:hlen])
+    head[csum_at] = head[csum_at + 1] = 0
+    ident0 = 0
+    if v4:
+        ident0 = int.from_bytes(head[4:6], "big")
+        head[10] = head[11] = 0
+        addr_sum = ones_sum(head[12:20])
+    else:
+        addr_sum = ones_sum(head[8:40])
+    return v4, head, ident0, addr_sum
+
+
 def tso_split(pkt, gso_size: int, csum_start: int) -> list:
     """Cut a TCP super-segment into segments of ``gso_size`` payload bytes."""
     t = _l4_offset(pkt, csum_start, _PROTO_TCP)
@@ -168,17 +185,9 @@ def tso_split(pkt, gso_size: int, csum_start: int) -> list:
     total = len(pkt)
     if hlen > total or hlen < t + 20 or gso_size == 0:
         raise OffloadError("bad TCP header length or gso_size")
-    v4 = pkt[0] >> 4 == 4
-    head = bytearray(pkt[:hlen])
+    v4, head, ident0, addr_sum = _template(pkt, hlen, t + 16)
     seq0 = int.from_bytes(head[t + 4:t + 8], "big")
     flags0 = head[t + 13]
-    head[t + 16] = head[t + 17] = 0
-    if v4:
-        ident0 = int.from_bytes(head[4:6], "big")
-        head[10] = head[11] = 0
-        addr_sum = ones_sum(head[12:20])
-    else:
-        addr_sum = ones_sum(head[8:40])
     out = []
     pos = hlen
     i = 0
@@ -220,15 +229,7 @@ def uso_split(pkt, gso_size: int, csum_start: int) -> list:
     total = len(pkt)
     if hlen > total or gso_size == 0:
         raise OffloadError("bad UDP header or gso_size")
-    v4 = pkt[0] >> 4 == 4
-    head = bytearray(pkt[:hlen])
-    head[t + 6] = head[t + 7] = 0
-    if v4:
-        ident0 = int.from_bytes(head[4:6], "big")
-        head[10] = head[11] = 0
-        addr_sum = ones_sum(head[12:20])
-    else:
-        addr_sum = ones_sum(head[8:40])
+    v4, head, ident0, addr_sum = _template(pkt, hlen, t + 6)
     out = []
     pos, i = hlen, 0
     while pos < total:
