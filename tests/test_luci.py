@@ -806,6 +806,7 @@ def test_browser_status_rows_match_the_engine_document(browser):
     assert doc["vnc"]["ifname"] in head["Tunnel interface"].words
     assert head["Routes into the tunnel"].words == ", ".join(doc["routes"])
     assert "Last error" not in head
+    assert head["Data path"].words == "Python (not built), tun offload gro"
 
     rows = link_rows(view)
     assert len(rows) == len(doc["links"]) == 3

@@ -669,6 +669,19 @@ return view.extend({
 			vnic.push(' ', _('MTU %d').format(vnc.mtu));
 		rows.push([ _('Tunnel interface'), E('span', vnic) ]);
 
+		if (isObj(st.dataplane)) {
+			/* docs/status.md "dataplane": how packets move */
+			var dp = st.dataplane,
+			    path = [ dp.c_loops === true ? _('compiled (C loops)') : _('Python') ];
+			if (dp.c_loops !== true && dp.c_loops_off_why != null)
+				path.push(' ', small([ '(' + String(dp.c_loops_off_why) + ')' ]));
+			if (dp.tun_offload != null)
+				path.push(', ', _('tun offload %s').format(String(dp.tun_offload)));
+			if (dp.tun_offload_error != null)
+				path.push(' ', small([ '(' + String(dp.tun_offload_error) + ')' ]));
+			rows.push([ _('Data path'), E('span', path) ]);
+		}
+
 		var routes = Array.isArray(st.routes) ? st.routes.filter(function(r) { return r != null; }) : [];
 		rows.push([ _('Routes into the tunnel'), routes.length ? routes.join(', ') : E('em', [ _('none') ]) ]);
 
