@@ -446,7 +446,8 @@ def test_per_host_policy_keeps_a_hosts_traffic_on_its_carrier(make_lab):
         sent = {ln["type"]: ln["data_tx"] - before[ln["type"]] for ln in st["links"]}
         assert sent["mobile"] >= 500 and sent["telecom"] < 10 and sent["unicom"] < 10, sent
         assert st["policies"] == [{"name": "host_a", "src": "192.168.10.2/32", "dst": None,
-                                   "carriers": ["mobile"], "exclusive": False, "mode": None}]
+                                   "carriers": ["mobile"], "exclusive": False, "mode": None,
+                                   "priority": False}]
 
 
 def test_test_links_measures_each_carrier_then_all_both_ways(sites):

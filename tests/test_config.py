@@ -876,3 +876,13 @@ def test_smpu_upload_speed_is_parsed_and_bounded():
         _, problems = check(edit(with_upload, "'20000'", f"'{bad}'"))
         errs = errors(problems)
         assert len(errs) == 1 and errs[0].startswith("orayboxvpn.telecom.upload: ") and "kbit/s" in errs[0], errs
+
+
+def test_policy_priority_is_parsed():
+    text = SITE_A + "\nconfig policy 'voip'\n\toption src '192.168.10.5'\n\toption priority '1'\n" \
+        "\nconfig policy 'rest'\n\toption src '192.168.10.0/24'\n"
+    cfg, problems = check(text)
+    assert errors(problems) == []
+    assert [(p.name, p.priority) for p in cfg.policies] == [("voip", True), ("rest", False)]
+    _, problems = check(text.replace("option priority '1'", "option priority 'high'"))
+    assert any(e.startswith("orayboxvpn.voip.priority: ") for e in errors(problems)), errors(problems)

@@ -983,7 +983,9 @@ def test_browser_policies_table_matches_the_engine_document(browser):
         assert carriers.words.startswith(", ".join(pol["carriers"]))
         assert (carriers.find("span", cls="mpvpn-badge", data_state="exclusive") is not None) == pol["exclusive"]
     assert rows[0]["Mode"].words == "as the tunnel (Duplicate)"
-    assert rows[1]["Mode"].find("span", data_mode="aggregate").words == "Aggregate"
+    assert rows[0]["Mode"].find("span", cls="mpvpn-priority") is None
+    assert rows[1]["Mode"].find("span", data_mode="aggregate").words.startswith("Aggregate")
+    assert rows[1]["Mode"].find("span", cls="mpvpn-badge", data_state="priority") is not None
 
 
 def test_browser_link_test_runs_and_shows_the_engine_results(browser):

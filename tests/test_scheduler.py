@@ -658,3 +658,29 @@ def test_rate_estimates_survive_path_jitter_under_light_load():
     n0, t0 = len(pair.delivered["b"]), pair.now
     offer(pair, 6.0, 1.2 * sum(RATES), first=10**6)
     assert (len(pair.delivered["b"]) - n0) * 1000 / (pair.now - t0) > 0.92 * sum(RATES)
+
+
+def test_a_priority_policy_is_served_before_everything_queued_by_other_flows():
+    bulk = bytes([192, 168, 1, 20])
+
+    def run(priority):
+        pol = [LinkPolicy(src="192.168.1.10/32", priority=priority, name="voip")]
+        pair = make_pair("aggregate", rates=(RATES[2],), delays=(0.01,), policies=pol)
+        log = record_targets(pair.a)
+        for i in range(40):  # a bulk flow fills the queue (one slow subflow)
+            pair.send("a", udp(1200, sport=2000, i=i, src=bulk))
+        assert pair.a.scheduler.pending > 30
+        for i in range(10):  # then the policy's host sends
+            pair.send("a", udp(1200, sport=3000, i=i, src=SRC))
+        pair.run(5.0)
+        order = [port(p) for p, _m, _ok in log]
+        assert order.count(2000) == 40 and order.count(3000) == 10  # nothing lost either way
+        return order
+
+    order = run(True)
+    first, last = order.index(3000), len(order) - 1 - order[::-1].index(3000)
+    assert last - first == 9  # all ten back to back...
+    assert order[:first].count(2000) < 10  # ...ahead of the 30-odd bulk packets still queued
+    order = run(False)  # without priority they share the link with the bulk flow (DRR)
+    first, last = order.index(3000), len(order) - 1 - order[::-1].index(3000)
+    assert order[first:last].count(2000) >= 5

@@ -185,7 +185,7 @@ class Agent:
         """config policy sections (seed 004) as the scheduler's LinkPolicy."""
         return [LinkPolicy(src=str(p.src), dst=None if p.dst is None else str(p.dst),
                            carriers=p.carriers, exclusive=p.exclusive, mode=p.mode,
-                           name=p.name)
+                           name=p.name, priority=p.priority)
                 for p in self.cfg.policies]
 
     def _session_config(self) -> SessionConfig:
@@ -1119,7 +1119,8 @@ class Agent:
             "link_test": self._link_test_status(now),
             "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
                           "carriers": list(p.carriers) if p.carriers else None,
-                          "exclusive": p.exclusive, "mode": p.mode} for p in self.cfg.policies],
+                          "exclusive": p.exclusive, "mode": p.mode, "priority": p.priority}
+                         for p in self.cfg.policies],
             "uplinks": [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
                          "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
                         for up in self.uplinks.values()],

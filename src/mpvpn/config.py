@@ -250,6 +250,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "bool", "0", "Reserve those carriers for this traffic: other traffic may not use them.",
         ),
         "mode": Option("mode", None, "This traffic's mode, instead of `base.mode`."),
+        "priority": Option(
+            "bool", "0",
+            "Serve this traffic first: a strict priority class ahead of the fair share of all other "
+            "traffic (aggregate and adaptive modes, which queue; TCP handshakes, DNS and other "
+            "urgent packets still go before it).",
+        ),
         "enabled": Option("bool", "1", "`0` ignores this policy."),
     },
 }
@@ -408,6 +414,7 @@ class Policy:
     carriers: tuple[str, ...] | None = None
     exclusive: bool = False
     mode: str | None = None
+    priority: bool = False
 
 
 @dataclass(frozen=True)
@@ -1073,8 +1080,9 @@ def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> l
         if exclusive and not carriers:
             chk.err(sec.path("exclusive"), "needs `list carrier`: which carriers to reserve")
         mode = sec.parsed("mode", lambda v: _parse_choice(v, ("duplicate", "aggregate", "adaptive")))
+        priority = sec.parsed("priority", _parse_bool, False)
         if src is not None:
-            out.append(Policy(sec.ref, src, dst, tuple(carriers) or None, exclusive, mode))
+            out.append(Policy(sec.ref, src, dst, tuple(carriers) or None, exclusive, mode, priority))
     return out
 
 

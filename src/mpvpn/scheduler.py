@@ -64,7 +64,9 @@ class LinkPolicy:
     type (``sub.meta['type']``), subflow name or member id; None = any.
     ``exclusive``: those carriers are reserved -- flows that do not match
     this policy may not use them.  ``mode``: this flow's mode (overrides the
-    scheduler's).  If none of the allowed carriers is up, the flow falls
+    scheduler's).  ``priority``: its flows form a strict priority class --
+    while they have packets queued, other flows wait (urgent packets still
+    go first); among themselves they share by DRR.  If none of the allowed carriers is up, the flow falls
     back to the unreserved ones (never to nothing while a subflow is up).
     """
 
@@ -74,6 +76,7 @@ class LinkPolicy:
     exclusive: bool = False
     mode: str | None = None
     name: str = ""
+    priority: bool = False  # a strict priority class: queued ahead of other flows (stage 1)
 
     def __post_init__(self):
         for attr in ("src", "dst"):
@@ -341,6 +344,7 @@ class Scheduler:
         self._flows: OrderedDict = OrderedDict()
         self._mru = None  # the flow last seen: the last entry of _flows
         self._active: deque = deque()  # flows with queued packets, DRR order
+        self._active_prio: deque = deque()  # the same for flows of priority policies, served first
         self._urgent: deque = deque()  # (packet, flow): strict priority
         self._retx: deque = deque()  # (seq, carried, size, queued_at): before everything
         self._qbytes = 0
@@ -751,7 +755,7 @@ class Scheduler:
         if not fl.active:
             fl.active = True
             fl.deficit = 0
-            self._active.append(fl)
+            self._active_of(fl).append(fl)
         if up:
             self._all_views(up, now)
             limit = max(o.queue_min_bytes, o.queue_limit * self._rate_sum)
@@ -761,7 +765,7 @@ class Scheduler:
         if self._qbytes <= limit and self._qpackets <= o.queue_max_packets:
             return ok
         while self._qbytes > limit or self._qpackets > o.queue_max_packets:
-            victim = max(self._active, key=lambda f: f.qbytes)  # the fattest flow
+            victim = max(self._active or self._active_prio, key=lambda f: f.qbytes)  # the fattest flow
             pkt, _u, _t = victim.q.popleft()
             if victim is fl and not fl.q:
                 ok = False
@@ -777,9 +781,14 @@ class Scheduler:
             fl.active = False
             fl.deficit = 0
             try:
-                self._active.remove(fl)
+                self._active_of(fl).remove(fl)
             except ValueError:  # pragma: no cover - active flows are always listed
                 pass
+
+    def _active_of(self, fl: _Flow) -> deque:
+        """The DRR list a flow waits in: the priority class's or everyone else's."""
+        pol = fl.policy
+        return self._active_prio if pol is not None and pol.priority else self._active
 
     def pull(self, up, now: float):
         """The next packet to send and its subflows, or None (nothing may go now).
@@ -797,8 +806,7 @@ class Scheduler:
             chosen = self._objective_set(views, o.urgent_value, now, len(packet))
             self.c["urgent_copies"] += len(chosen) - 1
             return packet, self._release(fl, len(packet), chosen)
-        active = self._active
-        if not active:
+        if not self._active and not self._active_prio:
             if not self._retx:
                 self._release_at = None
             return None
@@ -827,14 +835,24 @@ class Scheduler:
                 t = min(t, self._release_at)
             self._release_at = t
             return None
-        tries = 2 * len(active) + 1
         release_at = math.inf
         max_sojourn = o.max_sojourn
         # Nothing changes in this loop until a packet leaves, so a flow found
         # blocked stays blocked with the same head packet: remembered (same
         # count, same release time) instead of deciding it again.
         blocked = None
-        while active and tries > 0:
+        # the priority class first (strict), then everyone else, DRR in each
+        active = self._active_prio
+        if not active:
+            active = self._active
+        tries = 2 * len(active) + 1
+        while True:
+            if not (active and tries > 0):
+                if active is self._active or not self._active:
+                    break
+                active = self._active  # the priority class has nothing that may go now
+                tries = 2 * len(active) + 1
+                continue
             tries -= 1
             fl = active[0]
             head = fl.q[0]
@@ -1003,7 +1021,7 @@ class Scheduler:
             "queued_packets": self.pending,
             "queued_bytes": self._qbytes,
             "flows": len(self._flows),
-            "active_flows": len(self._active),
+            "active_flows": len(self._active) + len(self._active_prio),
             "counters": dict(self.c),
             "urgent_by_reason": dict(self.urgent_by_reason),
             "links": links,

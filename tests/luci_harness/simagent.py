@@ -33,7 +33,7 @@ POLICIES = (
     {"name": "camera", "src": "192.168.10.50/32", "dst": None, "carriers": ["telecom"],
      "exclusive": True, "mode": None},
     {"name": "office", "src": "192.168.10.0/25", "dst": "192.168.20.0/24",
-     "carriers": ["telecom", "unicom"], "exclusive": False, "mode": "aggregate"},
+     "carriers": ["telecom", "unicom"], "exclusive": False, "mode": "aggregate", "priority": True},
 )
 
 LINK_TEST_RATES = {"telecom": 48.0, "unicom": 29.5, "mobile": 19.0}  # Mbit/s of a clean carrier

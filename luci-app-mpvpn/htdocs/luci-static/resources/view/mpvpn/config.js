@@ -415,6 +415,10 @@ return view.extend({
 			_('Reserve these carriers for this traffic: nothing else may use them.'));
 		o.default = '0';
 
+		o = s.option(form.Flag, 'priority', _('Priority'),
+			_('Serve this traffic before all other traffic (aggregate and adaptive modes).'));
+		o.default = '0';
+
 		o = s.option(form.ListValue, 'mode', _('Mode'),
 			_('This traffic\'s mode instead of the general one.'));
 		o.value('', _('as in the general settings'));

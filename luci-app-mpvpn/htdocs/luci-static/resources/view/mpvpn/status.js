@@ -76,7 +76,7 @@ var POLICY_COUNTERS = {
 };
 
 /* keys of a policy entry that are its configuration, not counters */
-var POLICY_FIELDS = { name: true, src: true, dst: true, carriers: true, exclusive: true, mode: true, enabled: true, counters: true };
+var POLICY_FIELDS = { name: true, src: true, dst: true, carriers: true, exclusive: true, mode: true, priority: true, enabled: true, counters: true };
 
 /* counters that point at an attack or a misconfiguration when they grow */
 var ALARM_COUNTERS = { auth_failures: true, replays: true, malformed: true, unknown_session: true };
@@ -545,7 +545,13 @@ return view.extend({
 				E('strong', [ text(p.name) ]),
 				E('span', { 'class': 'mpvpn-match' }, match),
 				E('span', { 'class': 'mpvpn-carriers' }, carriers),
-				E('span', { 'class': 'mpvpn-mode', 'data-mode': (p.mode != null) ? String(p.mode) : null }, [ mode ])
+				E('span', { 'class': 'mpvpn-mode', 'data-mode': (p.mode != null) ? String(p.mode) : null }, [
+					mode,
+					(p.priority === true) ? E('span', {
+						'class': 'mpvpn-priority',
+						'title': _('Served before all other traffic')
+					}, [ ' ', badge(_('priority'), GREEN, 'priority') ]) : ''
+				])
 			];
 
 			if (counted)
