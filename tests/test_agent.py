@@ -5,6 +5,7 @@ import math
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -505,3 +506,47 @@ def test_configured_upload_speed_seeds_the_link_rate_until_measured(make_lab):
         ts.start()
         rates = {ln["type"]: (ln["rate_kbps"], ln["rate_measured"]) for ln in ts.a.status()["links"]}
         assert rates == {"telecom": (2000, False), "unicom": (10000, False), "mobile": (10000, False)}
+
+
+def test_one_hub_serves_two_client_sites_at_once(make_lab):
+    """Site B as a hub with two client sites (A, and C on its own carriers):
+    two sessions, each site's LAN reaches the hub's, the hub routes each LAN
+    to its own session, and one client leaving does not disturb the other."""
+    from agentlab import Site, site_config
+    from mpvpn.noise import genpsk
+
+    lab = make_lab(carriers=3)
+    c = lab.add_site("c")
+    with TwoSites(lab) as ts:
+        mask29 = ("option netmask '255.255.255.252'", "option netmask '255.255.255.248'")
+        for site in (ts.a, ts.b):  # room for three vNIC addresses
+            conf = site.uci_dir / "orayboxvpn"
+            conf.write_text(conf.read_text().replace(*mask29))
+        psk = re.search(r"option psk '([^']+)'", (ts.b.uci_dir / "orayboxvpn").read_text()).group(1)
+        text, network = site_config("client", psk, 1, "172.30.0.3", c.router_lan_ip)
+        for i, ip in c.carrier_ips.items():
+            text = text.replace(f"option bind_ip '10.{i}.0.1'", f"option bind_ip '{ip}'")
+        site_c = Site(lab, c.router, Path(ts._tmp.name), "c")
+        site_c.write(text.replace(*mask29), network)
+        assert genpsk() != psk
+        ts.start()
+        site_c.start()
+        try:
+            site_c.wait_connected(3)
+            st = ts.b.wait(lambda s: len(s["sessions"]) == 2 and all(
+                sum(1 for ln in se["links"] if ln["state"] == "established") == 3 for se in s["sessions"]),
+                15, "two client sessions")
+            assert sorted(se["peer"]["vnc"]["ip"] for se in st["sessions"]) == ["172.30.0.1", "172.30.0.3"]
+            assert sorted(st["routes"]) == ["192.168.10.0/24", "192.168.30.0/24"]
+            for host in (lab.ha, c.host):  # both client LANs reach the hub's LAN, at the same time
+                p = lab.ping(host, "192.168.20.2", count=20, interval=0.02)
+                assert p.received == 20
+            assert lab.ping(lab.hb, c.host_ip, count=10, interval=0.02).received == 10  # and back
+            assert lab.ping(lab.hb, "192.168.10.2", count=10, interval=0.02).received == 10
+            ts.a.stop()  # one client leaves: the other keeps its session
+            st = ts.b.wait(lambda s: len(s["sessions"]) == 1, 15, "A's session gone")
+            assert st["sessions"][0]["peer"]["vnc"]["ip"] == "172.30.0.3"
+            assert st["routes"] == ["192.168.30.0/24"]
+            assert lab.ping(c.host, "192.168.20.2", count=10, interval=0.02).received == 10
+        finally:
+            site_c.stop()

@@ -18,7 +18,7 @@ import time
 import pytest
 
 import netlab
-from netlab import Lab, LabError, parse_ping
+from netlab import Lab, LabError, list_lab_namespaces, parse_ping
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -287,3 +287,19 @@ def test_cleanup_stale_removes_dead_owner(lab: Lab):
     finally:
         for r in ("ra", "rb", "ha", "hb", "wan"):
             netlab._delete_ns(f"{dead}-{r}")
+
+
+def test_an_added_site_reaches_the_hub_over_its_own_carriers_and_is_torn_down(make_lab):
+    lab = make_lab(carriers=2)
+    c = lab.add_site("c")
+    assert c.carrier_ips == {1: "10.21.0.1", 2: "10.22.0.1"}
+    for i in (1, 2):  # rb's carrier addresses, over the new site's own links
+        assert lab.reachable(c.router, f"10.{i}.0.2")
+    assert lab.reachable(c.host, c.router_lan_ip)
+    assert not lab.reachable(c.host, "192.168.20.2")  # no route between the LANs without the VPN
+    assert not lab.reachable(c.router, "10.1.0.1")  # and site A is not on its path
+    with pytest.raises(ValueError):
+        lab.add_site("c")
+    names = [c.router, c.host]
+    lab.close()
+    assert not any(ns in list_lab_namespaces() for ns in names)

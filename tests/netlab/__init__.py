@@ -61,13 +61,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 __all__ = [
-    "Lab", "Carrier", "PingResult", "LabError", "unavailable_reason",
+    "Lab", "Carrier", "Site", "PingResult", "LabError", "unavailable_reason",
     "cleanup_stale", "list_lab_namespaces", "SHIM_PATH",
 ]
 
 SHIM_PATH = Path(__file__).with_name("shim.py")
 MARKER_DIR = Path(os.environ.get("MPVPN_NETLAB_RUNDIR", "/run/mpvpn-netlab"))
-NAME_RE = re.compile(r"^(mpv\d{4}\d+)-(ra|rb|ha|hb|wan)$")
+NAME_RE = re.compile(r"^(mpv\d{4}\d+)-(ra|rb|ha|hb|wan|r[c-z]|h[c-z])$")
 ROLES = ("ra", "rb", "ha", "hb")
 DIRECTIONS = ("a2b", "b2a", "both")
 NFT_TABLE = "mpvlab"
@@ -76,7 +76,8 @@ LAN_A = ("192.168.10.1", "192.168.10.2")   # (router, host)
 LAN_B = ("192.168.20.1", "192.168.20.2")
 LAN_PREFIX = 24
 # ifindex bases of the lab's veth ends (carrier i adds i); all distinct.
-_IDX = {"lan_r": 10, "lan_h": 20, "ra": 1000, "rb": 2000, "wan_a": 3000, "wan_b": 4000}
+_IDX = {"lan_r": 10, "lan_h": 20, "ra": 1000, "rb": 2000, "wan_a": 3000, "wan_b": 4000,
+        "site_r": 5000, "site_b": 6000, "site_lan": 7000}
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -247,6 +248,19 @@ class Carrier:
     shimmed: bool        # built through the wan namespace + delay shim
 
 
+@dataclass(frozen=True)
+class Site:
+    """A site added with :meth:`Lab.add_site` (hub tests)."""
+
+    letter: str
+    router: str          # namespace
+    host: str            # namespace of the LAN host
+    router_lan_ip: str
+    host_ip: str
+    lan: str             # CIDR
+    carrier_ips: dict    # carrier index -> the router's address on that carrier
+
+
 # --------------------------------------------------------------------------
 # the lab
 
@@ -398,6 +412,52 @@ class Lab:
             rules += [f"  chain {c.ifname} {{ }}" for c in self.carriers.values()]
             rules += ["}"]
             self.run(ns, ["nft", "-f", "-"], input="\n".join(rules) + "\n")
+
+    def add_site(self, letter: str = "c") -> "Site":
+        """A third (fourth...) site for hub tests: router ``r<letter>`` with a
+        LAN host ``h<letter>`` on 192.168.<30+k>.0/24 (k = 0 for "c") and one
+        link per carrier to router B, the hub: ``x<i>`` with 10.<20+10k+i>.0.1
+        (the new router) and .2 (rb, interface ``s<letter><i>``). The new router reaches B's carrier
+        addresses 10.<i>.0.2 over its own carrier links, as a site elsewhere
+        on the internet would. No impairments on these links."""
+        if not (len(letter) == 1 and "c" <= letter <= "z"):
+            raise ValueError("a site letter is c..z")
+        k = ord(letter) - ord("c")
+        r, h = f"{self.prefix}-r{letter}", f"{self.prefix}-h{letter}"
+        if r in self.namespaces:
+            raise ValueError(f"site {letter} exists")
+        with self._lock:
+            self.namespaces += [r, h]
+            self._ns_map.update({f"r{letter}": r, f"h{letter}": h})
+            (MARKER_DIR / f"{self.prefix}.json").write_text(json.dumps(
+                {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()),
+                 "namespaces": self.namespaces}))
+        for ns in (r, h):
+            _sh(["ip", "netns", "add", ns])
+            self.run(ns, ["sh", "-ec", "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; "
+                                       "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"
+                          + ("; echo 1 > /proc/sys/net/ipv4/ip_forward" if ns == r else "")])
+        lan = f"192.168.{30 + k}"
+        batch = {r: ["link set lo up"], h: ["link set lo up"], self.rb: []}
+        _sh(["ip", "link", "add", "lan", "netns", r, "index", str(_IDX["site_lan"] + 2 * k),
+             "type", "veth", "peer", "name", "lan", "netns", h, "index", str(_IDX["site_lan"] + 2 * k + 1)])
+        batch[r] += [f"addr add {lan}.1/{LAN_PREFIX} dev lan", "link set lan up"]
+        batch[h] += [f"addr add {lan}.2/{LAN_PREFIX} dev lan", "link set lan up",
+                     f"route add default via {lan}.1"]
+        links = {}
+        for i in self.carriers:
+            net = f"10.{20 + 10 * k + i}.0"
+            _sh(["ip", "link", "add", f"x{i}", "netns", r, "index", str(_IDX["site_r"] + 100 * k + i),
+                 "type", "veth", "peer", "name", f"s{letter}{i}", "netns", self.rb,
+                 "index", str(_IDX["site_b"] + 100 * k + i)])
+            batch[r] += [f"addr add {net}.1/24 dev x{i}", f"link set x{i} up",
+                         f"route add {self.carriers[i].b_ip}/32 via {net}.2 dev x{i}"]
+            batch[self.rb] += [f"addr add {net}.2/24 dev s{letter}{i}", f"link set s{letter}{i} up"]
+            links[i] = f"{net}.1"
+        for ns, cmds in batch.items():
+            _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
+        self._wait_oper_up([r, h])
+        return Site(letter, r, h, f"{lan}.1", f"{lan}.2", f"{lan}.0/{LAN_PREFIX}", links)
 
     def _wait_oper_up(self, namespaces: Iterable[str], ifnames: Iterable[str] | None = None,
                       timeout: float = 3.0) -> None:
