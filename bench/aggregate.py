@@ -215,17 +215,27 @@ def main(argv=None) -> int:
                   f"{r['ping_min_ms']:>8.1f}/{r['ping_avg_ms']:.1f}/{r['ping_max_ms']:.1f}"
                   f"{s['forwarded']:>10}{s['dropped']:>9}{s['send_errors']:>8}")
         print("(TCP over the bare carrier; 0.95-0.96 of tbf is the TCP/IP header share)")
+    alone = sum(r["tcp_mbit"] for r in carriers) if carriers else None
+    if alone:
+        # the same ratio against what TCP gets from the carriers alone in this run
+        for r in rows:
+            r["steady_vs_carriers_tcp"] = r["steady_mbit"] / alone
+        print(f"the carriers alone give TCP {alone:.1f} Mbit/s together ({alone / sum(RATES.values()):.3f} "
+              "of the sum); through the agents each 1400-byte packet carries 64 bytes more")
     print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s, {args.streams} flow(s) (steady), then "
           f"{args.bytes / 1e6:.0f} MB sha256-checked (whole)")
-    print(f"{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'whole':>8}{'vs sum':>8}{'vs best':>8}"
-          f"{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
+    print(f"{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'vs TCP':>8}{'whole':>8}{'vs sum':>8}"
+          f"{'vs best':>8}{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
     for r in rows:
         sd = sum(v["dropped"] + v["send_errors"] for v in r["shim"].values()) if r["shim"] else 0
+        vt = r.get("steady_vs_carriers_tcp")
         print(f"{r['mode']:<10}{100 * r['loss_on_30']:>10.0f}%{r['steady_mbit']:>8.1f}{r['steady_vs_sum']:>8.2f}"
+              f"{'-' if vt is None else f'{vt:.2f}':>8}"
               f"{r['goodput_mbit']:>8.1f}{r['vs_sum']:>8.2f}{r['vs_best_single']:>8.2f}"
               f"{r['copies_steady']:>8.2f}{r['wire_bytes_per_byte']:>10.2f}{'yes' if r['intact'] else 'NO':>7}"
               f"{r['b_skipped']:>8}{sd:>10}")
-    print("copies: datagrams per user packet A->B during the steady run (re-sends included); "
+    print("vs TCP: steady goodput over the carriers' own TCP goodput (first table); "
+          "copies: datagrams per user packet A->B during the steady run (re-sends included); "
           "wire/byte: during the whole transfer; skipped: sequence numbers B gave up")
     for r in rows:
         print(f"  {r['mode']:<10}{100 * r['loss_on_30']:>3.0f}%: reported loss {r['reported_loss_mean']}, "
