@@ -509,9 +509,11 @@ def test_configured_upload_speed_seeds_the_link_rate_until_measured(make_lab):
 
 
 def test_one_hub_serves_two_client_sites_at_once(make_lab):
-    """Site B as a hub with two client sites (A, and C on its own carriers):
-    two sessions, each site's LAN reaches the hub's, the hub routes each LAN
-    to its own session, and one client leaving does not disturb the other."""
+    """Site B as a hub with two client sites (A, and C on its own carriers),
+    each with its own key (`config site`, no shared key on the hub): two
+    sessions, each site's LAN reaches the hub's, the hub routes each LAN to
+    its own session and names the site, and one client leaving does not
+    disturb the other."""
     from agentlab import Site, site_config
     from mpvpn.noise import genpsk
 
@@ -522,13 +524,18 @@ def test_one_hub_serves_two_client_sites_at_once(make_lab):
         for site in (ts.a, ts.b):  # room for three vNIC addresses
             conf = site.uci_dir / "orayboxvpn"
             conf.write_text(conf.read_text().replace(*mask29))
-        psk = re.search(r"option psk '([^']+)'", (ts.b.uci_dir / "orayboxvpn").read_text()).group(1)
-        text, network = site_config("client", psk, 1, "172.30.0.3", c.router_lan_ip)
+        psk_a = re.search(r"option psk '([^']+)'", (ts.b.uci_dir / "orayboxvpn").read_text()).group(1)
+        psk_c = genpsk()
+        hub = ts.b.uci_dir / "orayboxvpn"  # only per-site keys on the hub
+        hub.write_text(hub.read_text().replace(f"\toption psk '{psk_a}'\n", "")
+                       + f"\nconfig site 'branch_a'\n\toption psk '{psk_a}'\n"
+                       + f"\nconfig site 'branch_c'\n\toption psk '{psk_c}'\n")
+        assert psk_a not in hub.read_text().split("config site")[0]
+        text, network = site_config("client", psk_c, 1, "172.30.0.3", c.router_lan_ip)
         for i, ip in c.carrier_ips.items():
             text = text.replace(f"option bind_ip '10.{i}.0.1'", f"option bind_ip '{ip}'")
         site_c = Site(lab, c.router, Path(ts._tmp.name), "c")
         site_c.write(text.replace(*mask29), network)
-        assert genpsk() != psk
         ts.start()
         site_c.start()
         try:
@@ -536,7 +543,8 @@ def test_one_hub_serves_two_client_sites_at_once(make_lab):
             st = ts.b.wait(lambda s: len(s["sessions"]) == 2 and all(
                 sum(1 for ln in se["links"] if ln["state"] == "established") == 3 for se in s["sessions"]),
                 15, "two client sessions")
-            assert sorted(se["peer"]["vnc"]["ip"] for se in st["sessions"]) == ["172.30.0.1", "172.30.0.3"]
+            assert sorted((se["peer"]["vnc"]["ip"], se["site"]) for se in st["sessions"]) == [
+                ("172.30.0.1", "branch_a"), ("172.30.0.3", "branch_c")]
             assert sorted(st["routes"]) == ["192.168.10.0/24", "192.168.30.0/24"]
             for host in (lab.ha, c.host):  # both client LANs reach the hub's LAN, at the same time
                 p = lab.ping(host, "192.168.20.2", count=20, interval=0.02)

@@ -714,7 +714,7 @@ def test_parse_hostport_rejects(text):
 
 
 def test_options_table_is_consistent():
-    assert set(config.OPTIONS) == {"base", "vnc", "smpu", "policy"}
+    assert set(config.OPTIONS) == {"base", "vnc", "smpu", "site", "policy"}
     for section, options in config.OPTIONS.items():
         for name, opt in options.items():
             assert uci.validate_name(name)
@@ -886,3 +886,35 @@ def test_policy_priority_is_parsed():
     assert [(p.name, p.priority) for p in cfg.policies] == [("voip", True), ("rest", False)]
     _, problems = check(text.replace("option priority '1'", "option priority 'high'"))
     assert any(e.startswith("orayboxvpn.voip.priority: ") for e in errors(problems)), errors(problems)
+
+
+def _site_section(name: str, psk_bytes: bytes) -> str:
+    return f"\nconfig site '{name}'\n\toption psk '{base64.b64encode(psk_bytes).decode()}'\n"
+
+
+def test_hub_sites_have_their_own_keys():
+    k1, k2 = bytes(range(5, 37)), bytes(range(6, 38))
+    hub = SITE_B + _site_section("branch1", k1) + _site_section("branch2", k2)
+    cfg, problems = check(hub, NETWORK_B)
+    assert errors(problems) == []
+    assert [(s.name, s.psk) for s in cfg.sites] == [("branch1", k1), ("branch2", k2)]
+    # a hub may drop the shared key and accept site keys only...
+    no_shared = re.sub(r"\toption psk '[^']*'\n", "", hub, count=1)
+    cfg, problems = check(no_shared, NETWORK_B)
+    assert errors(problems) == [] and cfg.base.psk is None and len(cfg.sites) == 2
+    # ...but not with no key at all
+    _, problems = check(re.sub(r"\toption psk '[^']*'\n", "", SITE_B, count=1), NETWORK_B)
+    errs = errors(problems)
+    assert len(errs) == 1 and errs[0].startswith("orayboxvpn.base.psk: missing") and "config site" in errs[0]
+    # a client still needs base.psk, and ignores site sections (with a warning)
+    _, problems = check(re.sub(r"\toption psk '[^']*'\n", "", SITE_A, count=1))
+    assert any(e.startswith("orayboxvpn.base.psk: missing") for e in errors(problems))
+    _, problems = check(SITE_A + _site_section("x", k1))
+    assert errors(problems) == [] and any(w.startswith("orayboxvpn.x.psk: warning:") for w in lines(problems))
+    # each site its own key, and a valid one; PSKs only (no static keys with sites)
+    _, problems = check(SITE_B + _site_section("a", k1) + _site_section("b", k1), NETWORK_B)
+    assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.b.psk"]
+    _, problems = check(SITE_B + "\nconfig site 'c'\n\toption psk 'bm90IGEga2V5'\n", NETWORK_B)
+    assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.c.psk"]
+    _, problems = check(SITE_B + "\nconfig site 'd'\n", NETWORK_B)
+    assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.d.psk"]

@@ -882,3 +882,29 @@ def test_a_server_choosing_a_cipher_we_did_not_offer_is_refused():
 def test_ciphers_must_be_known_locally():
     with pytest.raises(ValueError):
         client_cfg(ciphers=("rot13",)).local_info()
+
+
+def test_a_hub_accepts_each_sites_own_key_and_says_which_site_it_was():
+    k_b, k_c = bytes(range(2, 34)), bytes(range(3, 35))
+    scfg = server_cfg(psk=None, site_psks=(("branch_b", k_b), ("branch_c", k_c)))
+    reg = ServerSessions(scfg, rng=random.Random(1))
+    c1, s1, _ = connect(client_cfg(1, psk=k_c), scfg, registry=reg)
+    c2, s2, _ = connect(client_cfg(2, psk=k_b), scfg, registry=reg, addr=("198.51.100.8", 40000))
+    assert c1.state is s1.state is c2.state is s2.state is State.ESTABLISHED
+    assert (s1.site, s2.site) == ("branch_c", "branch_b")
+    # rekeys run under the key the site authenticated with
+    run_clock([c1, s1], 0.0, 125.0, dt=1.0, pairs=[(c1, s1)])
+    assert c1.epoch == s1.epoch == 2 and s1.counters["rekey_auth"] == 0
+    # the shared key is not accepted when the hub has none; an unknown key is refused
+    for psk in (PSK, OTHER_PSK):
+        c, s, _ = connect(client_cfg(3, psk=psk), scfg, registry=reg, addr=("198.51.100.9", 40000))
+        assert s.state is State.CLOSED and s.close_reason == "bad_psk" and s.site is None
+        assert c.state is not State.ESTABLISHED
+    # with a shared key as well, it authenticates as "no site"
+    both = server_cfg(site_psks=(("branch_b", k_b),))
+    c, s, _ = connect(client_cfg(4), both)
+    assert s.state is State.ESTABLISHED and s.site is None
+    with pytest.raises(ValueError):
+        server_cfg(psk=None).local_info()  # no key at all
+    with pytest.raises(ValueError):
+        server_cfg(site_psks=(("x", b"short"),)).local_info()

@@ -214,6 +214,7 @@ class Agent:
             **({"pattern": "KKpsk0", "static_key": c.base.private_key,
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
+            site_psks=tuple((s.name, s.psk) for s in c.sites) if self.role == "server" else (),
         )
 
     def _uplink_by_wire_name(self, name: str) -> UplinkIO | None:
@@ -1079,6 +1080,7 @@ class Agent:
                 "state": st["state"], "peer": _peer_json(ds.peer), "routes": list(ds.routes),
                 "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
                 "cipher": ds.sess.sealer.cipher if ds.sess.sealer else None,
+                "site": getattr(ds.conn, "site", None),  # hub: the `config site` key it used
                 "links": st["links"], "counters": st["counters"],
                 "scheduler": st.get("scheduler"),
             })

@@ -122,8 +122,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "psk": Option(
             "psk", None,
-            "Required. Shared secret, the same on both sides: 32 random bytes in base64 "
-            "(`head -c 32 /dev/urandom | base64`).",
+            "Required (a server with `config site` sections may leave it out). Shared secret, the "
+            "same on both sides: 32 random bytes in base64 (`head -c 32 /dev/urandom | base64`).",
         ),
         "pair_unmatched": Option(
             "bool", "0",
@@ -235,6 +235,16 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "enabled": Option("bool", "1", "`0` leaves this uplink unused."),
     },
+    "site": {
+        "psk": Option(
+            "psk", None,
+            "Required. Server with several client sites (a hub): this site's own key, the "
+            "`base.psk` of that client. A site whose key leaks can be cut off alone, and the "
+            "status names the site each session authenticated as. Without `base.psk` on the "
+            "server only site keys are accepted.",
+        ),
+        "enabled": Option("bool", "1", "`0` refuses this site's key."),
+    },
     "policy": {
         "src": Option(
             "net", None,
@@ -338,7 +348,7 @@ class HostPort:
 class Base:
     enabled: bool
     role: str  # "client" | "server"
-    psk: bytes = field(repr=False)
+    psk: bytes | None = field(repr=False)  # None: a hub with only per-site keys
     server_address: tuple[HostPort, ...] = ()
     listen_address: HostPort | None = None
     mode: str = "duplicate"
@@ -418,12 +428,21 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class SiteKey:
+    """A client site's own PSK on a hub (``config site``)."""
+
+    name: str
+    psk: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base
     vnc: Vnc
     uplinks: tuple[Uplink, ...]
     lan: Lan
     policies: tuple[Policy, ...] = ()
+    sites: tuple[SiteKey, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -681,29 +700,11 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
         chk.err(sec.path("role"), "missing: set 'client' (this side connects) or 'server' (this side listens)")
     b["role"] = role
 
-    # psk: never echo the value
-    raw = sec.single("psk")
-    psk = None
-    if raw is None:
-        if not sec.has("psk"):
-            chk.err(
-                sec.path("psk"),
-                "missing: the shared secret, 32 random bytes in base64, the same on both sides "
-                "(make one with `head -c 32 /dev/urandom | base64`)",
-            )
-    else:
-        try:
-            psk = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            chk.err(sec.path("psk"), "is not valid base64 (make one with `head -c 32 /dev/urandom | base64`)")
-        else:
-            if len(psk) != PSK_BYTES:
-                chk.err(sec.path("psk"), f"decodes to {len(psk)} bytes; it must be exactly {PSK_BYTES}")
-                psk = None
-            elif psk == bytes(PSK_BYTES):
-                chk.err(sec.path("psk"), "is all zero bytes: use a random key")
-                psk = None
-    b["psk"] = psk
+    # psk (a server's missing psk is reported once its sites are known: a hub may do without)
+    b["psk"] = _parse_psk(chk, sec)
+    b["psk_missing"] = not sec.has("psk") and role == "server"
+    if not sec.has("psk") and role != "server":
+        chk.err(sec.path("psk"), MISSING_PSK)
     b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
 
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
@@ -1058,6 +1059,64 @@ def _parse_net(s: str) -> IPNetwork:
         raise ValueError(f"{_q(s)} is not an address or subnet") from None
 
 
+def _parse_psk(chk: _Checker, sec) -> bytes | None:
+    """``option psk`` of a section: 32 bytes, or None (reported). Never echoes the value."""
+    raw = sec.single("psk")
+    if raw is None:
+        return None
+    try:
+        psk = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        chk.err(sec.path("psk"), "is not valid base64 (make one with `head -c 32 /dev/urandom | base64`)")
+        return None
+    if len(psk) != PSK_BYTES:
+        chk.err(sec.path("psk"), f"decodes to {len(psk)} bytes; it must be exactly {PSK_BYTES}")
+        return None
+    if psk == bytes(PSK_BYTES):
+        chk.err(sec.path("psk"), "is all zero bytes: use a random key")
+        return None
+    return psk
+
+
+MAX_SITES = 256
+MISSING_PSK = ("missing: the shared secret, 32 random bytes in base64, the same on both sides "
+               "(make one with `head -c 32 /dev/urandom | base64`)")
+
+
+def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None) -> list[SiteKey]:
+    """``config site`` sections (a hub's per-site keys), and whether base.psk may be missing."""
+    out: list[SiteKey] = []
+    secs = [_Sec(chk, pkg, s) for s in pkg.sections("site")]
+    role = b["role"] if b else None
+    seen: dict[bytes, str] = {}
+    for sec in secs:
+        sec.unknown_options()
+        if role == "client":
+            chk.warn(sec.path("psk"), "`config site` is for a server with several client sites; "
+                                      "a client uses base.psk (ignored)")
+            continue
+        psk = _parse_psk(chk, sec)
+        if psk is None and not sec.has("psk"):
+            chk.err(sec.path("psk"), "missing: this site's key (its base.psk), 32 random bytes in base64")
+        if not sec.parsed("enabled", _parse_bool, True) or psk is None:
+            continue
+        other = seen.get(psk) or ("base" if b and b.get("psk") == psk else None)
+        if other:
+            chk.err(sec.path("psk"), f"the same key as {pkg.name}.{other}: each site needs its own")
+            continue
+        seen[psk] = sec.ref
+        out.append(SiteKey(sec.ref, psk))
+    if len(out) > MAX_SITES:
+        chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
+    if out and b and b.get("private_key"):
+        chk.err(b["_sec"].path("private_key"), "per-site keys (`config site`) work with PSKs only: "
+                                               "remove private_key/peer_public_key or the site sections")
+    if b and b.get("psk_missing") and not out:
+        chk.err(b["_sec"].path("psk"),
+                MISSING_PSK + "; or give each client site its own key in `config site` sections")
+    return out
+
+
 def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> list[Policy]:
     types = {u.type for u in uplinks if u.enabled}
     out: list[Policy] = []
@@ -1113,6 +1172,7 @@ def validate(
             default_port = b["server_address"][0].port
     uplinks = _check_uplinks(chk, pkg, default_port)
     policies = _check_policies(chk, pkg, uplinks)
+    sites = _check_sites(chk, pkg, b)
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks
@@ -1182,7 +1242,7 @@ def validate(
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,
-                  policies=tuple(policies)), chk.problems
+                  policies=tuple(policies), sites=tuple(sites)), chk.problems
 
 
 def load_config(uci_dir: str = "/etc/config") -> tuple[Config | None, list[Problem]]:

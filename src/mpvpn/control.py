@@ -276,11 +276,22 @@ class ControlConfig:
     pattern: str = "NNpsk0"
     static_key: bytes | None = None
     remote_static: bytes | None = None
+    # server: client sites' own keys, ((name, psk), ...), tried after ``psk``
+    # (which may then be None: only site keys are accepted)
+    site_psks: tuple = ()
+
+    def keys(self) -> list:
+        """The PSKs a server accepts, ``[(site name or None, psk), ...]``."""
+        out = [(None, self.psk)] if self.psk is not None else []
+        return out + [(n, k) for n, k in self.site_psks]
 
     def local_info(self) -> PeerInfo:
         """Validate and normalize our own side; raises ValueError."""
-        if not isinstance(self.psk, (bytes, bytearray)) or len(self.psk) != noise.KEY_LEN:
+        keys = self.keys()
+        if not keys or any(not isinstance(k, (bytes, bytearray)) or len(k) != noise.KEY_LEN for _n, k in keys):
             raise ValueError(f"psk must be {noise.KEY_LEN} bytes")
+        if self.site_psks and self.pattern != "NNpsk0":
+            raise ValueError("per-site keys work with NNpsk0 only (no static keys)")
         if self.pattern not in ("NNpsk0", "KKpsk0"):
             raise ValueError(f"unknown pattern {self.pattern!r}")
         if not self.versions or any(type(v) is not int or not 1 <= v <= 255 for v in self.versions):
@@ -808,6 +819,8 @@ class _Connection:
         self.plan: list[SubflowSpec] = []
         self.epoch = 0  # newest data-key epoch installed (receive side)
         self.send_epoch = 0  # epoch the data plane sends with
+        self._psk = config.psk  # the key this connection authenticated with (rekeys use it too)
+        self.site: str | None = None  # server: the `config site` whose key the client used
         self.keepalive_interval = config.keepalive_interval
         self.keepalive_timeout = config.keepalive_timeout
         self.pair_unmatched = False
@@ -1095,7 +1108,7 @@ class _Connection:
 
     def _start_rekey(self, now: float) -> None:
         e = _next_epoch(self.epoch)
-        hs = noise.Handshake("NNpsk0", True, self.config.psk, self._rekey_prologue(e))
+        hs = noise.Handshake("NNpsk0", True, self._psk, self._rekey_prologue(e))
         msg = hs.write_message(b"")
         self._rk = _Rekey(True, e, now, self.epoch, hs)
         self._count("rekey_started")
@@ -1116,7 +1129,7 @@ class _Connection:
                 if self.is_client:
                     return  # the server will answer ours
                 self._rk = rk = None
-            hs = noise.Handshake("NNpsk0", False, self.config.psk, self._rekey_prologue(e))
+            hs = noise.Handshake("NNpsk0", False, self._psk, self._rekey_prologue(e))
             try:
                 hs.read_message(m["hs"])
                 reply = hs.write_message(b"")
@@ -1421,11 +1434,20 @@ class ServerConnection(_Connection):
             self._abort("malformed", "first handshake message too short")
             return
         cfg = self.config
-        hs = noise.Handshake(cfg.pattern, False, cfg.psk, PROLOGUE, s=cfg.static_key,
-                             rs=cfg.remote_static)
-        try:
-            payload = hs.read_message(frame)
-        except noise.NoiseError:
+        # Every accepted key is tried (a hub's sites each have their own; at
+        # most MAX_SITES, no DH in this message: a key derivation and an AEAD
+        # open each); nothing is kept for a frame none of them opens.
+        payload = hs = None
+        for site, psk in cfg.keys():
+            hs = noise.Handshake(cfg.pattern, False, psk, PROLOGUE, s=cfg.static_key,
+                                 rs=cfg.remote_static)
+            try:
+                payload = hs.read_message(frame)
+            except noise.NoiseError:
+                continue
+            self._psk, self.site = psk, site
+            break
+        if payload is None:
             self._abort("bad_psk", "first handshake message failed authentication")
             return
         # Authenticated by the PSK from here on (though possibly a replay:

@@ -176,10 +176,13 @@ return view.extend({
 		};
 
 		o = s.taboption('general', form.Value, 'psk', _('Pre-shared key'),
-			_('32 random bytes in base64, the same on both sites. Keep it secret.'));
+			_('32 random bytes in base64, the same on both sites. Keep it secret. A server with per-site keys (below) may leave it empty: then only those are accepted.'));
 		o.password = true;
-		o.rmempty = false;
-		o.validate = validatePsk;
+		o.validate = function(section_id, value) {
+			if ((value == null || value === '') && this.section.formvalue(section_id, 'role') != 'server')
+				return _('Required: the same key on both sites');
+			return validatePsk(section_id, value);
+		};
 
 		o = s.taboption('general', form.Button, '_generate_psk', _('Generate pre-shared key'),
 			_('Fills in a new random key made by this browser. Save it here, then enter the same key on the other site.'));
@@ -379,6 +382,25 @@ return view.extend({
 		o.datatype = 'and(uinteger,range(8,100000000))';
 		o.placeholder = _('measured');
 		o.modalonly = true;
+
+		/* --- config site (a hub's per-site keys) ------------------------------- */
+
+		s = m.section(form.GridSection, 'site', _('Client sites (server)'),
+			_('A server with several client sites can give each its own pre-shared key (that site\'s key in its general settings). A leaked key then cuts off one site, and the status shows which site each session is. Clients ignore these.'));
+		s.anonymous = false;
+		s.addremove = true;
+		s.nodescriptions = true;
+
+		o = s.option(form.Flag, 'enabled', _('Enabled'));
+		o.default = '1';
+		o.rmempty = false;
+		o.editable = true;
+
+		o = s.option(form.Value, 'psk', _('Pre-shared key'),
+			_('This site\'s own key: 32 random bytes in base64.'));
+		o.password = true;
+		o.rmempty = false;
+		o.validate = validatePsk;
 
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
