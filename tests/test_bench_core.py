@@ -20,7 +20,12 @@ def test_core_bench_small_run_writes_json(tmp_path):
         ("duplicate", 1, 0.2, False), ("duplicate", 2, 0.2, False), ("duplicate", 3, 0.2, False),
         ("duplicate", 1, 0.0, True), ("duplicate", 3, 0.0, True), ("duplicate", 3, 0.2, True),
         ("aggregate", 3, 0.0, False), ("aggregate", 3, 0.2, False),
-        ("adaptive", 3, 0.0, False), ("adaptive", 3, 0.2, False)]
+        ("adaptive", 3, 0.0, False), ("adaptive", 3, 0.2, False),
+        (rows[-2]["mode"], 3, 0.0, True), (rows[-1]["mode"], 3, 0.2, True)]
+    from mpvpn import fastpath  # the batch rows: the C loops where built
+
+    assert rows[-1]["mode"] == ("dup, batch C" if fastpath.LOOPS is not None else "dup, batch py")
+    assert rows[-2]["delivered_loss"] == 0.0 and rows[-1]["delivered_loss"] < 0.05
     assert all(r["pps"] > 0 for r in rows)
     assert rows[0]["delivered_loss"] == 0.0
     assert rows[9]["delivered_loss"] < 0.05  # aggregate, clean: packets leave, not dropped
