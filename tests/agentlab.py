@@ -126,10 +126,10 @@ class TwoSites:
         self.b.write(*site_config("server", psk_b or psk, 2, "172.30.0.2", "192.168.20.1", carriers,
                                   extra_base, v6_carriers, "fd20::1/64" if lan6 else None))
 
-    def start(self, wait: bool = True, subflows: int = 3) -> None:
-        self.b.start()
+    def start(self, wait: bool = True, subflows: int = 3, env_extra: dict | None = None) -> None:
+        self.b.start(env_extra)
         self.b.wait(lambda st: True, 10, "server up")
-        self.a.start()
+        self.a.start(env_extra)
         if wait:
             self.a.wait_connected(subflows)
             self.b.wait_connected(subflows)

@@ -558,3 +558,21 @@ def test_one_hub_serves_two_client_sites_at_once(make_lab):
             assert lab.ping(c.host, "192.168.20.2", count=10, interval=0.02).received == 10
         finally:
             site_c.stop()
+
+
+def test_the_pure_python_data_path_still_carries_everything(sites):
+    """A router without the compiled loops (no orayboxvpn-fastpath package):
+    the same TCP transfer, intact, clean and at 20 % loss per carrier."""
+    lab, ts = sites
+    ts.start(env_extra={"MPVPN_FASTPATH": "0"})
+    for site in (ts.a, ts.b):
+        dp = site.status()["dataplane"]
+        assert dp["c_loops"] is False and "MPVPN_FASTPATH=0" in dp["c_loops_off_why"]
+        assert dp["tun_offload"] == "gro"  # the pure-Python default
+    sent, sha_tx, got, sha_rx, _ = tcp_transfer(lab, 20_000_000)
+    assert (got, sha_rx) == (sent, sha_tx)
+    for c in (1, 2, 3):
+        lab.set_loss(c, 20)
+    sent, sha_tx, got, sha_rx, _ = tcp_transfer(lab, 10_000_000)
+    assert (got, sha_rx) == (sent, sha_tx)
+    assert ts.b.status()["counters"]["duplicates"] > 0
