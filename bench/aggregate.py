@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from agent import iperf  # noqa: E402  (bench/agent.py)
 from agentlab import TwoSites, tcp_transfer  # noqa: E402
-from wan import DELAYS, RATES, make_lab  # noqa: E402
+from wan import DELAYS, RATES, describe, make_lab  # noqa: E402
 
 MODES = ("duplicate", "aggregate", "adaptive")
 
@@ -203,9 +203,7 @@ def main(argv=None) -> int:
     losses = [int(x) for x in args.losses.split(",") if x]
     carriers = [] if args.skip_check else check_carriers(delays, 5.0)
     rows = [run_mode(mode, loss, delays, args) for loss in losses for mode in modes]
-    desc = ", ".join(f"{RATES[c]} Mbit/s" + (f" {DELAYS[c][0]}+-{DELAYS[c][1]} ms" if delays else "")
-                     for c in RATES)
-    print(f"carriers (tbf rate, one-way delay +- jitter, FIFO, each direction): {desc}")
+    print(describe(delays))
     if carriers:
         print(f"{'carrier':<8}{'tbf':>6}{'TCP':>8}{'vs tbf':>8}{'ping min/avg/max ms':>22}"
               f"{'shim fwd':>10}{'dropped':>9}{'errors':>8}")

@@ -100,6 +100,10 @@ def engine(n: int, loss: float, packets: int, size: int, seed: int = 1,
                 delivered += len(recv(d, m, now))
     dt = time.perf_counter() - t0
     delivered += len(b.handle_timer(now + 10.0))
+    return _row(mode, n, loss, sealed, packets, dt, delivered)
+
+
+def _row(mode: str, n: int, loss: float, sealed: bool, packets: int, dt: float, delivered: int) -> dict:
     return {
         "mode": mode,
         "subflows": n,
@@ -153,10 +157,8 @@ def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64
             a.receive_datagram(d, m, now)
     dt = time.perf_counter() - t0
     delivered += len(b.handle_timer(now + 10.0))
-    return {"mode": "dup, batch" + (" C" if fastpath.LOOPS is not None else " py"), "subflows": n,
-            "loss": loss, "sealed": True, "packets": packets, "seconds": dt, "pps": packets / dt,
-            "datagrams_per_s": packets * n / dt, "us_per_packet": dt / packets * 1e6,
-            "delivered_loss": 1 - delivered / packets, "expected_loss": loss ** n}
+    mode = "dup, batch" + (" C" if fastpath.LOOPS is not None else " py")
+    return _row(mode, n, loss, True, packets, dt, delivered)
 
 
 def main(argv=None) -> int:

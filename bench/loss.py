@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from agentlab import UDP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
-from wan import DELAYS, RATES, make_lab  # noqa: E402
+from wan import DELAYS, RATES, describe, make_lab  # noqa: E402
 
 LOSSES = (1, 5, 10, 20, 30)
 MODES = ("duplicate", "adaptive", "aggregate")
@@ -130,9 +130,7 @@ def main(argv=None) -> int:
                 for c in range(1, n + 1):
                     lab.set_loss(c, 0, direction="a2b")
     modes = [] if args.skip_modes else mode_table(args, delays)
-    desc = ", ".join(f"{RATES[c]} Mbit/s" + (f" {DELAYS[c][0]}+-{DELAYS[c][1]} ms" if delays else "")
-                     for c in RATES)
-    print(f"carriers (tbf rate, one-way delay +- jitter, FIFO, each direction): {desc}")
+    print(describe(delays))
     if rows:
         print(f"delivered loss, UDP {args.packets} packets at {args.rate:.0f} pkt/s per cell, "
               f"loss on every carrier A->B, duplicate mode")

@@ -16,6 +16,13 @@ RATES = {1: 50, 2: 30, 3: 20}  # Mbit/s (tbf)
 DELAYS = {1: (10, 2), 2: (25, 3), 3: (40, 4)}  # one-way ms, jitter ms (shim, each direction)
 
 
+def describe(delays: bool = True) -> str:
+    """One line saying what the carriers are."""
+    desc = ", ".join(f"{RATES[c]} Mbit/s" + (f" {DELAYS[c][0]}+-{DELAYS[c][1]} ms" if delays else "")
+                     for c in RATES)
+    return f"carriers (tbf rate, one-way delay +- jitter, FIFO, each direction): {desc}"
+
+
 def make_lab(delays: bool = True) -> Lab:
     """Three carriers at RATES, through the delay shim unless ``delays`` is False."""
     lab = Lab(3, delays=DELAYS if delays else None)
