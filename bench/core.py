@@ -56,6 +56,18 @@ def yardstick(packets: int, size: int) -> float:
     return packets / (time.perf_counter() - t0)
 
 
+def _timers(a, b, now: float) -> int:
+    """Run both sessions' due timers; how many packets b's hold released."""
+    released = 0
+    for s in (a, b):
+        t = s.get_timer()
+        if t is not None and t <= now:
+            out = s.handle_timer(now)
+            if s is b:
+                released += len(out)
+    return released
+
+
 def engine(n: int, loss: float, packets: int, size: int, seed: int = 1,
            sealed: bool = False, mode: str = "duplicate") -> dict:
     pair = SimPair(n, delay=0.001, seed=seed, sealed=sealed)
@@ -87,12 +99,7 @@ def engine(n: int, loss: float, packets: int, size: int, seed: int = 1,
             delivered += len(recv(d, m, now))
         now += 1e-5  # 100k packets/s of simulated time
         if not i & 63:
-            for s in (a, b):
-                t = s.get_timer()
-                if t is not None and t <= now:
-                    released = s.handle_timer(now)
-                    if s is b:
-                        delivered += len(released)
+            delivered += _timers(a, b, now)
             # carry keepalives both ways (lossless here: only data is dropped)
             for m, d in b.datagrams_to_send():
                 a.receive_datagram(d, m, now)
@@ -147,12 +154,7 @@ def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64
                 dgrams = kept
             delivered += len(b.receive_many(dgrams, m, now))
         now += 1e-5 * batch
-        for s in (a, b):
-            t = s.get_timer()
-            if t is not None and t <= now:
-                released = s.handle_timer(now)
-                if s is b:
-                    delivered += len(released)
+        delivered += _timers(a, b, now)
         for m, d in b.datagrams_to_send():
             a.receive_datagram(d, m, now)
     dt = time.perf_counter() - t0

@@ -333,14 +333,16 @@ class Session:
     def epoch(self) -> int:
         return self.sealer.send_epoch if self.sealer is not None else 0
 
-    def _emit(self, sub: Subflow, opcode: int, payload: bytes) -> None:
-        """Queue a control datagram for ``sub`` (called by subflows)."""
-        m = sub.member
+    def _ctrl_datagram(self, m: int, opcode: int, payload: bytes) -> bytes:
+        """A control datagram for member ``m`` under its next control counter."""
         self._ctrl_seq[m] = seq = self._ctrl_seq.get(m, 0) + 1
         if self.sealer is not None:
-            dgram = self.sealer.seal(opcode, m, self.session_id, seq, payload)
-        else:
-            dgram = _pack(_VERSION, opcode, m, 0, self.session_id, len(payload), 0, 0, seq) + payload
+            return self.sealer.seal(opcode, m, self.session_id, seq, payload)
+        return _pack(_VERSION, opcode, m, 0, self.session_id, len(payload), 0, 0, seq) + payload
+
+    def _emit(self, sub: Subflow, opcode: int, payload: bytes) -> None:
+        """Queue a control datagram for ``sub`` (called by subflows)."""
+        dgram = self._ctrl_datagram(sub.member, opcode, payload)
         sub.tx_packets += 1
         sub.tx_bytes += len(dgram)
         meter = sub.meter
@@ -359,12 +361,7 @@ class Session:
         if len(self._out) >= self.config.max_queue:
             self.test_queue_full += 1
             return
-        self._ctrl_seq[member] = seq = self._ctrl_seq.get(member, 0) + 1
-        if self.sealer is not None:
-            dgram = self.sealer.seal(_TEST, member, self.session_id, seq, payload)
-        else:
-            dgram = _pack(_VERSION, _TEST, member, 0, self.session_id, len(payload), 0, 0, seq) + payload
-        self._out.append((member, dgram))
+        self._out.append((member, self._ctrl_datagram(member, _TEST, payload)))
 
     def start_link_test(self, now: float, duration: float = linktest.DEFAULT_DURATION) -> int:
         """Start ``mpvpn test-links`` (see mpvpn.linktest); raises LinkTestError."""

@@ -26,6 +26,7 @@ import errno
 import os
 from collections import deque
 
+from mpvpn import fastpath
 from mpvpn import offload as _ofl
 
 IFNAMSIZ = 16
@@ -55,7 +56,7 @@ class LinuxTun:
         if offload is None:
             # tso (super-segments read and written) when the C loops split
             # them; in pure Python splitting costs more than it saves: gro
-            offload = os.environ.get("MPVPN_TUN_OFFLOAD") or ("tso" if _ofl._C is not None else "gro")
+            offload = os.environ.get("MPVPN_TUN_OFFLOAD") or ("tso" if fastpath.LOOPS is not None else "gro")
         if offload not in OFFLOAD_MODES:
             raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
         try:
