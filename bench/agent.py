@@ -47,14 +47,16 @@ def rss_mib(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
-def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0, streams: int = 1) -> tuple[float, int]:
+def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0, streams: int = 1,
+          cc: str | None = None) -> tuple[float, int]:
     """TCP goodput (bit/s) and bytes received, iperf3 src -> dst (the first
-    ``omit`` seconds, slow start, not counted; ``streams`` parallel TCP flows)."""
+    ``omit`` seconds, slow start, not counted; ``streams`` parallel TCP flows;
+    ``cc`` the congestion control, default the host's)."""
     srv = lab.popen(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     r = lab.run(src_ns, ["iperf3", "-c", dst_ip, "-t", str(seconds), "-O", str(omit), "-J",
-                         "-P", str(streams)],
+                         "-P", str(streams)] + (["-C", cc] if cc else []),
                 timeout=seconds + omit + 30)
     srv.wait(10)
     end = json.loads(r.stdout)["end"]["sum_received"]

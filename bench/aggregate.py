@@ -15,7 +15,7 @@ dropped or failed to send: 0 means it kept up).  The shim's counters are
 also read after every agent run.
 
     python bench/aggregate.py [--bytes N] [--seconds S] [--modes M,..] [--losses 0,5]
-                              [--no-delay] [--json FILE]   (root, iperf3)
+                              [--cc cubic,bbr] [--no-delay] [--json FILE]   (root, iperf3)
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def shim_delta(after: dict, before: dict) -> dict:
     return {c: {k: v - before.get(c, {}).get(k, 0) for k, v in d.items()} for c, d in after.items()}
 
 
-def check_carriers(delays: bool, seconds: float) -> list:
+def check_carriers(delays: bool, seconds: float, cc: str | None) -> list:
     """Each carrier alone, router to router: does tbf (+ shim) give the intended rate?"""
     rows = []
     with make_lab(delays) as lab:
@@ -84,7 +84,8 @@ def check_carriers(delays: bool, seconds: float) -> list:
             srv = lab.popen(lab.rb, ["iperf3", "-s", "-1", "-B", ip], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
             time.sleep(0.3)
-            r = lab.run(lab.ra, ["iperf3", "-c", ip, "-t", str(seconds), "-O", "1", "-J"],
+            r = lab.run(lab.ra, ["iperf3", "-c", ip, "-t", str(seconds), "-O", "1", "-J"]
+                        + (["-C", cc] if cc else []),
                         timeout=seconds + 30)
             srv.wait(10)
             end = json.loads(r.stdout)["end"]
@@ -131,7 +132,7 @@ class Sampler:
         return {k: round(sum(v) / len(v), 5) for k, v in out.items()}
 
 
-def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
+def run_mode(mode: str, loss: int, delays: bool, cc: str | None, args) -> dict:
     with make_lab(delays) as lab, TwoSites(lab, extra_base=f"\toption mode '{mode}'\n") as ts:
         if loss:
             lab.set_loss(2, loss)
@@ -141,10 +142,10 @@ def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
         st0 = ts.a.status()
         with Sampler(ts.a) as smp:
             steady_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.seconds, omit=3,
-                                  streams=args.streams)
+                                  streams=args.streams, cc=cc)
         st1 = ts.a.status()
         t1, r1 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
-        sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, args.bytes, timeout=300)
+        sent, sha_tx, got, sha_rx, secs = tcp_transfer(lab, args.bytes, timeout=300, cc=cc)
         st = ts.a.status()
         stb = ts.b.status()
         shim = shim_delta(shim_counters(lab), s0)
@@ -159,7 +160,7 @@ def run_mode(mode: str, loss: int, delays: bool, args) -> dict:
     steady = steady_bps / 1e6
     ca, ca0 = st["counters"], st1["counters"]
     total = sum(RATES.values())
-    return {"mode": mode, "loss_on_30": loss / 100, "delays": delays,
+    return {"mode": mode, "loss_on_30": loss / 100, "delays": delays, "cc": cc or "default",
             "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total, "streams": args.streams,
             "vs_sum": mbit / total, "vs_best_single": mbit / max(RATES.values()),
             "intact": (got, sha_rx) == (sent, sha_tx),
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel TCP flows in the steady run")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--losses", default="0,5", help="percent on the 30 Mbit/s carrier")
+    ap.add_argument("--cc", default="cubic,bbr",
+                    help="TCP congestion control of the senders, one run each (cubic: the Linux, Windows "
+                         "and macOS default; bbr: what this machine's kernel defaults to)")
     ap.add_argument("--no-delay", action="store_true", help="carriers without the delay shim")
     ap.add_argument("--skip-check", action="store_true", help="no per-carrier check")
     ap.add_argument("--json", metavar="FILE")
@@ -201,8 +205,9 @@ def main(argv=None) -> int:
     delays = not args.no_delay
     modes = [m for m in args.modes.split(",") if m]
     losses = [int(x) for x in args.losses.split(",") if x]
-    carriers = [] if args.skip_check else check_carriers(delays, 5.0)
-    rows = [run_mode(mode, loss, delays, args) for loss in losses for mode in modes]
+    ccs = [c for c in args.cc.split(",") if c] or [None]
+    carriers = [] if args.skip_check else check_carriers(delays, 5.0, ccs[0])
+    rows = [run_mode(mode, loss, delays, cc, args) for cc in ccs for loss in losses for mode in modes]
     print(describe(delays))
     if carriers:
         print(f"{'carrier':<8}{'tbf':>6}{'TCP':>8}{'vs tbf':>8}{'ping min/avg/max ms':>22}"
@@ -222,12 +227,12 @@ def main(argv=None) -> int:
               "of the sum); through the agents each 1400-byte packet carries 64 bytes more")
     print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s, {args.streams} flow(s) (steady), then "
           f"{args.bytes / 1e6:.0f} MB sha256-checked (whole)")
-    print(f"{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'vs TCP':>8}{'whole':>8}{'vs sum':>8}"
+    print(f"{'cc':<6}{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'vs TCP':>8}{'whole':>8}{'vs sum':>8}"
           f"{'vs best':>8}{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
     for r in rows:
         sd = sum(v["dropped"] + v["send_errors"] for v in r["shim"].values()) if r["shim"] else 0
         vt = r.get("steady_vs_carriers_tcp")
-        print(f"{r['mode']:<10}{100 * r['loss_on_30']:>10.0f}%{r['steady_mbit']:>8.1f}{r['steady_vs_sum']:>8.2f}"
+        print(f"{r['cc']:<6}{r['mode']:<10}{100 * r['loss_on_30']:>10.0f}%{r['steady_mbit']:>8.1f}{r['steady_vs_sum']:>8.2f}"
               f"{'-' if vt is None else f'{vt:.2f}':>8}"
               f"{r['goodput_mbit']:>8.1f}{r['vs_sum']:>8.2f}{r['vs_best_single']:>8.2f}"
               f"{r['copies_steady']:>8.2f}{r['wire_bytes_per_byte']:>10.2f}{'yes' if r['intact'] else 'NO':>7}"
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
           "copies: datagrams per user packet A->B during the steady run (re-sends included); "
           "wire/byte: during the whole transfer; skipped: sequence numbers B gave up")
     for r in rows:
-        print(f"  {r['mode']:<10}{100 * r['loss_on_30']:>3.0f}%: reported loss {r['reported_loss_mean']}, "
+        print(f"  {r['cc']:<6}{r['mode']:<10}{100 * r['loss_on_30']:>3.0f}%: reported loss {r['reported_loss_mean']}, "
               f"weights {r['weights']}, re-sends {r['retransmits']}, hold {r['b_hold_ms']} ms; steady run: "
               f"tbf drops {r['tbf_drops_steady']} of datagrams {r['a_datagrams_steady']}, "
               f"B socket overflows {r['b_udp_rcvbuf_errors_steady']}")

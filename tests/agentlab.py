@@ -165,7 +165,10 @@ print(n, h.hexdigest(), flush=True)
 SENDER = r"""
 import hashlib, random, socket, sys, time
 dst, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(42); h = hashlib.sha256(); s = socket.create_connection((dst, port), timeout=30)
+rng = random.Random(42); h = hashlib.sha256(); s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+if len(sys.argv) > 4:  # TCP congestion control (root may pick any the kernel has)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[4].encode())
+s.settimeout(30); s.connect((dst, port))
 t0 = time.monotonic(); sent = 0
 while sent < total:
     b = rng.randbytes(min(1 << 16, total - sent)); s.sendall(b); h.update(b); sent += len(b)
@@ -214,11 +217,14 @@ print(count, flush=True)
 """
 
 
-def tcp_transfer(lab, nbytes: int, timeout: float = 120.0) -> tuple[int, str, int, str, float]:
-    """Send ``nbytes`` from ha to hb over TCP; returns (sent, sha_sent, received, sha_received, seconds)."""
+def tcp_transfer(lab, nbytes: int, timeout: float = 120.0,
+                 cc: str | None = None) -> tuple[int, str, int, str, float]:
+    """Send ``nbytes`` from ha to hb over TCP (congestion control ``cc``, default
+    the host's); returns (sent, sha_sent, received, sha_received, seconds)."""
     rx = lab.python_popen(lab.hb, RECEIVER, "192.168.20.2", "5001", stdout=subprocess.PIPE, text=True)
     assert rx.stdout.readline().strip() == "ready"
-    tx = lab.python(lab.ha, SENDER, "192.168.20.2", "5001", str(nbytes), timeout=timeout)
+    tx = lab.python(lab.ha, SENDER, "192.168.20.2", "5001", str(nbytes), *([cc] if cc else []),
+                    timeout=timeout)
     sent, sha_tx, secs = tx.stdout.split()
     out, _ = rx.communicate(timeout=30)
     got, sha_rx = out.split()

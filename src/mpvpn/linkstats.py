@@ -145,7 +145,8 @@ class LinkMeter:
     So an idle or lightly used link keeps its capacity estimate, a link that
     got slower is re-measured within a few probes, and one that got faster is
     found when the scheduler pushes it: ``held`` (the scheduler queued
-    traffic for it) while the probe met no queue multiplies the estimate by
+    traffic for it) and kept loaded since the probe (the model queue never ran
+    empty) while the probe met no queue multiplies the estimate by
     ``gain_up`` (by 2 in *startup*, until the first busy sample, as BBR's
     start-up does).
 
@@ -362,11 +363,19 @@ class LinkMeter:
             # (the strict threshold here: with the jitter allowance a real
             # queue of up to 2 * noise would read as none and the estimate
             # would keep growing past the link's rate)
-            if self.held and qd <= self.busy_delay and real <= rate * self.busy_delay:
-                # The scheduler held traffic for this link, yet the probe met
-                # no queue (measured, not modelled: a rate guessed too high
-                # would make the model look empty): it drains faster than we
-                # think.  Probe upwards.
+            if (self.held and (empties == self._empties or self.bw is None)
+                    and qd <= self.busy_delay and real <= rate * self.busy_delay):
+                # The scheduler held traffic for this link and kept it loaded
+                # (the model queue never ran empty since the probe left), yet
+                # the probe met no queue (measured, not modelled: a rate
+                # guessed too high would make the model look empty): it
+                # drains faster than we think.  Probe upwards.  (Held once is
+                # not enough: a far link that the scheduler fills last is
+                # "held" at the instant every link is full, while it ran
+                # empty most of the interval -- a probe then meets no queue
+                # and the estimate doubled past the carrier's rate.  A link
+                # never measured has no estimate to protect: held is enough,
+                # so a spare carrier is ready when the busy one fails.)
                 self.bw = rate * (self.STARTUP_GAIN if self.startup else self.gain_up)
             self.held = False
             if real <= 0.0 < self.q:
@@ -384,11 +393,18 @@ class LinkMeter:
             sample = (tx0 - ref[1]) * (1.0 - min(self.loss, 0.9)) / (t_pass - ref[0])
             app_limited = empties != ref[3]
             busy = qd > busy_delay and ref[2] > busy_delay
-            if busy:
+            if busy and not app_limited:
+                # Start-up ends when a link we kept loaded met a queue.  Both:
+                # on a jittery path a lightly used link's probes look "busy"
+                # before the jitter is learned (noise), and ending start-up
+                # there left a far link at a fraction of its rate for seconds.
                 self.startup = False
             bw = self.bw
             if bw is None:
-                if busy or not app_limited or sample > self.bw0:
+                # The first sample replaces the guess if it is higher, or if
+                # the link was kept loaded (then it is the capacity); an
+                # app-limited sample only says what we happened to send.
+                if not app_limited or sample > self.bw0:
                     self.bw = sample
             elif sample >= bw:
                 # At once in start-up; after it half-way, since on a jittery
