@@ -576,3 +576,51 @@ def test_the_pure_python_data_path_still_carries_everything(sites):
     sent, sha_tx, got, sha_rx, _ = tcp_transfer(lab, 10_000_000)
     assert (got, sha_rx) == (sent, sha_tx)
     assert ts.b.status()["counters"]["duplicates"] > 0
+
+
+MSS_SERVER = r"""
+import socket, sys
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2]))); l.listen(1); print("ready", flush=True)
+c, _ = l.accept(); print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), flush=True); c.recv(1)
+"""
+
+MSS_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), flush=True); s.close()
+"""
+
+
+def _mss_both_ways(lab, port: int) -> tuple[int, int]:
+    """TCP_MAXSEG of a fresh connection ha -> hb: (client's, server's)."""
+    srv = lab.python_popen(lab.hb, MSS_SERVER, "192.168.20.2", str(port), stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        client = int(lab.python(lab.ha, MSS_CLIENT, "192.168.20.2", str(port)).stdout)
+        server = int(srv.stdout.readline())
+    finally:
+        srv.kill()
+        srv.wait(5)
+    return client, server
+
+
+def test_syns_through_the_tunnel_get_an_mss_that_fits_and_the_option_turns_it_off(sites):
+    """The LAN hosts have 1500-byte links (MSS 1460) but the vNIC carries 1400:
+    each agent lowers the MSS of the SYNs it reads from its vNIC, so both ends
+    send segments that fit at once (1360 minus the 12 bytes of timestamps);
+    ``mss_clamp 0`` (live on SIGHUP) leaves them at 1460 - 12."""
+    import signal
+
+    lab, ts = sites
+    ts.start()
+    assert _mss_both_ways(lab, 5301) == (1360 - 12, 1360 - 12)
+    assert ts.a.status()["counters"]["mss_clamped"] >= 1  # the SYN
+    assert ts.b.status()["counters"]["mss_clamped"] >= 1  # the SYN-ACK
+    for site in (ts.a, ts.b):
+        conf = site.uci_dir / "orayboxvpn"
+        conf.write_text(conf.read_text().replace("config base 'base'\n",
+                                                 "config base 'base'\n\toption mss_clamp '0'\n"))
+        site.proc.send_signal(signal.SIGHUP)
+        site.wait(lambda s, site=site: "live options applied" in site.log(), 5, "reload logged")
+    assert _mss_both_ways(lab, 5302) == (1460 - 12, 1460 - 12)

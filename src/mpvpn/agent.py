@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, fastpath, ifaddr, linktest, pairing, rpc
+from mpvpn import __version__, control, fastpath, ifaddr, linktest, mss, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -164,7 +164,13 @@ class Agent:
         self.control_counters: dict[str, int] = {}  # rejected/closed control connections by reason
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
-                         "control_connects": 0, "control_failures": 0}
+                         "control_connects": 0, "control_failures": 0, "mss_clamped": 0}
+        self._mss = self._mss_limits(cfg)
+
+    @staticmethod
+    def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
+        """(IPv4, IPv6) MSS for SYNs entering the tunnel, or None (base.mss_clamp off)."""
+        return mss.mss_for_mtu(cfg.vnc.mtu) if cfg.base.mss_clamp else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -452,6 +458,11 @@ class Agent:
                 break
             if not pkts:
                 continue
+            if len(pkts) == 1 and self._mss is not None:  # a SYN is never a super-segment
+                c = mss.clamp(pkts[0], *self._mss)
+                if c is not None:
+                    pkts = [c]
+                    self.counters["mss_clamped"] += 1
             budget -= len(pkts)
             ds = self._route(pkts[0])  # segments share the destination
             if ds is None:
@@ -947,13 +958,14 @@ class Agent:
             self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
             log.error(self.last_error)
             return
-        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms")
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
         from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks and new.lan == self.cfg.lan)
         self.cfg = new
         if same_rest:
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
+            self._mss = self._mss_limits(new)
             sc = self._session_config()
             for ds in self.sessions.values():
                 ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle

@@ -181,6 +181,13 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "MTU of the tun vNIC. 1400 keeps encapsulated packets within a 1500-byte "
             "path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).",
         ),
+        "mss_clamp": Option(
+            "bool", "1",
+            "Lower the MSS of TCP connections opened through the tunnel to what the vNIC "
+            "carries (MTU - 40 over IPv4, - 60 over IPv6), so full-size segments never wait "
+            "for path-MTU discovery or stall where ICMP is filtered. `0` leaves SYNs alone "
+            "(e.g. when the firewall already clamps on this interface).",
+        ),
         "log_level": Option("log_level", "info", "Log verbosity (to syslog via procd)."),
         "lan_subnet": Option(
             "cidr_list", None,
@@ -363,6 +370,7 @@ class Base:
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
+    mss_clamp: bool = True
     log_level: str = "info"
 
     @property
@@ -747,6 +755,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
         "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
     )
     b["mtu"] = sec.parsed("mtu", lambda s: _parse_int(s, 576, 9000, "bytes"), _default("mtu", int))
+    b["mss_clamp"] = sec.parsed("mss_clamp", _parse_bool, True)
     b["log_level"] = sec.parsed(
         "log_level", lambda s: _parse_choice(s, ("debug", "info", "warning", "error")), _default("log_level")
     )
@@ -1238,6 +1247,7 @@ def validate(
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],
         mtu=b["mtu"],
+        mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))

@@ -263,6 +263,11 @@ return view.extend({
 		o.datatype = 'and(uinteger,range(576,9000))';
 		o.placeholder = '1400';
 
+		o = s.taboption('advanced', form.Flag, 'mss_clamp', _('Clamp TCP MSS'),
+			_('Lower the MSS of TCP connections through the tunnel to what the tunnel MTU carries, so they never wait for path-MTU discovery. Turn off only if the firewall already clamps on the tunnel interface.'));
+		o.default = '1';
+		o.rmempty = false;
+
 		o = s.taboption('advanced', form.ListValue, 'log_level', _('Log level'),
 			_('Verbosity of the agent\'s messages in the system log.'));
 		o.value('debug', _('Debug'));
