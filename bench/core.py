@@ -87,31 +87,41 @@ def engine(n: int, loss: float, packets: int, size: int, seed: int = 1,
     now = pair.now
     delivered = 0
     send, out, recv = a.send, a.datagrams_to_send, b.receive_datagram
-    # Timers at their deadlines where a queue waits for them (aggregate,
-    # adaptive); duplicate mode has none and checks every 64 packets (its
-    # keepalives), as the agent's loop does per batch.
+    # Timers every 64 packets (keepalives; the agent's loop looks once per
+    # batch), and at every packet while the scheduler holds a queue: it
+    # releases queued packets at its deadline (aggregate, adaptive).
     queueing = mode != "duplicate"
+    sched = a.scheduler
     k = 0
-    t0 = time.perf_counter()
-    for i in range(packets):
-        send(payload, now)
+
+    def carry(now: float) -> int:
+        """a's datagrams to b (data dropped per the drawn decisions), b's to a."""
+        nonlocal k
+        got = 0
         for m, d in out():
             if drops is not None and d[1] == 0x10:
                 k += 1
-                if drops[k - 1]:
+                if drops[(k - 1) % len(drops)]:
                     continue
-            delivered += len(recv(d, m, now))
+            got += len(recv(d, m, now))
+        for m, d in b.datagrams_to_send():
+            a.receive_datagram(d, m, now)
+        return got
+
+    t0 = time.perf_counter()
+    for i in range(packets):
+        send(payload, now)
+        delivered += carry(now)
         now += 1e-5  # 100k packets/s of simulated time
-        if queueing:  # the scheduler releases queued packets at its deadline
+        if not i & 63 or (queueing and sched.pending):  # the scheduler releases at its deadline
             delivered += _timers(a, b, now)
-        if not i & 63:
-            if not queueing:
-                delivered += _timers(a, b, now)
-            # carry keepalives both ways (lossless here: only data is dropped)
-            for m, d in b.datagrams_to_send():
-                a.receive_datagram(d, m, now)
-            for m, d in a.datagrams_to_send():
-                delivered += len(recv(d, m, now))
+    # what the scheduler still holds goes out at its pace (counted, and timed)
+    for _ in range(100_000):
+        delivered += carry(now)
+        if not (queueing and sched.pending):
+            break
+        now += 1e-5
+        delivered += _timers(a, b, now)
     dt = time.perf_counter() - t0
     delivered += len(b.handle_timer(now + 10.0))
     return _row(mode, n, loss, sealed, packets, dt, delivered)
