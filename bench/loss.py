@@ -13,7 +13,7 @@ aggregate mode, with loss on both directions of some carriers: delivered
 loss next to the bytes the agent put on the wire per byte delivered
 (inner IP packets of 228 bytes; SMPU header, AEAD tag and probes included).
 
-    python bench/loss.py [--packets N] [--rate PPS] [--mode-packets N] [--no-delay]
+    python bench/loss.py [--packets N] [--rate PPS] [--mode-packets N] [--modes M,..] [--scenario S] [--no-delay]
                          [--skip-carriers] [--skip-modes] [--json FILE]     (root)
 """
 
@@ -50,10 +50,12 @@ def wire_bytes(st) -> int:
 def mode_table(args, delays: bool) -> list:
     rows = []
     with make_lab(delays) as lab:
-        for mode in MODES:
+        for mode in args.modes.split(","):
             with TwoSites(lab, extra_base=f"\toption mode '{mode}'\n\toption target_loss '0.001'\n") as ts:
                 ts.start()
                 for name, losses in SCENARIOS.items():
+                    if args.scenario and args.scenario not in name:
+                        continue
                     for c in RATES:
                         lab.set_loss(c, losses.get(c, 0))
                     stream(lab, int(2 * args.rate), args.rate)  # warm-up: loss estimates
@@ -105,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--packets", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--mode-packets", type=int, default=20000, help="packets per cell of the mode table")
+    ap.add_argument("--modes", default=",".join(MODES), help="modes of the mode table")
+    ap.add_argument("--scenario", default="", help="only the mode-table scenarios whose name contains this")
     ap.add_argument("--no-delay", action="store_true", help="carriers without the delay shim")
     ap.add_argument("--skip-carriers", action="store_true", help="no p^N table")
     ap.add_argument("--skip-modes", action="store_true", help="no mode table")

@@ -455,6 +455,36 @@ def test_a_nack_brings_back_a_packet_lost_on_every_path():
     assert ca["nack_retransmits"] == 1 and ca["nack_duplicates"] == 1
 
 
+def test_a_lost_re_send_is_asked_for_again():
+    """The re-send (or the NACK) can be lost too -- on a carrier with 10 %
+    loss, one repair in ten.  The receiver asks again while a second repair
+    can still come before hold_max; with nack_retries 0 the number is given up."""
+    for retries in (2, 0):
+        pair = _nack_pair(config=SessionConfig(nack_retries=retries))
+        pair.stream("a", 10, 1000.0)
+        inner = pair.a._retransmit_entry
+        calls = []
+
+        def lose_first(entry, members, now, inner=inner, calls=calls):
+            calls.append(entry[0])
+            if len(calls) == 1:  # sent, and lost on the way
+                pair.a._sendbuf[entry[0] & pair.a._sendmask] = (entry[0], entry[1], entry[2], now)
+                return True
+            return inner(entry, members, now)
+
+        pair.a._retransmit_entry = lose_first
+        lose_everywhere(pair, b"lost-twice")
+        rest = pair.stream("a", 10, 1000.0, first=11)
+        pair.run(0.5)
+        c = pair.b.counters()
+        if retries:
+            assert pair.delivered["b"][10:] == [b"lost-twice"] + rest
+            assert c["nack_again"] == 1 and c["skipped"] == 0 and len(calls) == 2
+        else:
+            assert pair.delivered["b"][10:] == rest
+            assert c["nack_again"] == 0 and c["skipped"] == 1 and len(calls) == 1
+
+
 def test_nack_asks_only_while_a_resend_can_beat_the_hold():
     cfg = SessionConfig(hold=0.004)  # shorter than any round trip here
     pair = SimPair(2, delay=0.010, config=cfg)

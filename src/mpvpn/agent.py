@@ -972,6 +972,7 @@ class Agent:
                 ds.sess.config.subflow.keepalive_active = sc.subflow.keepalive_active
                 ds.sess.config.subflow.dead_after = sc.subflow.dead_after
                 ds.sess.config.hold_max = sc.hold_max
+                ds.sess.reorder.hold_cap = sc.hold_max
             log.info("reloaded: live options applied, tunnel kept")
             return
         log.info("reloaded: configuration changed, restarting sessions")

@@ -82,6 +82,7 @@ class ReorderBuffer:
         "deadline_releases",
         "skipped",
         "hold_until",
+        "hold_cap",
         "deferrals",
     )
 
@@ -106,6 +107,11 @@ class ReorderBuffer:
         self.deadline_releases = 0
         self.skipped = 0
         self.deferrals = 0  # defer() calls that moved the floor
+        # A deferral never keeps an item longer than this after its arrival
+        # (None: no cap).  Deferrals overlap: under steady loss a repair is
+        # always on its way for some gap, so one whose re-send was lost would
+        # otherwise hold everything behind it until the buffer overflowed.
+        self.hold_cap: float | None = None
         self.reset(start)
 
     def reset(self, start: int = 0) -> None:
@@ -193,13 +199,20 @@ class ReorderBuffer:
         last = self.last
         while arrivals[0][1] <= last:  # a live entry exists: buffer non-empty
             arrivals.popleft()
-        t = arrivals[0][0] + hold
-        return t if t >= self.hold_until else self.hold_until
+        t0 = arrivals[0][0]
+        t = t0 + hold
+        if t >= self.hold_until:
+            return t
+        cap = self.hold_cap
+        if cap is not None and t0 + cap < self.hold_until:
+            return t0 + cap if t0 + cap > t else t
+        return self.hold_until
 
     def defer(self, until: float) -> None:
         """No deadline release before ``until`` (a repair for a gap is on its
-        way: the engine asked for it).  Items still wait at least ``hold``;
-        in-order delivery and flushes are unaffected."""
+        way: the engine asked for it), except of items that waited
+        ``hold_cap``.  Items still wait at least ``hold``; in-order delivery
+        and flushes are unaffected."""
         if until > self.hold_until:
             self.hold_until = until
             self.deferrals += 1
@@ -215,8 +228,14 @@ class ReorderBuffer:
         """
         hold = self.hold
         buf = self._buf
-        if hold is None or not buf or now < self.hold_until:
+        if hold is None or not buf:
             return []
+        if now < self.hold_until:  # a repair is on its way: wait, up to the cap
+            cap = self.hold_cap
+            if cap is None:
+                return []
+            if cap > hold:
+                hold = cap
         arrivals = self._arrivals
         last = self.last
         top = None

@@ -74,6 +74,7 @@ class SessionConfig:
     nack_track: int = 512  # missing sequence numbers remembered at once
     nack_wait_min: float = 0.003  # never ask sooner than this after a gap appears
     nack_per_round: int = 8  # NACK payloads (64 numbers each) one round may send
+    nack_retries: int = 2  # a number whose re-send did not come is asked for again, this often
     retransmit_budget: float = 0.25  # retransmissions per packet sent, on average...
     retransmit_burst: int = 128  # ...with this burst, or a second's worth of the budget if more
     # (a carrier failing under a fast flow loses its whole in-flight tail at once)
@@ -92,7 +93,7 @@ class SessionConfig:
             raise ValueError("max_payload out of range")
         if (self.nack_interval < 0 or self.nack_copies < 1 or self.nack_track < 1
                 or self.nack_wait_min < 0 or self.nack_per_round < 1 or self.retransmit_budget < 0
-                or self.retransmit_burst < 0):
+                or self.retransmit_burst < 0 or self.nack_retries < 0):
             raise ValueError("bad NACK settings")
 
 
@@ -167,6 +168,7 @@ class Session:
         self._sendmask = c.send_buffer - 1
         hold = c.hold_initial if c.hold == -1.0 else c.hold
         self.reorder = ReorderBuffer(c.reorder_capacity, hold)
+        self.reorder.hold_cap = c.hold_max  # NACK deferrals end there
         self._out: deque = deque()
         self._bulk: dict[int, list] = {}  # member -> sealed DATA from send_many (C loops)
         self._bulk_n = 0
@@ -180,6 +182,8 @@ class Session:
         self._sched_drops = 0  # packets lost with a replaced queueing scheduler
         # NACK, receiver side
         self._missing: dict[int, float] = {}  # seq -> when its gap was noticed
+        # asked for, re-send not here yet: seq -> [ask again at, gap noticed at, asks left]
+        self._asked: dict[int, list] = {}
         self._rx_high = 0  # highest DATA sequence number received
         # member -> [highest seq received on it, when data last came, smoothed gap]
         self._high_by: dict[int, list] = {}
@@ -190,6 +194,7 @@ class Session:
         self.nack_seqs = 0  # sequence numbers asked for
         self.nack_too_late = 0  # missing numbers not asked for: no time left before the hold
         self.nack_untracked = 0  # missing numbers beyond nack_track
+        self.nack_again = 0  # numbers asked for again (the first re-send, or the NACK, was lost)
         # NACK, sender side
         self.nacks_received = 0
         self.nack_retransmits = 0  # sequence numbers re-sent for a NACK
@@ -226,6 +231,7 @@ class Session:
         self.nack_enabled = bool(getattr(value, "nack", False))
         if not self.nack_enabled:
             self._missing.clear()
+            self._asked.clear()
             self._nack_next = None
         bw0 = getattr(getattr(value, "options", None), "initial_rate", None)
         if bw0:
@@ -789,9 +795,12 @@ class Session:
         return low
 
     def _nack_tick(self, now: float) -> None:
-        """Send one NACK for the missing numbers that waited long enough."""
+        """Send one NACK round: the missing numbers that waited long enough, and
+        those asked for before whose re-send is overdue (the NACK or the
+        re-send was lost: a lossy path loses those too)."""
         missing = self._missing
-        if not missing:
+        asked = self._asked
+        if not missing and not asked:
             self._nack_next = None
             return
         if self._nack_next is not None and now < self._nack_next:
@@ -811,6 +820,21 @@ class Session:
         nxt = None
         passed = self._passed_all(now)
         wait_min = self.config.nack_wait_min
+        again: list[int] = []  # asked for before, due again
+        again_next = None
+        if asked:
+            for s, rec in list(asked.items()):
+                if reorder.is_stale(s):  # the re-send came, or the hold gave up
+                    del asked[s]
+                elif rec[0] <= now:
+                    # (a repair defers the hold up to hold_max: ReorderBuffer.hold_cap)
+                    if hold is not None and rec[1] + self.config.hold_max < now + fastest:
+                        del asked[s]
+                        self.nack_too_late += 1
+                    else:
+                        again.append(s)
+                elif again_next is None or rec[0] < again_next:
+                    again_next = rec[0]
         for s, t in list(missing.items()):
             if reorder.is_stale(s):  # arrived meanwhile, or given up
                 del missing[s]
@@ -833,9 +857,30 @@ class Session:
             elif not due:
                 chunk0 = s
             due.append(s)
+        first_seen = {s: missing[s] for s in due}  # when each gap was noticed
+        if again and up:
+            # merged in order (a NACK payload covers 64 consecutive numbers);
+            # the ones that do not fit this round wait for the next
+            for s in again:
+                first_seen[s] = asked[s][1]
+                if asked[s][1] < oldest:
+                    oldest = asked[s][1]
+            merged = sorted(set(due) | set(again))
+            due, chunks, chunk0 = [], [], 0
+            for s in merged:
+                if due and s - chunk0 >= wire.NACK_SPAN:
+                    if len(chunks) + 1 >= self.config.nack_per_round:
+                        nxt = now
+                        break
+                    chunks.append(len(due))
+                    chunk0 = s
+                elif not due:
+                    chunk0 = s
+                due.append(s)
+            self.nack_again += sum(1 for s in due if s in asked)
         if due and up:
             for s in due:
-                del missing[s]
+                missing.pop(s, None)
             up.sort(key=lambda sub: sub.rtt.srtt if sub.rtt.srtt is not None else 1e9)
             # a burst of losses (a carrier failing under a flow) can need more
             # than one NACK's 64 numbers: they all go in this round, since the
@@ -860,10 +905,35 @@ class Session:
             until = min(now + 1.5 * second + burst + self.config.nack_interval,
                         oldest + self.config.hold_max)
             reorder.defer(until)
-        if missing:
+            # If the re-send is not here by then (plus the jitter), ask again.
+            retries = self.config.nack_retries
+            if retries:
+                var = max((sub.rtt.rttvar for sub in up if sub.rtt.rttvar is not None), default=0.0)
+                again_at = now + 1.5 * second + burst + self.config.nack_interval + 2 * var
+                for s in due:
+                    rec = asked.get(s)
+                    if rec is None:
+                        if len(asked) < self.config.nack_track:
+                            asked[s] = [again_at, first_seen[s], retries]
+                    elif rec[2] > 1:
+                        rec[0] = again_at
+                        rec[2] -= 1
+                    else:
+                        del asked[s]
+                if again_next is None or again_at < again_next:
+                    again_next = again_at
+        if missing or asked:
+            if missing:
+                if nxt is None:
+                    nxt = next(iter(missing.values())) + wait
+            else:
+                nxt = again_next if nxt is None else nxt
+            if again_next is not None and (nxt is None or again_next < nxt):
+                nxt = again_next
             if nxt is None:
-                nxt = next(iter(missing.values())) + wait
-            self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
+                self._nack_next = None
+            else:
+                self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
         else:
             self._nack_next = None
 
@@ -882,7 +952,8 @@ class Session:
         targets_for = getattr(self._sched, "retransmit_targets", None)
         queue_for = getattr(self._sched, "queue_retransmit", None) if self._queueing else None
         # The copies of one NACK arrive within the RTT of the slowest subflow
-        # that carries them; our receiver never asks twice for a number.
+        # that carries them; our receiver asks again for a number only after
+        # a re-send could have come (nack_retries).
         srtts = sorted(s.rtt.srtt for s in up if s.rtt.srtt is not None) or [0.02]
         dedupe = srtts[min(c.nack_copies, len(srtts)) - 1]
         for seq in wire.nack_decode(payload):
@@ -1039,6 +1110,7 @@ class Session:
             "nack_seqs": self.nack_seqs,
             "nack_too_late": self.nack_too_late,
             "nack_untracked": self.nack_untracked,
+            "nack_again": self.nack_again,
             "nacks_received": self.nacks_received,
             "nack_retransmits": self.nack_retransmits,
             "nack_unavailable": self.nack_unavailable,
