@@ -5,20 +5,20 @@ same lab as the real agent, so the agent's figures can be quoted as a ratio.
 
     yardstick_fwd.py TUN_ADDR/PREFIX PEER_LAN LOCAL_IP PEER_IP PORT
 """
+import fcntl
 import os
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 
-import pytun
-
 addr, peer_lan, local_ip, peer_ip, port = sys.argv[1:6]
-tun = pytun.TunTapDevice(name="yard0", flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH22x", b"yard0", 0x0001 | 0x1000))  # TUNSETIFF: IFF_TUN | IFF_NO_PI
 for cmd in (["ip", "addr", "add", addr, "dev", "yard0"], ["ip", "link", "set", "yard0", "mtu", "1400", "up"],
             ["ip", "route", "add", peer_lan, "dev", "yard0"]):
     subprocess.run(cmd, check=True)
-fd = tun.fileno()
 os.set_blocking(fd, False)
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind((local_ip, int(port)))

@@ -1,5 +1,4 @@
-"""The OpenWrt recipes: package/orayboxvpn/Makefile, package/python3-pytun/Makefile,
-feeds.conf and the top-level Makefile's ipk target.
+"""The OpenWrt recipes: package/orayboxvpn/Makefile, feeds.conf and the top-level Makefile's ipk target.
 
 ``DEPENDS`` of orayboxvpn is checked against what src/mpvpn really imports,
 so adding an import without its OpenWrt package (or keeping a dependency
@@ -20,7 +19,6 @@ from mpvpn import __version__, ipk
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "package" / "orayboxvpn" / "Makefile"
-PYTUN = ROOT / "package" / "python3-pytun" / "Makefile"
 
 # Standard-library modules OpenWrt splits out of python3-light
 # (openwrt/packages lang/python/python3/files/python3-package-*.mk).
@@ -55,8 +53,6 @@ NOT_ON_OPENWRT = {"tkinter", "idlelib", "turtledemo", "ensurepip", "test"}
 # Third-party imports and the OpenWrt package that provides them.
 THIRD_PARTY = {
     "cryptography": "python3-cryptography",
-    "pyroute2": "python3-pyroute2",
-    "pytun": "python3-pytun",  # package/python3-pytun (in no OpenWrt feed)
     "ubus": "python3-ubus",
     "jinja2": "python3-jinja2",
 }
@@ -179,39 +175,18 @@ def test_wrapper_script():
     assert "from mpvpn.cli import main" in text
 
 
-def test_pytun_makefile():
-    text = PYTUN.read_text()
-    mk = ipk.parse_makefile(PYTUN)
-    assert mk.var("PKG_NAME") == "python-pytun"
-    assert re.fullmatch(r"\d+\.\d+\.\d+", mk.var("PKG_VERSION"))
-    assert mk.var("PKG_RELEASE").isdigit()
-    assert mk.var("PYPI_NAME") == "python-pytun"
-    assert re.fullmatch(r"[0-9a-f]{64}", mk.var("PKG_HASH"))
-    assert mk.var("PKG_LICENSE") == "MIT" and mk.var("PKG_LICENSE_FILES") == "LICENSE"
-    includes = re.findall(r"^include (\S+)$", text, re.M)
-    assert includes == ["$(TOPDIR)/rules.mk", "$(TOPDIR)/feeds/packages/lang/python/pypi.mk",
-                        "$(INCLUDE_DIR)/package.mk",
-                        "$(TOPDIR)/feeds/packages/lang/python/python3-package.mk"], \
-        "pypi.mk must come before package.mk"
-    fields = mk.package_fields("python3-pytun")
-    assert fields["DEPENDS"] == "+python3-light"
-    assert fields["SECTION"] == "lang" and fields["SUBMENU"] == "Python"
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert lines[-3:] == [
-        "$(eval $(call Py3Package,python3-pytun))",
-        "$(eval $(call BuildPackage,python3-pytun))",
-        "$(eval $(call BuildPackage,python3-pytun-src))",
-    ]
-    # the version packaged is the one the agent is developed against
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert any(d.startswith("python-pytun") for d in pyproject["project"]["optional-dependencies"]["agent"])
+def test_no_package_of_our_own_besides_the_agent_s():
+    """The agent needs nothing outside OpenWrt's feeds (the tun is opened with
+    an ioctl, netlink spoken directly): the feed holds only our packages."""
+    assert sorted(p.name for p in (ROOT / "package").iterdir()) == \
+        ["luci-app-mpvpn", "orayboxvpn", "orayboxvpn-fastpath"]
 
 
 def test_feed_scanner_sees_packages_not_the_top_level_makefile():
     """include/scan.mk lists a Makefile as a package when it matches
     `call (Build/DefaultTargets|BuildPackage|KernelPackage)`."""
     scan = re.compile(r"call (Build/DefaultTargets|BuildPackage|KernelPackage)")
-    assert scan.search(CORE.read_text()) and scan.search(PYTUN.read_text())
+    assert scan.search(CORE.read_text())
     top = (ROOT / "Makefile").read_text()
     assert "call BuildPackage" not in top
     assert not scan.search(top)

@@ -157,3 +157,23 @@ def test_linux_tun_offloads_in_a_throwaway_namespace(throwaway_netns):
 def test_unknown_offload_mode_is_refused():
     with pytest.raises(TunError):
         LinuxTun("mpvt1", offload="fast")
+
+
+REFUSED_CODE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from mpvpn.tun import LinuxTun, TunError
+try:
+    LinuxTun("lo")  # exists, and is no tun
+except TunError as e:
+    print("refused", e.errno, "cannot create tun 'lo'" in str(e) and "kmod-tun" in str(e))
+else:
+    print("created")
+"""
+
+
+def test_a_name_taken_by_another_device_is_refused_clearly(throwaway_netns):
+    run, _cmd = throwaway_netns
+    r = run(REFUSED_CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "refused" and r.stdout.split()[2] == "True", r.stdout

@@ -1,9 +1,10 @@
 """The tun vNIC: a tiny interface and its Linux implementation.
 
 The agent only needs ``fileno()``, ``read()``, ``write()`` and ``close()``.
-:class:`LinuxTun` creates the device with python-pytun (``IFF_TUN |
-IFF_NO_PI``); it is not persistent, so it disappears with the process (a ``kill -9``
-leaves no interface or route behind).  Addresses, MTU and routes are set by
+:class:`LinuxTun` creates the device itself: ``/dev/net/tun`` and the
+``TUNSETIFF`` ioctl (``IFF_TUN | IFF_NO_PI``), as ``ip tuntap`` does; it is
+not persistent, so it disappears with the process (a ``kill -9`` leaves no
+interface or route behind).  Addresses, MTU and routes are set by
 :mod:`mpvpn.netcfg`.  Tests use :class:`MemoryTun`.
 
 Offloads: where the kernel allows, the device is opened with
@@ -23,7 +24,9 @@ which do the right thing in every mode.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 from collections import deque
 
 from mpvpn import fastpath
@@ -32,7 +35,11 @@ from mpvpn import offload as _ofl
 IFNAMSIZ = 16
 MAX_PACKET = 65535
 READ_SIZE = MAX_PACKET + _ofl.VNET_HDR_LEN
+TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags (ifr_flags), padding to 40 bytes
+TUN_PATH = "/dev/net/tun"
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 OFFLOAD_MODES = ("tso", "gro", "off")
 
@@ -41,14 +48,26 @@ class TunError(OSError):
     pass
 
 
+def open_tun(name: str, flags: int) -> tuple[int, str]:
+    """Open ``/dev/net/tun`` and attach it to a (new) tun device ``name`` with
+    ``flags`` (TUNSETIFF); returns the fd and the device's name."""
+    fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        res = fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, IFREQ.unpack(res)[0].split(b"\0", 1)[0].decode()
+
+
 def valid_ifname(name: str) -> bool:
     return (0 < len(name) < IFNAMSIZ and name not in (".", "..") and name.isascii()
             and all(c.isalnum() or c in "-_." for c in name))
 
 
 class LinuxTun:
-    """A non-persistent, non-blocking tun device (layer 3, no packet info),
-    created with python-pytun; packets move with os.read/os.write on its fd."""
+    """A non-persistent, non-blocking tun device (layer 3, no packet info);
+    packets move with os.read/os.write on its fd."""
 
     def __init__(self, name: str, offload: str | None = None):
         if not valid_ifname(name):
@@ -59,38 +78,28 @@ class LinuxTun:
             offload = os.environ.get("MPVPN_TUN_OFFLOAD") or ("tso" if fastpath.LOOPS is not None else "gro")
         if offload not in OFFLOAD_MODES:
             raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
-        try:
-            import pytun
-        except ImportError:
-            raise TunError(errno.ENOSYS, "python-pytun is not installed "
-                                         "(opkg install python3-pytun / pip install python-pytun)") from None
         self.offload = "off"  # what is in effect
         self.offload_error = ""  # why the requested mode was refused
         self._pending: deque = deque()  # segments of a super-segment not yet returned by read()
         self.split_errors = 0
-        self._dev = None
-        vnet = getattr(pytun, "IFF_VNET_HDR", 0x4000)
+        self._fd = -1
         if offload != "off":
+            fd = -1
             try:
-                self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | vnet)
-                import fcntl
-                fcntl.ioctl(self._dev.fileno(), TUNSETOFFLOAD,
-                            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload == "tso" else 0)
-                self.offload = offload
-            except (pytun.Error, OSError) as e:
+                fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload == "tso" else 0)
+                self._fd, self.offload = fd, offload
+            except OSError as e:
                 self.offload_error = str(e)
-                if self._dev is not None:
-                    self._dev.close()  # not persistent: the device goes with it
-                    self._dev = None
-        if self._dev is None:
+                if fd >= 0:
+                    os.close(fd)  # not persistent: the device goes with it
+        if self._fd < 0:
             try:
-                self._dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
-            except (pytun.Error, OSError) as e:
-                raise TunError(errno.EPERM, f"cannot create tun {name!r}: {e} "
-                                            "(is kmod-tun loaded? running as root?)") from None
+                self._fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI)
+            except OSError as e:
+                raise TunError(e.errno or errno.EPERM, f"cannot create tun {name!r}: {e} "
+                                                       "(is kmod-tun loaded? running as root?)") from None
         self.vnet_hdr = self.offload != "off"
-        self.name = self._dev.name
-        self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)
 
     def fileno(self) -> int:
@@ -170,7 +179,7 @@ class LinuxTun:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._dev.close()
+            os.close(self._fd)
             self._fd = -1
 
 
