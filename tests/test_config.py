@@ -831,6 +831,15 @@ def test_static_keys_are_optional_and_come_in_pairs():
     assert any("private_key: is not valid base64" in e for e in errs) and all("!!!" not in e for e in errs)
 
 
+def test_nack_option():
+    assert check(SITE_A)[0].base.nack is None  # auto: the mode decides
+    for raw, want in (("1", True), ("0", False), ("auto", None)):
+        cfg, problems = check(edit(SITE_A, "config base 'base'\n", f"config base 'base'\n\toption nack '{raw}'\n"))
+        assert errors(problems) == [] and cfg.base.nack is want
+    cfg, problems = check(edit(SITE_A, "config base 'base'\n", "config base 'base'\n\toption nack 'always'\n"))
+    assert any("nack" in str(p) for p in errors(problems))
+
+
 def test_target_loss_option():
     cfg, problems = check(edit(SITE_A, "config base 'base'\n",
                                "config base 'base'\n\toption mode 'adaptive'\n\toption target_loss '0.0001'\n"))

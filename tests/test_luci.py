@@ -374,7 +374,7 @@ def test_config_widgets_follow_option_kinds():
             kind = spec.kind
             if kind == "bool":
                 assert o["widget"] == "form.Flag", where
-            elif kind in ("role", "mode", "log_level"):
+            elif kind in ("role", "mode", "log_level", "nack"):
                 assert o["widget"] == "form.ListValue", where
                 choices = [v[0] for v in o["values"]]
                 if choices and choices[0] == "":  # "not set": only for options without a default

@@ -601,8 +601,10 @@ class Agent:
         # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
         sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
                                         target_loss=self.cfg.base.target_loss,
+                                        nack=self.cfg.base.nack,  # None: the mode's default
                                         policies=self._policies())
-        # adaptive counts on the peer's NACKs only if its mode sends them
+        # adaptive counts on the peer's NACKs only if its mode sends them (a
+        # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
         sess.scheduler.peer_nack = getattr(peer, "mode", "duplicate") != "duplicate"
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)

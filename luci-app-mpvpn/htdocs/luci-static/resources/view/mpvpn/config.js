@@ -223,6 +223,13 @@ return view.extend({
 		o.placeholder = '0.001';
 		o.depends('mode', 'adaptive');
 
+		o = s.taboption('advanced', form.ListValue, 'nack', _('Re-send requests (NACK)'),
+			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in aggregate and adaptive mode, off in duplicate mode. On in duplicate mode repairs what is lost on all carriers at once, at the cost of a slower receive path.'));
+		o.value('auto', _('Automatic'));
+		o.value('1', _('On'));
+		o.value('0', _('Off'));
+		o.default = 'auto';
+
 		o = s.taboption('general', form.DynamicList, 'lan_subnet', _('Extra LAN subnets'),
 			_('Subnets behind this router, besides the LAN of the "lan" interface, that the peer routes into the tunnel.'));
 		o.datatype = 'cidr';
