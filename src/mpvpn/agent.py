@@ -459,10 +459,16 @@ class Agent:
             if not pkts:
                 continue
             if len(pkts) == 1 and self._mss is not None:  # a SYN is never a super-segment
-                c = mss.clamp(pkts[0], *self._mss)
-                if c is not None:
-                    pkts = [c]
-                    self.counters["mss_clamped"] += 1
+                p = pkts[0]
+                # only TCP SYNs go to mss.clamp (IPv4 without options and
+                # IPv6 checked inline: this runs for every ACK we forward)
+                if len(p) >= 44 and (p[9] == 6 and p[33] & 2 if p[0] == 0x45 else
+                                     (p[6] == 6 and len(p) >= 64 and p[53] & 2) if p[0] >> 4 == 6 else
+                                     0x45 < p[0] < 0x50):
+                    c = mss.clamp(p, *self._mss)
+                    if c is not None:
+                        pkts = [c]
+                        self.counters["mss_clamped"] += 1
             budget -= len(pkts)
             ds = self._route(pkts[0])  # segments share the destination
             if ds is None:
