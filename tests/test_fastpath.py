@@ -64,8 +64,11 @@ def test_send_many_makes_the_same_datagrams_as_send(cipher):
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_receive_many_delivers_and_counts_like_receive_datagram(data):
-    """Copies on three paths, dropped, reordered, duplicated and corrupted at random."""
+    """Copies on three paths, dropped, reordered, duplicated and corrupted at
+    random; with or without NACK bookkeeping (base.nack 1 in duplicate mode)."""
     py, c = pair_of_sessions()
+    nack = data.draw(st.booleans())
+    py.b.nack_enabled = c.b.nack_enabled = nack
     n = data.draw(st.integers(1, 120))
     for i in range(n):
         py.a.send(i.to_bytes(4, "big") + bytes(data.draw(st.integers(0, 60))), py.now)
@@ -96,6 +99,10 @@ def test_receive_many_delivers_and_counts_like_receive_datagram(data):
             got_py += py.b.receive_datagram(d, m, py.now)
         got_c += c.b.receive_many(batch, m, c.now)
         i = j
+        # the same numbers missing (asked for), the same highest seen
+        assert list(c.b._missing) == list(py.b._missing)
+        assert c.b._rx_high == py.b._rx_high
+        assert {k: v[0] for k, v in c.b._high_by.items()} == {k: v[0] for k, v in py.b._high_by.items()}
     got_py += py.b.handle_timer(py.now + 10)
     got_c += c.b.handle_timer(c.now + 10)
     assert got_c == got_py

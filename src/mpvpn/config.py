@@ -151,9 +151,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "nack", "auto",
             "Ask the peer to re-send packets missing on every subflow (NACK). `auto`: on in "
             "`aggregate` and `adaptive` mode, off in `duplicate`. `1` in duplicate mode repairs "
-            "the packets lost on all carriers at once (0.12 % at 10 % loss per carrier, 0 with "
-            "NACK) but receives through the Python path instead of the C loops. Set it on the "
-            "receiving site (both, for both directions).",
+            "the packets lost on all carriers at once (0.12 % at 10 % loss per carrier without). "
+            "Set it on the receiving site (both, for both directions).",
         ),
         "keepalive_idle": Option(
             "seconds", "0.75", "Keepalive interval of a subflow without traffic (0.05 to 60)."

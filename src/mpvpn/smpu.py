@@ -650,12 +650,13 @@ class Session:
 
         Runs of sealed DATA that are stale copies or come exactly in order go
         through the optional C loops (:mod:`mpvpn.fastpath`) with the same
-        accounting; anything else (control, reordering, NACK bookkeeping, a
-        rekey being confirmed) datagram by datagram through the full path."""
+        accounting (an in-order run opens no gap: its NACK bookkeeping is done
+        once per run); anything else (control, reordering, a rekey being
+        confirmed) datagram by datagram through the full path."""
         loops = _LOOPS
         sealer = self.sealer
         sub = self.subflows.get(member)
-        if (loops is None or sealer is None or sub is None or self.nack_enabled
+        if (loops is None or sealer is None or sub is None
                 or sealer._pending_send is not None):
             out = []
             for d in datagrams:
@@ -696,12 +697,40 @@ class Session:
                         sub.on_data(now)
                         sub.data_rx += len(got) - 1
                         out += got
+                        if self.nack_enabled:
+                            self._nack_in_order(member, last - len(got) + 1, last, now)
                     i = j
                     if i >= n:
                         break
             out += self.receive_datagram(datagrams[i], member, now, source)
             i += 1
         return out
+
+    def _nack_in_order(self, member: int, first: int, last: int, now: float) -> None:
+        """NACK bookkeeping for DATA ``first..last`` that arrived in order on
+        ``member`` (a C run): what ``_receive_data`` does per packet, once."""
+        h = self._high_by.get(member)
+        if h is None:
+            self._high_by[member] = [last, now, 0.01]
+        else:
+            gap = now - h[1]
+            h[2] += 0.125 * ((gap if gap < 0.1 else 0.1) - h[2])
+            h[1] = now
+            if last > h[0]:
+                h[0] = last
+        if last > self._rx_high:
+            self._rx_high = last
+        missing = self._missing
+        if missing:
+            for s in range(first, last + 1):  # repairs arriving in order
+                missing.pop(s, None)
+            if missing:
+                head = next(iter(missing))
+                if head < self._passed_all(now):
+                    c = self.config
+                    t = max(now, missing[head] + c.nack_wait_min, self._nack_last + c.nack_interval)
+                    if self._nack_next is None or t < self._nack_next:
+                        self._nack_next = t
 
     def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
         """A header-valid DATA datagram for ``sub``: drop stale copies before

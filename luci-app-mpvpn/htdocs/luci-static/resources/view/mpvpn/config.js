@@ -224,7 +224,7 @@ return view.extend({
 		o.depends('mode', 'adaptive');
 
 		o = s.taboption('advanced', form.ListValue, 'nack', _('Re-send requests (NACK)'),
-			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in aggregate and adaptive mode, off in duplicate mode. On in duplicate mode repairs what is lost on all carriers at once, at the cost of a slower receive path.'));
+			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in aggregate and adaptive mode, off in duplicate mode. On in duplicate mode also repairs what is lost on all carriers at once.'));
 		o.value('auto', _('Automatic'));
 		o.value('1', _('On'));
 		o.value('0', _('Off'));
