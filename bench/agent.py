@@ -95,6 +95,9 @@ def main(argv=None) -> int:
                          "only), tso (and super-segment reads); default off,tso")
     ap.add_argument("--fastpath", default="on",
                     help="C loops of the data path (mpvpn.fastpath), comma-separated: on, off; default on")
+    ap.add_argument("--modes", default="duplicate",
+                    help="base.mode of both agents for the 3-carrier rows, comma-separated: duplicate, "
+                         "aggregate, adaptive; default duplicate")
     ap.add_argument("--nack", default="off",
                     help="base.nack of both agents (duplicate mode repairs), comma-separated: off, on; "
                          "default off (the mode's default)")
@@ -120,16 +123,17 @@ def main(argv=None) -> int:
         Lab.stop(fb)
         runs = [(1, m, f, "off") for m in args.offload.split(",") for f in args.fastpath.split(",")
                 if args.one_carrier]
-        runs += [(3, m, f, k) for m in args.offload.split(",") for f in args.fastpath.split(",")
-                 for k in args.nack.split(",")]
-        for n, mode, fast, nack in runs:
+        runs = [r + ("duplicate",) for r in runs]
+        runs += [(3, m, f, k, b) for b in args.modes.split(",") for m in args.offload.split(",")
+                 for f in args.fastpath.split(",") for k in args.nack.split(",")]
+        for n, mode, fast, nack, base_mode in runs:
             os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.tun)
             os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"  # see mpvpn.fastpath
             cloops = (", C" if fast == "on" else "") + (", nack" if nack == "on" else "")
-            extra = "\toption nack '1'\n" if nack == "on" else ""
+            extra = ("\toption nack '1'\n" if nack == "on" else "") + f"\toption mode '{base_mode}'\n"
             with TwoSites(lab, carriers=n, extra_base=extra) as ts:
                 ts.start(subflows=n)
-                rows.append(measure(lab, f"mpvpn ({'duplicate x3' if n == 3 else '1 carrier'}, AEAD, {mode}{cloops})",
+                rows.append(measure(lab, f"mpvpn ({base_mode + ' x3' if n == 3 else '1 carrier'}, AEAD, {mode}{cloops})",
                                     [ts.a.proc.pid, ts.b.proc.pid], lab.ha, lab.hb, "192.168.20.2",
                                     args.seconds))
                 st = ts.b.status()
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
                 rows[-1]["tun_offload"] = mode
                 rows[-1]["fastpath"] = fast == "on"
                 rows[-1]["nack"] = nack == "on"
+                rows[-1]["mode"] = base_mode
     kernel, yard, ours = rows[0], rows[1], rows[-1]
     raw_rtts = kernel["rtt_p50_ms"]
     print(f"agent benchmark: iperf3 TCP {args.seconds:.0f} s, ping 400 x 10 ms; both agents on this "
