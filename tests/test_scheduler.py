@@ -101,6 +101,9 @@ def test_make_scheduler_modes_defaults_and_bad_options():
         make_scheduler("adaptive", target_loss=0)
     with pytest.raises(ValueError):
         make_scheduler("aggregate", policies=[{"src": "not-a-net"}])
+    with pytest.raises(ValueError):
+        make_scheduler("aggregate", retransmit_queue=0)
+    make_scheduler("aggregate", queue_target=0.05)  # above retransmit_queue: re-sends get that much
     p = make_scheduler("aggregate", policies=[{"src": "192.168.1.0/24", "carriers": ["2"]}])
     assert isinstance(p.options.policies[0], LinkPolicy)
 

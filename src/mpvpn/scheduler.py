@@ -141,8 +141,8 @@ class SchedulerOptions:
     urgent_value: float = 100.0  # F for urgent packets (seed 000's objective)
     retransmit_value: float = 5.0  # F for retransmissions: a 2nd copy only above about 1 % loss
     retransmit_max_wait: float = 0.05  # s: a queued re-send older than this is dropped
-    retransmit_queue: float = 0.03  # s: modelled backlog a re-send may still join (> queue_target:
-    #                                 re-sends are few and late; one that expires here is a loss)
+    retransmit_queue: float = 0.03  # s: modelled backlog a re-send may still join (at least
+    #                                 queue_target: re-sends are few and late; one that expires here is lost)
     copy_cost: float = 0.05  # beta: cost of each extra copy (in units of the best utility)
     loss_floor: float = 0.01  # loss assumed at least this in the F objective
     alpha_bytes: int = 1400  # alpha = 1/alpha_bytes: BW in packets/s next to 1/RTT
@@ -164,8 +164,8 @@ class SchedulerOptions:
             raise ValueError("need pin_bytes >= 0, quantum >= 64, max_flows >= 1")
         if self.queue_target <= 0 or self.queue_limit <= 0 or self.max_sojourn <= 0:
             raise ValueError("queue_target, queue_limit and max_sojourn must be > 0")
-        if self.retransmit_queue < self.queue_target or self.retransmit_max_wait <= 0:
-            raise ValueError("need retransmit_queue >= queue_target and retransmit_max_wait > 0")
+        if self.retransmit_queue <= 0 or self.retransmit_max_wait <= 0:
+            raise ValueError("retransmit_queue and retransmit_max_wait must be > 0")
         if self.queue_min_bytes < 1 or self.queue_max_packets < 1:
             raise ValueError("queue_min_bytes and queue_max_packets must be >= 1")
         if not 0 <= self.urgent_share <= 1 or self.urgent_min_rate < 0 or self.small_bytes < 0:
@@ -975,7 +975,8 @@ class Scheduler:
         if not cands:
             cands = [v for v in views if v.member not in carried_m] or live
         if gate:
-            target = self.options.retransmit_queue
+            o = self.options
+            target = o.retransmit_queue if o.retransmit_queue > o.queue_target else o.queue_target
             room = [v for v in cands if v.qdelay(now) < target]
             if not room:
                 for v in cands:
