@@ -61,6 +61,50 @@ def test_send_many_makes_the_same_datagrams_as_send(cipher):
 
 
 @needs_c
+@pytest.mark.parametrize("mode", ["aggregate", "adaptive"])
+def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_order(mode):
+    """The scheduler decides per packet in both; the C loops seal runs of
+    packets bound for the same subflows.  Same datagrams, same order, same
+    send buffer, same scheduler queue; TCP runs and small (urgent, copied)
+    packets mixed, some batches overflowing the links so packets queue."""
+    from mpvpn.scheduler import make_scheduler
+
+    py, c = pair_of_sessions()
+    for p in (py, c):
+        p.a.scheduler = make_scheduler(mode, initial_rate=2e6)
+    rng = random.Random(3)
+
+    def pkt(sport, size, flags=0x10):
+        ip = bytes([0x45, 0]) + size.to_bytes(2, "big") + bytes(4) + bytes([64, 6, 0, 0]) \
+            + bytes([192, 168, 10, 2, 192, 168, 20, 2])
+        tcp = sport.to_bytes(2, "big") + (80).to_bytes(2, "big") + bytes(8) + bytes([0x50, flags]) + bytes(6)
+        return ip + tcp + rng.randbytes(size - 40)
+
+    for round_ in range(40):
+        batch = []
+        for _ in range(rng.randint(1, 50)):
+            r = rng.random()
+            batch.append(pkt(40000 + rng.randint(0, 3), 40, 0x10) if r < 0.1 else  # pure ACK: urgent
+                         pkt(40000 + rng.randint(0, 3), rng.randint(200, 1400)))
+        now = py.now + round_ * 0.002
+        acc_py = sum(1 for p in batch if py.a.send(p, now))
+        acc_c = c.a.send_many(batch, now)
+        assert acc_c == acc_py
+        assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
+        assert c.a._sched.pending == py.a._sched.pending
+        for p in (py, c):  # time passes: queued packets leave
+            p.a.handle_timer(now + 0.001)
+        assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
+    assert counters(py.a) == counters(c.a)
+    assert c.a._sched.c == py.a._sched.c
+
+    def entries(sess):
+        return [None if e is None else (e[0], e[1], [s.member for s in e[2]]) for e in sess._sendbuf]
+
+    assert entries(py.a) == entries(c.a)
+
+
+@needs_c
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_receive_many_delivers_and_counts_like_receive_datagram(data):

@@ -416,7 +416,7 @@ class Session:
         takes ``send`` packet by packet."""
         loops = _LOOPS
         up = self._up
-        if (loops is None or not self._dup_all or self.sealer is None or not up
+        if (loops is None or not (self._dup_all or self._queueing) or self.sealer is None or not up
                 or len(self._out) + self._bulk_n + len(packets) * len(up) > self.config.max_queue):
             send = self.send
             return sum(1 for p in packets if send(p, now))
@@ -425,6 +425,8 @@ class Session:
             if not 0 < len(p) <= maxp:
                 send = self.send
                 return sum(1 for p in packets if send(p, now))
+        if not self._dup_all:
+            return self._send_many_queueing(packets, now, loops)
         self._now = now
         sealer = self.sealer
         seq0 = self._seq + 1
@@ -453,6 +455,74 @@ class Session:
             sub.note_data_sent(now)
         self._bulk_n += n * len(up)
         return n
+
+    def _send_many_queueing(self, packets: list, now: float, loops) -> int:
+        """``send_many`` with a queueing scheduler (aggregate, adaptive): the
+        scheduler decides packet by packet as ``send`` has it do (each
+        decision sees the backlog the previous ones added, a queued packet
+        pumps the queue), and the packets decided at once are sealed by the C
+        loops, one call per run of packets for the same subflows; the
+        datagrams, their order and the scheduler's state are ``send``'s."""
+        self._now = now
+        up = self._up
+        sched = self._sched
+        offer = sched.offer
+        over = _HLEN + self._tag_len  # a sealed datagram's bytes beyond the packet
+        runs: list = []  # [packets, targets] in order, consecutive packets with the same targets
+        accepted = 0
+        for p in packets:
+            targets = offer(p, up, now)
+            if not targets:
+                accepted += targets is None  # None: queued; False: dropped
+                if runs:
+                    self._seal_runs(runs, now, loops)
+                    runs = []
+                self._pump(now)  # as send does: what is queued may leave now
+                continue
+            accepted += 1
+            dlen = len(p) + over
+            for sub in targets:
+                sub.meter.on_send(dlen, now)  # before the next decision, as _transmit does
+            if runs and runs[-1][1] == targets:
+                runs[-1][0].append(p)
+            else:
+                runs.append(([p], targets))
+        if runs:
+            self._seal_runs(runs, now, loops)
+        return accepted
+
+    def _seal_runs(self, runs: list, now: float, loops) -> None:
+        """Seal ``[(packets, targets), ...]`` with the next sequence numbers
+        (C loops), queue the datagrams in order, count them; the meters were
+        fed when the packets were decided."""
+        sealer = self.sealer
+        seq = self._seq + 1
+        total = sum(len(r[0]) for r in runs)
+        if not sealer._send_guard_data < seq or seq + total - 1 > wire.MAX_SEQ:
+            raise ValueError("DATA sequence numbers exhausted or reused")
+        encrypt, sid, epoch = sealer._send.encrypt, self.session_id, sealer.send_epoch
+        sendbuf, mask, out = self._sendbuf, self._sendmask, self._out
+        for pkts, targets in runs:
+            n = len(pkts)
+            dgrams, nbytes = loops.seal_dup(encrypt, sid, epoch, seq, pkts,
+                                            bytes(t.member for t in targets), sendbuf, mask, targets)
+            if len(targets) == 1:
+                m = targets[0].member
+                out += [(m, d) for d in dgrams[0]]
+            else:
+                members = [t.member for t in targets]
+                for k in range(n):
+                    for j, m in enumerate(members):
+                        out.append((m, dgrams[j][k]))
+            for sub in targets:
+                sub.tx_packets += n
+                sub.tx_bytes += nbytes
+                sub.data_tx += n
+                sub.note_data_sent(now)
+            seq += n
+        self._seq = seq - 1
+        sealer._send_guard_data = seq - 1
+        self.sent += total
 
     def _transmit(self, packet: bytes, targets, now: float) -> None:
         """Give ``packet`` the next sequence number and send it on ``targets``."""
