@@ -776,18 +776,34 @@ class Session:
             i += 1
         return out
 
-    def _nack_in_order(self, member: int, first: int, last: int, now: float) -> None:
-        """NACK bookkeeping for DATA ``first..last`` that arrived in order on
-        ``member`` (a C run): what ``_receive_data`` does per packet, once."""
+    def _note_high(self, member: int, seq: int, now: float) -> None:
+        """DATA up to ``seq`` came on ``member`` at ``now``: its highest number
+        and smoothed inter-arrival gap (``_passed_all``)."""
         h = self._high_by.get(member)
         if h is None:
-            self._high_by[member] = [last, now, 0.01]
+            self._high_by[member] = [seq, now, 0.01]
         else:
             gap = now - h[1]
             h[2] += 0.125 * ((gap if gap < 0.1 else 0.1) - h[2])
             h[1] = now
-            if last > h[0]:
-                h[0] = last
+            if seq > h[0]:
+                h[0] = seq
+
+    def _nack_if_passed(self, now: float) -> None:
+        """Subflows are FIFO: once every subflow carrying data has delivered
+        something above the first missing number, it is lost -- ask soon."""
+        missing = self._missing
+        head = next(iter(missing))
+        if head < self._passed_all(now):
+            c = self.config
+            t = max(now, missing[head] + c.nack_wait_min, self._nack_last + c.nack_interval)
+            if self._nack_next is None or t < self._nack_next:
+                self._nack_next = t
+
+    def _nack_in_order(self, member: int, first: int, last: int, now: float) -> None:
+        """NACK bookkeeping for DATA ``first..last`` that arrived in order on
+        ``member`` (a C run): what ``_receive_data`` does per packet, once."""
+        self._note_high(member, last, now)
         if last > self._rx_high:
             self._rx_high = last
         missing = self._missing
@@ -795,12 +811,7 @@ class Session:
             for s in range(first, last + 1):  # repairs arriving in order
                 missing.pop(s, None)
             if missing:
-                head = next(iter(missing))
-                if head < self._passed_all(now):
-                    c = self.config
-                    t = max(now, missing[head] + c.nack_wait_min, self._nack_last + c.nack_interval)
-                    if self._nack_next is None or t < self._nack_next:
-                        self._nack_next = t
+                self._nack_if_passed(now)
 
     def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
         """A header-valid DATA datagram for ``sub``: drop stale copies before
@@ -832,15 +843,7 @@ class Session:
         sub.on_data(now)
         out = reorder.push(seq, payload, now)
         if self.nack_enabled:
-            h = self._high_by.get(sub.member)
-            if h is None:
-                self._high_by[sub.member] = [seq, now, 0.01]
-            else:
-                gap = now - h[1]
-                h[2] += 0.125 * ((gap if gap < 0.1 else 0.1) - h[2])
-                h[1] = now
-                if seq > h[0]:
-                    h[0] = seq
+            self._note_high(sub.member, seq, now)
             missing = self._missing
             if seq > self._rx_high:
                 if seq > self._rx_high + 1:
@@ -849,14 +852,7 @@ class Session:
             elif missing:
                 missing.pop(seq, None)
             if missing:
-                # Subflows are FIFO: once every subflow carrying data has
-                # delivered something above a missing number, it is lost.
-                first = next(iter(missing))
-                if first < self._passed_all(now):
-                    c = self.config
-                    t = max(now, missing[first] + c.nack_wait_min, self._nack_last + c.nack_interval)
-                    if self._nack_next is None or t < self._nack_next:
-                        self._nack_next = t
+                self._nack_if_passed(now)
         return out
 
     # -- NACK ---------------------------------------------------------------------
@@ -914,7 +910,18 @@ class Session:
         fastest = min((s.rtt.srtt for s in up if s.rtt.srtt is not None), default=0.0)
         due: list[int] = []
         chunks: list[int] = []  # where each NACK payload after the first starts in ``due``
-        chunk0 = 0
+        per_round = self.config.nack_per_round
+
+        def take(s: int) -> bool:
+            """Add ``s`` to this round (a NACK payload names NACK_SPAN
+            consecutive numbers); False when the round has no payload left."""
+            if due and s - due[chunks[-1] if chunks else 0] >= wire.NACK_SPAN:
+                if len(chunks) + 1 >= per_round:
+                    return False
+                chunks.append(len(due))  # the next NACK payload starts here
+            due.append(s)
+            return True
+
         oldest = now  # when the oldest gap asked for now appeared
         nxt = None
         passed = self._passed_all(now)
@@ -947,15 +954,9 @@ class Session:
                 continue
             if t < oldest:
                 oldest = t
-            if due and s - chunk0 >= wire.NACK_SPAN:
-                if len(chunks) + 1 >= self.config.nack_per_round:
-                    nxt = now
-                    break
-                chunks.append(len(due))  # the next NACK payload starts here
-                chunk0 = s
-            elif not due:
-                chunk0 = s
-            due.append(s)
+            if not take(s):
+                nxt = now
+                break
         first_seen = {s: missing[s] for s in due}  # when each gap was noticed
         if again and up:
             # merged in order (a NACK payload covers 64 consecutive numbers);
@@ -965,17 +966,12 @@ class Session:
                 if asked[s][1] < oldest:
                     oldest = asked[s][1]
             merged = sorted(set(due) | set(again))
-            due, chunks, chunk0 = [], [], 0
+            due.clear()
+            chunks.clear()
             for s in merged:
-                if due and s - chunk0 >= wire.NACK_SPAN:
-                    if len(chunks) + 1 >= self.config.nack_per_round:
-                        nxt = now
-                        break
-                    chunks.append(len(due))
-                    chunk0 = s
-                elif not due:
-                    chunk0 = s
-                due.append(s)
+                if not take(s):
+                    nxt = now
+                    break
             self.nack_again += sum(1 for s in due if s in asked)
         if due and up:
             for s in due:
@@ -1021,20 +1017,17 @@ class Session:
                         del asked[s]
                 if again_next is None or again_at < again_next:
                     again_next = again_at
-        if missing or asked:
-            if missing:
-                if nxt is None:
-                    nxt = next(iter(missing.values())) + wait
-            else:
-                nxt = again_next if nxt is None else nxt
-            if again_next is not None and (nxt is None or again_next < nxt):
-                nxt = again_next
-            if nxt is None:
-                self._nack_next = None
-            else:
-                self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
-        else:
+        if not missing and not asked:
             self._nack_next = None
+            return
+        if missing and nxt is None:
+            nxt = next(iter(missing.values())) + wait
+        if again_next is not None and (nxt is None or again_next < nxt):
+            nxt = again_next
+        if nxt is None:
+            self._nack_next = None
+        else:
+            self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
 
     def _on_nack(self, payload, now: float) -> None:
         """The peer is missing these sequence numbers: re-send them on other subflows."""
