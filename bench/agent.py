@@ -121,9 +121,8 @@ def main(argv=None) -> int:
                             lab.ha, lab.hb, "192.168.20.2", args.seconds))
         Lab.stop(fa)
         Lab.stop(fb)
-        runs = [(1, m, f, "off") for m in args.offload.split(",") for f in args.fastpath.split(",")
-                if args.one_carrier]
-        runs = [r + ("duplicate",) for r in runs]
+        runs = [(1, m, f, "off", "duplicate") for m in args.offload.split(",")
+                for f in args.fastpath.split(",") if args.one_carrier]
         runs += [(3, m, f, k, b) for b in args.modes.split(",") for m in args.offload.split(",")
                  for f in args.fastpath.split(",") for k in args.nack.split(",")]
         for n, mode, fast, nack, base_mode in runs:

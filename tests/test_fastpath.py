@@ -41,6 +41,11 @@ def counters(sess: Session):
     return c, links
 
 
+def sendbuf_entries(sess: Session):
+    """The send buffer as NACK re-sends find it: sealed bytes and the members that carried them."""
+    return [None if e is None else (e[0], e[1], [s.member for s in e[2]]) for e in sess._sendbuf]
+
+
 @needs_c
 @pytest.mark.parametrize("cipher", ["chacha20-poly1305", "aes-256-gcm"])
 def test_send_many_makes_the_same_datagrams_as_send(cipher):
@@ -54,10 +59,7 @@ def test_send_many_makes_the_same_datagrams_as_send(cipher):
         assert c.a.send_many(batch, now) == len(batch)
         assert sorted(py.a.datagrams_to_send()) == sorted(c.a.datagrams_to_send())
     assert counters(py.a) == counters(c.a)
-    def entries(sess):  # NACK re-sends find the same sealed bytes, carried by the same members
-        return [None if e is None else (e[0], e[1], [s.member for s in e[2]]) for e in sess._sendbuf]
-
-    assert entries(py.a) == entries(c.a)
+    assert sendbuf_entries(py.a) == sendbuf_entries(c.a)
 
 
 @needs_c
@@ -97,11 +99,7 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
     assert counters(py.a) == counters(c.a)
     assert c.a._sched.c == py.a._sched.c
-
-    def entries(sess):
-        return [None if e is None else (e[0], e[1], [s.member for s in e[2]]) for e in sess._sendbuf]
-
-    assert entries(py.a) == entries(c.a)
+    assert sendbuf_entries(py.a) == sendbuf_entries(c.a)
 
 
 @needs_c
