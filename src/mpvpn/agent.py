@@ -252,13 +252,11 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
-        module, where = ubusmod.available()
-        if module is not None:
-            self.ubus = ubusmod.UbusTransport(module, where, self.rpc_handlers(), self.post)
-            if not self.ubus.start():
-                self.ubus = None
+        if ubusmod.find_socket() is not None:  # a router: publish (and keep publishing) on ubus
+            self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post)
+            self.ubus.start(timeout=1.0)
         else:
-            log.debug("ubus not used (%s); status on %s", where, self.rpc.path)
+            log.debug("ubus not used (no ubusd socket); status on %s", self.rpc.path)
         if self.role == "server":
             self._start_server(now)
         else:
