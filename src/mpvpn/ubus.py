@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 
+from mpvpn import logsink
 from mpvpn import ubusmsg as um
 
 log = logging.getLogger("mpvpn.ubus")
@@ -267,7 +268,7 @@ class UbusTransport:
             if self.publishes == 1:
                 log.info("ubus object %s published on %s (%s)", OBJECT, conn.path, ", ".join(sorted(self._handlers)))
             else:
-                log.warning("ubus object %s re-published after %.1f s without ubusd", OBJECT,
+                log.log(logsink.NOTICE, "ubus object %s re-published after %.1f s without ubusd", OBJECT,
                             time.monotonic() - (down_since or time.monotonic()))
             delay, down_since = self._backoff[0], None
             self._published.set()
