@@ -39,6 +39,11 @@ from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
 
 log = logging.getLogger("mpvpn")
 
+# Session counters docs/status.md lists under `counters`: summed over the
+# sessions, 0 while there is none (the agent's own counters are always there).
+SESSION_COUNTERS = ("sent", "delivered", "duplicates", "late", "reorder_flushes", "deadline_releases",
+                    "auth_failures", "replays", "tx_no_subflow")
+
 BATCH = 256  # packets taken from one fd per wake-up before looking at the others
 DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into super-segments)
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
@@ -1078,7 +1083,7 @@ class Agent:
         now = self.clock()
         sessions = []
         links = []
-        totals: dict[str, int] = {}
+        totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
         for ds in self.sessions.values():
             st = ds.sess.status(now)
             sched = ds.sess.scheduler
@@ -1113,7 +1118,7 @@ class Agent:
                    "closed_by_reason": dict(self.control_counters),
                    "registry": dict(self.registry.counters) if self.registry is not None else {}}
         else:
-            ctl = {"state": "connecting", "server": None, "epoch": None}
+            ctl = {"state": "connecting", "server": None, "epoch": None, "counters": {}}
             for c in self.controls:
                 if c.conn is not None:
                     ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",
