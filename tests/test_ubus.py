@@ -160,6 +160,17 @@ def test_events_go_out_and_a_failing_handler_answers_with_an_error(ubusd):
         t.stop()
 
 
+def test_an_answer_too_big_for_ubusd_is_an_error_not_a_lost_connection(ubusd):
+    t = ubusmod.UbusTransport({"status": lambda a: {"blob": "x" * um.MAX_MSGLEN}}, inline_post,
+                              socket_path=ubusd.path)
+    assert t.start()
+    try:
+        assert ubusd.call("orayboxvpn", "status") == (um.STATUS_UNKNOWN_ERROR, None)
+        assert t.publishes == 1 and t.published
+    finally:
+        t.stop()
+
+
 def test_the_object_comes_back_after_ubusd_restarts_and_the_agent_says_so(ubusd, caplog):
     caplog.set_level(logging.INFO, logger="mpvpn.ubus")
     t = ubusmod.UbusTransport(handlers(), inline_post, socket_path=ubusd.path, backoff=(0.05, 0.2))

@@ -322,5 +322,10 @@ class UbusTransport:
         except Exception as e:  # the agent stays up; the caller gets a reason
             log.error("ubus %s.%s failed: %s", OBJECT, method, e)
             result = {"error": f"{type(e).__name__}: {e}"}
-        if not no_reply:
+        if no_reply:
+            return
+        try:
             conn.reply(m, objid, um.STATUS_OK, result if isinstance(result, dict) else {"result": result})
+        except um.BlobError as e:  # e.g. over ubusd's 1 MiB message limit: an error, not a reconnect
+            log.error("ubus %s.%s: cannot send the answer: %s", OBJECT, method, e)
+            conn.reply(m, objid, um.STATUS_UNKNOWN_ERROR)
