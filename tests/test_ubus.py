@@ -250,3 +250,36 @@ def test_against_real_ubusd_and_ubus_cli(tmp_path, caplog):
         d.terminate()
         d.wait(5)
     assert "lost connection to ubusd" in caplog.text and "re-published after" in caplog.text
+
+
+# -- a real agent on ubus ------------------------------------------------------------
+
+@pytest.mark.usefixtures("netlab_ready")
+def test_a_running_agent_answers_on_ubus_sends_events_and_survives_a_ubusd_restart(make_lab, tmp_path):
+    from agentlab import TwoSites
+
+    d = StandinUbusd(str(tmp_path / "ubus.sock"))
+    lab = make_lab(carriers=2)
+    try:
+        with TwoSites(lab, carriers=2) as ts:
+            ts.b.start()
+            ts.b.wait(lambda s: True, 10, "server up")
+            ts.a.start(args_extra=("--ubus-socket", d.path))
+            ts.a.wait_connected(2)
+            assert wait_for(lambda: "orayboxvpn" in d.objects())
+            status, doc = d.call("orayboxvpn", "status")
+            assert status == 0 and doc["state"] == "connected" and doc["role"] == "client"
+            assert wait_for(lambda: any(e == "orayboxvpn.session" and v.get("state") == "connected"
+                                        for e, v in d.events))
+            assert any(e == "orayboxvpn.link" for e, _v in d.events)
+            # LuCI's Test links: {duration} plus the session id uhttpd adds
+            status, doc = d.call("orayboxvpn", "test_links", {"duration": 0.5, "ubus_rpc_session": "s" * 32})
+            assert status == 0 and doc["started"] is True, doc
+            d.restart()
+            assert wait_for(lambda: "orayboxvpn" in d.objects(), 15)
+            assert d.call("orayboxvpn", "status")[1]["role"] == "client"
+            log = ts.a.log()
+            assert "lost connection to ubusd" in log and "re-published after" in log
+            assert "Traceback" not in log
+    finally:
+        d.stop()

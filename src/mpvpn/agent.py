@@ -130,8 +130,10 @@ class Agent:
 
     def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
                  run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
-                 tun_factory=None, net_factory=None, name: str | None = None):
+                 tun_factory=None, net_factory=None, name: str | None = None,
+                 ubus_socket: str | None = None):
         self.cfg = cfg
+        self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
         self.uci_dir = uci_dir
         self.run_dir = run_dir
         self.clock = clock
@@ -257,8 +259,8 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
-        if ubusmod.find_socket() is not None:  # a router: publish (and keep publishing) on ubus
-            self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post)
+        if self.ubus_socket or ubusmod.find_socket() is not None:  # a router: publish (and keep publishing)
+            self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
             self.ubus.start(timeout=1.0)
         else:
             log.debug("ubus not used (no ubusd socket); status on %s", self.rpc.path)

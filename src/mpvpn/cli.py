@@ -45,7 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from mpvpn.agent import Agent
 
-    agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir)
+    agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir, ubus_socket=args.ubus_socket)
     try:
         return agent.run()
     except OSError as e:
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent in the foreground (what procd starts)")
     r.add_argument("--uci-dir", default=DEFAULT_UCI_DIR, help="directory with orayboxvpn and network")
     r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="where the status socket lives")
+    r.add_argument("--ubus-socket", metavar="PATH",
+                   help="ubusd's socket (default: /var/run/ubus/ubus.sock or /var/run/ubus.sock if there; "
+                        "without one the agent is not on ubus)")
     r.add_argument("--log", choices=("auto", "syslog", "stderr"), default="auto",
                    help="syslog: to logd (/dev/log) as 'orayboxvpn' at each line's priority; "
                         "auto (default): syslog on OpenWrt, stderr elsewhere")
