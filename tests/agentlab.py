@@ -51,11 +51,11 @@ class Site:
         (self.uci_dir / "orayboxvpn").write_text(orayboxvpn)
         (self.uci_dir / "network").write_text(network)
 
-    def start(self, env_extra: dict | None = None) -> None:
+    def start(self, env_extra: dict | None = None, args_extra: tuple = ()) -> None:
         self.logf = open(self.log_path, "a")
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env_extra or {}))
         self.proc = self.lab.popen(self.ns, [PYTHON, "-m", "mpvpn", "run", "--uci-dir", str(self.uci_dir),
-                                             "--run-dir", str(self.run_dir)],
+                                             "--run-dir", str(self.run_dir), *args_extra],
                                    stdout=self.logf, stderr=subprocess.STDOUT, env=env)
 
     def stop(self, sig: str = "TERM") -> int | None:

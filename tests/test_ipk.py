@@ -36,7 +36,7 @@ PRERM = """#!/bin/sh
 . ${IPKG_INSTROOT}/lib/functions.sh
 default_prerm $0 $@
 """
-DEPENDS = "libc, python3-light, python3-logging, python3-cryptography, python3-ubus, kmod-tun"
+DEPENDS = "libc, python3-light, python3-logging, python3-cryptography, kmod-tun"
 
 
 def _gnu_tar_ok() -> bool:
@@ -335,7 +335,7 @@ OPENWRT_SCRIPT = r"""
 set -e
 mkdir -p /var/lock /var/run
 opkg update >/dev/null
-opkg install python3-light python3-logging python3-cryptography python3-ubus kmod-tun >/dev/null || true
+opkg install python3-light python3-logging python3-cryptography kmod-tun >/dev/null || true
 opkg install --force-depends /pkgs/orayboxvpn_*_all.ipk /pkgs/luci-app-mpvpn_*_all.ipk
 test "$(stat -c %a /etc/config/orayboxvpn)" = 600
 uci set orayboxvpn.base.role='server'

@@ -39,6 +39,11 @@ from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
 
 log = logging.getLogger("mpvpn")
 
+# Session counters docs/status.md lists under `counters`: summed over the
+# sessions, 0 while there is none (the agent's own counters are always there).
+SESSION_COUNTERS = ("sent", "delivered", "duplicates", "late", "reorder_flushes", "deadline_releases",
+                    "auth_failures", "replays", "tx_no_subflow")
+
 BATCH = 256  # packets taken from one fd per wake-up before looking at the others
 DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into super-segments)
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
@@ -125,8 +130,10 @@ class Agent:
 
     def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
                  run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
-                 tun_factory=None, net_factory=None, name: str | None = None):
+                 tun_factory=None, net_factory=None, name: str | None = None,
+                 ubus_socket: str | None = None):
         self.cfg = cfg
+        self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
         self.uci_dir = uci_dir
         self.run_dir = run_dir
         self.clock = clock
@@ -252,13 +259,11 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
-        module, where = ubusmod.available()
-        if module is not None:
-            self.ubus = ubusmod.UbusTransport(module, where, self.rpc_handlers(), self.post)
-            if not self.ubus.start():
-                self.ubus = None
+        if self.ubus_socket or ubusmod.find_socket() is not None:  # a router: publish (and keep publishing)
+            self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
+            self.ubus.start(timeout=1.0)
         else:
-            log.debug("ubus not used (%s); status on %s", where, self.rpc.path)
+            log.debug("ubus not used (no ubusd socket); status on %s", self.rpc.path)
         if self.role == "server":
             self._start_server(now)
         else:
@@ -1080,7 +1085,7 @@ class Agent:
         now = self.clock()
         sessions = []
         links = []
-        totals: dict[str, int] = {}
+        totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
         for ds in self.sessions.values():
             st = ds.sess.status(now)
             sched = ds.sess.scheduler
@@ -1115,7 +1120,7 @@ class Agent:
                    "closed_by_reason": dict(self.control_counters),
                    "registry": dict(self.registry.counters) if self.registry is not None else {}}
         else:
-            ctl = {"state": "connecting", "server": None, "epoch": None}
+            ctl = {"state": "connecting", "server": None, "epoch": None, "counters": {}}
             for c in self.controls:
                 if c.conn is not None:
                     ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",

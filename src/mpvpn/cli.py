@@ -29,11 +29,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     from mpvpn import config as cfgmod
+    from mpvpn import logsink
 
     cfg, problems = cfgmod.load_config(args.uci_dir)
     level = cfg.base.log_level.upper() if cfg is not None else "INFO"
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
-                        format="%(levelname)s: %(message)s")
+    logsink.setup(args.log, getattr(logging, level, logging.INFO))
     log = logging.getLogger("mpvpn")
     for p in problems:
         (log.error if p.severity == cfgmod.ERROR else log.warning)("%s", p)
@@ -45,7 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from mpvpn.agent import Agent
 
-    agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir)
+    agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir, ubus_socket=args.ubus_socket)
     try:
         return agent.run()
     except OSError as e:
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the agent in the foreground (what procd starts)")
     r.add_argument("--uci-dir", default=DEFAULT_UCI_DIR, help="directory with orayboxvpn and network")
     r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="where the status socket lives")
+    r.add_argument("--ubus-socket", metavar="PATH",
+                   help="ubusd's socket (default: /var/run/ubus/ubus.sock or /var/run/ubus.sock if there; "
+                        "without one the agent is not on ubus)")
+    r.add_argument("--log", choices=("auto", "syslog", "stderr"), default="auto",
+                   help="syslog: to logd (/dev/log) as 'orayboxvpn' at each line's priority; "
+                        "auto (default): syslog on OpenWrt, stderr elsewhere")
     r.set_defaults(func=_cmd_run)
     st = sub.add_parser("status", help="print the running agent's status")
     st.add_argument("--json", action="store_true", help="the whole status document as JSON")

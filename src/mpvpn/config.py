@@ -196,7 +196,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "for path-MTU discovery or stall where ICMP is filtered. `0` leaves SYNs alone "
             "(e.g. when the firewall already clamps on this interface).",
         ),
-        "log_level": Option("log_level", "info", "Log verbosity (to syslog via procd)."),
+        "log_level": Option("log_level", "info", "Log verbosity (to logd as `orayboxvpn`, see docs/openwrt.md)."),
         "lan_subnet": Option(
             "cidr_list", None,
             "Extra subnets behind this router, besides the LAN of `network.lan`, that "
