@@ -258,7 +258,7 @@ def test_scripts(built, ipks):
     assert scripts["pre-deinstall"].decode().endswith('export pkgname="orayboxvpn"\ndefault_prerm\n')
     # the byte code the agent writes goes with the package, from 3.13's directory
     assert scripts["post-deinstall"].decode() == (ipks["orayboxvpn"].postrm + "\n")
-    assert f"/{SITE}/__pycache__" in scripts["post-deinstall"].decode()
+    assert f"/{SITE}\"\nrm -rf \"$dir/__pycache__\"" in scripts["post-deinstall"].decode()
     luci = built[f"luci-app-mpvpn-{VERSION}.apk"]["package"]["scripts"]["post-install"].decode()
     assert luci.endswith(ipks["luci-app-mpvpn"].postinst_pkg + "\n")  # luci.mk's postinst after default_postinst
     assert luci.count("#!") == 1

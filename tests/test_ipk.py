@@ -39,8 +39,9 @@ default_prerm $0 $@
 """
 # Package/orayboxvpn/postrm with $(PYTHON3_PKG_DIR)/mpvpn expanded
 POSTRM = """#!/bin/sh
-rm -rf "${{IPKG_INSTROOT}}{site}/__pycache__"
-rmdir "${{IPKG_INSTROOT}}{site}" 2>/dev/null
+dir="${{IPKG_INSTROOT}}{site}"
+rm -rf "$dir/__pycache__"
+[ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {{}} \\; 2>/dev/null
 exit 0
 """
 DEPENDS = "libc, python3-light, python3-logging, python3-cryptography, python3-ubus, kmod-tun"
@@ -309,15 +310,11 @@ def _install(res: dict, root: Path) -> list[str]:
 
 def _remove_like_opkg(root: Path, names: list[str]) -> None:
     """opkg-lede remove_data_files_and_list (libopkg/opkg_remove.c): the
-    package's files are unlinked, then its directories removed where empty."""
+    files of the package's .list are unlinked; that list holds no directory
+    (the data.tar's directories are not recorded), so none is removed."""
     for n in names:
         if not n.endswith("/"):
             (root / n.lstrip("/")).unlink()
-    for n in sorted((n for n in names if n.endswith("/") and n != "/"), key=len, reverse=True):
-        try:
-            (root / n.strip("/")).rmdir()
-        except OSError:
-            pass
 
 
 def test_postrm_removes_the_byte_code_the_agent_wrote(built, tmp_path):
@@ -339,12 +336,73 @@ def test_postrm_removes_the_byte_code_the_agent_wrote(built, tmp_path):
     assert pycache and all(p.suffix == ".pyc" for p in pycache)
     _remove_like_opkg(root, names)
     assert site.is_dir() and (site / "__pycache__").is_dir(), "left behind without the postrm"
+    (site / "_fastpath.so").write_bytes(b"orayboxvpn-fastpath's")  # another package's file stays
     postrm = tmp_path / "postrm"
     postrm.write_bytes(res["control_members"]["./postrm"][1])
+    subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
+    assert sorted(p.name for p in site.iterdir()) == ["_fastpath.so"]
+    (site / "_fastpath.so").unlink()
     subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
     assert not site.exists()
     left = [str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()]
     assert left == []
+
+
+def _opkg() -> str | None:
+    for cand in (shutil.which("opkg-cl"), shutil.which("opkg"), "/opt/owrt/bin/opkg-cl"):
+        if cand and os.access(cand, os.X_OK):
+            r = subprocess.run([cand, "--version"], capture_output=True, text=True)
+            if "opkg version" in r.stdout + r.stderr:
+                return cand
+    return None
+
+
+def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
+    """opkg-lede into an offline root (-o): install both packages, let the
+    agent's code write its byte code, opkg remove: nothing of ours is left
+    but the modified conffile, which opkg keeps on purpose."""
+    opkg = _opkg()
+    if opkg is None:
+        pytest.skip("opkg-lede not found (opkg-cl or opkg on PATH, /opt/owrt/bin/opkg-cl): "
+                    "build openwrt/opkg-lede to run this")
+    root = tmp_path / "root"
+    for d in ("etc", "var/lock", "usr/lib/opkg/info"):
+        (root / d).mkdir(parents=True)
+    conf = root / "etc/opkg.conf"
+    conf.write_text("dest root /\nlists_dir ext /var/opkg-lists\narch all 1\narch noarch 1\n")
+    # the feed packages ours depend on, as installed
+    (root / "usr/lib/opkg/status").write_text("".join(
+        f"Package: {p}\nVersion: 1\nStatus: install user installed\nArchitecture: all\n\n"
+        for p in [*DEPENDS.split(", "), "luci-base"]))
+    lib = os.environ.get("LD_LIBRARY_PATH", "")
+    # opkg-lede runs no package script in an offline root unless told to
+    # (pkg_run_script); OpenWrt's build sets IPKG_INSTROOT for them.
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(x for x in ("/opt/owrt/lib", lib) if x),
+           "IPKG_INSTROOT": str(root)}
+
+    def run(*args):
+        r = subprocess.run([opkg, "-f", str(conf), "-o", str(root), "--force-postinstall", *args],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    run("install", *(str(built[n]) for n in sorted(built)))
+    site = root / SITE
+    assert (site / "cli.py").is_file()
+    assert (root / "usr/lib/opkg/info/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
+    r = subprocess.run([sys.executable, "-c", "import sys; from mpvpn.cli import main; sys.exit(main())",
+                        "check", "--uci-dir", str(root / "etc/config")],
+                       env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
+                       capture_output=True, text=True)
+    assert "config NOT OK" in r.stdout  # the shipped default is to be filled in
+    assert list((site / "__pycache__").iterdir())
+    with open(root / "etc/config/orayboxvpn", "a") as f:
+        f.write("\n")  # the admin's edit
+    run("remove", "luci-app-mpvpn", "orayboxvpn")
+    assert not site.exists()
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not str(p.relative_to(root)).startswith(("usr/lib/opkg", "etc/opkg")))
+    assert left == ["etc/config/orayboxvpn"]
 
 
 # --- byte for byte against GNU tar -------------------------------------------------

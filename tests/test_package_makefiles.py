@@ -147,7 +147,7 @@ def test_makefiles_follow_the_target_python():
     # the byte code the agent writes is removed with the package, in the same directory
     postrm = ipk.parse_makefile(CORE).define("Package/orayboxvpn/postrm")
     assert postrm.startswith("#!/bin/sh\n")
-    assert 'rm -rf "$${IPKG_INSTROOT}$(PYTHON3_PKG_DIR)/mpvpn/__pycache__"' in postrm
+    assert 'dir="$${IPKG_INSTROOT}$(PYTHON3_PKG_DIR)/mpvpn"\nrm -rf "$$dir/__pycache__"' in postrm
     assert "$(PYTHON3_PKG_DIR)" in ipk.parse_makefile(CORE).define("Build/Compile")
 
 
