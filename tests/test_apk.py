@@ -371,7 +371,57 @@ def test_real_apk_installs_both_packages(built, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "etc/config/orayboxvpn" in r.stdout, r.stdout + r.stderr
     assert (root / "lib/apk/packages/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
+    # an upgrade keeps the admin's config (the new one beside it, as apk does under /etc)
+    conf = root / "etc/config/orayboxvpn"
+    conf.write_text(conf.read_text() + "# the admin's edit\n")
+    newer = []
+    for p in ipk.packages(ROOT, "3.13"):
+        p.version = f"{__version__}-r2"
+        newer.append(str(apk.build_apk(p, tmp_path / "r2", EPOCH)))
+    r = subprocess.run([tool, "add", "--root", str(root), "--allow-untrusted", "--no-network",
+                        "--no-scripts", "--no-cache", *newer], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert conf.read_text().endswith("# the admin's edit\n")
+    assert (root / "etc/config/orayboxvpn.apk-new").is_file()
     r = subprocess.run([tool, "del", "--root", str(root), "--no-scripts", "--no-network",
                         "luci-app-mpvpn", "orayboxvpn"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (root / SITE / "cli.py").exists()
+
+
+@pytest.mark.parametrize("which", ["orayboxvpn", "luci-app-mpvpn"])
+def test_same_bytes_as_real_apk_mkpkg(tmp_path, which):
+    """The staged tree given to the real `apk mkpkg` with the --info and
+    --script arguments package-pack.mk passes gives the same package, byte
+    for byte (the deflate stream too, with the same zlib)."""
+    tool = _apk_tool()
+    if tool is None:
+        pytest.skip("apk-tools v3 not found (apk on PATH or /opt/owrt/bin/apk)")
+    if os.geteuid() != 0:
+        pytest.skip("apk mkpkg records the files' owner names: run as root (the SDK uses fakeroot)")
+    pkg = apk.apk_package({p.name: p for p in ipk.packages(ROOT, "3.13")}[which])
+    stage = tmp_path / "stage"
+    for path, (mode, data) in pkg.files.items():
+        f = stage / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+        f.chmod(mode)
+    for dirpath, _, _ in os.walk(stage):
+        os.chmod(dirpath, 0o755)
+    args = [tool, "mkpkg", "--info", f"name:{pkg.name}", "--info", f"version:{pkg.version}",
+            "--info", f"description:{pkg.description}", "--info", f"arch:{pkg.arch}",
+            "--info", f"license:{pkg.license}", "--info", f"origin:{pkg.origin}",
+            "--info", f"url:{pkg.url}", "--info", f"maintainer:{pkg.maintainer}",
+            "--info", "provides:" + " ".join(pkg.provides)]
+    for name, text in pkg.scripts.items():
+        (tmp_path / name).write_bytes(text)
+        args += ["--script", f"{name}:{tmp_path / name}"]
+    out = tmp_path / "real.apk"
+    args += ["--info", "depends:" + " ".join(pkg.depends), "--files", str(stage), "--output", str(out)]
+    r = subprocess.run(args, env={**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    real = out.read_bytes()
+    ours = apk.package_bytes(pkg, EPOCH)
+    assert zlib.decompress(real[4:], -15) == ours
+    assert read_apk(real)["files"] == read_apk(apk.compress(ours))["files"]
