@@ -425,3 +425,36 @@ def test_same_bytes_as_real_apk_mkpkg(tmp_path, which):
     ours = apk.package_bytes(pkg, EPOCH)
     assert zlib.decompress(real[4:], -15) == ours
     assert read_apk(real)["files"] == read_apk(apk.compress(ours))["files"]
+
+
+def test_real_apk_scripts_remove_the_byte_code(built, tmp_path):
+    """apk runs the package scripts chrooted into the root: with a shell
+    there (busybox), apk del runs post-deinstall, which removes the byte
+    code Python wrote next to the agent's sources."""
+    tool = _apk_tool()
+    busybox = shutil.which("busybox")
+    if tool is None or busybox is None or os.geteuid() != 0:
+        pytest.skip("needs apk-tools v3, busybox and root (apk chroots into the root for the scripts)")
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "rm", "rmdir", "find"):
+        (root / "bin" / applet).symlink_to("busybox")
+    ldd = subprocess.run(["ldd", busybox], capture_output=True, text=True).stdout
+    for lib in (w for w in ldd.split() if w.startswith("/")):  # a dynamic busybox's libraries
+        (root / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lib, root / lib.lstrip("/"))
+    paths = built["_paths"]
+    deps = sorted({d["name"].decode() for p in paths for d in read_apk(p.read_bytes())["package"]["info"]
+                   ["depends"]} - {"orayboxvpn"})
+    r = subprocess.run([tool, "add", "--root", str(root), "--initdb", "--allow-untrusted", "--no-network",
+                        "--no-cache", str(_stub_provider(tmp_path, deps)), *map(str, paths)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Executing orayboxvpn-" in r.stdout, r.stdout + r.stderr
+    site = root / SITE
+    (site / "__pycache__").mkdir()
+    (site / "__pycache__" / "cli.cpython-313.pyc").write_bytes(b"byte code")
+    r = subprocess.run([tool, "del", "--root", str(root), "--no-network", "luci-app-mpvpn", "orayboxvpn"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"orayboxvpn-{VERSION}.post-deinstall" in r.stdout, r.stdout + r.stderr
+    assert not site.exists()
