@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -750,6 +751,83 @@ def test_reload_after_disable_removes_the_instance(harness):
     # the instance list sent by start is empty: procd stops the agent
     assert _calls(log, "start") and not _calls(log, "procd_open_instance")
     assert not harness.agent_running
+
+
+# --- against OpenWrt's own procd, ubusd and rc.common ----------------------------------
+
+OWRT_ROUTER = Path("/opt/owrt/bin/owrt-router.sh")
+SERVER = """
+config base 'base'
+	option role 'server'
+	option listen_address '127.0.0.1:7000'
+	option psk 'MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY='
+
+config vnc 'vnc'
+	option ipaddr '172.30.0.2/30'
+
+config smpu 'telecom'
+	option type 'telecom'
+	option bind_ip '127.0.0.1'
+"""
+
+
+@pytest.fixture
+def owrt_router():
+    """A throw-away router of OpenWrt 24.10's real userland (procd as service
+    manager, ubusd, logd, base-files' rc.common and procd.sh, busybox ash),
+    in its own mount and network namespace, with this checkout's init script
+    and agent. Made by /opt/owrt/bin/owrt-router.sh where that was built
+    (not part of this repository)."""
+    if not os.access(OWRT_ROUTER, os.X_OK):
+        pytest.skip(f"{OWRT_ROUTER} not found: OpenWrt's userland (procd, ubusd, rc.common) is not built here")
+    if os.geteuid() != 0:
+        pytest.skip("the OpenWrt router needs root (mount and network namespaces)")
+    name = f"oinit{os.getpid()}"
+    r = subprocess.run([str(OWRT_ROUTER), "start", name, "--mpvpn-src", str(ROOT / "src"),
+                        "--mpvpn-files", str(ROOT / "files")], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+        pytest.fail(f"router did not start: {r.stdout}{r.stderr}")
+
+    def sh(cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(OWRT_ROUTER), "exec", name, cmd], capture_output=True, text=True, timeout=120)
+    try:
+        yield sh
+    finally:
+        subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+
+
+PID = "ubus call service list '{\"name\":\"orayboxvpn\"}' | jsonfilter -e '@.orayboxvpn.instances.*.pid'"
+CONFIG_CHANGE = "ubus call service event '{\"type\":\"config.change\",\"data\":{\"package\":\"orayboxvpn\"}}'"
+
+
+def test_real_procd_bad_config_never_stops_or_respawns(owrt_router):
+    sh = owrt_router
+    quoted = SERVER.replace("'", "'\"'\"'")
+    r = sh(f"printf '%s' '{quoted}' > /etc/config/orayboxvpn && /etc/init.d/orayboxvpn start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = sh(f"sleep 2; {PID}").stdout.strip()
+    assert pid.isdigit(), sh("logread").stdout
+    bad = "uci set orayboxvpn.base.keepalive_idle=0; uci commit orayboxvpn; "
+    # reload from the shell: refused with mpvpn check's reason, the agent untouched
+    r = sh(bad + "/etc/init.d/orayboxvpn reload")
+    assert r.returncode == 1
+    assert "orayboxvpn.base.keepalive_idle: '0' is out of range" in r.stderr
+    assert "not reloaded" in r.stderr
+    # reload through procd's config trigger (LuCI's Save & Apply, reload_config), and start
+    r = sh(f"{CONFIG_CHANGE}; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 3; {PID}")
+    assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
+    log = sh("logread -e orayboxvpn").stdout
+    assert log.count("orayboxvpn.base.keepalive_idle: '0' is out of range") >= 3  # reload, trigger, start
+    # not running: start refuses, procd has the service but no instance, nothing respawns
+    r = sh("/etc/init.d/orayboxvpn stop; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 6; "
+           "ubus call service list '{\"name\":\"orayboxvpn\"}'")
+    first, rest = r.stdout.split("\n", 1)
+    assert first == "rc=1", r.stdout + r.stderr
+    assert json.loads(rest)["orayboxvpn"].get("instances", {}) == {}, rest
+    # fixed and applied: the trigger registered by the refused start starts it
+    r = sh(f"uci delete orayboxvpn.base.keepalive_idle; uci commit orayboxvpn; {CONFIG_CHANGE}; sleep 4; {PID}")
+    assert r.stdout.strip().isdigit() and r.stdout.strip() != pid, r.stdout + r.stderr
 
 
 # --- the hotplug script ----------------------------------------------------------
