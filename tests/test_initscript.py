@@ -324,6 +324,10 @@ sys.exit(validate(args) if cmd == "validate" else export_sections(args[0]))
 #   vlist_update, add the instances sent, vlist_flush): afterwards exactly
 #   the instances sent run, so a `set` without an instance stops a running
 #   agent. The state lives in $STUB_STATE ("1": an agent runs).
+# * stop/restart mirror rc.common's: restart() { trap '' TERM; stop; trap - TERM;
+#   start; } is defined before the init script is sourced (so a script may
+#   define its own), stop() runs stop_service and procd_kill (the agent is
+#   gone).
 # * procd_running mirrors procd.sh procd_running (`ubus call service list`,
 #   instances[*].running == true).
 STUBS = r"""
@@ -412,6 +416,18 @@ reload() {
 		start
 	fi
 }
+stop() {
+	stub_log stop "$@"
+	stop_service "$@"
+	echo 0 > "$STUB_STATE"
+}
+restart() {
+	trap '' TERM
+	stop "$@"
+	trap - TERM
+	start "$@"
+}
+stop_service() { return 0; }
 rc_action() { ( "$@" ); stub_log exit "$?"; }
 """
 
@@ -657,6 +673,22 @@ def test_reload_with_a_rejected_config_leaves_the_agent_alone(harness, tmp_path,
     assert first_error in [m.replace(str(harness.uci_dir), "DIR") for m in logged]
 
 
+@pytest.mark.parametrize("name", ["psk", "second_base", "ok_sample"])
+def test_restart_with_a_rejected_config_keeps_a_running_agent(harness, name):
+    """rc.common's restart is stop, then start: with a bad config the agent
+    would be stopped and then not started. The script checks first."""
+    harness.write_config(_variant(name))
+    log = harness.run("rc_action restart", running=True)
+    assert harness.agent_running
+    if name.startswith("ok_"):
+        assert [c[0] for c in log if c[0] in ("stop", "start", "service_set")] == ["stop", "start", "service_set"]
+        assert log[-1] == ["exit", "0"]
+        return
+    assert not _calls(log, "stop", "start", "service_set")
+    assert log[-1] == ["exit", "1"]
+    assert any("not restarted" in c[-1] for c in _calls(log, "logger"))
+
+
 def test_start_with_a_rejected_config_keeps_a_running_agent(harness):
     """`/etc/init.d/orayboxvpn start` (or restart's start half) while an agent
     runs: nothing reaches procd, the agent keeps running."""
@@ -819,6 +851,9 @@ def test_real_procd_bad_config_never_stops_or_respawns(owrt_router):
     assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
     log = sh("logread -e orayboxvpn").stdout
     assert log.count("orayboxvpn.base.keepalive_idle: '0' is out of range") >= 3  # reload, trigger, start
+    r = sh("/etc/init.d/orayboxvpn restart; echo rc=$?; sleep 2; " + PID)
+    assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
+    assert "not restarted" in r.stderr
     # not running: start refuses, procd has the service but no instance, nothing respawns
     r = sh("/etc/init.d/orayboxvpn stop; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 6; "
            "ubus call service list '{\"name\":\"orayboxvpn\"}'")
