@@ -3,7 +3,11 @@
 #   make test   - install everything into .venv and run the whole suite
 #   make bench  - run the benchmarks under bench/
 #   make ipk    - build dist/orayboxvpn_<ver>_all.ipk and dist/luci-app-mpvpn_<ver>_all.ipk
-#                 (OpenWrt 24.10 and older; no SDK needed, see docs/openwrt.md)
+#                 (opkg: OpenWrt 24.10 and older; no SDK needed, see docs/openwrt.md)
+#   make apk    - build dist/orayboxvpn-<ver>.apk and dist/luci-app-mpvpn-<ver>.apk
+#                 (apk-tools v3: OpenWrt 25.12 and later; no SDK needed)
+#   OPENWRT=24.10|25.12 picks the target release (its python3: 3.11 | 3.13);
+#                 default 24.10 for ipk, 25.12 for apk
 #   make test-openwrt - the OpenWrt packaging tests (a real OpenWrt rootfs in Docker
 #                 when a Docker engine runs, otherwise skipped with the reason)
 # (The OpenWrt package recipe lives in package/orayboxvpn/Makefile.)
@@ -15,7 +19,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
 SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping iperf3:iperf3
 
-.PHONY: all venv sysdeps test demo bench ipk test-openwrt clean fastpath
+.PHONY: all venv sysdeps test demo bench ipk apk test-openwrt clean fastpath
 
 all: test
 
@@ -68,10 +72,13 @@ bench: $(STAMP) fastpath
 	$(PY) bench/aggregate.py
 
 ipk: $(STAMP)
-	$(PY) -m mpvpn.ipk --out dist
+	$(PY) -m mpvpn.ipk --out dist --release $(or $(OPENWRT),24.10)
+
+apk: $(STAMP)
+	$(PY) -m mpvpn.apk --out dist --release $(or $(OPENWRT),25.12)
 
 test-openwrt: $(STAMP)
-	$(PY) -m pytest -rs tests/test_initscript.py tests/test_ipk.py tests/test_pair.py tests/test_package_makefiles.py
+	$(PY) -m pytest -rs tests/test_initscript.py tests/test_ipk.py tests/test_apk.py tests/test_pair.py tests/test_package_makefiles.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

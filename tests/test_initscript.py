@@ -2,19 +2,28 @@
 
 * Both are valid POSIX sh (``sh -n``, ``dash -n``, busybox ash ``-n`` and
   shellcheck where installed).
-* The init script's validation spec (``uci_load_validate`` lists) names
-  exactly the options of ``mpvpn.config.OPTIONS``, with the procd datatypes of
-  ``KINDS`` and the defaults, and only datatypes libvalidate knows.
-* Its functions are run under dash and busybox ash in a harness: test stubs
-  (below; not OpenWrt code) record every ``procd_*`` call, ``config_load``
-  reads our UCI files through ``mpvpn.uci``, and a stand-in for
-  ``/sbin/validate_data`` prints what the real one prints (ubox
-  ``validate/cli.c``: ``opt='value'; `` / ``unset -v opt; ``, the spec as
-  ``json_add_*`` commands when the section name is empty).
+* The init script's validation spec for procd (``uci_load_validate`` lists,
+  registered with ``procd_add_validation``) names exactly the options of
+  ``mpvpn.config.OPTIONS``, with the procd datatypes of ``KINDS`` and the
+  defaults, and only datatypes libvalidate knows.
+* The verdict on start and reload is ``mpvpn check``'s: the same values are
+  refused with the same reasons (issue 12's twelve examples and a scoped
+  IPv6 ``bind_ip`` that check accepts), a refused reload never reaches procd
+  and a refused start exits 1 without an instance.
+* Its functions are run under dash and busybox ash in a harness: stand-ins
+  (below; not OpenWrt code) for rc.common's start/reload and procd's
+  ``service set`` (see STUBS for the real functions each mirrors),
+  ``config_load`` reading our UCI files through ``mpvpn.uci``, and a
+  stand-in for ``/sbin/validate_data`` that prints what the real one prints
+  (ubox ``validate/cli.c``: ``opt='value'; `` / ``unset -v opt; ``, the spec
+  as ``json_add_*`` commands when the section name is empty) and judges
+  values as ``validate/validate.c`` does (``inet_pton`` for addresses).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shutil
@@ -25,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import config, uci
+from mpvpn import check, config, uci
 
 ROOT = Path(__file__).resolve().parents[1]
 INIT = ROOT / "files" / "etc" / "init.d" / "orayboxvpn"
@@ -145,7 +154,7 @@ def test_validation_datatypes_are_libvalidate_functions():
 
 # A stand-in for /sbin/validate_data and for `uci export` | uci_load: test code.
 HELPER = r'''
-import ipaddress, os, re, shlex, sys
+import os, re, shlex, socket, sys
 sys.path.insert(0, os.environ["STUB_SRC"])
 from mpvpn import uci
 
@@ -182,6 +191,13 @@ def parse(s, i=0):
 def strtol(v):
     return int(v, 0)
 
+def pton(family, v):
+    try:
+        socket.inet_pton(family, v)
+        return True
+    except OSError:
+        return False
+
 def ok(node, v):
     kind = node[0]
     if kind == "str":
@@ -204,13 +220,13 @@ def ok(node, v):
         if f == "float": return float(v) is not None
         if f == "bool": return v.lower() in ("0", "off", "false", "no", "disabled", "1", "on", "true", "yes", "enabled")
         if f == "string": return True
-        if f == "ip4addr": return bool(ipaddress.IPv4Address(v))
-        if f == "ip6addr": return bool(ipaddress.IPv6Address(v))
-        if f == "ipaddr": return bool(ipaddress.ip_address(v))
+        # validate.c dt_type_ip4addr/ip6addr/ipaddr: inet_pton, so no %zone
+        if f == "ip4addr": return pton(socket.AF_INET, v)
+        if f == "ip6addr": return pton(socket.AF_INET6, v)
+        if f == "ipaddr": return pton(socket.AF_INET, v) or pton(socket.AF_INET6, v)
         if f == "cidr4":
             a_, _, p = v.partition("/")
-            ipaddress.IPv4Address(a_)
-            return not p or (p.isdigit() and int(p) <= 32)
+            return pton(socket.AF_INET, a_) and (not p or (p.isdigit() and int(p) <= 32))
         if f == "port": return v.isdigit() and int(v) <= 65535
         if f == "uciname": return re.fullmatch(r"[A-Za-z0-9_]*", v) is not None
     except (ValueError, TypeError):
@@ -291,8 +307,30 @@ cmd, args = sys.argv[1], sys.argv[2:]
 sys.exit(validate(args) if cmd == "validate" else export_sections(args[0]))
 '''
 
-# Shell stubs of the OpenWrt environment the scripts run in: test code.
-STUBS = r'''
+# Shell stand-ins for the OpenWrt environment the scripts run in: test code.
+#
+# * rc_procd/start/reload mirror the USE_PROCD branch of
+#   package/base-files/files/etc/rc.common (openwrt-24.10 and 25.12, which
+#   are identical there): start() is `rc_procd start_service`, which calls
+#   procd_open_service, start_service and then procd_close_service "set"
+#   whatever start_service returned, and returns 0 (the `if type
+#   service_started` that ends start()); reload() runs reload_service when
+#   the script defines one. Each action runs in a subshell, as rc.common is
+#   a process of its own: an `exit` in start_service ends only the action.
+# * procd_open_service/procd_open_instance/procd_close_instance/
+#   procd_close_service mirror lib/functions/procd.sh (package/system/procd/
+#   files/procd.sh) building the message, and what procd does with
+#   `ubus call service set` (procd service/service.c service_update():
+#   vlist_update, add the instances sent, vlist_flush): afterwards exactly
+#   the instances sent run, so a `set` without an instance stops a running
+#   agent. The state lives in $STUB_STATE ("1": an agent runs).
+# * stop/restart mirror rc.common's: restart() { trap '' TERM; stop; trap - TERM;
+#   start; } is defined before the init script is sourced (so a script may
+#   define its own), stop() runs stop_service and procd_kill (the agent is
+#   gone).
+# * procd_running mirrors procd.sh procd_running (`ubus call service list`,
+#   instances[*].running == true).
+STUBS = r"""
 stub_log() {
 	printf '%s' "$1" >> "$STUB_LOG"
 	shift
@@ -330,17 +368,24 @@ uci_load_validate() {
 	[ -n "$_function" ] || return $_rc
 	"$_function" "$_name" "$_rc"
 }
+procd_lock() { :; }
+procd_open_service() { stub_log procd_open_service "$@"; _stub_instances=0; }
 procd_open_instance() { stub_log procd_open_instance "$@"; }
 procd_set_param() { stub_log procd_set_param "$@"; }
 procd_append_param() { stub_log procd_append_param "$@"; }
-procd_close_instance() { stub_log procd_close_instance "$@"; }
+procd_close_instance() { stub_log procd_close_instance "$@"; _stub_instances=$((_stub_instances + 1)); }
+procd_close_service() {
+	service_triggers
+	stub_log service_set "$_stub_instances"
+	if [ "$_stub_instances" -gt 0 ]; then echo 1 > "$STUB_STATE"; else echo 0 > "$STUB_STATE"; fi
+}
 procd_add_reload_trigger() { stub_log procd_add_reload_trigger "$@"; }
 procd_add_interface_trigger() { stub_log procd_add_interface_trigger "$@"; }
 procd_add_reload_interface_trigger() { stub_log procd_add_reload_interface_trigger "$@"; }
 procd_open_validate() { stub_log procd_open_validate; }
 procd_close_validate() { stub_log procd_close_validate; }
 procd_add_validation() { procd_open_validate; "$@"; procd_close_validate; }
-procd_running() { stub_log procd_running "$@"; [ "$STUB_RUNNING" = 1 ]; }
+procd_running() { stub_log procd_running "$@"; [ "$(cat "$STUB_STATE")" = 1 ]; }
 procd_send_signal() { stub_log procd_send_signal "$@"; }
 json_add_object() { stub_log json_add_object "$@"; }
 json_add_string() { stub_log json_add_string "$@"; }
@@ -348,8 +393,48 @@ json_close_object() { stub_log json_close_object "$@"; }
 logger() { stub_log logger "$@"; }
 mkdir() { stub_log mkdir "$@"; }
 ubus() { stub_log ubus "$@"; }
-start() { stub_log start "$@"; start_service "$@"; }
-'''
+rc_procd() {
+	local method="set"
+	[ -n "$2" ] && method="add"
+	procd_open_service orayboxvpn /etc/init.d/orayboxvpn
+	"$@"
+	procd_close_service "$method"
+}
+start() {
+	stub_log start "$@"
+	rc_procd start_service "$@"
+	if eval "type service_started" 2>/dev/null >/dev/null; then
+		service_started
+	fi
+}
+reload() {
+	stub_log reload "$@"
+	if eval "type reload_service" 2>/dev/null >/dev/null; then
+		procd_lock
+		reload_service "$@"
+	else
+		start
+	fi
+}
+stop() {
+	stub_log stop "$@"
+	stop_service "$@"
+	echo 0 > "$STUB_STATE"
+}
+restart() {
+	trap '' TERM
+	stop "$@"
+	trap - TERM
+	start "$@"
+}
+stop_service() { return 0; }
+rc_action() { ( "$@" ); stub_log exit "$?"; }
+"""
+
+# `mpvpn` as the router runs it (files/usr/bin/mpvpn), from this checkout.
+MPVPN = """#!/bin/sh
+PYTHONPATH="$STUB_SRC" exec "$STUB_PYTHON" -m mpvpn "$@"
+"""
 
 
 class Harness:
@@ -360,26 +445,39 @@ class Harness:
         self.uci_dir.mkdir()
         (tmp / "helper.py").write_text(HELPER)
         (tmp / "stubs.sh").write_text(STUBS)
+        self.mpvpn = tmp / "mpvpn"
+        self.mpvpn.write_text(MPVPN)
+        self.mpvpn.chmod(0o755)
         self.log = tmp / "calls.log"
         self.err = tmp / "stderr.log"
+        self.state = tmp / "procd.state"
 
     def write_config(self, text: str, name: str = "orayboxvpn") -> None:
         (self.uci_dir / name).write_text(text)
 
+    @property
+    def agent_running(self) -> bool:
+        return self.state.read_text().strip() == "1"
+
     def run(self, body: str, script: Path = INIT, running: bool = False, env: dict | None = None,
             source_in_subshell: bool = False) -> list[list[str]]:
+        """Run ``body`` after sourcing ``script`` (the init script's PROG and
+        UCI_DIR pointed at this checkout's mpvpn and the test's config);
+        ``running``: procd has a running agent before."""
         self.log.write_text("")
         self.err.write_text("")
+        self.state.write_text("1\n" if running else "0\n")
         e = dict(os.environ)
         e.update({
             "STUB_LOG": str(self.log), "STUB_ERR": str(self.err), "STUB_PYTHON": sys.executable,
             "STUB_HELPER": str(self.tmp / "helper.py"), "STUB_SRC": str(ROOT / "src"),
-            "UCI_CONFIG_DIR": str(self.uci_dir), "STUB_RUNNING": "1" if running else "0",
+            "STUB_STATE": str(self.state), "UCI_CONFIG_DIR": str(self.uci_dir),
         })
         e.update(env or {})
         source = f'( . "{script}" )' if source_in_subshell else f'. "{script}"'
-        prog = f'. "{self.tmp / "stubs.sh"}"\n{source}\n{body}\n'
-        r = subprocess.run([*self.shell, "-c", prog], env=e, capture_output=True, text=True, timeout=60)
+        setup = f'PROG="{self.mpvpn}"; UCI_DIR="{self.uci_dir}"; RUN_DIR=/var/run/orayboxvpn'
+        prog = f'. "{self.tmp / "stubs.sh"}"\n{source}\n{setup}\n{body}\n'
+        r = subprocess.run([*self.shell, "-c", prog], env=e, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"harness failed ({r.returncode}): {r.stderr}"
         self.stderr = r.stderr
         return [line.split("\t") for line in self.log.read_text().splitlines()]
@@ -416,8 +514,10 @@ config smpu
 	option enabled '0'
 """
 
-AGENT_COMMAND = ["procd_set_param", "command", "/usr/bin/mpvpn", "run",
-                 "--uci-dir", "/etc/config", "--run-dir", "/var/run/orayboxvpn"]
+
+def agent_command(h: Harness) -> list[str]:
+    return ["procd_set_param", "command", str(h.mpvpn), "run", "--log", "syslog",
+            "--uci-dir", str(h.uci_dir), "--run-dir", "/var/run/orayboxvpn"]
 
 
 def _calls(log, *names):
@@ -429,32 +529,175 @@ def test_sample_config_is_valid_for_mpvpn_too(tmp_path):
     assert cfg is not None, [str(p) for p in problems]
 
 
-def test_start_service_runs_one_agent(harness):
+def test_router_paths():
+    text = INIT.read_text()
+    assert re.search(r"^PROG=/usr/bin/mpvpn$", text, re.M)
+    assert re.search(r"^UCI_DIR=/etc/config$", text, re.M)
+    assert re.search(r"^RUN_DIR=/var/run/orayboxvpn$", text, re.M)
+    # the verdict is the agent's own checker, on the same directory
+    assert '"$PROG" check --uci-dir "$UCI_DIR"' in text
+
+
+def test_start_runs_one_agent(harness):
     harness.write_config(CLIENT)
-    log = harness.run('start_service; stub_log return "$?"')
+    log = harness.run("rc_action start")
     procd = [c for c in log if c[0].startswith("procd_")]
-    assert procd == [
+    assert procd[:7] == [
+        ["procd_open_service", "orayboxvpn", "/etc/init.d/orayboxvpn"],
         ["procd_open_instance"],
-        AGENT_COMMAND,
+        agent_command(harness),
         ["procd_set_param", "respawn"],
         ["procd_set_param", "stdout", "1"],
         ["procd_set_param", "stderr", "1"],
         ["procd_close_instance"],
     ]
     assert ["mkdir", "-p", "/var/run/orayboxvpn"] in log
-    assert log[-1] == ["return", "0"]
+    assert _calls(log, "service_set") == [["service_set", "1"]]
+    assert log[-1] == ["exit", "0"]
+    assert harness.agent_running
     assert not _calls(log, "logger")
-    assert "with false" not in harness.err.read_text()
 
 
-def test_start_service_disabled_starts_nothing(harness):
+def test_start_disabled_starts_nothing(harness):
     harness.write_config(DEFAULT_CONFIG.read_text())  # the shipped file: enabled '0'
-    log = harness.run('start_service; stub_log return "$?"')
+    log = harness.run("rc_action start")
     assert not _calls(log, "procd_open_instance", "procd_set_param", "logger")
-    assert log[-1] == ["return", "0"]
+    assert _calls(log, "service_set") == [["service_set", "0"]]
+    assert log[-1] == ["exit", "0"]
     assert "disabled" in harness.stderr
-    # every option of the shipped file passes procd's validation
+    assert not harness.agent_running
+
+
+def test_the_shipped_default_passes_procd_validation_spec(harness):
+    """Every option of the shipped file passes the datatypes procd gets."""
+    harness.write_config(DEFAULT_CONFIG.read_text())
+    harness.run("validate_orayboxvpn_base base; validate_orayboxvpn_vnc vnc")
     assert "with false" not in harness.err.read_text()
+
+
+def test_stand_in_empty_service_set_stops_the_agent(harness):
+    """The rc.common/procd stand-in is as strict as the real pair: a start
+    whose start_service adds no instance stops a running agent."""
+    harness.write_config(CLIENT)
+    log = harness.run("start_service() { return 1; }\nrc_action start", running=True)
+    assert _calls(log, "service_set") == [["service_set", "0"]]
+    assert log[-1] == ["exit", "0"]  # rc.common's start() returns 0 anyway
+    assert not harness.agent_running
+
+
+# The values `mpvpn check` rejects that procd's datatypes let through
+# (issue 12, item 5): (option line replaced or added, replacement).
+CHECK_REJECTS = {
+    "psk": ("\toption psk 'MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY='", "\toption psk 'not base64!'"),
+    "keepalive_idle": ("\toption log_level 'debug'", "\toption log_level 'debug'\n\toption keepalive_idle '0'"),
+    "dead_after": ("\toption log_level 'debug'", "\toption log_level 'debug'\n\toption dead_after '0'"),
+    "reorder_capacity": ("\toption log_level 'debug'",
+                         "\toption log_level 'debug'\n\toption reorder_capacity '0'"),
+    "target_loss": ("\toption log_level 'debug'", "\toption log_level 'debug'\n\toption target_loss '2'"),
+    "hold_max_ms": ("\toption log_level 'debug'", "\toption log_level 'debug'\n\toption hold_max_ms '0x10'"),
+    "netmask": ("\toption netmask '255.255.255.252'", "\toption netmask 'garbage'"),
+    "ifname": ("\toption netmask '255.255.255.252'",
+               "\toption netmask '255.255.255.252'\n\toption ifname 'a20characterifname00'"),
+    "port": ("\toption bind_ip '10.1.0.1'", "\toption bind_ip '10.1.0.1'\n\toption port '0'"),
+    "smpu_without_type": ("\toption type 'unicom'\n", ""),
+    "lan_subnet": ("\toption log_level 'debug'", "\toption log_level 'debug'\n\tlist lan_subnet 'abc'"),
+    "second_base": ("config vnc 'vnc'", "config base 'base2'\n\toption role 'server'\n\nconfig vnc 'vnc'"),
+    # and what procd's datatypes rejected before: these are fine for mpvpn
+    "ok_bind_ip_zone": ("\toption bind_ip '10.1.0.1'", "\toption bind_ip 'fe80::1%wan1'"),
+    "ok_sample": ("", ""),
+}
+CHECK_IDS = list(CHECK_REJECTS)
+
+
+def _variant(name: str) -> str:
+    old, new = CHECK_REJECTS[name]
+    if not old:
+        return CLIENT
+    assert old in CLIENT, name
+    return CLIENT.replace(old, new, 1)
+
+
+def _check(tmp: Path, text: str) -> tuple[int, list[str]]:
+    d = tmp / "check"
+    d.mkdir(exist_ok=True)
+    (d / "orayboxvpn").write_text(text)
+    out = io.StringIO()
+    rc = check.run(str(d), out)
+    return rc, [line.replace(str(d), "DIR") for line in out.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("name", CHECK_IDS)
+def test_start_gives_mpvpn_check_s_verdict_and_reasons(harness, tmp_path, name):
+    text = _variant(name)
+    rc, lines = _check(tmp_path, text)
+    assert (rc == 0) == name.startswith("ok_"), lines  # the examples are what they claim
+    harness.write_config(text)
+    log = harness.run("rc_action start")
+    logged = [c[-1] for c in _calls(log, "logger")]
+    if rc == 0:
+        assert _calls(log, "procd_open_instance")
+        assert _calls(log, "service_set") == [["service_set", "1"]]
+        assert log[-1] == ["exit", "0"] and not logged
+        return
+    assert not _calls(log, "procd_open_instance", "procd_set_param")
+    assert _calls(log, "service_set") == [["service_set", "0"]]  # triggers registered, no instance
+    assert log[-1] == ["exit", "1"]
+    assert not harness.agent_running
+    errors = [line for line in lines if line.startswith("orayboxvpn.") and ": warning: " not in line]
+    assert errors
+    for line in errors:  # each reason printed and logged, word for word
+        assert f"orayboxvpn: {line}" in harness.stderr.replace(str(harness.uci_dir), "DIR")
+        assert line in [m.replace(str(harness.uci_dir), "DIR") for m in logged]
+    for c in _calls(log, "logger"):
+        assert c[1:5] == ["-t", "orayboxvpn", "-p", "daemon.err"]
+
+
+@pytest.mark.parametrize("name", CHECK_IDS)
+def test_reload_with_a_rejected_config_leaves_the_agent_alone(harness, tmp_path, name):
+    text = _variant(name)
+    rc, lines = _check(tmp_path, text)
+    harness.write_config(text)
+    log = harness.run("rc_action reload", running=True)
+    assert harness.agent_running
+    if rc == 0:
+        assert _calls(log, "service_set") == [["service_set", "1"]]
+        assert _calls(log, "procd_send_signal") == [["procd_send_signal", "orayboxvpn", "*", "HUP"]]
+        assert log[-1] == ["exit", "0"]
+        return
+    # procd is not called at all: no `service set`, no signal
+    assert not _calls(log, "procd_open_service", "service_set", "procd_send_signal")
+    assert log[-1] == ["exit", "1"]
+    logged = [c[-1] for c in _calls(log, "logger")]
+    assert any("not reloaded" in m for m in logged)
+    first_error = next(line for line in lines if line.startswith("orayboxvpn.") and ": warning: " not in line)
+    assert first_error in [m.replace(str(harness.uci_dir), "DIR") for m in logged]
+
+
+@pytest.mark.parametrize("name", ["psk", "second_base", "ok_sample"])
+def test_restart_with_a_rejected_config_keeps_a_running_agent(harness, name):
+    """rc.common's restart is stop, then start: with a bad config the agent
+    would be stopped and then not started. The script checks first."""
+    harness.write_config(_variant(name))
+    log = harness.run("rc_action restart", running=True)
+    assert harness.agent_running
+    if name.startswith("ok_"):
+        assert [c[0] for c in log if c[0] in ("stop", "start", "service_set")] == ["stop", "start", "service_set"]
+        assert log[-1] == ["exit", "0"]
+        return
+    assert not _calls(log, "stop", "start", "service_set")
+    assert log[-1] == ["exit", "1"]
+    assert any("not restarted" in c[-1] for c in _calls(log, "logger"))
+
+
+def test_start_with_a_rejected_config_keeps_a_running_agent(harness):
+    """`/etc/init.d/orayboxvpn start` (or restart's start half) while an agent
+    runs: nothing reaches procd, the agent keeps running."""
+    harness.write_config(_variant("psk"))
+    log = harness.run("rc_action start", running=True)
+    assert not _calls(log, "service_set")
+    assert log[-1] == ["exit", "1"]
+    assert harness.agent_running
+    assert any("keeps its config" in c[-1] for c in _calls(log, "logger"))
 
 
 @pytest.mark.parametrize("bad", [
@@ -464,28 +707,28 @@ def test_start_service_disabled_starts_nothing(harness):
     ("\toption interface 'wan2'", "\toption interface 'wan-2'"),
     ("\toption log_level 'debug'", "\toption keepalive_idle 'often'"),
 ], ids=["log_level", "mtu", "bind_ip", "interface", "keepalive"])
-def test_start_service_invalid_option_starts_nothing(harness, bad):
+def test_start_invalid_option_starts_nothing(harness, bad):
     harness.write_config(CLIENT.replace(*bad, 1))
-    log = harness.run('start_service; stub_log return "$?"')
+    log = harness.run("rc_action start")
     assert not _calls(log, "procd_open_instance", "procd_set_param")
-    assert log[-1] == ["return", "1"]
-    (msg,) = _calls(log, "logger")
-    assert msg[1:4] == ["-t", "orayboxvpn", "-p"] and "mpvpn check" in msg[-1]
-    assert "with false" in harness.err.read_text()
+    assert log[-1] == ["exit", "1"]
+    msgs = [c[-1] for c in _calls(log, "logger")]
+    assert any(m.startswith("orayboxvpn.") for m in msgs)
+    assert "config NOT OK" in msgs[-1]
 
 
-def test_start_service_without_base_section(harness):
+def test_start_without_base_section(harness):
     harness.write_config("config vnc 'vnc'\n\toption ipaddr '172.30.0.1/30'\n")
-    log = harness.run('start_service; stub_log return "$?"')
+    log = harness.run("rc_action start")
     assert not _calls(log, "procd_open_instance")
-    assert log[-1] == ["return", "1"]
-    assert "no 'config base' section" in _calls(log, "logger")[0][-1]
+    assert log[-1] == ["exit", "1"]
+    assert any("base" in c[-1] for c in _calls(log, "logger"))
 
 
-def test_start_service_without_config_file(harness):
-    log = harness.run('start_service; stub_log return "$?"')
+def test_start_without_config_file(harness):
+    log = harness.run("rc_action start")
     assert not _calls(log, "procd_open_instance")
-    assert log[-1] == ["return", "1"]
+    assert log[-1] == ["exit", "1"]
 
 
 def test_service_triggers(harness):
@@ -518,25 +761,108 @@ def test_service_triggers(harness):
 
 def test_reload_running_agent_gets_sighup(harness):
     harness.write_config(CLIENT)
-    log = harness.run("reload_service", running=True)
+    log = harness.run("rc_action reload", running=True)
     names = [c[0] for c in log if c[0] in ("procd_running", "start", "procd_open_instance", "procd_send_signal")]
     assert names == ["procd_running", "start", "procd_open_instance", "procd_send_signal"]
     assert _calls(log, "procd_running") == [["procd_running", "orayboxvpn"]]
     assert _calls(log, "procd_send_signal") == [["procd_send_signal", "orayboxvpn", "*", "HUP"]]
+    assert harness.agent_running and log[-1] == ["exit", "0"]
 
 
 def test_reload_stopped_agent_is_started_not_signalled(harness):
     harness.write_config(CLIENT)
-    log = harness.run("reload_service", running=False)
+    log = harness.run("rc_action reload", running=False)
     assert _calls(log, "start") and _calls(log, "procd_open_instance")
     assert not _calls(log, "procd_send_signal")
+    assert harness.agent_running
 
 
 def test_reload_after_disable_removes_the_instance(harness):
     harness.write_config(CLIENT.replace("\toption role 'client'", "\toption enabled '0'\n\toption role 'client'"))
-    log = harness.run("reload_service", running=True)
+    log = harness.run("rc_action reload", running=True)
     # the instance list sent by start is empty: procd stops the agent
     assert _calls(log, "start") and not _calls(log, "procd_open_instance")
+    assert not harness.agent_running
+
+
+# --- against OpenWrt's own procd, ubusd and rc.common ----------------------------------
+
+OWRT_ROUTER = Path("/opt/owrt/bin/owrt-router.sh")
+SERVER = """
+config base 'base'
+	option role 'server'
+	option listen_address '127.0.0.1:7000'
+	option psk 'MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY='
+
+config vnc 'vnc'
+	option ipaddr '172.30.0.2/30'
+
+config smpu 'telecom'
+	option type 'telecom'
+	option bind_ip '127.0.0.1'
+"""
+
+
+@pytest.fixture
+def owrt_router():
+    """A throw-away router of OpenWrt 24.10's real userland (procd as service
+    manager, ubusd, logd, base-files' rc.common and procd.sh, busybox ash),
+    in its own mount and network namespace, with this checkout's init script
+    and agent. Made by /opt/owrt/bin/owrt-router.sh where that was built
+    (not part of this repository)."""
+    if not os.access(OWRT_ROUTER, os.X_OK):
+        pytest.skip(f"{OWRT_ROUTER} not found: OpenWrt's userland (procd, ubusd, rc.common) is not built here")
+    if os.geteuid() != 0:
+        pytest.skip("the OpenWrt router needs root (mount and network namespaces)")
+    name = f"oinit{os.getpid()}"
+    r = subprocess.run([str(OWRT_ROUTER), "start", name, "--mpvpn-src", str(ROOT / "src"),
+                        "--mpvpn-files", str(ROOT / "files")], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+        pytest.fail(f"router did not start: {r.stdout}{r.stderr}")
+
+    def sh(cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(OWRT_ROUTER), "exec", name, cmd], capture_output=True, text=True, timeout=120)
+    try:
+        yield sh
+    finally:
+        subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+
+
+PID = "ubus call service list '{\"name\":\"orayboxvpn\"}' | jsonfilter -e '@.orayboxvpn.instances.*.pid'"
+CONFIG_CHANGE = "ubus call service event '{\"type\":\"config.change\",\"data\":{\"package\":\"orayboxvpn\"}}'"
+
+
+def test_real_procd_bad_config_never_stops_or_respawns(owrt_router):
+    sh = owrt_router
+    quoted = SERVER.replace("'", "'\"'\"'")
+    r = sh(f"printf '%s' '{quoted}' > /etc/config/orayboxvpn && /etc/init.d/orayboxvpn start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pid = sh(f"sleep 2; {PID}").stdout.strip()
+    assert pid.isdigit(), sh("logread").stdout
+    bad = "uci set orayboxvpn.base.keepalive_idle=0; uci commit orayboxvpn; "
+    # reload from the shell: refused with mpvpn check's reason, the agent untouched
+    r = sh(bad + "/etc/init.d/orayboxvpn reload")
+    assert r.returncode == 1
+    assert "orayboxvpn.base.keepalive_idle: '0' is out of range" in r.stderr
+    assert "not reloaded" in r.stderr
+    # reload through procd's config trigger (LuCI's Save & Apply, reload_config), and start
+    r = sh(f"{CONFIG_CHANGE}; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 3; {PID}")
+    assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
+    log = sh("logread -e orayboxvpn").stdout
+    assert log.count("orayboxvpn.base.keepalive_idle: '0' is out of range") >= 3  # reload, trigger, start
+    r = sh("/etc/init.d/orayboxvpn restart; echo rc=$?; sleep 2; " + PID)
+    assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
+    assert "not restarted" in r.stderr
+    # not running: start refuses, procd has the service but no instance, nothing respawns
+    r = sh("/etc/init.d/orayboxvpn stop; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 6; "
+           "ubus call service list '{\"name\":\"orayboxvpn\"}'")
+    first, rest = r.stdout.split("\n", 1)
+    assert first == "rc=1", r.stdout + r.stderr
+    assert json.loads(rest)["orayboxvpn"].get("instances", {}) == {}, rest
+    # fixed and applied: the trigger registered by the refused start starts it
+    r = sh(f"uci delete orayboxvpn.base.keepalive_idle; uci commit orayboxvpn; {CONFIG_CHANGE}; sleep 4; {PID}")
+    assert r.stdout.strip().isdigit() and r.stdout.strip() != pid, r.stdout + r.stderr
 
 
 # --- the hotplug script ----------------------------------------------------------

@@ -23,7 +23,8 @@ from mpvpn import __version__, ipk
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 1700000000
-SITE = "usr/lib/python3.11/site-packages/mpvpn"
+SITE = "usr/lib/python3.11/site-packages/mpvpn"  # OpenWrt 24.10's python3, the default
+VERSION = f"{__version__}-r1"  # PKG_VERSION-rPKG_RELEASE
 
 POSTINST = """#!/bin/sh
 [ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0
@@ -35,6 +36,13 @@ PRERM = """#!/bin/sh
 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
 . ${IPKG_INSTROOT}/lib/functions.sh
 default_prerm $0 $@
+"""
+# Package/orayboxvpn/postrm with $(PYTHON3_PKG_DIR)/mpvpn expanded
+POSTRM = """#!/bin/sh
+dir="${{IPKG_INSTROOT}}{site}"
+rm -rf "$dir/__pycache__"
+[ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {{}} \\; 2>/dev/null
+exit 0
 """
 DEPENDS = "libc, python3-light, python3-logging, python3-cryptography, kmod-tun"
 
@@ -91,7 +99,7 @@ def open_ipk(path: Path) -> dict:
 
 
 def test_file_names(built):
-    assert set(built) == {f"orayboxvpn_{__version__}_all.ipk", f"luci-app-mpvpn_{__version__}_all.ipk"}
+    assert set(built) == {f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk"}
 
 
 def _expected_core_data() -> dict:
@@ -122,7 +130,7 @@ def _expected_core_data() -> dict:
 
 
 def test_core_data_members(built):
-    res = open_ipk(built[f"orayboxvpn_{__version__}_all.ipk"])
+    res = open_ipk(built[f"orayboxvpn_{VERSION}_all.ipk"])
     members = res["data_members"]
     assert members == _expected_core_data()
     assert f"./{SITE}/templates/orayboxvpn.j2" in members
@@ -138,10 +146,11 @@ def test_core_data_members(built):
 
 
 def test_core_control(built):
-    res = open_ipk(built[f"orayboxvpn_{__version__}_all.ipk"])
+    res = open_ipk(built[f"orayboxvpn_{VERSION}_all.ipk"])
     c = res["control_members"]
-    assert res["control_order"] == ["./", "./conffiles", "./control", "./postinst", "./prerm"]
+    assert res["control_order"] == ["./", "./conffiles", "./control", "./postinst", "./postrm", "./prerm"]
     assert c["./"] == (0o755, None)
+    assert c["./postrm"] == (0o755, POSTRM.format(site="/" + SITE).encode())
     assert c["./postinst"] == (0o755, POSTINST.encode())
     assert c["./prerm"] == (0o755, PRERM.encode())
     assert c["./conffiles"] == (0o644, b"/etc/config/orayboxvpn\n")
@@ -149,7 +158,7 @@ def test_core_control(built):
     assert mode == 0o644
     assert control.decode() == (
         "Package: orayboxvpn\n"
-        f"Version: {__version__}\n"
+        f"Version: {VERSION}\n"
         f"Depends: {DEPENDS}\n"
         "Source: feeds/orayboxvpn/orayboxvpn\n"
         "SourceName: orayboxvpn\n"
@@ -171,14 +180,15 @@ def test_control_fields_follow_the_makefile(built):
     deps = mk.package_fields("orayboxvpn")["DEPENDS"].split()
     assert ", ".join(["libc"] + [d.lstrip("+") for d in deps]) == DEPENDS
     assert mk.var("PKG_VERSION") == __version__
+    assert f"{mk.var('PKG_VERSION')}-r{mk.var('PKG_RELEASE')}" == VERSION
 
 
 def test_luci_package(built):
-    res = open_ipk(built[f"luci-app-mpvpn_{__version__}_all.ipk"])
+    res = open_ipk(built[f"luci-app-mpvpn_{VERSION}_all.ipk"])
     fields = dict(line.split(": ", 1) for line in
                   res["control_members"]["./control"][1].decode().split("\n") if ": " in line)
     assert fields["Package"] == "luci-app-mpvpn"
-    assert fields["Version"] == __version__
+    assert fields["Version"] == VERSION
     assert [d.strip() for d in fields["Depends"].split(",")][:1] == ["libc"]
     assert {"luci-base", "orayboxvpn"} <= {d.strip() for d in fields["Depends"].split(",")}
     assert fields["Section"] == "luci"
@@ -262,6 +272,139 @@ def test_main_reports_bad_epoch(tmp_path, monkeypatch, capsys):
     assert "SOURCE_DATE_EPOCH" in capsys.readouterr().err
 
 
+# --- the target's Python, and what the agent leaves behind ------------------------
+
+@pytest.mark.parametrize("release,python", [("24.10", "3.11"), ("25.12", "3.13")])
+def test_release_chooses_the_python_directory(tmp_path, release, python):
+    assert ipk.main(["--out", str(tmp_path), "--root", str(ROOT), "--release", release,
+                     "--source-date-epoch", str(EPOCH)]) == 0
+    res = open_ipk(tmp_path / f"orayboxvpn_{VERSION}_all.ipk")
+    site = f"usr/lib/python{python}/site-packages/mpvpn"
+    py = [n for n in res["data_members"] if "/python3" in n and res["data_members"][n][1] is not None]
+    assert py and all(n.startswith(f"./{site}/") for n in py)
+    assert res["control_members"]["./postrm"][1] == POSTRM.format(site="/" + site).encode()
+
+
+def test_python_version_option(tmp_path, capsys):
+    assert ipk.main(["--out", str(tmp_path), "--root", str(ROOT), "--python-version", "3.12",
+                     "--source-date-epoch", str(EPOCH)]) == 0
+    names = open_ipk(tmp_path / f"orayboxvpn_{VERSION}_all.ipk")["data_members"]
+    assert "./usr/lib/python3.12/site-packages/mpvpn/cli.py" in names
+    assert ipk.main(["--out", str(tmp_path), "--root", str(ROOT), "--python-version", "python3"]) == 1
+    assert "--python-version" in capsys.readouterr().err
+
+
+def _install(res: dict, root: Path) -> list[str]:
+    """Unpack the data members into ``root``; returns them (opkg's <pkg>.list)."""
+    names = []
+    for name, (mode, data) in res["data_members"].items():
+        path = root / name[2:]
+        names.append(name[1:])
+        if data is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.write_bytes(data)
+            path.chmod(mode)
+    return names
+
+
+def _remove_like_opkg(root: Path, names: list[str]) -> None:
+    """opkg-lede remove_data_files_and_list (libopkg/opkg_remove.c): the
+    files of the package's .list are unlinked; that list holds no directory
+    (the data.tar's directories are not recorded), so none is removed."""
+    for n in names:
+        if not n.endswith("/"):
+            (root / n.lstrip("/")).unlink()
+
+
+def test_postrm_removes_the_byte_code_the_agent_wrote(built, tmp_path):
+    """Python writes __pycache__ next to the shipped sources when the agent
+    (or the init script's `mpvpn check`) runs; opkg does not know those files
+    and left ~0.9 MiB behind. The package's postrm removes them."""
+    res = open_ipk(built[f"orayboxvpn_{VERSION}_all.ipk"])
+    root = tmp_path / "root"
+    names = _install(res, root)
+    site = root / SITE
+    # what the router does: run the agent's code from the installed files
+    (tmp_path / "etc").mkdir()
+    r = subprocess.run([sys.executable, "-c", "import sys; from mpvpn.cli import main; sys.exit(main())",
+                        "check", "--uci-dir", str(tmp_path / "etc")],
+                       env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr  # no config there: check says so
+    pycache = sorted((site / "__pycache__").iterdir())
+    assert pycache and all(p.suffix == ".pyc" for p in pycache)
+    _remove_like_opkg(root, names)
+    assert site.is_dir() and (site / "__pycache__").is_dir(), "left behind without the postrm"
+    (site / "_fastpath.so").write_bytes(b"orayboxvpn-fastpath's")  # another package's file stays
+    postrm = tmp_path / "postrm"
+    postrm.write_bytes(res["control_members"]["./postrm"][1])
+    subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
+    assert sorted(p.name for p in site.iterdir()) == ["_fastpath.so"]
+    (site / "_fastpath.so").unlink()
+    subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
+    assert not site.exists()
+    left = [str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()]
+    assert left == []
+
+
+def _opkg() -> str | None:
+    for cand in (shutil.which("opkg-cl"), shutil.which("opkg"), "/opt/owrt/bin/opkg-cl"):
+        if cand and os.access(cand, os.X_OK):
+            r = subprocess.run([cand, "--version"], capture_output=True, text=True)
+            if "opkg version" in r.stdout + r.stderr:
+                return cand
+    return None
+
+
+def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
+    """opkg-lede into an offline root (-o): install both packages, let the
+    agent's code write its byte code, opkg remove: nothing of ours is left
+    but the modified conffile, which opkg keeps on purpose."""
+    opkg = _opkg()
+    if opkg is None:
+        pytest.skip("opkg-lede not found (opkg-cl or opkg on PATH, /opt/owrt/bin/opkg-cl): "
+                    "build openwrt/opkg-lede to run this")
+    root = tmp_path / "root"
+    for d in ("etc", "var/lock", "usr/lib/opkg/info"):
+        (root / d).mkdir(parents=True)
+    conf = root / "etc/opkg.conf"
+    conf.write_text("dest root /\nlists_dir ext /var/opkg-lists\narch all 1\narch noarch 1\n")
+    # the feed packages ours depend on, as installed
+    (root / "usr/lib/opkg/status").write_text("".join(
+        f"Package: {p}\nVersion: 1\nStatus: install user installed\nArchitecture: all\n\n"
+        for p in [*DEPENDS.split(", "), "luci-base"]))
+    lib = os.environ.get("LD_LIBRARY_PATH", "")
+    # opkg-lede runs no package script in an offline root unless told to
+    # (pkg_run_script); OpenWrt's build sets IPKG_INSTROOT for them.
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(x for x in ("/opt/owrt/lib", lib) if x),
+           "IPKG_INSTROOT": str(root)}
+
+    def run(*args):
+        r = subprocess.run([opkg, "-f", str(conf), "-o", str(root), "--force-postinstall", *args],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    run("install", *(str(built[n]) for n in sorted(built)))
+    site = root / SITE
+    assert (site / "cli.py").is_file()
+    assert (root / "usr/lib/opkg/info/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
+    r = subprocess.run([sys.executable, "-c", "import sys; from mpvpn.cli import main; sys.exit(main())",
+                        "check", "--uci-dir", str(root / "etc/config")],
+                       env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
+                       capture_output=True, text=True)
+    assert "config NOT OK" in r.stdout  # the shipped default is to be filled in
+    assert list((site / "__pycache__").iterdir())
+    with open(root / "etc/config/orayboxvpn", "a") as f:
+        f.write("\n")  # the admin's edit
+    run("remove", "luci-app-mpvpn", "orayboxvpn")
+    assert not site.exists()
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not str(p.relative_to(root)).startswith(("usr/lib/opkg", "etc/opkg")))
+    assert left == ["etc/config/orayboxvpn"]
+
+
 # --- byte for byte against GNU tar -------------------------------------------------
 
 def _stage(files: dict, where: Path) -> None:
@@ -285,7 +428,7 @@ def _gnu(cwd: Path, *names: str) -> bytes:
 
 
 @pytest.mark.skipif(not GNU_TAR, reason="GNU tar with --sort=name not installed")
-@pytest.mark.parametrize("name", [f"orayboxvpn_{__version__}_all.ipk", f"luci-app-mpvpn_{__version__}_all.ipk"])
+@pytest.mark.parametrize("name", [f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk"])
 def test_same_bytes_as_gnu_tar(built, tmp_path, name):
     res = open_ipk(built[name])
     for key in ("data", "control"):

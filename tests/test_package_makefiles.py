@@ -133,6 +133,22 @@ def test_core_makefile_variables():
     assert mk.define("Package/orayboxvpn/description").strip()
     assert mk.define("Package/orayboxvpn/conffiles").split() == ["/etc/config/orayboxvpn"]
     assert mk.var("PYTHON3_PKG_BUILD") == "0"
+    assert mk.var("PKG_RELEASE") == "1"  # version 0.1.0-r1: apk's x.y.z-rN
+
+
+def test_makefiles_follow_the_target_python():
+    """The SDK's python3-package.mk decides the Python directory
+    ($(PYTHON3_PKG_DIR), /usr/lib/python3.11/site-packages on 24.10,
+    python3.13 on 25.12): no recipe names a Python version itself."""
+    for path in (CORE, FAST, ROOT / "package" / "luci-app-mpvpn" / "Makefile"):
+        assert not re.search(r"python3\.\d", path.read_text()), path
+    for path in (CORE, FAST):
+        assert ipk.parse_makefile(path).var("PKG_RELEASE") == ipk.parse_makefile(CORE).var("PKG_RELEASE")
+    # the byte code the agent writes is removed with the package, in the same directory
+    postrm = ipk.parse_makefile(CORE).define("Package/orayboxvpn/postrm")
+    assert postrm.startswith("#!/bin/sh\n")
+    assert 'dir="$${IPKG_INSTROOT}$(PYTHON3_PKG_DIR)/mpvpn"\nrm -rf "$$dir/__pycache__"' in postrm
+    assert "$(PYTHON3_PKG_DIR)" in ipk.parse_makefile(CORE).define("Build/Compile")
 
 
 def test_core_makefile_ends_with_the_package_calls():

@@ -32,8 +32,10 @@ What goes into the packages is read from the OpenWrt recipes, so the two ways
 of building cannot drift apart: ``package/orayboxvpn/Makefile`` gives the
 package fields, ``DEPENDS``, ``conffiles`` and the ``$(INSTALL_*)`` lines of
 ``Py3Package/orayboxvpn/install`` (files/ to router paths); the Python package
-goes to ``/usr/lib/python3.11/site-packages/mpvpn/`` as sources (the SDK
-ships byte code instead). ``luci-app-mpvpn/`` is mapped as LuCI's ``luci.mk``
+goes to ``$(PYTHON3_PKG_DIR)/mpvpn/`` of the target release
+(``/usr/lib/python3.11/site-packages`` on 24.10, ``--release 25.12``:
+python3.13) as sources (the SDK ships byte code instead; the package's
+``postrm`` removes the byte code Python writes next to the sources). ``luci-app-mpvpn/`` is mapped as LuCI's ``luci.mk``
 does (``htdocs/*`` to ``/www``, ``root/*`` to ``/``), with its ``Makefile``'s
 ``LUCI_*`` variables when there is one.
 """
@@ -62,11 +64,17 @@ __all__ = [
     "main",
     "orayboxvpn_package",
     "parse_makefile",
+    "python3_pkg_dir",
     "source_date_epoch",
     "tree",
 ]
 
-PYTHON_VERSION = "3.11"  # OpenWrt 24.10's python3
+# The python3 of each OpenWrt release (openwrt/packages lang/python/
+# python3-version.mk on its branch): the site-packages directory the agent
+# goes to, $(PYTHON3_PKG_DIR) in the SDK.
+RELEASE_PYTHON = {"24.10": "3.11", "25.12": "3.13"}
+DEFAULT_RELEASE = "24.10"
+PYTHON_VERSION = RELEASE_PYTHON[DEFAULT_RELEASE]
 DEBIAN_BINARY = b"2.0\n"
 RECORD_SIZE = 20 * 512  # GNU tar's default blocking factor 20
 
@@ -315,6 +323,7 @@ class Package:
     conffiles: list[str] = field(default_factory=list)
     postinst_pkg: str | None = None  # Package/<name>/postinst (run by default_postinst)
     prerm_pkg: str | None = None
+    postrm: str | None = None  # Package/<name>/postrm (a control file of its own)
 
     @property
     def filename(self) -> str:
@@ -373,6 +382,8 @@ def build_ipk(pkg: Package, out_dir: str | os.PathLike, epoch: int) -> Path:
         control["postinst-pkg"] = (0o755, (pkg.postinst_pkg + "\n").encode("utf-8"))
     if pkg.prerm_pkg is not None:
         control["prerm-pkg"] = (0o755, (pkg.prerm_pkg + "\n").encode("utf-8"))
+    if pkg.postrm is not None:
+        control["postrm"] = (0o755, (pkg.postrm + "\n").encode("utf-8"))
     control_tar = gnu_tar(tree(control), epoch)
     outer = gnu_tar([
         Member("./debian-binary", 0o644, DEBIAN_BINARY),
@@ -415,10 +426,22 @@ def _undollar(text: str) -> str:
     return text.replace("$$", "$")
 
 
+def python3_pkg_dir(python_version: str) -> str:
+    """python3-package.mk's PYTHON3_PKG_DIR for that python3."""
+    return f"/usr/lib/python{python_version}/site-packages"
+
+
+def _script(mk: Makefile, name: str) -> str | None:
+    """A script define as the shell gets it: make variables expanded, $$ -> $."""
+    body = mk.define(name)
+    return None if body is None else _undollar(mk.expand(body))
+
+
 def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VERSION) -> Package:
     """The orayboxvpn package as ``package/orayboxvpn/Makefile`` describes it."""
     root = Path(root)
     mk = parse_makefile(root / "package" / "orayboxvpn" / "Makefile")
+    mk.variables["PYTHON3_PKG_DIR"] = python3_pkg_dir(python_version)
     name = mk.var("PKG_NAME")
     fields = mk.package_fields(name)
     version = mk.var("PKG_VERSION")
@@ -435,7 +458,7 @@ def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VER
             files[m.group(3).lstrip("/")] = (INSTALL_MODES[m.group(1)], src.read_bytes())
         elif re.match(r"\s*\$\(INSTALL_", line) and "INSTALL_DIR" not in line:
             raise ValueError(f"package/orayboxvpn/Makefile: cannot read install line {line.strip()!r}")
-    site = f"usr/lib/python{python_version}/site-packages/mpvpn"
+    site = python3_pkg_dir(python_version).lstrip("/") + "/mpvpn"
     pyfiles: dict = {}
     _add_tree(pyfiles, root / "src" / "mpvpn", site)
     for path, (mode, data) in pyfiles.items():
@@ -443,8 +466,6 @@ def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VER
             continue
         files[path] = (0o644, data)
     conffiles = (mk.define(f"Package/{name}/conffiles") or "").split()
-    post = mk.define(f"Package/{name}/postinst")
-    prerm = mk.define(f"Package/{name}/prerm")
     return Package(
         name=name,
         version=version,
@@ -460,8 +481,9 @@ def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VER
         maintainer=mk.var("PKG_MAINTAINER"),
         architecture=fields.get("PKGARCH", "all"),
         conffiles=conffiles,
-        postinst_pkg=_undollar(post) if post is not None else None,
-        prerm_pkg=_undollar(prerm) if prerm is not None else None,
+        postinst_pkg=_script(mk, f"Package/{name}/postinst"),
+        prerm_pkg=_script(mk, f"Package/{name}/prerm"),
+        postrm=_script(mk, f"Package/{name}/postrm"),
     )
 
 
@@ -506,8 +528,7 @@ def luci_package(root: str | os.PathLike, version: str, luci_dir: str | os.PathL
         description = mk.var("LUCI_DESCRIPTION") or title
     defaults = sorted(p.name for p in (d / "root" / "etc" / "uci-defaults").glob("*")) \
         if (d / "root" / "etc" / "uci-defaults").is_dir() else []
-    post = mk.define(f"Package/{name}/postinst")
-    prerm = mk.define(f"Package/{name}/prerm")
+    post = _script(mk, f"Package/{name}/postinst")
     return Package(
         name=name,
         version=version,
@@ -523,8 +544,9 @@ def luci_package(root: str | os.PathLike, version: str, luci_dir: str | os.PathL
         maintainer=mk.var("LUCI_MAINTAINER", "OpenWrt LuCI community"),
         architecture=mk.var("LUCI_PKGARCH", "all"),
         conffiles=(mk.define(f"Package/{name}/conffiles") or "").split(),
-        postinst_pkg=_undollar(post) if post is not None else luci_postinst(defaults),
-        prerm_pkg=_undollar(prerm) if prerm is not None else None,
+        postinst_pkg=post if post is not None else luci_postinst(defaults),
+        prerm_pkg=_script(mk, f"Package/{name}/prerm"),
+        postrm=_script(mk, f"Package/{name}/postrm"),
     )
 
 
@@ -559,15 +581,39 @@ def default_root() -> Path:
     return Path.cwd()
 
 
+def packages(root: str | os.PathLike | None = None,
+             python_version: str = PYTHON_VERSION) -> list[Package]:
+    """orayboxvpn and luci-app-mpvpn, for a target whose python3 is ``python_version``."""
+    root = Path(root) if root is not None else default_root()
+    core = orayboxvpn_package(root, python_version)
+    return [core, luci_package(root, core.version)]
+
+
 def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
           epoch: int | None = None, python_version: str = PYTHON_VERSION) -> list[Path]:
     """Build both packages; returns the written paths."""
     root = Path(root) if root is not None else default_root()
     if epoch is None:
         epoch = source_date_epoch(root)
-    core = orayboxvpn_package(root, python_version)
-    luci = luci_package(root, core.version)
-    return [build_ipk(core, out_dir, epoch), build_ipk(luci, out_dir, epoch)]
+    return [build_ipk(pkg, out_dir, epoch) for pkg in packages(root, python_version)]
+
+
+def add_target_arguments(p: argparse.ArgumentParser, default_release: str) -> None:
+    """--release / --python-version: which OpenWrt's python3 the agent is installed for."""
+    p.add_argument("--release", default=None, choices=sorted(RELEASE_PYTHON), metavar="X.Y",
+                   help="target OpenWrt release: its python3 decides the site-packages directory "
+                   + ", ".join(f"{r}: python{v}" for r, v in RELEASE_PYTHON.items())
+                   + f" (default {default_release})")
+    p.add_argument("--python-version", default=None, metavar="X.Y",
+                   help="the target's python3 version, instead of the release's")
+
+
+def target_python(args: argparse.Namespace, default_release: str) -> str:
+    if args.python_version:
+        if not re.fullmatch(r"3\.\d+", args.python_version):
+            raise ValueError(f"--python-version {args.python_version!r}: expected 3.N")
+        return args.python_version
+    return RELEASE_PYTHON[args.release or default_release]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -575,18 +621,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mpvpn.ipk",
         description="Build dist/orayboxvpn_<ver>_all.ipk and dist/luci-app-mpvpn_<ver>_all.ipk "
         "in OpenWrt's ipk format, without the SDK (for OpenWrt 24.10 and older; "
-        "25.12 and later use apk: build those with the SDK).",
+        "25.12 and later use apk: python -m mpvpn.apk).",
     )
     p.add_argument("--out", default="dist", metavar="DIR", help="output directory (default dist)")
     p.add_argument("--root", default=None, metavar="DIR",
                    help="repository root (default: the checkout this module is in)")
     p.add_argument("--source-date-epoch", type=int, default=None, metavar="SECONDS",
                    help="time stamp of every file (default: $SOURCE_DATE_EPOCH, else the last commit)")
-    p.add_argument("--python-version", default=PYTHON_VERSION, metavar="X.Y",
-                   help=f"python3 of the target OpenWrt (default {PYTHON_VERSION}: 24.10)")
+    add_target_arguments(p, DEFAULT_RELEASE)
     args = p.parse_args(argv)
     try:
-        paths = build(args.out, args.root, args.source_date_epoch, args.python_version)
+        paths = build(args.out, args.root, args.source_date_epoch, target_python(args, DEFAULT_RELEASE))
     except (OSError, ValueError) as e:
         print(f"mpvpn.ipk: {e}", file=sys.stderr)
         return 1
