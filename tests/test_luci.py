@@ -153,7 +153,7 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     assert declared == {"orayboxvpn": {"status", "reconnect", "test_links"}}
 
     acl = json.loads(ACL.read_text())
-    assert list(acl) == ["luci-app-mpvpn"]
+    assert list(acl) == ["luci-app-mpvpn", "luci-app-mpvpn-config"]
     entry = acl["luci-app-mpvpn"]
     read_ubus = {o: set(m) for o, m in entry["read"].get("ubus", {}).items()}
     write_ubus = {o: set(m) for o, m in entry.get("write", {}).get("ubus", {}).items()}
@@ -161,8 +161,60 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     assert read_ubus == {"orayboxvpn": {"status"}}  # reading the status is a read right
     # reconnecting and starting a link test change state (and load the links): write
     assert write_ubus == {"orayboxvpn": {"reconnect", "test_links"}}
-    assert "orayboxvpn" in entry["read"]["uci"]
-    assert entry["write"]["uci"] == ["orayboxvpn"]
+    # the configuration holds the keys: only the config group grants uci, and only to write logins
+    assert set(entry["read"]) == set(entry["write"]) == {"ubus"}
+    config = acl["luci-app-mpvpn-config"]
+    assert list(config) == ["description", "write"]
+    assert config["write"] == {"uci": {"orayboxvpn": ["read", "write"], "network": ["read"]}}
+
+
+# luci-base's acl.d/luci-base.json group that grants uci read of every config
+# to every login with read access to it (the shape of the real file's entry)
+LUCI_BASE_UCI_ACCESS = {"uci-access": {"description": "Grant uci write access to all configurations",
+                                       "read": {"uci": ["*"]}, "write": {"uci": ["*"]}}}
+
+
+def test_a_read_only_login_cannot_read_the_keys(tmp_path):
+    """rpcd session.c rules (luci_harness.ubusd.RpcdSessions): what each login may do."""
+    from luci_harness import ubusd
+
+    base = tmp_path / "luci-base.json"
+    base.write_text(json.dumps(LUCI_BASE_UCI_ACCESS))
+    logins = {"root": {"read": ["*"], "write": ["*"]},
+              # what docs/openwrt.md tells an admin to give a read-only login
+              "viewer": {"read": ["*", "!uci-access"], "write": []},
+              # a login that may use only this app, read-only
+              "mpvpn-viewer": {"read": ["luci-app-mpvpn"], "write": []}}
+    sessions = ubusd.RpcdSessions([ACL, base], logins)
+    root, viewer, app_viewer = (sessions.sid_of[n] for n in ("root", "viewer", "mpvpn-viewer"))
+    for sid in (viewer, app_viewer):
+        assert sessions.access(sid, "ubus", "orayboxvpn", "status")
+        assert not sessions.access(sid, "ubus", "orayboxvpn", "reconnect")
+        assert not sessions.access(sid, "ubus", "orayboxvpn", "test_links")
+        assert not sessions.access(sid, "uci", "orayboxvpn", "read")  # base.psk, private_key, site psk
+        assert not sessions.access(sid, "uci", "orayboxvpn", "write")
+        assert sessions.groups(sid) == {"luci-app-mpvpn": ["read"]}
+        assert harness_server.nodespec("mpvpn/status", sessions.groups(sid)) == {
+            "path": "admin/services/mpvpn/status", "satisfied": True, "readonly": True}
+        assert harness_server.nodespec("mpvpn/config", sessions.groups(sid))["satisfied"] is False
+    for what in (("ubus", "orayboxvpn", "reconnect"), ("ubus", "orayboxvpn", "test_links"),
+                 ("uci", "orayboxvpn", "read"), ("uci", "orayboxvpn", "write"), ("uci", "network", "read")):
+        assert sessions.access(root, *what), what
+    assert harness_server.nodespec("mpvpn/config", sessions.groups(root)) == {
+        "path": "admin/services/mpvpn/config", "satisfied": True, "readonly": False}
+    assert not sessions.access(ubusd.DEFAULT_SID, "ubus", "orayboxvpn", "status")  # not logged in
+    # the app's own file alone grants a plain `read '*'` login no uci access to orayboxvpn
+    alone = ubusd.RpcdSessions([ACL], {"ro": {"read": ["*"]}})
+    assert not alone.access(alone.sid_of["ro"], "uci", "orayboxvpn", "read")
+
+
+def test_rpcd_login_permission_rules():
+    from luci_harness.ubusd import login_test_permission as perm
+    assert perm({"read": ["luci-*"]}, "read", "luci-app-mpvpn")
+    assert not perm({"read": ["*", "!luci-app-*"]}, "read", "luci-app-mpvpn")  # negations first
+    assert perm({"write": ["luci-app-mpvpn"]}, "read", "luci-app-mpvpn")  # write implies read
+    assert not perm({"read": ["luci-app-mpvpn"]}, "write", "luci-app-mpvpn")
+    assert perm(None, "read", "unauthenticated") and not perm(None, "read", "luci-app-mpvpn")
 
 
 def test_menu_entries_point_to_existing_views():
@@ -181,6 +233,9 @@ def test_menu_entries_point_to_existing_views():
             assert (VIEWS / (action["path"] + ".js")).is_file(), f"{path}: no view {action['path']}"
     assert views == {"admin/services/mpvpn/status": "mpvpn/status",
                      "admin/services/mpvpn/config": "mpvpn/config"}
+    # the configuration page (keys included) only for logins that may change it
+    assert menu["admin/services/mpvpn/config"]["depends"] == {"acl": ["luci-app-mpvpn-config"]}
+    assert "read" not in acl["luci-app-mpvpn-config"]
     assert sorted(rel(p) for p in VIEW_FILES) == sorted(
         rel(VIEWS / (v + ".js")) for v in views.values())  # no orphan view
 
@@ -1056,22 +1111,120 @@ def test_browser_link_test_failure_and_refusal_are_shown(browser):
 
 # --- the harness itself -------------------------------------------------------------------------
 
-def test_harness_ubus_follows_the_acl_and_maps_agent_errors(tmp_path):
-    srv = harness_server.HarnessServer(harness_server.StaticBackend({"state": "connected"}))
+def _serve_bus(bus):
+    """Run python-ubus's loop() on a thread, as the agent's ubus thread does."""
+    import threading
 
-    def call(obj, method):
-        return srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
-                         "params": ["0" * 32, obj, method, {}]})
+    stop = threading.Event()
 
-    assert call("orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
-    assert call("orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
-    assert call("orayboxvpn", "test_links")["result"] == [3]  # granted; this backend has no such method
-    srv.backend = harness_server.StaticBackend({}, replies={"test_links": {"started": True, "id": 1}})
-    assert call("orayboxvpn", "test_links")["result"] == [0, {"started": True, "id": 1}]
-    assert call("file", "exec")["error"]["code"] == -32002
-    srv.backend = harness_server.DownBackend()
-    assert call("orayboxvpn", "status")["error"] == {"code": -32000, "message": "Object not found"}
-    srv.close()
+    def run():
+        while not stop.is_set():
+            bus.loop(50)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return stop
+
+
+def test_python_ubus_stand_in_checks_arguments_like_test_policies():
+    """ubus_python.c: every declared field required with its type, nothing undeclared."""
+    from luci_harness import ubusd
+
+    bus = ubusd.PythonUbus()
+    bus.connect()
+    seen = []
+
+    def method(req, msg):
+        seen.append(msg)
+        req.reply({"ok": True})
+
+    def broken(req, msg):
+        raise ValueError("boom")
+
+    S, I = bus.BLOBMSG_TYPE_STRING, bus.BLOBMSG_TYPE_INT32
+    bus.add("o", {"m": {"method": method, "signature": {"ubus_rpc_session": S, "duration": I}},
+                  "bare": {"method": method, "signature": {}},
+                  "broken": {"method": broken, "signature": {}}})
+    with pytest.raises(TypeError):  # test_methods_argument(): exactly 'method' and 'signature'
+        bus.add("p", {"m": {"method": method}})
+    stop = _serve_bus(bus)
+    try:
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 3}) == (0, {"ok": True})
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x"}) == (2, None)  # duration missing
+        assert bus.invoke("o", "m", {"duration": 3}) == (2, None)  # session missing
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 3, "peer": "b"}) == (2, None)
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": "3"}) == (2, None)  # a string
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 1.5}) == (2, None)  # a double
+        assert bus.invoke("o", "bare", {}) == (0, {"ok": True})
+        assert bus.invoke("o", "bare", {"ubus_rpc_session": "x"}) == (2, None)
+        assert bus.invoke("o", "nope", {}) == (3, None)
+        assert bus.invoke("o", "broken", {}) == (9, None)
+        with pytest.raises(ubusd.ObjectNotFound):
+            bus.invoke("p", "m", {})
+    finally:
+        stop.set()
+    assert seen == [{"ubus_rpc_session": "x", "duration": 3}, {}]
+
+
+def test_harness_ubus_is_uhttpd_mod_ubus_with_rpcd_sessions():
+    backend = harness_server.StaticBackend({"state": "connected"}, replies={"reconnect": {}})
+    srv = harness_server.HarnessServer(backend)
+    root, viewer = srv.sid("root"), srv.sid("viewer")
+
+    def call(sid, obj, method, args=None):
+        return srv.ubus({"jsonrpc": "2.0", "id": 7, "method": "call",
+                         "params": [sid, obj, method, {} if args is None else args]})
+
+    try:
+        assert call(root, "orayboxvpn", "status") == {"jsonrpc": "2.0", "id": 7, "result": [0, {"state": "connected"}]}
+        assert call(viewer, "orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
+        assert call(root, "orayboxvpn", "reconnect") == {"jsonrpc": "2.0", "id": 7, "result": [0]}  # empty reply
+        # rpcd added the session to every call; the agent's transport hands its handlers the rest
+        assert srv.calls[0] == ("orayboxvpn", "status", {"ubus_rpc_session": root})
+        assert ("status", {}) in backend.calls and all("ubus_rpc_session" not in a for _m, a in backend.calls)
+        assert call(viewer, "orayboxvpn", "reconnect")["error"] == {"code": -32002, "message": "Access denied"}
+        assert call("0" * 32, "orayboxvpn", "status")["error"]["code"] == -32002  # not logged in
+        assert call(root, "orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
+        assert call(root, "file", "exec")["error"] == {"code": -32000, "message": "Object not found"}
+        assert call(root, "orayboxvpn", "status", {"ubus_rpc_session": viewer})["error"]["code"] == -32602
+        assert srv.denied == [("orayboxvpn", "reconnect"), ("orayboxvpn", "status"), ("orayboxvpn", "restart")]
+        assert srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "list"})["error"]["code"] == -32601
+        assert srv.ubus(["x"])["error"]["code"] == -32700
+    finally:
+        srv.close()
+    down = harness_server.HarnessServer(harness_server.DownBackend())
+    assert down.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
+                      "params": [root, "orayboxvpn", "status", {}]})["error"] == {
+        "code": -32000, "message": "Object not found"}
+    down.close()
+
+
+def _view_calls() -> list[tuple[str, str, dict]]:
+    """(object, method, arguments) of every rpc.declare of the views, with sample
+    values for their params (what the view passes: test_links gets a duration)."""
+    samples = {"duration": 3}
+    return [(d["object"], d["method"], {p: samples[p] for p in d.get("params", [])})
+            for path in VIEW_FILES for d in probe(path)["declares"]]
+
+
+def test_the_agent_accepts_what_the_views_send_through_rpcd():
+    """Issue 12 item 2: through uhttpd/rpcd every call carries ubus_rpc_session,
+    and python-ubus refuses a call that does not match the agent's declared
+    signature; every call the views make must pass (status 0)."""
+    calls = _view_calls()
+    assert sorted(m for _o, m, _a in calls) == ["reconnect", "status", "test_links"]
+    assert ("orayboxvpn", "test_links", {"duration": 3}) in calls  # only what docs/status.md documents
+    backend = harness_server.StaticBackend({"state": "connected"}, replies={"test_links": {"started": True, "id": 1}})
+    srv = harness_server.HarnessServer(backend)
+    try:
+        for obj, method, args in calls:
+            reply = srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
+                              "params": [srv.sid("root"), obj, method, args]})
+            assert reply.get("result", [None])[0] == 0, (
+                f"{obj}/{method} {args}: {reply} (the agent declares {srv.bus.signatures(obj)[method]})")
+    finally:
+        srv.close()
+    assert [m for m, _a in backend.calls] == [m for _o, m, _a in calls]
 
 
 def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
@@ -1079,9 +1232,9 @@ def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
     import threading
 
     path = str(tmp_path / "orayboxvpn.sock")
-    backend = harness_server.SocketAgentBackend(path)
-    with pytest.raises(harness_server.ObjectNotFound):  # no agent
-        backend.call("orayboxvpn", "status", {})
+    handlers = harness_server.SocketAgentBackend(path).handlers()
+    with pytest.raises(OSError):  # no agent
+        handlers["status"]({})
 
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
@@ -1095,18 +1248,17 @@ def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
                 req = json.loads(conn.makefile().readline())
                 seen.append(req)
                 reply = ({"ok": True, "result": {"state": "connected"}} if req["method"] == "status"
-                         else {"ok": False, "error": "unknown method 'x'"})
+                         else {"ok": False, "error": "no connected session"})
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
     t = threading.Thread(target=agent, daemon=True)
     t.start()
-    assert backend.call("orayboxvpn", "status", {}) == {"state": "connected"}
-    with pytest.raises(harness_server.UbusStatus) as e:
-        backend.call("orayboxvpn", "x", {})
-    assert e.value.code == 3
+    assert handlers["status"]({}) == {"state": "connected"}
+    with pytest.raises(harness_server.AgentError, match="no connected session"):
+        handlers["test_links"]({"duration": 3})
     t.join(5)
     srv.close()
-    assert seen == [{"method": "status", "args": {}}, {"method": "x", "args": {}}]
+    assert seen == [{"method": "status", "args": {}}, {"method": "test_links", "args": {"duration": 3}}]
 
 
 def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):

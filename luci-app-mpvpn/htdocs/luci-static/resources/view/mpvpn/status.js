@@ -226,6 +226,20 @@ function fmtRate(bps) {
 	return _('%d bit/s').format(Math.round(bps));
 }
 
+/* docs/status.md "dataplane": which packet path runs, in words */
+function dataPath(cLoops, why) {
+	if (cLoops === true)
+		return _('compiled (C loops of the package orayboxvpn-fastpath)');
+
+	if (why == null || /^not built\b/.test(String(why)))
+		return _('Python only: the optional compiled data path is not installed. Install the package orayboxvpn-fastpath to add it; it carries several times more traffic per CPU second.');
+
+	if (/MPVPN_FASTPATH=0/.test(String(why)))
+		return _('Python only: the compiled data path is installed but switched off (MPVPN_FASTPATH=0).');
+
+	return _('Python only: the compiled data path is not in use (%s).').format(String(why));
+}
+
 /* The first line of an error: LuCI appends a stack trace to RPC errors. */
 function errorLine(err) {
 	var msg = (err && err.message != null) ? err.message : err;
@@ -364,6 +378,8 @@ return view.extend({
 			this.policiesNode
 		]);
 
+		/* a read-only login (rpcd ACL group read only) may not reconnect or test */
+		this.readonly = (L.hasViewPermission() === false);
 		this.testBusy = false;
 		this.testRunning = false;
 		this.reachable = false;
@@ -379,6 +395,16 @@ return view.extend({
 			'disabled': 'disabled',
 			'click': this.handleTestLinks.bind(this)
 		}, [ _('Test links') ]);
+		this.reconnectButton = E('button', {
+			'class': 'cbi-button cbi-button-action',
+			'id': 'mpvpn-reconnect',
+			'disabled': 'disabled',
+			'title': _('Sets up the control connection and the subflows again'),
+			'click': ui.createHandlerFn(this, 'handleReconnect')
+		}, [ _('Reconnect') ]);
+		var readonlyNote = E('em', { 'class': 'mpvpn-readonly' }, [
+			_('This login may only read the status: Reconnect and Test links need a login with write access.')
+		]);
 		this.testTable = new ui.Table([
 			_('Links'),
 			_('Direction'),
@@ -401,11 +427,7 @@ return view.extend({
 				E('h3', [ _('Session') ]),
 				this.headerNode,
 				E('div', { 'class': 'right', 'style': 'margin-top:.5em' }, [
-					E('button', {
-						'class': 'cbi-button cbi-button-action',
-						'id': 'mpvpn-reconnect',
-						'click': ui.createHandlerFn(this, 'handleReconnect')
-					}, [ _('Reconnect') ])
+					this.readonly ? readonlyNote : this.reconnectButton
 				])
 			]),
 			E('div', { 'class': 'cbi-section' }, [
@@ -417,9 +439,9 @@ return view.extend({
 				E('div', { 'class': 'cbi-section-descr' }, [
 					_('Measures the throughput, RTT and loss of each carrier alone and of all of them together, in both directions, one phase after the other. Each phase fills the links under test, so traffic through the tunnel may slow down while it runs.')
 				]),
-				E('div', { 'style': 'margin-bottom:.5em' }, [
-					this.testDuration, ' ', this.testButton
-				]),
+				E('div', { 'style': 'margin-bottom:.5em' }, this.readonly
+					? [ readonlyNote.cloneNode(true) ]
+					: [ this.testDuration, ' ', this.testButton ]),
 				this.testStateNode,
 				this.testTableNode
 			]),
@@ -567,6 +589,9 @@ return view.extend({
 	updateTestButton: function() {
 		var busy = this.testBusy || this.testRunning;
 
+		/* Reconnect needs a running agent; ui.createHandlerFn re-enables it after a press */
+		if (!this.reconnectButton.classList.contains('spinning'))
+			this.reconnectButton.disabled = !this.reachable;
 		this.testButton.disabled = busy || !this.reachable;
 		this.testDuration.disabled = busy;
 		this.testButton.classList.toggle('spinning', busy);
@@ -678,11 +703,11 @@ return view.extend({
 		if (isObj(st.dataplane)) {
 			/* docs/status.md "dataplane": how packets move */
 			var dp = st.dataplane,
-			    path = [ dp.c_loops === true ? _('compiled (C loops)') : _('Python') ];
-			if (dp.c_loops !== true && dp.c_loops_off_why != null)
-				path.push(' ', small([ '(' + String(dp.c_loops_off_why) + ')' ]));
+			    path = [ E('span', { 'class': 'mpvpn-datapath', 'title': (dp.c_loops_off_why != null) ? String(dp.c_loops_off_why) : null }, [
+			    	dataPath(dp.c_loops, dp.c_loops_off_why)
+			    ]) ];
 			if (dp.tun_offload != null)
-				path.push(', ', _('tun offload %s').format(String(dp.tun_offload)));
+				path.push(E('br'), _('tun offload %s').format(String(dp.tun_offload)));
 			if (dp.tun_offload_error != null)
 				path.push(' ', small([ '(' + String(dp.tun_offload_error) + ')' ]));
 			rows.push([ _('Data path'), E('span', path) ]);
