@@ -718,7 +718,8 @@ def fixed_documents() -> dict[str, dict]:
          "exclusive": True, "mode": None, "tx_packets": 1234, "counters": {"bytes": 2500000, "flows": 2}},
         {"name": "office", "src": "192.168.10.0/25", "dst": "192.168.20.0/24", "carriers": None,
          "exclusive": False, "mode": "adaptive"},
-    ], link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
+    ], dataplane=dict(base["dataplane"], c_loops=True, c_loops_off_why=None),
+        link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
                   "phases": 8, "results": results, "peer": "site-b"})
     failed = dict(base, policies=[], link_test={
         "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
@@ -730,7 +731,8 @@ def fixed_documents() -> dict[str, dict]:
 def browser(tmp_path_factory):
     """Headless Chromium runs side by side, one fixture server each: main (engine,
     presses Test links then Reconnect), shot (engine, link test, screenshot),
-    hostile, down, running and failed (fixed link test states; both press Test links)."""
+    hostile, down, running and failed (fixed link test states; both press Test links),
+    viewer (engine, a read-only login)."""
     chromium = find_chromium()
     if not chromium:
         reason = "chromium is not installed (Debian: apt-get install chromium)"
@@ -744,7 +746,8 @@ def browser(tmp_path_factory):
                 "running": harness_server.StaticBackend(fixed["running"],
                                                         replies={"test_links": {"started": True, "id": 9}}),
                 "failed": harness_server.StaticBackend(fixed["failed"],
-                                                       replies={"test_links": {"error": TEST_ERROR}})}
+                                                       replies={"test_links": {"error": TEST_ERROR}}),
+                "viewer": SimAgentBackend()}
     servers = {k: harness_server.HarnessServer(b).__enter__() for k, b in backends.items()}
     shot = out_dir / "luci-status.png"
     runs = {
@@ -756,13 +759,18 @@ def browser(tmp_path_factory):
         "down": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
         "running": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
         "failed": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
+        # a read-only login (rpcd: list read '*', no write)
+        "viewer": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
     }
+    logins = {"viewer": "viewer"}
     procs, results = {}, {}
     t0 = time.monotonic()
     try:
         for name, (flags, query) in runs.items():
             profile = out_dir / f"profile-{name}"
-            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, servers[name].url + query]
+            view, _sep, fragment = query[len("?view="):].partition("#")
+            url = servers[name].page(view, logins.get(name, "root"), fragment)
+            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url]
             procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True, cwd=out_dir)
         for name, p in procs.items():
@@ -861,7 +869,14 @@ def test_browser_status_rows_match_the_engine_document(browser):
     assert doc["vnc"]["ifname"] in head["Tunnel interface"].words
     assert head["Routes into the tunnel"].words == ", ".join(doc["routes"])
     assert "Last error" not in head
-    assert head["Data path"].words == "Python (not built), tun offload gro"
+    # issue 12 item 9: words and the package to install, not Python's ImportError
+    datapath = head["Data path"]
+    words = datapath.find("span", cls="mpvpn-datapath")
+    assert words.words == ("Python only: the optional compiled data path is not installed. Install the "
+                           "package orayboxvpn-fastpath to add it; it carries several times more traffic "
+                           "per CPU second.")
+    assert words.attrs["title"] == doc["dataplane"]["c_loops_off_why"]  # the technical reason on hover
+    assert datapath.words.endswith("tun offload gro") and "import" not in datapath.words
 
     rows = link_rows(view)
     assert len(rows) == len(doc["links"]) == 3
@@ -893,7 +908,8 @@ def test_browser_status_rows_match_the_engine_document(browser):
 
     # Reconnect: pressed by the harness, reached the agent, acknowledged on the page
     assert backend.reconnects == 1
-    assert ("orayboxvpn", "reconnect", {}) in server.calls and server.denied == []
+    sid = server.sid("root")
+    assert ("orayboxvpn", "reconnect", {"ubus_rpc_session": sid}) in server.calls and server.denied == []
     notes = browser["dom"]["main"].find(id="maincontent").find_all("div", cls="alert-message")
     assert any("Reconnect requested" in n.words for n in notes)
 
@@ -961,9 +977,39 @@ def test_browser_status_explains_an_agent_that_is_not_running(browser):
     table = view.find("table", id="mpvpn-links")
     assert "not reachable" in table.find("tr", cls="placeholder").words
     server = browser["servers"]["down"]
-    assert len([c for c in server.calls if c[1] == "status"]) >= 2  # it keeps polling
+    assert server.requests.count(("orayboxvpn", "status")) >= 2  # it keeps polling
+    assert server.calls == []  # ubus has no such object
     assert hidden(view.find(id="mpvpn-policies"))
     assert button_disabled(view)
+    # issue 12 item 9: nothing to reconnect while the agent is down
+    assert "disabled" in view.find("button", id="mpvpn-reconnect").attrs
+
+
+def test_browser_read_only_login_is_not_offered_reconnect_or_test_links(browser):
+    """Issue 12 items 8 and 9: a login with read access only (rpcd) sees the
+    status, is offered no button that ends in "Access denied", and its page
+    holds no key."""
+    page = browser["dom"]["viewer"]
+    view = view_of(page)
+    backend, server = browser["backends"]["viewer"], browser["servers"]["viewer"]
+    assert len(backend.docs) >= 2  # it reads and polls the status
+    head = header_rows(view)
+    assert head["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == "connected"
+    assert len(link_rows(view)) == 3
+    assert view.find("button", id="mpvpn-reconnect") is None
+    assert view.find("button", id="mpvpn-test-links") is None
+    assert view.find("select", id="mpvpn-test-duration") is None
+    notes = view.find_all("em", cls="mpvpn-readonly")
+    assert len(notes) == 2 and all("write access" in n.words for n in notes)
+    assert server.denied == []
+    assert {c[1] for c in server.calls} == {"status"}
+    assert all(c[2] == {"ubus_rpc_session": server.sid("viewer")} for c in server.calls)
+    assert "psk" not in browser["raw"]["viewer"].lower() and "private_key" not in browser["raw"]["viewer"]
+    # the root login's page of the same agent offers both
+    main = view_of(browser["dom"]["main"])
+    assert main.find("button", id="mpvpn-reconnect") is not None
+    assert main.find("button", id="mpvpn-test-links") is not None
+    assert main.find("em", cls="mpvpn-readonly") is None
 
 
 # --- policies and the link test -----------------------------------------------------------------
@@ -1050,7 +1096,10 @@ def test_browser_link_test_runs_and_shows_the_engine_results(browser):
     # pressed once, with the default duration, while the button was enabled
     assert clicked(page) == [["test-links", False], ["reconnect", False]]
     assert backend.test_calls == [{"duration": 3}]
-    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    # through rpcd, as on a router: the session id rides along and the agent's signature accepts it
+    assert ("orayboxvpn", "test_links", {"duration": 3, "ubus_rpc_session": server.sid("root")}) in server.calls
+    notes = page.find(id="maincontent").find_all("div", cls="alert-message")
+    assert not [n.words for n in notes if "did not start" in n.words]
     states = [d["link_test"]["state"] if d["link_test"] else None for d in backend.docs]
     assert states[0] is None and "running" in states and states[-1] == "done"
     doc = rendered_document(view, backend.docs)
@@ -1076,6 +1125,8 @@ def test_browser_link_test_running_shows_progress_and_a_disabled_button(browser)
     assert re.fullmatch(r"width:\s*25(?:\.0)?%;?", bar.find("div").attrs["style"])
     assert button_disabled(view) and clicked(page) == [["test-links", True]]
     assert "disabled" in view.find("select", id="mpvpn-test-duration").attrs
+    assert header_rows(view)["Data path"].words == (
+        "compiled (C loops of the package orayboxvpn-fastpath)tun offload gro")  # a <br> between
     assert not [c for c in browser["servers"]["running"].calls if c[1] == "test_links"]
     assert view.find(id="mpvpn-linktest-error") is None
     check_results(link_rows(view, "mpvpn-linktest"), doc["link_test"]["results"])
@@ -1102,9 +1153,9 @@ def test_browser_link_test_failure_and_refusal_are_shown(browser):
     check_results(link_rows(view, "mpvpn-linktest"), browser["backends"]["failed"].doc["link_test"]["results"])
     # a new test may be started; the agent refuses it and the page says why
     assert clicked(page) == [["test-links", False]] and not button_disabled(view)
-    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    assert ("orayboxvpn", "test_links", {"duration": 3, "ubus_rpc_session": server.sid("root")}) in server.calls
     notes = page.find(id="maincontent").find_all("div", cls="alert-message")
-    assert any(n.words == "The link test did not start: " + TEST_ERROR for n in notes)
+    assert any(n.words == "The link test did not start: " + TEST_ERROR for n in notes), [n.words for n in notes]
     # no policies: no section
     assert hidden(view.find(id="mpvpn-policies"))
 
@@ -1278,7 +1329,7 @@ def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):
         backend = harness_server.SocketAgentBackend(rpc.socket_path(str(ts.a.run_dir)))
         with harness_server.HarnessServer(backend) as srv:
             cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                   "--virtual-time-budget=4500", "--dump-dom", srv.url + "?view=mpvpn/status"]
+                   "--virtual-time-budget=4500", "--dump-dom", srv.page("mpvpn/status")]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         live = ts.a.status()

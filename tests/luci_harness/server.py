@@ -168,7 +168,7 @@ class HarnessServer:
         handlers = backend.handlers()
         if handlers is not None:
             self.transport = ubusd.publish(self.bus, handlers)
-        self.log: list[tuple] = []  # ("call" | "denied", sid, object, method, args) per request
+        self.log: list[tuple] = []  # ("call" | "denied" | "no-object", sid, object, method, args) per request
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -181,6 +181,11 @@ class HarnessServer:
     def calls(self) -> list[tuple[str, str, dict]]:
         """(object, method, arguments as ubus got them) of every call that passed the ACL."""
         return [(e[2], e[3], e[4]) for e in self.log if e[0] == "call"]
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(object, method) of every JSON-RPC call request, answered or refused."""
+        return [(e[2], e[3]) for e in self.log]
 
     @property
     def denied(self) -> list[tuple[str, str]]:

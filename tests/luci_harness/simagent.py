@@ -126,7 +126,10 @@ def status_document(pair: SimPair, *, name: str = "site-a", peer: str = "site-b"
         "peer": peer_info,
         "vnc": {"ifname": "mpvpn0", "address": "172.30.0.1", "netmask": "255.255.255.252", "mtu": 1400},
         "routes": routes,
-        "dataplane": {"c_loops": False, "c_loops_off_why": "not built", "tun_offload": "gro",
+        "dataplane": {"c_loops": False, "tun_offload": "gro",
+                      # mpvpn.fastpath.WHY on a router without orayboxvpn-fastpath
+                      "c_loops_off_why": "not built (cannot import name '_fastpath' from 'mpvpn' "
+                                         "(/usr/lib/python3.11/site-packages/mpvpn/__init__.py))",
                       "tun_offload_error": None, "tun_split_errors": 0},
         "control": {"state": "established", "server": "10.1.0.2:7000", "epoch": 1, "rekeys": 0},
         "policies": [dict(p) for p in policies],

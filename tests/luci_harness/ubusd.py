@@ -310,6 +310,8 @@ def uhttpd_ubus_call(bus: PythonUbus, sessions: RpcdSessions, request: object,
         return error(ERR_PARSE)
     sid, obj, method, args = params[:4]
     if not bus.has_object(obj):
+        if log is not None:
+            log.append(("no-object", sid, obj, method, args))
         return error(ERR_OBJECT)
     if not sessions.access(sid, "ubus", obj, method):
         if log is not None:
