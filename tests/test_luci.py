@@ -577,6 +577,105 @@ def test_netmask_may_be_left_out_only_with_a_prefix():
     assert [r["result"] is True for r in out] == [False, True, False, True]
 
 
+# --- one Save of the config page (form.js's parse() rules, tests/luci_harness/probe.js) ----------
+
+SHIPPED = REPO / "files" / "etc" / "config" / "orayboxvpn"
+
+
+def uci_file(text: str | None = None) -> dict[str, dict]:
+    """A UCI file (default: the shipped one) as LuCI's uci.js holds it: section id -> options."""
+    from mpvpn import uci
+
+    pkg = uci.parse(SHIPPED.read_text() if text is None else text, "orayboxvpn")
+    return {sec.name: {".type": sec.type, **sec.options} for sec in pkg}
+
+
+def filled_in(file: dict) -> dict:
+    """The shipped file with what an admin fills in before the first Save & Apply."""
+    file = json.loads(json.dumps(file))
+    file["base"].update(enabled="1", server_address=["203.0.113.10:7000"], psk=_GOOD_PSK)
+    file["vnc"]["ipaddr"] = "172.30.0.1"
+    for n, sid in enumerate(("telecom", "unicom", "mobile"), 1):
+        file[sid]["bind_ip"] = f"10.{n}.0.1"
+    return file
+
+
+def save_page(file: dict, edits: dict | None = None) -> dict:
+    return probe(CONFIG_JS, [{"save": file, "edits": edits or {}}])["saves"][0]
+
+
+def test_one_save_writes_only_what_the_admin_changed():
+    """Issue 12 item 9: a Save must not freeze today's defaults into the file
+    (nack, mss_clamp, log_level, enabled of each uplink)."""
+    file = filled_in(uci_file())
+    assert save_page(file) == {"changes": [], "errors": []}
+    # an edit writes that option and nothing else
+    assert save_page(file, {"base": {"keepalive_idle": "1.5"}}) == {
+        "changes": [["set", "base", "keepalive_idle", "1.5"]], "errors": []}
+    # choosing a default explicitly leaves the option out; a non-default is written
+    assert save_page(file, {"base": {"nack": "auto", "log_level": "info", "mss_clamp": "1"}})["changes"] == []
+    assert save_page(file, {"base": {"nack": "1", "log_level": "debug", "mss_clamp": "0"},
+                            "unicom": {"enabled": "0"}})["changes"] == [
+        ["set", "base", "nack", "1"], ["set", "base", "mss_clamp", "0"], ["set", "base", "log_level", "debug"],
+        ["set", "unicom", "enabled", "0"]]
+    # a file that spells a default out loses it only where the admin sets the default again
+    spelled = json.loads(json.dumps(file))
+    spelled["base"]["nack"] = "0"
+    assert save_page(spelled)["changes"] == []
+    assert save_page(spelled, {"base": {"nack": "auto"}})["changes"] == [["unset", "base", "nack"]]
+    # the agent reads what the page leaves out as the same defaults the page showed
+    opts = config_options()
+    for sec, name in (("base", "nack"), ("base", "log_level"), ("base", "mss_clamp"), ("base", "mode"),
+                      ("smpu", "enabled"), ("site", "enabled"), ("policy", "enabled")):
+        assert opts[sec][name]["default"] == OPTIONS[sec][name].default, f"{sec}.{name}"
+
+
+def test_an_empty_carrier_type_is_refused_on_the_field():
+    """Issue 12 item 9: the dialog's Save fails silently on an empty Carrier type
+    unless the field's own validation names the problem (and turns red)."""
+    rv = probe(CONFIG_JS, [{"section": "smpu", "option": "type", "value": v} for v in ("", "telecom")])["probes"]
+    assert isinstance(rv[0]["result"], str) and rv[0]["result"].startswith("Required")
+    assert rv[1]["result"] is True
+    file = filled_in(uci_file())
+    file["wan4"] = {".type": "smpu", "bind_ip": "10.4.0.1"}  # added in the dialog, type left empty
+    out = save_page(file)
+    assert out["changes"] == []
+    assert [e[:2] for e in out["errors"]] == [["wan4", "type"]]
+    assert out["errors"][0][2].startswith('Option "Carrier type" contains an invalid input value.')
+    assert agent_problems_of_file(file) != []  # the agent refuses such an uplink too
+
+
+def agent_problems_of_file(file: dict) -> list[str]:
+    import tempfile as _tf
+
+    lines = []
+    for sid, opts in file.items():
+        lines.append(f"config {opts['.type']} '{sid}'")
+        for k, v in opts.items():
+            if k.startswith("."):
+                continue
+            for item in (v if isinstance(v, list) else [v]):
+                lines.append(f"\t{'list' if isinstance(v, list) else 'option'} {k} '{item}'")
+    with _tf.TemporaryDirectory() as d:
+        Path(d, "orayboxvpn").write_text("\n".join(lines) + "\n")
+        _cfg, problems = load_config(d)
+    return [str(p) for p in problems if p.is_error]
+
+
+def test_config_help_says_save_and_apply_takes_effect_at_once():
+    """Issue 12 item 9: the page said changes apply "on the next restart";
+    docs/openwrt.md's reload table says what Save & Apply does."""
+    form = config_form()
+    text = form["description"] + " " + " ".join(
+        o.get("description") or "" for sec in form["sections"] for o in sec["options"])
+    assert "next restart" not in text
+    assert "Save & Apply takes effect at once" in form["description"]
+    doc = (REPO / "docs" / "openwrt.md").read_text()
+    assert "SIGHUP" in doc and "applied in place, the tunnel stays up" in doc
+    for words in ("log level", "keepalive", "MSS clamping", "keys", "uplinks", "MTU", "tunnel drops"):
+        assert words in form["description"], words
+
+
 # --- the status view in a real browser ---------------------------------------------------------
 
 class Node:
