@@ -1316,6 +1316,89 @@ def test_python_ubus_stand_in_checks_arguments_like_test_policies():
     assert seen == [{"ubus_rpc_session": "x", "duration": 3}, {}]
 
 
+OWRT = Path(os.environ.get("MPVPN_OWRT", "/opt/owrt"))  # OpenWrt userland built from source, never in the repo
+XCHECK_CASES = [  # (method, arguments) for an object declaring m {ubus_rpc_session, duration}, bare {}, broken {}
+    ("m", {"ubus_rpc_session": "x", "duration": 3}), ("m", {"ubus_rpc_session": "x"}), ("m", {"duration": 3}),
+    ("m", {"ubus_rpc_session": "x", "duration": 3, "peer": "b"}), ("m", {"ubus_rpc_session": "x", "duration": "3"}),
+    ("m", {"ubus_rpc_session": "x", "duration": 1.5}), ("bare", {}), ("bare", {"ubus_rpc_session": "x"}),
+    ("nope", {}), ("broken", {}),
+]
+XCHECK_PUBLISHER = """
+def publish(ubus):
+    def m(req, msg):
+        req.reply({"ok": True, "got": msg})
+
+    def broken(req, msg):
+        raise ValueError("boom")
+
+    S, I = ubus.BLOBMSG_TYPE_STRING, ubus.BLOBMSG_TYPE_INT32
+    ubus.add("o", {"m": {"method": m, "signature": {"ubus_rpc_session": S, "duration": I}},
+                   "bare": {"method": m, "signature": {}}, "broken": {"method": broken, "signature": {}}})
+
+
+if __name__ == "__main__":
+    import sys
+    import ubus
+    ubus.connect(socket_path=sys.argv[1])
+    publish(ubus)
+    print("ready", flush=True)
+    ubus.loop()
+"""
+
+
+def _standin_answers() -> list[tuple[int, dict | None]]:
+    from luci_harness import ubusd
+
+    bus = ubusd.PythonUbus()
+    bus.connect()
+    ns: dict = {}
+    exec(XCHECK_PUBLISHER, ns)  # the same publisher, on the stand-in
+    ns["publish"](bus)
+    stop = _serve_bus(bus)
+    try:
+        return [bus.invoke("o", m, a) for m, a in XCHECK_CASES]
+    finally:
+        stop.set()
+
+
+def test_python_ubus_stand_in_answers_like_the_real_python_ubus(tmp_path):
+    """The stand-in against python-ubus 0.1.2 itself on a real ubusd, called with the real ubus CLI."""
+    ubusd_bin, cli, so = OWRT / "sbin" / "ubusd", OWRT / "bin" / "ubus", list((OWRT / "python").glob("ubus.*.so"))
+    if not (ubusd_bin.is_file() and cli.is_file() and so):
+        reason = f"OpenWrt's ubusd, ubus CLI and python-ubus are not built under {OWRT}"
+        sys.stderr.write(f"\nreal python-ubus check skipped: {reason}\n")
+        pytest.skip(reason)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(OWRT / "lib"), PYTHONPATH=str(OWRT / "python"))
+    sock = tmp_path / "ubus.sock"
+    (tmp_path / "pub.py").write_text(XCHECK_PUBLISHER)
+    procs = [subprocess.Popen([str(ubusd_bin), "-s", str(sock)], env=env)]
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        pub = subprocess.Popen([sys.executable, str(tmp_path / "pub.py"), str(sock)], env=env,
+                               stdout=subprocess.PIPE, text=True)
+        procs.append(pub)
+        assert pub.stdout.readline().strip() == "ready"
+        real = []
+        for method, args in XCHECK_CASES:
+            r = subprocess.run([str(cli), "-s", str(sock), "call", "o", method, json.dumps(args)],
+                               capture_output=True, text=True, env=env, timeout=30)
+            status = 256 - r.returncode if r.returncode > 128 else r.returncode  # the CLI exits with -status
+            real.append((status, json.loads(r.stdout) if r.stdout.strip() else None))
+        missing = subprocess.run([str(cli), "-s", str(sock), "call", "p", "m", "{}"], capture_output=True,
+                                 text=True, env=env, timeout=30)
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait()
+    assert real == _standin_answers()
+    assert [st for st, _r in real] == [0, 2, 2, 2, 2, 2, 0, 2, 3, 9]
+    assert real[0][1]["got"] == {"ubus_rpc_session": "x", "duration": 3}
+    assert missing.returncode == 4  # UBUS_STATUS_NOT_FOUND: no such object (the stand-in: ObjectNotFound)
+
+
 def test_harness_ubus_is_uhttpd_mod_ubus_with_rpcd_sessions():
     backend = harness_server.StaticBackend({"state": "connected"}, replies={"reconnect": {}})
     srv = harness_server.HarnessServer(backend)
