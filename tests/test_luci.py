@@ -990,14 +990,39 @@ def test_browser_status_rows_match_the_engine_document(browser):
         bar = row["Weight"].find("div", cls="cbi-progressbar")
         width = float(re.fullmatch(r"width:([\d.]+)%", bar.find("div").attrs["style"]).group(1))
         assert abs(width - link["weight"] * 100) <= 0.051, name
-        polyline = row["History (RTT blue, loss red)"].find("polyline")
-        assert polyline is not None and len(polyline.attrs["points"].split()) >= 3, name
+        history = row["History (RTT blue, loss red)"]
+        scale = re.fullmatch(r"RTT 0–(\d+) ms, loss 0–(\d+) %, last (\d+) s", history.find("small", cls="mpvpn-scale").words)
+        assert scale, history.words  # issue 18: the graphs have a scale
+        assert int(scale.group(3)) == 3 * (len(docs) - 1)  # one sample per poll, 3 s apart
+        if link["state"] == "established":
+            polyline = history.find("polyline")
+            assert polyline is not None and len(polyline.attrs["points"].split()) >= 3, name
+            assert int(scale.group(1)) >= link["rtt_ms"] and int(scale.group(2)) >= min(5, link["loss"] * 100)
+        else:  # down all the time the page was open: no figures to draw
+            assert history.find("polyline") is None, name
+        # issue 18: the loss of both directions, named
+        out_in = re.fullmatch(r"([\d.]+) % outgoing\s*([\d.]+) % incoming(.*)", row["Loss"].words)
+        assert out_in, row["Loss"].words
+        assert abs(float(out_in.group(2)) - link["loss_in"] * 100) <= 0.051, name
         rx, tx = re.fullmatch(r"rx (.+?)\s*tx (.+)", row["Traffic"].words).groups()  # <br> between
         if link["state"] == "established":  # traffic flows both ways: rates from counter deltas
             assert re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", rx) and re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", tx), name
     states = [lk["state"] for lk in doc["links"]]
     assert states.count("established") == 2 and "established" != states[2]  # mobile lost its carrier
     assert rows[2]["State"].find("small").words == doc["links"][2]["last_down_reason"]
+    # issue 18: a subflow that is down shows its last figures as old, with their age
+    mobile = doc["links"][2]
+    age = f"last heard {round(mobile['last_rx_age'])} s ago"
+    assert rows[2]["RTT"].find("small", cls="mpvpn-stale").words == age
+    assert rows[2]["Loss"].find("small", cls="mpvpn-stale").words == age
+    assert "opacity" in rows[2]["RTT"].find("span", cls="mpvpn-rtt").find("span").attrs.get("style", "")
+    for row in rows[:2]:
+        assert row["RTT"].find("small", cls="mpvpn-stale") is None and "±" in row["RTT"].words
+    # issue 18: an uplink whose socket is ready but whose subflow is down says so
+    uplinks = [c for c in head["Uplinks"].find("div").children if isinstance(c, Node)]
+    assert [u.find("span", cls="mpvpn-badge").words for u in uplinks] == ["Ready"] * 3
+    notes = [u.find("span", cls="mpvpn-uplink-note") for u in uplinks]
+    assert notes[0] is None and notes[1] is None and "subflow to the peer is down" in notes[2].words
 
     totals = view.find("table", id="mpvpn-totals")
     shown = {td.attrs["data-counter"]: td.words for td in totals.find_all("td") if "data-counter" in td.attrs}
@@ -1036,7 +1061,7 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     rows = link_rows(view)
     assert len(rows) == 2  # the null entry is skipped
     assert rows[0]["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == EVIL
-    assert rows[1]["RTT"].words == "—" and rows[1]["Weight"].words == "—"
+    assert rows[1]["RTT"].words == "—never heard" and rows[1]["Weight"].words == "—"
     totals = view.find("table", id="mpvpn-totals")
     auth = totals.find("td", data_counter="auth_failures")
     assert auth.words == "3" and "bold" in auth.attrs.get("style", "")
@@ -1186,6 +1211,8 @@ def test_browser_policies_table_matches_the_engine_document(browser):
     assert rows[0]["Mode"].find("span", cls="mpvpn-priority") is None
     assert rows[1]["Mode"].find("span", data_mode="aggregate").words.startswith("Aggregate")
     assert rows[1]["Mode"].find("span", cls="mpvpn-badge", data_state="priority") is not None
+    # issue 18: what "priority" means is on the page, not only in a tooltip
+    assert '"priority": in aggregate and adaptive mode this traffic is sent first' in view.find(id="mpvpn-policies").words
 
 
 def test_browser_link_test_runs_and_shows_the_engine_results(browser):

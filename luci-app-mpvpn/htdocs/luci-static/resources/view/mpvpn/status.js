@@ -126,7 +126,7 @@ function linkState(state) {
 
 function uplinkState(state) {
 	switch (state) {
-	case 'up':      return [ _('Up'), GREEN ];
+	case 'up':      return [ _('Ready'), GREEN ];
 	case 'waiting': return [ _('Waiting'), ORANGE ];
 	case 'down':    return [ _('Down'), RED ];
 	case 'error':   return [ _('Error'), RED ];
@@ -202,6 +202,17 @@ function fmtTime(t) {
 	return isNaN(d.getTime()) ? null : d.toLocaleString();
 }
 
+/* an age in seconds: "3 s", "4 min", "2 h" */
+function fmtAge(s) {
+	if (!isNum(s) || s < 0)
+		return NONE;
+	if (s < 90)
+		return _('%d s').format(Math.round(s));
+	if (s < 5400)
+		return _('%d min').format(Math.round(s / 60));
+	return _('%d h').format(Math.round(s / 3600));
+}
+
 function fmtDuration(s) {
 	return isNum(s) ? '%t'.format(Math.max(0, Math.floor(s))) : NONE;
 }
@@ -275,37 +286,44 @@ function sparkline(points) {
 		if (isNum(p.loss)) maxLoss = Math.max(maxLoss, p.loss);
 	});
 
+	/* one polyline per run of samples: a subflow that was down leaves a gap */
 	function polyline(key, top, color) {
-		var coords = [];
+		var runs = [ [] ];
 
 		for (var i = 0; i < points.length; i++) {
 			var v = points[i][key];
 
-			if (!isNum(v))
+			if (!isNum(v)) {
+				if (runs[runs.length - 1].length)
+					runs.push([]);
 				continue;
+			}
 
 			var x = i * step,
 			    y = (h - 1) - Math.min(v / top, 1) * (h - 2);
 
-			coords.push(x.toFixed(1) + ',' + y.toFixed(1));
+			runs[runs.length - 1].push(x.toFixed(1) + ',' + y.toFixed(1));
 		}
 
-		if (coords.length > 1)
-			lines.push(svgEl('polyline', {
-				'points': coords.join(' '),
-				'fill': 'none',
-				'stroke': color,
-				'stroke-width': '1.5'
-			}));
+		runs.forEach(function(coords) {
+			if (coords.length > 1)
+				lines.push(svgEl('polyline', {
+					'points': coords.join(' '),
+					'fill': 'none',
+					'stroke': color,
+					'stroke-width': '1.5'
+				}));
+		});
 	}
 
 	/* loss scaled to at least 5 %, so a clean link stays a flat line */
-	polyline('loss', Math.max(maxLoss, 0.05), LOSS_COLOR);
-	polyline('rtt', Math.max(maxRtt * 1.25, 1), RTT_COLOR);
+	var topLoss = Math.max(maxLoss, 0.05), topRtt = Math.max(maxRtt * 1.25, 1);
+	polyline('loss', topLoss, LOSS_COLOR);
+	polyline('rtt', topRtt, RTT_COLOR);
 
-	var title = _('Last %d samples: RTT up to %.1f ms, loss up to %.1f %%').format(points.length, maxRtt, maxLoss * 100);
+	var title = _('Last %d samples, %d s apart: RTT up to %.1f ms, loss up to %.1f %%').format(points.length, POLL_INTERVAL, maxRtt, maxLoss * 100);
 
-	return svgEl('svg', {
+	return E('span', { 'class': 'mpvpn-history' }, [ svgEl('svg', {
 		'class': 'mpvpn-spark',
 		'width': String(w),
 		'height': String(h),
@@ -315,7 +333,12 @@ function sparkline(points) {
 	}, [
 		svgEl('title', {}, [ title ]),
 		svgEl('rect', { 'x': '0.5', 'y': '0.5', 'width': String(w - 1), 'height': String(h - 1), 'fill': 'none', 'stroke': '#ddd' })
-	].concat(lines));
+	].concat(lines)), E('br'), E('small', { 'class': 'mpvpn-scale', 'style': 'opacity:.75' }, [
+		/* the scale: the top of the box, for each line; the width is the time shown */
+		E('span', { 'style': 'color:' + RTT_COLOR }, [ _('RTT 0\u2013%.0f ms').format(topRtt) ]), ', ',
+		E('span', { 'style': 'color:' + LOSS_COLOR }, [ _('loss 0\u2013%.0f %%').format(topLoss * 100) ]), ', ',
+		_('last %s').format(fmtAge(Math.max(points.length - 1, 0) * POLL_INTERVAL))
+	]) ]);
 }
 
 function weightBar(weight) {
@@ -373,7 +396,7 @@ return view.extend({
 		this.policiesSection = E('div', { 'class': 'cbi-section', 'id': 'mpvpn-policies', 'style': 'display:none' }, [
 			E('h3', [ _('Per-host link policies') ]),
 			E('div', { 'class': 'cbi-section-descr' }, [
-				_('Traffic of these LAN hosts or subnets uses only the carriers listed; an exclusive policy reserves its carriers for that traffic. The first matching policy applies.')
+				_('Traffic of these LAN hosts or subnets uses only the carriers listed; an exclusive policy reserves its carriers for that traffic. The first matching policy applies. "priority": in aggregate and adaptive mode this traffic is sent first when the links are busy, other traffic waits.')
 			]),
 			this.policiesNode
 		]);
@@ -571,7 +594,7 @@ return view.extend({
 					mode,
 					(p.priority === true) ? E('span', {
 						'class': 'mpvpn-priority',
-						'title': _('Served before all other traffic')
+						'title': _('Sent before all other traffic when the links are busy (aggregate and adaptive modes)')
 					}, [ ' ', badge(_('priority'), GREEN, 'priority') ]) : ''
 				])
 			];
@@ -726,6 +749,8 @@ return view.extend({
 			rows.push([ _('Control connection'), E('span', c) ]);
 		}
 
+		var links = Array.isArray(st.links) ? st.links.filter(isObj) : [];
+
 		if (Array.isArray(st.uplinks) && st.uplinks.length)
 			rows.push([ _('Uplinks'), E('div', st.uplinks.filter(isObj).map(function(u) {
 				var us = uplinkState(u.state),
@@ -737,6 +762,15 @@ return view.extend({
 					line.push(' ', String(u.bind_ip) + (isNum(u.port) ? ':' + u.port : ''));
 				if (u.error != null)
 					line.push(' ', E('span', { 'style': 'color:' + RED }, [ String(u.error) ]));
+
+				/* "up" is the local side only: the socket is bound to the uplink's address */
+				var down = (u.state == 'up' && u.name != null) ? links.filter(function(l) {
+					return l.name == u.name && l.state != 'established';
+				}) : [];
+				if (down.length)
+					line.push(' ', small([ E('span', { 'class': 'mpvpn-uplink-note' }, [
+						_('its socket is ready, but its subflow to the peer is down (see Subflows): the carrier or the peer\'s uplink does not answer')
+					]) ]));
 
 				return E('div', line);
 			})) ]);
@@ -796,7 +830,8 @@ return view.extend({
 
 			if (!h.prev || dt >= MIN_SAMPLE) {
 				h.prev = { t: now, rx: l.rx_bytes, tx: l.tx_bytes };
-				h.points.push({ rtt: l.rtt_ms, loss: l.loss });
+				/* a subflow that is not up has no new figures: a gap in its history */
+				h.points.push((l.state == 'established') ? { rtt: l.rtt_ms, loss: l.loss } : { rtt: null, loss: null });
 				if (h.points.length > HISTORY_POINTS)
 					h.points.splice(0, h.points.length - HISTORY_POINTS);
 			}
@@ -813,13 +848,28 @@ return view.extend({
 			if (l.state != 'established' && l.last_down_reason)
 				stateCell.push(E('br'), small([ String(l.last_down_reason) ]));
 
-			var rtt = [ fmtMs(l.rtt_ms) ];
-			if (isNum(l.rtt_ms) && isNum(l.rttvar_ms))
-				rtt.push(E('br'), small([ _('\u00b1 %.1f ms').format(l.rttvar_ms) ]));
+			/*
+			 * docs/status.md: loss is the loss of what we send (reported by the
+			 * peer), loss_in of what we receive.  A subflow that is not up keeps
+			 * its last figures: show them as old, with their age (last_rx_age:
+			 * seconds since the peer's last datagram on it)
+			 */
+			var live = (l.state == 'established'),
+			    stale = live ? null : E('small', { 'class': 'mpvpn-stale' }, [
+			    	isNum(l.last_rx_age) ? _('last heard %s ago').format(fmtAge(l.last_rx_age)) : _('never heard')
+			    ]);
 
-			var loss = [ fmtPct(l.loss) ];
+			var rtt = [ E('span', { 'style': live ? null : 'opacity:.5' }, [ fmtMs(l.rtt_ms) ]) ];
+			if (live && isNum(l.rtt_ms) && isNum(l.rttvar_ms))
+				rtt.push(E('br'), small([ _('\u00b1 %.1f ms').format(l.rttvar_ms) ]));
+			if (!live)
+				rtt.push(E('br'), stale);
+
+			var loss = [ E('span', { 'style': live ? null : 'opacity:.5' }, [ _('%s outgoing').format(fmtPct(l.loss)) ]) ];
 			if (isNum(l.loss_in))
-				loss.push(E('br'), small([ _('incoming %s').format(fmtPct(l.loss_in)) ]));
+				loss.push(E('br'), small([ _('%s incoming').format(fmtPct(l.loss_in)) ]));
+			if (!live)
+				loss.push(E('br'), stale.cloneNode(true));
 
 			return [
 				[ text(l.name), E('span', carrier) ],
