@@ -333,12 +333,12 @@ function sparkline(points) {
 	}, [
 		svgEl('title', {}, [ title ]),
 		svgEl('rect', { 'x': '0.5', 'y': '0.5', 'width': String(w - 1), 'height': String(h - 1), 'fill': 'none', 'stroke': '#ddd' })
-	].concat(lines)), E('br'), E('small', { 'class': 'mpvpn-scale', 'style': 'opacity:.75' }, [
+	].concat(lines)), E('br'), E('small', { 'class': 'mpvpn-scale', 'style': 'opacity:.75' }, lines.length ? [
 		/* the scale: the top of the box, for each line; the width is the time shown */
 		E('span', { 'style': 'color:' + RTT_COLOR }, [ _('RTT 0\u2013%.0f ms').format(topRtt) ]), ', ',
 		E('span', { 'style': 'color:' + LOSS_COLOR }, [ _('loss 0\u2013%.0f %%').format(topLoss * 100) ]), ', ',
 		_('last %s').format(fmtAge(Math.max(points.length - 1, 0) * POLL_INTERVAL))
-	]) ]);
+	] : [ _('no figures while the subflow is down') ]) ]);
 }
 
 function weightBar(weight) {
