@@ -12,9 +12,9 @@ A tiny stand-in for uhttpd + rpcd + ubusd on 127.0.0.1 (random port):
                                            answers it (ubusd.uhttpd_ubus_call): rpcd's
                                            session ACLs from the app's acl.d file, the
                                            session id added as ubus_rpc_session, the
-                                           object published by the agent's own
-                                           mpvpn.ubus.UbusTransport on a python-ubus
-                                           stand-in with python-ubus's strict signatures
+                                           object published with the agent's own ubus
+                                           code (ubusd.publish: its signatures and
+                                           argument rules)
 
 Sessions: ``server.sid("root")`` (read and write everything, LuCI's root login)
 and ``server.sid("viewer")`` (a read-only login: ``list read '*'``, no write).

@@ -9,8 +9,8 @@ carriers, some loss and traffic both ways, and advances it on every
 ``test_links`` starts a scripted link test (:class:`SimLinkTest`, the
 contract of the agent's ``test_links`` method and the document's
 ``link_test``) whose phases finish as the status calls advance the engine.  Its
-methods are published on the harness's ubus by the agent's own transport
-(``mpvpn.ubus``), so calls are checked against the agent's real signatures.
+methods are published on the harness's ubus with the agent's own ubus code
+(``mpvpn.ubus``), so calls are checked against the agent's real argument rules.
 """
 
 from __future__ import annotations

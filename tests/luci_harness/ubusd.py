@@ -1,19 +1,26 @@
 """TEST FIXTURE: ubus as the LuCI pages reach the agent on a router, strict like the real programs.
 
-Three stand-ins, each mirroring a real source:
+Stand-ins, each mirroring a real source:
 
 :class:`PythonUbus`
     the module API of python-ubus 0.1.2 (OpenWrt's ``python3-ubus``, CZ-NIC
-    python-ubus, ``ubus_python.c``) plus the bus it talks to.  The agent's own
-    :class:`mpvpn.ubus.UbusTransport` publishes its object on it exactly as on a
-    router (``connect``, ``add`` with ``{"method", "signature"}`` per method,
-    ``loop``, ``send``).  A call is checked the way ``ubus_python_method_handler``
+    python-ubus, ``ubus_python.c``) plus the bus it talks to
+    (``connect``, ``add`` with ``{"method", "signature"}`` per method,
+    ``loop``, ``send``); ``test_luci`` checks it against the real python-ubus
+    on a real ubusd when OpenWrt's userland is built under /opt/owrt.  A call is checked the way ``ubus_python_method_handler``
     does: a method the object lacks is ``UBUS_STATUS_METHOD_NOT_FOUND`` (3,
     libubus ``ubus_process_invoke``); arguments that do not match the declared
     signature are ``UBUS_STATUS_INVALID_ARGUMENT`` (2, ``test_policies``: every
     declared field must be present with its blobmsg type, no undeclared field
     may be present); a handler that raises is ``UBUS_STATUS_UNKNOWN_ERROR`` (9).
     The handler runs on the thread that is inside ``loop()``, as in python-ubus.
+
+:func:`publish` / :class:`AgentObject`
+    the agent's ``orayboxvpn`` object, published with the agent's own ubus
+    code: through python-ubus (``mpvpn.ubus.UbusTransport`` on
+    :class:`PythonUbus`) or, for the transport that speaks ubusd's protocol
+    itself, the steps of its ``UbusTransport._invoke`` with its own
+    ``check_args`` and ``METHODS``.
 
 :class:`RpcdSessions`
     rpcd's sessions and ACLs (rpcd ``session.c``): a login's ``read`` / ``write``
@@ -120,6 +127,7 @@ class PythonUbus:
 
     def __init__(self):
         self._objects: dict[str, dict] = {}
+        self._native: dict[str, object] = {}
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._connected = False
         self.events: list[tuple[str, dict]] = []
@@ -180,14 +188,30 @@ class PythonUbus:
 
     # --- the bus side: what a caller (ubus CLI, uhttpd) gets ------------------------------
 
+    def add_native(self, name: str, serve) -> None:
+        """An object published by a client that speaks ubusd's protocol itself
+        (no python-ubus): ``serve(method, msg) -> (status, reply or None)``."""
+        if name in self._objects or name in self._native:
+            raise RuntimeError("ubus error occured: Invalid argument")
+        self._native[name] = serve
+
+    def remove_native(self, name: str) -> None:
+        self._native.pop(name, None)
+
     def has_object(self, name: str) -> bool:
-        return name in self._objects
+        return name in self._objects or name in self._native
 
     def signatures(self, name: str) -> dict[str, dict[str, int]]:
         return {m: dict(v["signature"]) for m, v in self._objects[name].items()}
 
     def invoke(self, obj: str, method: str, msg: dict, timeout: float = 10.0) -> tuple[int, dict | None]:
         """ubus_invoke(): (status, reply or None)."""
+        if obj in self._native:
+            msg = json.loads(json.dumps(msg))
+            status, reply = self._native[obj](method, msg)
+            if status == UBUS_STATUS_OK:
+                self.invoked.append((obj, method, msg))
+            return status, (json.loads(json.dumps(reply)) if reply is not None else None)
         if obj not in self._objects:
             raise ObjectNotFound(obj)
         box = {"done": threading.Event(), "status": UBUS_STATUS_TIMEOUT, "reply": None}
@@ -330,13 +354,51 @@ def uhttpd_ubus_call(bus: PythonUbus, sessions: RpcdSessions, request: object,
     return {"jsonrpc": "2.0", "id": rid, "result": result}
 
 
+class AgentObject:
+    """``orayboxvpn`` as the agent publishes it when it speaks ubusd's protocol
+    itself (``mpvpn.ubus`` with ``METHODS`` and ``check_args``): the steps of
+    ``UbusTransport._invoke``, with the agent's own argument rules.  A method
+    the agent lacks is METHOD_NOT_FOUND; arguments ``check_args`` refuses
+    (unknown, wrong type; ``ubus_rpc_session`` is accepted and dropped) are
+    INVALID_ARGUMENT; a handler that raises answers ``{"error": ...}``."""
+
+    def __init__(self, bus: PythonUbus, handlers: dict, ubusmod):
+        self.bus, self.handlers, self.ubusmod = bus, handlers, ubusmod
+        unknown = set(handlers) - set(ubusmod.METHODS)
+        if unknown:  # the transport's own check
+            raise ValueError(f"no argument list for ubus method(s) {', '.join(sorted(unknown))}")
+        bus.add_native(ubusmod.OBJECT, self.serve)
+
+    def serve(self, method: str, msg: dict) -> tuple[int, dict | None]:
+        if method not in self.handlers:
+            return UBUS_STATUS_METHOD_NOT_FOUND, None
+        fields = [(k, blobmsg_type(v), v) for k, v in msg.items()]  # what decode_fields gives for uhttpd's blob
+        args, _why = self.ubusmod.check_args(method, fields, self.ubusmod.METHODS)
+        if args is None:
+            return UBUS_STATUS_INVALID_ARGUMENT, None
+        try:
+            result = self.handlers[method](args)
+        except Exception as e:  # noqa: BLE001 - the transport answers like this
+            result = {"error": f"{type(e).__name__}: {e}"}
+        return UBUS_STATUS_OK, (result if isinstance(result, dict) else {"result": result})
+
+    def stop(self) -> None:
+        self.bus.remove_native(self.ubusmod.OBJECT)
+
+
 def publish(bus: PythonUbus, handlers: dict) -> object:
     """Publish ``handlers`` as ubus object ``orayboxvpn`` the way the agent does on a router:
-    through :class:`mpvpn.ubus.UbusTransport` (its signatures, its argument handling),
-    with calls run inline (the agent's ``post``)."""
+    with the agent's own ubus code (its signatures, its argument handling), calls run
+    inline (the agent's ``post``).  Two generations of ``mpvpn.ubus``: through
+    python-ubus (``UbusTransport(module, path, handlers, post)``, main before issue 12)
+    and speaking ubusd's protocol itself (``METHODS`` / ``check_args``, issue 12);
+    drop the first branch once the second is merged."""
     import concurrent.futures
 
     from mpvpn import ubus as ubusmod
+
+    if hasattr(ubusmod, "check_args"):
+        return AgentObject(bus, handlers, ubusmod)
 
     def post(fn):
         fut = concurrent.futures.Future()
