@@ -1,21 +1,26 @@
 """luci-app-mpvpn: the LuCI app, checked statically and in a real browser.
 
 Static checks (node): every JS file parses, JSON files are valid, the rpcd ACL
-grants exactly the ubus methods the views declare, the menu points to views
-that exist, user-visible strings go through _(), no markup strings, and the
-config page edits the options of mpvpn.config.OPTIONS with matching
-widgets, datatypes, defaults and validators (its validators are run in node
-and compared with what the agent's config loader accepts).
+grants exactly the ubus methods the views declare (and the keys only to write
+logins, by rpcd's session rules), the menu points to views that exist,
+user-visible strings go through _(), no markup strings, and the config page
+edits the options of mpvpn.config.OPTIONS with matching widgets, datatypes,
+defaults and validators (its validators are run in node and compared with what
+the agent's config loader accepts); one Save of the page is simulated by
+luci-base form.js's parse() rules (tests/luci_harness/probe.js).
 
 Browser checks (headless Chromium, tests/luci_harness): the status view is
-served with a minimal stand-in for the LuCI client API and its ubus calls are
-answered from the real in-memory engine (mpvpn.simnet.SimPair); the rendered
-rows are compared with the status documents served, a screenshot is saved
-under the test's output folder (and copied to /tmp/luci-status.png).  The
-per-host policies table and the link test (the "Test links" button, the
+served with a minimal stand-in for the LuCI client API; its ubus calls go
+through stand-ins for uhttpd-mod-ubus, rpcd's sessions (a root and a read-only
+login) and the agent's object published with the agent's own ubus code, and
+are answered from the real in-memory engine (mpvpn.simnet.SimPair); the
+rendered rows are compared with the status documents served, a screenshot is
+saved under the test's output folder (and copied to /tmp/luci-status.png).
+The per-host policies table and the link test (the "Test links" button, the
 test_links ubus method and the document's link_test: progress, results,
 errors) are checked with the engine and with fixed documents, hostile ones
-included.
+included.  The python-ubus stand-in is compared with the real python-ubus on
+a real ubusd when OpenWrt's userland is built under /opt/owrt.
 """
 
 from __future__ import annotations
