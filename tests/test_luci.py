@@ -1259,6 +1259,10 @@ def test_browser_link_test_running_shows_progress_and_a_disabled_button(browser)
     assert "disabled" in view.find("select", id="mpvpn-test-duration").attrs
     assert header_rows(view)["Data path"].words == (
         "compiled (C loops of the package orayboxvpn-fastpath)tun offload gro")  # a <br> between
+    # one fixed document: one sample per subflow, nothing to draw yet
+    for row, link in zip(link_rows(view), doc["links"]):
+        expect = "collecting samples…" if link["state"] == "established" else "no figures while the subflow is down"
+        assert row["History (RTT blue, loss red)"].find("small", cls="mpvpn-scale").words == expect
     assert not [c for c in browser["servers"]["running"].calls if c[1] == "test_links"]
     assert view.find(id="mpvpn-linktest-error") is None
     check_results(link_rows(view, "mpvpn-linktest"), doc["link_test"]["results"])

@@ -277,7 +277,7 @@ function svgEl(tag, attrs, children) {
 }
 
 /* RTT (blue) and loss (red) over the kept samples, oldest left, newest right. */
-function sparkline(points) {
+function sparkline(points, live) {
 	var w = 120, h = 28, step = w / (Math.max(points.length, 2) - 1),
 	    maxRtt = 0, maxLoss = 0, lines = [];
 
@@ -338,7 +338,7 @@ function sparkline(points) {
 		E('span', { 'style': 'color:' + RTT_COLOR }, [ _('RTT 0\u2013%.0f ms').format(topRtt) ]), ', ',
 		E('span', { 'style': 'color:' + LOSS_COLOR }, [ _('loss 0\u2013%.0f %%').format(topLoss * 100) ]), ', ',
 		_('last %s').format(fmtAge(Math.max(points.length - 1, 0) * POLL_INTERVAL))
-	] : [ _('no figures while the subflow is down') ]) ]);
+	] : [ live ? _('collecting samples\u2026') : _('no figures while the subflow is down') ]) ]);
 }
 
 function weightBar(weight) {
@@ -881,7 +881,7 @@ return view.extend({
 					_('rx %s').format(fmtRate(h.rx)), E('br'), _('tx %s').format(fmtRate(h.tx))
 				]),
 				[ isNum(l.weight) ? l.weight : -1, weightBar(l.weight) ],
-				sparkline(h.points)
+				sparkline(h.points, live)
 			];
 		});
 
