@@ -638,6 +638,11 @@ def test_one_save_writes_only_what_the_admin_changed():
 def test_an_empty_carrier_type_is_refused_on_the_field():
     """Issue 12 item 9: the dialog's Save fails silently on an empty Carrier type
     unless the field's own validation names the problem (and turns red)."""
+    # LuCI's ui.Combobox (a form.Value with value() choices) is always optional and validates
+    # only its custom-value input (luci-base ui.js): a required option must be a text field
+    ctype = config_options()["smpu"]["type"]
+    assert ctype["widget"] == "form.Value" and ctype["values"] == [] and ctype["rmempty"] is False
+    assert ctype.get("optional") is not True and ctype["placeholder"] == "e.g. telecom"
     rv = probe(CONFIG_JS, [{"section": "smpu", "option": "type", "value": v} for v in ("", "telecom")])["probes"]
     assert isinstance(rv[0]["result"], str) and rv[0]["result"].startswith("Required")
     assert rv[1]["result"] is True

@@ -368,15 +368,19 @@ return view.extend({
 		o.default = '1';
 		o.editable = true;
 
+		/*
+		 * A plain text field, not a list of suggestions: LuCI's ui.Combobox is
+		 * always optional and validates only its custom-value input, so an
+		 * empty choice was never marked and the dialog's Save failed silently.
+		 * A text field with rmempty = false turns red on empty ("Expecting:
+		 * non-empty value") and shows this validator's messages.
+		 */
 		o = s.option(form.Value, 'type', _('Carrier type'),
-			_('Carrier of this uplink, e.g. telecom, unicom or mobile: letters, digits, "_", "-" and ".".'));
-		o.value('telecom');
-		o.value('unicom');
-		o.value('mobile');
+			_('Carrier of this uplink, e.g. telecom, unicom or mobile: letters, digits, "_", "-" and ".". The peer\'s uplink of the same type is its partner.'));
+		o.placeholder = _('e.g. telecom');
 		o.rmempty = false;
 		o.validate = function(section_id, value) {
-			/* required: reject empty here, so the field turns red with this text (the
-			 * dialog's Save would otherwise fail without a word) */
+			/* required: named here too, for a value that is only spaces or cleared */
 			if (value == null || value === '')
 				return _('Required: the carrier of this uplink, e.g. telecom; the peer\'s uplink of the same type is its partner');
 			if (validCarrier(value))
