@@ -1,21 +1,26 @@
 """luci-app-mpvpn: the LuCI app, checked statically and in a real browser.
 
 Static checks (node): every JS file parses, JSON files are valid, the rpcd ACL
-grants exactly the ubus methods the views declare, the menu points to views
-that exist, user-visible strings go through _(), no markup strings, and the
-config page edits the options of mpvpn.config.OPTIONS with matching
-widgets, datatypes, defaults and validators (its validators are run in node
-and compared with what the agent's config loader accepts).
+grants exactly the ubus methods the views declare (and the keys only to write
+logins, by rpcd's session rules), the menu points to views that exist,
+user-visible strings go through _(), no markup strings, and the config page
+edits the options of mpvpn.config.OPTIONS with matching widgets, datatypes,
+defaults and validators (its validators are run in node and compared with what
+the agent's config loader accepts); one Save of the page is simulated by
+luci-base form.js's parse() rules (tests/luci_harness/probe.js).
 
 Browser checks (headless Chromium, tests/luci_harness): the status view is
-served with a minimal stand-in for the LuCI client API and its ubus calls are
-answered from the real in-memory engine (mpvpn.simnet.SimPair); the rendered
-rows are compared with the status documents served, a screenshot is saved
-under the test's output folder (and copied to /tmp/luci-status.png).  The
-per-host policies table and the link test (the "Test links" button, the
+served with a minimal stand-in for the LuCI client API; its ubus calls go
+through stand-ins for uhttpd-mod-ubus, rpcd's sessions (a root and a read-only
+login) and the agent's object published with the agent's own ubus code, and
+are answered from the real in-memory engine (mpvpn.simnet.SimPair); the
+rendered rows are compared with the status documents served, a screenshot is
+saved under the test's output folder (and copied to /tmp/luci-status.png).
+The per-host policies table and the link test (the "Test links" button, the
 test_links ubus method and the document's link_test: progress, results,
 errors) are checked with the engine and with fixed documents, hostile ones
-included.
+included.  The python-ubus stand-in is compared with the real python-ubus on
+a real ubusd when OpenWrt's userland is built under /opt/owrt.
 """
 
 from __future__ import annotations
@@ -153,7 +158,7 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     assert declared == {"orayboxvpn": {"status", "reconnect", "test_links"}}
 
     acl = json.loads(ACL.read_text())
-    assert list(acl) == ["luci-app-mpvpn"]
+    assert list(acl) == ["luci-app-mpvpn", "luci-app-mpvpn-config"]
     entry = acl["luci-app-mpvpn"]
     read_ubus = {o: set(m) for o, m in entry["read"].get("ubus", {}).items()}
     write_ubus = {o: set(m) for o, m in entry.get("write", {}).get("ubus", {}).items()}
@@ -161,8 +166,60 @@ def test_acl_grants_exactly_the_ubus_methods_the_views_call():
     assert read_ubus == {"orayboxvpn": {"status"}}  # reading the status is a read right
     # reconnecting and starting a link test change state (and load the links): write
     assert write_ubus == {"orayboxvpn": {"reconnect", "test_links"}}
-    assert "orayboxvpn" in entry["read"]["uci"]
-    assert entry["write"]["uci"] == ["orayboxvpn"]
+    # the configuration holds the keys: only the config group grants uci, and only to write logins
+    assert set(entry["read"]) == set(entry["write"]) == {"ubus"}
+    config = acl["luci-app-mpvpn-config"]
+    assert list(config) == ["description", "write"]
+    assert config["write"] == {"uci": {"orayboxvpn": ["read", "write"], "network": ["read"]}}
+
+
+# luci-base's acl.d/luci-base.json group that grants uci read of every config
+# to every login with read access to it (the shape of the real file's entry)
+LUCI_BASE_UCI_ACCESS = {"uci-access": {"description": "Grant uci write access to all configurations",
+                                       "read": {"uci": ["*"]}, "write": {"uci": ["*"]}}}
+
+
+def test_a_read_only_login_cannot_read_the_keys(tmp_path):
+    """rpcd session.c rules (luci_harness.ubusd.RpcdSessions): what each login may do."""
+    from luci_harness import ubusd
+
+    base = tmp_path / "luci-base.json"
+    base.write_text(json.dumps(LUCI_BASE_UCI_ACCESS))
+    logins = {"root": {"read": ["*"], "write": ["*"]},
+              # what docs/openwrt.md tells an admin to give a read-only login
+              "viewer": {"read": ["*", "!uci-access"], "write": []},
+              # a login that may use only this app, read-only
+              "mpvpn-viewer": {"read": ["luci-app-mpvpn"], "write": []}}
+    sessions = ubusd.RpcdSessions([ACL, base], logins)
+    root, viewer, app_viewer = (sessions.sid_of[n] for n in ("root", "viewer", "mpvpn-viewer"))
+    for sid in (viewer, app_viewer):
+        assert sessions.access(sid, "ubus", "orayboxvpn", "status")
+        assert not sessions.access(sid, "ubus", "orayboxvpn", "reconnect")
+        assert not sessions.access(sid, "ubus", "orayboxvpn", "test_links")
+        assert not sessions.access(sid, "uci", "orayboxvpn", "read")  # base.psk, private_key, site psk
+        assert not sessions.access(sid, "uci", "orayboxvpn", "write")
+        assert sessions.groups(sid) == {"luci-app-mpvpn": ["read"]}
+        assert harness_server.nodespec("mpvpn/status", sessions.groups(sid)) == {
+            "path": "admin/services/mpvpn/status", "satisfied": True, "readonly": True}
+        assert harness_server.nodespec("mpvpn/config", sessions.groups(sid))["satisfied"] is False
+    for what in (("ubus", "orayboxvpn", "reconnect"), ("ubus", "orayboxvpn", "test_links"),
+                 ("uci", "orayboxvpn", "read"), ("uci", "orayboxvpn", "write"), ("uci", "network", "read")):
+        assert sessions.access(root, *what), what
+    assert harness_server.nodespec("mpvpn/config", sessions.groups(root)) == {
+        "path": "admin/services/mpvpn/config", "satisfied": True, "readonly": False}
+    assert not sessions.access(ubusd.DEFAULT_SID, "ubus", "orayboxvpn", "status")  # not logged in
+    # the app's own file alone grants a plain `read '*'` login no uci access to orayboxvpn
+    alone = ubusd.RpcdSessions([ACL], {"ro": {"read": ["*"]}})
+    assert not alone.access(alone.sid_of["ro"], "uci", "orayboxvpn", "read")
+
+
+def test_rpcd_login_permission_rules():
+    from luci_harness.ubusd import login_test_permission as perm
+    assert perm({"read": ["luci-*"]}, "read", "luci-app-mpvpn")
+    assert not perm({"read": ["*", "!luci-app-*"]}, "read", "luci-app-mpvpn")  # negations first
+    assert perm({"write": ["luci-app-mpvpn"]}, "read", "luci-app-mpvpn")  # write implies read
+    assert not perm({"read": ["luci-app-mpvpn"]}, "write", "luci-app-mpvpn")
+    assert perm(None, "read", "unauthenticated") and not perm(None, "read", "luci-app-mpvpn")
 
 
 def test_menu_entries_point_to_existing_views():
@@ -181,6 +238,9 @@ def test_menu_entries_point_to_existing_views():
             assert (VIEWS / (action["path"] + ".js")).is_file(), f"{path}: no view {action['path']}"
     assert views == {"admin/services/mpvpn/status": "mpvpn/status",
                      "admin/services/mpvpn/config": "mpvpn/config"}
+    # the configuration page (keys included) only for logins that may change it
+    assert menu["admin/services/mpvpn/config"]["depends"] == {"acl": ["luci-app-mpvpn-config"]}
+    assert "read" not in acl["luci-app-mpvpn-config"]
     assert sorted(rel(p) for p in VIEW_FILES) == sorted(
         rel(VIEWS / (v + ".js")) for v in views.values())  # no orphan view
 
@@ -522,6 +582,110 @@ def test_netmask_may_be_left_out_only_with_a_prefix():
     assert [r["result"] is True for r in out] == [False, True, False, True]
 
 
+# --- one Save of the config page (form.js's parse() rules, tests/luci_harness/probe.js) ----------
+
+SHIPPED = REPO / "files" / "etc" / "config" / "orayboxvpn"
+
+
+def uci_file(text: str | None = None) -> dict[str, dict]:
+    """A UCI file (default: the shipped one) as LuCI's uci.js holds it: section id -> options."""
+    from mpvpn import uci
+
+    pkg = uci.parse(SHIPPED.read_text() if text is None else text, "orayboxvpn")
+    return {sec.name: {".type": sec.type, **sec.options} for sec in pkg}
+
+
+def filled_in(file: dict) -> dict:
+    """The shipped file with what an admin fills in before the first Save & Apply."""
+    file = json.loads(json.dumps(file))
+    file["base"].update(enabled="1", server_address=["203.0.113.10:7000"], psk=_GOOD_PSK)
+    file["vnc"]["ipaddr"] = "172.30.0.1"
+    for n, sid in enumerate(("telecom", "unicom", "mobile"), 1):
+        file[sid]["bind_ip"] = f"10.{n}.0.1"
+    return file
+
+
+def save_page(file: dict, edits: dict | None = None) -> dict:
+    return probe(CONFIG_JS, [{"save": file, "edits": edits or {}}])["saves"][0]
+
+
+def test_one_save_writes_only_what_the_admin_changed():
+    """Issue 12 item 9: a Save must not freeze today's defaults into the file
+    (nack, mss_clamp, log_level, enabled of each uplink)."""
+    file = filled_in(uci_file())
+    assert save_page(file) == {"changes": [], "errors": []}
+    # an edit writes that option and nothing else
+    assert save_page(file, {"base": {"keepalive_idle": "1.5"}}) == {
+        "changes": [["set", "base", "keepalive_idle", "1.5"]], "errors": []}
+    # choosing a default explicitly leaves the option out; a non-default is written
+    assert save_page(file, {"base": {"nack": "auto", "log_level": "info", "mss_clamp": "1"}})["changes"] == []
+    assert save_page(file, {"base": {"nack": "1", "log_level": "debug", "mss_clamp": "0"},
+                            "unicom": {"enabled": "0"}})["changes"] == [
+        ["set", "base", "nack", "1"], ["set", "base", "mss_clamp", "0"], ["set", "base", "log_level", "debug"],
+        ["set", "unicom", "enabled", "0"]]
+    # a file that spells a default out loses it only where the admin sets the default again
+    spelled = json.loads(json.dumps(file))
+    spelled["base"]["nack"] = "0"
+    assert save_page(spelled)["changes"] == []
+    assert save_page(spelled, {"base": {"nack": "auto"}})["changes"] == [["unset", "base", "nack"]]
+    # the agent reads what the page leaves out as the same defaults the page showed
+    opts = config_options()
+    for sec, name in (("base", "nack"), ("base", "log_level"), ("base", "mss_clamp"), ("base", "mode"),
+                      ("smpu", "enabled"), ("site", "enabled"), ("policy", "enabled")):
+        assert opts[sec][name]["default"] == OPTIONS[sec][name].default, f"{sec}.{name}"
+
+
+def test_an_empty_carrier_type_is_refused_on_the_field():
+    """Issue 12 item 9: the dialog's Save fails silently on an empty Carrier type
+    unless the field's own validation names the problem (and turns red)."""
+    # LuCI's ui.Combobox (a form.Value with value() choices) is always optional and validates
+    # only its custom-value input (luci-base ui.js): a required option must be a text field
+    ctype = config_options()["smpu"]["type"]
+    assert ctype["widget"] == "form.Value" and ctype["values"] == [] and ctype["rmempty"] is False
+    assert ctype.get("optional") is not True and ctype["placeholder"] == "e.g. telecom"
+    rv = probe(CONFIG_JS, [{"section": "smpu", "option": "type", "value": v} for v in ("", "telecom")])["probes"]
+    assert isinstance(rv[0]["result"], str) and rv[0]["result"].startswith("Required")
+    assert rv[1]["result"] is True
+    file = filled_in(uci_file())
+    file["wan4"] = {".type": "smpu", "bind_ip": "10.4.0.1"}  # added in the dialog, type left empty
+    out = save_page(file)
+    assert out["changes"] == []
+    assert [e[:2] for e in out["errors"]] == [["wan4", "type"]]
+    assert out["errors"][0][2].startswith('Option "Carrier type" contains an invalid input value.')
+    assert agent_problems_of_file(file) != []  # the agent refuses such an uplink too
+
+
+def agent_problems_of_file(file: dict) -> list[str]:
+    import tempfile as _tf
+
+    lines = []
+    for sid, opts in file.items():
+        lines.append(f"config {opts['.type']} '{sid}'")
+        for k, v in opts.items():
+            if k.startswith("."):
+                continue
+            for item in (v if isinstance(v, list) else [v]):
+                lines.append(f"\t{'list' if isinstance(v, list) else 'option'} {k} '{item}'")
+    with _tf.TemporaryDirectory() as d:
+        Path(d, "orayboxvpn").write_text("\n".join(lines) + "\n")
+        _cfg, problems = load_config(d)
+    return [str(p) for p in problems if p.is_error]
+
+
+def test_config_help_says_save_and_apply_takes_effect_at_once():
+    """Issue 12 item 9: the page said changes apply "on the next restart";
+    docs/openwrt.md's reload table says what Save & Apply does."""
+    form = config_form()
+    text = form["description"] + " " + " ".join(
+        o.get("description") or "" for sec in form["sections"] for o in sec["options"])
+    assert "next restart" not in text
+    assert "Save & Apply takes effect at once" in form["description"]
+    doc = (REPO / "docs" / "openwrt.md").read_text()
+    assert "SIGHUP" in doc and "applied in place, the tunnel stays up" in doc
+    for words in ("log level", "keepalive", "MSS clamping", "keys", "uplinks", "MTU", "tunnel drops"):
+        assert words in form["description"], words
+
+
 # --- the status view in a real browser ---------------------------------------------------------
 
 class Node:
@@ -663,7 +827,8 @@ def fixed_documents() -> dict[str, dict]:
          "exclusive": True, "mode": None, "tx_packets": 1234, "counters": {"bytes": 2500000, "flows": 2}},
         {"name": "office", "src": "192.168.10.0/25", "dst": "192.168.20.0/24", "carriers": None,
          "exclusive": False, "mode": "adaptive"},
-    ], link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
+    ], dataplane=dict(base["dataplane"], c_loops=True, c_loops_off_why=None),
+        link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
                   "phases": 8, "results": results, "peer": "site-b"})
     failed = dict(base, policies=[], link_test={
         "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
@@ -675,7 +840,8 @@ def fixed_documents() -> dict[str, dict]:
 def browser(tmp_path_factory):
     """Headless Chromium runs side by side, one fixture server each: main (engine,
     presses Test links then Reconnect), shot (engine, link test, screenshot),
-    hostile, down, running and failed (fixed link test states; both press Test links)."""
+    hostile, down, running and failed (fixed link test states; both press Test links),
+    viewer (engine, a read-only login)."""
     chromium = find_chromium()
     if not chromium:
         reason = "chromium is not installed (Debian: apt-get install chromium)"
@@ -689,7 +855,8 @@ def browser(tmp_path_factory):
                 "running": harness_server.StaticBackend(fixed["running"],
                                                         replies={"test_links": {"started": True, "id": 9}}),
                 "failed": harness_server.StaticBackend(fixed["failed"],
-                                                       replies={"test_links": {"error": TEST_ERROR}})}
+                                                       replies={"test_links": {"error": TEST_ERROR}}),
+                "viewer": SimAgentBackend()}
     servers = {k: harness_server.HarnessServer(b).__enter__() for k, b in backends.items()}
     shot = out_dir / "luci-status.png"
     runs = {
@@ -701,13 +868,18 @@ def browser(tmp_path_factory):
         "down": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
         "running": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
         "failed": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status#click=test-links@2500"),
+        # a read-only login (rpcd: list read '*', no write)
+        "viewer": (["--virtual-time-budget=4500", "--dump-dom"], "?view=mpvpn/status"),
     }
+    logins = {"viewer": "viewer"}
     procs, results = {}, {}
     t0 = time.monotonic()
     try:
         for name, (flags, query) in runs.items():
             profile = out_dir / f"profile-{name}"
-            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, servers[name].url + query]
+            view, _sep, fragment = query[len("?view="):].partition("#")
+            url = servers[name].page(view, logins.get(name, "root"), fragment)
+            cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url]
             procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True, cwd=out_dir)
         for name, p in procs.items():
@@ -806,7 +978,14 @@ def test_browser_status_rows_match_the_engine_document(browser):
     assert doc["vnc"]["ifname"] in head["Tunnel interface"].words
     assert head["Routes into the tunnel"].words == ", ".join(doc["routes"])
     assert "Last error" not in head
-    assert head["Data path"].words == "Python (not built), tun offload gro"
+    # issue 12 item 9: words and the package to install, not Python's ImportError
+    datapath = head["Data path"]
+    words = datapath.find("span", cls="mpvpn-datapath")
+    assert words.words == ("Python only: the optional compiled data path is not installed. Install the "
+                           "package orayboxvpn-fastpath to add it; it carries several times more traffic "
+                           "per CPU second.")
+    assert words.attrs["title"] == doc["dataplane"]["c_loops_off_why"]  # the technical reason on hover
+    assert datapath.words.endswith("tun offload gro") and "import" not in datapath.words
 
     rows = link_rows(view)
     assert len(rows) == len(doc["links"]) == 3
@@ -821,14 +1000,40 @@ def test_browser_status_rows_match_the_engine_document(browser):
         bar = row["Weight"].find("div", cls="cbi-progressbar")
         width = float(re.fullmatch(r"width:([\d.]+)%", bar.find("div").attrs["style"]).group(1))
         assert abs(width - link["weight"] * 100) <= 0.051, name
-        polyline = row["History (RTT blue, loss red)"].find("polyline")
-        assert polyline is not None and len(polyline.attrs["points"].split()) >= 3, name
+        history = row["History (RTT blue, loss red)"]
+        scale = re.fullmatch(r"RTT 0–(\d+) ms, loss 0–(\d+) %, last (\d+) s", history.find("small", cls="mpvpn-scale").words)
+        if link["state"] == "established":
+            assert scale, history.words  # issue 18: the graphs have a scale
+            assert int(scale.group(3)) == 3 * (len(docs) - 1)  # one sample per poll, 3 s apart
+            polyline = history.find("polyline")
+            assert polyline is not None and len(polyline.attrs["points"].split()) >= 3, name
+            assert int(scale.group(1)) >= link["rtt_ms"] and int(scale.group(2)) >= min(5, link["loss"] * 100)
+        else:  # down all the time the page was open: no figures to draw
+            assert history.find("polyline") is None, name
+            assert history.find("small", cls="mpvpn-scale").words == "no figures while the subflow is down"
+        # issue 18: the loss of both directions, named
+        out_in = re.fullmatch(r"([\d.]+) % outgoing\s*([\d.]+) % incoming(.*)", row["Loss"].words)
+        assert out_in, row["Loss"].words
+        assert abs(float(out_in.group(2)) - link["loss_in"] * 100) <= 0.051, name
         rx, tx = re.fullmatch(r"rx (.+?)\s*tx (.+)", row["Traffic"].words).groups()  # <br> between
         if link["state"] == "established":  # traffic flows both ways: rates from counter deltas
             assert re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", rx) and re.fullmatch(r"[\d.]+ (?:kbit|Mbit)/s", tx), name
     states = [lk["state"] for lk in doc["links"]]
     assert states.count("established") == 2 and "established" != states[2]  # mobile lost its carrier
     assert rows[2]["State"].find("small").words == doc["links"][2]["last_down_reason"]
+    # issue 18: a subflow that is down shows its last figures as old, with their age
+    mobile = doc["links"][2]
+    age = f"last heard {round(mobile['last_rx_age'])} s ago"
+    assert rows[2]["RTT"].find("small", cls="mpvpn-stale").words == age
+    assert rows[2]["Loss"].find("small", cls="mpvpn-stale").words == age
+    assert "opacity" in rows[2]["RTT"].find("span", cls="mpvpn-rtt").find("span").attrs.get("style", "")
+    for row in rows[:2]:
+        assert row["RTT"].find("small", cls="mpvpn-stale") is None and "±" in row["RTT"].words
+    # issue 18: an uplink whose socket is ready but whose subflow is down says so
+    uplinks = [c for c in head["Uplinks"].find("div").children if isinstance(c, Node)]
+    assert [u.find("span", cls="mpvpn-badge").words for u in uplinks] == ["Ready"] * 3
+    notes = [u.find("span", cls="mpvpn-uplink-note") for u in uplinks]
+    assert notes[0] is None and notes[1] is None and "subflow to the peer is down" in notes[2].words
 
     totals = view.find("table", id="mpvpn-totals")
     shown = {td.attrs["data-counter"]: td.words for td in totals.find_all("td") if "data-counter" in td.attrs}
@@ -838,7 +1043,8 @@ def test_browser_status_rows_match_the_engine_document(browser):
 
     # Reconnect: pressed by the harness, reached the agent, acknowledged on the page
     assert backend.reconnects == 1
-    assert ("orayboxvpn", "reconnect", {}) in server.calls and server.denied == []
+    sid = server.sid("root")
+    assert ("orayboxvpn", "reconnect", {"ubus_rpc_session": sid}) in server.calls and server.denied == []
     notes = browser["dom"]["main"].find(id="maincontent").find_all("div", cls="alert-message")
     assert any("Reconnect requested" in n.words for n in notes)
 
@@ -866,7 +1072,7 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     rows = link_rows(view)
     assert len(rows) == 2  # the null entry is skipped
     assert rows[0]["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == EVIL
-    assert rows[1]["RTT"].words == "—" and rows[1]["Weight"].words == "—"
+    assert rows[1]["RTT"].words == "—never heard" and rows[1]["Weight"].words == "—"
     totals = view.find("table", id="mpvpn-totals")
     auth = totals.find("td", data_counter="auth_failures")
     assert auth.words == "3" and "bold" in auth.attrs.get("style", "")
@@ -906,9 +1112,39 @@ def test_browser_status_explains_an_agent_that_is_not_running(browser):
     table = view.find("table", id="mpvpn-links")
     assert "not reachable" in table.find("tr", cls="placeholder").words
     server = browser["servers"]["down"]
-    assert len([c for c in server.calls if c[1] == "status"]) >= 2  # it keeps polling
+    assert server.requests.count(("orayboxvpn", "status")) >= 2  # it keeps polling
+    assert server.calls == []  # ubus has no such object
     assert hidden(view.find(id="mpvpn-policies"))
     assert button_disabled(view)
+    # issue 12 item 9: nothing to reconnect while the agent is down
+    assert "disabled" in view.find("button", id="mpvpn-reconnect").attrs
+
+
+def test_browser_read_only_login_is_not_offered_reconnect_or_test_links(browser):
+    """Issue 12 items 8 and 9: a login with read access only (rpcd) sees the
+    status, is offered no button that ends in "Access denied", and its page
+    holds no key."""
+    page = browser["dom"]["viewer"]
+    view = view_of(page)
+    backend, server = browser["backends"]["viewer"], browser["servers"]["viewer"]
+    assert len(backend.docs) >= 2  # it reads and polls the status
+    head = header_rows(view)
+    assert head["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == "connected"
+    assert len(link_rows(view)) == 3
+    assert view.find("button", id="mpvpn-reconnect") is None
+    assert view.find("button", id="mpvpn-test-links") is None
+    assert view.find("select", id="mpvpn-test-duration") is None
+    notes = view.find_all("em", cls="mpvpn-readonly")
+    assert len(notes) == 2 and all("write access" in n.words for n in notes)
+    assert server.denied == []
+    assert {c[1] for c in server.calls} == {"status"}
+    assert all(c[2] == {"ubus_rpc_session": server.sid("viewer")} for c in server.calls)
+    assert "psk" not in browser["raw"]["viewer"].lower() and "private_key" not in browser["raw"]["viewer"]
+    # the root login's page of the same agent offers both
+    main = view_of(browser["dom"]["main"])
+    assert main.find("button", id="mpvpn-reconnect") is not None
+    assert main.find("button", id="mpvpn-test-links") is not None
+    assert main.find("em", cls="mpvpn-readonly") is None
 
 
 # --- policies and the link test -----------------------------------------------------------------
@@ -986,6 +1222,8 @@ def test_browser_policies_table_matches_the_engine_document(browser):
     assert rows[0]["Mode"].find("span", cls="mpvpn-priority") is None
     assert rows[1]["Mode"].find("span", data_mode="aggregate").words.startswith("Aggregate")
     assert rows[1]["Mode"].find("span", cls="mpvpn-badge", data_state="priority") is not None
+    # issue 18: what "priority" means is on the page, not only in a tooltip
+    assert '"priority": in aggregate and adaptive mode this traffic is sent first' in view.find(id="mpvpn-policies").words
 
 
 def test_browser_link_test_runs_and_shows_the_engine_results(browser):
@@ -995,7 +1233,10 @@ def test_browser_link_test_runs_and_shows_the_engine_results(browser):
     # pressed once, with the default duration, while the button was enabled
     assert clicked(page) == [["test-links", False], ["reconnect", False]]
     assert backend.test_calls == [{"duration": 3}]
-    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    # through rpcd, as on a router: the session id rides along and the agent's signature accepts it
+    assert ("orayboxvpn", "test_links", {"duration": 3, "ubus_rpc_session": server.sid("root")}) in server.calls
+    notes = page.find(id="maincontent").find_all("div", cls="alert-message")
+    assert not [n.words for n in notes if "did not start" in n.words]
     states = [d["link_test"]["state"] if d["link_test"] else None for d in backend.docs]
     assert states[0] is None and "running" in states and states[-1] == "done"
     doc = rendered_document(view, backend.docs)
@@ -1021,6 +1262,12 @@ def test_browser_link_test_running_shows_progress_and_a_disabled_button(browser)
     assert re.fullmatch(r"width:\s*25(?:\.0)?%;?", bar.find("div").attrs["style"])
     assert button_disabled(view) and clicked(page) == [["test-links", True]]
     assert "disabled" in view.find("select", id="mpvpn-test-duration").attrs
+    assert header_rows(view)["Data path"].words == (
+        "compiled (C loops of the package orayboxvpn-fastpath)tun offload gro")  # a <br> between
+    # one fixed document: one sample per subflow, nothing to draw yet
+    for row, link in zip(link_rows(view), doc["links"]):
+        expect = "collecting samples…" if link["state"] == "established" else "no figures while the subflow is down"
+        assert row["History (RTT blue, loss red)"].find("small", cls="mpvpn-scale").words == expect
     assert not [c for c in browser["servers"]["running"].calls if c[1] == "test_links"]
     assert view.find(id="mpvpn-linktest-error") is None
     check_results(link_rows(view, "mpvpn-linktest"), doc["link_test"]["results"])
@@ -1047,31 +1294,212 @@ def test_browser_link_test_failure_and_refusal_are_shown(browser):
     check_results(link_rows(view, "mpvpn-linktest"), browser["backends"]["failed"].doc["link_test"]["results"])
     # a new test may be started; the agent refuses it and the page says why
     assert clicked(page) == [["test-links", False]] and not button_disabled(view)
-    assert ("orayboxvpn", "test_links", {"duration": 3}) in server.calls
+    assert ("orayboxvpn", "test_links", {"duration": 3, "ubus_rpc_session": server.sid("root")}) in server.calls
     notes = page.find(id="maincontent").find_all("div", cls="alert-message")
-    assert any(n.words == "The link test did not start: " + TEST_ERROR for n in notes)
+    assert any(n.words == "The link test did not start: " + TEST_ERROR for n in notes), [n.words for n in notes]
     # no policies: no section
     assert hidden(view.find(id="mpvpn-policies"))
 
 
 # --- the harness itself -------------------------------------------------------------------------
 
-def test_harness_ubus_follows_the_acl_and_maps_agent_errors(tmp_path):
-    srv = harness_server.HarnessServer(harness_server.StaticBackend({"state": "connected"}))
+def _serve_bus(bus):
+    """Run python-ubus's loop() on a thread, as the agent's ubus thread does."""
+    import threading
 
-    def call(obj, method):
-        return srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
-                         "params": ["0" * 32, obj, method, {}]})
+    stop = threading.Event()
 
-    assert call("orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
-    assert call("orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
-    assert call("orayboxvpn", "test_links")["result"] == [3]  # granted; this backend has no such method
-    srv.backend = harness_server.StaticBackend({}, replies={"test_links": {"started": True, "id": 1}})
-    assert call("orayboxvpn", "test_links")["result"] == [0, {"started": True, "id": 1}]
-    assert call("file", "exec")["error"]["code"] == -32002
-    srv.backend = harness_server.DownBackend()
-    assert call("orayboxvpn", "status")["error"] == {"code": -32000, "message": "Object not found"}
-    srv.close()
+    def run():
+        while not stop.is_set():
+            bus.loop(50)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return stop
+
+
+def test_python_ubus_stand_in_checks_arguments_like_test_policies():
+    """ubus_python.c: every declared field required with its type, nothing undeclared."""
+    from luci_harness import ubusd
+
+    bus = ubusd.PythonUbus()
+    bus.connect()
+    seen = []
+
+    def method(req, msg):
+        seen.append(msg)
+        req.reply({"ok": True})
+
+    def broken(req, msg):
+        raise ValueError("boom")
+
+    S, I = bus.BLOBMSG_TYPE_STRING, bus.BLOBMSG_TYPE_INT32
+    bus.add("o", {"m": {"method": method, "signature": {"ubus_rpc_session": S, "duration": I}},
+                  "bare": {"method": method, "signature": {}},
+                  "broken": {"method": broken, "signature": {}}})
+    with pytest.raises(TypeError):  # test_methods_argument(): exactly 'method' and 'signature'
+        bus.add("p", {"m": {"method": method}})
+    stop = _serve_bus(bus)
+    try:
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 3}) == (0, {"ok": True})
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x"}) == (2, None)  # duration missing
+        assert bus.invoke("o", "m", {"duration": 3}) == (2, None)  # session missing
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 3, "peer": "b"}) == (2, None)
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": "3"}) == (2, None)  # a string
+        assert bus.invoke("o", "m", {"ubus_rpc_session": "x", "duration": 1.5}) == (2, None)  # a double
+        assert bus.invoke("o", "bare", {}) == (0, {"ok": True})
+        assert bus.invoke("o", "bare", {"ubus_rpc_session": "x"}) == (2, None)
+        assert bus.invoke("o", "nope", {}) == (3, None)
+        assert bus.invoke("o", "broken", {}) == (9, None)
+        with pytest.raises(ubusd.ObjectNotFound):
+            bus.invoke("p", "m", {})
+    finally:
+        stop.set()
+    assert seen == [{"ubus_rpc_session": "x", "duration": 3}, {}]
+
+
+OWRT = Path(os.environ.get("MPVPN_OWRT", "/opt/owrt"))  # OpenWrt userland built from source, never in the repo
+XCHECK_CASES = [  # (method, arguments) for an object declaring m {ubus_rpc_session, duration}, bare {}, broken {}
+    ("m", {"ubus_rpc_session": "x", "duration": 3}), ("m", {"ubus_rpc_session": "x"}), ("m", {"duration": 3}),
+    ("m", {"ubus_rpc_session": "x", "duration": 3, "peer": "b"}), ("m", {"ubus_rpc_session": "x", "duration": "3"}),
+    ("m", {"ubus_rpc_session": "x", "duration": 1.5}), ("bare", {}), ("bare", {"ubus_rpc_session": "x"}),
+    ("nope", {}), ("broken", {}),
+]
+XCHECK_PUBLISHER = """
+def publish(ubus):
+    def m(req, msg):
+        req.reply({"ok": True, "got": msg})
+
+    def broken(req, msg):
+        raise ValueError("boom")
+
+    S, I = ubus.BLOBMSG_TYPE_STRING, ubus.BLOBMSG_TYPE_INT32
+    ubus.add("o", {"m": {"method": m, "signature": {"ubus_rpc_session": S, "duration": I}},
+                   "bare": {"method": m, "signature": {}}, "broken": {"method": broken, "signature": {}}})
+
+
+if __name__ == "__main__":
+    import sys
+    import ubus
+    ubus.connect(socket_path=sys.argv[1])
+    publish(ubus)
+    print("ready", flush=True)
+    ubus.loop()
+"""
+
+
+def _standin_answers() -> list[tuple[int, dict | None]]:
+    from luci_harness import ubusd
+
+    bus = ubusd.PythonUbus()
+    bus.connect()
+    ns: dict = {}
+    exec(XCHECK_PUBLISHER, ns)  # the same publisher, on the stand-in
+    ns["publish"](bus)
+    stop = _serve_bus(bus)
+    try:
+        return [bus.invoke("o", m, a) for m, a in XCHECK_CASES]
+    finally:
+        stop.set()
+
+
+def test_python_ubus_stand_in_answers_like_the_real_python_ubus(tmp_path):
+    """The stand-in against python-ubus 0.1.2 itself on a real ubusd, called with the real ubus CLI."""
+    ubusd_bin, cli, so = OWRT / "sbin" / "ubusd", OWRT / "bin" / "ubus", list((OWRT / "python").glob("ubus.*.so"))
+    if not (ubusd_bin.is_file() and cli.is_file() and so):
+        reason = f"OpenWrt's ubusd, ubus CLI and python-ubus are not built under {OWRT}"
+        sys.stderr.write(f"\nreal python-ubus check skipped: {reason}\n")
+        pytest.skip(reason)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(OWRT / "lib"), PYTHONPATH=str(OWRT / "python"))
+    sock = tmp_path / "ubus.sock"
+    (tmp_path / "pub.py").write_text(XCHECK_PUBLISHER)
+    procs = [subprocess.Popen([str(ubusd_bin), "-s", str(sock)], env=env)]
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        pub = subprocess.Popen([sys.executable, str(tmp_path / "pub.py"), str(sock)], env=env,
+                               stdout=subprocess.PIPE, text=True)
+        procs.append(pub)
+        assert pub.stdout.readline().strip() == "ready"
+        real = []
+        for method, args in XCHECK_CASES:
+            r = subprocess.run([str(cli), "-s", str(sock), "call", "o", method, json.dumps(args)],
+                               capture_output=True, text=True, env=env, timeout=30)
+            status = 256 - r.returncode if r.returncode > 128 else r.returncode  # the CLI exits with -status
+            real.append((status, json.loads(r.stdout) if r.stdout.strip() else None))
+        missing = subprocess.run([str(cli), "-s", str(sock), "call", "p", "m", "{}"], capture_output=True,
+                                 text=True, env=env, timeout=30)
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait()
+    assert real == _standin_answers()
+    assert [st for st, _r in real] == [0, 2, 2, 2, 2, 2, 0, 2, 3, 9]
+    assert real[0][1]["got"] == {"ubus_rpc_session": "x", "duration": 3}
+    assert missing.returncode == 4  # UBUS_STATUS_NOT_FOUND: no such object (the stand-in: ObjectNotFound)
+
+
+def test_harness_ubus_is_uhttpd_mod_ubus_with_rpcd_sessions():
+    backend = harness_server.StaticBackend({"state": "connected"}, replies={"reconnect": {}})
+    srv = harness_server.HarnessServer(backend)
+    root, viewer = srv.sid("root"), srv.sid("viewer")
+
+    def call(sid, obj, method, args=None):
+        return srv.ubus({"jsonrpc": "2.0", "id": 7, "method": "call",
+                         "params": [sid, obj, method, {} if args is None else args]})
+
+    try:
+        assert call(root, "orayboxvpn", "status") == {"jsonrpc": "2.0", "id": 7, "result": [0, {"state": "connected"}]}
+        assert call(viewer, "orayboxvpn", "status")["result"] == [0, {"state": "connected"}]
+        assert call(root, "orayboxvpn", "reconnect") == {"jsonrpc": "2.0", "id": 7, "result": [0]}  # empty reply
+        # rpcd added the session to every call; the agent's transport hands its handlers the rest
+        assert srv.calls[0] == ("orayboxvpn", "status", {"ubus_rpc_session": root})
+        assert ("status", {}) in backend.calls and all("ubus_rpc_session" not in a for _m, a in backend.calls)
+        assert call(viewer, "orayboxvpn", "reconnect")["error"] == {"code": -32002, "message": "Access denied"}
+        assert call("0" * 32, "orayboxvpn", "status")["error"]["code"] == -32002  # not logged in
+        assert call(root, "orayboxvpn", "restart")["error"]["code"] == -32002  # not in the ACL
+        assert call(root, "file", "exec")["error"] == {"code": -32000, "message": "Object not found"}
+        assert call(root, "orayboxvpn", "status", {"ubus_rpc_session": viewer})["error"]["code"] == -32602
+        assert srv.denied == [("orayboxvpn", "reconnect"), ("orayboxvpn", "status"), ("orayboxvpn", "restart")]
+        assert srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "list"})["error"]["code"] == -32601
+        assert srv.ubus(["x"])["error"]["code"] == -32700
+    finally:
+        srv.close()
+    down = harness_server.HarnessServer(harness_server.DownBackend())
+    assert down.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
+                      "params": [root, "orayboxvpn", "status", {}]})["error"] == {
+        "code": -32000, "message": "Object not found"}
+    down.close()
+
+
+def _view_calls() -> list[tuple[str, str, dict]]:
+    """(object, method, arguments) of every rpc.declare of the views, with sample
+    values for their params (what the view passes: test_links gets a duration)."""
+    samples = {"duration": 3}
+    return [(d["object"], d["method"], {p: samples[p] for p in d.get("params", [])})
+            for path in VIEW_FILES for d in probe(path)["declares"]]
+
+
+def test_the_agent_accepts_what_the_views_send_through_rpcd():
+    """Issue 12 item 2: through uhttpd/rpcd every call carries ubus_rpc_session,
+    and python-ubus refuses a call that does not match the agent's declared
+    signature; every call the views make must pass (status 0)."""
+    calls = _view_calls()
+    assert sorted(m for _o, m, _a in calls) == ["reconnect", "status", "test_links"]
+    assert ("orayboxvpn", "test_links", {"duration": 3}) in calls  # only what docs/status.md documents
+    backend = harness_server.StaticBackend({"state": "connected"}, replies={"test_links": {"started": True, "id": 1}})
+    srv = harness_server.HarnessServer(backend)
+    try:
+        for obj, method, args in calls:
+            reply = srv.ubus({"jsonrpc": "2.0", "id": 1, "method": "call",
+                              "params": [srv.sid("root"), obj, method, args]})
+            assert reply.get("result", [None])[0] == 0, (
+                f"{obj}/{method} {args}: {reply} (the agent declares {srv.bus.signatures(obj)[method]})")
+    finally:
+        srv.close()
+    assert [m for m, _a in backend.calls] == [m for _o, m, _a in calls]
 
 
 def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
@@ -1079,9 +1507,9 @@ def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
     import threading
 
     path = str(tmp_path / "orayboxvpn.sock")
-    backend = harness_server.SocketAgentBackend(path)
-    with pytest.raises(harness_server.ObjectNotFound):  # no agent
-        backend.call("orayboxvpn", "status", {})
+    handlers = harness_server.SocketAgentBackend(path).handlers()
+    with pytest.raises(OSError):  # no agent
+        handlers["status"]({})
 
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
@@ -1095,18 +1523,17 @@ def test_socket_backend_speaks_the_agent_control_protocol(tmp_path):
                 req = json.loads(conn.makefile().readline())
                 seen.append(req)
                 reply = ({"ok": True, "result": {"state": "connected"}} if req["method"] == "status"
-                         else {"ok": False, "error": "unknown method 'x'"})
+                         else {"ok": False, "error": "no connected session"})
                 conn.sendall(json.dumps(reply).encode() + b"\n")
 
     t = threading.Thread(target=agent, daemon=True)
     t.start()
-    assert backend.call("orayboxvpn", "status", {}) == {"state": "connected"}
-    with pytest.raises(harness_server.UbusStatus) as e:
-        backend.call("orayboxvpn", "x", {})
-    assert e.value.code == 3
+    assert handlers["status"]({}) == {"state": "connected"}
+    with pytest.raises(harness_server.AgentError, match="no connected session"):
+        handlers["test_links"]({"duration": 3})
     t.join(5)
     srv.close()
-    assert seen == [{"method": "status", "args": {}}, {"method": "x", "args": {}}]
+    assert seen == [{"method": "status", "args": {}}, {"method": "test_links", "args": {"duration": 3}}]
 
 
 def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):
@@ -1126,7 +1553,7 @@ def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):
         backend = harness_server.SocketAgentBackend(rpc.socket_path(str(ts.a.run_dir)))
         with harness_server.HarnessServer(backend) as srv:
             cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                   "--virtual-time-budget=4500", "--dump-dom", srv.url + "?view=mpvpn/status"]
+                   "--virtual-time-budget=4500", "--dump-dom", srv.page("mpvpn/status")]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         live = ts.a.status()

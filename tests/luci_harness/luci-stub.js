@@ -11,15 +11,20 @@
  *                                    (innerHTML), exactly like LuCI's dom.append,
  *                                    so a view that passes agent text that way
  *                                    shows up in the escaping test
- *   rpc.declare                      ubus JSON-RPC 'call' over HTTP POST, with
- *                                    rpc.js's expect/reject handling and error texts
+ *   rpc.declare                      ubus JSON-RPC 'call' over HTTP POST with the
+ *                                    session id L.env.sessionid, with rpc.js's
+ *                                    expect/reject handling and error texts
+ *   L.hasViewPermission              luci.js: null without a satisfied nodespec,
+ *                                    else false on a read-only page
  *   poll.add                         LuCI's 1 s tick loop: runs at once, then every
  *                                    `interval` seconds, never overlapping itself
  *   ui.Table, ui.addNotification, ui.createHandlerFn
  *   view.extend                      load() -> render() -> #view
- *   loadView(path)                   fetches a view and compiles it the way
- *                                    L.require does ('require x' pragmas become
- *                                    the factory's parameters)
+ *   loadView(path, sid)              fetches what the dispatcher puts into L.env
+ *                                    (sessionid, nodespec) and the view, and
+ *                                    compiles it the way L.require does
+ *                                    ('require x' pragmas become the factory's
+ *                                    parameters)
  *
  * Works in a browser (window) and, for the static tests, in node (globalThis).
  */
@@ -241,7 +246,7 @@
 					jsonrpc: '2.0',
 					id: rpcRequestID++,
 					method: 'call',
-					params: [ '00000000000000000000000000000000', options.object, options.method, params ]
+					params: [ L.env.sessionid || '00000000000000000000000000000000', options.object, options.method, params ]
 				};
 
 				return window.fetch(rpc.baseURL, {
@@ -421,6 +426,16 @@
 
 	var L = window.L = { env: {}, dom: dom, poll: poll, rpc: rpc, ui: ui, view: view };
 
+	/* luci.js hasViewPermission() */
+	L.hasViewPermission = function() {
+		var ns = L.env.nodespec;
+
+		if (ns == null || typeof(ns) != 'object' || !ns.satisfied)
+			return null;
+
+		return !ns.readonly;
+	};
+
 	L.bind = function(fn, self) {
 		return Function.prototype.bind.apply(fn, [ self ].concat(Array.prototype.slice.call(arguments, 2)));
 	};
@@ -476,10 +491,18 @@
 			return factory.apply(factory, [ window, document, L ].concat(instances));
 		},
 
-		loadView: function(path) {
-			var url = '/luci-static/resources/view/' + path + '.js';
+		loadView: function(path, sid) {
+			var url = '/luci-static/resources/view/' + path + '.js',
+			    envUrl = '/harness/env?view=' + encodeURIComponent(path) + '&sid=' + encodeURIComponent(sid || '');
 
-			return window.fetch(url).then(function(res) {
+			return window.fetch(envUrl).then(function(res) {
+				if (!res.ok)
+					throw new Error('harness: HTTP ' + res.status + ' for ' + envUrl);
+				return res.json();
+			}).then(function(env) {
+				Object.assign(L.env, env);
+				return window.fetch(url);
+			}).then(function(res) {
 				if (!res.ok)
 					throw new Error('harness: HTTP ' + res.status + ' for ' + url);
 				return res.text();

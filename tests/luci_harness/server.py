@@ -1,22 +1,31 @@
 """TEST FIXTURE: serve luci-app-mpvpn's views to a browser, with ubus over HTTP.
 
-A tiny stand-in for uhttpd + rpcd on 127.0.0.1 (random port):
+A tiny stand-in for uhttpd + rpcd + ubusd on 127.0.0.1 (random port):
 
-  GET  /?view=mpvpn/status          tests/luci_harness/index.html
-  GET  /harness/<file>              tests/luci_harness/<file> (the LuCI stub)
-  GET  /luci-static/resources/...   luci-app-mpvpn/htdocs/luci-static/resources/...
-  POST /ubus/                       ubus JSON-RPC ``call``, like uhttpd-mod-ubus:
-                                    checked against the app's rpcd ACL file
-                                    (-32002 "Access denied" for anything it does
-                                    not grant), then answered by a backend
+  GET  /?view=mpvpn/status&sid=<session>   tests/luci_harness/index.html
+  GET  /harness/env?view=...&sid=...       what LuCI's dispatcher puts into L.env
+                                           for that page: sessionid and nodespec
+                                           (menu.d ACL depends of the view's node)
+  GET  /harness/<file>                     tests/luci_harness/<file> (the LuCI stub)
+  GET  /luci-static/resources/...          luci-app-mpvpn/htdocs/luci-static/resources/...
+  POST /ubus/                              ubus JSON-RPC ``call``, as uhttpd-mod-ubus
+                                           answers it (ubusd.uhttpd_ubus_call): rpcd's
+                                           session ACLs from the app's acl.d file, the
+                                           session id added as ubus_rpc_session, the
+                                           object published with the agent's own ubus
+                                           code (ubusd.publish: its signatures and
+                                           argument rules)
 
-A backend has ``call(obj, method, args) -> dict`` and raises
-:class:`ObjectNotFound` (no such ubus object: the agent is not running,
-JSON-RPC error -32000) or :class:`UbusStatus` (a non-zero ubus status).
-Backends here: :class:`StaticBackend` (one fixed document),
-:class:`DownBackend` (agent not running) and :class:`SocketAgentBackend`
-(a live agent's local control socket, ``<run-dir>/orayboxvpn.sock``, see
-``mpvpn.rpc``); ``simagent.SimAgentBackend`` runs the real in-memory engine.
+Sessions: ``server.sid("root")`` (read and write everything, LuCI's root login)
+and ``server.sid("viewer")`` (a read-only login: ``list read '*'``, no write).
+
+A backend has ``handlers() -> {method: fn(args) -> dict}`` (the agent's
+methods, published as ``orayboxvpn``) or ``None`` (the agent is not running:
+ubus has no such object).  Backends here: :class:`StaticBackend` (one fixed
+document), :class:`DownBackend` (agent not running) and
+:class:`SocketAgentBackend` (a live agent's local control socket,
+``<run-dir>/orayboxvpn.sock``, see ``mpvpn.rpc``); ``simagent.SimAgentBackend``
+runs the real in-memory engine.
 """
 
 from __future__ import annotations
@@ -27,31 +36,21 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
+
+from luci_harness import ubusd
+from luci_harness.ubusd import ERR_ACCESS, ERR_OBJECT, ERR_PARAMS  # noqa: F401 - re-exported for tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 APP = REPO / "luci-app-mpvpn"
 RESOURCES = APP / "htdocs" / "luci-static" / "resources"
 ACL_FILE = APP / "root" / "usr" / "share" / "rpcd" / "acl.d" / "luci-app-mpvpn.json"
-
-# uhttpd-mod-ubus JSON-RPC errors
-ERR_OBJECT = (-32000, "Object not found")
-ERR_ACCESS = (-32002, "Access denied")
-ERR_METHOD = (-32601, "Method not found")
-ERR_PARSE = (-32700, "Parse error")
+MENU_FILE = APP / "root" / "usr" / "share" / "luci" / "menu.d" / "luci-app-mpvpn.json"
 
 
-class ObjectNotFound(Exception):
-    """The ubus object does not exist (the agent is not running)."""
-
-
-class UbusStatus(Exception):
-    """A ubus call that returned a non-zero status (UBUS_STATUS_*)."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
+class AgentError(Exception):
+    """A handler failure the agent reports as an error (the transport answers {"error": ...})."""
 
 
 def acl_grants(path: Path = ACL_FILE) -> dict[str, set[str]]:
@@ -64,70 +63,97 @@ def acl_grants(path: Path = ACL_FILE) -> dict[str, set[str]]:
     return grants
 
 
+def check_acl_depends(require_groups: list[str], groups: dict[str, list[str]]) -> bool | None:
+    """LuCI 24.10 dispatcher.uc check_acl_depends(): None (not allowed),
+    False (read-only) or True (writable)."""
+    writable = False
+    for group in require_groups:
+        perms = groups.get(group, [])
+        if "read" not in perms and "write" not in perms:
+            return None
+        if "write" in perms:
+            writable = True
+    return writable
+
+
+def nodespec(view: str, groups: dict[str, list[str]], menu: Path = MENU_FILE) -> dict:
+    """L.env.nodespec of the menu node showing ``view``: satisfied when every
+    node on its path passes its ACL depends, readonly when one of them grants
+    read only (the dispatcher marks such nodes readonly, children inherit it)."""
+    nodes = json.loads(menu.read_text())
+    path = next((p for p, n in nodes.items() if n.get("action", {}).get("path") == view), None)
+    if path is None:
+        return {"satisfied": False}
+    satisfied, readonly = True, False
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        node = nodes.get("/".join(parts[:i]))
+        acl = (node or {}).get("depends", {}).get("acl")
+        if not acl:
+            continue
+        rv = check_acl_depends(acl, groups)
+        if rv is None:
+            satisfied = False
+        elif rv is False:
+            readonly = True
+    return {"path": path, "satisfied": satisfied, "readonly": readonly}
+
+
 class StaticBackend:
-    """Answers ``status`` with a fixed document, ``reconnect`` with {} and
-    other methods with the fixed answers in ``replies`` (method -> dict)."""
+    """Answers ``status`` with a fixed document, ``reconnect`` with {"ok": true}
+    and other methods with the fixed answers in ``replies`` (method -> dict)."""
 
-    def __init__(self, doc: dict, obj: str = "orayboxvpn", replies: dict | None = None):
+    def __init__(self, doc: dict, replies: dict | None = None):
         self.doc = doc
-        self.obj = obj
-        self.replies = {"reconnect": {}, **(replies or {})}
+        self.replies = {"reconnect": {"ok": True}, "test_links": {"error": "no connected session"},
+                        **(replies or {})}
+        self.calls: list[tuple[str, dict]] = []  # (method, args) as the agent's handlers got them
 
-    def call(self, obj: str, method: str, args: dict) -> dict:
-        if obj != self.obj:
-            raise ObjectNotFound(obj)
-        if method == "status":
-            return self.doc
-        if method in self.replies:
-            return self.replies[method]
-        raise UbusStatus(3)  # UBUS_STATUS_METHOD_NOT_FOUND
+    def handlers(self) -> dict:
+        def method(name):
+            def fn(args):
+                self.calls.append((name, dict(args)))
+                return self.doc if name == "status" else self.replies[name]
+            return fn
+        return {m: method(m) for m in ("status", "reconnect", "test_links")}
 
 
 class DownBackend:
     """No agent: ubus has no such object."""
 
-    def call(self, obj: str, method: str, args: dict) -> dict:
-        raise ObjectNotFound(obj)
+    def handlers(self):
+        return None
 
 
 class SocketAgentBackend:
-    """A live agent's local control socket (one JSON line each way, see mpvpn.rpc).
+    """A live agent's local control socket (one JSON line each way, see mpvpn.rpc),
+    published on the harness's ubus with the agent's own transport.
 
-    A missing or refusing socket counts as "object not found", which is what
-    ubus reports on a router when the agent is not running."""
+    A missing or refusing socket is an agent failure the page sees as an error."""
 
-    def __init__(self, path: str, obj: str = "orayboxvpn", timeout: float = 5.0):
+    def __init__(self, path: str, timeout: float = 5.0):
         self.path = path
-        self.obj = obj
         self.timeout = timeout
 
-    def call(self, obj: str, method: str, args: dict) -> dict:
-        if obj != self.obj:
-            raise ObjectNotFound(obj)
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(self.timeout)
-                s.connect(self.path)
-                s.sendall(json.dumps({"method": method, "args": args or {}}).encode() + b"\n")
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ObjectNotFound(obj) from None
-        except socket.timeout:
-            raise UbusStatus(7) from None  # UBUS_STATUS_TIMEOUT
-        try:
-            reply = json.loads(buf)
-        except ValueError:
-            raise UbusStatus(5) from None  # UBUS_STATUS_NO_DATA
+    def call(self, method: str, args: dict) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.timeout)
+            s.connect(self.path)
+            s.sendall(json.dumps({"method": method, "args": args or {}}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
         if not reply.get("ok"):
-            err = str(reply.get("error", ""))
-            raise UbusStatus(3 if "unknown method" in err.lower() else 9)  # METHOD_NOT_FOUND / UNKNOWN_ERROR
+            raise AgentError(str(reply.get("error", "")))
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
+
+    def handlers(self) -> dict:
+        return {m: (lambda args, m=m: self.call(m, args)) for m in ("status", "reconnect", "test_links")}
 
 
 class HarnessServer:
@@ -136,17 +162,42 @@ class HarnessServer:
     def __init__(self, backend, acl: Path = ACL_FILE):
         self.backend = backend
         self.grants = acl_grants(acl)
-        self.calls: list[tuple[str, str, dict]] = []  # every ubus call that passed the ACL
-        self.denied: list[tuple[str, str]] = []
+        self.sessions = ubusd.RpcdSessions([acl])
+        self.bus = ubusd.PythonUbus()
+        self.transport = None
+        handlers = backend.handlers()
+        if handlers is not None:
+            self.transport = ubusd.publish(self.bus, handlers)
+        self.log: list[tuple] = []  # ("call" | "denied" | "no-object", sid, object, method, args) per request
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="luci-harness", daemon=True)
 
+    def sid(self, login: str) -> str:
+        return self.sessions.sid_of[login]
+
+    @property
+    def calls(self) -> list[tuple[str, str, dict]]:
+        """(object, method, arguments as ubus got them) of every call that passed the ACL."""
+        return [(e[2], e[3], e[4]) for e in self.log if e[0] == "call"]
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(object, method) of every JSON-RPC call request, answered or refused."""
+        return [(e[2], e[3]) for e in self.log]
+
+    @property
+    def denied(self) -> list[tuple[str, str]]:
+        return [(e[2], e[3]) for e in self.log if e[0] == "denied"]
+
     @property
     def url(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/"
+
+    def page(self, view: str, login: str = "root", fragment: str = "") -> str:
+        return f"{self.url}?view={view}&sid={self.sid(login)}" + (f"#{fragment}" if fragment else "")
 
     def __enter__(self) -> "HarnessServer":
         self._thread.start()
@@ -160,33 +211,17 @@ class HarnessServer:
             self._httpd.shutdown()  # waits for serve_forever(): only once it runs
             self._thread.join()
         self._httpd.server_close()
+        if self.transport is not None:
+            self.transport.stop()
+            self.transport = None
 
     def ubus(self, request: object) -> dict:
-        """One JSON-RPC request -> reply object (uhttpd-mod-ubus semantics)."""
-        if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
-            return {"jsonrpc": "2.0", "id": None, "error": dict(zip(("code", "message"), ERR_PARSE))}
-        rid = request.get("id")
-
-        def error(err):
-            return {"jsonrpc": "2.0", "id": rid, "error": {"code": err[0], "message": err[1]}}
-
-        params = request.get("params")
-        if request.get("method") != "call" or not isinstance(params, list) or len(params) != 4:
-            return error(ERR_METHOD)
-        _sid, obj, method, args = params
-        if method not in self.grants.get(obj, ()):
-            with self._lock:
-                self.denied.append((obj, method))
-            return error(ERR_ACCESS)
+        """One JSON-RPC request -> reply object (uhttpd-mod-ubus + rpcd + python-ubus semantics)."""
         with self._lock:
-            self.calls.append((obj, method, args))
-            try:
-                result = self.backend.call(obj, method, args if isinstance(args, dict) else {})
-            except ObjectNotFound:
-                return error(ERR_OBJECT)
-            except UbusStatus as e:
-                return {"jsonrpc": "2.0", "id": rid, "result": [e.code]}
-        return {"jsonrpc": "2.0", "id": rid, "result": [0, result]}
+            return ubusd.uhttpd_ubus_call(self.bus, self.sessions, request, self.log)
+
+    def env(self, view: str, sid: str) -> dict:
+        return {"sessionid": sid, "nodespec": nodespec(view, self.sessions.groups(sid))}
 
     def _handler(self):
         server = self
@@ -217,6 +252,10 @@ class HarnessServer:
                 p = urlsplit(self.path).path
                 if p in ("/", "/index.html"):
                     self._file(HERE, "index.html")
+                elif p == "/harness/env":
+                    q = parse_qs(urlsplit(self.path).query)
+                    env = server.env(q.get("view", [""])[0], q.get("sid", [ubusd.DEFAULT_SID])[0])
+                    self._send(200, json.dumps(env).encode(), "application/json")
                 elif p.startswith("/harness/"):
                     self._file(HERE, p[len("/harness/"):])
                 elif p.startswith("/luci-static/resources/"):

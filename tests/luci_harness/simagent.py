@@ -8,9 +8,9 @@ carriers, some loss and traffic both ways, and advances it on every
 ``status`` call, so a polling page sees counters and rates move.  Its
 ``test_links`` starts a scripted link test (:class:`SimLinkTest`, the
 contract of the agent's ``test_links`` method and the document's
-``link_test``) whose phases finish as the status calls advance the engine.  It stands
-in for a live agent until the agent can run in the test lab
-(``server.SocketAgentBackend``).
+``link_test``) whose phases finish as the status calls advance the engine.  Its
+methods are published on the harness's ubus with the agent's own ubus code
+(``mpvpn.ubus``), so calls are checked against the agent's real argument rules.
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ def status_document(pair: SimPair, *, name: str = "site-a", peer: str = "site-b"
         "peer": peer_info,
         "vnc": {"ifname": "mpvpn0", "address": "172.30.0.1", "netmask": "255.255.255.252", "mtu": 1400},
         "routes": routes,
-        "dataplane": {"c_loops": False, "c_loops_off_why": "not built", "tun_offload": "gro",
+        "dataplane": {"c_loops": False, "tun_offload": "gro",
+                      # mpvpn.fastpath.WHY on a router without orayboxvpn-fastpath
+                      "c_loops_off_why": "not built (cannot import name '_fastpath' from 'mpvpn' "
+                                         "(/usr/lib/python3.11/site-packages/mpvpn/__init__.py))",
                       "tun_offload_error": None, "tun_split_errors": 0},
         "control": {"state": "established", "server": "10.1.0.2:7000", "epoch": 1, "rekeys": 0},
         "policies": [dict(p) for p in policies],
@@ -200,13 +203,11 @@ class SimAgentBackend:
                                      links, time.time())
         return {"started": True, "id": self.link_test.id}
 
-    def call(self, obj: str, method: str, args: dict) -> dict:
-        from luci_harness.server import ObjectNotFound, UbusStatus
+    def handlers(self) -> dict:
+        """The agent's methods (published on the harness's ubus by the agent's transport)."""
 
-        if obj != "orayboxvpn":
-            raise ObjectNotFound(obj)
-        with self.lock:
-            if method == "status":
+        def status(_args):
+            with self.lock:
                 self._traffic(self.step)
                 if self.link_test is not None and self.link_test.running:
                     self.link_test.advance(self.test_phases_per_status,
@@ -214,10 +215,15 @@ class SimAgentBackend:
                 doc = self.document()
                 self.docs.append(doc)
                 return doc
-            if method == "reconnect":
+
+        def reconnect(_args):
+            with self.lock:
                 self.reconnects += 1
-                return {}
-            if method == "test_links":
+                return {"ok": True}
+
+        def test_links(args):
+            with self.lock:
                 self.test_calls.append(dict(args))
                 return self._test_links(args)
-        raise UbusStatus(3)
+
+        return {"status": status, "reconnect": reconnect, "test_links": test_links}

@@ -128,6 +128,23 @@ function validCarrier(value) {
 	return /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/.test(value);
 }
 
+/*
+ * Leave an option out of the file while it holds its default, so that the
+ * file keeps only what the admin chose and a later change of a default
+ * reaches it: form.Flag does that by itself (rmempty), other widgets write
+ * any value that differs from the file's, the default included.
+ */
+function implicitDefault(o) {
+	o.write = function(section_id, value) {
+		if (value == this.default)
+			return this.remove(section_id);
+
+		return form.AbstractValue.prototype.write.apply(this, [ section_id, value ]);
+	};
+
+	return o;
+}
+
 function validIfname(value) {
 	return value.length > 0 && value.length < 16 && value != '.' && value != '..' && !/[\/:\s]/.test(value);
 }
@@ -137,7 +154,8 @@ return view.extend({
 		var m, s, o;
 
 		m = new form.Map('orayboxvpn', _('Multipath VPN'),
-			_('Joins this site to the peer site over several carriers at once. Both sites need the same pre-shared key and uplinks of matching carrier types. Run "mpvpn check" on the router for a complete check of the configuration.'));
+			_('Joins this site to the peer site over several carriers at once. Both sites need the same pre-shared key and uplinks of matching carrier types. Run "mpvpn check" on the router for a complete check of the configuration.') + ' ' +
+			_('Save & Apply takes effect at once: the running agent re-reads its configuration. The log level, the keepalive settings, the longest reorder wait and MSS clamping change without interrupting the tunnel; a change of role, keys, addresses, LAN subnets, the tunnel interface, the uplinks, the mode, the reorder buffer size or the MTU sets the sessions up again, so the tunnel drops for a moment. A configuration with errors is refused and the agent keeps running with the previous one (see its status).'));
 
 		/* --- config base 'base' ------------------------------------------------ */
 
@@ -147,7 +165,7 @@ return view.extend({
 		s.tab('advanced', _('Advanced'));
 
 		o = s.taboption('general', form.Flag, 'enabled', _('Enabled'),
-			_('Run the agent. Fill in the settings below first; the new configuration applies on the next restart of the service.'));
+			_('Run the agent. Fill in the settings below first; Save & Apply starts or stops it at once.'));
 		o.default = '1';
 		o.rmempty = false;
 
@@ -216,6 +234,7 @@ return view.extend({
 		o.value('aggregate', _('Aggregate: each packet on one subflow, spread by link quality'));
 		o.value('adaptive', _('Adaptive: duplicate over lossy subflows, spread over good ones'));
 		o.default = 'duplicate';
+		implicitDefault(o);
 
 		o = s.taboption('general', form.Value, 'target_loss', _('Target loss (adaptive mode)'),
 			_('The loss each packet may have in adaptive mode; it goes on the fewest subflows whose combined loss meets it (0.001 = 0.1 %).'));
@@ -229,6 +248,7 @@ return view.extend({
 		o.value('1', _('On'));
 		o.value('0', _('Off'));
 		o.default = 'auto';
+		implicitDefault(o);
 
 		o = s.taboption('general', form.DynamicList, 'lan_subnet', _('Extra LAN subnets'),
 			_('Subnets behind this router, besides the LAN of the "lan" interface, that the peer routes into the tunnel.'));
@@ -273,7 +293,6 @@ return view.extend({
 		o = s.taboption('advanced', form.Flag, 'mss_clamp', _('Clamp TCP MSS'),
 			_('Lower the MSS of TCP connections through the tunnel to what the tunnel MTU carries, so they never wait for path-MTU discovery. Turn off only if the firewall already clamps on the tunnel interface.'));
 		o.default = '1';
-		o.rmempty = false;
 
 		o = s.taboption('advanced', form.ListValue, 'log_level', _('Log level'),
 			_('Verbosity of the agent\'s messages in the system log.'));
@@ -282,6 +301,7 @@ return view.extend({
 		o.value('warning', _('Warning'));
 		o.value('error', _('Error'));
 		o.default = 'info';
+		implicitDefault(o);
 
 		/* --- config vnc 'vnc' -------------------------------------------------- */
 
@@ -346,17 +366,24 @@ return view.extend({
 
 		o = s.option(form.Flag, 'enabled', _('Enabled'));
 		o.default = '1';
-		o.rmempty = false;
 		o.editable = true;
 
+		/*
+		 * A plain text field, not a list of suggestions: LuCI's ui.Combobox is
+		 * always optional and validates only its custom-value input, so an
+		 * empty choice was never marked and the dialog's Save failed silently.
+		 * A text field with rmempty = false turns red on empty ("Expecting:
+		 * non-empty value") and shows this validator's messages.
+		 */
 		o = s.option(form.Value, 'type', _('Carrier type'),
-			_('Carrier of this uplink, e.g. telecom, unicom or mobile: letters, digits, "_", "-" and ".".'));
-		o.value('telecom');
-		o.value('unicom');
-		o.value('mobile');
+			_('Carrier of this uplink, e.g. telecom, unicom or mobile: letters, digits, "_", "-" and ".". The peer\'s uplink of the same type is its partner.'));
+		o.placeholder = _('e.g. telecom');
 		o.rmempty = false;
 		o.validate = function(section_id, value) {
-			if (value == null || value === '' || validCarrier(value))
+			/* required: named here too, for a value that is only spaces or cleared */
+			if (value == null || value === '')
+				return _('Required: the carrier of this uplink, e.g. telecom; the peer\'s uplink of the same type is its partner');
+			if (validCarrier(value))
 				return true;
 			return _('Expecting a word of letters, digits, "_", "-" and "." (at most 32 characters)');
 		};
@@ -405,7 +432,6 @@ return view.extend({
 
 		o = s.option(form.Flag, 'enabled', _('Enabled'));
 		o.default = '1';
-		o.rmempty = false;
 		o.editable = true;
 
 		o = s.option(form.Value, 'psk', _('Pre-shared key'),
@@ -425,7 +451,6 @@ return view.extend({
 
 		o = s.option(form.Flag, 'enabled', _('Enabled'));
 		o.default = '1';
-		o.rmempty = false;
 		o.editable = true;
 
 		o = s.option(form.Value, 'src', _('Source host or subnet'),

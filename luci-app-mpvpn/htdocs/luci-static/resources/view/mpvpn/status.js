@@ -126,7 +126,7 @@ function linkState(state) {
 
 function uplinkState(state) {
 	switch (state) {
-	case 'up':      return [ _('Up'), GREEN ];
+	case 'up':      return [ _('Ready'), GREEN ];
 	case 'waiting': return [ _('Waiting'), ORANGE ];
 	case 'down':    return [ _('Down'), RED ];
 	case 'error':   return [ _('Error'), RED ];
@@ -202,6 +202,17 @@ function fmtTime(t) {
 	return isNaN(d.getTime()) ? null : d.toLocaleString();
 }
 
+/* an age in seconds: "3 s", "4 min", "2 h" */
+function fmtAge(s) {
+	if (!isNum(s) || s < 0)
+		return NONE;
+	if (s < 90)
+		return _('%d s').format(Math.round(s));
+	if (s < 5400)
+		return _('%d min').format(Math.round(s / 60));
+	return _('%d h').format(Math.round(s / 3600));
+}
+
 function fmtDuration(s) {
 	return isNum(s) ? '%t'.format(Math.max(0, Math.floor(s))) : NONE;
 }
@@ -224,6 +235,20 @@ function fmtRate(bps) {
 	if (bps >= 1e3)
 		return _('%.1f kbit/s').format(bps / 1e3);
 	return _('%d bit/s').format(Math.round(bps));
+}
+
+/* docs/status.md "dataplane": which packet path runs, in words */
+function dataPath(cLoops, why) {
+	if (cLoops === true)
+		return _('compiled (C loops of the package orayboxvpn-fastpath)');
+
+	if (why == null || /^not built\b/.test(String(why)))
+		return _('Python only: the optional compiled data path is not installed. Install the package orayboxvpn-fastpath to add it; it carries several times more traffic per CPU second.');
+
+	if (/MPVPN_FASTPATH=0/.test(String(why)))
+		return _('Python only: the compiled data path is installed but switched off (MPVPN_FASTPATH=0).');
+
+	return _('Python only: the compiled data path is not in use (%s).').format(String(why));
 }
 
 /* The first line of an error: LuCI appends a stack trace to RPC errors. */
@@ -252,7 +277,7 @@ function svgEl(tag, attrs, children) {
 }
 
 /* RTT (blue) and loss (red) over the kept samples, oldest left, newest right. */
-function sparkline(points) {
+function sparkline(points, live) {
 	var w = 120, h = 28, step = w / (Math.max(points.length, 2) - 1),
 	    maxRtt = 0, maxLoss = 0, lines = [];
 
@@ -261,37 +286,44 @@ function sparkline(points) {
 		if (isNum(p.loss)) maxLoss = Math.max(maxLoss, p.loss);
 	});
 
+	/* one polyline per run of samples: a subflow that was down leaves a gap */
 	function polyline(key, top, color) {
-		var coords = [];
+		var runs = [ [] ];
 
 		for (var i = 0; i < points.length; i++) {
 			var v = points[i][key];
 
-			if (!isNum(v))
+			if (!isNum(v)) {
+				if (runs[runs.length - 1].length)
+					runs.push([]);
 				continue;
+			}
 
 			var x = i * step,
 			    y = (h - 1) - Math.min(v / top, 1) * (h - 2);
 
-			coords.push(x.toFixed(1) + ',' + y.toFixed(1));
+			runs[runs.length - 1].push(x.toFixed(1) + ',' + y.toFixed(1));
 		}
 
-		if (coords.length > 1)
-			lines.push(svgEl('polyline', {
-				'points': coords.join(' '),
-				'fill': 'none',
-				'stroke': color,
-				'stroke-width': '1.5'
-			}));
+		runs.forEach(function(coords) {
+			if (coords.length > 1)
+				lines.push(svgEl('polyline', {
+					'points': coords.join(' '),
+					'fill': 'none',
+					'stroke': color,
+					'stroke-width': '1.5'
+				}));
+		});
 	}
 
 	/* loss scaled to at least 5 %, so a clean link stays a flat line */
-	polyline('loss', Math.max(maxLoss, 0.05), LOSS_COLOR);
-	polyline('rtt', Math.max(maxRtt * 1.25, 1), RTT_COLOR);
+	var topLoss = Math.max(maxLoss, 0.05), topRtt = Math.max(maxRtt * 1.25, 1);
+	polyline('loss', topLoss, LOSS_COLOR);
+	polyline('rtt', topRtt, RTT_COLOR);
 
-	var title = _('Last %d samples: RTT up to %.1f ms, loss up to %.1f %%').format(points.length, maxRtt, maxLoss * 100);
+	var title = _('Last %d samples, %d s apart: RTT up to %.1f ms, loss up to %.1f %%').format(points.length, POLL_INTERVAL, maxRtt, maxLoss * 100);
 
-	return svgEl('svg', {
+	return E('span', { 'class': 'mpvpn-history' }, [ svgEl('svg', {
 		'class': 'mpvpn-spark',
 		'width': String(w),
 		'height': String(h),
@@ -301,7 +333,12 @@ function sparkline(points) {
 	}, [
 		svgEl('title', {}, [ title ]),
 		svgEl('rect', { 'x': '0.5', 'y': '0.5', 'width': String(w - 1), 'height': String(h - 1), 'fill': 'none', 'stroke': '#ddd' })
-	].concat(lines));
+	].concat(lines)), E('br'), E('small', { 'class': 'mpvpn-scale', 'style': 'opacity:.75' }, lines.length ? [
+		/* the scale: the top of the box, for each line; the width is the time shown */
+		E('span', { 'style': 'color:' + RTT_COLOR }, [ _('RTT 0\u2013%.0f ms').format(topRtt) ]), ', ',
+		E('span', { 'style': 'color:' + LOSS_COLOR }, [ _('loss 0\u2013%.0f %%').format(topLoss * 100) ]), ', ',
+		_('last %s').format(fmtAge(Math.max(points.length - 1, 0) * POLL_INTERVAL))
+	] : [ live ? _('collecting samples\u2026') : _('no figures while the subflow is down') ]) ]);
 }
 
 function weightBar(weight) {
@@ -359,11 +396,13 @@ return view.extend({
 		this.policiesSection = E('div', { 'class': 'cbi-section', 'id': 'mpvpn-policies', 'style': 'display:none' }, [
 			E('h3', [ _('Per-host link policies') ]),
 			E('div', { 'class': 'cbi-section-descr' }, [
-				_('Traffic of these LAN hosts or subnets uses only the carriers listed; an exclusive policy reserves its carriers for that traffic. The first matching policy applies.')
+				_('Traffic of these LAN hosts or subnets uses only the carriers listed; an exclusive policy reserves its carriers for that traffic. The first matching policy applies. "priority": in aggregate and adaptive mode this traffic is sent first when the links are busy, other traffic waits.')
 			]),
 			this.policiesNode
 		]);
 
+		/* a read-only login (rpcd ACL group read only) may not reconnect or test */
+		this.readonly = (L.hasViewPermission() === false);
 		this.testBusy = false;
 		this.testRunning = false;
 		this.reachable = false;
@@ -379,6 +418,16 @@ return view.extend({
 			'disabled': 'disabled',
 			'click': this.handleTestLinks.bind(this)
 		}, [ _('Test links') ]);
+		this.reconnectButton = E('button', {
+			'class': 'cbi-button cbi-button-action',
+			'id': 'mpvpn-reconnect',
+			'disabled': 'disabled',
+			'title': _('Sets up the control connection and the subflows again'),
+			'click': ui.createHandlerFn(this, 'handleReconnect')
+		}, [ _('Reconnect') ]);
+		var readonlyNote = E('em', { 'class': 'mpvpn-readonly' }, [
+			_('This login may only read the status: Reconnect and Test links need a login with write access.')
+		]);
 		this.testTable = new ui.Table([
 			_('Links'),
 			_('Direction'),
@@ -401,11 +450,7 @@ return view.extend({
 				E('h3', [ _('Session') ]),
 				this.headerNode,
 				E('div', { 'class': 'right', 'style': 'margin-top:.5em' }, [
-					E('button', {
-						'class': 'cbi-button cbi-button-action',
-						'id': 'mpvpn-reconnect',
-						'click': ui.createHandlerFn(this, 'handleReconnect')
-					}, [ _('Reconnect') ])
+					this.readonly ? readonlyNote : this.reconnectButton
 				])
 			]),
 			E('div', { 'class': 'cbi-section' }, [
@@ -417,9 +462,9 @@ return view.extend({
 				E('div', { 'class': 'cbi-section-descr' }, [
 					_('Measures the throughput, RTT and loss of each carrier alone and of all of them together, in both directions, one phase after the other. Each phase fills the links under test, so traffic through the tunnel may slow down while it runs.')
 				]),
-				E('div', { 'style': 'margin-bottom:.5em' }, [
-					this.testDuration, ' ', this.testButton
-				]),
+				E('div', { 'style': 'margin-bottom:.5em' }, this.readonly
+					? [ readonlyNote.cloneNode(true) ]
+					: [ this.testDuration, ' ', this.testButton ]),
 				this.testStateNode,
 				this.testTableNode
 			]),
@@ -549,7 +594,7 @@ return view.extend({
 					mode,
 					(p.priority === true) ? E('span', {
 						'class': 'mpvpn-priority',
-						'title': _('Served before all other traffic')
+						'title': _('Sent before all other traffic when the links are busy (aggregate and adaptive modes)')
 					}, [ ' ', badge(_('priority'), GREEN, 'priority') ]) : ''
 				])
 			];
@@ -567,6 +612,9 @@ return view.extend({
 	updateTestButton: function() {
 		var busy = this.testBusy || this.testRunning;
 
+		/* Reconnect needs a running agent; ui.createHandlerFn re-enables it after a press */
+		if (!this.reconnectButton.classList.contains('spinning'))
+			this.reconnectButton.disabled = !this.reachable;
 		this.testButton.disabled = busy || !this.reachable;
 		this.testDuration.disabled = busy;
 		this.testButton.classList.toggle('spinning', busy);
@@ -678,11 +726,11 @@ return view.extend({
 		if (isObj(st.dataplane)) {
 			/* docs/status.md "dataplane": how packets move */
 			var dp = st.dataplane,
-			    path = [ dp.c_loops === true ? _('compiled (C loops)') : _('Python') ];
-			if (dp.c_loops !== true && dp.c_loops_off_why != null)
-				path.push(' ', small([ '(' + String(dp.c_loops_off_why) + ')' ]));
+			    path = [ E('span', { 'class': 'mpvpn-datapath', 'title': (dp.c_loops_off_why != null) ? String(dp.c_loops_off_why) : null }, [
+			    	dataPath(dp.c_loops, dp.c_loops_off_why)
+			    ]) ];
 			if (dp.tun_offload != null)
-				path.push(', ', _('tun offload %s').format(String(dp.tun_offload)));
+				path.push(E('br'), _('tun offload %s').format(String(dp.tun_offload)));
 			if (dp.tun_offload_error != null)
 				path.push(' ', small([ '(' + String(dp.tun_offload_error) + ')' ]));
 			rows.push([ _('Data path'), E('span', path) ]);
@@ -701,6 +749,8 @@ return view.extend({
 			rows.push([ _('Control connection'), E('span', c) ]);
 		}
 
+		var links = Array.isArray(st.links) ? st.links.filter(isObj) : [];
+
 		if (Array.isArray(st.uplinks) && st.uplinks.length)
 			rows.push([ _('Uplinks'), E('div', st.uplinks.filter(isObj).map(function(u) {
 				var us = uplinkState(u.state),
@@ -712,6 +762,15 @@ return view.extend({
 					line.push(' ', String(u.bind_ip) + (isNum(u.port) ? ':' + u.port : ''));
 				if (u.error != null)
 					line.push(' ', E('span', { 'style': 'color:' + RED }, [ String(u.error) ]));
+
+				/* "up" is the local side only: the socket is bound to the uplink's address */
+				var down = (u.state == 'up' && u.name != null) ? links.filter(function(l) {
+					return l.name == u.name && l.state != 'established';
+				}) : [];
+				if (down.length)
+					line.push(' ', small([ E('span', { 'class': 'mpvpn-uplink-note' }, [
+						_('its socket is ready, but its subflow to the peer is down (see Subflows): the carrier or the peer\'s uplink does not answer')
+					]) ]));
 
 				return E('div', line);
 			})) ]);
@@ -771,7 +830,8 @@ return view.extend({
 
 			if (!h.prev || dt >= MIN_SAMPLE) {
 				h.prev = { t: now, rx: l.rx_bytes, tx: l.tx_bytes };
-				h.points.push({ rtt: l.rtt_ms, loss: l.loss });
+				/* a subflow that is not up has no new figures: a gap in its history */
+				h.points.push((l.state == 'established') ? { rtt: l.rtt_ms, loss: l.loss } : { rtt: null, loss: null });
 				if (h.points.length > HISTORY_POINTS)
 					h.points.splice(0, h.points.length - HISTORY_POINTS);
 			}
@@ -788,13 +848,28 @@ return view.extend({
 			if (l.state != 'established' && l.last_down_reason)
 				stateCell.push(E('br'), small([ String(l.last_down_reason) ]));
 
-			var rtt = [ fmtMs(l.rtt_ms) ];
-			if (isNum(l.rtt_ms) && isNum(l.rttvar_ms))
-				rtt.push(E('br'), small([ _('\u00b1 %.1f ms').format(l.rttvar_ms) ]));
+			/*
+			 * docs/status.md: loss is the loss of what we send (reported by the
+			 * peer), loss_in of what we receive.  A subflow that is not up keeps
+			 * its last figures: show them as old, with their age (last_rx_age:
+			 * seconds since the peer's last datagram on it)
+			 */
+			var live = (l.state == 'established'),
+			    stale = live ? null : E('small', { 'class': 'mpvpn-stale' }, [
+			    	isNum(l.last_rx_age) ? _('last heard %s ago').format(fmtAge(l.last_rx_age)) : _('never heard')
+			    ]);
 
-			var loss = [ fmtPct(l.loss) ];
+			var rtt = [ E('span', { 'style': live ? null : 'opacity:.5' }, [ fmtMs(l.rtt_ms) ]) ];
+			if (live && isNum(l.rtt_ms) && isNum(l.rttvar_ms))
+				rtt.push(E('br'), small([ _('\u00b1 %.1f ms').format(l.rttvar_ms) ]));
+			if (!live)
+				rtt.push(E('br'), stale);
+
+			var loss = [ E('span', { 'style': live ? null : 'opacity:.5' }, [ _('%s outgoing').format(fmtPct(l.loss)) ]) ];
 			if (isNum(l.loss_in))
-				loss.push(E('br'), small([ _('incoming %s').format(fmtPct(l.loss_in)) ]));
+				loss.push(E('br'), small([ _('%s incoming').format(fmtPct(l.loss_in)) ]));
+			if (!live)
+				loss.push(E('br'), stale.cloneNode(true));
 
 			return [
 				[ text(l.name), E('span', carrier) ],
@@ -806,7 +881,7 @@ return view.extend({
 					_('rx %s').format(fmtRate(h.rx)), E('br'), _('tx %s').format(fmtRate(h.tx))
 				]),
 				[ isNum(l.weight) ? l.weight : -1, weightBar(l.weight) ],
-				sparkline(h.points)
+				sparkline(h.points, live)
 			];
 		});
 
