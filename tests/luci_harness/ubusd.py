@@ -388,27 +388,9 @@ class AgentObject:
 
 def publish(bus: PythonUbus, handlers: dict) -> object:
     """Publish ``handlers`` as ubus object ``orayboxvpn`` the way the agent does on a router:
-    with the agent's own ubus code (its signatures, its argument handling), calls run
-    inline (the agent's ``post``).  Two generations of ``mpvpn.ubus``: through
-    python-ubus (``UbusTransport(module, path, handlers, post)``, main before issue 12)
-    and speaking ubusd's protocol itself (``METHODS`` / ``check_args``, issue 12);
-    drop the first branch once the second is merged."""
-    import concurrent.futures
-
+    with the agent's own ubus code (``mpvpn.ubus``: its ``METHODS`` signatures and
+    ``check_args``; the agent speaks ubusd's protocol itself), calls run inline (the
+    agent's ``post``)."""
     from mpvpn import ubus as ubusmod
 
-    if hasattr(ubusmod, "check_args"):
-        return AgentObject(bus, handlers, ubusmod)
-
-    def post(fn):
-        fut = concurrent.futures.Future()
-        try:
-            fut.set_result(fn())
-        except Exception as e:  # noqa: BLE001 - handed to the transport like the agent's loop does
-            fut.set_exception(e)
-        return fut
-
-    transport = ubusmod.UbusTransport(bus, "/var/run/ubus/ubus.sock", handlers, post)
-    if not transport.start():
-        raise RuntimeError(f"the agent's ubus transport did not start: {transport.error}")
-    return transport
+    return AgentObject(bus, handlers, ubusmod)
