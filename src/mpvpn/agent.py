@@ -151,6 +151,7 @@ class Agent:
         self.listener: socket.socket | None = None
         self.registry: control.ServerSessions | None = None
         self.reconnect: control.ClientReconnect | None = None
+        self.stamps = control.HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
         self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
         self._link_test: tuple | None = None  # (session id, last status document)
@@ -216,7 +217,8 @@ class Agent:
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
             lans=tuple(self.lans), mode=c.base.mode,
-            rekey_interval=c.base.rekey_interval, pair_unmatched=c.base.pair_unmatched,
+            rekey_interval=c.base.rekey_interval, rekey_packets=c.base.rekey_packets,
+            pair_unmatched=c.base.pair_unmatched,
             **({"pattern": "KKpsk0", "static_key": c.base.private_key,
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
@@ -482,6 +484,9 @@ class Agent:
         for ds, batch in touched.items():
             ds.sess.send_many(batch, now)  # one batch per session: the C loops where built
             self._flush_session(ds)
+            sealer = ds.sess.sealer
+            if sealer is not None and ds.conn is not None:  # rekey by volume (control decides)
+                ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)
 
     def _on_udp(self, up: UplinkIO) -> None:
         now = self.clock()
@@ -740,15 +745,15 @@ class Agent:
             s, addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        # never refused here: a genuine client may share its address with
+        # junk; the registry bounds unauthenticated connections instead
         conn = self.registry.accept(addr[0], now)
-        if conn is None:  # rate-limited or full: close at once, send nothing
-            s.close()
-            return
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = ControlIO(sock=s, conn=conn, addr=addr)
         self.controls.append(c)
         self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+        self._on_control(c, selectors.EVENT_READ)  # a client's first message is often here already
 
     def _on_control(self, c: ControlIO, mask) -> None:
         now = self.clock()
@@ -758,7 +763,7 @@ class Agent:
                 self._control_gone(c, "connect", os.strerror(err), now)
                 return
             c.connecting = False
-            c.conn = control.ClientConnection(self._control_config(), now)
+            c.conn = control.ClientConnection(self._control_config(), now, self.stamps)
             self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
         if mask & selectors.EVENT_READ and c.conn is not None:
             try:
@@ -803,7 +808,7 @@ class Agent:
             if data:
                 c.out += data
                 self._control_write(c)
-            self._control_gone(c, closed[0], closed[1], now)
+            self._control_gone(c, closed[0], closed[1], now, closed[2])
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         try:
@@ -850,7 +855,7 @@ class Agent:
             self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
             log.error("control: %s", self.last_error)
         elif isinstance(ev, control.ConnectionClosed):
-            return ev.reason, ev.text
+            return ev.reason, ev.text, ev.retry_after
         return None
 
     def _session_of(self, conn) -> DataSession | None:
@@ -866,8 +871,10 @@ class Agent:
     # ProtocolError already put these in last_error, in the peer's own words.
     _EXPLAINED_ENDS = ("auth", "version", "overlap", "vnic", "route", "invalid", "busy")
 
-    def _control_gone(self, c: ControlIO, word: str, text: str, now: float) -> None:
-        """A control connection ended (``word`` says how, ``text`` details)."""
+    def _control_gone(self, c: ControlIO, word: str, text: str, now: float,
+                      retry_after: float | None = None) -> None:
+        """A control connection ended (``word`` says how, ``text`` details;
+        ``retry_after``: the server answered BUSY, try again that soon)."""
         if c in self.controls:
             self.controls.remove(c)
         try:
@@ -889,8 +896,11 @@ class Agent:
             self.counters["control_failures"] += 1
             if word not in self._EXPLAINED_ENDS or not self.last_error:
                 self.last_error = f"control connection to {where}: {detail}"
-            delay = self.reconnect.failed(now, word)
-            log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
+            delay = self.reconnect.failed(now, word, retry_after)
+            if retry_after is not None:
+                log.info("server %s is busy; retrying in %.2f s", where, delay)
+            else:
+                log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
             # The data session lives on when only the TCP connection was lost
             # (its subflows may be fine); a session the server ended goes.
             if word not in self._BENIGN_ENDS:
@@ -1122,6 +1132,11 @@ class Agent:
                            "epoch": getattr(c.conn, "epoch", None),
                            "counters": dict(getattr(c.conn, "counters", {}))}
                     break
+            rc = self.reconnect
+            if rc is not None:  # the agent's own record of its attempts (seconds since start)
+                ctl["reconnect"] = {"attempts": rc.attempts, "failures": rc.failures, "busy": rc.busy,
+                                    "history": [[round(t - self.started, 3), what]
+                                                for t, what in rc.history]}
         return {
             "version": __version__,
             "state": self.state,
