@@ -19,6 +19,7 @@ import concurrent.futures
 import errno
 import ipaddress
 import logging
+import math
 import os
 import queue
 import selectors
@@ -163,6 +164,7 @@ class Agent:
         self.state_since = self.started
         self.last_error: str | None = None
         self.control_counters: dict[str, int] = {}  # rejected/closed control connections by reason
+        self._reject_logged_at, self._rejects_quiet = -math.inf, 0  # log limiter for junk
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0}
@@ -910,8 +912,14 @@ class Agent:
             self.control_counters[word] = self.control_counters.get(word, 0) + 1
             if c.conn is not None and getattr(c.conn, "session_id", None):
                 log.info("control connection from %s closed: %s", where, detail)
-            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout"):
-                log.warning("control: rejected a connection from %s: %s", where, word)
+            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay"):
+                # junk may come 20 times a second: one line per 10 s says it all
+                self._rejects_quiet += 1
+                if now >= self._reject_logged_at + 10.0:
+                    more = self._rejects_quiet - 1
+                    log.warning("control: rejected a connection from %s: %s%s", where, word,
+                                f" ({more} more rejected in the last 10 s)" if more else "")
+                    self._reject_logged_at, self._rejects_quiet = now, 0
 
     def _registry_events(self, now: float) -> None:
         ev = self.registry.next_event()
