@@ -518,10 +518,12 @@ class HandshakeGuard:
     def identify(self, keys, msg1: bytes, stamp: bytes):
         """``(site, psk, mac key)`` of the key in ``keys`` (``[(site, psk)]``)
         whose MAC ``stamp`` carries, or None."""
-        head, got = stamp[:-MAC_LEN], stamp[-MAC_LEN:]
+        got = stamp[-MAC_LEN:]
+        data = b"msg1" + stamp[:-MAC_LEN] + msg1  # as _mac(k, b"msg1", head, msg1)
+        blake2s, compare = hashlib.blake2s, hmac.compare_digest
         for site, psk in keys:
             k = self.mac_key(psk)
-            if hmac.compare_digest(_mac(k, b"msg1", head, msg1), got):
+            if compare(blake2s(data, key=k, digest_size=MAC_LEN).digest(), got):
                 return site, psk, k
         return None
 
