@@ -1922,7 +1922,7 @@ class ServerSessions:
         return {"sessions": {s.session_id: {"name": s.name, "attached": s.conn is not None,
                                             "last_seen": s.last_seen}
                              for s in self.sessions.values()},
-                "counters": dict(self.counters)}
+                "pending": len(self._pending), "counters": dict(self.counters)}
 
     # -- from connections --------------------------------------------------------------------------
     def _evict(self, conn: ServerConnection, text: str) -> None:
