@@ -353,7 +353,8 @@ def test_the_stamp_is_bound_to_its_message_and_to_the_key():
     s.receive_data(a[:n], 0.0)
     assert s.state is State.HANDSHAKE and s.data_to_send() == b""
     s.handle_timer(10.0)
-    assert s.close_reason == "timeout" and s.data_to_send() == b""
+    assert s.close_reason == "no_stamp" and s.data_to_send() == b""
+    assert "older release" in s.close_text  # what an old (control v1) client looks like
 
 
 def test_clients_sharing_a_psk_have_their_own_counters():
@@ -1012,7 +1013,7 @@ def test_fuzz_server_preauth(chunks):
     s.handle_timer(100.0)
     assert s.closed and len(reg) == 0 and s.data_to_send() == b""
     assert sum(reg.counters[k] for k in ("bad_psk", "malformed", "oversized", "timeout",
-                                         "eof")) == 1
+                                         "eof", "no_stamp")) == 1
 
 
 def _mutations():

@@ -912,13 +912,14 @@ class Agent:
             self.control_counters[word] = self.control_counters.get(word, 0) + 1
             if c.conn is not None and getattr(c.conn, "session_id", None):
                 log.info("control connection from %s closed: %s", where, detail)
-            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay"):
+            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay",
+                          "no_stamp"):
                 # junk may come 20 times a second: one line per 10 s says it all
                 self._rejects_quiet += 1
                 if now >= self._reject_logged_at + 10.0:
                     more = self._rejects_quiet - 1
-                    log.warning("control: rejected a connection from %s: %s%s", where, word,
-                                f" ({more} more rejected in the last 10 s)" if more else "")
+                    log.warning("control: rejected a connection from %s: %s%s", where, detail,
+                                f" ({more} more since the last such line)" if more else "")
                     self._reject_logged_at, self._rejects_quiet = now, 0
 
     def _registry_events(self, now: float) -> None:

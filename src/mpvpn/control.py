@@ -123,7 +123,7 @@ DETACH_REASONS = frozenset({"eof", "timeout"})
 
 #: Pre-authentication ends that count against the source address's failure
 #: budget (:class:`RateLimiter`).  A replay or BUSY does not: its MAC is good.
-PREAUTH_FAILURES = frozenset({"bad_psk", "malformed", "oversized", "timeout", "eof"})
+PREAUTH_FAILURES = frozenset({"bad_psk", "malformed", "oversized", "timeout", "eof", "no_stamp"})
 
 
 class State(Enum):
@@ -1613,7 +1613,11 @@ class ServerConnection(_Connection):
         self._set_closed(reason, text, by_peer=False)
 
     def _timeout(self, text: str) -> None:
-        if self.state is State.HANDSHAKE:
+        if self.state is State.HANDSHAKE and self._msg1 is not None:
+            # what a client older than control protocol 2 does: message 1 alone
+            self._abort("no_stamp", "a first handshake message without the stamp of control "
+                                    "protocol 2 (a client of an older release?)")
+        elif self.state is State.HANDSHAKE:
             self._abort("timeout", text)
         else:
             super()._timeout(text)
