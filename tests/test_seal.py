@@ -361,7 +361,8 @@ def test_sealed_counts_every_encryption_under_the_send_key():
     with pytest.raises(ValueError):
         a.seal_data(7, 12, b"z")
     with pytest.raises(ValueError):
-        a.reserve_data(13, 0)
+        a.reserve_data(13, -1)
+    a.reserve_data(13, 0)  # an empty batch reserves nothing
     # what reserve_data hands out seals exactly as seal_data does
     hdr = wire.HEADER.pack(wire.VERSION, wire.DATA, 0, wire.F_SEALED, 7, 1, epoch, 0, 3)
     d = hdr + encrypt(b"\x00" * 4 + hdr[12:], b"q", hdr)

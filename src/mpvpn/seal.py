@@ -227,10 +227,11 @@ class Sealer:
         returns ``(encrypt, epoch)``: the AEAD's ``encrypt(nonce, data, aad)``
         and the epoch to write in their headers.  Nonces and associated data
         must be built exactly as :meth:`seal_data` builds them."""
-        if n < 1 or not self._send_guard_data < seq or seq + n - 1 > _MAX_SEQ:
+        if n < 0 or not self._send_guard_data < seq or seq + n - 1 > _MAX_SEQ:
             raise ValueError(f"DATA seq {seq}..{seq + n - 1} not increasing (nonce reuse) "
                              "or out of range")
-        self._send_guard_data = seq + n - 1
+        if n:
+            self._send_guard_data = seq + n - 1
         self._sealed += n
         return self._send.encrypt, self.send_epoch
 
