@@ -247,6 +247,14 @@ def test_kkpsk0_with_static_keys():
                         server_cfg(pattern="KKpsk0", static_key=spriv, remote_static=cpub),
                         registry=reg)
     assert s2.close_reason == "bad_psk" and c2.state is State.HANDSHAKE
+    # Without the PSK the server does not even reach KK's two DH operations
+    # in message 1: the MAC fails first.
+    c3 = ClientConnection(client_cfg(3, psk=OTHER_PSK, pattern="KKpsk0", static_key=opriv,
+                                     remote_static=spub), 0.0)
+    s3 = reg.accept(("198.51.100.7", 3), 0.0)
+    ops = noise.x25519_operations()
+    s3.receive_data(c3.data_to_send(), 0.0)
+    assert s3.close_reason == "bad_psk" and noise.x25519_operations() == ops
 
 
 # --- authentication and version ---------------------------------------------------------------
