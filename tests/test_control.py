@@ -464,9 +464,11 @@ def test_reconnect_retries_busy_soon_and_a_wrong_key_late():
     assert 0.05 <= rc.failed(d, "busy", retry_after=0.0) <= 0.05 * 1.3
     assert rc.failed(1.0, "busy", retry_after=30.0) <= 2.0 * 1.3  # clamped: soon, whatever it says
     rc.handle_timer(10.0)
-    assert rc.failed(10.0, "auth") >= 60.0 * 0.7  # a wrong key keeps the long wait
+    assert rc.failed(10.0, "auth") <= 1.0  # one silent close: retried on the ordinary backoff
+    rc.handle_timer(11.0)
+    assert rc.failed(11.0, "auth") >= 60.0 * 0.7  # again: a wrong key keeps the long wait
     assert [w.split()[0] for _t, w in rc.history] == ["connect", "busy", "connect", "busy", "busy",
-                                                      "connect", "failed"]
+                                                      "connect", "failed", "connect", "failed"]
 
 
 def test_preauth_oversized_and_malformed_first_frames():
@@ -622,7 +624,9 @@ def test_reconnect_policy_backoff_rotation_and_learned_addresses():
     assert rc.addresses[-1] == ("120.61.20.12", 7001) and len(rc.addresses) == 3
     assert rc.failed(t, "eof") == 1.0
     assert rc.handle_timer(t + 1.0) == rc.addresses[(rc.addresses.index(seen[-1]) + 1) % 3]
-    assert rc.failed(t, "auth") == 8.0  # configuration failures wait the cap
+    assert rc.failed(t, "version") == 8.0  # configuration failures wait the cap
+    assert rc.failed(t, "auth") < 8.0  # one silent close is retried soon (it may be junk's doing)
+    assert rc.failed(t, "auth") == 8.0  # a second in a row: a wrong key
     # Jitter only ever shortens the delay, and is reproducible with a seeded RNG.
     a = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)
     b = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)

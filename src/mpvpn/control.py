@@ -2078,7 +2078,12 @@ class ClientReconnect:
     control).  After every failure it moves to the next address; the delay
     doubles after each full round of failures (``base``, ``base*factor``,
     ... up to ``cap``), reduced by up to ``jitter`` (a fraction) at random.
-    Configuration failures (``CONFIG_FAILURES``) wait ``cap`` at once.
+    Configuration failures (``CONFIG_FAILURES``) wait ``cap`` at once,
+    except a first ``auth`` after anything else: a server closes silently on
+    a wrong key, but also on a first message it never read (its connection
+    pushed out by junk from our address, a copy raced ahead by someone on
+    the path), so one ``auth`` is retried on the ordinary backoff and only a
+    second one in a row waits ``cap``.
     A server that answered BUSY (it holds our key, but is out of handshake
     budget) is tried again at the same address after the delay it asked
     for, clamped to ``busy_min``..``busy_max`` and lengthened by up to
@@ -2111,6 +2116,7 @@ class ClientReconnect:
         self.learned: list[tuple[str, int]] = []
         self.state = "waiting"  # waiting | connecting | connected
         self.failures = 0  # consecutive, since the last success
+        self._auth = 0  # consecutive auth failures
         self.attempts = 0
         self.current: tuple[str, int] | None = None
         self._index = 0
@@ -2136,6 +2142,7 @@ class ClientReconnect:
     def established(self, now: float, learned=()) -> None:
         self.state = "connected"
         self.failures = 0
+        self._auth = 0
         self.history.append((now, "established"))
         for a in learned:
             port = a[1] if a[1] is not None else (self.current[1] if self.current else None)
@@ -2163,7 +2170,8 @@ class ClientReconnect:
         n = len(self.addresses)
         self.failures += 1
         self._index = (self._index + 1) % n
-        if reason in CONFIG_FAILURES:
+        self._auth = self._auth + 1 if reason == "auth" else 0
+        if reason in CONFIG_FAILURES and not (reason == "auth" and self._auth == 1):
             delay = self.cap
         else:
             rounds = (self.failures - 1) // n
