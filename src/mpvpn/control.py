@@ -1931,7 +1931,8 @@ class ServerSessions:
     # -- from connections --------------------------------------------------------------------------
     def _evict(self, conn: ServerConnection, text: str) -> None:
         self._preauth_done(conn)
-        conn._abort("evicted", text)  # the edge sees ConnectionClosed and closes the socket
+        self.counters["evicted"] += 1
+        conn.close("evicted", text)  # pre-auth: sends nothing; the edge sees ConnectionClosed
 
     def _preauth_done(self, conn: ServerConnection) -> None:
         src = self._pending.pop(conn, None)
