@@ -9,7 +9,7 @@ import time
 import pytest
 
 from agentlab import UDP_SINK, UDP_SOURCE, TwoSites
-from mpvpn import rpc
+from mpvpn import control, noise, rpc
 
 pytestmark = pytest.mark.usefixtures("netlab_ready")
 
@@ -80,6 +80,42 @@ def test_junk_from_the_clients_own_address_does_not_delay_its_reconnect(make_lab
         assert reg["sessions_opened"] == 4  # the first session and three reconnects
         for site in (ts.a, ts.b):
             assert "Traceback" not in site.log()
+
+
+# Send the same first frames (argv[2], hex) argv[3] times, each over a new
+# TCP connection, and count the connections that got any byte back.
+REPLAY = r"""
+import socket, sys
+dst, data, times = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+answered = 0
+for i in range(times):
+    s = socket.create_connection((dst, 7000), timeout=5)
+    s.sendall(data)
+    got = s.recv(4096)  # the server closes a replay at once: b""
+    answered += bool(got)
+    s.close()
+print(answered, flush=True)
+"""
+
+
+def test_a_replayed_first_message_is_answered_once_end_to_end(make_lab):
+    lab = make_lab(carriers=3)
+    psk = noise.genpsk()
+    with TwoSites(lab, psk=psk) as ts:
+        ts.start()
+        # a genuine first message (the key holder's), as an eavesdropper records it
+        cfg = control.ControlConfig(psk=noise.load_psk(psk), name="recorded",
+                                    vnc=control.Vnc("172.30.0.1", "255.255.255.252"))
+        first = control.ClientConnection(cfg, 0.0).data_to_send()
+        out = lab.python(lab.ra, REPLAY, "10.1.0.2", first.hex(), "3000", timeout=300).stdout
+        assert int(out) == 1  # the original; none of its 2,999 replays
+        reg = ts.b.status()["control"]["registry"]
+        assert reg["replay"] == 2999 and reg.get("busy_handshake", 0) == 0, reg
+        assert ts.b.status()["control"]["closed_by_reason"]["replay"] == 2999
+        # the real client was never disturbed
+        st = ts.a.status()
+        assert st["control"]["reconnect"]["attempts"] == 1 and st["state"] == "connected"
+        assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
 
 
 def test_rekey_by_volume_under_traffic_loses_nothing(make_lab):
