@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpvpn import noise
+from mpvpn import noise, seal, wire
 from mpvpn.control import (
+    BUSY_LEN,
     MAX_MESSAGE,
     PREAUTH_MAX_FRAME,
     ClientConnection,
@@ -26,6 +27,8 @@ from mpvpn.control import (
     ControlConfig,
     FrameDecoder,
     HandshakeComplete,
+    HandshakeGuard,
+    HandshakeStamps,
     KeysActivated,
     KeysRetired,
     KeysRotated,
@@ -94,12 +97,13 @@ def only(events, cls):
     return [e for e in events if isinstance(e, cls)]
 
 
-def connect(ccfg=None, scfg=None, now=0.0, registry=None, addr=("198.51.100.7", 40000)):
+def connect(ccfg=None, scfg=None, now=0.0, registry=None, addr=("198.51.100.7", 40000),
+            stamps=None):
     """A client/server pair driven to quiescence; returns (client, server, registry)."""
     scfg = scfg or server_cfg()
     reg = registry if registry is not None else ServerSessions(scfg, rng=random.Random(1))
     s = reg.accept(addr, now)
-    c = ClientConnection(ccfg or client_cfg(), now)
+    c = ClientConnection(ccfg or client_cfg(), now, stamps)
     pump(c, s, now)
     return c, s, reg
 
@@ -199,7 +203,7 @@ def test_success_both_sides_agree():
     assert [type(e) for e in se] == [HandshakeComplete, SessionEstablished]
     a, b = ce[1], se[1]
     assert a.session_id == b.session_id != 0 and a.session_id in reg
-    assert a.epoch == b.epoch == 1 and a.version == b.version == 1
+    assert a.epoch == b.epoch == 1 and a.version == b.version == 2
     assert a.keys.send == b.keys.recv and a.keys.recv == b.keys.send and a.keys.send != a.keys.recv
     assert len(a.keys.send) == 32
     assert a.peer.name == "hub" and b.peer.name == "site1"
@@ -243,6 +247,14 @@ def test_kkpsk0_with_static_keys():
                         server_cfg(pattern="KKpsk0", static_key=spriv, remote_static=cpub),
                         registry=reg)
     assert s2.close_reason == "bad_psk" and c2.state is State.HANDSHAKE
+    # Without the PSK the server does not even reach KK's two DH operations
+    # in message 1: the MAC fails first.
+    c3 = ClientConnection(client_cfg(3, psk=OTHER_PSK, pattern="KKpsk0", static_key=opriv,
+                                     remote_static=spub), 0.0)
+    s3 = reg.accept(("198.51.100.7", 3), 0.0)
+    ops = noise.x25519_operations()
+    s3.receive_data(c3.data_to_send(), 0.0)
+    assert s3.close_reason == "bad_psk" and noise.x25519_operations() == ops
 
 
 # --- authentication and version ---------------------------------------------------------------
@@ -298,23 +310,165 @@ def test_handshake_timeout_counts_and_allocates_nothing():
     assert s.close_reason == "timeout" and reg.counters["timeout"] == 1 and len(reg) == 0
 
 
-def test_replayed_first_message_gets_no_session():
-    c = ClientConnection(client_cfg(), 0.0)
-    msg1 = c.data_to_send()
-    reg = ServerSessions(server_cfg())
+def _first_frames(cfg=None, stamps=None):
+    """A client's first two frames (message 1, stamp) and the client."""
+    c = ClientConnection(cfg or client_cfg(), 0.0, stamps)
+    return c.data_to_send(), c
+
+
+def test_replayed_first_message_is_dropped_before_any_x25519():
+    msg1, c = _first_frames()
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
     s1 = reg.accept(("198.51.100.7", 1), 0.0)
     s1.receive_data(msg1, 0.0)
-    c.receive_data(s1.data_to_send(), 0.0)
-    s1.receive_data(c.data_to_send(), 0.0)
-    assert s1.state is State.ESTABLISHED
-    # An eavesdropper replays msg1: the server answers (PSK-authenticated),
-    # but the replayer cannot produce HELLO under the new keys.
-    s2 = reg.accept(("203.0.113.66", 1), 1.0)
-    s2.receive_data(msg1, 1.0)
-    assert s2.state is State.HELLO and s2.data_to_send()
-    s2.receive_data(encode_frame(b"\x00" * 80), 2.0)  # a forged "HELLO"
-    assert s2.close_reason == "auth" and s2.counters["decrypt"] == 1
-    assert len(reg) == 1
+    pump(c, s1, 0.0)
+    assert s1.state is State.ESTABLISHED and reg.counters["replay"] == 0
+    # An eavesdropper replays the captured first frames 3,000 times, from
+    # its own address and from the client's: no answer, no X25519 at all.
+    ops = noise.x25519_operations()
+    for i in range(3000):
+        s = reg.accept(("203.0.113.66" if i % 2 else "198.51.100.7", 1000 + i), 1.0 + i * 0.001)
+        s.receive_data(msg1, 1.0 + i * 0.001)
+        assert s.data_to_send() == b"" and s.close_reason == "replay"
+    assert noise.x25519_operations() == ops
+    assert reg.counters["replay"] == 3000 and len(reg) == 1 and reg.pending == 0
+    # the client's next attempt carries a newer counter and gets through
+    stamps = HandshakeStamps()
+    for _ in range(2):
+        c2, s2, _ = connect(client_cfg(), registry=reg, now=5.0, stamps=stamps)
+        assert c2.state is s2.state is State.ESTABLISHED
+    # its own old message (counter 1 of that sender) is now stale too
+    old, _ = _first_frames(stamps=HandshakeStamps(stamps.sender))
+    s = reg.accept(("198.51.100.7", 9), 6.0)
+    s.receive_data(old, 6.0)
+    assert s.close_reason == "replay" and s.data_to_send() == b""
+
+
+def test_the_stamp_is_bound_to_its_message_and_to_the_key():
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
+    a, _ = _first_frames()
+    b, _ = _first_frames()
+    n = 2 + len(a) - 2 - 34  # where the stamp frame starts
+    assert a[n:n + 2] == (32).to_bytes(2, "big")
+    for forged in (a[:n] + b[n:],  # b's stamp after a's message
+                   a[:n] + a[n:n + 2] + a[n + 2:n + 10] + (7).to_bytes(8, "big") + a[n + 18:],
+                   a[:-1] + bytes([a[-1] ^ 1])):
+        s = reg.accept(("198.51.100.7", 1), 0.0)
+        s.receive_data(forged, 0.0)
+        assert s.close_reason == "bad_psk" and s.data_to_send() == b""
+    # a first message without its stamp waits for it, then times out unanswered
+    s = reg.accept(("198.51.100.7", 2), 0.0)
+    s.receive_data(a[:n], 0.0)
+    assert s.state is State.HANDSHAKE and s.data_to_send() == b""
+    s.handle_timer(10.0)
+    assert s.close_reason == "no_stamp" and s.data_to_send() == b""
+    assert "older release" in s.close_text  # what an old (control v1) client looks like
+
+
+def test_clients_sharing_a_psk_have_their_own_counters():
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
+    a, b = HandshakeStamps(), HandshakeStamps()
+    for _ in range(5):
+        a.next()
+    for i, st in enumerate((a, b, a, b)):
+        c, s, _ = connect(client_cfg(1 + i % 2), registry=reg, stamps=st,
+                          addr=("198.51.100.7", 100 + i))
+        assert c.state is s.state is State.ESTABLISHED
+    assert reg.counters["replay"] == 0
+
+
+def test_junk_from_the_clients_own_address_never_delays_it():
+    """20 junk connections per second from the client's (NATed) address:
+    garbage, silent ones held open, wrong keys.  The genuine client, from the
+    same address, gets through at its first attempt every time."""
+    reg = ServerSessions(server_cfg(), rng=random.Random(3))
+    rnd = random.Random(7)
+    src = "203.0.113.5"
+    open_junk = []
+    stamps = HandshakeStamps()
+    t, port, tries = 0.0, 1, 0
+    while t < 120.0:
+        for _ in range(2):  # 2 per 0.1 s
+            port += 1
+            j = reg.accept((src, port), t)
+            kind = port % 4
+            if kind == 0:
+                j.receive_data(rnd.randbytes(rnd.randrange(1, 300)), t)
+            elif kind == 1:
+                j.receive_data(encode_frame(rnd.randbytes(64)) + encode_frame(rnd.randbytes(32)), t)
+            elif kind == 2:
+                junk_client = ClientConnection(client_cfg(7, psk=OTHER_PSK), t)
+                j.receive_data(junk_client.data_to_send(), t)
+            else:
+                open_junk.append(j)  # says nothing, holds the connection
+            assert j.data_to_send() == b""  # junk never gets a byte back
+        if int(t * 10) % 5 == 0:  # a genuine reconnect every 0.5 s
+            tries += 1
+            port += 1
+            c, s, _ = connect(client_cfg(), registry=reg, now=t, addr=(src, port), stamps=stamps)
+            assert c.state is s.state is State.ESTABLISHED, (t, s.close_reason)
+            s.close("closed")
+        for j in list(open_junk):
+            if j.get_timer() is not None and j.get_timer() <= t:
+                j.handle_timer(t)
+            if j.closed:
+                open_junk.remove(j)
+        reg.handle_timer(t)
+        t = round(t + 0.1, 6)
+    assert tries == 240 and reg.counters["sessions_opened"] == 240
+    assert reg.counters["bad_psk"] > 1000 and reg.counters["evicted"] > 0
+    # the junk's failures put its source on the short leash
+    assert reg.pending <= reg.penalty_pending
+
+
+def test_busy_server_says_so_to_a_genuine_client_only():
+    guard = HandshakeGuard(rate=1.0, burst=2)
+    reg = ServerSessions(server_cfg(), rng=random.Random(1), guard=guard)
+    for i in range(2):
+        c, s, _ = connect(client_cfg(1 + i), registry=reg, addr=("198.51.100.7", 1 + i))
+        assert c.state is State.ESTABLISHED
+    c = ClientConnection(client_cfg(3), 0.0)
+    ops = noise.x25519_operations()  # (the client made its ephemeral key)
+    s = reg.accept(("198.51.100.7", 3), 0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    out = s.data_to_send()
+    assert len(out) == 2 + BUSY_LEN and s.close_reason == "busy"
+    assert noise.x25519_operations() == ops  # BUSY costs no X25519
+    c.receive_data(out, 0.0)
+    closed = only(evs(c), ConnectionClosed)[0]
+    assert closed.reason == "busy" and closed.by_peer and 0.9 <= closed.retry_after <= 1.0
+    assert c.retry_after == closed.retry_after and c.counters["busy"] == 1
+    # a wrong key gets silence even when the server is busy
+    w = ClientConnection(client_cfg(4, psk=OTHER_PSK), 0.0)
+    s = reg.accept(("198.51.100.7", 4), 0.0)
+    s.receive_data(w.data_to_send(), 0.0)
+    assert s.data_to_send() == b"" and s.close_reason == "bad_psk"
+    w.receive_data(b"", 0.1)
+    assert w.close_reason == "auth"
+    # a BUSY forged by someone without the key is not believed
+    f = ClientConnection(client_cfg(5), 0.0)
+    f.data_to_send()
+    f.receive_data(out, 0.0)  # someone else's BUSY: its MAC answers another message
+    assert f.close_reason == "auth" and f.retry_after is None
+    # after the delay it asked for, the client gets in
+    c, s, _ = connect(client_cfg(3), registry=reg, now=closed.retry_after)
+    assert c.state is State.ESTABLISHED
+
+
+def test_reconnect_retries_busy_soon_and_a_wrong_key_late():
+    rc = ClientReconnect([("a", 1), ("b", 2)], 0.0, rng=random.Random(1))
+    assert rc.handle_timer(0.0) == ("a", 1)
+    d = rc.failed(0.0, "busy", retry_after=0.4)
+    assert 0.4 <= d <= 0.4 * 1.3 and rc.failures == 0 and rc.busy == 1
+    assert rc.handle_timer(d) == ("a", 1)  # the same server again
+    assert 0.05 <= rc.failed(d, "busy", retry_after=0.0) <= 0.05 * 1.3
+    assert rc.failed(1.0, "busy", retry_after=30.0) <= 2.0 * 1.3  # clamped: soon, whatever it says
+    rc.handle_timer(10.0)
+    assert rc.failed(10.0, "auth") <= 1.0  # one silent close: retried on the ordinary backoff
+    rc.handle_timer(11.0)
+    assert rc.failed(11.0, "auth") >= 60.0 * 0.7  # again: a wrong key keeps the long wait
+    assert [w.split()[0] for _t, w in rc.history] == ["connect", "busy", "connect", "busy", "busy",
+                                                      "connect", "failed", "connect", "failed"]
 
 
 def test_preauth_oversized_and_malformed_first_frames():
@@ -340,9 +494,33 @@ def test_rate_limit_per_source():
     for i in range(20):
         rl.allow(f"198.51.100.{i}", 2.0)
     assert len(rl) == 4 and rl.evictions > 0  # bounded table
-    reg = ServerSessions(server_cfg(), limiter=RateLimiter(rate=0.1, burst=2))
-    got = [reg.accept(("203.0.113.5", p), 0.0) for p in range(5)]
-    assert sum(g is not None for g in got) == 2 and reg.counters["rate_limited"] == 3
+    assert not rl.exhausted("192.0.2.99", 2.0)
+    rl2 = RateLimiter(rate=1.0, burst=2)
+    rl2.allow("192.0.2.1", 0.0)
+    assert not rl2.exhausted("192.0.2.1", 0.0)
+    rl2.allow("192.0.2.1", 0.0)
+    assert rl2.exhausted("192.0.2.1", 0.0) and rl2.exhausted("192.0.2.1", 0.5)
+    assert not rl2.exhausted("192.0.2.1", 1.0)  # peeking spends nothing
+
+
+def test_preauth_connections_are_bounded_per_source_and_failures_shorten_the_leash():
+    reg = ServerSessions(server_cfg(), limiter=RateLimiter(rate=0.1, burst=2),
+                         max_pending=8, max_pending_per_source=4, penalty_pending=2)
+    held = [reg.accept(("203.0.113.5", p), 0.0) for p in range(6)]
+    # nothing is refused; the oldest silent ones make room
+    assert [h.closed for h in held] == [True, True, False, False, False, False]
+    assert reg.pending == 4 and reg.counters["evicted"] == 2
+    assert only(evs(held[0]), ConnectionClosed)[0].reason == "evicted"
+    others = [reg.accept((f"198.51.100.{i}", 1), 0.0) for i in range(6)]
+    assert reg.pending == 8 and sum(h.closed for h in held + others) == 4  # global cap
+    # two failures spend the source's budget: it now gets two pending slots
+    for p in (10, 11):
+        reg.accept(("192.0.2.9", p), 1.0).receive_data(encode_frame(b"x" * 64) + encode_frame(b"y" * 32), 1.0)
+    three = [reg.accept(("192.0.2.9", 20 + p), 1.0) for p in range(3)]
+    assert [h.closed for h in three] == [True, False, False]
+    # a genuine client from that address still gets in (its MAC is good)
+    c, s, _ = connect(client_cfg(), registry=reg, now=1.0, addr=("192.0.2.9", 30))
+    assert c.state is s.state is State.ESTABLISHED
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -446,7 +624,9 @@ def test_reconnect_policy_backoff_rotation_and_learned_addresses():
     assert rc.addresses[-1] == ("120.61.20.12", 7001) and len(rc.addresses) == 3
     assert rc.failed(t, "eof") == 1.0
     assert rc.handle_timer(t + 1.0) == rc.addresses[(rc.addresses.index(seen[-1]) + 1) % 3]
-    assert rc.failed(t, "auth") == 8.0  # configuration failures wait the cap
+    assert rc.failed(t, "version") == 8.0  # configuration failures wait the cap
+    assert rc.failed(t, "auth") < 8.0  # one silent close is retried soon (it may be junk's doing)
+    assert rc.failed(t, "auth") == 8.0  # a second in a row: a wrong key
     # Jitter only ever shortens the delay, and is reproducible with a seeded RNG.
     a = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)
     b = ClientReconnect([("h", 1)], rng=random.Random(5), jitter=0.5)
@@ -550,13 +730,66 @@ def test_rekey_on_timer_and_on_packet_count():
     run_clock([c, s], 0.0, 125.0, dt=1.0, pairs=[(c, s)])
     assert c.epoch == s.epoch == 2 and c.counters["rekey_started"] == 1
     assert s.counters["rekey_started"] == 0  # the client drives; the server is the backstop
-    c.note_packets(999, 126.0)
-    assert c.epoch == 2
-    c.note_packets(1, 126.0)
+    assert not c.note_sealed(2, 999, 126.0) and c.epoch == 2
+    assert not c.note_sealed(1, 5000, 126.0) and c.epoch == 2  # an old epoch's count
+    assert c.note_sealed(2, 1000, 126.0)
+    assert not c.note_sealed(2, 1001, 126.0)  # one rekey at a time
     pump(c, s, 126.0)
-    assert c.epoch == s.epoch == 3
+    assert c.epoch == s.epoch == 3 and c.counters["rekey_volume"] == 1
     dc.on(evs(c)), ds.on(evs(s))
     assert dc.send_keys[3] == ds.recv_keys[3]
+
+
+def _sealers_follow(conn, sealer, events):
+    """What the agent does with a connection's key events (docs/control.md)."""
+    for e in events:
+        if isinstance(e, KeysRotated):
+            sealer.rotate(e.keys.send, e.keys.recv, e.epoch, defer_send=not e.sending)
+        elif isinstance(e, KeysActivated):
+            sealer.confirm_send()
+        elif isinstance(e, KeysRetired) and sealer.prev_epoch == e.epoch:
+            sealer.drop_previous()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_volume_rekeys_counted_by_the_sealers_lose_nothing(batch):
+    """Both sides seal with real Sealers and report their counts after each
+    batch: every budget of 500 packets ends in a rekey, started by whichever
+    side used its key up, and every packet opens on the other side."""
+    c, s, reg = connect(client_cfg(rekey_interval=1e6, rekey_packets=500),
+                        server_cfg(rekey_interval=1e6, rekey_packets=500))
+    est_c, est_s = only(evs(c), SessionEstablished)[0], only(evs(s), SessionEstablished)[0]
+    sc = seal.Sealer(est_c.keys.send, est_c.keys.recv, 1)
+    ss = seal.Sealer(est_s.keys.send, est_s.keys.recv, 1)
+    seq = {c: 0, s: 0}
+    opened = 0
+    most = 0
+    t = 1.0
+    for i in range(6000 // batch):
+        for conn, me, peer in ((c, sc, ss), (s, ss, sc)):
+            if conn is s and i % 2:  # the client sends twice as much as the server
+                continue
+            first = seq[conn] + 1
+            encrypt, epoch = me.reserve_data(first, batch)
+            sealed = []
+            for k in range(batch):
+                hdr = wire.HEADER.pack(wire.VERSION, wire.DATA, 0, wire.F_SEALED, 7, 3, epoch, 0,
+                                       first + k)
+                sealed.append(hdr + encrypt(b"\x00" * 4 + hdr[12:], b"abc", hdr))
+            seq[conn] += batch
+            most = max(most, me.sealed)
+            conn.note_sealed(me.send_epoch, me.sealed, t)
+            for d in sealed:
+                opened += peer.open(d) == b"abc"
+        pump(c, s, t)
+        _sealers_follow(c, sc, evs(c))
+        _sealers_follow(s, ss, evs(s))
+        t += 0.01
+    assert opened == sum(seq.values()) and sc.bad_tag == ss.bad_tag == sc.unknown_epoch == 0
+    # a rekey renews both directions' keys, so the busier side sets the pace
+    rekeys = c.counters["rekey_volume"] + s.counters["rekey_volume"]
+    assert rekeys >= max(seq.values()) // (500 + 2 * batch) and c.epoch == s.epoch == 1 + rekeys
+    assert most < 500 + 2 * batch + 64  # no key sealed much past its budget
 
 
 def test_rekey_collision_is_resolved_deterministically():
@@ -792,7 +1025,7 @@ def test_fuzz_server_preauth(chunks):
     s.handle_timer(100.0)
     assert s.closed and len(reg) == 0 and s.data_to_send() == b""
     assert sum(reg.counters[k] for k in ("bad_psk", "malformed", "oversized", "timeout",
-                                         "eof")) == 1
+                                         "eof", "no_stamp")) == 1
 
 
 def _mutations():

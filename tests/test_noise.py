@@ -128,6 +128,24 @@ def test_round_trip_and_keys(pattern):
     assert ki.data_send_key.hex() not in repr(ki)  # keys never printed
 
 
+@pytest.mark.parametrize("pattern,reading_msg1", [("NNpsk0", 0), ("KKpsk0", 2)])
+def test_x25519_operations_are_counted(pattern, reading_msg1):
+    """The control layer's promise (no X25519 for a first message that
+    fails its cheap checks) is tested with this counter."""
+    init, resp = _pair(pattern)
+    n0 = noise.x25519_operations()
+    m1 = init.write_message(b"")
+    n1 = noise.x25519_operations()
+    assert n1 - n0 == 1 + reading_msg1  # e, plus es and ss for KK
+    resp.read_message(m1)
+    assert noise.x25519_operations() - n1 == reading_msg1  # NNpsk0: psk check only
+    with pytest.raises(noise.HandshakeError):
+        _pair(pattern)[1].read_message(m1[:-1] + bytes([m1[-1] ^ 1]))
+    n2 = noise.x25519_operations()
+    init.read_message(resp.write_message(b""))
+    assert noise.x25519_operations() - n2 == (3 if pattern == "NNpsk0" else 5)
+
+
 def test_fresh_ephemerals_give_fresh_keys():
     a, _ = _complete()
     b, _ = _complete()

@@ -342,3 +342,51 @@ def test_cpu_detection_and_preference():
     assert sealmod.preferred_ciphers(arm) == (sealmod.AES, sealmod.CHACHA)
     assert sealmod.preferred_ciphers(mips) == (sealmod.CHACHA, sealmod.AES)
     assert sealmod.choose_cipher((sealmod.AES, sealmod.CHACHA), ("other",)) is None
+
+
+# --- the send key's usage count (rekey by volume) -------------------------------------------
+
+
+def test_sealed_counts_every_encryption_under_the_send_key():
+    a, b = _pair()
+    assert a.sealed == 0
+    a.seal_data(7, 1, b"x")
+    a.seal(int(CONTROL_OPS[0]), 3, 7, 1, _control_payload(CONTROL_OPS[0]))
+    a.seal_data_copies(7, 2, b"y", [1, 2, 3])  # one encryption, three copies
+    assert a.sealed == 3
+    encrypt, epoch = a.reserve_data(3, 10)
+    assert epoch == 1 and a.sealed == 13
+    with pytest.raises(ValueError):
+        a.reserve_data(12, 2)  # 12 was reserved: a nonce would repeat
+    with pytest.raises(ValueError):
+        a.seal_data(7, 12, b"z")
+    with pytest.raises(ValueError):
+        a.reserve_data(13, -1)
+    a.reserve_data(13, 0)  # an empty batch reserves nothing
+    # what reserve_data hands out seals exactly as seal_data does
+    hdr = wire.HEADER.pack(wire.VERSION, wire.DATA, 0, wire.F_SEALED, 7, 1, epoch, 0, 3)
+    d = hdr + encrypt(b"\x00" * 4 + hdr[12:], b"q", hdr)
+    assert b.open(d) == b"q"
+    assert a.seal_data(7, 13, b"r") and a.sealed == 14
+    # a new send key starts from zero (initiator at once, responder on confirmation)
+    k3, k4 = os.urandom(32), os.urandom(32)
+    a.rotate(k3, k4, 2)
+    assert a.sealed == 0 and a.send_epoch == 2
+    b.seal_data(7, 1, b"s")
+    b.rotate(k4, k3, 2, defer_send=True)
+    b.seal_data(7, 2, b"t")
+    assert b.sealed == 2 and b.send_epoch == 1  # still the old key
+    b.confirm_send()
+    assert b.sealed == 0 and b.send_epoch == 2
+
+
+def test_the_budget_keeps_aes_gcm_within_its_usage_limit():
+    """RFC 8446 5.5 / draft-irtf-cfrg-aead-limits: about 2**36 blocks under
+    one AES-GCM key for a 2**-57 advantage; our largest packet is 9000 bytes
+    (vNIC MTU) plus header and tag."""
+    from mpvpn import config, control, seal
+
+    blocks = -(-(9000 + wire.HEADER_LEN + wire.TAG_LEN) // 16)
+    assert seal.REKEY_AFTER_PACKETS * (blocks + 1) < 2 ** 36
+    assert control.ControlConfig.rekey_packets == seal.REKEY_AFTER_PACKETS
+    assert int(config.OPTIONS["base"]["rekey_packets"].default) == seal.REKEY_AFTER_PACKETS

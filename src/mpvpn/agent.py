@@ -19,6 +19,7 @@ import concurrent.futures
 import errno
 import ipaddress
 import logging
+import math
 import os
 import queue
 import selectors
@@ -158,6 +159,7 @@ class Agent:
         self.listener: socket.socket | None = None
         self.registry: control.ServerSessions | None = None
         self.reconnect: control.ClientReconnect | None = None
+        self.stamps = control.HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
         self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
         self._link_test: tuple | None = None  # (session id, last status document)
@@ -169,6 +171,7 @@ class Agent:
         self.state_since = self.started
         self.last_error: str | None = None
         self.control_counters: dict[str, int] = {}  # rejected/closed control connections by reason
+        self._reject_logged_at, self._rejects_quiet = -math.inf, 0  # log limiter for junk
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0}
@@ -223,7 +226,8 @@ class Agent:
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
             vnc=control.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
             lans=tuple(self.lans), mode=c.base.mode,
-            rekey_interval=c.base.rekey_interval, pair_unmatched=c.base.pair_unmatched,
+            rekey_interval=c.base.rekey_interval, rekey_packets=c.base.rekey_packets,
+            pair_unmatched=c.base.pair_unmatched,
             **({"pattern": "KKpsk0", "static_key": c.base.private_key,
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
@@ -487,6 +491,9 @@ class Agent:
         for ds, batch in touched.items():
             ds.sess.send_many(batch, now)  # one batch per session: the C loops where built
             self._flush_session(ds)
+            sealer = ds.sess.sealer
+            if sealer is not None and ds.conn is not None:  # rekey by volume (control decides)
+                ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)
 
     def _on_udp(self, up: UplinkIO) -> None:
         now = self.clock()
@@ -745,15 +752,15 @@ class Agent:
             s, addr = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        # never refused here: a genuine client may share its address with
+        # junk; the registry bounds unauthenticated connections instead
         conn = self.registry.accept(addr[0], now)
-        if conn is None:  # rate-limited or full: close at once, send nothing
-            s.close()
-            return
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c = ControlIO(sock=s, conn=conn, addr=addr)
         self.controls.append(c)
         self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+        self._on_control(c, selectors.EVENT_READ)  # a client's first message is often here already
 
     def _on_control(self, c: ControlIO, mask) -> None:
         now = self.clock()
@@ -763,7 +770,7 @@ class Agent:
                 self._control_gone(c, "connect", os.strerror(err), now)
                 return
             c.connecting = False
-            c.conn = control.ClientConnection(self._control_config(), now)
+            c.conn = control.ClientConnection(self._control_config(), now, self.stamps)
             self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
         if mask & selectors.EVENT_READ and c.conn is not None:
             try:
@@ -808,7 +815,7 @@ class Agent:
             if data:
                 c.out += data
                 self._control_write(c)
-            self._control_gone(c, closed[0], closed[1], now)
+            self._control_gone(c, closed[0], closed[1], now, closed[2])
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         try:
@@ -855,7 +862,7 @@ class Agent:
             self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
             log.error("control: %s", self.last_error)
         elif isinstance(ev, control.ConnectionClosed):
-            return ev.reason, ev.text
+            return ev.reason, ev.text, ev.retry_after
         return None
 
     def _session_of(self, conn) -> DataSession | None:
@@ -871,8 +878,10 @@ class Agent:
     # ProtocolError already put these in last_error, in the peer's own words.
     _EXPLAINED_ENDS = ("auth", "version", "overlap", "vnic", "route", "invalid", "busy")
 
-    def _control_gone(self, c: ControlIO, word: str, text: str, now: float) -> None:
-        """A control connection ended (``word`` says how, ``text`` details)."""
+    def _control_gone(self, c: ControlIO, word: str, text: str, now: float,
+                      retry_after: float | None = None) -> None:
+        """A control connection ended (``word`` says how, ``text`` details;
+        ``retry_after``: the server answered BUSY, try again that soon)."""
         if c in self.controls:
             self.controls.remove(c)
         try:
@@ -894,8 +903,11 @@ class Agent:
             self.counters["control_failures"] += 1
             if word not in self._EXPLAINED_ENDS or not self.last_error:
                 self.last_error = f"control connection to {where}: {detail}"
-            delay = self.reconnect.failed(now, word)
-            log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
+            delay = self.reconnect.failed(now, word, retry_after)
+            if retry_after is not None:
+                log.info("server %s is busy; retrying in %.2f s", where, delay)
+            else:
+                log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
             # The data session lives on when only the TCP connection was lost
             # (its subflows may be fine); a session the server ended goes.
             if word not in self._BENIGN_ENDS:
@@ -905,8 +917,15 @@ class Agent:
             self.control_counters[word] = self.control_counters.get(word, 0) + 1
             if c.conn is not None and getattr(c.conn, "session_id", None):
                 log.info("control connection from %s closed: %s", where, detail)
-            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout"):
-                log.warning("control: rejected a connection from %s: %s", where, word)
+            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay",
+                          "no_stamp"):
+                # junk may come 20 times a second: one line per 10 s says it all
+                self._rejects_quiet += 1
+                if now >= self._reject_logged_at + 10.0:
+                    more = self._rejects_quiet - 1
+                    log.warning("control: rejected a connection from %s: %s%s", where, detail,
+                                f" ({more} more since the last such line)" if more else "")
+                    self._reject_logged_at, self._rejects_quiet = now, 0
 
     def _registry_events(self, now: float) -> None:
         ev = self.registry.next_event()
@@ -1127,6 +1146,11 @@ class Agent:
                            "epoch": getattr(c.conn, "epoch", None),
                            "counters": dict(getattr(c.conn, "counters", {}))}
                     break
+            rc = self.reconnect
+            if rc is not None:  # the agent's own record of its attempts (seconds since start)
+                ctl["reconnect"] = {"attempts": rc.attempts, "failures": rc.failures, "busy": rc.busy,
+                                    "history": [[round(t - self.started, 3), what]
+                                                for t, what in rc.history]}
         return {
             "version": __version__,
             "state": self.state,

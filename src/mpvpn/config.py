@@ -179,6 +179,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "New data-plane keys from a fresh handshake (forward secrecy) this often; "
             "traffic is not interrupted (1 to 86400).",
         ),
+        "rekey_packets": Option(
+            "packets", "67108864",
+            "Advanced: also rekey after this many packets under one key (1000 to 67108864 = "
+            "2^26, the AEAD usage limit we keep; see docs/security.md). Only tests lower it.",
+        ),
         "reorder_capacity": Option(
             "packets", "1024",
             "Reorder buffer size; when it is full everything in it is delivered "
@@ -374,6 +379,7 @@ class Base:
     hold_max_ms: int = 200
     target_loss: float = 0.001
     rekey_interval: float = 120.0
+    rekey_packets: int = 1 << 26
     reorder_capacity: int = 1024
     pair_unmatched: bool = False
     private_key: bytes | None = field(default=None, repr=False)
@@ -761,6 +767,9 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["hold_max_ms"] = sec.parsed("hold_max_ms", lambda s: _parse_int(s, 0, 10000, "ms"), _default("hold_max_ms", int))
     b["rekey_interval"] = sec.parsed(
         "rekey_interval", lambda s: _parse_float(s, 1, 86400, "seconds"), _default("rekey_interval", float)
+    )
+    b["rekey_packets"] = sec.parsed(
+        "rekey_packets", lambda s: _parse_int(s, 1000, 1 << 26, "packets"), _default("rekey_packets", int)
     )
     b["reorder_capacity"] = sec.parsed(
         "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
@@ -1254,6 +1263,7 @@ def validate(
         hold_max_ms=b["hold_max_ms"],
         target_loss=b["target_loss"],
         rekey_interval=b["rekey_interval"],
+        rekey_packets=b["rekey_packets"],
         pair_unmatched=b["pair_unmatched"],
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],

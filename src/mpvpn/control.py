@@ -14,6 +14,11 @@ Contents:
 
 * framing: ``u16`` big-endian length + body (:class:`FrameDecoder`,
   :func:`encode_frame`);
+* the cheap gate in front of the handshake (control protocol 2): the
+  client's first message is followed by a freshness stamp and a MAC keyed
+  from the PSK (:class:`HandshakeStamps`, :class:`HandshakeGuard`); the
+  server checks both, and its budget of handshake work, before any X25519
+  operation, and answers a genuine client it is too busy for with BUSY;
 * the Noise handshake (``NNpsk0``, optionally ``KKpsk0``; ``mpvpn.noise``)
   with version negotiation in its two payloads;
 * post-handshake messages: one JSON object per Noise transport message,
@@ -34,11 +39,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import ipaddress
 import json
 import math
+import os
 import random
 import re
+import struct
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -51,7 +60,7 @@ __all__ = [
     "FrameDecoder", "encode_frame", "decode_message", "check_peer", "peer_problem",
     "ServerSession",
     "ClientConnection", "ServerConnection", "ServerSessions", "RateLimiter",
-    "ClientReconnect", "State",
+    "HandshakeStamps", "HandshakeGuard", "ClientReconnect", "State",
     "HandshakeComplete", "SessionEstablished", "PeerUpdated", "KeysRotated",
     "KeysActivated", "KeysRetired", "ConnectionClosed", "ProtocolError", "SessionFreed",
 ]
@@ -60,7 +69,10 @@ __all__ = [
 
 PROLOGUE = b"orayboxvpn control v1"
 REKEY_PROLOGUE = b"orayboxvpn control v1 rekey"
-VERSIONS = (1,)  # control protocol versions this build speaks
+# Control protocol versions this build speaks.  Version 2 added the
+# freshness stamp and MAC after the first handshake message and the BUSY
+# reply; a version-1 peer cannot talk to it (see docs/control.md).
+VERSIONS = (2,)
 
 MAX_FRAME = 65535  # u16 length prefix
 LEN_PREFIX = 2
@@ -70,6 +82,24 @@ PREAUTH_MAX_FRAME = 512
 MIN_HANDSHAKE_MSG = noise.KEY_LEN + noise.TAG_LEN  # 48: e + tag of an empty payload
 MAX_MESSAGE = 16384  # plaintext JSON of one post-handshake message
 POSTAUTH_MAX_FRAME = MAX_MESSAGE + noise.TAG_LEN
+
+# The client's second frame (control protocol 2): the first message's
+# freshness stamp and MAC, ``sender(8) | counter u64 | mac(16)``, where
+# mac = keyed-BLAKE2s-128(mac_key(psk), "msg1" | sender | counter | message 1)
+# (WireGuard's mac1, keyed from the PSK instead of the responder's static key).
+SENDER_LEN = 8
+MAC_LEN = 16
+STAMP = struct.Struct("!8sQ16s")
+STAMP_LEN = STAMP.size  # 32
+MAC_LABEL = b"orayboxvpn control v2 mac"
+MAX_COUNTER = (1 << 64) - 1
+# The server's answer to a genuine first message it has no handshake budget
+# for: ``"BUSY" | retry_after_ms u32 | mac(16)``, mac over "busy" | retry |
+# the client's MAC (so it answers that very message and proves the PSK).
+BUSY_MAGIC = b"BUSY"
+BUSY = struct.Struct("!4sI16s")
+BUSY_LEN = BUSY.size  # 24 (a Noise message 2 is at least 48)
+MAX_RETRY_MS = 60_000
 
 MAX_UPLINKS = 16
 MAX_LANS = 32
@@ -90,6 +120,10 @@ ERROR_CODES = ("version", "auth", "invalid", "overlap", "vnic", "route", "busy",
 #: been silent for the session timeout) rather than freed at once: the
 #: control connection was lost, but the data plane may still be working.
 DETACH_REASONS = frozenset({"eof", "timeout"})
+
+#: Pre-authentication ends that count against the source address's failure
+#: budget (:class:`RateLimiter`).  A replay or BUSY does not: its MAC is good.
+PREAUTH_FAILURES = frozenset({"bad_psk", "malformed", "oversized", "timeout", "eof", "no_stamp"})
 
 
 class State(Enum):
@@ -170,11 +204,14 @@ class KeysRetired:
 @dataclass(frozen=True)
 class ConnectionClosed:
     """Terminal.  Flush ``data_to_send()`` (it may hold a BYE or ERROR),
-    then close the socket."""
+    then close the socket.  ``retry_after`` (seconds) is set when the server
+    answered BUSY: it holds our key but had no handshake budget left, so
+    try again that soon rather than backing off."""
 
     reason: str
     text: str
     by_peer: bool
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -271,7 +308,7 @@ class ControlConfig:
     keepalive_timeout: float = 30.0
     rekey_interval: float = 120.0
     server_rekey_factor: float = 1.5
-    rekey_packets: int = 1 << 30
+    rekey_packets: int = seal.REKEY_AFTER_PACKETS  # per send key; see note_sealed
     key_overlap: float = 10.0
     pattern: str = "NNpsk0"
     static_key: bytes | None = None
@@ -393,6 +430,125 @@ class FrameDecoder:
     def _fail(self, why: str) -> None:
         self.error = why
         self._buf = bytearray()
+
+
+# --- the gate in front of the handshake (control protocol 2) ---------------------------
+
+
+def mac_key(psk: bytes) -> bytes:
+    """The key of the first message's MAC: BLAKE2s(label | psk) (as
+    WireGuard's HASH(LABEL_MAC1 | public key))."""
+    return hashlib.blake2s(MAC_LABEL + bytes(psk)).digest()
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    h = hashlib.blake2s(key=key, digest_size=MAC_LEN)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def stamp_first_message(psk: bytes, msg1: bytes, sender: bytes, counter: int) -> bytes:
+    """The client's second frame: ``sender | counter | MAC``."""
+    if len(sender) != SENDER_LEN or not 0 < counter <= MAX_COUNTER:
+        raise ValueError("bad freshness stamp")
+    head = sender + counter.to_bytes(8, "big")
+    return head + _mac(mac_key(psk), b"msg1", head, msg1)
+
+
+def busy_reply(key: bytes, client_mac: bytes, retry_after: float) -> bytes:
+    """The server's BUSY frame body for the first message carrying ``client_mac``."""
+    ms = max(0, min(MAX_RETRY_MS, int(retry_after * 1000 + 0.5)))
+    retry = ms.to_bytes(4, "big")
+    return BUSY.pack(BUSY_MAGIC, ms, _mac(key, b"busy", retry, client_mac))
+
+
+class HandshakeStamps:
+    """The client's freshness stamps for its first handshake messages.
+
+    One per agent process: a random 8-byte ``sender`` and a ``counter``
+    that grows by one per connection attempt.  The server keeps the greatest
+    counter it has seen per (key, sender) and drops a first message that is
+    not newer (a replay) before any costly work.  A restarted client picks
+    a new sender, so it never needs to remember anything, and no clock is
+    involved (routers often boot without a real-time clock)."""
+
+    def __init__(self, sender: bytes | None = None):
+        self.sender = os.urandom(SENDER_LEN) if sender is None else bytes(sender)
+        if len(self.sender) != SENDER_LEN:
+            raise ValueError(f"sender must be {SENDER_LEN} bytes")
+        self.counter = 0
+
+    def next(self) -> tuple[bytes, int]:
+        self.counter += 1
+        return self.sender, self.counter
+
+
+class HandshakeGuard:
+    """What a server checks a first handshake message against before it does
+    anything costly.  Sans-I/O.
+
+    * :meth:`identify`: which of our keys MACed the message (one keyed
+      BLAKE2s per key; a hub tries each site's key);
+    * :meth:`fresh`: is its counter newer than any seen from that (key,
+      sender)?  (records it; at most ``max_senders`` senders, least
+      recently used forgotten: only holders of a key can add senders);
+    * :meth:`take_handshake`: the global budget of handshakes answered (each
+      costs X25519 operations), ``rate`` per second up to ``burst``;
+      returns 0 (go) or the seconds until the next one is free (BUSY).
+    """
+
+    def __init__(self, rate: float = 50.0, burst: float = 100.0, max_senders: int = 4096):
+        if rate <= 0 or burst < 1 or max_senders < 1:
+            raise ValueError("need rate > 0, burst >= 1, max_senders >= 1")
+        self.rate, self.burst, self.max_senders = rate, burst, max_senders
+        self._tokens = burst
+        self._last: float | None = None
+        self._seen: OrderedDict = OrderedDict()  # (site, sender) -> greatest counter
+        self._keys: dict = {}  # psk -> mac key
+
+    def mac_key(self, psk: bytes) -> bytes:
+        k = self._keys.get(psk)
+        if k is None:
+            if len(self._keys) > 1024:
+                self._keys.clear()
+            k = self._keys[psk] = mac_key(psk)
+        return k
+
+    def identify(self, keys, msg1: bytes, stamp: bytes):
+        """``(site, psk, mac key)`` of the key in ``keys`` (``[(site, psk)]``)
+        whose MAC ``stamp`` carries, or None."""
+        got = stamp[-MAC_LEN:]
+        data = b"msg1" + stamp[:-MAC_LEN] + msg1  # as _mac(k, b"msg1", head, msg1)
+        blake2s, compare = hashlib.blake2s, hmac.compare_digest
+        for site, psk in keys:
+            k = self.mac_key(psk)
+            if compare(blake2s(data, key=k, digest_size=MAC_LEN).digest(), got):
+                return site, psk, k
+        return None
+
+    def fresh(self, site, sender: bytes, counter: int) -> bool:
+        key = (site, sender)
+        last = self._seen.get(key)
+        if last is not None and counter <= last:
+            return False
+        self._seen[key] = counter
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_senders:
+            self._seen.popitem(last=False)
+        return True
+
+    def take_handshake(self, now: float) -> float:
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 # --- message parsing and validation --------------------------------------------------
@@ -838,7 +994,6 @@ class _Connection:
         self._ka_n = 0
         self._rk: _Rekey | None = None
         self._rekey_at = math.inf
-        self._packets = 0
         self._retire: tuple[int, float] | None = None
 
     # -- public API ----------------------------------------------------------------------
@@ -923,14 +1078,19 @@ class _Connection:
         self._start_rekey(now)
         return True
 
-    def note_packets(self, n: int, now: float) -> None:
-        """The data plane sealed ``n`` more packets with the current keys;
-        rekeys once ``rekey_packets`` is reached."""
-        self._packets += n
-        if self._packets >= self.config.rekey_packets and self.state is State.ESTABLISHED \
-                and self._rk is None:
-            self._now = now
-            self._start_rekey(now)
+    def note_sealed(self, epoch: int, count: int, now: float) -> bool:
+        """The data plane has sealed ``count`` packets under its send key of
+        ``epoch`` (``mpvpn.seal.Sealer.sealed`` / ``send_epoch``; cheap, call
+        it after each batch).  Starts the same rekey the timer starts once
+        ``count`` reaches ``rekey_packets``; True if it did.  A count for an
+        epoch we no longer send with is ignored."""
+        if (count < self.config.rekey_packets or epoch != self.send_epoch
+                or self.state is not State.ESTABLISHED or self._rk is not None):
+            return False
+        self._now = now
+        self._count("rekey_volume")
+        self._start_rekey(now)
+        return True
 
     # The message that introduces the peer in state HELLO: HELLO (server side)
     # or WELCOME (client side); set by the subclasses.
@@ -973,14 +1133,15 @@ class _Connection:
     def _emit(self, ev) -> None:
         self._events.append(ev)
 
-    def _set_closed(self, reason: str, text: str, by_peer: bool) -> None:
+    def _set_closed(self, reason: str, text: str, by_peer: bool,
+                    retry_after: float | None = None) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
         self.close_reason, self.close_text = reason, text
         self._send_cs = self._recv_cs = None
         self._rk = None
-        self._emit(ConnectionClosed(reason, text, by_peer))
+        self._emit(ConnectionClosed(reason, text, by_peer, retry_after))
         self._on_closed(reason)
 
     def _on_closed(self, reason: str) -> None:
@@ -1030,7 +1191,6 @@ class _Connection:
         self.state = State.ESTABLISHED
         self.epoch = self.send_epoch = 1
         self._last_recv = now
-        self._packets = 0
         self._rekey_at = now + self._rekey_period()
 
     def _rekey_period(self) -> float:
@@ -1181,7 +1341,6 @@ class _Connection:
             self._emit(KeysRetired(self._retire[0]))
         self._retire = (prev, now + self.config.key_overlap)
         self._rekey_at = now + self._rekey_period()
-        self._packets = 0
 
 
 # --- client -----------------------------------------------------------------------------------
@@ -1189,13 +1348,16 @@ class _Connection:
 
 class ClientConnection(_Connection):
     """The client side of one control connection (create it once TCP is
-    connected; it queues the first handshake message at once)."""
+    connected; it queues the first handshake message at once).
+
+    ``stamps``: the process's :class:`HandshakeStamps` (one per agent, shared
+    by its connection attempts); a fresh one if omitted."""
 
     _INTRO = "WELCOME"
 
     is_client = True
 
-    def __init__(self, config: ControlConfig, now: float):
+    def __init__(self, config: ControlConfig, now: float, stamps: HandshakeStamps | None = None):
         super().__init__(config, now)
         self._hs = noise.Handshake(config.pattern, True, config.psk, PROLOGUE,
                                    s=config.static_key, rs=config.remote_static)
@@ -1203,8 +1365,13 @@ class ClientConnection(_Connection):
         self._seq = 0  # our UPDATE sequence
         self._acked = 0
         self._uplinks_at = {0: self.local.uplinks}  # our uplinks as of each UPDATE seq
+        self.retry_after: float | None = None  # set when the server answered BUSY
         msg1 = self._hs.write_message(_dumps({"versions": list(config.versions)}))
-        self._out += encode_frame(msg1)
+        sender, counter = (stamps if stamps is not None else HandshakeStamps()).next()
+        stamp = stamp_first_message(config.psk, msg1, sender, counter)
+        self._mac_key = mac_key(config.psk)
+        self._stamp_mac = stamp[-MAC_LEN:]
+        self._out += encode_frame(msg1) + encode_frame(stamp)
         self._last_sent = now
         self.server_addresses: list[tuple[str, int]] = []
 
@@ -1244,16 +1411,36 @@ class ClientConnection(_Connection):
 
     def _on_eof(self) -> None:
         if self.state is State.HANDSHAKE:
+            # A server that holds our key answers (message 2 or BUSY); it
+            # closes silently only on a MAC that none of its keys makes.
             self._count("auth")
-            self._emit(ProtocolError("auth", "server closed the connection during the handshake "
-                                             "(wrong PSK, rate-limited, or not an orayboxvpn "
-                                             "server)", by_peer=True))
+            self._emit(ProtocolError("auth", "server closed the connection during the handshake: "
+                                             "wrong PSK or static key (or not an orayboxvpn "
+                                             "server speaking control protocol 2)", by_peer=True))
             self._set_closed("auth", "handshake rejected by the server", by_peer=True)
         else:
             super()._on_eof()
 
     def _on_handshake_frame(self, frame: bytes, now: float) -> None:
-        self._on_msg2(frame, now)
+        if len(frame) == BUSY_LEN and frame[:4] == BUSY_MAGIC:
+            self._on_busy(frame)
+        else:
+            self._on_msg2(frame, now)
+
+    def _on_busy(self, frame: bytes) -> None:
+        _magic, ms, tag = BUSY.unpack(frame)
+        want = _mac(self._mac_key, b"busy", frame[4:8], self._stamp_mac)
+        if not hmac.compare_digest(tag, want):
+            self._count("bad_psk")
+            self._emit(ProtocolError("auth", "the server's BUSY reply failed authentication",
+                                     by_peer=False))
+            self._set_closed("auth", "handshake failed", by_peer=False)
+            return
+        self.retry_after = min(ms, MAX_RETRY_MS) / 1000.0
+        self._count("busy")
+        self._set_closed("busy", f"server busy (too many handshakes at once); it holds our key, "
+                                 f"retry in {self.retry_after:g} s", by_peer=True,
+                         retry_after=self.retry_after)
 
     def _on_intro(self, m: dict, now: float) -> None:
         self._on_welcome(m, now)
@@ -1349,10 +1536,12 @@ class ClientConnection(_Connection):
 class ServerConnection(_Connection):
     """The server side of one accepted TCP connection.
 
-    Until the client's first handshake message authenticates (PSK), it holds
-    nothing but a small frame buffer; no Noise state, no session, no reply.
-    Get one from :meth:`ServerSessions.accept` (rate limit, registry) or
-    build it directly (then ``rng`` picks the session ID).
+    Until the client's first handshake message passes the gate (its MAC under
+    one of our keys, a fresh stamp, handshake budget), it holds nothing but
+    a frame buffer and that message; no Noise state, no session, no reply.
+    Get one from :meth:`ServerSessions.accept` (registry, pre-auth limits) or
+    build it directly (then ``rng`` picks the session ID and ``guard`` is
+    its own).
     """
 
     _INTRO = "HELLO"
@@ -1360,13 +1549,17 @@ class ServerConnection(_Connection):
     is_client = False
 
     def __init__(self, config: ControlConfig, now: float, registry: ServerSessions | None = None,
-                 peer_addr=None, rng: random.Random | None = None):
+                 peer_addr=None, rng: random.Random | None = None,
+                 guard: HandshakeGuard | None = None):
         # With a registry, share its validated local info: an accepted but
         # unauthenticated connection costs a frame buffer and little else.
         super().__init__(config, now, registry.local if registry is not None else None)
         self.registry = registry
         self.peer_addr = peer_addr
         self._rng = rng or random.SystemRandom()
+        self._guard = guard if guard is not None else (
+            registry.guard if registry is not None else HandshakeGuard())
+        self._msg1: bytes | None = None  # the first frame, until its stamp arrives
         self._session: ServerSession | None = None
         self._peer_seq = 0
         self._keys_for_session = None
@@ -1413,9 +1606,21 @@ class ServerConnection(_Connection):
             super()._frame_error(why)
 
     def _abort(self, reason: str, text: str) -> None:
-        """Pre-auth failure: count, send nothing, close."""
+        """Pre-auth end: count, send nothing, close."""
         self._count(reason)
+        if self.registry is not None and reason in PREAUTH_FAILURES:
+            self.registry._preauth_failed(self, self._now)
         self._set_closed(reason, text, by_peer=False)
+
+    def _timeout(self, text: str) -> None:
+        if self.state is State.HANDSHAKE and self._msg1 is not None:
+            # what a client older than control protocol 2 does: message 1 alone
+            self._abort("no_stamp", "a first handshake message without the stamp of control "
+                                    "protocol 2 (a client of an older release?)")
+        elif self.state is State.HANDSHAKE:
+            self._abort("timeout", text)
+        else:
+            super()._timeout(text)
 
     def _on_eof(self) -> None:
         if self.state is State.HANDSHAKE:
@@ -1430,29 +1635,47 @@ class ServerConnection(_Connection):
         self._on_hello(m, now)
 
     def _on_msg1(self, frame: bytes, now: float) -> None:
-        if len(frame) < MIN_HANDSHAKE_MSG:
-            self._abort("malformed", "first handshake message too short")
+        if self._msg1 is None:  # the Noise message; its stamp and MAC follow
+            if len(frame) < MIN_HANDSHAKE_MSG:
+                self._abort("malformed", "first handshake message too short")
+                return
+            self._msg1 = frame
             return
-        cfg = self.config
-        # Every accepted key is tried (a hub's sites each have their own; at
-        # most MAX_SITES, no DH in this message: a key derivation and an AEAD
-        # open each); nothing is kept for a frame none of them opens.
-        payload = hs = None
-        for site, psk in cfg.keys():
-            hs = noise.Handshake(cfg.pattern, False, psk, PROLOGUE, s=cfg.static_key,
-                                 rs=cfg.remote_static)
-            try:
-                payload = hs.read_message(frame)
-            except noise.NoiseError:
-                continue
-            self._psk, self.site = psk, site
-            break
-        if payload is None:
+        msg1, self._msg1 = self._msg1, None
+        if len(frame) != STAMP_LEN:
+            self._abort("malformed", "first handshake message without a valid stamp")
+            return
+        cfg, guard = self.config, self._guard
+        # 1. MAC: one keyed hash per accepted key (a hub's sites each have
+        # their own); nothing is kept for a message none of them MACed.
+        found = guard.identify(cfg.keys(), msg1, frame)
+        if found is None:
             self._abort("bad_psk", "first handshake message failed authentication")
             return
-        # Authenticated by the PSK from here on (though possibly a replay:
-        # a replayer cannot finish the handshake, and no session exists
-        # until HELLO arrives under the new keys).
+        site, psk, key = found
+        sender, counter, tag = STAMP.unpack(frame)
+        # 2. Freshness: a replayed message is dropped unanswered.
+        if not guard.fresh(site, sender, counter):
+            self._abort("replay", "replayed first handshake message")
+            return
+        # 3. Budget: a genuine client we cannot serve now learns so (BUSY).
+        wait = guard.take_handshake(now)
+        if wait > 0:
+            self._out += encode_frame(busy_reply(key, tag, wait))
+            self._count("busy_handshake")
+            self._set_closed("busy", "handshake budget exhausted; told the client to retry",
+                             by_peer=False, retry_after=wait)
+            return
+        hs = noise.Handshake(cfg.pattern, False, psk, PROLOGUE, s=cfg.static_key,
+                             rs=cfg.remote_static)
+        try:
+            payload = hs.read_message(msg1)
+        except noise.NoiseError:  # MACed by a key holder, yet not a valid message 1
+            self._abort("bad_psk", "first handshake message failed authentication")
+            return
+        self._psk, self.site = psk, site
+        self._leave_preauth()
+        # Authenticated by the PSK and fresh from here on.
         err = None
         try:
             d = _obj(_loads(payload), "handshake", {"versions"})
@@ -1547,9 +1770,15 @@ class ServerConnection(_Connection):
         if self._session is not None:
             self._session.last_seen = now
 
+    def _leave_preauth(self) -> None:
+        if self.registry is not None:
+            self.registry._preauth_done(self)
+
     def _on_closed(self, reason: str) -> None:
         self._keys_for_session = None
+        self._msg1 = None
         if self.registry is not None:
+            self.registry._preauth_done(self)
             self.registry._conn_closed(self, reason, self._now)
 
 
@@ -1582,9 +1811,18 @@ _DEFAULT = object()
 class ServerSessions:
     """All sessions of one server process (hub and spoke).
 
-    * :meth:`accept` is called for every accepted TCP connection; it applies
-      the per-source rate limit and returns a :class:`ServerConnection` (or
-      None: close the socket at once, nothing is sent).
+    * :meth:`accept` is called for every accepted TCP connection and returns
+      its :class:`ServerConnection`.  Nothing is refused at accept time (a
+      genuine client may share its address with junk: a NAT, a CGNAT).
+      Instead, connections that have not yet passed the handshake gate
+      (:class:`HandshakeGuard`) are bounded: at most
+      ``max_pending_per_source`` per source address (IPv6: per /64) and
+      ``max_pending`` in all, the oldest closed first (``evicted``); a
+      source whose failures (bad MAC, malformed, timeout...) exceed its
+      ``limiter`` budget gets only ``penalty_pending`` of them.  A genuine
+      client sends its first message at once, so only junk grows old.
+      A first message whose MAC is good bypasses all of this; the guard's
+      global handshake budget may still answer it BUSY.
     * Session IDs are random, nonzero and unique (``rng`` injectable).
     * A client that reconnects with the same site name replaces its old
       session (the old connection gets BYE ``replaced``).
@@ -1597,25 +1835,50 @@ class ServerSessions:
     """
 
     def __init__(self, config: ControlConfig, *, rng: random.Random | None = None,
-                 max_sessions: int = 256, session_timeout: float = 90.0, limiter=_DEFAULT):
+                 max_sessions: int = 256, session_timeout: float = 90.0, limiter=_DEFAULT,
+                 guard: HandshakeGuard | None = None, max_pending: int = 1024,
+                 max_pending_per_source: int = 32, penalty_pending: int = 4):
         self.local = config.local_info()  # validate our config up front
         self.config = config
         self.rng = rng or random.SystemRandom()
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
+        # per-source budget of pre-auth *failures* (not of connections)
         self.limiter: RateLimiter | None = RateLimiter() if limiter is _DEFAULT else limiter
+        self.guard = guard if guard is not None else HandshakeGuard()
+        if not 1 <= penalty_pending <= max_pending_per_source <= max_pending:
+            raise ValueError("need 1 <= penalty_pending <= max_pending_per_source <= max_pending")
+        self.max_pending, self.max_pending_per_source = max_pending, max_pending_per_source
+        self.penalty_pending = penalty_pending
+        self._pending: OrderedDict = OrderedDict()  # pre-auth ServerConnection -> source key
+        self._pending_by_source: dict[str, OrderedDict] = {}
+        self._keyer = self.limiter if self.limiter is not None else RateLimiter()
         self.sessions: dict[int, ServerSession] = {}
         self.by_name: dict[str, ServerSession] = {}
         self.counters: Counter = Counter()
         self._events: deque = deque()
 
     # -- public ------------------------------------------------------------------------------------
-    def accept(self, peer_addr, now: float) -> ServerConnection | None:
-        if self.limiter is not None and not self.limiter.allow(peer_addr, now):
-            self.counters["rate_limited"] += 1
-            return None
+    def accept(self, peer_addr, now: float) -> ServerConnection:
+        src = self._keyer.key(peer_addr)
+        quota = self.max_pending_per_source
+        if self.limiter is not None and self.limiter.exhausted(peer_addr, now):
+            quota = self.penalty_pending
+        mine = self._pending_by_source.get(src)
+        while mine and len(mine) >= quota:
+            self._evict(next(iter(mine)), "too many unauthenticated connections from its source")
+        while len(self._pending) >= self.max_pending:
+            self._evict(next(iter(self._pending)), "too many unauthenticated connections")
         self.counters["accepted"] += 1
-        return ServerConnection(self.config, now, registry=self, peer_addr=peer_addr, rng=self.rng)
+        conn = ServerConnection(self.config, now, registry=self, peer_addr=peer_addr, rng=self.rng)
+        self._pending[conn] = src
+        self._pending_by_source.setdefault(src, OrderedDict())[conn] = None
+        return conn
+
+    @property
+    def pending(self) -> int:
+        """Connections that have not passed the handshake gate yet."""
+        return len(self._pending)
 
     def touch(self, session_id: int, now: float) -> bool:
         """The data plane heard from this session (keeps it from expiring)."""
@@ -1663,9 +1926,28 @@ class ServerSessions:
         return {"sessions": {s.session_id: {"name": s.name, "attached": s.conn is not None,
                                             "last_seen": s.last_seen}
                              for s in self.sessions.values()},
-                "counters": dict(self.counters)}
+                "pending": len(self._pending), "counters": dict(self.counters)}
 
     # -- from connections --------------------------------------------------------------------------
+    def _evict(self, conn: ServerConnection, text: str) -> None:
+        self._preauth_done(conn)
+        self.counters["evicted"] += 1
+        conn.close("evicted", text)  # pre-auth: sends nothing; the edge sees ConnectionClosed
+
+    def _preauth_done(self, conn: ServerConnection) -> None:
+        src = self._pending.pop(conn, None)
+        if src is None:
+            return
+        mine = self._pending_by_source.get(src)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self._pending_by_source[src]
+
+    def _preauth_failed(self, conn: ServerConnection, now: float) -> None:
+        if self.limiter is not None:
+            self.limiter.allow(conn.peer_addr, now)  # spends a token of its source
+
     def _check_conflicts(self, peer: PeerInfo, exclude: ServerSession | None = None) -> None:
         nets = [n for n in peer.networks if n.prefixlen]
         for s in self.sessions.values():
@@ -1755,6 +2037,14 @@ class RateLimiter:
             return str(ipaddress.ip_network(f"{ip}/{self.ipv6_prefix}", strict=False))
         return str(ip)
 
+    def exhausted(self, addr, now: float) -> bool:
+        """True if ``addr``'s bucket has no whole token (nothing is spent)."""
+        b = self._table.get(self.key(addr))
+        if b is None:
+            return False
+        tokens, last = b
+        return min(self.burst, tokens + max(0.0, now - last) * self.rate) < 1.0
+
     def allow(self, addr, now: float) -> bool:
         k = self.key(addr)
         b = self._table.get(k)
@@ -1789,7 +2079,17 @@ class ClientReconnect:
     control).  After every failure it moves to the next address; the delay
     doubles after each full round of failures (``base``, ``base*factor``,
     ... up to ``cap``), reduced by up to ``jitter`` (a fraction) at random.
-    Configuration failures (``CONFIG_FAILURES``) wait ``cap`` at once.
+    Configuration failures (``CONFIG_FAILURES``) wait ``cap`` at once,
+    except a first ``auth`` after anything else: a server closes silently on
+    a wrong key, but also on a first message it never read (its connection
+    pushed out by junk from our address, a copy raced ahead by someone on
+    the path), so one ``auth`` is retried on the ordinary backoff and only a
+    second one in a row waits ``cap``.
+    A server that answered BUSY (it holds our key, but is out of handshake
+    budget) is tried again at the same address after the delay it asked
+    for, clamped to ``busy_min``..``busy_max`` and lengthened by up to
+    ``jitter`` at random (so clients it turned away do not return in step);
+    that is not counted as a failure.
 
     Sans-I/O: ``get_timer()`` says when to call ``handle_timer(now)``, which
     returns the address to connect to; report the outcome with
@@ -1798,17 +2098,26 @@ class ClientReconnect:
     """
 
     def __init__(self, servers, now: float = 0.0, *, base: float = 1.0, factor: float = 2.0,
-                 cap: float = 60.0, jitter: float = 0.3, rng: random.Random | None = None):
+                 cap: float = 60.0, jitter: float = 0.3, rng: random.Random | None = None,
+                 busy_min: float = 0.05, busy_max: float = 2.0):
         self.configured = [(str(h), int(p)) for h, p in servers]
         if not self.configured:
             raise ValueError("no server address configured")
         if not (0 < base <= cap and factor >= 1 and 0 <= jitter < 1):
             raise ValueError("need 0 < base <= cap, factor >= 1, 0 <= jitter < 1")
         self.base, self.factor, self.cap, self.jitter = base, factor, cap, jitter
+        if not 0 < busy_min <= busy_max:
+            raise ValueError("need 0 < busy_min <= busy_max")
+        self.busy_min, self.busy_max = busy_min, busy_max
+        self.busy = 0  # BUSY answers received
+        # (now, what) of the last attempts and outcomes: "connect host:port",
+        # "established", "busy", "failed <reason>" (the agent's own record)
+        self.history: deque = deque(maxlen=32)
         self.rng = rng or random.Random()
         self.learned: list[tuple[str, int]] = []
         self.state = "waiting"  # waiting | connecting | connected
         self.failures = 0  # consecutive, since the last success
+        self._auth = 0  # consecutive auth failures
         self.attempts = 0
         self.current: tuple[str, int] | None = None
         self._index = 0
@@ -1828,11 +2137,14 @@ class ClientReconnect:
         self.current = addrs[self._index % len(addrs)]
         self.state = "connecting"
         self.attempts += 1
+        self.history.append((now, f"connect {self.current[0]}:{self.current[1]}"))
         return self.current
 
     def established(self, now: float, learned=()) -> None:
         self.state = "connected"
         self.failures = 0
+        self._auth = 0
+        self.history.append((now, "established"))
         for a in learned:
             port = a[1] if a[1] is not None else (self.current[1] if self.current else None)
             if port is None:
@@ -1844,12 +2156,23 @@ class ClientReconnect:
         if self.current in addrs:
             self._index = addrs.index(self.current)
 
-    def failed(self, now: float, reason: str = "") -> float:
-        """The attempt failed or the connection ended; returns the delay."""
+    def failed(self, now: float, reason: str = "", retry_after: float | None = None) -> float:
+        """The attempt failed or the connection ended; returns the delay.
+        ``retry_after``: the server answered BUSY and asked for this delay."""
+        self.state = "waiting"
+        if retry_after is not None:
+            self.busy += 1
+            self.history.append((now, "busy"))
+            delay = min(self.busy_max, max(self.busy_min, retry_after))
+            delay *= 1.0 + self.jitter * self.rng.random()
+            self._next = now + delay
+            return delay
+        self.history.append((now, f"failed {reason}"))
         n = len(self.addresses)
         self.failures += 1
         self._index = (self._index + 1) % n
-        if reason in CONFIG_FAILURES:
+        self._auth = self._auth + 1 if reason == "auth" else 0
+        if reason in CONFIG_FAILURES and not (reason == "auth" and self._auth == 1):
             delay = self.cap
         else:
             rounds = (self.failures - 1) // n

@@ -79,6 +79,7 @@ __all__ = [
     "genpsk",
     "load_psk",
     "psk_id",
+    "x25519_operations",
 ]
 
 MAX_MESSAGE_LEN = 65535  # Noise: no message (handshake or transport) is longer
@@ -149,7 +150,28 @@ def _nonce(n: int) -> bytes:
     return b"\x00\x00\x00\x00" + n.to_bytes(8, "little")
 
 
+# X25519 operations (key generation and DH) done by handshakes in this
+# process: the costly part of a handshake, read with x25519_operations().
+_x25519_ops = 0
+
+
+def x25519_operations() -> int:
+    """How many X25519 operations (ephemeral key generations and DH
+    exchanges) :class:`Handshake` objects of this process have done so far.
+    The control layer must do none for a first message that fails its cheap
+    checks (MAC, freshness); tests and status read this counter."""
+    return _x25519_ops
+
+
+def _generate() -> X25519PrivateKey:
+    global _x25519_ops
+    _x25519_ops += 1
+    return X25519PrivateKey.generate()
+
+
 def _dh(private: X25519PrivateKey, public: bytes) -> bytes:
+    global _x25519_ops
+    _x25519_ops += 1
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:  # low-order point: all-zero shared secret
@@ -495,7 +517,7 @@ class Handshake:
         for token in tokens:
             if token == "e":
                 if self._e is None:
-                    self._e = X25519PrivateKey.generate()
+                    self._e = _generate()
                     self._e_pub = _public_bytes(self._e)
                 out += self._e_pub
                 ss.mix_hash(self._e_pub)

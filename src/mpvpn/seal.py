@@ -31,12 +31,23 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from . import wire
 
-__all__ = ["Sealer", "with_member", "next_epoch", "KEY_LEN", "NONCE_DATA", "NONCE_CONTROL"]
+__all__ = ["Sealer", "with_member", "next_epoch", "KEY_LEN", "NONCE_DATA", "NONCE_CONTROL",
+           "REKEY_AFTER_PACKETS"]
 
 KEY_LEN = 32
 NONCE_DATA = 0  # nonce class byte for DATA
 NONCE_CONTROL = 1  # nonce class byte for control opcodes
 MIN_EPOCH, MAX_EPOCH = 1, 255  # epoch 0 means "not encrypted" on the wire
+
+#: Packets sealed under one send key before the control connection rekeys
+#: (as WireGuard's REKEY_AFTER_MESSAGES; the timer usually comes first).
+#: 2**26 keeps AES-256-GCM within the limit of RFC 8446 section 5.5 (and
+#: draft-irtf-cfrg-aead-limits): at most about 2**36 16-byte blocks under
+#: one key for a 2**-57 advantage.  Our packets are at most 9000 + 36 bytes
+#: (the vNIC's largest MTU), 566 blocks with the tag: 2**26 * 566 < 2**35.2.
+#: ChaCha20-Poly1305 has no such limit below 2**64 messages; one budget
+#: keeps both simple.  The 2**64 nonce space itself is never approached.
+REKEY_AFTER_PACKETS = 1 << 26
 
 _HLEN = wire.HEADER_LEN
 _TAG = wire.TAG_LEN
@@ -140,10 +151,15 @@ class Sealer:
 
     Rekey: :meth:`rotate` installs the keys of a new epoch and keeps the
     current receive key as the previous epoch until :meth:`drop_previous`.
+    :attr:`sealed` counts the packets sealed under the current send key (every
+    encryption: DATA once per user packet, each control datagram), so the
+    control layer can rekey before the key's budget is used up
+    (``REKEY_AFTER_PACKETS``); batch sealers outside this class (the C loops)
+    take their sequence numbers with :meth:`reserve_data`, which counts them.
     """
 
     __slots__ = (
-        "cipher", "_send", "send_epoch", "_send_guard_data", "_send_guard_ctrl",
+        "cipher", "_send", "send_epoch", "_send_guard_data", "_send_guard_ctrl", "_sealed",
         "_recv", "epoch", "_prev_recv", "prev_epoch", "_pending_send",
         "bad_tag", "unknown_epoch", "not_sealed", "malformed",
     )
@@ -160,6 +176,7 @@ class Sealer:
         self._pending_send = None  # (aead, epoch) waiting for key confirmation
         self._send_guard_data = 0
         self._send_guard_ctrl: dict[int, int] = {}
+        self._sealed = 0
         self.bad_tag = 0
         self.unknown_epoch = 0
         self.not_sealed = 0
@@ -184,6 +201,7 @@ class Sealer:
                        self.send_epoch, 0, seq)
         out = header + self._send.encrypt(_CTRL_NONCE_PREFIX[member] + header[12:], payload, header)
         self._send_guard_ctrl[member] = seq
+        self._sealed += 1
         return out
 
     def seal_data(self, session: int, seq: int, payload: bytes) -> bytes:
@@ -197,7 +215,30 @@ class Sealer:
                        self.send_epoch, 0, seq)
         out = header + self._send.encrypt(_DATA_NONCE_PREFIX + header[12:], payload, header)
         self._send_guard_data = seq
+        self._sealed += 1
         return out
+
+    def reserve_data(self, seq: int, n: int):
+        """For a batch sealer outside this class (``mpvpn._fastpath``'s
+        ``seal_dup``): DATA sequence numbers ``seq`` .. ``seq + n - 1`` are
+        about to be sealed with the current send key.  Checks they are new
+        under that key (raises ``ValueError`` otherwise, as :meth:`seal_data`
+        does), marks them used, counts ``n`` packets in :attr:`sealed`, and
+        returns ``(encrypt, epoch)``: the AEAD's ``encrypt(nonce, data, aad)``
+        and the epoch to write in their headers.  Nonces and associated data
+        must be built exactly as :meth:`seal_data` builds them."""
+        if n < 0 or not self._send_guard_data < seq or seq + n - 1 > _MAX_SEQ:
+            raise ValueError(f"DATA seq {seq}..{seq + n - 1} not increasing (nonce reuse) "
+                             "or out of range")
+        if n:
+            self._send_guard_data = seq + n - 1
+        self._sealed += n
+        return self._send.encrypt, self.send_epoch
+
+    @property
+    def sealed(self) -> int:
+        """Packets sealed under the current send key (0 after a switch)."""
+        return self._sealed
 
     def seal_data_copies(self, session: int, seq: int, payload: bytes, members) -> list[bytes]:
         """Seal one user packet once and return one datagram per member ID."""
@@ -290,6 +331,7 @@ class Sealer:
         self._send, self.send_epoch = send, epoch
         self._send_guard_data = 0
         self._send_guard_ctrl = {}
+        self._sealed = 0
 
     def drop_previous(self) -> None:
         """Forget the previous epoch's receive key (its datagrams now count

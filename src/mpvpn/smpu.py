@@ -428,17 +428,14 @@ class Session:
         if not self._dup_all:
             return self._send_many_queueing(packets, now, loops)
         self._now = now
-        sealer = self.sealer
         seq0 = self._seq + 1
         n = len(packets)
-        if not sealer._send_guard_data < seq0 or seq0 + n - 1 > wire.MAX_SEQ:
-            raise ValueError("DATA sequence numbers exhausted or reused")
+        encrypt, epoch = self.sealer.reserve_data(seq0, n)  # nonce guard, counted for rekeying
         targets = up
-        runs, nbytes = loops.seal_dup(sealer._send.encrypt, self.session_id, sealer.send_epoch, seq0,
+        runs, nbytes = loops.seal_dup(encrypt, self.session_id, epoch, seq0,
                                       packets, bytes(s.member for s in up), self._sendbuf,
                                       self._sendmask, targets)
-        self._seq = last = seq0 + n - 1
-        sealer._send_guard_data = last
+        self._seq = seq0 + n - 1
         self.sent += n
         bulk = self._bulk
         for sub, run in zip(up, runs):
@@ -495,12 +492,10 @@ class Session:
         """Seal ``[(packets, targets), ...]`` with the next sequence numbers
         (C loops), queue the datagrams in order, count them; the meters were
         fed when the packets were decided."""
-        sealer = self.sealer
         seq = self._seq + 1
         total = sum(len(r[0]) for r in runs)
-        if not sealer._send_guard_data < seq or seq + total - 1 > wire.MAX_SEQ:
-            raise ValueError("DATA sequence numbers exhausted or reused")
-        encrypt, sid, epoch = sealer._send.encrypt, self.session_id, sealer.send_epoch
+        encrypt, epoch = self.sealer.reserve_data(seq, total)  # nonce guard, counted for rekeying
+        sid = self.session_id
         sendbuf, mask, out = self._sendbuf, self._sendmask, self._out
         for pkts, targets in runs:
             n = len(pkts)
@@ -521,7 +516,6 @@ class Session:
                 sub.note_data_sent(now)
             seq += n
         self._seq = seq - 1
-        sealer._send_guard_data = seq - 1
         self.sent += total
 
     def _transmit(self, packet: bytes, targets, now: float) -> None:

@@ -12,8 +12,9 @@ applies; ``b0 & 0x20``: direction, path 7):
    the rest (in chunks of ``b1`` bytes) arrives on it; then the handshake
    timer fires.  Asserts: nothing is ever sent unless the first frame is a
    genuine Noise ``NNpsk0`` message 1 (checked with an independent Noise
-   responder), the connection ends closed with exactly one counted reason,
-   no session is ever allocated.
+   responder) followed by a stamp whose MAC verifies (checked with hashlib
+   here), the connection ends closed with exactly one counted reason, no
+   session is ever allocated.
 2. **Established, to the server** / 3. **established, to the client**:
    a client/server pair handshaken once at import (snapshot; every input
    starts from a deep copy).  The rest is split on ``0xff`` into segments;
@@ -55,6 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import hmac
 import json
 import random
 import sys
@@ -92,7 +95,21 @@ MAX_OPS = 48
 PSK = bytes(range(32))
 ADDR = ("203.0.113.9", 40000)
 # counters that move without bad input
-NOT_BAD = frozenset({"after_close", "rekey_started", "rekeyed", "rekey_collision"})
+NOT_BAD = frozenset({"after_close", "rekey_started", "rekeyed", "rekey_collision", "rekey_volume"})
+# control protocol 2's stamp after message 1, built here independently of
+# mpvpn.control: sender | counter | keyed-BLAKE2s-128(BLAKE2s(label | psk), ...)
+_MAC_KEY = hashlib.blake2s(b"orayboxvpn control v2 mac" + PSK).digest()
+
+
+def _stamp(msg1: bytes, counter: int = 1, sender: bytes = b"fuzzfuzz") -> bytes:
+    head = sender + counter.to_bytes(8, "big")
+    return head + hashlib.blake2s(b"msg1" + head + msg1, key=_MAC_KEY, digest_size=16).digest()
+
+
+def _stamp_ok(msg1: bytes, stamp: bytes) -> bool:
+    return len(stamp) == 32 and hmac.compare_digest(
+        hashlib.blake2s(b"msg1" + stamp[:16] + msg1, key=_MAC_KEY, digest_size=16).digest(),
+        stamp[16:])
 
 
 def client_config() -> ControlConfig:
@@ -216,7 +233,9 @@ def _build():
     # nonce instead (nonce reuse, harness only).
     c._send_cs.set_nonce(0)
     hello = _Snapshot(c, s, reg)
-    return {"msg1": msg1[2:], "hello": hello, "established": est,
+    first, _e, _r = _frames(msg1, PREAUTH_MAX_FRAME)
+    assert len(first) == 2 and _stamp_ok(*first)  # message 1 and its stamp
+    return {"msg1": first[0], "first": msg1, "hello": hello, "established": est,
             "hello_pt": hello_pt, "welcome_pt": welcome_pt,
             "plan": pairing.to_wire(s2.plan, local_is_client=False),
             "client_uplinks": [u.to_json() for u in CLIENT_CFG.local_info().uplinks]}
@@ -276,7 +295,8 @@ def _fuzz_preauth(chunk: int, stream: bytes, eof: bool) -> None:
     reg = ServerSessions(SERVER_CFG, rng=random.Random(1), limiter=None)
     s = reg.accept(ADDR, 0.0)
     frames, _err, _rest = _frames(stream, PREAUTH_MAX_FRAME)
-    authentic = bool(frames) and len(frames[0]) >= 48 and _authentic_msg1(frames[0])
+    authentic = (len(frames) >= 2 and len(frames[0]) >= 48 and _stamp_ok(frames[0], frames[1])
+                 and _authentic_msg1(frames[0]))
     chunk = chunk or len(stream) or 1
     sent = b""
     now = 0.0
@@ -336,16 +356,17 @@ def _fuzz_handshake_payload(to_client: bool, payload: bytes, eof: bool) -> None:
     negotiation JSON is parsed behind authentication."""
     if to_client:
         conn = ClientConnection(CLIENT_CFG, 0.0)
-        msg1 = conn.data_to_send()
+        first, _e, _r = _frames(conn.data_to_send(), PREAUTH_MAX_FRAME)
         peer = noise.Handshake("NNpsk0", False, PSK, PROLOGUE)
-        peer.read_message(msg1[2:])
+        peer.read_message(first[0])
         reg = None
     else:
         reg = ServerSessions(SERVER_CFG, rng=random.Random(1), limiter=None)
         conn = reg.accept(ADDR, 0.0)
         peer = noise.Handshake("NNpsk0", True, PSK, PROLOGUE)
     msg = peer.write_message(payload)
-    conn.receive_data(encode_frame(msg), 0.0)
+    stamp = b"" if to_client or len(msg) > PREAUTH_MAX_FRAME else encode_frame(_stamp(msg))
+    conn.receive_data(encode_frame(msg) + stamp, 0.0)
     sent = conn.data_to_send()
     assert "internal" not in conn.counters, dict(conn.counters)
     if len(msg) > PREAUTH_MAX_FRAME:
@@ -577,14 +598,17 @@ def _j(obj) -> bytes:
 
 def seed_corpus() -> list[bytes]:
     st = state()
-    msg1 = encode_frame(st["msg1"])
+    msg1, first = encode_frame(st["msg1"]), st["first"]
     seeds = [
         bytes([0, 3, 0]) + msg1 + encode_frame(b"x" * 600),
         bytes([0, 0x84, 7]) + encode_frame(b"abc") + b"\x00\x00",
         bytes([0, 5, 1]) + b"\xff\xff" + bytes(10),
-        bytes([1, 0]) + msg1,
-        bytes([1, 7]) + msg1 + encode_frame(bytes(60)),
-        bytes([1, 0]) + msg1[:-1],
+        bytes([1, 0]) + first,
+        bytes([1, 7]) + first + encode_frame(bytes(60)),
+        bytes([1, 0]) + first[:-1],
+        bytes([1, 0]) + msg1,  # message 1 without its stamp (a control v1 client)
+        bytes([1, 0]) + msg1 + encode_frame(_stamp(st["msg1"], 2)),  # a later stamp
+        bytes([1, 0]) + msg1 + encode_frame(_stamp(st["msg1"])[:-1] + b"\x00"),
         bytes([1 | 0x08, 0]) + encode_frame(bytes(48)),
         bytes([1, 0]) + encode_frame(b"z" * 600),
         bytes([1, 0]) + b"\x00\x00",

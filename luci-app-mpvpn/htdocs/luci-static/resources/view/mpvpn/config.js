@@ -280,6 +280,11 @@ return view.extend({
 		o.datatype = 'and(ufloat,range(1,86400))';
 		o.placeholder = '120';
 
+		o = s.taboption('advanced', form.Value, 'rekey_packets', _('Rekey after packets'),
+			_('Also rekey after this many packets under one key (1000 to 67108864, the AEAD usage limit kept by default). Leave empty.'));
+		o.datatype = 'and(uinteger,range(1000,67108864))';
+		o.placeholder = '67108864';
+
 		o = s.taboption('advanced', form.Value, 'reorder_capacity', _('Reorder buffer size (packets)'),
 			_('When the buffer is full everything in it is delivered (16 to 65536).'));
 		o.datatype = 'and(uinteger,range(16,65536))';
