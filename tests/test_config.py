@@ -95,9 +95,11 @@ config interface 'lan'
 
 
 def write(d: Path, orayboxvpn: str | None, network: str | None = NETWORK_A) -> str:
+    """The two files, orayboxvpn with uci's mode for a new file (0600: it holds the PSK)."""
     d.mkdir(parents=True, exist_ok=True)
     if orayboxvpn is not None:
         (d / "orayboxvpn").write_text(orayboxvpn)
+        (d / "orayboxvpn").chmod(uci.UCI_FILEMODE)
     if network is not None:
         (d / "network").write_text(network)
     return str(d)
