@@ -465,6 +465,7 @@ def test_aggregate_mode_carrier_failure_stalls_no_longer_than_detection(make_lab
         assert dead["state"] != "established"
         assert dead["data_tx"] == carried  # nothing more was put on the dead carrier
         assert sum(ln["data_tx"] for ln in st["links"] if ln["type"] != busiest) > 0
+        assert dead["dead_after_ms"] is not None, dead  # found dead by its probes
         detect = dead["dead_after_ms"] / 1000
         waits = [arrived - sent for _, sent, arrived in doc["packets"]]
         before = [arrived - sent for _, sent, arrived in doc["packets"] if arrived < t_down]
