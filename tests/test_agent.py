@@ -108,7 +108,7 @@ def test_carrier_down_mid_transfer_loses_nothing_and_rejoins(sites):
     tel = links_by_type(st)["telecom"]
     assert re.fullmatch(r"no answer to \d+ probes", tel["last_down_reason"]), tel
     sub = SubflowConfig()
-    assert tel["dead_after_ms"] >= sub.dead_after * sub.keepalive_active * 1000, tel
+    assert tel["dead_after_ms"] >= sub.dead_after * sub.keepalive_active * 1000 - 1, tel  # (rounding)
     assert st["state"] == "connected" and st["session_id"] is not None
     src.wait(60)
     out, _ = sink.communicate(timeout=60)
