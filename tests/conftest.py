@@ -21,6 +21,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netlab  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """MPVPN_REQUIRE_FASTPATH=1 (.ci/run, where a compiler exists): the C
+    loops must be importable, so the C-vs-Python differential tests run
+    instead of skipping."""
+    if os.environ.get("MPVPN_REQUIRE_FASTPATH") == "1":
+        from mpvpn import fastpath
+
+        if fastpath.LOOPS is None:
+            raise pytest.UsageError(f"MPVPN_REQUIRE_FASTPATH=1 but the C loops are {fastpath.WHY}: "
+                                    "run `make fastpath` and fix the build")
+
+
 @pytest.fixture(scope="session")
 def netlab_ready():
     reason = netlab.unavailable_reason()

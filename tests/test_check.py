@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from mpvpn import check
-from test_config import NETWORK_A, NETWORK_B, SITE_A, SITE_B, edit, write
+from test_config import NETWORK_A, NETWORK_B, PSK, SITE_A, SITE_B, edit, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +115,59 @@ def test_register_adds_the_subcommand(tmp_path, capsys):
     args = parser.parse_args(["check", "--uci-dir", write(tmp_path, SITE_A)])
     assert args.func(args) == 0
     assert capsys.readouterr().out.startswith("config OK: role client")
+
+
+def test_a_section_written_twice_under_one_name_is_named_with_both_lines(tmp_path):
+    """uci merges `config smpu 'telecom'` written twice into one section (the
+    later options win): a fourth uplink silently replaces the first one."""
+    text = SITE_A + "\nconfig smpu 'telecom'\n\toption type 'broadband'\n\toption bind_ip '10.4.0.1'\n"
+    lines = text.split("\n")
+    first = lines.index("config smpu 'telecom'") + 1
+    again = len(lines) - lines[::-1].index("config smpu 'telecom'")
+    assert again > first
+    code, out = run(write(tmp_path, text, NETWORK_A))
+    assert code == 0, out
+    assert out[0] == (f"orayboxvpn.telecom: warning: config smpu 'telecom' at line {again} has the name "
+                      f"of the section at line {first}: uci merges them into one (the later options win), "
+                      "so it is not a second smpu; give one of them another name")
+    assert "3 uplink(s): broadband 10.4.0.1, unicom 10.2.0.1, mobile 10.3.0.1" in out[-1]  # uci's result
+    assert out[-1].endswith("(1 warning(s))")
+
+
+def test_network_sections_merged_are_named_too(tmp_path):
+    network = NETWORK_A + "\nconfig interface 'lan'\n\toption ipaddr '192.168.99.1'\n"
+    code, out = run(write(tmp_path, SITE_A, network))
+    assert code == 0
+    assert [line.split(": warning: ")[0] for line in out[:-1]] == ["network.lan"]
+    assert "config interface 'lan' at line" in out[0] and "LAN 192.168.99.0/24" in out[-1]
+
+
+def test_a_key_file_others_can_read_is_a_warning_with_the_fix(tmp_path):
+    d = write(tmp_path, SITE_A, NETWORK_A)
+    conf = tmp_path / "orayboxvpn"
+    for mode, who in ((0o644, "group and others"), (0o640, "group"), (0o604, "others")):
+        conf.chmod(mode)
+        code, out = run(d)
+        assert code == 0
+        assert out[0] == (f"orayboxvpn: warning: {conf} holds a secret (psk) and is readable by {who} "
+                          f"(mode {mode:04o}): chmod 600 {conf}")
+    conf.chmod(0o600)
+    code, out = run(d)
+    assert code == 0 and len(out) == 1 and out[0].startswith("config OK")
+    # no secret in the file (the default before it is filled in): nothing to protect
+    conf.write_text(SITE_A.replace(f"\toption psk '{PSK}'\n", ""))
+    conf.chmod(0o644)
+    assert not any("chmod" in line for line in run(d)[1])
+
+
+def test_a_static_private_key_counts_as_a_secret(tmp_path):
+    from mpvpn.noise import generate_keypair
+    import base64
+
+    priv, _ = generate_keypair()
+    text = SITE_A.replace("config base 'base'\n", "config base 'base'\n\toption private_key "
+                          f"'{base64.b64encode(priv).decode()}'\n")
+    d = write(tmp_path, text, NETWORK_A)
+    (tmp_path / "orayboxvpn").chmod(0o644)
+    out = run(d)[1]
+    assert any("holds a secret (private_key, psk)" in line for line in out), out

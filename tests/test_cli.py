@@ -59,3 +59,48 @@ def test_link_test_table_formats_results_and_survives_odd_values():
 def test_test_links_without_an_agent_says_so(tmp_path, capsys):
     assert cli.main(["test-links", "--run-dir", str(tmp_path)]) == 3
     assert "not running" in capsys.readouterr().err
+
+
+def test_status_without_an_agent_text_and_json(tmp_path, capsys):
+    import json
+
+    assert cli.main(["status", "--run-dir", str(tmp_path)]) == 3
+    cap = capsys.readouterr()
+    assert cap.out == "" and "not running" in cap.err
+    assert cli.main(["status", "--json", "--run-dir", str(tmp_path)]) == 3
+    doc = json.loads(capsys.readouterr().out)  # a script still gets a document
+    assert doc["state"] == "stopped" and "not running" in doc["error"]
+
+
+def _help(capsys, *argv) -> str:
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_shows_defaults_and_says_what_each_option_is(capsys):
+    text = _help(capsys, "run")
+    assert f"(default: {cli.DEFAULT_UCI_DIR})" in text and f"(default: {cli.DEFAULT_RUN_DIR})" in text
+    for cmd in ("run", "status", "test-links"):
+        assert "--run-dir RUN_DIR the agent's run directory" in _help(capsys, cmd), cmd
+    assert "--packets PACKETS user packets to send (default: 20000)" in _help(capsys, "demo")
+    assert "base.psk" in _help(capsys, "genpsk")
+    assert "base.private_key" in _help(capsys, "genkey")
+    assert "standard input" in _help(capsys, "pubkey")
+
+
+def test_demo_refuses_bad_values_with_its_own_usage(capsys):
+    import pytest
+
+    for argv in (["--loss", "150"], ["--loss", "x"], ["--packets", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["demo", *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        usage = err.splitlines()[0]
+        # the usage line offers what `mpvpn demo` accepts, nothing else (no --rate/--seed)
+        assert usage == "usage: mpvpn demo [-h] [--packets PACKETS] [--loss LOSS]", err
+        assert argv[0] in err

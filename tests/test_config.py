@@ -95,9 +95,11 @@ config interface 'lan'
 
 
 def write(d: Path, orayboxvpn: str | None, network: str | None = NETWORK_A) -> str:
+    """The two files, orayboxvpn with uci's mode for a new file (0600: it holds the PSK)."""
     d.mkdir(parents=True, exist_ok=True)
     if orayboxvpn is not None:
         (d / "orayboxvpn").write_text(orayboxvpn)
+        (d / "orayboxvpn").chmod(uci.UCI_FILEMODE)
     if network is not None:
         (d / "network").write_text(network)
     return str(d)
@@ -326,10 +328,10 @@ def test_base_errors(old, new, expected):
 @pytest.mark.parametrize(
     "psk, message",
     [
-        ("not base64!", "is not valid base64 (make one with `head -c 32 /dev/urandom | base64`)"),
+        ("not base64!", "is not valid base64 (make one with `mpvpn genpsk`)"),
         (base64.b64encode(b"x" * 16).decode(), "decodes to 16 bytes; it must be exactly 32"),
         (base64.b64encode(bytes(32)).decode(), "is all zero bytes: use a random key"),
-        (PSK[:-2], "is not valid base64 (make one with `head -c 32 /dev/urandom | base64`)"),
+        (PSK[:-2], "is not valid base64 (make one with `mpvpn genpsk`)"),
     ],
 )
 def test_psk_errors_never_echo_the_key(psk, message):
@@ -342,7 +344,7 @@ def test_missing_psk():
     _, problems = check(edit(SITE_A, f"option psk '{PSK}'", ""))
     assert errors(problems) == [
         "orayboxvpn.base.psk: missing: the shared secret, 32 random bytes in base64, the same on "
-        "both sides (make one with `head -c 32 /dev/urandom | base64`)"
+        "both sides (make one with `mpvpn genpsk`)"
     ]
 
 

@@ -123,6 +123,11 @@ def test_dead_detected_within_half_a_second_while_data_flows():
     pair.stream("a", 800, 1000.0, first=200)
     down = _time_to_down(pair, "a", 2)
     assert down is not None and down - t_fail <= 0.5
+    # the status records the verdict: when it came, and the silence it took
+    st = pair.a.subflows[2].status(pair.now)
+    assert st["last_down_age"] == round(pair.now - down, 3) and st["downs"] == 1
+    assert 3 * 100 <= st["dead_after_ms"] <= 500  # 3 unanswered probes at the active interval
+    assert st["last_down_reason"] == "no answer to 3 probes"
     # duplicate mode: nothing was lost meanwhile
     pair.run(0.5)
     got = sorted(int.from_bytes(p[:4], "big") for p in pair.delivered["b"])

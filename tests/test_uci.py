@@ -9,7 +9,10 @@ The function each case exercises is named in a comment.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,10 +115,11 @@ def test_package_keyword_is_checked_and_ignored():
 
 # --- model semantics: list.c ---------------------------------------------
 
-def test_option_redefinition_moves_it_to_the_end():
-    # uci_set "update option": uci_free_option + uci_alloc_option (appends)
+def test_option_redefinition_keeps_its_place():
+    # uci_set "update option": the new option is allocated after the old one
+    # (uci_alloc_option(..., &old->e.list)), which is then freed
     pkg = uci.parse("config t 's'\noption a 1\noption b 2\noption a 3\noption b 2\n", "p")
-    assert opts(pkg, "s") == [("b", "2"), ("a", "3")]
+    assert opts(pkg, "s") == [("a", "3"), ("b", "2")]
 
 
 def test_empty_option_is_ignored_while_parsing():
@@ -125,14 +129,14 @@ def test_empty_option_is_ignored_while_parsing():
 
 
 def test_lists():
-    # uci_add_list: string + list item converts to a list (moved to the end);
+    # uci_add_list: string + list item converts to a list (in its place);
     # empty items are kept
     text = "config t 's'\nlist l 'x'\noption o 'first'\nlist l 'y'\nlist o 'second'\nlist e ''\n"
     pkg = uci.parse(text, "p")
     assert opts(pkg, "s") == [("l", ["x", "y"]), ("o", ["first", "second"]), ("e", [""])]
-    # option after list replaces it with a string at the end
+    # option after list replaces it with a string, in its place
     pkg = uci.parse("config t 's'\nlist l 'x'\noption m 1\noption l 'z'\n", "p")
-    assert opts(pkg, "s") == [("m", "1"), ("l", "z")]
+    assert opts(pkg, "s") == [("l", "z"), ("m", "1")]
 
 
 def test_duplicate_named_section_merges():
@@ -140,6 +144,51 @@ def test_duplicate_named_section_merges():
     pkg = uci.parse("config t 'a'\noption x 1\nconfig t 'b'\nconfig t 'a'\noption y 2\n", "p")
     assert [s.name for s in pkg] == ["a", "b"]
     assert opts(pkg, "a") == [("x", "1"), ("y", "2")]
+    # the parser records what it merged (for `mpvpn check`), and nothing else changes
+    assert pkg.merges == [uci.Merge("t", "a", 1, 4)]
+    assert [s.line for s in pkg] == [1, 3]
+
+
+def test_merges_and_lines_count_physical_lines():
+    # ';' separators, comments, blank lines and a multi-line quoted value: a
+    # statement's line is the first physical line of its logical line
+    pkg = uci.parse(MERGES, "p")
+    u = pkg.sections("u")[0]
+    assert [(s.name, s.line) for s in pkg] == [("a", 3), ("b", 6), (u.name, 10)]
+    assert pkg.merges == [uci.Merge("t", "a", 3, 8), uci.Merge("t", "a", 3, 10)]
+    assert opts(pkg, "a") == [("x", "2"), ("long", "one\ntwo")]  # merged as uci does
+    # sections built in code have no line and merge nothing
+    p2 = uci.Package("p")
+    p2.set_section("a", "t")
+    p2.set_section("a", "t")
+    assert p2.merges == [] and p2.section("a").line is None
+    assert uci.parse(uci.dump(pkg), "p") == pkg  # line numbers are not part of equality
+
+
+MERGES = "# c\n\nconfig t 'a' ; option x 1\noption long 'one\ntwo'\nconfig t 'b'\n\nconfig t 'a'\n" \
+         "option x 2\nconfig t 'a'; config u\n"
+REAL_UCI = os.environ.get("MPVPN_REAL_UCI") or shutil.which("uci") or (
+    "/opt/owrt/bin/uci" if os.access("/opt/owrt/bin/uci", os.X_OK) else None)
+
+
+@pytest.mark.parametrize("text", [
+    MERGES,
+    "config t 's'\noption a 1\noption b 2\noption a 333\noption b 2\n",
+    "config t 's'\nlist l 'x'\noption m 1\noption l 'z'\n",
+    "config t 's'\noption a 1\noption m 1\nlist a 2\n",
+    "config t 's'\nlist l 'x'\noption o 'first'\nlist l 'y'\nlist o 'second'\nlist e ''\n",
+])
+def test_uci_show_equals_the_real_uci(tmp_path, text):
+    """Differential: OpenWrt's own uci binary (libuci) on the same file."""
+    if REAL_UCI is None:
+        reason = "no uci binary (PATH, /opt/owrt/bin/uci or MPVPN_REAL_UCI)"
+        sys.stderr.write(f"\nreal-uci comparison skipped: {reason}\n")
+        pytest.skip(reason)
+    (tmp_path / "p").write_text(text)
+    real = subprocess.run([REAL_UCI, "-c", str(tmp_path), "show", "p"], capture_output=True, text=True,
+                          timeout=30)
+    assert real.returncode == 0, real.stderr
+    assert uci.show(uci.load(str(tmp_path / "p"))) == real.stdout
 
 
 def test_anonymous_section_names():
@@ -353,8 +402,11 @@ def test_set_semantics():
     pkg = uci.parse("config t 's'\n\toption a '1'\n\toption b '2'\n", "p")
     pkg.set("s", "a", "1")  # same value: nothing moves
     assert opts(pkg, "s") == [("a", "1"), ("b", "2")]
-    pkg.set("s", "a", "9")  # changed: moves to the end, as uci commit shows
-    assert opts(pkg, "s") == [("b", "2"), ("a", "9")]
+    pkg.set("s", "a", "9")  # changed: keeps its place, as uci commit shows
+    assert opts(pkg, "s") == [("a", "9"), ("b", "2")]
+    pkg.set("s", "a", "100")  # (another length: libuci re-allocates it, still in place)
+    assert opts(pkg, "s") == [("a", "100"), ("b", "2")]
+    pkg.set("s", "a", "9")
     pkg.set("s", "b", "")  # empty value deletes
     assert opts(pkg, "s") == [("a", "9")]
     pkg.set("s", "c", ["x", "y"])

@@ -9,10 +9,13 @@ allowed), 1 with errors.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from typing import TextIO
 
-from mpvpn.config import Config, load_config
+from mpvpn import uci
+from mpvpn.config import PACKAGE, WARNING, Config, Problem, load_config
 
 DEFAULT_UCI_DIR = "/etc/config"
 
@@ -64,10 +67,43 @@ def summary(config: Config) -> str:
     return "; ".join(parts)
 
 
+SECRET_OPTIONS = ("psk", "private_key")
+
+
+def file_problems(uci_dir: str) -> list[Problem]:
+    """What uci accepts silently but a user would not want: a ``config``
+    statement that merges into an earlier section of the same type and name
+    (an uplink written twice under one name disappears into the first), and
+    a file holding a key that group or others can read."""
+    problems = []
+    for name in (PACKAGE, "network"):
+        path = os.path.join(uci_dir, name)
+        try:
+            pkg = uci.load(path, name)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except (OSError, uci.UciError):
+            continue  # load_config reports those
+        for m in pkg.merges:
+            problems.append(Problem(
+                WARNING, f"{name}.{m.name}",
+                f"config {m.type} '{m.name}' at line {m.line} has the name of the section at line "
+                f"{m.first_line}: uci merges them into one (the later options win), so it is not a "
+                f"second {m.type}; give one of them another name"))
+        secrets = sorted({o for sec in pkg for o in SECRET_OPTIONS if sec.get(o)})
+        if secrets and mode & 0o077:
+            problems.append(Problem(
+                WARNING, name,
+                f"{path} holds a secret ({', '.join(secrets)}) and is readable by "
+                f"{'group and others' if mode & 0o070 and mode & 0o007 else 'group' if mode & 0o070 else 'others'} "
+                f"(mode {mode:04o}): chmod 600 {path}"))
+    return problems
+
+
 def run(uci_dir: str, out: TextIO) -> int:
     """Check ``uci_dir`` and report to ``out``. Returns the exit status."""
     try:
         config, problems = load_config(uci_dir)
+        problems = problems + file_problems(uci_dir)
     except Exception as e:  # a bug of ours: still no traceback for the user
         _write(out, f"mpvpn check: internal error: {type(e).__name__}: {e}")
         return 2

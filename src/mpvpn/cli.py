@@ -101,7 +101,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     try:
         st = rpc.call(rpc.socket_path(args.run_dir), "status")
     except rpc.RpcError as e:
-        print(f"orayboxvpn: {e}", file=sys.stderr)
+        if args.json:  # a script reading stdout still gets a document
+            _show({"state": "stopped", "error": str(e)}, True, None)
+        else:
+            print(f"orayboxvpn: {e}", file=sys.stderr)
         return 3
     _show(st, args.json, _print_status)
     return 0
@@ -191,17 +194,37 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind, lo, hi, what):
+    """An argparse type: ``kind`` within lo..hi (None: open), so a bad value
+    is refused by this command's own parser, with its own usage line."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: {what}")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpvpn", description="orayboxvpn multipath VPN agent")
     p.add_argument("--version", action="version", version=f"mpvpn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="in-memory SMPU demo over simulated lossy carriers")
-    d.add_argument("--packets", type=int, default=20000)
-    d.add_argument("--loss", type=float, default=20.0, help="loss per carrier, percent")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    run_dir_help = "the agent's run directory (its status socket)"
+    what = "in-memory SMPU demo over simulated lossy carriers"
+    d = sub.add_parser("demo", help=what, description=what, formatter_class=defaults)
+    d.add_argument("--packets", type=_number(int, 1, None, "a whole number >= 1"), default=20000,
+                   help="user packets to send")
+    d.add_argument("--loss", type=_number(float, 0, 100, "a percentage 0-100"), default=20.0,
+                   help="loss per carrier, percent")
     d.set_defaults(func=_cmd_demo)
-    r = sub.add_parser("run", help="run the agent in the foreground (what procd starts)")
+    what = "run the agent in the foreground (what procd starts)"
+    r = sub.add_parser("run", help=what, description=what, formatter_class=defaults)
     r.add_argument("--uci-dir", default=DEFAULT_UCI_DIR, help="directory with orayboxvpn and network")
-    r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="where the status socket lives")
+    r.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=run_dir_help)
     r.add_argument("--ubus-socket", metavar="PATH",
                    help="ubusd's socket (default: /var/run/ubus/ubus.sock or /var/run/ubus.sock if there; "
                         "without one the agent is not on ubus)")
@@ -209,21 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="syslog: to logd (/dev/log) as 'orayboxvpn' at each line's priority; "
                         "auto (default): syslog on OpenWrt, stderr elsewhere")
     r.set_defaults(func=_cmd_run)
-    st = sub.add_parser("status", help="print the running agent's status")
+    what = "print the running agent's status"
+    st = sub.add_parser("status", help=what, description=what + " (exit status 3 when it is not "
+                        "running; with --json still a document: {\"state\": \"stopped\", \"error\": ...})",
+                        formatter_class=defaults)
     st.add_argument("--json", action="store_true", help="the whole status document as JSON")
-    st.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    st.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=run_dir_help)
     st.set_defaults(func=_cmd_status)
-    t = sub.add_parser("test-links", help="measure each link alone, then all together, both ways")
+    what = "measure each link alone, then all together, both ways"
+    t = sub.add_parser("test-links", help=what, description=what, formatter_class=defaults)
     t.add_argument("--duration", type=float, default=3.0, help="seconds per phase (0.5-10)")
     t.add_argument("--peer", help="site name of the peer (a hub with several sites)")
     t.add_argument("--json", action="store_true", help="the test's document as JSON")
-    t.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    t.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=run_dir_help)
     t.set_defaults(func=_cmd_test_links)
-    g = sub.add_parser("genpsk", help="print a new pre-shared key (32 random bytes, base64)")
+    what = "print a new pre-shared key (32 random bytes, base64)"
+    g = sub.add_parser("genpsk", help=what, description=what + " for base.psk (the same on both "
+                       "sites) or a `config site` section")
     g.set_defaults(func=_cmd_genpsk)
-    k = sub.add_parser("genkey", help="print a new X25519 private key (base64); see pubkey")
+    what = "print a new X25519 private key (base64); see pubkey"
+    k = sub.add_parser("genkey", help=what, description="print a new X25519 private key (base64) "
+                       "for base.private_key; `mpvpn pubkey` gives the public key for the peer's "
+                       "base.peer_public_key")
     k.set_defaults(func=_cmd_genkey)
-    pk = sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    what = "read a private key on stdin, print its public key"
+    pk = sub.add_parser("pubkey", help=what, description="read a private key (base64, e.g. from "
+                        "`mpvpn genkey`) on standard input and print its public key (base64)")
     pk.set_defaults(func=_cmd_pubkey)
     from mpvpn import check, pair
 

@@ -124,7 +124,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "psk": Option(
             "psk", None,
             "Required (a server with `config site` sections may leave it out). Shared secret, the "
-            "same on both sides: 32 random bytes in base64 (`head -c 32 /dev/urandom | base64`).",
+            "same on both sides: 32 random bytes in base64 (`mpvpn genpsk`).",
         ),
         "pair_unmatched": Option(
             "bool", "0",
@@ -1096,7 +1096,7 @@ def _parse_psk(chk: _Checker, sec) -> bytes | None:
     try:
         psk = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        chk.err(sec.path("psk"), "is not valid base64 (make one with `head -c 32 /dev/urandom | base64`)")
+        chk.err(sec.path("psk"), "is not valid base64 (make one with `mpvpn genpsk`)")
         return None
     if len(psk) != PSK_BYTES:
         chk.err(sec.path("psk"), f"decodes to {len(psk)} bytes; it must be exactly {PSK_BYTES}")
@@ -1109,7 +1109,7 @@ def _parse_psk(chk: _Checker, sec) -> bytes | None:
 
 MAX_SITES = 256
 MISSING_PSK = ("missing: the shared secret, 32 random bytes in base64, the same on both sides "
-               "(make one with `head -c 32 /dev/urandom | base64`)")
+               "(make one with `mpvpn genpsk`)")
 
 
 def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None) -> list[SiteKey]:

@@ -168,6 +168,8 @@ class Subflow:
         self.ups = 0
         self.downs = 0
         self.last_down_reason = ""
+        self.last_down_at: float | None = None  # when it last left ESTABLISHED
+        self.dead_silence: float | None = None  # seconds unanswered when last declared dead
 
     # -- state machine -----------------------------------------------------
 
@@ -195,6 +197,7 @@ class Subflow:
             elif old is S.ESTABLISHED:
                 self.downs += 1
                 self.last_down_reason = reason or event.value
+                self.last_down_at = now
             self._notify(self, old, new, reason or event.value)
         return True
 
@@ -404,6 +407,8 @@ class Subflow:
                 self.deadline = None
 
     def _go_dead(self, now: float) -> None:
+        if self.last_answer is not None:
+            self.dead_silence = now - self.last_answer
         self._fire(E.DEAD, now, f"no answer to {self.probes_unanswered} probes")
         self._next_probe = None
         self.probes_unanswered = 0
@@ -447,6 +452,9 @@ class Subflow:
             "ups": self.ups,
             "downs": self.downs,
             "last_down_reason": self.last_down_reason,
+            "last_down_age": None if self.last_down_at is None else round(now - self.last_down_at, 3),
+            # the detection time of the last dead verdict: silence until it came
+            "dead_after_ms": None if self.dead_silence is None else round(self.dead_silence * 1000, 1),
             # the sender's estimate of this link's upload rate: measured, or
             # (until measured) the configured smpu.upload or the agent's guess
             "rate_kbps": None if meter is None else int(meter.rate * 8 / 1000),

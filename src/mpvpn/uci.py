@@ -36,6 +36,7 @@ from typing import Iterator, Union
 Value = Union[str, list]  # str for ``option``, list[str] for ``list``
 
 __all__ = [
+    "Merge",
     "Package",
     "Section",
     "UciError",
@@ -167,6 +168,9 @@ class Section:
     name: str
     anonymous: bool = False
     options: dict = field(default_factory=dict)  # name -> str | list[str]
+    # the line of the ``config`` statement that created it (parsed files only;
+    # not part of equality, and not written back)
+    line: int | None = field(default=None, repr=False)
 
     def get(self, option: str, default=None):
         return self.options.get(option, default)
@@ -189,9 +193,9 @@ class Section:
         old = self.options.get(option)
         if isinstance(old, str) and old == value:
             return
-        if option in self.options:
-            # uci_free_option + uci_alloc_option: the option moves to the end
-            del self.options[option]
+        # a new option goes to the end; a changed one keeps its place (the
+        # new one is allocated after the old, which is then freed:
+        # uci_alloc_option(..., &old->e.list))
         self.options[option] = value
 
     # uci_add_list
@@ -201,8 +205,7 @@ class Section:
             old.append(value)
             return
         if isinstance(old, str):
-            # string converted to a list; uci_alloc_list appends at the end
-            del self.options[option]
+            # string converted to a list in its place (uci_alloc_list(..., &old->e.list))
             self.options[option] = [old, value]
         else:
             self.options[option] = [value]
@@ -212,6 +215,18 @@ _EXT_RE = re.compile(r"@([^\[]*)\[([^\]]*)\]")
 _STRTOL_RE = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
+@dataclass(frozen=True)
+class Merge:
+    """A ``config`` statement that named an existing section of its type: uci
+    merges its options into that section (later values win) instead of making
+    a second one.  ``first_line`` created the section, ``line`` merged into it."""
+
+    type: str
+    name: str
+    first_line: int
+    line: int
+
+
 class Package:
     """A parsed config file: ordered sections of ordered options."""
 
@@ -219,6 +234,9 @@ class Package:
         self.name = name
         self._sections: list[Section] = []
         self._n_section = 0  # uci_package.n_section: sections ever allocated
+        # what the parser merged, in file order (uci does it silently: a
+        # checker can warn; see Merge)
+        self.merges: list[Merge] = []
 
     # -- lookups ---------------------------------------------------------
     def __iter__(self) -> Iterator[Section]:
@@ -333,9 +351,10 @@ class Package:
     def set(self, ref: str, option: str, value) -> None:
         """``uci set <package>.<ref>.<option>=<value>``.
 
-        An empty string deletes the option. Changing an existing option moves
-        it to the end of its section, as uci does (free + re-alloc). A list
-        value replaces the option by a ``list`` with those items."""
+        An empty string deletes the option. A changed option keeps its place
+        in the section, as in uci (libuci list.c ``uci_set``); a new one is
+        appended. A list value replaces the option by a ``list`` with those
+        items (in its place)."""
         s = self._need(ref)
         if not validate_name(option):
             raise UciInvalidError(f"invalid option name {option!r}")
@@ -344,9 +363,10 @@ class Package:
             for v in items:
                 if not validate_text(v):
                     raise UciInvalidError(f"invalid value {v!r}")
-            s.options.pop(option, None)
             if items:
                 s.options[option] = items
+            else:
+                s.options.pop(option, None)
             return
         value = str(value)
         if not validate_text(value):
@@ -479,6 +499,7 @@ class _Parser:
         self.pos = 0
         self.buf_filled = 0
         self.line = 0  # physical lines read (see module docstring)
+        self.stmt_line = 0  # the first physical line of the logical line being parsed
         self.pkg = package
         self.section: Section | None = None
 
@@ -657,6 +678,7 @@ class _Parser:
     def on_config(self, type_: str, name: str) -> None:
         if not name:
             self.section = self.pkg._alloc(type_, None)
+            self.section.line = self.stmt_line
             return
         existing = None
         for s in self.pkg._sections:
@@ -665,10 +687,13 @@ class _Parser:
                 break
         if existing is None:
             self.section = self.pkg._alloc(type_, name)
+            self.section.line = self.stmt_line
             return
         if existing.type != type_:
             self.error("section of different type overwrites prior section with same name")
         self.section = existing  # same name and type: options merge into it
+        if existing.line is not None:
+            self.pkg.merges.append(Merge(type_, name, existing.line, self.stmt_line))
 
     def parse_option(self, is_list: bool) -> None:
         if self.section is None:
@@ -712,6 +737,7 @@ class _Parser:
         # uci_import
         while self.rpos < len(self.data):
             self.pos = 0
+            self.stmt_line = self.line + 1
             self.getln(0)
             if self.ch(0):
                 self.parse_line()

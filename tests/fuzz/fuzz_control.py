@@ -542,6 +542,9 @@ def _fuzz_conv(snap: _Snapshot, to_server: bool, rest: bytes, eof: bool, bytewis
                 frame = encode_frame(body) if body else b"\x00\x00"
             cv.feed(frame, True)
             continue
+        # a genuine peer cannot encrypt more than one Noise message holds (a
+        # fuzzer's longer body crashed the harness: corpus est2-update-10000-lans)
+        body = body[:MAX_FRAME - noise.TAG_LEN]
         frame = cv.encrypt(body)
         if frame is None:  # the genuine peer is gone
             break

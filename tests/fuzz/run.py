@@ -7,7 +7,7 @@
 Each target runs in its own subprocess under libFuzzer (``-max_total_time``,
 ``-rss_limit_mb``, ``-timeout``), starting from a small seed corpus that the
 target builds in code (``seed_corpus()``: valid datagrams, frames and
-scripts).  One summary line per target::
+scripts) plus the regression corpus ``tests/fuzz/corpus/<target>/``.  One summary line per target::
 
     fuzz wire: 1234567 execs in 5 s (246913/s), crashes 0, corpus 19 -> 31
 
@@ -63,6 +63,11 @@ def atheris_missing() -> str | None:
 def write_seeds(name: str, corpus: str) -> int:
     os.makedirs(corpus, exist_ok=True)
     seeds = load_target(name).seed_corpus()
+    regress = os.path.join(HERE, "corpus", name)  # the regression corpus joins the seeds
+    if os.path.isdir(regress):
+        for f in sorted(os.listdir(regress)):
+            with open(os.path.join(regress, f), "rb") as fh:
+                seeds.append(fh.read())
     for s in seeds:
         path = os.path.join(corpus, "seed-" + hashlib.sha1(s).hexdigest())
         with open(path, "wb") as fh:

@@ -97,7 +97,7 @@ def _which(cmd: str) -> str | None:
         (p for p in (f"/usr/sbin/{cmd}", f"/sbin/{cmd}") if os.access(p, os.X_OK)), None)
 
 
-def _sh(args: Sequence[str], timeout: float = 20, check: bool = True,
+def _sh(args: Sequence[str], timeout: float = 60, check: bool = True,
         input: str | None = None) -> subprocess.CompletedProcess:
     try:
         cp = subprocess.run(list(args), capture_output=True, text=True,
@@ -491,11 +491,11 @@ class Lab:
                              stderr=subprocess.PIPE, start_new_session=True)
         self._shims[c] = p
         self._procs.append(p)
-        msg = self._shim_read(c, timeout=10)
+        msg = self._shim_read(c, timeout=60)
         if not msg.get("ready"):
             raise LabError(f"shim for carrier {c} failed to start: {msg}")
 
-    def _shim_read(self, c: int, timeout: float = 5) -> dict:
+    def _shim_read(self, c: int, timeout: float = 30) -> dict:
         p = self._shims[c]
         fd = p.stdout.fileno()
         r, _, _ = select.select([fd], [], [], timeout)
@@ -541,7 +541,7 @@ class Lab:
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return ["ip", "netns", "exec", self.ns(ns), *argv]
 
-    def run(self, ns: str, cmd: str | Sequence[str], *, timeout: float = 30,
+    def run(self, ns: str, cmd: str | Sequence[str], *, timeout: float = 60,
             check: bool = True, input: str | bytes | None = None,
             text: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) in namespace ``ns``
@@ -568,7 +568,7 @@ class Lab:
         self._procs.append(p)
         return p
 
-    def python(self, ns: str, code: str, *args: str, timeout: float = 30,
+    def python(self, ns: str, code: str, *args: str, timeout: float = 60,
                check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         """Run a Python snippet (this interpreter) in ``ns``; args in sys.argv[1:]."""
         return self.run(ns, [sys.executable, "-c", code, *args], timeout=timeout,
@@ -618,7 +618,7 @@ class Lab:
         if size is not None:
             argv += ["-s", str(size)]
         argv += [*extra, dst]
-        budget = count * interval + timeout + 10
+        budget = 3 * count * interval + timeout + 30  # a hang limit: a busy machine pings slower
         cp = self.run(src_ns, argv, timeout=budget, check=False)
         out = cp.stdout + cp.stderr
         if _PING_TX_RE.search(out) is None:

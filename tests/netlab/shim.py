@@ -19,6 +19,9 @@ Modes per direction:
 Jitter distribution ``uniform`` (delay +- jitter) or ``normal`` (sigma =
 jitter, clipped to +-2 sigma); the result is never below zero.
 
+A frame's delay counts from its arrival in the kernel (SO_TIMESTAMPNS), not
+from when the shim got round to reading it.
+
 Frames are read with a virtio-net header (PACKET_VNET_HDR) and written back
 with the same header, so the kernel's GSO super-frames and partial checksums
 pass through untouched: a TCP stream costs one Python operation per 64 KiB
@@ -28,6 +31,9 @@ Protocol (stdin/stdout, one JSON object per line):
     -> {"cmd": "set", "dir": "a2b"|"b2a"|"both", "delay": ms, "jitter": ms,
         "reorder": bool, "dist": "uniform"|"normal"}      <- {"ok": true}
     -> {"cmd": "stats"}          <- {"ok": true, "a2b": {...}, "b2a": {...}}
+       (per direction: the configuration, frames forwarded/dropped, and
+       ``late_max_ms`` / ``late_avg_ms``: how much later than due the shim
+       sent frames, e.g. when a busy machine kept it off the CPU)
     -> {"cmd": "quit"}           (or EOF on stdin) -> exits
 At start-up, once both sockets are bound, the shim prints {"ready": true}.
 
@@ -45,10 +51,12 @@ import os
 import random
 import select
 import socket
+import struct
 import sys
 import time
 
 SOL_PACKET = 263
+SO_TIMESTAMPNS = 35  # also SCM_TIMESTAMPNS
 PACKET_VNET_HDR = 15
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
@@ -67,7 +75,7 @@ BUF_SIZE = 256 * 1024
 class Direction:
     __slots__ = ("name", "rx", "tx", "delay", "jitter", "reorder", "dist",
                  "last_due", "queued", "queued_bytes", "fwd", "dropped",
-                 "send_errors", "bytes")
+                 "send_errors", "bytes", "late_max", "late_sum", "late_n")
 
     def __init__(self, name: str, rx: socket.socket, tx: socket.socket):
         self.name = name
@@ -84,6 +92,9 @@ class Direction:
         self.dropped = 0
         self.send_errors = 0
         self.bytes = 0
+        self.late_max = 0.0  # seconds a delayed frame left after its due time
+        self.late_sum = 0.0
+        self.late_n = 0
 
     def configure(self, delay_ms: float, jitter_ms: float, reorder: bool, dist: str) -> None:
         if delay_ms < 0 or jitter_ms < 0:
@@ -111,7 +122,9 @@ class Direction:
         return {"delay_ms": self.delay * 1000, "jitter_ms": self.jitter * 1000,
                 "reorder": self.reorder, "dist": self.dist, "forwarded": self.fwd,
                 "bytes": self.bytes, "dropped": self.dropped,
-                "send_errors": self.send_errors, "queued": self.queued}
+                "send_errors": self.send_errors, "queued": self.queued,
+                "late_max_ms": round(self.late_max * 1000, 3),
+                "late_avg_ms": round(self.late_sum / self.late_n * 1000, 3) if self.late_n else 0.0}
 
 
 def open_sock(ifname: str) -> socket.socket:
@@ -128,6 +141,7 @@ def open_sock(ifname: str) -> socket.socket:
             s.setsockopt(socket.SOL_SOCKET, opt, size)
         except OSError:
             pass
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     s.bind((ifname, ETH_P_ALL))
     s.setblocking(False)
     return s
@@ -168,6 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     buf = bytearray(BUF_SIZE)
     view = memoryview(buf)
     now = time.monotonic
+    stamp = struct.Struct("@qq")
+
+    def arrived(anc) -> float:
+        """The kernel's receive time of a frame, on the monotonic clock."""
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= stamp.size:
+                sec, nsec = stamp.unpack_from(data)
+                t = now()
+                return min(t, sec + nsec / 1e9 - (time.time() - t))
+        return now()
     rfds = [sa.fileno(), sb.fileno(), stdin_fd]
     reply({"ready": True, "pid": os.getpid()})
 
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             rx = d.rx
             for _ in range(RX_BATCH):
                 try:
-                    n = rx.recv_into(buf)
+                    n, anc, _flags, _addr = rx.recvmsg_into([buf], 256)
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -251,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 if d.queued >= MAX_QUEUED_FRAMES or d.queued_bytes + n > MAX_QUEUED_BYTES:
                     d.dropped += 1
                     continue
-                t = now()
-                due = t + d.sample(rng)
+                due = arrived(anc) + d.sample(rng)
                 if not d.reorder:
                     if due < d.last_due:
                         due = d.last_due
@@ -265,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         if heap:
             t = now()
             while heap and heap[0][0] <= t:
-                _, _, d, frame = heapq.heappop(heap)
+                due, _, d, frame = heapq.heappop(heap)
                 d.queued -= 1
                 d.queued_bytes -= len(frame)
                 send(d, frame)
+                late = now() - due
+                d.late_n += 1
+                d.late_sum += late
+                if late > d.late_max:
+                    d.late_max = late
     return 0
 
 
