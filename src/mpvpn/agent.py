@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, fastpath, ifaddr, linktest, mss, pairing, rpc
+from mpvpn import __version__, control, fastpath, ifaddr, linktest, memtrace, mss, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -315,10 +315,13 @@ class Agent:
         """Set up, loop until SIGTERM/SIGINT (reload on SIGHUP), tear down."""
         old = {sig: signal.signal(sig, self._on_signal) for sig in
                (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        trace = memtrace.MemTrace.from_env()  # debug aid, off unless MPVPN_TRACEMALLOC is set
         try:
             self.setup()
             while not self._stop:
                 self.step()
+                if trace is not None:
+                    trace.poll(self.clock())
                 if self._reload:
                     self._reload = False
                     self.reload()
