@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agentlab import UDP_SINK, UDP_SOURCE, TwoSites, tcp_transfer
+from agentlab import UDP_SINK, UDP_SOURCE, Stream, TwoSites, tcp_transfer
 from mpvpn.netcfg import RTPROT_MPVPN
 
 pytestmark = pytest.mark.usefixtures("netlab_ready")
@@ -221,13 +221,14 @@ def test_sighup_applies_live_options_in_place_and_restarts_for_the_rest(sites):
     st = ts.a.status()
     assert st["session_id"] == sid and st["state"] == "connected"
     assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
-    # disruptive: a new LAN subnet must reach the peer, so the session restarts
+    # disruptive: a new rekey interval goes into a new session (a LAN change
+    # does not: test_lan_change_is_an_update_that_loses_nothing)
     conf.write_text(conf.read_text().replace("config base 'base'\n",
-                                             "config base 'base'\n\tlist lan_subnet '10.99.0.0/24'\n"))
+                                             "config base 'base'\n\toption rekey_interval '100'\n"))
     ts.a.proc.send_signal(signal.SIGHUP)
-    ts.b.wait(lambda s: "10.99.0.0/24" in s["routes"] and s["state"] == "connected", 20, "new route on B")
-    st = ts.a.wait_connected()
-    assert st["session_id"] != sid
+    st = ts.a.wait(lambda s: s["session_id"] not in (None, sid) and s["state"] == "connected", 20,
+                   "a new session")
+    ts.a.wait_connected()
     assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
     # a broken config is refused and the running tunnel kept
     conf.write_text(conf.read_text().replace("option role 'client'", "option role 'nonsense'"))
@@ -639,3 +640,122 @@ def test_syns_through_the_tunnel_get_an_mss_that_fits_and_the_option_turns_it_of
         site.proc.send_signal(signal.SIGHUP)
         site.wait(lambda s, site=site: "live options applied" in site.log(), 5, "reload logged")
     assert _mss_both_ways(lab, 5302) == (1460 - 12, 1460 - 12)
+
+
+# -- lifecycle: one agent per run directory and vNIC, leftovers, live LAN change, lost vNIC --------
+
+def _ifindex(lab, ns, ifname="mpvpn0"):
+    import json
+
+    return json.loads(lab.run(ns, ["ip", "-j", "link", "show", ifname]).stdout)[0]["ifindex"]
+
+
+def test_a_second_agent_is_refused_and_touches_nothing(sites, tmp_path):
+    lab, ts = sites
+    ts.start()
+    pid = ts.a.proc.pid
+    before = (_ifindex(lab, lab.ra), routes(lab, lab.ra), ts.a.status()["session_id"])
+    both = [Stream(lab, lab.ha, lab.hb, "192.168.20.2", 6001).start(),
+            Stream(lab, lab.hb, lab.ha, "192.168.10.2", 6002).start()]
+    time.sleep(0.5)
+    same_dir = ts.a.run_once()
+    other_dir = ts.a.run_once(run_dir=tmp_path / "other-run")
+    time.sleep(0.5)
+    for sent, got, dups in (s.stop() for s in both):
+        assert sent > 0 and (got, dups) == (sent, 0)  # the running agent carried every packet
+    for r in (same_dir, other_dir):
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+    assert re.search(rf"ERROR: cannot run: another agent \(pid {pid}\) is running with run directory "
+                     rf"{re.escape(str(ts.a.run_dir))}", same_dir.stderr), same_dir.stderr
+    assert f"another agent (pid {pid}) is running with vNIC mpvpn0" in other_dir.stderr, other_dir.stderr
+    assert not (tmp_path / "other-run" / "orayboxvpn.sock").exists()  # nothing made there
+    assert ts.a.proc.poll() is None
+    assert (_ifindex(lab, lab.ra), routes(lab, lab.ra), ts.a.status()["session_id"]) == before
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05, timeout=5).received == 5
+
+
+def test_after_kill_9_the_next_agent_starts_and_cleans_only_dead_leftovers(sites):
+    lab, ts = sites
+    ts.start()
+    dead = ts.a.proc.pid
+    ts.a.stop("KILL")
+    lock = ts.a.run_dir / "agent.lock"
+    assert lock.read_text().strip() == str(dead)  # the file stays; the kernel dropped the flock
+    # what a dead owner may leave under our vNIC name (a tun made persistent, a
+    # route of ours on it), and a route of ours on another device: another
+    # agent's (another vNIC name), which must survive
+    for cmd in ("ip tuntap add mode tun mpvpn0", "ip link set mpvpn0 up",
+                f"ip route add 10.77.0.0/24 dev mpvpn0 proto {RTPROT_MPVPN}",
+                "ip link add other0 type veth peer name other0p", "ip link set other0 up",
+                "ip link set other0p up", f"ip route add 10.88.0.0/24 dev other0 proto {RTPROT_MPVPN}"):
+        lab.run(lab.ra, cmd)
+    ts.a.start()
+    ts.a.wait_connected(timeout=20)
+    r = routes(lab, lab.ra)
+    assert "192.168.20.0/24 dev mpvpn0" in r and "10.77.0.0/24" not in r
+    assert "10.88.0.0/24 dev other0" in r
+    assert "removing leftovers of an agent that is gone: interface mpvpn0 and 1 route(s)" in ts.a.log()
+    assert lock.read_text().strip() == str(ts.a.proc.pid)
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05, timeout=5).received == 5
+    # a device of our name that is not a tun is not ours to delete: refuse, say why
+    ts.a.stop()
+    lab.run(lab.ra, "ip link add mpvpn0 type veth peer name mpvpn0p")
+    r = ts.a.run_once()
+    assert r.returncode == 1 and "interface mpvpn0 exists and is not a tun device (veth)" in r.stderr
+    assert "mpvpn0" in lab.run(lab.ra, ["ip", "link"]).stdout
+
+
+def test_lan_change_is_an_update_that_loses_nothing(sites):
+    import signal
+
+    lab, ts = sites
+    ts.start()
+    st0 = ts.a.status()
+    sid, connects = st0["session_id"], st0["counters"]["control_connects"]
+    conf = ts.a.uci_dir / "orayboxvpn"
+    text = conf.read_text()
+    both = [Stream(lab, lab.ha, lab.hb, "192.168.20.2", 6001).start(),
+            Stream(lab, lab.hb, lab.ha, "192.168.10.2", 6002).start()]
+    time.sleep(0.5)
+    conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '10.99.0.0/24'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    sb = ts.b.wait(lambda s: "10.99.0.0/24" in s["routes"], 10, "B routes the new subnet")
+    assert "10.99.0.0/24 dev mpvpn0" in routes(lab, lab.rb)
+    assert sb["sessions"][0]["peer"]["lans"] == ["192.168.10.0/24", "10.99.0.0/24"]
+    time.sleep(0.5)
+    conf.write_text(text)  # and away again
+    ts.a.proc.send_signal(signal.SIGHUP)
+    ts.b.wait(lambda s: "10.99.0.0/24" not in s["routes"], 10, "B drops the subnet")
+    assert "10.99.0.0/24" not in routes(lab, lab.rb)
+    time.sleep(0.5)
+    for sent, got, dups in (s.stop() for s in both):
+        assert sent > 0 and (got, dups) == (sent, 0)  # not one packet lost on the unchanged LANs
+    st = ts.a.status()
+    assert st["session_id"] == sid and st["counters"]["control_connects"] == connects  # no restart
+    assert ts.b.status()["session_id"] == sid
+    assert ts.a.log().count("LAN change announced") == 2 and "restarting sessions" not in ts.a.log()
+    # a LAN that clashes with the peer's is refused by the peer, as in the first exchange
+    conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '192.168.20.0/25'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    st = ts.a.wait(lambda s: s["last_error"] and "overlap" in s["last_error"], 10, "the peer's refusal")
+    assert "192.168.20.0/25" in st["last_error"]
+    assert "192.168.20.0/25" not in routes(lab, lab.rb)
+    for site in (ts.a, ts.b):
+        assert "Traceback" not in site.log()
+
+
+def test_a_deleted_vnic_is_recreated_with_its_address_and_routes(sites):
+    lab, ts = sites
+    ts.start()
+    sid = ts.a.status()["session_id"]
+    old = _ifindex(lab, lab.ra)
+    lab.run(lab.ra, ["ip", "link", "del", "mpvpn0"])
+    st = ts.a.wait(lambda s: s["counters"]["vnic_recreated"] == 1, 10, "the vNIC recreated")
+    assert "vNIC mpvpn0 vanished" in ts.a.log() and "vNIC mpvpn0 recreated" in ts.a.log()
+    assert _ifindex(lab, lab.ra) != old
+    assert "172.30.0.1/30" in lab.run(lab.ra, ["ip", "addr", "show", "mpvpn0"]).stdout
+    assert routes(lab, lab.ra).startswith("192.168.20.0/24 dev mpvpn0")
+    assert st["session_id"] == sid and ts.a.proc.poll() is None
+    assert lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05, timeout=5).received == 10
+    assert "Traceback" not in ts.a.log()
