@@ -706,13 +706,22 @@ def test_after_kill_9_the_next_agent_starts_and_cleans_only_dead_leftovers(sites
     assert "mpvpn0" in lab.run(lab.ra, ["ip", "link"]).stdout
 
 
-def test_lan_change_is_an_update_that_loses_nothing(sites):
+def test_lan_change_is_an_update_that_loses_nothing(make_lab):
+    lab = make_lab(carriers=3)
+    ts = TwoSites(lab, extra_base="\toption rekey_interval '3600'\n")  # epoch moves only on a restart
+    try:
+        _lan_change_is_an_update(lab, ts)
+    finally:
+        ts.close()
+
+
+def _lan_change_is_an_update(lab, ts):
     import signal
 
-    lab, ts = sites
     ts.start()
     st0 = ts.a.status()
     sid, connects = st0["session_id"], st0["counters"]["control_connects"]
+    epoch = st0["sessions"][0]["epoch"]
     conf = ts.a.uci_dir / "orayboxvpn"
     text = conf.read_text()
     both = [Stream(lab, lab.ha, lab.hb, "192.168.20.2", 6001).start(),
@@ -728,13 +737,25 @@ def test_lan_change_is_an_update_that_loses_nothing(sites):
     ts.a.proc.send_signal(signal.SIGHUP)
     ts.b.wait(lambda s: "10.99.0.0/24" not in s["routes"], 10, "B drops the subnet")
     assert "10.99.0.0/24" not in routes(lab, lab.rb)
+    # the same from the server's side: the client's routes follow
+    conf_b = ts.b.uci_dir / "orayboxvpn"
+    text_b = conf_b.read_text()
+    conf_b.write_text(text_b.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '10.98.0.0/24'\n"))
+    ts.b.proc.send_signal(signal.SIGHUP)
+    ts.a.wait(lambda s: "10.98.0.0/24" in s["routes"], 10, "A routes the server's new subnet")
+    assert "10.98.0.0/24 dev mpvpn0" in routes(lab, lab.ra)
+    conf_b.write_text(text_b)
+    ts.b.proc.send_signal(signal.SIGHUP)
+    ts.a.wait(lambda s: "10.98.0.0/24" not in s["routes"], 10, "A drops it")
     time.sleep(0.5)
     for sent, got, dups in (s.stop() for s in both):
         assert sent > 0 and (got, dups) == (sent, 0)  # not one packet lost on the unchanged LANs
     st = ts.a.status()
     assert st["session_id"] == sid and st["counters"]["control_connects"] == connects  # no restart
+    assert st["sessions"][0]["epoch"] == epoch and st["control"]["epoch"] == st0["control"]["epoch"]
     assert ts.b.status()["session_id"] == sid
-    assert ts.a.log().count("LAN change announced") == 2 and "restarting sessions" not in ts.a.log()
+    for site in (ts.a, ts.b):
+        assert site.log().count("LAN change announced") == 2 and "restarting sessions" not in site.log()
     # a LAN that clashes with the peer's is refused by the peer, as in the first exchange
     conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '192.168.20.0/25'\n"))
     ts.a.proc.send_signal(signal.SIGHUP)
