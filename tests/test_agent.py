@@ -780,3 +780,38 @@ def test_a_deleted_vnic_is_recreated_with_its_address_and_routes(sites):
     assert st["session_id"] == sid and ts.a.proc.poll() is None
     assert lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05, timeout=5).received == 10
     assert "Traceback" not in ts.a.log()
+
+
+def test_a_vnic_that_cannot_be_recreated_ends_the_agent_with_the_reason(tmp_path):
+    import errno
+    import os
+    import selectors
+
+    from agentlab import site_config
+    from mpvpn import config as cfgmod
+    from mpvpn.agent import Agent
+    from mpvpn.noise import genpsk
+    from mpvpn.tun import MemoryTun, TunError
+
+    class DeletedTun(MemoryTun):
+        """A tun whose device was deleted: reads fail with EBADFD, as
+        drivers/net/tun.c tun_chr_read_iter() does once the fd is detached."""
+
+        def read_packets(self):
+            raise OSError(errno.EBADFD, os.strerror(errno.EBADFD))
+
+    def no_tun(name):  # as LinuxTun when /dev/net/tun cannot be opened
+        raise TunError(errno.ENOENT, f"cannot create tun {name!r}: [Errno 2] No such file or directory")
+
+    text, net = site_config("client", genpsk(), 1, "172.30.0.1", "192.168.10.1")
+    (tmp_path / "orayboxvpn").write_text(text)
+    (tmp_path / "network").write_text(net)
+    cfg, problems = cfgmod.load_config(str(tmp_path))
+    agent = Agent(cfg, uci_dir=str(tmp_path), run_dir=str(tmp_path / "run"), tun_factory=no_tun)
+    agent.tun = DeletedTun("mpvpn0")
+    agent.sel.register(agent.tun, selectors.EVENT_READ, agent._on_tun)
+    agent.tun.inject(b"x")
+    with pytest.raises(OSError, match=r"vNIC mpvpn0 vanished and cannot be recreated: cannot create tun"):
+        agent.step(0.5)
+    assert agent.tun is None and agent.counters["vnic_recreated"] == 0
+    agent.teardown()
