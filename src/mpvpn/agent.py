@@ -8,7 +8,9 @@ the status document.  The per-packet path (tun -> session -> UDP and back)
 is plain loops over non-blocking reads in batches, with no asyncio.
 
 What the agent adds to the system (the tun device, its address, routes to
-the peer's LAN subnets) is removed when it stops.  Routes stay in place
+the peer's LAN subnets) is removed when it stops.  One agent runs per run
+directory and vNIC name (:mod:`mpvpn.instance`): a second one refuses to
+start and touches nothing.  A vNIC deleted under the agent is made again.  Routes stay in place
 while the peer is unreachable (the tunnel fails closed: traffic for the
 peer's LAN never leaks out of the default route).
 """
