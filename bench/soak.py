@@ -68,7 +68,10 @@ def slope_per_10min(points: list[tuple[float, float]]) -> float | None:
     return 600 * sum((t - mx) * (v - my) for t, v in points) / sxx
 
 
-def tracemalloc_diff(directory: Path, after_s: float, every: float, top: int = 15) -> list[str]:
+def tracemalloc_diff(directory: Path, after_s: float, every: float, top: int = 15,
+                     traces: int = 3) -> list[str]:
+    """Growth per source line between the first snapshot after the warm-up and
+    the last, then the full tracebacks of the ``traces`` biggest growers."""
     import tracemalloc
 
     snaps = sorted(directory.glob("snap-*.tm"))
@@ -82,6 +85,9 @@ def tracemalloc_diff(directory: Path, after_s: float, every: float, top: int = 1
     for st in b.compare_to(a, "lineno")[:top]:
         fr = st.traceback[0]
         lines.append(f"  {st.size_diff:+9d} B {st.count_diff:+6d} blocks  {fr.filename}:{fr.lineno}")
+    for st in [st for st in b.compare_to(a, "traceback") if st.size_diff > 0][:traces]:
+        lines.append(f"  allocated {st.size_diff:+d} B {st.count_diff:+d} blocks at:")
+        lines += [f"      {line}" for line in st.traceback.format(most_recent_first=True)]
     return lines
 
 
@@ -95,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rekey", type=float, default=5.0, help="base.rekey_interval, seconds")
     ap.add_argument("--link-test-every", type=float, default=120.0, help="seconds between link tests")
     ap.add_argument("--tracemalloc", action="store_true", help="agents under tracemalloc; print growth")
+    ap.add_argument("--trace-dir", metavar="DIR", help="keep the tracemalloc snapshots here (default: "
+                    "a temporary directory, removed)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
         if args.tracemalloc:
             tm_every = max(args.sample, 30.0)
             for name, _s in sites:
-                tm_dirs[name] = Path(tmp.name) / name
+                tm_dirs[name] = Path(args.trace_dir or tmp.name) / name
             env = {"MPVPN_TRACEMALLOC_EVERY": str(tm_every)}
             ts.b.start({**env, "MPVPN_TRACEMALLOC": str(tm_dirs["server"])})
             ts.b.wait(lambda st: True, 10, "server up")
