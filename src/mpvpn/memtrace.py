@@ -43,6 +43,11 @@ class MemTrace:
             self._next = now + self.every
             self.dump()
 
+    def stop(self) -> None:
+        if self._next is not None:
+            tracemalloc.stop()
+            self._next = None
+
     def dump(self) -> str:
         snap = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)])
