@@ -61,6 +61,14 @@ class Site:
                                              "--run-dir", str(self.run_dir), *args_extra],
                                    stdout=self.logf, stderr=subprocess.STDOUT, env=env)
 
+    def run_once(self, run_dir: Path | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run another ``mpvpn run`` with this site's config (and ``run_dir``,
+        default this site's) to its end; for agents that must refuse to start."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        return self.lab.run(self.ns, [PYTHON, "-m", "mpvpn", "run", "--uci-dir", str(self.uci_dir),
+                                      "--run-dir", str(run_dir or self.run_dir)],
+                            timeout=timeout, check=False, env=env)
+
     def stop(self, sig: str = "TERM") -> int | None:
         if self.proc is None:
             return None
@@ -83,7 +91,7 @@ class Site:
 
         try:
             return rpc.call(rpc.socket_path(str(self.run_dir)), "status", timeout=2.0)
-        except rpc.RpcError:
+        except (rpc.RpcError, OSError):  # OSError: the agent closed the socket mid-call (restart)
             return None
 
     def wait(self, pred, timeout: float = 15.0, what: str = "condition") -> dict:
@@ -252,6 +260,47 @@ for i in range(count):
     if delay > 0: time.sleep(delay)
 print(count, flush=True)
 """
+
+
+UDP_STREAM = r"""
+import socket, sys, threading, time
+dst, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); t0 = time.monotonic(); i = 0
+while not stop.is_set():
+    s.sendto(i.to_bytes(4, "big") + bytes(96), (dst, port)); i += 1
+    delay = t0 + i / rate - time.monotonic()
+    if delay > 0: time.sleep(delay)
+print(i, flush=True)
+"""
+
+
+class Stream:
+    """A numbered UDP stream from ``src_ns`` to ``dst_ip:port`` in ``dst_ns`` at
+    ``rate`` packets/s, from :meth:`start` until :meth:`stop`, which returns
+    (sent, received, duplicates): every packet is counted, none is in flight
+    when the count is taken (the receiver waits ``quiet`` s of silence)."""
+
+    def __init__(self, lab, src_ns: str, dst_ns: str, dst_ip: str, port: int, rate: float = 200.0,
+                 quiet: float = 5.0):
+        self.lab, self.src_ns, self.dst_ns = lab, src_ns, dst_ns
+        self.dst_ip, self.port, self.rate, self.quiet = dst_ip, port, rate, quiet
+
+    def start(self) -> "Stream":
+        self.sink = self.lab.python_popen(self.dst_ns, UDP_SINK, self.dst_ip, str(self.port), str(self.quiet),
+                                          stdout=subprocess.PIPE, text=True)
+        assert self.sink.stdout.readline().strip() == "ready"
+        self.src = self.lab.python_popen(self.src_ns, UDP_STREAM, self.dst_ip, str(self.port), str(self.rate),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def stop(self) -> tuple[int, int, int]:
+        out, _ = self.src.communicate("", timeout=30)
+        sent = int(out.strip())
+        out, _ = self.sink.communicate(timeout=30 + self.quiet)
+        got, dups, _last = map(int, out.split())
+        return sent, got, dups
 
 
 def tcp_transfer(lab, nbytes: int, timeout: float = 120.0,

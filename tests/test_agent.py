@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agentlab import UDP_SINK, UDP_SOURCE, TwoSites, tcp_transfer
+from agentlab import UDP_SINK, UDP_SOURCE, Stream, TwoSites, tcp_transfer
 from mpvpn.linkstats import LossEstimator
 from mpvpn.netcfg import RTPROT_MPVPN
 from mpvpn.smpu import SessionConfig
@@ -234,13 +234,14 @@ def test_sighup_applies_live_options_in_place_and_restarts_for_the_rest(sites):
     st = ts.a.status()
     assert st["session_id"] == sid and st["state"] == "connected"
     assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
-    # disruptive: a new LAN subnet must reach the peer, so the session restarts
+    # disruptive: a new rekey interval goes into a new session (a LAN change
+    # does not: test_lan_change_is_an_update_that_loses_nothing)
     conf.write_text(conf.read_text().replace("config base 'base'\n",
-                                             "config base 'base'\n\tlist lan_subnet '10.99.0.0/24'\n"))
+                                             "config base 'base'\n\toption rekey_interval '100'\n"))
     ts.a.proc.send_signal(signal.SIGHUP)
-    ts.b.wait(lambda s: "10.99.0.0/24" in s["routes"] and s["state"] == "connected", 20, "new route on B")
-    st = ts.a.wait_connected()
-    assert st["session_id"] != sid
+    st = ts.a.wait(lambda s: s["session_id"] not in (None, sid) and s["state"] == "connected", 20,
+                   "a new session")
+    ts.a.wait_connected()
     assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
     # a broken config is refused and the running tunnel kept
     conf.write_text(conf.read_text().replace("option role 'client'", "option role 'nonsense'"))
@@ -680,3 +681,178 @@ def test_syns_through_the_tunnel_get_an_mss_that_fits_and_the_option_turns_it_of
         site.proc.send_signal(signal.SIGHUP)
         site.wait(lambda s, site=site: "live options applied" in site.log(), 5, "reload logged")
     assert _mss_both_ways(lab, 5302) == (1460 - 12, 1460 - 12)
+
+
+# -- lifecycle: one agent per run directory and vNIC, leftovers, live LAN change, lost vNIC --------
+
+def _ifindex(lab, ns, ifname="mpvpn0"):
+    import json
+
+    return json.loads(lab.run(ns, ["ip", "-j", "link", "show", ifname]).stdout)[0]["ifindex"]
+
+
+def test_a_second_agent_is_refused_and_touches_nothing(sites, tmp_path):
+    lab, ts = sites
+    ts.start()
+    pid = ts.a.proc.pid
+    before = (_ifindex(lab, lab.ra), routes(lab, lab.ra), ts.a.status()["session_id"])
+    both = [Stream(lab, lab.ha, lab.hb, "192.168.20.2", 6001).start(),
+            Stream(lab, lab.hb, lab.ha, "192.168.10.2", 6002).start()]
+    time.sleep(0.5)
+    same_dir = ts.a.run_once()
+    other_dir = ts.a.run_once(run_dir=tmp_path / "other-run")
+    time.sleep(0.5)
+    for sent, got, dups in (s.stop() for s in both):
+        assert sent > 0 and (got, dups) == (sent, 0)  # the running agent carried every packet
+    for r in (same_dir, other_dir):
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+    assert re.search(rf"ERROR: cannot run: another agent \(pid {pid}\) is running with run directory "
+                     rf"{re.escape(str(ts.a.run_dir))}", same_dir.stderr), same_dir.stderr
+    assert f"another agent (pid {pid}) is running with vNIC mpvpn0" in other_dir.stderr, other_dir.stderr
+    assert not (tmp_path / "other-run" / "orayboxvpn.sock").exists()  # nothing made there
+    assert ts.a.proc.poll() is None
+    assert (_ifindex(lab, lab.ra), routes(lab, lab.ra), ts.a.status()["session_id"]) == before
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05, timeout=5).received == 5
+
+
+def test_after_kill_9_the_next_agent_starts_and_cleans_only_dead_leftovers(sites):
+    lab, ts = sites
+    ts.start()
+    dead = ts.a.proc.pid
+    ts.a.stop("KILL")
+    lock = ts.a.run_dir / "agent.lock"
+    assert lock.read_text().strip() == str(dead)  # the file stays; the kernel dropped the flock
+    # what a dead owner may leave under our vNIC name (a tun made persistent, a
+    # route of ours on it), and a route of ours on another device: another
+    # agent's (another vNIC name), which must survive
+    for cmd in ("ip tuntap add mode tun mpvpn0", "ip link set mpvpn0 up",
+                f"ip route add 10.77.0.0/24 dev mpvpn0 proto {RTPROT_MPVPN}",
+                "ip link add other0 type veth peer name other0p", "ip link set other0 up",
+                "ip link set other0p up", f"ip route add 10.88.0.0/24 dev other0 proto {RTPROT_MPVPN}"):
+        lab.run(lab.ra, cmd)
+    ts.a.start()
+    ts.a.wait_connected(timeout=20)
+    r = routes(lab, lab.ra)
+    assert "192.168.20.0/24 dev mpvpn0" in r and "10.77.0.0/24" not in r
+    assert "10.88.0.0/24 dev other0" in r
+    assert "removing leftovers of an agent that is gone: interface mpvpn0 and 1 route(s)" in ts.a.log()
+    assert lock.read_text().strip() == str(ts.a.proc.pid)
+    assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05, timeout=5).received == 5
+    # a device of our name that is not a tun is not ours to delete: refuse, say why
+    ts.a.stop()
+    lab.run(lab.ra, "ip link add mpvpn0 type veth peer name mpvpn0p")
+    r = ts.a.run_once()
+    assert r.returncode == 1 and "interface mpvpn0 exists and is not a tun device (veth)" in r.stderr
+    assert "mpvpn0" in lab.run(lab.ra, ["ip", "link"]).stdout
+
+
+def test_lan_change_is_an_update_that_loses_nothing(make_lab):
+    lab = make_lab(carriers=3)
+    ts = TwoSites(lab, extra_base="\toption rekey_interval '3600'\n")  # epoch moves only on a restart
+    try:
+        _lan_change_is_an_update(lab, ts)
+    finally:
+        ts.close()
+
+
+def _lan_change_is_an_update(lab, ts):
+    import signal
+
+    ts.start()
+    st0 = ts.a.status()
+    sid, connects = st0["session_id"], st0["counters"]["control_connects"]
+    epoch = st0["sessions"][0]["epoch"]
+    conf = ts.a.uci_dir / "orayboxvpn"
+    text = conf.read_text()
+    both = [Stream(lab, lab.ha, lab.hb, "192.168.20.2", 6001).start(),
+            Stream(lab, lab.hb, lab.ha, "192.168.10.2", 6002).start()]
+    time.sleep(0.5)
+    conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '10.99.0.0/24'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    sb = ts.b.wait(lambda s: "10.99.0.0/24" in s["routes"], 10, "B routes the new subnet")
+    assert "10.99.0.0/24 dev mpvpn0" in routes(lab, lab.rb)
+    assert sb["sessions"][0]["peer"]["lans"] == ["192.168.10.0/24", "10.99.0.0/24"]
+    time.sleep(0.5)
+    conf.write_text(text)  # and away again
+    ts.a.proc.send_signal(signal.SIGHUP)
+    ts.b.wait(lambda s: "10.99.0.0/24" not in s["routes"], 10, "B drops the subnet")
+    assert "10.99.0.0/24" not in routes(lab, lab.rb)
+    # the same from the server's side: the client's routes follow
+    conf_b = ts.b.uci_dir / "orayboxvpn"
+    text_b = conf_b.read_text()
+    conf_b.write_text(text_b.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '10.98.0.0/24'\n"))
+    ts.b.proc.send_signal(signal.SIGHUP)
+    ts.a.wait(lambda s: "10.98.0.0/24" in s["routes"], 10, "A routes the server's new subnet")
+    assert "10.98.0.0/24 dev mpvpn0" in routes(lab, lab.ra)
+    conf_b.write_text(text_b)
+    ts.b.proc.send_signal(signal.SIGHUP)
+    ts.a.wait(lambda s: "10.98.0.0/24" not in s["routes"], 10, "A drops it")
+    time.sleep(0.5)
+    for sent, got, dups in (s.stop() for s in both):
+        assert sent > 0 and (got, dups) == (sent, 0)  # not one packet lost on the unchanged LANs
+    st = ts.a.status()
+    assert st["session_id"] == sid and st["counters"]["control_connects"] == connects  # no restart
+    assert st["sessions"][0]["epoch"] == epoch and st["control"]["epoch"] == st0["control"]["epoch"]
+    assert ts.b.status()["session_id"] == sid
+    for site in (ts.a, ts.b):
+        assert site.log().count("LAN change announced") == 2 and "restarting sessions" not in site.log()
+    # a LAN that clashes with the peer's is refused by the peer, as in the first exchange
+    conf.write_text(text.replace("config base 'base'\n", "config base 'base'\n\tlist lan_subnet '192.168.20.0/25'\n"))
+    ts.a.proc.send_signal(signal.SIGHUP)
+    st = ts.a.wait(lambda s: s["last_error"] and "overlap" in s["last_error"], 10, "the peer's refusal")
+    assert "192.168.20.0/25" in st["last_error"]
+    assert "192.168.20.0/25" not in routes(lab, lab.rb)
+    for site in (ts.a, ts.b):
+        assert "Traceback" not in site.log()
+
+
+def test_a_deleted_vnic_is_recreated_with_its_address_and_routes(sites):
+    lab, ts = sites
+    ts.start()
+    sid = ts.a.status()["session_id"]
+    old = _ifindex(lab, lab.ra)
+    lab.run(lab.ra, ["ip", "link", "del", "mpvpn0"])
+    st = ts.a.wait(lambda s: s["counters"]["vnic_recreated"] == 1, 10, "the vNIC recreated")
+    assert "vNIC mpvpn0 vanished" in ts.a.log() and "vNIC mpvpn0 recreated" in ts.a.log()
+    assert _ifindex(lab, lab.ra) != old
+    assert "172.30.0.1/30" in lab.run(lab.ra, ["ip", "addr", "show", "mpvpn0"]).stdout
+    assert routes(lab, lab.ra).startswith("192.168.20.0/24 dev mpvpn0")
+    assert st["session_id"] == sid and ts.a.proc.poll() is None
+    assert lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05, timeout=5).received == 10
+    assert "Traceback" not in ts.a.log()
+
+
+def test_a_vnic_that_cannot_be_recreated_ends_the_agent_with_the_reason(tmp_path):
+    import errno
+    import os
+    import selectors
+
+    from agentlab import site_config
+    from mpvpn import config as cfgmod
+    from mpvpn.agent import Agent
+    from mpvpn.noise import genpsk
+    from mpvpn.tun import MemoryTun, TunError
+
+    class DeletedTun(MemoryTun):
+        """A tun whose device was deleted: reads fail with EBADFD, as
+        drivers/net/tun.c tun_chr_read_iter() does once the fd is detached."""
+
+        def read_packets(self):
+            raise OSError(errno.EBADFD, os.strerror(errno.EBADFD))
+
+    def no_tun(name):  # as LinuxTun when /dev/net/tun cannot be opened
+        raise TunError(errno.ENOENT, f"cannot create tun {name!r}: [Errno 2] No such file or directory")
+
+    text, net = site_config("client", genpsk(), 1, "172.30.0.1", "192.168.10.1")
+    (tmp_path / "orayboxvpn").write_text(text)
+    (tmp_path / "network").write_text(net)
+    cfg, problems = cfgmod.load_config(str(tmp_path))
+    agent = Agent(cfg, uci_dir=str(tmp_path), run_dir=str(tmp_path / "run"), tun_factory=no_tun)
+    agent.tun = DeletedTun("mpvpn0")
+    agent.sel.register(agent.tun, selectors.EVENT_READ, agent._on_tun)
+    agent.tun.inject(b"x")
+    with pytest.raises(OSError, match=r"vNIC mpvpn0 vanished and cannot be recreated: cannot create tun"):
+        agent.step(0.5)
+    assert agent.tun is None and agent.counters["vnic_recreated"] == 0
+    agent.teardown()

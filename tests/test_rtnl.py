@@ -63,6 +63,18 @@ def test_ifinfomsg_layout():
     assert rtnl.link_msg(7) == ifi(0, 0)               # RTM_DELLINK body
 
 
+def test_link_kind_is_read_from_nested_linkinfo():
+    body = rtnl.IFINFO.pack(0, 65534, 7, 0x1, 0) + rtnl.attr(3, b"mpvpn0\0") + \
+        rtnl.attr(rtnl.IFLA_LINKINFO, rtnl.attr(rtnl.IFLA_INFO_KIND, b"tun\0"))
+    link = rtnl.parse_link(body)
+    assert (link["index"], link["type"], link["flags"], link["kind"]) == (7, 65534, 1, "tun")
+    assert rtnl.parse_link(rtnl.IFINFO.pack(0, 772, 1, 0, 0))["kind"] is None  # lo: no linkinfo
+    with pytest.raises(NetError, match="truncated ifinfomsg"):
+        rtnl.parse_link(body[:10])
+    with pytest.raises(NetError, match="malformed netlink attribute"):
+        rtnl.parse_link(rtnl.IFINFO.pack(0, 1, 7, 0, 0) + rtnl.attr(rtnl.IFLA_LINKINFO, b"\xff\x00\x01\x00"))
+
+
 def test_ifaddrmsg_layout():
     ip = bytes([172, 30, 9, 1])
     m = rtnl.addr_msg(socket.AF_INET, 3, 30, ip, ip)  # IPv4: IFA_LOCAL and IFA_ADDRESS, like `ip addr add`
@@ -256,7 +268,7 @@ def test_random_garbage_never_escapes_as_anything_but_neterror():
             rtnl.error_of(rtnl.NLM_F_CAPPED | rtnl.NLM_F_ACK_TLVS, data)
         except NetError:
             pass
-        for parse in (rtnl.parse_route, rtnl.parse_addr):
+        for parse in (rtnl.parse_route, rtnl.parse_addr, rtnl.parse_link):
             try:
                 r = parse(data)
                 for k in (1, 2, 4, 6, 15):
@@ -388,3 +400,28 @@ print("ok")
 """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+LEFTOVERS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from mpvpn.netcfg import NetConfig
+n = NetConfig()
+n.add_route("10.77.0.0/24", "t0")
+n.add_route("10.88.0.0/24", "d0")
+kinds = [n.link_kind(x) for x in ("t0", "d0", "lo", "nope0")]
+print(json.dumps(dict(kinds=kinds, flushed=n.flush_ours("t0"), none=n.flush_ours("nope0"),
+                      ours=[r for r, _ in n.our_routes()])))
+"""
+
+
+def test_link_kind_and_flushing_only_one_devices_routes(netns):
+    run, cmd = netns
+    for argv in (("tuntap", "add", "mode", "tun", "t0"), ("link", "set", "t0", "up"),
+                 ("link", "add", "d0", "type", "veth", "peer", "name", "d0p"), ("link", "set", "d0", "up"),
+                 ("link", "set", "d0p", "up")):
+        assert cmd("ip", *argv).returncode == 0, argv
+    r = run(LEFTOVERS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == dict(kinds=["tun", "veth", None, None], flushed=1, none=0,
+                                        ours=["10.88.0.0/24"])

@@ -8,7 +8,9 @@ the status document.  The per-packet path (tun -> session -> UDP and back)
 is plain loops over non-blocking reads in batches, with no asyncio.
 
 What the agent adds to the system (the tun device, its address, routes to
-the peer's LAN subnets) is removed when it stops.  Routes stay in place
+the peer's LAN subnets) is removed when it stops.  One agent runs per run
+directory and vNIC name (:mod:`mpvpn.instance`): a second one refuses to
+start and touches nothing.  A vNIC deleted under the agent is made again.  Routes stay in place
 while the peer is unreachable (the tunnel fails closed: traffic for the
 peer's LAN never leaks out of the default route).
 """
@@ -28,7 +30,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from mpvpn import __version__, control, fastpath, ifaddr, linktest, mss, pairing, rpc
+from mpvpn import __version__, control, fastpath, ifaddr, instance, linktest, memtrace, mss, pairing, rpc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -132,9 +134,12 @@ class Agent:
     def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
                  run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
                  tun_factory=None, net_factory=None, name: str | None = None,
-                 ubus_socket: str | None = None):
+                 ubus_socket: str | None = None, lock_dir: str | None = None):
         self.cfg = cfg
         self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
+        # one agent per run directory and vNIC name (mpvpn.instance); taken by run()
+        self.lock_dir = lock_dir or os.environ.get("MPVPN_LOCK_DIR") or instance.LOCK_DIR
+        self.instance_lock: instance.InstanceLock | None = None
         self.uci_dir = uci_dir
         self.run_dir = run_dir
         self.clock = clock
@@ -174,7 +179,8 @@ class Agent:
         self._reject_logged_at, self._rejects_quiet = -math.inf, 0  # log limiter for junk
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
-                         "control_connects": 0, "control_failures": 0, "mss_clamped": 0}
+                         "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
+                         "vnic_recreated": 0}
         self._mss = self._mss_limits(cfg)
 
     @staticmethod
@@ -248,16 +254,9 @@ class Agent:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         self.net = self._net_factory()
-        stale = self.net.flush_ours()
-        if stale:
-            log.info("removed %d route(s) left by an earlier run", stale)
         v = self.cfg.vnc
-        if self.net.index(v.ifname) is not None:
-            log.info("removing leftover interface %s", v.ifname)
-            self.net.delete_link(v.ifname)
-        self.tun = self._tun_factory(v.ifname)
-        self.net.configure(self.tun.name, str(v.interface), v.mtu)
-        self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
+        self._remove_leftovers(v.ifname)
+        self._open_vnic()
         for u in self.cfg.enabled_uplinks:
             self.uplinks[u.name] = UplinkIO(u)
             self._open_uplink(self.uplinks[u.name], now)
@@ -275,6 +274,55 @@ class Agent:
             self.reconnect = control.ClientReconnect(servers, now)
         log.info("orayboxvpn %s started: role %s, vNIC %s %s, %d uplink(s)", __version__, self.role,
                  self.tun.name, v.interface, len(self.uplinks))
+
+    def _remove_leftovers(self, ifname: str) -> None:
+        """Remove what a dead agent left under our vNIC name.  Called with the
+        vNIC lock held (run()), so whoever made the device is gone: a live
+        agent's device and routes are never reached here.  (A non-persistent
+        tun vanishes with its owner; what remains is e.g. a persistent one.)"""
+        if self.net.index(ifname) is None:
+            return
+        kind = self.net.link_kind(ifname)
+        if kind != "tun":
+            raise OSError(errno.EEXIST, f"interface {ifname} exists and is not a tun device "
+                                        f"({kind or 'no driver kind'}): set orayboxvpn.vnc.ifname "
+                                        "to a free name")
+        n = self.net.flush_ours(ifname)
+        log.info("removing leftovers of an agent that is gone: interface %s and %d route(s) on it",
+                 ifname, n)
+        self.net.delete_link(ifname)
+
+    def _open_vnic(self) -> None:
+        """Create the tun vNIC, give it its address and MTU, watch it."""
+        v = self.cfg.vnc
+        self.tun = self._tun_factory(v.ifname)
+        self.net.configure(self.tun.name, str(v.interface), v.mtu)
+        self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
+
+    def _vnic_vanished(self, err: OSError) -> None:
+        """The tun device was deleted under us (its fd reports EBADFD): make it
+        again with its address and the routes we hold, or end the agent with
+        the reason (procd respawns it)."""
+        name = self.tun.name if self.tun is not None else self.cfg.vnc.ifname
+        log.error("vNIC %s vanished (%s: deleted under the agent?); recreating it with its "
+                  "address and %d route(s)", name, err.strerror or err, len(self._routes))
+        if self.tun is not None:
+            try:
+                self.sel.unregister(self.tun)
+            except (KeyError, ValueError):
+                pass
+            self.tun.close()
+            self.tun = None
+        try:
+            self._open_vnic()
+            for cidr in sorted(self._routes):
+                self.net.add_route(cidr, self.tun.name)
+        except OSError as e:
+            raise OSError(e.errno or errno.ENODEV,
+                          f"vNIC {name} vanished and cannot be recreated: {e.strerror or e}") from None
+        self.counters["vnic_recreated"] += 1
+        self.last_error = f"vNIC {name} vanished and was recreated"
+        log.info("vNIC %s recreated", name)
 
     def _open_uplink(self, up: UplinkIO, now: float) -> None:
         why = up.resolve()
@@ -321,13 +369,21 @@ class Agent:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        """Set up, loop until SIGTERM/SIGINT (reload on SIGHUP), tear down."""
+        """Set up, loop until SIGTERM/SIGINT (reload on SIGHUP), tear down.
+        Raises :class:`mpvpn.instance.AlreadyRunning` (touching nothing) while
+        another agent holds this run directory or vNIC name."""
+        lock = instance.InstanceLock(self.run_dir, self.cfg.vnc.ifname, self.lock_dir)
+        lock.acquire()
+        self.instance_lock = lock
         old = {sig: signal.signal(sig, self._on_signal) for sig in
                (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        trace = memtrace.MemTrace.from_env()  # debug aid, off unless MPVPN_TRACEMALLOC is set
         try:
             self.setup()
             while not self._stop:
                 self.step()
+                if trace is not None:
+                    trace.poll(self.clock())
                 if self._reload:
                     self._reload = False
                     self.reload()
@@ -336,6 +392,8 @@ class Agent:
             self.teardown()
             for sig, h in old.items():
                 signal.signal(sig, h)
+            self.instance_lock.release()
+            self.instance_lock = None
 
     def step(self, max_timeout: float = MAX_TIMEOUT) -> None:
         """One turn of the loop: wait for I/O or the next timer, handle both."""
@@ -456,7 +514,15 @@ class Agent:
                 return ds
         return None
 
-    def _on_tun(self, _mask) -> None:
+    def _on_tun(self, mask) -> None:
+        try:
+            self._tun_to_sessions()
+        except OSError as e:
+            if e.errno != errno.EBADFD:
+                raise
+            self._vnic_vanished(e)
+
+    def _tun_to_sessions(self) -> None:
         now = self.clock()
         touched: dict = {}  # DataSession -> its packets of this wake-up, in order
         read = self.tun.read_packets  # one read: one packet, or the segments of a TCP super-segment
@@ -559,7 +625,13 @@ class Agent:
             self._flush_session(ds)
 
     def _deliver(self, packets) -> None:
-        failed = self.tun.write_packets(packets)
+        try:
+            failed = self.tun.write_packets(packets)
+        except OSError as e:
+            if e.errno != errno.EBADFD:
+                raise
+            self._vnic_vanished(e)
+            failed = len(packets)
         if failed:
             self.counters["tun_write_errors"] += failed
 
@@ -837,6 +909,8 @@ class Agent:
                 learned = [(u.addr, ev.peer.control_port or c.addr[1]) for u in ev.peer.uplinks]
                 self.reconnect.established(now, learned)
             log.info("control: session %#x established with %s", ev.session_id, ev.peer.name)
+            if list(c.conn.local.lans) != self.lans:  # the LAN changed during the handshake
+                self._send_lans(c, now, pump=False)  # (we are inside _control_pump)
         elif isinstance(ev, control.PeerUpdated):
             ds = self._session_of(c.conn)
             if ds is not None:
@@ -980,10 +1054,12 @@ class Agent:
         return changed
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; live options apply in place, anything
-        else restarts the sessions (documented in docs/openwrt.md).  Uplinks
-        given by OpenWrt interface are looked up again either way."""
-        self.refresh_uplinks(self.clock())
+        """SIGHUP: re-read the config; live options apply in place, a changed
+        LAN (base.lan_subnet, network.lan) goes to the peers as an UPDATE,
+        anything else restarts the sessions (documented in docs/openwrt.md).
+        Uplinks given by OpenWrt interface are looked up again either way."""
+        now = self.clock()
+        self.refresh_uplinks(now)
         new, problems = cfgmod.load_config(self.uci_dir)
         errors = [p for p in problems if p.severity == cfgmod.ERROR]
         if new is None or errors:
@@ -993,9 +1069,9 @@ class Agent:
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
         from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
-                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks and new.lan == self.cfg.lan)
-        self.cfg = new
+                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:
+            self.cfg = new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
             sc = self._session_config()
@@ -1005,13 +1081,53 @@ class Agent:
                 ds.sess.config.subflow.dead_after = sc.subflow.dead_after
                 ds.sess.config.hold_max = sc.hold_max
                 ds.sess.reorder.hold_cap = sc.hold_max
-            log.info("reloaded: live options applied, tunnel kept")
+            lan = self._announce_lans(now)
+            log.info("reloaded: live options applied%s, tunnel kept", ", LAN change announced" if lan else "")
             return
+        if self.instance_lock is not None and new.vnc.ifname != self.cfg.vnc.ifname:
+            try:
+                self.instance_lock.switch_vnic(new.vnc.ifname)
+            except instance.AlreadyRunning as e:
+                self.last_error = f"reload refused: {e.strerror}"
+                log.error(self.last_error)
+                return
         log.info("reloaded: configuration changed, restarting sessions")
+        lock = self.instance_lock
         self.teardown()
         self.__init__(new, uci_dir=self.uci_dir, run_dir=self.run_dir, clock=self.clock,
-                      tun_factory=self._tun_factory, net_factory=self._net_factory)
+                      tun_factory=self._tun_factory, net_factory=self._net_factory,
+                      lock_dir=self.lock_dir)
+        self.instance_lock = lock
         self.setup()
+
+    def _announce_lans(self, now: float) -> bool:
+        """Our LAN subnets changed (config or netifd): tell every connected peer
+        with an UPDATE (docs/control.md) so that its routes follow; session,
+        keys and subflows stay.  Returns whether they changed."""
+        lans = self._lan_subnets()
+        if lans == self.lans:
+            return False
+        log.info("LAN subnets %s -> %s", ", ".join(self.lans) or "none", ", ".join(lans) or "none")
+        self.lans = lans
+        for c in list(self.controls):
+            # (a handshake in progress catches up when it is established)
+            if c.conn is not None and c.conn.state is control.State.ESTABLISHED:
+                self._send_lans(c, now)
+        if self.registry is not None:
+            self.registry.config = self._control_config()  # for clients that connect later
+        return True
+
+    def _send_lans(self, c: ControlIO, now: float, pump: bool = True) -> None:
+        conn = c.conn
+        try:
+            conn.send_update(now, lans=list(self.lans))
+        except ValueError as e:  # (server) the new LANs clash with this client's
+            peer = conn.peer.name if conn.peer else "?"
+            self.last_error = f"LAN change clashes with {peer}: {e}"
+            log.error(self.last_error)
+            conn.close("overlap", str(e)[:200])
+        if pump:
+            self._control_pump(c, now)
 
     def teardown(self) -> None:
         """Close sessions (CLOSE / BYE to the peer), remove routes and the vNIC."""

@@ -114,11 +114,19 @@ class NetConfig:
             out.append((f"{dst}/{r['dst_len']}", rtnl.get_u32(r["attrs"], rtnl.RTA_OIF)))
         return out
 
-    def flush_ours(self) -> int:
-        """Remove every route of ours (leftovers of a crashed agent); returns how many."""
+    def flush_ours(self, ifname: str | None = None) -> int:
+        """Remove routes of ours (a dead agent's leftovers): those via
+        ``ifname``, or every one when None; returns how many."""
         n = 0
+        oif = None
+        if ifname is not None:
+            oif = self.index(ifname)
+            if oif is None:
+                return 0
         for family, r in list(self._ours()):
             a = r["attrs"]
+            if oif is not None and rtnl.get_u32(a, rtnl.RTA_OIF) != oif:
+                continue
             try:
                 self._nl.request(rtnl.RTM_DELROUTE, rtnl.NLM_F_ACK,
                                  rtnl.route_msg(family, a.get(rtnl.RTA_DST, b""), r["dst_len"],
@@ -129,6 +137,22 @@ class NetConfig:
             except OSError:
                 pass
         return n
+
+    def link_kind(self, ifname: str) -> str | None:
+        """The driver kind of a link (``"tun"``, ``"veth"``, ...); None if it has
+        none (a physical NIC, lo) or does not exist."""
+        idx = self.index(ifname)
+        if idx is None:
+            return None
+        try:
+            replies = self._nl.request(rtnl.RTM_GETLINK, rtnl.NLM_F_ACK, rtnl.link_msg(idx))
+        except OSError:  # vanished meanwhile
+            return None
+        for payload in replies:
+            link = rtnl.parse_link(payload)
+            if link["index"] == idx:
+                return link["kind"]
+        return None
 
     def delete_link(self, ifname: str) -> bool:
         idx = self.index(ifname)

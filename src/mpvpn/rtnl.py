@@ -1,7 +1,7 @@
 """A small rtnetlink client (NETLINK_ROUTE), standard library only.
 
 Only what :mod:`mpvpn.netcfg` needs: set a link's MTU / bring it up, delete a
-link, dump / add / delete addresses, dump / replace / delete routes.
+link, read a link's kind, dump / add / delete addresses, dump / replace / delete routes.
 
 The module-level functions are sans-I/O: they build request bytes
 (:func:`message`, :func:`attr` and the ``*_msg`` builders) or parse reply
@@ -29,10 +29,10 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP_INTR = 0x10
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # flags of an NLMSG_ERROR reply
-RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-IFLA_MTU = 4
+IFLA_MTU, IFLA_LINKINFO, IFLA_INFO_KIND = 4, 18, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 RT_TABLE_MAIN = 254
@@ -172,6 +172,17 @@ def parse_addr(payload: bytes) -> dict:
                 attrs=parse_attrs(payload, IFADDR.size))
 
 
+def parse_link(payload: bytes) -> dict:
+    """An RTM_NEWLINK payload as {family, type, index, flags, attrs, kind}; ``kind``
+    is IFLA_LINKINFO's IFLA_INFO_KIND (``"tun"``, ``"veth"``...), None without one."""
+    family, kind, index, flags, _ = _header(payload, IFINFO, "ifinfomsg")
+    attrs = parse_attrs(payload, IFINFO.size)
+    info = parse_attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
+    name = info.get(IFLA_INFO_KIND)
+    return dict(family=family, type=kind, index=index, flags=flags, attrs=attrs,
+                kind=None if name is None else name.split(b"\0", 1)[0].decode("ascii", "replace"))
+
+
 def parse_route(payload: bytes) -> dict:
     """An RTM_NEWROUTE payload as {family, dst_len, table, protocol, scope, type, attrs};
     ``table`` is RTA_TABLE when present (tables above 255), else rtm_table."""
@@ -259,7 +270,7 @@ class Rtnl:
     def request(self, kind: int, flags: int, body: bytes) -> list[bytes]:
         """Send one request (NLM_F_REQUEST is added to ``flags``: NLM_F_ACK and
         CREATE / EXCL / REPLACE as needed) and read until its ACK or error; returns
-        the payloads of data messages before it (none for the requests used here)."""
+        the payloads of data messages before it (an RTM_GETLINK's answer)."""
         payloads, _ = self._exchange(kind, flags | NLM_F_REQUEST, body)
         return payloads
 
