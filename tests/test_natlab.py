@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import coturn  # noqa: E402
 import netlab  # noqa: E402
 from netlab import nat  # noqa: E402
-from mpvpn import stun  # noqa: E402
+from mpvpn import stun, turn  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -57,6 +59,9 @@ def test_nat_rules_text():
     assert "masquerade\n" in nat.nat_rules("eim", "up")
     assert "masquerade random" not in nat.nat_rules("eim", "up")
     assert "masquerade random\n" in nat.nat_rules("edm", "up")
+    for kind in nat.NAT_KINDS:     # unsolicited traffic from outside is dropped (fw4-like)
+        rules = nat.nat_rules(kind, "up")
+        assert rules.count('iifname "up" drop') == 2 and "hook input" in rules and "hook forward" in rules
     with pytest.raises(ValueError):
         nat.nat_rules("full-cone", "up")
 
@@ -67,7 +72,7 @@ def natlab(netlab_ready):
     if reason:
         sys.stderr.write(f"\nNAT lab tests skipped: {reason}\n")
         pytest.skip(reason)
-    lab = nat.NatLab(kinds=("eim", "edm"))
+    lab = nat.NatLab(kinds=("eim", "edm", "eim"))
     try:
         server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
                                relay_ports=(50000, 50099), loopback_peers=False,
@@ -100,7 +105,7 @@ ONE_SERVER = [[nat.INET_IPS[0], STUN_PORT]]     # second mapping via RFC 5780 OT
 
 @pytest.mark.parametrize("servers", [TWO_SERVERS, ONE_SERVER], ids=["two-servers", "other-address"])
 def test_stun_classifies_each_nat(natlab, servers):
-    eim, edm = natlab.sites
+    eim, edm, _ = natlab.sites
     r = binding(natlab, eim.router, eim.router_ip, servers)
     assert r["nat"] == stun.NAT_EIM, r
     assert r["public"][0] == eim.public_ip
@@ -121,7 +126,7 @@ def test_stun_classifies_each_nat(natlab, servers):
 def test_conntrack_flush_and_udp_timeout(natlab):
     if not netlab._which("conntrack"):
         pytest.skip("`conntrack` missing (Debian package conntrack)")
-    eim, edm = natlab.sites
+    eim, edm, _ = natlab.sites
     natlab.set_udp_timeout(edm, 7, 9)
     assert natlab.udp_timeout(edm) == (7, 9)
     assert natlab.udp_timeout(eim) != (7, 9)          # per NAT box (per namespace)
@@ -146,3 +151,95 @@ def test_names_follow_netlab_convention(netlab_ready):
         assert lab.run(lab.sites[0].router, ["ping", "-c1", "-W2", nat.INET_IPS[0]],
                        check=False).returncode == 0
     assert not [n for n in netlab.list_lab_namespaces() if n.startswith(lab.prefix + "-")]
+
+
+def _udp(lab, site):
+    s = lab.socket(site.router)
+    s.bind((site.router_ip, 0))
+    return s
+
+
+def _srflx(sock):
+    c = stun.BindingClient([tuple(x) for x in TWO_SERVERS], local=sock.getsockname())
+    c.start(time.monotonic())
+    assert coturn.drive(c, sock, lambda: c.result is not None, timeout=20)
+    return c.result
+
+
+def _punch(x, x_to, y, y_to, rounds=5):
+    """Both ends send to each other's candidate at the same time (as the
+    agent will); returns what each received, with the source."""
+    got = {id(x): [], id(y): []}
+    for s in (x, y):
+        s.setblocking(False)
+    for i in range(rounds):
+        x.sendto(b"punch-x%d" % i, x_to)
+        y.sendto(b"punch-y%d" % i, y_to)
+        time.sleep(0.05)
+        for s in (x, y):
+            while True:
+                try:
+                    got[id(s)].append(s.recvfrom(2048))
+                except BlockingIOError:
+                    break
+    return got[id(x)], got[id(y)]
+
+
+def test_punching_and_relay_through_the_nats(natlab):
+    """What the agent's NAT traversal will rely on, shown with bare sockets:
+    two endpoint-independent NATs can be punched with simultaneous sends; an
+    endpoint-dependent NAT cannot (its port towards the peer is not the one
+    STUN saw; Linux conntrack filters by address and port), so that pair
+    needs the relay, which works through both NATs."""
+    eim, edm, eim2 = natlab.sites
+    a, b, c = _udp(natlab, eim), _udp(natlab, eim2), _udp(natlab, edm)
+    try:
+        ra, rb, rc = _srflx(a), _srflx(b), _srflx(c)
+        assert (ra.nat, rb.nat, rc.nat) == (stun.NAT_EIM, stun.NAT_EIM, stun.NAT_EDM)
+
+        got_a, got_b = _punch(a, rb.public, b, ra.public)
+        assert got_a and {src for _, src in got_a} == {rb.public}
+        assert got_b and {src for _, src in got_b} == {ra.public}
+
+        # EIM <-> EDM: c's NAT picks a fresh random port towards a (not the
+        # one in rc.public), so neither side gets through.  (A false failure
+        # needs the random port to repeat: p ~ 1/64511 per run.)
+        got_a, got_c = _punch(a, rc.public, c, ra.public)
+        assert got_a == [] and got_c == []
+
+        # The relay: c allocates on coturn through its symmetric NAT, installs
+        # a permission + channel for a's public candidate; a sends first to
+        # the relayed address (opens its own NAT), then both ways work.
+        for s in (a, c):
+            s.setblocking(True)
+        tc = turn.TurnClient(natlab.coturn.address, "alice", "secret")
+        events = []
+
+        def pump(pred, timeout=15):
+            def until():
+                events.extend(tc.take_events())
+                return pred()
+            return coturn.drive(tc, c, until, timeout)
+
+        tc.start(time.monotonic())
+        assert pump(lambda: tc.state != "allocating"), tc.status()
+        assert tc.state == "allocated", tc.status()
+        relayed = tc.relayed
+        assert relayed[0] == nat.INET_IPS[0]
+        assert tc.mapped[0] == edm.public_ip
+        tc.add_peer(ra.public, time.monotonic())
+        assert pump(lambda: tc.peer_state(ra.public)["channel"] is not None)
+        a.sendto(b"hello-from-a", relayed)
+        assert pump(lambda: any(isinstance(e, turn.Data) for e in events))
+        assert [e for e in events if isinstance(e, turn.Data)] == [turn.Data(ra.public, b"hello-from-a")]
+        assert tc.send(ra.public, b"sealed-from-c", time.monotonic())
+        for data, dest in tc.take_outgoing():
+            c.sendto(data, dest)
+        a.settimeout(5)
+        assert a.recvfrom(2048) == (b"sealed-from-c", relayed)
+        tc.close(time.monotonic())
+        assert pump(lambda: tc.state == "closed")
+        assert tc.drops == {}
+    finally:
+        for s in (a, b, c):
+            s.close()

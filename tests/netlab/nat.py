@@ -24,6 +24,10 @@ NAT kinds, made with nftables in the NAT box (table ``ip mpvnat``):
 * ``"edm"``: ``masquerade random`` -- a random source port per conntrack
   entry, i.e. per destination: endpoint-dependent ("symmetric") mapping.
 
+Both drop unsolicited traffic from the internet like a home router's
+firewall (see :func:`nat_rules` for why that matters to hole punching);
+filtering is therefore address- and port-dependent, as Linux conntrack is.
+
 Mapping lifetime is the NAT box's conntrack: :meth:`NatLab.set_udp_timeout`
 writes ``net.netfilter.nf_conntrack_udp_timeout`` (and ``_stream``) inside
 the NAT namespace (these sysctls are per network namespace);
@@ -38,10 +42,13 @@ addresses (203.0.113.0/24 is TEST-NET-3).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -61,14 +68,33 @@ _live: "set[NatLab]" = set()
 
 
 def nat_rules(kind: str, out_if: str) -> str:
-    """The nftables ruleset (``nft -f`` input) for one NAT kind."""
+    """The nftables ruleset (``nft -f`` input) for one NAT kind.
+
+    Besides the NAT, the box drops new connections arriving from the outside
+    (input and forward), as OpenWrt's fw4 does for its wan zone.  This
+    matters for hole punching: without it, a peer's early punch packet is
+    accepted by the box itself, its conntrack entry is confirmed, and that
+    entry then occupies the tuple our own outgoing mapping would use, so
+    masquerade picks another port and even an "eim" box looks
+    endpoint-dependent to that peer.  A packet dropped in the filter hook
+    leaves no conntrack entry."""
     if kind not in NAT_KINDS:
         raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
     action = "masquerade" if kind == "eim" else "masquerade random"
+    guard = (f'    iifname "{out_if}" ct state established,related accept\n'
+             f'    iifname "{out_if}" drop\n')
     return (f"table ip {NFT_NAT_TABLE} {{\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
             f'    oifname "{out_if}" {action}\n'
+            f"  }}\n"
+            f"  chain input {{\n"
+            f"    type filter hook input priority filter; policy accept;\n"
+            f"{guard}"
+            f"  }}\n"
+            f"  chain forward {{\n"
+            f"    type filter hook forward priority filter; policy accept;\n"
+            f"{guard}"
             f"  }}\n"
             f"}}\n")
 
@@ -184,6 +210,37 @@ class NatLab:
     def python(self, ns: str, code: str, *args: str, timeout: float = 60,
                check: bool = True) -> subprocess.CompletedProcess:
         return self.run(ns, [sys.executable, "-c", code, *args], timeout=timeout, check=check)
+
+    def socket(self, ns: str, family: int = socket.AF_INET,
+               type: int = socket.SOCK_DGRAM) -> socket.socket:
+        """A socket that lives in namespace ``ns``, usable from this process.
+
+        A socket belongs to the network namespace it was created in; a
+        short-lived thread enters ``ns`` (setns(2) on /run/netns/<ns>, which
+        changes only that thread), creates it and exits, so the test's own
+        threads never leave the host namespace."""
+        self._argv(ns, [])                       # only this lab's namespaces
+        result: dict = {}
+
+        def make() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+                try:
+                    if libc.setns(fd, 0x40000000) != 0:     # CLONE_NEWNET
+                        raise OSError(ctypes.get_errno(), f"setns({ns})")
+                finally:
+                    os.close(fd)
+                result["sock"] = socket.socket(family, type)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                result["error"] = e
+
+        t = threading.Thread(target=make, name=f"setns-{ns}")
+        t.start()
+        t.join()
+        if "error" in result:
+            raise LabError(f"cannot create a socket in {ns}: {result['error']}")
+        return result["sock"]
 
     def prefix_argv(self, ns: str) -> list[str]:
         """argv prefix that runs a program inside ``ns`` (for tests/coturn.py)."""
