@@ -453,3 +453,4 @@ def test_client_never_raises_on_garbage(datagrams):
     for d in datagrams:
         c.on_datagram(d, S1, 0.1)
     assert sum(c.drops.values()) == len(datagrams)
+
