@@ -46,7 +46,8 @@ def free_udp_port(host: str = "127.0.0.1", span: int = 1) -> int:
         socks = []
         try:
             for q in range(p, p + span):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
                 socks.append(s)
                 s.bind((host, q))
             return p
@@ -71,7 +72,8 @@ class Coturn:
                  relay_ip: str | None = None, relay_ports: tuple[int, int] | None = None,
                  users: dict | None = None, realm: str = "mpvpn.test",
                  loopback_peers: bool = True, extra: Sequence[str] = (),
-                 prefix: Sequence[str] = (), workdir: str | None = None):
+                 prefix: Sequence[str] = (), workdir: str | None = None,
+                 probe_family: int = socket.AF_INET):
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -85,6 +87,7 @@ class Coturn:
         self.users = dict(users or {"alice": "secret"})
         self.realm = realm
         self.prefix = list(prefix)
+        self.probe_family = probe_family
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-coturn-", dir=workdir)
         d = Path(self._tmp.name)
         self.conf = d / "turnserver.conf"
@@ -127,7 +130,7 @@ class Coturn:
         raise RuntimeError(f"turnserver did not answer within {timeout}s\n{self.log_text()}")
 
     def _answers_binding(self) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(self.probe_family, socket.SOCK_DGRAM) as s:
             s.settimeout(0.2)
             txid = os.urandom(12)
             s.sendto(stun.encode(stun.BINDING, stun.REQUEST, txid), self.address)

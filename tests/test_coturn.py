@@ -228,3 +228,29 @@ def test_stale_nonce_is_renewed(sock):
             peer.close()
         assert isinstance(events[0], turn.PeerReady), events
         assert c.counters["stale_nonce"] >= 1
+
+
+def test_binding_over_ipv6_loopback():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s6.bind(("::1", 0))
+    except OSError as e:
+        s6.close()
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        with coturn.Coturn(listen=("::1",), probe_family=socket.AF_INET6) as server:
+            c = stun.BindingClient([server.address], local=s6.getsockname())
+            c.start(time.monotonic())
+            assert coturn.drive(c, s6, lambda: c.result is not None, timeout=10)
+            assert c.result.public == ("::1", s6.getsockname()[1])
+            assert c.result.nat == stun.NAT_NONE
+            # the TURN allocation over IPv6 gives an IPv6 relayed address
+            t = turn.TurnClient(server.address, "alice", "secret")
+            t.start(time.monotonic())
+            assert coturn.drive(t, s6, lambda: t.state != "allocating", timeout=10)
+            assert t.state == "allocated", t.failure
+            assert t.relayed[0] == "::1"
+    finally:
+        s6.close()

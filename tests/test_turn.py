@@ -374,3 +374,26 @@ def test_relay_list_tries_next_and_retries_later():
     with pytest.raises(ValueError):
         rl.failed(turn.Relay(("192.0.2.3", 1), "u", "p"), "x", 0.0)
     assert "hunter2" not in repr(b) and "hunter2" not in str(rl.status(0.0))
+
+
+def test_ipv6_relay_asks_for_an_ipv6_relayed_address():
+    c = turn.TurnClient(("2001:db8::10", 3478), USER, PW)
+    c.start(0.0)
+    r = stun.decode(c.take_outgoing()[0][0])
+    assert r.get(stun.REQUESTED_ADDRESS_FAMILY) == b"\x02\x00\x00\x00"
+    c4 = turn.TurnClient(SRV, USER, PW)
+    c4.start(0.0)
+    assert not stun.decode(one(c4)).has(stun.REQUESTED_ADDRESS_FAMILY)   # IPv4 is the default
+    with pytest.raises(ValueError):
+        turn.TurnClient(SRV, USER, PW, relay_family=5)
+
+
+def test_error_reason_from_the_relay_is_made_printable():
+    c = turn.TurnClient(SRV, USER, PW)
+    c.start(0.0)
+    r = stun.decode(one(c))
+    value = struct.pack("!HBB", 0, 5, 8) + b"No \x1b[31mcapacity\x00\x00"
+    c.on_datagram(stun.encode(stun.ALLOCATE, stun.ERROR, r.txid, [(stun.ERROR_CODE, value)]),
+                  SRV, 0.1)
+    assert c.failure.reason == ("allocation failed: relay has insufficient capacity "
+                                "(508 No [31mcapacity)")

@@ -364,8 +364,15 @@ def encode_address(addr: Addr, *, xor: bool, txid: bytes = b"") -> bytes:
     return struct.pack("!BBH", 0, family, port) + raw
 
 
+def printable(text: str, limit: int = 128) -> str:
+    """Text from the network reduced to printable characters for logs and
+    status (no control characters, no terminal escapes), at most ``limit``."""
+    return "".join(ch for ch in text if ch.isprintable())[:limit]
+
+
 def decode_error_code(value: bytes) -> tuple[int, str]:
-    """(code 300..699, reason) from ERROR-CODE; StunError if bad."""
+    """(code 300..699, reason) from ERROR-CODE; StunError if bad.  The
+    reason is reduced to printable characters (coturn pads it with NULs)."""
     if len(value) < 4:
         raise StunError("ERROR-CODE shorter than 4 bytes")
     if len(value) - 4 > MAX_REASON_BYTES:
@@ -373,7 +380,7 @@ def decode_error_code(value: bytes) -> tuple[int, str]:
     klass, number = value[2] & 0x07, value[3]
     if not 3 <= klass <= 6 or number > 99:
         raise StunError(f"ERROR-CODE out of range (class {klass}, number {number})")
-    return klass * 100 + number, value[4:].decode("utf-8", "replace")
+    return klass * 100 + number, printable(value[4:].decode("utf-8", "replace"))
 
 
 def encode_error_code(code: int, reason: str = "") -> bytes:
@@ -555,8 +562,7 @@ class BindingClient:
                 self.timeouts += 1
                 self._errors.append(f"no answer from {_fmt(probe.dest)}")
         if self._next_round is not None and now >= self._next_round:
-            self.start(now)
-            self.on_timer(now)      # first transmissions go out now
+            self.start(now)         # the new round's first requests go out now
             return
         self._maybe_finish(now)
 

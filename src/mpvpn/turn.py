@@ -184,8 +184,15 @@ class TurnClient:
     def __init__(self, server: Sequence, username: str, password: str, *,
                  lifetime: int = 600, software: str | None = None,
                  rto: float = 0.5, rc: int = 7, rm: int = 16, use_channels: bool = True,
+                 relay_family: int | None = None,
                  rng: Callable[[int], bytes] = os.urandom):
         self.server = normalize_addr(server)
+        # The relayed address's family: the server's unless told (RFC 8656
+        # 7.1: without REQUESTED-ADDRESS-FAMILY the server relays over IPv4,
+        # which an IPv6-only relay refuses with 440).
+        self.relay_family = relay_family or (6 if ":" in self.server[0] else 4)
+        if self.relay_family not in (4, 6):
+            raise ValueError("relay_family must be 4 or 6")
         self.username, self._password = username, password
         self.requested_lifetime = int(lifetime)
         self.software = software
@@ -376,8 +383,11 @@ class TurnClient:
     # ---- requests --------------------------------------------------------
 
     def _allocate_attrs(self) -> list:
-        return [(stun.REQUESTED_TRANSPORT, struct.pack("!B3x", UDP_TRANSPORT)),
-                (stun.LIFETIME, struct.pack("!I", self.requested_lifetime))]
+        attrs = [(stun.REQUESTED_TRANSPORT, struct.pack("!B3x", UDP_TRANSPORT)),
+                 (stun.LIFETIME, struct.pack("!I", self.requested_lifetime))]
+        if self.relay_family == 6:
+            attrs.append((stun.REQUESTED_ADDRESS_FAMILY, struct.pack("!B3x", stun.FAMILY_IPV6)))
+        return attrs
 
     def _pending(self, purpose: str) -> bool:
         return any(r.purpose == purpose for r in self._requests.values())
