@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ def natlab(netlab_ready):
         sys.stderr.write(f"\nNAT lab tests skipped: {reason}\n")
         pytest.skip(reason)
     lab = nat.NatLab(kinds=("eim", "edm", "eim"))
+    server = None
     try:
         server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
                                relay_ports=(50000, 50099), loopback_peers=False,
@@ -82,12 +82,10 @@ def natlab(netlab_ready):
             return lab.python(lab.inet, PROBE, str(SRC), nat.INET_IPS[0], str(STUN_PORT),
                               check=False, timeout=10).returncode == 0
         server.start(timeout=15, probe=probe)
-        lab.coturn = server
         yield lab
     finally:
-        srv = getattr(lab, "coturn", None)
-        if srv is not None:
-            srv.close()
+        if server is not None:
+            server.close()
         lab.close()
     assert not [n for n in netlab.list_lab_namespaces() if n.startswith(lab.prefix + "-")]
     assert not (netlab.MARKER_DIR / f"{lab.prefix}.json").exists()
@@ -212,7 +210,7 @@ def test_punching_and_relay_through_the_nats(natlab):
         # the relayed address (opens its own NAT), then both ways work.
         for s in (a, c):
             s.setblocking(True)
-        tc = turn.TurnClient(natlab.coturn.address, "alice", "secret")
+        tc = turn.TurnClient((nat.INET_IPS[0], STUN_PORT), "alice", "secret")
         events = []
 
         def pump(pred, timeout=15):
