@@ -397,3 +397,20 @@ def test_error_reason_from_the_relay_is_made_printable():
                   SRV, 0.1)
     assert c.failure.reason == ("allocation failed: relay has insufficient capacity "
                                 "(508 No [31mcapacity)")
+
+
+def test_unprotected_errors_to_authenticated_requests_are_discarded():
+    """RFC 8489 9.2.5: a 486/508/437 without a valid MESSAGE-INTEGRITY is
+    dropped (a forger cannot end the allocation); 401/438 cannot carry one."""
+    c = turn.TurnClient(SRV, USER, PW)
+    s = FakeServer()
+    c.start(0.0)
+    c.on_datagram(s.error(s.parse(one(c)), 401), SRV, 0.0)
+    r = s.parse(one(c))
+    c.on_datagram(s.error(r, 486, realm=False), SRV, 0.1)
+    c.on_datagram(s.error(r, 508, realm=False), SRV, 0.1)
+    assert c.drops == {"bad_integrity": 2} and c.state == "allocating"
+    c.on_timer(0.5)
+    assert stun.decode(one(c)).txid == r.txid          # retransmission goes on
+    c.on_datagram(s.error(r, 486, realm=False, integrity=True), SRV, 0.6)
+    assert c.failure.code == 486

@@ -443,9 +443,11 @@ class TurnClient:
         except StunError:
             self._drop("malformed")
             return
-        # An error that carries MESSAGE-INTEGRITY must carry the right one.
-        if msg.has(stun.MESSAGE_INTEGRITY) and self._key is not None \
-                and not msg.check_integrity(self._key):
+        # RFC 8489 9.2.5: to a request that carried credentials, every error
+        # but 401/438 (which cannot be protected) must carry a valid
+        # MESSAGE-INTEGRITY; anything else is discarded (retransmits go on),
+        # so a forged 486/508/437 cannot end an allocation.
+        if req.keyed and code not in (401, 438) and not msg.check_integrity(self._key):
             self._drop("bad_integrity")
             return
         del self._requests[msg.txid]
