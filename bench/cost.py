@@ -164,9 +164,11 @@ def run_path(mode: str, kind: str, size: int, packets: int, seed: int = 1) -> di
     sent = 0
     while sent < packets:
         batch = []
-        for fr in reads:
+        for fr in reads:  # one wake-up's reads, no more than the run still needs
             batch += read_tun(fr)
             stats["tun_reads"] += 1
+            if len(batch) >= packets - sent:
+                break
         batch = batch[:packets - sent]
         sent += len(batch)
         a.send_many(batch, now)
