@@ -296,7 +296,8 @@ class CpuCap:
         v2 = Path("/sys/fs/cgroup")
         v1 = Path("/sys/fs/cgroup/cpu")
         quota = int(self.PERIOD * percent / 100)
-        if "cpu" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+        controllers = v2 / "cgroup.controllers"  # present when /sys/fs/cgroup is the unified hierarchy
+        if controllers.exists() and "cpu" in controllers.read_text().split():
             ctl = (v2 / "cgroup.subtree_control")
             if "cpu" not in ctl.read_text().split():
                 ctl.write_text("+cpu")
@@ -315,15 +316,6 @@ class CpuCap:
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
-
-    def usage_s(self) -> float:
-        """CPU seconds used by the group's processes so far."""
-        if (self.path / "cpu.stat").exists():
-            m = re.search(r"usage_usec (\d+)", (self.path / "cpu.stat").read_text())
-            if m:
-                return int(m.group(1)) / 1e6
-        acct = Path("/sys/fs/cgroup/cpuacct") / self.path.name / "cpuacct.usage"
-        return int(acct.read_text()) / 1e9 if acct.exists() else float("nan")
 
     def throttled(self) -> int:
         m = re.search(r"nr_throttled (\d+)", (self.path / "cpu.stat").read_text())
