@@ -74,6 +74,7 @@ bench: $(STAMP) fastpath
 	$(PY) bench/agent.py
 	$(PY) bench/idle.py
 	$(PY) bench/aggregate.py
+	$(PY) bench/cost.py
 
 ipk: $(STAMP)
 	$(PY) -m mpvpn.ipk --out dist --release $(or $(OPENWRT),24.10)
