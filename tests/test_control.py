@@ -45,6 +45,8 @@ from mpvpn.control import (
     encode_frame,
     peer_problem,
 )
+from mpvpn.controlconn import TRANSITIONS, Ev, Role
+from mpvpn.controlmsg import info_json
 from mpvpn.pairing import Uplink, mirror
 
 PSK = bytes(range(32))
@@ -1141,3 +1143,68 @@ def test_a_hub_accepts_each_sites_own_key_and_says_which_site_it_was():
         server_cfg(psk=None).local_info()  # no key at all
     with pytest.raises(ValueError):
         server_cfg(site_psks=(("x", b"short"),)).local_info()
+
+
+# --- the transition table ---------------------------------------------------------------------
+
+
+def _pair_in_hello():
+    """Client and server both in HELLO: the server answered message 1, the
+    client sent HELLO, which the server has not read."""
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
+    s = reg.accept(("198.51.100.7", 40000), 0.0)
+    c = ClientConnection(client_cfg(), 0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    c.receive_data(s.data_to_send(), 0.0)
+    c.data_to_send()  # the HELLO, dropped
+    assert c.state is State.HELLO and s.state is State.HELLO
+    return c, s
+
+
+def _message(t: str, to_client: bool) -> dict:
+    info = info_json(client_cfg(5).local_info() if not to_client else server_cfg().local_info())
+    return {
+        "HELLO": dict(type="HELLO", **info),
+        "WELCOME": dict(type="WELCOME", session_id=7, plan=[],
+                        keepalive={"interval": 10, "timeout": 30}, **info),
+        "UPDATE": ({"type": "UPDATE", "ack": 0, "plan": []} if to_client
+                   else {"type": "UPDATE", "seq": 1, "lans": []}),
+        "KEEPALIVE": {"type": "KEEPALIVE", "n": 1},
+        "KEEPALIVE_ACK": {"type": "KEEPALIVE_ACK", "n": 1},
+        "REKEY": {"type": "REKEY", "step": 3, "epoch": 2},
+        "BYE": {"type": "BYE", "reason": "x"},
+        "ERROR": {"type": "ERROR", "code": "x"},
+    }[t]
+
+
+@pytest.mark.parametrize("state", [State.HELLO, State.ESTABLISHED])
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_the_transition_table_decides_which_messages_a_state_takes(role, state):
+    """Every message type a role can receive, in each state with a channel:
+    refused as unexpected exactly when TRANSITIONS has no entry for it."""
+    to_client = role is Role.CLIENT
+    types = [t for t in ("HELLO", "WELCOME", "UPDATE", "KEEPALIVE", "KEEPALIVE_ACK", "REKEY",
+                         "BYE", "ERROR") if t != ("HELLO" if to_client else "WELCOME")]
+    for t in types:
+        if state is State.HELLO:
+            c, s = _pair_in_hello()
+            sender_cs = (s._send_cs if to_client
+                         else noise.CipherState(c._send_cs._k))  # the HELLO was dropped
+        else:
+            c, s, _reg = connect()
+            sender_cs = s._send_cs if to_client else c._send_cs
+        dst = c if to_client else s
+        evs(dst)
+        assert dst.state is state
+        body = json.dumps(_message(t, to_client)).encode()
+        dst.receive_data(encode_frame(sender_cs.encrypt_with_ad(b"", body)), 1.0)
+        texts = [e.text for e in evs(dst) if isinstance(e, ProtocolError) and not e.by_peer]
+        refused = f"unexpected {t} in state {state.value}" in texts
+        allowed = Ev(t) in TRANSITIONS[role][state]
+        assert refused is not allowed, (t, texts)
+        if refused:
+            assert dst.closed and dst.close_reason == "invalid" and dst.counters["unexpected"] == 1
+        elif t in ("BYE", "ERROR"):
+            assert dst.closed and TRANSITIONS[role][state][Ev(t)] is State.CLOSED
+        elif t in ("KEEPALIVE", "KEEPALIVE_ACK"):
+            assert dst.state is TRANSITIONS[role][state][Ev(t)]

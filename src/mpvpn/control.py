@@ -25,7 +25,8 @@ from mpvpn import seal  # noqa: F401  (tests patch control.seal.choose_cipher)
 from mpvpn.admission import (BUSY_LEN, MAC_LEN, PREAUTH_FAILURES, STAMP_LEN, HandshakeGuard,
                              HandshakeStamps, RateLimiter, busy_reply, mac_key,
                              stamp_first_message)
-from mpvpn.controlconn import ClientConnection, ControlConfig, ServerConnection, State
+from mpvpn.controlconn import (TRANSITIONS, ClientConnection, ControlConfig, Ev, Role,
+                               ServerConnection, State)
 from mpvpn.controlevents import (ConnectionClosed, DataKeys, HandshakeComplete, KeysActivated,
                                  KeysRetired, KeysRotated, PeerUpdated, ProtocolError,
                                  SessionEstablished, SessionFreed)
@@ -48,6 +49,6 @@ __all__ = [
     # constants importers use
     "REKEY_PROLOGUE", "MAX_FRAME", "MAX_MESSAGE", "PREAUTH_MAX_FRAME", "POSTAUTH_MAX_FRAME",
     "MAX_UPLINKS", "MAX_LANS", "ERROR_CODES", "BUSY_LEN", "STAMP_LEN", "MAC_LEN",
-    "PREAUTH_FAILURES", "DETACH_REASONS", "CONFIG_FAILURES",
+    "PREAUTH_FAILURES", "DETACH_REASONS", "CONFIG_FAILURES", "TRANSITIONS", "Role", "Ev",
     "mac_key", "stamp_first_message", "busy_reply",
 ]

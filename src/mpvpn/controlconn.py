@@ -53,11 +53,73 @@ if TYPE_CHECKING:  # the registry imports this module
     from mpvpn.registry import ServerSession, ServerSessions
 
 
+# --- the state machine -------------------------------------------------------------------------
+
+
 class State(Enum):
     HANDSHAKE = "handshake"  # client: msg1 sent, waiting for msg2; server: waiting for msg1
     HELLO = "hello"  # client: HELLO sent, waiting for WELCOME; server: waiting for HELLO
     ESTABLISHED = "established"
     CLOSED = "closed"
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Ev(Enum):
+    """What moves a machine: a frame of the handshake phase, or a message
+    (its ``type``) under the Noise channel."""
+
+    MSG1 = "msg1"  # server: the client's Noise message 1 (kept until its stamp)
+    STAMP = "stamp"  # server: message 1's stamp passed the gate; message 2 sent
+    MSG2 = "msg2"  # client: message 2 with a common version; HELLO sent
+    BUSY = "busy"  # client: the server's authenticated BUSY instead of message 2
+    HELLO = "HELLO"
+    WELCOME = "WELCOME"
+    UPDATE = "UPDATE"
+    KEEPALIVE = "KEEPALIVE"
+    KEEPALIVE_ACK = "KEEPALIVE_ACK"
+    REKEY = "REKEY"
+    BYE = "BYE"
+    ERROR = "ERROR"
+
+
+S, E = State, Ev
+
+_CHANNEL_UP = {E.UPDATE: S.ESTABLISHED, E.KEEPALIVE: S.ESTABLISHED,
+               E.KEEPALIVE_ACK: S.ESTABLISHED, E.REKEY: S.ESTABLISHED,
+               E.BYE: S.CLOSED, E.ERROR: S.CLOSED}
+
+#: The method that handles each message event (ERROR, BYE, KEEPALIVE* and
+#: REKEY are common to both roles; the others are the role's own).
+_HANDLERS: dict[Ev, str] = {
+    E.HELLO: "_on_hello", E.WELCOME: "_on_welcome", E.UPDATE: "_on_update",
+    E.KEEPALIVE: "_on_keepalive", E.KEEPALIVE_ACK: "_on_keepalive_ack", E.REKEY: "_on_rekey",
+    E.BYE: "_on_bye", E.ERROR: "_on_error",
+}
+
+#: The whole control state machine of both roles, in the style of h11's
+#: ``_state.py``: ``TRANSITIONS[role][state][event] -> new state``.  A
+#: message whose (state, type) is not in the table is refused (ERROR
+#: ``invalid``, counted ``unexpected``).  Not in the table, as h11's ERROR
+#: state: any state goes to CLOSED on ``close()``, EOF, a timeout or a
+#: failure (bad input, authentication, a refused peer).
+TRANSITIONS: dict[Role, dict[State, dict[Ev, State]]] = {
+    Role.CLIENT: {
+        S.HANDSHAKE: {E.MSG2: S.HELLO, E.BUSY: S.CLOSED},
+        S.HELLO: {E.WELCOME: S.ESTABLISHED, E.BYE: S.CLOSED, E.ERROR: S.CLOSED},
+        S.ESTABLISHED: _CHANNEL_UP,
+        S.CLOSED: {},
+    },
+    Role.SERVER: {
+        S.HANDSHAKE: {E.MSG1: S.HANDSHAKE, E.STAMP: S.HELLO},
+        S.HELLO: {E.HELLO: S.ESTABLISHED, E.BYE: S.CLOSED, E.ERROR: S.CLOSED},
+        S.ESTABLISHED: _CHANNEL_UP,
+        S.CLOSED: {},
+    },
+}
 
 
 
@@ -293,25 +355,28 @@ class _Connection:
         self._start_rekey(now)
         return True
 
+    # set by the subclasses
+    ROLE: Role
     # The message that introduces the peer in state HELLO: HELLO (server side)
-    # or WELCOME (client side); set by the subclasses.
-    _INTRO = ""
+    # or WELCOME (client side).
+    _INTRO: Ev
 
     def _on_frame(self, frame: bytes, now: float) -> None:
-        """One complete frame: the Noise handshake first, then one message."""
+        """One complete frame: the Noise handshake first (the role's
+        ``_on_handshake_frame`` tells which event it is), then one message,
+        dispatched through :data:`TRANSITIONS`."""
         if self.state is State.HANDSHAKE:
             self._on_handshake_frame(frame, now)
             return
         m = self._on_message(frame, now)
-        if self._common(m, now):
-            return
-        t = m["type"]
-        if self.state is State.HELLO and t == self._INTRO:
-            self._on_intro(m, now)
-        elif self.state is State.ESTABLISHED and t == "UPDATE":
-            self._on_update(m, now)
-        else:
+        ev = Ev(m["type"])  # parse_message admits only the message types
+        if ev not in TRANSITIONS[self.ROLE][self.state]:
             raise self._unexpected(m)
+        getattr(self, _HANDLERS[ev])(m, now)
+
+    def _to(self, ev: Ev) -> None:
+        """Take the table's transition for ``ev`` (a missing one is a bug)."""
+        self.state = TRANSITIONS[self.ROLE][self.state][ev]
 
     def status(self) -> dict:
         return {"state": self.state.value, "session_id": self.session_id,
@@ -380,8 +445,8 @@ class _Connection:
     def _on_handshake_frame(self, frame: bytes, now: float) -> None:  # pragma: no cover
         raise NotImplementedError  # subclasses: the Noise message 1 (server) or 2 (client)
 
-    def _on_intro(self, m: dict, now: float) -> None:  # pragma: no cover
-        raise NotImplementedError  # subclasses: HELLO (server) or WELCOME (client)
+    def _on_update(self, m: dict, now: float) -> None:  # pragma: no cover
+        raise NotImplementedError  # subclasses
 
     def _install_channel(self, keys) -> None:
         self._send_cs, self._recv_cs = keys.send, keys.recv
@@ -389,7 +454,7 @@ class _Connection:
         self._decoder.max_frame = POSTAUTH_MAX_FRAME
 
     def _established(self, now: float) -> None:
-        self.state = State.ESTABLISHED
+        self._to(self._INTRO)
         self.epoch = self.send_epoch = 1
         self._last_recv = now
         self._rekey_at = now + self._rekey_period()
@@ -408,29 +473,21 @@ class _Connection:
     def _seen(self, now: float) -> None:
         pass
 
-    def _common(self, m: dict, now: float) -> bool:
-        """Messages valid in any post-handshake state.  True if handled."""
-        t = m["type"]
-        if t == "ERROR":
-            self._count("peer_error")
-            self._emit(ProtocolError(m["code"], m["text"], by_peer=True))
-            self._set_closed(m["code"], m["text"], by_peer=True)
-            return True
-        if t == "BYE":
-            text = f"{m['reason']}: {m['text']}" if m["text"] else m["reason"]
-            self._set_closed("bye", text, by_peer=True)
-            return True
-        if self.state is not State.ESTABLISHED:
-            return False
-        if t == "KEEPALIVE":
-            self._send({"type": "KEEPALIVE_ACK", "n": m["n"]})
-            return True
-        if t == "KEEPALIVE_ACK":
-            return True
-        if t == "REKEY":
-            self._on_rekey(m, now)
-            return True
-        return False
+    # -- message handlers (the table says in which states each one runs) -------------------------
+    def _on_error(self, m: dict, now: float) -> None:
+        self._count("peer_error")
+        self._emit(ProtocolError(m["code"], m["text"], by_peer=True))
+        self._set_closed(m["code"], m["text"], by_peer=True)
+
+    def _on_bye(self, m: dict, now: float) -> None:
+        text = f"{m['reason']}: {m['text']}" if m["text"] else m["reason"]
+        self._set_closed("bye", text, by_peer=True)
+
+    def _on_keepalive(self, m: dict, now: float) -> None:
+        self._send({"type": "KEEPALIVE_ACK", "n": m["n"]})
+
+    def _on_keepalive_ack(self, m: dict, now: float) -> None:
+        pass  # any message counts as life (_on_message)
 
     def _unexpected(self, m: dict):
         return Bad("invalid", f"unexpected {m['type']} in state {self.state.value}", "unexpected")
@@ -554,7 +611,8 @@ class ClientConnection(_Connection):
     ``stamps``: the process's :class:`HandshakeStamps` (one per agent, shared
     by its connection attempts); a fresh one if omitted."""
 
-    _INTRO = "WELCOME"
+    ROLE = Role.CLIENT
+    _INTRO = Ev.WELCOME
 
     is_client = True
 
@@ -642,9 +700,6 @@ class ClientConnection(_Connection):
                                  f"retry in {self.retry_after:g} s", by_peer=True,
                          retry_after=self.retry_after)
 
-    def _on_intro(self, m: dict, now: float) -> None:
-        self._on_welcome(m, now)
-
     def _on_msg2(self, frame: bytes, now: float) -> None:
         try:
             payload = self._hs.read_message(frame)
@@ -670,7 +725,7 @@ class ClientConnection(_Connection):
         self.version = v
         self._keys = keys
         self._emit(HandshakeComplete(v, self._hh))
-        self.state = State.HELLO
+        self._to(Ev.MSG2)
         self._send(dict(type="HELLO", **info_json(self.local)))
 
     def _on_welcome(self, m: dict, now: float) -> None:
@@ -737,7 +792,8 @@ class ServerConnection(_Connection):
     its own).
     """
 
-    _INTRO = "HELLO"
+    ROLE = Role.SERVER
+    _INTRO = Ev.HELLO
 
     is_client = False
 
@@ -824,15 +880,13 @@ class ServerConnection(_Connection):
     def _on_handshake_frame(self, frame: bytes, now: float) -> None:
         self._on_msg1(frame, now)
 
-    def _on_intro(self, m: dict, now: float) -> None:
-        self._on_hello(m, now)
-
     def _on_msg1(self, frame: bytes, now: float) -> None:
         if self._msg1 is None:  # the Noise message; its stamp and MAC follow
             if len(frame) < MIN_HANDSHAKE_MSG:
                 self._abort("malformed", "first handshake message too short")
                 return
             self._msg1 = frame
+            self._to(Ev.MSG1)
             return
         msg1, self._msg1 = self._msg1, None
         if len(frame) != STAMP_LEN:
@@ -890,7 +944,7 @@ class ServerConnection(_Connection):
         self._last_sent = now
         keys = hs.split()
         self._install_channel(keys)
-        self.state = State.HELLO
+        self._to(Ev.STAMP)
         self._deadline = now + cfg.handshake_timeout
         self._emit(HandshakeComplete(self.version, self._hh))
 
