@@ -996,7 +996,8 @@ class ServerConnection(_Connection):
             client = replace(client, lans=m["lans"])
         check_peer(self.local, client, self.config.allow_peer_default_route)
         if self.registry is not None:
-            self.registry.check_claims(client, exclude=self._session)
+            mine = self._session.identity if self._session is not None else ()
+            self.registry.check_claims(client, mine)
         new_plan = pairing.plan(self.local.uplinks, client.uplinks, self.pair_unmatched,
                                 self.plan, local_is_client=False)
         d = pairing.diff(self.plan, new_plan)

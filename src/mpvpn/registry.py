@@ -27,6 +27,32 @@ from mpvpn.peercheck import overlap
 DETACH_REASONS = frozenset({"eof", "timeout"})
 
 
+def identity_of(conn: ServerConnection, peer: PeerInfo) -> tuple:
+    """Who a site is on this server: the key it proved, never what it claims.
+
+    * ``("site", section)``: it authenticated with the key of a ``config
+      site`` section;
+    * ``("static", public key)``: KKpsk0, the one client static key we know;
+    * ``("psk", name, vNIC address)``: the one shared PSK proves only that
+      it is one of the sites; a restarted router claims the same name and
+      address again, so that pair stands in for the key (two routers that
+      claim the same pair cannot be told apart: give each a `config site`).
+    """
+    if conn.site is not None:
+        return ("site", conn.site)
+    if conn.config.pattern == "KKpsk0" and conn.config.remote_static is not None:
+        return ("static", bytes(conn.config.remote_static).hex())
+    return ("psk", peer.name, peer.vnc.ip)
+
+
+def describe_identity(identity: tuple) -> str:
+    kind = identity[0]
+    if kind == "site":
+        return f"site key {identity[1]}"
+    if kind == "static":
+        return "static key " + identity[1][:16]
+    return f"shared key as {identity[1]} {identity[2]}"
+
 
 @dataclass(eq=False)
 class ServerSession:
@@ -38,6 +64,7 @@ class ServerSession:
     conn: ServerConnection | None  # None once the control connection is gone (detached)
     created: float
     last_seen: float
+    identity: tuple = ()  # identity_of(): the key it authenticated with
 
     def heard(self, now: float) -> None:
         """A control message arrived on its connection."""
@@ -68,8 +95,14 @@ class ServerSessions:
       A first message whose MAC is good bypasses all of this; the guard's
       global handshake budget may still answer it BUSY.
     * Session IDs are random, nonzero and unique (``rng`` injectable).
-    * A client that reconnects with the same site name replaces its old
-      session (the old connection gets BYE ``replaced``).
+    * A session's identity is the key it authenticated with
+      (:func:`identity_of`), never the name or addresses it claims.  A new
+      connection with the same identity replaces the old session (a
+      restarted router; the old connection gets BYE ``replaced``); one with
+      another identity never displaces it: a claim that collides with
+      another identity's session (vNIC address, a LAN, the site name) is
+      refused (ERROR ``vnic``, ``overlap`` or ``name``, counted) and nothing
+      of the existing session changes.
     * When a control connection is lost (EOF, keepalive timeout) its session
       is *detached*, not freed: the data plane may still carry traffic and
       the client is reconnecting.  Any session silent (no control message,
@@ -98,7 +131,7 @@ class ServerSessions:
         self._pending_by_source: dict[str, OrderedDict] = {}
         self._keyer = self.limiter if self.limiter is not None else RateLimiter()
         self.sessions: dict[int, ServerSession] = {}
-        self.by_name: dict[str, ServerSession] = {}
+        self.by_identity: dict[tuple, ServerSession] = {}
         self.counters: Counter = Counter()
         self._events: deque = deque()
 
@@ -168,7 +201,8 @@ class ServerSessions:
 
     def status(self) -> dict:
         return {"sessions": {s.session_id: {"name": s.name, "attached": s.conn is not None,
-                                            "last_seen": s.last_seen}
+                                            "last_seen": s.last_seen,
+                                            "identity": describe_identity(s.identity)}
                              for s in self.sessions.values()},
                 "pending": len(self._pending), "counters": dict(self.counters)}
 
@@ -196,33 +230,44 @@ class ServerSessions:
         if self.limiter is not None:
             self.limiter.allow(conn.peer_addr, now)  # spends a token of its source
 
-    def check_claims(self, peer: PeerInfo, exclude: ServerSession | None = None) -> None:
+    def check_claims(self, peer: PeerInfo, identity: tuple) -> None:
+        """Refuse (raise Bad) what ``peer`` claims if it collides with a
+        session of another identity: its vNIC address, a LAN, its name.
+        The session of the same identity (being updated or replaced) does
+        not count."""
         nets = [n for n in peer.networks if n.prefixlen]
         for s in self.sessions.values():
-            if s is exclude or s.name == peer.name:
+            if s.identity == identity:
                 continue
             if s.peer.vnc.ip == peer.vnc.ip:
+                self.counters["claim_refused"] += 1
                 raise Bad("vnic", f"vNIC address {peer.vnc.ip} is already used by another site")
             for o in s.peer.networks:
                 if not o.prefixlen:
                     continue
                 for n in nets:
                     if overlap(n, o):
+                        self.counters["claim_refused"] += 1
                         raise Bad("overlap", f"LAN {n} overlaps a LAN of another site")
+            if s.name == peer.name:
+                self.counters["claim_refused"] += 1
+                raise Bad("name", f"site name {peer.name} is already used by another site "
+                                  "(another key or vNIC address)")
 
     def open_session(self, conn: ServerConnection, peer: PeerInfo, now: float) -> ServerSession:
         """A new site session for ``conn`` after its HELLO; raises Bad."""
-        self.check_claims(peer)
-        old = self.by_name.get(peer.name)
+        identity = identity_of(conn, peer)
+        self.check_claims(peer, identity)
+        old = self.by_identity.get(identity)
         if old is None and len(self.sessions) >= self.max_sessions:
             raise Bad("busy", f"server is full ({self.max_sessions} sessions)", "busy")
         sid = random_session_id(self.rng, self.sessions)
         if old is not None:
             self._free(old, "replaced")
             self._drop_conn(old, "replaced", "a new connection from this site replaced the session")
-        s = ServerSession(sid, peer.name, peer, conn, now, now)
+        s = ServerSession(sid, peer.name, peer, conn, now, now, identity)
         self.sessions[sid] = s
-        self.by_name[peer.name] = s
+        self.by_identity[identity] = s
         self.counters["sessions_opened"] += 1
         return s
 
@@ -241,8 +286,8 @@ class ServerSessions:
         if self.sessions.get(s.session_id) is not s:
             return
         del self.sessions[s.session_id]
-        if self.by_name.get(s.name) is s:
-            del self.by_name[s.name]
+        if self.by_identity.get(s.identity) is s:
+            del self.by_identity[s.identity]
         self.counters["sessions_freed"] += 1
         self._events.append(SessionFreed(s.session_id, s.name, reason, s.conn))
 
