@@ -1242,6 +1242,35 @@ def test_with_one_shared_key_collisions_are_refused_not_replaced():
                                                                            "replaced")]
 
 
+def test_the_hub_decides_what_each_site_may_claim():
+    scfg, reg = _hub(site_claims=(("branch_b", "10.99.0.2", ("192.168.1.0/24",)),
+                                  ("branch_c", None, ())))
+    b, sb, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg)
+    sid = b.session_id
+    assert b.state is State.ESTABLISHED
+    reg.events()
+    # B (restarted, or compromised) with another vNIC address: refused, and
+    # its existing session is not replaced
+    b2, sb2, _ = connect(client_cfg(2, psk=K_B, lans=("192.168.1.0/24",)), scfg, registry=reg)
+    assert "must use vNIC address 10.99.0.2" in _refused(b2, sb2, "vnic")
+    assert reg.events() == [] and reg.get(sid).conn is sb and sb.state is State.ESTABLISHED
+    # a LAN outside its allowed subnets, in an UPDATE: refused with "lan"
+    evs(b), evs(sb)
+    b.send_update(1.0, lans=["192.168.1.0/25"])  # inside: fine
+    pump(b, sb, 1.0)
+    assert only(evs(b), PeerUpdated)
+    b.send_update(2.0, lans=["192.168.9.0/24"])
+    pump(b, sb, 2.0)
+    assert "192.168.9.0/24" in _refused(b, sb, "lan")
+    # C may announce no LAN at all, any vNIC address
+    c, sc, _ = connect(client_cfg(3, psk=K_C), scfg, registry=reg)
+    _refused(c, sc, "lan")
+    c, sc, _ = connect(client_cfg(3, psk=K_C, lans=()), scfg, registry=reg)
+    assert c.state is State.ESTABLISHED
+    with pytest.raises(ValueError):
+        server_cfg(site_psks=(("x", K_B),), site_claims=(("x", "10.99.0.300", None),)).local_info()
+
+
 def test_a_name_refusal_waits_like_a_configuration_error():
     rc = ClientReconnect([("203.0.113.1", 7001)], 0.0, cap=60.0, jitter=0.0)
     rc.handle_timer(0.0)

@@ -27,6 +27,7 @@ Design: ``docs/control.md``.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import math
 import random
 from collections import Counter, deque
@@ -161,6 +162,10 @@ class ControlConfig:
     # server: client sites' own keys, ((name, psk), ...), tried after ``psk``
     # (which may then be None: only site keys are accepted)
     site_psks: tuple = ()
+    # server: what those sites may claim, ((name, vNIC address or None, LAN
+    # subnets or None), ...) from `config site` vnc_ipaddr / lan_subnet;
+    # None: not restricted (only collisions with other sites are refused)
+    site_claims: tuple = ()
 
     def keys(self) -> list:
         """The PSKs a server accepts, ``[(site name or None, psk), ...]``."""
@@ -188,8 +193,22 @@ class ControlConfig:
         if not ciphers or any(c not in seal.CIPHERS for c in ciphers):
             raise ValueError(f"ciphers must be a non-empty subset of {seal.CIPHERS}")
         info = build_local_info(self.name, ups, vnc, list(self.lans), self.mode, self.pair_unmatched,
-                           self.control_port)
+                                self.control_port)
+        self.claim_rules()
         return replace(info, ciphers=ciphers)
+
+    def claim_rules(self) -> dict:
+        """``site_claims`` checked and normalized: ``{site: (vNIC address
+        or None, tuple of networks or None)}``; raises ValueError."""
+        out = {}
+        for site, ip, lans in self.site_claims:
+            try:
+                ip = None if ip is None else ipaddress.ip_address(str(ip))
+                nets = None if lans is None else tuple(ipaddress.ip_network(str(n)) for n in lans)
+            except ValueError as e:
+                raise ValueError(f"site {site}: {e}") from None
+            out[site] = (ip, nets)
+        return out
 
 
 # --- helpers ---------------------------------------------------------------------------------

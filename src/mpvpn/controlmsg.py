@@ -56,7 +56,7 @@ MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 #: ERROR codes we send.  Peers may send other words; they are shown as given.
 ERROR_CODES = ("version", "auth", "invalid", "overlap", "vnic", "route", "busy",
-               "internal", "timeout", "name")
+               "internal", "timeout", "name", "lan")
 
 
 # --- data model -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import random
 from collections import deque
 
 #: Failures that retrying soon cannot fix (configuration): wait ``cap``.
-CONFIG_FAILURES = frozenset({"auth", "version", "vnic", "overlap", "route", "invalid", "name"})
+CONFIG_FAILURES = frozenset({"auth", "version", "vnic", "overlap", "route", "invalid", "name", "lan"})
 
 
 class ClientReconnect:

@@ -235,6 +235,7 @@ class ServerSessions:
         session of another identity: its vNIC address, a LAN, its name.
         The session of the same identity (being updated or replaced) does
         not count."""
+        self._check_rule(peer, identity)
         nets = [n for n in peer.networks if n.prefixlen]
         for s in self.sessions.values():
             if s.identity == identity:
@@ -253,6 +254,26 @@ class ServerSessions:
                 self.counters["claim_refused"] += 1
                 raise Bad("name", f"site name {peer.name} is already used by another site "
                                   "(another key or vNIC address)")
+
+    def _check_rule(self, peer: PeerInfo, identity: tuple) -> None:
+        """What the hub's `config site` section lets this site claim."""
+        if identity[0] != "site":
+            return
+        rule = self.config.claim_rules().get(identity[1])
+        if rule is None:
+            return
+        ip, allowed = rule
+        if ip is not None and peer.vnc.interface.ip != ip:
+            self.counters["claim_refused"] += 1
+            raise Bad("vnic", f"this site must use vNIC address {ip} (the hub's config site "
+                              f"{identity[1]}), not {peer.vnc.ip}")
+        if allowed is not None:
+            for n in peer.networks:
+                if not any(n.version == a.version and n.subnet_of(a) for a in allowed):
+                    self.counters["claim_refused"] += 1
+                    raise Bad("lan", f"LAN {n} is not among the subnets this site may announce "
+                                     f"({', '.join(map(str, allowed)) or 'none'}; the hub's "
+                                     f"config site {identity[1]})")
 
     def open_session(self, conn: ServerConnection, peer: PeerInfo, now: float) -> ServerSession:
         """A new site session for ``conn`` after its HELLO; raises Bad."""
