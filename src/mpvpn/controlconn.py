@@ -125,6 +125,9 @@ TRANSITIONS: dict[Role, dict[State, dict[Ev, State]]] = {
 
 
 
+# --- configuration -----------------------------------------------------------------------------
+
+
 @dataclass
 class ControlConfig:
     """Configuration of one side (client or server).
