@@ -181,3 +181,21 @@ def test_datagrams_by_member_hands_everything_out_once():
         first = s.a.datagrams_by_member()
         assert sorted(first) == [1, 2, 3] and len(first[1]) == 3 and len(first[2]) == 2
         assert s.a.datagrams_by_member() == {} and s.a.datagrams_to_send() == []
+
+
+LAYOUT = ("HLEN", "TAG", "OP_DATA", "F_SEALED", "VERSION", "OFF_VERSION", "OFF_OPCODE",
+          "OFF_MEMBER", "OFF_FLAGS", "OFF_SESSION", "OFF_LENGTH", "OFF_EPOCH", "OFF_RESERVED",
+          "OFF_SEQ")
+
+
+@needs_c
+def test_the_c_loops_use_wire_py_s_datagram_layout():
+    """_fastpath.c compiles the DATA layout in as #defines; each must equal
+    wire.py's (the source of truth), so an edit to one side alone fails here."""
+    from mpvpn import wire
+    expected = {"HLEN": wire.HEADER_LEN, "TAG": wire.TAG_LEN, "OP_DATA": wire.DATA,
+                "F_SEALED": wire.F_SEALED, "VERSION": wire.VERSION}
+    expected.update({k: getattr(wire, k) for k in LAYOUT if k.startswith("OFF_")})
+    assert set(expected) == set(LAYOUT)
+    got = {k: getattr(fastpath.LOOPS, k) for k in LAYOUT}
+    assert got == expected

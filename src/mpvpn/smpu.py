@@ -47,11 +47,14 @@ from mpvpn.subflow import State, Subflow, SubflowConfig
 from mpvpn.wire import DecodeError, Op
 
 _pack = wire.HEADER.pack
-_unpack = wire.HEADER.unpack_from
 _HLEN = wire.HEADER_LEN
 _DATA = wire.DATA
 _VERSION = wire.VERSION
-_MEMBER = [bytes((i,)) for i in range(256)]
+# the one builder and parser of DATA datagrams (wire.py; C: the same constants)
+_data_datagram = wire.data_datagram
+_data_payload = wire.data_payload
+_parse_data = wire.parse_data
+_with_member = wire.with_member
 _PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
 _NACK = int(Op.NACK)
 _TEST = int(Op.TEST)
@@ -528,11 +531,10 @@ class Session:
             # Sealed once; the copies differ only in the header's member byte.
             sealed = self.sealer.seal_data(self.session_id, seq, packet)
             self._sendbuf[seq & self._sendmask] = (seq, sealed, targets)
-            head, tail = sealed[:2], sealed[3:]
             dlen = len(sealed)
             for sub in targets:
                 m = sub.member
-                out.append((m, head + _MEMBER[m] + tail))
+                out.append((m, _with_member(sealed, m)))
                 sub.tx_packets += 1
                 sub.tx_bytes += dlen
                 sub.data_tx += 1
@@ -544,7 +546,7 @@ class Session:
         dlen = n + _HLEN
         for sub in targets:
             m = sub.member
-            out.append((m, _pack(_VERSION, _DATA, m, 0, sid, n, 0, 0, seq) + packet))
+            out.append((m, _data_datagram(m, sid, seq, packet)))
             sub.tx_packets += 1
             sub.tx_bytes += dlen
             sub.data_tx += 1
@@ -567,9 +569,9 @@ class Session:
             if sub is None or sub.state is not State.ESTABLISHED:
                 continue
             if self.sealer is not None:
-                dgram = stored[:2] + _MEMBER[m] + stored[3:]
+                dgram = _with_member(stored, m)
             else:
-                dgram = _pack(_VERSION, _DATA, m, 0, self.session_id, len(stored), 0, 0, seq) + stored
+                dgram = _data_datagram(m, self.session_id, seq, stored)
             self._out.append((m, dgram))
             sub.tx_packets += 1
             sub.tx_bytes += len(dgram)
@@ -635,14 +637,11 @@ class Session:
         # in duplicate mode mostly copies that are dropped right here, before
         # any decryption).  Anything unusual takes the full path below, which
         # classifies and counts it.
-        n = len(data)
-        if n >= _HLEN and data[1] == _DATA:
-            ver, _op, m, flags, sid, length, _ep, rsv, seq = _unpack(data)
-            if (m == member and sid == self.session_id and ver == _VERSION and not rsv
-                    and flags == self._data_flags and n == _HLEN + length + self._tag_len):
-                sub = self.subflows.get(member)
-                if sub is not None:
-                    return self._receive_data(data, seq, sub, now)
+        seq = _parse_data(data, member, self.session_id, self._data_flags)
+        if seq is not None:
+            sub = self.subflows.get(member)
+            if sub is not None:
+                return self._receive_data(data, seq, sub, now)
         hdr = wire.decode(data)
         sub = self.subflows.get(member)
         if hdr.__class__ is DecodeError:
@@ -825,7 +824,7 @@ class Session:
             return []
         sealer = self.sealer
         if sealer is None:
-            payload = data[_HLEN:]
+            payload = _data_payload(data)
         else:
             payload = sealer.open(data)
             if payload is None:
