@@ -352,8 +352,7 @@ class Session:
     def _emit(self, sub: Subflow, opcode: int, payload: bytes) -> None:
         """Queue a control datagram for ``sub`` (called by subflows)."""
         dgram = self._ctrl_datagram(sub.member, opcode, payload)
-        sub.tx_packets += 1
-        sub.tx_bytes += len(dgram)
+        sub.on_sent(len(dgram))
         meter = sub.meter
         meter.on_send(len(dgram), self._now)
         if opcode in _PROBES:
@@ -448,11 +447,8 @@ class Session:
                 bulk[m] = run
             else:
                 q += run
-            sub.tx_packets += n
-            sub.tx_bytes += nbytes
-            sub.data_tx += n
+            sub.on_data_sent(n, nbytes, now)
             sub.meter.on_send_many(n, nbytes, now)
-            sub.note_data_sent(now)
         self._bulk_n += n * len(up)
         return n
 
@@ -513,10 +509,7 @@ class Session:
                     for j, m in enumerate(members):
                         out.append((m, dgrams[j][k]))
             for sub in targets:
-                sub.tx_packets += n
-                sub.tx_bytes += nbytes
-                sub.data_tx += n
-                sub.note_data_sent(now)
+                sub.on_data_sent(n, nbytes, now)
             seq += n
         self._seq = seq - 1
         self.sent += total
@@ -535,11 +528,8 @@ class Session:
             for sub in targets:
                 m = sub.member
                 out.append((m, _with_member(sealed, m)))
-                sub.tx_packets += 1
-                sub.tx_bytes += dlen
-                sub.data_tx += 1
+                sub.on_data_sent(1, dlen, now)
                 sub.meter.on_send(dlen, now)
-                sub.note_data_sent(now)
             return
         self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
         sid = self.session_id
@@ -547,11 +537,8 @@ class Session:
         for sub in targets:
             m = sub.member
             out.append((m, _data_datagram(m, sid, seq, packet)))
-            sub.tx_packets += 1
-            sub.tx_bytes += dlen
-            sub.data_tx += 1
+            sub.on_data_sent(1, dlen, now)
             sub.meter.on_send(dlen, now)
-            sub.note_data_sent(now)
 
     def retransmit(self, seq: int, members, now: float) -> bool:
         """Send ``seq`` again from the send buffer on the given established subflows."""
@@ -573,11 +560,8 @@ class Session:
             else:
                 dgram = _data_datagram(m, self.session_id, seq, stored)
             self._out.append((m, dgram))
-            sub.tx_packets += 1
-            sub.tx_bytes += len(dgram)
-            sub.data_tx += 1
+            sub.on_data_sent(1, len(dgram), now)
             sub.meter.on_send(len(dgram), now)
-            sub.note_data_sent(now)
             sent = True
         if sent:
             self.retransmits += 1
@@ -618,7 +602,7 @@ class Session:
     def _drop_malformed(self, why: str, sub: Subflow | None) -> list:
         self.malformed[why] = self.malformed.get(why, 0) + 1
         if sub is not None:
-            sub.malformed += 1
+            sub.on_malformed()
         return []
 
     def receive_datagram(self, data: bytes, member: int, now: float, source=None) -> list:
@@ -654,7 +638,7 @@ class Session:
             return []
         if hdr.member != member:
             self.wrong_member += 1
-            sub.malformed += 1
+            sub.on_malformed()
             return []
         sealer = self.sealer
         if sealer is None:
@@ -677,10 +661,8 @@ class Session:
                 self.auth_failures += 1
                 return []
         window.update(hdr.seq)
-        if source is not None and source != sub.remote:
-            if sub.remote is not None:
-                sub.roams += 1
-            sub.remote = source
+        if source is not None:
+            sub.on_source(source)
         op = hdr.opcode
         if op == _TEST:  # link test: out of the subflow's counters (see _emit_test)
             if sub.state is State.ESTABLISHED:
@@ -743,22 +725,19 @@ class Session:
                 if j > i:
                     ok = j - i - bad
                     if ok:
-                        sub.rx_packets += ok
-                        sub.rx_bytes += nbytes
-                        sub.last_rx = now
+                        sub.on_receive(nbytes, now, ok)
                     if dup:
                         reorder.duplicates += dup
-                        sub.duplicates += dup
                     if late:
                         reorder.late += late
-                        sub.late += late
+                    if dup or late:
+                        sub.on_stale(dup, late)
                     if bad:
                         self.auth_failures += bad
                     if got:
                         reorder.last = last
                         reorder.delivered += len(got)
-                        sub.on_data(now)
-                        sub.data_rx += len(got) - 1
+                        sub.on_data(now, len(got))
                         out += got
                         if self.nack_enabled:
                             self._nack_in_order(member, last - len(got) + 1, last, now)
@@ -810,17 +789,15 @@ class Session:
         """A header-valid DATA datagram for ``sub``: drop stale copies before
         any decryption (N copies cost one), authenticate, reorder."""
         reorder = self.reorder
-        sub.rx_packets += 1
-        sub.rx_bytes += len(data)
-        sub.last_rx = now
+        sub.on_receive(len(data), now)
         if reorder.is_stale(seq):
             # push() never stores a stale copy; it only counts it.
             late = reorder.late
             reorder.push(seq, None, now)
             if reorder.late != late:
-                sub.late += 1
+                sub.on_stale(0, 1)
             else:
-                sub.duplicates += 1
+                sub.on_stale(1, 0)
             return []
         sealer = self.sealer
         if sealer is None:
@@ -829,8 +806,7 @@ class Session:
             payload = sealer.open(data)
             if payload is None:
                 # Not authentic: undo the receive accounting, change nothing.
-                sub.rx_packets -= 1
-                sub.rx_bytes -= len(data)
+                sub.retract_receive(len(data))
                 self.auth_failures += 1
                 return []
         sub.on_data(now)

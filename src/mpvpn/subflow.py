@@ -233,17 +233,42 @@ class Subflow:
 
     # -- input -------------------------------------------------------------
 
-    def on_receive(self, nbytes: int, now: float) -> None:
-        """Any valid datagram for this subflow arrived (called by the session)."""
-        self.rx_packets += 1
+    def on_receive(self, nbytes: int, now: float, n: int = 1) -> None:
+        """``n`` valid datagrams (``nbytes`` in all) for this subflow arrived
+        (called by the session)."""
+        self.rx_packets += n
         self.rx_bytes += nbytes
         self.last_rx = now
 
-    def on_data(self, now: float) -> None:
-        """A DATA datagram arrived: implicit ACK in CONNECT_RCVD."""
-        self.data_rx += 1
+    def retract_receive(self, nbytes: int) -> None:
+        """A DATA datagram counted by :meth:`on_receive` failed authentication:
+        take it back out of the counters (``last_rx`` stays)."""
+        self.rx_packets -= 1
+        self.rx_bytes -= nbytes
+
+    def on_data(self, now: float, n: int = 1) -> None:
+        """``n`` DATA datagrams were accepted: implicit ACK in CONNECT_RCVD."""
+        self.data_rx += n
         if self.state is S.CONNECT_RCVD:
             self._fire(E.RECV_TRAFFIC, now)
+
+    def on_stale(self, duplicates: int, late: int) -> None:
+        """DATA copies dropped as already delivered (``duplicates``) or as
+        given up by the reorder buffer (``late``)."""
+        self.duplicates += duplicates
+        self.late += late
+
+    def on_malformed(self) -> None:
+        """A datagram on this subflow was malformed (counted, dropped)."""
+        self.malformed += 1
+
+    def on_source(self, source) -> None:
+        """An authenticated control datagram came from ``source``: send there
+        from now on (a NAT rebinding is followed; a change counts as a roam)."""
+        if source != self.remote:
+            if self.remote is not None:
+                self.roams += 1
+            self.remote = source
 
     def on_control(self, opcode: int, payload, now: float) -> None:
         """A valid control datagram for this subflow (payload size already checked)."""
@@ -356,6 +381,18 @@ class Subflow:
 
     def _probe_interval(self, now: float) -> float:
         return self.probe_plan(now)[0]
+
+    def on_sent(self, nbytes: int) -> None:
+        """A control datagram of ``nbytes`` went out on this subflow."""
+        self.tx_packets += 1
+        self.tx_bytes += nbytes
+
+    def on_data_sent(self, n: int, nbytes: int, now: float) -> None:
+        """``n`` DATA datagrams (``nbytes`` in all) went out on this subflow."""
+        self.tx_packets += n
+        self.tx_bytes += nbytes
+        self.data_tx += n
+        self.note_data_sent(now)
 
     def note_data_sent(self, now: float) -> None:
         """User data went out here: switch to the fast probe interval at once."""
