@@ -43,6 +43,7 @@ from mpvpn.linktest import LinkTester
 from mpvpn.linkstats import LinkMeter
 from mpvpn.reorder import ReorderBuffer
 from mpvpn.replay import ReplayWindow
+from mpvpn.schedbase import DuplicateAll, PacketScheduler, as_scheduler
 from mpvpn.subflow import State, Subflow, SubflowConfig
 from mpvpn.wire import DecodeError, Op
 
@@ -129,9 +130,8 @@ class SessionDown:
     reason: str
 
 
-def duplicate_all(packet, up, now):
-    """Duplicate mode (seed 001): every established subflow carries every packet."""
-    return up
+# Duplicate mode (seed 001): every established subflow carries every packet.
+duplicate_all = DuplicateAll()
 
 
 class Session:
@@ -161,7 +161,8 @@ class Session:
         self._up: tuple[Subflow, ...] = ()
         self._closing: set[int] = set()
         self.connected = False
-        self._sched = duplicate_all
+        self._hook = duplicate_all  # what was assigned to ``scheduler``
+        self._sched: PacketScheduler = duplicate_all  # the same, as the interface
         self._queueing = False
         self._dup_all = True  # the scheduler sends every packet on every subflow
         self.nack_enabled = False  # receiver: ask for missing packets (set by the scheduler)
@@ -221,28 +222,31 @@ class Session:
 
     @property
     def scheduler(self):
-        """The hook choosing subflows (see the module docstring).  Assigning a
-        scheduler with ``queueing`` / ``nack`` attributes turns those on."""
-        return self._sched
+        """The scheduler choosing subflows: a :class:`mpvpn.schedbase.PacketScheduler`
+        (or a plain ``hook(packet, up, now)``, adapted).  Assigning one whose
+        ``queueing`` / ``nack`` is set turns those on."""
+        return self._hook
 
     @scheduler.setter
     def scheduler(self, value) -> None:
         old = self._sched
-        self._sched = value
-        self._queueing = bool(getattr(value, "queueing", False))
-        self._dup_all = value is duplicate_all or bool(getattr(value, "duplicates_everything", False))
-        self.nack_enabled = bool(getattr(value, "nack", False))
+        sched = as_scheduler(value)
+        self._hook = value
+        self._sched = sched
+        self._queueing = bool(sched.queueing)
+        self._dup_all = bool(sched.duplicates_everything)
+        self.nack_enabled = bool(sched.nack)
         if not self.nack_enabled:
             self._missing.clear()
             self._asked.clear()
             self._nack_next = None
-        bw0 = getattr(getattr(value, "options", None), "initial_rate", None)
+        bw0 = sched.initial_rate
         if bw0:
             for sub in self.subflows.values():
                 sub.meter.bw0 = bw0
-        if old is not value:
+        if old is not sched:
             # packets queued in the old one are gone; its drops stay counted
-            self._sched_drops += getattr(old, "pending", 0) + getattr(old, "dropped", 0)
+            self._sched_drops += old.pending + old.dropped
         self._update_hold()
 
     def _pump(self, now: float) -> None:
@@ -252,13 +256,12 @@ class Session:
             return
         sched = self._sched
         pull = sched.pull
-        pull_retx = getattr(sched, "pull_retransmit", None)
         transmit = self._transmit
         out = self._out
         limit = self.config.max_queue
         while len(out) < limit:
-            if pull_retx is not None and sched._retx:
-                r = pull_retx(up, now)
+            if sched.retransmit_pending():
+                r = sched.pull_retransmit(up, now)
                 if r is not None:  # stage 3: re-sends first
                     entry = self._sendbuf[r[0] & self._sendmask]
                     if entry is not None and entry[0] == r[0]:
@@ -279,8 +282,7 @@ class Session:
         self._now = now
         sub = Subflow(member, self.initiator, self.config.subflow, self._emit, self._on_state,
                       name=name, meta=meta)
-        sub.meter = LinkMeter(bw0=getattr(getattr(self._sched, "options", None),
-                                          "initial_rate", 125_000.0))
+        sub.meter = LinkMeter(bw0=self._sched.initial_rate or 125_000.0)
         self.subflows[member] = sub
         self._ctrl_replay.setdefault(member, ReplayWindow(8192))
         if self.initiator:
@@ -1010,8 +1012,8 @@ class Session:
         cap = max(float(c.retransmit_burst), c.retransmit_budget * self._send_rate)
         self._retx_tokens = min(cap, self._retx_tokens + c.retransmit_budget * (self.sent - self._retx_mark))
         self._retx_mark = self.sent
-        targets_for = getattr(self._sched, "retransmit_targets", None)
-        queue_for = getattr(self._sched, "queue_retransmit", None) if self._queueing else None
+        sched = self._sched
+        queueing = self._queueing
         # The copies of one NACK arrive within the RTT of the slowest subflow
         # that carries them; our receiver asks again for a number only after
         # a re-send could have come (nack_retries).
@@ -1031,21 +1033,17 @@ class Session:
             carried = entry[2]
             if len(carried) == 1:
                 carried[0].meter.note_nack(now)  # evidence against that subflow
-            if queue_for is not None:
+            if queueing:
                 # paced like everything else, but ahead of it (see _pump)
-                queue_for(seq, carried, len(entry[1]), now)
+                sched.queue_retransmit(seq, carried, len(entry[1]), now)
                 self._sendbuf[seq & self._sendmask] = (seq, entry[1], carried, now)
                 self._retx_tokens -= 1.0
                 continue
-            if targets_for is not None:
-                subs = targets_for(carried, up, now, len(entry[1]))
-            else:
-                carried_m = {s.member for s in carried}
-                subs = [s for s in up if s.member not in carried_m][:1] or list(up[:1])
+            subs = sched.retransmit_targets(carried, up, now, len(entry[1]))
             if self._retransmit_entry(entry, [s.member for s in subs], now):
                 self._retx_tokens -= 1.0
                 self.nack_retransmits += 1
-        if queue_for is not None:
+        if queueing:
             self._pump(now)
 
     # -- timers -----------------------------------------------------------------
@@ -1153,7 +1151,7 @@ class Session:
     @property
     def tx_sched_drops(self) -> int:
         """User packets a queueing scheduler dropped (overflow, too old, replaced)."""
-        return self._sched_drops + getattr(self._sched, "dropped", 0)
+        return self._sched_drops + self._sched.dropped
 
     def counters(self) -> dict:
         r = self.reorder
@@ -1200,7 +1198,7 @@ class Session:
             "links": [s.status(now) for s in self.subflows.values()],
             "counters": self.counters(),
         }
-        sched_status = getattr(self._sched, "status", None)
+        sched_status = self._sched.status(self._up, now)
         if sched_status is not None:
-            doc["scheduler"] = sched_status(self._up, now)
+            doc["scheduler"] = sched_status
         return doc
