@@ -340,6 +340,21 @@ class Sealer:
         self._prev_recv = None
         self.prev_epoch = None
 
+    def data_decryptors(self):
+        """For a batch opener outside this class (``mpvpn._fastpath``'s
+        ``open_run``): ``(epoch, decrypt, prev_epoch, prev_decrypt)``, the
+        AEADs' ``decrypt(nonce, data, aad)`` for the current and (if any) the
+        previous receive epoch (``prev_epoch``/``prev_decrypt`` None when
+        there is none).  Nonces and associated data must be built as
+        :meth:`open` builds them.  Refused (RuntimeError) while a send key
+        waits for confirmation: only :meth:`open` may confirm it."""
+        if self._pending_send is not None:
+            raise RuntimeError("a send key waits for confirmation: use open()")
+        prev = self.prev_epoch
+        prev_dec = (self._prev_recv.decrypt
+                    if prev is not None and self._prev_recv is not None else None)
+        return self.epoch, self._recv.decrypt, prev, prev_dec
+
     @property
     def send_pending(self) -> bool:
         """True while a deferred send key waits for confirmation."""

@@ -703,42 +703,36 @@ class Session:
         loops = _LOOPS
         sealer = self.sealer
         sub = self.subflows.get(member)
-        if (loops is None or sealer is None or sub is None
-                or sealer._pending_send is not None):
+        if loops is None or sealer is None or sub is None or sealer.send_pending:
             out = []
             for d in datagrams:
                 out += self.receive_datagram(d, member, now, source)
             return out
         self._now = now
         reorder = self.reorder
-        prev = sealer.prev_epoch
-        prev_dec = sealer._prev_recv.decrypt if prev is not None and sealer._prev_recv is not None else None
+        cur, cur_dec, prev, prev_dec = sealer.data_decryptors()
         out = []
         i = 0
         n = len(datagrams)
         sid = self.session_id
         while i < n:
-            if not reorder._buf:
-                skips = reorder._skips
-                lo, hi = skips[-1] if skips else (0, 0)
+            state = reorder.in_order_state()
+            if state is not None:  # nothing buffered: in-order runs may bypass push()
+                last, lo, hi = state
                 j, got, last, dup, late, nbytes, bad = loops.open_run(
-                    datagrams, i, member, sid, reorder.last, lo, hi, sealer.epoch,
-                    sealer._recv.decrypt, -1 if prev is None else prev, prev_dec, InvalidTag)
+                    datagrams, i, member, sid, last, lo, hi, cur,
+                    cur_dec, -1 if prev is None else prev, prev_dec, InvalidTag)
                 if j > i:
                     ok = j - i - bad
                     if ok:
                         sub.on_receive(nbytes, now, ok)
-                    if dup:
-                        reorder.duplicates += dup
-                    if late:
-                        reorder.late += late
                     if dup or late:
+                        reorder.count_stale(dup, late)
                         sub.on_stale(dup, late)
                     if bad:
                         self.auth_failures += bad
                     if got:
-                        reorder.last = last
-                        reorder.delivered += len(got)
+                        reorder.took_in_order(last, len(got))
                         sub.on_data(now, len(got))
                         out += got
                         if self.nack_enabled:
