@@ -145,9 +145,10 @@ def test_receive_many_delivers_and_counts_like_receive_datagram(data):
         got_c += c.b.receive_many(batch, m, c.now)
         i = j
         # the same numbers missing (asked for), the same highest seen
-        assert list(c.b._missing) == list(py.b._missing)
-        assert c.b._rx_high == py.b._rx_high
-        assert {k: v[0] for k, v in c.b._high_by.items()} == {k: v[0] for k, v in py.b._high_by.items()}
+        crx, pyrx = c.b.nack_rx, py.b.nack_rx
+        assert list(crx.missing) == list(pyrx.missing)
+        assert crx.rx_high == pyrx.rx_high
+        assert {k: v[0] for k, v in crx.high_by.items()} == {k: v[0] for k, v in pyrx.high_by.items()}
     got_py += py.b.handle_timer(py.now + 10)
     got_c += c.b.handle_timer(c.now + 10)
     assert got_c == got_py

@@ -41,6 +41,7 @@ from mpvpn import linktest, wire
 from mpvpn.fastpath import LOOPS as _LOOPS
 from mpvpn.linktest import LinkTester
 from mpvpn.linkstats import LinkMeter
+from mpvpn.nack import NackReceiver, NackSender
 from mpvpn.reorder import ReorderBuffer
 from mpvpn.replay import ReplayWindow
 from mpvpn.schedbase import DuplicateAll, PacketScheduler, as_scheduler
@@ -166,6 +167,8 @@ class Session:
         self._queueing = False
         self._dup_all = True  # the scheduler sends every packet on every subflow
         self.nack_enabled = False  # receiver: ask for missing packets (set by the scheduler)
+        self.nack_rx = NackReceiver(c)  # what is missing, when to ask (mpvpn.nack)
+        self.nack_tx = NackSender(c)  # what to re-send for the peer's NACKs
         self._now = 0.0  # the latest `now` seen (for datagrams emitted by subflows)
         self._seq = 0
         self._sendbuf: list = [None] * c.send_buffer
@@ -184,31 +187,6 @@ class Session:
         self.tx_queue_full = 0
         self.retransmits = 0
         self._sched_drops = 0  # packets lost with a replaced queueing scheduler
-        # NACK, receiver side
-        self._missing: dict[int, float] = {}  # seq -> when its gap was noticed
-        # asked for, re-send not here yet: seq -> [ask again at, gap noticed at, asks left]
-        self._asked: dict[int, list] = {}
-        self._rx_high = 0  # highest DATA sequence number received
-        # member -> [highest seq received on it, when data last came, smoothed gap]
-        self._high_by: dict[int, list] = {}
-        self._nack_next: float | None = None
-        self._nack_last = float("-inf")  # when the last NACK went out (rate limit)
-        self._nack_wait = c.nack_wait_min
-        self.nacks_sent = 0
-        self.nack_seqs = 0  # sequence numbers asked for
-        self.nack_too_late = 0  # missing numbers not asked for: no time left before the hold
-        self.nack_untracked = 0  # missing numbers beyond nack_track
-        self.nack_again = 0  # numbers asked for again (the first re-send, or the NACK, was lost)
-        # NACK, sender side
-        self.nacks_received = 0
-        self.nack_retransmits = 0  # sequence numbers re-sent for a NACK
-        self.nack_unavailable = 0  # asked for but no longer in the send buffer
-        self.nack_budget_drops = 0  # asked for but over the retransmission budget
-        self.nack_duplicates = 0  # asked for again right after a re-send
-        self._retx_tokens = float(c.retransmit_burst)
-        self._retx_mark = 0  # self.sent when the tokens were last topped up
-        self._rate_mark = (float("-inf"), 0)  # (time, self.sent) where _send_rate's step began
-        self._send_rate = 0.0  # user packets per second (see _mark_rate)
         self.malformed: dict[str, int] = {}
         self.auth_failures = 0  # datagrams whose AEAD tag did not verify (or not sealed)
         self.replays = 0  # control datagrams rejected by the replay window
@@ -237,9 +215,7 @@ class Session:
         self._dup_all = bool(sched.duplicates_everything)
         self.nack_enabled = bool(sched.nack)
         if not self.nack_enabled:
-            self._missing.clear()
-            self._asked.clear()
-            self._nack_next = None
+            self.nack_rx.reset()
         bw0 = sched.initial_rate
         if bw0:
             for sub in self.subflows.values():
@@ -266,7 +242,7 @@ class Session:
                     entry = self._sendbuf[r[0] & self._sendmask]
                     if entry is not None and entry[0] == r[0]:
                         if self._retransmit_entry(entry, [s.member for s in r[1]], now):
-                            self.nack_retransmits += 1
+                            self.nack_tx.resent()
                     continue
             item = pull(up, now)
             if item is None:
@@ -736,50 +712,13 @@ class Session:
                         sub.on_data(now, len(got))
                         out += got
                         if self.nack_enabled:
-                            self._nack_in_order(member, last - len(got) + 1, last, now)
+                            self.nack_rx.on_in_order(member, last - len(got) + 1, last, now)
                     i = j
                     if i >= n:
                         break
             out += self.receive_datagram(datagrams[i], member, now, source)
             i += 1
         return out
-
-    def _note_high(self, member: int, seq: int, now: float) -> None:
-        """DATA up to ``seq`` came on ``member`` at ``now``: its highest number
-        and smoothed inter-arrival gap (``_passed_all``)."""
-        h = self._high_by.get(member)
-        if h is None:
-            self._high_by[member] = [seq, now, 0.01]
-        else:
-            gap = now - h[1]
-            h[2] += 0.125 * ((gap if gap < 0.1 else 0.1) - h[2])
-            h[1] = now
-            if seq > h[0]:
-                h[0] = seq
-
-    def _nack_if_passed(self, now: float) -> None:
-        """Subflows are FIFO: once every subflow carrying data has delivered
-        something above the first missing number, it is lost -- ask soon."""
-        missing = self._missing
-        head = next(iter(missing))
-        if head < self._passed_all(now):
-            c = self.config
-            t = max(now, missing[head] + c.nack_wait_min, self._nack_last + c.nack_interval)
-            if self._nack_next is None or t < self._nack_next:
-                self._nack_next = t
-
-    def _nack_in_order(self, member: int, first: int, last: int, now: float) -> None:
-        """NACK bookkeeping for DATA ``first..last`` that arrived in order on
-        ``member`` (a C run): what ``_receive_data`` does per packet, once."""
-        self._note_high(member, last, now)
-        if last > self._rx_high:
-            self._rx_high = last
-        missing = self._missing
-        if missing:
-            for s in range(first, last + 1):  # repairs arriving in order
-                missing.pop(s, None)
-            if missing:
-                self._nack_if_passed(now)
 
     def _receive_data(self, data: bytes, seq: int, sub: Subflow, now: float) -> list:
         """A header-valid DATA datagram for ``sub``: drop stale copies before
@@ -808,221 +747,34 @@ class Session:
         sub.on_data(now)
         out = reorder.push(seq, payload, now)
         if self.nack_enabled:
-            self._note_high(sub.member, seq, now)
-            missing = self._missing
-            if seq > self._rx_high:
-                if seq > self._rx_high + 1:
-                    self._note_gap(seq, now)
-                self._rx_high = seq
-            elif missing:
-                missing.pop(seq, None)
-            if missing:
-                self._nack_if_passed(now)
+            self.nack_rx.on_data(sub.member, seq, now, reorder.last)
         return out
 
     # -- NACK ---------------------------------------------------------------------
 
-    def _note_gap(self, seq: int, now: float) -> None:
-        """DATA ``seq`` arrived above the highest so far: the numbers between are missing."""
-        lo = max(self._rx_high, self.reorder.last) + 1
-        missing = self._missing
-        c = self.config
-        lo = max(lo, seq - c.send_buffer)  # the sender no longer has older ones
-        room = c.nack_track - len(missing)
-        hi = min(seq, lo + max(0, room))
-        if hi < seq:
-            self.nack_untracked += seq - hi
-        for s in range(lo, hi):
-            missing[s] = now
-        if hi > lo and self._nack_next is None:
-            self._nack_next = max(now + self._nack_wait, self._nack_last + c.nack_interval)
-
-    def _passed_all(self, now: float) -> int:
-        """The lowest of the highest numbers received on each subflow that
-        is delivering data (0: no evidence).  A subflow counts while its data
-        keeps coming at its usual pace (within 4 smoothed gaps) or came within
-        the NACK wait (the RTT spread: it may still have packets in flight --
-        data often arrives in bursts, a GRO batch at one instant, so its
-        smoothed gap alone says little); one that went quiet for longer --
-        dead, or no longer used -- can hide nothing."""
-        low = 0
-        slack = self.config.nack_wait_min
-        wait = self._nack_wait
-        for h in self._high_by.values():
-            quiet = now - h[1]
-            if (quiet <= 4 * h[2] + slack or quiet <= wait) and (low == 0 or h[0] < low):
-                low = h[0]
-        return low
-
     def _nack_tick(self, now: float) -> None:
-        """Send one NACK round: the missing numbers that waited long enough, and
-        those asked for before whose re-send is overdue (the NACK or the
-        re-send was lost: a lossy path loses those too)."""
-        missing = self._missing
-        asked = self._asked
-        if not missing and not asked:
-            self._nack_next = None
-            return
-        if self._nack_next is not None and now < self._nack_next:
-            return
-        if now < self._nack_last + self.config.nack_interval:
-            self._nack_next = self._nack_last + self.config.nack_interval
-            return
-        reorder = self.reorder
-        hold = reorder.hold
-        wait = self._nack_wait
-        up = [s for s in self._up if s.rtt.srtt is not None] or list(self._up)
-        fastest = min((s.rtt.srtt for s in up if s.rtt.srtt is not None), default=0.0)
-        due: list[int] = []
-        chunks: list[int] = []  # where each NACK payload after the first starts in ``due``
-        per_round = self.config.nack_per_round
-
-        def take(s: int) -> bool:
-            """Add ``s`` to this round (a NACK payload names NACK_SPAN
-            consecutive numbers); False when the round has no payload left."""
-            if due and s - due[chunks[-1] if chunks else 0] >= wire.NACK_SPAN:
-                if len(chunks) + 1 >= per_round:
-                    return False
-                chunks.append(len(due))  # the next NACK payload starts here
-            due.append(s)
-            return True
-
-        oldest = now  # when the oldest gap asked for now appeared
-        nxt = None
-        passed = self._passed_all(now)
-        wait_min = self.config.nack_wait_min
-        again: list[int] = []  # asked for before, due again
-        again_next = None
-        if asked:
-            for s, rec in list(asked.items()):
-                if reorder.is_stale(s):  # the re-send came, or the hold gave up
-                    del asked[s]
-                elif rec[0] <= now:
-                    # (a repair defers the hold up to hold_max: ReorderBuffer.hold_cap)
-                    if hold is not None and rec[1] + self.config.hold_max < now + fastest:
-                        del asked[s]
-                        self.nack_too_late += 1
-                    else:
-                        again.append(s)
-                elif again_next is None or rec[0] < again_next:
-                    again_next = rec[0]
-        for s, t in list(missing.items()):
-            if reorder.is_stale(s):  # arrived meanwhile, or given up
-                del missing[s]
-                continue
-            if t + wait > now and not (s < passed and t + wait_min <= now):
-                nxt = t + wait if s >= passed else t + wait_min
-                break
-            if hold is not None and t + hold < now + fastest:
-                del missing[s]  # a re-send could not arrive before the hold deadline
-                self.nack_too_late += 1
-                continue
-            if t < oldest:
-                oldest = t
-            if not take(s):
-                nxt = now
-                break
-        first_seen = {s: missing[s] for s in due}  # when each gap was noticed
-        if again and up:
-            # merged in order (a NACK payload covers 64 consecutive numbers);
-            # the ones that do not fit this round wait for the next
-            for s in again:
-                first_seen[s] = asked[s][1]
-                if asked[s][1] < oldest:
-                    oldest = asked[s][1]
-            merged = sorted(set(due) | set(again))
-            due.clear()
-            chunks.clear()
-            for s in merged:
-                if not take(s):
-                    nxt = now
-                    break
-            self.nack_again += sum(1 for s in due if s in asked)
-        if due and up:
-            for s in due:
-                missing.pop(s, None)
-            up.sort(key=lambda sub: sub.rtt.srtt if sub.rtt.srtt is not None else 1e9)
-            # a burst of losses (a carrier failing under a flow) can need more
-            # than one NACK's 64 numbers: they all go in this round, since the
-            # next one may come after the hold deadline
-            bounds = [0] + chunks + [len(due)]
-            for i in range(len(bounds) - 1):
-                payload = wire.nack_encode(due[bounds[i]:bounds[i + 1]])
-                for sub in up[: self.config.nack_copies]:
-                    self._emit(sub, Op.NACK, payload)
-                self.nacks_sent += 1
-            self.nack_seqs += len(due)
-            self._nack_last = now
-            # Hold the line until the re-sends can be here: a NACK over the
-            # fastest path, the re-sends over the next one, one after the
-            # other at the pace data has been arriving (a failed carrier's
-            # whole in-flight tail can be a few hundred packets).  Bounded:
-            # never past hold_max after the oldest of these gaps appeared.
-            srtts = sorted(sub.rtt.srtt for sub in up if sub.rtt.srtt is not None) or [0.0]
-            second = srtts[1] if len(srtts) > 1 else srtts[0]
-            gaps = [h[2] for h in self._high_by.values() if h[2] > 0]
-            burst = len(due) * (min(gaps) if gaps else 0.0)
-            until = min(now + 1.5 * second + burst + self.config.nack_interval,
-                        oldest + self.config.hold_max)
-            reorder.defer(until)
-            # If the re-send is not here by then (plus the jitter), ask again.
-            retries = self.config.nack_retries
-            if retries:
-                var = max((sub.rtt.rttvar for sub in up if sub.rtt.rttvar is not None), default=0.0)
-                again_at = now + 1.5 * second + burst + self.config.nack_interval + 2 * var
-                for s in due:
-                    rec = asked.get(s)
-                    if rec is None:
-                        if len(asked) < self.config.nack_track:
-                            asked[s] = [again_at, first_seen[s], retries]
-                    elif rec[2] > 1:
-                        rec[0] = again_at
-                        rec[2] -= 1
-                    else:
-                        del asked[s]
-                if again_next is None or again_at < again_next:
-                    again_next = again_at
-        if not missing and not asked:
-            self._nack_next = None
-            return
-        if missing and nxt is None:
-            nxt = next(iter(missing.values())) + wait
-        if again_next is not None and (nxt is None or again_next < nxt):
-            nxt = again_next
-        if nxt is None:
-            self._nack_next = None
-        else:
-            self._nack_next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
+        """Send the NACK round the receiver side decides (mpvpn.nack)."""
+        r = self.nack_rx.tick(now, list(self._up), self.reorder)
+        for payload in r.payloads:
+            for sub in r.targets:
+                self._emit(sub, Op.NACK, payload)
+        if r.defer is not None:
+            self.reorder.defer(r.defer)
 
     def _on_nack(self, payload, now: float) -> None:
-        """The peer is missing these sequence numbers: re-send them on other subflows."""
-        self.nacks_received += 1
+        """The peer is missing these sequence numbers: re-send them on other
+        subflows, as the sender side decides (mpvpn.nack)."""
         up = self._up
-        if not up:
+        tx = self.nack_tx
+        seqs = tx.on_nack(payload, now, self.sent, up)
+        if seqs is None:
             return
-        c = self.config
-        # top up the retransmission budget: retransmit_budget per packet sent
-        self._mark_rate(now)
-        cap = max(float(c.retransmit_burst), c.retransmit_budget * self._send_rate)
-        self._retx_tokens = min(cap, self._retx_tokens + c.retransmit_budget * (self.sent - self._retx_mark))
-        self._retx_mark = self.sent
         sched = self._sched
         queueing = self._queueing
-        # The copies of one NACK arrive within the RTT of the slowest subflow
-        # that carries them; our receiver asks again for a number only after
-        # a re-send could have come (nack_retries).
-        srtts = sorted(s.rtt.srtt for s in up if s.rtt.srtt is not None) or [0.02]
-        dedupe = srtts[min(c.nack_copies, len(srtts)) - 1]
-        for seq in wire.nack_decode(payload):
-            entry = self._sendbuf[seq & self._sendmask]
-            if entry is None or entry[0] != seq:
-                self.nack_unavailable += 1
-                continue
-            if len(entry) > 3 and now - entry[3] < dedupe:
-                self.nack_duplicates += 1  # the other copy of the same NACK
-                continue
-            if self._retx_tokens < 1.0:
-                self.nack_budget_drops += 1
+        sendbuf, mask = self._sendbuf, self._sendmask
+        for seq in seqs:
+            entry = sendbuf[seq & mask]
+            if not tx.decide(seq, entry, now):
                 continue
             carried = entry[2]
             if len(carried) == 1:
@@ -1030,13 +782,13 @@ class Session:
             if queueing:
                 # paced like everything else, but ahead of it (see _pump)
                 sched.queue_retransmit(seq, carried, len(entry[1]), now)
-                self._sendbuf[seq & self._sendmask] = (seq, entry[1], carried, now)
-                self._retx_tokens -= 1.0
+                sendbuf[seq & mask] = (seq, entry[1], carried, now)
+                tx.spend()
                 continue
             subs = sched.retransmit_targets(carried, up, now, len(entry[1]))
             if self._retransmit_entry(entry, [s.member for s in subs], now):
-                self._retx_tokens -= 1.0
-                self.nack_retransmits += 1
+                tx.spend()
+                tx.resent()
         if queueing:
             self._pump(now)
 
@@ -1049,7 +801,7 @@ class Session:
             d = sub.next_deadline()
             if d is not None and (t is None or d < t):
                 t = d
-        d = self._nack_next
+        d = self.nack_rx.next
         if d is not None and (t is None or d < t):
             t = d
         if self._queueing and self._up:
@@ -1063,21 +815,10 @@ class Session:
                 t = d
         return t
 
-    def _mark_rate(self, now: float) -> None:
-        """Packets sent per second, measured over >= 0.5 s steps; quick to
-        rise, slow to fall (it caps the retransmission burst)."""
-        t0, n0 = self._rate_mark
-        dt = now - t0
-        if dt >= 0.5:
-            inst = (self.sent - n0) / dt if dt < 5.0 else 0.0
-            est = self._send_rate
-            self._send_rate = inst if inst > est else 0.7 * est + 0.3 * inst
-            self._rate_mark = (now, self.sent)
-
     def handle_timer(self, now: float) -> list:
         """Run due timers; returns user packets released by the hold deadline."""
         self._now = now
-        self._mark_rate(now)
+        self.nack_tx.mark_rate(now, self.sent)
         for member, sub in list(self.subflows.items()):
             d = sub.next_deadline()
             if d is not None and d <= now:
@@ -1085,7 +826,8 @@ class Session:
                 if sub.state is State.CLOSED and member in self._closing:
                     self._reap(member)
         out = self.reorder.expire(now)
-        if self._nack_next is not None and self._nack_next <= now:
+        nxt = self.nack_rx.next
+        if nxt is not None and nxt <= now:
             self._nack_tick(now)
         if self._queueing and self._sched.pending:
             self._pump(now)
@@ -1113,7 +855,7 @@ class Session:
         c = self.config
         up = [s for s in self._up if s.rtt.srtt is not None]
         if not up:
-            self._nack_wait = c.nack_wait_min
+            self.nack_rx.wait = c.nack_wait_min
             if c.hold == -1.0:
                 self.reorder.hold = c.hold_initial
             return
@@ -1138,7 +880,7 @@ class Session:
             hold = c.hold
         # Without evidence from the subflows' order (see _nack_tick), a gap is
         # taken for a loss after about the RTT spread, at most half the hold.
-        self._nack_wait = max(c.nack_wait_min, min(hold / 2, spread + 4 * var))
+        self.nack_rx.wait = max(c.nack_wait_min, min(hold / 2, spread + 4 * var))
 
     # -- status -------------------------------------------------------------------
 
@@ -1149,6 +891,7 @@ class Session:
 
     def counters(self) -> dict:
         r = self.reorder
+        nrx, ntx = self.nack_rx, self.nack_tx
         return {
             "sent": self.sent,
             "delivered": r.delivered,
@@ -1159,16 +902,16 @@ class Session:
             "deadline_releases": r.deadline_releases,
             "skipped": r.skipped,
             "retransmits": self.retransmits,
-            "nacks_sent": self.nacks_sent,
-            "nack_seqs": self.nack_seqs,
-            "nack_too_late": self.nack_too_late,
-            "nack_untracked": self.nack_untracked,
-            "nack_again": self.nack_again,
-            "nacks_received": self.nacks_received,
-            "nack_retransmits": self.nack_retransmits,
-            "nack_unavailable": self.nack_unavailable,
-            "nack_budget_drops": self.nack_budget_drops,
-            "nack_duplicates": self.nack_duplicates,
+            "nacks_sent": nrx.nacks_sent,
+            "nack_seqs": nrx.nack_seqs,
+            "nack_too_late": nrx.nack_too_late,
+            "nack_untracked": nrx.nack_untracked,
+            "nack_again": nrx.nack_again,
+            "nacks_received": ntx.nacks_received,
+            "nack_retransmits": ntx.nack_retransmits,
+            "nack_unavailable": ntx.nack_unavailable,
+            "nack_budget_drops": ntx.nack_budget_drops,
+            "nack_duplicates": ntx.nack_duplicates,
             "tx_sched_drops": self.tx_sched_drops,  # dropped by the scheduler's queue
             "tx_no_subflow": self.tx_no_subflow,
             "tx_too_big": self.tx_too_big,
