@@ -61,3 +61,22 @@ def test_the_sender_resends_only_what_it_has_once_and_within_budget():
     tx.resent()
     assert not tx.decide(9, (9, b"x", []), 1.0) and tx.nack_budget_drops == 1  # budget spent
     assert (tx.nacks_received, tx.nack_retransmits) == (2, 1)
+
+
+def test_the_core_modules_of_this_split_stay_sans_io():
+    """nack, schedbase and the session's two sides import no sockets, clocks
+    or event loops (the I/O edges are the agent's)."""
+    import ast
+    import importlib
+    banned = {"socket", "select", "selectors", "time", "asyncio", "threading", "os", "subprocess"}
+    for name in ("mpvpn.nack", "mpvpn.schedbase", "mpvpn.smpu_send", "mpvpn.smpu_receive",
+                 "mpvpn.smpu", "mpvpn.wire"):
+        mod = importlib.import_module(name)
+        tree = ast.parse(open(mod.__file__).read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & banned, (name, imported & banned)
