@@ -225,8 +225,8 @@ class Session(SendPath, ReceivePath):
             raise ValueError(f"member {member} already in session")
         self._now = now
         sub = Subflow(member, self.initiator, self.config.subflow, self._emit, self._on_state,
-                      name=name, meta=meta)
-        sub.meter = LinkMeter(bw0=self._sched.initial_rate or 125_000.0)
+                      name=name, meta=meta,
+                      meter=LinkMeter(bw0=self._sched.initial_rate or 125_000.0))
         self.subflows[member] = sub
         self._ctrl_replay.setdefault(member, ReplayWindow(8192))
         if self.initiator:
@@ -251,6 +251,11 @@ class Session(SendPath, ReceivePath):
             sub.close(now, wire.CloseReason.SHUTDOWN)
             if sub.state is State.CLOSED:
                 self._reap(member)
+
+    def forget_subflow(self, member: int) -> None:
+        """Remove a subflow at once, without waiting for its close to finish
+        (its member ID is being given to a new subflow)."""
+        self._reap(member)
 
     def _reap(self, member: int) -> None:
         self._closing.discard(member)

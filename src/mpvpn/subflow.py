@@ -122,7 +122,7 @@ class Subflow:
     """State, timers and statistics of one subflow (one member of a session)."""
 
     def __init__(self, member: int, initiator: bool, config: SubflowConfig, emit, notify,
-                 name: str = "", meta: dict | None = None):
+                 name: str = "", meta: dict | None = None, meter=None):
         if not 1 <= member <= wire.MAX_MEMBER:
             raise ValueError(f"member id {member} out of range 1..{wire.MAX_MEMBER}")
         self.member = member
@@ -132,6 +132,9 @@ class Subflow:
         self.meta = dict(meta or {})  # carrier type, addresses: for status only
         self.remote = None  # where the I/O layer sends this subflow's datagrams (opaque)
         self.roams = 0  # times an authenticated control datagram moved ``remote``
+        # mpvpn.linkstats.LinkMeter: the session's model of this link's rate
+        # and backlog (None for a bare subflow outside a session)
+        self.meter = meter
         self._emit = emit  # emit(subflow, opcode, payload_bytes)
         self._notify = notify  # notify(subflow, old_state, new_state, reason)
         self.state = State.CLOSED
@@ -465,7 +468,7 @@ class Subflow:
 
     def status(self, now: float) -> dict:
         srtt = self.rtt.srtt
-        meter = getattr(self, "meter", None)
+        meter = self.meter
         return {
             "member": self.member,
             "name": self.name,
