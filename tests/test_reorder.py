@@ -468,3 +468,20 @@ def test_a_run_delivered_outside_push_must_continue_x_exactly():
     assert (r.last, r.delivered) == (4, 4)
     r.count_stale(2, 1)
     assert (r.duplicates, r.late) == (2, 1)
+
+
+def test_check_copy_counts_stale_copies_as_push_would():
+    a, b = ReorderBuffer(16, 0.05), ReorderBuffer(16, 0.05)
+    for r in (a, b):
+        r.push(1, "a", 0.0)
+        r.push(3, "c", 0.0)
+        r.expire(1.0)  # 2 given up: 3 delivered
+        r.push(5, "e", 1.0)  # buffered
+    for seq in (1, 2, 3, 5, 4, 6):
+        kind = a.check_copy(seq)
+        stale = b.is_stale(seq)
+        assert (kind != 0) == stale
+        if stale:
+            b.push(seq, None, 1.0)
+        assert kind == {1: 1, 2: 2, 3: 1, 5: 1, 4: 0, 6: 0}[seq]
+    assert (a.duplicates, a.late) == (b.duplicates, b.late) == (3, 1)

@@ -311,3 +311,18 @@ def test_a_new_source_moves_the_remote_and_counts_a_roam_only_when_it_changes():
     assert sub.roams == 0
     sub.on_source(("10.0.0.2", 1))
     assert (sub.remote, sub.roams) == (("10.0.0.2", 1), 1)
+
+
+def test_a_stale_copy_counts_as_received_and_as_duplicate_or_late():
+    sub, _ = _bare_subflow()
+    sub.on_stale_copy(100, 1.0, False)
+    sub.on_stale_copy(50, 2.0, True)
+    assert (sub.rx_packets, sub.rx_bytes, sub.last_rx, sub.duplicates, sub.late) == (2, 150, 2.0, 1, 1)
+
+
+def test_authentic_new_data_counts_once_and_an_unauthentic_one_only_moves_last_rx():
+    sub, _ = _bare_subflow()
+    sub.on_data_received(1000, 1.0)
+    assert (sub.rx_packets, sub.rx_bytes, sub.data_rx, sub.last_rx) == (1, 1000, 1, 1.0)
+    sub.on_unauthentic(2.0)
+    assert (sub.rx_packets, sub.rx_bytes, sub.data_rx, sub.last_rx) == (1, 1000, 1, 2.0)

@@ -150,7 +150,7 @@ def test_data_builder_and_parser_agree_with_decode(member, session, seq, payload
         wire.DATA, member, session, seq, len(payload), 0)
     assert d[:wire.HEADER_LEN] == wire.data_header(member, session, seq, len(payload))
     assert wire.parse_data(d, member, session, 0) == seq
-    assert wire.data_payload(d) == payload
+    assert d[wire.HEADER_LEN:] == payload
     other = member % 255 + 1
     assert wire.parse_data(d, other, session, 0) is None  # another subflow's
     assert wire.parse_data(d, member, session % (2**32 - 1) + 1, 0) is None  # another session's
@@ -175,3 +175,12 @@ def test_sealed_data_header_lengths():
     d = h + bytes(100 + wire.TAG_LEN)
     assert wire.parse_data(d, 3, 5, wire.F_SEALED) == 9
     assert wire.parse_data(d[:-1], 3, 5, wire.F_SEALED) is None
+
+
+@given(st.lists(st.integers(1, 255), max_size=4), st.integers(1, 2**32 - 1),
+       st.integers(0, wire.MAX_SEQ), st.binary(max_size=32))
+def test_the_batch_builders_make_what_the_single_ones_make(members, session, seq, payload):
+    assert wire.data_datagrams(members, session, seq, payload) == [
+        wire.data_datagram(m, session, seq, payload) for m in members]
+    d = wire.data_datagram(1, session, seq, payload)
+    assert wire.with_members(d, members) == [wire.with_member(d, m) for m in members]

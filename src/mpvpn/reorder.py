@@ -168,6 +168,22 @@ class ReorderBuffer:
 
     # -- the per-packet path -------------------------------------------------
 
+    def check_copy(self, seq: int) -> int:
+        """Before decrypting a copy of ``seq``: 0 if it is new (then
+        :meth:`push` it), else count it as :meth:`push` would and say what
+        it was: 1 a duplicate (delivered or buffered already), 2 late (in a
+        range given up).  One call instead of ``is_stale`` + ``push``."""
+        if seq <= self.last:
+            if self._was_skipped(seq):
+                self.late += 1
+                return 2
+            self.duplicates += 1
+            return 1
+        if seq in self._buf:
+            self.duplicates += 1
+            return 1
+        return 0
+
     def push(self, seq: int, item, now: float) -> list:
         """Offer one copy of ``seq``; return the items released, in order."""
         last = self.last

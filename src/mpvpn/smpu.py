@@ -152,6 +152,7 @@ class Session(SendPath, ReceivePath):
         self._ctrl_replay: dict[int, ReplayWindow] = {}
         self.subflows: dict[int, Subflow] = {}
         self._up: tuple[Subflow, ...] = ()
+        self._up_members: tuple[int, ...] = ()  # their member IDs, in the same order
         self._closing: set[int] = set()
         self.connected = False
         self._hook = duplicate_all  # what was assigned to ``scheduler``
@@ -275,6 +276,7 @@ class Session(SendPath, ReceivePath):
 
     def _refresh_up(self, reason: str) -> None:
         self._up = tuple(s for s in self.subflows.values() if s.state is State.ESTABLISHED)
+        self._up_members = tuple(s.member for s in self._up)
         if self._up and not self.connected:
             self.connected = True
             self._events.append(SessionUp())

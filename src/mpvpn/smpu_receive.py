@@ -40,7 +40,6 @@ from mpvpn.wire import DecodeError, Op
 _HLEN = wire.HEADER_LEN
 _DATA = wire.DATA
 # the one parser of DATA datagrams (wire.py; C: the same constants)
-_data_payload = wire.data_payload
 _parse_data = wire.parse_data
 _PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
 _NACK = int(Op.NACK)
@@ -203,27 +202,21 @@ class ReceivePath:
         """A header-valid DATA datagram for ``sub``: drop stale copies before
         any decryption (N copies cost one), authenticate, reorder."""
         reorder = self.reorder
-        sub.on_receive(len(data), now)
-        if reorder.is_stale(seq):
-            # push() never stores a stale copy; it only counts it.
-            late = reorder.late
-            reorder.push(seq, None, now)
-            if reorder.late != late:
-                sub.on_stale(0, 1)
-            else:
-                sub.on_stale(1, 0)
+        stale = reorder.check_copy(seq)  # counted there if stale
+        if stale:
+            sub.on_stale_copy(len(data), now, stale == 2)
             return []
         sealer = self.sealer
         if sealer is None:
-            payload = _data_payload(data)
+            payload = data[_HLEN:]
         else:
             payload = sealer.open(data)
             if payload is None:
-                # Not authentic: undo the receive accounting, change nothing.
-                sub.retract_receive(len(data))
+                # Not authentic: counted, changes nothing else
+                sub.on_unauthentic(now)
                 self.auth_failures += 1
                 return []
-        sub.on_data(now)
+        sub.on_data_received(len(data), now)
         out = reorder.push(seq, payload, now)
         if self.nack_enabled:
             self.nack_rx.on_data(sub.member, seq, now, reorder.last)

@@ -42,6 +42,8 @@ _pack = wire.HEADER.pack
 # the one builder of DATA datagrams (wire.py; C: the same constants)
 _data_datagram = wire.data_datagram
 _with_member = wire.with_member
+_with_members = wire.with_members
+_data_datagrams = wire.data_datagrams
 _PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
 _TEST = int(Op.TEST)
 
@@ -76,6 +78,9 @@ class SendPath:
                 return True
             self._pump(now)  # time went by: what is queued may leave now
             return targets is None
+        if self._dup_all:  # the scheduler's promise: every established subflow
+            self._transmit(packet, up, now)
+            return True
         targets = self._sched(packet, up, now)
         if not targets:
             self.tx_no_subflow += 1
@@ -228,18 +233,15 @@ class SendPath:
             sealed = self.sealer.seal_data(self.session_id, seq, packet)
             self._sendbuf[seq & self._sendmask] = (seq, sealed, targets)
             dlen = len(sealed)
-            for sub in targets:
-                m = sub.member
-                out.append((m, _with_member(sealed, m)))
-                sub.on_data_sent(1, dlen, now)
-                sub.meter.on_send(dlen, now)
-            return
-        self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
-        sid = self.session_id
-        dlen = n + _HLEN
-        for sub in targets:
-            m = sub.member
-            out.append((m, _data_datagram(m, sid, seq, packet)))
+            members = self._up_members if targets is self._up else [s.member for s in targets]
+            dgrams = _with_members(sealed, members)
+        else:
+            self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
+            dlen = n + _HLEN
+            members = self._up_members if targets is self._up else [s.member for s in targets]
+            dgrams = _data_datagrams(members, self.session_id, seq, packet)
+        for sub, d in zip(targets, dgrams):
+            out.append((sub.member, d))
             sub.on_data_sent(1, dlen, now)
             sub.meter.on_send(dlen, now)
 

@@ -243,11 +243,39 @@ class Subflow:
         self.rx_bytes += nbytes
         self.last_rx = now
 
+    def on_stale_copy(self, nbytes: int, now: float, late: bool) -> None:
+        """A DATA copy of ``nbytes`` arrived that the reorder buffer had
+        already delivered (a duplicate) or given up (``late``): counted as
+        received and as stale, in one call (the common case in duplicate mode)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        if late:
+            self.late += 1
+        else:
+            self.duplicates += 1
+
     def retract_receive(self, nbytes: int) -> None:
         """A DATA datagram counted by :meth:`on_receive` failed authentication:
         take it back out of the counters (``last_rx`` stays)."""
         self.rx_packets -= 1
         self.rx_bytes -= nbytes
+
+    def on_data_received(self, nbytes: int, now: float) -> None:
+        """An authentic new DATA datagram of ``nbytes``: :meth:`on_receive` and
+        :meth:`on_data` in one call (the per-packet path)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        self.data_rx += 1
+        if self.state is S.CONNECT_RCVD:
+            self._fire(E.RECV_TRAFFIC, now)
+
+    def on_unauthentic(self, now: float) -> None:
+        """A DATA datagram for this subflow failed authentication: counted
+        nowhere here (the session counts it); only ``last_rx`` moves, as it
+        did when the receive was counted first and taken back."""
+        self.last_rx = now
 
     def on_data(self, now: float, n: int = 1) -> None:
         """``n`` DATA datagrams were accepted: implicit ACK in CONNECT_RCVD."""
@@ -395,7 +423,12 @@ class Subflow:
         self.tx_packets += n
         self.tx_bytes += nbytes
         self.data_tx += n
-        self.note_data_sent(now)
+        self.data_tx_at = now  # as note_data_sent (inline: once per datagram)
+        nxt = self._next_probe
+        if nxt is not None:
+            fast = self._last_probe_tx + self.config.keepalive_active
+            if nxt > fast + 1e-9:
+                self._next_probe = fast if fast > now else now
 
     def note_data_sent(self, now: float) -> None:
         """User data went out here: switch to the fast probe interval at once."""

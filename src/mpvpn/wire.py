@@ -154,6 +154,18 @@ def with_member(datagram: bytes, member: int) -> bytes:
     return datagram[:OFF_MEMBER] + _MEMBER_BYTE[member] + datagram[OFF_MEMBER + 1:]
 
 
+def with_members(datagram: bytes, members) -> list[bytes]:
+    """:func:`with_member` for several members at once (one copy each)."""
+    head, tail = datagram[:OFF_MEMBER], datagram[OFF_MEMBER + 1:]
+    return [head + _MEMBER_BYTE[m] + tail for m in members]
+
+
+def data_datagrams(members, session: int, seq: int, payload: bytes) -> list[bytes]:
+    """:func:`data_datagram` for several members at once (one copy each)."""
+    n = len(payload)
+    return [_pack_header(VERSION, DATA, m, 0, session, n, 0, 0, seq) + payload for m in members]
+
+
 def parse_data(data: bytes, member: int, session: int, flags: int) -> int | None:
     """The sequence number of ``data`` if it is a well-formed DATA datagram
     of ``session`` for ``member`` with exactly ``flags`` (sealed or not), else
@@ -166,11 +178,6 @@ def parse_data(data: bytes, member: int, session: int, flags: int) -> int | None
             and n == HEADER_LEN + length + (TAG_LEN if f & F_SEALED else 0)):
         return seq
     return None
-
-
-def data_payload(data: bytes) -> bytes:
-    """The payload bytes of a plaintext DATA datagram (after the header)."""
-    return data[HEADER_LEN:]
 
 
 def decode(data: bytes) -> Header | DecodeError:
