@@ -255,12 +255,6 @@ class Subflow:
         else:
             self.duplicates += 1
 
-    def retract_receive(self, nbytes: int) -> None:
-        """A DATA datagram counted by :meth:`on_receive` failed authentication:
-        take it back out of the counters (``last_rx`` stays)."""
-        self.rx_packets -= 1
-        self.rx_bytes -= nbytes
-
     def on_data_received(self, nbytes: int, now: float) -> None:
         """An authentic new DATA datagram of ``nbytes``: :meth:`on_receive` and
         :meth:`on_data` in one call (the per-packet path)."""
@@ -273,8 +267,9 @@ class Subflow:
 
     def on_unauthentic(self, now: float) -> None:
         """A DATA datagram for this subflow failed authentication: counted
-        nowhere here (the session counts it); only ``last_rx`` moves, as it
-        did when the receive was counted first and taken back."""
+        nowhere here (the session counts it); only ``last_rx`` moves (as it
+        always has: the session used to count the receive first and take it
+        back)."""
         self.last_rx = now
 
     def on_data(self, now: float, n: int = 1) -> None:
