@@ -43,7 +43,6 @@ _pack = wire.HEADER.pack
 _data_datagram = wire.data_datagram
 _with_member = wire.with_member
 _with_members = wire.with_members
-_data_datagrams = wire.data_datagrams
 _PROBES = (int(Op.KEEPALIVE), int(Op.KEEPALIVE_ACK))
 _TEST = int(Op.TEST)
 
@@ -234,14 +233,17 @@ class SendPath:
             self._sendbuf[seq & self._sendmask] = (seq, sealed, targets)
             dlen = len(sealed)
             members = self._up_members if targets is self._up else [s.member for s in targets]
-            dgrams = _with_members(sealed, members)
-        else:
-            self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
-            dlen = n + _HLEN
-            members = self._up_members if targets is self._up else [s.member for s in targets]
-            dgrams = _data_datagrams(members, self.session_id, seq, packet)
-        for sub, d in zip(targets, dgrams):
-            out.append((sub.member, d))
+            for sub, d in zip(targets, _with_members(sealed, members)):
+                out.append((sub.member, d))
+                sub.on_data_sent(1, dlen, now)
+                sub.meter.on_send(dlen, now)
+            return
+        self._sendbuf[seq & self._sendmask] = (seq, packet, targets)
+        sid = self.session_id
+        dlen = n + _HLEN
+        for sub in targets:
+            m = sub.member
+            out.append((m, _data_datagram(m, sid, seq, packet)))
             sub.on_data_sent(1, dlen, now)
             sub.meter.on_send(dlen, now)
 

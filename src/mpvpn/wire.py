@@ -160,12 +160,6 @@ def with_members(datagram: bytes, members) -> list[bytes]:
     return [head + _MEMBER_BYTE[m] + tail for m in members]
 
 
-def data_datagrams(members, session: int, seq: int, payload: bytes) -> list[bytes]:
-    """:func:`data_datagram` for several members at once (one copy each)."""
-    n = len(payload)
-    return [_pack_header(VERSION, DATA, m, 0, session, n, 0, 0, seq) + payload for m in members]
-
-
 def parse_data(data: bytes, member: int, session: int, flags: int) -> int | None:
     """The sequence number of ``data`` if it is a well-formed DATA datagram
     of ``session`` for ``member`` with exactly ``flags`` (sealed or not), else
