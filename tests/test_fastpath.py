@@ -145,9 +145,10 @@ def test_receive_many_delivers_and_counts_like_receive_datagram(data):
         got_c += c.b.receive_many(batch, m, c.now)
         i = j
         # the same numbers missing (asked for), the same highest seen
-        assert list(c.b._missing) == list(py.b._missing)
-        assert c.b._rx_high == py.b._rx_high
-        assert {k: v[0] for k, v in c.b._high_by.items()} == {k: v[0] for k, v in py.b._high_by.items()}
+        crx, pyrx = c.b.nack_rx, py.b.nack_rx
+        assert list(crx.missing) == list(pyrx.missing)
+        assert crx.rx_high == pyrx.rx_high
+        assert {k: v[0] for k, v in crx.high_by.items()} == {k: v[0] for k, v in pyrx.high_by.items()}
     got_py += py.b.handle_timer(py.now + 10)
     got_c += c.b.handle_timer(c.now + 10)
     assert got_c == got_py
@@ -181,3 +182,21 @@ def test_datagrams_by_member_hands_everything_out_once():
         first = s.a.datagrams_by_member()
         assert sorted(first) == [1, 2, 3] and len(first[1]) == 3 and len(first[2]) == 2
         assert s.a.datagrams_by_member() == {} and s.a.datagrams_to_send() == []
+
+
+LAYOUT = ("HLEN", "TAG", "OP_DATA", "F_SEALED", "VERSION", "OFF_VERSION", "OFF_OPCODE",
+          "OFF_MEMBER", "OFF_FLAGS", "OFF_SESSION", "OFF_LENGTH", "OFF_EPOCH", "OFF_RESERVED",
+          "OFF_SEQ")
+
+
+@needs_c
+def test_the_c_loops_use_wire_py_s_datagram_layout():
+    """_fastpath.c compiles the DATA layout in as #defines; each must equal
+    wire.py's (the source of truth), so an edit to one side alone fails here."""
+    from mpvpn import wire
+    expected = {"HLEN": wire.HEADER_LEN, "TAG": wire.TAG_LEN, "OP_DATA": wire.DATA,
+                "F_SEALED": wire.F_SEALED, "VERSION": wire.VERSION}
+    expected.update({k: getattr(wire, k) for k in LAYOUT if k.startswith("OFF_")})
+    assert set(expected) == set(LAYOUT)
+    got = {k: getattr(fastpath.LOOPS, k) for k in LAYOUT}
+    assert got == expected

@@ -443,3 +443,45 @@ def test_overlapping_deferrals_never_hold_an_item_past_the_cap():
         else:
             assert released[:2] == [3, 4] and rb.skipped == 1 and rb.flushes == 0
             assert cap <= first_out <= cap + 0.005  # 3 arrived at 0 and waited the cap
+
+
+def test_in_order_state_only_while_nothing_is_buffered():
+    r = ReorderBuffer(16, 0.05)
+    assert r.in_order_state() == (0, 0, 0)
+    r.push(2, "b", 0.0)  # 1 missing: 2 waits
+    assert r.in_order_state() is None
+    r.push(1, "a", 0.0)
+    assert r.in_order_state() == (2, 0, 0)
+
+
+def test_a_run_delivered_outside_push_must_continue_x_exactly():
+    r = ReorderBuffer(16, 0.05)
+    r.push(1, "a", 0.0)
+    r.took_in_order(4, 3)  # 2, 3, 4 delivered by the caller
+    assert (r.last, r.delivered) == (4, 4)
+    assert r.is_stale(3) and not r.is_stale(5)
+    with pytest.raises(ValueError):
+        r.took_in_order(8, 2)  # a gap: 5, 6 were never delivered
+    r.push(6, "f", 0.0)
+    with pytest.raises(ValueError):
+        r.took_in_order(5, 1)  # something is buffered: push() must decide
+    assert (r.last, r.delivered) == (4, 4)
+    r.count_stale(2, 1)
+    assert (r.duplicates, r.late) == (2, 1)
+
+
+def test_check_copy_counts_stale_copies_as_push_would():
+    a, b = ReorderBuffer(16, 0.05), ReorderBuffer(16, 0.05)
+    for r in (a, b):
+        r.push(1, "a", 0.0)
+        r.push(3, "c", 0.0)
+        r.expire(1.0)  # 2 given up: 3 delivered
+        r.push(5, "e", 1.0)  # buffered
+    for seq in (1, 2, 3, 5, 4, 6):
+        kind = a.check_copy(seq)
+        stale = b.is_stale(seq)
+        assert (kind != 0) == stale
+        if stale:
+            b.push(seq, None, 1.0)
+        assert kind == {1: 1, 2: 2, 3: 1, 5: 1, 4: 0, 6: 0}[seq]
+    assert (a.duplicates, a.late) == (b.duplicates, b.late) == (3, 1)

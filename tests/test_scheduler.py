@@ -384,7 +384,7 @@ def test_nacks_stay_bounded_under_heavy_loss():
     assert ca["nack_retransmits"] <= cfg.retransmit_budget * (pair.a.sent - sent0) + \
         cfg.retransmit_burst
     assert ca["nack_budget_drops"] > 0
-    assert len(pair.b.reorder) <= cfg.reorder_capacity and len(pair.b._missing) <= cfg.nack_track
+    assert len(pair.b.reorder) <= cfg.reorder_capacity and len(pair.b.nack_rx.missing) <= cfg.nack_track
 
 
 def test_nack_repairs_most_random_loss_in_aggregate_mode():

@@ -390,3 +390,22 @@ def test_the_budget_keeps_aes_gcm_within_its_usage_limit():
     assert seal.REKEY_AFTER_PACKETS * (blocks + 1) < 2 ** 36
     assert control.ControlConfig.rekey_packets == seal.REKEY_AFTER_PACKETS
     assert int(config.OPTIONS["base"]["rekey_packets"].default) == seal.REKEY_AFTER_PACKETS
+
+
+def test_data_decryptors_open_what_seal_data_sealed_and_refuse_during_a_pending_rekey():
+    a = Sealer(K_AB, K_BA, 1)
+    b = Sealer(K_BA, K_AB, 1)
+    d = with_member(a.seal_data(7, 1, b"hello"), 2)
+    epoch, dec, prev, prev_dec = b.data_decryptors()
+    assert (epoch, prev, prev_dec) == (1, None, None)
+    nonce = b"\x00" * 4 + d[wire.OFF_SEQ:wire.HEADER_LEN]
+    aad = d[:wire.OFF_MEMBER] + b"\x00" + d[wire.OFF_MEMBER + 1:wire.HEADER_LEN]
+    assert dec(nonce, d[wire.HEADER_LEN:], aad) == b"hello"
+    b.rotate(os.urandom(32), os.urandom(32), 2)
+    epoch, _dec, prev, prev_dec = b.data_decryptors()
+    assert (epoch, prev) == (2, 1)
+    assert prev_dec(nonce, d[wire.HEADER_LEN:], aad) == b"hello"  # the old epoch still opens
+    b.rotate(os.urandom(32), os.urandom(32), 3, defer_send=True)
+    assert b.send_pending
+    with pytest.raises(RuntimeError):
+        b.data_decryptors()  # only open() may confirm the new send key

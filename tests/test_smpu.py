@@ -649,3 +649,18 @@ def test_a_slow_subflow_that_delivers_in_bursts_still_hides_its_in_flight_packet
     c = pair.b.counters()
     assert c["delivered"] == 80 and c["skipped"] == 0
     assert c["nack_seqs"] == 0 and pair.a.retransmits == 0
+
+
+def test_forget_subflow_removes_a_closing_subflow_at_once():
+    pair = SimPair(2)
+    assert pair.handshake()
+    pair.a.remove_subflow(2, pair.now)  # its CLOSE is on the way: still there, closing
+    assert 2 in pair.a.subflows
+    pair.a.forget_subflow(2)
+    assert 2 not in pair.a.subflows and [s.member for s in pair.a.up] == [1]
+    events = []
+    while (ev := pair.a.next_event()) is not None:
+        events.append(ev)
+    assert SubflowClosed(2) in events
+    pair.a.add_subflow(2, pair.now)  # the member ID can be used again
+    assert pair.a.subflows[2].meter is not None

@@ -276,3 +276,51 @@ def test_reopen_after_an_endpoint_moved_runs_the_handshake_again():
     assert [(d.member, d.reason) for d in downs] == [(1, "endpoint changed")]
     with pytest.raises(RuntimeError):
         pair.b.subflows[1].open(pair.now)  # responders never open
+
+
+def _bare_subflow():
+    from mpvpn.subflow import Subflow
+    emitted = []
+    sub = Subflow(3, True, SubflowConfig(), lambda s, op, p: emitted.append(op),
+                  lambda *a: None)
+    return sub, emitted
+
+
+def test_subflow_counts_what_it_sent_and_received_through_its_methods():
+    sub, _ = _bare_subflow()
+    sub.on_sent(40)
+    sub.on_data_sent(3, 3000, 1.0)
+    assert (sub.tx_packets, sub.tx_bytes, sub.data_tx, sub.data_tx_at) == (4, 3040, 3, 1.0)
+    sub.on_receive(100, 2.0)
+    sub.on_receive(900, 2.5, 3)
+    assert (sub.rx_packets, sub.rx_bytes, sub.last_rx) == (4, 1000, 2.5)
+    sub.on_data(2.5, 2)
+    sub.on_stale(4, 1)
+    sub.on_malformed()
+    st = sub.status(3.0)
+    assert (st["data_rx"], st["duplicates"], st["late"], st["malformed"]) == (2, 4, 1, 1)
+
+
+def test_a_new_source_moves_the_remote_and_counts_a_roam_only_when_it_changes():
+    sub, _ = _bare_subflow()
+    sub.on_source(("10.0.0.1", 1))
+    assert (sub.remote, sub.roams) == (("10.0.0.1", 1), 0)  # the first one is no roam
+    sub.on_source(("10.0.0.1", 1))
+    assert sub.roams == 0
+    sub.on_source(("10.0.0.2", 1))
+    assert (sub.remote, sub.roams) == (("10.0.0.2", 1), 1)
+
+
+def test_a_stale_copy_counts_as_received_and_as_duplicate_or_late():
+    sub, _ = _bare_subflow()
+    sub.on_stale_copy(100, 1.0, False)
+    sub.on_stale_copy(50, 2.0, True)
+    assert (sub.rx_packets, sub.rx_bytes, sub.last_rx, sub.duplicates, sub.late) == (2, 150, 2.0, 1, 1)
+
+
+def test_authentic_new_data_counts_once_and_an_unauthentic_one_only_moves_last_rx():
+    sub, _ = _bare_subflow()
+    sub.on_data_received(1000, 1.0)
+    assert (sub.rx_packets, sub.rx_bytes, sub.data_rx, sub.last_rx) == (1, 1000, 1, 1.0)
+    sub.on_unauthentic(2.0)
+    assert (sub.rx_packets, sub.rx_bytes, sub.data_rx, sub.last_rx) == (1, 1000, 1, 2.0)

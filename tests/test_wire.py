@@ -123,3 +123,62 @@ def test_test_opcode_has_a_minimum_length_not_a_fixed_one():
     assert wire.decode(wire.encode(Op.TEST, 2, 5, 9, head[:-1])) is wire.DecodeError.PAYLOAD
     # other control opcodes stay exact
     assert wire.decode(wire.encode(Op.NACK, 2, 5, 9, bytes(wire.NACK.size + 1))) is wire.DecodeError.PAYLOAD
+
+
+def test_field_offsets_match_the_header_struct():
+    """The OFF_* offsets (used by the C loops and the sealer) are where
+    HEADER.pack puts each field."""
+    fields = ["OFF_VERSION", "OFF_OPCODE", "OFF_MEMBER", "OFF_FLAGS", "OFF_SESSION",
+              "OFF_LENGTH", "OFF_EPOCH", "OFF_RESERVED", "OFF_SEQ"]
+    fmt = wire.HEADER.format.lstrip("!")
+    assert len(fmt) == len(fields)
+    for i, name in enumerate(fields):
+        assert getattr(wire, name) == struct.calcsize("!" + fmt[:i]), name
+    h = wire.HEADER.pack(1, 0x10, 7, 1, 0xA1B2C3D4, 0x0506, 9, 0, 0x0102030405060708)
+    assert h[wire.OFF_MEMBER] == 7 and h[wire.OFF_EPOCH] == 9 and h[wire.OFF_FLAGS] == 1
+    assert h[wire.OFF_SESSION:wire.OFF_SESSION + 4] == bytes.fromhex("a1b2c3d4")
+    assert h[wire.OFF_LENGTH:wire.OFF_LENGTH + 2] == bytes.fromhex("0506")
+    assert h[wire.OFF_SEQ:] == bytes(range(1, 9))
+
+
+@given(st.integers(1, 255), st.integers(1, 2**32 - 1), st.integers(0, wire.MAX_SEQ),
+       st.binary(max_size=64))
+def test_data_builder_and_parser_agree_with_decode(member, session, seq, payload):
+    d = wire.data_datagram(member, session, seq, payload)
+    h = wire.decode(d)
+    assert (h.opcode, h.member, h.session, h.seq, h.length, h.flags) == (
+        wire.DATA, member, session, seq, len(payload), 0)
+    assert d[:wire.HEADER_LEN] == wire.data_header(member, session, seq, len(payload))
+    assert wire.parse_data(d, member, session, 0) == seq
+    assert d[wire.HEADER_LEN:] == payload
+    other = member % 255 + 1
+    assert wire.parse_data(d, other, session, 0) is None  # another subflow's
+    assert wire.parse_data(d, member, session % (2**32 - 1) + 1, 0) is None  # another session's
+    assert wire.parse_data(d, member, session, wire.F_SEALED) is None  # not sealed
+    moved = wire.with_member(d, other)
+    assert wire.parse_data(moved, other, session, 0) == seq
+    assert moved[wire.HEADER_LEN:] == payload
+
+
+@given(st.binary(max_size=64), st.integers(1, 255), st.integers(1, 2**32 - 1),
+       st.sampled_from([0, wire.F_SEALED]))
+def test_parse_data_accepts_only_what_decode_calls_that_data(data, member, session, flags):
+    seq = wire.parse_data(data, member, session, flags)
+    if seq is not None:
+        h = wire.decode(data)
+        assert h.opcode == wire.DATA and h.member == member and h.session == session
+        assert h.flags == flags and h.seq == seq
+
+
+def test_sealed_data_header_lengths():
+    h = wire.data_header(3, 5, 9, 100, wire.F_SEALED, 2)
+    d = h + bytes(100 + wire.TAG_LEN)
+    assert wire.parse_data(d, 3, 5, wire.F_SEALED) == 9
+    assert wire.parse_data(d[:-1], 3, 5, wire.F_SEALED) is None
+
+
+@given(st.lists(st.integers(1, 255), max_size=4), st.integers(1, 2**32 - 1),
+       st.integers(0, wire.MAX_SEQ), st.binary(max_size=32))
+def test_the_batch_copier_makes_what_the_single_one_makes(members, session, seq, payload):
+    d = wire.data_datagram(1, session, seq, payload)
+    assert wire.with_members(d, members) == [wire.with_member(d, m) for m in members]

@@ -37,11 +37,24 @@
 #include <stdint.h>
 #include <string.h>
 
-#define HLEN 20
-#define TAG 16
-#define OP_DATA 0x10
-#define F_SEALED 0x01
-#define VERSION 1
+/* The DATA datagram layout.  Its source of truth is mpvpn.wire (and
+ * docs/protocol.md); the module exports every one of these as an attribute
+ * of the same name and tests/test_fastpath.py checks each against wire.py,
+ * so a mismatch fails a test instead of putting wrong bytes on the wire. */
+#define HLEN 20          /* wire.HEADER_LEN */
+#define TAG 16           /* wire.TAG_LEN */
+#define OP_DATA 0x10     /* wire.DATA */
+#define F_SEALED 0x01    /* wire.F_SEALED */
+#define VERSION 1        /* wire.VERSION */
+#define OFF_VERSION 0    /* wire.OFF_VERSION ... */
+#define OFF_OPCODE 1
+#define OFF_MEMBER 2
+#define OFF_FLAGS 3
+#define OFF_SESSION 4
+#define OFF_LENGTH 8
+#define OFF_EPOCH 10
+#define OFF_RESERVED 11
+#define OFF_SEQ 12
 
 static void put_be32(unsigned char *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
@@ -85,9 +98,10 @@ seal_dup(PyObject *self, PyObject *args)
         goto fail;
     }
     unsigned char hdr[HLEN], nonce[12];
-    hdr[0] = VERSION; hdr[1] = OP_DATA; hdr[2] = 0; hdr[3] = F_SEALED;
-    put_be32(hdr + 4, (uint32_t)session);
-    hdr[10] = (unsigned char)epoch; hdr[11] = 0;
+    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
+    hdr[OFF_FLAGS] = F_SEALED;
+    put_be32(hdr + OFF_SESSION, (uint32_t)session);
+    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
     memset(nonce, 0, 4);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pkt = PyList_GET_ITEM(packets, i);
@@ -101,9 +115,9 @@ seal_dup(PyObject *self, PyObject *args)
             goto fail;
         }
         uint64_t seq = seq0 + (uint64_t)i;
-        hdr[8] = plen >> 8; hdr[9] = plen & 0xff;
-        put_be64(hdr + 12, seq);
-        memcpy(nonce + 4, hdr + 12, 8);
+        hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
+        put_be64(hdr + OFF_SEQ, seq);
+        memcpy(nonce + 4, hdr + OFF_SEQ, 8);
         PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
         PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
         if (nb == NULL || ab == NULL) {
@@ -137,7 +151,7 @@ seal_dup(PyObject *self, PyObject *args)
                 Py_DECREF(sealed);
                 goto fail;
             }
-            PyBytes_AS_STRING(copy)[2] = mb[j];
+            PyBytes_AS_STRING(copy)[OFF_MEMBER] = mb[j];
             PyList_SET_ITEM(PyList_GET_ITEM(runs, j), i, copy);
         }
         PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
@@ -182,14 +196,15 @@ open_run(PyObject *self, PyObject *args)
             break;
         Py_ssize_t len = PyBytes_GET_SIZE(d);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(d);
-        if (len < HLEN + TAG || p[0] != VERSION || p[1] != OP_DATA || p[2] != member
-                || p[3] != F_SEALED || p[11] != 0)
+        if (len < HLEN + TAG || p[OFF_VERSION] != VERSION || p[OFF_OPCODE] != OP_DATA
+                || p[OFF_MEMBER] != member || p[OFF_FLAGS] != F_SEALED || p[OFF_RESERVED] != 0)
             break;
-        uint32_t sid = ((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) | ((uint32_t)p[6] << 8) | p[7];
-        Py_ssize_t plen = ((Py_ssize_t)p[8] << 8) | p[9];
+        const unsigned char *ps = p + OFF_SESSION;
+        uint32_t sid = ((uint32_t)ps[0] << 24) | ((uint32_t)ps[1] << 16) | ((uint32_t)ps[2] << 8) | ps[3];
+        Py_ssize_t plen = ((Py_ssize_t)p[OFF_LENGTH] << 8) | p[OFF_LENGTH + 1];
         if (sid != session || len != HLEN + plen + TAG)
             break;
-        uint64_t seq = get_be64(p + 12);
+        uint64_t seq = get_be64(p + OFF_SEQ);
         if (seq <= last) {  /* a later copy: no decryption */
             if (seq > skip_hi)
                 dup++;
@@ -203,15 +218,15 @@ open_run(PyObject *self, PyObject *args)
         if (seq != last + 1)
             break;  /* out of order: the reorder buffer's job */
         PyObject *dec;
-        if (p[10] == cur_epoch)
+        if (p[OFF_EPOCH] == cur_epoch)
             dec = cur_dec;
-        else if (prev_epoch >= 0 && p[10] == prev_epoch && prev_dec != Py_None)
+        else if (prev_epoch >= 0 && p[OFF_EPOCH] == prev_epoch && prev_dec != Py_None)
             dec = prev_dec;
         else
             break;  /* unknown epoch: counted by the full path */
-        memcpy(nonce + 4, p + 12, 8);
+        memcpy(nonce + 4, p + OFF_SEQ, 8);
         memcpy(aad, p, HLEN);
-        aad[2] = 0;
+        aad[OFF_MEMBER] = 0;
         PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
         PyObject *ab = PyBytes_FromStringAndSize((const char *)aad, HLEN);
         PyObject *cb = PyBytes_FromStringAndSize((const char *)p + HLEN, len - HLEN);
@@ -684,5 +699,26 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* the layout constants compiled in, for tests to compare with wire.py */
+    if (PyModule_AddIntConstant(m, "HLEN", HLEN) < 0
+            || PyModule_AddIntConstant(m, "TAG", TAG) < 0
+            || PyModule_AddIntConstant(m, "OP_DATA", OP_DATA) < 0
+            || PyModule_AddIntConstant(m, "F_SEALED", F_SEALED) < 0
+            || PyModule_AddIntConstant(m, "VERSION", VERSION) < 0
+            || PyModule_AddIntConstant(m, "OFF_VERSION", OFF_VERSION) < 0
+            || PyModule_AddIntConstant(m, "OFF_OPCODE", OFF_OPCODE) < 0
+            || PyModule_AddIntConstant(m, "OFF_MEMBER", OFF_MEMBER) < 0
+            || PyModule_AddIntConstant(m, "OFF_FLAGS", OFF_FLAGS) < 0
+            || PyModule_AddIntConstant(m, "OFF_SESSION", OFF_SESSION) < 0
+            || PyModule_AddIntConstant(m, "OFF_LENGTH", OFF_LENGTH) < 0
+            || PyModule_AddIntConstant(m, "OFF_EPOCH", OFF_EPOCH) < 0
+            || PyModule_AddIntConstant(m, "OFF_RESERVED", OFF_RESERVED) < 0
+            || PyModule_AddIntConstant(m, "OFF_SEQ", OFF_SEQ) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

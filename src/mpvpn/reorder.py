@@ -139,7 +139,50 @@ class ReorderBuffer:
         """
         return seq <= self.last or seq in self._buf
 
+    # -- batches delivered outside push() (mpvpn.fastpath's open_run) --------
+
+    def in_order_state(self) -> tuple[int, int, int] | None:
+        """``(X, lo, hi)`` while nothing is buffered, else None.  Then a caller
+        may deliver ``X + 1, X + 2, ...`` itself (reporting them with
+        :meth:`took_in_order`) and classify a copy ``<= X`` as late when it
+        lies in ``lo..hi``, the newest given-up range ((0, 0): none)."""
+        if self._buf:
+            return None
+        skips = self._skips
+        lo, hi = skips[-1] if skips else (0, 0)
+        return self.last, lo, hi
+
+    def took_in_order(self, last: int, n: int) -> None:
+        """The caller delivered the ``n`` numbers up to ``last`` in order (see
+        :meth:`in_order_state`): ``X = last``.  Raises ValueError unless they
+        are exactly ``X + 1 .. X + n`` with nothing buffered."""
+        if self._buf or n < 0 or last - n != self.last:
+            raise ValueError(f"not an in-order run after {self.last}: {n} up to {last}")
+        self.last = last
+        self.delivered += n
+
+    def count_stale(self, duplicates: int, late: int) -> None:
+        """Count stale copies the caller dropped without :meth:`push`."""
+        self.duplicates += duplicates
+        self.late += late
+
     # -- the per-packet path -------------------------------------------------
+
+    def check_copy(self, seq: int) -> int:
+        """Before decrypting a copy of ``seq``: 0 if it is new (then
+        :meth:`push` it), else count it as :meth:`push` would and say what
+        it was: 1 a duplicate (delivered or buffered already), 2 late (in a
+        range given up).  One call instead of ``is_stale`` + ``push``."""
+        if seq <= self.last:
+            if self._was_skipped(seq):
+                self.late += 1
+                return 2
+            self.duplicates += 1
+            return 1
+        if seq in self._buf:
+            self.duplicates += 1
+            return 1
+        return 0
 
     def push(self, seq: int, item, now: float) -> list:
         """Offer one copy of ``seq``; return the items released, in order."""

@@ -46,6 +46,7 @@ from dataclasses import dataclass, fields
 
 from mpvpn.flows import classify, describe
 from mpvpn.linkstats import LinkMeter
+from mpvpn.schedbase import PacketScheduler
 
 __all__ = ["MODES", "LinkPolicy", "SchedulerOptions", "Scheduler", "make_scheduler"]
 
@@ -331,7 +332,7 @@ class _Flow:
         self.mode = mode
 
 
-class Scheduler:
+class Scheduler(PacketScheduler):
     """The three stages for one session.  Build it with :func:`make_scheduler`."""
 
     def __init__(self, mode: str, options: SchedulerOptions | None = None):
@@ -648,6 +649,11 @@ class Scheduler:
     # -- the plain hook: an immediate decision ------------------------------------
 
     @property
+    def initial_rate(self) -> float:
+        """Bytes/s a new subflow's meter assumes (``options.initial_rate``)."""
+        return self.options.initial_rate
+
+    @property
     def duplicates_everything(self) -> bool:
         """Every packet goes on every established subflow (duplicate mode, no
         policies): the session may then batch without asking per packet."""
@@ -941,6 +947,10 @@ class Scheduler:
             self._retx.popleft()
             self.c["retransmits_expired"] += 1
         self._release_at = None
+
+    def retransmit_pending(self) -> bool:
+        """Queued re-sends are waiting."""
+        return bool(self._retx)
 
     def pull_retransmit(self, up, now: float):
         """The next queued re-send ``(seq, subflows)`` that may leave now, or None."""

@@ -122,7 +122,7 @@ class Subflow:
     """State, timers and statistics of one subflow (one member of a session)."""
 
     def __init__(self, member: int, initiator: bool, config: SubflowConfig, emit, notify,
-                 name: str = "", meta: dict | None = None):
+                 name: str = "", meta: dict | None = None, meter=None):
         if not 1 <= member <= wire.MAX_MEMBER:
             raise ValueError(f"member id {member} out of range 1..{wire.MAX_MEMBER}")
         self.member = member
@@ -132,6 +132,9 @@ class Subflow:
         self.meta = dict(meta or {})  # carrier type, addresses: for status only
         self.remote = None  # where the I/O layer sends this subflow's datagrams (opaque)
         self.roams = 0  # times an authenticated control datagram moved ``remote``
+        # mpvpn.linkstats.LinkMeter: the session's model of this link's rate
+        # and backlog (None for a bare subflow outside a session)
+        self.meter = meter
         self._emit = emit  # emit(subflow, opcode, payload_bytes)
         self._notify = notify  # notify(subflow, old_state, new_state, reason)
         self.state = State.CLOSED
@@ -233,17 +236,65 @@ class Subflow:
 
     # -- input -------------------------------------------------------------
 
-    def on_receive(self, nbytes: int, now: float) -> None:
-        """Any valid datagram for this subflow arrived (called by the session)."""
-        self.rx_packets += 1
+    def on_receive(self, nbytes: int, now: float, n: int = 1) -> None:
+        """``n`` valid datagrams (``nbytes`` in all) for this subflow arrived
+        (called by the session)."""
+        self.rx_packets += n
         self.rx_bytes += nbytes
         self.last_rx = now
 
-    def on_data(self, now: float) -> None:
-        """A DATA datagram arrived: implicit ACK in CONNECT_RCVD."""
+    def on_stale_copy(self, nbytes: int, now: float, late: bool) -> None:
+        """A DATA copy of ``nbytes`` arrived that the reorder buffer had
+        already delivered (a duplicate) or given up (``late``): counted as
+        received and as stale, in one call (the common case in duplicate mode)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        if late:
+            self.late += 1
+        else:
+            self.duplicates += 1
+
+    def on_data_received(self, nbytes: int, now: float) -> None:
+        """An authentic new DATA datagram of ``nbytes``: :meth:`on_receive` and
+        :meth:`on_data` in one call (the per-packet path)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
         self.data_rx += 1
         if self.state is S.CONNECT_RCVD:
             self._fire(E.RECV_TRAFFIC, now)
+
+    def on_unauthentic(self, now: float) -> None:
+        """A DATA datagram for this subflow failed authentication: counted
+        nowhere here (the session counts it); only ``last_rx`` moves (as it
+        always has: the session used to count the receive first and take it
+        back)."""
+        self.last_rx = now
+
+    def on_data(self, now: float, n: int = 1) -> None:
+        """``n`` DATA datagrams were accepted: implicit ACK in CONNECT_RCVD."""
+        self.data_rx += n
+        if self.state is S.CONNECT_RCVD:
+            self._fire(E.RECV_TRAFFIC, now)
+
+    def on_stale(self, duplicates: int, late: int) -> None:
+        """DATA copies dropped as already delivered (``duplicates``) or as
+        given up by the reorder buffer (``late``)."""
+        self.duplicates += duplicates
+        self.late += late
+
+    def on_malformed(self) -> None:
+        """A datagram on this subflow was malformed (counted, dropped)."""
+        self.malformed += 1
+
+    def on_source(self, source) -> None:
+        """An authenticated control datagram came from ``source``: send there
+        from now on (a NAT rebinding is followed; a change counts as a roam)."""
+        if source != self.remote:
+            if self.remote is not None:
+                self.roams += 1
+            self.remote = source
 
     def on_control(self, opcode: int, payload, now: float) -> None:
         """A valid control datagram for this subflow (payload size already checked)."""
@@ -357,6 +408,23 @@ class Subflow:
     def _probe_interval(self, now: float) -> float:
         return self.probe_plan(now)[0]
 
+    def on_sent(self, nbytes: int) -> None:
+        """A control datagram of ``nbytes`` went out on this subflow."""
+        self.tx_packets += 1
+        self.tx_bytes += nbytes
+
+    def on_data_sent(self, n: int, nbytes: int, now: float) -> None:
+        """``n`` DATA datagrams (``nbytes`` in all) went out on this subflow."""
+        self.tx_packets += n
+        self.tx_bytes += nbytes
+        self.data_tx += n
+        self.data_tx_at = now  # as note_data_sent (inline: once per datagram)
+        nxt = self._next_probe
+        if nxt is not None:
+            fast = self._last_probe_tx + self.config.keepalive_active
+            if nxt > fast + 1e-9:
+                self._next_probe = fast if fast > now else now
+
     def note_data_sent(self, now: float) -> None:
         """User data went out here: switch to the fast probe interval at once."""
         self.data_tx_at = now
@@ -428,7 +496,7 @@ class Subflow:
 
     def status(self, now: float) -> dict:
         srtt = self.rtt.srtt
-        meter = getattr(self, "meter", None)
+        meter = self.meter
         return {
             "member": self.member,
             "name": self.name,

@@ -32,6 +32,17 @@ VERSION = 1
 HEADER = struct.Struct("!BBBBIHBBQ")
 HEADER_LEN = HEADER.size  # 20
 TAG_LEN = 16  # AEAD tag (ChaCha20-Poly1305 / AES-GCM) when F_SEALED is set
+# Byte offsets of the header fields (the C loops in _fastpath.c use the same
+# numbers; tests/test_fastpath.py compares them with these).
+OFF_VERSION = 0
+OFF_OPCODE = 1
+OFF_MEMBER = 2
+OFF_FLAGS = 3
+OFF_SESSION = 4
+OFF_LENGTH = 8
+OFF_EPOCH = 10
+OFF_RESERVED = 11
+OFF_SEQ = 12
 
 # flags
 F_SEALED = 0x01  # payload is AEAD ciphertext followed by a TAG_LEN tag
@@ -114,6 +125,53 @@ def encode_header(opcode: int, member: int, session: int, seq: int, length: int,
                   flags: int = 0, epoch: int = 0) -> bytes:
     """Just the 20 header bytes (used as AEAD associated data)."""
     return _pack_header(VERSION, opcode, member, flags, session, length, epoch, 0, seq)
+
+
+# --- DATA datagrams ---------------------------------------------------------
+# The one builder and the one parser of DATA datagrams: every Python path
+# (mpvpn.smpu's senders and receivers, mpvpn.seal) goes through these, and
+# the C loops (_fastpath.c) use the same constants (checked by a test).
+
+_MEMBER_BYTE = [bytes((i,)) for i in range(256)]
+
+
+def data_header(member: int, session: int, seq: int, length: int, flags: int = 0,
+                epoch: int = 0) -> bytes:
+    """The 20 header bytes of a DATA datagram carrying ``length`` payload
+    bytes (plaintext length; a sealed one's tag follows the ciphertext)."""
+    return _pack_header(VERSION, DATA, member, flags, session, length, epoch, 0, seq)
+
+
+def data_datagram(member: int, session: int, seq: int, payload: bytes) -> bytes:
+    """A plaintext (unsealed) DATA datagram."""
+    return _pack_header(VERSION, DATA, member, 0, session, len(payload), 0, 0, seq) + payload
+
+
+def with_member(datagram: bytes, member: int) -> bytes:
+    """A copy of a DATA datagram addressed to ``member`` (header byte
+    ``OFF_MEMBER`` replaced).  A sealed DATA datagram stays authentic: its
+    associated data has the member byte zeroed (docs/protocol.md)."""
+    return datagram[:OFF_MEMBER] + _MEMBER_BYTE[member] + datagram[OFF_MEMBER + 1:]
+
+
+def with_members(datagram: bytes, members) -> list[bytes]:
+    """:func:`with_member` for several members at once (one copy each)."""
+    head, tail = datagram[:OFF_MEMBER], datagram[OFF_MEMBER + 1:]
+    return [head + _MEMBER_BYTE[m] + tail for m in members]
+
+
+def parse_data(data: bytes, member: int, session: int, flags: int) -> int | None:
+    """The sequence number of ``data`` if it is a well-formed DATA datagram
+    of ``session`` for ``member`` with exactly ``flags`` (sealed or not), else
+    None (then :func:`decode` says what it is).  Never raises."""
+    n = len(data)
+    if n < HEADER_LEN or data[OFF_OPCODE] != DATA:
+        return None
+    ver, _op, m, f, sid, length, _ep, rsv, seq = _unpack_header(data)
+    if (m == member and sid == session and ver == VERSION and not rsv and f == flags
+            and n == HEADER_LEN + length + (TAG_LEN if f & F_SEALED else 0)):
+        return seq
+    return None
 
 
 def decode(data: bytes) -> Header | DecodeError:

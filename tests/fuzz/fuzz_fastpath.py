@@ -82,7 +82,7 @@ def _open_run(datagrams: list[bytes]) -> None:
     start = datagrams[0][0] % (len(datagrams) + 1) if datagrams and datagrams[0] else 0
     last = 3
     i, got, new_last, dup, late, nbytes, bad = C.open_run(
-        datagrams, start, 1, _SID, last, 0, 0, 1, _RECV._recv.decrypt, -1, None, InvalidTag)
+        datagrams, start, 1, _SID, last, 0, 0, 1, _RECV.data_decryptors()[1], -1, None, InvalidTag)
     assert start <= i <= len(datagrams)
     assert new_last == last + len(got)
     assert dup + late + len(got) + bad <= i - start
