@@ -315,7 +315,7 @@ class Run:
 
 class LinkTester:
     """Both roles of a session's link tests.  ``session`` provides:
-    ``_emit_test(member, payload)``, ``subflows``, ``up`` and ``config.max_payload``."""
+    ``emit_test(member, payload)``, ``subflows``, ``up`` and ``config.max_payload``."""
 
     def __init__(self, session, max_rate: float = DEFAULT_MAX_RATE, load_size: int = 1400):
         self.session = session
@@ -460,7 +460,7 @@ class LinkTester:
         return run.phase_start + run.duration + GRACE
 
     def on_timer(self, now: float) -> None:
-        emit = self.session._emit_test
+        emit = self.session.emit_test
         s = self.sender
         if s is not None and not s.done:
             s.tick(now, emit)
@@ -499,7 +499,7 @@ class LinkTester:
         members = {about} if not final else {about} | {s.member for s in up[:1]}
         for m in members:
             if m in self.session.subflows:
-                self.session._emit_test(m, payload)
+                self.session.emit_test(m, payload)
 
     # -- receiving ------------------------------------------------------------
 

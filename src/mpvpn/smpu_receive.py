@@ -164,7 +164,7 @@ class ReceivePath:
         if source is not None:
             sub.on_source(source)
         op = hdr.opcode
-        if op == _TEST:  # link test: out of the subflow's counters (see _emit_test)
+        if op == _TEST:  # link test: out of the subflow's counters (see emit_test)
             if sub.state is State.ESTABLISHED:
                 self.linktest.on_message(payload, member, now)
             return []

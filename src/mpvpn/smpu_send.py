@@ -332,11 +332,6 @@ class SendPath:
         self._out.append((sub.member, dgram))
 
     def emit_test(self, member: int, payload: bytes) -> None:
-        """Queue a link-test datagram (the public name of ``_emit_test``,
-        which mpvpn.linktest calls)."""
-        self._emit_test(member, payload)
-
-    def _emit_test(self, member: int, payload: bytes) -> None:
         """Queue a link-test datagram (mpvpn.linktest): sealed like control
         datagrams, but kept out of the subflow's counters and meter, so a test
         does not move loss estimates, dead detection or the scheduler's rates."""
