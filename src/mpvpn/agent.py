@@ -2,10 +2,12 @@
 carrier-bound subflows -> the data path.
 
 One thread, one ``selectors`` loop.  The protocol logic lives in the
-sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module only
-moves bytes between them and the kernel (tun, UDP, TCP, netlink) and keeps
-the status document.  The per-packet path (tun -> session -> UDP and back)
-is plain loops over non-blocking reads in batches, with no asyncio.
+sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module keeps
+the lifecycle, the event loop and the wiring between them and the kernel
+(tun, UDP, TCP, netlink) and the status document.  The per-packet path is
+:mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive` (UDP ->
+session -> tun): plain loops over non-blocking reads in batches, with no
+asyncio.
 
 What the agent adds to the system (the tun device, its address, routes to
 the peer's LAN subnets) is removed when it stops.  One agent runs per run
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from mpvpn import __version__, control, fastpath, ifaddr, instance, linktest, memtrace, mss, pairing, rpc
+from mpvpn import receive, send
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -47,8 +50,8 @@ log = logging.getLogger("mpvpn")
 SESSION_COUNTERS = ("sent", "delivered", "duplicates", "late", "reorder_flushes", "deadline_releases",
                     "auth_failures", "replays", "tx_no_subflow")
 
-BATCH = 256  # packets taken from one fd per wake-up before looking at the others
-DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into super-segments)
+BATCH = send.BATCH  # packets taken from one fd per wake-up before looking at the others
+DELIVER_BATCH = receive.DELIVER_BATCH  # packets delivered to the tun in one go
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
 MAX_TIMEOUT = 1.0
 INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
@@ -166,7 +169,7 @@ class Agent:
         self.reconnect: control.ClientReconnect | None = None
         self.stamps = control.HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
-        self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
+        self.route_table = send.RouteTable()  # destination -> DataSession
         self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
@@ -497,128 +500,27 @@ class Agent:
     # ------------------------------------------------------------------ data path
 
     def _route(self, pkt: bytes) -> DataSession | None:
-        """The session whose peer owns the packet's destination (its LANs or
-        vNIC address); None for anything else the kernel sends into the tun,
-        such as IPv6 router solicitations."""
-        if not pkt:
-            return None
-        v = pkt[0] >> 4
-        if v == 4 and len(pkt) >= 20:
-            dst = int.from_bytes(pkt[16:20], "big")
-        elif v == 6 and len(pkt) >= 40:
-            dst = int.from_bytes(pkt[24:40], "big")
-        else:
-            return None
-        for ver, net, mask, ds in self._route_table:
-            if ver == v and dst & mask == net:
-                return ds
-        return None
+        """The session whose peer owns the packet's destination (send.RouteTable)."""
+        return self.route_table.lookup(pkt)
 
     def _on_tun(self, mask) -> None:
+        """The tun is readable: mpvpn.send, from the read to the UDP send."""
         try:
-            self._tun_to_sessions()
+            touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
+                                    self.counters)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
             self._vnic_vanished(e)
-
-    def _tun_to_sessions(self) -> None:
-        now = self.clock()
-        touched: dict = {}  # DataSession -> its packets of this wake-up, in order
-        read = self.tun.read_packets  # one read: one packet, or the segments of a TCP super-segment
-        budget = BATCH
-        while budget > 0:
-            pkts = read()
-            if pkts is None:
-                break
-            if not pkts:
-                continue
-            if len(pkts) == 1 and self._mss is not None:  # a SYN is never a super-segment
-                p = pkts[0]
-                # only TCP SYNs go to mss.clamp (IPv4 without options and
-                # IPv6 checked inline: this runs for every ACK we forward)
-                if len(p) >= 44 and (p[9] == 6 and p[33] & 2 if p[0] == 0x45 else
-                                     (p[6] == 6 and len(p) >= 64 and p[53] & 2) if p[0] >> 4 == 6 else
-                                     0x45 < p[0] < 0x50):
-                    c = mss.clamp(p, *self._mss)
-                    if c is not None:
-                        pkts = [c]
-                        self.counters["mss_clamped"] += 1
-            budget -= len(pkts)
-            ds = self._route(pkts[0])  # segments share the destination
-            if ds is None:
-                self.counters["tun_no_route"] += len(pkts)
-                continue
-            batch = touched.get(ds)
-            if batch is None:
-                touched[ds] = pkts if isinstance(pkts, list) else list(pkts)
-            else:
-                batch += pkts
-        for ds, batch in touched.items():
-            ds.sess.send_many(batch, now)  # one batch per session: the C loops where built
-            self._flush_session(ds)
-            sealer = ds.sess.sealer
-            if sealer is not None and ds.conn is not None:  # rekey by volume (control decides)
-                ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)
+            return
+        send.send_batches(touched, self.clock(), self.counters)
 
     def _on_udp(self, up: UplinkIO) -> None:
+        """An uplink is readable: mpvpn.receive, from the receive to the tun write."""
         now = self.clock()
-        sock = up.sock
-        if sock is None:
+        if up.sock is None:
             return
-        touched = set()
-        sessions = self.sessions
-        deliver = []  # written in batches: consecutive TCP segments go as one super-segment
-        recv = up.batch.recv
-        # the session lookup of the previous datagram (same key: same result)
-        last_key = cur = member = None
-        for _ in range(BATCH):
-            try:
-                datagrams, addr = recv()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # ICMP errors surface here (ECONNREFUSED...)
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                log.debug("uplink %s recv: %s", up.name, e)
-                break
-            up.rx_datagrams += len(datagrams)
-            if len(datagrams) > 1:
-                key = datagrams[0][2:8]  # member, flags, session id
-                if len(key) == 6 and all(d[2:8] == key for d in datagrams):
-                    if key != last_key:  # the usual: one session and subflow per batch
-                        first = datagrams[0]
-                        ds = sessions.get(int.from_bytes(first[4:8], "big"))
-                        if ds is not None and ds.uplink_of.get(first[2]) is up:
-                            cur, member, last_key = ds, first[2], key
-                            touched.add(ds)
-                    if key == last_key and len(datagrams[0]) >= 20:
-                        deliver += cur.sess.receive_many(datagrams, member, now, source=addr)
-                        if len(deliver) >= DELIVER_BATCH:
-                            self._deliver(deliver)
-                            deliver = []
-                        continue
-            for data in datagrams:
-                if len(data) < 20:
-                    self.counters["malformed"] += 1
-                    continue
-                key = data[2:8]
-                if key != last_key:
-                    ds = sessions.get(int.from_bytes(data[4:8], "big"))
-                    if ds is None:
-                        self.counters["unknown_session"] += 1  # no state, no reply
-                        continue
-                    if ds.uplink_of.get(data[2]) is not up:
-                        self.counters["wrong_uplink"] += 1
-                        continue
-                    cur, member, last_key = ds, data[2], key
-                    touched.add(ds)
-                deliver += cur.sess.receive_datagram(data, member, now, source=addr)
-            if len(deliver) >= DELIVER_BATCH:
-                self._deliver(deliver)
-                deliver = []
-        if deliver:
-            self._deliver(deliver)
+        touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
@@ -636,20 +538,7 @@ class Agent:
             self.counters["tun_write_errors"] += failed
 
     def _flush_session(self, ds: DataSession) -> None:
-        runs = ds.sess.datagrams_by_member()  # member -> its datagrams, in order
-        if not runs:
-            return
-        subs = ds.sess.subflows
-        uplink_of = ds.uplink_of
-        for member, dgrams in runs.items():
-            sub = subs.get(member)
-            up = uplink_of.get(member)
-            if sub is None or up is None or up.batch is None or sub.remote is None:
-                continue
-            failed = up.batch.send(dgrams, sub.remote)
-            if failed:
-                up.tx_errors += failed
-                self.counters["send_errors"] += failed
+        send.flush(ds, self.counters)
 
     def _session_events(self, ds: DataSession) -> None:
         ev = ds.sess.next_event()
@@ -767,14 +656,7 @@ class Agent:
             self._routes[cidr] = n
 
     def _rebuild_route_table(self) -> None:
-        table = []
-        for ds in self.sessions.values():
-            nets = [ipaddress.ip_network(c) for c in ds.routes]
-            nets.append(ipaddress.ip_network(f"{ds.peer.vnc.ip}/{32 if ':' not in ds.peer.vnc.ip else 128}"))
-            for n in nets:
-                table.append((n.prefixlen, n.version, int(n.network_address), int(n.netmask), ds))
-        table.sort(key=lambda e: -e[0])
-        self._route_table = [e[1:] for e in table]
+        self.route_table.rebuild(self.sessions.values())
 
     def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
         ds = self.sessions.pop(session_id, None)
