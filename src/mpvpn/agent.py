@@ -4,10 +4,10 @@ carrier-bound subflows -> the data path.
 One thread, one ``selectors`` loop.  The protocol logic lives in the
 sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module keeps
 the lifecycle, the event loop and the wiring between them and the kernel
-(tun, UDP, TCP, netlink) and the status document.  The per-packet path is
+(tun, UDP, TCP, netlink).  The per-packet path is
 :mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive` (UDP ->
 session -> tun): plain loops over non-blocking reads in batches, with no
-asyncio.
+asyncio.  The status document is built by :mod:`mpvpn.statusdoc`.
 
 What the agent adds to the system (the tun device, its address, routes to
 the peer's LAN subnets) is removed when it stops.  One agent runs per run
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from mpvpn import __version__, control, fastpath, ifaddr, instance, linktest, memtrace, mss, pairing, rpc
-from mpvpn import receive, send
+from mpvpn import receive, send, statusdoc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
 from mpvpn.scheduler import LinkPolicy, make_scheduler
@@ -41,14 +41,10 @@ from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
 from mpvpn.subflow import State, SubflowConfig
+from mpvpn.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
 
 log = logging.getLogger("mpvpn")
-
-# Session counters docs/status.md lists under `counters`: summed over the
-# sessions, 0 while there is none (the agent's own counters are always there).
-SESSION_COUNTERS = ("sent", "delivered", "duplicates", "late", "reorder_flushes", "deadline_releases",
-                    "auth_failures", "replays", "tx_no_subflow")
 
 BATCH = send.BATCH  # packets taken from one fd per wake-up before looking at the others
 DELIVER_BATCH = receive.DELIVER_BATCH  # packets delivered to the tun in one go
@@ -1084,108 +1080,29 @@ class Agent:
             self.state, self.state_since = st, now
 
     def _state_text(self) -> str:
-        if self.state == "connected":
-            parts = []
-            for ds in self.sessions.values():
-                up = len(ds.sess.up)
-                parts.append(f"{ds.peer.name} over {up} of {len(ds.sess.subflows)} subflows")
-            return "connected to " + "; ".join(parts)
-        if self.state == "degraded":
-            return "session established but no subflow is up: check the uplinks and the peer"
-        if self.state == "connecting":
-            if self.role == "server":
-                return "waiting for clients"
-            return "connecting to " + ", ".join(str(h) for h in self.cfg.base.server_address)
-        return self.state
+        return statusdoc.state_text(self.state, self.role, self.sessions.values(),
+                                    self.cfg.base.server_address)
 
     def status(self) -> dict:
+        """The status document (mpvpn.statusdoc, docs/status.md)."""
         now = self.clock()
-        sessions = []
-        links = []
-        totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
-        for ds in self.sessions.values():
-            st = ds.sess.status(now)
-            sched = ds.sess.scheduler
-            quality = sched.weights(ds.sess.up, now) if hasattr(sched, "weights") else {}
-            duplicate = self.cfg.base.mode == "duplicate"
-            for ln in st["links"]:
-                # quality: seed 000's u_i share; weight: the share of packets this
-                # subflow carries (duplicate mode: every established one carries all)
-                ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
-                up = ln["state"] == State.ESTABLISHED.value
-                ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
-                links.append(ln)
-            for k, v in st["counters"].items():
-                if isinstance(v, int):
-                    totals[k] = totals.get(k, 0) + v
-            sessions.append({
-                "session_id": ds.session_id, "name": ds.peer.name,
-                "state": st["state"], "peer": _peer_json(ds.peer), "routes": list(ds.routes),
-                "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
-                "cipher": ds.sess.sealer.cipher if ds.sess.sealer else None,
-                "site": getattr(ds.conn, "site", None),  # hub: the `config site` key it used
-                "links": st["links"], "counters": st["counters"],
-                "scheduler": st.get("scheduler"),
-            })
-        for k, v in self.counters.items():
-            totals[k] = totals.get(k, 0) + v
-        first = sessions[0] if sessions else None
-        v = self.cfg.vnc
         if self.role == "server":
-            ctl = {"state": "listening", "listen": str(self.cfg.base.listen_address),
-                   "connections": sum(1 for c in self.controls if c.conn is not None),
-                   "closed_by_reason": dict(self.control_counters),
-                   "registry": dict(self.registry.counters) if self.registry is not None else {}}
+            ctl = statusdoc.server_control(self.cfg.base.listen_address,
+                                           sum(1 for c in self.controls if c.conn is not None),
+                                           self.control_counters, self.registry)
         else:
-            ctl = {"state": "connecting", "server": None, "epoch": None, "counters": {}}
-            for c in self.controls:
-                if c.conn is not None:
-                    ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",
-                           "epoch": getattr(c.conn, "epoch", None),
-                           "counters": dict(getattr(c.conn, "counters", {}))}
-                    break
-            rc = self.reconnect
-            if rc is not None:  # the agent's own record of its attempts (seconds since start)
-                ctl["reconnect"] = {"attempts": rc.attempts, "failures": rc.failures, "busy": rc.busy,
-                                    "history": [[round(t - self.started, 3), what]
-                                                for t, what in rc.history]}
-        return {
-            "version": __version__,
-            "state": self.state,
-            "state_text": self._state_text(),
-            "role": self.role,
-            "mode": self.cfg.base.mode,
-            "name": self.name,
-            "uptime": round(now - self.started, 3),
-            "since": round(now - self.state_since, 3),
-            "last_error": self.last_error,
-            "session_id": first["session_id"] if first else None,
-            "peer": first["peer"] if first else None,
-            "vnc": {"ifname": self.tun.name if self.tun else v.ifname, "address": str(v.ipaddr),
-                    "netmask": str(v.netmask), "mtu": v.mtu},
-            "routes": sorted(self._routes),
-            "dataplane": self._dataplane_status(),
-            "control": ctl,
-            "link_test": self._link_test_status(now),
-            "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
-                          "carriers": list(p.carriers) if p.carriers else None,
-                          "exclusive": p.exclusive, "mode": p.mode, "priority": p.priority}
-                         for p in self.cfg.policies],
-            "uplinks": [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
-                         "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
-                        for up in self.uplinks.values()],
-            "links": links,
-            "counters": totals,
-            "sessions": sessions,
-        }
+            ctl = statusdoc.client_control(self.controls, self.reconnect, self.started)
+        return statusdoc.document(
+            version=__version__, now=now, started=self.started, state=self.state,
+            state_since=self.state_since, role=self.role, cfg=self.cfg, name=self.name,
+            last_error=self.last_error, tun=self.tun, routes=self._routes,
+            sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
+            dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
+            uplink_docs=statusdoc.uplinks(self.uplinks.values()))
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.fastpath) and the tun's offloads."""
-        t = self.tun
-        return {"c_loops": fastpath.LOOPS is not None, "c_loops_off_why": fastpath.WHY,
-                "tun_offload": getattr(t, "offload", "off"),
-                "tun_offload_error": getattr(t, "offload_error", "") or None,
-                "tun_split_errors": getattr(t, "split_errors", 0)}
+        return statusdoc.dataplane(self.tun, fastpath.LOOPS is not None, fastpath.WHY)
 
     def _link_test_status(self, now: float) -> dict | None:
         """The latest link test's document (mpvpn.linktest), with wall-clock ``started``."""
@@ -1249,9 +1166,4 @@ class Agent:
                 "test_links": self.test_links}
 
 
-def _peer_json(p: control.PeerInfo) -> dict:
-    return {"name": p.name,
-            "uplinks": [{"name": u.name, "type": u.type, "addr": u.addr, "port": u.port} for u in p.uplinks],
-            "vnc": {"ip": p.vnc.ip, "netmask": p.vnc.netmask}, "lans": list(p.lans)}
-
-
+_peer_json = statusdoc.peer_json
