@@ -4,7 +4,7 @@ carrier-bound subflows -> the data path.
 One thread, one ``selectors`` loop.  The protocol logic lives in the
 sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module keeps
 the lifecycle, the event loop and the wiring between them and the kernel
-(tun, UDP, TCP, netlink).  The per-packet path is
+objects (tun, UDP, TCP, netlink: :mod:`mpvpn.hostio`).  The per-packet path is
 :mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive` (UDP ->
 session -> tun): plain loops over non-blocking reads in batches, with no
 asyncio.  The status document is built by :mod:`mpvpn.statusdoc`.
@@ -41,8 +41,9 @@ from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
 from mpvpn.subflow import State, SubflowConfig
+from mpvpn.hostio import HostIO
 from mpvpn.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
+from mpvpn.udp import UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
 
@@ -133,7 +134,7 @@ class Agent:
     def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
                  run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
                  tun_factory=None, net_factory=None, name: str | None = None,
-                 ubus_socket: str | None = None, lock_dir: str | None = None):
+                 ubus_socket: str | None = None, lock_dir: str | None = None, io=None):
         self.cfg = cfg
         self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
         # one agent per run directory and vNIC name (mpvpn.instance); taken by run()
@@ -142,12 +143,8 @@ class Agent:
         self.uci_dir = uci_dir
         self.run_dir = run_dir
         self.clock = clock
-        if tun_factory is None:
-            from mpvpn.tun import LinuxTun as tun_factory
-        if net_factory is None:
-            from mpvpn.netcfg import NetConfig as net_factory
-        self._tun_factory = tun_factory
-        self._net_factory = net_factory
+        # the kernel objects (mpvpn.hostio.HostIO; tests: an in-memory one)
+        self.io = io if io is not None else HostIO(tun_factory, net_factory)
         self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
         self.lans = self._lan_subnets()
         self.role = cfg.base.role
@@ -252,7 +249,7 @@ class Agent:
             s.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        self.net = self._net_factory()
+        self.net = self.io.netconfig()
         v = self.cfg.vnc
         self._remove_leftovers(v.ifname)
         self._open_vnic()
@@ -261,7 +258,7 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
-        if self.ubus_socket or ubusmod.find_socket() is not None:  # a router: publish (and keep publishing)
+        if self.ubus_socket or self.io.find_ubus() is not None:  # a router: publish (and keep publishing)
             self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
             self.ubus.start(timeout=1.0)
         else:
@@ -294,7 +291,7 @@ class Agent:
     def _open_vnic(self) -> None:
         """Create the tun vNIC, give it its address and MTU, watch it."""
         v = self.cfg.vnc
-        self.tun = self._tun_factory(v.ifname)
+        self.tun = self.io.open_tun(v.ifname)
         self.net.configure(self.tun.name, str(v.interface), v.mtu)
         self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
 
@@ -332,7 +329,7 @@ class Agent:
             up.retry_at = now + UPLINK_RETRY
             return
         try:
-            up.sock = open_uplink(up.addr, up.cfg.port, up.device)
+            up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -343,24 +340,17 @@ class Agent:
             up.state, up.error, up.retry_at = "error", e.strerror or str(e), now + UPLINK_RETRY
             return
         up.state, up.error = "up", None
-        up.batch = BatchSocket(up.sock)
+        up.batch = batch
         self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
         self.registry = control.ServerSessions(self._control_config())
-        ip = ipaddress.ip_address(la.host)
-        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((la.host, la.port))
+            s = self.io.listen(la.host, la.port)
         except OSError as e:
-            s.close()
             raise OSError(e.errno, f"cannot listen on {la}: {e.strerror}") from None
-        s.listen(64)
-        s.setblocking(False)
         self.listener = s
         self.sel.register(s, selectors.EVENT_READ, self._on_accept)
         log.info("control listening on %s", la)
@@ -673,17 +663,13 @@ class Agent:
     def _connect(self, addr, now: float) -> None:
         host, port = addr
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            fam, sa = self.io.resolve(host, port)
         except OSError as e:
             self.last_error = f"cannot resolve server {host}: {e}"
             log.warning(self.last_error)
             self.reconnect.failed(now, "resolve")
             return
-        fam, _, _, _, sa = infos[0]
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(sa)
+        s, err = self.io.connect(fam, sa)
         if err not in (0, errno.EINPROGRESS):
             s.close()
             self.last_error = f"cannot connect to {host}:{port}: {os.strerror(err)}"
@@ -705,8 +691,7 @@ class Agent:
         # never refused here: a genuine client may share its address with
         # junk; the registry bounds unauthenticated connections instead
         conn = self.registry.accept(addr[0], now)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.io.accepted(s)
         c = ControlIO(sock=s, conn=conn, addr=addr)
         self.controls.append(c)
         self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
@@ -973,8 +958,7 @@ class Agent:
         lock = self.instance_lock
         self.teardown()
         self.__init__(new, uci_dir=self.uci_dir, run_dir=self.run_dir, clock=self.clock,
-                      tun_factory=self._tun_factory, net_factory=self._net_factory,
-                      lock_dir=self.lock_dir)
+                      lock_dir=self.lock_dir, io=self.io)
         self.instance_lock = lock
         self.setup()
 
