@@ -201,6 +201,30 @@ def test_a_subflow_that_loses_everything_goes_down_and_nothing_is_lost(tmp_path)
         p.connected()
 
 
+def test_rekey_by_volume_through_the_control_wiring_loses_nothing(tmp_path):
+    """note_sealed -> the control connection's KEYS exchange -> Sealer.rotate
+    on both agents, while packets flow: every packet arrives once, none fails
+    authentication, the session stays."""
+    with Pair(tmp_path, extra_base=FAST + "\toption rekey_packets '1000'\n") as p:
+        sa, _ = p.connected()
+        epoch0, sid = sa["sessions"][0]["epoch"], sa["session_id"]
+        n = 2500  # 2.5 budgets of 1000 packets
+        pkts = [ipv4_udp("192.168.10.2", "192.168.20.2", b"rekey %d" % i) for i in range(n)]
+        for i in range(0, n, 50):  # in bursts, as traffic comes
+            for pkt in pkts[i:i + 50]:
+                p.ha.tun.inject(pkt)
+            p.run(0.01)
+        p.until(lambda: len(p.hb.tun.written) >= n, "delivered")
+        p.run(0.2)
+        assert p.hb.tun.written == pkts
+        st_a, st_b = p.a.status(), p.b.status()
+        vol = st_a["control"]["counters"].get("rekey_volume", 0)
+        assert vol >= 2, st_a["control"]["counters"]
+        assert st_a["sessions"][0]["epoch"] >= epoch0 + vol
+        assert st_a["sessions"][0]["counters"]["auth_failures"] == st_b["sessions"][0]["counters"]["auth_failures"] == 0
+        assert st_a["session_id"] == st_b["session_id"] == sid
+
+
 def test_syns_entering_the_tunnel_are_clamped_to_fit_the_vnic(tmp_path):
     with Pair(tmp_path) as p:
         p.connected()
