@@ -4,10 +4,10 @@ carrier-bound subflows -> the data path.
 One thread, one ``selectors`` loop.  The protocol logic lives in the
 sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module keeps
 the lifecycle, the event loop and the wiring between them and the kernel
-objects (tun, UDP, TCP, netlink: :mod:`mpvpn.hostio`).  The per-packet path is
-:mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive` (UDP ->
-session -> tun): plain loops over non-blocking reads in batches, with no
-asyncio.  The status document is built by :mod:`mpvpn.statusdoc`.
+objects (tun, UDP, TCP, netlink: :mod:`mpvpn.hostio`).  The per-packet
+path is :mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive`
+(UDP -> session -> tun): plain loops over non-blocking reads in batches,
+with no asyncio.  The status document is built by :mod:`mpvpn.statusdoc`.
 
 What the agent adds to the system (the tun device, its address, routes to
 the peer's LAN subnets) is removed when it stops.  One agent runs per run
@@ -36,19 +36,17 @@ from mpvpn import __version__, control, fastpath, ifaddr, instance, linktest, me
 from mpvpn import receive, send, statusdoc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
+from mpvpn.hostio import HostIO
 from mpvpn.scheduler import LinkPolicy, make_scheduler
 from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
-from mpvpn.subflow import State, SubflowConfig
-from mpvpn.hostio import HostIO
 from mpvpn.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
+from mpvpn.subflow import State, SubflowConfig
 from mpvpn.udp import UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
 
-BATCH = send.BATCH  # packets taken from one fd per wake-up before looking at the others
-DELIVER_BATCH = receive.DELIVER_BATCH  # packets delivered to the tun in one go
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
 MAX_TIMEOUT = 1.0
 INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
@@ -1149,5 +1147,3 @@ class Agent:
         return {"status": lambda _args: self.status(), "reconnect": reconnect,
                 "test_links": self.test_links}
 
-
-_peer_json = statusdoc.peer_json
