@@ -145,3 +145,58 @@ def test_rekey_by_volume_under_traffic_loses_nothing(make_lab):
         assert st_a["session_id"] == st_b["session_id"] == sid  # one session throughout
         # and the other direction too
         assert lab.ping(lab.hb, "192.168.10.2", count=20, interval=0.02).received == 20
+
+
+# A site with its own valid key that announces another site's name and vNIC
+# address (issue 16's hostile test), 25 times; prints the ERROR code it got
+# back each time.
+IMPOSTOR = r"""
+import socket, sys, time
+from mpvpn import control, noise
+psk, name, vnc, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = control.ControlConfig(psk=noise.load_psk(psk), name=name,
+                            vnc=control.Vnc(vnc, "255.255.255.0"), lans=("192.168.99.0/24",))
+stamps = control.HandshakeStamps()
+codes = []
+for i in range(n):
+    s = socket.create_connection(("10.1.0.2", 7000), timeout=5)
+    c = control.ClientConnection(cfg, time.monotonic(), stamps)
+    code = "none"
+    while not c.closed:
+        s.sendall(c.data_to_send())
+        data = s.recv(65536)
+        c.receive_data(data, time.monotonic())
+        for e in c.events():
+            if isinstance(e, control.ProtocolError):
+                code = e.code
+    s.close()
+    codes.append(code)
+print(" ".join(codes), flush=True)
+"""
+
+
+def test_a_site_with_its_own_key_cannot_take_over_another_sites_session(make_lab):
+    """Issue 16: identity is the key, never the claimed name or address."""
+    lab = make_lab(carriers=3)
+    k_a, k_h = noise.genpsk(), noise.genpsk()
+    sites = (f"\nconfig site 'branch_a'\n\toption psk '{k_a}'\n"
+             f"\nconfig site 'hostile'\n\toption psk '{k_h}'\n")
+    with TwoSites(lab, psk=k_a, psk_b=noise.genpsk()) as ts:
+        for site in (ts.a, ts.b):
+            path = site.uci_dir / "orayboxvpn"
+            text = path.read_text().replace("'255.255.255.252'", "'255.255.255.0'")
+            path.write_text(text + (sites if site is ts.b else ""))
+        ts.start()
+        st = ts.a.status()
+        sid, name = st["session_id"], st["name"]
+        out = lab.python(lab.ra, IMPOSTOR, k_h, name, "172.30.0.1", "25", timeout=120).stdout
+        assert out.split() == ["vnic"] * 25, out
+        # site A was never disturbed: the same session, no reconnect, traffic flows
+        st = ts.a.status()
+        assert st["session_id"] == sid and st["state"] == "connected"
+        assert st["control"]["reconnect"]["attempts"] == 1
+        sb = ts.b.status()
+        assert [s["session_id"] for s in sb["sessions"]] == [sid]
+        assert sb["sessions"][0]["site"] == "branch_a"
+        assert sb["control"]["registry"]["claim_refused"] == 25
+        assert lab.ping(lab.ha, "192.168.20.2", count=20, interval=0.02).received == 20

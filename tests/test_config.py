@@ -903,6 +903,28 @@ def _site_section(name: str, psk_bytes: bytes) -> str:
     return f"\nconfig site '{name}'\n\toption psk '{base64.b64encode(psk_bytes).decode()}'\n"
 
 
+def test_hub_site_sections_say_what_each_site_may_claim():
+    k1, k2 = bytes(range(5, 37)), bytes(range(6, 38))
+    site_b = SITE_B.replace("'255.255.255.252'", "'255.255.255.0'")  # a hub's /24
+    hub = (site_b + _site_section("branch1", k1) + "\toption vnc_ipaddr '172.30.0.6'\n"
+           "\tlist lan_subnet '192.168.10.0/24'\n\tlist lan_subnet '10.20.0.0/16'\n"
+           + _site_section("branch2", k2))
+    cfg, problems = check(hub, NETWORK_B)
+    assert errors(problems) == []
+    assert [(s.vnc_ipaddr, s.lan_subnets) for s in cfg.sites] == [
+        ("172.30.0.6", ("192.168.10.0/24", "10.20.0.0/16")), (None, None)]
+    _, problems = check(site_b + _site_section("branch1", k1) + "\toption vnc_ipaddr 'x.1'\n"
+                        "\tlist lan_subnet '192.168.10.0/33'\n", NETWORK_B)
+    assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.branch1.vnc_ipaddr",
+                                                          "orayboxvpn.branch1.lan_subnet"]
+    for other in ("fd00::2", "172.31.0.6", "172.30.0.2"):  # not a peer address of the vNIC subnet
+        _, problems = check(site_b + _site_section("b1", k1) + f"\toption vnc_ipaddr '{other}'\n",
+                            NETWORK_B)
+        assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.b1.vnc_ipaddr"], other
+    cfg, _ = check(SITE_B + _site_section("branch1", k1), NETWORK_B)
+    assert (cfg.sites[0].vnc_ipaddr, cfg.sites[0].lan_subnets) == (None, None)  # unrestricted
+
+
 def test_hub_sites_have_their_own_keys():
     k1, k2 = bytes(range(5, 37)), bytes(range(6, 38))
     hub = SITE_B + _site_section("branch1", k1) + _site_section("branch2", k2)

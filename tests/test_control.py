@@ -45,6 +45,8 @@ from mpvpn.control import (
     encode_frame,
     peer_problem,
 )
+from mpvpn.controlconn import TRANSITIONS, Ev, Role
+from mpvpn.controlmsg import info_json
 from mpvpn.pairing import Uplink, mirror
 
 PSK = bytes(range(32))
@@ -1141,3 +1143,200 @@ def test_a_hub_accepts_each_sites_own_key_and_says_which_site_it_was():
         server_cfg(psk=None).local_info()  # no key at all
     with pytest.raises(ValueError):
         server_cfg(site_psks=(("x", b"short"),)).local_info()
+
+
+# --- identity on the hub (issue 16) ---------------------------------------------------------------
+
+K_B, K_C = bytes(range(2, 34)), bytes(range(3, 35))
+
+
+def _hub(**kw):
+    scfg = server_cfg(psk=None, site_psks=(("branch_b", K_B), ("branch_c", K_C)), **kw)
+    return scfg, ServerSessions(scfg, rng=random.Random(1))
+
+
+def _refused(c, s, code):
+    """Refused with ``code``, shown on both sides with the same text."""
+    cerr, serr = only(evs(c), ProtocolError), only(evs(s), ProtocolError)
+    assert [e.code for e in cerr] == [code] and cerr[0].by_peer
+    assert [e.code for e in serr] == [code] and not serr[0].by_peer
+    assert cerr[0].text == serr[0].text
+    assert c.closed and s.closed and (s.session is None or s.session.conn is None)
+    return cerr[0].text
+
+
+def test_another_sites_key_can_never_displace_a_session():
+    scfg, reg = _hub()
+    b, sb, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg)
+    sid = b.session_id
+    assert b.state is State.ESTABLISHED and sb.session.identity == ("site", "branch_b")
+    evs(b), evs(sb), reg.events()
+    # Site C, with its own valid key, claims B's name and vNIC address (the
+    # hostile test of issue 16 took B's session over 25 times in a minute).
+    for i in range(25):
+        c, s, _ = connect(client_cfg(2, psk=K_C, name="site1", vnc=b.config.vnc), scfg,
+                          registry=reg, now=float(i), addr=("198.51.100.8", 40000 + i))
+        assert "vNIC address 10.99.0.2" in _refused(c, s, "vnic")
+    # its own vNIC, but B's name; or B's LAN
+    c, s, _ = connect(client_cfg(2, psk=K_C, name="site1"), scfg, registry=reg)
+    assert "site1" in _refused(c, s, "name")
+    c, s, _ = connect(client_cfg(2, psk=K_C, lans=("192.168.1.0/25",)), scfg, registry=reg)
+    assert "192.168.1.0/25" in _refused(c, s, "overlap")
+    # nothing of B changed
+    assert reg.events() == [] and list(reg.sessions) == [sid] and reg.get(sid).conn is sb
+    assert b.state is sb.state is State.ESTABLISHED and evs(b) == [] and evs(sb) == []
+    assert reg.counters["claim_refused"] == 27
+    assert reg.status()["sessions"][sid]["identity"] == "site key branch_b"
+
+
+def test_the_same_key_replaces_its_own_session_whatever_it_claims():
+    scfg, reg = _hub()
+    b, sb, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg)
+    c, sc, _ = connect(client_cfg(2, psk=K_C), scfg, registry=reg)
+    old = b.session_id
+    reg.events()
+    # B restarts with another hostname and vNIC address: still B
+    b2, sb2, _ = connect(client_cfg(3, psk=K_B), scfg, registry=reg, now=1.0)
+    assert b2.state is State.ESTABLISHED
+    assert reg.events() == [SessionFreed(old, "site1", "replaced")]
+    assert sb.close_reason == "replaced" and sc.state is State.ESTABLISHED and len(reg) == 2
+    # a restarted B may take its old addresses back; C may not take B's new ones
+    b3, sb3, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg, now=2.0)
+    assert b3.state is State.ESTABLISHED and sb2.close_reason == "replaced"
+    c2, sc2, _ = connect(client_cfg(1, psk=K_C), scfg, registry=reg, now=3.0)
+    _refused(c2, sc2, "vnic")
+    assert c.state is State.ESTABLISHED  # C's first connection is untouched as well
+
+
+def test_an_update_cannot_claim_another_sites_lan():
+    scfg, reg = _hub()
+    b, sb, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg)
+    c, sc, _ = connect(client_cfg(2, psk=K_C), scfg, registry=reg)
+    evs(c), evs(sc)
+    c.send_update(1.0, lans=["192.168.1.0/24"])
+    pump(c, sc, 1.0)
+    assert "192.168.1.0/24" in _refused(c, sc, "overlap")
+    assert b.state is sb.state is State.ESTABLISHED and reg.get(b.session_id).peer.lans == (
+        "192.168.1.0/24",)
+    # its own LANs may change (its own session does not collide with itself)
+    b.send_update(2.0, lans=["192.168.1.0/24", "192.168.7.0/24"])
+    pump(b, sb, 2.0)
+    assert only(evs(b), PeerUpdated) and reg.get(b.session_id).peer.lans[-1] == "192.168.7.0/24"
+
+
+def test_with_one_shared_key_collisions_are_refused_not_replaced():
+    reg = ServerSessions(server_cfg(), rng=random.Random(4))
+    a, sa, _ = connect(client_cfg(1, name="OpenWrt"), registry=reg)
+    sid = a.session_id
+    reg.events()
+    # a second router that kept OpenWrt's default hostname
+    b, sb, _ = connect(client_cfg(2, name="OpenWrt"), registry=reg, now=1.0)
+    assert "OpenWrt" in _refused(b, sb, "name")
+    # another name, but the first one's vNIC address
+    b, sb, _ = connect(client_cfg(2, vnc=a.config.vnc), registry=reg, now=2.0)
+    _refused(b, sb, "vnic")
+    assert reg.events() == [] and list(reg.sessions) == [sid] and sa.state is State.ESTABLISHED
+    # the same name and address again is the same site restarting: it replaces
+    a2, sa2, _ = connect(client_cfg(1, name="OpenWrt"), registry=reg, now=3.0)
+    assert a2.state is State.ESTABLISHED and reg.events() == [SessionFreed(sid, "OpenWrt",
+                                                                           "replaced")]
+
+
+def test_the_hub_decides_what_each_site_may_claim():
+    scfg, reg = _hub(site_claims=(("branch_b", "10.99.0.2", ("192.168.1.0/24",)),
+                                  ("branch_c", None, ())))
+    b, sb, _ = connect(client_cfg(1, psk=K_B), scfg, registry=reg)
+    sid = b.session_id
+    assert b.state is State.ESTABLISHED
+    reg.events()
+    # B (restarted, or compromised) with another vNIC address: refused, and
+    # its existing session is not replaced
+    b2, sb2, _ = connect(client_cfg(2, psk=K_B, lans=("192.168.1.0/24",)), scfg, registry=reg)
+    assert "must use vNIC address 10.99.0.2" in _refused(b2, sb2, "vnic")
+    assert reg.events() == [] and reg.get(sid).conn is sb and sb.state is State.ESTABLISHED
+    # a LAN outside its allowed subnets, in an UPDATE: refused with "lan"
+    evs(b), evs(sb)
+    b.send_update(1.0, lans=["192.168.1.0/25"])  # inside: fine
+    pump(b, sb, 1.0)
+    assert only(evs(b), PeerUpdated)
+    b.send_update(2.0, lans=["192.168.9.0/24"])
+    pump(b, sb, 2.0)
+    assert "192.168.9.0/24" in _refused(b, sb, "lan")
+    # C may announce no LAN at all, any vNIC address
+    c, sc, _ = connect(client_cfg(3, psk=K_C), scfg, registry=reg)
+    _refused(c, sc, "lan")
+    c, sc, _ = connect(client_cfg(3, psk=K_C, lans=()), scfg, registry=reg)
+    assert c.state is State.ESTABLISHED
+    with pytest.raises(ValueError):
+        server_cfg(site_psks=(("x", K_B),), site_claims=(("x", "10.99.0.300", None),)).local_info()
+
+
+def test_a_name_refusal_waits_like_a_configuration_error():
+    rc = ClientReconnect([("203.0.113.1", 7001)], 0.0, cap=60.0, jitter=0.0)
+    rc.handle_timer(0.0)
+    assert rc.failed(0.0, "name") == 60.0
+
+
+# --- the transition table ---------------------------------------------------------------------
+
+
+def _pair_in_hello():
+    """Client and server both in HELLO: the server answered message 1, the
+    client sent HELLO, which the server has not read."""
+    reg = ServerSessions(server_cfg(), rng=random.Random(1))
+    s = reg.accept(("198.51.100.7", 40000), 0.0)
+    c = ClientConnection(client_cfg(), 0.0)
+    s.receive_data(c.data_to_send(), 0.0)
+    c.receive_data(s.data_to_send(), 0.0)
+    c.data_to_send()  # the HELLO, dropped
+    assert c.state is State.HELLO and s.state is State.HELLO
+    return c, s
+
+
+def _message(t: str, to_client: bool) -> dict:
+    info = info_json(client_cfg(5).local_info() if not to_client else server_cfg().local_info())
+    return {
+        "HELLO": dict(type="HELLO", **info),
+        "WELCOME": dict(type="WELCOME", session_id=7, plan=[],
+                        keepalive={"interval": 10, "timeout": 30}, **info),
+        "UPDATE": ({"type": "UPDATE", "ack": 0, "plan": []} if to_client
+                   else {"type": "UPDATE", "seq": 1, "lans": []}),
+        "KEEPALIVE": {"type": "KEEPALIVE", "n": 1},
+        "KEEPALIVE_ACK": {"type": "KEEPALIVE_ACK", "n": 1},
+        "REKEY": {"type": "REKEY", "step": 3, "epoch": 2},
+        "BYE": {"type": "BYE", "reason": "x"},
+        "ERROR": {"type": "ERROR", "code": "x"},
+    }[t]
+
+
+@pytest.mark.parametrize("state", [State.HELLO, State.ESTABLISHED])
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_the_transition_table_decides_which_messages_a_state_takes(role, state):
+    """Every message type a role can receive, in each state with a channel:
+    refused as unexpected exactly when TRANSITIONS has no entry for it."""
+    to_client = role is Role.CLIENT
+    types = [t for t in ("HELLO", "WELCOME", "UPDATE", "KEEPALIVE", "KEEPALIVE_ACK", "REKEY",
+                         "BYE", "ERROR") if t != ("HELLO" if to_client else "WELCOME")]
+    for t in types:
+        if state is State.HELLO:
+            c, s = _pair_in_hello()
+            sender_cs = (s._send_cs if to_client
+                         else noise.CipherState(c._send_cs._k))  # the HELLO was dropped
+        else:
+            c, s, _reg = connect()
+            sender_cs = s._send_cs if to_client else c._send_cs
+        dst = c if to_client else s
+        evs(dst)
+        assert dst.state is state
+        body = json.dumps(_message(t, to_client)).encode()
+        dst.receive_data(encode_frame(sender_cs.encrypt_with_ad(b"", body)), 1.0)
+        texts = [e.text for e in evs(dst) if isinstance(e, ProtocolError) and not e.by_peer]
+        refused = f"unexpected {t} in state {state.value}" in texts
+        allowed = Ev(t) in TRANSITIONS[role][state]
+        assert refused is not allowed, (t, texts)
+        if refused:
+            assert dst.closed and dst.close_reason == "invalid" and dst.counters["unexpected"] == 1
+        elif t in ("BYE", "ERROR"):
+            assert dst.closed and TRANSITIONS[role][state][Ev(t)] is State.CLOSED
+        elif t in ("KEEPALIVE", "KEEPALIVE_ACK"):
+            assert dst.state is TRANSITIONS[role][state][Ev(t)]

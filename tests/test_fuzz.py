@@ -23,7 +23,7 @@ import sys
 import pytest
 
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz")
-TARGETS = ("wire", "session", "control", "fastpath")
+TARGETS = ("wire", "session", "control", "fastpath", "stun")
 RANDOM_INPUTS = 2000
 ATHERIS_SECONDS = 5
 

@@ -855,13 +855,17 @@ def test_real_procd_bad_config_never_stops_or_respawns(owrt_router):
     assert r.stdout.split() == ["rc=1", pid], r.stdout + r.stderr
     assert "not restarted" in r.stderr
     # not running: start refuses, procd has the service but no instance, nothing respawns
-    r = sh("/etc/init.d/orayboxvpn stop; /etc/init.d/orayboxvpn start; echo rc=$?; sleep 6; "
+    # (procd deletes the service once the agent has exited: on a loaded machine that takes a while,
+    # and until then procd_running is still true)
+    r = sh("/etc/init.d/orayboxvpn stop; for i in $(seq 120); do "
+           "ubus call service list '{\"name\":\"orayboxvpn\"}' | grep -q orayboxvpn || break; sleep 0.25; done; "
+           "/etc/init.d/orayboxvpn start; echo rc=$?; sleep 6; "
            "ubus call service list '{\"name\":\"orayboxvpn\"}'")
     first, rest = r.stdout.split("\n", 1)
     assert first == "rc=1", r.stdout + r.stderr
     assert json.loads(rest)["orayboxvpn"].get("instances", {}) == {}, rest
     # fixed and applied: the trigger registered by the refused start starts it
-    r = sh(f"uci delete orayboxvpn.base.keepalive_idle; uci commit orayboxvpn; {CONFIG_CHANGE}; sleep 4; {PID}")
+    r = sh(f"uci delete orayboxvpn.base.keepalive_idle; uci commit orayboxvpn; {CONFIG_CHANGE}; for i in $(seq 120); do p=$({PID}); [ -n \"$p\" ] && break; sleep 0.25; done; echo $p")
     assert r.stdout.strip().isdigit() and r.stdout.strip() != pid, r.stdout + r.stderr
 
 

@@ -84,3 +84,26 @@ def test_stale_socket_file_is_replaced_and_removed_on_close(tmp_path):
     import os
 
     assert not os.path.exists(path)
+
+
+def test_an_agent_that_resets_the_call_is_a_clear_error(tmp_path):
+    """An agent that closes its socket mid-call (it is restarting) gives RpcError, not a traceback."""
+    import time
+    path = str(tmp_path / "reset.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(path)
+    lst.listen(1)
+
+    def reset_once():
+        conn, _ = lst.accept()
+        time.sleep(0.2)  # let the request arrive: closed unread, it resets the caller's socket
+        conn.close()
+
+    t = threading.Thread(target=reset_once, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(rpc.RpcError):
+            rpc.call(path, "status", timeout=10)
+    finally:
+        t.join(5)
+        lst.close()

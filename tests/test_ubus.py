@@ -194,7 +194,8 @@ def test_the_object_comes_back_after_ubusd_restarts_and_the_agent_says_so(ubusd,
     text = caplog.text
     assert text.count("lost connection to ubusd") == 2
     assert text.count("re-published after") == 2
-    assert text.count("cannot publish ubus object orayboxvpn") <= 2
+    # the loss was said once per outage; the retries while ubusd was away add no warnings
+    assert "cannot publish ubus object orayboxvpn" not in [r.getMessage()[:37] for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_find_socket_is_none_on_a_plain_host(tmp_path):

@@ -232,6 +232,7 @@ class Agent:
                 "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
             site_psks=tuple((s.name, s.psk) for s in c.sites) if self.role == "server" else (),
+            site_claims=tuple((s.name, s.vnc_ipaddr, s.lan_subnets) for s in c.sites) if self.role == "server" else (),
         )
 
     def _uplink_by_wire_name(self, name: str) -> UplinkIO | None:

@@ -263,6 +263,16 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "status names the site each session authenticated as. Without `base.psk` on the "
             "server only site keys are accepted.",
         ),
+        "vnc_ipaddr": Option(
+            "ipaddr", None,
+            "The vNIC address this site must use (its `vnc.ipaddr`); the hub refuses any "
+            "other. Unset: any free address of the vNIC subnet.",
+        ),
+        "lan_subnet": Option(
+            "cidr_list", None,
+            "The LAN subnets this site may announce: each of its LANs must lie inside one "
+            "of them, or the hub refuses it. Unset: any LAN that collides with no other site's.",
+        ),
         "enabled": Option("bool", "1", "`0` refuses this site's key."),
     },
     "policy": {
@@ -456,6 +466,8 @@ class SiteKey:
 
     name: str
     psk: bytes = field(repr=False)
+    vnc_ipaddr: str | None = None  # the vNIC address it must use
+    lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
 
 
 @dataclass(frozen=True)
@@ -1112,7 +1124,8 @@ MISSING_PSK = ("missing: the shared secret, 32 random bytes in base64, the same 
                "(make one with `mpvpn genpsk`)")
 
 
-def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None) -> list[SiteKey]:
+def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
+                 vnc: Vnc | None = None) -> list[SiteKey]:
     """``config site`` sections (a hub's per-site keys), and whether base.psk may be missing."""
     out: list[SiteKey] = []
     secs = [_Sec(chk, pkg, s) for s in pkg.sections("site")]
@@ -1134,7 +1147,31 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None) -> list[SiteKe
             chk.err(sec.path("psk"), f"the same key as {pkg.name}.{other}: each site needs its own")
             continue
         seen[psk] = sec.ref
-        out.append(SiteKey(sec.ref, psk))
+        vip = sec.single("vnc_ipaddr")
+        if vip is not None:
+            try:
+                ip = _parse_ip(vip)
+                vip = str(ip)
+                if vnc is not None and (ip not in vnc.interface.network or ip == vnc.ipaddr):
+                    raise ValueError(f"{vip} is not a peer address of the vNIC subnet "
+                                     f"{vnc.interface.network} (ours is {vnc.ipaddr})")
+            except ValueError as e:
+                chk.err(sec.path("vnc_ipaddr"), str(e))
+                vip = None
+        lans = None
+        if sec.has("lan_subnet"):
+            lans = []
+            for item in sec.multi("lan_subnet"):
+                try:
+                    net, hostbits = _parse_network(item)
+                except ValueError as e:
+                    chk.err(sec.path("lan_subnet"), str(e))
+                    continue
+                if hostbits:
+                    chk.warn(sec.path("lan_subnet"), f"{_q(item)} has host bits set; using {net}")
+                lans.append(str(net))
+            lans = tuple(lans)
+        out.append(SiteKey(sec.ref, psk, vip, lans))
     if len(out) > MAX_SITES:
         chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
     if out and b and b.get("private_key"):
@@ -1201,7 +1238,7 @@ def validate(
             default_port = b["server_address"][0].port
     uplinks = _check_uplinks(chk, pkg, default_port)
     policies = _check_policies(chk, pkg, uplinks)
-    sites = _check_sites(chk, pkg, b)
+    sites = _check_sites(chk, pkg, b, vnc)
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks

@@ -166,6 +166,8 @@ def call(path: str, method: str, args: dict | None = None, timeout: float = 3.0)
             buf += chunk
     except socket.timeout:
         raise RpcError(f"agent did not answer within {timeout:g} s") from None
+    except OSError as e:  # e.g. reset: the agent closed the socket mid-call (it is restarting)
+        raise RpcError(f"agent closed the connection: {e.strerror or e}") from None
     finally:
         s.close()
     try:

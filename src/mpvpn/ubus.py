@@ -255,8 +255,10 @@ class UbusTransport:
                 conn, objid = self._connect()
             except (OSError, ConnectionLost, um.BlobError) as e:
                 why = getattr(e, "strerror", None) or str(e)
-                if self.error != why:
+                if down_since is None:  # once per outage, whatever the retries say
                     log.warning("cannot publish ubus object %s: %s; retrying", OBJECT, why)
+                elif self.error != why:
+                    log.debug("cannot publish ubus object %s: %s; retrying", OBJECT, why)
                 self.error = why
                 if down_since is None:
                     down_since = time.monotonic()

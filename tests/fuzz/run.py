@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-TARGETS = ("wire", "session", "control", "fastpath")
+TARGETS = ("wire", "session", "control", "fastpath", "stun")
 
 
 def target_path(name: str) -> str:

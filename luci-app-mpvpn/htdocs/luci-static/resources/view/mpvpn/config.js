@@ -445,6 +445,17 @@ return view.extend({
 		o.rmempty = false;
 		o.validate = validatePsk;
 
+		o = s.option(form.Value, 'vnc_ipaddr', _('vNIC address'),
+			_('The vNIC address this site must use (its own vNIC address); the server refuses any other. Empty: any free address of the vNIC subnet.'));
+		o.datatype = 'ipaddr';
+		o.modalonly = true;
+
+		o = s.option(form.DynamicList, 'lan_subnet', _('Allowed LAN subnets'),
+			_('The LAN subnets this site may announce: each of its LANs must lie inside one of them. Empty: any LAN that collides with no other site\'s.'));
+		o.datatype = 'cidr';
+		o.placeholder = '192.168.30.0/24';
+		o.modalonly = true;
+
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
 		s = m.section(form.GridSection, 'policy', _('Link policies'),
