@@ -271,48 +271,6 @@ def test_rekey_under_traffic_loses_nothing(make_lab):
         assert st_b["counters"]["auth_failures"] == 0
 
 
-def test_server_routes_each_packet_to_the_site_that_owns_its_destination(tmp_path):
-    """Hub and spoke: one tun, several client sites; the longest prefix wins."""
-    from agentlab import site_config
-    from mpvpn import config as cfgmod
-    from mpvpn.agent import Agent, DataSession
-    from mpvpn.control import PeerInfo, Vnc
-    from mpvpn.noise import genpsk
-
-    text, net = site_config("server", genpsk(), 2, "172.30.0.2", "192.168.20.1")
-    (tmp_path / "orayboxvpn").write_text(text.replace("255.255.255.252", "255.255.255.0"))
-    (tmp_path / "network").write_text(net)
-    cfg, problems = cfgmod.load_config(str(tmp_path))
-    assert cfg is not None, problems
-    agent = Agent(cfg, uci_dir=str(tmp_path), run_dir=str(tmp_path / "run"))
-
-    def site(sid, name, vnc_ip, lans):
-        ds = DataSession(sess=type("S", (), {"session_id": sid})(),
-                         peer=PeerInfo(name, (), Vnc(vnc_ip, "255.255.255.0"), tuple(lans)))
-        ds.routes = list(lans)
-        agent.sessions[sid] = ds
-        return ds
-
-    a = site(1, "site-a", "172.30.0.1", ["192.168.10.0/24", "fd10::/64"])
-    c = site(3, "site-c", "172.30.0.3", ["192.168.30.0/24", "192.168.10.128/25"])
-    agent._rebuild_route_table()
-
-    def v4(dst):
-        return bytes([0x45]) + bytes(15) + bytes(int(x) for x in dst.split(".")) + bytes(20)
-
-    def v6(dst):
-        import ipaddress
-        return bytes([0x60]) + bytes(23) + ipaddress.ip_address(dst).packed + bytes(8)
-
-    assert agent._route(v4("192.168.10.7")) is a
-    assert agent._route(v4("192.168.10.200")) is c  # more specific prefix of site C
-    assert agent._route(v4("192.168.30.1")) is c
-    assert agent._route(v4("172.30.0.3")) is c  # the peer's vNIC address
-    assert agent._route(v6("fd10::5")) is a
-    assert agent._route(v4("8.8.8.8")) is None and agent._route(v6("ff02::2")) is None
-    assert agent._route(b"") is None and agent._route(b"\x45\x00") is None
-
-
 FAKE_UBUS = """#!/bin/sh
 # stands in for OpenWrt's ubus CLI: `ubus call network.interface.<name> status`
 name="${2#network.interface.}"
@@ -822,38 +780,3 @@ def test_a_deleted_vnic_is_recreated_with_its_address_and_routes(sites):
     assert st["session_id"] == sid and ts.a.proc.poll() is None
     assert lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05, timeout=5).received == 10
     assert "Traceback" not in ts.a.log()
-
-
-def test_a_vnic_that_cannot_be_recreated_ends_the_agent_with_the_reason(tmp_path):
-    import errno
-    import os
-    import selectors
-
-    from agentlab import site_config
-    from mpvpn import config as cfgmod
-    from mpvpn.agent import Agent
-    from mpvpn.noise import genpsk
-    from mpvpn.tun import MemoryTun, TunError
-
-    class DeletedTun(MemoryTun):
-        """A tun whose device was deleted: reads fail with EBADFD, as
-        drivers/net/tun.c tun_chr_read_iter() does once the fd is detached."""
-
-        def read_packets(self):
-            raise OSError(errno.EBADFD, os.strerror(errno.EBADFD))
-
-    def no_tun(name):  # as LinuxTun when /dev/net/tun cannot be opened
-        raise TunError(errno.ENOENT, f"cannot create tun {name!r}: [Errno 2] No such file or directory")
-
-    text, net = site_config("client", genpsk(), 1, "172.30.0.1", "192.168.10.1")
-    (tmp_path / "orayboxvpn").write_text(text)
-    (tmp_path / "network").write_text(net)
-    cfg, problems = cfgmod.load_config(str(tmp_path))
-    agent = Agent(cfg, uci_dir=str(tmp_path), run_dir=str(tmp_path / "run"), tun_factory=no_tun)
-    agent.tun = DeletedTun("mpvpn0")
-    agent.sel.register(agent.tun, selectors.EVENT_READ, agent._on_tun)
-    agent.tun.inject(b"x")
-    with pytest.raises(OSError, match=r"vNIC mpvpn0 vanished and cannot be recreated: cannot create tun"):
-        agent.step(0.5)
-    assert agent.tun is None and agent.counters["vnic_recreated"] == 0
-    agent.teardown()

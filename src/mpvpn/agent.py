@@ -2,10 +2,12 @@
 carrier-bound subflows -> the data path.
 
 One thread, one ``selectors`` loop.  The protocol logic lives in the
-sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module only
-moves bytes between them and the kernel (tun, UDP, TCP, netlink) and keeps
-the status document.  The per-packet path (tun -> session -> UDP and back)
-is plain loops over non-blocking reads in batches, with no asyncio.
+sans-I/O cores (:mod:`mpvpn.control`, :mod:`mpvpn.smpu`); this module keeps
+the lifecycle, the event loop and the wiring between them and the kernel
+objects (tun, UDP, TCP, netlink: :mod:`mpvpn.hostio`).  The per-packet
+path is :mod:`mpvpn.send` (tun -> session -> UDP) and :mod:`mpvpn.receive`
+(UDP -> session -> tun): plain loops over non-blocking reads in batches,
+with no asyncio.  The status document is built by :mod:`mpvpn.statusdoc`.
 
 What the agent adds to the system (the tun device, its address, routes to
 the peer's LAN subnets) is removed when it stops.  One agent runs per run
@@ -31,24 +33,20 @@ import time
 from dataclasses import dataclass, field
 
 from mpvpn import __version__, control, fastpath, ifaddr, instance, linktest, memtrace, mss, pairing, rpc
+from mpvpn import receive, send, statusdoc
 from mpvpn import ubus as ubusmod
 from mpvpn import config as cfgmod
+from mpvpn.hostio import HostIO
 from mpvpn.scheduler import LinkPolicy, make_scheduler
 from mpvpn.seal import Sealer
 from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                         SubflowDown, SubflowUp)
+from mpvpn.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.subflow import State, SubflowConfig
-from mpvpn.udp import BatchSocket, UplinkUnavailable, open_uplink, sockaddr
+from mpvpn.udp import UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
 
-# Session counters docs/status.md lists under `counters`: summed over the
-# sessions, 0 while there is none (the agent's own counters are always there).
-SESSION_COUNTERS = ("sent", "delivered", "duplicates", "late", "reorder_flushes", "deadline_releases",
-                    "auth_failures", "replays", "tx_no_subflow")
-
-BATCH = 256  # packets taken from one fd per wake-up before looking at the others
-DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into super-segments)
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
 MAX_TIMEOUT = 1.0
 INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
@@ -134,7 +132,7 @@ class Agent:
     def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
                  run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
                  tun_factory=None, net_factory=None, name: str | None = None,
-                 ubus_socket: str | None = None, lock_dir: str | None = None):
+                 ubus_socket: str | None = None, lock_dir: str | None = None, io=None):
         self.cfg = cfg
         self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
         # one agent per run directory and vNIC name (mpvpn.instance); taken by run()
@@ -143,12 +141,8 @@ class Agent:
         self.uci_dir = uci_dir
         self.run_dir = run_dir
         self.clock = clock
-        if tun_factory is None:
-            from mpvpn.tun import LinuxTun as tun_factory
-        if net_factory is None:
-            from mpvpn.netcfg import NetConfig as net_factory
-        self._tun_factory = tun_factory
-        self._net_factory = net_factory
+        # the kernel objects (mpvpn.hostio.HostIO; tests: an in-memory one)
+        self.io = io if io is not None else HostIO(tun_factory, net_factory)
         self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
         self.lans = self._lan_subnets()
         self.role = cfg.base.role
@@ -166,7 +160,7 @@ class Agent:
         self.reconnect: control.ClientReconnect | None = None
         self.stamps = control.HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
-        self._route_table: list = []  # (version, net_int, mask_int, DataSession), longest first
+        self.route_table = send.RouteTable()  # destination -> DataSession
         self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
@@ -254,7 +248,7 @@ class Agent:
             s.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        self.net = self._net_factory()
+        self.net = self.io.netconfig()
         v = self.cfg.vnc
         self._remove_leftovers(v.ifname)
         self._open_vnic()
@@ -263,7 +257,7 @@ class Agent:
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
         self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
-        if self.ubus_socket or ubusmod.find_socket() is not None:  # a router: publish (and keep publishing)
+        if self.ubus_socket or self.io.find_ubus() is not None:  # a router: publish (and keep publishing)
             self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
             self.ubus.start(timeout=1.0)
         else:
@@ -296,7 +290,7 @@ class Agent:
     def _open_vnic(self) -> None:
         """Create the tun vNIC, give it its address and MTU, watch it."""
         v = self.cfg.vnc
-        self.tun = self._tun_factory(v.ifname)
+        self.tun = self.io.open_tun(v.ifname)
         self.net.configure(self.tun.name, str(v.interface), v.mtu)
         self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
 
@@ -334,7 +328,7 @@ class Agent:
             up.retry_at = now + UPLINK_RETRY
             return
         try:
-            up.sock = open_uplink(up.addr, up.cfg.port, up.device)
+            up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -345,24 +339,17 @@ class Agent:
             up.state, up.error, up.retry_at = "error", e.strerror or str(e), now + UPLINK_RETRY
             return
         up.state, up.error = "up", None
-        up.batch = BatchSocket(up.sock)
+        up.batch = batch
         self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
         self.registry = control.ServerSessions(self._control_config())
-        ip = ipaddress.ip_address(la.host)
-        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((la.host, la.port))
+            s = self.io.listen(la.host, la.port)
         except OSError as e:
-            s.close()
             raise OSError(e.errno, f"cannot listen on {la}: {e.strerror}") from None
-        s.listen(64)
-        s.setblocking(False)
         self.listener = s
         self.sel.register(s, selectors.EVENT_READ, self._on_accept)
         log.info("control listening on %s", la)
@@ -498,128 +485,27 @@ class Agent:
     # ------------------------------------------------------------------ data path
 
     def _route(self, pkt: bytes) -> DataSession | None:
-        """The session whose peer owns the packet's destination (its LANs or
-        vNIC address); None for anything else the kernel sends into the tun,
-        such as IPv6 router solicitations."""
-        if not pkt:
-            return None
-        v = pkt[0] >> 4
-        if v == 4 and len(pkt) >= 20:
-            dst = int.from_bytes(pkt[16:20], "big")
-        elif v == 6 and len(pkt) >= 40:
-            dst = int.from_bytes(pkt[24:40], "big")
-        else:
-            return None
-        for ver, net, mask, ds in self._route_table:
-            if ver == v and dst & mask == net:
-                return ds
-        return None
+        """The session whose peer owns the packet's destination (send.RouteTable)."""
+        return self.route_table.lookup(pkt)
 
     def _on_tun(self, mask) -> None:
+        """The tun is readable: mpvpn.send, from the read to the UDP send."""
         try:
-            self._tun_to_sessions()
+            touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
+                                    self.counters)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
             self._vnic_vanished(e)
-
-    def _tun_to_sessions(self) -> None:
-        now = self.clock()
-        touched: dict = {}  # DataSession -> its packets of this wake-up, in order
-        read = self.tun.read_packets  # one read: one packet, or the segments of a TCP super-segment
-        budget = BATCH
-        while budget > 0:
-            pkts = read()
-            if pkts is None:
-                break
-            if not pkts:
-                continue
-            if len(pkts) == 1 and self._mss is not None:  # a SYN is never a super-segment
-                p = pkts[0]
-                # only TCP SYNs go to mss.clamp (IPv4 without options and
-                # IPv6 checked inline: this runs for every ACK we forward)
-                if len(p) >= 44 and (p[9] == 6 and p[33] & 2 if p[0] == 0x45 else
-                                     (p[6] == 6 and len(p) >= 64 and p[53] & 2) if p[0] >> 4 == 6 else
-                                     0x45 < p[0] < 0x50):
-                    c = mss.clamp(p, *self._mss)
-                    if c is not None:
-                        pkts = [c]
-                        self.counters["mss_clamped"] += 1
-            budget -= len(pkts)
-            ds = self._route(pkts[0])  # segments share the destination
-            if ds is None:
-                self.counters["tun_no_route"] += len(pkts)
-                continue
-            batch = touched.get(ds)
-            if batch is None:
-                touched[ds] = pkts if isinstance(pkts, list) else list(pkts)
-            else:
-                batch += pkts
-        for ds, batch in touched.items():
-            ds.sess.send_many(batch, now)  # one batch per session: the C loops where built
-            self._flush_session(ds)
-            sealer = ds.sess.sealer
-            if sealer is not None and ds.conn is not None:  # rekey by volume (control decides)
-                ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)
+            return
+        send.send_batches(touched, self.clock(), self.counters)
 
     def _on_udp(self, up: UplinkIO) -> None:
+        """An uplink is readable: mpvpn.receive, from the receive to the tun write."""
         now = self.clock()
-        sock = up.sock
-        if sock is None:
+        if up.sock is None:
             return
-        touched = set()
-        sessions = self.sessions
-        deliver = []  # written in batches: consecutive TCP segments go as one super-segment
-        recv = up.batch.recv
-        # the session lookup of the previous datagram (same key: same result)
-        last_key = cur = member = None
-        for _ in range(BATCH):
-            try:
-                datagrams, addr = recv()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:  # ICMP errors surface here (ECONNREFUSED...)
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    continue
-                log.debug("uplink %s recv: %s", up.name, e)
-                break
-            up.rx_datagrams += len(datagrams)
-            if len(datagrams) > 1:
-                key = datagrams[0][2:8]  # member, flags, session id
-                if len(key) == 6 and all(d[2:8] == key for d in datagrams):
-                    if key != last_key:  # the usual: one session and subflow per batch
-                        first = datagrams[0]
-                        ds = sessions.get(int.from_bytes(first[4:8], "big"))
-                        if ds is not None and ds.uplink_of.get(first[2]) is up:
-                            cur, member, last_key = ds, first[2], key
-                            touched.add(ds)
-                    if key == last_key and len(datagrams[0]) >= 20:
-                        deliver += cur.sess.receive_many(datagrams, member, now, source=addr)
-                        if len(deliver) >= DELIVER_BATCH:
-                            self._deliver(deliver)
-                            deliver = []
-                        continue
-            for data in datagrams:
-                if len(data) < 20:
-                    self.counters["malformed"] += 1
-                    continue
-                key = data[2:8]
-                if key != last_key:
-                    ds = sessions.get(int.from_bytes(data[4:8], "big"))
-                    if ds is None:
-                        self.counters["unknown_session"] += 1  # no state, no reply
-                        continue
-                    if ds.uplink_of.get(data[2]) is not up:
-                        self.counters["wrong_uplink"] += 1
-                        continue
-                    cur, member, last_key = ds, data[2], key
-                    touched.add(ds)
-                deliver += cur.sess.receive_datagram(data, member, now, source=addr)
-            if len(deliver) >= DELIVER_BATCH:
-                self._deliver(deliver)
-                deliver = []
-        if deliver:
-            self._deliver(deliver)
+        touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
@@ -637,20 +523,7 @@ class Agent:
             self.counters["tun_write_errors"] += failed
 
     def _flush_session(self, ds: DataSession) -> None:
-        runs = ds.sess.datagrams_by_member()  # member -> its datagrams, in order
-        if not runs:
-            return
-        subs = ds.sess.subflows
-        uplink_of = ds.uplink_of
-        for member, dgrams in runs.items():
-            sub = subs.get(member)
-            up = uplink_of.get(member)
-            if sub is None or up is None or up.batch is None or sub.remote is None:
-                continue
-            failed = up.batch.send(dgrams, sub.remote)
-            if failed:
-                up.tx_errors += failed
-                self.counters["send_errors"] += failed
+        send.flush(ds, self.counters)
 
     def _session_events(self, ds: DataSession) -> None:
         ev = ds.sess.next_event()
@@ -768,14 +641,7 @@ class Agent:
             self._routes[cidr] = n
 
     def _rebuild_route_table(self) -> None:
-        table = []
-        for ds in self.sessions.values():
-            nets = [ipaddress.ip_network(c) for c in ds.routes]
-            nets.append(ipaddress.ip_network(f"{ds.peer.vnc.ip}/{32 if ':' not in ds.peer.vnc.ip else 128}"))
-            for n in nets:
-                table.append((n.prefixlen, n.version, int(n.network_address), int(n.netmask), ds))
-        table.sort(key=lambda e: -e[0])
-        self._route_table = [e[1:] for e in table]
+        self.route_table.rebuild(self.sessions.values())
 
     def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
         ds = self.sessions.pop(session_id, None)
@@ -796,17 +662,13 @@ class Agent:
     def _connect(self, addr, now: float) -> None:
         host, port = addr
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            fam, sa = self.io.resolve(host, port)
         except OSError as e:
             self.last_error = f"cannot resolve server {host}: {e}"
             log.warning(self.last_error)
             self.reconnect.failed(now, "resolve")
             return
-        fam, _, _, _, sa = infos[0]
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(sa)
+        s, err = self.io.connect(fam, sa)
         if err not in (0, errno.EINPROGRESS):
             s.close()
             self.last_error = f"cannot connect to {host}:{port}: {os.strerror(err)}"
@@ -828,8 +690,7 @@ class Agent:
         # never refused here: a genuine client may share its address with
         # junk; the registry bounds unauthenticated connections instead
         conn = self.registry.accept(addr[0], now)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.io.accepted(s)
         c = ControlIO(sock=s, conn=conn, addr=addr)
         self.controls.append(c)
         self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
@@ -1096,8 +957,7 @@ class Agent:
         lock = self.instance_lock
         self.teardown()
         self.__init__(new, uci_dir=self.uci_dir, run_dir=self.run_dir, clock=self.clock,
-                      tun_factory=self._tun_factory, net_factory=self._net_factory,
-                      lock_dir=self.lock_dir)
+                      lock_dir=self.lock_dir, io=self.io)
         self.instance_lock = lock
         self.setup()
 
@@ -1203,108 +1063,29 @@ class Agent:
             self.state, self.state_since = st, now
 
     def _state_text(self) -> str:
-        if self.state == "connected":
-            parts = []
-            for ds in self.sessions.values():
-                up = len(ds.sess.up)
-                parts.append(f"{ds.peer.name} over {up} of {len(ds.sess.subflows)} subflows")
-            return "connected to " + "; ".join(parts)
-        if self.state == "degraded":
-            return "session established but no subflow is up: check the uplinks and the peer"
-        if self.state == "connecting":
-            if self.role == "server":
-                return "waiting for clients"
-            return "connecting to " + ", ".join(str(h) for h in self.cfg.base.server_address)
-        return self.state
+        return statusdoc.state_text(self.state, self.role, self.sessions.values(),
+                                    self.cfg.base.server_address)
 
     def status(self) -> dict:
+        """The status document (mpvpn.statusdoc, docs/status.md)."""
         now = self.clock()
-        sessions = []
-        links = []
-        totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
-        for ds in self.sessions.values():
-            st = ds.sess.status(now)
-            sched = ds.sess.scheduler
-            quality = sched.weights(ds.sess.up, now) if hasattr(sched, "weights") else {}
-            duplicate = self.cfg.base.mode == "duplicate"
-            for ln in st["links"]:
-                # quality: seed 000's u_i share; weight: the share of packets this
-                # subflow carries (duplicate mode: every established one carries all)
-                ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
-                up = ln["state"] == State.ESTABLISHED.value
-                ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
-                links.append(ln)
-            for k, v in st["counters"].items():
-                if isinstance(v, int):
-                    totals[k] = totals.get(k, 0) + v
-            sessions.append({
-                "session_id": ds.session_id, "name": ds.peer.name,
-                "state": st["state"], "peer": _peer_json(ds.peer), "routes": list(ds.routes),
-                "hold_ms": st["hold_ms"], "epoch": ds.sess.sealer.send_epoch if ds.sess.sealer else 0,
-                "cipher": ds.sess.sealer.cipher if ds.sess.sealer else None,
-                "site": getattr(ds.conn, "site", None),  # hub: the `config site` key it used
-                "links": st["links"], "counters": st["counters"],
-                "scheduler": st.get("scheduler"),
-            })
-        for k, v in self.counters.items():
-            totals[k] = totals.get(k, 0) + v
-        first = sessions[0] if sessions else None
-        v = self.cfg.vnc
         if self.role == "server":
-            ctl = {"state": "listening", "listen": str(self.cfg.base.listen_address),
-                   "connections": sum(1 for c in self.controls if c.conn is not None),
-                   "closed_by_reason": dict(self.control_counters),
-                   "registry": dict(self.registry.counters) if self.registry is not None else {}}
+            ctl = statusdoc.server_control(self.cfg.base.listen_address,
+                                           sum(1 for c in self.controls if c.conn is not None),
+                                           self.control_counters, self.registry)
         else:
-            ctl = {"state": "connecting", "server": None, "epoch": None, "counters": {}}
-            for c in self.controls:
-                if c.conn is not None:
-                    ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",
-                           "epoch": getattr(c.conn, "epoch", None),
-                           "counters": dict(getattr(c.conn, "counters", {}))}
-                    break
-            rc = self.reconnect
-            if rc is not None:  # the agent's own record of its attempts (seconds since start)
-                ctl["reconnect"] = {"attempts": rc.attempts, "failures": rc.failures, "busy": rc.busy,
-                                    "history": [[round(t - self.started, 3), what]
-                                                for t, what in rc.history]}
-        return {
-            "version": __version__,
-            "state": self.state,
-            "state_text": self._state_text(),
-            "role": self.role,
-            "mode": self.cfg.base.mode,
-            "name": self.name,
-            "uptime": round(now - self.started, 3),
-            "since": round(now - self.state_since, 3),
-            "last_error": self.last_error,
-            "session_id": first["session_id"] if first else None,
-            "peer": first["peer"] if first else None,
-            "vnc": {"ifname": self.tun.name if self.tun else v.ifname, "address": str(v.ipaddr),
-                    "netmask": str(v.netmask), "mtu": v.mtu},
-            "routes": sorted(self._routes),
-            "dataplane": self._dataplane_status(),
-            "control": ctl,
-            "link_test": self._link_test_status(now),
-            "policies": [{"name": p.name, "src": str(p.src), "dst": None if p.dst is None else str(p.dst),
-                          "carriers": list(p.carriers) if p.carriers else None,
-                          "exclusive": p.exclusive, "mode": p.mode, "priority": p.priority}
-                         for p in self.cfg.policies],
-            "uplinks": [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
-                         "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
-                        for up in self.uplinks.values()],
-            "links": links,
-            "counters": totals,
-            "sessions": sessions,
-        }
+            ctl = statusdoc.client_control(self.controls, self.reconnect, self.started)
+        return statusdoc.document(
+            version=__version__, now=now, started=self.started, state=self.state,
+            state_since=self.state_since, role=self.role, cfg=self.cfg, name=self.name,
+            last_error=self.last_error, tun=self.tun, routes=self._routes,
+            sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
+            dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
+            uplink_docs=statusdoc.uplinks(self.uplinks.values()))
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.fastpath) and the tun's offloads."""
-        t = self.tun
-        return {"c_loops": fastpath.LOOPS is not None, "c_loops_off_why": fastpath.WHY,
-                "tun_offload": getattr(t, "offload", "off"),
-                "tun_offload_error": getattr(t, "offload_error", "") or None,
-                "tun_split_errors": getattr(t, "split_errors", 0)}
+        return statusdoc.dataplane(self.tun, fastpath.LOOPS is not None, fastpath.WHY)
 
     def _link_test_status(self, now: float) -> dict | None:
         """The latest link test's document (mpvpn.linktest), with wall-clock ``started``."""
@@ -1366,11 +1147,4 @@ class Agent:
 
         return {"status": lambda _args: self.status(), "reconnect": reconnect,
                 "test_links": self.test_links}
-
-
-def _peer_json(p: control.PeerInfo) -> dict:
-    return {"name": p.name,
-            "uplinks": [{"name": u.name, "type": u.type, "addr": u.addr, "port": u.port} for u in p.uplinks],
-            "vnc": {"ip": p.vnc.ip, "netmask": p.vnc.netmask}, "lans": list(p.lans)}
-
 
