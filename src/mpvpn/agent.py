@@ -605,7 +605,7 @@ class Agent:
                     sub.open(now)
                 continue
             if sub is not None:  # an old subflow of that member is still closing
-                ds.sess._reap(member)
+                ds.sess.forget_subflow(member)
             sub = ds.sess.add_subflow(member, now, name=spec.local, meta=meta)
             sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
             up = ds.uplink_of[member]

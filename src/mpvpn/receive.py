@@ -33,8 +33,8 @@ DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into su
 
 # Where the receive path looks in an SMPU header (wire.HEADER, "!BBBBIHBBQ":
 # version, opcode, member, flags, session id, ...; docs/protocol.md).
-MEMBER = 2  # byte offset of the member id
-SESSION_ID = slice(4, 8)  # the 32-bit session id
+MEMBER = wire.OFF_MEMBER  # byte offset of the member id
+SESSION_ID = slice(wire.OFF_SESSION, wire.OFF_SESSION + 4)  # the 32-bit session id
 SESSION_KEY = slice(MEMBER, SESSION_ID.stop)  # member, flags, session id: same key, same session
 SESSION_KEY_LEN = SESSION_KEY.stop - SESSION_KEY.start  # 6
 MIN_DATAGRAM = wire.HEADER_LEN  # anything shorter is not SMPU
