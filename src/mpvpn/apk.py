@@ -410,12 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "apk-tools v3 format, as OpenWrt 25.12's SDK makes them, without the SDK. "
         "Unsigned: install with apk add --allow-untrusted.",
     )
-    p.add_argument("--out", default="dist", metavar="DIR", help="output directory (default dist)")
-    p.add_argument("--root", default=None, metavar="DIR",
-                   help="repository root (default: the checkout this module is in)")
-    p.add_argument("--source-date-epoch", type=int, default=None, metavar="SECONDS",
-                   help="time stamp of every file (default: $SOURCE_DATE_EPOCH, else the last commit)")
-    ipk.add_target_arguments(p, DEFAULT_RELEASE)
+    ipk.add_build_arguments(p, DEFAULT_RELEASE)
     args = p.parse_args(argv)
     try:
         paths = build(args.out, args.root, args.source_date_epoch, ipk.target_python(args, DEFAULT_RELEASE))

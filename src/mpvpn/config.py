@@ -618,6 +618,20 @@ def _parse_netmask4(s: str) -> int:
     return 32 - inv.bit_length()
 
 
+def _lan_subnets(chk, sec):
+    """The networks of a section's ``lan_subnet`` list: an unparsable item is an error
+    and left out, host bits are a warning (the network is used)."""
+    for item in sec.multi("lan_subnet"):
+        try:
+            net, hostbits = _parse_network(item)
+        except ValueError as e:
+            chk.err(sec.path("lan_subnet"), str(e))
+            continue
+        if hostbits:
+            chk.warn(sec.path("lan_subnet"), f"{_q(item)} has host bits set; using {net}")
+        yield net
+
+
 def _parse_network(s: str) -> tuple[IPNetwork, bool]:
     """A subnet; bare addresses are host routes. Returns (network, had host bits)."""
     try:
@@ -834,14 +848,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
 
     # extra LAN subnets
     extra: list[IPNetwork] = []
-    for item in sec.multi("lan_subnet"):
-        try:
-            net, hostbits = _parse_network(item)
-        except ValueError as e:
-            chk.err(sec.path("lan_subnet"), str(e))
-            continue
-        if hostbits:
-            chk.warn(sec.path("lan_subnet"), f"{_q(item)} has host bits set; using {net}")
+    for net in _lan_subnets(chk, sec):
         if net.prefixlen == 0:
             chk.err(sec.path("lan_subnet"), f"{net} would send all traffic, the tunnel's own included, into the tunnel")
             continue
@@ -1160,16 +1167,7 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
                 vip = None
         lans = None
         if sec.has("lan_subnet"):
-            lans = []
-            for item in sec.multi("lan_subnet"):
-                try:
-                    net, hostbits = _parse_network(item)
-                except ValueError as e:
-                    chk.err(sec.path("lan_subnet"), str(e))
-                    continue
-                if hostbits:
-                    chk.warn(sec.path("lan_subnet"), f"{_q(item)} has host bits set; using {net}")
-                lans.append(str(net))
+            lans = [str(net) for net in _lan_subnets(chk, sec)]
             lans = tuple(lans)
         out.append(SiteKey(sec.ref, psk, vip, lans))
     if len(out) > MAX_SITES:

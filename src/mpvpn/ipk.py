@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import stat
 import struct
 import subprocess
 import sys
@@ -598,6 +597,17 @@ def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
     return [build_ipk(pkg, out_dir, epoch) for pkg in packages(root, python_version)]
 
 
+def add_build_arguments(p: argparse.ArgumentParser, default_release: str) -> None:
+    """The arguments `make ipk` and `make apk` share: where to write, what to build from, the
+    files' time stamp, and the target's python3 (:func:`add_target_arguments`)."""
+    p.add_argument("--out", default="dist", metavar="DIR", help="output directory (default dist)")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="repository root (default: the checkout this module is in)")
+    p.add_argument("--source-date-epoch", type=int, default=None, metavar="SECONDS",
+                   help="time stamp of every file (default: $SOURCE_DATE_EPOCH, else the last commit)")
+    add_target_arguments(p, default_release)
+
+
 def add_target_arguments(p: argparse.ArgumentParser, default_release: str) -> None:
     """--release / --python-version: which OpenWrt's python3 the agent is installed for."""
     p.add_argument("--release", default=None, choices=sorted(RELEASE_PYTHON), metavar="X.Y",
@@ -623,12 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         "in OpenWrt's ipk format, without the SDK (for OpenWrt 24.10 and older; "
         "25.12 and later use apk: python -m mpvpn.apk).",
     )
-    p.add_argument("--out", default="dist", metavar="DIR", help="output directory (default dist)")
-    p.add_argument("--root", default=None, metavar="DIR",
-                   help="repository root (default: the checkout this module is in)")
-    p.add_argument("--source-date-epoch", type=int, default=None, metavar="SECONDS",
-                   help="time stamp of every file (default: $SOURCE_DATE_EPOCH, else the last commit)")
-    add_target_arguments(p, DEFAULT_RELEASE)
+    add_build_arguments(p, DEFAULT_RELEASE)
     args = p.parse_args(argv)
     try:
         paths = build(args.out, args.root, args.source_date_epoch, target_python(args, DEFAULT_RELEASE))

@@ -411,6 +411,15 @@ def normalize_addr(addr: Sequence) -> Addr:
     return str(ipaddress.ip_address(addr[0])), int(addr[1])
 
 
+def came_from(src: Sequence, expected: Addr) -> bool:
+    """Whether a datagram's source ``src`` (as a socket gives it; untrusted shape)
+    is the address ``expected`` (normalised)."""
+    try:
+        return normalize_addr(src) == expected
+    except (ValueError, TypeError, IndexError):
+        return False
+
+
 # --------------------------------------------------------------------------
 # retransmission
 
@@ -583,12 +592,7 @@ class BindingClient:
         if probe is None:
             self._drop("unknown_transaction")
             return
-        try:
-            source = normalize_addr(src)
-        except (ValueError, TypeError, IndexError):
-            self._drop("wrong_source")
-            return
-        if source != probe.dest:
+        if not came_from(src, probe.dest):
             self._drop("wrong_source")
             return
         if msg.check_fingerprint() is False:

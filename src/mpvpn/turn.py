@@ -286,12 +286,7 @@ class TurnClient:
         if len(data) > MAX_DATAGRAM:
             self._drop("oversized")
             return
-        try:
-            source = normalize_addr(src)
-        except (ValueError, TypeError, IndexError):
-            self._drop("wrong_source")
-            return
-        if source != self.server:
+        if not stun.came_from(src, self.server):
             self._drop("wrong_source")
             return
         if is_channel_data(data):
