@@ -10,7 +10,6 @@ Everything is torn down at the end.  Needs root (network namespaces).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

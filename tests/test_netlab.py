@@ -9,11 +9,9 @@ import errno
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 

@@ -43,7 +43,7 @@ from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowC
                         SubflowDown, SubflowUp)
 from mpvpn.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.subflow import State, SubflowConfig
-from mpvpn.udp import UplinkUnavailable, sockaddr
+from mpvpn.udp import BatchSocket, UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
 
