@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -815,10 +816,16 @@ def owrt_router():
     if os.geteuid() != 0:
         pytest.skip("the OpenWrt router needs root (mount and network namespaces)")
     name = f"oinit{os.getpid()}"
-    r = subprocess.run([str(OWRT_ROUTER), "start", name, "--mpvpn-src", str(ROOT / "src"),
-                        "--mpvpn-files", str(ROOT / "files")], capture_output=True, text=True, timeout=120)
+    # The router mounts fresh /tmp and /run over the host's: a checkout there (CI's clone may
+    # be) is invisible inside, so the agent and the files go in through a copy in /var/tmp.
+    stage = Path(tempfile.mkdtemp(prefix="mpvpn-owrt-", dir="/var/tmp"))
+    shutil.copytree(ROOT / "src", stage / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "files", stage / "files")
+    r = subprocess.run([str(OWRT_ROUTER), "start", name, "--mpvpn-src", str(stage / "src"),
+                        "--mpvpn-files", str(stage / "files")], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+        shutil.rmtree(stage, ignore_errors=True)
         pytest.fail(f"router did not start: {r.stdout}{r.stderr}")
 
     def sh(cmd: str) -> subprocess.CompletedProcess:
@@ -827,6 +834,7 @@ def owrt_router():
         yield sh
     finally:
         subprocess.run([str(OWRT_ROUTER), "stop", name], capture_output=True, timeout=120)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 PID = "ubus call service list '{\"name\":\"orayboxvpn\"}' | jsonfilter -e '@.orayboxvpn.instances.*.pid'"
