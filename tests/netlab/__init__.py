@@ -81,6 +81,27 @@ _IDX = {"lan_r": 10, "lan_h": 20, "ra": 1000, "rb": 2000, "wan_a": 3000, "wan_b"
 
 _counter_lock = threading.Lock()
 _counter = 0
+
+
+def claim_prefix() -> str:
+    """A lab name prefix ``mpv<pid%10000:04d><n>`` no namespace or marker uses yet
+    (every lab module of this process draws from the one counter)."""
+    global _counter
+    with _counter_lock:
+        while True:
+            _counter += 1
+            prefix = f"mpv{os.getpid() % 10000:04d}{_counter}"
+            if not any(ns.startswith(prefix + "-") for ns in list_lab_namespaces()) \
+                    and not (MARKER_DIR / f"{prefix}.json").exists():
+                return prefix
+
+
+def mark_owner(prefix: str, namespaces: list[str]) -> None:
+    """Record this process as the owner of ``prefix``'s namespaces, so that
+    ``cleanup_stale`` removes them once the process is gone."""
+    MARKER_DIR.mkdir(parents=True, exist_ok=True)
+    (MARKER_DIR / f"{prefix}.json").write_text(json.dumps(
+        {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()), "namespaces": namespaces}))
 _live_labs: "set[Lab]" = set()
 
 
@@ -279,7 +300,6 @@ class Lab:
                  delays: dict | None = None, seed: int | None = None):
         if not 1 <= carriers <= 250:
             raise ValueError("carriers must be 1..250")
-        global _counter
         self.n = carriers
         self.ipv6 = ipv6
         self.seed = seed
@@ -294,14 +314,7 @@ class Lab:
             if not 1 <= c <= carriers:
                 raise ValueError(f"delay for unknown carrier {c}")
 
-        with _counter_lock:
-            while True:
-                _counter += 1
-                prefix = f"mpv{os.getpid() % 10000:04d}{_counter}"
-                if not any(ns.startswith(prefix + "-") for ns in list_lab_namespaces()) \
-                        and not (MARKER_DIR / f"{prefix}.json").exists():
-                    break
-        self.prefix = prefix
+        self.prefix = prefix = claim_prefix()
         self.ra, self.rb, self.ha, self.hb = (f"{prefix}-{r}" for r in ROLES)
         self.wan = f"{prefix}-wan" if delays else None
         self._ns_map = {"ra": self.ra, "rb": self.rb, "ha": self.ha, "hb": self.hb}
@@ -318,10 +331,7 @@ class Lab:
         self.ha_ip, self.hb_ip = LAN_A[1], LAN_B[1]
         self.ra_lan_ip, self.rb_lan_ip = LAN_A[0], LAN_B[0]
 
-        MARKER_DIR.mkdir(parents=True, exist_ok=True)
-        (MARKER_DIR / f"{prefix}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()),
-             "namespaces": self.namespaces}))
+        mark_owner(prefix, self.namespaces)
         _live_labs.add(self)
         try:
             self._build()

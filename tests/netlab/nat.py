@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import json
 import os
 import socket
 import subprocess
@@ -53,7 +52,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import netlab
-from netlab import LabError, MARKER_DIR, _proc_starttime, _sh, _which, list_lab_namespaces
+from netlab import LabError, MARKER_DIR, _sh, _which, list_lab_namespaces
 
 __all__ = ["NatLab", "NatSite", "NAT_KINDS", "nat_rules", "INET_IPS"]
 
@@ -63,7 +62,6 @@ INET_IPS = ("203.0.113.1", "203.0.113.2")     # the internet namespace (servers)
 _ROUTER_LETTERS = "vwxyz"
 _NAT_LETTERS = "mnopq"
 
-_counter = 0
 _live: "set[NatLab]" = set()
 
 
@@ -124,27 +122,15 @@ class NatLab:
         for k in kinds:
             if k not in NAT_KINDS:
                 raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
-        global _counter
         self._closed = False
         self._procs: list[subprocess.Popen] = []
-        while True:
-            _counter += 1
-            # same pid-based scheme as netlab.Lab; a large counter offset keeps
-            # the two modules' counters from probing the same names first
-            prefix = f"mpv{os.getpid() % 10000:04d}{900 + _counter}"
-            if not any(ns.startswith(prefix + "-") for ns in list_lab_namespaces()) \
-                    and not (MARKER_DIR / f"{prefix}.json").exists():
-                break
-        self.prefix = prefix
+        self.prefix = prefix = netlab.claim_prefix()  # netlab.Lab's names and counter
         self.inet = f"{prefix}-ri"
         self.sites = [NatSite(k, kind, f"{prefix}-r{_ROUTER_LETTERS[k]}",
                               f"{prefix}-r{_NAT_LETTERS[k]}", f"10.{200 + k}.0.2",
                               f"203.0.113.{10 + k}") for k, kind in enumerate(kinds)]
         self.namespaces = [self.inet] + [ns for s in self.sites for ns in (s.nat, s.router)]
-        MARKER_DIR.mkdir(parents=True, exist_ok=True)
-        (MARKER_DIR / f"{prefix}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()),
-             "namespaces": self.namespaces}))
+        netlab.mark_owner(prefix, self.namespaces)
         _live.add(self)
         try:
             self._build()
