@@ -396,6 +396,17 @@ class _Connection:
             raise self._unexpected(m)
         getattr(self, _HANDLERS[ev])(m, now)
 
+    def _updated_local(self, uplinks, lans, control_port):
+        """Our local info with new uplinks and/or LANs (None: unchanged), for an
+        UPDATE; only on an established connection."""
+        if self.state is not State.ESTABLISHED:
+            raise ValueError("not established")
+        ups = self.local.uplinks if uplinks is None else \
+            [u if isinstance(u, Uplink) else Uplink(*u) for u in uplinks]
+        return build_local_info(self.local.name, ups, self.local.vnc,
+                                self.local.lans if lans is None else list(lans), self.local.mode,
+                                self.local.pair_unmatched, control_port)
+
     def _to(self, ev: Ev) -> None:
         """Take the table's transition for ``ev`` (a missing one is a bug)."""
         self.state = TRANSITIONS[self.ROLE][self.state][ev]
@@ -660,13 +671,7 @@ class ClientConnection(_Connection):
         """Our uplinks and/or LAN subnets changed: tell the server.  The plan
         changes when the server answers (PeerUpdated)."""
         self._now = now
-        if self.state is not State.ESTABLISHED:
-            raise ValueError("not established")
-        ups = self.local.uplinks if uplinks is None else \
-            [u if isinstance(u, Uplink) else Uplink(*u) for u in uplinks]
-        new = build_local_info(self.local.name, ups, self.local.vnc,
-                          self.local.lans if lans is None else list(lans), self.local.mode,
-                          self.local.pair_unmatched, None)
+        new = self._updated_local(uplinks, lans, None)
         if self._seq - self._acked >= 64:
             raise ValueError("too many unacknowledged updates")
         self._seq += 1
@@ -845,13 +850,7 @@ class ServerConnection(_Connection):
         Raises ValueError if the new local info is invalid or clashes with
         the client's."""
         self._now = now
-        if self.state is not State.ESTABLISHED:
-            raise ValueError("not established")
-        ups = self.local.uplinks if uplinks is None else \
-            [u if isinstance(u, Uplink) else Uplink(*u) for u in uplinks]
-        new = build_local_info(self.local.name, ups, self.local.vnc,
-                          self.local.lans if lans is None else list(lans), self.local.mode,
-                          self.local.pair_unmatched, self.local.control_port)
+        new = self._updated_local(uplinks, lans, self.local.control_port)
         problem = peer_problem(new, self.peer, self.config.allow_peer_default_route)
         if problem:
             raise ValueError(problem[1])
