@@ -411,15 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "Unsigned: install with apk add --allow-untrusted.",
     )
     ipk.add_build_arguments(p, DEFAULT_RELEASE)
-    args = p.parse_args(argv)
-    try:
-        paths = build(args.out, args.root, args.source_date_epoch, ipk.target_python(args, DEFAULT_RELEASE))
-    except (OSError, ValueError) as e:
-        print(f"mpvpn.apk: {e}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(f"{path} ({os.path.getsize(path)} bytes)")
-    return 0
+    return ipk.run_build(p, argv, build, DEFAULT_RELEASE)
 
 
 if __name__ == "__main__":

@@ -634,11 +634,17 @@ def main(argv: list[str] | None = None) -> int:
         "25.12 and later use apk: python -m mpvpn.apk).",
     )
     add_build_arguments(p, DEFAULT_RELEASE)
+    return run_build(p, argv, build, DEFAULT_RELEASE)
+
+
+def run_build(p: argparse.ArgumentParser, argv: list[str] | None, build_fn, default_release: str) -> int:
+    """`python -m mpvpn.ipk` / `mpvpn.apk`: parse the build arguments, build, print
+    each package with its size; a bad argument or I/O error is one line and exit 1."""
     args = p.parse_args(argv)
     try:
-        paths = build(args.out, args.root, args.source_date_epoch, target_python(args, DEFAULT_RELEASE))
+        paths = build_fn(args.out, args.root, args.source_date_epoch, target_python(args, default_release))
     except (OSError, ValueError) as e:
-        print(f"mpvpn.ipk: {e}", file=sys.stderr)
+        print(f"{p.prog.split()[-1]}: {e}", file=sys.stderr)
         return 1
     for path in paths:
         print(f"{path} ({os.path.getsize(path)} bytes)")
