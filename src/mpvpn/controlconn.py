@@ -407,6 +407,17 @@ class _Connection:
                                 self.local.lans if lans is None else list(lans), self.local.mode,
                                 self.local.pair_unmatched, control_port)
 
+    def _peer_updated(self, m: dict) -> PeerInfo:
+        """The peer's info with the uplinks and/or LANs of its UPDATE ``m``, checked
+        against ours like the first exchange (raises on a bad claim)."""
+        peer = self.peer
+        if "uplinks" in m:
+            peer = replace(peer, uplinks=m["uplinks"])
+        if "lans" in m:
+            peer = replace(peer, lans=m["lans"])
+        check_peer(self.local, peer, self.config.allow_peer_default_route)
+        return peer
+
     def _to(self, ev: Ev) -> None:
         """Take the table's transition for ``ev`` (a missing one is a bug)."""
         self.state = TRANSITIONS[self.ROLE][self.state][ev]
@@ -785,12 +796,7 @@ class ClientConnection(_Connection):
         ack = m["ack"]
         if not self._acked <= ack <= self._seq:
             raise Bad("invalid", f"UPDATE acknowledges {ack}, we sent up to {self._seq}")
-        server = self.peer
-        if "uplinks" in m:
-            server = replace(server, uplinks=m["uplinks"])
-        if "lans" in m:
-            server = replace(server, lans=m["lans"])
-        check_peer(self.local, server, self.config.allow_peer_default_route)
+        server = self._peer_updated(m)
         mine = self._uplinks_at[ack]
         expected = pairing.plan(mine, server.uplinks, self.pair_unmatched, self.plan,
                                 local_is_client=True)
@@ -1010,12 +1016,7 @@ class ServerConnection(_Connection):
         seq = m["seq"]
         if seq != self._peer_seq + 1:
             raise Bad("invalid", f"UPDATE seq {seq}, expected {self._peer_seq + 1}")
-        client = self.peer
-        if "uplinks" in m:
-            client = replace(client, uplinks=m["uplinks"])
-        if "lans" in m:
-            client = replace(client, lans=m["lans"])
-        check_peer(self.local, client, self.config.allow_peer_default_route)
+        client = self._peer_updated(m)
         if self.registry is not None:
             mine = self._session.identity if self._session is not None else ()
             self.registry.check_claims(client, mine)
