@@ -99,6 +99,11 @@ class PacketScheduler(ABC):
         """The scheduler's part of the status document (None: nothing to say)."""
         return None
 
+    def weights(self, up, now: float) -> dict:
+        """member -> seed 000's normalised utility u_i of each subflow in ``up``
+        (the status document's ``quality``); empty where the scheduler keeps none."""
+        return {}
+
 
 class DuplicateAll(PacketScheduler):
     """Duplicate mode (seed 001): every established subflow carries every packet."""

@@ -31,7 +31,7 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
     totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
     for ds in sessions:
         st = ds.sess.status(now)
-        quality = ds.sess.scheduler.weights(ds.sess.up, now) if hasattr(ds.sess.scheduler, "weights") else {}
+        quality = ds.sess.scheduler.weights(ds.sess.up, now)
         for ln in st["links"]:
             # quality: seed 000's u_i share; weight: the share of packets this
             # subflow carries (duplicate mode: every established one carries all)
