@@ -46,14 +46,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The optional C loops of the data path (src/mpvpn/_fastpath.c), built in
+# The optional C loops of the data path (src/mpvpn/core/_fastpath.c), built in
 # place next to the Python sources; without a compiler everything runs the
 # pure-Python path and the C-vs-Python tests are skipped with the reason.
 # MPVPN_REQUIRE_FASTPATH=1 (.ci/run sets it): a failed build fails, and the
 # suite refuses to run without the loops instead of skipping those tests.
 fastpath: $(STAMP)
-	@if [ "$${MPVPN_REQUIRE_FASTPATH:-0}" = 1 ]; then $(PY) -m mpvpn.fastpath --build; \
-	else $(PY) -m mpvpn.fastpath --build || echo "C loops not built: the pure-Python path will be used"; fi
+	@if [ "$${MPVPN_REQUIRE_FASTPATH:-0}" = 1 ]; then $(PY) -m mpvpn.core.fastpath --build; \
+	else $(PY) -m mpvpn.core.fastpath --build || echo "C loops not built: the pure-Python path will be used"; fi
 
 test: $(STAMP) fastpath
 	$(PY) -m pytest
@@ -65,7 +65,7 @@ demo: $(STAMP) fastpath
 	  $(PY) tests/labdemo.py; \
 	else \
 	  echo "(not root: network namespaces unavailable, running the in-memory SMPU demo)"; \
-	  $(PY) -m mpvpn.demo; \
+	  $(PY) -m mpvpn.tools.demo; \
 	fi
 
 bench: $(STAMP) fastpath
@@ -77,10 +77,10 @@ bench: $(STAMP) fastpath
 	$(PY) bench/cost.py
 
 ipk: $(STAMP)
-	$(PY) -m mpvpn.ipk --out dist --release $(or $(OPENWRT),24.10)
+	$(PY) -m mpvpn.tools.ipk --out dist --release $(or $(OPENWRT),24.10)
 
 apk: $(STAMP)
-	$(PY) -m mpvpn.apk --out dist --release $(or $(OPENWRT),25.12)
+	$(PY) -m mpvpn.tools.apk --out dist --release $(or $(OPENWRT),25.12)
 
 test-openwrt: $(STAMP)
 	$(PY) -m pytest -rs tests/test_initscript.py tests/test_ipk.py tests/test_apk.py tests/test_pair.py tests/test_package_makefiles.py

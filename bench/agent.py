@@ -11,7 +11,7 @@ baseline measured in the same run:
     python bench/agent.py [--seconds S] [--offload off,gro,tso] [--json FILE]     (root; needs iperf3)
 
 Each mpvpn row is measured per tun offload mode (``MPVPN_TUN_OFFLOAD``, see
-mpvpn.tun): ``off`` is the plain one-packet-per-system-call path.
+mpvpn.io.tun): ``off`` is the plain one-packet-per-system-call path.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                     help="tun offload modes to measure, comma-separated: off, gro (coalesced writes "
                          "only), tso (and super-segment reads); default off,tso")
     ap.add_argument("--fastpath", default="on",
-                    help="C loops of the data path (mpvpn.fastpath), comma-separated: on, off; default on")
+                    help="C loops of the data path (mpvpn.core.fastpath), comma-separated: on, off; default on")
     ap.add_argument("--modes", default="duplicate",
                     help="base.mode of both agents for the 3-carrier rows, comma-separated: duplicate, "
                          "aggregate, adaptive; default duplicate")
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
         runs += [(3, m, f, k, b) for b in args.modes.split(",") for m in args.offload.split(",")
                  for f in args.fastpath.split(",") for k in args.nack.split(",")]
         for n, mode, fast, nack, base_mode in runs:
-            os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.tun)
-            os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"  # see mpvpn.fastpath
+            os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.io.tun)
+            os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"  # see mpvpn.core.fastpath
             cloops = (", C" if fast == "on" else "") + (", nack" if nack == "on" else "")
             extra = ("\toption nack '1'\n" if nack == "on" else "") + f"\toption mode '{base_mode}'\n"
             with TwoSites(lab, carriers=n, extra_base=extra) as ts:

@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from mpvpn import fastpath, wire  # noqa: E402
-from mpvpn.scheduler import make_scheduler  # noqa: E402
-from mpvpn.simnet import SimPair  # noqa: E402
+from mpvpn.core import fastpath, wire  # noqa: E402
+from mpvpn.core.scheduler import make_scheduler  # noqa: E402
+from mpvpn.tools.simnet import SimPair  # noqa: E402
 
 SCHED_ROWS = (("aggregate", 3, 0.0), ("aggregate", 3, 0.2),
               ("adaptive", 3, 0.0), ("adaptive", 3, 0.2))
@@ -146,7 +146,7 @@ def _row(mode: str, n: int, loss: float, sealed: bool, packets: int, dt: float, 
 def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64, seed: int = 1) -> dict:
     """Sealed duplicate mode through the batch API the agent uses
     (send_many / datagrams_by_member / receive_many): the C loops where
-    built (mpvpn.fastpath), else the same calls in Python."""
+    built (mpvpn.core.fastpath), else the same calls in Python."""
     pair = SimPair(n, delay=0.001, seed=seed, sealed=True)
     if not pair.handshake():
         raise RuntimeError("handshake failed")

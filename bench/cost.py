@@ -91,7 +91,7 @@ def tso_frame(size: int, segs: int) -> bytes:
     segments of ``size`` bytes: a virtio_net_hdr (GSO_TCPV4, NEEDS_CSUM) and
     one IPv4 super-segment."""
     from core import tcp_packet
-    from mpvpn import offload
+    from mpvpn.io import offload
 
     mss = size - 40
     pkt = bytearray(tcp_packet(40 + mss * segs))
@@ -108,9 +108,10 @@ def run_path(mode: str, kind: str, size: int, packets: int, seed: int = 1) -> di
     """Carry ``packets`` user packets a -> b through the in-process data path
     (see the module docstring); returns the path's own counts."""
     from core import SCHED_RATE
-    from mpvpn import fastpath, offload
-    from mpvpn.scheduler import make_scheduler
-    from mpvpn.simnet import SimPair
+    from mpvpn.core import fastpath
+    from mpvpn.io import offload
+    from mpvpn.core.scheduler import make_scheduler
+    from mpvpn.tools.simnet import SimPair
 
     c_loops = fastpath.LOOPS is not None
     pair = SimPair(SUBFLOWS, delay=0.001, seed=seed, sealed=True)
@@ -122,7 +123,7 @@ def run_path(mode: str, kind: str, size: int, packets: int, seed: int = 1) -> di
     a, b = pair.a, pair.b
     now = pair.now
     # What one tun read returns.  The agent's tun mode is tso with the C
-    # loops and gro without (mpvpn.tun.LinuxTun): with gro the kernel has
+    # loops and gro without (mpvpn.io.tun.LinuxTun): with gro the kernel has
     # already segmented, so each read is one plain packet.
     if kind == "tcp":
         segs = segments_per_read(size)
@@ -141,7 +142,7 @@ def run_path(mode: str, kind: str, size: int, packets: int, seed: int = 1) -> di
     stats = {"delivered": 0, "datagrams": 0, "wire_bytes": 0, "tun_writes": 0, "tun_reads": 0}
 
     def read_tun(fr: bytes) -> list:
-        # mirrors LinuxTun.read_packets (src/mpvpn/tun.py): plain frames inline, else offload.split
+        # mirrors LinuxTun.read_packets (src/mpvpn/io/tun.py): plain frames inline, else offload.split
         if fr[1] == 0 and not fr[0] & offload.F_NEEDS_CSUM:
             return [fr[hlen:]]
         return split(fr)

@@ -11,7 +11,7 @@ open file descriptors and the session's epoch.  The summary compares RSS
 after the warm-up (``--warmup`` minutes) with the end and fits a line
 through the samples after the warm-up (kB per 10 minutes): flat means
 bounded.  With ``--tracemalloc`` the agents run under tracemalloc
-(``MPVPN_TRACEMALLOC``, see src/mpvpn/memtrace.py) and the top growth
+(``MPVPN_TRACEMALLOC``, see src/mpvpn/agent/memtrace.py) and the top growth
 between the first snapshot after the warm-up and the last is printed per
 source line (tracing inflates RSS: use it to find a leak, not to measure).
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from agentlab import TwoSites  # noqa: E402
 from netlab import Lab, parse_ping  # noqa: E402
 
-from mpvpn import rpc  # noqa: E402
+from mpvpn.io import rpc  # noqa: E402
 
 
 def rss_kib(pid: int) -> int | None:

@@ -87,7 +87,7 @@ class Site:
         return rc
 
     def status(self) -> dict | None:
-        from mpvpn import rpc
+        from mpvpn.io import rpc
 
         try:
             return rpc.call(rpc.socket_path(str(self.run_dir)), "status", timeout=2.0)
@@ -126,7 +126,7 @@ class TwoSites:
 
     def __init__(self, lab, psk: str | None = None, psk_b: str | None = None, carriers: int = 3,
                  extra_base: str = "", v6_carriers=(), lan6: bool = False):
-        from mpvpn.noise import genpsk
+        from mpvpn.core.noise import genpsk
 
         self.lab = lab
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-e2e-")

@@ -26,7 +26,7 @@ def pytest_sessionstart(session):
     loops must be importable, so the C-vs-Python differential tests run
     instead of skipping."""
     if os.environ.get("MPVPN_REQUIRE_FASTPATH") == "1":
-        from mpvpn import fastpath
+        from mpvpn.core import fastpath
 
         if fastpath.LOOPS is None:
             raise pytest.UsageError(f"MPVPN_REQUIRE_FASTPATH=1 but the C loops are {fastpath.WHY}: "

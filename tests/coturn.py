@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mpvpn import stun
+from mpvpn.core import stun
 
 TURNSERVER = shutil.which("turnserver") or (
     "/usr/bin/turnserver" if os.access("/usr/bin/turnserver", os.X_OK) else None)
@@ -178,7 +178,7 @@ def drive(client, sock: socket.socket, until: Callable[[], bool], timeout: float
           clock: Callable[[], float] = time.monotonic) -> bool:
     """Run ``client`` over ``sock`` until ``until()`` or ``timeout`` seconds.
     Datagrams that are neither STUN nor ChannelData go to ``on_other``."""
-    from mpvpn import turn
+    from mpvpn.core import turn
 
     end = clock() + timeout
     while True:

@@ -7,8 +7,8 @@ run in one test process without root (the model: wireguard-go's
   (as UDP does: nobody there, or ``drop`` said so).  Control "TCP"
   connections are connected AF_UNIX stream pairs handed to the listener
   bound at the destination (a kernel object, but no root and no network).
-* :class:`MemoryHost`: one site's :class:`mpvpn.hostio.HostIO` over a
-  MemoryNet: its addresses, a :class:`mpvpn.tun.MemoryTun` vNIC and a
+* :class:`MemoryHost`: one site's :class:`mpvpn.io.hostio.HostIO` over a
+  MemoryNet: its addresses, a :class:`mpvpn.io.tun.MemoryTun` vNIC and a
   :class:`MemoryNetConfig`.  No ubusd.
 
 Each object is readable through ``fileno()`` (a pipe with a byte in it while
@@ -23,8 +23,8 @@ import os
 import socket
 from collections import deque
 
-from mpvpn.tun import MemoryTun
-from mpvpn.udp import GSO_MAX_SEGMENTS, UplinkUnavailable
+from mpvpn.io.tun import MemoryTun
+from mpvpn.io.udp import GSO_MAX_SEGMENTS, UplinkUnavailable
 
 
 def _key(addr) -> tuple:
@@ -61,7 +61,7 @@ class _Readable:
 
 
 class MemoryUDP(_Readable):
-    """A bound UDP socket and its :class:`mpvpn.udp.BatchSocket` in one.
+    """A bound UDP socket and its :class:`mpvpn.io.udp.BatchSocket` in one.
 
     ``recv()`` behaves as BatchSocket.recv on a socket with UDP_GRO: one call
     returns the consecutive datagrams of one source that are all of one size
@@ -156,7 +156,7 @@ class MemoryNet:
 
 
 class MemoryNetConfig:
-    """mpvpn.netcfg.NetConfig's methods over a dict: links, their address and
+    """mpvpn.io.netcfg.NetConfig's methods over a dict: links, their address and
     MTU, and our routes.  As the real one, ``add_route`` replaces a route to
     the same destination and ``del_route`` says whether there was one;
     ``configure`` of a missing link fails with ENODEV (netcfg._need_index)."""
@@ -209,7 +209,7 @@ class MemoryNetConfig:
 
 
 class MemoryHost:
-    """One site's kernel objects (mpvpn.hostio.HostIO's interface) on ``net``:
+    """One site's kernel objects (mpvpn.io.hostio.HostIO's interface) on ``net``:
     ``addresses`` are the IPs configured on it (uplinks bind only to those,
     as udp.open_uplink fails with EADDRNOTAVAIL otherwise)."""
 

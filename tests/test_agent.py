@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from agentlab import UDP_SINK, UDP_SOURCE, Stream, TwoSites, tcp_transfer
-from mpvpn.linkstats import LossEstimator
-from mpvpn.netcfg import RTPROT_MPVPN
-from mpvpn.smpu import SessionConfig
-from mpvpn.subflow import SubflowConfig
 from stats import binomial_interval, fraction_interval, min_trials_to_tell
+
+from mpvpn.core.linkstats import LossEstimator
+from mpvpn.core.smpu import SessionConfig
+from mpvpn.core.subflow import SubflowConfig
+from mpvpn.io.netcfg import RTPROT_MPVPN
 
 pytestmark = pytest.mark.usefixtures("netlab_ready")
 
@@ -150,7 +150,7 @@ def test_restarts_come_back_clean(sites):
 
 
 def test_wrong_psk_gives_no_tunnel_and_says_why(make_lab):
-    from mpvpn.noise import genpsk
+    from mpvpn.core.noise import genpsk
 
     lab = make_lab(carriers=3)
     with TwoSites(lab, psk=genpsk(), psk_b=genpsk()) as ts:
@@ -185,10 +185,10 @@ def test_status_command_prints_a_readable_summary(sites):
         assert key in st
     assert st["vnc"] == {"ifname": "mpvpn0", "address": "172.30.0.1", "netmask": "255.255.255.252",
                          "mtu": 1400}
-    from mpvpn.seal import preferred_ciphers
+    from mpvpn.core.seal import preferred_ciphers
 
     assert st["sessions"][0]["cipher"] == preferred_ciphers()[0]  # both ends are this CPU
-    from mpvpn import fastpath
+    from mpvpn.core import fastpath
 
     assert st["dataplane"]["c_loops"] == (fastpath.LOOPS is not None)
     assert st["dataplane"]["tun_offload"] in ("gro", "tso", "off")
@@ -326,7 +326,7 @@ def test_uplink_given_by_interface_follows_its_address(sites, tmp_path):
 def test_static_keys_kkpsk0_connect_and_a_wrong_peer_key_is_refused(make_lab):
     import base64
 
-    from mpvpn.noise import generate_keypair
+    from mpvpn.core.noise import generate_keypair
 
     b64 = lambda k: base64.b64encode(k).decode()  # noqa: E731
     a_priv, a_pub = generate_keypair()
@@ -462,7 +462,7 @@ def test_test_links_measures_each_carrier_then_all_both_ways(sites):
     import json
     import sys
 
-    from mpvpn import rpc
+    from mpvpn.io import rpc
 
     lab, ts = sites
     for c, mbit in ((1, 40), (2, 20), (3, 10)):
@@ -531,7 +531,8 @@ def test_one_hub_serves_two_client_sites_at_once(make_lab):
     its own session and names the site, and one client leaving does not
     disturb the other."""
     from agentlab import Site, site_config
-    from mpvpn.noise import genpsk
+
+    from mpvpn.core.noise import genpsk
 
     lab = make_lab(carriers=3)
     c = lab.add_site("c")

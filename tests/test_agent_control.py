@@ -7,9 +7,10 @@ import subprocess
 import time
 
 import pytest
-
 from agentlab import UDP_SINK, UDP_SOURCE, TwoSites
-from mpvpn import control, noise, rpc
+
+from mpvpn.core import controlconn, controlmsg, noise
+from mpvpn.io import rpc
 
 pytestmark = pytest.mark.usefixtures("netlab_ready")
 
@@ -104,9 +105,9 @@ def test_a_replayed_first_message_is_answered_once_end_to_end(make_lab):
     with TwoSites(lab, psk=psk) as ts:
         ts.start()
         # a genuine first message (the key holder's), as an eavesdropper records it
-        cfg = control.ControlConfig(psk=noise.load_psk(psk), name="recorded",
-                                    vnc=control.Vnc("172.30.0.1", "255.255.255.252"))
-        first = control.ClientConnection(cfg, 0.0).data_to_send()
+        cfg = controlconn.ControlConfig(psk=noise.load_psk(psk), name="recorded",
+                                    vnc=controlmsg.Vnc("172.30.0.1", "255.255.255.252"))
+        first = controlconn.ClientConnection(cfg, 0.0).data_to_send()
         out = lab.python(lab.ra, REPLAY, "10.1.0.2", first.hex(), "3000", timeout=300).stdout
         assert int(out) == 1  # the original; none of its 2,999 replays
         reg = ts.b.status()["control"]["registry"]
@@ -152,22 +153,22 @@ def test_rekey_by_volume_under_traffic_loses_nothing(make_lab):
 # back each time.
 IMPOSTOR = r"""
 import socket, sys, time
-from mpvpn import control, noise
+from mpvpn.core import admission, controlconn, controlevents, controlmsg, noise
 psk, name, vnc, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-cfg = control.ControlConfig(psk=noise.load_psk(psk), name=name,
-                            vnc=control.Vnc(vnc, "255.255.255.0"), lans=("192.168.99.0/24",))
-stamps = control.HandshakeStamps()
+cfg = controlconn.ControlConfig(psk=noise.load_psk(psk), name=name,
+                            vnc=controlmsg.Vnc(vnc, "255.255.255.0"), lans=("192.168.99.0/24",))
+stamps = admission.HandshakeStamps()
 codes = []
 for i in range(n):
     s = socket.create_connection(("10.1.0.2", 7000), timeout=5)
-    c = control.ClientConnection(cfg, time.monotonic(), stamps)
+    c = controlconn.ClientConnection(cfg, time.monotonic(), stamps)
     code = "none"
     while not c.closed:
         s.sendall(c.data_to_send())
         data = s.recv(65536)
         c.receive_data(data, time.monotonic())
         for e in c.events():
-            if isinstance(e, control.ProtocolError):
+            if isinstance(e, controlevents.ProtocolError):
                 code = e.code
     s.close()
     codes.append(code)

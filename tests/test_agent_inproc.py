@@ -1,5 +1,5 @@
 """Two Agents in this process, back to back through in-memory kernel objects
-(tests/fakes.py): the data path (mpvpn.send, mpvpn.receive) and the control
+(tests/fakes.py): the data path (mpvpn.agent.send, mpvpn.agent.receive) and the control
 wiring, run by the agents' own selector loops and real clock.  No root, no
 namespaces, no network: these run for any user."""
 
@@ -9,13 +9,14 @@ import ipaddress
 import time
 
 import pytest
-
 from agentlab import WAIT_SCALE, site_config
 from fakes import MemoryHost, MemoryNet
-from mpvpn import config as cfgmod
-from mpvpn import receive, send, wire
-from mpvpn.agent import Agent
-from mpvpn.noise import genpsk
+
+from mpvpn.agent import config as cfgmod
+from mpvpn.agent import receive, send
+from mpvpn.agent.agent import Agent
+from mpvpn.core import wire
+from mpvpn.core.noise import genpsk
 
 CARRIERS = 3
 FAST = "\toption keepalive_idle '0.2'\n\toption keepalive_active '0.1'\n"
@@ -256,8 +257,8 @@ def test_junk_at_an_uplink_is_counted_and_kept_no_state(tmp_path):
 
 def test_server_routes_each_packet_to_the_site_that_owns_its_destination(tmp_path):
     """Hub and spoke: one tun, several client sites; the longest prefix wins."""
-    from mpvpn.agent import DataSession
-    from mpvpn.control import PeerInfo, Vnc
+    from mpvpn.agent.agent import DataSession
+    from mpvpn.core.controlmsg import PeerInfo, Vnc
 
     text, net = site_config("server", genpsk(), 2, "172.30.0.2", "192.168.20.1")
     (tmp_path / "orayboxvpn").write_text(text.replace("255.255.255.252", "255.255.255.0"))
@@ -297,7 +298,7 @@ def test_a_vnic_that_cannot_be_recreated_ends_the_agent_with_the_reason(tmp_path
     import os
     import selectors
 
-    from mpvpn.tun import MemoryTun, TunError
+    from mpvpn.io.tun import MemoryTun, TunError
 
     class DeletedTun(MemoryTun):
         """A tun whose device was deleted: reads fail with EBADFD, as
@@ -328,7 +329,7 @@ def test_the_memory_udp_coalesces_like_udp_gro_and_loses_what_has_no_receiver():
     host = MemoryHost(net, ["10.9.0.1", "10.9.0.2"])
     a, _ = host.open_uplink("10.9.0.1", 1000, None)
     b, _ = host.open_uplink("10.9.0.2", 1000, None)
-    from mpvpn.udp import UplinkUnavailable
+    from mpvpn.io.udp import UplinkUnavailable
     with pytest.raises(UplinkUnavailable):
         host.open_uplink("10.9.0.3", 1000, None)
     with pytest.raises(OSError, match="in use"):

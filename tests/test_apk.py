@@ -1,4 +1,4 @@
-"""``make apk`` (mpvpn.apk): apk-tools v3 packages for OpenWrt 25.12.
+"""``make apk`` (mpvpn.tools.apk): apk-tools v3 packages for OpenWrt 25.12.
 
 The packages are read back by a reader written here from the format's
 specification (apk-tools ``doc/apk-v3.5.scd``, the schemas of
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import __version__, apk, ipk
+from mpvpn import __version__
+from mpvpn.tools import apk, ipk
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 1700000000
@@ -258,7 +259,7 @@ def test_scripts(built, ipks):
     assert scripts["pre-deinstall"].decode().endswith('export pkgname="orayboxvpn"\ndefault_prerm\n')
     # the byte code the agent writes goes with the package, from 3.13's directory
     assert scripts["post-deinstall"].decode() == (ipks["orayboxvpn"].postrm + "\n")
-    assert f"/{SITE}\"\nrm -rf \"$dir/__pycache__\"" in scripts["post-deinstall"].decode()
+    assert f"/{SITE}\"\nrm -rf \"$dir/__pycache__\" \"$dir\"/*/__pycache__\n" in scripts["post-deinstall"].decode()
     luci = built[f"luci-app-mpvpn-{VERSION}.apk"]["package"]["scripts"]["post-install"].decode()
     assert luci.endswith(ipks["luci-app-mpvpn"].postinst_pkg + "\n")  # luci.mk's postinst after default_postinst
     assert luci.count("#!") == 1
@@ -317,8 +318,8 @@ def test_reproducible_and_main(tmp_path, capsys):
 
 def test_makefile_target():
     text = (ROOT / "Makefile").read_text()
-    assert "\n\t$(PY) -m mpvpn.apk --out dist --release $(or $(OPENWRT),25.12)\n" in text
-    assert "\n\t$(PY) -m mpvpn.ipk --out dist --release $(or $(OPENWRT),24.10)\n" in text
+    assert "\n\t$(PY) -m mpvpn.tools.apk --out dist --release $(or $(OPENWRT),25.12)\n" in text
+    assert "\n\t$(PY) -m mpvpn.tools.ipk --out dist --release $(or $(OPENWRT),24.10)\n" in text
 
 
 # --- real apk-tools v3 ----------------------------------------------------------------------
@@ -452,8 +453,9 @@ def test_real_apk_scripts_remove_the_byte_code(built, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Executing orayboxvpn-" in r.stdout, r.stdout + r.stderr
     site = root / SITE
-    (site / "__pycache__").mkdir()
-    (site / "__pycache__" / "cli.cpython-313.pyc").write_bytes(b"byte code")
+    for d in (site / "__pycache__", site / "core" / "__pycache__"):
+        d.mkdir()
+        (d / "x.cpython-313.pyc").write_bytes(b"byte code")
     r = subprocess.run([tool, "del", "--root", str(root), "--no-network", "luci-app-mpvpn", "orayboxvpn"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and f"orayboxvpn-{VERSION}.post-deinstall" in r.stdout, r.stdout + r.stderr

@@ -22,7 +22,7 @@ def test_core_bench_small_run_writes_json(tmp_path):
         ("aggregate", 3, 0.0, False), ("aggregate", 3, 0.2, False),
         ("adaptive", 3, 0.0, False), ("adaptive", 3, 0.2, False),
         (rows[-2]["mode"], 3, 0.0, True), (rows[-1]["mode"], 3, 0.2, True)]
-    from mpvpn import fastpath  # the batch rows: the C loops where built
+    from mpvpn.core import fastpath  # the batch rows: the C loops where built
 
     assert rows[-1]["mode"] == ("dup, batch C" if fastpath.LOOPS is not None else "dup, batch py")
     assert rows[-2]["delivered_loss"] == 0.0 and rows[-1]["delivered_loss"] < 0.05

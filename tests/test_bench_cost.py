@@ -46,7 +46,7 @@ def test_uncounted_path_carries_every_packet_and_writes_documented_json(tmp_path
         if r["mode"] == "duplicate":
             assert r["datagrams_per_packet"] == pytest.approx(3.0)  # one copy per subflow
     tcp_big = [r for r in rows if r["kind"] == "tcp" and r["size"] == 1400 and r["c_loops"]]
-    from mpvpn import fastpath
+    from mpvpn.core import fastpath
 
     if fastpath.LOOPS is not None:  # TSO: one read carries many segments; GRO: one write many packets
         assert all(r["tun_reads_per_packet"] < 0.1 and r["tun_writes_per_packet"] < 0.1 for r in tcp_big)

@@ -1,4 +1,4 @@
-"""Tests for `mpvpn check` (mpvpn.check.run and register)."""
+"""Tests for `mpvpn check` (mpvpn.agent.check.run and register)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import io
 import shutil
 from pathlib import Path
 
-from mpvpn import check
 from test_config import NETWORK_A, NETWORK_B, PSK, SITE_A, SITE_B, edit, write
+
+from mpvpn.agent import check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,8 +162,9 @@ def test_a_key_file_others_can_read_is_a_warning_with_the_fix(tmp_path):
 
 
 def test_a_static_private_key_counts_as_a_secret(tmp_path):
-    from mpvpn.noise import generate_keypair
     import base64
+
+    from mpvpn.core.noise import generate_keypair
 
     priv, _ = generate_keypair()
     text = SITE_A.replace("config base 'base'\n", "config base 'base'\n\toption private_key "

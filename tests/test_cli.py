@@ -3,7 +3,7 @@
 import base64
 
 from mpvpn import cli
-from mpvpn.noise import load_psk
+from mpvpn.core.noise import load_psk
 
 
 def test_genpsk_prints_a_key_that_loads(capsys):
@@ -30,7 +30,7 @@ def test_check_subcommand_is_wired(tmp_path, capsys):
 def test_genkey_and_pubkey(capsys, monkeypatch):
     import io
 
-    from mpvpn.noise import public_key
+    from mpvpn.core.noise import public_key
 
     assert cli.main(["genkey"]) == 0
     priv = capsys.readouterr().out.strip()

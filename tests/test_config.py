@@ -1,4 +1,4 @@
-"""Tests for mpvpn.config: typed values, and every problem explained."""
+"""Tests for mpvpn.agent.config: typed values, and every problem explained."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import config, uci
-from mpvpn.config import ERROR, WARNING, HostPort, load_config, parse_hostport
+from mpvpn.agent import config
+from mpvpn.agent.config import ERROR, WARNING, HostPort, load_config, parse_hostport
+from mpvpn.io import uci
 
 ROOT = Path(__file__).resolve().parents[1]
 PSK = base64.b64encode(bytes(range(1, 33))).decode()
@@ -809,7 +810,7 @@ def test_property_validate_never_raises(pkg, network):
 def test_static_keys_are_optional_and_come_in_pairs():
     import base64
 
-    from mpvpn.noise import generate_keypair
+    from mpvpn.core.noise import generate_keypair
 
     priv, _pub = generate_keypair()
     _priv2, peer_pub = generate_keypair()

@@ -1,4 +1,4 @@
-"""The master control connection (mpvpn.control), driven in memory.
+"""The master control connection (mpvpn.core.control), driven in memory.
 
 Client and server machines are joined by piping ``data_to_send()`` of one
 into ``receive_data()`` of the other, on a fake clock (h11's tests/helpers
@@ -16,38 +16,19 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpvpn import noise, seal, wire
-from mpvpn.control import (
-    BUSY_LEN,
-    MAX_MESSAGE,
-    PREAUTH_MAX_FRAME,
-    ClientConnection,
-    ClientReconnect,
-    ConnectionClosed,
-    ControlConfig,
-    FrameDecoder,
-    HandshakeComplete,
-    HandshakeGuard,
-    HandshakeStamps,
-    KeysActivated,
-    KeysRetired,
-    KeysRotated,
-    PeerUpdated,
-    ProtocolError,
-    RateLimiter,
-    ServerConnection,
-    ServerSessions,
-    SessionEstablished,
-    SessionFreed,
-    State,
-    Vnc,
-    decode_message,
-    encode_frame,
-    peer_problem,
-)
-from mpvpn.controlconn import TRANSITIONS, Ev, Role
-from mpvpn.controlmsg import info_json
-from mpvpn.pairing import Uplink, mirror
+from mpvpn.core import noise, seal, wire
+from mpvpn.core.admission import BUSY_LEN, HandshakeGuard, HandshakeStamps, RateLimiter
+from mpvpn.core.controlconn import (TRANSITIONS, ClientConnection, ControlConfig, Ev, Role,
+                                    ServerConnection, State)
+from mpvpn.core.controlevents import (ConnectionClosed, HandshakeComplete, KeysActivated,
+                                      KeysRetired, KeysRotated, PeerUpdated, ProtocolError,
+                                      SessionEstablished, SessionFreed)
+from mpvpn.core.controlmsg import (MAX_MESSAGE, PREAUTH_MAX_FRAME, FrameDecoder, Vnc,
+                                   decode_message, encode_frame, info_json)
+from mpvpn.core.pairing import Uplink, mirror
+from mpvpn.core.peercheck import peer_problem
+from mpvpn.core.reconnect import ClientReconnect
+from mpvpn.core.registry import ServerSessions
 
 PSK = bytes(range(32))
 OTHER_PSK = bytes(range(1, 33))
@@ -1100,16 +1081,14 @@ def test_data_cipher_negotiation(client, server, chosen):
 
 
 def test_a_server_choosing_a_cipher_we_did_not_offer_is_refused():
-    from mpvpn import control as ctl
-
     c = ClientConnection(client_cfg(ciphers=("chacha20-poly1305",)), 0.0)
-    real = ctl.seal.choose_cipher
-    ctl.seal.choose_cipher = lambda server, client: "aes-256-gcm"  # a broken server
+    real = seal.choose_cipher
+    seal.choose_cipher = lambda server, client: "aes-256-gcm"  # a broken server
     try:
         s = ServerConnection(server_cfg(), 0.0)
         pump(c, s, 0.0)
     finally:
-        ctl.seal.choose_cipher = real
+        seal.choose_cipher = real
     assert c.state is State.CLOSED and c.close_reason == "invalid"
     assert "cipher" in c.close_text or any("cipher" in e.text for e in only(evs(c), ProtocolError))
 

@@ -9,9 +9,9 @@ edge.  Skipped, with the reason, when coturn is not installed.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
-import os
 import time
 
 import pytest
@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import coturn  # noqa: E402
-from mpvpn import stun, turn  # noqa: E402
+
+from mpvpn.core import stun, turn  # noqa: E402
 
 _reason = coturn.unavailable_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")

@@ -2,7 +2,8 @@
 
 import re
 
-from mpvpn import cli, demo
+from mpvpn import cli
+from mpvpn.tools import demo
 
 
 def test_demo_reports_carrier_loss_and_delivered_loss(capsys):

@@ -1,4 +1,4 @@
-"""The C loops (mpvpn._fastpath) against the pure-Python path they replace:
+"""The C loops (mpvpn.core._fastpath) against the pure-Python path they replace:
 same datagrams on the wire, same deliveries, same counters."""
 
 import random
@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn import fastpath
-from mpvpn.seal import Sealer
-from mpvpn.simnet import SimPair
-from mpvpn.smpu import Session
+from mpvpn.core import fastpath
+from mpvpn.core.seal import Sealer
+from mpvpn.core.smpu import Session
+from mpvpn.tools.simnet import SimPair
 
 needs_c = pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
 
@@ -71,7 +71,7 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
     packets bound for the same subflows.  Same datagrams, same order, same
     send buffer, same scheduler queue; TCP runs and small (urgent, copied)
     packets mixed, some batches overflowing the links so packets queue."""
-    from mpvpn.scheduler import make_scheduler
+    from mpvpn.core.scheduler import make_scheduler
 
     py, c = pair_of_sessions()
     for p in (py, c):
@@ -193,7 +193,7 @@ LAYOUT = ("HLEN", "TAG", "OP_DATA", "F_SEALED", "VERSION", "OFF_VERSION", "OFF_O
 def test_the_c_loops_use_wire_py_s_datagram_layout():
     """_fastpath.c compiles the DATA layout in as #defines; each must equal
     wire.py's (the source of truth), so an edit to one side alone fails here."""
-    from mpvpn import wire
+    from mpvpn.core import wire
     expected = {"HLEN": wire.HEADER_LEN, "TAG": wire.TAG_LEN, "OP_DATA": wire.DATA,
                 "F_SEALED": wire.F_SEALED, "VERSION": wire.VERSION}
     expected.update({k: getattr(wire, k) for k in LAYOUT if k.startswith("OFF_")})

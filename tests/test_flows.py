@@ -5,7 +5,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn.flows import OTHER, Urgent, classify, describe, flow_key
+from mpvpn.core.flows import OTHER, Urgent, classify, describe, flow_key
 
 A4, B4 = bytes([10, 0, 0, 1]), bytes([10, 9, 0, 2])
 A6 = bytes.fromhex("20010db8000000000000000000000001")

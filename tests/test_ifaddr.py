@@ -2,7 +2,7 @@
 
 import json
 
-from mpvpn import ifaddr
+from mpvpn.io import ifaddr
 
 FAKE = """#!/bin/sh
 name="${2#network.interface.}"
@@ -61,9 +61,10 @@ def test_lan_subnets_from_netifd(tmp_path, monkeypatch):
 
 def test_agent_takes_the_lan_from_netifd_where_ubus_is(tmp_path, monkeypatch):
     from agentlab import site_config
-    from mpvpn import config as cfgmod
-    from mpvpn.agent import Agent
-    from mpvpn.noise import genpsk
+
+    from mpvpn.agent import config as cfgmod
+    from mpvpn.agent.agent import Agent
+    from mpvpn.core.noise import genpsk
 
     text, net = site_config("client", genpsk(), 1, "172.30.0.1", "192.168.10.1",
                             extra_base="\tlist lan_subnet '192.168.99.0/24'\n")

@@ -4,7 +4,7 @@
   shellcheck where installed).
 * The init script's validation spec for procd (``uci_load_validate`` lists,
   registered with ``procd_add_validation``) names exactly the options of
-  ``mpvpn.config.OPTIONS``, with the procd datatypes of ``KINDS`` and the
+  ``mpvpn.agent.config.OPTIONS``, with the procd datatypes of ``KINDS`` and the
   defaults, and only datatypes libvalidate knows.
 * The verdict on start and reload is ``mpvpn check``'s: the same values are
   refused with the same reasons (issue 12's twelve examples and a scoped
@@ -13,7 +13,7 @@
 * Its functions are run under dash and busybox ash in a harness: stand-ins
   (below; not OpenWrt code) for rc.common's start/reload and procd's
   ``service set`` (see STUBS for the real functions each mirrors),
-  ``config_load`` reading our UCI files through ``mpvpn.uci``, and a
+  ``config_load`` reading our UCI files through ``mpvpn.io.uci``, and a
   stand-in for ``/sbin/validate_data`` that prints what the real one prints
   (ubox ``validate/cli.c``: ``opt='value'; `` / ``unset -v opt; ``, the spec
   as ``json_add_*`` commands when the section name is empty) and judges
@@ -29,13 +29,14 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from mpvpn import check, config, uci
+from mpvpn.agent import check, config
+from mpvpn.io import uci
 
 ROOT = Path(__file__).resolve().parents[1]
 INIT = ROOT / "files" / "etc" / "init.d" / "orayboxvpn"
@@ -140,7 +141,7 @@ def test_validation_spec_lists_exactly_the_options():
         hint = "\n".join(
             f"\t\t'{n}:{d}{':' + v if v is not None else ''}'" for n, d, v in want[section])
         assert got[section] == want[section], (
-            f"validate_orayboxvpn_{section} drifted from mpvpn.config.OPTIONS; expected:\n{hint}")
+            f"validate_orayboxvpn_{section} drifted from mpvpn.agent.config.OPTIONS; expected:\n{hint}")
 
 
 def test_validation_datatypes_are_libvalidate_functions():
@@ -157,7 +158,7 @@ def test_validation_datatypes_are_libvalidate_functions():
 HELPER = r'''
 import os, re, shlex, socket, sys
 sys.path.insert(0, os.environ["STUB_SRC"])
-from mpvpn import uci
+from mpvpn.io import uci
 
 def load(name):
     try:

@@ -1,4 +1,4 @@
-"""One agent per run directory and vNIC name (mpvpn.instance): flock-based,
+"""One agent per run directory and vNIC name (mpvpn.io.instance): flock-based,
 released by the kernel when the holder dies."""
 
 import os
@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from mpvpn.instance import AlreadyRunning, InstanceLock, holder
+from mpvpn.io.instance import AlreadyRunning, InstanceLock, holder
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 HOLD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from mpvpn.instance import InstanceLock
+from mpvpn.io.instance import InstanceLock
 InstanceLock(sys.argv[2], sys.argv[3], sys.argv[4]).acquire()
 print("held", flush=True)
 time.sleep(60)

@@ -1,4 +1,4 @@
-"""``make ipk`` (mpvpn.ipk): OpenWrt's ipk format, checked member by member.
+"""``make ipk`` (mpvpn.tools.ipk): OpenWrt's ipk format, checked member by member.
 
 The expected values are written out here from OpenWrt's scripts/ipkg-build and
 include/package-pack.mk; where GNU tar is installed the three tar streams are
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import __version__, ipk
+from mpvpn import __version__
+from mpvpn.tools import ipk
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 1700000000
@@ -40,7 +41,7 @@ default_prerm $0 $@
 # Package/orayboxvpn/postrm with $(PYTHON3_PKG_DIR)/mpvpn expanded
 POSTRM = """#!/bin/sh
 dir="${{IPKG_INSTROOT}}{site}"
-rm -rf "$dir/__pycache__"
+rm -rf "$dir/__pycache__" "$dir"/*/__pycache__
 [ -d "$dir" ] && find "$dir" -depth -type d -exec rmdir {{}} \\; 2>/dev/null
 exit 0
 """
@@ -117,7 +118,9 @@ def _expected_core_data() -> dict:
     src = ROOT / "src" / "mpvpn"
     for p in sorted(src.rglob("*")):
         # compiled parts (the C loops, a locally built .so) are package orayboxvpn-fastpath
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".c"):
+        # mpvpn/tools (package builders, demo, simulator, pair) runs on a PC
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".c") \
+                and p.relative_to(src).parts[0] != "tools":
             out[f"./{SITE}/{p.relative_to(src)}"] = (0o644, p.read_bytes())
     dirs = {"./"}
     for name in list(out):
@@ -133,10 +136,10 @@ def test_core_data_members(built):
     res = open_ipk(built[f"orayboxvpn_{VERSION}_all.ipk"])
     members = res["data_members"]
     assert members == _expected_core_data()
-    assert f"./{SITE}/templates/orayboxvpn.j2" in members
-    assert f"./{SITE}/agent.py" in members or not (ROOT / "src/mpvpn/agent.py").exists()
+    assert f"./{SITE}/agent/agent.py" in members and f"./{SITE}/core/smpu.py" in members
+    assert not any(n.startswith(f"./{SITE}/tools/") for n in members)  # PC tools stay home
     assert not any("__pycache__" in n or "/tests/" in n or n.endswith((".pyc", ".so", ".c")) for n in members)
-    assert f"./{SITE}/fastpath.py" in members  # the loader is there; it falls back to Python
+    assert f"./{SITE}/core/fastpath.py" in members  # the loader is there; it falls back to Python
     # GNU tar --sort=name order: each directory, then its entries by name
     order = res["data_order"]
     assert order[0] == "./"
@@ -332,20 +335,48 @@ def test_postrm_removes_the_byte_code_the_agent_wrote(built, tmp_path):
                        env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr  # no config there: check says so
-    pycache = sorted((site / "__pycache__").iterdir())
+    pycache = sorted((site / "__pycache__").iterdir()) + sorted((site / "agent" / "__pycache__").iterdir())
     assert pycache and all(p.suffix == ".pyc" for p in pycache)
     _remove_like_opkg(root, names)
     assert site.is_dir() and (site / "__pycache__").is_dir(), "left behind without the postrm"
-    (site / "_fastpath.so").write_bytes(b"orayboxvpn-fastpath's")  # another package's file stays
+    (site / "core" / "_fastpath.so").write_bytes(b"orayboxvpn-fastpath's")  # another package's file stays
     postrm = tmp_path / "postrm"
     postrm.write_bytes(res["control_members"]["./postrm"][1])
     subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
-    assert sorted(p.name for p in site.iterdir()) == ["_fastpath.so"]
-    (site / "_fastpath.so").unlink()
+    assert [str(p.relative_to(site)) for p in site.rglob("*")] == ["core", "core/_fastpath.so"]
+    (site / "core" / "_fastpath.so").unlink()
     subprocess.run(["sh", str(postrm), "remove"], env={**os.environ, "IPKG_INSTROOT": str(root)}, check=True)
     assert not site.exists()
     left = [str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()]
     assert left == []
+
+
+def test_the_router_package_runs_without_the_pc_tools(built, tmp_path):
+    """mpvpn/tools (package builders, demo, simulator, pair) stays on the PC:
+    the installed agent imports nothing of it, and the commands that need it
+    say where to run them instead of a traceback."""
+    res = open_ipk(built[f"orayboxvpn_{VERSION}_all.ipk"])
+    root = tmp_path / "root"
+    _install(res, root)
+    site = root / SITE
+    assert (site / "agent" / "agent.py").is_file() and not (site / "tools").exists()
+    env = {**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                               "from mpvpn.cli import main; sys.exit(main())", str(site.parent), *args],
+                              env=env, capture_output=True, text=True, cwd=tmp_path)
+    for cmd in ("pair", "demo"):
+        r = run(cmd)
+        assert r.returncode == 2 and "not part of the router package" in r.stderr, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "pair" in r.stdout and "run" in r.stdout
+    r = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                        "import mpvpn.agent.agent, mpvpn.agent.check; "
+                        "print(sorted(m for m in sys.modules if m.startswith('mpvpn.tools')))", str(site.parent)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def _opkg() -> str | None:

@@ -1,10 +1,9 @@
 import math
-
 import random
 
 import pytest
 
-from mpvpn.linkstats import LossEstimator, RttEstimator
+from mpvpn.core.linkstats import LossEstimator, RttEstimator
 
 
 def test_rtt_first_sample_then_rfc6298_smoothing():
@@ -98,7 +97,7 @@ def test_handshake_sample_is_replaced_by_the_first_probe():
 
 # -- LinkMeter: delivery rate and backlog from echoed probes -----------------------
 
-from mpvpn.linkstats import LinkMeter  # noqa: E402
+from mpvpn.core.linkstats import LinkMeter  # noqa: E402
 
 
 class Bottleneck:
@@ -277,8 +276,8 @@ def test_jitter_does_not_make_a_lightly_used_link_look_busy():
     30 Mbit/s carrier, and a failover onto it then overflowed the scheduler)."""
     import struct
 
-    from mpvpn.scheduler import make_scheduler
-    from mpvpn.simnet import SimPair
+    from mpvpn.core.scheduler import make_scheduler
+    from mpvpn.tools.simnet import SimPair
 
     pair = SimPair(0, seed=3)
     for m in (1, 2):

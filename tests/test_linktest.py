@@ -1,13 +1,13 @@
-"""mpvpn.linktest through two sessions on simulated links (fake clock)."""
+"""mpvpn.core.linktest through two sessions on simulated links (fake clock)."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from mpvpn import linktest, wire
-from mpvpn.linktest import LinkTestError
-from mpvpn.simnet import SimPair
 from stats import binomial_interval, min_trials_to_tell
+
+from mpvpn.core import linktest, wire
+from mpvpn.core.linktest import LinkTestError
+from mpvpn.tools.simnet import SimPair
 
 MBIT = 1e6 / 8
 

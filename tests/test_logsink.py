@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mpvpn import logsink
+from mpvpn.io import logsink
 
 
 def logd_log_add(datagram: bytes) -> tuple[int, str]:
@@ -136,7 +136,7 @@ def test_mpvpn_run_logs_to_syslog_with_log_syslog(tmp_path, devlog):
     path, s = devlog
     (tmp_path / "orayboxvpn").write_text("config base 'base'\n\toption role 'nonsense'\n")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
-    code = ("import sys; from mpvpn import logsink, cli; logsink.DEV_LOG = sys.argv[1]; "
+    code = ("import sys; from mpvpn import cli; from mpvpn.io import logsink; logsink.DEV_LOG = sys.argv[1]; "
             "sys.exit(cli.main(['run', '--log', 'syslog', '--uci-dir', sys.argv[2]]))")
     r = subprocess.run([sys.executable, "-c", code, path, str(tmp_path)], capture_output=True, text=True,
                        env=env, timeout=60)

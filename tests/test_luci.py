@@ -4,7 +4,7 @@ Static checks (node): every JS file parses, JSON files are valid, the rpcd ACL
 grants exactly the ubus methods the views declare (and the keys only to write
 logins, by rpcd's session rules), the menu points to views that exist,
 user-visible strings go through _(), no markup strings, and the config page
-edits the options of mpvpn.config.OPTIONS with matching widgets, datatypes,
+edits the options of mpvpn.agent.config.OPTIONS with matching widgets, datatypes,
 defaults and validators (its validators are run in node and compared with what
 the agent's config loader accepts); one Save of the page is simulated by
 luci-base form.js's parse() rules (tests/luci_harness/probe.js).
@@ -13,7 +13,7 @@ Browser checks (headless Chromium, tests/luci_harness): the status view is
 served with a minimal stand-in for the LuCI client API; its ubus calls go
 through stand-ins for uhttpd-mod-ubus, rpcd's sessions (a root and a read-only
 login) and the agent's object published with the agent's own ubus code, and
-are answered from the real in-memory engine (mpvpn.simnet.SimPair); the
+are answered from the real in-memory engine (mpvpn.tools.simnet.SimPair); the
 rendered rows are compared with the status documents served, a screenshot is
 saved under the test's output folder (and copied to /tmp/luci-status.png).
 The per-host policies table and the link test (the "Test links" button, the
@@ -39,11 +39,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
-from mpvpn.config import KINDS, OPTIONS, load_config
-
 from luci_harness import server as harness_server
 from luci_harness.simagent import SimAgentBackend
+
+from mpvpn.agent.config import KINDS, OPTIONS, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "luci-app-mpvpn"
@@ -368,7 +367,7 @@ def test_status_view_api_use():
     assert len(test_links) == 1 and test_links[0]["params"] == ["duration"]
 
 
-# --- config page against mpvpn.config.OPTIONS --------------------------------------------------
+# --- config page against mpvpn.agent.config.OPTIONS --------------------------------------------------
 
 def config_form() -> dict:
     form = probe(CONFIG_JS)["form"]
@@ -416,7 +415,7 @@ def test_config_page_covers_the_agent_options():
         assert names <= set(opts[sec]), f"config.js lacks {sec}.{sorted(names - set(opts[sec]))}"
     for sec, names in OPTIONS.items():
         missing = set(names) - set(opts[sec])
-        assert not missing, (f"mpvpn.config.OPTIONS has {sec}.{sorted(missing)} but the LuCI "
+        assert not missing, (f"mpvpn.agent.config.OPTIONS has {sec}.{sorted(missing)} but the LuCI "
                              "config page does not edit it: add it to config.js")
 
 
@@ -503,7 +502,7 @@ _BASELINE = {
 
 
 def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: str = "client") -> list[str]:
-    """Errors of mpvpn.config.load_config about `orayboxvpn.<section>.<option>`."""
+    """Errors of mpvpn.agent.config.load_config about `orayboxvpn.<section>.<option>`."""
     base = dict(_BASELINE["base"], role=role)
     if role == "server":
         del base["server_address"]
@@ -589,7 +588,7 @@ SHIPPED = REPO / "files" / "etc" / "config" / "orayboxvpn"
 
 def uci_file(text: str | None = None) -> dict[str, dict]:
     """A UCI file (default: the shipped one) as LuCI's uci.js holds it: section id -> options."""
-    from mpvpn import uci
+    from mpvpn.io import uci
 
     pkg = uci.parse(SHIPPED.read_text() if text is None else text, "orayboxvpn")
     return {sec.name: {".type": sec.type, **sec.options} for sec in pkg}
@@ -1543,7 +1542,8 @@ def test_browser_status_of_a_live_agent_in_the_lab(make_lab, tmp_path):
     if not chromium:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
     from agentlab import TwoSites
-    from mpvpn import rpc
+
+    from mpvpn.io import rpc
 
     lab = make_lab(carriers=3)
     with TwoSites(lab) as ts:

@@ -2,7 +2,7 @@
 
 import tracemalloc
 
-from mpvpn.memtrace import MemTrace
+from mpvpn.agent.memtrace import MemTrace
 
 
 def test_off_unless_the_variable_names_a_directory():

@@ -1,4 +1,4 @@
-"""MSS clamping (mpvpn.mss): SYNs lowered to what the vNIC carries, checksums
+"""MSS clamping (mpvpn.core.mss): SYNs lowered to what the vNIC carries, checksums
 kept right (checked with the reference sum of test_offload), everything else
 untouched, malformed input never raises."""
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_offload import ip4, ip6, l4_ok, tcp_hdr, with_l4_csum
 
-from mpvpn import mss
-from mpvpn.offload import TCP_ACK
+from mpvpn.core import mss
+from mpvpn.io.offload import TCP_ACK
 
 SYN = 0x02
 MSS4, MSS6 = mss.mss_for_mtu(1400)

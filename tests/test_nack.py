@@ -1,9 +1,9 @@
-"""mpvpn.nack on its own: decisions out, no session, no callbacks."""
+"""mpvpn.core.nack on its own: decisions out, no session, no callbacks."""
 
-from mpvpn import wire
-from mpvpn.nack import NackReceiver, NackRound, NackSender
-from mpvpn.reorder import ReorderBuffer
-from mpvpn.smpu import SessionConfig
+from mpvpn.core import wire
+from mpvpn.core.nack import NackReceiver, NackRound, NackSender
+from mpvpn.core.reorder import ReorderBuffer
+from mpvpn.core.smpu import SessionConfig
 
 
 class _Rtt:
@@ -69,8 +69,8 @@ def test_the_core_modules_of_this_split_stay_sans_io():
     import ast
     import importlib
     banned = {"socket", "select", "selectors", "time", "asyncio", "threading", "os", "subprocess"}
-    for name in ("mpvpn.nack", "mpvpn.schedbase", "mpvpn.smpu_send", "mpvpn.smpu_receive",
-                 "mpvpn.smpu", "mpvpn.wire"):
+    for name in ("mpvpn.core.nack", "mpvpn.core.schedbase", "mpvpn.core.smpu_send", "mpvpn.core.smpu_receive",
+                 "mpvpn.core.smpu", "mpvpn.core.wire"):
         mod = importlib.import_module(name)
         tree = ast.parse(open(mod.__file__).read())
         imported = set()

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import coturn  # noqa: E402
 import netlab  # noqa: E402
 from netlab import nat  # noqa: E402
-from mpvpn import stun, turn  # noqa: E402
+
+from mpvpn.core import stun, turn  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -29,7 +30,7 @@ STUN_PORT = 3478
 CLIENT = r"""
 import json, socket, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from mpvpn import stun
+from mpvpn.core import stun
 import coturn
 servers = [tuple(s) for s in json.loads(sys.argv[3])]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -46,7 +47,7 @@ print(json.dumps({"local": list(s.getsockname()), "nat": r and r.nat,
 PROBE = r"""
 import socket, sys, os
 sys.path[:0] = [sys.argv[1]]
-from mpvpn import stun
+from mpvpn.core import stun
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.3)
 t = os.urandom(12)
 s.sendto(stun.encode(stun.BINDING, stun.REQUEST, t), (sys.argv[2], int(sys.argv[3])))

@@ -4,7 +4,7 @@
 CODE = r"""
 import sys, subprocess
 sys.path.insert(0, sys.argv[1])
-from mpvpn.netcfg import NetConfig, RTPROT_MPVPN, NetError
+from mpvpn.io.netcfg import NetConfig, RTPROT_MPVPN, NetError
 subprocess.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d0p"], check=True)
 subprocess.run(["ip", "link", "set", "d0p", "up"], check=True)
 subprocess.run(["ip", "link", "add", "keep0", "type", "veth", "peer", "name", "keep0p"], check=True)
@@ -48,7 +48,7 @@ def test_netcfg_in_a_throwaway_namespace(throwaway_netns):
 BAD_MTU = r"""
 import sys, subprocess
 sys.path.insert(0, sys.argv[1])
-from mpvpn.netcfg import NetConfig, NetError
+from mpvpn.io.netcfg import NetConfig, NetError
 subprocess.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d0p"], check=True)
 try:
     NetConfig().configure("d0", "172.30.9.1/30", 70000)  # the kernel refuses this MTU

@@ -13,9 +13,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import netlab
+import pytest
 from netlab import Lab, LabError, list_lab_namespaces, parse_ping
 from stats import fraction_interval as binomial_bounds
 

@@ -1,4 +1,4 @@
-"""Tests for mpvpn.noise: published vectors, interop, rejection, key helpers."""
+"""Tests for mpvpn.core.noise: published vectors, interop, rejection, key helpers."""
 
 from __future__ import annotations
 
@@ -12,20 +12,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn import noise
-from mpvpn.noise import (
-    MAX_MESSAGE_LEN,
-    CipherState,
-    DecryptError,
-    Handshake,
-    HandshakeError,
-    NonceExhausted,
-    generate_keypair,
-    genpsk,
-    load_psk,
-    psk_id,
-    public_key,
-)
+from mpvpn.core import noise
+from mpvpn.core.noise import (MAX_MESSAGE_LEN, CipherState, DecryptError, Handshake, HandshakeError,
+                              NonceExhausted, generate_keypair, genpsk, load_psk, psk_id,
+                              public_key)
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "noise_vectors.json").read_text())["vectors"]
 PSK = bytes(range(32))

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from mpvpn import offload as o
+from mpvpn.io import offload as o
 
 
 def ref_sum(data: bytes) -> int:
@@ -282,9 +282,9 @@ def test_single_packets_are_written_as_they_came():
     assert o.coalesce([b"\x60"]) == [[o.PLAIN_HDR, b"\x60"]]  # junk is passed on, never raises
 
 
-# -- the C loops (mpvpn.fastpath) against this module's Python ---------------------
+# -- the C loops (mpvpn.core.fastpath) against this module's Python ---------------------
 
-from mpvpn import fastpath  # noqa: E402
+from mpvpn.core import fastpath  # noqa: E402
 
 needs_c = pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import __version__, ipk
+from mpvpn import __version__
+from mpvpn.tools import ipk
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "package" / "orayboxvpn" / "Makefile"
@@ -223,7 +224,7 @@ def test_feeds_conf():
 def test_top_level_makefile_targets():
     text = (ROOT / "Makefile").read_text()
     m = re.search(r"^ipk:.*\n((?:\t.*\n)+)", text, re.M)
-    assert m and "-m mpvpn.ipk --out dist" in m.group(1)
+    assert m and "-m mpvpn.tools.ipk --out dist" in m.group(1)
     assert re.search(r"^test-openwrt:", text, re.M)
     phony = re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split()
     assert {"ipk", "test-openwrt"} <= set(phony)
@@ -242,13 +243,13 @@ def test_fastpath_package_builds_the_c_loops_for_the_target():
     compile_ = mk.define("Build/Compile")
     assert "$(TARGET_CC)" in compile_ and "-I$(PYTHON3_INC_DIR)" in compile_ and "_fastpath.c" in compile_
     install = mk.define("Package/orayboxvpn-fastpath/install")
-    assert "$(PYTHON3_PKG_DIR)/mpvpn/_fastpath.so" in install
-    assert (ROOT / "src" / "mpvpn" / "_fastpath.c").exists()
+    assert "$(PYTHON3_PKG_DIR)/mpvpn/core/_fastpath.so" in install  # next to core/fastpath.py
+    assert (ROOT / "src" / "mpvpn" / "core" / "_fastpath.c").exists()
     assert re.search(r"call (Build/DefaultTargets|BuildPackage|KernelPackage)", FAST.read_text())
-    # the module name the agent imports (mpvpn.fastpath) is the one built
+    # the module name the agent imports (mpvpn.core.fastpath) is the one built
     import importlib.machinery
 
     assert ".so" in importlib.machinery.EXTENSION_SUFFIXES
-    assert "from mpvpn import _fastpath" in (ROOT / "src" / "mpvpn" / "fastpath.py").read_text()
+    assert "from mpvpn.core import _fastpath" in (ROOT / "src" / "mpvpn" / "core" / "fastpath.py").read_text()
     # and the architecture-independent package leaves compiled parts out
     assert "-name '*.so'" in ipk.parse_makefile(CORE).define("Build/Compile")

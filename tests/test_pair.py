@@ -1,5 +1,5 @@
 """``mpvpn pair``: two matching configs that pass `mpvpn check` and read back
-identically through mpvpn.uci."""
+identically through mpvpn.io.uci."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import sys
 
 import pytest
 
-from mpvpn import check, config, noise, pair, uci
+from mpvpn.agent import check, config
+from mpvpn.core import noise
+from mpvpn.io import uci
+from mpvpn.tools import pair
 
 THREE = [
     "--a-uplink", "telecom=10.1.0.1", "--a-uplink", "unicom=10.2.0.1", "--a-uplink", "mobile=10.3.0.1",

@@ -1,4 +1,4 @@
-"""Carrier matching (mpvpn.pairing): seed rule, options, symmetry, stability."""
+"""Carrier matching (mpvpn.core.pairing): seed rule, options, symmetry, stability."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn.pairing import SubflowSpec, Uplink, diff, mirror, plan, same_pairs, to_wire
+from mpvpn.core.pairing import SubflowSpec, Uplink, diff, mirror, plan, same_pairs, to_wire
 
 # Seed 001's example: A 120.22.100.2 -> B 120.61.20.12 (telecom),
 # A 220.36.120.46 -> B 180.22.154.31 (unicom), A 61.120.78.230 -> B 61.35.11.10 (mobile).

@@ -1,4 +1,4 @@
-"""Tests for mpvpn.reorder.ReorderBuffer (seed 001 "Receiving")."""
+"""Tests for mpvpn.core.reorder.ReorderBuffer (seed 001 "Receiving")."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn.reorder import SKIP_MEMORY, ReorderBuffer
+from mpvpn.core.reorder import SKIP_MEMORY, ReorderBuffer
 
 
 def push_all(buf, seqs, now=0.0):

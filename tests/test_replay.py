@@ -1,4 +1,4 @@
-"""Tests for mpvpn.replay.ReplayWindow."""
+"""Tests for mpvpn.core.replay.ReplayWindow."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn.replay import SEQ_LIMIT, ReplayWindow
+from mpvpn.core.replay import SEQ_LIMIT, ReplayWindow
 
 
 class Model:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mpvpn import rpc
+from mpvpn.io import rpc
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from mpvpn import rtnl
-from mpvpn.rtnl import NetError
+from mpvpn.io import rtnl
+from mpvpn.io.rtnl import NetError
 
 
 def h16(x: int) -> bytes:  # host byte order, independent of the module's struct formats
@@ -294,7 +294,7 @@ def netns(throwaway_netns):
 SETUP = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.netcfg import NetConfig
+from mpvpn.io.netcfg import NetConfig
 n = NetConfig()
 n.configure("d0", "172.30.9.1/30", 1380)
 n.configure("d0", "fd00:9::1/64", 1380)
@@ -313,7 +313,7 @@ n.close()
 TEARDOWN = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.netcfg import NetConfig
+from mpvpn.io.netcfg import NetConfig
 n = NetConfig()
 out = dict(del1=n.del_route("192.168.20.0/24", "d0"), del2=n.del_route("192.168.20.0/24", "d0"),
            del6=n.del_route("fd00:20::/64", "d0"), nodev=n.del_route("192.168.20.0/24", "nope0"))
@@ -377,7 +377,7 @@ def test_kernel_errors_and_dumps_through_the_socket(netns):
     r = run(r"""
 import errno, socket, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn import rtnl
+from mpvpn.io import rtnl
 nl = rtnl.Rtnl()
 try:
     nl.request(rtnl.RTM_DELLINK, rtnl.NLM_F_ACK, rtnl.link_msg(99999))
@@ -405,7 +405,7 @@ print("ok")
 LEFTOVERS = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.netcfg import NetConfig
+from mpvpn.io.netcfg import NetConfig
 n = NetConfig()
 n.add_route("10.77.0.0/24", "t0")
 n.add_route("10.88.0.0/24", "d0")

@@ -1,12 +1,12 @@
-"""The scheduler interface (mpvpn.schedbase): what Session asks of every
+"""The scheduler interface (mpvpn.core.schedbase): what Session asks of every
 scheduling mode, duplicate mode included."""
 
 import pytest
 
-from mpvpn.schedbase import DuplicateAll, FunctionScheduler, PacketScheduler, as_scheduler
-from mpvpn.scheduler import Scheduler, make_scheduler
-from mpvpn.simnet import SimPair
-from mpvpn.smpu import duplicate_all
+from mpvpn.core.schedbase import DuplicateAll, FunctionScheduler, PacketScheduler, as_scheduler
+from mpvpn.core.scheduler import Scheduler, make_scheduler
+from mpvpn.core.smpu import duplicate_all
+from mpvpn.tools.simnet import SimPair
 
 
 def test_every_mode_implements_the_interface():

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpvpn.scheduler import LinkPolicy, Scheduler, SchedulerOptions, make_scheduler
-from mpvpn.simnet import SimPair
-from mpvpn.smpu import SessionConfig
+from mpvpn.core.scheduler import LinkPolicy, Scheduler, SchedulerOptions, make_scheduler
+from mpvpn.core.smpu import SessionConfig
+from mpvpn.tools.simnet import SimPair
 
 SRC, DST = bytes([192, 168, 1, 10]), bytes([192, 168, 2, 20])
 

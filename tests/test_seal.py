@@ -1,4 +1,4 @@
-"""Tests for mpvpn.seal: datagram AEAD per docs/protocol.md "Sealing"."""
+"""Tests for mpvpn.core.seal: datagram AEAD per docs/protocol.md "Sealing"."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn import wire
-from mpvpn.noise import Handshake
-from mpvpn.seal import Sealer, next_epoch, with_member
+from mpvpn.core import wire
+from mpvpn.core.noise import Handshake
+from mpvpn.core.seal import Sealer, next_epoch, with_member
 
 SESSION = 0x1234ABCD
 K_AB, K_BA = os.urandom(32), os.urandom(32)  # A->B and B->A keys
@@ -317,7 +317,7 @@ def test_epoch_validation_and_next_epoch():
 def test_aes_gcm_sessions_work_and_do_not_open_chacha_datagrams():
     import os as _os
 
-    from mpvpn import seal as sealmod
+    from mpvpn.core import seal as sealmod
 
     k1, k2 = _os.urandom(32), _os.urandom(32)
     a = sealmod.Sealer(k1, k2, 1, cipher=sealmod.AES)
@@ -333,7 +333,7 @@ def test_aes_gcm_sessions_work_and_do_not_open_chacha_datagrams():
 
 
 def test_cpu_detection_and_preference():
-    from mpvpn import seal as sealmod
+    from mpvpn.core import seal as sealmod
 
     x86 = "processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1\n"
@@ -384,11 +384,12 @@ def test_the_budget_keeps_aes_gcm_within_its_usage_limit():
     """RFC 8446 5.5 / draft-irtf-cfrg-aead-limits: about 2**36 blocks under
     one AES-GCM key for a 2**-57 advantage; our largest packet is 9000 bytes
     (vNIC MTU) plus header and tag."""
-    from mpvpn import config, control, seal
+    from mpvpn.agent import config
+    from mpvpn.core import controlconn, seal
 
     blocks = -(-(9000 + wire.HEADER_LEN + wire.TAG_LEN) // 16)
     assert seal.REKEY_AFTER_PACKETS * (blocks + 1) < 2 ** 36
-    assert control.ControlConfig.rekey_packets == seal.REKEY_AFTER_PACKETS
+    assert controlconn.ControlConfig.rekey_packets == seal.REKEY_AFTER_PACKETS
     assert int(config.OPTIONS["base"]["rekey_packets"].default) == seal.REKEY_AFTER_PACKETS
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from mpvpn.simnet import SimLink, SimPair
+from mpvpn.tools.simnet import SimLink, SimPair
 
 
 def test_link_drops_at_its_loss_rate_and_delays():

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn import wire
-from mpvpn.simnet import SimPair
-from mpvpn.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
-                        SubflowDown, SubflowUp)
-from mpvpn.wire import Op
+from mpvpn.core import wire
+from mpvpn.core.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
+                             SubflowDown, SubflowUp)
+from mpvpn.core.wire import Op
+from mpvpn.tools.simnet import SimPair
 
 
 def indices(pkts):
@@ -548,7 +548,7 @@ def test_nack_works_on_a_sealed_session():
 
 
 def test_replacing_a_queueing_scheduler_counts_its_queue_as_dropped():
-    from mpvpn.scheduler import make_scheduler
+    from mpvpn.core.scheduler import make_scheduler
     pair = SimPair(1, delay=0.010)
     pair.add_subflow(2, delay=0.010, rate=1000.0)  # a very slow link
     pair.set(1, up=False)
@@ -571,7 +571,7 @@ def _pinned_failover(pps: int, size: int, delays, rates, seed: int = 1):
     Returns (indices lost, b's counters, a's counters)."""
     import struct
 
-    from mpvpn.scheduler import make_scheduler
+    from mpvpn.core.scheduler import make_scheduler
 
     pair = SimPair(0, seed=seed)
     for m in (1, 2, 3):

@@ -60,9 +60,10 @@ def test_the_doc_lists_the_fields_the_examples_need():
 
 def _agent(tmp_path, role):
     from agentlab import site_config
-    from mpvpn import config as cfgmod
-    from mpvpn.agent import Agent
-    from mpvpn.noise import genpsk
+
+    from mpvpn.agent import config as cfgmod
+    from mpvpn.agent.agent import Agent
+    from mpvpn.core.noise import genpsk
 
     text, net = site_config(role, genpsk(), 1 if role == "client" else 2, "172.30.0.1", "192.168.10.1")
     (tmp_path / "orayboxvpn").write_text(text)
@@ -96,7 +97,8 @@ def test_running_agents_have_every_documented_field_in_each_state(make_lab):
         ts.b.start()
         st_a, st_b = ts.a.wait_connected(2), ts.b.wait_connected(2)
         assert st_a["links"] and st_a["sessions"]
-        from mpvpn.agent import SESSION_COUNTERS  # the names it shows with no session are real ones
+        from mpvpn.agent.agent import \
+            SESSION_COUNTERS  # the names it shows with no session are real ones
         assert set(SESSION_COUNTERS) <= set(st_a["sessions"][0]["counters"])
         assert missing(st_a, schema("client")) == [], "client, connected"
         assert missing(st_b, schema("server")) == [], "server, connected"

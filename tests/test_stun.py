@@ -1,4 +1,4 @@
-"""STUN codec and Binding client (src/mpvpn/stun.py), with a fake clock.
+"""STUN codec and Binding client (src/mpvpn/core/stun.py), with a fake clock.
 
 The RFC 5769 / RFC 8489 appendix B vectors are the RFCs' published bytes."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpvpn import stun
+from mpvpn.core import stun
 
 PW = b"VOkJxbRl1RmTxUk/WvJxBt"
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from mpvpn import wire
-from mpvpn.simnet import SimPair
-from mpvpn.smpu import SessionConfig, SubflowDown, SubflowUp
-from mpvpn.subflow import RESPONDER_OVERRIDES, TRANSITIONS, State, SubflowConfig
-from mpvpn.wire import Op
+from mpvpn.core import wire
+from mpvpn.core.smpu import SessionConfig, SubflowDown, SubflowUp
+from mpvpn.core.subflow import RESPONDER_OVERRIDES, TRANSITIONS, State, SubflowConfig
+from mpvpn.core.wire import Op
+from mpvpn.tools.simnet import SimPair
 
 
 def ops_sent(pair, side):
@@ -279,7 +279,7 @@ def test_reopen_after_an_endpoint_moved_runs_the_handshake_again():
 
 
 def _bare_subflow():
-    from mpvpn.subflow import Subflow
+    from mpvpn.core.subflow import Subflow
     emitted = []
     sub = Subflow(3, True, SubflowConfig(), lambda s, op, p: emitted.append(op),
                   lambda *a: None)

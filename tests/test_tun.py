@@ -4,7 +4,7 @@ import select
 
 import pytest
 
-from mpvpn.tun import LinuxTun, MemoryTun, TunError, valid_ifname
+from mpvpn.io.tun import LinuxTun, MemoryTun, TunError, valid_ifname
 
 
 def test_interface_names_are_checked():
@@ -30,8 +30,8 @@ def test_memory_tun_is_selectable_and_fifo():
 CODE = r"""
 import os, select, socket, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.tun import LinuxTun
-from mpvpn.netcfg import NetConfig
+from mpvpn.io.tun import LinuxTun
+from mpvpn.io.netcfg import NetConfig
 t = LinuxTun("mpvt0"); n = NetConfig()
 n.configure("mpvt0", "172.31.0.1/30", 1400)
 n.add_route("192.168.77.0/24", "mpvt0")
@@ -64,9 +64,9 @@ def test_linux_tun_carries_packets_in_a_throwaway_namespace(throwaway_netns):
 OFFLOAD_CODE = r"""
 import os, select, struct, subprocess, sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.tun import LinuxTun
-from mpvpn import offload as o
-from mpvpn.netcfg import NetConfig
+from mpvpn.io.tun import LinuxTun
+from mpvpn.io import offload as o
+from mpvpn.io.netcfg import NetConfig
 
 def sh(*a):
     subprocess.run(a, check=True)
@@ -162,7 +162,7 @@ def test_unknown_offload_mode_is_refused():
 REFUSED_CODE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from mpvpn.tun import LinuxTun, TunError
+from mpvpn.io.tun import LinuxTun, TunError
 try:
     LinuxTun("lo")  # exists, and is no tun
 except TunError as e:

@@ -1,4 +1,4 @@
-"""TURN client (src/mpvpn/turn.py) with a fake clock and hand-made server
+"""TURN client (src/mpvpn/core/turn.py) with a fake clock and hand-made server
 answers.  The answers follow RFC 8656 / coturn's behaviour (ns_turn_server.c:
 401 with REALM+NONCE first, MESSAGE-INTEGRITY on authenticated responses,
 438 with a fresh NONCE); tests/test_coturn.py checks the same paths against
@@ -9,9 +9,10 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpvpn import stun, turn
+from mpvpn.core import stun, turn
 
 SRV = ("192.0.2.10", 3478)
 RELAYED = ("192.0.2.10", 49152)

@@ -15,10 +15,10 @@ import subprocess
 import time
 
 import pytest
-
-from mpvpn import ubus as ubusmod
-from mpvpn import ubusmsg as um
 from ubusd_standin import StandinUbusd
+
+from mpvpn.io import ubus as ubusmod
+from mpvpn.io import ubusmsg as um
 
 
 def inline_post(fn):
@@ -172,7 +172,7 @@ def test_an_answer_too_big_for_ubusd_is_an_error_not_a_lost_connection(ubusd):
 
 
 def test_the_object_comes_back_after_ubusd_restarts_and_the_agent_says_so(ubusd, caplog):
-    caplog.set_level(logging.INFO, logger="mpvpn.ubus")
+    caplog.set_level(logging.INFO, logger="mpvpn.io.ubus")
     t = ubusmod.UbusTransport(handlers(), inline_post, socket_path=ubusd.path, backoff=(0.05, 0.2))
     assert t.start()
     try:
@@ -216,7 +216,7 @@ REAL = shutil.which("ubusd") and shutil.which("ubus")
 
 @pytest.mark.skipif(not REAL, reason="OpenWrt's ubusd and ubus CLI are not on PATH")
 def test_against_real_ubusd_and_ubus_cli(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mpvpn.ubus")
+    caplog.set_level(logging.INFO, logger="mpvpn.io.ubus")
     sock = str(tmp_path / "ubus.sock")
 
     def start_ubusd():

@@ -1,4 +1,4 @@
-"""Tests for mpvpn.uci against behaviour read from libuci's C source.
+"""Tests for mpvpn.io.uci against behaviour read from libuci's C source.
 
 Expected values below were derived from openwrt/uci: file.c (parser,
 uci_export_package), list.c (uci_set, uci_add_list, uci_fixup_section,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mpvpn import uci
+from mpvpn.io import uci
 
 ROOT = Path(__file__).resolve().parents[1]
 

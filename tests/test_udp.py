@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from mpvpn.udp import UplinkUnavailable, open_uplink, sockaddr
+from mpvpn.io.udp import UplinkUnavailable, open_uplink, sockaddr
 
 
 def test_bound_to_the_uplink_address_and_non_blocking():
@@ -57,7 +57,7 @@ def _pair():
 
 
 def test_batch_send_is_identical_to_one_by_one_and_uses_fewer_calls():
-    from mpvpn.udp import BatchSocket
+    from mpvpn.io.udp import BatchSocket
 
     rx, tx, select = _pair()
     try:
@@ -83,7 +83,7 @@ def test_batch_send_is_identical_to_one_by_one_and_uses_fewer_calls():
 
 
 def test_batch_send_falls_back_when_gso_is_refused():
-    from mpvpn.udp import BatchSocket
+    from mpvpn.io.udp import BatchSocket
 
     class NoGso:
         def __init__(self, real):

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvpn import wire
-from mpvpn.wire import DecodeError, Op
+from mpvpn.core import wire
+from mpvpn.core.wire import DecodeError, Op
 
 
 def test_header_layout_is_the_documented_one():

@@ -27,7 +27,7 @@ import selectors
 import socket
 import threading
 
-from mpvpn import ubusmsg as um
+from mpvpn.io import ubusmsg as um
 
 
 class StandinUbusd:

@@ -9,13 +9,15 @@ from mpvpn import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mpvpn import demo
+    if not _tools_installed():
+        return _not_on_router(args)
+    from mpvpn.tools import demo
 
     return demo.main(["--packets", str(args.packets), "--loss", str(args.loss)])
 
 
 def _cmd_genpsk(args: argparse.Namespace) -> int:
-    from mpvpn import noise
+    from mpvpn.core import noise
 
     print(noise.genpsk())
     return 0
@@ -28,8 +30,8 @@ DEFAULT_RUN_DIR = "/var/run/orayboxvpn"
 def _cmd_run(args: argparse.Namespace) -> int:
     import logging
 
-    from mpvpn import config as cfgmod
-    from mpvpn import logsink
+    from mpvpn.agent import config as cfgmod
+    from mpvpn.io import logsink
 
     cfg, problems = cfgmod.load_config(args.uci_dir)
     level = cfg.base.log_level.upper() if cfg is not None else "INFO"
@@ -43,7 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not cfg.enabled:
         log.warning("orayboxvpn is disabled (orayboxvpn.base.enabled=0): not starting")
         return 0
-    from mpvpn.agent import Agent
+    from mpvpn.agent.agent import Agent
 
     agent = Agent(cfg, uci_dir=args.uci_dir, run_dir=args.run_dir, ubus_socket=args.ubus_socket)
     try:
@@ -96,7 +98,7 @@ def _show(doc: dict, as_json: bool, text) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from mpvpn import rpc
+    from mpvpn.io import rpc
 
     try:
         st = rpc.call(rpc.socket_path(args.run_dir), "status")
@@ -130,7 +132,7 @@ def format_link_test(doc: dict) -> str:
 def _cmd_test_links(args: argparse.Namespace) -> int:
     import time
 
-    from mpvpn import rpc
+    from mpvpn.io import rpc
 
     path = rpc.socket_path(args.run_dir)
     req = {"duration": args.duration}
@@ -168,7 +170,7 @@ def _cmd_test_links(args: argparse.Namespace) -> int:
 def _cmd_genkey(args: argparse.Namespace) -> int:
     import base64
 
-    from mpvpn import noise
+    from mpvpn.core import noise
 
     private, _public = noise.generate_keypair()
     print(base64.b64encode(private).decode())
@@ -179,7 +181,7 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     import base64
     import binascii
 
-    from mpvpn import noise
+    from mpvpn.core import noise
 
     text = sys.stdin.read().strip()
     try:
@@ -259,11 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pubkey", help=what, description="read a private key (base64, e.g. from "
                         "`mpvpn genkey`) on standard input and print its public key (base64)")
     pk.set_defaults(func=_cmd_pubkey)
-    from mpvpn import check, pair
+    from mpvpn.agent import check
 
     check.register(sub)
-    pair.register(sub)
+    if _tools_installed():
+        from mpvpn.tools import pair
+
+        pair.register(sub)
+    else:
+        what = "write both sites' configs (a PC tool, not in the router package)"
+        sub.add_parser("pair", help=what, description=what, add_help=True).set_defaults(
+            func=_not_on_router)
     return p
+
+
+def _tools_installed() -> bool:
+    """``mpvpn.tools`` (demo, pair, package builders) runs on a PC; the router
+    package leaves it out (package/orayboxvpn/Makefile, Build/Compile)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mpvpn.tools") is not None
+
+
+def _not_on_router(args: argparse.Namespace) -> int:
+    print(f"mpvpn {args.command}: not part of the router package; run it on a PC from the "
+          "source tree (README, \"Set-up\")", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Fuzz target: the master control connection (``mpvpn.control``).
+"""Fuzz target: the master control connection (``mpvpn.core.control``).
 
 The first input byte ``b0`` picks a path (``b0 & 7``) and flags
 (``b0 & 0x08``: EOF at the end; ``b0 & 0x10``: feed byte by byte where it
@@ -70,25 +70,22 @@ except ImportError:  # the plain (non-atheris) tests import this module too
 _INSTRUMENT = atheris is not None and __name__ == "__main__"
 
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
-    from mpvpn import noise, pairing
-    from mpvpn.control import (
+    from mpvpn.core import noise, pairing
+    from mpvpn.core.controlconn import ClientConnection, ControlConfig, State
+    from mpvpn.core.controlevents import ConnectionClosed, ProtocolError
+    from mpvpn.core.controlmsg import (
         MAX_FRAME,
         MAX_MESSAGE,
         POSTAUTH_MAX_FRAME,
         PREAUTH_MAX_FRAME,
         PROLOGUE,
-        ClientConnection,
-        ConnectionClosed,
-        ControlConfig,
         FrameDecoder,
-        ProtocolError,
-        ServerSessions,
-        State,
         Vnc,
         decode_message,
         encode_frame,
     )
-    from mpvpn.pairing import Uplink
+    from mpvpn.core.registry import ServerSessions
+    from mpvpn.core.pairing import Uplink
 
 NAME = "control"
 MAX_OPS = 48
@@ -97,7 +94,7 @@ ADDR = ("203.0.113.9", 40000)
 # counters that move without bad input
 NOT_BAD = frozenset({"after_close", "rekey_started", "rekeyed", "rekey_collision", "rekey_volume"})
 # control protocol 2's stamp after message 1, built here independently of
-# mpvpn.control: sender | counter | keyed-BLAKE2s-128(BLAKE2s(label | psk), ...)
+# mpvpn.core.control: sender | counter | keyed-BLAKE2s-128(BLAKE2s(label | psk), ...)
 _MAC_KEY = hashlib.blake2s(b"orayboxvpn control v2 mac" + PSK).digest()
 
 

@@ -1,4 +1,4 @@
-"""Fuzz target: the data path's C loops (``mpvpn._fastpath``) on hostile bytes.
+"""Fuzz target: the data path's C loops (``mpvpn.core._fastpath``) on hostile bytes.
 
 Input: the first byte picks the loop, the rest is its input:
 
@@ -12,7 +12,7 @@ Input: the first byte picks the loop, the rest is its input:
 
 Asserts, for every input: no crash and no exception but the documented
 ``ValueError`` of ``split``; ``split`` and ``coalesce`` give exactly what the
-Python reference in ``mpvpn.offload`` gives (or both refuse); ``open_run``
+Python reference in ``mpvpn.io.offload`` gives (or both refuse); ``open_run``
 stops inside the list and delivers only what authenticates, in order.
 
 Without the compiled loops (``make fastpath``) the target checks the Python
@@ -36,8 +36,9 @@ _INSTRUMENT = atheris is not None and __name__ == "__main__"
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
     from cryptography.exceptions import InvalidTag
 
-    from mpvpn import fastpath, offload
-    from mpvpn.seal import Sealer
+    from mpvpn.core import fastpath
+    from mpvpn.io import offload
+    from mpvpn.core.seal import Sealer
 
 NAME = "fastpath"
 C = fastpath.LOOPS
@@ -111,7 +112,7 @@ def _sealed(sealer: Sealer, seq: int, payload: bytes, member: int = 1) -> bytes:
 
 
 def seed_corpus() -> list[bytes]:
-    from mpvpn.offload import GSO_TCPV4, F_NEEDS_CSUM, build_hdr
+    from mpvpn.io.offload import GSO_TCPV4, F_NEEDS_CSUM, build_hdr
 
     ip = bytes([0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 192, 168, 10, 2, 192, 168, 20, 2])
     tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 1, 5 << 4, 0x18, 500, 0, 0)

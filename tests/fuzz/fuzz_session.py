@@ -1,6 +1,6 @@
 """Fuzz target: the SMPU receive path, ``Session.receive_datagram``.
 
-A session pair (``mpvpn.simnet.SimPair``, 2 subflows) is built once at
+A session pair (``mpvpn.tools.simnet.SimPair``, 2 subflows) is built once at
 import and driven through its handshake.  Its receiver ``b`` is kept as a
 snapshot; every input starts from a deep copy of it, so an input's outcome
 never depends on the inputs before it (a crash file reproduces on its own).
@@ -71,8 +71,8 @@ except ImportError:  # the plain (non-atheris) tests import this module too
 _INSTRUMENT = atheris is not None and __name__ == "__main__"
 
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
-    from mpvpn import wire
-    from mpvpn.simnet import SimPair
+    from mpvpn.core import wire
+    from mpvpn.tools.simnet import SimPair
 
 NAME = "session"
 MAX_OPS = 64

@@ -36,7 +36,7 @@ except ImportError:
 _INSTRUMENT = atheris is not None and __name__ == "__main__"
 
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
-    from mpvpn import stun, turn
+    from mpvpn.core import stun, turn
 
 NAME = "stun"
 SRV = ("192.0.2.10", 3478)

@@ -1,11 +1,11 @@
-"""Fuzz target: the SMPU header decoder, ``mpvpn.wire.decode``.
+"""Fuzz target: the SMPU header decoder, ``mpvpn.core.wire.decode``.
 
 Input: the fuzzer's bytes are one UDP datagram, as is.
 
 Asserts, for every input:
 
-* ``decode`` never raises and returns a :class:`~mpvpn.wire.Header` or a
-  :class:`~mpvpn.wire.DecodeError`;
+* ``decode`` never raises and returns a :class:`~mpvpn.core.wire.Header` or a
+  :class:`~mpvpn.core.wire.DecodeError`;
 * the verdict (accept, or the exact error code) equals a reference decoder
   written here from ``docs/protocol.md`` (its own field layout and order of
   checks; the opcode list and the control payload sizes are taken from
@@ -35,12 +35,12 @@ except ImportError:  # the plain (non-atheris) tests import this module too
 _INSTRUMENT = atheris is not None and __name__ == "__main__"
 
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
-    from mpvpn import wire
+    from mpvpn.core import wire
 
 NAME = "wire"
 _HAS_NACK = hasattr(wire, "nack_decode") and hasattr(wire, "nack_encode")
 
-# --- reference decoder (independent of mpvpn.wire's code) ----------------------------
+# --- reference decoder (independent of mpvpn.core.wire's code) ----------------------------
 
 _REF = struct.Struct("!BBBBIHBBQ")  # version op member flags | session | length epoch reserved | seq
 _CTRL_SIZES = {int(k): v for k, v in wire.CONTROL_SIZES.items()}

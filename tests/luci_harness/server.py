@@ -24,7 +24,7 @@ methods, published as ``orayboxvpn``) or ``None`` (the agent is not running:
 ubus has no such object).  Backends here: :class:`StaticBackend` (one fixed
 document), :class:`DownBackend` (agent not running) and
 :class:`SocketAgentBackend` (a live agent's local control socket,
-``<run-dir>/orayboxvpn.sock``, see ``mpvpn.rpc``); ``simagent.SimAgentBackend``
+``<run-dir>/orayboxvpn.sock``, see ``mpvpn.io.rpc``); ``simagent.SimAgentBackend``
 runs the real in-memory engine.
 """
 
@@ -126,7 +126,7 @@ class DownBackend:
 
 
 class SocketAgentBackend:
-    """A live agent's local control socket (one JSON line each way, see mpvpn.rpc),
+    """A live agent's local control socket (one JSON line each way, see mpvpn.io.rpc),
     published on the harness's ubus with the agent's own transport.
 
     A missing or refusing socket is an agent failure the page sees as an error."""

@@ -3,14 +3,14 @@
 :func:`status_document` wraps what the engine reports (``Session.status``:
 the links and counters) into the shape of docs/status.md, adding the fields
 the agent itself owns (state, role, vNIC, routes, control, uplinks, ...).
-:class:`SimAgentBackend` drives an :class:`mpvpn.simnet.SimPair` with three
+:class:`SimAgentBackend` drives an :class:`mpvpn.tools.simnet.SimPair` with three
 carriers, some loss and traffic both ways, and advances it on every
 ``status`` call, so a polling page sees counters and rates move.  Its
 ``test_links`` starts a scripted link test (:class:`SimLinkTest`, the
 contract of the agent's ``test_links`` method and the document's
 ``link_test``) whose phases finish as the status calls advance the engine.  Its
 methods are published on the harness's ubus with the agent's own ubus code
-(``mpvpn.ubus``), so calls are checked against the agent's real argument rules.
+(``mpvpn.io.ubus``), so calls are checked against the agent's real argument rules.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import math
 import threading
 import time
 
-from mpvpn.simnet import SimPair
+from mpvpn.tools.simnet import SimPair
 
 CARRIERS = (  # member -> carrier: (type, local, remote)
     ("telecom", "10.1.0.1:7000", "10.1.0.2:7000"),
@@ -127,7 +127,7 @@ def status_document(pair: SimPair, *, name: str = "site-a", peer: str = "site-b"
         "vnc": {"ifname": "mpvpn0", "address": "172.30.0.1", "netmask": "255.255.255.252", "mtu": 1400},
         "routes": routes,
         "dataplane": {"c_loops": False, "tun_offload": "gro",
-                      # mpvpn.fastpath.WHY on a router without orayboxvpn-fastpath
+                      # mpvpn.core.fastpath.WHY on a router without orayboxvpn-fastpath
                       "c_loops_off_why": "not built (cannot import name '_fastpath' from 'mpvpn' "
                                          "(/usr/lib/python3.11/site-packages/mpvpn/__init__.py))",
                       "tun_offload_error": None, "tun_split_errors": 0},

@@ -17,7 +17,7 @@ Stand-ins, each mirroring a real source:
 
 :func:`publish` / :class:`AgentObject`
     the agent's ``orayboxvpn`` object, published with the agent's own ubus
-    code: through python-ubus (``mpvpn.ubus.UbusTransport`` on
+    code: through python-ubus (``mpvpn.io.ubus.UbusTransport`` on
     :class:`PythonUbus`) or, for the transport that speaks ubusd's protocol
     itself, the steps of its ``UbusTransport._invoke`` with its own
     ``check_args`` and ``METHODS``.
@@ -356,7 +356,7 @@ def uhttpd_ubus_call(bus: PythonUbus, sessions: RpcdSessions, request: object,
 
 class AgentObject:
     """``orayboxvpn`` as the agent publishes it when it speaks ubusd's protocol
-    itself (``mpvpn.ubus`` with ``METHODS`` and ``check_args``): the steps of
+    itself (``mpvpn.io.ubus`` with ``METHODS`` and ``check_args``): the steps of
     ``UbusTransport._invoke``, with the agent's own argument rules.  A method
     the agent lacks is METHOD_NOT_FOUND; arguments ``check_args`` refuses
     (unknown, wrong type; ``ubus_rpc_session`` is accepted and dropped) are
@@ -388,9 +388,9 @@ class AgentObject:
 
 def publish(bus: PythonUbus, handlers: dict) -> object:
     """Publish ``handlers`` as ubus object ``orayboxvpn`` the way the agent does on a router:
-    with the agent's own ubus code (``mpvpn.ubus``: its ``METHODS`` signatures and
+    with the agent's own ubus code (``mpvpn.io.ubus``: its ``METHODS`` signatures and
     ``check_args``; the agent speaks ubusd's protocol itself), calls run inline (the
     agent's ``post``)."""
-    from mpvpn import ubus as ubusmod
+    from mpvpn.io import ubus as ubusmod
 
     return AgentObject(bus, handlers, ubusmod)

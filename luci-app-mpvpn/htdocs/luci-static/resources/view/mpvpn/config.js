@@ -5,7 +5,7 @@
 
 /*
  * Editor for /etc/config/orayboxvpn.  The options, their defaults and their
- * checks follow mpvpn.config.OPTIONS (docs/config.md); `mpvpn check` on the
+ * checks follow mpvpn.agent.config.OPTIONS (docs/config.md); `mpvpn check` on the
  * router remains the complete check, including the rules across sections.
  */
 
@@ -66,7 +66,7 @@ function validPort(s) {
 	return /^[0-9]{1,5}$/.test(s) && +s >= 1 && +s <= 65535;
 }
 
-/* host:port, [v6addr]:port or a host alone (port 7000), as mpvpn.config.parse_hostport */
+/* host:port, [v6addr]:port or a host alone (port 7000), as mpvpn.agent.config.parse_hostport */
 function checkHostPort(value, allowName) {
 	var s = String(value).trim(), host, port = null, m;
 

@@ -1,0 +1,1155 @@
+"""The agent: configuration -> control connection -> tun vNIC, routes and
+carrier-bound subflows -> the data path.
+
+One thread, one ``selectors`` loop.  The protocol logic lives in the
+sans-I/O core (:mod:`mpvpn.core.controlconn`, :mod:`mpvpn.core.smpu`); this module keeps
+the lifecycle, the event loop and the wiring between them and the kernel
+objects (tun, UDP, TCP, netlink: :mod:`mpvpn.io.hostio`).  The per-packet
+path is :mod:`mpvpn.agent.send` (tun -> session -> UDP) and :mod:`mpvpn.agent.receive`
+(UDP -> session -> tun): plain loops over non-blocking reads in batches,
+with no asyncio.  The status document is built by :mod:`mpvpn.agent.statusdoc`.
+
+What the agent adds to the system (the tun device, its address, routes to
+the peer's LAN subnets) is removed when it stops.  One agent runs per run
+directory and vNIC name (:mod:`mpvpn.io.instance`): a second one refuses to
+start and touches nothing.  A vNIC deleted under the agent is made again.  Routes stay in place
+while the peer is unreachable (the tunnel fails closed: traffic for the
+peer's LAN never leaks out of the default route).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import ipaddress
+import logging
+import math
+import os
+import queue
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from mpvpn import __version__
+from mpvpn.agent import config as cfgmod
+from mpvpn.agent import memtrace, receive, send, statusdoc
+from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
+from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, linktest, mss, pairing
+from mpvpn.core.admission import HandshakeStamps
+from mpvpn.core.reconnect import ClientReconnect
+from mpvpn.core.registry import ServerSessions
+from mpvpn.core.scheduler import LinkPolicy, make_scheduler
+from mpvpn.core.seal import Sealer
+from mpvpn.core.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
+                             SubflowDown, SubflowUp)
+from mpvpn.core.subflow import State, SubflowConfig
+from mpvpn.io import ifaddr, instance, rpc
+from mpvpn.io import ubus as ubusmod
+from mpvpn.io.hostio import HostIO
+from mpvpn.io.udp import BatchSocket, UplinkUnavailable, sockaddr
+
+log = logging.getLogger("mpvpn")
+
+UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
+MAX_TIMEOUT = 1.0
+INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
+
+
+def _hostname_word(text: str) -> str:
+    word = "".join(c if c.isalnum() or c in "_.-" else "-" for c in text)[:40].strip("-.")
+    return word if word and word[0].isalnum() else "site"
+
+
+@dataclass(eq=False)
+class UplinkIO:
+    """A local uplink and its UDP socket (absent while its address is missing)."""
+
+    cfg: cfgmod.Uplink
+    sock: socket.socket | None = None
+    batch: BatchSocket | None = None
+    state: str = "waiting"  # up | waiting | error
+    error: str | None = None
+    retry_at: float = 0.0
+    tx_errors: int = 0
+    rx_datagrams: int = 0
+    resolved: str | None = None  # address of an uplink given by OpenWrt interface
+    device: str | None = None  # Linux device for SO_BINDTODEVICE, where known
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def addr(self) -> str | None:
+        return str(self.cfg.bind_ip) if self.cfg.bind_ip is not None else self.resolved
+
+    def resolve(self, lookup=ifaddr.lookup) -> str | None:
+        """Refresh ``resolved``/``device`` from the OpenWrt interface; None or a reason."""
+        self.device = self.cfg.device
+        if not self.cfg.interface:
+            return None if self.addr else "no bind_ip, interface or device address"
+        res = lookup(self.cfg.interface)
+        self.device = self.cfg.device or res.device
+        if self.cfg.bind_ip is None:
+            self.resolved = res.address
+        return None if self.addr else res.error
+
+    @property
+    def wire_name(self) -> str:
+        """The name announced to the peer (``@smpu[0]`` -> ``smpu_0``)."""
+        return self.cfg.name.lstrip("@").replace("[", "_").replace("]", "")
+
+
+@dataclass(eq=False)
+class DataSession:
+    """One SMPU session with a peer site, its plan and its routes."""
+
+    sess: Session
+    peer: controlmsg.PeerInfo
+    plan: dict = field(default_factory=dict)  # member -> pairing.SubflowSpec
+    uplink_of: dict = field(default_factory=dict)  # member -> UplinkIO carrying it
+    routes: list = field(default_factory=list)  # CIDR strings routed into the tun
+    conn: object = None  # control connection (ClientConnection / ServerConnection)
+    started: float = 0.0
+
+    @property
+    def session_id(self) -> int:
+        return self.sess.session_id
+
+
+@dataclass(eq=False)
+class ControlIO:
+    """A control TCP connection: socket, sans-I/O machine, pending output."""
+
+    sock: socket.socket
+    conn: object = None
+    out: bytearray = field(default_factory=bytearray)
+    connecting: bool = False
+    addr: tuple = ()
+    closing: bool = False
+
+
+class Agent:
+    """Runs one site's side of orayboxvpn until stopped."""
+
+    def __init__(self, cfg: cfgmod.Config, *, uci_dir: str = "/etc/config",
+                 run_dir: str = "/var/run/orayboxvpn", clock=time.monotonic,
+                 tun_factory=None, net_factory=None, name: str | None = None,
+                 ubus_socket: str | None = None, lock_dir: str | None = None, io=None):
+        self.cfg = cfg
+        self.ubus_socket = ubus_socket  # None: ubusd's usual sockets, if there
+        # one agent per run directory and vNIC name (mpvpn.io.instance); taken by run()
+        self.lock_dir = lock_dir or os.environ.get("MPVPN_LOCK_DIR") or instance.LOCK_DIR
+        self.instance_lock: instance.InstanceLock | None = None
+        self.uci_dir = uci_dir
+        self.run_dir = run_dir
+        self.clock = clock
+        # the kernel objects (mpvpn.io.hostio.HostIO; tests: an in-memory one)
+        self.io = io if io is not None else HostIO(tun_factory, net_factory)
+        self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
+        self.lans = self._lan_subnets()
+        self.role = cfg.base.role
+        self.sel = selectors.DefaultSelector()
+        self.tun = None
+        self.net = None
+        self.rpc: rpc.RpcServer | None = None
+        self.ubus: ubusmod.UbusTransport | None = None
+        self._posted: queue.SimpleQueue = queue.SimpleQueue()  # calls from other threads
+        self.uplinks: dict[str, UplinkIO] = {}
+        self.sessions: dict[int, DataSession] = {}
+        self.controls: list[ControlIO] = []
+        self.listener: socket.socket | None = None
+        self.registry: ServerSessions | None = None
+        self.reconnect: ClientReconnect | None = None
+        self.stamps = HandshakeStamps()  # freshness of our first handshake messages
+        self._routes: dict[str, int] = {}  # CIDR -> reference count
+        self.route_table = send.RouteTable()  # destination -> DataSession
+        self._link_test: tuple | None = None  # (session id, last status document)
+        self._stop = False
+        self._reload = False
+        self._wake_r = self._wake_w = None
+        self.started = clock()
+        self.state = "connecting"
+        self.state_since = self.started
+        self.last_error: str | None = None
+        self.control_counters: dict[str, int] = {}  # rejected/closed control connections by reason
+        self._reject_logged_at, self._rejects_quiet = -math.inf, 0  # log limiter for junk
+        self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
+                         "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
+                         "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
+                         "vnic_recreated": 0}
+        self._mss = self._mss_limits(cfg)
+
+    @staticmethod
+    def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
+        """(IPv4, IPv6) MSS for SYNs entering the tunnel, or None (base.mss_clamp off)."""
+        return mss.mss_for_mtu(cfg.vnc.mtu) if cfg.base.mss_clamp else None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _lan_subnets(self) -> list[str]:
+        """What the peer routes to us: network.interface.lan from netifd where
+        ubus is there (the live truth on a router), else UCI network.lan; plus
+        base.lan_subnet."""
+        live = ifaddr.subnets("lan")
+        if live is None:
+            return [str(n) for n in self.cfg.lan.subnets]
+        out = [n for n in live if not ipaddress.ip_network(n).overlaps(self.cfg.vnc.network)]
+        for n in self.cfg.lan.extra:
+            if str(n) not in out:
+                out.append(str(n))
+        return out
+
+    def _policies(self) -> list:
+        """config policy sections (seed 004) as the scheduler's LinkPolicy."""
+        return [LinkPolicy(src=str(p.src), dst=None if p.dst is None else str(p.dst),
+                           carriers=p.carriers, exclusive=p.exclusive, mode=p.mode,
+                           name=p.name, priority=p.priority)
+                for p in self.cfg.policies]
+
+    def _session_config(self) -> SessionConfig:
+        b = self.cfg.base
+        return SessionConfig(
+            subflow=SubflowConfig(keepalive_idle=b.keepalive_idle,
+                                  keepalive_active=min(b.keepalive_active, b.keepalive_idle),
+                                  dead_after=b.dead_after),
+            reorder_capacity=b.reorder_capacity,
+            hold_max=b.hold_max_ms / 1000.0,
+            hold_min=min(0.005, b.hold_max_ms / 1000.0),
+            hold_initial=min(0.050, b.hold_max_ms / 1000.0),
+            # NACK repairs (aggregate/adaptive) need the packets of a few RTTs
+            send_buffer=1024 if b.mode == "duplicate" else 4096,
+        )
+
+    def _control_config(self) -> controlconn.ControlConfig:
+        c = self.cfg
+        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port)
+               for up in self.uplinks.values() if up.state == "up"]
+        return controlconn.ControlConfig(
+            psk=c.base.psk, name=self.name, uplinks=tuple(ups),
+            vnc=controlmsg.Vnc(str(c.vnc.ipaddr), str(c.vnc.netmask)),
+            lans=tuple(self.lans), mode=c.base.mode,
+            rekey_interval=c.base.rekey_interval, rekey_packets=c.base.rekey_packets,
+            pair_unmatched=c.base.pair_unmatched,
+            **({"pattern": "KKpsk0", "static_key": c.base.private_key,
+                "remote_static": c.base.peer_public_key} if c.base.private_key else {}),
+            control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
+            site_psks=tuple((s.name, s.psk) for s in c.sites) if self.role == "server" else (),
+            site_claims=tuple((s.name, s.vnc_ipaddr, s.lan_subnets) for s in c.sites) if self.role == "server" else (),
+        )
+
+    def _uplink_by_wire_name(self, name: str) -> UplinkIO | None:
+        for up in self.uplinks.values():
+            if up.wire_name == name:
+                return up
+        return None
+
+    def setup(self) -> None:
+        now = self.clock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.net = self.io.netconfig()
+        v = self.cfg.vnc
+        self._remove_leftovers(v.ifname)
+        self._open_vnic()
+        for u in self.cfg.enabled_uplinks:
+            self.uplinks[u.name] = UplinkIO(u)
+            self._open_uplink(self.uplinks[u.name], now)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
+        if self.ubus_socket or self.io.find_ubus() is not None:  # a router: publish (and keep publishing)
+            self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
+            self.ubus.start(timeout=1.0)
+        else:
+            log.debug("ubus not used (no ubusd socket); status on %s", self.rpc.path)
+        if self.role == "server":
+            self._start_server(now)
+        else:
+            servers = [(hp.host, hp.port) for hp in self.cfg.base.server_address]
+            self.reconnect = ClientReconnect(servers, now)
+        log.info("orayboxvpn %s started: role %s, vNIC %s %s, %d uplink(s)", __version__, self.role,
+                 self.tun.name, v.interface, len(self.uplinks))
+
+    def _remove_leftovers(self, ifname: str) -> None:
+        """Remove what a dead agent left under our vNIC name.  Called with the
+        vNIC lock held (run()), so whoever made the device is gone: a live
+        agent's device and routes are never reached here.  (A non-persistent
+        tun vanishes with its owner; what remains is e.g. a persistent one.)"""
+        if self.net.index(ifname) is None:
+            return
+        kind = self.net.link_kind(ifname)
+        if kind != "tun":
+            raise OSError(errno.EEXIST, f"interface {ifname} exists and is not a tun device "
+                                        f"({kind or 'no driver kind'}): set orayboxvpn.vnc.ifname "
+                                        "to a free name")
+        n = self.net.flush_ours(ifname)
+        log.info("removing leftovers of an agent that is gone: interface %s and %d route(s) on it",
+                 ifname, n)
+        self.net.delete_link(ifname)
+
+    def _open_vnic(self) -> None:
+        """Create the tun vNIC, give it its address and MTU, watch it."""
+        v = self.cfg.vnc
+        self.tun = self.io.open_tun(v.ifname)
+        self.net.configure(self.tun.name, str(v.interface), v.mtu)
+        self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
+
+    def _vnic_vanished(self, err: OSError) -> None:
+        """The tun device was deleted under us (its fd reports EBADFD): make it
+        again with its address and the routes we hold, or end the agent with
+        the reason (procd respawns it)."""
+        name = self.tun.name if self.tun is not None else self.cfg.vnc.ifname
+        log.error("vNIC %s vanished (%s: deleted under the agent?); recreating it with its "
+                  "address and %d route(s)", name, err.strerror or err, len(self._routes))
+        if self.tun is not None:
+            try:
+                self.sel.unregister(self.tun)
+            except (KeyError, ValueError):
+                pass
+            self.tun.close()
+            self.tun = None
+        try:
+            self._open_vnic()
+            for cidr in sorted(self._routes):
+                self.net.add_route(cidr, self.tun.name)
+        except OSError as e:
+            raise OSError(e.errno or errno.ENODEV,
+                          f"vNIC {name} vanished and cannot be recreated: {e.strerror or e}") from None
+        self.counters["vnic_recreated"] += 1
+        self.last_error = f"vNIC {name} vanished and was recreated"
+        log.info("vNIC %s recreated", name)
+
+    def _open_uplink(self, up: UplinkIO, now: float) -> None:
+        why = up.resolve()
+        if up.addr is None:
+            if up.state != "waiting" or up.error != why:
+                log.warning("uplink %s: %s; retrying every %.0f s", up.name, why, UPLINK_RETRY)
+            up.state, up.error = "waiting", why
+            up.retry_at = now + UPLINK_RETRY
+            return
+        try:
+            up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
+        except UplinkUnavailable as e:
+            if up.state != "waiting" or up.error != str(e.strerror):
+                log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
+            up.state, up.error, up.retry_at = "waiting", e.strerror, now + UPLINK_RETRY
+            return
+        except OSError as e:
+            log.error("uplink %s: %s", up.name, e.strerror or e)
+            up.state, up.error, up.retry_at = "error", e.strerror or str(e), now + UPLINK_RETRY
+            return
+        up.state, up.error = "up", None
+        up.batch = batch
+        self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
+        log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
+
+    def _start_server(self, now: float) -> None:
+        la = self.cfg.base.listen_address
+        self.registry = ServerSessions(self._control_config())
+        try:
+            s = self.io.listen(la.host, la.port)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {la}: {e.strerror}") from None
+        self.listener = s
+        self.sel.register(s, selectors.EVENT_READ, self._on_accept)
+        log.info("control listening on %s", la)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Set up, loop until SIGTERM/SIGINT (reload on SIGHUP), tear down.
+        Raises :class:`mpvpn.io.instance.AlreadyRunning` (touching nothing) while
+        another agent holds this run directory or vNIC name."""
+        lock = instance.InstanceLock(self.run_dir, self.cfg.vnc.ifname, self.lock_dir)
+        lock.acquire()
+        self.instance_lock = lock
+        old = {sig: signal.signal(sig, self._on_signal) for sig in
+               (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        trace = memtrace.MemTrace.from_env()  # debug aid, off unless MPVPN_TRACEMALLOC is set
+        try:
+            self.setup()
+            while not self._stop:
+                self.step()
+                if trace is not None:
+                    trace.poll(self.clock())
+                if self._reload:
+                    self._reload = False
+                    self.reload()
+            return 0
+        finally:
+            self.teardown()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            self.instance_lock.release()
+            self.instance_lock = None
+
+    def step(self, max_timeout: float = MAX_TIMEOUT) -> None:
+        """One turn of the loop: wait for I/O or the next timer, handle both."""
+        now = self.clock()
+        t = self._next_timer()
+        timeout = max_timeout if t is None else min(max_timeout, max(0.0, t - now))
+        for key, mask in self.sel.select(timeout):
+            key.data(mask)
+        self._run_timers(self.clock())
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+
+    def _on_wake(self, _mask) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                fn, fut = self._posted.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fut.set_result(fn())
+            except Exception as e:
+                fut.set_exception(e)
+
+    def post(self, fn) -> concurrent.futures.Future:
+        """Run ``fn()`` on the agent's thread (from any thread); a Future of its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._posted.put((fn, fut))
+        try:
+            self._wake_w.send(b"!")
+        except (BlockingIOError, OSError, AttributeError):
+            pass  # the loop wakes within MAX_TIMEOUT anyway
+        return fut
+
+    def _event(self, name: str, data: dict) -> None:
+        if self.ubus is not None:
+            self.ubus.send_event(name, data)
+
+    def _next_timer(self) -> float | None:
+        ts = []
+        for ds in self.sessions.values():
+            ts.append(ds.sess.get_timer())
+        for c in self.controls:
+            if c.conn is not None:
+                ts.append(c.conn.get_timer())
+        if self.registry is not None:
+            ts.append(self.registry.get_timer())
+        if self.reconnect is not None and not self._client_connected():
+            ts.append(self.reconnect.get_timer())
+        for up in self.uplinks.values():
+            if up.state != "up":
+                ts.append(up.retry_at)
+        ts = [t for t in ts if t is not None]
+        return min(ts) if ts else None
+
+    def _run_timers(self, now: float) -> None:
+        for ds in list(self.sessions.values()):
+            t = ds.sess.get_timer()
+            if t is not None and t <= now:
+                self._deliver(ds.sess.handle_timer(now))
+            self._session_events(ds)
+            self._flush_session(ds)
+        for c in list(self.controls):
+            if c.conn is None:
+                continue
+            t = c.conn.get_timer()
+            if t is not None and t <= now:
+                c.conn.handle_timer(now)
+            self._control_pump(c, now)
+        if self.registry is not None:
+            t = self.registry.get_timer()
+            if t is not None and t <= now:
+                self.registry.handle_timer(now)
+            self._registry_events(now)
+        if self.reconnect is not None and not self._client_connected():
+            t = self.reconnect.get_timer()
+            if t is not None and t <= now:
+                addr = self.reconnect.handle_timer(now)
+                if addr is not None:
+                    self._connect(addr, now)
+        for up in self.uplinks.values():
+            if up.state != "up" and up.retry_at <= now:
+                self._open_uplink(up, now)
+                if up.state == "up":
+                    self._uplinks_changed(now)
+        if self.rpc is not None:
+            self.rpc.expire()
+        self._update_state(now)
+
+    # ------------------------------------------------------------------ data path
+
+    def _route(self, pkt: bytes) -> DataSession | None:
+        """The session whose peer owns the packet's destination (send.RouteTable)."""
+        return self.route_table.lookup(pkt)
+
+    def _on_tun(self, mask) -> None:
+        """The tun is readable: mpvpn.agent.send, from the read to the UDP send."""
+        try:
+            touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
+                                    self.counters)
+        except OSError as e:
+            if e.errno != errno.EBADFD:
+                raise
+            self._vnic_vanished(e)
+            return
+        send.send_batches(touched, self.clock(), self.counters)
+
+    def _on_udp(self, up: UplinkIO) -> None:
+        """An uplink is readable: mpvpn.agent.receive, from the receive to the tun write."""
+        now = self.clock()
+        if up.sock is None:
+            return
+        touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        for ds in touched:
+            if self.registry is not None:
+                self.registry.touch(ds.session_id, now)
+            self._flush_session(ds)
+
+    def _deliver(self, packets) -> None:
+        try:
+            failed = self.tun.write_packets(packets)
+        except OSError as e:
+            if e.errno != errno.EBADFD:
+                raise
+            self._vnic_vanished(e)
+            failed = len(packets)
+        if failed:
+            self.counters["tun_write_errors"] += failed
+
+    def _flush_session(self, ds: DataSession) -> None:
+        send.flush(ds, self.counters)
+
+    def _session_events(self, ds: DataSession) -> None:
+        ev = ds.sess.next_event()
+        while ev is not None:
+            peer = ds.peer.name
+            if isinstance(ev, (SubflowUp, SubflowDown)):
+                spec = ds.plan.get(ev.member)
+                carrier = spec.type if spec else "?"
+                up = isinstance(ev, SubflowUp)
+                if up:
+                    log.info("%s: subflow %d (%s) up", peer, ev.member, carrier)
+                else:
+                    log.warning("%s: subflow %d (%s) down: %s", peer, ev.member, carrier, ev.reason)
+                self._event("orayboxvpn.link", {"peer": peer, "session_id": ds.session_id,
+                                                "member": ev.member, "type": carrier,
+                                                "state": "up" if up else "down",
+                                                "reason": "" if up else ev.reason})
+            elif isinstance(ev, SessionUp):
+                log.info("%s: session %#x connected", peer, ds.session_id)
+                self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
+                                                   "state": "connected"})
+            elif isinstance(ev, SessionDown):
+                log.warning("%s: session %#x has no subflow up (%s)", peer, ds.session_id, ev.reason)
+                self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
+                                                   "state": "down", "reason": ev.reason})
+            elif isinstance(ev, SubflowClosed):
+                log.info("%s: subflow %d removed", peer, ev.member)
+            ev = ds.sess.next_event()
+
+    # ------------------------------------------------------------------ sessions
+
+    def _new_session(self, session_id: int, peer, plan, keys, conn, now: float,
+                     cipher: str = "chacha20-poly1305") -> DataSession:
+        sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
+        sess = Session(session_id, initiator=(self.role == "client"),
+                       config=self._session_config(), sealer=sealer)
+        # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
+        # enough for most WAN uplinks, high enough that TCP's slow start is
+        # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
+        sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
+                                        target_loss=self.cfg.base.target_loss,
+                                        nack=self.cfg.base.nack,  # None: the mode's default
+                                        policies=self._policies())
+        # adaptive counts on the peer's NACKs only if its mode sends them (a
+        # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
+        sess.scheduler.peer_nack = getattr(peer, "mode", "duplicate") != "duplicate"
+        sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
+        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
+        self.sessions[session_id] = ds
+        self._apply_plan(ds, plan, now)
+        self._set_routes(ds, list(peer.lans))
+        log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
+                 peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
+        return ds
+
+    def _apply_plan(self, ds: DataSession, plan, now: float) -> None:
+        """Make the session's subflows match ``plan``: new members open, gone
+        members close, a member whose endpoints moved keeps its state and
+        (initiator) runs its handshake again on the new path."""
+        new = {s.member: s for s in plan}
+        for member in [m for m in ds.plan if m not in new]:
+            ds.sess.remove_subflow(member, now)
+            del ds.plan[member]
+            # (its CLOSE still goes out through uplink_of until it is reaped)
+        for member, spec in new.items():
+            old = ds.plan.get(member)
+            if old == spec:
+                continue
+            ds.plan[member] = spec
+            ds.uplink_of[member] = self._uplink_by_wire_name(spec.local)
+            meta = {"type": spec.type, "local": f"{spec.local_addr}:{spec.local_port}",
+                    "remote": f"{spec.remote_addr}:{spec.remote_port}", "peer": ds.peer.name,
+                    "session_id": ds.session_id}
+            sub = ds.sess.subflows.get(member)
+            if old is not None and sub is not None and sub.state is not State.CLOSING:
+                sub.meta.update(meta)
+                sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
+                if sub.initiator:
+                    sub.open(now)
+                continue
+            if sub is not None:  # an old subflow of that member is still closing
+                ds.sess.forget_subflow(member)
+            sub = ds.sess.add_subflow(member, now, name=spec.local, meta=meta)
+            sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
+            up = ds.uplink_of[member]
+            if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
+                sub.meter.bw0 = up.cfg.upload_kbit * 125.0
+        self._flush_session(ds)
+
+    def _set_routes(self, ds: DataSession, cidrs: list) -> None:
+        old, new = set(ds.routes), set(cidrs)
+        for c in old - new:
+            self._route_unref(c)
+        for c in new - old:
+            self._route_ref(c)
+        ds.routes = sorted(new)
+        self._rebuild_route_table()
+
+    def _route_ref(self, cidr: str) -> None:
+        n = self._routes.get(cidr, 0)
+        if n == 0:
+            try:
+                self.net.add_route(cidr, self.tun.name)
+            except Exception as e:  # netlink refused: keep running, say why
+                self.last_error = f"cannot add route {cidr}: {e}"
+                log.error(self.last_error)
+        self._routes[cidr] = n + 1
+
+    def _route_unref(self, cidr: str) -> None:
+        n = self._routes.get(cidr, 0) - 1
+        if n <= 0:
+            self._routes.pop(cidr, None)
+            self.net.del_route(cidr, self.tun.name)
+        else:
+            self._routes[cidr] = n
+
+    def _rebuild_route_table(self) -> None:
+        self.route_table.rebuild(self.sessions.values())
+
+    def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
+        ds = self.sessions.pop(session_id, None)
+        if ds is None:
+            return
+        log.info("session %#x with %s ended: %s", session_id, ds.peer.name, reason)
+        if not keep_routes:
+            for c in ds.routes:
+                self._route_unref(c)
+        ds.routes = []
+        self._rebuild_route_table()
+
+    # ------------------------------------------------------------------ control edge
+
+    def _client_connected(self) -> bool:
+        return any(not c.closing for c in self.controls)
+
+    def _connect(self, addr, now: float) -> None:
+        host, port = addr
+        try:
+            fam, sa = self.io.resolve(host, port)
+        except OSError as e:
+            self.last_error = f"cannot resolve server {host}: {e}"
+            log.warning(self.last_error)
+            self.reconnect.failed(now, "resolve")
+            return
+        s, err = self.io.connect(fam, sa)
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            self.last_error = f"cannot connect to {host}:{port}: {os.strerror(err)}"
+            log.warning(self.last_error)
+            self.reconnect.failed(now, "connect")
+            return
+        c = ControlIO(sock=s, connecting=True, addr=(host, port))
+        self.controls.append(c)
+        self.counters["control_connects"] += 1
+        self.sel.register(s, selectors.EVENT_WRITE, lambda m, c=c: self._on_control(c, m))
+        log.info("connecting to server %s:%d", host, port)
+
+    def _on_accept(self, _mask) -> None:
+        now = self.clock()
+        try:
+            s, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        # never refused here: a genuine client may share its address with
+        # junk; the registry bounds unauthenticated connections instead
+        conn = self.registry.accept(addr[0], now)
+        self.io.accepted(s)
+        c = ControlIO(sock=s, conn=conn, addr=addr)
+        self.controls.append(c)
+        self.sel.register(s, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+        self._on_control(c, selectors.EVENT_READ)  # a client's first message is often here already
+
+    def _on_control(self, c: ControlIO, mask) -> None:
+        now = self.clock()
+        if c.connecting:
+            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._control_gone(c, "connect", os.strerror(err), now)
+                return
+            c.connecting = False
+            c.conn = controlconn.ClientConnection(self._control_config(), now, self.stamps)
+            self.sel.modify(c.sock, selectors.EVENT_READ, lambda m, c=c: self._on_control(c, m))
+        if mask & selectors.EVENT_READ and c.conn is not None:
+            try:
+                data = c.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data is not None:
+                c.conn.receive_data(data, now)
+        if mask & selectors.EVENT_WRITE and c.out:
+            self._control_write(c)
+        self._control_pump(c, now)
+
+    def _control_write(self, c: ControlIO) -> None:
+        try:
+            n = c.sock.send(c.out)
+            del c.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            c.out.clear()
+
+    def _control_pump(self, c: ControlIO, now: float) -> None:
+        """Move the machine's output to the socket and act on its events."""
+        conn = c.conn
+        if conn is None:
+            return
+        data = conn.data_to_send()
+        if data:
+            c.out += data
+            self._control_write(c)
+        closed = None
+        ev = conn.next_event()
+        while ev is not None:
+            closed = self._control_event(c, ev, now) or closed
+            ev = conn.next_event()
+        if self.registry is not None:
+            self._registry_events(now)
+        if closed is not None:
+            data = conn.data_to_send()
+            if data:
+                c.out += data
+                self._control_write(c)
+            self._control_gone(c, closed[0], closed[1], now, closed[2])
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+        try:
+            if self.sel.get_key(c.sock).events != want:
+                self.sel.modify(c.sock, want, lambda m, c=c: self._on_control(c, m))
+        except (KeyError, ValueError):
+            pass
+
+    def _control_event(self, c: ControlIO, ev, now: float):
+        if isinstance(ev, controlevents.SessionEstablished):
+            old = [sid for sid, ds in self.sessions.items()
+                   if self.role == "client" or ds.peer.name == ev.peer.name]
+            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
+            for sid in old:
+                if sid != ev.session_id:
+                    self._drop_session(sid, "replaced by a new session")
+            self.last_error = None
+            if self.reconnect is not None:
+                learned = [(u.addr, ev.peer.control_port or c.addr[1]) for u in ev.peer.uplinks]
+                self.reconnect.established(now, learned)
+            log.info("control: session %#x established with %s", ev.session_id, ev.peer.name)
+            if list(c.conn.local.lans) != self.lans:  # the LAN changed during the handshake
+                self._send_lans(c, now, pump=False)  # (we are inside _control_pump)
+        elif isinstance(ev, controlevents.PeerUpdated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.peer = ev.peer
+                self._apply_plan(ds, ev.plan, now)
+                self._set_routes(ds, list(ev.peer.lans))
+                log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
+                         len(ev.plan), ", ".join(ev.peer.lans))
+        elif isinstance(ev, controlevents.KeysRotated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.sess.sealer.rotate(ev.keys.send, ev.keys.recv, ev.epoch, defer_send=not ev.sending)
+        elif isinstance(ev, controlevents.KeysActivated):
+            ds = self._session_of(c.conn)
+            if ds is not None:
+                ds.sess.sealer.confirm_send()
+        elif isinstance(ev, controlevents.KeysRetired):
+            ds = self._session_of(c.conn)
+            if ds is not None and ds.sess.sealer.prev_epoch == ev.epoch:
+                ds.sess.sealer.drop_previous()
+        elif isinstance(ev, controlevents.ProtocolError):
+            who = "peer reports" if ev.by_peer else "refused peer"
+            self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
+            log.error("control: %s", self.last_error)
+        elif isinstance(ev, controlevents.ConnectionClosed):
+            return ev.reason, ev.text, ev.retry_after
+        return None
+
+    def _session_of(self, conn) -> DataSession | None:
+        for ds in self.sessions.values():
+            if ds.conn is conn:
+                return ds
+        if conn is not None and getattr(conn, "session_id", None) in self.sessions:
+            return self.sessions[conn.session_id]
+        return None
+
+    # Ends of a control connection that say nothing is wrong with the session.
+    _BENIGN_ENDS = ("eof", "timeout", "connect", "closed", "shutdown", "reconnect")
+    # ProtocolError already put these in last_error, in the peer's own words.
+    _EXPLAINED_ENDS = ("auth", "version", "overlap", "vnic", "route", "invalid", "busy")
+
+    def _control_gone(self, c: ControlIO, word: str, text: str, now: float,
+                      retry_after: float | None = None) -> None:
+        """A control connection ended (``word`` says how, ``text`` details;
+        ``retry_after``: the server answered BUSY, try again that soon)."""
+        if c in self.controls:
+            self.controls.remove(c)
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        if c.out:  # best effort: the BYE / ERROR
+            try:
+                c.sock.setblocking(True)
+                c.sock.settimeout(0.2)
+                c.sock.sendall(c.out)
+            except OSError:
+                pass
+        c.sock.close()
+        c.closing = True
+        where = f"{c.addr[0]}:{c.addr[1]}" if c.addr else "?"
+        detail = f"{word} ({text})" if text else word
+        if self.role == "client":
+            self.counters["control_failures"] += 1
+            if word not in self._EXPLAINED_ENDS or not self.last_error:
+                self.last_error = f"control connection to {where}: {detail}"
+            delay = self.reconnect.failed(now, word, retry_after)
+            if retry_after is not None:
+                log.info("server %s is busy; retrying in %.2f s", where, delay)
+            else:
+                log.warning("control connection to %s closed: %s; retrying in %.1f s", where, detail, delay)
+            # The data session lives on when only the TCP connection was lost
+            # (its subflows may be fine); a session the server ended goes.
+            if word not in self._BENIGN_ENDS:
+                for sid in [sid for sid, ds in self.sessions.items() if ds.conn is c.conn]:
+                    self._drop_session(sid, detail, keep_routes=True)
+        else:
+            self.control_counters[word] = self.control_counters.get(word, 0) + 1
+            if c.conn is not None and getattr(c.conn, "session_id", None):
+                log.info("control connection from %s closed: %s", where, detail)
+            elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay",
+                          "no_stamp"):
+                # junk may come 20 times a second: one line per 10 s says it all
+                self._rejects_quiet += 1
+                if now >= self._reject_logged_at + 10.0:
+                    more = self._rejects_quiet - 1
+                    log.warning("control: rejected a connection from %s: %s%s", where, detail,
+                                f" ({more} more since the last such line)" if more else "")
+                    self._reject_logged_at, self._rejects_quiet = now, 0
+
+    def _registry_events(self, now: float) -> None:
+        ev = self.registry.next_event()
+        while ev is not None:
+            if isinstance(ev, controlevents.SessionFreed):
+                self._drop_session(ev.session_id, ev.reason)
+                if ev.conn is not None:
+                    for c in list(self.controls):
+                        if c.conn is ev.conn:
+                            self._control_pump(c, now)
+            ev = self.registry.next_event()
+
+    def _uplinks_changed(self, now: float) -> None:
+        """An uplink came or went: tell the peer so it re-plans."""
+        info = self._control_config()
+        for c in self.controls:
+            if c.conn is not None and getattr(c.conn, "state", None) == controlconn.State.ESTABLISHED:
+                c.conn.send_update(now, uplinks=list(info.uplinks))
+                self._control_pump(c, now)
+        if self.registry is not None:
+            self.registry.config = info
+
+    # ------------------------------------------------------------------ reload / stop
+
+    def refresh_uplinks(self, now: float) -> bool:
+        """Re-read the addresses of uplinks given by OpenWrt interface (hotplug
+        sends SIGHUP on ifup/ifdown/ifupdate); rebind what moved and tell the
+        peer.  Returns whether anything changed."""
+        changed = False
+        for up in self.uplinks.values():
+            if not up.cfg.interface:
+                continue
+            before = up.addr if up.state == "up" else None
+            up.resolve()
+            after = up.addr
+            if after == before and (up.state == "up") == (after is not None):
+                continue
+            if up.sock is not None:
+                try:
+                    self.sel.unregister(up.sock)
+                except (KeyError, ValueError):
+                    pass
+                up.sock.close()
+                up.sock = up.batch = None
+            log.info("uplink %s (interface %s): address %s -> %s", up.name, up.cfg.interface,
+                     before or "none", after or "none")
+            up.state = "waiting"
+            self._open_uplink(up, now)
+            changed = True
+        if changed:
+            self._uplinks_changed(now)
+        return changed
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; live options apply in place, a changed
+        LAN (base.lan_subnet, network.lan) goes to the peers as an UPDATE,
+        anything else restarts the sessions (documented in docs/openwrt.md).
+        Uplinks given by OpenWrt interface are looked up again either way."""
+        now = self.clock()
+        self.refresh_uplinks(now)
+        new, problems = cfgmod.load_config(self.uci_dir)
+        errors = [p for p in problems if p.severity == cfgmod.ERROR]
+        if new is None or errors:
+            self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
+            log.error(self.last_error)
+            return
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
+        from dataclasses import replace as dc_replace
+        same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
+                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
+        if same_rest:
+            self.cfg = new
+            logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
+            self._mss = self._mss_limits(new)
+            sc = self._session_config()
+            for ds in self.sessions.values():
+                ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle
+                ds.sess.config.subflow.keepalive_active = sc.subflow.keepalive_active
+                ds.sess.config.subflow.dead_after = sc.subflow.dead_after
+                ds.sess.config.hold_max = sc.hold_max
+                ds.sess.reorder.hold_cap = sc.hold_max
+            lan = self._announce_lans(now)
+            log.info("reloaded: live options applied%s, tunnel kept", ", LAN change announced" if lan else "")
+            return
+        if self.instance_lock is not None and new.vnc.ifname != self.cfg.vnc.ifname:
+            try:
+                self.instance_lock.switch_vnic(new.vnc.ifname)
+            except instance.AlreadyRunning as e:
+                self.last_error = f"reload refused: {e.strerror}"
+                log.error(self.last_error)
+                return
+        log.info("reloaded: configuration changed, restarting sessions")
+        lock = self.instance_lock
+        self.teardown()
+        self.__init__(new, uci_dir=self.uci_dir, run_dir=self.run_dir, clock=self.clock,
+                      lock_dir=self.lock_dir, io=self.io)
+        self.instance_lock = lock
+        self.setup()
+
+    def _announce_lans(self, now: float) -> bool:
+        """Our LAN subnets changed (config or netifd): tell every connected peer
+        with an UPDATE (docs/control.md) so that its routes follow; session,
+        keys and subflows stay.  Returns whether they changed."""
+        lans = self._lan_subnets()
+        if lans == self.lans:
+            return False
+        log.info("LAN subnets %s -> %s", ", ".join(self.lans) or "none", ", ".join(lans) or "none")
+        self.lans = lans
+        for c in list(self.controls):
+            # (a handshake in progress catches up when it is established)
+            if c.conn is not None and c.conn.state is controlconn.State.ESTABLISHED:
+                self._send_lans(c, now)
+        if self.registry is not None:
+            self.registry.config = self._control_config()  # for clients that connect later
+        return True
+
+    def _send_lans(self, c: ControlIO, now: float, pump: bool = True) -> None:
+        conn = c.conn
+        try:
+            conn.send_update(now, lans=list(self.lans))
+        except ValueError as e:  # (server) the new LANs clash with this client's
+            peer = conn.peer.name if conn.peer else "?"
+            self.last_error = f"LAN change clashes with {peer}: {e}"
+            log.error(self.last_error)
+            conn.close("overlap", str(e)[:200])
+        if pump:
+            self._control_pump(c, now)
+
+    def teardown(self) -> None:
+        """Close sessions (CLOSE / BYE to the peer), remove routes and the vNIC."""
+        now = self.clock()
+        for ds in list(self.sessions.values()):
+            try:
+                ds.sess.close(now)
+                self._flush_session(ds)
+            except Exception:
+                log.exception("closing session %#x", ds.session_id)
+        for c in list(self.controls):
+            if c.conn is not None:
+                try:
+                    c.conn.close("shutdown", "agent stopped")
+                    c.out += c.conn.data_to_send()
+                except Exception:
+                    log.exception("closing control connection")
+            try:
+                if c.out and not c.connecting:
+                    c.sock.setblocking(True)
+                    c.sock.settimeout(0.2)
+                    c.sock.sendall(c.out)
+            except OSError:
+                pass
+            c.sock.close()
+        self.controls = []
+        for cidr in list(self._routes):
+            try:
+                self.net.del_route(cidr, self.tun.name)
+            except Exception:
+                pass
+        self._routes.clear()
+        self.sessions.clear()
+        for up in self.uplinks.values():
+            if up.sock is not None:
+                up.sock.close()
+                up.sock = up.batch = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.rpc is not None:
+            self.rpc.close()
+            self.rpc = None
+        if self.ubus is not None:
+            self.ubus.stop()
+            self.ubus = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if self.net is not None:
+            self.net.close()
+            self.net = None
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
+        self.state = "stopped"
+
+    # ------------------------------------------------------------------ status
+
+    def _update_state(self, now: float) -> None:
+        if any(ds.sess.connected for ds in self.sessions.values()):
+            st = "connected"
+        elif self.sessions:
+            st = "degraded"
+        else:
+            st = "connecting"
+        if st != self.state:
+            self.state, self.state_since = st, now
+
+    def _state_text(self) -> str:
+        return statusdoc.state_text(self.state, self.role, self.sessions.values(),
+                                    self.cfg.base.server_address)
+
+    def status(self) -> dict:
+        """The status document (mpvpn.agent.statusdoc, docs/status.md)."""
+        now = self.clock()
+        if self.role == "server":
+            ctl = statusdoc.server_control(self.cfg.base.listen_address,
+                                           sum(1 for c in self.controls if c.conn is not None),
+                                           self.control_counters, self.registry)
+        else:
+            ctl = statusdoc.client_control(self.controls, self.reconnect, self.started)
+        return statusdoc.document(
+            version=__version__, now=now, started=self.started, state=self.state,
+            state_since=self.state_since, role=self.role, cfg=self.cfg, name=self.name,
+            last_error=self.last_error, tun=self.tun, routes=self._routes,
+            sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
+            dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
+            uplink_docs=statusdoc.uplinks(self.uplinks.values()))
+
+    def _dataplane_status(self) -> dict:
+        """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""
+        return statusdoc.dataplane(self.tun, fastpath.LOOPS is not None, fastpath.WHY)
+
+    def _link_test_status(self, now: float) -> dict | None:
+        """The latest link test's document (mpvpn.core.linktest), with wall-clock ``started``."""
+        if self._link_test is None:
+            return None
+        sid, last = self._link_test
+        ds = self.sessions.get(sid)
+        doc = ds.sess.linktest.status() if ds is not None else None
+        if doc is None:  # the session ended: what was known then
+            doc = dict(last)
+            if doc.get("state") == "running":
+                doc.update(state="failed", error="the session ended during the test", phase=None)
+        else:
+            doc["started"] = round(time.time() - (now - doc["started"]), 3)
+            doc["peer"] = ds.peer.name
+        self._link_test = (sid, doc)
+        return doc
+
+    def test_links(self, args: dict) -> dict:
+        """rpc/ubus ``test_links {duration, peer}``: start a link test with a peer."""
+        now = self.clock()
+        duration = args.get("duration", linktest.DEFAULT_DURATION)
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+            return {"error": "duration must be a number of seconds"}
+        peer = args.get("peer")
+        if peer is not None and not isinstance(peer, str):
+            return {"error": "peer must be a site name"}
+        cands = [ds for ds in self.sessions.values()
+                 if ds.sess.connected and (peer is None or ds.peer.name == peer)]
+        if not cands:
+            return {"error": f"no connected session with {peer}" if peer else "no connected session"}
+        if self._link_test is not None and self._link_test[1].get("state") == "running":
+            cur = self._link_test_status(now)
+            if cur is not None and cur.get("state") == "running":
+                return {"error": "a link test is already running"}
+        ds = cands[0]
+        try:
+            test_id = ds.sess.start_link_test(now, duration)
+        except linktest.LinkTestError as e:
+            return {"error": str(e)}
+        self._link_test = (ds.session_id, {"state": "running"})
+        doc = self._link_test_status(now)
+        self._flush_session(ds)
+        log.info("link test %d with %s started: %d phases of %g s", test_id, ds.peer.name,
+                 doc["phases"], float(duration))
+        return {"started": True, "id": test_id, "phases": doc["phases"], "peer": ds.peer.name}
+
+    def rpc_handlers(self) -> dict:
+        def reconnect(_args):
+            now = self.clock()
+            for c in list(self.controls):
+                if c.conn is not None:
+                    c.conn.close("reconnect", "requested by the administrator")
+                    self._control_pump(c, now)
+            if self.reconnect is not None:
+                self.reconnect = ClientReconnect(
+                    [(hp.host, hp.port) for hp in self.cfg.base.server_address], now)
+            return {"ok": True}
+
+        return {"status": lambda _args: self.status(), "reconnect": reconnect,
+                "test_links": self.test_links}
+

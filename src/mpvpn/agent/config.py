@@ -1,0 +1,1358 @@
+"""The agent's typed, validated configuration.
+
+Read from the UCI files ``<uci_dir>/orayboxvpn`` (sections ``base``, ``vnc``
+and one ``smpu`` per uplink) and ``<uci_dir>/network`` (the LAN, from
+``config interface 'lan'``). :func:`load_config` never raises for bad input:
+it returns the problems it found, each naming the UCI option it is about
+(``orayboxvpn.<section>.<option>: <what is wrong>``), and a :class:`Config`
+only when there is no error.
+
+:data:`OPTIONS` is the single list of every option the agent reads; the
+reference in docs/config.md and the procd validation spec of the init
+script are checked against it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple, Union
+
+from mpvpn.io import uci
+
+__all__ = [
+    "Base",
+    "Config",
+    "HostPort",
+    "KINDS",
+    "Lan",
+    "OPTIONS",
+    "Option",
+    "Problem",
+    "Uplink",
+    "Vnc",
+    "load_config",
+    "options_markdown",
+    "parse_hostport",
+    "validate",
+]
+
+PACKAGE = "orayboxvpn"
+DEFAULT_PORT = 7000
+PSK_BYTES = 32
+CARRIER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")  # smpu.type, policy.carrier
+# Per-packet overhead of the tunnel (docs/protocol.md): SMPU 20 + tag 16 + UDP 8 + IP.
+OVERHEAD_IPV4 = 64
+OVERHEAD_IPV6 = 84
+
+ERROR = "error"
+WARNING = "warning"
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+
+# --- the option table ----------------------------------------------------------
+
+class Option(NamedTuple):
+    kind: str  # a key of KINDS
+    default: str | None  # as written in UCI; None: no default (required or optional)
+    description: str
+
+
+# kind -> (what the docs call it, procd validation datatype for the init script)
+KINDS: dict[str, tuple[str, str]] = {
+    "bool": ("boolean: 1/0, yes/no, on/off, true/false, enabled/disabled", "bool"),
+    "role": ("`client` or `server`", 'or("client","server")'),
+    "mode": ("`duplicate`, `aggregate` or `adaptive`", 'or("duplicate","aggregate","adaptive")'),
+    "nack": ("`auto`, `1` or `0`", 'or("auto","1","0")'),
+    "log_level": ("`debug`, `info`, `warning` or `error`", 'or("debug","info","warning","error")'),
+    "hostport": ("host:port (IPv6 as `[addr]:port`)", "string"),
+    "hostport_list": ("host:port, several as a list or separated by spaces", "list(string)"),
+    "psk": ("base64 of exactly 32 bytes", "string"),
+    "key32": ("base64 of exactly 32 bytes (an X25519 key)", "string"),
+    "seconds": ("seconds (decimal)", "ufloat"),
+    "fraction": ("fraction (decimal; 0.001 = 0.1 %)", "ufloat"),
+    "count": ("whole number", "uinteger"),
+    "ms": ("milliseconds (whole number)", "uinteger"),
+    "packets": ("packets (whole number)", "uinteger"),
+    "mtu": ("bytes, 576 to 9000", "range(576,9000)"),
+    "ip4cidr": ("IPv4 address, optionally with /prefix", "or(ip4addr,cidr4)"),
+    "netmask": ("dotted netmask or prefix length, /8 to /30", "string"),
+    "ifname": ("Linux interface name, at most 15 characters", "string"),
+    "cidr_list": ("subnets (CIDR), several as a list or separated by spaces", "list(string)"),
+    "carrier": ("word: letters, digits, `_`, `-`, `.`", "string"),
+    "ipaddr": ("IPv4 or IPv6 address", "ipaddr"),
+    "network": ("OpenWrt interface (UCI section name in /etc/config/network)", "uciname"),
+    "device": ("Linux network device", "string"),
+    "port": ("port, 1 to 65535", "port"),
+    "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
+    "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
+    "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
+}
+
+OPTIONS: dict[str, dict[str, Option]] = {
+    "base": {
+        "enabled": Option(
+            "bool", "1",
+            "Run the agent. A missing `enabled` counts as enabled; the shipped default "
+            "file sets `0` until the other options are filled in.",
+        ),
+        "role": Option(
+            "role", None,
+            "Required. `client` opens the control connection, `server` accepts it. "
+            "Start the server side first.",
+        ),
+        "server_address": Option(
+            "hostport_list", None,
+            "Client: required. Where the server's control connection listens; the port "
+            "defaults to 7000. Several addresses (e.g. the server's address on each "
+            "carrier) are tried in order.",
+        ),
+        "listen_address": Option(
+            "hostport", None,
+            "Server: required. Address and TCP port the control connection is accepted "
+            "on, e.g. `0.0.0.0:7000` or `[::]:7000`; the port defaults to 7000.",
+        ),
+        "psk": Option(
+            "psk", None,
+            "Required (a server with `config site` sections may leave it out). Shared secret, the "
+            "same on both sides: 32 random bytes in base64 (`mpvpn genpsk`).",
+        ),
+        "pair_unmatched": Option(
+            "bool", "0",
+            "Carriers without a same-type partner on the peer stay idle (the seed's rule); `1` "
+            "pairs the leftovers across carriers. Either side may turn it on.",
+        ),
+        "private_key": Option(
+            "key32", None,
+            "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
+            "handshake also proves both sites' static keys (Noise KKpsk0), so a leaked PSK alone "
+            "cannot impersonate a site. Set both or neither; one client per server in this mode.",
+        ),
+        "peer_public_key": Option(
+            "key32", None,
+            "Optional: the peer site's X25519 public key (`mpvpn pubkey` on the peer prints it).",
+        ),
+        "mode": Option(
+            "mode", "duplicate",
+            "`duplicate` sends every packet on every subflow (the seed's scheme); "
+            "`aggregate` sends each packet on one subflow, spread by link quality; "
+            "`adaptive` duplicates over lossy links and spreads over good ones.",
+        ),
+        "nack": Option(
+            "nack", "auto",
+            "Ask the peer to re-send packets missing on every subflow (NACK). `auto`: on in "
+            "`aggregate` and `adaptive` mode, off in `duplicate`. `1` in duplicate mode repairs "
+            "the packets lost on all carriers at once (0.12 % at 10 % loss per carrier without). "
+            "Set it on the receiving site (both, for both directions).",
+        ),
+        "keepalive_idle": Option(
+            "seconds", "0.75", "Keepalive interval of a subflow without traffic (0.05 to 60)."
+        ),
+        "keepalive_active": Option(
+            "seconds", "0.1", "Keepalive interval of a subflow while data flows (0.01 to 60)."
+        ),
+        "dead_after": Option(
+            "count", "3",
+            "A subflow is dead after this many consecutive unanswered keepalives (1 to 100).",
+        ),
+        "target_loss": Option(
+            "fraction", "0.001",
+            "`adaptive` mode: the loss each packet may have; a packet goes on the fewest "
+            "subflows whose combined loss meets it (0.000001 to 0.5).",
+        ),
+        "hold_max_ms": Option(
+            "ms", "200",
+            "Longest wait of a packet in the reorder buffer for a missing predecessor "
+            "(0 to 10000).",
+        ),
+        "rekey_interval": Option(
+            "seconds", "120",
+            "New data-plane keys from a fresh handshake (forward secrecy) this often; "
+            "traffic is not interrupted (1 to 86400).",
+        ),
+        "rekey_packets": Option(
+            "packets", "67108864",
+            "Advanced: also rekey after this many packets under one key (1000 to 67108864 = "
+            "2^26, the AEAD usage limit we keep; see docs/security.md). Only tests lower it.",
+        ),
+        "reorder_capacity": Option(
+            "packets", "1024",
+            "Reorder buffer size; when it is full everything in it is delivered "
+            "(16 to 65536).",
+        ),
+        "mtu": Option(
+            "mtu", "1400",
+            "MTU of the tun vNIC. 1400 keeps encapsulated packets within a 1500-byte "
+            "path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).",
+        ),
+        "mss_clamp": Option(
+            "bool", "1",
+            "Lower the MSS of TCP connections opened through the tunnel to what the vNIC "
+            "carries (MTU - 40 over IPv4, - 60 over IPv6), so full-size segments never wait "
+            "for path-MTU discovery or stall where ICMP is filtered. `0` leaves SYNs alone "
+            "(e.g. when the firewall already clamps on this interface).",
+        ),
+        "log_level": Option("log_level", "info", "Log verbosity (to logd as `orayboxvpn`, see docs/openwrt.md)."),
+        "lan_subnet": Option(
+            "cidr_list", None,
+            "Extra subnets behind this router, besides the LAN of `network.lan`, that "
+            "the peer routes into the tunnel.",
+        ),
+    },
+    "vnc": {
+        "ipaddr": Option(
+            "ip4cidr", None,
+            "Required. This side's vNIC address, e.g. `172.30.0.1`; the peer uses another "
+            "address of the same subnet. May carry the prefix (`172.30.0.1/30`).",
+        ),
+        "netmask": Option(
+            "netmask", None,
+            "Required unless `ipaddr` has a /prefix. `255.255.255.252` or `30`.",
+        ),
+        "ifname": Option("ifname", "mpvpn0", "Name of the tun device."),
+        "mtu": Option("mtu", None, "MTU of the vNIC; overrides `base.mtu` when set."),
+    },
+    "smpu": {
+        "type": Option(
+            "carrier", None,
+            "Required. Carrier of this uplink, e.g. `telecom`, `unicom`, `mobile`. Each "
+            "uplink is paired with the peer's uplink of the same type.",
+        ),
+        "bind_ip": Option(
+            "ipaddr", None,
+            "This uplink's own address; the subflow's UDP socket is bound to it. "
+            "`bind_ip` or `interface` is required.",
+        ),
+        "interface": Option(
+            "network", None,
+            "OpenWrt interface of the uplink, e.g. `wan2`; its address (and changes of "
+            "it) come from ubus. `bind_ip` or `interface` is required.",
+        ),
+        "device": Option(
+            "device", None,
+            "Linux device to bind the socket to (SO_BINDTODEVICE); found from "
+            "`interface` when that is set.",
+        ),
+        "port": Option(
+            "port", None,
+            "Local UDP port of the subflow. Default: the port of `base.listen_address` "
+            "(server) or of the first `base.server_address` (client), else 7000.",
+        ),
+        "upload": Option(
+            "kbit", None,
+            "Upload speed of this uplink in kbit/s, as in sqm (e.g. `20000` for 20 Mbit/s). "
+            "Optional: aggregate and adaptive modes start from it instead of assuming "
+            "10 Mbit/s until the link is measured; the measurement takes over after.",
+        ),
+        "enabled": Option("bool", "1", "`0` leaves this uplink unused."),
+    },
+    "site": {
+        "psk": Option(
+            "psk", None,
+            "Required. Server with several client sites (a hub): this site's own key, the "
+            "`base.psk` of that client. A site whose key leaks can be cut off alone, and the "
+            "status names the site each session authenticated as. Without `base.psk` on the "
+            "server only site keys are accepted.",
+        ),
+        "vnc_ipaddr": Option(
+            "ipaddr", None,
+            "The vNIC address this site must use (its `vnc.ipaddr`); the hub refuses any "
+            "other. Unset: any free address of the vNIC subnet.",
+        ),
+        "lan_subnet": Option(
+            "cidr_list", None,
+            "The LAN subnets this site may announce: each of its LANs must lie inside one "
+            "of them, or the hub refuses it. Unset: any LAN that collides with no other site's.",
+        ),
+        "enabled": Option("bool", "1", "`0` refuses this site's key."),
+    },
+    "policy": {
+        "src": Option(
+            "net", None,
+            "Required. The LAN host or subnet whose traffic this policy steers (seed 004), "
+            "e.g. '192.168.10.50' or '192.168.10.0/25'.",
+        ),
+        "dst": Option("net", None, "Only traffic to this host or subnet (at the peer); any if unset."),
+        "carrier": Option(
+            "carrier_list", None,
+            "The carriers (`smpu` `type`) this traffic may use, least loaded first; any if unset.",
+        ),
+        "exclusive": Option(
+            "bool", "0", "Reserve those carriers for this traffic: other traffic may not use them.",
+        ),
+        "mode": Option("mode", None, "This traffic's mode, instead of `base.mode`."),
+        "priority": Option(
+            "bool", "0",
+            "Serve this traffic first: a strict priority class ahead of the fair share of all other "
+            "traffic (aggregate and adaptive modes, which queue; TCP handshakes, DNS and other "
+            "urgent packets still go before it).",
+        ),
+        "enabled": Option("bool", "1", "`0` ignores this policy."),
+    },
+}
+
+# What the agent reads from /etc/config/network (documentation only).
+NETWORK_OPTIONS: dict[str, str] = {
+    "ipaddr": "LAN address(es): `option ipaddr` with `option netmask`, CIDR form, "
+    "or `list ipaddr` of CIDRs (OpenWrt 21.02 and later).",
+    "netmask": "Netmask for addresses of `ipaddr` without a /prefix.",
+    "ip6addr": "Static IPv6 LAN prefixes (CIDR), also routed by the peer.",
+}
+
+
+def options_markdown() -> str:
+    """The option tables of docs/config.md, generated from OPTIONS."""
+    out = []
+    for section, options in OPTIONS.items():
+        out.append(f"### `config {section}`\n\n")
+        out.append("| option | type | default | description |\n")
+        out.append("|---|---|---|---|\n")
+        for name, opt in options.items():
+            default = "—" if opt.default is None else f"`{opt.default}`"
+            kind = KINDS[opt.kind][0].replace("|", "\\|")
+            desc = opt.description.replace("|", "\\|")  # a | would end the table cell
+            out.append(f"| `{name}` | {kind} | {default} | {desc} |\n")
+        out.append("\n")
+    return "".join(out)
+
+
+# --- problems ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # ERROR or WARNING
+    path: str  # "orayboxvpn.base.psk", "orayboxvpn.@smpu[0].bind_ip", "network.lan.ipaddr"
+    message: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == ERROR
+
+    def __str__(self) -> str:
+        if self.is_error:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}: warning: {self.message}"
+
+
+def _q(value: str, limit: int = 60) -> str:
+    """A value quoted for a message: never long, never a control character."""
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    out = []
+    for ch in value:
+        if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "'" + "".join(out) + "'"
+
+
+# --- the typed configuration -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    @property
+    def ip(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Base:
+    enabled: bool
+    role: str  # "client" | "server"
+    psk: bytes | None = field(repr=False)  # None: a hub with only per-site keys
+    server_address: tuple[HostPort, ...] = ()
+    listen_address: HostPort | None = None
+    mode: str = "duplicate"
+    nack: bool | None = None  # None: the mode's default (scheduler)
+    keepalive_idle: float = 0.75
+    keepalive_active: float = 0.1
+    dead_after: int = 3
+    hold_max_ms: int = 200
+    target_loss: float = 0.001
+    rekey_interval: float = 120.0
+    rekey_packets: int = 1 << 26
+    reorder_capacity: int = 1024
+    pair_unmatched: bool = False
+    private_key: bytes | None = field(default=None, repr=False)
+    peer_public_key: bytes | None = None
+    mtu: int = 1400
+    mss_clamp: bool = True
+    log_level: str = "info"
+
+    @property
+    def port(self) -> int:
+        """This side's port: the listen port (server) or the first server port."""
+        if self.role == "server" and self.listen_address:
+            return self.listen_address.port
+        if self.server_address:
+            return self.server_address[0].port
+        return DEFAULT_PORT
+
+
+@dataclass(frozen=True)
+class Vnc:
+    ipaddr: ipaddress.IPv4Address
+    prefixlen: int
+    ifname: str = "mpvpn0"
+    mtu: int = 1400
+
+    @property
+    def interface(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(f"{self.ipaddr}/{self.prefixlen}")
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return self.interface.network
+
+    @property
+    def netmask(self) -> ipaddress.IPv4Address:
+        return self.interface.netmask
+
+
+@dataclass(frozen=True)
+class Uplink:
+    name: str  # section name, or "@smpu[n]" for an anonymous section
+    type: str  # carrier type word
+    port: int
+    bind_ip: IPAddress | None = None
+    interface: str | None = None  # OpenWrt logical interface
+    device: str | None = None  # Linux device
+    enabled: bool = True
+    upload_kbit: int | None = None  # configured upload speed (seeds the link's rate estimate)
+
+
+@dataclass(frozen=True)
+class Lan:
+    subnets: tuple[IPNetwork, ...] = ()  # everything the peer should route to us
+    addresses: tuple[IPInterface, ...] = ()  # the router's own LAN addresses (network.lan)
+    extra: tuple[IPNetwork, ...] = ()  # the part from orayboxvpn.base.lan_subnet
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A per-host link policy (seed 004): which carriers a LAN host's traffic uses."""
+
+    name: str
+    src: IPNetwork
+    dst: IPNetwork | None = None
+    carriers: tuple[str, ...] | None = None
+    exclusive: bool = False
+    mode: str | None = None
+    priority: bool = False
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    """A client site's own PSK on a hub (``config site``)."""
+
+    name: str
+    psk: bytes = field(repr=False)
+    vnc_ipaddr: str | None = None  # the vNIC address it must use
+    lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
+
+
+@dataclass(frozen=True)
+class Config:
+    base: Base
+    vnc: Vnc
+    uplinks: tuple[Uplink, ...]
+    lan: Lan
+    policies: tuple[Policy, ...] = ()
+    sites: tuple[SiteKey, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.base.enabled
+
+    @property
+    def enabled_uplinks(self) -> tuple[Uplink, ...]:
+        return tuple(u for u in self.uplinks if u.enabled)
+
+
+# --- value parsers (raise ValueError with the message for the user) -------------------
+
+_TRUE = ("1", "yes", "on", "true", "enabled")
+_FALSE = ("0", "no", "off", "false", "disabled")
+
+
+def _parse_bool(s: str) -> bool:
+    # the words procd's validator (libvalidate dt_type_bool) accepts
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ValueError(f"{_q(s)} is not a boolean: use '1' or '0'")
+
+
+def _parse_choice(s: str, choices: tuple[str, ...]) -> str:
+    if s in choices:
+        return s
+    alts = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+    raise ValueError(f"{_q(s)} is not allowed: use {alts}")
+
+
+def _parse_float(s: str, lo: float, hi: float, unit: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not a number") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ValueError(f"{_q(s)} is out of range: use {lo:g} to {hi:g} {unit}".rstrip())
+    return v
+
+
+def _parse_int(s: str, lo: int, hi: int, unit: str = "") -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", s):
+        raise ValueError(f"{_q(s)} is not a whole number")
+    v = int(s)
+    if not lo <= v <= hi:
+        raise ValueError(f"{_q(s)} is out of range: use {lo} to {hi} {unit}".rstrip())
+    return v
+
+
+def _parse_kbit(s: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,9}", s) or not 8 <= int(s) <= 100_000_000:
+        raise ValueError(f"{_q(s)} is not a speed in kbit/s from 8 to 100000000 (e.g. 20000 for 20 Mbit/s)")
+    return int(s)
+
+
+def _parse_port(s: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", s) or not 1 <= int(s) <= 65535:
+        raise ValueError(f"port {_q(s)} is not a number from 1 to 65535")
+    return int(s)
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _valid_hostname(h: str) -> bool:
+    h = h[:-1] if h.endswith(".") else h
+    if not h or len(h) > 253:
+        return False
+    labels = h.split(".")
+    if all(label.isdigit() for label in labels):
+        return False  # looks like a (bad) IPv4 address, not a name
+    return all(_LABEL.fullmatch(label) for label in labels)
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT, allow_name: bool = True) -> HostPort:
+    """``host:port``, ``[v6addr]:port``, or a host alone (``default_port``).
+
+    Raises ValueError with a message for the user."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty address")
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"{_q(s)}: missing ']' after the IPv6 address")
+        host, rest = s[1:end], s[end + 1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_q(host)} in brackets is not an IPv6 address") from None
+        if rest == "":
+            return HostPort(host, default_port)
+        if not rest.startswith(":"):
+            raise ValueError(f"{_q(s)}: expected ':port' after ']'")
+        return HostPort(host, _parse_port(rest[1:]))
+    if s.count(":") > 1:
+        raise ValueError(f"{_q(s)}: write an IPv6 address as [addr]:port")
+    host, sep, port_s = s.partition(":")
+    port = _parse_port(port_s) if sep else default_port
+    if not host:
+        raise ValueError(f"{_q(s)}: the host is missing")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if not allow_name:
+            raise ValueError(f"{_q(host)} is not an IP address") from None
+        if not _valid_hostname(host):
+            raise ValueError(f"{_q(host)} is neither an IP address nor a host name") from None
+    return HostPort(host, port)
+
+
+def _parse_ip(s: str) -> IPAddress:
+    if "/" in s:
+        raise ValueError(f"{_q(s)}: give a single address, without /prefix")
+    try:
+        return ipaddress.ip_address(s)
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not an IPv4 or IPv6 address") from None
+
+
+def _parse_netmask4(s: str) -> int:
+    """Dotted netmask or prefix length ('30', '/30') -> prefix length."""
+    t = s[1:] if s.startswith("/") else s
+    if re.fullmatch(r"[0-9]{1,2}", t):
+        n = int(t)
+        if n > 32:
+            raise ValueError(f"{_q(s)} is not a prefix length (0 to 32)")
+        return n
+    try:
+        m = int(ipaddress.IPv4Address(t))
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not a netmask (e.g. '255.255.255.252' or '30')") from None
+    inv = ~m & 0xFFFFFFFF
+    if inv & (inv + 1):
+        raise ValueError(f"{_q(s)} is not a netmask: its one bits must be contiguous")
+    return 32 - inv.bit_length()
+
+
+def _lan_subnets(chk, sec):
+    """The networks of a section's ``lan_subnet`` list: an unparsable item is an error
+    and left out, host bits are a warning (the network is used)."""
+    for item in sec.multi("lan_subnet"):
+        try:
+            net, hostbits = _parse_network(item)
+        except ValueError as e:
+            chk.err(sec.path("lan_subnet"), str(e))
+            continue
+        if hostbits:
+            chk.warn(sec.path("lan_subnet"), f"{_q(item)} has host bits set; using {net}")
+        yield net
+
+
+def _parse_network(s: str) -> tuple[IPNetwork, bool]:
+    """A subnet; bare addresses are host routes. Returns (network, had host bits)."""
+    try:
+        iface = ipaddress.ip_interface(s)
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not a subnet (e.g. '192.168.30.0/24')") from None
+    return iface.network, iface.ip != iface.network.network_address
+
+
+def _valid_ifname(s: str) -> bool:
+    # Linux dev_valid_name()
+    b = s.encode("utf-8", "surrogateescape")
+    return 0 < len(b) < 16 and s not in (".", "..") and not any(c in "/:" or c.isspace() for c in s)
+
+
+# --- validation ------------------------------------------------------------------------
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def err(self, path: str, msg: str) -> None:
+        self.problems.append(Problem(ERROR, path, msg))
+
+    def warn(self, path: str, msg: str) -> None:
+        self.problems.append(Problem(WARNING, path, msg))
+
+    @property
+    def has_errors(self) -> bool:
+        return any(p.is_error for p in self.problems)
+
+
+class _Sec:
+    """One UCI section being read: typed getters that report problems."""
+
+    def __init__(self, chk: _Checker, pkg: uci.Package, section: uci.Section):
+        self.chk = chk
+        self.s = section
+        self.ref = pkg.ref(section)
+        self.prefix = f"{pkg.name}.{self.ref}"
+        self.type = section.type
+
+    def path(self, option: str) -> str:
+        return f"{self.prefix}.{option}"
+
+    def has(self, option: str) -> bool:
+        return option in self.s.options
+
+    def single(self, option: str) -> str | None:
+        """The value of a plain ``option``; a ``list`` here is an error."""
+        v = self.s.options.get(option)
+        if isinstance(v, list):
+            self.chk.err(self.path(option), "must be a single value: write `option`, not `list`")
+            return None
+        if v is not None:
+            v = v.strip()
+        return v
+
+    def multi(self, option: str) -> list[str]:
+        """Values of an option that may be a ``list`` or space-separated."""
+        v = self.s.options.get(option)
+        if v is None:
+            return []
+        items = [v] if isinstance(v, str) else v
+        return [w for item in items for w in item.split()]
+
+    def parsed(self, option: str, parser, default=None):
+        """Parse the option with ``parser``; the default if absent or invalid."""
+        raw = self.single(option)
+        if raw is None:
+            return default
+        try:
+            return parser(raw)
+        except ValueError as e:
+            self.chk.err(self.path(option), str(e))
+            return default
+
+    def unknown_options(self) -> None:
+        known = OPTIONS.get(self.type, {})
+        for name in self.s.options:
+            if name in known:
+                continue
+            hint = difflib.get_close_matches(name, list(known), n=1)
+            msg = "unknown option (ignored)"
+            if hint:
+                msg += f"; did you mean '{hint[0]}'?"
+            self.chk.warn(self.path(name), msg)
+
+
+def _one_section(chk: _Checker, pkg: uci.Package, type_: str, hint: str) -> _Sec | None:
+    found = pkg.sections(type_)
+    if not found:
+        chk.err(f"{pkg.name}.{type_}", f"missing section: add `config {type_} '{type_}'` with {hint}")
+        return None
+    for extra in found[1:]:
+        chk.err(f"{pkg.name}.{pkg.ref(extra)}", f"only one `config {type_}` section is allowed (this one is ignored)")
+    return _Sec(chk, pkg, found[0])
+
+
+def _default(option: str, conv=str, section: str = "base"):
+    """The default of an option, from OPTIONS (the single source)."""
+    return conv(OPTIONS[section][option].default)
+
+
+def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
+    sec = _one_section(chk, pkg, "base", "role, psk and server_address (client) or listen_address (server)")
+    if sec is None:
+        return None
+    sec.unknown_options()
+    b: dict = {}
+    b["enabled"] = sec.parsed("enabled", _parse_bool, True)
+
+    role = sec.parsed("role", lambda s: _parse_choice(s, ("client", "server")))
+    if role is None and not sec.has("role"):
+        chk.err(sec.path("role"), "missing: set 'client' (this side connects) or 'server' (this side listens)")
+    b["role"] = role
+
+    # psk (a server's missing psk is reported once its sites are known: a hub may do without)
+    b["psk"] = _parse_psk(chk, sec)
+    b["psk_missing"] = not sec.has("psk") and role == "server"
+    if not sec.has("psk") and role != "server":
+        chk.err(sec.path("psk"), MISSING_PSK)
+    b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
+
+    # optional static keys (Noise KKpsk0): both or neither; never echo the private one
+    for name in ("private_key", "peer_public_key"):
+        raw = sec.single(name)
+        b[name] = None
+        if raw is None:
+            continue
+        try:
+            key = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            chk.err(sec.path(name), "is not valid base64 (make a key pair with `mpvpn genkey`)")
+            continue
+        if len(key) != PSK_BYTES:
+            chk.err(sec.path(name), f"decodes to {len(key)} bytes; an X25519 key is exactly {PSK_BYTES}")
+            continue
+        b[name] = key
+    if (b["private_key"] is None) != (b["peer_public_key"] is None) and not (
+            sec.has("private_key") and sec.has("peer_public_key")):
+        missing = "peer_public_key" if b["private_key"] is not None else "private_key"
+        chk.err(sec.path(missing), "missing: static keys are used only in pairs "
+                                   "(private_key here and the peer's public key), or not at all")
+
+    b["mode"] = sec.parsed("mode", lambda s: _parse_choice(s, ("duplicate", "aggregate", "adaptive")), _default("mode"))
+    b["nack"] = {"auto": None, "1": True, "0": False}[
+        sec.parsed("nack", lambda s: _parse_choice(s, ("auto", "1", "0")), _default("nack"))]
+    b["keepalive_idle"] = sec.parsed("keepalive_idle", lambda s: _parse_float(s, 0.05, 60, "seconds"), _default("keepalive_idle", float))
+    b["keepalive_active"] = sec.parsed("keepalive_active", lambda s: _parse_float(s, 0.01, 60, "seconds"), _default("keepalive_active", float))
+    if b["keepalive_active"] > b["keepalive_idle"]:
+        chk.warn(sec.path("keepalive_active"), "is longer than keepalive_idle: a busy subflow is then watched less closely than an idle one")
+    b["dead_after"] = sec.parsed("dead_after", lambda s: _parse_int(s, 1, 100), _default("dead_after", int))
+    if b["dead_after"] == 1:
+        chk.warn(sec.path("dead_after"), "1: a single lost keepalive takes a subflow down")
+    b["target_loss"] = sec.parsed(
+        "target_loss", lambda s: _parse_float(s, 0.000001, 0.5, ""), _default("target_loss", float)
+    )
+    b["hold_max_ms"] = sec.parsed("hold_max_ms", lambda s: _parse_int(s, 0, 10000, "ms"), _default("hold_max_ms", int))
+    b["rekey_interval"] = sec.parsed(
+        "rekey_interval", lambda s: _parse_float(s, 1, 86400, "seconds"), _default("rekey_interval", float)
+    )
+    b["rekey_packets"] = sec.parsed(
+        "rekey_packets", lambda s: _parse_int(s, 1000, 1 << 26, "packets"), _default("rekey_packets", int)
+    )
+    b["reorder_capacity"] = sec.parsed(
+        "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
+    )
+    b["mtu"] = sec.parsed("mtu", lambda s: _parse_int(s, 576, 9000, "bytes"), _default("mtu", int))
+    b["mss_clamp"] = sec.parsed("mss_clamp", _parse_bool, True)
+    b["log_level"] = sec.parsed(
+        "log_level", lambda s: _parse_choice(s, ("debug", "info", "warning", "error")), _default("log_level")
+    )
+
+    # addresses
+    servers: list[HostPort] = []
+    for item in sec.multi("server_address"):
+        try:
+            hp = parse_hostport(item, DEFAULT_PORT, allow_name=True)
+        except ValueError as e:
+            chk.err(sec.path("server_address"), str(e))
+            continue
+        ip = hp.ip
+        if ip is not None and (ip.is_unspecified or ip.is_multicast):
+            chk.err(sec.path("server_address"), f"cannot connect to {hp}: give the server's address")
+            continue
+        servers.append(hp)
+    listen = None
+    if sec.has("listen_address"):
+        raw = sec.single("listen_address")
+        if raw is not None:
+            try:
+                listen = parse_hostport(raw, DEFAULT_PORT, allow_name=False)
+            except ValueError as e:
+                chk.err(sec.path("listen_address"), str(e))
+            else:
+                if listen.ip is not None and listen.ip.is_multicast:
+                    chk.err(sec.path("listen_address"), f"{listen} is a multicast address")
+                    listen = None
+    if role == "client":
+        if not sec.has("server_address"):
+            chk.err(sec.path("server_address"), "missing: required for role 'client': the server's host:port, e.g. '203.0.113.10:7000'")
+        elif not sec.multi("server_address"):
+            chk.err(sec.path("server_address"), "is empty: required for role 'client'")
+        if sec.has("listen_address"):
+            chk.warn(sec.path("listen_address"), "is ignored for role 'client'")
+    elif role == "server":
+        if not sec.has("listen_address"):
+            chk.err(sec.path("listen_address"), "missing: required for role 'server': address:port to listen on, e.g. '0.0.0.0:7000'")
+        if sec.has("server_address"):
+            chk.warn(sec.path("server_address"), "is ignored for role 'server'")
+    b["server_address"] = tuple(servers)
+    b["listen_address"] = listen
+
+    # extra LAN subnets
+    extra: list[IPNetwork] = []
+    for net in _lan_subnets(chk, sec):
+        if net.prefixlen == 0:
+            chk.err(sec.path("lan_subnet"), f"{net} would send all traffic, the tunnel's own included, into the tunnel")
+            continue
+        if net in extra:
+            chk.warn(sec.path("lan_subnet"), f"{net} is listed twice")
+            continue
+        extra.append(net)
+    b["lan_subnet"] = extra
+    b["_sec"] = sec
+    return b
+
+
+def _check_vnc(chk: _Checker, pkg: uci.Package, base_mtu: int) -> tuple[Vnc | None, _Sec | None]:
+    sec = _one_section(chk, pkg, "vnc", "ipaddr and netmask (e.g. '172.30.0.1' and '255.255.255.252')")
+    if sec is None:
+        return None, None
+    sec.unknown_options()
+    ok = True
+    addr = None
+    prefix_from_addr = None
+    raw = sec.single("ipaddr")
+    if raw is None:
+        if not sec.has("ipaddr"):
+            chk.err(sec.path("ipaddr"), "missing: this side's vNIC address, e.g. '172.30.0.1' (the peer then uses '172.30.0.2')")
+        ok = False
+    else:
+        a, _, p = raw.partition("/")
+        try:
+            addr = ipaddress.IPv4Address(a)
+        except ValueError:
+            chk.err(sec.path("ipaddr"), f"{_q(raw)} is not an IPv4 address")
+            ok = False
+        if addr is not None and p:
+            if re.fullmatch(r"[0-9]{1,2}", p) and int(p) <= 32:
+                prefix_from_addr = int(p)
+            else:
+                chk.err(sec.path("ipaddr"), f"{_q(raw)}: bad prefix length")
+                ok = False
+    prefix = None
+    if sec.has("netmask"):
+        prefix = sec.parsed("netmask", _parse_netmask4)
+        if prefix is None:
+            ok = False
+        elif prefix_from_addr is not None and prefix != prefix_from_addr:
+            chk.err(sec.path("netmask"), f"/{prefix} contradicts the /{prefix_from_addr} of ipaddr")
+            ok = False
+    if prefix is None:
+        prefix = prefix_from_addr
+    if prefix is None and ok:
+        chk.err(sec.path("netmask"), "missing: e.g. '255.255.255.252' (a /30 holds both ends)")
+        ok = False
+    if ok and prefix is not None:
+        if prefix > 30:
+            chk.err(sec.path("netmask"), f"/{prefix} leaves no room for both ends of the tunnel: use /30 ('255.255.255.252') or larger")
+            ok = False
+        elif prefix < 8:
+            chk.err(sec.path("netmask"), f"/{prefix} is far too large for a point-to-point link: use /8 to /30")
+            ok = False
+    if ok and addr is not None and prefix is not None:
+        iface = ipaddress.IPv4Interface(f"{addr}/{prefix}")
+        if addr == iface.network.network_address:
+            chk.err(sec.path("ipaddr"), f"{addr} is the network address of {iface.network}: use a host address")
+            ok = False
+        elif addr == iface.network.broadcast_address:
+            chk.err(sec.path("ipaddr"), f"{addr} is the broadcast address of {iface.network}: use a host address")
+            ok = False
+        elif addr.is_loopback or addr.is_multicast or addr.is_unspecified or addr.is_link_local or addr.is_reserved:
+            chk.err(sec.path("ipaddr"), f"{addr} cannot be a vNIC address: use a private address such as 172.30.0.1")
+            ok = False
+        elif not addr.is_private:
+            chk.warn(sec.path("ipaddr"), f"{addr} is a public address: a private range such as 172.30.0.0/30 avoids clashes")
+    ifname = _default("ifname", section="vnc")
+    raw = sec.single("ifname")
+    if raw is not None:
+        if _valid_ifname(raw):
+            ifname = raw
+        else:
+            chk.err(sec.path("ifname"), f"{_q(raw)} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)")
+            ok = False
+    mtu = sec.parsed("mtu", lambda s: _parse_int(s, 576, 9000, "bytes"), None)
+    if mtu is None:
+        mtu = base_mtu
+        if sec.has("mtu"):
+            ok = False
+    if not ok:
+        return None, sec
+    return Vnc(ipaddr=addr, prefixlen=prefix, ifname=ifname, mtu=mtu), sec
+
+
+def _check_uplinks(chk: _Checker, pkg: uci.Package, default_port: int) -> list[Uplink]:
+    uplinks: list[Uplink] = []
+    sections = [_Sec(chk, pkg, s) for s in pkg.sections("smpu")]
+    wanted: list[_Sec] = []  # sections meant to be used, valid or not
+    for sec in sections:
+        sec.unknown_options()
+        ok = True
+        enabled = sec.parsed("enabled", _parse_bool, True)
+        if enabled:
+            wanted.append(sec)
+        type_ = sec.single("type")
+        if type_ is None:
+            if not sec.has("type"):
+                chk.err(sec.path("type"), "missing: the carrier of this uplink, e.g. 'telecom' (uplinks pair with the peer's uplink of the same type)")
+            ok = False
+        elif not CARRIER_RE.fullmatch(type_):
+            chk.err(sec.path("type"), f"{_q(type_)} is not a carrier word (letters, digits, '_', '-', '.'; at most 32)")
+            ok = False
+        bind_ip = None
+        if sec.has("bind_ip"):
+            bind_ip = sec.parsed("bind_ip", _parse_ip)
+            if bind_ip is None:
+                ok = False
+            elif bind_ip.is_unspecified or bind_ip.is_multicast:
+                chk.err(sec.path("bind_ip"), f"{bind_ip} is not an address of this uplink")
+                bind_ip, ok = None, False
+            elif bind_ip.is_loopback:
+                chk.warn(sec.path("bind_ip"), f"{bind_ip} is a loopback address")
+        interface = None
+        raw = sec.single("interface")
+        if raw is not None:
+            if uci.validate_name(raw):
+                interface = raw
+            else:
+                chk.err(sec.path("interface"), f"{_q(raw)} is not an OpenWrt interface name (letters, digits, '_')")
+                ok = False
+        device = None
+        raw = sec.single("device")
+        if raw is not None:
+            if _valid_ifname(raw):
+                device = raw
+            else:
+                chk.err(sec.path("device"), f"{_q(raw)} is not a valid device name")
+                ok = False
+        if not sec.has("bind_ip") and not sec.has("interface"):
+            chk.err(
+                sec.path("bind_ip"),
+                "missing: set bind_ip (this uplink's own address) or interface (its OpenWrt network, e.g. 'wan')",
+            )
+            ok = False
+        port = sec.parsed("port", _parse_port, None)
+        if port is None:
+            if sec.has("port"):
+                ok = False
+            port = default_port
+        upload = None
+        if sec.has("upload"):
+            upload = sec.parsed("upload", _parse_kbit, None)
+            if upload is None:
+                ok = False
+        if ok:
+            uplinks.append(Uplink(sec.ref, type_, port, bind_ip, interface, device, enabled, upload))
+
+    active = [u for u in uplinks if u.enabled]
+    by_path = {u.name: f"{pkg.name}.{u.name}" for u in uplinks}
+    seen_type: dict[str, Uplink] = {}
+    seen_ip: dict[tuple, Uplink] = {}
+    seen_if: dict[tuple, Uplink] = {}
+    for u in active:
+        if u.type in seen_type:
+            chk.warn(
+                f"{by_path[u.name]}.type",
+                f"carrier type '{u.type}' is also used by {by_path[seen_type[u.type].name]}: "
+                "uplinks of one type are paired with the peer's uplinks of that type in order",
+            )
+        else:
+            seen_type[u.type] = u
+        if u.bind_ip is not None:
+            key = (u.bind_ip, u.port)
+            if key in seen_ip:
+                chk.err(f"{by_path[u.name]}.bind_ip", f"{u.bind_ip} port {u.port} is already used by {by_path[seen_ip[key].name]}")
+            seen_ip[key] = u
+        if u.interface is not None and u.bind_ip is None:
+            key = (u.interface, u.port)
+            if key in seen_if:
+                chk.err(f"{by_path[u.name]}.interface", f"interface '{u.interface}' is already used by {by_path[seen_if[key].name]}")
+            seen_if[key] = u
+    if not sections:
+        chk.err(
+            f"{pkg.name}.@smpu",
+            "no uplink: add one `config smpu` section per carrier, with type and bind_ip or interface",
+        )
+    elif not wanted:
+        chk.err(f"{pkg.name}.@smpu", "no enabled uplink: set enabled '1' on at least one smpu section")
+    elif len(wanted) == 1:
+        chk.warn(wanted[0].prefix, "only one enabled uplink: there is no second carrier to carry copies or to fall back on")
+    return uplinks
+
+
+def _check_lan(chk: _Checker, network: uci.Package | None, missing: str | None) -> tuple[list, list]:
+    """(subnets, addresses) of the LAN in the network package."""
+    if network is None:
+        if missing:
+            chk.warn("network", missing)
+        return [], []
+    lan = network.section("lan")
+    if lan is None or lan.type != "interface":
+        chk.warn("network.lan", "no `config interface 'lan'`: the peer only gets routes for orayboxvpn.base.lan_subnet")
+        return [], []
+    sec = _Sec(chk, network, lan)
+    subnets: list[IPNetwork] = []
+    addresses: list[IPInterface] = []
+    mask = None
+    if sec.has("netmask"):
+        mask = sec.parsed("netmask", _parse_netmask4)
+        if mask is None:
+            return [], []
+    values = sec.multi("ipaddr")
+    if not values:
+        proto = sec.single("proto") or "none"
+        chk.warn(
+            sec.path("ipaddr"),
+            f"not set (proto {_q(proto)}): no LAN subnet from the network config; "
+            "list it in orayboxvpn.base.lan_subnet if the peer should route to it",
+        )
+    need_mask = False
+    for v in values:
+        a, slash, p = v.partition("/")
+        try:
+            ip = ipaddress.IPv4Address(a)
+        except ValueError:
+            chk.err(sec.path("ipaddr"), f"{_q(v)} is not an IPv4 address")
+            continue
+        if slash:
+            try:
+                prefix = _parse_netmask4(p)
+            except ValueError as e:
+                chk.err(sec.path("ipaddr"), str(e))
+                continue
+        elif mask is not None:
+            prefix = mask
+        else:
+            prefix = 32
+            need_mask = True
+        iface = ipaddress.IPv4Interface(f"{ip}/{prefix}")
+        addresses.append(iface)
+        if iface.network not in subnets:
+            subnets.append(iface.network)
+    if need_mask:
+        chk.warn(sec.path("netmask"), "missing: the LAN address without a /prefix is taken as a single host (/32)")
+    for v in sec.multi("ip6addr"):
+        try:
+            iface6 = ipaddress.IPv6Interface(v)
+        except ValueError:
+            chk.err(sec.path("ip6addr"), f"{_q(v)} is not an IPv6 address or prefix")
+            continue
+        addresses.append(iface6)
+        if iface6.network not in subnets:
+            subnets.append(iface6.network)
+    return subnets, addresses
+
+
+def _parse_net(s: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(s, strict=False)
+    except ValueError:
+        raise ValueError(f"{_q(s)} is not an address or subnet") from None
+
+
+def _parse_psk(chk: _Checker, sec) -> bytes | None:
+    """``option psk`` of a section: 32 bytes, or None (reported). Never echoes the value."""
+    raw = sec.single("psk")
+    if raw is None:
+        return None
+    try:
+        psk = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        chk.err(sec.path("psk"), "is not valid base64 (make one with `mpvpn genpsk`)")
+        return None
+    if len(psk) != PSK_BYTES:
+        chk.err(sec.path("psk"), f"decodes to {len(psk)} bytes; it must be exactly {PSK_BYTES}")
+        return None
+    if psk == bytes(PSK_BYTES):
+        chk.err(sec.path("psk"), "is all zero bytes: use a random key")
+        return None
+    return psk
+
+
+MAX_SITES = 256
+MISSING_PSK = ("missing: the shared secret, 32 random bytes in base64, the same on both sides "
+               "(make one with `mpvpn genpsk`)")
+
+
+def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
+                 vnc: Vnc | None = None) -> list[SiteKey]:
+    """``config site`` sections (a hub's per-site keys), and whether base.psk may be missing."""
+    out: list[SiteKey] = []
+    secs = [_Sec(chk, pkg, s) for s in pkg.sections("site")]
+    role = b["role"] if b else None
+    seen: dict[bytes, str] = {}
+    for sec in secs:
+        sec.unknown_options()
+        if role == "client":
+            chk.warn(sec.path("psk"), "`config site` is for a server with several client sites; "
+                                      "a client uses base.psk (ignored)")
+            continue
+        psk = _parse_psk(chk, sec)
+        if psk is None and not sec.has("psk"):
+            chk.err(sec.path("psk"), "missing: this site's key (its base.psk), 32 random bytes in base64")
+        if not sec.parsed("enabled", _parse_bool, True) or psk is None:
+            continue
+        other = seen.get(psk) or ("base" if b and b.get("psk") == psk else None)
+        if other:
+            chk.err(sec.path("psk"), f"the same key as {pkg.name}.{other}: each site needs its own")
+            continue
+        seen[psk] = sec.ref
+        vip = sec.single("vnc_ipaddr")
+        if vip is not None:
+            try:
+                ip = _parse_ip(vip)
+                vip = str(ip)
+                if vnc is not None and (ip not in vnc.interface.network or ip == vnc.ipaddr):
+                    raise ValueError(f"{vip} is not a peer address of the vNIC subnet "
+                                     f"{vnc.interface.network} (ours is {vnc.ipaddr})")
+            except ValueError as e:
+                chk.err(sec.path("vnc_ipaddr"), str(e))
+                vip = None
+        lans = None
+        if sec.has("lan_subnet"):
+            lans = [str(net) for net in _lan_subnets(chk, sec)]
+            lans = tuple(lans)
+        out.append(SiteKey(sec.ref, psk, vip, lans))
+    if len(out) > MAX_SITES:
+        chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
+    if out and b and b.get("private_key"):
+        chk.err(b["_sec"].path("private_key"), "per-site keys (`config site`) work with PSKs only: "
+                                               "remove private_key/peer_public_key or the site sections")
+    if b and b.get("psk_missing") and not out:
+        chk.err(b["_sec"].path("psk"),
+                MISSING_PSK + "; or give each client site its own key in `config site` sections")
+    return out
+
+
+def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> list[Policy]:
+    types = {u.type for u in uplinks if u.enabled}
+    out: list[Policy] = []
+    for sec in (_Sec(chk, pkg, s) for s in pkg.sections("policy")):
+        sec.unknown_options()
+        if not sec.parsed("enabled", _parse_bool, True):
+            continue
+        src = sec.parsed("src", _parse_net)
+        if src is None and not sec.has("src"):
+            chk.err(sec.path("src"), "missing: the LAN host or subnet this policy applies to")
+        dst = sec.parsed("dst", _parse_net)
+        carriers = sec.multi("carrier")
+        for c in carriers:
+            if not CARRIER_RE.fullmatch(c):
+                chk.err(sec.path("carrier"), f"{_q(c)} is not a carrier word")
+            elif types and c not in types:
+                chk.warn(sec.path("carrier"), f"no enabled uplink has type {_q(c)}; "
+                                              f"known: {', '.join(sorted(types))}")
+        exclusive = sec.parsed("exclusive", _parse_bool, False)
+        if exclusive and not carriers:
+            chk.err(sec.path("exclusive"), "needs `list carrier`: which carriers to reserve")
+        mode = sec.parsed("mode", lambda v: _parse_choice(v, ("duplicate", "aggregate", "adaptive")))
+        priority = sec.parsed("priority", _parse_bool, False)
+        if src is not None:
+            out.append(Policy(sec.ref, src, dst, tuple(carriers) or None, exclusive, mode, priority))
+    return out
+
+
+def validate(
+    orayboxvpn: uci.Package,
+    network: uci.Package | None = None,
+    network_missing: str | None = None,
+) -> tuple[Config | None, list[Problem]]:
+    """Check parsed packages. ``network_missing`` explains an absent network
+    package (a warning). Returns the Config only when there is no error."""
+    chk = _Checker()
+    pkg = orayboxvpn
+    for s in pkg:
+        if s.type not in OPTIONS:
+            hint = difflib.get_close_matches(s.type, list(OPTIONS), n=1)
+            chk.warn(
+                f"{pkg.name}.{pkg.ref(s)}",
+                f"unknown section type '{s.type}' (ignored)" + (f"; did you mean '{hint[0]}'?" if hint else ""),
+            )
+    b = _check_base(chk, pkg)
+    base_mtu = b["mtu"] if b else _default("mtu", int)
+    vnc, vnc_sec = _check_vnc(chk, pkg, base_mtu)
+    default_port = DEFAULT_PORT
+    if b:
+        if b["role"] == "server" and b["listen_address"]:
+            default_port = b["listen_address"].port
+        elif b["role"] == "client" and b["server_address"]:
+            default_port = b["server_address"][0].port
+    uplinks = _check_uplinks(chk, pkg, default_port)
+    policies = _check_policies(chk, pkg, uplinks)
+    sites = _check_sites(chk, pkg, b, vnc)
+    lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
+
+    # cross-checks
+    extra = b["lan_subnet"] if b else []
+    if vnc is not None:
+        vnet = vnc.network
+        for net in lan_subnets:
+            if net.overlaps(vnet):
+                chk.err("network.lan.ipaddr", f"the LAN {net} overlaps the vNIC subnet {vnet} (orayboxvpn.vnc): pick another vNIC subnet")
+        for net in extra:
+            if net.overlaps(vnet):
+                chk.err(f"{b['_sec'].path('lan_subnet')}", f"{net} overlaps the vNIC subnet {vnet} (orayboxvpn.vnc)")
+        for u in uplinks:
+            if u.bind_ip is not None and u.bind_ip in vnet:
+                chk.err(f"{pkg.name}.{u.name}.bind_ip", f"{u.bind_ip} is inside the vNIC subnet {vnet}: the tunnel would carry itself")
+        if b:
+            for hp in b["server_address"]:
+                if hp.ip is not None and hp.ip in vnet:
+                    chk.err(b["_sec"].path("server_address"), f"{hp} is inside the vNIC subnet {vnet}: the control connection would run through the tunnel it sets up")
+    all_lan = list(lan_subnets)
+    for net in extra:
+        if net in all_lan:
+            chk.warn(b["_sec"].path("lan_subnet"), f"{net} is already the LAN subnet of network.lan")
+        else:
+            all_lan.append(net)
+    for u in uplinks:
+        if u.bind_ip is not None and any(u.bind_ip in n for n in all_lan if n.version == u.bind_ip.version):
+            chk.warn(f"{pkg.name}.{u.name}.bind_ip", f"{u.bind_ip} is inside a LAN subnet: the peer will route that subnet into the tunnel")
+    if b and vnc is not None:
+        v6 = any(u.bind_ip is not None and u.bind_ip.version == 6 for u in uplinks)
+        overhead = OVERHEAD_IPV6 if v6 else OVERHEAD_IPV4
+        where = vnc_sec.path("mtu") if vnc_sec.has("mtu") else b["_sec"].path("mtu")
+        if vnc.mtu > 1500 - overhead:
+            chk.warn(where, f"{vnc.mtu}: encapsulated packets exceed a 1500-byte path and get fragmented (overhead {overhead} bytes); 1400 is safe")
+        if vnc.mtu < 1280:
+            chk.warn(where, f"{vnc.mtu} is below 1280: IPv6 inside the tunnel needs at least 1280")
+
+    if b and not b["enabled"]:
+        sec = b["_sec"]
+        start = f"`uci set {pkg.name}.{sec.ref}.enabled=1; uci commit {pkg.name}; /etc/init.d/{pkg.name} restart`"
+        if chk.has_errors:
+            msg = f"the service is disabled (enabled '0'): fill in what is reported below, then start it with {start}"
+        else:
+            msg = f"the service is disabled (enabled '0'): the configuration is complete; start it with {start}"
+        chk.problems.insert(0, Problem(WARNING, sec.path("enabled"), msg))
+    if chk.has_errors or b is None or vnc is None:
+        return None, chk.problems
+    base = Base(
+        enabled=b["enabled"],
+        role=b["role"],
+        psk=b["psk"],
+        server_address=b["server_address"],
+        listen_address=b["listen_address"] if b["role"] == "server" else None,
+        mode=b["mode"],
+        nack=b["nack"],
+        keepalive_idle=b["keepalive_idle"],
+        keepalive_active=b["keepalive_active"],
+        dead_after=b["dead_after"],
+        hold_max_ms=b["hold_max_ms"],
+        target_loss=b["target_loss"],
+        rekey_interval=b["rekey_interval"],
+        rekey_packets=b["rekey_packets"],
+        pair_unmatched=b["pair_unmatched"],
+        private_key=b["private_key"],
+        peer_public_key=b["peer_public_key"],
+        reorder_capacity=b["reorder_capacity"],
+        mtu=b["mtu"],
+        mss_clamp=b["mss_clamp"],
+        log_level=b["log_level"],
+    )
+    lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
+    return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,
+                  policies=tuple(policies), sites=tuple(sites)), chk.problems
+
+
+def load_config(uci_dir: str = "/etc/config") -> tuple[Config | None, list[Problem]]:
+    """Read ``<uci_dir>/orayboxvpn`` and ``<uci_dir>/network`` and validate.
+
+    Never raises for missing or bad files: they are problems too."""
+    problems: list[Problem] = []
+    if not os.path.isdir(uci_dir):
+        what = "is not a directory" if os.path.exists(uci_dir) else "does not exist"
+        return None, [Problem(ERROR, PACKAGE, f"config directory {uci_dir} {what} (use --uci-dir DIR)")]
+    path = os.path.join(uci_dir, PACKAGE)
+    try:
+        pkg = uci.load(path, PACKAGE)
+    except FileNotFoundError:
+        return None, [
+            Problem(
+                ERROR, PACKAGE,
+                f"{path} not found: install the orayboxvpn package (it ships a default) "
+                "or create the file; see docs/config.md",
+            )
+        ]
+    except uci.UciParseError as e:
+        return None, [Problem(ERROR, PACKAGE, f"{path}: {e.reason} at line {e.line}, byte {e.byte} (uci: Parse error)")]
+    except OSError as e:
+        return None, [Problem(ERROR, PACKAGE, f"cannot read {path}: {e.strerror or e}")]
+
+    network = None
+    missing = None
+    npath = os.path.join(uci_dir, "network")
+    try:
+        network = uci.load(npath, "network")
+    except FileNotFoundError:
+        missing = (
+            f"{npath} not found: no LAN subnet from network.lan; the peer only gets routes "
+            "for orayboxvpn.base.lan_subnet"
+        )
+    except uci.UciParseError as e:
+        problems.append(Problem(ERROR, "network", f"{npath}: {e.reason} at line {e.line}, byte {e.byte} (uci: Parse error)"))
+    except OSError as e:
+        problems.append(Problem(ERROR, "network", f"cannot read {npath}: {e.strerror or e}"))
+
+    config, more = validate(pkg, network, missing)
+    problems.extend(more)
+    if any(p.is_error for p in problems):
+        config = None
+    return config, problems

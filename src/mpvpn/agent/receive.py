@@ -1,0 +1,107 @@
+"""The receive path: SMPU datagrams from the peer become packets written
+into the tun vNIC, in processing order (as wireguard-go's
+``device/receive.go``)::
+
+    BatchSocket.recv()               one recvmsg: datagrams (split by UDP GRO) and their source
+      -> length check                shorter than an SMPU header: counted drop (``malformed``)
+      -> session_of()                session id in the header -> the session; none: counted
+                                     drop (``unknown_session``), no state kept, no reply
+      -> uplink check                the member must arrive on the uplink that carries it
+                                     (``wrong_uplink``)
+      -> Session.receive_many()      a GRO batch of one session and member at once (C loops),
+         Session.receive_datagram()  otherwise one by one: open, replay window, reorder
+      -> deliver()                   released packets to tun.write_packets in batches of
+                                     DELIVER_BATCH (consecutive TCP segments: one super-segment)
+      -> (agent) registry.touch, send.flush  the ACKs / NACKs the sessions answered with
+
+Everything here trusts nothing in a datagram before :class:`mpvpn.core.smpu.Session`
+has authenticated it: the header fields read here only pick the session,
+and a wrong pick fails authentication there.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from mpvpn.core import wire
+
+log = logging.getLogger("mpvpn")
+
+BATCH = 256  # receive calls per uplink per wake-up before looking at the others
+DELIVER_BATCH = 128  # packets delivered to the tun in one go (coalesced into super-segments)
+
+# Where the receive path looks in an SMPU header (wire.HEADER, "!BBBBIHBBQ":
+# version, opcode, member, flags, session id, ...; docs/protocol.md).
+MEMBER = wire.OFF_MEMBER  # byte offset of the member id
+SESSION_ID = slice(wire.OFF_SESSION, wire.OFF_SESSION + 4)  # the 32-bit session id
+SESSION_KEY = slice(MEMBER, SESSION_ID.stop)  # member, flags, session id: same key, same session
+SESSION_KEY_LEN = SESSION_KEY.stop - SESSION_KEY.start  # 6
+MIN_DATAGRAM = wire.HEADER_LEN  # anything shorter is not SMPU
+
+# (ICMP errors of earlier sends surface on recv: skip them, keep reading)
+_ICMP_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+def session_id_of(datagram) -> int:
+    """The session id of a datagram at least MIN_DATAGRAM long."""
+    return int.from_bytes(datagram[SESSION_ID], "big")
+
+
+def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
+    """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
+    each datagram to its session (``sessions``: id -> DataSession), released
+    packets to ``deliver(list)``.  Returns the sessions that took datagrams."""
+    touched = set()
+    out = []  # written in batches: consecutive TCP segments go as one super-segment
+    recv = up.batch.recv
+    # the session lookup of the previous datagram (same key: same result)
+    last_key = cur = member = None
+    for _ in range(BATCH):
+        try:
+            datagrams, addr = recv()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as e:
+            if e.errno in _ICMP_ERRORS:
+                continue
+            log.debug("uplink %s recv: %s", up.name, e)
+            break
+        up.rx_datagrams += len(datagrams)
+        if len(datagrams) > 1:
+            key = datagrams[0][SESSION_KEY]
+            if len(key) == SESSION_KEY_LEN and all(d[SESSION_KEY] == key for d in datagrams):
+                if key != last_key:  # the usual: one session and subflow per batch
+                    first = datagrams[0]
+                    ds = sessions.get(session_id_of(first))
+                    if ds is not None and ds.uplink_of.get(first[MEMBER]) is up:
+                        cur, member, last_key = ds, first[MEMBER], key
+                        touched.add(ds)
+                if key == last_key and len(datagrams[0]) >= MIN_DATAGRAM:
+                    out += cur.sess.receive_many(datagrams, member, now, source=addr)
+                    if len(out) >= DELIVER_BATCH:
+                        deliver(out)
+                        out = []
+                    continue
+        for data in datagrams:
+            if len(data) < MIN_DATAGRAM:
+                counters["malformed"] += 1
+                continue
+            key = data[SESSION_KEY]
+            if key != last_key:
+                ds = sessions.get(session_id_of(data))
+                if ds is None:
+                    counters["unknown_session"] += 1  # no state, no reply
+                    continue
+                if ds.uplink_of.get(data[MEMBER]) is not up:
+                    counters["wrong_uplink"] += 1
+                    continue
+                cur, member, last_key = ds, data[MEMBER], key
+                touched.add(ds)
+            out += cur.sess.receive_datagram(data, member, now, source=addr)
+        if len(out) >= DELIVER_BATCH:
+            deliver(out)
+            out = []
+    if out:
+        deliver(out)
+    return touched

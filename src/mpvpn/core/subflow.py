@@ -1,0 +1,530 @@
+"""One SMPU subflow: its state machine, timers and statistics.
+
+The state machine is one explicit table (``TRANSITIONS``, in the style of
+h11's ``_state.py``): ``(state, event) -> new state``.  A pair that is not in
+the table is not allowed and is ignored (counted as ``unexpected``); that is
+how a stray CONNECT-ACK or a late CLOSE-ACK is made harmless.
+
+A :class:`Subflow` never touches sockets or clocks.  It is driven by its
+:class:`~mpvpn.core.smpu.Session`: ``on_control()`` for each valid control datagram
+addressed to it, ``on_timer()`` when its deadline passes.  It produces
+control datagrams through the session's ``_emit`` callable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from mpvpn.core import wire
+from mpvpn.core.linkstats import LossEstimator, RttEstimator
+from mpvpn.core.wire import Op
+
+
+class State(Enum):
+    CLOSED = "closed"
+    CONNECT_SENT = "connect_sent"
+    CONNECT_RCVD = "connect_rcvd"
+    ESTABLISHED = "established"
+    CLOSING = "closing"
+
+
+class Ev(Enum):
+    OPEN = "open"  # local: initiator starts the 3-way open
+    RECV_CONNECT = "recv_connect"
+    RECV_CONNECT_ACK = "recv_connect_ack"
+    RECV_ACK = "recv_ack"
+    RECV_TRAFFIC = "recv_traffic"  # KEEPALIVE(/ACK) or DATA from the peer
+    RETRY = "retry"  # local: handshake / close retransmission timer
+    TIMEOUT = "timeout"  # local: half-open CONNECT_RCVD gave up, or CLOSING gave up
+    DEAD = "dead"  # local: too many unanswered probes
+    CLOSE = "close"  # local: administrative close
+    RECV_CLOSE = "recv_close"
+    RECV_CLOSE_ACK = "recv_close_ack"
+
+
+S, E = State, Ev
+
+#: The whole subflow state machine.  Initiator and responder share it; which
+#: transitions each one can reach follows from who sends CONNECT.
+TRANSITIONS: dict[tuple[State, Ev], State] = {
+    (S.CLOSED, E.OPEN): S.CONNECT_SENT,
+    (S.CLOSED, E.RECV_CONNECT): S.CONNECT_RCVD,
+    (S.CLOSED, E.RECV_CLOSE): S.CLOSED,  # answer CLOSE-ACK so the peer's close completes
+    (S.CONNECT_SENT, E.RECV_CONNECT_ACK): S.ESTABLISHED,
+    (S.CONNECT_SENT, E.RETRY): S.CONNECT_SENT,
+    (S.CONNECT_SENT, E.OPEN): S.CONNECT_SENT,  # re-open: restart the backoff
+    (S.ESTABLISHED, E.OPEN): S.CONNECT_SENT,  # re-open after an endpoint moved (new address)
+    (S.CONNECT_SENT, E.CLOSE): S.CLOSED,
+    (S.CONNECT_SENT, E.RECV_CLOSE): S.CLOSED,
+    (S.CONNECT_RCVD, E.RECV_ACK): S.ESTABLISHED,
+    (S.CONNECT_RCVD, E.RECV_TRAFFIC): S.ESTABLISHED,  # our CONNECT-ACK arrived, their ACK was lost
+    (S.CONNECT_RCVD, E.RECV_CONNECT): S.CONNECT_RCVD,  # our CONNECT-ACK was lost: answer again
+    (S.CONNECT_RCVD, E.TIMEOUT): S.CLOSED,
+    (S.CONNECT_RCVD, E.CLOSE): S.CLOSED,
+    (S.CONNECT_RCVD, E.RECV_CLOSE): S.CLOSED,
+    (S.ESTABLISHED, E.RECV_TRAFFIC): S.ESTABLISHED,
+    (S.ESTABLISHED, E.RECV_CONNECT): S.ESTABLISHED,  # peer re-opens (it thought us dead): answer
+    (S.ESTABLISHED, E.RECV_CONNECT_ACK): S.ESTABLISHED,  # duplicate CONNECT-ACK: answer ACK again
+    (S.ESTABLISHED, E.RECV_ACK): S.ESTABLISHED,  # duplicate ACK
+    (S.ESTABLISHED, E.DEAD): S.CONNECT_SENT,  # initiator re-probes; responder -> CLOSED (below)
+    (S.ESTABLISHED, E.CLOSE): S.CLOSING,
+    (S.ESTABLISHED, E.RECV_CLOSE): S.CLOSED,
+    (S.CLOSING, E.RECV_CLOSE_ACK): S.CLOSED,
+    (S.CLOSING, E.RECV_CLOSE): S.CLOSED,  # simultaneous close
+    (S.CLOSING, E.RETRY): S.CLOSING,
+    (S.CLOSING, E.TIMEOUT): S.CLOSED,
+}
+# The responder never sends CONNECT, so a dead subflow goes quiet and waits.
+RESPONDER_OVERRIDES: dict[tuple[State, Ev], State] = {
+    (S.ESTABLISHED, E.DEAD): S.CLOSED,
+}
+
+
+@dataclass
+class SubflowConfig:
+    keepalive_idle: float = 0.75  # probe interval with no user data flowing
+    keepalive_active: float = 0.1  # probe interval while user data flows
+    dead_after: int = 3  # consecutive unanswered probes that make a subflow dead
+    # On a lossy path a few lost probes prove nothing: probes are then sent
+    # faster and more must go unanswered, keeping the detection time
+    # ((dead_after + 1) * interval) while holding the chance that a live
+    # subflow is declared dead to about probe_false_dead per probe.
+    probe_false_dead: float = 1e-6
+    max_probes: int = 30
+    connect_backoff: float = 0.2  # first CONNECT retry; doubles each time
+    connect_backoff_max: float | None = None  # None: keepalive_idle (fast rejoin)
+    connect_rcvd_timeout: float = 5.0  # half-open responder state gives up
+    close_retry: float = 0.2
+    close_retries: int = 3
+    loss_tau: float = 3.0  # decay time constant of the loss estimator
+
+    def validate(self) -> None:
+        if not 0 < self.keepalive_active <= self.keepalive_idle:
+            raise ValueError("need 0 < keepalive_active <= keepalive_idle")
+        if self.dead_after < 1:
+            raise ValueError("dead_after must be >= 1")
+        if not 0 < self.probe_false_dead < 1 or self.max_probes < self.dead_after:
+            raise ValueError("need 0 < probe_false_dead < 1 and max_probes >= dead_after")
+        if self.connect_backoff <= 0 or self.close_retry <= 0 or self.connect_rcvd_timeout <= 0:
+            raise ValueError("retry intervals must be > 0")
+        if self.close_retries < 0:
+            raise ValueError("close_retries must be >= 0")
+
+
+def _ts(now: float) -> int:
+    """Our clock in microseconds as carried in probes (never 0: 0 means none)."""
+    return (int(now * 1_000_000) & 0xFFFFFFFFFFFFFFFF) or 1
+
+
+class Subflow:
+    """State, timers and statistics of one subflow (one member of a session)."""
+
+    def __init__(self, member: int, initiator: bool, config: SubflowConfig, emit, notify,
+                 name: str = "", meta: dict | None = None, meter=None):
+        if not 1 <= member <= wire.MAX_MEMBER:
+            raise ValueError(f"member id {member} out of range 1..{wire.MAX_MEMBER}")
+        self.member = member
+        self.initiator = initiator
+        self.config = config
+        self.name = name or f"member{member}"
+        self.meta = dict(meta or {})  # carrier type, addresses: for status only
+        self.remote = None  # where the I/O layer sends this subflow's datagrams (opaque)
+        self.roams = 0  # times an authenticated control datagram moved ``remote``
+        # mpvpn.core.linkstats.LinkMeter: the session's model of this link's rate
+        # and backlog (None for a bare subflow outside a session)
+        self.meter = meter
+        self._emit = emit  # emit(subflow, opcode, payload_bytes)
+        self._notify = notify  # notify(subflow, old_state, new_state, reason)
+        self.state = State.CLOSED
+        self.rtt = RttEstimator()
+        self.loss_in = LossEstimator(config.loss_tau)  # peer -> us, measured here
+        self.loss_out_ppm: int | None = None  # us -> peer, reported by the peer
+        # timers
+        self.deadline: float | None = None  # next time on_timer() wants to run
+        self._retry_interval = config.connect_backoff
+        self._retries = 0
+        self._next_probe: float | None = None
+        self._last_probe_tx = 0.0
+        self.probes_unanswered = 0  # probes sent since the last KEEPALIVE-ACK
+        self.last_answer: float | None = None  # last KEEPALIVE-ACK / handshake answer
+        self._close_reason = int(wire.CloseReason.NORMAL)
+        self.data_tx_at = -1.0  # last time user data went out on this subflow
+        # echo state for probes
+        self._peer_ts = 0
+        self._peer_ts_at = 0.0
+        self._peer_connect_ts = 0
+        # statistics
+        self.tx_packets = 0
+        self.tx_bytes = 0
+        self.rx_packets = 0
+        self.rx_bytes = 0
+        self.data_tx = 0
+        self.data_rx = 0
+        self.duplicates = 0
+        self.late = 0
+        self.malformed = 0
+        self.unexpected = 0
+        self.last_rx: float | None = None
+        self.established_at: float | None = None
+        self.ups = 0
+        self.downs = 0
+        self.last_down_reason = ""
+        self.last_down_at: float | None = None  # when it last left ESTABLISHED
+        self.dead_silence: float | None = None  # seconds unanswered when last declared dead
+
+    # -- state machine -----------------------------------------------------
+
+    def _fire(self, event: Ev, now: float, reason: str = "") -> bool:
+        key = (self.state, event)
+        new = None
+        if not self.initiator:
+            new = RESPONDER_OVERRIDES.get(key)
+        if new is None:
+            new = TRANSITIONS.get(key)
+        if new is None:
+            self.unexpected += 1
+            return False
+        old = self.state
+        if new is not old:
+            self.state = new
+            if new is S.ESTABLISHED:
+                self.ups += 1
+                self.established_at = now
+                self.probes_unanswered = 0
+                self.last_answer = now
+                self._last_probe_tx = now
+                self._next_probe = now + self._probe_interval(now)
+                self._retries = 0
+            elif old is S.ESTABLISHED:
+                self.downs += 1
+                self.last_down_reason = reason or event.value
+                self.last_down_at = now
+            self._notify(self, old, new, reason or event.value)
+        return True
+
+    @property
+    def established(self) -> bool:
+        return self.state is S.ESTABLISHED
+
+    # -- local commands ------------------------------------------------------
+
+    def open(self, now: float) -> None:
+        """Initiator: start the 3-way open (CONNECT, retried with backoff).
+
+        Also used to re-open an established subflow whose endpoint moved (an
+        uplink got a new address): the handshake runs again on the new path.
+        """
+        if not self.initiator:
+            raise RuntimeError("only the initiator opens subflows")
+        if self._fire(E.OPEN, now, "endpoint changed"):
+            self._next_probe = None
+            self._retry_interval = self.config.connect_backoff
+            self._send_connect(now)
+
+    def close(self, now: float, reason: int = wire.CloseReason.NORMAL) -> None:
+        """Administrative close: 2-way CLOSE / CLOSE-ACK."""
+        self._close_reason = int(reason)
+        if self._fire(E.CLOSE, now, "closed locally"):
+            if self.state is S.CLOSING:
+                self._retries = 0
+                self._emit(self, Op.CLOSE, wire.CLOSE.pack(self._close_reason))
+                self.deadline = now + self.config.close_retry
+            else:
+                self.deadline = None
+
+    # -- input -------------------------------------------------------------
+
+    def on_receive(self, nbytes: int, now: float, n: int = 1) -> None:
+        """``n`` valid datagrams (``nbytes`` in all) for this subflow arrived
+        (called by the session)."""
+        self.rx_packets += n
+        self.rx_bytes += nbytes
+        self.last_rx = now
+
+    def on_stale_copy(self, nbytes: int, now: float, late: bool) -> None:
+        """A DATA copy of ``nbytes`` arrived that the reorder buffer had
+        already delivered (a duplicate) or given up (``late``): counted as
+        received and as stale, in one call (the common case in duplicate mode)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        if late:
+            self.late += 1
+        else:
+            self.duplicates += 1
+
+    def on_data_received(self, nbytes: int, now: float) -> None:
+        """An authentic new DATA datagram of ``nbytes``: :meth:`on_receive` and
+        :meth:`on_data` in one call (the per-packet path)."""
+        self.rx_packets += 1
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        self.data_rx += 1
+        if self.state is S.CONNECT_RCVD:
+            self._fire(E.RECV_TRAFFIC, now)
+
+    def on_unauthentic(self, now: float) -> None:
+        """A DATA datagram for this subflow failed authentication: counted
+        nowhere here (the session counts it); only ``last_rx`` moves (as it
+        always has: the session used to count the receive first and take it
+        back)."""
+        self.last_rx = now
+
+    def on_data(self, now: float, n: int = 1) -> None:
+        """``n`` DATA datagrams were accepted: implicit ACK in CONNECT_RCVD."""
+        self.data_rx += n
+        if self.state is S.CONNECT_RCVD:
+            self._fire(E.RECV_TRAFFIC, now)
+
+    def on_stale(self, duplicates: int, late: int) -> None:
+        """DATA copies dropped as already delivered (``duplicates``) or as
+        given up by the reorder buffer (``late``)."""
+        self.duplicates += duplicates
+        self.late += late
+
+    def on_malformed(self) -> None:
+        """A datagram on this subflow was malformed (counted, dropped)."""
+        self.malformed += 1
+
+    def on_source(self, source) -> None:
+        """An authenticated control datagram came from ``source``: send there
+        from now on (a NAT rebinding is followed; a change counts as a roam)."""
+        if source != self.remote:
+            if self.remote is not None:
+                self.roams += 1
+            self.remote = source
+
+    def on_control(self, opcode: int, payload, now: float) -> None:
+        """A valid control datagram for this subflow (payload size already checked)."""
+        if opcode == Op.KEEPALIVE or opcode == Op.KEEPALIVE_ACK:
+            self._on_probe(opcode, payload, now)
+        elif opcode == Op.CONNECT:
+            ts, _keepalive_ms = wire.CONNECT.unpack(payload)
+            if self.initiator:
+                self.unexpected += 1  # responders never send CONNECT
+                return
+            if self._fire(E.RECV_CONNECT, now):
+                self._peer_connect_ts = ts
+                self._peer_ts_at = now
+                self._emit(self, Op.CONNECT_ACK, wire.CONNECT_ACK.pack(ts, _ts(now)))
+                if self.state is S.CONNECT_RCVD:
+                    self.deadline = now + self.config.connect_rcvd_timeout
+        elif opcode == Op.CONNECT_ACK:
+            echo, peer_ts = wire.CONNECT_ACK.unpack(payload)
+            if not self.initiator:
+                self.unexpected += 1
+                return
+            if self._fire(E.RECV_CONNECT_ACK, now):
+                self._rtt_from_echo(echo, 0, now, provisional=True)
+                self._emit(self, Op.ACK, wire.ACK.pack(peer_ts))
+        elif opcode == Op.ACK:
+            (echo,) = wire.ACK.unpack(payload)
+            if self.initiator:
+                self.unexpected += 1
+                return
+            was = self.state
+            if self._fire(E.RECV_ACK, now) and was is S.CONNECT_RCVD:
+                self._rtt_from_echo(echo, 0, now, provisional=True)
+        elif opcode == Op.CLOSE:
+            if self._fire(E.RECV_CLOSE, now, "closed by peer"):
+                self._emit(self, Op.CLOSE_ACK, b"")
+                self.deadline = None
+        elif opcode == Op.CLOSE_ACK:
+            if self._fire(E.RECV_CLOSE_ACK, now):
+                self.deadline = None
+        else:  # pragma: no cover - the session only passes control opcodes
+            self.unexpected += 1
+
+    def _on_probe(self, opcode: int, payload, now: float) -> None:
+        ts, echo, echo_delay, tx_total, loss_ppm = wire.PROBE.unpack(payload)
+        if self.state is S.CONNECT_RCVD:
+            self._fire(E.RECV_TRAFFIC, now)
+        if self.state is not S.ESTABLISHED:
+            self.unexpected += 1
+            return
+        self._peer_ts = ts
+        self._peer_ts_at = now
+        self.loss_in.observe(tx_total, self.rx_packets, now)
+        if loss_ppm != wire.LOSS_UNKNOWN and loss_ppm <= 1_000_000:
+            self.loss_out_ppm = loss_ppm
+        if echo:
+            self._rtt_from_echo(echo, echo_delay, now)
+        if opcode == Op.KEEPALIVE:
+            self._send_probe(Op.KEEPALIVE_ACK, now)
+        else:
+            # Only an answer to our own probe proves the path works both ways:
+            # a peer that still hears us but cannot reach us must go dead.
+            self.probes_unanswered = 0
+            self.last_answer = now
+
+    def _rtt_from_echo(self, echo_ts: int, delay_us: int, now: float,
+                       provisional: bool = False) -> None:
+        rtt = (_ts(now) - echo_ts - delay_us) / 1_000_000
+        if 0.0 <= rtt < 60.0:
+            self.rtt.sample(rtt, provisional)
+
+    # -- output --------------------------------------------------------------
+
+    def _send_connect(self, now: float) -> None:
+        ka_ms = min(0xFFFF, int(self.config.keepalive_idle * 1000))
+        self._emit(self, Op.CONNECT, wire.CONNECT.pack(_ts(now), ka_ms))
+        self.deadline = now + self._retry_interval
+        cap = self.config.connect_backoff_max or self.config.keepalive_idle
+        self._retry_interval = min(cap, self._retry_interval * 2)
+
+    def _send_probe(self, opcode: int, now: float) -> None:
+        delay_us = 0
+        if self._peer_ts:
+            delay_us = min(0xFFFFFFFF, max(0, int((now - self._peer_ts_at) * 1_000_000)))
+        ppm = self.loss_in.ppm()
+        # tx_packets counts this probe too: the session's _emit increments it
+        # after we pack, so add one here.
+        payload = wire.PROBE.pack(_ts(now), self._peer_ts, delay_us, self.tx_packets + 1,
+                                  wire.LOSS_UNKNOWN if ppm is None else ppm)
+        self._emit(self, opcode, payload)
+
+    def probe_plan(self, now: float) -> tuple[float, int]:
+        """(probe interval, unanswered probes that mean dead) for this moment.
+
+        Clean path: the configured interval and ``dead_after``.  Lossy path:
+        a probe round trip fails with p = 1 - (1 - loss_out)(1 - loss_in);
+        require n probes with p**n <= probe_false_dead and send them n+1 to
+        a detection window, so the window stays the same.
+        """
+        c = self.config
+        base = c.keepalive_active if now - self.data_tx_at < c.keepalive_idle else c.keepalive_idle
+        n = c.dead_after
+        lin = self.loss_in.loss or 0.0
+        lout = self.loss_out_ppm / 1_000_000 if self.loss_out_ppm else 0.0
+        pf = min(0.9, 1.0 - (1.0 - lin) * (1.0 - lout))
+        if pf > 0.0:
+            need = math.ceil(math.log(c.probe_false_dead) / math.log(pf))
+            if need > n:
+                n = min(c.max_probes, need)
+        return base * (c.dead_after + 1) / (n + 1), n
+
+    def _probe_interval(self, now: float) -> float:
+        return self.probe_plan(now)[0]
+
+    def on_sent(self, nbytes: int) -> None:
+        """A control datagram of ``nbytes`` went out on this subflow."""
+        self.tx_packets += 1
+        self.tx_bytes += nbytes
+
+    def on_data_sent(self, n: int, nbytes: int, now: float) -> None:
+        """``n`` DATA datagrams (``nbytes`` in all) went out on this subflow."""
+        self.tx_packets += n
+        self.tx_bytes += nbytes
+        self.data_tx += n
+        self.data_tx_at = now  # as note_data_sent (inline: once per datagram)
+        nxt = self._next_probe
+        if nxt is not None:
+            fast = self._last_probe_tx + self.config.keepalive_active
+            if nxt > fast + 1e-9:
+                self._next_probe = fast if fast > now else now
+
+    def note_data_sent(self, now: float) -> None:
+        """User data went out here: switch to the fast probe interval at once."""
+        self.data_tx_at = now
+        nxt = self._next_probe
+        if nxt is not None:
+            fast = self._last_probe_tx + self.config.keepalive_active
+            if nxt > fast + 1e-9:
+                self._next_probe = fast if fast > now else now
+
+    def next_deadline(self) -> float | None:
+        if self.state is S.ESTABLISHED:
+            return self._next_probe
+        return self.deadline
+
+    def on_timer(self, now: float) -> None:
+        st = self.state
+        if st is S.ESTABLISHED:
+            if self._next_probe is None or now < self._next_probe:
+                return
+            interval, need = self.probe_plan(now)
+            if self.probes_unanswered >= need:
+                silent = now - (self.last_answer if self.last_answer is not None else now)
+                rto = self.rtt.timeout() or 0.0
+                if silent >= max(need * interval, rto):
+                    self._go_dead(now)
+                    return
+            self._send_probe(Op.KEEPALIVE, now)
+            self.probes_unanswered += 1
+            self._last_probe_tx = now
+            self._next_probe = now + interval
+        elif self.deadline is not None and now >= self.deadline:
+            if st is S.CONNECT_SENT:
+                self._fire(E.RETRY, now)
+                self._send_connect(now)
+            elif st is S.CONNECT_RCVD:
+                self._fire(E.TIMEOUT, now, "handshake timed out")
+                self.deadline = None
+            elif st is S.CLOSING:
+                if self._retries >= self.config.close_retries:
+                    self._fire(E.TIMEOUT, now, "close not acknowledged")
+                    self.deadline = None
+                else:
+                    self._retries += 1
+                    self._fire(E.RETRY, now)
+                    self._emit(self, Op.CLOSE, wire.CLOSE.pack(self._close_reason))
+                    self.deadline = now + self.config.close_retry
+            else:
+                self.deadline = None
+
+    def _go_dead(self, now: float) -> None:
+        if self.last_answer is not None:
+            self.dead_silence = now - self.last_answer
+        self._fire(E.DEAD, now, f"no answer to {self.probes_unanswered} probes")
+        self._next_probe = None
+        self.probes_unanswered = 0
+        if self.state is S.CONNECT_SENT:
+            # re-probe quickly, capped at the idle keepalive interval
+            self._retry_interval = self.config.connect_backoff
+            self._send_connect(now)
+        else:
+            self.deadline = None
+
+    # -- status --------------------------------------------------------------
+
+    @property
+    def loss(self) -> float | None:
+        """Loss on the direction we send (as reported by the peer)."""
+        return None if self.loss_out_ppm is None else self.loss_out_ppm / 1_000_000
+
+    def status(self, now: float) -> dict:
+        srtt = self.rtt.srtt
+        meter = self.meter
+        return {
+            "member": self.member,
+            "name": self.name,
+            **self.meta,
+            "state": self.state.value,
+            "rtt_ms": None if srtt is None else round(srtt * 1000, 3),
+            "rttvar_ms": None if self.rtt.rttvar is None else round(self.rtt.rttvar * 1000, 3),
+            "loss": self.loss,
+            "loss_in": self.loss_in.loss,
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            "data_tx": self.data_tx,
+            "data_rx": self.data_rx,
+            "duplicates": self.duplicates,
+            "late": self.late,
+            "malformed": self.malformed,
+            "unexpected": self.unexpected,
+            "last_rx_age": None if self.last_rx is None else round(now - self.last_rx, 3),
+            "ups": self.ups,
+            "downs": self.downs,
+            "last_down_reason": self.last_down_reason,
+            "last_down_age": None if self.last_down_at is None else round(now - self.last_down_at, 3),
+            # the detection time of the last dead verdict: silence until it came
+            "dead_after_ms": None if self.dead_silence is None else round(self.dead_silence * 1000, 1),
+            # the sender's estimate of this link's upload rate: measured, or
+            # (until measured) the configured smpu.upload or the agent's guess
+            "rate_kbps": None if meter is None else int(meter.rate * 8 / 1000),
+            "rate_measured": meter is not None and meter.bw is not None,
+        }
