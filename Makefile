@@ -52,8 +52,8 @@ venv: $(STAMP)
 # MPVPN_REQUIRE_FASTPATH=1 (.ci/run sets it): a failed build fails, and the
 # suite refuses to run without the loops instead of skipping those tests.
 fastpath: $(STAMP)
-	@if [ "$${MPVPN_REQUIRE_FASTPATH:-0}" = 1 ]; then $(PY) -m mpvpn.core.fastpath --build; \
-	else $(PY) -m mpvpn.core.fastpath --build || echo "C loops not built: the pure-Python path will be used"; fi
+	@if [ "$${MPVPN_REQUIRE_FASTPATH:-0}" = 1 ]; then $(PY) -m mpvpn.tools.fastpath_build --build; \
+	else $(PY) -m mpvpn.tools.fastpath_build --build || echo "C loops not built: the pure-Python path will be used"; fi
 
 test: $(STAMP) fastpath
 	$(PY) -m pytest
