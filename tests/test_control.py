@@ -1319,3 +1319,17 @@ def test_the_transition_table_decides_which_messages_a_state_takes(role, state):
             assert dst.closed and TRANSITIONS[role][state][Ev(t)] is State.CLOSED
         elif t in ("KEEPALIVE", "KEEPALIVE_ACK"):
             assert dst.state is TRANSITIONS[role][state][Ev(t)]
+
+
+def test_registry_reconfigure_checks_the_new_config_and_serves_later_clients_with_it():
+    reg = ServerSessions(server_cfg())
+    old = reg.config
+    with pytest.raises(ValueError, match="overlap"):
+        reg.reconfigure(replace(server_cfg(), lans=("192.168.1.0/24",) * 2))
+    assert reg.config is old
+    new = replace(server_cfg(), lans=("192.168.77.0/24",))
+    reg.reconfigure(new)
+    assert reg.config is new
+    # a client that connects now is told the new LANs (the agent used to set
+    # .config alone; new connections kept announcing the old LANs)
+    assert list(reg.accept("192.0.2.9", 0.0).local.lans) == ["192.168.77.0/24"]

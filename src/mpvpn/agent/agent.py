@@ -887,7 +887,7 @@ class Agent:
                 c.conn.send_update(now, uplinks=list(info.uplinks))
                 self._control_pump(c, now)
         if self.registry is not None:
-            self.registry.config = info
+            self.registry.reconfigure(info)
 
     # ------------------------------------------------------------------ reload / stop
 
@@ -980,7 +980,7 @@ class Agent:
             if c.conn is not None and c.conn.state is controlconn.State.ESTABLISHED:
                 self._send_lans(c, now)
         if self.registry is not None:
-            self.registry.config = self._control_config()  # for clients that connect later
+            self.registry.reconfigure(self._control_config())  # for clients that connect later
         return True
 
     def _send_lans(self, c: ControlIO, now: float, pump: bool = True) -> None:

@@ -115,7 +115,7 @@ class ServerSessions:
                  max_sessions: int = 256, session_timeout: float = 90.0, limiter=_DEFAULT,
                  guard: HandshakeGuard | None = None, max_pending: int = 1024,
                  max_pending_per_source: int = 32, penalty_pending: int = 4):
-        self.local = config.local_info()  # validate our config up front
+        self.local = config.local_info()  # validated up front; what new connections announce
         self.config = config
         self.rng = rng or random.SystemRandom()
         self.max_sessions = max_sessions
@@ -136,6 +136,13 @@ class ServerSessions:
         self._events: deque = deque()
 
     # -- public ------------------------------------------------------------------------------------
+    def reconfigure(self, config: ControlConfig) -> None:
+        """Our side changed (uplink addresses, LANs): connections accepted
+        from now on use ``config``; established ones were sent an UPDATE by
+        their owner.  Checked like the first one; a bad one changes nothing."""
+        self.local = config.local_info()
+        self.config = config
+
     def accept(self, peer_addr, now: float) -> ServerConnection:
         src = self._keyer.key(peer_addr)
         quota = self.max_pending_per_source

@@ -114,8 +114,7 @@ class LinkPolicy:
 
 
 def _carrier_match(carriers: tuple, sub) -> bool:
-    meta = getattr(sub, "meta", None) or {}
-    return (str(meta.get("type", "")) in carriers or sub.name in carriers
+    return (str(sub.meta.get("type", "")) in carriers or sub.name in carriers
             or str(sub.member) in carriers)
 
 
@@ -198,9 +197,9 @@ class _View:
     def __init__(self, sub, now: float, opts: SchedulerOptions, hist: dict | None = None):
         self.sub = sub
         self.member = sub.member
-        meter = getattr(sub, "meter", None)
+        meter = sub.meter
         if meter is None:  # a bare Subflow (not from a Session): give it one
-            meter = sub.meter = LinkMeter(bw0=opts.initial_rate)
+            meter = sub.attach_meter(LinkMeter(bw0=opts.initial_rate))
         self.meter = meter
         self.rate = meter.rate
         rtt = sub.rtt
@@ -232,25 +231,23 @@ class _View:
         # buys no copies
         self.lrand = loss
         if hist is not None and loss is not None:
-            li = getattr(sub, "loss_in", None)
-            key = getattr(li, "probes", None)
-            if key is not None:
-                h = hist.get(self.member)
-                if h is None or h[0] is not sub:
-                    h = hist[self.member] = [sub, None, deque(maxlen=opts.loss_reports), loss,
-                                             deque(maxlen=4)]
-                if key != h[1]:
-                    h[1] = key
-                    # the queue our last few echoed probes met: a report covers
-                    # the interval before it, and the echo is an RTT old
-                    qds = h[4]
-                    if meter.probe_qdelay is not None:
-                        qds.append(meter.probe_qdelay)
-                    if not qds or max(qds) < opts.congestion_qdelay or not h[2]:
-                        h[2].append(loss)
-                        vals = sorted(h[2])
-                        h[3] = vals[len(vals) // 2]  # of an even count, the upper one
-                self.lrand = h[3]
+            key = sub.loss_in.probes
+            h = hist.get(self.member)
+            if h is None or h[0] is not sub:
+                h = hist[self.member] = [sub, None, deque(maxlen=opts.loss_reports), loss,
+                                         deque(maxlen=4)]
+            if key != h[1]:
+                h[1] = key
+                # the queue our last few echoed probes met: a report covers
+                # the interval before it, and the echo is an RTT old
+                qds = h[4]
+                if meter.probe_qdelay is not None:
+                    qds.append(meter.probe_qdelay)
+                if not qds or max(qds) < opts.congestion_qdelay or not h[2]:
+                    h[2].append(loss)
+                    vals = sorted(h[2])
+                    h[3] = vals[len(vals) // 2]  # of an even count, the upper one
+            self.lrand = h[3]
         # eta's stretch for loss (0.0: none); the same float eta always divided by
         self.ldiv = 1.0 - min(loss, 0.9) if loss else 0.0
         # seed 000: f = 1/RTT + alpha*BW (alpha = 1/alpha_bytes), u = (1-L) f
@@ -258,22 +255,19 @@ class _View:
         # Probes unanswered (2 on a clean path, one less than the subflow's
         # dead threshold on a lossy one) for longer than an RTO plus a fast
         # probe interval: suspect -- no new traffic -- before it is dead.
-        last = getattr(sub, "last_answer", None)
+        last = sub.last_answer
         if last is None:
             self.suspect = False
             self.stale = True
         else:
             silent = now - last
-            cfg = getattr(sub, "config", None)
-            idle = getattr(cfg, "keepalive_idle", 0.75)
-            unanswered = getattr(sub, "probes_unanswered", 0)
+            cfg = sub.config
+            idle = cfg.keepalive_idle
+            unanswered = sub.probes_unanswered
             if unanswered >= 2:  # else below any threshold (need >= 2): skip the work
-                fast = getattr(cfg, "keepalive_active", 0.1)
+                fast = cfg.keepalive_active
                 rto = rtt.timeout() or 0.2
-                try:  # lossy paths need more unanswered probes (Subflow.probe_plan)
-                    need = sub.probe_plan(now)[1] - 1
-                except AttributeError:
-                    need = 2
+                need = sub.probe_plan(now)[1] - 1  # lossy paths need more unanswered probes
                 # ... and long ones have several in flight normally
                 need = max(2, need, int(rto / fast) + 2)
                 self.suspect = unanswered >= need and silent > rto + fast

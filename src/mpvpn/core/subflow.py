@@ -385,6 +385,14 @@ class Subflow:
                                   wire.LOSS_UNKNOWN if ppm is None else ppm)
         self._emit(self, opcode, payload)
 
+    def attach_meter(self, meter):
+        """Give a bare subflow (made outside a session) its link meter; a
+        session passes one to the constructor.  Returns it."""
+        if self.meter is not None:
+            raise ValueError(f"{self.name} already has a link meter")
+        self.meter = meter
+        return meter
+
     def probe_plan(self, now: float) -> tuple[float, int]:
         """(probe interval, unanswered probes that mean dead) for this moment.
 
