@@ -574,7 +574,7 @@ class Agent:
                                         policies=self._policies())
         # adaptive counts on the peer's NACKs only if its mode sends them (a
         # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
-        sess.scheduler.peer_nack = getattr(peer, "mode", "duplicate") != "duplicate"
+        sess.scheduler.peer_nack = peer.mode != "duplicate"
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
@@ -810,7 +810,7 @@ class Agent:
         for ds in self.sessions.values():
             if ds.conn is conn:
                 return ds
-        if conn is not None and getattr(conn, "session_id", None) in self.sessions:
+        if conn is not None and conn.session_id in self.sessions:
             return self.sessions[conn.session_id]
         return None
 
@@ -856,7 +856,7 @@ class Agent:
                     self._drop_session(sid, detail, keep_routes=True)
         else:
             self.control_counters[word] = self.control_counters.get(word, 0) + 1
-            if c.conn is not None and getattr(c.conn, "session_id", None):
+            if c.conn is not None and c.conn.session_id:
                 log.info("control connection from %s closed: %s", where, detail)
             elif word in ("bad_psk", "bad_version", "malformed", "oversized", "timeout", "replay",
                           "no_stamp"):
@@ -883,7 +883,7 @@ class Agent:
         """An uplink came or went: tell the peer so it re-plans."""
         info = self._control_config()
         for c in self.controls:
-            if c.conn is not None and getattr(c.conn, "state", None) == controlconn.State.ESTABLISHED:
+            if c.conn is not None and c.conn.state is controlconn.State.ESTABLISHED:
                 c.conn.send_update(now, uplinks=list(info.uplinks))
                 self._control_pump(c, now)
         if self.registry is not None:

@@ -48,7 +48,7 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
             "state": st["state"], "peer": peer_json(ds.peer), "routes": list(ds.routes),
             "hold_ms": st["hold_ms"], "epoch": sealer.send_epoch if sealer else 0,
             "cipher": sealer.cipher if sealer else None,
-            "site": getattr(ds.conn, "site", None),  # hub: the `config site` key it used
+            "site": ds.conn.site if ds.conn is not None else None,  # hub: the `config site` key it used
             "links": st["links"], "counters": st["counters"],
             "scheduler": st.get("scheduler"),
         })
@@ -71,8 +71,7 @@ def client_control(controls, reconnect, started: float) -> dict:
     for c in controls:
         if c.conn is not None:
             ctl = {"state": c.conn.state.value, "server": f"{c.addr[0]}:{c.addr[1]}",
-                   "epoch": getattr(c.conn, "epoch", None),
-                   "counters": dict(getattr(c.conn, "counters", {}))}
+                   "epoch": c.conn.epoch, "counters": dict(c.conn.counters)}
             break
     if reconnect is not None:
         ctl["reconnect"] = {"attempts": reconnect.attempts, "failures": reconnect.failures,
@@ -82,11 +81,12 @@ def client_control(controls, reconnect, started: float) -> dict:
 
 
 def dataplane(tun, c_loops: bool, c_loops_off_why) -> dict:
-    """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""
+    """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's
+    offloads (``tun``: Tun or MemoryTun, None before the vNIC exists)."""
     return {"c_loops": c_loops, "c_loops_off_why": c_loops_off_why,
-            "tun_offload": getattr(tun, "offload", "off"),
-            "tun_offload_error": getattr(tun, "offload_error", "") or None,
-            "tun_split_errors": getattr(tun, "split_errors", 0)}
+            "tun_offload": tun.offload if tun is not None else "off",
+            "tun_offload_error": (tun.offload_error or None) if tun is not None else None,
+            "tun_split_errors": tun.split_errors if tun is not None else 0}
 
 
 def state_text(state: str, role: str, sessions, server_address) -> str:

@@ -186,6 +186,11 @@ class LinuxTun:
 class MemoryTun:
     """In-memory stand-in: ``inject()`` plays the kernel sending, ``written`` the kernel receiving."""
 
+    # the offload record of :class:`Tun` (an in-memory vNIC has none)
+    offload = "off"
+    offload_error = ""
+    split_errors = 0
+
     def __init__(self, name: str = "mem0"):
         self.name = name
         self._rx: deque = deque()
