@@ -22,11 +22,8 @@ def pair_of_sessions(cipher="chacha20-poly1305"):
     per path), and their receivers."""
     pairs = []
     for _ in range(2):
-        p = SimPair(3, delay=0.001, sealed=False)
-        p.a.sealer = Sealer(K1, K2, 1, cipher=cipher)
-        p.b.sealer = Sealer(K2, K1, 1, cipher=cipher)
-        p.a._data_flags = p.b._data_flags = 1
-        p.a._tag_len = p.b._tag_len = 16
+        p = SimPair(3, delay=0.001,
+                    sealers=(Sealer(K1, K2, 1, cipher=cipher), Sealer(K2, K1, 1, cipher=cipher)))
         assert p.handshake()
         pairs.append(p)
     return pairs
@@ -95,12 +92,12 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
         acc_c = c.a.send_many(batch, now)
         assert acc_c == acc_py
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
-        assert c.a._sched.pending == py.a._sched.pending
+        assert c.a.scheduler.pending == py.a.scheduler.pending
         for p in (py, c):  # time passes: queued packets leave
             p.a.handle_timer(now + 0.001)
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
     assert counters(py.a) == counters(c.a)
-    assert c.a._sched.c == py.a._sched.c
+    assert c.a.scheduler.c == py.a.scheduler.c
     assert sendbuf_entries(py.a) == sendbuf_entries(c.a)
     assert c.a.sealer.sealed == py.a.sealer.sealed >= py.a.sent > 0
 

@@ -189,10 +189,9 @@ def seed_corpus() -> list[bytes]:
 
 
 def main(argv=None) -> None:
-    if atheris is None:
-        sys.exit("atheris is not installed: pip install atheris")
-    atheris.Setup(list(sys.argv if argv is None else argv), TestOneInput)
-    atheris.Fuzz()
+    from target import fuzz_main  # tests/fuzz is sys.path[0] when run as a script
+
+    fuzz_main(TestOneInput, argv)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,13 @@ class SimPair:
                  jitter: float = 0.0, duplicate: float = 0.0, fifo: bool = True,
                  config: SessionConfig | None = None, config_b: SessionConfig | None = None,
                  seed: int = 1, session_id: int = 0x5E55, start: float = 1000.0,
-                 sealed: bool = False):
+                 sealed: bool = False, sealers: tuple | None = None):
+        """``sealed``: AEAD with random keys; ``sealers``: (a's, b's) Sealer
+        with keys of the caller's choosing."""
         self.rng = random.Random(seed)
         self.now = start
-        sa = sb = None
-        if sealed:  # AEAD on every datagram, as the agent runs it
+        sa, sb = sealers if sealers is not None else (None, None)
+        if sealed and sealers is None:  # AEAD on every datagram, as the agent runs it
             from mpvpn.core.seal import Sealer
             k1, k2 = self.rng.randbytes(32), self.rng.randbytes(32)
             sa, sb = Sealer(k1, k2, 1), Sealer(k2, k1, 1)
