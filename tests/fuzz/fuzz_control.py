@@ -60,7 +60,6 @@ import hashlib
 import hmac
 import json
 import random
-import sys
 
 try:
     import atheris

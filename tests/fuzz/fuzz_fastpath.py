@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import sys
 
 try:
     import atheris

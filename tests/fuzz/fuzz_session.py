@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from collections import Counter
 
 try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import struct
-import sys
 
 try:
     import atheris
