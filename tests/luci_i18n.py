@@ -323,20 +323,24 @@ def trimws(s: str) -> str:
     return re.sub(r"[ \t\n]+", " ", s.strip())
 
 
-def po2lmo_entries(path: Path) -> dict[int, str]:
-    """key hash -> translation, as po2lmo.c writes them into the .lmo (0: Plural-Forms)."""
-    out: dict[int, str] = {}
+def po2lmo_records(path: Path) -> list[tuple[int, int, str]]:
+    """(key hash, val_id, string) in the order po2lmo.c's print_msg() writes them: the
+    Plural-Forms of the header (key 0, val_id 0), then each translation (val_id = plural
+    index + 1), leaving out empty ones and those whose text hashes like their key."""
+    out: list[tuple[int, int, str]] = []
     for e in parse_po(path.read_text(encoding="utf-8")):
         if e.obsolete:
             continue  # po2lmo's line matcher never sees '#~' lines
         if e.msgid == "":
             for fld in e.msgstr.split("\\n"):
                 if fld.lower().startswith("plural-forms: "):
-                    out[0] = fld[14:]
+                    out.append((0, 0, fld[14:]))
+                    break
             continue
         ctxt = po2lmo_string(e.msgctxt) if e.msgctxt is not None else None
         mid = po2lmo_string(e.msgid)
         vals = e.msgstr_plural if e.msgid_plural is not None else {0: e.msgstr}
+        top = max(vals)
         for i, val in sorted(vals.items()):
             val = po2lmo_string(val)
             if not val:
@@ -351,8 +355,30 @@ def po2lmo_entries(path: Path) -> dict[int, str]:
                 key = mid
             kb, vb = key.encode(), val.encode()
             if sfh(kb) != sfh(vb):
-                out[sfh(kb)] = val
+                out.append((sfh(kb), top + 1, val))
     return out
+
+
+def po2lmo_entries(path: Path) -> dict[int, str]:
+    """key hash -> translation, as po2lmo.c writes them into the .lmo (0: Plural-Forms)."""
+    return {k: v for k, _vid, v in po2lmo_records(path)}
+
+
+def write_lmo(path: Path) -> bytes:
+    """The .lmo file po2lmo.c writes for a .po (b"" where po2lmo writes no file): the
+    strings, each NUL-padded to 4 bytes, then the index (key_id, val_id, offset, length,
+    big-endian, sorted by key_id), then the index's offset."""
+    blob, index = bytearray(), []
+    for key, vid, text in po2lmo_records(path):
+        data = text.encode()
+        index.append((key, vid, len(blob), len(data)))
+        blob += data + b"\0" * ((4 - len(data) % 4) % 4)
+    if not blob:
+        return b""
+    offset = len(blob)
+    for entry in sorted(index, key=lambda e: e[0]):
+        blob += struct.pack(">IIII", *entry)
+    return bytes(blob + struct.pack(">I", offset))
 
 
 def read_lmo(data: bytes) -> dict[int, str]:

@@ -200,6 +200,20 @@ def test_sfh_known_answers():
 
 
 @pytest.mark.parametrize("lang", LANGS)
+def test_lmo_file_reads_back(lang):
+    """write_lmo (po2lmo.c's layout) read as lmo.c lmo_open() reads it gives the catalog."""
+    data = i18n.write_lmo(po_file(lang))
+    if not data:  # po2lmo writes no file for a catalog without any translation
+        assert i18n.po2lmo_entries(po_file(lang)) == {}
+        return
+    assert len(data) % 4 == 0
+    assert i18n.read_lmo(data) == i18n.po2lmo_entries(po_file(lang))
+    keys = [int.from_bytes(data[p:p + 4], "big")
+            for p in range(int.from_bytes(data[-4:], "big"), len(data) - 4, 16)]
+    assert keys == sorted(keys)  # lmo_find_entry() bisects the index
+
+
+@pytest.mark.parametrize("lang", LANGS)
 def test_po2lmo_port_matches_po2lmo(lang, tmp_path):
     po2lmo = shutil.which("po2lmo")
     if not po2lmo:
@@ -208,7 +222,31 @@ def test_po2lmo_port_matches_po2lmo(lang, tmp_path):
         pytest.skip(reason)
     out = tmp_path / f"{i18n.DOMAIN}.{lang}.lmo"
     subprocess.run([po2lmo, str(po_file(lang)), str(out)], check=True)
-    assert i18n.read_lmo(out.read_bytes()) == i18n.po2lmo_entries(po_file(lang))
+    assert out.read_bytes() == i18n.write_lmo(po_file(lang))
+
+
+# luci.mk (openwrt/luci 24.10): the LUCI_LANG.<code> it knows; LuciTranslation is only
+# called for a po/<code> directory with a title there, so any other directory builds nothing.
+LUCI_MK_LANGS = set("ar bg bn_BD ca cs da de el es fa fi fil fr he hi hu it ja ko lt mr ms nb_NO nl "
+                    "pl pt pt_BR ro ru sk sv tr uk vi yua zh_Hans zh_Hant".split())
+
+
+def test_luci_mk_builds_a_translation_package():
+    """luci.mk derives the translation packages from the directory name and po/ alone:
+    luci-app-mpvpn -> LUCI_BASENAME mpvpn; po/zh_Hans/*.po -> luci-i18n-mpvpn-zh-cn with
+    /usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo (po2lmo).  So the Makefile must not override
+    those names, and every language directory must be one luci.mk knows."""
+    mk = (APP / "Makefile").read_text()
+    assert re.search(r"^include \$\(TOPDIR\)/feeds/luci/luci\.mk$", mk, re.M)
+    for var in ("LUCI_NAME", "LUCI_TYPE", "LUCI_BASENAME", "LUCI_LANGUAGES", "PKG_NAME"):
+        assert not re.search(rf"^\s*{var}\s*[:?+]?=", mk, re.M), f"{var} set in the Makefile"
+    feed = i18n.REPO / "package" / "luci-app-mpvpn"
+    assert feed.resolve() == APP.resolve() and (feed / "po").is_dir()  # CURDIR/po as luci.mk sees it
+    assert re.fullmatch(r"luci-app-(.+)", APP.name).group(1) == i18n.DOMAIN
+    assert i18n.TEMPLATE.name == f"{i18n.DOMAIN}.pot"
+    for lang in LANGS:
+        assert lang in LUCI_MK_LANGS, f"po/{lang}: luci.mk has no LUCI_LANG.{lang}, nothing would be built"
+        assert [p.name for p in (i18n.PO_DIR / lang).iterdir()] == [f"{i18n.DOMAIN}.po"]
 
 
 def test_msgfmt_check_template():
@@ -227,9 +265,14 @@ def test_msgfmt_check_po(lang):
                        capture_output=True, text=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, lines  # no warning, only the statistics line
+    # as LuCI's own .po files: msgfmt may miss header fields po2lmo never reads, but
+    # Language and Plural-Forms (po2lmo stores it for N_()) must be there; nothing else
+    missing = [m.group(1) for ln in lines for m in [re.search(r"warning: header field '([\w-]+)' missing", ln)] if m]
+    assert not {"Language", "Plural-Forms"} & set(missing), lines
+    rest = [ln for ln in lines if "header field" not in ln]
+    assert len(rest) == 1, lines  # only the statistics line
     if lang in COMPLETE:
-        assert re.fullmatch(r"\d+ translated messages\.", lines[0]), lines
+        assert lines == rest and re.fullmatch(r"\d+ translated messages\.", rest[0]), lines
 
 
 def node_eval(script: str) -> object:
