@@ -18,7 +18,8 @@ arguments); both files pass ``msgfmt -c``; what po2lmo makes of the .po, read
 the way cbi.js reads ``window.TR`` (in Python and in node with the harness's
 ``_()``), gives each view string its translation; the Python po2lmo/sfh port
 matches known answers of lmo.c's sfh_hash and, when ``po2lmo`` is on PATH, the
-real program's output.  A headless Chromium renders the status page with the
+real program's output; the harness's ``_()``/``N_()`` stand-in gives what
+luci-base's real cbi.js gives when that is built under /opt/owrt.  A headless Chromium renders the status page with the
 zh_Hans catalog loaded: every string the view asked ``_()`` for at run time
 has a translation, and no format directive, ``undefined`` or ``NaN`` shows.
 """
@@ -26,6 +27,7 @@ has a translation, and no format directive, ``undefined`` or ``NaN`` shows.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -315,6 +317,51 @@ def test_harness_gettext_reads_the_catalog(lang):
                          "  " + s.replace(" ", " \n ") + "\t" for s in strings]
     # nplurals=1; plural=0: every count takes form 0; untranslated falls back to singular/plural
     assert out["forms"] == ["one", "one"] and out["forms2"] == "ONE"
+
+
+OWRT = Path(os.environ.get("MPVPN_OWRT", "/opt/owrt"))  # OpenWrt userland built from source, never in the repo
+CBI_JS = OWRT / "luci-root" / "www" / "luci-static" / "resources" / "cbi.js"
+
+
+def test_harness_gettext_matches_luci_cbi_js():
+    """The stand-in's _(), N_() and sfh() against luci-base's real cbi.js (as staged under
+    /opt/owrt when LuCI is built there), each in its own node context with the same
+    window.TR: the zh_Hans catalog plus plural entries under a two-form Plural-Forms."""
+    if not CBI_JS.is_file():
+        reason = f"luci-base's cbi.js is not built under {OWRT} (MPVPN_OWRT)"
+        sys.stderr.write(f"\ncbi.js comparison skipped: {reason}\n")
+        pytest.skip(reason)
+    strings = sorted(source_strings())
+    tr = dict(i18n.window_tr(po_file("zh_Hans")))
+    tr["00000000"] = "nplurals=2; plural=(n != 1);"
+    for i, form in enumerate(["%d Paket", "%d Pakete"]):
+        tr[f"{i18n.sfh(f'%d packet{chr(2)}{i}'.encode()):08x}"] = form
+        tr[f"{i18n.sfh(f'ctx{chr(1)}%d packet{chr(2)}{i}'.encode()):08x}"] = form.upper()
+    odd = ["", " ", "a", "ab", "abc", "abcd", "\u00e9\u00e9\u00e9", "\u4e2d\u6587\u5b57", "x\u20ac", "\u2014\t\n x"]
+    script = f"""
+const fs = require('fs'), vm = require('vm');
+const TR = {json.dumps(tr)}, strings = {json.dumps(strings)}, odd = {json.dumps(odd)};
+function run(file) {{
+  const ctx = vm.createContext({{ console }});
+  ctx.window = ctx;
+  ctx.document = {{ addEventListener() {{}}, querySelectorAll() {{ return []; }} }};
+  ctx.TR = TR;
+  vm.runInContext(fs.readFileSync(file, 'utf8'), ctx, {{ filename: file }});
+  const sfh = ctx.sfh || ctx.harness.sfh;
+  return {{
+    tr: strings.map(s => ctx._(' ' + s + '\\n')),
+    ctx: strings.slice(0, 20).map(s => ctx._(s, 'ctx')),
+    hash: strings.concat(odd).map(s => sfh(s)),
+    plural: [0, 1, 2, 7].map(n => ctx.N_(n, '%d packet', '%d packets'))
+      .concat([1, 3].map(n => ctx.N_(n, '%d packet', '%d packets', ' ctx ')))
+      .concat([1, 3].map(n => ctx.N_(n, 'one', 'many')))
+  }};
+}}
+process.stdout.write(JSON.stringify([run({json.dumps(str(CBI_JS))}), run({json.dumps(str(STUB))})]));
+"""
+    real, stub = node_eval(script)
+    assert stub == real
+    assert real["plural"][:4] == ["%d Pakete", "%d Paket", "%d Pakete", "%d Pakete"]
 
 
 # --- the status page rendered in Chinese -------------------------------------------------------
