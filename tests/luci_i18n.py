@@ -18,9 +18,11 @@ comments of each entry sorted by path and line.  ``update`` is
 moved behind ``Language-Team:``).
 
 The reading side mirrors what a router does with a .po file:
-:func:`po2lmo_entries` is ``modules/luci-base/src/po2lmo.c`` (its string
-extraction keeps every escape but ``\\"`` and ``\\\\``; its lines are read in
-4096-byte pieces; a translation equal to its msgid is left out),
+:func:`po2lmo_records` / :func:`write_lmo` are ``modules/luci-base/src/po2lmo.c``
+(its string extraction keeps every escape but ``\\"`` and ``\\\\``; its lines are
+read in 4096-byte pieces; a translation that hashes like its msgid is left
+out; ``write_lmo`` gives the same bytes as po2lmo), :func:`read_lmo` is
+``lmo_open()`` of ``src/lib/lmo.c``,
 :func:`sfh` is ``sfh_hash()`` of ``src/lib/lmo.c`` (Paul Hsieh's
 SuperFastHash, seeded with the length), and :func:`window_tr` is the object
 ``action_translations`` of luci-base's dispatcher writes as ``window.TR``
@@ -32,7 +34,6 @@ arguments, so a translation must keep them in the same order).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
