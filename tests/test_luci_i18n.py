@@ -26,6 +26,7 @@ has a translation, and no format directive, ``undefined`` or ``NaN`` shows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -71,17 +72,18 @@ def skip_without(tool: str) -> str:
 
 def gettext_calls(src: str) -> list[str]:
     """The string literal arguments of _('...') in a view (stdlib, no xgettext)."""
-    return [s for pos, s in js_strings(src) if re.search(r"(?<![\w$.])_\(\s*$", src[:pos])]
+    return [s for pos, s in js_strings(src) if re.search(r"(?<![\w$.])_\(\s*$", src[max(0, pos - 64):pos])]
 
 
-def source_strings() -> set[str]:
+@functools.cache
+def source_strings() -> frozenset[str]:
     """What LuCI looks up: every _() literal of the views, menu titles, ACL descriptions."""
     out = set()
     for path in VIEW_FILES:
         out.update(i18n.trimws(s) for s in gettext_calls(path.read_text(encoding="utf-8")))
     out.update(i18n.trimws(e["title"]) for e in json.loads(MENU.read_text()).values())
     out.update(i18n.trimws(e["description"]) for e in json.loads(ACL.read_text()).values())
-    return out
+    return frozenset(out)
 
 
 def template() -> dict[str, i18n.Entry]:
