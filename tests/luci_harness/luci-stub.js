@@ -6,7 +6,10 @@
  * luci-app-mpvpn use, so that a real browser can load and render a view
  * without a router:
  *
- *   E(), _(), N_(), String.prototype.format (%s %d %f %t %%)
+ *   E(), String.prototype.format (%s %d %f %t %%)
+ *   _(), N_()                        cbi.js: looked up in window.TR (the catalog
+ *                                    script /harness/translations, as LuCI's
+ *                                    admin/translations/<lang>), by sfh()
  *   dom.create/append/content/attr   strings given as children become markup
  *                                    (innerHTML), exactly like LuCI's dom.append,
  *                                    so a view that passes agent text that way
@@ -69,8 +72,111 @@
 		});
 	};
 
-	window._ = function(s) { return s; };
-	window.N_ = function(n, s, p) { return (n == 1) ? s : p; };
+	/* --- _() and N_(): luci-base cbi.js ------------------------------------------
+	 *
+	 * As in cbi.js (luci-base 23.05/24.10): the catalog is window.TR, the object
+	 * the dispatcher's action_translations writes (script admin/translations/<lang>,
+	 * loaded before the views): "%08x" of the key's hash -> translation, the
+	 * hash being sfh() (lmo.c sfh_hash: Paul Hsieh's SuperFastHash over the
+	 * key's UTF-8 bytes, seeded with their length) of the whitespace-trimmed
+	 * key; msgctxt + '\u0001' + msgid with a context, + '\u0002' + plural index
+	 * for N_().  An untranslated string comes back unchanged.  TR['00000000']
+	 * holds the catalog's Plural-Forms.  tests/luci_i18n.py computes the same
+	 * hashes in Python (tests/test_luci_i18n.py compares the two).
+	 */
+
+	function utf8(s) {
+		var bytes = [];
+
+		for (var i = 0; i < s.length; i++) {
+			var ch = s.charCodeAt(i);
+
+			if (ch <= 0x7F)
+				bytes.push(ch);
+			else if (ch <= 0x7FF)
+				bytes.push(0xC0 | (ch >>> 6), 0x80 | (ch & 0x3F));
+			else  /* as cbi.js: UTF-16 units, so no 4-byte sequences */
+				bytes.push(0xE0 | (ch >>> 12), 0x80 | ((ch >>> 6) & 0x3F), 0x80 | (ch & 0x3F));
+		}
+
+		return bytes;
+	}
+
+	function sfh(s) {
+		if (s == null || s.length === 0)
+			return null;
+
+		var b = utf8(s), n = b.length, h = n >>> 0, off = 0, tmp;
+
+		function get16(o) { return (b[o] | (b[o + 1] << 8)) >>> 0; }
+		function s8(o) { return (b[o] > 0x7F) ? b[o] - 256 : b[o]; }
+
+		for (var k = n >>> 2; k > 0; k--, off += 4) {
+			h = (h + get16(off)) >>> 0;
+			tmp = ((get16(off + 2) << 11) ^ h) >>> 0;
+			h = ((h << 16) ^ tmp) >>> 0;
+			h = (h + (h >>> 11)) >>> 0;
+		}
+
+		switch (n & 3) {
+		case 3:
+			h = (h + get16(off)) >>> 0;
+			h = (h ^ (h << 16)) >>> 0;
+			h = (h ^ (s8(off + 2) << 18)) >>> 0;
+			h = (h + (h >>> 11)) >>> 0;
+			break;
+		case 2:
+			h = (h + get16(off)) >>> 0;
+			h = (h ^ (h << 11)) >>> 0;
+			h = (h + (h >>> 17)) >>> 0;
+			break;
+		case 1:
+			h = (h + s8(off)) >>> 0;
+			h = (h ^ (h << 10)) >>> 0;
+			h = (h + (h >>> 1)) >>> 0;
+		}
+
+		h = (h ^ (h << 3)) >>> 0;
+		h = (h + (h >>> 5)) >>> 0;
+		h = (h ^ (h << 4)) >>> 0;
+		h = (h + (h >>> 17)) >>> 0;
+		h = (h ^ (h << 25)) >>> 0;
+		h = (h + (h >>> 6)) >>> 0;
+
+		return ('0000000' + h.toString(16)).slice(-8);
+	}
+
+	function trimws(s) {
+		return String(s).trim().replace(/[ \t\n]+/g, ' ');
+	}
+
+	var pluralFn = null, asked = [];
+
+	/* fixture only, not in cbi.js: every distinct msgid asked for, on <body data-gettext> */
+	function record(s) {
+		if (asked.indexOf(s) >= 0)
+			return;
+		asked.push(s);
+		if (document && document.body)
+			document.body.setAttribute('data-gettext', JSON.stringify(asked));
+	}
+
+	window._ = function(s, c) {
+		var k = (c != null ? trimws(c) + '\u0001' : '') + trimws(s);
+		record(k);
+		return (window.TR && window.TR[sfh(k)]) || s;
+	};
+
+	window.N_ = function(n, s, p, c) {
+		if (pluralFn == null && window.TR)  /* sloppy-mode Function: plural= assigns a global, as in cbi.js */
+			pluralFn = new Function('n', (window.TR['00000000'] || 'plural=(n != 1);') + 'return +plural');
+
+		var i = pluralFn ? pluralFn(n) : (n != 1),
+		    k = (c != null ? trimws(c) + '\u0001' : '') + trimws(s) + '\u0002' + (+i).toString();
+
+		record(k);
+		return (window.TR && window.TR[sfh(k)]) || (i ? p : s);
+	};
 
 	/* --- dom ----------------------------------------------------------------- */
 
@@ -466,6 +572,7 @@
 		errors: [],
 		modules: modules,
 		requires: requires,
+		sfh: sfh,
 
 		fail: function(err) {
 			var msg = (err && err.stack) ? err.stack : String(err);

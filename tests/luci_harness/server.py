@@ -6,6 +6,8 @@ A tiny stand-in for uhttpd + rpcd + ubusd on 127.0.0.1 (random port):
   GET  /harness/env?view=...&sid=...       what LuCI's dispatcher puts into L.env
                                            for that page: sessionid and nodespec
                                            (menu.d ACL depends of the view's node)
+  GET  /harness/translations               window.TR: the catalog of the server's ``lang``
+                                           (admin/translations/<lang> of LuCI), {} in English
   GET  /harness/<file>                     tests/luci_harness/<file> (the LuCI stub)
   GET  /luci-static/resources/...          luci-app-mpvpn/htdocs/luci-static/resources/...
   POST /ubus/                              ubus JSON-RPC ``call``, as uhttpd-mod-ubus
@@ -159,8 +161,9 @@ class SocketAgentBackend:
 class HarnessServer:
     """The fixture web server; use as a context manager."""
 
-    def __init__(self, backend, acl: Path = ACL_FILE):
+    def __init__(self, backend, acl: Path = ACL_FILE, lang: str | None = None):
         self.backend = backend
+        self.lang = lang  # LuCI language code of po/<lang>/*.po to serve as window.TR; None: English
         self.grants = acl_grants(acl)
         self.sessions = ubusd.RpcdSessions([acl])
         self.bus = ubusd.PythonUbus()
@@ -220,6 +223,22 @@ class HarnessServer:
         with self._lock:
             return ubusd.uhttpd_ubus_call(self.bus, self.sessions, request, self.log)
 
+    def translations(self) -> str:
+        """The script LuCI's header loads before the views: admin/translations/<lang>
+        (luci-base dispatcher action_translations), i.e. ``window.TR={...};`` of every
+        catalog of the language: here po/<lang>/*.po of the app, as po2lmo would
+        compile them (tests/luci_i18n.py).  English: an empty catalog."""
+        if self.lang is None:
+            return "window.TR={};"
+        from luci_i18n import PO_DIR, window_tr
+        catalog: dict[str, str] = {}
+        pos = sorted((PO_DIR / self.lang).glob("*.po"))
+        if not pos:
+            raise FileNotFoundError(f"no po/{self.lang}/*.po")
+        for po in pos:
+            catalog.update(window_tr(po))
+        return "window.TR={" + "".join(f"{json.dumps(k)}:{json.dumps(v)}," for k, v in catalog.items()) + "};"
+
     def env(self, view: str, sid: str) -> dict:
         return {"sessionid": sid, "nodespec": nodespec(view, self.sessions.groups(sid))}
 
@@ -256,6 +275,8 @@ class HarnessServer:
                     q = parse_qs(urlsplit(self.path).query)
                     env = server.env(q.get("view", [""])[0], q.get("sid", [ubusd.DEFAULT_SID])[0])
                     self._send(200, json.dumps(env).encode(), "application/json")
+                elif p == "/harness/translations":
+                    self._send(200, server.translations().encode(), "application/javascript; charset=utf-8")
                 elif p.startswith("/harness/"):
                     self._file(HERE, p[len("/harness/"):])
                 elif p.startswith("/luci-static/resources/"):

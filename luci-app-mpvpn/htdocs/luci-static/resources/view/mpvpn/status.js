@@ -134,6 +134,19 @@ function uplinkState(state) {
 	}
 }
 
+/* docs/status.md "control": the client's control connection or the server's listener */
+function controlState(state) {
+	switch (state) {
+	case 'established': return _('Established');
+	case 'handshake':   return _('Handshake');
+	case 'hello':       return _('Exchanging site details');
+	case 'connecting':  return _('Connecting');
+	case 'closed':      return _('Closed');
+	case 'listening':   return _('Listening');
+	default:            return text(state);
+	}
+}
+
 function roleLabel(role) {
 	switch (role) {
 	case 'client': return _('Client (connects to the server)');
@@ -740,7 +753,7 @@ return view.extend({
 		rows.push([ _('Routes into the tunnel'), routes.length ? routes.join(', ') : E('em', [ _('none') ]) ]);
 
 		if (ctl) {
-			var c = [ text(ctl.state) ],
+			var c = [ E('span', { 'data-state': (ctl.state != null) ? String(ctl.state) : null }, [ controlState(ctl.state) ]) ],
 			    other = (ctl.server != null) ? ctl.server : ctl.peer;  /* docs/status.md: server; agent 0.1: peer */
 			if (other != null)
 				c.push(' ', _('with %s').format(String(other)));
@@ -777,7 +790,7 @@ return view.extend({
 
 		if (Array.isArray(st.sessions) && st.sessions.length > 1)
 			rows.push([ _('Connected sites'), st.sessions.filter(isObj).map(function(s) {
-				return text(s.name) + ' (' + text(s.state) + ')';
+				return text(s.name) + ' (' + sessionState(s.state)[0] + ')';
 			}).join(', ') ]);
 
 		var up = [ fmtDuration(st.uptime) ];
