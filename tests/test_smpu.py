@@ -664,3 +664,25 @@ def test_forget_subflow_removes_a_closing_subflow_at_once():
     assert SubflowClosed(2) in events
     pair.a.add_subflow(2, pair.now)  # the member ID can be used again
     assert pair.a.subflows[2].meter is not None
+
+
+def test_a_forged_data_datagram_changes_nothing_of_its_subflow():
+    """Not authentic: counted, and nothing else moves (not even the subflow's
+    ``last_rx``, which status shows as "last heard"); the C loops never
+    moved it either."""
+    pair = SimPair(1, delay=0.010, sealed=True)
+    assert pair.handshake()
+    b = pair.b
+    sub = b.subflows[1]
+    pair.a.send(b"genuine", pair.now)
+    ((m, d),) = pair.a.datagrams_to_send()
+    pair.inject("b", m, d)
+    heard, rx, f0 = sub.last_rx, sub.status(pair.now)["rx_packets"], b.auth_failures
+    pair.now += 5.0
+    pair.a.send(b"next", pair.now)
+    ((m, d),) = pair.a.datagrams_to_send()
+    forged = bytearray(d)
+    forged[-1] ^= 0x01  # the tag
+    pair.inject("b", m, bytes(forged))
+    assert b.auth_failures == f0 + 1
+    assert sub.last_rx == heard and sub.status(pair.now)["rx_packets"] == rx

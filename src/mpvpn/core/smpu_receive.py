@@ -212,8 +212,8 @@ class ReceivePath:
         else:
             payload = sealer.open(data)
             if payload is None:
-                # Not authentic: counted, changes nothing else
-                sub.on_unauthentic(now)
+                # Not authentic: counted, changes nothing else (not even
+                # the subflow's last_rx; the C loops agree)
                 self.auth_failures += 1
                 return []
         sub.on_data_received(len(data), now)

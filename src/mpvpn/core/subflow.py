@@ -265,13 +265,6 @@ class Subflow:
         if self.state is S.CONNECT_RCVD:
             self._fire(E.RECV_TRAFFIC, now)
 
-    def on_unauthentic(self, now: float) -> None:
-        """A DATA datagram for this subflow failed authentication: counted
-        nowhere here (the session counts it); only ``last_rx`` moves (as it
-        always has: the session used to count the receive first and take it
-        back)."""
-        self.last_rx = now
-
     def on_data(self, now: float, n: int = 1) -> None:
         """``n`` DATA datagrams were accepted: implicit ACK in CONNECT_RCVD."""
         self.data_rx += n
