@@ -117,6 +117,15 @@ def test_a_replayed_first_message_is_answered_once_end_to_end(make_lab):
         st = ts.a.status()
         assert st["control"]["reconnect"]["attempts"] == 1 and st["state"] == "connected"
         assert lab.ping(lab.ha, "192.168.20.2", count=5, interval=0.05).received == 5
+        # nor after a restart of the server: its records are in the run directory
+        ts.b.stop()
+        ts.b.start()
+        ts.b.wait(lambda s: s["control"].get("state") == "listening", what="listening again")
+        out = lab.python(lab.ra, REPLAY, "10.1.0.2", first.hex(), "20", timeout=120).stdout
+        assert int(out) == 0
+        assert ts.b.status()["control"]["registry"]["replay"] == 20
+        assert "restored 1 handshake freshness records" in ts.b.log() or \
+            "restored 2 handshake freshness records" in ts.b.log()
 
 
 def test_rekey_by_volume_under_traffic_loses_nothing(make_lab):

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpvpn.core import noise, seal, wire
-from mpvpn.core.admission import BUSY_LEN, HandshakeGuard, HandshakeStamps, RateLimiter
+from mpvpn.core.admission import (BUSY_LEN, HandshakeGuard, HandshakeStamps, RateLimiter,
+                                  stamp_first_message)
 from mpvpn.core.controlconn import (TRANSITIONS, ClientConnection, ControlConfig, Ev, Role,
                                     ServerConnection, State)
 from mpvpn.core.controlevents import (ConnectionClosed, HandshakeComplete, KeysActivated,
@@ -1333,3 +1334,39 @@ def test_registry_reconfigure_checks_the_new_config_and_serves_later_clients_wit
     # a client that connects now is told the new LANs (the agent used to set
     # .config alone; new connections kept announcing the old LANs)
     assert list(reg.accept("192.0.2.9", 0.0).local.lans) == ["192.168.77.0/24"]
+
+
+def test_freshness_records_survive_a_restart_of_the_server():
+    """A first message answered before a restart is a replay after it: the
+    records go out (``records``) and back in (``restore``); a damaged entry is
+    skipped, the greater counter wins."""
+    psk = noise.load_psk(noise.genpsk())
+    stamps = HandshakeStamps()
+    msg1 = b"m" * 48
+    sender, n = stamps.next()
+    stamp = stamp_first_message(psk, msg1, sender, n)
+    before = HandshakeGuard()
+    assert before.admit([("s", psk)], msg1, stamp, 0.0).verdict == "ok"
+    assert before.changes == 1
+    after = HandshakeGuard()
+    junk = [("s", b"short", 3), (None, sender, 0), ("s", sender, "7"), 42, ("s",)]
+    assert after.restore(junk + before.records() + [("s", sender, n - 1 if n > 1 else n)]) == 2
+    assert after.admit([("s", psk)], msg1, stamp, 0.0).verdict == "replay"
+    fresh = stamp_first_message(psk, msg1, *stamps.next())
+    assert after.admit([("s", psk)], msg1, fresh, 0.0).verdict == "ok"
+
+
+def test_the_records_file_round_trips_and_refuses_what_is_not_one(tmp_path):
+    from mpvpn.io import stampstore
+
+    recs = [("site-a", bytes(range(8)), 5), (None, bytes(8), 2 ** 64 - 1)]
+    path = tmp_path / stampstore.FILENAME
+    assert stampstore.load(path) == []  # none yet
+    stampstore.save(path, recs)
+    assert stampstore.load(path) == recs
+    assert path.stat().st_mode & 0o077 == 0  # the records are the server's business
+    assert [p.name for p in tmp_path.iterdir()] == [stampstore.FILENAME]  # no temporary left
+    for bad in (b"{", b"[]", b'{"version": 2, "records": []}', b"\xff"):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError):
+            stampstore.load(path)

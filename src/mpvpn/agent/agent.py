@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from mpvpn import __version__
@@ -45,7 +46,7 @@ from mpvpn.core.seal import Sealer
 from mpvpn.core.smpu import (Session, SessionConfig, SessionDown, SessionUp, SubflowClosed,
                              SubflowDown, SubflowUp)
 from mpvpn.core.subflow import State, SubflowConfig
-from mpvpn.io import ifaddr, instance, rpc
+from mpvpn.io import ifaddr, instance, rpc, stampstore
 from mpvpn.io import ubus as ubusmod
 from mpvpn.io.hostio import HostIO
 from mpvpn.io.udp import BatchSocket, UplinkUnavailable, sockaddr
@@ -162,6 +163,7 @@ class Agent:
         self.controls: list[ControlIO] = []
         self.listener: socket.socket | None = None
         self.registry: ServerSessions | None = None
+        self._stamps_saved = 0  # HandshakeGuard.changes when its records were last saved
         self.reconnect: ClientReconnect | None = None
         self.stamps = HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
@@ -351,6 +353,7 @@ class Agent:
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
         self.registry = ServerSessions(self._control_config())
+        self._restore_stamps()
         try:
             s = self.io.listen(la.host, la.port)
         except OSError as e:
@@ -358,6 +361,29 @@ class Agent:
         self.listener = s
         self.sel.register(s, selectors.EVENT_READ, self._on_accept)
         log.info("control listening on %s", la)
+
+    def _restore_stamps(self) -> None:
+        """The handshake freshness records of the agent before us (run dir):
+        a first message it answered stays a replay after a restart."""
+        path = Path(self.run_dir) / stampstore.FILENAME
+        guard = self.registry.guard
+        try:
+            n = guard.restore(stampstore.load(path))
+        except (ValueError, OSError) as e:
+            log.warning("handshake records not restored (replays of older first messages "
+                        "are answered once more): %s", e)
+            n = 0
+        if n:
+            log.info("restored %d handshake freshness records", n)
+        self._stamps_saved = guard.changes
+
+    def _save_stamps(self) -> None:
+        guard = self.registry.guard
+        try:
+            stampstore.save(Path(self.run_dir) / stampstore.FILENAME, guard.records())
+        except OSError as e:
+            log.warning("cannot save handshake records: %s", e)
+        self._stamps_saved = guard.changes  # tried once per change: no retry storm
 
     # ------------------------------------------------------------------ main loop
 
@@ -472,6 +498,8 @@ class Agent:
             if t is not None and t <= now:
                 self.registry.handle_timer(now)
             self._registry_events(now)
+            if self.registry.guard.changes != self._stamps_saved:
+                self._save_stamps()
         if self.reconnect is not None and not self._client_connected():
             t = self.reconnect.get_timer()
             if t is not None and t <= now:

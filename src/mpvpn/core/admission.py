@@ -122,6 +122,7 @@ class HandshakeGuard:
         self._last: float | None = None
         self._seen: OrderedDict = OrderedDict()  # (site, sender) -> greatest counter
         self._keys: dict = {}  # psk -> mac key
+        self.changes = 0  # records written by fresh(): the agent saves them when this moves
 
     def mac_key(self, psk: bytes) -> bytes:
         k = self._keys.get(psk)
@@ -152,7 +153,38 @@ class HandshakeGuard:
         self._seen.move_to_end(key)
         while len(self._seen) > self.max_senders:
             self._seen.popitem(last=False)
+        self.changes += 1
         return True
+
+    def records(self) -> list[tuple[str | None, bytes, int]]:
+        """The freshness records, least recently used first: ``(site, sender,
+        greatest counter)``.  Saved across restarts (the agent keeps them in
+        its run directory), so that a first message captured before a
+        restart is not answered after it either."""
+        return [(site, sender, counter) for (site, sender), counter in self._seen.items()]
+
+    def restore(self, records) -> int:
+        """Take saved :meth:`records` (least recently used first), keeping the
+        greater counter where we already have one.  Entries that are not
+        well formed are skipped (a damaged file costs freshness records, not
+        the start).  Returns the number taken."""
+        taken = 0
+        for rec in records:
+            try:
+                site, sender, counter = rec
+            except (TypeError, ValueError):
+                continue
+            if not (site is None or isinstance(site, str)) or not isinstance(sender, bytes) \
+                    or len(sender) != SENDER_LEN or type(counter) is not int \
+                    or not 0 < counter <= MAX_COUNTER:
+                continue
+            key = (site, sender)
+            self._seen[key] = max(counter, self._seen.get(key, 0))
+            self._seen.move_to_end(key)
+            taken += 1
+        while len(self._seen) > self.max_senders:
+            self._seen.popitem(last=False)
+        return taken
 
     def take_handshake(self, now: float) -> float:
         if self._last is not None:
