@@ -44,17 +44,17 @@ class Pair:
     """Site A (client, LAN 192.168.10.0/24) and site B (server, LAN
     192.168.20.0/24) as in tests/agentlab.py, on one MemoryNet."""
 
-    def __init__(self, tmp_path, psk=None, psk_b=None, extra_base=FAST, drop=None):
+    def __init__(self, tmp_path, psk=None, psk_b=None, extra_base=FAST, drop=None, b_sections=""):
         psk = psk or genpsk()
         self.net = MemoryNet(drop=drop)
         self.a, self.ha = self._site(tmp_path / "a", "client", psk, 1, "172.30.0.1", "192.168.10.1", extra_base)
         self.b, self.hb = self._site(tmp_path / "b", "server", psk_b or psk, 2, "172.30.0.2", "192.168.20.1",
-                                     extra_base)
+                                     extra_base, b_sections)
 
-    def _site(self, d, role, psk, idx, vnc, lan, extra_base):
+    def _site(self, d, role, psk, idx, vnc, lan, extra_base, sections=""):
         d.mkdir()
         text, network = site_config(role, psk, idx, vnc, lan, carriers=CARRIERS, extra_base=extra_base)
-        (d / "orayboxvpn").write_text(text)
+        (d / "orayboxvpn").write_text(text + sections)
         (d / "network").write_text(network)
         cfg, problems = cfgmod.load_config(str(d))
         assert cfg is not None, problems
@@ -343,3 +343,30 @@ def test_the_memory_udp_coalesces_like_udp_gro_and_loses_what_has_no_receiver():
     a.close()
     b.close()
     assert net.udp == {}
+
+
+def test_a_reload_applies_changed_sites_and_policies_to_live_sessions(tmp_path):
+    """SIGHUP on the hub: a site whose key was removed loses its session at
+    once (it authenticated with a key the hub no longer has) and cannot come
+    back; changed policies reach the running sessions' schedulers (status
+    showed the new ones while the old ones kept steering)."""
+    key = genpsk()
+    site = f"\nconfig site 'branch'\n\toption psk '{key}'\n"
+    with Pair(tmp_path, psk=key, psk_b=genpsk(), b_sections=site) as p:
+        _, sb = p.connected()
+        assert sb["sessions"][0]["site"] == "branch"
+        conf = tmp_path / "b" / "orayboxvpn"
+        text = conf.read_text()
+        # 1. a policy added: the live scheduler takes it, the session stays
+        conf.write_text(text + "\nconfig policy 'cams'\n\toption src '192.168.10.50'\n"
+                        "\tlist carrier 'telecom'\n")
+        sid = sb["session_id"]
+        p.b.reload()
+        assert [pol.name for pol in p.b.sessions[sid].sess.scheduler.options.policies] == ["cams"]
+        assert p.b.sessions[sid].conn.state.value == "established"
+        # 2. the site's key removed: its session ends, and the key is refused
+        conf.write_text(text.replace(site, ""))
+        p.b.reload()
+        p.until(lambda: p.b.status()["control"]["closed_by_reason"].get("revoked") == 1, "revoked")
+        p.until(lambda: p.b.control_counters.get("bad_psk", 0) >= 1, "the old key refused")
+        assert p.b.sessions == {}

@@ -596,13 +596,7 @@ class Agent:
         # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
         # enough for most WAN uplinks, high enough that TCP's slow start is
         # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
-        sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
-                                        target_loss=self.cfg.base.target_loss,
-                                        nack=self.cfg.base.nack,  # None: the mode's default
-                                        policies=self._policies())
-        # adaptive counts on the peer's NACKs only if its mode sends them (a
-        # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
-        sess.scheduler.peer_nack = peer.mode != "duplicate"
+        self._install_scheduler(sess, peer)
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
@@ -611,6 +605,17 @@ class Agent:
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
                  peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
         return ds
+
+    def _install_scheduler(self, sess: Session, peer) -> None:
+        """The scheduler of base.mode with our policies (at session start, and
+        on a reload that changed the policies)."""
+        sess.scheduler = make_scheduler(self.cfg.base.mode, initial_rate=INITIAL_LINK_RATE,
+                                        target_loss=self.cfg.base.target_loss,
+                                        nack=self.cfg.base.nack,  # None: the mode's default
+                                        policies=self._policies())
+        # adaptive counts on the peer's NACKs only if its mode sends them (a
+        # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
+        sess.scheduler.peer_nack = peer.mode != "duplicate"
 
     def _apply_plan(self, ds: DataSession, plan, now: float) -> None:
         """Make the session's subflows match ``plan``: new members open, gone
@@ -966,6 +971,7 @@ class Agent:
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:
+            old = self.cfg
             self.cfg = new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
@@ -976,6 +982,13 @@ class Agent:
                 ds.sess.config.subflow.dead_after = sc.subflow.dead_after
                 ds.sess.config.hold_max = sc.hold_max
                 ds.sess.reorder.hold_cap = sc.hold_max
+            if new.policies != old.policies:
+                for ds in self.sessions.values():
+                    self._install_scheduler(ds.sess, ds.peer)
+                log.info("policies changed: %d in effect", len(new.policies))
+            if new.sites != old.sites and self.registry is not None:
+                self.registry.reconfigure(self._control_config())
+                self._close_revoked_sites(old.sites, new.sites, now)
             lan = self._announce_lans(now)
             log.info("reloaded: live options applied%s, tunnel kept", ", LAN change announced" if lan else "")
             return
@@ -993,6 +1006,21 @@ class Agent:
                       lock_dir=self.lock_dir, io=self.io)
         self.instance_lock = lock
         self.setup()
+
+    def _close_revoked_sites(self, old_sites, new_sites, now: float) -> None:
+        """(hub) A `config site` removed, disabled, or given another key or other
+        claims: its live session no longer has what it authenticated with,
+        so it ends ("revoked"); the site reconnects under the new rules (or,
+        without a key, is refused).  Other sites keep their sessions."""
+        before = {s.name: s for s in old_sites}
+        after = {s.name: s for s in new_sites}
+        for c in list(self.controls):
+            conn = c.conn
+            if conn is None or conn.site is None or before.get(conn.site) == after.get(conn.site):
+                continue
+            log.info("site %s: key or claims changed by reload, closing its session", conn.site)
+            conn.close("revoked", f"site {conn.site}: key or claims changed on the hub")
+            self._control_pump(c, now)
 
     def _announce_lans(self, now: float) -> bool:
         """Our LAN subnets changed (config or netifd): tell every connected peer
