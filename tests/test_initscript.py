@@ -885,7 +885,9 @@ def test_real_procd_bad_config_never_stops_or_respawns(owrt_router):
     ("ifdown", "wan2", True),
     ("ifupdate", "wan2", True),
     ("ifup", "wwan", False),  # its smpu section is disabled
-    ("ifup", "lan", False),
+    ("ifup", "lan", True),  # the LAN the agent announces: its address may have changed
+    ("ifupdate", "lan", True),
+    ("ifdown", "lan", False),  # nothing to announce; the agent keeps the LAN it had
     ("ifup-failed", "wan2", False),
     ("iflink", "wan2", False),
     ("ifup", "", False),
