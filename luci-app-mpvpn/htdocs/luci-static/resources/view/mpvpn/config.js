@@ -320,11 +320,16 @@ return view.extend({
 		o.placeholder = '172.30.0.1';
 		o.rmempty = false;
 
+		/*
+		 * A plain text field, no list of suggestions (as the carrier type
+		 * below): with o.value() choices LuCI makes a ui.Combobox, which
+		 * validates only its custom-value input, so a cleared netmask was
+		 * never marked.  A text field runs this validator on empty too
+		 * (validation.js: an optional empty value passes the datatype check,
+		 * then vfunc decides), which says when the mask is needed.
+		 */
 		o = s.option(form.Value, 'netmask', _('Netmask'),
 			_('A dotted netmask or a prefix length from 8 to 30. Not needed when the address carries a /prefix.'));
-		o.value('255.255.255.252');
-		o.value('255.255.255.248');
-		o.value('255.255.255.0');
 		o.placeholder = '255.255.255.252';
 		o.validate = function(section_id, value) {
 			if (value == null || value === '') {
