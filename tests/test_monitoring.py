@@ -1,0 +1,672 @@
+"""Monitoring the way router admins do it: the agent's per-link figures for
+prometheus-node-exporter-lua (package prometheus-node-exporter-lua-orayboxvpn,
+a collector file) and for collectd / luci-app-statistics (package
+orayboxvpn-collectd, a script for collectd's exec plugin).
+
+Both are Lua and read the status document with the Lua ubus binding.  They
+run here under lua5.1 against
+
+* the status documents of two real agents connected in this process
+  (tests/test_agent_inproc.py's Pair: the real status code path), handed to
+  the scripts as the Lua ubus binding would: the agent's blobmsg encoding
+  (mpvpn.ubusmsg, what it sends ubusd) decoded as lua/ubus.c does (null
+  fields absent).  The bus is tests/monitoring/ubus.lua, a stand-in for the
+  binding; where the real binding (libubus-lua, MPVPN_LUA_UBUS=<dir of
+  ubus.so>) and OpenWrt's ubusd are present, also against those, with the
+  agent's own ubus transport publishing the object;
+* a strict parser of the Prometheus text exposition format (below, and
+  prometheus_client's parser as a second opinion) and of collectd's PUTVAL
+  lines against collectd's types.db; where collectd is installed, collectd
+  itself runs the script through its exec plugin and writes what it
+  accepted with its csv plugin.
+
+Every name, label and value is checked against the document it came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mpvpn import ubusmsg as um
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "monitoring"
+PROM_PKG = ROOT / "package" / "prometheus-node-exporter-lua-orayboxvpn"
+COLLECTOR_LUA_ROOT = PROM_PKG / "files" / "usr" / "lib" / "lua"
+COLLECTD_PKG = ROOT / "package" / "orayboxvpn-collectd"
+SCRIPT = COLLECTD_PKG / "files" / "usr" / "libexec" / "orayboxvpn-collectd"
+ACL = COLLECTD_PKG / "files" / "usr" / "share" / "acl.d" / "orayboxvpn-collectd.json"
+TYPES_DB = ROOT / "tests" / "data" / "collectd-types.db"
+
+LUA = shutil.which("lua5.1") or shutil.which("lua")
+needs_lua = pytest.mark.skipif(LUA is None, reason="lua5.1 not installed (Debian package lua5.1; .ci/run installs it)")
+
+
+# -- status documents from real agents ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    """(client document, server document) of two agents connected over three
+    subflows with traffic both ways, and a fresh agent's (no session)."""
+    from test_agent_inproc import Pair, ipv4_udp
+
+    with Pair(tmp_path_factory.mktemp("pair")) as p:
+        p.connected()
+        for i in range(30):
+            p.ha.tun.inject(ipv4_udp("192.168.10.2", "192.168.20.2", b"to B %d" % i))
+            p.hb.tun.inject(ipv4_udp("192.168.20.2", "192.168.10.2", b"to A %d" % i))
+        p.until(lambda: len(p.hb.tun.written) >= 30 and len(p.ha.tun.written) >= 30, "traffic both ways")
+        p.until(lambda: all(ln["rtt_ms"] is not None for s in (p.a.status(), p.b.status()) for ln in s["links"]),
+                "an RTT sample on every subflow")
+        a, b = p.a.status(), p.b.status()
+    from test_statusdoc import _agent
+    fresh = _agent(tmp_path_factory.mktemp("fresh"), "client").status()
+    # what `ubus call` / the unix socket carry: JSON-able data
+    a, b, fresh = (json.loads(json.dumps(d)) for d in (a, b, fresh))
+    assert a["state"] == "connected" and len(a["links"]) == 3 and b["sessions"]
+    assert any(ln["tx_bytes"] for ln in a["links"]) and a["counters"]["delivered"] >= 30
+    return a, b, fresh
+
+
+def ubus_view(doc: dict) -> dict:
+    """The document as a ubus caller receives it: the agent's blobmsg encoding
+    of its reply (mpvpn.ubusmsg.encode_table, what UbusTransport sends),
+    decoded (null = BLOBMSG_TYPE_UNSPEC, which lua/ubus.c turns into nil)."""
+    return um.decode_table(um.encode_table(doc))
+
+
+def lua_string(s: str) -> str:
+    out = []
+    for byte in s.encode():
+        c = chr(byte)
+        out.append(c if 32 <= byte < 127 and c not in '\\"' else f"\\{byte:03d}")
+    return '"' + "".join(out) + '"'
+
+
+def lua_literal(v) -> str:
+    """A Lua constructor for ``v`` as ubus_lua_parse_blob builds it: tables
+    keyed by name without the nil (UNSPEC) fields, arrays in order (a nil
+    element leaves a hole), INT8 a boolean, every other number a number."""
+    if v is None:
+        return "nil"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return lua_string(v)
+    if isinstance(v, list):
+        return "{" + ", ".join(lua_literal(x) for x in v) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"[{lua_string(k)}] = {lua_literal(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(type(v))
+
+
+def write_bus(path: Path, doc: dict | None, ubusd: bool = True) -> Path:
+    """The stand-in bus: object orayboxvpn answering ``status`` with ``doc``
+    (None: no such object, the agent is stopped; ubusd False: no ubusd)."""
+    objects = "{}" if doc is None else "{orayboxvpn = {status = " + lua_literal(ubus_view(doc)) + "}}"
+    path.write_text(f"return {{ubusd = {'true' if ubusd else 'false'}, objects = {objects}}}\n")
+    path.chmod(0o644)
+    return path
+
+
+def lua_env(bus: Path | None, extra_path: str = "") -> dict:
+    env = dict(os.environ)
+    env["LUA_PATH"] = f"{extra_path}{FIXTURES}/?.lua;{COLLECTOR_LUA_ROOT}/?.lua;;"
+    if bus is not None:
+        env["MPVPN_TEST_UBUS"] = str(bus)
+    return env
+
+
+# -- the Prometheus text exposition format (strict) ------------------------------------
+
+NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+FLOAT = re.compile(r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Inf|NaN)")
+TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+
+
+class FormatError(AssertionError):
+    pass
+
+
+def parse_labels(s: str) -> dict:
+    """label="value",... with only the escapes \\\\, \\" and \\n; no duplicates."""
+    labels, i = {}, 0
+    while i < len(s):
+        m = LABEL_NAME.match(s, i)
+        if not m or s[m.end():m.end() + 2] != '="':
+            raise FormatError(f"bad label at {s[i:]!r}")
+        name, i = m.group(), m.end() + 2
+        val = []
+        while True:
+            if i >= len(s):
+                raise FormatError(f"unterminated label value in {s!r}")
+            c = s[i]
+            if c == "\\":
+                esc = s[i + 1:i + 2]
+                if esc not in ('\\', '"', 'n'):
+                    raise FormatError(f"bad escape \\{esc} in {s!r}")
+                val.append("\n" if esc == "n" else esc)
+                i += 2
+            elif c == '"':
+                i += 1
+                break
+            elif c == "\n":
+                raise FormatError("newline in a label value")
+            else:
+                val.append(c)
+                i += 1
+        if name in labels:
+            raise FormatError(f"label {name} twice in {s!r}")
+        labels[name] = "".join(val)
+        if i < len(s):
+            if s[i] != ",":
+                raise FormatError(f"expected , at {s[i:]!r}")
+            i += 1
+    return labels
+
+
+def parse_prometheus(text: str) -> tuple[dict, dict]:
+    """(name -> type, (name, frozenset(labels)) -> value) of a text-format
+    scrape.  Strict: every sample's family has exactly one TYPE line, given
+    before its samples; no series twice; the grammar of the format."""
+    types: dict[str, str] = {}
+    samples: dict[tuple, float] = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 2 and parts[1] == "TYPE":
+                m = re.fullmatch(rf"# TYPE ({NAME}) (\w+)", line)
+                if not m or m.group(2) not in TYPES:
+                    raise FormatError(f"bad TYPE line {line!r}")
+                if m.group(1) in types:
+                    raise FormatError(f"second TYPE line for {m.group(1)}")
+                if any(k[0] == m.group(1) for k in samples):
+                    raise FormatError(f"TYPE of {m.group(1)} after its samples")
+                types[m.group(1)] = m.group(2)
+            elif len(parts) >= 2 and parts[1] == "HELP" and not re.fullmatch(rf"# HELP {NAME}( .*)?", line):
+                raise FormatError(f"bad HELP line {line!r}")
+            continue
+        m = re.fullmatch(rf"({NAME})(?:\{{(.*)\}})? (\S+)(?: (-?\d+))?", line)
+        if not m:
+            raise FormatError(f"bad sample line {line!r}")
+        name, labels, value = m.group(1), parse_labels(m.group(2) or ""), m.group(3)
+        if not FLOAT.fullmatch(value):
+            raise FormatError(f"bad value {value!r} in {line!r}")
+        if name not in types:
+            raise FormatError(f"sample {name} without a TYPE line")
+        key = (name, frozenset(labels.items()))
+        if key in samples:
+            raise FormatError(f"series twice: {line!r}")
+        samples[key] = float(value)
+    return types, samples
+
+
+def test_the_strict_parser_refuses_what_the_format_forbids():
+    ok = '# TYPE a gauge\na{x="q\\"\\\\\\n"} 1.5e3\n'
+    assert parse_prometheus(ok)[1] == {("a", frozenset({("x", 'q"\\\n')})): 1500.0}
+    for bad in ('a 1\n', '# TYPE a gauge\n# TYPE a gauge\n', '# TYPE a gauge\na{x="\\t"} 1\n',
+                '# TYPE a gauge\na{x="1",x="2"} 1\n', '# TYPE a gauge\na 1\na 2\n', '# TYPE a gauge\na one\n',
+                '# TYPE a gauge\na{x="1} 1\n', '# TYPE a number\n', '# TYPE a gauge\na{1x="1"} 1\n'):
+        with pytest.raises(FormatError):
+            parse_prometheus(bad)
+
+
+# -- what the collector should say, from the document ---------------------------------
+
+AGENT_STATES = ("disabled", "connecting", "connected", "degraded", "stopped", "error")
+SESSION_STATES = ("connected", "disconnected")
+LINK_STATES = ("closed", "connect_sent", "connect_rcvd", "established", "closing")
+UPLINK_STATES = ("up", "waiting", "error")
+
+
+def expected_prometheus(doc: dict | None) -> dict:
+    """(name, labels) -> value, the mapping docs/monitoring.md describes."""
+    out: dict[tuple, float] = {}
+
+    def put(name, labels, v):
+        if isinstance(v, bool):
+            v = int(v)
+        if v is not None:
+            out[(name, frozenset(labels.items()))] = float(v)
+
+    def one_hot(name, labels, states, cur):
+        for s in states:
+            put(name, dict(labels, state=s), s == cur)
+        if cur not in states:
+            put(name, dict(labels, state=cur), 1)
+
+    put("orayboxvpn_up", {}, doc is not None)
+    if doc is None:
+        return out
+    put("orayboxvpn_info", {k: doc[k] for k in ("name", "role", "mode", "version")}, 1)
+    one_hot("orayboxvpn_state", {}, AGENT_STATES, doc["state"])
+    put("orayboxvpn_uptime_seconds", {}, doc["uptime"])
+    put("orayboxvpn_state_seconds", {}, doc["since"])
+    for s in doc["sessions"]:
+        one_hot("orayboxvpn_session_state", {"peer": s["name"]}, SESSION_STATES, s["state"])
+    for u in doc["uplinks"]:
+        one_hot("orayboxvpn_uplink_state", {"uplink": u["name"], "type": u["type"]}, UPLINK_STATES, u["state"])
+    for ln in doc["links"]:
+        lab = {"peer": ln["peer"], "link": ln["name"], "type": ln["type"]}
+        one_hot("orayboxvpn_link_state", lab, LINK_STATES, ln["state"])
+        put("orayboxvpn_link_up", lab, ln["state"] == "established")
+        scale = {"rtt_ms": 1e-3, "rttvar_ms": 1e-3, "rate_kbps": 1e3}
+        for field, name in (("rtt_ms", "rtt_seconds"), ("rttvar_ms", "rttvar_seconds"),
+                            ("rate_kbps", "rate_estimate_bits_per_second"), ("rate_measured", "rate_measured"),
+                            ("weight", "weight"), ("quality", "quality"),
+                            ("last_rx_age", "last_receive_age_seconds"),
+                            ("tx_bytes", "transmit_bytes_total"), ("rx_bytes", "receive_bytes_total"),
+                            ("tx_packets", "transmit_packets_total"), ("rx_packets", "receive_packets_total"),
+                            ("ups", "ups_total"), ("downs", "downs_total")):
+            v = ln[field]
+            put(f"orayboxvpn_link_{name}", lab, None if v is None else v * scale.get(field, 1))
+        put("orayboxvpn_link_loss_ratio", dict(lab, direction="out"), ln["loss"])
+        put("orayboxvpn_link_loss_ratio", dict(lab, direction="in"), ln["loss_in"])
+    for k, v in doc["counters"].items():
+        put(f"orayboxvpn_{k}_total", {}, v)
+    return out
+
+
+def run_exporter(bus: Path, extra_lua_path: str = "", env_extra: dict | None = None) -> tuple[dict, dict, str]:
+    env = lua_env(bus, extra_lua_path)
+    env.update(env_extra or {})
+    r = subprocess.run([LUA, str(FIXTURES / "exporter.lua"), "orayboxvpn"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", f"the collector failed: {r.stderr}"
+    types, samples = parse_prometheus(r.stdout)
+    return types, samples, r.stdout
+
+
+def ours(samples: dict) -> dict:
+    return {k: v for k, v in samples.items() if k[0].startswith("orayboxvpn_")}
+
+
+def assert_same(got: dict, want: dict):
+    assert set(got) == set(want), (f"missing: {sorted(map(str, set(want) - set(got)))}\n"
+                                   f"unexpected: {sorted(map(str, set(got) - set(want)))}")
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+
+
+def second_opinion(text: str) -> set:
+    """prometheus_client's parser (a dev-only dependency) reads the same samples."""
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client not installed "
+                                 "(pip install prometheus-client; in the project's test extras)")
+    out = set()
+    for fam in parser.text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("orayboxvpn_"):
+                out.add((s.name, frozenset(s.labels.items()), s.value))
+    return out
+
+
+@needs_lua
+@pytest.mark.parametrize("which", ["client", "server", "fresh"])
+def test_the_collector_exports_every_figure_of_the_document(docs, tmp_path, which):
+    doc = dict(zip(("client", "server", "fresh"), docs))[which]
+    types, samples, text = run_exporter(write_bus(tmp_path / "bus.lua", doc))
+    assert samples[("node_scrape_collector_success", frozenset({("collector", "orayboxvpn")}))] == 1
+    want = expected_prometheus(doc)
+    assert_same(ours(samples), want)
+    for name, _labels in want:
+        assert types[name] == ("counter" if name.endswith("_total") else "gauge"), name
+    if which != "fresh":  # the figures are there, not only their names
+        assert sum(1 for k in want if k[0] == "orayboxvpn_link_rtt_seconds") == len(doc["links"]) == 3
+    assert second_opinion(text) == {(n, lab, v) for (n, lab), v in ours(samples).items()}
+
+
+@needs_lua
+def test_unknown_figures_give_no_sample_and_labels_are_escaped(docs, tmp_path):
+    doc = json.loads(json.dumps(docs[0]))
+    doc["links"][0].update(rtt_ms=None, rttvar_ms=None, loss=None, rate_kbps=None, last_rx_age=None)
+    weird = 'site "b"\\\nx'
+    for ln in doc["links"]:
+        ln["peer"] = weird
+    doc["sessions"][0]["name"] = weird
+    types, samples, text = run_exporter(write_bus(tmp_path / "bus.lua", doc))
+    assert_same(ours(samples), expected_prometheus(doc))
+    first = frozenset({"peer": weird, "link": doc["links"][0]["name"], "type": doc["links"][0]["type"]}.items())
+    assert ("orayboxvpn_link_rtt_seconds", first) not in samples
+    assert ("orayboxvpn_link_transmit_bytes_total", first) in samples
+    assert second_opinion(text) == {(n, lab, v) for (n, lab), v in ours(samples).items()}
+
+
+@needs_lua
+@pytest.mark.parametrize("ubusd", [True, False], ids=["agent-stopped", "no-ubusd"])
+def test_a_stopped_agent_is_up_0_not_a_failed_scrape(tmp_path, ubusd):
+    types, samples, _ = run_exporter(write_bus(tmp_path / "bus.lua", None, ubusd=ubusd))
+    assert ours(samples) == {("orayboxvpn_up", frozenset()): 0.0}
+    assert samples[("node_scrape_collector_success", frozenset({("collector", "orayboxvpn")}))] == 1
+
+
+# -- collectd: types.db and PUTVAL (strict) --------------------------------------------
+
+def read_types_db(path: Path) -> dict[str, list[tuple[str, str, str, str]]]:
+    """type -> [(ds name, ds type, min, max)], collectd's types.db syntax
+    (collectd src/types.db; src/daemon/types_list.c parse_line)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        # parse_line: fields split at blanks and commas
+        name, *dss = [f for f in re.split(r"[\s,]+", line) if f]
+        out[name] = [tuple(ds.split(":")) for ds in dss]
+        for ds in out[name]:
+            assert len(ds) == 4 and ds[1] in ("GAUGE", "DERIVE", "COUNTER", "ABSOLUTE"), line
+    return out
+
+
+def test_the_shipped_types_db_lines_are_collectd_s():
+    """tests/data/collectd-types.db quotes collectd's types.db; where collectd
+    is installed, its own file has the same definitions."""
+    ours_ = read_types_db(TYPES_DB)
+    assert {"gauge", "ping", "ping_stddev", "ping_droprate", "if_octets", "if_packets", "bitrate",
+            "uptime", "derive"} <= set(ours_)
+    system = Path("/usr/share/collectd/types.db")
+    if not system.exists():
+        pytest.skip("collectd is not installed here (/usr/share/collectd/types.db): nothing to compare with")
+    real = read_types_db(system)
+    for name, dss in ours_.items():
+        assert real.get(name) == dss, name
+
+
+DATA_MAX_NAME_LEN = 128  # collectd src/daemon/plugin.h (including the NUL)
+
+
+def parse_putval(line: str, types: dict) -> tuple[tuple[str, str, str, str, str], list[float], float]:
+    """((host, plugin, plugin instance, type, type instance), values, interval)
+    of one PUTVAL line, as collectd's cmd_parse_putval / parse_identifier /
+    parse_values (src/utils/cmds/putval.c, src/utils/common/common.c) read it,
+    and refusing what they refuse: an identifier of other than host/plugin/type,
+    an unknown type, a value count other than the type's data sources, a
+    non-integer for a DERIVE or COUNTER."""
+    m = re.fullmatch(r'PUTVAL ("(?:[^"\\]|\\.)*"|\S+)((?: [a-z_]+=\S+)*) (\S+)', line)
+    if not m:
+        raise FormatError(f"not a PUTVAL line: {line!r}")
+    ident = m.group(1)
+    if ident.startswith('"'):
+        ident = re.sub(r"\\(.)", r"\1", ident[1:-1])
+    parts = ident.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise FormatError(f"identifier {ident!r} is not host/plugin[-instance]/type[-instance]")
+    host, plugin, typ = parts
+    plugin, _, pinst = plugin.partition("-")
+    typ, _, tinst = typ.partition("-")
+    for f in (host, plugin, pinst, typ, tinst):
+        if len(f) >= DATA_MAX_NAME_LEN:
+            raise FormatError(f"{f!r} longer than collectd takes")
+    if typ not in types:
+        raise FormatError(f"type {typ!r} is not in types.db")
+    interval = None
+    for opt in m.group(2).split():
+        k, v = opt.split("=", 1)
+        if k != "interval":
+            raise FormatError(f"option {k} is not one PUTVAL takes")
+        interval = float(v)
+        if not interval > 0:
+            raise FormatError("interval must be positive")
+    fields = m.group(3).split(":")
+    when, raw = fields[0], fields[1:]
+    if when != "N" and not re.fullmatch(r"\d+(\.\d+)?", when):
+        raise FormatError(f"bad time {when!r}")
+    dss = types[typ]
+    if len(raw) != len(dss):
+        raise FormatError(f"{typ} has {len(dss)} data source(s), the line gives {len(raw)}")
+    values = []
+    for v, (_ds, dstype, lo, hi) in zip(raw, dss):
+        if dstype == "GAUGE":
+            if not FLOAT.fullmatch(v) and v != "U":
+                raise FormatError(f"bad gauge {v!r}")
+            x = float("nan") if v == "U" else float(v)
+        elif dstype == "DERIVE":
+            if not re.fullmatch(r"-?\d+", v):
+                raise FormatError(f"a DERIVE takes an integer, not {v!r}")
+            x = int(v)
+        else:
+            if not re.fullmatch(r"\d+", v):
+                raise FormatError(f"a {dstype} takes an unsigned integer, not {v!r}")
+            x = int(v)
+        # rrdtool stores a value outside [min, max] as unknown: a gap in the graph
+        if (lo != "U" and x < float(lo)) or (hi != "U" and x > float(hi)):
+            raise FormatError(f"{v} outside {typ}'s range [{lo}, {hi}]")
+        values.append(x)
+    return (host, plugin, pinst, typ, tinst), values, interval
+
+
+def test_the_putval_parser_refuses_what_collectd_refuses():
+    types = read_types_db(TYPES_DB)
+    ok = 'PUTVAL "h/orayboxvpn-a.b/if_octets" interval=10 N:1:2'
+    assert parse_putval(ok, types) == (("h", "orayboxvpn", "a.b", "if_octets", ""), [1, 2], 10.0)
+    for bad in ('PUTVAL "h/orayboxvpn/if_octets" N:1', 'PUTVAL "orayboxvpn/gauge" N:1',
+                'PUTVAL "h/orayboxvpn/nosuchtype" N:1', 'PUTVAL "h/orayboxvpn/if_octets" N:1.5:2',
+                'PUTVAL "h/orayboxvpn/ping_droprate" N:2', 'PUTVAL "h/orayboxvpn/gauge" N:x',
+                'PUTVAL "h/orayboxvpn/gauge" size=3 N:1', 'PUTVAL "h//gauge" N:1'):
+        with pytest.raises(FormatError):
+            parse_putval(bad, types)
+
+
+def cname(s) -> str:
+    """The script's reduction of a name to [A-Za-z0-9_-], at most 63 characters."""
+    return (re.sub(r"[^A-Za-z0-9_-]", "_", str(s)) or "_")[:63]
+
+
+def expected_collectd(doc: dict | None) -> dict:
+    """(plugin instance, type, type instance) -> values."""
+    out: dict[tuple, list] = {}
+
+    def put(pinst, typ, tinst, *values):
+        if all(v is not None for v in values):
+            out[(pinst, typ, tinst)] = [float(v) for v in values]
+
+    put("", "gauge", "up", doc is not None)
+    if doc is None:
+        return out
+    put("", "gauge", "connected", doc["state"] == "connected")
+    put("", "uptime", "", doc["uptime"])
+    for s in doc["sessions"]:
+        put("", "gauge", f"session.{cname(s['name'])}", s["state"] == "connected")
+    for u in doc["uplinks"]:
+        put("", "gauge", f"uplink.{cname(u['name'])}", u["state"] == "up")
+    for k, v in doc["counters"].items():
+        put("", "derive", cname(k), v)
+    for ln in doc["links"]:
+        inst = f"{cname(ln['peer'])}.{cname(ln['name'])}"
+        put(inst, "gauge", "up", ln["state"] == "established")
+        put(inst, "ping", "rtt", ln["rtt_ms"])
+        put(inst, "ping_stddev", "rtt", ln["rttvar_ms"])
+        put(inst, "ping_droprate", "out", ln["loss"])
+        put(inst, "ping_droprate", "in", ln["loss_in"])
+        put(inst, "if_octets", "", ln["rx_bytes"], ln["tx_bytes"])
+        put(inst, "if_packets", "", ln["rx_packets"], ln["tx_packets"])
+        put(inst, "bitrate", "estimate", None if ln["rate_kbps"] is None else ln["rate_kbps"] * 1000)
+        put(inst, "gauge", "weight", ln["weight"])
+        put(inst, "gauge", "quality", ln["quality"])
+    return out
+
+
+def run_script_once(bus: Path, host="router1", interval="10.000") -> list[str]:
+    env = lua_env(bus)
+    env.update(COLLECTD_HOSTNAME=host, COLLECTD_INTERVAL=interval)
+    r = subprocess.run([LUA, str(SCRIPT), "--once"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.endswith("\n")
+    return r.stdout.splitlines()
+
+
+def check_putvals(lines: list[str], doc: dict | None, host="router1", interval=10.0):
+    types = read_types_db(TYPES_DB)
+    got = {}
+    for line in lines:
+        (h, plugin, pinst, typ, tinst), values, ivl = parse_putval(line, types)
+        assert (h, plugin, ivl) == (host, "orayboxvpn", interval), line
+        key = (pinst, typ, tinst)
+        assert key not in got, f"twice in one round: {line}"
+        got[key] = values
+    want = expected_collectd(doc)
+    assert set(got) == set(want), (f"missing: {sorted(set(want) - set(got))}\n"
+                                   f"unexpected: {sorted(set(got) - set(want))}")
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+
+
+@needs_lua
+@pytest.mark.parametrize("which", ["client", "server", "fresh"])
+def test_the_collectd_script_puts_every_figure_of_the_document(docs, tmp_path, which):
+    doc = dict(zip(("client", "server", "fresh"), docs))[which]
+    lines = run_script_once(write_bus(tmp_path / "bus.lua", doc))
+    check_putvals(lines, doc)
+    if which == "client":
+        assert sum(1 for ln in lines if "/ping-rtt" in ln) == 3
+
+
+@needs_lua
+def test_the_collectd_script_skips_unknown_figures_and_reduces_names(docs, tmp_path):
+    doc = json.loads(json.dumps(docs[0]))
+    doc["links"][0].update(rtt_ms=None, loss_in=None, rate_kbps=None)
+    for ln in doc["links"]:
+        ln["peer"] = 'site "b"/x y'
+    lines = run_script_once(write_bus(tmp_path / "bus.lua", doc), interval="2.5")
+    check_putvals(lines, doc, interval=3.0)
+    assert any('orayboxvpn-site__b__x_y.' in ln for ln in lines)
+
+
+@needs_lua
+@pytest.mark.parametrize("ubusd", [True, False], ids=["agent-stopped", "no-ubusd"])
+def test_a_stopped_agent_is_gauge_up_0_for_collectd(tmp_path, ubusd):
+    lines = run_script_once(write_bus(tmp_path / "bus.lua", None, ubusd=ubusd))
+    assert lines == ['PUTVAL "router1/orayboxvpn/gauge-up" interval=10 N:0']
+    check_putvals(lines, None)
+
+
+@needs_lua
+def test_the_collectd_script_keeps_running_and_stops_with_collectd(docs, tmp_path):
+    """collectd's exec plugin keeps the script running: a round every
+    COLLECTD_INTERVAL, then the script ends when collectd closes its pipe."""
+    bus = write_bus(tmp_path / "bus.lua", docs[0])
+    env = lua_env(bus)
+    env.update(COLLECTD_HOSTNAME="router1", COLLECTD_INTERVAL="1.000")
+    p = subprocess.Popen([LUA, str(SCRIPT)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ups = 0
+        while ups < 2:  # two rounds
+            line = p.stdout.readline()
+            assert line, "the script ended"
+            ups += line.startswith('PUTVAL "router1/orayboxvpn/gauge-up"')
+        write_bus(bus, None)  # the agent stops
+        while True:
+            line = p.stdout.readline()
+            assert line, "the script ended"
+            if line.startswith('PUTVAL "router1/orayboxvpn/gauge-up"') and line.endswith(" N:0\n"):
+                break
+        p.stdout.close()  # collectd goes away
+        p.wait(timeout=60)  # ended (SIGPIPE or a failed write), not hanging on
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# -- collectd itself, running the script through its exec plugin ----------------------
+
+COLLECTD = shutil.which("collectd") or next((p for p in ("/usr/sbin/collectd", "/sbin/collectd")
+                                              if os.path.exists(p)), None)
+
+
+@needs_lua
+@pytest.mark.skipif(COLLECTD is None, reason="collectd not installed (Debian package collectd-core; "
+                    ".ci/run installs it)")
+def test_collectd_accepts_every_line_through_its_exec_plugin(docs, tmp_path):
+    """collectd (exec + csv plugins) runs the script as luci-app-statistics
+    would (Exec "nobody" ...: collectd refuses to exec as root) and writes
+    every value it accepted: each expected identifier arrives with the
+    document's values."""
+    doc = docs[0]
+    work = Path(tempfile.mkdtemp(prefix="mpvpn-collectd-"))
+    try:
+        work.chmod(0o755)  # the exec'd user reads the bus, the script and the stand-in binding
+        for f in (SCRIPT, FIXTURES / "ubus.lua"):
+            shutil.copy(f, work / f.name)
+            (work / f.name).chmod(0o755)
+        bus = write_bus(work / "bus.lua", doc)
+        user = "nobody" if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+        data = work / "csv"
+        conf = work / "collectd.conf"
+        conf.write_text(f"""Hostname "router1"
+BaseDir "{work}"
+PIDFile "{work}/collectd.pid"
+TypesDB "/usr/share/collectd/types.db"
+Interval 1
+LoadPlugin logfile
+<Plugin logfile>
+  LogLevel info
+  File "{work}/collectd.log"
+</Plugin>
+LoadPlugin exec
+LoadPlugin csv
+<Plugin csv>
+  DataDir "{data}"
+  StoreRates false
+</Plugin>
+<Plugin exec>
+  Exec "{user}" "{LUA}" "{work}/orayboxvpn-collectd"
+</Plugin>
+""")
+        env = lua_env(bus)
+        env["LUA_PATH"] = f"{work}/?.lua;;"
+        want = expected_collectd(doc)
+
+        def csv_name(k):
+            pinst, typ, tinst = k
+            return (f"orayboxvpn-{pinst}" if pinst else "orayboxvpn", f"{typ}-{tinst}" if tinst else typ)
+
+        p = subprocess.Popen([COLLECTD, "-f", "-C", str(conf)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                have = {k for k in want if list((data / "router1" / csv_name(k)[0]).glob(csv_name(k)[1] + "-*"))}
+                if have == set(want) or time.monotonic() > deadline or p.poll() is not None:
+                    break
+                time.sleep(0.2)
+            time.sleep(0.3)  # the row being written
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        log = (work / "collectd.log").read_text() if (work / "collectd.log").exists() else ""
+        assert have == set(want), f"collectd did not store {sorted(set(want) - have)}\nlog:\n{log}"
+        assert "exec plugin" not in log or "Unable" not in log, log
+        for k, values in want.items():
+            d, prefix = csv_name(k)
+            (f,) = (data / "router1" / d).glob(prefix + "-*")
+            rows = list(csv.reader(f.read_text().splitlines()))
+            assert rows[0][0] == "epoch" and len(rows[0]) == 1 + len(values), (f, rows[0])
+            got = [float(x) for x in rows[-1][1:]]
+            assert got == pytest.approx(values, rel=1e-6, abs=2e-6), (k, got, values)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
