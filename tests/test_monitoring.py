@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,24 +61,43 @@ needs_lua = pytest.mark.skipif(LUA is None, reason="lua5.1 not installed (Debian
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory):
     """(client document, server document) of two agents connected over three
-    subflows with traffic both ways, and a fresh agent's (no session)."""
+    subflows with traffic both ways (one carrier losing every 4th datagram,
+    so that loss figures are not all 0), and a fresh agent's (no session)."""
     from test_agent_inproc import Pair, ipv4_udp
-
-    with Pair(tmp_path_factory.mktemp("pair")) as p:
-        p.connected()
-        for i in range(30):
-            p.ha.tun.inject(ipv4_udp("192.168.10.2", "192.168.20.2", b"to B %d" % i))
-            p.hb.tun.inject(ipv4_udp("192.168.20.2", "192.168.10.2", b"to A %d" % i))
-        p.until(lambda: len(p.hb.tun.written) >= 30 and len(p.ha.tun.written) >= 30, "traffic both ways")
-        p.until(lambda: all(ln["rtt_ms"] is not None for s in (p.a.status(), p.b.status()) for ln in s["links"]),
-                "an RTT sample on every subflow")
-        a, b = p.a.status(), p.b.status()
     from test_statusdoc import _agent
+
+    lossy = {"on": False, "n": 0}
+
+    def drop(src, dst, d):  # carrier 3 (mobile) loses a quarter, both ways
+        if lossy["on"] and (src[0].startswith("10.3.") or dst[0].startswith("10.3.")):
+            lossy["n"] += 1
+            return lossy["n"] % 4 == 0
+        return False
+
+    def figures(st):
+        return (all(ln["rtt_ms"] is not None and ln["loss"] is not None and ln["loss_in"] is not None
+                    for ln in st["links"])
+                and any(ln["loss"] for ln in st["links"]) and any(ln["loss_in"] for ln in st["links"]))
+
+    with Pair(tmp_path_factory.mktemp("pair"), drop=drop) as p:
+        p.connected()
+        lossy["on"] = True
+        i = 0
+
+        def traffic():
+            nonlocal i
+            for _ in range(5):
+                p.ha.tun.inject(ipv4_udp("192.168.10.2", "192.168.20.2", b"to B %d" % i))
+                p.hb.tun.inject(ipv4_udp("192.168.20.2", "192.168.10.2", b"to A %d" % i))
+                i += 1
+            a, b = p.a.status(), p.b.status()
+            return figures(a) and figures(b) and (a, b)
+
+        a, b = p.until(traffic, "loss figures on both sites")
     fresh = _agent(tmp_path_factory.mktemp("fresh"), "client").status()
-    # what `ubus call` / the unix socket carry: JSON-able data
     a, b, fresh = (json.loads(json.dumps(d)) for d in (a, b, fresh))
     assert a["state"] == "connected" and len(a["links"]) == 3 and b["sessions"]
-    assert any(ln["tx_bytes"] for ln in a["links"]) and a["counters"]["delivered"] >= 30
+    assert all(ln["tx_bytes"] and ln["rx_bytes"] for ln in a["links"]) and a["counters"]["delivered"] >= 5
     return a, b, fresh
 
 
@@ -126,9 +146,12 @@ def write_bus(path: Path, doc: dict | None, ubusd: bool = True) -> Path:
     return path
 
 
-def lua_env(bus: Path | None, extra_path: str = "") -> dict:
+def lua_env(bus: Path | None) -> dict:
+    """The environment of a script run: the stand-in binding reading ``bus``,
+    or (bus None) whatever ``require "ubus"`` finds (LUA_CPATH)."""
     env = dict(os.environ)
-    env["LUA_PATH"] = f"{extra_path}{FIXTURES}/?.lua;{COLLECTOR_LUA_ROOT}/?.lua;;"
+    standin = f"{FIXTURES}/standin/?.lua;" if bus is not None else ""
+    env["LUA_PATH"] = f"{standin}{FIXTURES}/?.lua;{COLLECTOR_LUA_ROOT}/?.lua;;"
     if bus is not None:
         env["MPVPN_TEST_UBUS"] = str(bus)
     return env
@@ -287,10 +310,10 @@ def expected_prometheus(doc: dict | None) -> dict:
     return out
 
 
-def run_exporter(bus: Path, extra_lua_path: str = "", env_extra: dict | None = None) -> tuple[dict, dict, str]:
-    env = lua_env(bus, extra_lua_path)
+def run_exporter(bus: Path | None, env_extra: dict | None = None, pre: tuple = ()) -> tuple[dict, dict, str]:
+    env = lua_env(bus)
     env.update(env_extra or {})
-    r = subprocess.run([LUA, str(FIXTURES / "exporter.lua"), "orayboxvpn"], capture_output=True, text=True,
+    r = subprocess.run([LUA, *pre, str(FIXTURES / "exporter.lua"), "orayboxvpn"], capture_output=True, text=True,
                        env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "", f"the collector failed: {r.stderr}"
@@ -333,6 +356,8 @@ def test_the_collector_exports_every_figure_of_the_document(docs, tmp_path, whic
         assert types[name] == ("counter" if name.endswith("_total") else "gauge"), name
     if which != "fresh":  # the figures are there, not only their names
         assert sum(1 for k in want if k[0] == "orayboxvpn_link_rtt_seconds") == len(doc["links"]) == 3
+        assert sum(1 for k in want if k[0] == "orayboxvpn_link_loss_ratio") == 6
+        assert any(v > 0 for k, v in want.items() if k[0] == "orayboxvpn_link_loss_ratio")
     assert second_opinion(text) == {(n, lab, v) for (n, lab), v in ours(samples).items()}
 
 
@@ -506,10 +531,12 @@ def expected_collectd(doc: dict | None) -> dict:
     return out
 
 
-def run_script_once(bus: Path, host="router1", interval="10.000") -> list[str]:
+def run_script_once(bus: Path | None, host="router1", interval="10.000", env_extra: dict | None = None,
+                    pre: tuple = (), user: str | None = None) -> list[str]:
     env = lua_env(bus)
-    env.update(COLLECTD_HOSTNAME=host, COLLECTD_INTERVAL=interval)
-    r = subprocess.run([LUA, str(SCRIPT), "--once"], capture_output=True, text=True, env=env, timeout=60)
+    env.update(COLLECTD_HOSTNAME=host, COLLECTD_INTERVAL=interval, **(env_extra or {}))
+    r = subprocess.run([LUA, *pre, str(SCRIPT), "--once"], capture_output=True, text=True, env=env, timeout=60,
+                       user=user)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.endswith("\n")
     return r.stdout.splitlines()
@@ -539,6 +566,7 @@ def test_the_collectd_script_puts_every_figure_of_the_document(docs, tmp_path, w
     check_putvals(lines, doc)
     if which == "client":
         assert sum(1 for ln in lines if "/ping-rtt" in ln) == 3
+        assert sum(1 for ln in lines if "/ping_droprate-" in ln) == 6
 
 
 @needs_lua
@@ -606,7 +634,7 @@ def test_collectd_accepts_every_line_through_its_exec_plugin(docs, tmp_path):
     work = Path(tempfile.mkdtemp(prefix="mpvpn-collectd-"))
     try:
         work.chmod(0o755)  # the exec'd user reads the bus, the script and the stand-in binding
-        for f in (SCRIPT, FIXTURES / "ubus.lua"):
+        for f in (SCRIPT, FIXTURES / "standin" / "ubus.lua"):
             shutil.copy(f, work / f.name)
             (work / f.name).chmod(0o755)
         bus = write_bus(work / "bus.lua", doc)
@@ -670,3 +698,157 @@ LoadPlugin csv
             assert got == pytest.approx(values, rel=1e-6, abs=2e-6), (k, got, values)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# -- the package recipes ---------------------------------------------------------------
+
+@pytest.mark.parametrize("pkg", [PROM_PKG, COLLECTD_PKG], ids=lambda p: p.name)
+def test_the_recipes_install_every_file_they_carry(pkg):
+    from mpvpn import __version__, ipk
+
+    mk = ipk.parse_makefile(pkg / "Makefile")
+    name = pkg.name
+    assert mk.var("PKG_NAME") == name and mk.var("PKG_VERSION") == __version__
+    assert mk.var("PKG_RELEASE") == ipk.parse_makefile(ROOT / "package" / "orayboxvpn" / "Makefile").var("PKG_RELEASE")
+    fields = mk.package_fields(name)
+    assert fields["PKGARCH"] == "all" and fields["TITLE"] and mk.define(f"Package/{name}/description").strip()
+    depends = fields["DEPENDS"].split()
+    assert "+orayboxvpn" in depends and "+libubus-lua" in depends  # require "ubus"
+    installed = {}
+    for line in mk.define(f"Package/{name}/install").splitlines():
+        m = re.fullmatch(r"\t\$\((INSTALL_\w+)\) (\S+)(?: +(\S+))?", line)
+        assert m, line
+        if m.group(1) == "INSTALL_DIR":
+            continue
+        src, dest = m.group(2), m.group(3).replace("$(1)", "")
+        assert src.startswith("./files/") and (pkg / src).is_file(), src
+        if dest.endswith("/"):
+            dest += Path(src).name
+        assert dest == src.removeprefix("./files"), "files/ holds files at their router paths"
+        installed[dest] = m.group(1)
+    carried = {"/" + str(p.relative_to(pkg / "files")) for p in (pkg / "files").rglob("*") if p.is_file()}
+    assert set(installed) == carried
+    for dest, how in installed.items():
+        f = pkg / "files" / dest.lstrip("/")
+        executable = f.read_text().startswith("#!/usr/bin/lua\n")
+        assert (how == "INSTALL_BIN") == executable == bool(f.stat().st_mode & 0o111), dest
+    lines = [ln for ln in (pkg / "Makefile").read_text().splitlines() if ln.strip()]
+    assert lines[-1] == f"$(eval $(call BuildPackage,{name}))"
+
+
+def test_the_exporter_collector_is_packaged_as_openwrt_packages_does():
+    """openwrt/packages utils/prometheus-node-exporter-lua: each optional
+    collector is package prometheus-node-exporter-lua-<name>, depends on the
+    exporter itself (not +: it must be selected) and installs one file."""
+    from mpvpn import ipk
+
+    fields = ipk.parse_makefile(PROM_PKG / "Makefile").package_fields(PROM_PKG.name)
+    assert fields["DEPENDS"].split()[0] == "prometheus-node-exporter-lua"
+    assert (fields["SECTION"], fields["CATEGORY"]) == ("utils", "Utilities")
+    assert [p.name for p in (COLLECTOR_LUA_ROOT / "prometheus-collectors").iterdir()] == ["orayboxvpn.lua"]
+    deps = ipk.parse_makefile(COLLECTD_PKG / "Makefile").package_fields(COLLECTD_PKG.name)["DEPENDS"].split()
+    assert {"+collectd-mod-exec", "+lua"} <= set(deps)
+
+
+def test_the_acl_lets_collectd_s_user_read_the_status_and_nothing_else():
+    """ubusd_acl.c (ubusd_acl_load_file): {"user", "access": {object:
+    {"methods": [...]}}}; luci-app-statistics runs exec scripts as nobody
+    (stat-genconfig config_exec: cmduser defaults to nobody)."""
+    acl = json.loads(ACL.read_text())
+    assert acl == {"user": "nobody", "access": {"orayboxvpn": {"methods": ["status"]}}}
+    assert not ACL.stat().st_mode & 0o023  # ubusd skips a file writable by group/others or executable
+
+
+# -- the real Lua binding and OpenWrt's ubusd -------------------------------------------
+
+LUA_UBUS = os.environ.get("MPVPN_LUA_UBUS")  # a directory holding libubus-lua's ubus.so
+UBUSD = shutil.which("ubusd")
+
+
+def real_binding_missing() -> str | None:
+    if LUA is None:
+        return "lua5.1 not installed"
+    if not UBUSD:
+        return "OpenWrt's ubusd not on PATH"
+    if not LUA_UBUS:
+        return "MPVPN_LUA_UBUS (the directory of libubus-lua's ubus.so, ubus.git lua/) not set"
+    r = subprocess.run([LUA, "-e", 'require "ubus"'], env={**os.environ, "LUA_CPATH": f"{LUA_UBUS}/?.so"},
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else f"the Lua ubus binding does not load: {r.stderr.strip()}"
+
+
+@pytest.fixture
+def real_ubus(tmp_path, docs):
+    """OpenWrt's ubusd (ACLs from acl/) with the agent's own ubus transport
+    publishing object orayboxvpn, whose status is the client's document."""
+    why = real_binding_missing()
+    if why:
+        sys.stderr.write(f"\nreal-binding monitoring tests skipped: {why}\n")
+        pytest.skip(why)
+    from mpvpn import ubus as ubusmod
+    from test_ubus import inline_post
+
+    run = Path(tempfile.mkdtemp(prefix="mpvpn-ubus-"))
+    run.chmod(0o755)
+    acl = run / "acl"
+    acl.mkdir()
+    sock = run / "ubus.sock"
+    p = subprocess.Popen([UBUSD, "-s", str(sock), "-A", str(acl)])
+    transport = None
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert time.monotonic() < deadline and p.poll() is None, "ubusd did not start"
+            time.sleep(0.05)
+        sock.chmod(0o666)
+        transport = ubusmod.UbusTransport({"status": lambda args: docs[0]}, inline_post, socket_path=str(sock))
+        assert transport.start(10), transport.error
+        yield {"sock": sock, "acl": acl, "ubusd": p, "transport": transport}
+    finally:
+        if transport is not None:
+            transport.stop()
+        p.terminate()
+        p.wait(10)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def real_env(sock: Path) -> dict:
+    return {"LUA_CPATH": f"{LUA_UBUS}/?.so;;", "MPVPN_UBUS_SOCKET": str(sock)}
+
+
+HOOK = ("-e", f'dofile("{FIXTURES}/ubus_socket.lua")')
+
+
+def test_through_the_real_binding_and_ubusd_the_same_figures_arrive(real_ubus, docs):
+    types, samples, text = run_exporter(None, real_env(real_ubus["sock"]), HOOK)
+    assert_same(ours(samples), expected_prometheus(docs[0]))
+    check_putvals(run_script_once(None, env_extra=real_env(real_ubus["sock"]), pre=HOOK), docs[0])
+    real_ubus["transport"].stop()  # the agent stops: its object goes
+    deadline = time.monotonic() + 20
+    while True:
+        _t, samples, _ = run_exporter(None, real_env(real_ubus["sock"]), HOOK)
+        if ours(samples) == {("orayboxvpn_up", frozenset()): 0.0} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ours(samples) == {("orayboxvpn_up", frozenset()): 0.0}
+    assert run_script_once(None, env_extra=real_env(real_ubus["sock"]), pre=HOOK) == \
+        ['PUTVAL "router1/orayboxvpn/gauge-up" interval=10 N:0']
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="running the script as nobody needs root")
+def test_the_shipped_acl_is_what_lets_nobody_read_the_status(real_ubus, docs):
+    """collectd runs the script as nobody; ubusd lets a non-root client call
+    only what an ACL file grants (ubusd_acl.c)."""
+    env = real_env(real_ubus["sock"])
+    assert run_script_once(None, env_extra=env, pre=HOOK, user="nobody") == \
+        ['PUTVAL "router1/orayboxvpn/gauge-up" interval=10 N:0'], "nobody may call status without the ACL"
+    shutil.copy(ACL, real_ubus["acl"] / ACL.name)
+    (real_ubus["acl"] / ACL.name).chmod(0o644)
+    real_ubus["ubusd"].send_signal(signal.SIGHUP)  # ubusd reloads its ACLs on SIGHUP
+    deadline = time.monotonic() + 20
+    while True:
+        lines = run_script_once(None, env_extra=env, pre=HOOK, user="nobody")
+        if len(lines) > 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    check_putvals(lines, docs[0])
