@@ -206,12 +206,30 @@ def parse_labels(s: str) -> dict:
     return labels
 
 
+# The real exporter's own families: it writes their TYPE lines before the
+# collectors run and their samples after each one (run_all_collectors).
+EXPORTER_OWN = {"node_scrape_collector_duration_seconds", "node_scrape_collector_success"}
+
+
 def parse_prometheus(text: str) -> tuple[dict, dict]:
     """(name -> type, (name, frozenset(labels)) -> value) of a text-format
     scrape.  Strict: every sample's family has exactly one TYPE line, given
-    before its samples; no series twice; the grammar of the format."""
+    before its samples; a family's lines are one group (but EXPORTER_OWN);
+    no series twice; the grammar of the format."""
     types: dict[str, str] = {}
     samples: dict[tuple, float] = {}
+    closed: set[str] = set()  # families whose group has ended
+    current = None
+
+    def enter(name):
+        nonlocal current
+        if name != current:
+            if name in closed and name not in EXPORTER_OWN:
+                raise FormatError(f"lines of {name} are not one group")
+            if current is not None:
+                closed.add(current)
+            current = name
+
     for line in text.split("\n"):
         if not line:
             continue
@@ -225,6 +243,7 @@ def parse_prometheus(text: str) -> tuple[dict, dict]:
                     raise FormatError(f"second TYPE line for {m.group(1)}")
                 if any(k[0] == m.group(1) for k in samples):
                     raise FormatError(f"TYPE of {m.group(1)} after its samples")
+                enter(m.group(1))
                 types[m.group(1)] = m.group(2)
             elif len(parts) >= 2 and parts[1] == "HELP" and not re.fullmatch(rf"# HELP {NAME}( .*)?", line):
                 raise FormatError(f"bad HELP line {line!r}")
@@ -237,6 +256,7 @@ def parse_prometheus(text: str) -> tuple[dict, dict]:
             raise FormatError(f"bad value {value!r} in {line!r}")
         if name not in types:
             raise FormatError(f"sample {name} without a TYPE line")
+        enter(name)
         key = (name, frozenset(labels.items()))
         if key in samples:
             raise FormatError(f"series twice: {line!r}")
@@ -249,7 +269,8 @@ def test_the_strict_parser_refuses_what_the_format_forbids():
     assert parse_prometheus(ok)[1] == {("a", frozenset({("x", 'q"\\\n')})): 1500.0}
     for bad in ('a 1\n', '# TYPE a gauge\n# TYPE a gauge\n', '# TYPE a gauge\na{x="\\t"} 1\n',
                 '# TYPE a gauge\na{x="1",x="2"} 1\n', '# TYPE a gauge\na 1\na 2\n', '# TYPE a gauge\na one\n',
-                '# TYPE a gauge\na{x="1} 1\n', '# TYPE a number\n', '# TYPE a gauge\na{1x="1"} 1\n'):
+                '# TYPE a gauge\na{x="1} 1\n', '# TYPE a number\n', '# TYPE a gauge\na{1x="1"} 1\n',
+                '# TYPE a gauge\n# TYPE b gauge\na 1\n', '# TYPE a gauge\na{x="1"} 1\n# TYPE b gauge\na{x="2"} 1\n'):
         with pytest.raises(FormatError):
             parse_prometheus(bad)
 

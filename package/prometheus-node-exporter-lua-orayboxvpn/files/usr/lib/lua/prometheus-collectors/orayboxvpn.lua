@@ -95,45 +95,53 @@ local function status()
   return st
 end
 
-local function scrape_links(links)
-  local m = {
-    state = metric("orayboxvpn_link_state", "gauge"),
-    up = metric("orayboxvpn_link_up", "gauge"),
-    rtt = metric("orayboxvpn_link_rtt_seconds", "gauge"),
-    rttvar = metric("orayboxvpn_link_rttvar_seconds", "gauge"),
-    loss = metric("orayboxvpn_link_loss_ratio", "gauge"),
-    rate = metric("orayboxvpn_link_rate_estimate_bits_per_second", "gauge"),
-    measured = metric("orayboxvpn_link_rate_measured", "gauge"),
-    weight = metric("orayboxvpn_link_weight", "gauge"),
-    quality = metric("orayboxvpn_link_quality", "gauge"),
-    age = metric("orayboxvpn_link_last_receive_age_seconds", "gauge"),
-    tx_bytes = metric("orayboxvpn_link_transmit_bytes_total", "counter"),
-    rx_bytes = metric("orayboxvpn_link_receive_bytes_total", "counter"),
-    tx_packets = metric("orayboxvpn_link_transmit_packets_total", "counter"),
-    rx_packets = metric("orayboxvpn_link_receive_packets_total", "counter"),
-    ups = metric("orayboxvpn_link_ups_total", "counter"),
-    downs = metric("orayboxvpn_link_downs_total", "counter"),
-  }
+-- One family at a time, every link's series in it: the exposition format
+-- wants each family's lines together.
+local function per_link(links, name, mtype, each)
+  local m = metric(name, mtype)
   for _, ln in ipairs(links) do
-    local l = { peer = label(ln.peer), link = label(ln.name), type = label(ln.type) }
-    one_hot(m.state, l, LINK_STATES, ln.state)
-    m.up(l, ln.state == "established" and 1 or 0)
-    put(m.rtt, l, scaled(ln.rtt_ms, 0.001))
-    put(m.rttvar, l, scaled(ln.rttvar_ms, 0.001))
-    -- loss: the direction we send (reported by the peer); loss_in: what we measure
-    put(m.loss, with(l, { direction = "out" }), ln.loss)
-    put(m.loss, with(l, { direction = "in" }), ln.loss_in)
-    put(m.rate, l, scaled(ln.rate_kbps, 1000))
-    put(m.measured, l, ln.rate_measured)
-    put(m.weight, l, ln.weight)
-    put(m.quality, l, ln.quality)
-    put(m.age, l, ln.last_rx_age)
-    put(m.tx_bytes, l, ln.tx_bytes)
-    put(m.rx_bytes, l, ln.rx_bytes)
-    put(m.tx_packets, l, ln.tx_packets)
-    put(m.rx_packets, l, ln.rx_packets)
-    put(m.ups, l, ln.ups)
-    put(m.downs, l, ln.downs)
+    each(m, { peer = label(ln.peer), link = label(ln.name), type = label(ln.type) }, ln)
+  end
+end
+
+-- family suffix, type, field of the document, factor to the family's unit
+local LINK_FIGURES = {
+  { "rtt_seconds", "gauge", "rtt_ms", 0.001 },
+  { "rttvar_seconds", "gauge", "rttvar_ms", 0.001 },
+  { "rate_estimate_bits_per_second", "gauge", "rate_kbps", 1000 },
+  { "rate_measured", "gauge", "rate_measured" },
+  { "weight", "gauge", "weight" },
+  { "quality", "gauge", "quality" },
+  { "last_receive_age_seconds", "gauge", "last_rx_age" },
+  { "transmit_bytes_total", "counter", "tx_bytes" },
+  { "receive_bytes_total", "counter", "rx_bytes" },
+  { "transmit_packets_total", "counter", "tx_packets" },
+  { "receive_packets_total", "counter", "rx_packets" },
+  { "ups_total", "counter", "ups" },
+  { "downs_total", "counter", "downs" },
+}
+
+local function scrape_links(links)
+  per_link(links, "orayboxvpn_link_state", "gauge", function(m, l, ln)
+    one_hot(m, l, LINK_STATES, ln.state)
+  end)
+  per_link(links, "orayboxvpn_link_up", "gauge", function(m, l, ln)
+    m(l, ln.state == "established" and 1 or 0)
+  end)
+  -- loss: the direction we send (reported by the peer); loss_in: what we measure
+  per_link(links, "orayboxvpn_link_loss_ratio", "gauge", function(m, l, ln)
+    put(m, with(l, { direction = "out" }), ln.loss)
+    put(m, with(l, { direction = "in" }), ln.loss_in)
+  end)
+  for _, f in ipairs(LINK_FIGURES) do
+    local field, factor = f[3], f[4]
+    per_link(links, "orayboxvpn_link_" .. f[1], f[2], function(m, l, ln)
+      local v = ln[field]
+      if factor then
+        v = scaled(v, factor)
+      end
+      put(m, l, v)
+    end)
   end
 end
 
