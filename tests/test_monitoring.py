@@ -873,3 +873,41 @@ def test_the_shipped_acl_is_what_lets_nobody_read_the_status(real_ubus, docs):
             break
         time.sleep(0.1)
     check_putvals(lines, docs[0])
+
+
+# -- luci-app-statistics graphs ----------------------------------------------------------
+
+DEFINITION = COLLECTD_PKG / "files" / "www" / "luci-static" / "resources" / "statistics" / "rrdtool" / \
+    "definitions" / "orayboxvpn.js"
+NODE = shutil.which("node")
+
+
+@needs_lua
+@pytest.mark.skipif(NODE is None, reason="node not installed (it runs the LuCI graph definition)")
+@pytest.mark.parametrize("which", ["client", "server", "fresh", "stopped"])
+def test_luci_statistics_graphs_read_exactly_the_files_collectd_writes(docs, tmp_path, which):
+    """The graph definition (luci-app-statistics, plugin orayboxvpn) names
+    only rrd files and data sources that collectd's rrdtool plugin writes
+    from the script's lines (a missing one fails the whole graph), and
+    graphs every one of them."""
+    doc = dict(zip(("client", "server", "fresh", "stopped"), (*docs, None)))[which]
+    if doc is not None and which == "client":
+        doc = json.loads(json.dumps(doc))
+        doc["links"][0]["rtt_ms"] = None  # no file for it: its graph keeps the other figures
+        doc["links"][0]["rttvar_ms"] = None
+    types = read_types_db(TYPES_DB)
+    tree: dict[str, dict[str, list[str]]] = {}
+    files = set()
+    for line in run_script_once(write_bus(tmp_path / "bus.lua", doc)):
+        (_h, _p, pinst, typ, tinst), _values, _i = parse_putval(line, types)
+        tree.setdefault(pinst, {}).setdefault(typ, []).append(tinst)
+        files |= {(pinst, typ, tinst, ds[0]) for ds in types[typ]}
+    r = subprocess.run([NODE, str(FIXTURES / "luci_statistics.js")], capture_output=True, text=True, timeout=60,
+                       input=json.dumps({"definition": str(DEFINITION), "host": "router1", "plugin": "orayboxvpn",
+                                         "tree": tree}))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    graphed = {tuple(s) for s in out["sources"]}
+    assert graphed - files == set(), "graphs name files or data sources collectd does not write"
+    assert files - graphed == set(), "figures no graph shows"
+    assert out["graphs"] >= (1 if doc is None else 3)
