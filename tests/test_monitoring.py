@@ -48,7 +48,7 @@ FIXTURES = ROOT / "tests" / "monitoring"
 PROM_PKG = ROOT / "package" / "prometheus-node-exporter-lua-orayboxvpn"
 COLLECTOR_LUA_ROOT = PROM_PKG / "files" / "usr" / "lib" / "lua"
 COLLECTD_PKG = ROOT / "package" / "orayboxvpn-collectd"
-SCRIPT = COLLECTD_PKG / "files" / "usr" / "libexec" / "orayboxvpn-collectd"
+SCRIPT = COLLECTD_PKG / "files" / "usr" / "libexec" / "collectd" / "orayboxvpn"
 ACL = COLLECTD_PKG / "files" / "usr" / "share" / "acl.d" / "orayboxvpn-collectd.json"
 TYPES_DB = ROOT / "tests" / "data" / "collectd-types.db"
 
@@ -679,7 +679,7 @@ LoadPlugin csv
   StoreRates false
 </Plugin>
 <Plugin exec>
-  Exec "{user}" "{LUA}" "{work}/orayboxvpn-collectd"
+  Exec "{user}" "{LUA}" "{work}/orayboxvpn"
 </Plugin>
 """)
         env = lua_env(bus)

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
-/* luci-app-statistics graphs of what /usr/libexec/orayboxvpn-collectd
+/* luci-app-statistics graphs of what /usr/libexec/collectd/orayboxvpn
  * reports: plugin "orayboxvpn" with no instance for the agent, and
  * instance "<peer>.<link>" for each subflow (docs/monitoring.md). */
 
