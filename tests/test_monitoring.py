@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import pwd
 import re
@@ -36,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -617,6 +617,8 @@ def test_the_collectd_script_keeps_running_and_stops_with_collectd(docs, tmp_pat
     env = lua_env(bus)
     env.update(COLLECTD_HOSTNAME="router1", COLLECTD_INTERVAL="1.000")
     p = subprocess.Popen([LUA, str(SCRIPT)], stdout=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(120, p.kill)  # a script that hangs ends the reads below
+    watchdog.start()
     try:
         ups = 0
         while ups < 2:  # two rounds
@@ -632,6 +634,7 @@ def test_the_collectd_script_keeps_running_and_stops_with_collectd(docs, tmp_pat
         p.stdout.close()  # collectd goes away
         p.wait(timeout=60)  # ended (SIGPIPE or a failed write), not hanging on
     finally:
+        watchdog.cancel()
         if p.poll() is None:
             p.kill()
             p.wait()
@@ -821,7 +824,6 @@ def real_ubus(tmp_path, docs):
         while not sock.exists():
             assert time.monotonic() < deadline and p.poll() is None, "ubusd did not start"
             time.sleep(0.05)
-        sock.chmod(0o666)
         transport = ubusmod.UbusTransport({"status": lambda args: docs[0]}, inline_post, socket_path=str(sock))
         assert transport.start(10), transport.error
         yield {"sock": sock, "acl": acl, "ubusd": p, "transport": transport}
