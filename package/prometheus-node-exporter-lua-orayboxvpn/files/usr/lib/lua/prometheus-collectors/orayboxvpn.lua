@@ -39,7 +39,7 @@ local function num(v)
   if type(v) == "boolean" then
     return v and 1 or 0
   end
-  if type(v) ~= "number" or v ~= v then
+  if type(v) ~= "number" or v ~= v or v == math.huge or v == -math.huge then
     return nil
   end
   if v == math.floor(v) and v > -1e15 and v < 1e15 then
