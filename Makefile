@@ -19,7 +19,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo use (commands checked before installing).
 # .ci/apt-get waits (up to 10 min) for another apt/dpkg process to let go of its lock.
 SYSDEPS_CMDS := ip:iproute2 nft:nftables tc:iproute2 ping:iputils-ping iperf3:iperf3 turnserver:coturn conntrack:conntrack \
-                msgfmt:gettext xgettext:gettext
+                msgfmt:gettext xgettext:gettext lua5.1:lua5.1 collectd:collectd-core
 
 .PHONY: all venv sysdeps test demo bench ipk apk test-openwrt clean fastpath
 

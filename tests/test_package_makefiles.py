@@ -194,9 +194,12 @@ def test_wrapper_script():
 
 def test_no_package_of_our_own_besides_the_agent_s():
     """The agent needs nothing outside OpenWrt's feeds (the tun is opened with
-    an ioctl, netlink spoken directly): the feed holds only our packages."""
+    an ioctl, netlink spoken directly): the feed holds only our packages (the
+    agent, its C loops, its LuCI app, and its figures for collectd and
+    prometheus-node-exporter-lua: tests/test_monitoring.py)."""
     assert sorted(p.name for p in (ROOT / "package").iterdir()) == \
-        ["luci-app-mpvpn", "orayboxvpn", "orayboxvpn-fastpath"]
+        ["luci-app-mpvpn", "orayboxvpn", "orayboxvpn-collectd", "orayboxvpn-fastpath",
+         "prometheus-node-exporter-lua-orayboxvpn"]
 
 
 def test_feed_scanner_sees_packages_not_the_top_level_makefile():
