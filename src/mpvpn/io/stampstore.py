@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from mpvpn.io import atomicfile
 
 FILENAME = "handshake-stamps.json"
 VERSION = 1
@@ -50,14 +51,4 @@ def save(path: str | os.PathLike, records) -> None:
     p = Path(path)
     doc = {"version": VERSION,
            "records": [[site, sender.hex(), counter] for site, sender, counter in records]}
-    fd, tmp = tempfile.mkstemp(prefix=".stamps-", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomicfile.replace(p, json.dumps(doc, separators=(",", ":")).encode(), 0o600, prefix=".stamps-")

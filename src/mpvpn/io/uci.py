@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, Union
+
+from mpvpn.io import atomicfile
 
 Value = Union[str, list]  # str for ``option``, list[str] for ``list``
 
@@ -777,34 +778,8 @@ def save(package: Package, path: str) -> None:
     """Write ``dump(package)`` atomically, as ``uci commit`` does: a temporary
     ``.<name>.uci-XXXXXX`` in the same directory, fsync, the old file's mode
     (0600 for a new file, UCI_FILEMODE), rename over the real path."""
-    target = os.path.realpath(path)
-    directory = os.path.dirname(target) or "."
     try:
-        mode = os.stat(target).st_mode & 0o7777
+        mode = os.stat(os.path.realpath(path)).st_mode & 0o7777
     except FileNotFoundError:
         mode = UCI_FILEMODE
-    data = _b(dump(package))
-    fd, tmp = tempfile.mkstemp(prefix=f".{package.name}.uci-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    atomicfile.replace(path, _b(dump(package)), mode, prefix=f".{package.name}.uci-")
