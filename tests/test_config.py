@@ -302,6 +302,9 @@ def test_duplicate_base_section():
     [
         ("option role 'client'", "option role 'master'",
          "orayboxvpn.base.role: 'master' is not allowed: use 'client' or 'server'"),
+        ("option role 'client'", "option role 'client'\n\toption name 'shop 2'",
+         "orayboxvpn.base.name: 'shop 2' is not a site name: letters, digits, '_', '-' and '.', at most 64, "
+         "starting with a letter or digit"),
         ("option role 'client'", "", "orayboxvpn.base.role: missing: set 'client' (this side connects) or 'server' (this side listens)"),
         ("option role 'client'", "list role 'client'", "orayboxvpn.base.role: must be a single value: write `option`, not `list`"),
         ("option server_address '10.1.0.2:7000'", "",
@@ -952,3 +955,13 @@ def test_hub_sites_have_their_own_keys():
     assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.c.psk"]
     _, problems = check(SITE_B + "\nconfig site 'd'\n", NETWORK_B)
     assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.d.psk"]
+
+
+def test_the_configured_site_name_is_the_agents_name():
+    from mpvpn.agent.agent import Agent
+
+    cfg, problems = check(edit(SITE_A, "option role 'client'", "option role 'client'\n\toption name 'shop-2'"))
+    assert cfg is not None and cfg.base.name == "shop-2" and not errors(problems)
+    assert Agent(cfg).name == "shop-2"
+    cfg, _ = check(SITE_A)
+    assert cfg.base.name is None and Agent(cfg).name.endswith("-172.30.0.1")  # <hostname>-<vNIC>

@@ -447,7 +447,7 @@ def test_config_widgets_follow_option_kinds():
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
                 assert o.get("validate") or "cidr" in dt, where
-            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device"):
+            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device", "site_name"):
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
                 # o.value() suggestions make LuCI render a ui.Combobox, which
                 # never runs the validator on an empty choice (validation.js):

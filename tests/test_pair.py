@@ -158,6 +158,14 @@ def test_explicit_server_address_and_vnc_subnet():
     assert a.get("vnc", "ipaddr") == "10.99.0.1" and a.get("base", "server_address") == res.server_address
 
 
+def test_the_names_given_to_pair_are_the_sites_names():
+    res = pair.generate(a_uplinks=["telecom=@wan"], b_uplinks=["telecom=10.1.0.2"],
+                        a_lans=["192.168.10.0/24"], b_lans=["192.168.20.0/24"],
+                        a_name="shanghai", b_name="beijing-hq")
+    for name in ("shanghai", "beijing-hq"):
+        assert uci.parse(res.texts[name], "orayboxvpn").get("base", "name") == name
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(b_uplinks=["mobile=10.3.0.2"]), "the carriers differ"),
     (dict(b_lans=["192.168.10.128/25"]), "the LANs overlap"),

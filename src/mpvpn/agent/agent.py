@@ -149,7 +149,7 @@ class Agent:
         self.clock = clock
         # the kernel objects (mpvpn.io.hostio.HostIO; tests: an in-memory one)
         self.io = io if io is not None else HostIO(tun_factory, net_factory)
-        self.name = name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
+        self.name = name or cfg.base.name or _hostname_word(f"{socket.gethostname()}-{cfg.vnc.ipaddr}")
         self.lans = self._lan_subnets()
         self.role = cfg.base.role
         self.sel = selectors.DefaultSelector()

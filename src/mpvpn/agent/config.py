@@ -89,6 +89,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "ifname": ("Linux interface name, at most 15 characters", "string"),
     "cidr_list": ("subnets (CIDR), several as a list or separated by spaces", "list(string)"),
     "carrier": ("word: letters, digits, `_`, `-`, `.`", "string"),
+    "site_name": ("word: letters, digits, `_`, `-`, `.`, at most 64, starting with a letter or digit",
+                  "string"),
     "ipaddr": ("IPv4 or IPv6 address", "ipaddr"),
     "network": ("OpenWrt interface (UCI section name in /etc/config/network)", "uciname"),
     "device": ("Linux network device", "string"),
@@ -125,6 +127,13 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "psk", None,
             "Required (a server with `config site` sections may leave it out). Shared secret, the "
             "same on both sides: 32 random bytes in base64 (`mpvpn genpsk`).",
+        ),
+        "name": Option(
+            "site_name", None,
+            "This site's name, as the peer's status, its logs and LuCI show it (`mpvpn pair "
+            "--a-name/--b-name` writes it). Unset: `<hostname>-<vNIC address>`. A name, not an "
+            "identity: a hub knows a site by the key it proved and refuses a second site "
+            "with a name already in use.",
         ),
         "pair_unmatched": Option(
             "bool", "0",
@@ -397,6 +406,7 @@ class Base:
     mtu: int = 1400
     mss_clamp: bool = True
     log_level: str = "info"
+    name: str | None = None  # None: <hostname>-<vNIC address>
 
     @property
     def port(self) -> int:
@@ -508,6 +518,16 @@ def _parse_choice(s: str, choices: tuple[str, ...]) -> str:
         return s
     alts = ", ".join(f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
     raise ValueError(f"{_q(s)} is not allowed: use {alts}")
+
+
+_SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # = controlmsg.NODE_RE
+
+
+def _parse_site_name(s: str) -> str:
+    if _SITE_NAME_RE.fullmatch(s):
+        return s
+    raise ValueError(f"{_q(s)} is not a site name: letters, digits, '_', '-' and '.', at most 64, "
+                     "starting with a letter or digit")
 
 
 def _parse_float(s: str, lo: float, hi: float, unit: str) -> float:
@@ -805,6 +825,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["log_level"] = sec.parsed(
         "log_level", lambda s: _parse_choice(s, ("debug", "info", "warning", "error")), _default("log_level")
     )
+    b["name"] = sec.parsed("name", _parse_site_name, None)
 
     # addresses
     servers: list[HostPort] = []
@@ -1306,6 +1327,7 @@ def validate(
         mtu=b["mtu"],
         mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],
+        name=b["name"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,

@@ -215,6 +215,15 @@ return view.extend({
 			}
 		};
 
+		o = s.taboption('general', form.Value, 'name', _('Site name'),
+			_('How the other site, its logs and this page name this site. Empty: the router\'s hostname and vNIC address.'));
+		o.placeholder = _('e.g. branch-shanghai');
+		o.validate = function(section_id, value) {
+			if (value == null || value === '' || /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/.test(value))
+				return true;
+			return _('Expecting a name of letters, digits, "_", "-" and "." (at most 64, starting with a letter or digit)');
+		};
+
 		o = s.taboption('general', form.Flag, 'pair_unmatched', _('Pair unmatched carriers'),
 			_('Carriers without a same-type partner on the other site stay idle unless this is on; then the leftovers are paired across carriers.'));
 		o.default = '0';
