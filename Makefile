@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 	$(MAKE) sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,agent]'
+	$(PY) -m pip install -q -e '.[test,agent,bench]'
 	@# atheris (coverage-guided fuzzing, tests/fuzz) has wheels for common Linux
 	@# Pythons; without one the fuzz run is skipped with a printed reason.
 	$(PY) -m pip install -q atheris || echo "atheris unavailable: the fuzz run will be skipped"
