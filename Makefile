@@ -2,9 +2,9 @@
 #   make demo   - the main job (see README)
 #   make test   - install everything into .venv and run the whole suite
 #   make bench  - run the benchmarks under bench/
-#   make ipk    - build dist/orayboxvpn_<ver>_all.ipk and dist/luci-app-mpvpn_<ver>_all.ipk
+#   make ipk    - build dist/orayboxvpn_<ver>_all.ipk, dist/luci-app-mpvpn_<ver>_all.ipk, luci-i18n-mpvpn-zh-cn_<ver>_all.ipk
 #                 (opkg: OpenWrt 24.10 and older; no SDK needed, see docs/openwrt.md)
-#   make apk    - build dist/orayboxvpn-<ver>.apk and dist/luci-app-mpvpn-<ver>.apk
+#   make apk    - build dist/orayboxvpn-<ver>.apk, dist/luci-app-mpvpn-<ver>.apk, luci-i18n-mpvpn-zh-cn-<ver>.apk
 #                 (apk-tools v3: OpenWrt 25.12 and later; no SDK needed)
 #   OPENWRT=24.10|25.12 picks the target release (its python3: 3.11 | 3.13);
 #                 default 24.10 for ipk, 25.12 for apk
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 	$(MAKE) sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,agent]'
+	$(PY) -m pip install -q -e '.[test,agent,bench]'
 	@# atheris (coverage-guided fuzzing, tests/fuzz) has wheels for common Linux
 	@# Pythons; without one the fuzz run is skipped with a printed reason.
 	$(PY) -m pip install -q atheris || echo "atheris unavailable: the fuzz run will be skipped"

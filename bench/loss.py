@@ -15,6 +15,9 @@ loss next to the bytes the agent put on the wire per byte delivered
 
     python bench/loss.py [--packets N] [--rate PPS] [--mode-packets N] [--modes M,..] [--scenario S] [--no-delay]
                          [--skip-carriers] [--skip-modes] [--json FILE]     (root)
+
+With --json FILE the p^N table is also drawn into FILE.png (bench/plots.py; matplotlib,
+the ``bench`` extra: pip install -e '.[bench]').
 """
 
 from __future__ import annotations
@@ -159,6 +162,13 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"bench": "loss", "rates_mbit": RATES,
                                                "delays_ms": DELAYS if delays else None,
                                                "rows": rows, "modes": modes}, indent=2))
+        if rows:  # the picture next to the JSON (matplotlib: pip install -e '.[bench]')
+            try:
+                from plots import loss_plot
+            except ImportError as e:
+                print(f"no picture: {e}", file=sys.stderr)
+            else:
+                print(f"picture: {loss_plot(rows, Path(args.json).with_suffix('.png'))}")
     return 0
 
 

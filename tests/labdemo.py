@@ -22,6 +22,7 @@ from agentlab import UDP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
 from netlab import Lab, unavailable_reason  # noqa: E402
 
 from mpvpn.cli import _print_status  # noqa: E402
+from mpvpn.tools.demo import explain_loss  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -49,10 +50,20 @@ def main() -> int:
         for c in (1, 2, 3):
             lab.set_loss(c, 20, direction="a2b")
         n = 1500
+        t_run = time.monotonic()
         p = lab.ping(lab.ha, "192.168.20.2", count=n, interval=0.01, timeout=2.0)
+        t_run = time.monotonic() - t_run
         lost = p.sent - p.received
         say(f"20 % loss on every carrier A->B: {lost}/{p.sent} pings lost = {100 * lost / p.sent:.2f} % "
             f"(one carrier alone: 20 %; three: 0.2^3 = 0.8 %)")
+        for line in explain_loss(p.sent, lost, 0.2, {3: p.sent}, 3, []):
+            print(f"   {line.strip()}")
+        # the range holds when all three carriers carried every ping: say so when one did not
+        for ln in ts.a.status()["links"]:
+            age = ln.get("last_down_age")
+            if ln["state"] != "established" or (age is not None and age < t_run):
+                print(f"   (carrier {ln['type']} went down during the pings: the range above assumes "
+                      f"all three carried every ping; fewer carriers lose more)")
         st = ts.b.status()
         for ln in st["links"]:
             print(f"   carrier {ln['type']:<8} loss measured by B on A->B: "

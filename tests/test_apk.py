@@ -174,9 +174,34 @@ def ipks():
     return {p.name: p for p in ipk.packages(ROOT, "3.13")}
 
 
+I18N = "luci-i18n-mpvpn-zh-cn"
+
+
 def test_file_names(built):
     assert sorted(p.name for p in built["_paths"]) == \
-        [f"luci-app-mpvpn-{VERSION}.apk", f"orayboxvpn-{VERSION}.apk"]
+        [f"luci-app-mpvpn-{VERSION}.apk", f"{I18N}-{VERSION}.apk", f"orayboxvpn-{VERSION}.apk"]
+
+
+def test_translation_package(built, ipks):
+    """luci-i18n-mpvpn-zh-cn as the 25.12 SDK packs luci.mk's LuciTranslation: the ipk's
+    files plus its .list, depends on the app, noarch, package-pack.mk's scripts only
+    (default_postinst runs the uci-defaults script that registers the language)."""
+    got = built[f"{I18N}-{VERSION}.apk"]
+    info = got["package"]["info"]
+    assert info["name"] == I18N.encode() and info["version"] == VERSION.encode()
+    assert info["arch"] == b"noarch"
+    assert [d["name"] for d in info["depends"]] == [b"libc", b"luci-app-mpvpn"]
+    assert info["description"] == "Translation for luci-app-mpvpn - 简体中文 (Chinese Simplified)".encode()
+    assert info["origin"] == b"feeds/orayboxvpn/luci-app-mpvpn"
+    files = got["files"]
+    assert sorted(files) == [f"etc/uci-defaults/{I18N}", f"lib/apk/packages/{I18N}.list",
+                             "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo"]
+    assert files[f"etc/uci-defaults/{I18N}"] == \
+        (0o644, "uci set luci.languages.zh_cn='简体中文 (Chinese Simplified)'; uci commit luci\n".encode())
+    assert files["usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo"] == ipks[I18N].files["usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo"]
+    scripts = got["package"]["scripts"]
+    assert set(scripts) == {"post-install", "post-upgrade", "pre-deinstall"}
+    assert scripts["post-install"].decode().endswith(f'export pkgname="{I18N}"\nadd_group_and_user\ndefault_postinst\n')
 
 
 def test_versions_are_apk_versions():
@@ -212,7 +237,7 @@ def test_same_layout_as_the_ipk(built, ipks):
     """Every file of the ipk (for the same Python) with its mode and bytes,
     plus apk's /lib/apk/packages records; a directory entry for every
     directory (mkpkg's default --compat keeps them), mode 0755."""
-    for name in ("orayboxvpn", "luci-app-mpvpn"):
+    for name in ("orayboxvpn", "luci-app-mpvpn", I18N):
         got = built[f"{name}-{VERSION}.apk"]
         files = {k: v for k, v in got["files"].items() if not k.startswith(f"lib/apk/packages/{name}.")}
         assert files == ipks[name].files
@@ -351,8 +376,9 @@ def test_real_apk_installs_both_packages(built, tmp_path):
         pytest.skip("apk-tools v3 not found (apk on PATH or /opt/owrt/bin/apk): build it from "
                     "alpinelinux/apk-tools at the openwrt-25.12 pin to run this")
     paths = built["_paths"]
+    ours = {read_apk(p.read_bytes())["package"]["info"]["name"].decode() for p in paths}
     deps = sorted({d["name"].decode() for p in paths for d in read_apk(p.read_bytes())["package"]["info"]
-                   ["depends"]} - {"orayboxvpn"})
+                   ["depends"]} - ours)
     stub = _stub_provider(tmp_path, deps)
     root = tmp_path / "root"
     root.mkdir()
@@ -372,6 +398,7 @@ def test_real_apk_installs_both_packages(built, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "etc/config/orayboxvpn" in r.stdout, r.stdout + r.stderr
     assert (root / "lib/apk/packages/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
+    assert (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").is_file()
     # an upgrade keeps the admin's config (the new one beside it, as apk does under /etc)
     conf = root / "etc/config/orayboxvpn"
     conf.write_text(conf.read_text() + "# the admin's edit\n")
@@ -385,12 +412,13 @@ def test_real_apk_installs_both_packages(built, tmp_path):
     assert conf.read_text().endswith("# the admin's edit\n")
     assert (root / "etc/config/orayboxvpn.apk-new").is_file()
     r = subprocess.run([tool, "del", "--root", str(root), "--no-scripts", "--no-network",
-                        "luci-app-mpvpn", "orayboxvpn"], capture_output=True, text=True, timeout=60)
+                        I18N, "luci-app-mpvpn", "orayboxvpn"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (root / SITE / "cli.py").exists()
+    assert not (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").exists()
 
 
-@pytest.mark.parametrize("which", ["orayboxvpn", "luci-app-mpvpn"])
+@pytest.mark.parametrize("which", ["orayboxvpn", "luci-app-mpvpn", I18N])
 def test_same_bytes_as_real_apk_mkpkg(tmp_path, which):
     """The staged tree given to the real `apk mkpkg` with the --info and
     --script arguments package-pack.mk passes gives the same package, byte
@@ -446,8 +474,9 @@ def test_real_apk_scripts_remove_the_byte_code(built, tmp_path):
         (root / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(lib, root / lib.lstrip("/"))
     paths = built["_paths"]
+    ours = {read_apk(p.read_bytes())["package"]["info"]["name"].decode() for p in paths}
     deps = sorted({d["name"].decode() for p in paths for d in read_apk(p.read_bytes())["package"]["info"]
-                   ["depends"]} - {"orayboxvpn"})
+                   ["depends"]} - ours)
     r = subprocess.run([tool, "add", "--root", str(root), "--initdb", "--allow-untrusted", "--no-network",
                         "--no-cache", str(_stub_provider(tmp_path, deps)), *map(str, paths)],
                        capture_output=True, text=True, timeout=120)
@@ -456,7 +485,7 @@ def test_real_apk_scripts_remove_the_byte_code(built, tmp_path):
     for d in (site / "__pycache__", site / "core" / "__pycache__"):
         d.mkdir()
         (d / "x.cpython-313.pyc").write_bytes(b"byte code")
-    r = subprocess.run([tool, "del", "--root", str(root), "--no-network", "luci-app-mpvpn", "orayboxvpn"],
+    r = subprocess.run([tool, "del", "--root", str(root), "--no-network", I18N, "luci-app-mpvpn", "orayboxvpn"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and f"orayboxvpn-{VERSION}.post-deinstall" in r.stdout, r.stdout + r.stderr
     assert not site.exists()

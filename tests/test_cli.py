@@ -104,3 +104,89 @@ def test_demo_refuses_bad_values_with_its_own_usage(capsys):
         # the usage line offers what `mpvpn demo` accepts, nothing else (no --rate/--seed)
         assert usage == "usage: mpvpn demo [-h] [--packets PACKETS] [--loss LOSS]", err
         assert argv[0] in err
+
+
+class SimAgentRpc:
+    """Stands in for ``mpvpn.io.rpc.call`` against a running agent (its ``test_links`` and
+    ``status`` handlers, src/mpvpn/agent/agent.py Agent.test_links / _link_test_status):
+    the link test is the real one (mpvpn.core.linktest) between two sessions on simulated
+    links; each status poll advances the simulated clock by ``step`` seconds."""
+
+    def __init__(self, carriers=3, step=0.25):
+        from mpvpn.tools.simnet import SimPair
+
+        self.p = SimPair(carriers, delay=0.01, seed=3, sealed=True)
+        assert self.p.handshake()
+        for m in range(1, carriers + 1):
+            self.p.set(m, rate=20e6 / 8, queue=100_000, loss=0.0)
+        self.p.run(1.0)
+        self.a = self.p.session("a")
+        self.step = step
+        self.polls = []
+
+    def call(self, path, method, args=None, timeout=3.0):
+        if method == "test_links":
+            test_id = self.a.start_link_test(self.p.now, args["duration"])
+            return {"started": True, "id": test_id, "phases": self.a.linktest.status()["phases"], "peer": "siteb"}
+        assert method == "status"
+        self.p.run(self.step)
+        doc = dict(self.a.linktest.status(), peer="siteb")
+        self.polls.append(doc)
+        return {"state": "connected", "link_test": doc}
+
+
+def test_test_links_prints_each_phase_as_it_runs(monkeypatch, capsys):
+    """Each phase's name and direction when it starts, its result row when it ends, in the
+    order the agent runs them and before the test is over; then the table."""
+    import json
+
+    sim = SimAgentRpc(carriers=2)
+    monkeypatch.setattr("mpvpn.io.rpc.call", sim.call)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    printed = []
+    real_print = print
+
+    def spy(*a, **kw):  # what was printed while the test was still running
+        printed.append((sim.polls[-1]["state"] if sim.polls else None, " ".join(map(str, a))))
+        real_print(*a, **kw)
+
+    monkeypatch.setattr("builtins.print", spy)
+    assert cli.main(["test-links", "--duration", "1", "--run-dir", "/nonexistent"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    final = sim.polls[-1]
+    assert final["state"] == "done" and final["phases"] == 6
+    names = [(ph["name"], ph["direction"]) for ph in final["plan"]]
+    assert names == [(r["name"], r["direction"]) for r in final["results"]]
+    progress = [ln for ln in out if ln.startswith("  [")]
+    want = []
+    for i, (name, d) in enumerate(names):
+        want.append(f"  [{i + 1}/6] {name} {d} ...")
+        want.append(cli.format_phase_result(i, 6, final["results"][i]))
+    assert progress == want
+    assert [s for s, ln in printed if ln.startswith("  [")][:-1] == ["running"] * (len(want) - 1)
+    r0 = final["results"][0]
+    assert progress[1] == (f"  [1/6] {names[0][0]} up: {r0['mbps']:.1f} Mbit/s, goodput "
+                           f"{r0['goodput_mbps']:.1f} Mbit/s, rtt {r0['rtt_ms']:.1f} ms, loss {100 * r0['loss']:.2f} %")
+    table = cli.format_link_test(final).splitlines()
+    assert out[-len(table):] == table
+    # --json: only the document
+    sim = SimAgentRpc(carriers=2)
+    monkeypatch.setattr("mpvpn.io.rpc.call", sim.call)
+    assert cli.main(["test-links", "--duration", "1", "--json", "--run-dir", "/nonexistent"]) == 0
+    assert json.loads(capsys.readouterr().out) == sim.polls[-1]
+
+
+def test_link_test_progress_with_missed_polls_and_an_old_agent():
+    """A phase that started and ended between two polls still gets its result row once;
+    a document without ``plan`` (an older agent) still shows which phase runs."""
+    prog = cli.LinkTestProgress(4)
+    res = {"name": "a", "direction": "up", "mbps": 1.0, "goodput_mbps": 0.9, "rtt_ms": 10.0, "loss": 0.0}
+    assert prog.update({"state": "running", "phase": 0, "phases": 4, "results": []}) == ["  [1/4] phase 1 ..."]
+    assert prog.update({"state": "running", "phase": 0, "phases": 4, "results": []}) == []
+    lines = prog.update({"state": "running", "phase": 2, "phases": 4, "results": [res, dict(res, direction="down")]})
+    assert lines == [cli.format_phase_result(0, 4, res), cli.format_phase_result(1, 4, dict(res, direction="down")),
+                     "  [3/4] phase 3 ..."]
+    lines = prog.update({"state": "failed", "phase": None, "phases": 4, "results": [res, res, res]})
+    assert lines == [cli.format_phase_result(2, 4, res)]
+    assert cli.format_phase_result(0, 1, {"name": "x", "direction": "up", "loss": None}).endswith(
+        "- Mbit/s, goodput - Mbit/s, rtt - ms, loss -")

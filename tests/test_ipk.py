@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mpvpn import __version__
-from mpvpn.tools import ipk
+from mpvpn.tools import ipk, lmo
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 1700000000
@@ -99,8 +99,14 @@ def open_ipk(path: Path) -> dict:
     return res
 
 
+I18N = "luci-i18n-mpvpn-zh-cn"
+ZH_SCRIPT = "uci set luci.languages.zh_cn='简体中文 (Chinese Simplified)'; uci commit luci\n"
+OWRT = Path(os.environ.get("MPVPN_OWRT", "/opt/owrt"))  # OpenWrt userland built from source, not in the repo
+
+
 def test_file_names(built):
-    assert set(built) == {f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk"}
+    assert set(built) == {f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk",
+                          f"{I18N}_{VERSION}_all.ipk"}
 
 
 def _expected_core_data() -> dict:
@@ -211,6 +217,84 @@ def test_luci_package(built):
     assert files == expect
     assert res["control_members"]["./postinst-pkg"][0] == 0o755
     assert "./conffiles" not in res["control_members"]
+
+
+def test_translation_package(built):
+    """luci.mk's LuciTranslation for po/zh_Hans: luci-i18n-mpvpn-zh-cn with the po2lmo
+    catalog and the uci-defaults script naming the language, depending on the app;
+    no scripts but package-pack.mk's wrappers (default_postinst runs uci-defaults)."""
+    res = open_ipk(built[f"{I18N}_{VERSION}_all.ipk"])
+    po = ROOT / "luci-app-mpvpn/po/zh_Hans/mpvpn.po"
+    lmo_data = lmo.write_lmo(po)
+    assert lmo.read_lmo(lmo_data) == lmo.po2lmo_entries(po) and len(lmo.po2lmo_entries(po)) > 100
+    files = {k: v for k, v in res["data_members"].items() if v[1] is not None}
+    assert files == {
+        f"./etc/uci-defaults/{I18N}": (0o644, ZH_SCRIPT.encode()),
+        "./usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo": (0o644, lmo_data),
+    }
+    assert res["control_order"] == ["./", "./control", "./postinst", "./prerm"]
+    assert res["control_members"]["./postinst"] == (0o755, POSTINST.encode())
+    assert res["control_members"]["./prerm"] == (0o755, PRERM.encode())
+    assert res["control_members"]["./control"][1].decode() == (
+        f"Package: {I18N}\n"
+        f"Version: {VERSION}\n"
+        "Depends: libc, luci-app-mpvpn\n"
+        "Source: feeds/orayboxvpn/luci-app-mpvpn\n"
+        "SourceName: luci-app-mpvpn\n"
+        "License: GPL-2.0-only\n"
+        "Section: luci\n"
+        f"SourceDateEpoch: {EPOCH}\n"
+        "URL: https://github.com/openwrt/luci\n"
+        "Maintainer: OpenWrt LuCI community\n"
+        "Architecture: all\n"
+        f"Installed-Size: {len(res['data'])}\n"
+        "Description:  Translation for luci-app-mpvpn - 简体中文 (Chinese Simplified)\n"
+    )
+
+
+def test_translation_packages_follow_po_dirs(tmp_path):
+    """One package per po/<lang> that luci.mk's LUCI_LANG knows (alias or code as suffix),
+    none for templates or an unknown directory, no .lmo for a catalog with nothing translated."""
+    app_dir = tmp_path / "luci-app-mpvpn"
+    po = (ROOT / "luci-app-mpvpn/po/zh_Hans/mpvpn.po").read_text(encoding="utf-8")
+    for lang, text in (("templates", po), ("de", po), ("pt_BR", po), ("xx", po),
+                       ("ja", 'msgid ""\nmsgstr "Language: ja\\n"\n\nmsgid "Up"\nmsgstr ""\n')):
+        (app_dir / "po" / lang).mkdir(parents=True)
+        (app_dir / "po" / lang / ("mpvpn.pot" if lang == "templates" else "mpvpn.po")).write_text(text)
+    app = ipk.luci_package(ROOT, "2.0-r1", luci_dir=app_dir)
+    got = {p.name: p for p in ipk.luci_translations(app, app_dir)}
+    assert sorted(got) == ["luci-i18n-mpvpn-de", "luci-i18n-mpvpn-ja", "luci-i18n-mpvpn-pt-br"]
+    assert sorted(got["luci-i18n-mpvpn-pt-br"].files) == [
+        "etc/uci-defaults/luci-i18n-mpvpn-pt-br", "usr/lib/lua/luci/i18n/mpvpn.pt-br.lmo"]
+    assert got["luci-i18n-mpvpn-pt-br"].files["etc/uci-defaults/luci-i18n-mpvpn-pt-br"][1].decode() == \
+        "uci set luci.languages.pt_br='Português do Brasil (Brazilian Portuguese)'; uci commit luci\n"
+    assert sorted(got["luci-i18n-mpvpn-ja"].files) == ["etc/uci-defaults/luci-i18n-mpvpn-ja"]
+    assert all(p.version == "2.0-r1" and p.depends == ["libc", "luci-app-mpvpn"] for p in got.values())
+
+
+def test_translation_uci_defaults_with_real_uci(built, tmp_path):
+    """The uci-defaults script as default_postinst runs it (``. "$i"`` from /etc/uci-defaults),
+    with the real uci against luci-base's /etc/config/luci: LuCI then lists the language."""
+    uci = shutil.which("uci") or str(OWRT / "bin/uci")
+    luci_conf = OWRT / "luci-root/etc/config/luci"
+    if not os.access(uci, os.X_OK) or not luci_conf.is_file():
+        reason = f"the real uci and luci-base's /etc/config/luci are not built under {OWRT} (MPVPN_OWRT)"
+        sys.stderr.write(f"\nuci-defaults check skipped: {reason}\n")
+        pytest.skip(reason)
+    res = open_ipk(built[f"{I18N}_{VERSION}_all.ipk"])
+    conf = tmp_path / "config"
+    conf.mkdir()
+    shutil.copy(luci_conf, conf / "luci")
+    script = tmp_path / I18N
+    script.write_bytes(res["data_members"][f"./etc/uci-defaults/{I18N}"][1])
+    env = {**os.environ, "LD_LIBRARY_PATH": str(OWRT / "lib")}
+    r = subprocess.run(["sh", "-c", f'uci() {{ "{uci}" -c "{conf}" -t "{tmp_path}/delta" "$@"; }}; . "$0"',
+                        str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = subprocess.run([uci, "-c", str(conf), "get", "luci.languages.zh_cn"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.stdout == "简体中文 (Chinese Simplified)\n", r.stdout + r.stderr
+    assert "option zh_cn '简体中文 (Chinese Simplified)'" in (conf / "luci").read_text()
 
 
 def test_luci_mapping_and_postinst(tmp_path):
@@ -421,6 +505,9 @@ def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
     site = root / SITE
     assert (site / "cli.py").is_file()
     assert (root / "usr/lib/opkg/info/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
+    assert (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").read_bytes() == \
+        lmo.write_lmo(ROOT / "luci-app-mpvpn/po/zh_Hans/mpvpn.po")
+    assert f"\n{I18N} - {VERSION}\n" in run("list-installed")
     r = subprocess.run([sys.executable, "-c", "import sys; from mpvpn.cli import main; sys.exit(main())",
                         "check", "--uci-dir", str(root / "etc/config")],
                        env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
@@ -429,7 +516,7 @@ def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
     assert list((site / "__pycache__").iterdir())
     with open(root / "etc/config/orayboxvpn", "a") as f:
         f.write("\n")  # the admin's edit
-    run("remove", "luci-app-mpvpn", "orayboxvpn")
+    run("remove", I18N, "luci-app-mpvpn", "orayboxvpn")
     assert not site.exists()
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if p.is_file() and not str(p.relative_to(root)).startswith(("usr/lib/opkg", "etc/opkg")))
@@ -459,7 +546,8 @@ def _gnu(cwd: Path, *names: str) -> bytes:
 
 
 @pytest.mark.skipif(not GNU_TAR, reason="GNU tar with --sort=name not installed")
-@pytest.mark.parametrize("name", [f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk"])
+@pytest.mark.parametrize("name", [f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk",
+                                  f"luci-i18n-mpvpn-zh-cn_{VERSION}_all.ipk"])
 def test_same_bytes_as_gnu_tar(built, tmp_path, name):
     res = open_ipk(built[name])
     for key in ("data", "control"):

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 import luci_i18n as i18n
+from mpvpn.tools import lmo
 from luci_harness import server as harness_server
 from luci_harness.simagent import SimAgentBackend
 from test_luci import CHROMIUM_FLAGS, find_chromium, js_strings, parse_html, view_of
@@ -206,18 +207,18 @@ def test_sfh_known_answers():
     known = {"Multipath VPN": "33fc545e", "Up": "3860e577", "RTT": "973a4fb5", "a": "115ea782",
              "abc": "d2be198a", "± %.1f ms": "14e43621", "Local ⇄ remote": "789bdcf3",
              "中": "b073298a", "xé": "e9df37d1"}
-    assert {s: f"{i18n.sfh(s.encode()):08x}" for s in known} == known
+    assert {s: f"{lmo.sfh(s.encode()):08x}" for s in known} == known
 
 
 @pytest.mark.parametrize("lang", LANGS)
 def test_lmo_file_reads_back(lang):
     """write_lmo (po2lmo.c's layout) read as lmo.c lmo_open() reads it gives the catalog."""
-    data = i18n.write_lmo(po_file(lang))
+    data = lmo.write_lmo(po_file(lang))
     if not data:  # po2lmo writes no file for a catalog without any translation
-        assert i18n.po2lmo_entries(po_file(lang)) == {}
+        assert lmo.po2lmo_entries(po_file(lang)) == {}
         return
     assert len(data) % 4 == 0
-    assert i18n.read_lmo(data) == i18n.po2lmo_entries(po_file(lang))
+    assert lmo.read_lmo(data) == lmo.po2lmo_entries(po_file(lang))
     keys = [int.from_bytes(data[p:p + 4], "big")
             for p in range(int.from_bytes(data[-4:], "big"), len(data) - 4, 16)]
     assert keys == sorted(keys)  # lmo_find_entry() bisects the index
@@ -232,7 +233,7 @@ def test_po2lmo_port_matches_po2lmo(lang, tmp_path):
         pytest.skip(reason)
     out = tmp_path / f"{i18n.DOMAIN}.{lang}.lmo"
     subprocess.run([po2lmo, str(po_file(lang)), str(out)], check=True)
-    assert out.read_bytes() == i18n.write_lmo(po_file(lang))
+    assert out.read_bytes() == lmo.write_lmo(po_file(lang))
 
 
 # luci.mk (openwrt/luci 24.10): the LUCI_LANG.<code> it knows; LuciTranslation is only

@@ -112,21 +112,64 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num(x, fmt: str) -> str:
+    return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else fmt.format(x)
+
+
 def format_link_test(doc: dict) -> str:
     """The results table of a link test document (status ``link_test``)."""
-    def num(x, fmt):
-        return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else fmt.format(x)
-
     lines = [f"link test {doc.get('id')} with {doc.get('peer', 'the peer')}: {doc.get('state')}"
              + (f" ({doc['error']})" if doc.get("error") else "")]
     lines.append(f"  {'link':<28}{'dir':<6}{'Mbit/s':>9}{'goodput':>9}{'rtt ms':>9}{'loss':>8}")
     for r in doc.get("results") or []:
         loss = r.get("loss")
         lines.append(f"  {str(r.get('name'))[:27]:<28}{str(r.get('direction')):<6}"
-                     f"{num(r.get('mbps'), '{:.1f}'):>9}{num(r.get('goodput_mbps'), '{:.1f}'):>9}"
-                     f"{num(r.get('rtt_ms'), '{:.1f}'):>9}"
-                     f"{num(None if loss is None else 100 * loss, '{:.2f}%'):>8}")
+                     f"{_num(r.get('mbps'), '{:.1f}'):>9}{_num(r.get('goodput_mbps'), '{:.1f}'):>9}"
+                     f"{_num(r.get('rtt_ms'), '{:.1f}'):>9}"
+                     f"{_num(None if loss is None else 100 * loss, '{:.2f}%'):>8}")
     return "\n".join(lines)
+
+
+def format_phase_result(index: int, total: int, r: dict) -> str:
+    """One finished phase of a link test, as ``mpvpn test-links`` prints it when it ends."""
+    loss = r.get("loss")
+    return (f"  [{index + 1}/{total}] {r.get('name')} {r.get('direction')}: "
+            f"{_num(r.get('mbps'), '{:.1f}')} Mbit/s, goodput {_num(r.get('goodput_mbps'), '{:.1f}')} Mbit/s, "
+            f"rtt {_num(r.get('rtt_ms'), '{:.1f}')} ms, "
+            f"loss {_num(None if loss is None else 100 * loss, '{:.2f} %')}")
+
+
+def format_phase_start(index: int, total: int, doc: dict) -> str:
+    """The phase a link test is running now (the document's ``plan`` names it)."""
+    plan = doc.get("plan") or []
+    ph = plan[index] if 0 <= index < len(plan) and isinstance(plan[index], dict) else {}
+    what = f"{ph.get('name')} {ph.get('direction')}" if ph else f"phase {index + 1}"
+    return f"  [{index + 1}/{total}] {what} ..."
+
+
+class LinkTestProgress:
+    """What ``mpvpn test-links`` prints while it polls the agent's ``link_test`` document:
+    a line when a phase starts, its result row when it ends (each once, in order)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.shown = 0       # results printed
+        self.announced = 0   # phases whose start was printed (index + 1)
+
+    def update(self, doc: dict) -> list[str]:
+        out = []
+        results = doc.get("results") or []
+        total = doc.get("phases") if isinstance(doc.get("phases"), int) else self.total
+        for i in range(self.shown, len(results)):
+            out.append(format_phase_result(i, total, results[i]))
+        self.shown = max(self.shown, len(results))
+        self.announced = max(self.announced, self.shown)
+        cur = doc.get("phase")
+        if doc.get("state") == "running" and isinstance(cur, int) and not isinstance(cur, bool) \
+                and cur >= self.announced:
+            out.append(format_phase_start(cur, total, doc))
+            self.announced = cur + 1
+        return out
 
 
 def _cmd_test_links(args: argparse.Namespace) -> int:
@@ -146,23 +189,23 @@ def _cmd_test_links(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"testing {started.get('phases')} phases of {args.duration:g} s with "
                   f"{started.get('peer')} (each link alone, then all; up = from here) ...", flush=True)
-        shown = 0
+        progress = LinkTestProgress(started.get("phases") or 0)
         while True:
-            time.sleep(0.5)
             doc = (rpc.call(path, "status") or {}).get("link_test") or {}
             if doc.get("id") != started.get("id"):
                 print("mpvpn test-links: the test was replaced or lost", file=sys.stderr)
                 return 1
-            results = doc.get("results") or []
-            if not args.json and len(results) > shown:
-                for r in results[shown:]:
-                    print(f"  done: {r.get('name')} {r.get('direction')}", flush=True)
-                shown = len(results)
+            if not args.json:
+                for line in progress.update(doc):
+                    print(line, flush=True)
             if doc.get("state") != "running":
                 break
+            time.sleep(0.5)
     except rpc.RpcError as e:
         print(f"mpvpn test-links: {e}", file=sys.stderr)
         return 3
+    if not args.json:
+        print()
     _show(doc, args.json, lambda d: print(format_link_test(d)))
     return 0 if doc.get("state") == "done" else 1
 

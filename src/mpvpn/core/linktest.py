@@ -573,4 +573,5 @@ class LinkTester:
         return {"id": run.id, "state": run.state, "error": run.error, "started": run.started,
                 "phase": run.index if run.state == "running" else None,
                 "phases": len(run.phases), "duration": run.duration,
+                "plan": [{"name": ph.name, "direction": ph.direction} for ph in run.phases],
                 "results": [dict(r) for r in run.results]}

@@ -1,7 +1,8 @@
 """``make ipk``: build the OpenWrt packages without the SDK.
 
-``python -m mpvpn.tools.ipk --out dist`` writes ``dist/orayboxvpn_<ver>_all.ipk``
-and ``dist/luci-app-mpvpn_<ver>_all.ipk`` in the format OpenWrt's own build
+``python -m mpvpn.tools.ipk --out dist`` writes ``dist/orayboxvpn_<ver>_all.ipk``,
+``dist/luci-app-mpvpn_<ver>_all.ipk`` and its translations
+(``dist/luci-i18n-mpvpn-zh-cn_<ver>_all.ipk``, see :func:`luci_translations`) in the format OpenWrt's own build
 produces (up to OpenWrt 24.10, the last release that uses opkg). It follows
 the real tools line by line:
 
@@ -52,6 +53,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpvpn.tools import lmo
+
 __all__ = [
     "Package",
     "build",
@@ -60,6 +63,7 @@ __all__ = [
     "gnu_tar",
     "gzip_n",
     "luci_package",
+    "luci_translations",
     "main",
     "orayboxvpn_package",
     "parse_makefile",
@@ -95,6 +99,27 @@ PRERM = (
     ". ${IPKG_INSTROOT}/lib/functions.sh\n"
     "default_prerm $0 $@\n"
 )
+
+# luci.mk's LUCI_LANG.<code> (the languages it builds a luci-i18n package for, with the name
+# the package's uci-defaults script registers) and LUCI_LC_ALIAS (the package/.lmo suffix)
+LUCI_LANG = {
+    "ar": "العربية (Arabic)", "bg": "български (Bulgarian)", "bn_BD": "বাংলা (Bengali)",
+    "ca": "Català (Catalan)", "cs": "Čeština (Czech)", "da": "Dansk (Danish)",
+    "de": "Deutsch (German)", "el": "Ελληνικά (Greek)", "es": "Español (Spanish)",
+    "fa": "Farsi (Persian)", "fi": "Suomi (Finnish)", "fil": "Filipino (Philippinic)",
+    "fr": "Français (French)", "he": "עִבְרִית (Hebrew)", "hi": "हिंदी (Hindi)",
+    "hu": "Magyar (Hungarian)", "it": "Italiano (Italian)", "ja": "日本語 (Japanese)",
+    "ko": "한국어 (Korean)", "lt": "Lietuvių (Lithuanian)", "mr": "Marāṭhī (Marathi)",
+    "ms": "Bahasa Melayu (Malay)", "nb_NO": "Norsk (Norwegian)", "nl": "Nederlands (Dutch)",
+    "pl": "Polski (Polish)", "pt": "Português (Portuguese)",
+    "pt_BR": "Português do Brasil (Brazilian Portuguese)", "ro": "Română (Romanian)",
+    "ru": "Русский (Russian)", "sk": "Slovenčina (Slovak)", "sv": "Svenska (Swedish)",
+    "tr": "Türkçe (Turkish)", "uk": "Українська (Ukrainian)", "vi": "Tiếng Việt (Vietnamese)",
+    "yua": "Yucateco (Yucatec Maya)", "zh_Hans": "简体中文 (Chinese Simplified)",
+    "zh_Hant": "繁體中文 (Chinese Traditional)",
+}
+LUCI_LC_ALIAS = {"bn_BD": "bn", "nb_NO": "no", "pt_BR": "pt-br", "zh_Hans": "zh-cn", "zh_Hant": "zh-tw"}
+LUCI_LIBRARYDIR = "usr/lib/lua/luci"
 
 # package-pack.mk removes these before packing
 _JUNK = re.compile(r"^(CVS|\.svn|\.#.*|.*~)$")
@@ -551,6 +576,61 @@ def luci_package(root: str | os.PathLike, version: str, luci_dir: str | os.PathL
     )
 
 
+def luci_basename(luci_dir: Path, mk: Makefile) -> str:
+    """luci.mk: LUCI_NAME (the directory's name), LUCI_TYPE (its second word), LUCI_BASENAME
+    (what follows ``luci-<type>-``): luci-app-mpvpn -> mpvpn."""
+    name = mk.var("LUCI_NAME") or luci_dir.name
+    words = name.split("-")
+    luci_type = mk.var("LUCI_TYPE") or (words[1] if len(words) > 1 else "")
+    return mk.var("LUCI_BASENAME") or (name[len(f"luci-{luci_type}-"):]
+                                         if name.startswith(f"luci-{luci_type}-") else name)
+
+
+def luci_translations(app: Package, luci_dir: str | os.PathLike) -> list[Package]:
+    """luci.mk's ``LuciTranslation`` for each ``po/<lang>`` of the app that LUCI_LANG knows:
+    ``luci-i18n-<basename>-<lc>`` (lc: LUCI_LC_ALIAS, e.g. zh_Hans -> zh-cn) holding
+    ``/usr/lib/lua/luci/i18n/<po name>.<lc>.lmo`` (po2lmo of each ``po/<lang>/*.po``, see
+    :mod:`mpvpn.tools.lmo`) and ``/etc/uci-defaults/luci-i18n-<basename>-<lc>``, which
+    registers the language with LuCI (run by ``default_postinst``); DEPENDS on the app,
+    PKGARCH all, section luci, no scripts of its own.  One deviation: luci.mk versions it
+    by the last commit of po/ (PKG_PO_VERSION); here it takes the app's version, so the
+    two always upgrade together."""
+    d = Path(luci_dir)
+    mk = parse_makefile(d / "Makefile") if (d / "Makefile").is_file() else Makefile()
+    base = luci_basename(d, mk)
+    po_root = d / "po"
+    langs = sorted(p.name for p in po_root.iterdir() if p.is_dir() and p.name != "templates") \
+        if po_root.is_dir() else []
+    out = []
+    for lang in langs:
+        if lang not in LUCI_LANG:
+            continue  # $(if $(LUCI_LANG.$(lang)),...): luci.mk builds nothing for it
+        lc = LUCI_LC_ALIAS.get(lang, lang)
+        name = f"luci-i18n-{base}-{lc}"
+        script = f"uci set luci.languages.{lc.replace('-', '_')}='{LUCI_LANG[lang]}'; uci commit luci\n"
+        files: dict[str, tuple[int, bytes]] = {f"etc/uci-defaults/{name}": (0o644, script.encode("utf-8"))}
+        for po in sorted((po_root / lang).glob("*.po")):
+            data = lmo.write_lmo(po)
+            if data:  # po2lmo writes no file for a catalog without a translation
+                files[f"{LUCI_LIBRARYDIR}/i18n/{po.stem}.{lc}.lmo"] = (0o644, data)
+        out.append(Package(
+            name=name,
+            version=app.version,
+            depends=depends_list(app.name),
+            section="luci",
+            description=f"Translation for {app.name} - {LUCI_LANG[lang]}",
+            files=files,
+            source=app.source,
+            source_name=app.name,  # package-pack.mk: SourceName is $(PKG_NAME)
+            license=app.license,
+            license_files=app.license_files,
+            url=app.url,
+            maintainer=app.maintainer,
+            architecture="all",
+        ))
+    return out
+
+
 def source_date_epoch(root: str | os.PathLike) -> int:
     """PKG_SOURCE_DATE_EPOCH or SOURCE_DATE_EPOCH, else the last commit's
     time, else the newest file under src/ and files/."""
@@ -584,10 +664,12 @@ def default_root() -> Path:
 
 def packages(root: str | os.PathLike | None = None,
              python_version: str = PYTHON_VERSION) -> list[Package]:
-    """orayboxvpn and luci-app-mpvpn, for a target whose python3 is ``python_version``."""
+    """orayboxvpn, luci-app-mpvpn and its translations (luci-i18n-mpvpn-<lang>), for a target
+    whose python3 is ``python_version``."""
     root = Path(root) if root is not None else default_root()
     core = orayboxvpn_package(root, python_version)
-    return [core, luci_package(root, core.version)]
+    app = luci_package(root, core.version)
+    return [core, app, *luci_translations(app, root / "luci-app-mpvpn")]
 
 
 def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
@@ -631,7 +713,8 @@ def target_python(args: argparse.Namespace, default_release: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mpvpn.tools.ipk",
-        description="Build dist/orayboxvpn_<ver>_all.ipk and dist/luci-app-mpvpn_<ver>_all.ipk "
+        description="Build dist/orayboxvpn_<ver>_all.ipk, dist/luci-app-mpvpn_<ver>_all.ipk and "
+        "its translations (luci-i18n-mpvpn-zh-cn_<ver>_all.ipk) "
         "in OpenWrt's ipk format, without the SDK (for OpenWrt 24.10 and older; "
         "25.12 and later use apk: python -m mpvpn.tools.apk).",
     )

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Pictures of the benchmarks' JSON, written next to it (development only: matplotlib
+is in the ``bench`` extra of pyproject.toml, never in the router package).
+
+    python bench/plots.py FILE.json [...]     FILE.png beside each (bench "loss" for now)
+
+:func:`loss_plot` draws ``bench/loss.py``'s p^N table: delivered loss against the loss
+on every carrier, one series per number of carriers, each measured point with the
+range chance allows for its sample size (exact binomial, 99 %: mpvpn.tools.demo's
+``lost_range``) and the model p^N as a line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from mpvpn.tools.demo import lost_range  # noqa: E402
+
+COLOURS = {1: "#d62728", 2: "#ff7f0e", 3: "#1f77b4"}
+
+
+def loss_series(rows: list[dict]) -> dict[int, list[dict]]:
+    """carriers -> its rows by carrier loss, each with the model's 99 % range (fractions)."""
+    out: dict[int, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["carriers"], r["loss_per_carrier"])):
+        n, p, k = r["packets"], r["loss_per_carrier"], r["carriers"]
+        lo, hi = lost_range([(n, p ** k)])
+        out.setdefault(k, []).append({"p": p, "measured": r["delivered_loss"], "model": p ** k,
+                                      "lo": lo / n, "hi": hi / n, "packets": n})
+    return out
+
+
+def loss_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Write the p^N picture of ``bench/loss.py``'s rows to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = loss_series(rows)
+    n = max((q["packets"] for pts in series.values() for q in pts), default=1)
+    floor = 100 / n / 4  # a quarter of one packet: where "none lost" is drawn on the log scale
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for k, pts in series.items():
+        xs = [100 * q["p"] for q in pts]
+        colour = COLOURS.get(k, "black")
+        fine = [x / 10 for x in range(1, 10 * int(max(xs) + 1) + 1)]
+        model = [(x, 100 * (x / 100) ** k) for x in fine if 100 * (x / 100) ** k >= floor]
+        ax.plot([x for x, _ in model], [y for _, y in model], color=colour, lw=1, alpha=0.7,
+                label=f"model p^{k}")
+        # shaded bar: where 99 % of runs of this many packets land if the model holds
+        ax.vlines(xs, [max(floor, 100 * q["lo"]) for q in pts], [max(floor, 100 * q["hi"]) for q in pts],
+                  color=colour, lw=7, alpha=0.25)
+        seen = [(x, 100 * q["measured"]) for x, q in zip(xs, pts) if q["measured"] > 0]
+        ax.plot([x for x, _ in seen], [y for _, y in seen], "o", color=colour, ms=5,
+                label=f"{k} carrier{'s' if k > 1 else ''}: measured")
+        none = [x for x, q in zip(xs, pts) if q["measured"] == 0]
+        if none:
+            ax.plot(none, [floor] * len(none), "v", color=colour, ms=6, mfc="none",
+                    label=f"{k} carrier{'s' if k > 1 else ''}: none lost")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 1.5)
+    ax.set_xlabel("loss on every carrier (%)")
+    ax.set_ylabel("packets lost after SMPU (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title or f"Duplicate mode, two agents in the lab ({n} packets per point; "
+                 "shaded: 99 % range for that many)", fontsize=9)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_file(json_path: str | Path) -> list[Path]:
+    """The pictures for one benchmark JSON file, next to it."""
+    doc = json.loads(Path(json_path).read_text())
+    out = []
+    if doc.get("bench") == "loss" and doc.get("rows"):
+        out.append(loss_plot(doc["rows"], Path(json_path).with_suffix(".png")))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    for f in argv:
+        for p in plot_file(f):
+            print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
