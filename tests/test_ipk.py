@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,9 +105,128 @@ ZH_SCRIPT = "uci set luci.languages.zh_cn='简体中文 (Chinese Simplified)'; u
 OWRT = Path(os.environ.get("MPVPN_OWRT", "/opt/owrt"))  # OpenWrt userland built from source, not in the repo
 
 
+PROM = "prometheus-node-exporter-lua-orayboxvpn"
+COLLECTD = "orayboxvpn-collectd"
+
+
 def test_file_names(built):
     assert set(built) == {f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk",
-                          f"{I18N}_{VERSION}_all.ipk"}
+                          f"{I18N}_{VERSION}_all.ipk", f"{PROM}_{VERSION}_all.ipk",
+                          f"{COLLECTD}_{VERSION}_all.ipk"}
+
+
+def test_every_recipe_is_built_or_sdk_only(built):
+    """Each package/<name> recipe is a package of `make ipk`, but orayboxvpn-fastpath (C loops
+    compiled for the target's architecture: the SDK's job)."""
+    recipes = {d.name for d in (ROOT / "package").iterdir() if (d / "Makefile").is_file()}
+    names = {n.split("_")[0] for n in built}
+    assert recipes - names == {"orayboxvpn-fastpath"}
+
+
+# The monitoring recipes' packages, written out from their Makefiles: router path -> mode
+# ($(INSTALL_BIN) 0755, $(INSTALL_DATA) 0644), Depends (+ and plain names alike), description.
+MONITORING = {
+    PROM: (
+        {"usr/lib/lua/prometheus-collectors/orayboxvpn.lua": 0o644},
+        "libc, prometheus-node-exporter-lua, orayboxvpn, libubus-lua",
+        " Exports the orayboxvpn agent's status (per subflow: state, RTT, loss in\n"
+        " both directions, rate estimate, byte and packet counters, scheduler\n"
+        " weight; per session and uplink: state; agent uptime and counters) as\n"
+        " orayboxvpn_* metrics of prometheus-node-exporter-lua.\n",
+    ),
+    COLLECTD: (
+        {"usr/libexec/collectd/orayboxvpn": 0o755,
+         "usr/share/acl.d/orayboxvpn-collectd.json": 0o644,
+         "www/luci-static/resources/statistics/rrdtool/definitions/orayboxvpn.js": 0o644},
+        "libc, orayboxvpn, collectd-mod-exec, lua, libubus-lua",
+        " /usr/libexec/collectd/orayboxvpn, run by collectd's exec plugin (an\n"
+        " Exec entry in luci-app-statistics), reports the orayboxvpn agent's\n"
+        " status: per subflow RTT, loss in both directions, traffic, rate estimate\n"
+        " and weight; session and uplink state; agent uptime and counters. With\n"
+        " luci-app-statistics, its graphs are under Statistics -> Graphs.\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [PROM, COLLECTD])
+def test_monitoring_package(built, name):
+    """package/<name>/Makefile as the SDK builds it: the files of its files/ directory at the
+    paths and with the modes of its install lines (and their directories, 0755), the control
+    fields of its Package define; the exporter itself is a Depends though not a +selection."""
+    res = open_ipk(built[f"{name}_{VERSION}_all.ipk"])
+    modes, depends, description = MONITORING[name]
+    files = ROOT / "package" / name / "files"
+    want = {f"./{path}": (mode, (files / path).read_bytes()) for path, mode in modes.items()}
+    for path in modes:
+        parts = path.split("/")[:-1]
+        want.update({"./" + "/".join(parts[:i]) + "/": (0o755, None) for i in range(1, len(parts) + 1)})
+    want["./"] = (0o755, None)
+    assert res["data_members"] == want
+    assert res["control_order"] == ["./", "./control", "./postinst", "./prerm"]
+    assert res["control_members"]["./postinst"] == (0o755, POSTINST.encode())
+    assert res["control_members"]["./prerm"] == (0o755, PRERM.encode())
+    assert res["control_members"]["./control"] == (0o644, (
+        f"Package: {name}\n"
+        f"Version: {VERSION}\n"
+        f"Depends: {depends}\n"
+        f"Source: feeds/orayboxvpn/{name}\n"
+        f"SourceName: {name}\n"
+        "License: GPL-2.0-only\n"
+        "Section: utils\n"
+        f"SourceDateEpoch: {EPOCH}\n"
+        "Architecture: all\n"
+        f"Installed-Size: {len(res['data'])}\n"
+        "Description: " + description).encode())
+
+
+def _recipe(tmp_path: Path, install: str, depends: str = "+orayboxvpn", files=("a.lua", "sub/b")) -> Path:
+    d = tmp_path / "pkg-x"
+    for f in files:
+        (d / "files" / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / "files" / f).write_text(f"{f}\n")
+    (d / "Makefile").write_text(
+        "include $(TOPDIR)/rules.mk\nPKG_NAME:=pkg-x\nPKG_VERSION:=1.2\nPKG_RELEASE:=3\n"
+        "DIR:=usr/share/x\ninclude $(INCLUDE_DIR)/package.mk\n"
+        f"define Package/pkg-x\n  TITLE:=x\n  DEPENDS:={depends}\n  PKGARCH:=all\nendef\n"
+        f"define Package/pkg-x/install\n{install}endef\n"
+        "$(eval $(call BuildPackage,pkg-x))\n")
+    return d
+
+
+def test_install_lines_as_install_runs_them(tmp_path):
+    """A destination ending in / or naming a directory made before gets the file under its own
+    name, several sources go into a directory, make variables of the recipe are expanded,
+    a comment is the shell's; DEPENDS keeps conditions out and plain names in."""
+    d = _recipe(tmp_path, "\t# the collector\n"
+                "\t$(INSTALL_DIR) $(1)/$(DIR) $(1)/etc/x\n"
+                "\t$(INSTALL_DATA) ./files/a.lua ./files/sub/b $(1)/$(DIR)\n"
+                "\t$(INSTALL_BIN) ./files/sub/b $(1)/etc/x/\n"
+                "\t$(INSTALL_CONF) ./files/a.lua $(1)/etc/x/conf\n",
+                depends="needed +selected @TARGET_x86 +USE_X:cond")
+    pkg = ipk.files_package(d)
+    assert (pkg.name, pkg.version, pkg.architecture) == ("pkg-x", "1.2-r3", "all")
+    assert pkg.depends == ["libc", "needed", "selected"]
+    assert pkg.files == {"usr/share/x/a.lua": (0o644, b"a.lua\n"), "usr/share/x/b": (0o644, b"sub/b\n"),
+                         "etc/x/b": (0o755, b"sub/b\n"), "etc/x/conf": (0o600, b"a.lua\n")}
+
+
+@pytest.mark.parametrize("install,error", [
+    ("\t$(INSTALL_DATA) ./files/a.lua $(1)/usr/a.lua\n", "directory is not created"),
+    ("\t$(INSTALL_DATA) ./files/a.lua $(1)/usr/\n", "no such directory"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/a.lua ./files/sub/b $(1)/usr/x\n",
+     "several sources"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/c.lua $(1)/usr/\n", "no such file"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/*.lua $(1)/usr/\n", "a glob"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(CP) ./files/a.lua $(1)/usr/\n", "cannot read install line"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/a.lua $(1)/$(NOWHERE)/\n", "not set"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) /etc/passwd $(1)/usr/\n", "is not under"),
+    ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/../Makefile $(1)/usr/\n", ".."),
+])
+def test_install_lines_fail_where_the_sdk_would(tmp_path, install, error):
+    """install(1) fails on a missing directory or source, several sources for a file; a line
+    not read here ($(CP), a glob) is an error, not a file left out of the package."""
+    with pytest.raises(ValueError, match=re.escape(error)):
+        ipk.files_package(_recipe(tmp_path, install))
 
 
 def _expected_core_data() -> dict:
@@ -463,6 +583,11 @@ def test_the_router_package_runs_without_the_pc_tools(built, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+def _control(res: dict) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in
+                res["control_members"]["./control"][1].decode().split("\n") if ": " in line)
+
+
 def _opkg() -> str | None:
     for cand in (shutil.which("opkg-cl"), shutil.which("opkg"), "/opt/owrt/bin/opkg-cl"):
         if cand and os.access(cand, os.X_OK):
@@ -473,9 +598,10 @@ def _opkg() -> str | None:
 
 
 def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
-    """opkg-lede into an offline root (-o): install both packages, let the
-    agent's code write its byte code, opkg remove: nothing of ours is left
-    but the modified conffile, which opkg keeps on purpose."""
+    """opkg-lede into an offline root (-o): install every package of `make ipk` (the
+    monitoring ones too: opkg resolves their Depends against the installed feed packages,
+    the exporter among them), let the agent's code write its byte code, opkg remove:
+    nothing of ours is left but the modified conffile, which opkg keeps on purpose."""
     opkg = _opkg()
     if opkg is None:
         pytest.skip("opkg-lede not found (opkg-cl or opkg on PATH, /opt/owrt/bin/opkg-cl): "
@@ -485,10 +611,14 @@ def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
         (root / d).mkdir(parents=True)
     conf = root / "etc/opkg.conf"
     conf.write_text("dest root /\nlists_dir ext /var/opkg-lists\narch all 1\narch noarch 1\n")
-    # the feed packages ours depend on, as installed
+    # the feed packages ours depend on (libc, python3-light, luci-base,
+    # prometheus-node-exporter-lua, collectd-mod-exec, ...), as installed
+    ours = {n.split("_")[0] for n in built}
+    feed = sorted({d for n in built for d in _control(open_ipk(built[n]))["Depends"].split(", ")} - ours)
+    assert {"libc", "luci-base", "prometheus-node-exporter-lua", "libubus-lua", "collectd-mod-exec"} <= set(feed)
     (root / "usr/lib/opkg/status").write_text("".join(
         f"Package: {p}\nVersion: 1\nStatus: install user installed\nArchitecture: all\n\n"
-        for p in [*DEPENDS.split(", "), "luci-base"]))
+        for p in feed))
     lib = os.environ.get("LD_LIBRARY_PATH", "")
     # opkg-lede runs no package script in an offline root unless told to
     # (pkg_run_script); OpenWrt's build sets IPKG_INSTROOT for them.
@@ -507,7 +637,13 @@ def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
     assert (root / "usr/lib/opkg/info/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
     assert (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").read_bytes() == \
         lmo.write_lmo(ROOT / "luci-app-mpvpn/po/zh_Hans/mpvpn.po")
-    assert f"\n{I18N} - {VERSION}\n" in run("list-installed")
+    installed = run("list-installed")
+    assert all(f"{n} - {VERSION}\n" in installed for n in ours), installed
+    for name in (PROM, COLLECTD):  # installed where the recipe puts them, with its modes
+        for path, mode in MONITORING[name][0].items():
+            f = root / path
+            assert f.read_bytes() == (ROOT / "package" / name / "files" / path).read_bytes(), path
+            assert f.stat().st_mode & 0o7777 == mode, path
     r = subprocess.run([sys.executable, "-c", "import sys; from mpvpn.cli import main; sys.exit(main())",
                         "check", "--uci-dir", str(root / "etc/config")],
                        env={**os.environ, "PYTHONPATH": str(site.parent), "PYTHONDONTWRITEBYTECODE": ""},
@@ -516,8 +652,9 @@ def test_real_opkg_install_and_remove_leave_nothing(built, tmp_path):
     assert list((site / "__pycache__").iterdir())
     with open(root / "etc/config/orayboxvpn", "a") as f:
         f.write("\n")  # the admin's edit
-    run("remove", I18N, "luci-app-mpvpn", "orayboxvpn")
+    run("remove", PROM, COLLECTD, I18N, "luci-app-mpvpn", "orayboxvpn")
     assert not site.exists()
+    assert ours.isdisjoint(run("list-installed").split())
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if p.is_file() and not str(p.relative_to(root)).startswith(("usr/lib/opkg", "etc/opkg")))
     assert left == ["etc/config/orayboxvpn"]
@@ -547,7 +684,8 @@ def _gnu(cwd: Path, *names: str) -> bytes:
 
 @pytest.mark.skipif(not GNU_TAR, reason="GNU tar with --sort=name not installed")
 @pytest.mark.parametrize("name", [f"orayboxvpn_{VERSION}_all.ipk", f"luci-app-mpvpn_{VERSION}_all.ipk",
-                                  f"luci-i18n-mpvpn-zh-cn_{VERSION}_all.ipk"])
+                                  f"luci-i18n-mpvpn-zh-cn_{VERSION}_all.ipk", f"{PROM}_{VERSION}_all.ipk",
+                                  f"{COLLECTD}_{VERSION}_all.ipk"])
 def test_same_bytes_as_gnu_tar(built, tmp_path, name):
     res = open_ipk(built[name])
     for key in ("data", "control"):

@@ -1,7 +1,9 @@
 """``make apk``: the OpenWrt 25.12 packages (apk-tools v3) without the SDK.
 
 ``python -m mpvpn.tools.apk --out dist`` writes ``dist/orayboxvpn-<ver>.apk``,
-``dist/luci-app-mpvpn-<ver>.apk`` and ``dist/luci-i18n-mpvpn-zh-cn-<ver>.apk`` as the 25.12 SDK makes them: its
+``dist/luci-app-mpvpn-<ver>.apk``, ``dist/luci-i18n-mpvpn-zh-cn-<ver>.apk`` and the monitoring
+packages (``dist/prometheus-node-exporter-lua-orayboxvpn-<ver>.apk``,
+``dist/orayboxvpn-collectd-<ver>.apk``) as the 25.12 SDK makes them: its
 ``include/package-pack.mk`` (the ``CONFIG_USE_APK`` branch) stages the same
 files as for an ipk (read from the same recipes by :mod:`mpvpn.tools.ipk`), adds
 ``/lib/apk/packages/<name>.list``, ``.conffiles`` and ``.conffiles_static``
@@ -394,7 +396,8 @@ def build_apk(pkg: ipk.Package, out_dir: str | os.PathLike, epoch: int) -> Path:
 
 def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
           epoch: int | None = None, python_version: str | None = None) -> list[Path]:
-    """Build orayboxvpn, luci-app-mpvpn and its translations as apk packages."""
+    """Build orayboxvpn, luci-app-mpvpn, its translations and the monitoring packages as apk
+    packages (every package of :func:`mpvpn.tools.ipk.packages`)."""
     root = Path(root) if root is not None else ipk.default_root()
     if epoch is None:
         epoch = ipk.source_date_epoch(root)
@@ -406,8 +409,9 @@ def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mpvpn.tools.apk",
-        description="Build dist/orayboxvpn-<ver>.apk, dist/luci-app-mpvpn-<ver>.apk and "
-        "dist/luci-i18n-mpvpn-zh-cn-<ver>.apk in "
+        description="Build dist/orayboxvpn-<ver>.apk, dist/luci-app-mpvpn-<ver>.apk, "
+        "dist/luci-i18n-mpvpn-zh-cn-<ver>.apk and the monitoring packages "
+        "(prometheus-node-exporter-lua-orayboxvpn, orayboxvpn-collectd) in "
         "apk-tools v3 format, as OpenWrt 25.12's SDK makes them, without the SDK. "
         "Unsigned: install with apk add --allow-untrusted.",
     )

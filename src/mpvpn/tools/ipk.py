@@ -1,8 +1,10 @@
 """``make ipk``: build the OpenWrt packages without the SDK.
 
 ``python -m mpvpn.tools.ipk --out dist`` writes ``dist/orayboxvpn_<ver>_all.ipk``,
-``dist/luci-app-mpvpn_<ver>_all.ipk`` and its translations
-(``dist/luci-i18n-mpvpn-zh-cn_<ver>_all.ipk``, see :func:`luci_translations`) in the format OpenWrt's own build
+``dist/luci-app-mpvpn_<ver>_all.ipk``, its translations
+(``dist/luci-i18n-mpvpn-zh-cn_<ver>_all.ipk``, see :func:`luci_translations`) and the
+monitoring packages (``prometheus-node-exporter-lua-orayboxvpn_<ver>_all.ipk``,
+``orayboxvpn-collectd_<ver>_all.ipk``, see :func:`files_package`) in the format OpenWrt's own build
 produces (up to OpenWrt 24.10, the last release that uses opkg). It follows
 the real tools line by line:
 
@@ -38,7 +40,10 @@ goes to ``$(PYTHON3_PKG_DIR)/mpvpn/`` of the target release
 python3.13) as sources (the SDK ships byte code instead; the package's
 ``postrm`` removes the byte code Python writes next to the sources). ``luci-app-mpvpn/`` is mapped as LuCI's ``luci.mk``
 does (``htdocs/*`` to ``/www``, ``root/*`` to ``/``), with its ``Makefile``'s
-``LUCI_*`` variables when there is one.
+``LUCI_*`` variables when there is one. The monitoring recipes
+(``package/prometheus-node-exporter-lua-orayboxvpn``, ``package/orayboxvpn-collectd``)
+install files of their own ``files/`` directory; their ``Package/<name>/install`` lines are
+read the same way (:func:`install_files`).
 """
 
 from __future__ import annotations
@@ -60,8 +65,10 @@ __all__ = [
     "build",
     "build_ipk",
     "control_text",
+    "files_package",
     "gnu_tar",
     "gzip_n",
+    "install_files",
     "luci_package",
     "luci_translations",
     "main",
@@ -313,7 +320,10 @@ def parse_makefile(path: str | os.PathLike) -> Makefile:
 def depends_list(depends: str) -> list[str]:
     """package-pack.mk's ``filter_deps`` of ``PKG_FIXUP_DEPENDS``: ``+libc``
     first (package-defaults.mk), ``+`` stripped, ``@`` conditions dropped,
-    ``COND:pkg`` entries dropped (no CONFIG_ symbol is set here)."""
+    ``COND:pkg`` entries dropped (no CONFIG_ symbol is set here). ``+`` only tells
+    menuconfig to select the package; a name without it (``prometheus-node-exporter-lua``:
+    needed, but the user chooses it) is a dependency of the package all the same
+    (``strip_deps=$(strip $(subst +,,$(filter-out @%,$(1))))``)."""
     default = ["+libc", "+USE_EGLIBC:librt", "+USE_EGLIBC:libpthread"]
     words = default + [w for w in depends.split() if w not in default]
     out = []
@@ -461,37 +471,99 @@ def _script(mk: Makefile, name: str) -> str | None:
     return None if body is None else _undollar(mk.expand(body))
 
 
-def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VERSION) -> Package:
-    """The orayboxvpn package as ``package/orayboxvpn/Makefile`` describes it."""
-    root = Path(root)
-    mk = parse_makefile(root / "package" / "orayboxvpn" / "Makefile")
-    mk.variables["PYTHON3_PKG_DIR"] = python3_pkg_dir(python_version)
-    name = mk.var("PKG_NAME")
+def _expand_install_word(mk: Makefile, word: str, where: str) -> str:
+    """Expand the make variables of an install line, keeping ``$(1)`` (the
+    package's staging directory), ``$(PKG_BUILD_DIR)`` and the ``$(INSTALL_*)`` commands for
+    :func:`install_files`. A variable the recipe does not set is an error: make would expand
+    it to nothing and install a file somewhere else."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name in ("1", "PKG_BUILD_DIR") or name.startswith("INSTALL_"):
+            return m.group(0)
+        if name not in mk.variables:
+            raise ValueError(f"{where}: $({name}) is not set in the recipe")
+        return mk.var(name)
+    return re.sub(r"\$\(([A-Za-z0-9_]+)\)", sub, word)
+
+
+def install_files(mk: Makefile, define: str, sources: dict[str, Path],
+                  where: str) -> dict[str, tuple[int, bytes]]:
+    """What the ``define`` (``Package/<name>/install``) puts into ``$(1)``, as make and
+    coreutils ``install`` (rules.mk: ``INSTALL_DIR:=install -d -m0755``,
+    ``INSTALL_BIN:=install -m0755``, ``INSTALL_DATA:=install -m0644``,
+    ``INSTALL_CONF:=install -m0600``) would: ``$(INSTALL_DIR) $(1)/d ...`` creates
+    directories; ``$(INSTALL_X) SRC... $(1)/DEST`` copies each source with X's mode to DEST,
+    or into it when DEST ends with ``/`` or is a directory created before (several sources:
+    it must be one). A source starts with one of ``sources``' prefixes (``./`` the
+    recipe's directory, ``$(PKG_BUILD_DIR)/``) and is a regular file. As strict as the
+    tools: a destination whose directory was not created, a missing source, a line this
+    cannot read (``$(CP)``, a shell glob, a loop) is a ``ValueError``, never a package with
+    a file left out. Returns {router path without the leading /: (mode, data)}."""
+    body = mk.define(define)
+    if body is None:
+        raise ValueError(f"{where}: no define {define}")
+    dirs = {""}
+    files: dict[str, tuple[int, bytes]] = {}
+
+    def staged(word: str) -> str:
+        if not (word == "$(1)" or word.startswith("$(1)/")):
+            raise ValueError(f"{where}: {word!r} is not under $(1)")
+        path = word[len("$(1)"):]
+        parts = [x for x in path.split("/") if x]
+        if any(x in (".", "..") for x in parts):
+            raise ValueError(f"{where}: {word!r}: . or .. in a staged path")
+        return "/".join(parts)
+
+    for line in _logical_lines(body):
+        words = line.split()
+        if not words or words[0].startswith("#"):  # the shell's comment
+            continue
+        m = re.fullmatch(r"\$\((INSTALL_[A-Z]+)\)", words[0])
+        if m is None or (m.group(1) != "INSTALL_DIR" and m.group(1) not in INSTALL_MODES):
+            raise ValueError(f"{where}: cannot read install line {line.strip()!r}")
+        words = [words[0], *_expand_install_word(mk, " ".join(words[1:]), where).split()]
+        if m.group(1) == "INSTALL_DIR":  # install -d: every parent too
+            for word in words[1:]:
+                parts = staged(word).split("/")
+                dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                if staged(word) in files:
+                    raise ValueError(f"{where}: {word}: a file of that name was installed")
+            continue
+        if len(words) < 3:
+            raise ValueError(f"{where}: {line.strip()!r}: a source and a destination needed")
+        dest_word = words[-1]
+        dest = staged(dest_word)
+        into = dest_word.endswith("/") or dest in dirs
+        if into and dest not in dirs:
+            raise ValueError(f"{where}: {dest_word}: no such directory (no $(INSTALL_DIR) before)")
+        if not into and len(words) > 3:
+            raise ValueError(f"{where}: {dest_word}: several sources need a directory")
+        if not into and dest.rpartition("/")[0] not in dirs:
+            raise ValueError(f"{where}: {dest_word}: its directory is not created (no $(INSTALL_DIR) before)")
+        for src_word in words[1:-1]:
+            pre = next((p for p in sources if src_word.startswith(p)), None)
+            if pre is None:
+                raise ValueError(f"{where}: source {src_word!r} is not under "
+                                 + " or ".join(sorted(sources)))
+            rel = src_word[len(pre):]
+            if any(c in rel for c in "*?[$`{\\") or ".." in rel.split("/"):
+                raise ValueError(f"{where}: cannot read source {src_word!r} (a glob, shell expansion or ..)")
+            src = sources[pre] / rel
+            if not src.is_file():
+                raise ValueError(f"{where}: {src_word}: no such file ({src})")
+            target = f"{dest}/{src.name}".lstrip("/") if into else dest
+            files[target] = (INSTALL_MODES[m.group(1)], src.read_bytes())
+    return files
+
+
+def _recipe_package(mk: Makefile, name: str, files: dict[str, tuple[int, bytes]]) -> Package:
+    """The fields of ``define Package/<name>`` and the recipe's variables, as
+    package-pack.mk writes them into the control file."""
     fields = mk.package_fields(name)
     version = mk.var("PKG_VERSION")
     release = mk.var("PKG_RELEASE")
     if release:
         version += f"-r{release}"
-    files: dict[str, tuple[int, bytes]] = {}
-    install = mk.define(f"Py3Package/{name}/install") or ""
-    for line in _logical_lines(install):
-        m = re.match(r"\s*\$\((INSTALL_BIN|INSTALL_DATA|INSTALL_CONF)\)\s+"
-                     r"\$\(PKG_BUILD_DIR\)/(\S+)\s+\$\(1\)(/\S+)\s*$", line)
-        if m:
-            src = root / m.group(2)
-            files[m.group(3).lstrip("/")] = (INSTALL_MODES[m.group(1)], src.read_bytes())
-        elif re.match(r"\s*\$\(INSTALL_", line) and "INSTALL_DIR" not in line:
-            raise ValueError(f"package/orayboxvpn/Makefile: cannot read install line {line.strip()!r}")
-    site = python3_pkg_dir(python_version).lstrip("/") + "/mpvpn"
-    pyfiles: dict = {}
-    _add_tree(pyfiles, root / "src" / "mpvpn", site)
-    for path, (mode, data) in pyfiles.items():
-        if path.endswith((".pyc", ".pyo", ".so", ".c")):  # compiled parts: orayboxvpn-fastpath
-            continue
-        if path.startswith(f"{site}/tools/"):  # runs on a PC (Build/Compile drops it too)
-            continue
-        files[path] = (0o644, data)
-    conffiles = (mk.define(f"Package/{name}/conffiles") or "").split()
     return Package(
         name=name,
         version=version,
@@ -506,11 +578,53 @@ def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VER
         url=fields.get("URL", ""),
         maintainer=mk.var("PKG_MAINTAINER"),
         architecture=fields.get("PKGARCH", "all"),
-        conffiles=conffiles,
+        conffiles=(mk.define(f"Package/{name}/conffiles") or "").split(),
         postinst_pkg=_script(mk, f"Package/{name}/postinst"),
         prerm_pkg=_script(mk, f"Package/{name}/prerm"),
         postrm=_script(mk, f"Package/{name}/postrm"),
     )
+
+
+def orayboxvpn_package(root: str | os.PathLike, python_version: str = PYTHON_VERSION) -> Package:
+    """The orayboxvpn package as ``package/orayboxvpn/Makefile`` describes it."""
+    root = Path(root)
+    mk = parse_makefile(root / "package" / "orayboxvpn" / "Makefile")
+    mk.variables["PYTHON3_PKG_DIR"] = python3_pkg_dir(python_version)
+    name = mk.var("PKG_NAME")
+    # Build/Prepare copies src/ and files/ of the repository into $(PKG_BUILD_DIR)
+    files = install_files(mk, f"Py3Package/{name}/install", {"$(PKG_BUILD_DIR)/": root},
+                          "package/orayboxvpn/Makefile")
+    site = python3_pkg_dir(python_version).lstrip("/") + "/mpvpn"
+    pyfiles: dict = {}
+    _add_tree(pyfiles, root / "src" / "mpvpn", site)
+    for path, (mode, data) in pyfiles.items():
+        if path.endswith((".pyc", ".pyo", ".so", ".c")):  # compiled parts: orayboxvpn-fastpath
+            continue
+        if path.startswith(f"{site}/tools/"):  # runs on a PC (Build/Compile drops it too)
+            continue
+        files[path] = (0o644, data)
+    return _recipe_package(mk, name, files)
+
+
+# The recipes under package/ that install files of their own directory (``./files/...``) and
+# build nothing (``Build/Compile=``, PKGARCH all): `make ipk`/`make apk` build them too.
+# Not here: orayboxvpn (above), luci-app-mpvpn (luci.mk), orayboxvpn-fastpath (compiles C for
+# the target: the SDK only).
+FILES_RECIPES = ("prometheus-node-exporter-lua-orayboxvpn", "orayboxvpn-collectd")
+
+
+def files_package(recipe_dir: str | os.PathLike) -> Package:
+    """A package whose ``Package/<name>/install`` copies files of the recipe's own
+    directory (``./files/...``; make runs the recipe in its directory), e.g.
+    ``package/orayboxvpn-collectd``: fields, DEPENDS (with and without ``+``: both go into
+    Depends, see :func:`depends_list`) and scripts from the Makefile."""
+    d = Path(recipe_dir)
+    mk = parse_makefile(d / "Makefile")
+    name = mk.var("PKG_NAME") or d.name
+    if mk.define(f"Package/{name}") is None:
+        raise ValueError(f"{d / 'Makefile'}: no define Package/{name}")
+    where = f"package/{d.name}/Makefile"
+    return _recipe_package(mk, name, install_files(mk, f"Package/{name}/install", {"./": d}, where))
 
 
 def luci_postinst(defaults: list[str]) -> str:
@@ -665,16 +779,17 @@ def default_root() -> Path:
 def packages(root: str | os.PathLike | None = None,
              python_version: str = PYTHON_VERSION) -> list[Package]:
     """orayboxvpn, luci-app-mpvpn and its translations (luci-i18n-mpvpn-<lang>), for a target
-    whose python3 is ``python_version``."""
+    whose python3 is ``python_version``, and the monitoring packages (:data:`FILES_RECIPES`)."""
     root = Path(root) if root is not None else default_root()
     core = orayboxvpn_package(root, python_version)
     app = luci_package(root, core.version)
-    return [core, app, *luci_translations(app, root / "luci-app-mpvpn")]
+    return [core, app, *luci_translations(app, root / "luci-app-mpvpn"),
+            *(files_package(root / "package" / name) for name in FILES_RECIPES)]
 
 
 def build(out_dir: str | os.PathLike, root: str | os.PathLike | None = None,
           epoch: int | None = None, python_version: str = PYTHON_VERSION) -> list[Path]:
-    """Build both packages; returns the written paths."""
+    """Build every package of :func:`packages`; returns the written paths."""
     root = Path(root) if root is not None else default_root()
     if epoch is None:
         epoch = source_date_epoch(root)
@@ -713,8 +828,9 @@ def target_python(args: argparse.Namespace, default_release: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mpvpn.tools.ipk",
-        description="Build dist/orayboxvpn_<ver>_all.ipk, dist/luci-app-mpvpn_<ver>_all.ipk and "
-        "its translations (luci-i18n-mpvpn-zh-cn_<ver>_all.ipk) "
+        description="Build dist/orayboxvpn_<ver>_all.ipk, dist/luci-app-mpvpn_<ver>_all.ipk, "
+        "its translations (luci-i18n-mpvpn-zh-cn_<ver>_all.ipk) and the monitoring packages "
+        "(prometheus-node-exporter-lua-orayboxvpn, orayboxvpn-collectd) "
         "in OpenWrt's ipk format, without the SDK (for OpenWrt 24.10 and older; "
         "25.12 and later use apk: python -m mpvpn.tools.apk).",
     )
