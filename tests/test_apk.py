@@ -175,11 +175,44 @@ def ipks():
 
 
 I18N = "luci-i18n-mpvpn-zh-cn"
+PROM = "prometheus-node-exporter-lua-orayboxvpn"
+COLLECTD = "orayboxvpn-collectd"
+ALL = ["orayboxvpn", "luci-app-mpvpn", I18N, PROM, COLLECTD]
 
 
 def test_file_names(built):
-    assert sorted(p.name for p in built["_paths"]) == \
-        [f"luci-app-mpvpn-{VERSION}.apk", f"{I18N}-{VERSION}.apk", f"orayboxvpn-{VERSION}.apk"]
+    assert sorted(p.name for p in built["_paths"]) == sorted(f"{name}-{VERSION}.apk" for name in ALL)
+
+
+# package/<name>/Makefile of the monitoring packages: router path -> mode, depends (apk sorts them)
+MONITORING = {
+    PROM: ({"usr/lib/lua/prometheus-collectors/orayboxvpn.lua": 0o644},
+           [b"libc", b"libubus-lua", b"orayboxvpn", b"prometheus-node-exporter-lua"]),
+    COLLECTD: ({"usr/libexec/collectd/orayboxvpn": 0o755,
+                "usr/share/acl.d/orayboxvpn-collectd.json": 0o644,
+                "www/luci-static/resources/statistics/rrdtool/definitions/orayboxvpn.js": 0o644},
+               [b"collectd-mod-exec", b"libc", b"libubus-lua", b"lua", b"orayboxvpn"]),
+}
+
+
+@pytest.mark.parametrize("name", [PROM, COLLECTD])
+def test_monitoring_package(built, name):
+    """The monitoring recipes as the 25.12 SDK packs them: their files/ at the install lines'
+    paths and modes plus the .list, noarch, the exporter a dependency though not selected (+),
+    package-pack.mk's scripts only."""
+    got = built[f"{name}-{VERSION}.apk"]
+    info = got["package"]["info"]
+    modes, depends = MONITORING[name]
+    assert (info["name"], info["version"], info["arch"]) == (name.encode(), VERSION.encode(), b"noarch")
+    assert [d["name"] for d in info["depends"]] == depends
+    assert [d["name"] for d in info["provides"]] == [f"{name}-any".encode()]
+    assert info["origin"] == f"feeds/orayboxvpn/{name}".encode() and info["license"] == b"GPL-2.0-only"
+    files = ROOT / "package" / name / "files"
+    want = {path: (mode, (files / path).read_bytes()) for path, mode in modes.items()}
+    want[f"lib/apk/packages/{name}.list"] = (0o644, "".join(f"/{p}\n" for p in sorted(modes)).encode())
+    assert got["files"] == want
+    assert set(got["package"]["scripts"]) == {"post-install", "post-upgrade", "pre-deinstall"}
+    assert info["installed-size"] == sum(len(data) for _, data in want.values())
 
 
 def test_translation_package(built, ipks):
@@ -237,7 +270,7 @@ def test_same_layout_as_the_ipk(built, ipks):
     """Every file of the ipk (for the same Python) with its mode and bytes,
     plus apk's /lib/apk/packages records; a directory entry for every
     directory (mkpkg's default --compat keeps them), mode 0755."""
-    for name in ("orayboxvpn", "luci-app-mpvpn", I18N):
+    for name in ALL:
         got = built[f"{name}-{VERSION}.apk"]
         files = {k: v for k, v in got["files"].items() if not k.startswith(f"lib/apk/packages/{name}.")}
         assert files == ipks[name].files
@@ -399,6 +432,10 @@ def test_real_apk_installs_both_packages(built, tmp_path):
     assert r.returncode == 0 and "etc/config/orayboxvpn" in r.stdout, r.stdout + r.stderr
     assert (root / "lib/apk/packages/orayboxvpn.conffiles").read_text() == "/etc/config/orayboxvpn\n"
     assert (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").is_file()
+    assert {"prometheus-node-exporter-lua", "collectd-mod-exec", "libubus-lua", "lua"} <= set(deps)
+    for name in (PROM, COLLECTD):
+        r = subprocess.run([tool, "info", "--root", str(root), "-L", name], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and all(p in r.stdout for p in MONITORING[name][0]), r.stdout + r.stderr
     # an upgrade keeps the admin's config (the new one beside it, as apk does under /etc)
     conf = root / "etc/config/orayboxvpn"
     conf.write_text(conf.read_text() + "# the admin's edit\n")
@@ -411,14 +448,19 @@ def test_real_apk_installs_both_packages(built, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert conf.read_text().endswith("# the admin's edit\n")
     assert (root / "etc/config/orayboxvpn.apk-new").is_file()
-    r = subprocess.run([tool, "del", "--root", str(root), "--no-scripts", "--no-network",
-                        I18N, "luci-app-mpvpn", "orayboxvpn"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([tool, "del", "--root", str(root), "--no-scripts", "--no-network", *ALL],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (root / SITE / "cli.py").exists()
     assert not (root / "usr/lib/lua/luci/i18n/mpvpn.zh-cn.lmo").exists()
+    assert not any((root / p).exists() for name in (PROM, COLLECTD) for p in MONITORING[name][0])
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                  and not str(p.relative_to(root)).startswith(("lib/apk/db/", "etc/apk/", "var/log/apk.log",
+                                                               "usr/share/test-feed-stub")))
+    assert left == ["etc/config/orayboxvpn"], left  # the admin's edit stays, as with opkg
 
 
-@pytest.mark.parametrize("which", ["orayboxvpn", "luci-app-mpvpn", I18N])
+@pytest.mark.parametrize("which", ALL)
 def test_same_bytes_as_real_apk_mkpkg(tmp_path, which):
     """The staged tree given to the real `apk mkpkg` with the --info and
     --script arguments package-pack.mk passes gives the same package, byte
@@ -485,7 +527,7 @@ def test_real_apk_scripts_remove_the_byte_code(built, tmp_path):
     for d in (site / "__pycache__", site / "core" / "__pycache__"):
         d.mkdir()
         (d / "x.cpython-313.pyc").write_bytes(b"byte code")
-    r = subprocess.run([tool, "del", "--root", str(root), "--no-network", I18N, "luci-app-mpvpn", "orayboxvpn"],
+    r = subprocess.run([tool, "del", "--root", str(root), "--no-network", *ALL],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and f"orayboxvpn-{VERSION}.post-deinstall" in r.stdout, r.stdout + r.stderr
     assert not site.exists()
