@@ -3,14 +3,17 @@
 #   make test   - install everything into .venv and run the whole suite
 #   make bench  - run the benchmarks under bench/
 #   make ipk    - build dist/orayboxvpn_<ver>_all.ipk, dist/luci-app-mpvpn_<ver>_all.ipk, luci-i18n-mpvpn-zh-cn_<ver>_all.ipk
+#                 and the monitoring packages prometheus-node-exporter-lua-orayboxvpn_<ver>_all.ipk,
+#                 orayboxvpn-collectd_<ver>_all.ipk (docs/monitoring.md)
 #                 (opkg: OpenWrt 24.10 and older; no SDK needed, see docs/openwrt.md)
-#   make apk    - build dist/orayboxvpn-<ver>.apk, dist/luci-app-mpvpn-<ver>.apk, luci-i18n-mpvpn-zh-cn-<ver>.apk
+#   make apk    - build dist/orayboxvpn-<ver>.apk, dist/luci-app-mpvpn-<ver>.apk, luci-i18n-mpvpn-zh-cn-<ver>.apk,
+#                 prometheus-node-exporter-lua-orayboxvpn-<ver>.apk, orayboxvpn-collectd-<ver>.apk
 #                 (apk-tools v3: OpenWrt 25.12 and later; no SDK needed)
 #   OPENWRT=24.10|25.12 picks the target release (its python3: 3.11 | 3.13);
 #                 default 24.10 for ipk, 25.12 for apk
 #   make test-openwrt - the OpenWrt packaging tests (a real OpenWrt rootfs in Docker
 #                 when a Docker engine runs, otherwise skipped with the reason)
-# (The OpenWrt package recipe lives in package/orayboxvpn/Makefile.)
+# (The OpenWrt package recipes live in package/*/Makefile; make ipk/apk read them.)
 
 PYTHON ?= python3
 VENV   ?= .venv
