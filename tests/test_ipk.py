@@ -221,12 +221,98 @@ def test_install_lines_as_install_runs_them(tmp_path):
     ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/a.lua $(1)/$(NOWHERE)/\n", "not set"),
     ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) /etc/passwd $(1)/usr/\n", "is not under"),
     ("\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/../Makefile $(1)/usr/\n", ".."),
+    ("\t$(INSTALL_DIR) $(1)/usr $(1)/etc/empty\n\t$(INSTALL_DATA) ./files/a.lua $(1)/usr/\n", "stays empty"),
 ])
 def test_install_lines_fail_where_the_sdk_would(tmp_path, install, error):
     """install(1) fails on a missing directory or source, several sources for a file; a line
     not read here ($(CP), a glob) is an error, not a file left out of the package."""
     with pytest.raises(ValueError, match=re.escape(error)):
         ipk.files_package(_recipe(tmp_path, install))
+
+
+# Stand-ins for the two OpenWrt make files a recipe includes, only what an install define needs:
+# rules.mk's INSTALL_* commands (verbatim), and package-pack.mk's way of running the define
+# ($(call Package/$(1)/install,$$(IDIR_$(1))) in a recipe, one shell per line, in the
+# recipe's directory) as BuildPackage of package.mk.
+RULES_MK = """INSTALL_BIN:=install -m0755
+INSTALL_SUID:=install -m4755
+INSTALL_DIR:=install -d -m0755
+INSTALL_DATA:=install -m0644
+INSTALL_CONF:=install -m0600
+"""
+PACKAGE_MK = """define BuildPackage
+stage:
+\t$$(call Package/$(1)/install,$$(STAGE))
+endef
+"""
+
+
+def _sdk_install(recipe: Path, shim: Path, stage: Path) -> subprocess.CompletedProcess:
+    """Run the recipe's install define with GNU make and coreutils install into ``stage``."""
+    shim.mkdir(exist_ok=True)
+    (shim / "rules.mk").write_text(RULES_MK)
+    (shim / "package.mk").write_text(PACKAGE_MK)
+    stage.mkdir()
+    return subprocess.run(["make", "-s", "-C", str(recipe), f"TOPDIR={shim}", f"INCLUDE_DIR={shim}",
+                           f"STAGE={stage}", "stage"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MAKEFLAGS": ""})
+
+
+def _staged_tree(stage: Path) -> tuple[dict, set]:
+    files, dirs = {}, set()
+    for p in stage.rglob("*"):
+        rel = str(p.relative_to(stage))
+        if p.is_dir():
+            dirs.add(rel)
+        else:
+            files[rel] = (p.stat().st_mode & 0o7777, p.read_bytes())
+    return files, dirs
+
+
+def _dirs_of(files: dict) -> set:
+    return {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+
+
+MAKE_OK = bool(shutil.which("make") and shutil.which("install"))
+
+
+@pytest.mark.skipif(not MAKE_OK, reason="GNU make and coreutils install are not on PATH")
+@pytest.mark.parametrize("recipe", [PROM, COLLECTD, "synthetic"])
+def test_install_files_as_make_and_install_stage_them(tmp_path, recipe):
+    """The install define run for real (GNU make, coreutils install: what the SDK runs) stages
+    the same files, modes, bytes and directories as install_files reads from it."""
+    if recipe == "synthetic":
+        d = _recipe(tmp_path, "\t# the collector\n"
+                    "\t$(INSTALL_DIR) $(1)/$(DIR) $(1)/etc/x\n"
+                    "\t$(INSTALL_DATA) ./files/a.lua ./files/sub/b $(1)/$(DIR)\n"
+                    "\t$(INSTALL_BIN) ./files/sub/b $(1)/etc/x/\n"
+                    "\t$(INSTALL_CONF) ./files/a.lua $(1)/etc/x/conf\n")
+    else:
+        d = ROOT / "package" / recipe
+    r = _sdk_install(d, tmp_path / "shim", tmp_path / "stage")
+    assert r.returncode == 0, r.stdout + r.stderr
+    files, dirs = _staged_tree(tmp_path / "stage")
+    ours = ipk.files_package(d).files
+    assert files == ours
+    assert dirs == _dirs_of(ours)
+
+
+@pytest.mark.skipif(not MAKE_OK, reason="GNU make and coreutils install are not on PATH")
+@pytest.mark.parametrize("install", [
+    "\t$(INSTALL_DATA) ./files/a.lua $(1)/usr/a.lua\n",
+    "\t$(INSTALL_DATA) ./files/a.lua $(1)/usr/\n",
+    "\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/a.lua ./files/sub/b $(1)/usr/x\n",
+    "\t$(INSTALL_DIR) $(1)/usr\n\t$(INSTALL_DATA) ./files/c.lua $(1)/usr/\n",
+])
+def test_install_files_fails_where_make_and_install_fail(tmp_path, install):
+    """The errors install_files raises for a missing directory or source, or several sources
+    for one file, are install(1)'s own failures (the others of
+    test_install_lines_fail_where_the_sdk_would are stricter than the SDK on purpose)."""
+    d = _recipe(tmp_path, install)
+    r = _sdk_install(d, tmp_path / "shim", tmp_path / "stage")
+    assert r.returncode != 0 and "install:" in r.stderr, r.stdout + r.stderr
+    with pytest.raises(ValueError):
+        ipk.files_package(d)
 
 
 def _expected_core_data() -> dict:

@@ -553,6 +553,11 @@ def install_files(mk: Makefile, define: str, sources: dict[str, Path],
                 raise ValueError(f"{where}: {src_word}: no such file ({src})")
             target = f"{dest}/{src.name}".lstrip("/") if into else dest
             files[target] = (INSTALL_MODES[m.group(1)], src.read_bytes())
+    for d in sorted(dirs - {""}):
+        if d in files:
+            raise ValueError(f"{where}: $(1)/{d}: installed as a file and created as a directory")
+        if not any(f.startswith(d + "/") for f in files):  # Package.files holds no directory
+            raise ValueError(f"{where}: $(1)/{d} stays empty: an empty directory is not packaged here")
     return files
 
 
