@@ -471,7 +471,7 @@ def _script(mk: Makefile, name: str) -> str | None:
     return None if body is None else _undollar(mk.expand(body))
 
 
-def _expand_install_word(mk: Makefile, word: str, where: str) -> str:
+def _expand_install_args(mk: Makefile, text: str, where: str) -> str:
     """Expand the make variables of an install line, keeping ``$(1)`` (the
     package's staging directory), ``$(PKG_BUILD_DIR)`` and the ``$(INSTALL_*)`` commands for
     :func:`install_files`. A variable the recipe does not set is an error: make would expand
@@ -483,7 +483,7 @@ def _expand_install_word(mk: Makefile, word: str, where: str) -> str:
         if name not in mk.variables:
             raise ValueError(f"{where}: $({name}) is not set in the recipe")
         return mk.var(name)
-    return re.sub(r"\$\(([A-Za-z0-9_]+)\)", sub, word)
+    return re.sub(r"\$\(([A-Za-z0-9_]+)\)", sub, text)
 
 
 def install_files(mk: Makefile, define: str, sources: dict[str, Path],
@@ -521,7 +521,7 @@ def install_files(mk: Makefile, define: str, sources: dict[str, Path],
         m = re.fullmatch(r"\$\((INSTALL_[A-Z]+)\)", words[0])
         if m is None or (m.group(1) != "INSTALL_DIR" and m.group(1) not in INSTALL_MODES):
             raise ValueError(f"{where}: cannot read install line {line.strip()!r}")
-        words = [words[0], *_expand_install_word(mk, " ".join(words[1:]), where).split()]
+        words = [words[0], *_expand_install_args(mk, " ".join(words[1:]), where).split()]
         if m.group(1) == "INSTALL_DIR":  # install -d: every parent too
             for word in words[1:]:
                 parts = staged(word).split("/")
