@@ -16,6 +16,7 @@ p50 / p99 added over the raw carrier's p50 / p99 of the same phase):
   LAN host.
 * ``glorytun``: glorytun 0.3.x over the 3 carriers (bench/cost.py starts it;
   found on PATH, in ``GLORYTUN=/path`` or /opt/peers/glorytun/glorytun).
+* ``CPU us/ping``: the tunnel processes' CPU time per idle ping (both ways, both ends).
 * ``mpvpn``: two real agents, duplicate mode over 3 carriers, sealed, C loops
   (``--fastpath``, ``--modes`` to vary).
 
@@ -89,12 +90,22 @@ def phase_stats(rtts, lost) -> dict:
             "p99": pct(rtts, 0.99), "max": max(rtts) if rtts else float("nan")}
 
 
-def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None) -> dict:
+def cpu_seconds(pids) -> float:
+    from agent import cpu_seconds as one
+    return sum(one(p) for p in pids)
+
+
+def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=()) -> dict:
     """Idle ping, then ping while iperf3 runs src -> dst through the same path.
-    ``trace(reset)``: the agents' stage histograms (reset=True: start afresh)."""
+    ``trace(reset)``: the agents' stage histograms (reset=True: start afresh);
+    ``pids``: the tunnel's processes, whose CPU time per idle ping is reported
+    (CPU time, unlike RTT, hardly moves with the machine's load)."""
     if trace is not None:
         trace(True)
+    c0 = cpu_seconds(pids)
     idle = phase_stats(*ping_rtts(lab, src_ns, dst_ip, args.count, args.interval))
+    if pids and idle["n"]:
+        idle["cpu_us_per_ping"] = (cpu_seconds(pids) - c0) / idle["n"] * 1e6
     idle_trace = trace(False) if trace is not None else None
     dur = args.count * args.interval + 3.0
     srv, cli = bulk_start(lab, src_ns, dst_ns, dst_ip, dur)
@@ -118,7 +129,8 @@ def yardstick(lab, args) -> dict:
                             "10.1.0.2", "10.1.0.1", "7100"], stdout=subprocess.PIPE, text=True)
     try:
         assert fa.stdout.readline().strip() == "ready" and fb.stdout.readline().strip() == "ready"
-        return measure(lab, "yardstick (python fwd, 1 carrier, plain)", lab.ha, lab.hb, "192.168.20.2", args)
+        return measure(lab, "yardstick (python fwd, 1 carrier, plain)", lab.ha, lab.hb, "192.168.20.2", args,
+                       pids=(fa.pid, fb.pid))
     finally:
         Lab.stop(fa)
         Lab.stop(fb)
@@ -145,7 +157,8 @@ def glorytun(lab, args, skipped: list) -> dict | None:
             if not any(lab.reachable(lab.ha, "192.168.20.2", timeout=1.0) for _ in range(15)):
                 skipped.append("glorytun: started but 192.168.20.2 not reachable through it")
                 return None
-            return measure(lab, "glorytun 0.3.4 (x3 paths, AEGIS-256)", lab.ha, lab.hb, "192.168.20.2", args)
+            return measure(lab, "glorytun 0.3.4 (x3 paths, AEGIS-256)", lab.ha, lab.hb, "192.168.20.2", args,
+                           pids=t.pids_a + t.pids_b)
         finally:
             t.close(lab)
             for ns, dev in ((lab.ra, "gta"), (lab.rb, "gtb")):
@@ -157,6 +170,9 @@ def mpvpn(lab, args, mode: str, fast: str) -> dict:
     env = {"MPVPN_LATENCY_TRACE": "1"} if args.trace else None
     with TwoSites(lab, carriers=3, extra_base=f"\toption mode '{mode}'\n") as ts:
         ts.start(subflows=3, env_extra=env)
+        if args.txqueuelen:  # the vNICs' ring (an experiment: the agent leaves the kernel's default)
+            for ns in (lab.ra, lab.rb):
+                lab.run(ns, ["ip", "link", "set", "dev", "mpvpn0", "txqueuelen", str(args.txqueuelen)])
 
         def trace(reset: bool) -> dict:
             from mpvpn.io import rpc
@@ -166,7 +182,7 @@ def mpvpn(lab, args, mode: str, fast: str) -> dict:
 
         label = f"mpvpn ({mode} x3, AEAD{', C loops' if fast == 'on' else ''})"
         return measure(lab, label, lab.ha, lab.hb, "192.168.20.2", args,
-                       trace=trace if args.trace else None)
+                       trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid))
 
 
 def one_run(args) -> tuple[list, list]:
@@ -179,9 +195,15 @@ def one_run(args) -> tuple[list, list]:
             r = glorytun(lab, args, skipped)
             if r is not None:
                 rows.append(r)
-        for mode in args.modes.split(","):
-            for fast in args.fastpath.split(","):
-                rows.append(mpvpn(lab, args, mode, fast))
+        for rcvbuf in args.rcvbuf.split(","):
+            if rcvbuf:
+                os.environ["MPVPN_UDP_RCVBUF"] = rcvbuf  # inherited by both agents (mpvpn.io.udp)
+            for mode in args.modes.split(","):
+                for fast in args.fastpath.split(","):
+                    rows.append(mpvpn(lab, args, mode, fast))
+                    if rcvbuf:
+                        rows[-1]["path"] += f" rcvbuf {int(rcvbuf) >> 10}k"
+            os.environ.pop("MPVPN_UDP_RCVBUF", None)
     raw = rows[0]
     for r in rows:
         for ph in ("idle", "loaded"):
@@ -192,14 +214,15 @@ def one_run(args) -> tuple[list, list]:
 
 
 def print_rows(rows, args) -> None:
-    print(f"{'path':<44}{'phase':>7}{'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}{'+p50':>7}{'+p99':>7}"
-          f"{'lost':>5}{'bulk Mbit/s':>12}")
+    print(f"{'path':<58}{'phase':>7}{'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}{'+p50':>7}{'+p99':>7}"
+          f"{'lost':>5}{'bulk Mbit/s':>12}{'CPU us/ping':>12}")
     for r in rows:
         for ph in ("idle", "loaded"):
             s = r[ph]
             bulk = f"{r['bulk_mbit']:.0f}" if ph == "loaded" else ""
-            print(f"{r['path'][:43]:<44}{ph:>7}{s['p50']:>7.3f}{s['p90']:>7.3f}{s['p99']:>7.3f}"
-                  f"{s['max']:>7.2f}{s['added_p50']:>7.3f}{s['added_p99']:>7.3f}{s['lost']:>5}{bulk:>12}")
+            cpu = f"{s['cpu_us_per_ping']:.0f}" if "cpu_us_per_ping" in s else ""
+            print(f"{r['path'][:57]:<58}{ph:>7}{s['p50']:>7.3f}{s['p90']:>7.3f}{s['p99']:>7.3f}"
+                  f"{s['max']:>7.2f}{s['added_p50']:>7.3f}{s['added_p99']:>7.3f}{s['lost']:>5}{bulk:>12}{cpu:>12}")
 
 
 def print_trace(trace: dict) -> None:
@@ -219,12 +242,17 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", default="yardstick,glorytun", help="baselines besides the raw carrier")
     ap.add_argument("--modes", default="duplicate", help="base.mode of the mpvpn rows (comma-separated)")
     ap.add_argument("--fastpath", default="on", help="C loops of the mpvpn rows: on, off (comma-separated)")
+    ap.add_argument("--rcvbuf", default="", help="MPVPN_UDP_RCVBUF values for the mpvpn rows (comma-separated bytes)")
+    ap.add_argument("--txqueuelen", type=int, default=0, help="set the agents' vNIC txqueuelen (experiment)")
+    ap.add_argument("--offload", default="", help="MPVPN_TUN_OFFLOAD for the mpvpn rows (off, gro, tso)")
     ap.add_argument("--trace", action="store_true", help="agents with MPVPN_LATENCY_TRACE=1; print stages")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
+    if args.offload:
+        os.environ["MPVPN_TUN_OFFLOAD"] = args.offload  # inherited by both agents (mpvpn.io.tun)
     runs = []
     for i in range(args.repeat):
         rows, skipped = one_run(args)

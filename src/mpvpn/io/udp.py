@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import struct
 import sys
@@ -30,6 +31,12 @@ class UplinkUnavailable(OSError):
     """The uplink's address is not (yet) configured here: retry later."""
 
 
+def rcvbuf_from_env(environ=os.environ) -> int | None:
+    """SO_RCVBUF in bytes from ``MPVPN_UDP_RCVBUF`` (a bench knob), or None."""
+    v = environ.get("MPVPN_UDP_RCVBUF", "")
+    return int(v) if v.isdigit() and int(v) > 0 else None
+
+
 def open_uplink(bind_ip: str, port: int, device: str | None = None,
                 buffer: int = BUFFER) -> socket.socket:
     """A non-blocking UDP socket bound to ``bind_ip:port`` (and ``device``).
@@ -43,9 +50,9 @@ def open_uplink(bind_ip: str, port: int, device: str | None = None,
     s = socket.socket(family, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        for opt, size in ((socket.SO_RCVBUF, rcvbuf_from_env() or buffer), (socket.SO_SNDBUF, buffer)):
             try:
-                s.setsockopt(socket.SOL_SOCKET, opt, buffer)
+                s.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
         if family == socket.AF_INET6:
