@@ -181,8 +181,19 @@ def mpvpn(lab, args, mode: str, fast: str) -> dict:
                     for site in (ts.a, ts.b)}
 
         label = f"mpvpn ({mode} x3, AEAD{', C loops' if fast == 'on' else ''})"
-        return measure(lab, label, lab.ha, lab.hb, "192.168.20.2", args,
-                       trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid))
+        caps = []
+        if args.cap:  # each agent in a cgroup capped at this share of one core (bench/cost.py)
+            import cost
+            caps = [cost.CpuCap(f"mpvpn-lat-{os.getpid()}-{s.name}", args.cap) for s in (ts.a, ts.b)]
+            for cap, site in zip(caps, (ts.a, ts.b)):
+                cap.add(site.proc.pid)
+            label += f" capped {args.cap:g} %"
+        try:
+            return measure(lab, label, lab.ha, lab.hb, "192.168.20.2", args,
+                           trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid))
+        finally:
+            for c in caps:
+                c.close()
 
 
 def one_run(args) -> tuple[list, list]:
@@ -245,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rcvbuf", default="", help="MPVPN_UDP_RCVBUF values for the mpvpn rows (comma-separated bytes)")
     ap.add_argument("--txqueuelen", type=int, default=0, help="set the agents' vNIC txqueuelen (experiment)")
     ap.add_argument("--offload", default="", help="MPVPN_TUN_OFFLOAD for the mpvpn rows (off, gro, tso)")
+    ap.add_argument("--cap", type=float, default=0, help="cap each agent at this %% of one core (cgroup)")
     ap.add_argument("--trace", action="store_true", help="agents with MPVPN_LATENCY_TRACE=1; print stages")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
