@@ -163,7 +163,7 @@ def test_the_agents_trace_counts_each_stage_of_the_packets_it_moved(tmp_path, mo
     with Pair(tmp_path, extra_base="") as p:
         p.connected()
         for agent in (p.a, p.b):
-            agent.rpc_handlers()["latency"]({"reset": True})
+            agent.latency_report({"reset": True})
         n = 12
         for i in range(n):
             p.ha.tun.inject(ipv4_udp(*TO_B, b"frame %d" % i))
@@ -176,19 +176,27 @@ def test_the_agents_trace_counts_each_stage_of_the_packets_it_moved(tmp_path, mo
         assert st_b["tun.write"]["n"] >= n  # (and keepalives' replies, if any were due)
         assert st_b["udp.read"]["n"] >= 3 * n  # every copy was read
         # reset: counted afresh
-        assert p.a.rpc_handlers()["latency"]({"reset": True})["stages"]["tun.read"]["n"] == n
+        assert p.a.latency_report({"reset": True})["stages"]["tun.read"]["n"] == n
         assert rpc_latency(p.a)["stages"]["tun.read"]["n"] == 0
         assert "tun.read" in latency.format_report(doc_a)
 
 
 def rpc_latency(agent) -> dict:
-    return agent.rpc_handlers()["latency"]({})
+    return agent.latency_report({})
 
 
-def test_without_the_trace_the_rpc_says_so(tmp_path):
+def test_without_the_trace_the_rpc_says_so_and_ubus_does_not_offer_it(tmp_path):
+    from mpvpn.io import rpc, ubus
+
     with Pair(tmp_path, extra_base="") as p:
-        assert p.a.rpc_handlers()["latency"]({}) == {"enabled": False}
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the agent answers from its loop
+            fut = pool.submit(rpc.call, rpc.socket_path(p.a.run_dir), "latency")
+            p.until(fut.done, "the rpc answer")
+        assert fut.result() == {"enabled": False}
         assert "off" in latency.format_report({"enabled": False})
+        assert set(p.a.rpc_handlers()) <= set(ubus.METHODS)  # (ubus refuses a method it cannot describe)
 
 
 def test_udp_receive_stamps_measure_the_wait_in_the_socket():

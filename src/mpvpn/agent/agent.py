@@ -281,7 +281,9 @@ class Agent:
             self.uplinks[u.name] = UplinkIO(u)
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
-        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
+        # the local socket also answers `latency` (a debugging aid, not on ubus)
+        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir),
+                                 {**self.rpc_handlers(), "latency": self.latency_report}, self.sel)
         if self.ubus_socket or self.io.find_ubus() is not None:  # a router: publish (and keep publishing)
             self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
             self.ubus.start(timeout=1.0)
@@ -1234,14 +1236,17 @@ class Agent:
                     [(hp.host, hp.port) for hp in self.cfg.base.server_address], now)
             return {"ok": True}
 
-        def trace(args):
-            if self.trace is None:
-                return {"enabled": False}
-            doc = self.trace.report()
-            if isinstance(args, dict) and args.get("reset"):
-                self.trace.reset()
-            return doc
-
         return {"status": lambda _args: self.status(), "reconnect": reconnect,
-                "test_links": self.test_links, "latency": trace}
+                "test_links": self.test_links}
+
+    def latency_report(self, args: dict) -> dict:
+        """rpc ``latency {reset}``: the per-stage histograms (mpvpn.agent.latency)
+        while MPVPN_LATENCY_TRACE=1, else ``{"enabled": false}``; ``reset``
+        starts them afresh after this report."""
+        if self.trace is None:
+            return {"enabled": False}
+        doc = self.trace.report()
+        if isinstance(args, dict) and args.get("reset"):
+            self.trace.reset()
+        return doc
 
