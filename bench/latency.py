@@ -4,8 +4,8 @@ while a bulk TCP transfer (iperf3) runs through the same tunnel, as the
 latency *added* over the raw carrier measured in the same run, next to the
 40-line Python forwarder (bench/yardstick_fwd.py) and glorytun when built.
 
-    python bench/latency.py [--count N] [--interval S] [--repeat R]
-                            [--peers glorytun] [--trace] [--json FILE]     (root; iperf3)
+    python bench/latency.py [--count N] [--interval S] [--repeat R] [--peers yardstick,glorytun]
+                            [--trace] [--json FILE]     (root; iperf3)
 
 Rows (each idle and under load; p50 / p90 / p99 / max of the RTT and the
 p50 / p99 added over the raw carrier's p50 / p99 of the same phase):
@@ -16,13 +16,15 @@ p50 / p99 added over the raw carrier's p50 / p99 of the same phase):
   LAN host.
 * ``glorytun``: glorytun 0.3.x over the 3 carriers (bench/cost.py starts it;
   found on PATH, in ``GLORYTUN=/path`` or /opt/peers/glorytun/glorytun).
-* ``CPU us/ping``: the tunnel processes' CPU time per idle ping (both ways, both ends).
 * ``mpvpn``: two real agents, duplicate mode over 3 carriers, sealed, C loops
   (``--fastpath``, ``--modes`` to vary).
+* ``CPU us/ping``: the tunnel processes' CPU time per idle ping (both ways,
+  both ends); it moves much less with the machine's load than the RTTs.
 
 With ``--trace`` the agents run with ``MPVPN_LATENCY_TRACE=1`` and the
 bench prints each agent's per-stage histogram (mpvpn.agent.latency) for the
-loaded phase.  Machine load from other jobs shows in every row alike: quote
+idle and the loaded phase.  Experiment knobs (docs/performance.md "Latency"):
+``--offload``, ``--txqueuelen``, ``--rcvbuf``, ``--cap``.  Machine load from other jobs shows in every row alike: quote
 ratios and ranges of ``--repeat`` runs, not single figures.
 """
 
