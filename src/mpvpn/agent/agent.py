@@ -454,10 +454,8 @@ class Agent:
         touched.clear()
         if full or now >= due:
             self._due = None
-            if trace is None:
-                self._run_timers(now)
-            else:
-                self._run_timers(now)
+            self._run_timers(now)
+            if trace is not None:
                 trace.time("loop.timers", self.clock() - now)
 
     def stop(self) -> None:
