@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import os
 import socket
+import time
 from collections import deque
 
 from mpvpn.io.tun import MemoryTun
@@ -72,8 +73,14 @@ class MemoryUDP(_Readable):
     def __init__(self, net: "MemoryNet", addr: tuple, gro: bool = True):
         super().__init__()
         self.net, self.addr, self.gro = net, addr, gro
-        self.queue: deque = deque()  # (datagram, source)
+        self.queue: deque = deque()  # (datagram, source, when queued)
         self.sent = self.received = 0
+        self._on_stamp = None
+
+    def stamp(self, on_stamp) -> None:
+        """As BatchSocket.stamp: ``on_stamp(seconds the datagrams waited, how many)``
+        at each receive (the kernel's SO_TIMESTAMPNS: here, when put)."""
+        self._on_stamp = on_stamp
 
     def send(self, datagrams: list, addr) -> int:
         for d in datagrams:
@@ -84,7 +91,7 @@ class MemoryUDP(_Readable):
     def recv(self):
         if not self.queue:
             raise BlockingIOError(errno.EAGAIN, "nothing queued")
-        first, src = self.queue.popleft()
+        first, src, when = self.queue.popleft()
         out = [first]
         if self.gro:
             while (self.queue and len(out) < GSO_MAX_SEGMENTS and self.queue[0][1] == src
@@ -92,10 +99,12 @@ class MemoryUDP(_Readable):
                 out.append(self.queue.popleft()[0])
         self.flag(bool(self.queue))
         self.received += len(out)
+        if self._on_stamp is not None:
+            self._on_stamp(time.monotonic() - when, len(out))
         return out, src
 
     def put(self, datagram: bytes, source: tuple) -> None:
-        self.queue.append((datagram, source))
+        self.queue.append((datagram, source, time.monotonic()))
         self.flag(True)
 
     def close(self) -> None:

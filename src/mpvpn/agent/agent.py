@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
-from mpvpn.agent import memtrace, receive, send, statusdoc
+from mpvpn.agent import latency, memtrace, receive, send, statusdoc
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, linktest, mss, pairing
 from mpvpn.core.admission import HandshakeStamps
@@ -61,6 +61,21 @@ INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow befor
 def _hostname_word(text: str) -> str:
     word = "".join(c if c.isalnum() or c in "_.-" else "-" for c in text)[:40].strip("-.")
     return word if word and word[0].isalnum() else "site"
+
+
+class DataPathHandler:
+    """A selector callback of the data path (the tun, an uplink's socket).
+    After these alone the loop skips the timers' full round unless one is
+    due: they only touch sessions, whose deadlines it asks again (see
+    :meth:`Agent.step`); anything else (control, ubus, rpc) gets the full round."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, mask) -> None:
+        self.fn(mask)
 
 
 @dataclass(eq=False)
@@ -183,6 +198,11 @@ class Agent:
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
                          "vnic_recreated": 0}
         self._mss = self._mss_limits(cfg)
+        # per-stage latency histograms (mpvpn.agent.latency), None unless MPVPN_LATENCY_TRACE=1
+        self.trace = latency.LatencyTrace.from_env(clock)
+        self._woke: float | None = None  # (trace) when select() last returned
+        self._due: float | None = None  # earliest timer deadline (inf: none); None: ask again
+        self._touched: set = set()  # sessions the data path touched this turn
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -263,7 +283,9 @@ class Agent:
             self.uplinks[u.name] = UplinkIO(u)
             self._open_uplink(self.uplinks[u.name], now)
         os.makedirs(self.run_dir, exist_ok=True)
-        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir), self.rpc_handlers(), self.sel)
+        # the local socket also answers `latency` (a debugging aid, not on ubus)
+        self.rpc = rpc.RpcServer(rpc.socket_path(self.run_dir),
+                                 {**self.rpc_handlers(), "latency": self.latency_report}, self.sel)
         if self.ubus_socket or self.io.find_ubus() is not None:  # a router: publish (and keep publishing)
             self.ubus = ubusmod.UbusTransport(self.rpc_handlers(), self.post, socket_path=self.ubus_socket)
             self.ubus.start(timeout=1.0)
@@ -299,7 +321,7 @@ class Agent:
         v = self.cfg.vnc
         self.tun = self.io.open_tun(v.ifname)
         self.net.configure(self.tun.name, str(v.interface), v.mtu)
-        self.sel.register(self.tun, selectors.EVENT_READ, self._on_tun)
+        self.sel.register(self.tun, selectors.EVENT_READ, DataPathHandler(self._on_tun))
 
     def _vnic_vanished(self, err: OSError) -> None:
         """The tun device was deleted under us (its fd reports EBADFD): make it
@@ -347,7 +369,9 @@ class Agent:
             return
         up.state, up.error = "up", None
         up.batch = batch
-        self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
+        if self.trace is not None:  # the wait in the socket buffer, from the kernel's stamps
+            batch.stamp(lambda waited, n, t=self.trace: t.time("udp.queue", waited, n))
+        self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
 
     def _start_server(self, now: float) -> None:
@@ -415,13 +439,50 @@ class Agent:
             self.instance_lock = None
 
     def step(self, max_timeout: float = MAX_TIMEOUT) -> None:
-        """One turn of the loop: wait for I/O or the next timer, handle both."""
+        """One turn of the loop: wait for I/O or the next timer, handle both.
+
+        The timers' full round (every session, control connection, the
+        registry, reconnects, uplink retries) runs when a deadline is due,
+        when select() timed out, or after any handler but the data path's.
+        After the data path alone (most turns under traffic) only the
+        sessions it touched are asked for events and their next deadline:
+        a lone packet costs its own work, not a round of every timer."""
         now = self.clock()
-        t = self._next_timer()
-        timeout = max_timeout if t is None else min(max_timeout, max(0.0, t - now))
-        for key, mask in self.sel.select(timeout):
+        due = self._due
+        if due is None:
+            t = self._next_timer()
+            due = self._due = math.inf if t is None else t
+        timeout = min(max_timeout, max(0.0, due - now))
+        trace = self.trace
+        if trace is not None:
+            if self._woke is not None:
+                trace.time("loop.busy", now - self._woke)
+            trace.time("loop.sleep", timeout)
+        events = self.sel.select(timeout)
+        if trace is not None:
+            self._woke = self.clock()
+        full = not events
+        for key, mask in events:
             key.data(mask)
-        self._run_timers(self.clock())
+            if key.data.__class__ is not DataPathHandler:
+                full = True
+        now = self.clock()
+        touched = self._touched
+        if not full and now < due:
+            for ds in touched:
+                if self._session_events(ds):
+                    full = True  # a subflow or the session changed state: the full round
+                    break
+                t = ds.sess.get_timer()
+                if t is not None and t < due:
+                    due = t
+            self._due = due
+        touched.clear()
+        if full or now >= due:
+            self._due = None
+            self._run_timers(now)
+            if trace is not None:
+                trace.time("loop.timers", self.clock() - now)
 
     def stop(self) -> None:
         self._stop = True
@@ -523,6 +584,8 @@ class Agent:
 
     def _on_tun(self, mask) -> None:
         """The tun is readable: mpvpn.agent.send, from the read to the UDP send."""
+        trace = self.trace
+        t0 = self.clock() if trace is not None else 0.0
         try:
             touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
                                     self.counters)
@@ -531,22 +594,39 @@ class Agent:
                 raise
             self._vnic_vanished(e)
             return
-        send.send_batches(touched, self.clock(), self.counters)
+        now = self.clock()
+        if trace is not None and touched:
+            n = sum(len(b) for b in touched.values())
+            trace.time("tun.read", now - t0, n)
+            trace.count("tun.batch", n)
+        send.send_batches(touched, now, self.counters, trace)
+        self._touched.update(touched)
 
     def _on_udp(self, up: UplinkIO) -> None:
         """An uplink is readable: mpvpn.agent.receive, from the receive to the tun write."""
         now = self.clock()
         if up.sock is None:
             return
+        trace = self.trace
+        n0 = up.rx_datagrams
         touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        if trace is not None and up.rx_datagrams != n0:
+            n = up.rx_datagrams - n0
+            trace.time("udp.read", self.clock() - now, n)
+            trace.count("udp.batch", n)
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
+        self._touched.update(touched)
 
     def _deliver(self, packets) -> None:
+        trace = self.trace
+        t0 = self.clock() if trace is not None else 0.0
         try:
             failed = self.tun.write_packets(packets)
+            if trace is not None:
+                trace.time("tun.write", self.clock() - t0, len(packets))
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
@@ -558,8 +638,11 @@ class Agent:
     def _flush_session(self, ds: DataSession) -> None:
         send.flush(ds, self.counters)
 
-    def _session_events(self, ds: DataSession) -> None:
+    def _session_events(self, ds: DataSession) -> bool:
+        """Act on the session's events (log, ubus); whether there were any."""
         ev = ds.sess.next_event()
+        if ev is None:
+            return False
         while ev is not None:
             peer = ds.peer.name
             if isinstance(ev, (SubflowUp, SubflowDown)):
@@ -585,6 +668,7 @@ class Agent:
             elif isinstance(ev, SubflowClosed):
                 log.info("%s: subflow %d removed", peer, ev.member)
             ev = ds.sess.next_event()
+        return True
 
     # ------------------------------------------------------------------ sessions
 
@@ -1208,4 +1292,15 @@ class Agent:
 
         return {"status": lambda _args: self.status(), "reconnect": reconnect,
                 "test_links": self.test_links}
+
+    def latency_report(self, args: dict) -> dict:
+        """rpc ``latency {reset}``: the per-stage histograms (mpvpn.agent.latency)
+        while MPVPN_LATENCY_TRACE=1, else ``{"enabled": false}``; ``reset``
+        starts them afresh after this report."""
+        if self.trace is None:
+            return {"enabled": False}
+        doc = self.trace.report()
+        if isinstance(args, dict) and args.get("reset"):
+            self.trace.reset()
+        return doc
 

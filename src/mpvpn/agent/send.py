@@ -152,13 +152,20 @@ def read_tun(read, limits, route, counters: dict, budget: int = BATCH) -> dict:
 
 # ---------------------------------------------------------------- 4. seal, schedule, send
 
-def send_batches(touched: dict, now: float, counters: dict) -> None:
+def send_batches(touched: dict, now: float, counters: dict, trace=None) -> None:
     """Each session's batch through its Session (one call per session: the
     C loops where built), out to the uplinks, and the sealed volume to the
-    control connection (it decides when to rekey)."""
+    control connection (it decides when to rekey).  ``trace``: an
+    :class:`mpvpn.agent.latency.LatencyTrace` to time the stages in, or None."""
     for ds, batch in touched.items():
         ds.sess.send_many(batch, now)
-        flush(ds, counters)
+        if trace is None:
+            flush(ds, counters)
+        else:
+            t1 = trace.clock()
+            flush(ds, counters)
+            trace.time("send.seal", t1 - now, len(batch))
+            trace.time("send.udp", trace.clock() - t1, len(batch))
         sealer = ds.sess.sealer
         if sealer is not None and ds.conn is not None:
             ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)

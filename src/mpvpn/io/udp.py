@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
+import struct
 import sys
+import time
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
@@ -18,11 +21,20 @@ BUFFER = 4 << 20
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in the kernel
 GSO_MAX_BYTES = 65000  # stay under the 64 KiB IP datagram limit
 _CMSG_SPACE = socket.CMSG_SPACE(4)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # == SCM_TIMESTAMPNS
+_TIMESPEC = struct.Struct("@qq") if struct.calcsize("@l") == 8 else struct.Struct("@ll")
+_CMSG_SPACE_STAMPED = _CMSG_SPACE + socket.CMSG_SPACE(_TIMESPEC.size)
 _ORDER = sys.byteorder  # cmsg values are host-order integers
 
 
 class UplinkUnavailable(OSError):
     """The uplink's address is not (yet) configured here: retry later."""
+
+
+def rcvbuf_from_env(environ=os.environ) -> int | None:
+    """SO_RCVBUF in bytes from ``MPVPN_UDP_RCVBUF`` (a bench knob), or None."""
+    v = environ.get("MPVPN_UDP_RCVBUF", "")
+    return int(v) if v.isdigit() and int(v) > 0 else None
 
 
 def open_uplink(bind_ip: str, port: int, device: str | None = None,
@@ -38,9 +50,9 @@ def open_uplink(bind_ip: str, port: int, device: str | None = None,
     s = socket.socket(family, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        for opt, size in ((socket.SO_RCVBUF, rcvbuf_from_env() or buffer), (socket.SO_SNDBUF, buffer)):
             try:
-                s.setsockopt(socket.SOL_SOCKET, opt, buffer)
+                s.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
         if family == socket.AF_INET6:
@@ -87,13 +99,23 @@ class BatchSocket:
     size if the kernel coalesced several datagrams.
     """
 
-    __slots__ = ("sock", "gso", "tx_calls", "rx_calls")
+    __slots__ = ("sock", "gso", "tx_calls", "rx_calls", "_on_stamp", "_cmsg_space")
 
     def __init__(self, sock: socket.socket, gso: bool = True):
         self.sock = sock
         self.gso = gso
         self.tx_calls = 0
         self.rx_calls = 0
+        self._on_stamp = None
+        self._cmsg_space = _CMSG_SPACE
+
+    def stamp(self, on_stamp) -> None:
+        """Ask the kernel for receive timestamps (SO_TIMESTAMPNS): each
+        ``recv`` then calls ``on_stamp(seconds the datagrams waited in the
+        socket, how many)`` (mpvpn.agent.latency; a debugging aid)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self._on_stamp = on_stamp
+        self._cmsg_space = _CMSG_SPACE_STAMPED
 
     def send(self, datagrams: list, addr) -> int:
         """Send all; returns how many could not be sent (counted by the caller)."""
@@ -128,13 +150,21 @@ class BatchSocket:
 
     def recv(self) -> tuple[list, object]:
         """One receive: (datagrams, source address); raises BlockingIOError when empty."""
-        data, anc, _flags, addr = self.sock.recvmsg(65535, _CMSG_SPACE)
+        data, anc, _flags, addr = self.sock.recvmsg(65535, self._cmsg_space)
         self.rx_calls += 1
+        out = stamp = None
         if anc:
             for level, kind, value in anc:
                 if level == SOL_UDP and kind == UDP_GRO:
                     # an int in host byte order (big-endian on MIPS routers)
                     seg = int.from_bytes(value[:4], _ORDER) if len(value) >= 4 else 0
                     if 0 < seg < len(data):
-                        return [data[k:k + seg] for k in range(0, len(data), seg)], addr
-        return [data], addr
+                        out = [data[k:k + seg] for k in range(0, len(data), seg)]
+                elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(value)
+                    stamp = sec + nsec * 1e-9
+        if out is None:
+            out = [data]
+        if stamp is not None and self._on_stamp is not None:
+            self._on_stamp(time.time() - stamp, len(out))
+        return out, addr

@@ -1,0 +1,225 @@
+"""Latency of the agent's loop (issue 17 item 1), as behaviour: what one turn
+of the loop does for a lone packet, and the per-stage trace
+(mpvpn.agent.latency).  No timing assertions: a frozen clock decides which
+timers are due, counts decide the rest."""
+
+from __future__ import annotations
+
+import random
+
+from test_agent_inproc import Pair, ipv4_udp
+
+from mpvpn.agent import latency
+from mpvpn.agent.agent import DataPathHandler
+
+TO_B = ("192.168.10.2", "192.168.20.2")
+
+
+def frozen(agent) -> list:
+    """Stop ``agent``'s clock at its current reading; returns [now] (change it to move time)."""
+    t = [agent.clock()]
+    agent.clock = lambda: t[0]
+    return t
+
+
+def settle(agent, turns: int = 5) -> None:
+    """Turns without I/O: every overdue timer runs (and re-arms later)."""
+    for _ in range(turns):
+        agent.step(0)
+
+
+class Spy:
+    """Counts calls of an object's method, delegating to it."""
+
+    def __init__(self, obj, name: str):
+        self.calls = 0
+        real = getattr(obj, name)
+
+        def spy(*a, **kw):
+            self.calls += 1
+            return real(*a, **kw)
+        setattr(obj, name, spy)
+
+
+def sent(host) -> int:
+    return sum(u.sent for u in host.net.udp.values() if u.addr[0] in host.addresses)
+
+
+def test_a_lone_packet_leaves_on_every_subflow_in_the_turn_that_read_it(tmp_path):
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        frozen(p.a)
+        settle(p.a)
+        before = sent(p.ha)
+        p.ha.tun.inject(ipv4_udp(*TO_B, b"voice frame"))
+        p.a.step(0)
+        assert sent(p.ha) - before == 3  # one copy per subflow (duplicate mode), no batch wait
+        p.b.step(0)
+        assert p.hb.tun.written[-1] == ipv4_udp(*TO_B, b"voice frame")
+
+
+def test_a_turn_that_only_moved_packets_does_not_walk_every_timer(tmp_path):
+    """The full round of timers (control connection, registry, reconnect,
+    uplinks) runs when one is due, not after every packet."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        frozen(p.a)
+        settle(p.a)
+        p.ha.tun.inject(ipv4_udp(*TO_B, b"first"))
+        p.a.step(0)  # (the turn after a full round asks every timer for the next deadline)
+        conn = p.a.controls[0].conn
+        asked, ran = Spy(conn, "get_timer"), Spy(conn, "handle_timer")
+        for i in range(10):
+            p.ha.tun.inject(ipv4_udp(*TO_B, b"frame %d" % i))
+            p.a.step(0)
+        assert asked.calls == 0 and ran.calls == 0
+        # a turn with nothing to do (select timed out) is the full round again
+        p.a.step(0)
+        assert asked.calls >= 1
+
+
+def test_a_timer_that_falls_due_during_steady_traffic_still_runs(tmp_path):
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        t = frozen(p.a)
+        settle(p.a)
+        ds = next(iter(p.a.sessions.values()))
+        due = ds.sess.get_timer()
+        assert due is not None and due > t[0]
+        served = Spy(ds.sess, "handle_timer")
+        t[0] = due  # time moves to the deadline while packets keep coming
+        p.ha.tun.inject(ipv4_udp(*TO_B, b"frame"))
+        p.a.step(0)
+        assert served.calls == 1
+        assert ds.sess.get_timer() > due  # served and re-armed
+
+
+def test_a_deadline_the_data_path_sets_bounds_the_next_wait(tmp_path):
+    """A turn that buffers a packet (a hold deadline) or arms a timer of its
+    session makes the next select() wait no longer than that deadline."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        t = frozen(p.b)
+        settle(p.b)
+        p.ha.tun.inject(ipv4_udp(*TO_B, b"frame"))
+        p.a.step(0)
+        p.b.step(0)
+        ds = next(iter(p.b.sessions.values()))
+        waits = []
+        real = p.b.sel.select
+        p.b.sel.select = lambda timeout=None: (waits.append(timeout), real(timeout))[1]
+        p.b.step(1.0)
+        assert waits and waits[0] <= max(0.0, ds.sess.get_timer() - t[0]) + 1e-9
+
+
+def test_data_path_handlers_are_marked_and_control_ones_are_not(tmp_path):
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        kinds = {}
+        for key in p.a.sel.get_map().values():
+            kinds[key.fileobj] = key.data.__class__ is DataPathHandler
+        assert kinds[p.a.tun] is True
+        assert all(kinds[u.sock] for u in p.a.uplinks.values() if u.sock is not None)
+        assert kinds[p.a.controls[0].sock] is False
+
+
+# -- the trace ---------------------------------------------------------------------------
+
+def test_histogram_buckets_bound_every_sample_within_a_quarter_octave():
+    rng = random.Random(7)
+    H = latency.Histogram
+    for _ in range(5000):
+        x = rng.choice([rng.random() * 2, rng.uniform(1, 1e7)])
+        b = H.bucket(x)
+        assert x < H.upper(b)
+        assert b == 0 or H.upper(b - 1) <= x  # the lower edge
+        assert b == 0 or H.upper(b) <= x * 1.25 + 1e-9
+
+
+def test_histogram_quantiles_bound_the_exact_ones_from_above():
+    rng = random.Random(3)
+    xs = [rng.expovariate(1 / 300.0) for _ in range(2000)]
+    h = latency.Histogram()
+    for x in xs:
+        h.add(x)
+    s = sorted(xs)
+    for q in (0.5, 0.9, 0.99):
+        exact = s[int(q * len(s)) - 1]
+        got = h.quantile(q)
+        assert exact <= got <= max(1.0, exact) * 1.25 + 1
+    assert h.quantile(1.0) == h.max == max(xs) and h.n == len(xs)
+    doc = h.doc()
+    assert doc["n"] == len(xs) and doc["p50"] <= doc["p90"] <= doc["p99"] <= doc["max"]
+
+
+def test_the_trace_is_off_unless_asked_for():
+    assert latency.LatencyTrace.from_env(lambda: 0.0, {}) is None
+    assert latency.LatencyTrace.from_env(lambda: 0.0, {latency.ENV: "0"}) is None
+    assert latency.LatencyTrace.from_env(lambda: 0.0, {latency.ENV: "1"}) is not None
+
+
+def test_the_agents_trace_counts_each_stage_of_the_packets_it_moved(tmp_path, monkeypatch):
+    monkeypatch.setenv(latency.ENV, "1")
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        for agent in (p.a, p.b):
+            agent.latency_report({"reset": True})
+        n = 12
+        for i in range(n):
+            p.ha.tun.inject(ipv4_udp(*TO_B, b"frame %d" % i))
+        p.until(lambda: len(p.hb.tun.written) >= n, "delivered")
+        doc_a = rpc_latency(p.a)
+        doc_b = rpc_latency(p.b)
+        st_a, st_b = doc_a["stages"], doc_b["stages"]
+        assert doc_a["enabled"] and st_a["tun.read"]["n"] == n and st_a["send.udp"]["n"] == n
+        assert st_a["tun.batch"]["n"] >= 1 and st_a["loop.busy"]["n"] >= 1
+        assert st_b["tun.write"]["n"] >= n  # (and keepalives' replies, if any were due)
+        assert st_b["udp.read"]["n"] >= 3 * n  # every copy was read
+        # reset: counted afresh
+        assert p.a.latency_report({"reset": True})["stages"]["tun.read"]["n"] == n
+        assert rpc_latency(p.a)["stages"]["tun.read"]["n"] == 0
+        assert "tun.read" in latency.format_report(doc_a)
+
+
+def rpc_latency(agent) -> dict:
+    return agent.latency_report({})
+
+
+def test_without_the_trace_the_rpc_says_so_and_ubus_does_not_offer_it(tmp_path):
+    from mpvpn.io import rpc, ubus
+
+    with Pair(tmp_path, extra_base="") as p:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the agent answers from its loop
+            fut = pool.submit(rpc.call, rpc.socket_path(p.a.run_dir), "latency")
+            p.until(fut.done, "the rpc answer")
+        assert fut.result() == {"enabled": False}
+        assert "off" in latency.format_report({"enabled": False})
+        assert set(p.a.rpc_handlers()) <= set(ubus.METHODS)  # (ubus refuses a method it cannot describe)
+
+
+def test_udp_receive_stamps_measure_the_wait_in_the_socket():
+    """BatchSocket.stamp: the kernel's SO_TIMESTAMPNS of a datagram that sat
+    in the socket is older than its receive (loopback, real sockets)."""
+    import socket
+    import time
+
+    from mpvpn.io.udp import BatchSocket
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setblocking(False)
+        b = BatchSocket(rx)
+        waits = []
+        b.stamp(lambda w, n: waits.append((w, n)))
+        tx.sendto(b"x" * 100, rx.getsockname())
+        time.sleep(0.01)  # the datagram waits in the socket
+        got, _ = b.recv()
+        assert got == [b"x" * 100]
+        assert len(waits) == 1 and waits[0][1] == 1 and waits[0][0] > 0.0
+    finally:
+        rx.close()
+        tx.close()
