@@ -226,7 +226,11 @@ class ReceivePath:
 
     def _nack_tick(self, now: float) -> None:
         """Send the NACK round the receiver side decides (mpvpn.core.nack)."""
-        r = self.nack_rx.tick(now, list(self._up), self.reorder)
+        # duplicate mode: every subflow carries the NACK, as it carries the
+        # data (a NACK lost on two of three carriers at 20 % loss each was
+        # one repair round in 25 lost)
+        up = list(self._up)
+        r = self.nack_rx.tick(now, up, self.reorder, len(up) if self._dup_all else None)
         for payload in r.payloads:
             for sub in r.targets:
                 self._emit(sub, Op.NACK, payload)
