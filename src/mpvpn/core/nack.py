@@ -113,6 +113,32 @@ class NackReceiver:
         if missing:
             self._if_passed(now)
 
+    def on_data_many(self, member: int, arrivals: list, now: float) -> None:
+        """:meth:`on_data` for a batch that came on ``member`` at ``now`` (the
+        C loop's ``open_new``): ``arrivals`` the ``(seq, delivered_up_to)``
+        of each, in order.  The same numbers missing and the same highest
+        ones as one call each; the subflow's pace is noted once (as
+        :meth:`on_in_order` does for a run) and the evidence checked once."""
+        if not arrivals:
+            return
+        missing = self.missing
+        high = self.rx_high
+        top = 0
+        for seq, delivered_up_to in arrivals:
+            if seq > top:
+                top = seq
+            if seq > high:
+                if seq > high + 1:
+                    self.rx_high = high
+                    self._note_gap(seq, now, delivered_up_to)
+                high = seq
+            elif missing:
+                missing.pop(seq, None)
+        self.rx_high = high
+        self.note_high(member, top, now)
+        if missing:
+            self._if_passed(now)
+
     def on_in_order(self, member: int, first: int, last: int, now: float) -> None:
         """DATA ``first..last`` arrived in order on ``member`` (a C run): what
         :meth:`on_data` does per packet, once."""

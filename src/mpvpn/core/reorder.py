@@ -152,6 +152,16 @@ class ReorderBuffer:
         lo, hi = skips[-1] if skips else (0, 0)
         return self.last, lo, hi
 
+    def held_state(self) -> tuple:
+        """``(X, lo, hi, held)`` for a caller that opens copies itself while
+        something is buffered (``open_new``): a copy ``<= X`` or in ``held``
+        (the buffered numbers: a mapping to test membership in, read only)
+        is stale, late when it lies in ``lo..hi`` (as in_order_state); any
+        other it opens and hands to :meth:`check_copy` and :meth:`push`."""
+        skips = self._skips
+        lo, hi = skips[-1] if skips else (0, 0)
+        return self.last, lo, hi, self._buf
+
     def took_in_order(self, last: int, n: int) -> None:
         """The caller delivered the ``n`` numbers up to ``last`` in order (see
         :meth:`in_order_state`): ``X = last``.  Raises ValueError unless they

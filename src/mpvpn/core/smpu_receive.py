@@ -99,9 +99,55 @@ class ReceivePath:
                     i = j
                     if i >= n:
                         break
+            else:  # a gap is open: open new copies in C, reorder here
+                j = self._open_new(datagrams, i, member, now, sub, out,
+                                   cur, cur_dec, prev, prev_dec)
+                if j > i:
+                    i = j
+                    continue
             out += self.receive_datagram(datagrams[i], member, now, source)
             i += 1
         return out
+
+    def _open_new(self, datagrams, i, member, now, sub, out, cur, cur_dec, prev, prev_dec) -> int:
+        """While the reorder buffer holds something: the C loop opens the new
+        copies of ``datagrams[i:]`` (stale ones dropped before decryption, as
+        ``_receive_data`` does), pushed here one by one with the NACK
+        bookkeeping of the per-packet path.  Returns where it stopped."""
+        reorder = self.reorder
+        last, lo, hi, held = reorder.held_state()
+        j, opened, dup, late, nbytes, bad = _LOOPS.open_new(
+            datagrams, i, member, self.session_id, last, lo, hi, held, cur, cur_dec,
+            -1 if prev is None else prev, prev_dec, InvalidTag)
+        if j == i:
+            return i
+        ok = j - i - bad
+        if ok:
+            sub.on_receive(nbytes, now, ok)
+        if bad:
+            self.auth_failures += bad
+        if dup or late:
+            reorder.count_stale(dup, late)
+        arrivals = []  # (seq, delivered up to) for the NACK bookkeeping
+        push = reorder.push
+        for seq, payload in opened:
+            stale = reorder.check_copy(seq)  # (counted there) the same number twice in the batch
+            if stale:
+                if stale == 2:
+                    late += 1
+                else:
+                    dup += 1
+                continue
+            out += push(seq, payload, now)
+            arrivals.append((seq, reorder.last))
+        accepted = len(arrivals)
+        if self.nack_enabled:
+            self.nack_rx.on_data_many(member, arrivals, now)
+        if dup or late:
+            sub.on_stale(dup, late)
+        if accepted:
+            sub.on_data(now, accepted)
+        return j
 
     # -- 2. one datagram: DATA fast path, else classify, authenticate, dispatch -------
 
