@@ -57,7 +57,11 @@ from mpvpn.core.subflow import State, Subflow, SubflowConfig
 @dataclass
 class SessionConfig:
     subflow: SubflowConfig = field(default_factory=SubflowConfig)
-    reorder_capacity: int = 1024  # packets the receiver holds while waiting for a gap
+    # packets the receiver holds while waiting for a gap: a repair's round
+    # trip at the packet rate (TCP at ~500 Mbit/s through agents whose queues
+    # put 10-20 ms on the RTT: ~1000-2000 packets; 1024 overflowed and gave
+    # up every gap it held)
+    reorder_capacity: int = 4096
     hold: float | None = -1.0  # -1: automatic from RTT spread; None: seed rule (no deadline)
     hold_min: float = 0.005
     hold_max: float = 0.200  # the hold's cap; with NACKs stretched to fit a repair and a retry...

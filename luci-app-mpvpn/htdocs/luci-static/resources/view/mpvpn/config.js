@@ -288,7 +288,7 @@ return view.extend({
 		o = s.taboption('advanced', form.Value, 'reorder_capacity', _('Reorder buffer size (packets)'),
 			_('When the buffer is full everything in it is delivered (16 to 65536).'));
 		o.datatype = 'and(uinteger,range(16,65536))';
-		o.placeholder = '1024';
+		o.placeholder = '4096';
 
 		o = s.taboption('advanced', form.Value, 'mtu', _('Tunnel MTU'),
 			_('MTU of the tunnel interface. 1400 keeps encapsulated packets within a 1500-byte path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).'));
