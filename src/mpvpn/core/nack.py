@@ -359,10 +359,6 @@ class NackSender:
         self.nack_budget_drops = 0  # asked for but over the retransmission budget
         self.nack_duplicates = 0  # asked for again right after a re-send
         self._tokens = float(config.retransmit_burst)
-        # re-sends per packet sent, and the burst (set by the session: in
-        # duplicate mode from the carriers' loss, see Session._update_budget)
-        self.budget = config.retransmit_budget
-        self.burst = float(config.retransmit_burst)
         self._mark = 0  # packets sent when the tokens were last topped up
         self._rate_mark = (float("-inf"), 0)  # (time, packets sent) where _send_rate's step began
         self._send_rate = 0.0  # user packets per second (see mark_rate)
@@ -388,11 +384,10 @@ class NackSender:
         if not up:
             return None
         c = self.config
-        # top up the retransmission budget: ``budget`` per packet sent
+        # top up the retransmission budget: retransmit_budget per packet sent
         self.mark_rate(now, sent)
-        budget = self.budget
-        cap = max(self.burst, budget * self._send_rate)
-        self._tokens = min(cap, self._tokens + budget * (sent - self._mark))
+        cap = max(float(c.retransmit_burst), c.retransmit_budget * self._send_rate)
+        self._tokens = min(cap, self._tokens + c.retransmit_budget * (sent - self._mark))
         self._mark = sent
         # The copies of one NACK arrive within the RTT of the slowest subflow
         # that carries them; our receiver asks again for a number only after

@@ -80,15 +80,6 @@ class SessionConfig:
     nack_retries: int = 2  # a number whose re-send did not come is asked for again, this often
     retransmit_budget: float = 0.25  # retransmissions per packet sent, on average...
     retransmit_burst: int = 128  # ...with this burst, or a second's worth of the budget if more
-    # Duplicate mode: a packet lost on every carrier at once is either bad
-    # luck (prod of the carriers' loss: 0.8 % at 20 % on three) or congestion
-    # (the same queue full on every carrier: TCP's signal to slow down).  The
-    # budget repairs this many times the luck, plus a floor; congestion
-    # losses beyond it stay losses (repairing them kept cubic's queue full:
-    # +28 ms median RTT and +22 % bytes under one bulk flow at 100 Mbit/s).
-    dup_repair_factor: float = 2.0
-    dup_repair_floor: float = 0.001  # re-sends per packet sent
-    dup_repair_burst: int = 16
     # (a carrier failing under a fast flow loses its whole in-flight tail at once)
 
     def validate(self) -> None:
@@ -103,8 +94,6 @@ class SessionConfig:
             raise ValueError("send_buffer must be a power of two")
         if not 0 < self.max_payload <= wire.MAX_PAYLOAD:
             raise ValueError("max_payload out of range")
-        if self.dup_repair_factor < 0 or self.dup_repair_floor < 0 or self.dup_repair_burst < 0:
-            raise ValueError("bad duplicate-mode repair budget")
         if (self.nack_interval < 0 or self.nack_copies < 1 or self.nack_track < 1
                 or self.nack_wait_min < 0 or self.nack_per_round < 1 or self.nack_floor < 0 or self.retransmit_budget < 0
                 or self.retransmit_burst < 0 or self.nack_retries < 0):
@@ -234,7 +223,6 @@ class Session(SendPath, ReceivePath):
             # packets queued in the old one are gone; its drops stay counted
             self._sched_drops += old.pending + old.dropped
         self._update_hold()
-        self._update_budget()
 
     # -- subflow management ---------------------------------------------------
 
@@ -291,7 +279,6 @@ class Session(SendPath, ReceivePath):
         if new is State.ESTABLISHED or old is State.ESTABLISHED:
             self._refresh_up(reason)
             self._update_hold()
-            self._update_budget()
 
     def _refresh_up(self, reason: str) -> None:
         self._up = tuple(s for s in self.subflows.values() if s.state is State.ESTABLISHED)
@@ -423,26 +410,6 @@ class Session(SendPath, ReceivePath):
         nrx.wait_min = wait_min
         nrx.interval = interval
         nrx.wait = max(wait_min, min(hold / 2, base))
-
-    def _update_budget(self) -> None:
-        """The re-send budget (NackSender.budget / burst): ``retransmit_budget``,
-        except in duplicate mode, where every carrier carried every packet and
-        a packet asked for was lost on all of them: repair what chance explains
-        -- ``dup_repair_factor`` x the product of the carriers' outbound loss
-        (as the peer reports it), plus ``dup_repair_floor`` -- and leave the
-        rest, correlated loss (a queue full on every carrier), to the sender's
-        congestion control."""
-        c = self.config
-        tx = self.nack_tx
-        if not self._dup_all:
-            tx.budget, tx.burst = c.retransmit_budget, float(c.retransmit_burst)
-            return
-        luck = 1.0 if self._up else 0.0
-        for s in self._up:
-            lost = s.loss_out_ppm
-            luck *= 0.0 if lost is None else lost / 1_000_000
-        tx.budget = min(c.retransmit_budget, c.dup_repair_factor * luck + c.dup_repair_floor)
-        tx.burst = float(c.dup_repair_burst)
 
     # -- status -------------------------------------------------------------------
 

@@ -230,7 +230,6 @@ class ReceivePath:
                 sub.meter.on_echo(echo, delay_us / 1_000_000, now, sub.rtt.min_rtt)
         if op in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
             self._update_hold()
-            self._update_budget()  # the peer's loss report moved
         if sub.state is State.CLOSED and member in self._closing:
             self._reap(member)
         if self._queueing and self._sched.pending:
