@@ -40,6 +40,7 @@ class NackRound:
     payloads: list
     targets: list
     defer: float | None
+    given_up: list | None = None  # missing numbers not asked for (over the ask budget): give them up now
 
 
 class NackReceiver:
@@ -67,6 +68,14 @@ class NackReceiver:
         self.nack_too_late = 0  # missing numbers not asked for: no time left before the hold
         self.nack_untracked = 0  # missing numbers beyond nack_track
         self.nack_again = 0  # numbers asked for again (the first re-send, or the NACK, was lost)
+        # Ask budget (duplicate mode; None: none): first asks per packet
+        # received, set by the session from what chance explains (see
+        # Session._update_ask_budget); numbers over it are given up at once
+        self.ask_rate: float | None = None
+        self.ask_burst = 16.0
+        self._ask_tokens = 16.0
+        self._ask_mark = 0  # rx_high when the tokens were last topped up
+        self.nack_declined = 0  # missing numbers given up: over the ask budget
 
     def reset(self) -> None:
         """NACKs were turned off: forget what is missing and asked for."""
@@ -230,6 +239,12 @@ class NackReceiver:
 
         oldest = now  # when the oldest gap asked for now appeared
         nxt = None
+        declined: list[int] = []
+        rate = self.ask_rate
+        if rate is not None:
+            tokens = self._ask_tokens + rate * (self.rx_high - self._ask_mark)
+            self._ask_tokens = tokens if tokens < self.ask_burst else self.ask_burst
+            self._ask_mark = self.rx_high
         passed = self.passed_all(now)
         wait_min = self.wait_min
         cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
@@ -262,11 +277,18 @@ class NackReceiver:
                 del missing[s]
                 self.nack_too_late += 1
                 continue
+            if rate is not None:
+                if self._ask_tokens < 1.0:  # more than chance explains: congestion
+                    del missing[s]
+                    declined.append(s)
+                    continue
+                self._ask_tokens -= 1.0
             if t < oldest:
                 oldest = t
             if not take(s):
                 nxt = now
                 break
+        self.nack_declined += len(declined)
         first_seen = {s: missing[s] for s in due}  # when each gap was noticed
         if again and up:
             # merged in order (a NACK payload covers 64 consecutive numbers);
@@ -336,7 +358,7 @@ class NackReceiver:
             defer = min(until, oldest + cap)
         if not missing and not asked:
             self.next = None
-            return NackRound(payloads, targets, defer)
+            return NackRound(payloads, targets, defer, declined)
         if missing and nxt is None:
             nxt = next(iter(missing.values())) + wait
         if again_next is not None and (nxt is None or again_next < nxt):
@@ -345,7 +367,7 @@ class NackReceiver:
             self.next = None
         else:
             self.next = max(nxt, now + interval) if due else max(nxt, now)
-        return NackRound(payloads, targets, defer)
+        return NackRound(payloads, targets, defer, declined)
 
 
 class NackSender:

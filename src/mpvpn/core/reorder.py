@@ -84,6 +84,7 @@ class ReorderBuffer:
         "hold_until",
         "hold_cap",
         "deferrals",
+        "given_up",
     )
 
     def __init__(self, capacity: int, hold: float | None, start: int = 0):
@@ -107,6 +108,7 @@ class ReorderBuffer:
         self.deadline_releases = 0
         self.skipped = 0
         self.deferrals = 0  # defer() calls that moved the floor
+        self.given_up = 0  # numbers give_up() gave up
         # A deferral never keeps an item longer than this after its arrival
         # (None: no cap).  Deferrals overlap: under steady loss a repair is
         # always on its way for some gap, so one whose re-send was lost would
@@ -269,6 +271,35 @@ class ReorderBuffer:
         if until > self.hold_until:
             self.hold_until = until
             self.deferrals += 1
+
+    def give_up(self, seqs) -> list:
+        """Give up missing numbers at once (the engine will not ask for them:
+        a congestion loss, TCP's signal), in ascending order, each only when
+        it is next in line (``X + 1`` and not buffered; one behind another
+        gap still waits for the hold).  Returns the items this releases."""
+        out: list = []
+        buf = self._buf
+        for s in sorted(seqs):
+            if s != self.last + 1 or s in buf:
+                continue
+            skips = self._skips
+            if skips and skips[-1][1] == s - 1:
+                skips[-1] = (skips[-1][0], s)
+            else:
+                skips.append((s, s))
+            self.skipped += 1
+            self.given_up += 1
+            seq = s + 1
+            nxt = buf.pop(seq, _MISSING)
+            while nxt is not _MISSING:
+                out.append(nxt)
+                seq += 1
+                nxt = buf.pop(seq, _MISSING)
+            self.delivered += seq - 1 - s
+            self.last = seq - 1
+        if not buf:
+            self._arrivals.clear()
+        return out
 
     def expire(self, now: float) -> list:
         """Release items whose hold deadline has passed (a deadline release).

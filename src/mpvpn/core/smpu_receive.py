@@ -230,6 +230,7 @@ class ReceivePath:
                 sub.meter.on_echo(echo, delay_us / 1_000_000, now, sub.rtt.min_rtt)
         if op in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
             self._update_hold()
+            self._update_ask_budget()  # the carriers' loss moved
         if sub.state is State.CLOSED and member in self._closing:
             self._reap(member)
         if self._queueing and self._sched.pending:
@@ -270,8 +271,10 @@ class ReceivePath:
 
     # -- 4. ask for what is missing (decided by mpvpn.core.nack) ---------------------------
 
-    def _nack_tick(self, now: float) -> None:
-        """Send the NACK round the receiver side decides (mpvpn.core.nack)."""
+    def _nack_tick(self, now: float) -> list:
+        """Send the NACK round the receiver side decides (mpvpn.core.nack);
+        returns the user packets that giving up what it will not ask for
+        released."""
         # duplicate mode: every subflow carries the NACK, as it carries the
         # data (a NACK lost on two of three carriers at 20 % loss each was
         # one repair round in 25 lost)
@@ -282,3 +285,4 @@ class ReceivePath:
                 self._emit(sub, Op.NACK, payload)
         if r.defer is not None:
             self.reorder.defer(r.defer)
+        return self.reorder.give_up(r.given_up) if r.given_up else []
