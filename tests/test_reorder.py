@@ -494,8 +494,9 @@ def test_give_up_releases_the_line_only_at_its_head():
     assert buf.push(1, "a", 0.0) == ["a"]
     for s in (3, 5, 6):
         assert buf.push(s, s, 0.0) == []
-    assert buf.give_up([4]) == []  # 2 still missing ahead of it
-    assert buf.give_up([2, 4]) == [3, 5, 6]
-    assert (buf.last, buf.skipped, buf.given_up, len(buf)) == (6, 2, 2, 0)
-    assert buf.push(2, "late", 0.0) == [] and buf.late == 1  # a re-send after all: late
-    assert buf.give_up([7]) == [] and buf.last == 7  # nothing behind it
+    assert buf.give_up([4]) == []  # 2 still missing ahead of it: skipped when the line gets there
+    assert buf.push(2, "b", 0.0) == ["b", 3, 5, 6]  # 2 came after all; 4 skipped on the way
+    assert (buf.last, buf.skipped, buf.given_up, len(buf)) == (6, 1, 1, 0)
+    assert buf.push(4, "late", 0.0) == [] and buf.late == 1  # a re-send after all: late
+    assert buf.push(9, 9, 0.0) == []
+    assert buf.give_up([7, 8]) == [9] and buf.last == 9

@@ -85,6 +85,7 @@ class ReorderBuffer:
         "hold_cap",
         "deferrals",
         "given_up",
+        "_given",
     )
 
     def __init__(self, capacity: int, hold: float | None, start: int = 0):
@@ -127,6 +128,7 @@ class ReorderBuffer:
         self._tlast = float("-inf")  # latest arrival time stored
         self._skips: deque = deque(maxlen=SKIP_MEMORY)  # (lo, hi), ascending
         self.hold_until = float("-inf")  # see defer()
+        self._given: set = set()  # numbers give_up() gave up ahead of the line
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -215,6 +217,8 @@ class ReorderBuffer:
                 nxt = pop(seq, _MISSING)
             self.last = seq - 1
             self.delivered += len(out)
+            if self._given:
+                self._skip_given(out)
             if not buf:
                 self._arrivals.clear()
             return out
@@ -274,14 +278,28 @@ class ReorderBuffer:
 
     def give_up(self, seqs) -> list:
         """Give up missing numbers at once (the engine will not ask for them:
-        a congestion loss, TCP's signal), in ascending order, each only when
-        it is next in line (``X + 1`` and not buffered; one behind another
-        gap still waits for the hold).  Returns the items this releases."""
-        out: list = []
+        a congestion loss, TCP's signal): each is skipped when the line
+        reaches it -- now if it is next -- unless a copy arrived by then.
+        Returns the items this releases now."""
+        last = self.last
         buf = self._buf
-        for s in sorted(seqs):
-            if s != self.last + 1 or s in buf:
-                continue
+        given = self._given
+        for s in seqs:
+            if s > last and s not in buf:
+                given.add(s)
+        out: list = []
+        self._skip_given(out)
+        if len(given) > 4 * self.capacity:  # numbers the line passed otherwise
+            self._given = {s for s in given if s > self.last}
+        return out
+
+    def _skip_given(self, out: list) -> None:
+        """Skip given-up numbers next in line, releasing what waited behind them."""
+        given = self._given
+        buf = self._buf
+        while self.last + 1 in given:
+            s = self.last + 1
+            given.discard(s)
             skips = self._skips
             if skips and skips[-1][1] == s - 1:
                 skips[-1] = (skips[-1][0], s)
@@ -299,7 +317,6 @@ class ReorderBuffer:
             self.last = seq - 1
         if not buf:
             self._arrivals.clear()
-        return out
 
     def expire(self, now: float) -> list:
         """Release items whose hold deadline has passed (a deadline release).
@@ -343,6 +360,8 @@ class ReorderBuffer:
             nxt = buf.pop(seq, _MISSING)
         self.delivered += seq - 1 - self.last
         self.last = seq - 1
+        if self._given:
+            self._skip_given(out)
         if not buf:
             arrivals.clear()
         self.deadline_releases += 1
