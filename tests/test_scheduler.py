@@ -86,7 +86,8 @@ def offer(pair, seconds, rate, size=1000, sport=5000, first=0):
 
 def test_make_scheduler_modes_defaults_and_bad_options():
     d = make_scheduler("duplicate")
-    assert d.mode == "duplicate" and not d.nack and not d.queueing
+    assert d.mode == "duplicate" and d.nack and not d.queueing  # NACK on by default (issue 17)
+    assert not make_scheduler("duplicate", nack=False).nack
     a = make_scheduler("aggregate")
     assert a.nack and a.queueing
     ad = make_scheduler("adaptive", target_loss=0.01, nack=False)

@@ -560,7 +560,7 @@ def test_replacing_a_queueing_scheduler_counts_its_queue_as_dropped():
         assert pair.a.send(bytes(1000), pair.now)
     queued = pair.a.scheduler.pending
     assert queued > 10 and pair.a.get_timer() is not None
-    pair.a.scheduler = make_scheduler("duplicate")
+    pair.a.scheduler = make_scheduler("duplicate", nack=False)
     assert not pair.a.nack_enabled and not pair.a._queueing
     assert pair.a.counters()["tx_sched_drops"] == queued
     assert "scheduler" in pair.a.status(pair.now)
@@ -828,3 +828,24 @@ def test_duplicate_mode_gives_up_loss_on_every_carrier_at_once_instead_of_repair
     assert b["nack_declined"] - b0["nack_declined"] >= dropped - asked - 5
     # given up at once, not by the hold deadline
     assert b["deadline_releases"] - b0["deadline_releases"] <= 5
+
+
+def test_a_duplicate_mode_receiver_asks_for_everything_from_a_peer_that_does_not_duplicate():
+    """The ask budget assumes every carrier carried the packet; from an
+    aggregate-mode peer (one copy each) a missing packet is one carrier's
+    loss, not congestion: with ``peer_duplicates`` False every gap is asked for."""
+    from mpvpn.core.scheduler import make_scheduler
+    pair = SimPair(0, seed=4)
+    for m in (1, 2, 3):
+        pair.add_subflow(m, delay=0.001, loss=0.05)
+    assert pair.handshake()
+    pair.a.scheduler = make_scheduler("aggregate")
+    pair.b.scheduler = make_scheduler("duplicate")
+    pair.b.peer_duplicates = False
+    pair.stream("a", 4000, 2000.0)
+    pair.stream("a", 20, 2000.0, first=4000)
+    pair.run(1.0)
+    c = pair.b.counters()
+    assert pair.b.nack_enabled and pair.b.nack_rx.ask_rate is None
+    assert c["nack_declined"] == 0 and c["nack_seqs"] > 50
+    assert set(range(4000)) - set(indices(pair.delivered["b"])) == set()

@@ -573,9 +573,12 @@ class Agent:
                                         target_loss=self.cfg.base.target_loss,
                                         nack=self.cfg.base.nack,  # None: the mode's default
                                         policies=self._policies())
-        # adaptive counts on the peer's NACKs only if its mode sends them (a
-        # duplicate-mode peer with base.nack 1 does too: we under-count, safely)
-        sess.scheduler.peer_nack = getattr(peer, "mode", "duplicate") != "duplicate"
+        # every mode NACKs by default (a peer with base.nack 0 does not: we
+        # over-count it then); a duplicate-mode peer sends every packet on
+        # every carrier, so what is lost on all of them may be congestion
+        # (Session.peer_duplicates: the ask budget)
+        sess.scheduler.peer_nack = None
+        sess.peer_duplicates = getattr(peer, "mode", "duplicate") == "duplicate"
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds

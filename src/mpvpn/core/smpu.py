@@ -178,6 +178,10 @@ class Session(SendPath, ReceivePath):
         self._queueing = False
         self._dup_all = True  # the scheduler sends every packet on every subflow
         self.nack_enabled = False  # receiver: ask for missing packets (set by the scheduler)
+        # Does the peer send every packet on every subflow (its base.mode is
+        # duplicate)?  None: assume it does what we do.  Decides the ask
+        # budget (_update_ask_budget).
+        self.peer_duplicates: bool | None = None
         self.nack_rx = NackReceiver(c)  # what is missing, when to ask (mpvpn.core.nack)
         self.nack_tx = NackSender(c)  # what to re-send for the peer's NACKs
         self._now = 0.0  # the latest `now` seen (for datagrams emitted by subflows)
@@ -433,7 +437,7 @@ class Session(SendPath, ReceivePath):
         Other modes ask for everything (None)."""
         c = self.config
         nrx = self.nack_rx
-        if not self._dup_all:
+        if not (self._dup_all if self.peer_duplicates is None else self.peer_duplicates):
             nrx.ask_rate = None
             return
         luck = 1.0 if self._up else 0.0
