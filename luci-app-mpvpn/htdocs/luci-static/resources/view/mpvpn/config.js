@@ -243,7 +243,7 @@ return view.extend({
 		o.depends('mode', 'adaptive');
 
 		o = s.taboption('advanced', form.ListValue, 'nack', _('Re-send requests (NACK)'),
-			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in aggregate and adaptive mode, off in duplicate mode. On in duplicate mode also repairs what is lost on all carriers at once.'));
+			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in every mode; in duplicate mode only for what the carriers\' own loss explains (the rest, usually a full queue, is given up at once).'));
 		o.value('auto', _('Automatic'));
 		o.value('1', _('On'));
 		o.value('0', _('Off'));
