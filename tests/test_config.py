@@ -141,7 +141,7 @@ def test_site_a_client(tmp_path):
     assert PSK not in repr(cfg)  # the key never shows up in logs
     assert cfg.base.mode == "duplicate"
     assert (cfg.base.keepalive_idle, cfg.base.keepalive_active, cfg.base.dead_after) == (0.75, 0.1, 3)
-    assert (cfg.base.hold_max_ms, cfg.base.reorder_capacity, cfg.base.mtu) == (200, 1024, 1400)
+    assert (cfg.base.hold_max_ms, cfg.base.reorder_capacity, cfg.base.mtu) == (200, 4096, 1400)
     assert cfg.vnc.ipaddr == ipaddress.IPv4Address("172.30.0.1")
     assert str(cfg.vnc.interface) == "172.30.0.1/30"
     assert str(cfg.vnc.netmask) == "255.255.255.252"

@@ -80,3 +80,63 @@ def test_the_core_modules_of_this_split_stay_sans_io():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
         assert not imported & banned, (name, imported & banned)
+
+
+def _gap(rx, reorder, now, lost=2):
+    """DATA 1 and lost + 1 arrive at ``now`` on member 1: ``lost`` is missing."""
+    for seq in (lost - 1, lost + 1):
+        reorder.push(seq, seq, now)
+        rx.on_data(1, seq, now, reorder.last)
+
+
+def test_a_round_holds_the_line_until_its_retry_at_0_1_ms_and_300_ms():
+    """A round defers the hold's releases until the number can be asked for
+    again (ask, re-send lost, ask again): before, the deferral ended just
+    before the retry, and every lost re-send was a lost packet."""
+    for srtt in (0.0001, 0.300):
+        cfg = SessionConfig()
+        rx = NackReceiver(cfg)
+        rx.wait_min = rx.interval = max(cfg.nack_floor, min(cfg.nack_interval, srtt))
+        reorder = ReorderBuffer(64, max(cfg.hold_min, 2 * srtt))  # (the session's hold: one repair)
+        reorder.hold_cap = 1.0
+        _gap(rx, reorder, 0.0)
+        up = [_Sub(1, srtt), _Sub(2, srtt)]
+        r = rx.tick(rx.next, up, reorder)
+        assert [wire.nack_decode(p) for p in r.payloads] == [[2]]
+        retry_at = rx.asked[2][0]
+        assert rx.next == retry_at and r.defer >= retry_at  # held until the retry
+        reorder.defer(r.defer)
+        assert reorder.expire(retry_at - 1e-9) == []
+        r2 = rx.tick(retry_at, up, reorder)  # the re-send did not come: ask again
+        assert [wire.nack_decode(p) for p in r2.payloads] == [[2]] and rx.nack_again == 1
+
+
+def test_a_new_gap_is_asked_for_within_the_wait_while_a_retry_is_pending():
+    """A round with a re-send pending sets the timer to its retry, a round
+    trip away; a gap that opens meanwhile must not wait for it (at 10 ms
+    one-way delay, aggregate mode lost 5 % this way)."""
+    cfg = SessionConfig()
+    rx = NackReceiver(cfg)
+    rx.wait = 0.004
+    reorder = ReorderBuffer(64, 0.05)
+    _gap(rx, reorder, 0.0)
+    rx.on_data(2, 1, 0.0, reorder.last)  # member 2 delivers too, behind: no order evidence
+    up = [_Sub(1, 0.020), _Sub(2, 0.020)]
+    while not rx.tick(rx.next, up, reorder).payloads:
+        assert rx.next < 0.010
+    assert rx.next >= 0.030  # the retry
+    reorder.push(5, 5, 0.010)
+    rx.on_data(1, 5, 0.010, reorder.last)  # 4 missing
+    assert rx.next <= 0.010 + rx.wait
+    r = rx.tick(rx.next, up, reorder)
+    assert 4 in wire.nack_decode(r.payloads[0])
+
+
+def test_copies_puts_a_nack_on_every_subflow():
+    """Duplicate mode asks on every subflow (the session passes copies)."""
+    rx = NackReceiver(SessionConfig())
+    reorder = ReorderBuffer(64, 0.1)
+    _gap(rx, reorder, 0.0)
+    up = [_Sub(1, 0.01), _Sub(2, 0.02), _Sub(3, 0.03)]
+    r = rx.tick(rx.next, list(up), reorder, copies=3)
+    assert sorted(s.member for s in r.targets) == [1, 2, 3]

@@ -485,3 +485,18 @@ def test_check_copy_counts_stale_copies_as_push_would():
             b.push(seq, None, 1.0)
         assert kind == {1: 1, 2: 2, 3: 1, 5: 1, 4: 0, 6: 0}[seq]
     assert (a.duplicates, a.late) == (b.duplicates, b.late) == (3, 1)
+
+
+def test_give_up_releases_the_line_only_at_its_head():
+    """give_up (a NACK-less loss: congestion) skips a number next in line at
+    once and releases what waited behind it; one behind another gap waits."""
+    buf = ReorderBuffer(16, 0.1)
+    assert buf.push(1, "a", 0.0) == ["a"]
+    for s in (3, 5, 6):
+        assert buf.push(s, s, 0.0) == []
+    assert buf.give_up([4]) == []  # 2 still missing ahead of it: skipped when the line gets there
+    assert buf.push(2, "b", 0.0) == ["b", 3, 5, 6]  # 2 came after all; 4 skipped on the way
+    assert (buf.last, buf.skipped, buf.given_up, len(buf)) == (6, 1, 1, 0)
+    assert buf.push(4, "late", 0.0) == [] and buf.late == 1  # a re-send after all: late
+    assert buf.push(9, 9, 0.0) == []
+    assert buf.give_up([7, 8]) == [9] and buf.last == 9

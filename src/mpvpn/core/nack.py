@@ -11,8 +11,13 @@ so far opens a gap; a gap is taken for a loss once every subflow carrying
 data has delivered something above it (subflows are FIFO) or after the
 NACK wait; :meth:`NackReceiver.tick` then asks for the missing numbers in
 rounds (at most ``nack_per_round`` payloads of 64 numbers, at most one round
-per ``nack_interval``), and asks again, up to ``nack_retries`` times, for a
-number whose re-send did not come.
+per NACK interval), and asks again, up to ``nack_retries`` times, for a
+number whose re-send did not come.  The NACK wait, its floor and the
+interval between rounds follow the path's round trip (the session sets
+``wait``, ``wait_min`` and ``interval`` from its subflows' RTTs, between
+``nack_floor`` and ``nack_wait_min`` / ``nack_interval``), so a repair fits
+in the hold on a 0.1 ms path as on a 300 ms one; a round holds the reorder
+line until its re-sends, and the retries after them, can have come.
 
 Sender (:class:`NackSender`): a NACK names sequence numbers; each still in
 the send buffer, not re-sent just now (the other copy of the same NACK) and
@@ -35,6 +40,7 @@ class NackRound:
     payloads: list
     targets: list
     defer: float | None
+    given_up: list | None = None  # missing numbers not asked for (over the ask budget): give them up now
 
 
 class NackReceiver:
@@ -51,11 +57,25 @@ class NackReceiver:
         self.next: float | None = None  # when tick() must run (None: nothing to ask)
         self.last = float("-inf")  # when the last NACK went out (rate limit)
         self.wait = config.nack_wait_min  # NACK wait without order evidence (set by the session)
-        self.nacks_sent = 0
+        # never ask sooner than this after a gap appeared, even with order
+        # evidence, and at most one round per interval (set by the session
+        # from the RTTs: see Session._update_hold)
+        self.wait_min = config.nack_wait_min
+        self.interval = config.nack_interval
+        self.nacks_sent = 0  # NACK payloads (a round sends up to nack_per_round)
+        self.rounds = 0  # NACK rounds
         self.nack_seqs = 0  # sequence numbers asked for
         self.nack_too_late = 0  # missing numbers not asked for: no time left before the hold
         self.nack_untracked = 0  # missing numbers beyond nack_track
         self.nack_again = 0  # numbers asked for again (the first re-send, or the NACK, was lost)
+        # Ask budget (duplicate mode; None: none): first asks per packet
+        # received, set by the session from what chance explains (see
+        # Session._update_ask_budget); numbers over it are given up at once
+        self.ask_rate: float | None = None
+        self.ask_burst = 16.0
+        self._ask_tokens = 16.0
+        self._ask_mark = 0  # rx_high when the tokens were last topped up
+        self.nack_declined = 0  # missing numbers given up: over the ask budget
 
     def reset(self) -> None:
         """NACKs were turned off: forget what is missing and asked for."""
@@ -83,7 +103,7 @@ class NackReceiver:
         head = next(iter(missing))
         if head < self.passed_all(now):
             c = self.config
-            t = max(now, missing[head] + c.nack_wait_min, self.last + c.nack_interval)
+            t = max(now, missing[head] + self.wait_min, self.last + self.interval)
             if self.next is None or t < self.next:
                 self.next = t
 
@@ -99,6 +119,32 @@ class NackReceiver:
             self.rx_high = seq
         elif missing:
             missing.pop(seq, None)
+        if missing:
+            self._if_passed(now)
+
+    def on_data_many(self, member: int, arrivals: list, now: float) -> None:
+        """:meth:`on_data` for a batch that came on ``member`` at ``now`` (the
+        C loop's ``open_new``): ``arrivals`` the ``(seq, delivered_up_to)``
+        of each, in order.  The same numbers missing and the same highest
+        ones as one call each; the subflow's pace is noted once (as
+        :meth:`on_in_order` does for a run) and the evidence checked once."""
+        if not arrivals:
+            return
+        missing = self.missing
+        high = self.rx_high
+        top = 0
+        for seq, delivered_up_to in arrivals:
+            if seq > top:
+                top = seq
+            if seq > high:
+                if seq > high + 1:
+                    self.rx_high = high
+                    self._note_gap(seq, now, delivered_up_to)
+                high = seq
+            elif missing:
+                missing.pop(seq, None)
+        self.rx_high = high
+        self.note_high(member, top, now)
         if missing:
             self._if_passed(now)
 
@@ -127,8 +173,12 @@ class NackReceiver:
             self.nack_untracked += seq - hi
         for s in range(lo, hi):
             missing[s] = now
-        if hi > lo and self.next is None:
-            self.next = max(now + self.wait, self.last + c.nack_interval)
+        if hi > lo:
+            # (not later than the NACK wait: a round with re-sends pending
+            # may have set the timer to its retry, a round trip away)
+            t = max(now + self.wait, self.last + self.interval)
+            if self.next is None or t < self.next:
+                self.next = t
 
     def passed_all(self, now: float) -> int:
         """The lowest of the highest numbers received on each subflow that
@@ -139,7 +189,7 @@ class NackReceiver:
         smoothed gap alone says little); one that went quiet for longer --
         dead, or no longer used -- can hide nothing."""
         low = 0
-        slack = self.config.nack_wait_min
+        slack = self.wait_min
         wait = self.wait
         for h in self.high_by.values():
             quiet = now - h[1]
@@ -147,12 +197,14 @@ class NackReceiver:
                 low = h[0]
         return low
 
-    def tick(self, now: float, up, reorder) -> NackRound:
+    def tick(self, now: float, up, reorder, copies: int | None = None) -> NackRound:
         """One NACK round: the missing numbers that waited long enough, and
         those asked for before whose re-send is overdue (the NACK or the
         re-send was lost: a lossy path loses those too).  ``up``: the
         established subflows; ``reorder``: the session's ReorderBuffer, only
-        asked (``is_stale``, ``hold``).  Returns what to send and defer."""
+        asked (``is_stale``, ``hold``, ``hold_cap``); ``copies``: on how many
+        of the fastest subflows each NACK goes (default ``nack_copies``).
+        Returns what to send and defer."""
         payloads: list[bytes] = []
         targets: list = []
         defer: float | None = None
@@ -163,8 +215,9 @@ class NackReceiver:
             return NackRound(payloads, targets, defer)
         if self.next is not None and now < self.next:
             return NackRound(payloads, targets, defer)
-        if now < self.last + self.config.nack_interval:
-            self.next = self.last + self.config.nack_interval
+        interval = self.interval
+        if now < self.last + interval:
+            self.next = self.last + interval
             return NackRound(payloads, targets, defer)
         hold = reorder.hold
         wait = self.wait
@@ -186,8 +239,16 @@ class NackReceiver:
 
         oldest = now  # when the oldest gap asked for now appeared
         nxt = None
+        declined: list[int] = []
+        rate = self.ask_rate
+        if rate is not None:
+            tokens = self._ask_tokens + rate * (self.rx_high - self._ask_mark)
+            self._ask_tokens = tokens if tokens < self.ask_burst else self.ask_burst
+            self._ask_mark = self.rx_high
         passed = self.passed_all(now)
-        wait_min = self.config.nack_wait_min
+        wait_min = self.wait_min
+        cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
+        held = reorder.hold_until
         again: list[int] = []  # asked for before, due again
         again_next = None
         if asked:
@@ -195,8 +256,8 @@ class NackReceiver:
                 if reorder.is_stale(s):  # the re-send came, or the hold gave up
                     del asked[s]
                 elif rec[0] <= now:
-                    # (a repair defers the hold up to hold_max: ReorderBuffer.hold_cap)
-                    if hold is not None and rec[1] + self.config.hold_max < now + fastest:
+                    # (a repair defers the hold up to its cap: ReorderBuffer.hold_cap)
+                    if hold is not None and rec[1] + cap < now + fastest:
                         del asked[s]
                         self.nack_too_late += 1
                     else:
@@ -210,15 +271,24 @@ class NackReceiver:
             if t + wait > now and not (s < passed and t + wait_min <= now):
                 nxt = t + wait if s >= passed else t + wait_min
                 break
-            if hold is not None and t + hold < now + fastest:
-                del missing[s]  # a re-send could not arrive before the hold deadline
+            if hold is not None and max(t + hold, min(held, t + cap)) < now + fastest:
+                # a re-send could not arrive before the hold deadline (or the
+                # end of the deferral a round before this one asked for)
+                del missing[s]
                 self.nack_too_late += 1
                 continue
+            if rate is not None:
+                if self._ask_tokens < 1.0:  # more than chance explains: congestion
+                    del missing[s]
+                    declined.append(s)
+                    continue
+                self._ask_tokens -= 1.0
             if t < oldest:
                 oldest = t
             if not take(s):
                 nxt = now
                 break
+        self.nack_declined += len(declined)
         first_seen = {s: missing[s] for s in due}  # when each gap was noticed
         if again and up:
             # merged in order (a NACK payload covers 64 consecutive numbers);
@@ -246,41 +316,49 @@ class NackReceiver:
             for i in range(len(bounds) - 1):
                 payloads.append(wire.nack_encode(due[bounds[i]:bounds[i + 1]]))
                 self.nacks_sent += 1
-            targets = up[: self.config.nack_copies]
+            targets = up[: copies or self.config.nack_copies]
             self.nack_seqs += len(due)
+            self.rounds += 1
             self.last = now
             # Hold the line until the re-sends can be here: a NACK over the
             # fastest path, the re-sends over the next one, one after the
             # other at the pace data has been arriving (a failed carrier's
-            # whole in-flight tail can be a few hundred packets).  Bounded:
-            # never past hold_max after the oldest of these gaps appeared.
+            # whole in-flight tail can be a few hundred packets), and, while
+            # a number may be asked for again, until that round (which
+            # defers again: Session.handle_timer runs it before the hold's
+            # releases) -- else the line was released just before the retry
+            # and every lost re-send was a lost packet.  Bounded: never past
+            # the hold's cap after the oldest of these gaps appeared.
             srtts = sorted(sub.rtt.srtt for sub in up if sub.rtt.srtt is not None) or [0.0]
             second = srtts[1] if len(srtts) > 1 else srtts[0]
             gaps = [h[2] for h in self.high_by.values() if h[2] > 0]
             burst = len(due) * (min(gaps) if gaps else 0.0)
-            until = min(now + 1.5 * second + burst + self.config.nack_interval,
-                        oldest + self.config.hold_max)
-            defer = until
-            # If the re-send is not here by then (plus the jitter), ask again.
+            var = max((sub.rtt.rttvar for sub in up if sub.rtt.rttvar is not None), default=0.0)
+            until = now + 1.5 * second + burst + interval
             retries = self.config.nack_retries
+            again_at = until + 2 * var  # if the re-send is not here by then (plus the jitter), ask again
             if retries:
-                var = max((sub.rtt.rttvar for sub in up if sub.rtt.rttvar is not None), default=0.0)
-                again_at = now + 1.5 * second + burst + self.config.nack_interval + 2 * var
+                retry = False
                 for s in due:
                     rec = asked.get(s)
                     if rec is None:
                         if len(asked) < self.config.nack_track:
                             asked[s] = [again_at, first_seen[s], retries]
+                            retry = True
                     elif rec[2] > 1:
                         rec[0] = again_at
                         rec[2] -= 1
+                        retry = True
                     else:
                         del asked[s]
-                if again_next is None or again_at < again_next:
-                    again_next = again_at
+                if retry:
+                    until = again_at
+                    if again_next is None or again_at < again_next:
+                        again_next = again_at
+            defer = min(until, oldest + cap)
         if not missing and not asked:
             self.next = None
-            return NackRound(payloads, targets, defer)
+            return NackRound(payloads, targets, defer, declined)
         if missing and nxt is None:
             nxt = next(iter(missing.values())) + wait
         if again_next is not None and (nxt is None or again_next < nxt):
@@ -288,8 +366,8 @@ class NackReceiver:
         if nxt is None:
             self.next = None
         else:
-            self.next = max(nxt, now + self.config.nack_interval) if due else max(nxt, now)
-        return NackRound(payloads, targets, defer)
+            self.next = max(nxt, now + interval) if due else max(nxt, now)
+        return NackRound(payloads, targets, defer, declined)
 
 
 class NackSender:

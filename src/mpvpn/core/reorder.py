@@ -84,6 +84,8 @@ class ReorderBuffer:
         "hold_until",
         "hold_cap",
         "deferrals",
+        "given_up",
+        "_given",
     )
 
     def __init__(self, capacity: int, hold: float | None, start: int = 0):
@@ -107,6 +109,7 @@ class ReorderBuffer:
         self.deadline_releases = 0
         self.skipped = 0
         self.deferrals = 0  # defer() calls that moved the floor
+        self.given_up = 0  # numbers give_up() gave up
         # A deferral never keeps an item longer than this after its arrival
         # (None: no cap).  Deferrals overlap: under steady loss a repair is
         # always on its way for some gap, so one whose re-send was lost would
@@ -125,6 +128,7 @@ class ReorderBuffer:
         self._tlast = float("-inf")  # latest arrival time stored
         self._skips: deque = deque(maxlen=SKIP_MEMORY)  # (lo, hi), ascending
         self.hold_until = float("-inf")  # see defer()
+        self._given: set = set()  # numbers give_up() gave up ahead of the line
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -151,6 +155,16 @@ class ReorderBuffer:
         skips = self._skips
         lo, hi = skips[-1] if skips else (0, 0)
         return self.last, lo, hi
+
+    def held_state(self) -> tuple:
+        """``(X, lo, hi, held)`` for a caller that opens copies itself while
+        something is buffered (``open_new``): a copy ``<= X`` or in ``held``
+        (the buffered numbers: a mapping to test membership in, read only)
+        is stale, late when it lies in ``lo..hi`` (as in_order_state); any
+        other it opens and hands to :meth:`check_copy` and :meth:`push`."""
+        skips = self._skips
+        lo, hi = skips[-1] if skips else (0, 0)
+        return self.last, lo, hi, self._buf
 
     def took_in_order(self, last: int, n: int) -> None:
         """The caller delivered the ``n`` numbers up to ``last`` in order (see
@@ -203,6 +217,8 @@ class ReorderBuffer:
                 nxt = pop(seq, _MISSING)
             self.last = seq - 1
             self.delivered += len(out)
+            if self._given:
+                self._skip_given(out)
             if not buf:
                 self._arrivals.clear()
             return out
@@ -260,6 +276,48 @@ class ReorderBuffer:
             self.hold_until = until
             self.deferrals += 1
 
+    def give_up(self, seqs) -> list:
+        """Give up missing numbers at once (the engine will not ask for them:
+        a congestion loss, TCP's signal): each is skipped when the line
+        reaches it -- now if it is next -- unless a copy arrived by then.
+        Returns the items this releases now."""
+        last = self.last
+        buf = self._buf
+        given = self._given
+        for s in seqs:
+            if s > last and s not in buf:
+                given.add(s)
+        out: list = []
+        self._skip_given(out)
+        if len(given) > 4 * self.capacity:  # numbers the line passed otherwise
+            self._given = {s for s in given if s > self.last}
+        return out
+
+    def _skip_given(self, out: list) -> None:
+        """Skip given-up numbers next in line, releasing what waited behind them."""
+        given = self._given
+        buf = self._buf
+        while self.last + 1 in given:
+            s = self.last + 1
+            given.discard(s)
+            skips = self._skips
+            if skips and skips[-1][1] == s - 1:
+                skips[-1] = (skips[-1][0], s)
+            else:
+                skips.append((s, s))
+            self.skipped += 1
+            self.given_up += 1
+            seq = s + 1
+            nxt = buf.pop(seq, _MISSING)
+            while nxt is not _MISSING:
+                out.append(nxt)
+                seq += 1
+                nxt = buf.pop(seq, _MISSING)
+            self.delivered += seq - 1 - s
+            self.last = seq - 1
+        if not buf:
+            self._arrivals.clear()
+
     def expire(self, now: float) -> list:
         """Release items whose hold deadline has passed (a deadline release).
 
@@ -302,6 +360,8 @@ class ReorderBuffer:
             nxt = buf.pop(seq, _MISSING)
         self.delivered += seq - 1 - self.last
         self.last = seq - 1
+        if self._given:
+            self._skip_given(out)
         if not buf:
             arrivals.clear()
         self.deadline_releases += 1

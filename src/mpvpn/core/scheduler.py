@@ -123,7 +123,7 @@ class SchedulerOptions:
     """Every option of :func:`make_scheduler` (docs/scheduler.md has the table)."""
 
     target_loss: float = 0.001  # adaptive: wanted loss per packet (product of L_i)
-    nack: bool | None = None  # ask the peer to re-send missing packets; None: mode default
+    nack: bool | None = None  # ask the peer to re-send missing packets; None: on (every mode)
     pace: bool = True  # aggregate/adaptive: queue + DRR + pacing (False: immediate decisions)
     pin_bytes: int = 330_000  # stage 2: a flow's first bytes stay on one subflow
     flow_idle: float = 1.0  # s: a flow silent this long starts over (pinned again)
@@ -336,7 +336,9 @@ class Scheduler(PacketScheduler):
         opts.validate()
         self.mode = mode
         self.options = opts
-        self.nack = (mode != "duplicate") if opts.nack is None else bool(opts.nack)
+        # every mode asks by default; duplicate mode only for what chance
+        # explains (Session._update_ask_budget): docs/performance.md "Loss repair"
+        self.nack = True if opts.nack is None else bool(opts.nack)
         self.queueing = mode != "duplicate" and opts.pace
         self._policies = opts.policies
         self._reserved = tuple(p for p in opts.policies if p.exclusive)

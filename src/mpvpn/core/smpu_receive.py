@@ -99,9 +99,55 @@ class ReceivePath:
                     i = j
                     if i >= n:
                         break
+            else:  # a gap is open: open new copies in C, reorder here
+                j = self._open_new(datagrams, i, member, now, sub, out,
+                                   cur, cur_dec, prev, prev_dec)
+                if j > i:
+                    i = j
+                    continue
             out += self.receive_datagram(datagrams[i], member, now, source)
             i += 1
         return out
+
+    def _open_new(self, datagrams, i, member, now, sub, out, cur, cur_dec, prev, prev_dec) -> int:
+        """While the reorder buffer holds something: the C loop opens the new
+        copies of ``datagrams[i:]`` (stale ones dropped before decryption, as
+        ``_receive_data`` does), pushed here one by one with the NACK
+        bookkeeping of the per-packet path.  Returns where it stopped."""
+        reorder = self.reorder
+        last, lo, hi, held = reorder.held_state()
+        j, opened, dup, late, nbytes, bad = _LOOPS.open_new(
+            datagrams, i, member, self.session_id, last, lo, hi, held, cur, cur_dec,
+            -1 if prev is None else prev, prev_dec, InvalidTag)
+        if j == i:
+            return i
+        ok = j - i - bad
+        if ok:
+            sub.on_receive(nbytes, now, ok)
+        if bad:
+            self.auth_failures += bad
+        if dup or late:
+            reorder.count_stale(dup, late)
+        arrivals = []  # (seq, delivered up to) for the NACK bookkeeping
+        push = reorder.push
+        for seq, payload in opened:
+            stale = reorder.check_copy(seq)  # (counted there) the same number twice in the batch
+            if stale:
+                if stale == 2:
+                    late += 1
+                else:
+                    dup += 1
+                continue
+            out += push(seq, payload, now)
+            arrivals.append((seq, reorder.last))
+        accepted = len(arrivals)
+        if self.nack_enabled:
+            self.nack_rx.on_data_many(member, arrivals, now)
+        if dup or late:
+            sub.on_stale(dup, late)
+        if accepted:
+            sub.on_data(now, accepted)
+        return j
 
     # -- 2. one datagram: DATA fast path, else classify, authenticate, dispatch -------
 
@@ -184,6 +230,7 @@ class ReceivePath:
                 sub.meter.on_echo(echo, delay_us / 1_000_000, now, sub.rtt.min_rtt)
         if op in (Op.KEEPALIVE, Op.KEEPALIVE_ACK, Op.CONNECT_ACK, Op.ACK):
             self._update_hold()
+            self._update_ask_budget()  # the carriers' loss moved
         if sub.state is State.CLOSED and member in self._closing:
             self._reap(member)
         if self._queueing and self._sched.pending:
@@ -224,11 +271,18 @@ class ReceivePath:
 
     # -- 4. ask for what is missing (decided by mpvpn.core.nack) ---------------------------
 
-    def _nack_tick(self, now: float) -> None:
-        """Send the NACK round the receiver side decides (mpvpn.core.nack)."""
-        r = self.nack_rx.tick(now, list(self._up), self.reorder)
+    def _nack_tick(self, now: float) -> list:
+        """Send the NACK round the receiver side decides (mpvpn.core.nack);
+        returns the user packets that giving up what it will not ask for
+        released."""
+        # duplicate mode: every subflow carries the NACK, as it carries the
+        # data (a NACK lost on two of three carriers at 20 % loss each was
+        # one repair round in 25 lost)
+        up = list(self._up)
+        r = self.nack_rx.tick(now, up, self.reorder, len(up) if self._dup_all else None)
         for payload in r.payloads:
             for sub in r.targets:
                 self._emit(sub, Op.NACK, payload)
         if r.defer is not None:
             self.reorder.defer(r.defer)
+        return self.reorder.give_up(r.given_up) if r.given_up else []

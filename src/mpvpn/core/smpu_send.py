@@ -273,7 +273,10 @@ class SendPath:
                 sendbuf[seq & mask] = (seq, entry[1], carried, now)
                 tx.spend()
                 continue
-            subs = sched.retransmit_targets(carried, up, now, len(entry[1]))
+            # duplicate mode: the re-send goes where the packet went, on every
+            # subflow (it was lost on all of them; one copy on a 20 % lossy
+            # carrier failed one repair in five, for p^N of the packets)
+            subs = up if self._dup_all else sched.retransmit_targets(carried, up, now, len(entry[1]))
             if self._retransmit_entry(entry, [s.member for s in subs], now):
                 tx.spend()
                 tx.resent()

@@ -252,7 +252,7 @@ return view.extend({
 		o.depends('mode', 'adaptive');
 
 		o = s.taboption('advanced', form.ListValue, 'nack', _('Re-send requests (NACK)'),
-			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in aggregate and adaptive mode, off in duplicate mode. On in duplicate mode also repairs what is lost on all carriers at once.'));
+			_('Ask the other site to re-send packets that were lost on every subflow. Automatic: on in every mode; in duplicate mode only for what the carriers\' own loss explains (the rest, usually a full queue, is given up at once).'));
 		o.value('auto', _('Automatic'));
 		o.value('1', _('On'));
 		o.value('0', _('Off'));
@@ -297,7 +297,7 @@ return view.extend({
 		o = s.taboption('advanced', form.Value, 'reorder_capacity', _('Reorder buffer size (packets)'),
 			_('When the buffer is full everything in it is delivered (16 to 65536).'));
 		o.datatype = 'and(uinteger,range(16,65536))';
-		o.placeholder = '1024';
+		o.placeholder = '4096';
 
 		o = s.taboption('advanced', form.Value, 'mtu', _('Tunnel MTU'),
 			_('MTU of the tunnel interface. 1400 keeps encapsulated packets within a 1500-byte path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).'));
