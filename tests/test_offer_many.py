@@ -1,0 +1,127 @@
+"""``Scheduler.offer_many`` (a batch of packets decided with less work per
+packet) against the reference it replaces: ``offer`` packet by packet, each
+send recorded on the meters before the next decision
+(``PacketScheduler.offer_many``, what ``Session.send`` amounts to).  Same
+decisions, same stopping point, same scheduler and meter state, from link
+states reached by real traffic (measured rates, loss, RTTs, queues)."""
+
+import copy
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpvpn.core.schedbase import PacketScheduler
+from mpvpn.core.scheduler import LinkPolicy, make_scheduler
+from mpvpn.tools.simnet import SimPair
+
+SRC, DST = bytes([192, 168, 1, 10]), bytes([192, 168, 2, 20])
+OVER = 36  # header + tag of a sealed datagram
+
+
+def v4(proto, payload, src=SRC, dscp=0, frag=0):
+    size = 20 + len(payload)
+    return (bytes([0x45, dscp << 2]) + struct.pack("!HHH", size, 0, frag) + bytes([64, proto]) + b"\0\0"
+            + src + DST + payload)
+
+
+def tcp(sport, flags=0x10, data=0, src=SRC):
+    return v4(6, struct.pack("!HHIIBBHHH", sport, 80, 1, 1, 5 << 4, flags, 65535, 0, 0) + bytes(data), src)
+
+
+def udp(sport, data, dport=6000, dscp=0):
+    return v4(17, struct.pack("!HHHH", sport, dport, 8 + data, 0) + bytes(data), dscp=dscp)
+
+
+def v6_tcp(sport, data):
+    seg = struct.pack("!HHIIBBHHH", sport, 80, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + bytes(data)
+    return bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(seg), 6, 64) + bytes(15) + b"\1" \
+        + bytes(15) + b"\2" + seg
+
+
+PACKET = st.one_of(
+    st.builds(lambda f, d: tcp(40000 + f, data=d), st.integers(0, 3), st.integers(60, 1360)),  # bulk TCP
+    st.builds(lambda f: tcp(40000 + f), st.integers(0, 3)),  # pure ACK: urgent
+    st.builds(lambda f: tcp(41000 + f, flags=0x02), st.integers(0, 2)),  # SYN
+    st.builds(lambda f, d: udp(5000 + f, d), st.integers(0, 2), st.integers(0, 1372)),
+    st.builds(lambda d: udp(5353, d, dport=53), st.integers(0, 200)),  # DNS
+    st.builds(lambda d: udp(5400, d, dscp=46), st.integers(100, 1000)),  # EF
+    st.builds(lambda f, d: tcp(42000 + f, data=d, src=bytes([10, 9, 9, 9])), st.integers(0, 1),
+              st.integers(100, 1360)),  # a policy's source
+    st.builds(lambda f, d: v6_tcp(43000 + f, d), st.integers(0, 1), st.integers(100, 1340)),
+    st.binary(min_size=1, max_size=80),  # not IP
+)
+# runs of one flow, as a TSO super-segment splits into
+BATCH = st.lists(st.tuples(PACKET, st.integers(1, 40)), min_size=1, max_size=8).map(
+    lambda runs: [p for p, k in runs for _ in range(k)])
+
+POLICIES = [
+    (),
+    (LinkPolicy(src="10.9.9.0/24", carriers=("sub3",), exclusive=True),),
+    (LinkPolicy(src="10.9.9.0/24", priority=True, mode="adaptive"),
+     LinkPolicy(dst="192.168.2.0/24", carriers=("sub1", "sub2"))),
+    (LinkPolicy(src="10.9.9.0/24", mode="duplicate"),),
+]
+
+
+def warmed(mode, rate, policies, pin, loss, seed):
+    """A session pair after a second of mixed traffic over unequal links: the
+    meters measured, loss reported, flows pinned and spread."""
+    pair = SimPair(0, seed=seed)
+    for m in (1, 2, 3):
+        pair.add_subflow(m, delay=0.004 * m, rate=(rate, rate * 0.6, rate * 0.4)[m - 1], jitter=0.001,
+                         loss=loss if m == 2 else 0.0)
+    assert pair.handshake()
+    for s in (pair.a, pair.b):
+        s.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=policies)
+    for i in range(300):
+        pair.send("a", tcp(40000 + i % 3, data=1200) if i % 7 else tcp(40000 + i % 3))
+        pair.run(1200 / rate / 2)
+    pair.run(0.05)
+    return pair
+
+
+def state(pair):
+    """Everything offer may change: scheduler, flows, queue, meters."""
+    a = pair.a
+    s = a.scheduler
+    flows = [(k, f.sent, f.packets, f.pinned, f.last, f.active, f.deficit, f.qbytes,
+              [(p, u, t) for p, u, t in f.q]) for k, f in s._flows.items()]
+    meters = {m: {k: copy.deepcopy(getattr(sub.meter, k)) for k in type(sub.meter).__slots__}
+              for m, sub in a.subflows.items()}
+    return (dict(s.c), dict(s.urgent_by_reason), flows, s._qbytes, s._qpackets, s._release_at,
+            s._utokens, s._ut, [(p, f.key) for p, f in s._urgent], [f.key for f in s._active],
+            [f.key for f in s._active_prio], s.pending, meters)
+
+
+def members(decided):
+    return [[sub.member for sub in t] for t in decided]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["aggregate", "adaptive"]), st.sampled_from([2e5, 1e6, 2e7]),
+       st.sampled_from(range(len(POLICIES))), st.sampled_from([0, 5000, 330_000]),
+       st.sampled_from([0.0, 0.05]), st.integers(0, 2**16),
+       st.lists(st.tuples(BATCH, st.sampled_from([0.0, 0.0, 0.0005, 0.003, 0.02])), min_size=1,
+                max_size=5))
+def test_offer_many_decides_as_offer_packet_by_packet(mode, rate, pol, pin, loss, seed, batches):
+    ref = warmed(mode, rate, POLICIES[pol], pin, loss, seed)
+    fast = copy.deepcopy(ref)
+    assert state(fast) == state(ref)
+    for batch, dt in batches:
+        now = ref.now + dt
+        ref.now = fast.now = now
+        i = 0
+        while i < len(batch):
+            up_r, up_f = ref.a.up, fast.a.up
+            j_r, d_r, last_r = PacketScheduler.offer_many(ref.a.scheduler, batch, i, up_r, now, OVER)
+            j_f, d_f, last_f = fast.a.scheduler.offer_many(batch, i, up_f, now, OVER)
+            assert (j_f, members(d_f)) == (j_r, members(d_r))
+            if j_r > i + len(d_r):
+                assert last_f is last_r  # queued (None) or dropped (False)
+            assert state(fast) == state(ref)
+            for pair in (ref, fast):  # the session's turn: release what may go
+                while pair.a.scheduler.pull(pair.a.up, now) is not None:
+                    pass
+            assert state(fast) == state(ref)
+            i = j_r
