@@ -8,10 +8,13 @@ states reached by real traffic (measured rates, loss, RTTs, queues)."""
 import copy
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mpvpn.core import fastpath
 from mpvpn.core.schedbase import PacketScheduler
+from mpvpn.core.seal import Sealer
 from mpvpn.core.scheduler import LinkPolicy, make_scheduler
 from mpvpn.tools.simnet import SimPair
 
@@ -125,3 +128,44 @@ def test_offer_many_decides_as_offer_packet_by_packet(mode, rate, pol, pin, loss
                     pass
             assert state(fast) == state(ref)
             i = j_r
+
+
+K1, K2 = bytes(range(32)), bytes(range(32, 64))
+
+
+@pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["aggregate", "adaptive"]), st.sampled_from([3e5, 2e6, 5e7]),
+       st.sampled_from([0, 330_000]), st.sampled_from(range(len(POLICIES))),
+       st.lists(st.tuples(BATCH, st.sampled_from([0.0, 0.0005, 0.003])), min_size=1, max_size=6))
+def test_send_many_seals_what_send_sends_in_send_s_order(mode, rate, pin, pol, batches):
+    """Session level: ``send_many`` (offer_many, then the C loops' seal_each
+    for what was decided at once) against ``send`` packet by packet (offer,
+    the Python transmit): the same datagrams in the same order, the same
+    send buffer, scheduler and subflow counters, the same queue."""
+    pairs = []
+    for _ in range(2):
+        p = SimPair(3, delay=0.001, sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
+        assert p.handshake()
+        p.a.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=POLICIES[pol])
+        pairs.append(p)
+    py, c = pairs
+    now = py.now
+    for batch, dt in batches:
+        now += dt
+        accepted = sum(1 for p in batch if py.a.send(p, now))
+        assert c.a.send_many(batch, now) == accepted
+        assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
+        assert c.a.scheduler.pending == py.a.scheduler.pending
+        for p in (py, c):
+            p.a.handle_timer(now + 0.001)
+        assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
+    assert c.a.scheduler.c == py.a.scheduler.c
+    assert c.a.scheduler.urgent_by_reason == py.a.scheduler.urgent_by_reason
+    assert state(c) == state(py)
+    for s in (py.a, c.a):
+        s.sendbuf_view = [None if e is None else (e[0], e[1], [x.member for x in e[2]]) for e in s._sendbuf]
+    assert c.a.sendbuf_view == py.a.sendbuf_view
+    assert [sub.status(0.0) for sub in c.a.subflows.values()] == \
+        [sub.status(0.0) for sub in py.a.subflows.values()]
+    assert c.a.sealer.sealed == py.a.sealer.sealed and c.a.sent == py.a.sent

@@ -15,6 +15,16 @@
  *     datagrams for members[j]; nbytes the size of one sealed datagram summed
  *     over packets.
  *
+ * seal_each(encrypt, session, epoch, seq0, packets, decided, sendbuf, mask)
+ *     The same sealing for packets that each go on their own subflows (what
+ *     a queueing scheduler decided: aggregate, adaptive): packet i gets
+ *     seq0 + i, (seq, sealed, decided[i]) goes into the send buffer and one
+ *     copy per subflow in decided[i] (its `member` attribute patched into the
+ *     header).  Returns (items, per_subflow): items the (member, datagram)
+ *     pairs in order (packet by packet, each packet's subflows in order),
+ *     per_subflow a list of (subflow, datagrams, bytes), one per subflow
+ *     used, in order of first use.
+ *
  * open_run(datagrams, start, member, session, last, skip_lo, skip_hi, cur_epoch,
  *          cur_decrypt, prev_epoch, prev_decrypt, invalid_tag)
  *     Receive datagrams[start:] while they are well-formed sealed DATA of
@@ -168,6 +178,165 @@ fail:
     Py_XDECREF(runs);
 done:
     PyBuffer_Release(&members);
+    return result;
+}
+
+/* Seal one packet as DATA under seq (hdr/nonce prepared by the caller): a
+ * new reference to the sealed datagram (header member 0), or NULL. */
+static PyObject *
+seal_one(PyObject *encrypt, unsigned char *hdr, unsigned char *nonce, PyObject *pkt, uint64_t seq)
+{
+    if (!PyBytes_Check(pkt)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+        return NULL;
+    }
+    Py_ssize_t plen = PyBytes_GET_SIZE(pkt);
+    if (plen > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "packet too long");
+        return NULL;
+    }
+    hdr[OFF_MEMBER] = 0;
+    hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
+    put_be64(hdr + OFF_SEQ, seq);
+    memcpy(nonce + 4, hdr + OFF_SEQ, 8);
+    PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
+    PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
+    if (nb == NULL || ab == NULL) {
+        Py_XDECREF(nb); Py_XDECREF(ab);
+        return NULL;
+    }
+    PyObject *cargs[3] = {nb, pkt, ab};
+    PyObject *ct = PyObject_Vectorcall(encrypt, cargs, 3, NULL);
+    Py_DECREF(nb); Py_DECREF(ab);
+    if (ct == NULL)
+        return NULL;
+    if (!PyBytes_Check(ct)) {
+        Py_DECREF(ct);
+        PyErr_SetString(PyExc_TypeError, "encrypt did not return bytes");
+        return NULL;
+    }
+    Py_ssize_t clen = PyBytes_GET_SIZE(ct);
+    PyObject *sealed = PyBytes_FromStringAndSize(NULL, HLEN + clen);
+    if (sealed != NULL) {
+        char *sp = PyBytes_AS_STRING(sealed);
+        memcpy(sp, hdr, HLEN);
+        memcpy(sp + HLEN, PyBytes_AS_STRING(ct), clen);
+    }
+    Py_DECREF(ct);
+    return sealed;
+}
+
+static PyObject *
+seal_each(PyObject *self, PyObject *args)
+{
+    PyObject *encrypt, *packets, *decided, *sendbuf;
+    unsigned long session;
+    int epoch;
+    unsigned long long seq0, mask;
+    if (!PyArg_ParseTuple(args, "OkiKO!O!O!K", &encrypt, &session, &epoch, &seq0,
+                          &PyList_Type, &packets, &PyList_Type, &decided, &PyList_Type, &sendbuf,
+                          &mask))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(packets);
+    if (PyList_GET_SIZE(decided) != n) {
+        PyErr_SetString(PyExc_ValueError, "packets and decided differ in length");
+        return NULL;
+    }
+    if ((unsigned long long)PyList_GET_SIZE(sendbuf) <= mask) {
+        PyErr_SetString(PyExc_ValueError, "sendbuf shorter than mask + 1");
+        return NULL;
+    }
+    /* the subflows used, in order of first use (a handful: compared by identity) */
+    PyObject *subs[256];
+    Py_ssize_t cnt[256];
+    unsigned long long byt[256];
+    int nsubs = 0;
+    PyObject *items = PyList_New(0), *result = NULL, *per = NULL;
+    if (items == NULL)
+        return NULL;
+    unsigned char hdr[HLEN], nonce[12];
+    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
+    hdr[OFF_FLAGS] = F_SEALED;
+    put_be32(hdr + OFF_SESSION, (uint32_t)session);
+    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
+    memset(nonce, 0, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *targets = PyList_GET_ITEM(decided, i);
+        if (!PyList_Check(targets) && !PyTuple_Check(targets)) {
+            PyErr_SetString(PyExc_TypeError, "decided must hold lists of subflows");
+            goto fail;
+        }
+        uint64_t seq = seq0 + (uint64_t)i;
+        PyObject *sealed = seal_one(encrypt, hdr, nonce, PyList_GET_ITEM(packets, i), seq);
+        if (sealed == NULL)
+            goto fail;
+        Py_ssize_t dlen = PyBytes_GET_SIZE(sealed);
+        const char *sp = PyBytes_AS_STRING(sealed);
+        for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(targets); j++) {
+            PyObject *sub = PySequence_Fast_GET_ITEM(targets, j);
+            PyObject *mo = PyObject_GetAttrString(sub, "member");
+            long m = mo ? PyLong_AsLong(mo) : -1;
+            if (mo != NULL && (m < 0 || m > 255)) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "member out of range");
+            }
+            if (PyErr_Occurred()) {
+                Py_XDECREF(mo); Py_DECREF(sealed);
+                goto fail;
+            }
+            PyObject *copy = PyBytes_FromStringAndSize(sp, dlen);
+            PyObject *item = copy ? PyTuple_Pack(2, mo, copy) : NULL;
+            Py_DECREF(mo);
+            Py_XDECREF(copy);
+            if (item == NULL) {
+                Py_DECREF(sealed);
+                goto fail;
+            }
+            PyBytes_AS_STRING(copy)[OFF_MEMBER] = (unsigned char)m;
+            int r = PyList_Append(items, item);
+            Py_DECREF(item);
+            if (r < 0) {
+                Py_DECREF(sealed);
+                goto fail;
+            }
+            int k = 0;
+            while (k < nsubs && subs[k] != sub)
+                k++;
+            if (k == nsubs) {
+                if (nsubs == 256) {
+                    Py_DECREF(sealed);
+                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
+                    goto fail;
+                }
+                subs[nsubs] = sub; cnt[nsubs] = 0; byt[nsubs] = 0;
+                nsubs++;
+            }
+            cnt[k]++;
+            byt[k] += (unsigned long long)dlen;
+        }
+        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
+        PyObject *entry = seqo ? PyTuple_Pack(3, seqo, sealed, targets) : NULL;
+        Py_XDECREF(seqo);
+        Py_DECREF(sealed);
+        if (entry == NULL)
+            goto fail;
+        if (PyList_SetItem(sendbuf, (Py_ssize_t)(seq & mask), entry) < 0)
+            goto fail;
+    }
+    /* the subflows are still referenced by decided (borrowed until here) */
+    per = PyList_New(nsubs);
+    if (per == NULL)
+        goto fail;
+    for (int k = 0; k < nsubs; k++) {
+        PyObject *t = Py_BuildValue("(OnK)", subs[k], cnt[k], byt[k]);
+        if (t == NULL)
+            goto fail;
+        PyList_SET_ITEM(per, k, t);
+    }
+    result = PyTuple_Pack(2, items, per);
+fail:
+    Py_XDECREF(per);
+    Py_DECREF(items);
     return result;
 }
 
@@ -685,6 +854,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
+    {"seal_each", seal_each, METH_VARARGS, "Seal packets once, one copy per subflow each has."},
     {"open_run", open_run, METH_VARARGS, "Receive in-order or stale sealed DATA."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},

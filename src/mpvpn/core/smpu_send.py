@@ -157,42 +157,18 @@ class SendPath:
         return accepted
 
     def _seal_decided(self, packets: list, decided: list, now: float, loops) -> None:
-        """Seal ``packets[k]`` for the subflows ``decided[k]`` (the scheduler
-        recorded the sends on the meters): runs of packets for the same
-        subflows, one C call each."""
-        runs: list = []
-        for p, targets in zip(packets, decided):
-            if runs and runs[-1][1] == targets:
-                runs[-1][0].append(p)
-            else:
-                runs.append(([p], targets))
-        self._seal_runs(runs, now, loops)
-
-    def _seal_runs(self, runs: list, now: float, loops) -> None:
-        """Seal ``[(packets, targets), ...]`` with the next sequence numbers
-        (C loops), queue the datagrams in order, count them; the meters were
-        fed when the packets were decided."""
+        """Seal ``packets[k]`` for the subflows ``decided[k]`` with the next
+        sequence numbers (one C call), queue the datagrams in order and count
+        them; the scheduler recorded the sends on the meters."""
         seq = self._seq + 1
-        total = sum(len(r[0]) for r in runs)
+        total = len(packets)
         encrypt, epoch = self.sealer.reserve_data(seq, total)  # nonce guard, counted for rekeying
-        sid = self.session_id
-        sendbuf, mask, out = self._sendbuf, self._sendmask, self._out
-        for pkts, targets in runs:
-            n = len(pkts)
-            dgrams, nbytes = loops.seal_dup(encrypt, sid, epoch, seq, pkts,
-                                            bytes(t.member for t in targets), sendbuf, mask, targets)
-            if len(targets) == 1:
-                m = targets[0].member
-                out += [(m, d) for d in dgrams[0]]
-            else:
-                members = [t.member for t in targets]
-                for k in range(n):
-                    for j, m in enumerate(members):
-                        out.append((m, dgrams[j][k]))
-            for sub in targets:
-                sub.on_data_sent(n, nbytes, now)
-            seq += n
-        self._seq = seq - 1
+        items, per_subflow = loops.seal_each(encrypt, self.session_id, epoch, seq, packets, decided,
+                                             self._sendbuf, self._sendmask)
+        self._out += items
+        for sub, count, nbytes in per_subflow:
+            sub.on_data_sent(count, nbytes, now)
+        self._seq = seq + total - 1
         self.sent += total
 
     # -- 2. a queueing scheduler releases what may leave now ---------------------
