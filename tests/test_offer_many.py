@@ -169,3 +169,56 @@ def test_send_many_seals_what_send_sends_in_send_s_order(mode, rate, pin, pol, b
     assert [sub.status(0.0) for sub in c.a.subflows.values()] == \
         [sub.status(0.0) for sub in py.a.subflows.values()]
     assert c.a.sealer.sealed == py.a.sealer.sealed and c.a.sent == py.a.sent
+
+
+# -- classification: the C loops' copy against flows.classify_py -----------------------
+
+def _v6_ext(chain, proto_last, tail, plen_fix=True):
+    """An IPv6 packet with extension headers ``chain`` [(type, length byte, size)]."""
+    body = b""
+    types = [t for t, _, _ in chain] + [proto_last]
+    for (t, lb, size), nxt in zip(chain, types[1:]):
+        body += bytes([nxt, lb]) + bytes(size - 2)
+    body += tail
+    first = types[0]
+    return bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(body) if plen_fix else 0, first, 64) \
+        + bytes(15) + b"\1" + bytes(15) + b"\2" + body
+
+
+EXT = st.tuples(st.sampled_from([0, 43, 60, 51, 44]), st.integers(0, 3), st.sampled_from([8, 16, 24]))
+CRAFTED = st.one_of(
+    PACKET,
+    st.builds(lambda flags, doff, data: tcp(40000, flags=flags, data=data)[:33] + bytes([doff << 4, flags])
+              + tcp(40000, data=data)[35:], st.integers(0, 255), st.integers(0, 15), st.integers(0, 40)),
+    st.builds(lambda proto, frag, sport, dport, data, dscp, cut: (
+        v4(proto, struct.pack("!HH", sport, dport) + bytes(data), dscp=dscp, frag=frag))[:cut],
+        st.sampled_from([1, 6, 17, 47, 58]), st.sampled_from([0, 0x2000, 0x4000, 5]),
+        st.sampled_from([53, 80, 5000]), st.sampled_from([53, 443]), st.integers(0, 30),
+        st.sampled_from([0, 46, 48, 56, 10]), st.integers(1, 80)),
+    st.builds(_v6_ext, st.lists(EXT, max_size=9), st.sampled_from([6, 17, 58, 59]),
+              st.binary(min_size=0, max_size=24), st.booleans()),
+    st.builds(lambda b0, rest: bytes([b0]) + rest, st.integers(0, 255), st.binary(max_size=70)),
+)
+
+
+@pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+@settings(max_examples=800, deadline=None)
+@given(CRAFTED, st.sampled_from([0, 40, 128, 2000]), st.integers(0, 40))
+def test_c_classify_is_flows_classify_py(packet, small, ihl_len):
+    from mpvpn.core import flows
+
+    assert fastpath.LOOPS.classify(packet, small) == flows.classify_py(packet, small)
+    if len(packet) >= 20 and packet[0] >> 4 == 4:  # odd header and total lengths too
+        odd = bytes([0x40 | (ihl_len % 16), packet[1]]) + struct.pack("!H", ihl_len * 7) + packet[4:]
+        assert fastpath.LOOPS.classify(odd, small) == flows.classify_py(odd, small)
+    assert flows.classify is fastpath.LOOPS.classify  # what the scheduler uses
+
+
+def test_c_classify_uses_flows_urgent_bits():
+    from mpvpn.core import flows
+
+    if fastpath.LOOPS is None:
+        pytest.skip(f"C loops {fastpath.WHY}: run `make fastpath`")
+    syn = fastpath.LOOPS.classify(tcp(1, flags=0x02), 0)[1]
+    dns = fastpath.LOOPS.classify(udp(53, 10), 0)[1]
+    assert (syn, dns) == (flows.Urgent.SYN, flows.Urgent.DNS)

@@ -25,6 +25,12 @@
  *     per_subflow a list of (subflow, datagrams, bytes), one per subflow
  *     used, in order of first use.
  *
+ * classify(packet, small=128)
+ *     mpvpn.core.flows.classify_py, the reference: (flow key, urgent bits)
+ *     of one inner IPv4/IPv6 datagram; the same tuple, never an error for
+ *     garbage.  The bit values are flows.Urgent's (tests compare both on
+ *     random and crafted packets).
+ *
  * open_run(datagrams, start, member, session, last, skip_lo, skip_hi, cur_epoch,
  *          cur_decrypt, prev_epoch, prev_decrypt, invalid_tag)
  *     Receive datagrams[start:] while they are well-formed sealed DATA of
@@ -338,6 +344,139 @@ fail:
     Py_XDECREF(per);
     Py_DECREF(items);
     return result;
+}
+
+static uint16_t get16(const unsigned char *p);
+
+/* flows.Urgent's bits (tests/test_offer_many.py compares with flows.py) */
+#define U_SYN 0x01
+#define U_FIN 0x02
+#define U_RST 0x04
+#define U_ACK 0x08
+#define U_DNS 0x10
+#define U_ICMP 0x20
+#define U_DSCP 0x40
+#define U_SMALL 0x80
+
+static PyObject *
+flow_result(int v, int proto, const unsigned char *src, const unsigned char *dst, Py_ssize_t alen,
+            long sport, long dport, long urgent)
+{
+    if (v == 0)
+        return Py_BuildValue("((iiy#y#ii)l)", 0, 0, "", (Py_ssize_t)0, "", (Py_ssize_t)0, 0, 0, urgent);
+    return Py_BuildValue("((iiy#y#ll)l)", v, proto, src, alen, dst, alen, sport, dport, urgent);
+}
+
+static PyObject *
+classify(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"packet", "small", NULL};
+    Py_buffer buf;
+    Py_ssize_t small = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
+        return NULL;
+    const unsigned char *p = buf.buf;
+    Py_ssize_t n = buf.len, off, end;
+    long urgent = 0;
+    int v, proto, dscp, fragmented;
+    const unsigned char *src, *dst;
+    Py_ssize_t alen;
+    PyObject *r;
+    if (n < 1) {
+        r = flow_result(0, 0, NULL, NULL, 0, 0, 0, 0);
+        goto out;
+    }
+    if (n <= small)
+        urgent = U_SMALL;
+    if (n >= 20 && p[0] >> 4 == 4) {
+        Py_ssize_t ihl = (p[0] & 0x0F) * 4, length = get16(p + 2);
+        if (ihl < 20 || n < ihl) {
+            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
+            goto out;
+        }
+        v = 4;
+        dscp = p[1] >> 2;
+        proto = p[9];
+        src = p + 12; dst = p + 16; alen = 4;
+        off = ihl;
+        end = (0 < length && length < n) ? length : n;
+        fragmented = (get16(p + 6) & 0x3FFF) != 0;
+    } else {
+        v = p[0] >> 4;
+        if (v != 6 || n < 40) {
+            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
+            goto out;
+        }
+        dscp = ((p[0] & 0x0F) << 2) | (p[1] >> 6);
+        proto = p[6];
+        src = p + 8; dst = p + 24; alen = 16;
+        off = 40;
+        Py_ssize_t plen = get16(p + 4);
+        end = plen ? (n < 40 + plen ? n : 40 + plen) : n;
+        fragmented = 0;
+        for (int k = 0; k < 8; k++) {
+            if (proto == 0 || proto == 43 || proto == 60) {
+                if (off + 2 > end)
+                    break;
+                Py_ssize_t next = off + (p[off + 1] + 1) * 8;
+                proto = p[off]; off = next;
+            } else if (proto == 51) {
+                if (off + 2 > end)
+                    break;
+                Py_ssize_t next = off + (p[off + 1] + 2) * 4;
+                proto = p[off]; off = next;
+            } else if (proto == 44) {
+                if (off + 8 > end)
+                    break;
+                fragmented = 1;
+                proto = p[off]; off += 8;
+            } else {
+                break;
+            }
+        }
+    }
+    if (dscp == 46 || dscp == 48 || dscp == 56)
+        urgent |= U_DSCP;
+    if (proto == 6) {
+        if (fragmented || off + 4 > end) {
+            r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
+            goto out;
+        }
+        long sport = get16(p + off), dport = get16(p + off + 2);
+        if (sport == 53 || dport == 53)
+            urgent |= U_DNS;
+        if (off + 14 <= end) {
+            int doff = p[off + 12], flags = p[off + 13];
+            if (flags & 0x07) {
+                if (flags & 0x02) urgent |= U_SYN;
+                if (flags & 0x01) urgent |= U_FIN;
+                if (flags & 0x04) urgent |= U_RST;
+            } else if (flags & 0x10) {
+                doff = (doff >> 4) * 4;
+                if (doff >= 20 && off + doff >= end)
+                    urgent |= U_ACK;
+            }
+        }
+        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+        goto out;
+    }
+    if (proto == 1 || proto == 58) {
+        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
+        goto out;
+    }
+    if (fragmented || proto != 17 || off + 4 > end) {
+        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
+        goto out;
+    }
+    {
+        long sport = get16(p + off), dport = get16(p + off + 2);
+        if (sport == 53 || dport == 53)
+            urgent |= U_DNS;
+        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+    }
+out:
+    PyBuffer_Release(&buf);
+    return r;
 }
 
 static PyObject *
@@ -855,6 +994,7 @@ fail:
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
     {"seal_each", seal_each, METH_VARARGS, "Seal packets once, one copy per subflow each has."},
+    {"classify", (PyCFunction)(void (*)(void))classify, METH_VARARGS | METH_KEYWORDS, "(flow key, urgent bits) of one inner IP datagram."},
     {"open_run", open_run, METH_VARARGS, "Receive in-order or stale sealed DATA."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},

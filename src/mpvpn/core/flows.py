@@ -21,7 +21,9 @@ from __future__ import annotations
 import struct
 from enum import IntFlag
 
-__all__ = ["Urgent", "classify", "flow_key", "OTHER", "describe", "reasons", "EF", "URGENT_DSCP"]
+from mpvpn.core.fastpath import LOOPS as _LOOPS
+
+__all__ = ["Urgent", "classify", "classify_py", "flow_key", "OTHER", "describe", "reasons", "EF", "URGENT_DSCP"]
 
 # FlowKey = (ip version, protocol, src address bytes, dst address bytes, sport, dport)
 OTHER = (0, 0, b"", b"", 0, 0)
@@ -85,8 +87,9 @@ _ports = _PORTS.unpack_from
 _tcp = _TCP_HDR.unpack_from
 
 
-def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
-    """``(flow key, urgent reasons)`` of one inner IP datagram."""
+def classify_py(packet: bytes, small: int = 128) -> tuple[tuple, int]:
+    """``(flow key, urgent reasons)`` of one inner IP datagram (the reference;
+    :func:`classify` is the C loops' copy of it where built)."""
     n = len(packet)
     if n < 1:
         return OTHER, 0
@@ -165,6 +168,11 @@ def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
     if sport == 53 or dport == 53:
         urgent |= _DNS
     return (v, proto, src, dst, sport, dport), urgent
+
+
+# The scheduler classifies every user packet: the C loops' copy where built
+# (mpvpn.core.fastpath; same results, tests/test_offer_many.py compares them).
+classify = classify_py if _LOOPS is None else _LOOPS.classify
 
 
 def flow_key(packet: bytes) -> tuple:
