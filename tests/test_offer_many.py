@@ -222,3 +222,40 @@ def test_c_classify_uses_flows_urgent_bits():
     syn = fastpath.LOOPS.classify(tcp(1, flags=0x02), 0)[1]
     dns = fastpath.LOOPS.classify(udp(53, 10), 0)[1]
     assert (syn, dns) == (flows.Urgent.SYN, flows.Urgent.DNS)
+
+
+def objective_set_reference(sched, views, F, now, size=0, first=None, extra=None):
+    """Seed 000's greedy objective as written before it was inlined (min over
+    eta, then while it pays the copy with the least (floored loss, eta))."""
+    o = sched.options
+    floor = o.loss_floor
+    if first is None:
+        first = min(views, key=lambda v: v.eta(size, now))
+    chosen = [first]
+    p = max(first.loss or 0.0, floor)
+    rest = [v for v in (views if extra is None else extra) if v is not first]
+    while rest and F > 0:
+        j = min(range(len(rest)), key=lambda i: (max(rest[i].loss or 0.0, floor), rest[i].eta(size, now)))
+        lj = max(rest[j].loss or 0.0, floor)
+        if F * p * (1.0 - lj) - o.copy_cost <= 0:
+            break
+        chosen.append(rest.pop(j))
+        p *= lj
+    return chosen
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["aggregate", "adaptive"]), st.sampled_from([2e5, 2e7]), st.sampled_from([0.0, 0.05, 0.3]),
+       st.integers(0, 2**16), st.lists(st.tuples(st.sampled_from([0.0, 1.0, 5.0, 100.0, 1e4]),
+                                                 st.integers(0, 1500), st.integers(0, 7), st.floats(0, 0.02)),
+                                       min_size=1, max_size=10))
+def test_objective_set_chooses_as_the_greedy_reference(mode, rate, loss, seed, calls):
+    pair = warmed(mode, rate, (), 0, loss, seed)
+    sched = pair.a.scheduler
+    for F, size, pick, dt in calls:
+        now = pair.now + dt
+        views = sched._all_views(pair.a.up, now)
+        first = views[pick % len(views)] if pick & 4 else None
+        extra = views[(pick & 1):] if pick & 2 else None
+        assert sched._objective_set(views, F, now, size, first, extra) == \
+            objective_set_reference(sched, views, F, now, size, first, extra)

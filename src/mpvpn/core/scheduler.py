@@ -362,6 +362,7 @@ class Scheduler(PacketScheduler):
         self.peer_nack: bool | None = None
         self._utokens = 0.0
         self._ut = None
+        self._urate = None  # (views, urgent budget rate): the sum over a views list, once
         # counters
         self.c = {
             "enqueued": 0, "released": 0, "urgent": 0, "urgent_over_budget": 0,
@@ -454,7 +455,12 @@ class Scheduler(PacketScheduler):
     def _urgent_ok(self, n: int, views, now: float) -> bool:
         """Token bucket for queue jumping: urgent_share of the estimated capacity."""
         o = self.options
-        rate = max(o.urgent_min_rate, o.urgent_share * sum(v.rate for v in views))
+        cached = self._urate
+        if cached is not None and cached[0] is views:  # the same views: the same rates
+            rate = cached[1]
+        else:
+            rate = max(o.urgent_min_rate, o.urgent_share * sum(v.rate for v in views))
+            self._urate = (views, rate)
         burst = max(16384.0, 0.05 * rate)
         if self._ut is None:
             self._utokens = burst
@@ -479,14 +485,24 @@ class Scheduler(PacketScheduler):
         single best subflow; a large F buys copies."""
         o = self.options
         floor = o.loss_floor
+        etas = None
         if first is None:
-            # min(views, key=eta): the first of the earliest (nothing changes
-            # the meters during this call, so each eta is taken once)
-            first = views[0]
-            best_t = first.eta(size, now)
+            # min(views, key=eta): the first of the earliest.  Nothing changes
+            # the meters during this call, so each eta is taken once (inlined
+            # _View.eta: the same arithmetic) and reused for the copies.
+            etas = []
+            best_t = math.inf
             for v in views:
-                t = v.eta(size, now)
-                if t < best_t:
+                m = v.meter
+                bw = m.bw
+                rate = bw if bw is not None else m.bw0
+                q = m.q - rate * (now - m.t)
+                t = v.owd + ((q if q > 0.0 else 0.0) + size) / rate
+                ldiv = v.ldiv
+                if ldiv:
+                    t /= ldiv
+                etas.append(t)
+                if first is None or t < best_t:
                     first, best_t = v, t
         chosen = [first]
         p = first.loss or 0.0
@@ -498,10 +514,16 @@ class Scheduler(PacketScheduler):
         # (floored loss, eta) of the candidates, in their order; the least
         # first (min over the tuples: the first of equals), while it pays
         rest = []
-        for v in (views if extra is None else extra):
-            if v is not first:
-                lv = v.loss or 0.0
-                rest.append((lv if lv > floor else floor, v.eta(size, now), v))
+        if extra is None and etas is not None:
+            for v, t in zip(views, etas):
+                if v is not first:
+                    lv = v.loss or 0.0
+                    rest.append((lv if lv > floor else floor, t, v))
+        else:
+            for v in (views if extra is None else extra):
+                if v is not first:
+                    lv = v.loss or 0.0
+                    rest.append((lv if lv > floor else floor, v.eta(size, now), v))
         while rest:
             j = 0
             bl, be, _ = rest[0]
