@@ -9,7 +9,7 @@ in memory (no sockets), so this measures the protocol engine alone.  The
 yardstick row, measured in the same run, is the bare minimum any
 encapsulation needs: pack a header, concatenate, decode it.
 
-    python bench/core.py [--packets N] [--size BYTES] [--json FILE]
+    python bench/core.py [--packets N] [--size BYTES] [--batched-only] [--json FILE]
 """
 
 from __future__ import annotations
@@ -143,29 +143,40 @@ def _row(mode: str, n: int, loss: float, sealed: bool, packets: int, dt: float, 
     }
 
 
-def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64, seed: int = 1) -> dict:
-    """Sealed duplicate mode through the batch API the agent uses
-    (send_many / datagrams_by_member / receive_many): the C loops where
-    built (mpvpn.core.fastpath), else the same calls in Python."""
+def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64, seed: int = 1,
+                   mode: str = "duplicate") -> dict:
+    """Sealed traffic through the batch API the agent uses (send_many /
+    datagrams_by_member / receive_many): the C loops where built
+    (mpvpn.core.fastpath), else the same calls in Python.  Aggregate and
+    adaptive: the bulk TCP flow of engine(), the scheduler deciding a batch
+    at a time (offer_many)."""
     pair = SimPair(n, delay=0.001, seed=seed, sealed=True)
+    queueing = mode != "duplicate"
+    if queueing:
+        pair.a.scheduler = make_scheduler(mode, initial_rate=SCHED_RATE)
+        pair.b.scheduler = make_scheduler(mode, initial_rate=SCHED_RATE)
     if not pair.handshake():
         raise RuntimeError("handshake failed")
     a, b = pair.a, pair.b
+    sched = a.scheduler
     rng = random.Random(seed)
     drops = [rng.random() < loss for _ in range(packets * n)] if loss else None
-    payload = bytes(size)
+    payload = tcp_packet(size) if queueing else bytes(size)
     now = pair.now
     delivered = k = 0
     t0 = time.perf_counter()
-    for i in range(0, packets, batch):
-        a.send_many([payload] * min(batch, packets - i), now)
+    for i in range(0, packets + 100_000 * batch if queueing else packets, batch):
+        if i < packets:
+            a.send_many([payload] * min(batch, packets - i), now)
+        elif not sched.pending:
+            break  # what the scheduler still held has left (at its pace, timed)
         for m, dgrams in a.datagrams_by_member().items():
             if drops is not None:
                 kept = []
                 for d in dgrams:
                     if d[1] == 0x10:  # only data is dropped (as in engine())
                         k += 1
-                        if drops[k - 1]:
+                        if drops[(k - 1) % len(drops)]:
                             continue
                     kept.append(d)
                 dgrams = kept
@@ -176,8 +187,9 @@ def engine_batched(n: int, loss: float, packets: int, size: int, batch: int = 64
             a.receive_datagram(d, m, now)
     dt = time.perf_counter() - t0
     delivered += len(b.handle_timer(now + 10.0))
-    mode = "dup, batch" + (" C" if fastpath.LOOPS is not None else " py")
-    return _row(mode, n, loss, True, packets, dt, delivered)
+    label = {"duplicate": "dup", "aggregate": "agg", "adaptive": "adapt"}[mode]
+    label += ", batch" + (" C" if fastpath.LOOPS is not None else " py")
+    return _row(label, n, loss, True, packets, dt, delivered)
 
 
 def main(argv=None) -> int:
@@ -185,26 +197,33 @@ def main(argv=None) -> int:
     ap.add_argument("--packets", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=1400)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--batched-only", action="store_true",
+                    help="only the batch rows (send_many, as the agent runs): duplicate, aggregate, adaptive")
     args = ap.parse_args(argv)
 
     base = yardstick(args.packets, args.size)
-    rows = [engine(n, p, args.packets, args.size) for p in (0.0, 0.2) for n in (1, 2, 3)]
-    rows += [engine(n, p, args.packets, args.size, sealed=True)
-             for n, p in ((1, 0.0), (3, 0.0), (3, 0.2))]
-    rows += [engine(n, p, args.packets, args.size, mode=mode) for mode, n, p in SCHED_ROWS]
+    rows = []
+    if not args.batched_only:
+        rows += [engine(n, p, args.packets, args.size) for p in (0.0, 0.2) for n in (1, 2, 3)]
+        rows += [engine(n, p, args.packets, args.size, sealed=True)
+                 for n, p in ((1, 0.0), (3, 0.0), (3, 0.2))]
+        rows += [engine(n, p, args.packets, args.size, mode=mode) for mode, n, p in SCHED_ROWS]
     rows += [engine_batched(n, p, args.packets, args.size) for n, p in ((3, 0.0), (3, 0.2))]
+    # aggregate and adaptive as the agent runs them: a tun read's batch at a time
+    rows += [engine_batched(3, p, args.packets, args.size, mode=mode) for mode in ("aggregate", "adaptive")
+             for p in (0.0, 0.2)]
     ref = rows[0]["pps"]
     print(f"SMPU core, {args.packets} packets of {args.size} B, Python {platform.python_version()}, "
           f"one core, in-memory")
     print(f"yardstick (pack + concat + decode only): {base:,.0f} pkt/s")
-    hdr = f"{'mode':>9} {'subflows':>8} {'AEAD':>5} {'loss':>5} {'user pkt/s':>11} {'datagrams/s':>12} {'us/pkt':>7} " \
-          f"{'vs 1x0%':>8} {'Mbit/s':>7} {'delivered loss':>15} {'p^N':>7}"
+    hdr = f"{'mode':>14} {'subflows':>8} {'AEAD':>5} {'loss':>5} {'user pkt/s':>11} {'datagrams/s':>12} {'us/pkt':>7} " \
+          f"{'vs row 1':>8} {'Mbit/s':>7} {'delivered loss':>15} {'p^N':>7}"
     print(hdr)
     for r in rows:
         r["ratio_vs_single_clean"] = r["pps"] / ref
         r["ratio_vs_yardstick"] = r["pps"] / base
         mbit = r["pps"] * args.size * 8 / 1e6
-        print(f"{r['mode']:>9} {r['subflows']:>8} {'yes' if r['sealed'] else 'no':>5} {r['loss'] * 100:>4.0f}% {r['pps']:>11,.0f} "
+        print(f"{r['mode']:>14} {r['subflows']:>8} {'yes' if r['sealed'] else 'no':>5} {r['loss'] * 100:>4.0f}% {r['pps']:>11,.0f} "
               f"{r['datagrams_per_s']:>12,.0f} {r['us_per_packet']:>7.2f} "
               f"{r['ratio_vs_single_clean']:>8.2f} {mbit:>7.0f} "
               f"{r['delivered_loss'] * 100:>14.3f}% {r['expected_loss'] * 100:>6.3f}%")

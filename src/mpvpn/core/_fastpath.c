@@ -15,6 +15,22 @@
  *     datagrams for members[j]; nbytes the size of one sealed datagram summed
  *     over packets.
  *
+ * seal_each(encrypt, session, epoch, seq0, packets, decided, sendbuf, mask)
+ *     The same sealing for packets that each go on their own subflows (what
+ *     a queueing scheduler decided: aggregate, adaptive): packet i gets
+ *     seq0 + i, (seq, sealed, decided[i]) goes into the send buffer and one
+ *     copy per subflow in decided[i] (its `member` attribute patched into the
+ *     header).  Returns (items, per_subflow): items the (member, datagram)
+ *     pairs in order (packet by packet, each packet's subflows in order),
+ *     per_subflow a list of (subflow, datagrams, bytes), one per subflow
+ *     used, in order of first use.
+ *
+ * classify(packet, small=128)
+ *     mpvpn.core.flows.classify_py, the reference: (flow key, urgent bits)
+ *     of one inner IPv4/IPv6 datagram; the same tuple, never an error for
+ *     garbage.  The bit values are flows.Urgent's (tests compare both on
+ *     random and crafted packets).
+ *
  * open_run(datagrams, start, member, session, last, skip_lo, skip_hi, cur_epoch,
  *          cur_decrypt, prev_epoch, prev_decrypt, invalid_tag)
  *     Receive datagrams[start:] while they are well-formed sealed DATA of
@@ -325,6 +341,298 @@ open_new(PyObject *self, PyObject *args)
 fail:
     Py_DECREF(out);
     return NULL;
+}
+
+/* Seal one packet as DATA under seq (hdr/nonce prepared by the caller): a
+ * new reference to the sealed datagram (header member 0), or NULL. */
+static PyObject *
+seal_one(PyObject *encrypt, unsigned char *hdr, unsigned char *nonce, PyObject *pkt, uint64_t seq)
+{
+    if (!PyBytes_Check(pkt)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+        return NULL;
+    }
+    Py_ssize_t plen = PyBytes_GET_SIZE(pkt);
+    if (plen > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "packet too long");
+        return NULL;
+    }
+    hdr[OFF_MEMBER] = 0;
+    hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
+    put_be64(hdr + OFF_SEQ, seq);
+    memcpy(nonce + 4, hdr + OFF_SEQ, 8);
+    PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
+    PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
+    if (nb == NULL || ab == NULL) {
+        Py_XDECREF(nb); Py_XDECREF(ab);
+        return NULL;
+    }
+    PyObject *cargs[3] = {nb, pkt, ab};
+    PyObject *ct = PyObject_Vectorcall(encrypt, cargs, 3, NULL);
+    Py_DECREF(nb); Py_DECREF(ab);
+    if (ct == NULL)
+        return NULL;
+    if (!PyBytes_Check(ct)) {
+        Py_DECREF(ct);
+        PyErr_SetString(PyExc_TypeError, "encrypt did not return bytes");
+        return NULL;
+    }
+    Py_ssize_t clen = PyBytes_GET_SIZE(ct);
+    PyObject *sealed = PyBytes_FromStringAndSize(NULL, HLEN + clen);
+    if (sealed != NULL) {
+        char *sp = PyBytes_AS_STRING(sealed);
+        memcpy(sp, hdr, HLEN);
+        memcpy(sp + HLEN, PyBytes_AS_STRING(ct), clen);
+    }
+    Py_DECREF(ct);
+    return sealed;
+}
+
+static PyObject *
+seal_each(PyObject *self, PyObject *args)
+{
+    PyObject *encrypt, *packets, *decided, *sendbuf;
+    unsigned long session;
+    int epoch;
+    unsigned long long seq0, mask;
+    if (!PyArg_ParseTuple(args, "OkiKO!O!O!K", &encrypt, &session, &epoch, &seq0,
+                          &PyList_Type, &packets, &PyList_Type, &decided, &PyList_Type, &sendbuf,
+                          &mask))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(packets);
+    if (PyList_GET_SIZE(decided) != n) {
+        PyErr_SetString(PyExc_ValueError, "packets and decided differ in length");
+        return NULL;
+    }
+    if ((unsigned long long)PyList_GET_SIZE(sendbuf) <= mask) {
+        PyErr_SetString(PyExc_ValueError, "sendbuf shorter than mask + 1");
+        return NULL;
+    }
+    /* the subflows used, in order of first use (a handful: compared by identity) */
+    PyObject *subs[256];
+    Py_ssize_t cnt[256];
+    unsigned long long byt[256];
+    int nsubs = 0;
+    PyObject *items = PyList_New(0), *result = NULL, *per = NULL;
+    if (items == NULL)
+        return NULL;
+    unsigned char hdr[HLEN], nonce[12];
+    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
+    hdr[OFF_FLAGS] = F_SEALED;
+    put_be32(hdr + OFF_SESSION, (uint32_t)session);
+    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
+    memset(nonce, 0, 4);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *targets = PyList_GET_ITEM(decided, i);
+        if (!PyList_Check(targets) && !PyTuple_Check(targets)) {
+            PyErr_SetString(PyExc_TypeError, "decided must hold lists of subflows");
+            goto fail;
+        }
+        uint64_t seq = seq0 + (uint64_t)i;
+        PyObject *sealed = seal_one(encrypt, hdr, nonce, PyList_GET_ITEM(packets, i), seq);
+        if (sealed == NULL)
+            goto fail;
+        Py_ssize_t dlen = PyBytes_GET_SIZE(sealed);
+        const char *sp = PyBytes_AS_STRING(sealed);
+        for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(targets); j++) {
+            PyObject *sub = PySequence_Fast_GET_ITEM(targets, j);
+            PyObject *mo = PyObject_GetAttrString(sub, "member");
+            long m = mo ? PyLong_AsLong(mo) : -1;
+            if (mo != NULL && (m < 0 || m > 255)) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "member out of range");
+            }
+            if (PyErr_Occurred()) {
+                Py_XDECREF(mo); Py_DECREF(sealed);
+                goto fail;
+            }
+            PyObject *copy = PyBytes_FromStringAndSize(sp, dlen);
+            PyObject *item = copy ? PyTuple_Pack(2, mo, copy) : NULL;
+            Py_DECREF(mo);
+            Py_XDECREF(copy);
+            if (item == NULL) {
+                Py_DECREF(sealed);
+                goto fail;
+            }
+            PyBytes_AS_STRING(copy)[OFF_MEMBER] = (unsigned char)m;
+            int r = PyList_Append(items, item);
+            Py_DECREF(item);
+            if (r < 0) {
+                Py_DECREF(sealed);
+                goto fail;
+            }
+            int k = 0;
+            while (k < nsubs && subs[k] != sub)
+                k++;
+            if (k == nsubs) {
+                if (nsubs == 256) {
+                    Py_DECREF(sealed);
+                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
+                    goto fail;
+                }
+                subs[nsubs] = sub; cnt[nsubs] = 0; byt[nsubs] = 0;
+                nsubs++;
+            }
+            cnt[k]++;
+            byt[k] += (unsigned long long)dlen;
+        }
+        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
+        PyObject *entry = seqo ? PyTuple_Pack(3, seqo, sealed, targets) : NULL;
+        Py_XDECREF(seqo);
+        Py_DECREF(sealed);
+        if (entry == NULL)
+            goto fail;
+        if (PyList_SetItem(sendbuf, (Py_ssize_t)(seq & mask), entry) < 0)
+            goto fail;
+    }
+    /* the subflows are still referenced by decided (borrowed until here) */
+    per = PyList_New(nsubs);
+    if (per == NULL)
+        goto fail;
+    for (int k = 0; k < nsubs; k++) {
+        PyObject *t = Py_BuildValue("(OnK)", subs[k], cnt[k], byt[k]);
+        if (t == NULL)
+            goto fail;
+        PyList_SET_ITEM(per, k, t);
+    }
+    result = PyTuple_Pack(2, items, per);
+fail:
+    Py_XDECREF(per);
+    Py_DECREF(items);
+    return result;
+}
+
+static uint16_t get16(const unsigned char *p);
+
+/* flows.Urgent's bits (tests/test_offer_many.py compares with flows.py) */
+#define U_SYN 0x01
+#define U_FIN 0x02
+#define U_RST 0x04
+#define U_ACK 0x08
+#define U_DNS 0x10
+#define U_ICMP 0x20
+#define U_DSCP 0x40
+#define U_SMALL 0x80
+
+static PyObject *
+flow_result(int v, int proto, const unsigned char *src, const unsigned char *dst, Py_ssize_t alen,
+            long sport, long dport, long urgent)
+{
+    if (v == 0)
+        return Py_BuildValue("((iiy#y#ii)l)", 0, 0, "", (Py_ssize_t)0, "", (Py_ssize_t)0, 0, 0, urgent);
+    return Py_BuildValue("((iiy#y#ll)l)", v, proto, src, alen, dst, alen, sport, dport, urgent);
+}
+
+static PyObject *
+classify(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"packet", "small", NULL};
+    Py_buffer buf;
+    Py_ssize_t small = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
+        return NULL;
+    const unsigned char *p = buf.buf;
+    Py_ssize_t n = buf.len, off, end;
+    long urgent = 0;
+    int v, proto, dscp, fragmented;
+    const unsigned char *src, *dst;
+    Py_ssize_t alen;
+    PyObject *r;
+    if (n < 1) {
+        r = flow_result(0, 0, NULL, NULL, 0, 0, 0, 0);
+        goto out;
+    }
+    if (n <= small)
+        urgent = U_SMALL;
+    if (n >= 20 && p[0] >> 4 == 4) {
+        Py_ssize_t ihl = (p[0] & 0x0F) * 4, length = get16(p + 2);
+        if (ihl < 20 || n < ihl) {
+            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
+            goto out;
+        }
+        v = 4;
+        dscp = p[1] >> 2;
+        proto = p[9];
+        src = p + 12; dst = p + 16; alen = 4;
+        off = ihl;
+        end = (0 < length && length < n) ? length : n;
+        fragmented = (get16(p + 6) & 0x3FFF) != 0;
+    } else {
+        v = p[0] >> 4;
+        if (v != 6 || n < 40) {
+            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
+            goto out;
+        }
+        dscp = ((p[0] & 0x0F) << 2) | (p[1] >> 6);
+        proto = p[6];
+        src = p + 8; dst = p + 24; alen = 16;
+        off = 40;
+        Py_ssize_t plen = get16(p + 4);
+        end = plen ? (n < 40 + plen ? n : 40 + plen) : n;
+        fragmented = 0;
+        for (int k = 0; k < 8; k++) {
+            if (proto == 0 || proto == 43 || proto == 60) {
+                if (off + 2 > end)
+                    break;
+                Py_ssize_t next = off + (p[off + 1] + 1) * 8;
+                proto = p[off]; off = next;
+            } else if (proto == 51) {
+                if (off + 2 > end)
+                    break;
+                Py_ssize_t next = off + (p[off + 1] + 2) * 4;
+                proto = p[off]; off = next;
+            } else if (proto == 44) {
+                if (off + 8 > end)
+                    break;
+                fragmented = 1;
+                proto = p[off]; off += 8;
+            } else {
+                break;
+            }
+        }
+    }
+    if (dscp == 46 || dscp == 48 || dscp == 56)
+        urgent |= U_DSCP;
+    if (proto == 6) {
+        if (fragmented || off + 4 > end) {
+            r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
+            goto out;
+        }
+        long sport = get16(p + off), dport = get16(p + off + 2);
+        if (sport == 53 || dport == 53)
+            urgent |= U_DNS;
+        if (off + 14 <= end) {
+            int doff = p[off + 12], flags = p[off + 13];
+            if (flags & 0x07) {
+                if (flags & 0x02) urgent |= U_SYN;
+                if (flags & 0x01) urgent |= U_FIN;
+                if (flags & 0x04) urgent |= U_RST;
+            } else if (flags & 0x10) {
+                doff = (doff >> 4) * 4;
+                if (doff >= 20 && off + doff >= end)
+                    urgent |= U_ACK;
+            }
+        }
+        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+        goto out;
+    }
+    if (proto == 1 || proto == 58) {
+        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
+        goto out;
+    }
+    if (fragmented || proto != 17 || off + 4 > end) {
+        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
+        goto out;
+    }
+    {
+        long sport = get16(p + off), dport = get16(p + off + 2);
+        if (sport == 53 || dport == 53)
+            urgent |= U_DNS;
+        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+    }
+out:
+    PyBuffer_Release(&buf);
+    return r;
 }
 
 static PyObject *
@@ -841,6 +1149,8 @@ fail:
 
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
+    {"seal_each", seal_each, METH_VARARGS, "Seal packets once, one copy per subflow each has."},
+    {"classify", (PyCFunction)(void (*)(void))classify, METH_VARARGS | METH_KEYWORDS, "(flow key, urgent bits) of one inner IP datagram."},
     {"open_run", open_run, METH_VARARGS, "Receive in-order or stale sealed DATA."},
     {"open_new", open_new, METH_VARARGS, "Open sealed DATA while the reorder buffer holds some."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},

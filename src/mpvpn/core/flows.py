@@ -21,7 +21,9 @@ from __future__ import annotations
 import struct
 from enum import IntFlag
 
-__all__ = ["Urgent", "classify", "flow_key", "OTHER", "describe", "EF", "URGENT_DSCP"]
+from mpvpn.core.fastpath import LOOPS as _LOOPS
+
+__all__ = ["Urgent", "classify", "classify_py", "flow_key", "OTHER", "describe", "reasons", "EF", "URGENT_DSCP"]
 
 # FlowKey = (ip version, protocol, src address bytes, dst address bytes, sport, dport)
 OTHER = (0, 0, b"", b"", 0, 0)
@@ -59,7 +61,22 @@ _SYN, _FIN, _RST, _ACK, _DNS, _ICMP, _DSCP, _SMALL = (int(u) for u in (
 
 def describe(urgent: int) -> list[str]:
     """Names of the reasons in ``urgent`` (for status and tests)."""
-    return [u.name.lower() for u in Urgent if u and urgent & u]
+    return list(reasons(urgent))
+
+
+_REASONS: dict = {}
+
+
+def reasons(urgent: int) -> tuple:
+    """:func:`describe` as a tuple, remembered per value: the scheduler counts
+    every urgent packet by reason, and iterating an IntFlag costs ~40 us a
+    packet (there are 256 values at most)."""
+    r = _REASONS.get(urgent)
+    if r is None:
+        r = tuple(u.name.lower() for u in Urgent if u and urgent & u)
+        if 0 <= urgent < 256:
+            _REASONS[urgent] = r
+    return r
 
 
 _V4 = struct.Struct("!BBHHHxB2x4s4s")  # ver/ihl, tos, length, id, flags/frag, proto, src, dst
@@ -70,8 +87,9 @@ _ports = _PORTS.unpack_from
 _tcp = _TCP_HDR.unpack_from
 
 
-def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
-    """``(flow key, urgent reasons)`` of one inner IP datagram."""
+def classify_py(packet: bytes, small: int = 128) -> tuple[tuple, int]:
+    """``(flow key, urgent reasons)`` of one inner IP datagram (the reference;
+    :func:`classify` is the C loops' copy of it where built)."""
     n = len(packet)
     if n < 1:
         return OTHER, 0
@@ -150,6 +168,11 @@ def classify(packet: bytes, small: int = 128) -> tuple[tuple, int]:
     if sport == 53 or dport == 53:
         urgent |= _DNS
     return (v, proto, src, dst, sport, dport), urgent
+
+
+# The scheduler classifies every user packet: the C loops' copy where built
+# (mpvpn.core.fastpath; same results, tests/test_offer_many.py compares them).
+classify = classify_py if _LOOPS is None else _LOOPS.classify
 
 
 def flow_key(packet: bytes) -> tuple:

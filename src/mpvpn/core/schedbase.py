@@ -65,6 +65,29 @@ class PacketScheduler(ABC):
         """Decide now (subflows), queue (None) or drop (False)."""
         raise NotImplementedError("not a queueing scheduler")
 
+    def offer_many(self, packets: list, start: int, up, now: float, overhead: int):
+        """``offer`` for ``packets[start:]`` in order, each packet sent at once
+        recorded on its subflows' meters (``meter.on_send(len(packet) +
+        overhead, now)``) before the next is offered; stops after the first
+        packet not sent at once.  Returns ``(end, decided, last)``:
+        ``decided[k]`` the subflows for ``packets[start + k]``; if ``end >
+        start + len(decided)``, ``packets[end - 1]`` was queued (``last``
+        None) or dropped (False).  This is the reference; a scheduler may do
+        the same with less work per packet."""
+        decided = []
+        i = start
+        while i < len(packets):
+            p = packets[i]
+            i += 1
+            targets = self.offer(p, up, now)
+            if not targets:
+                return i, decided, targets
+            dlen = len(p) + overhead
+            for sub in targets:
+                sub.meter.on_send(dlen, now)
+            decided.append(targets)
+        return i, decided, True
+
     def pull(self, up, now: float):
         """The next queued ``(packet, subflows)`` that may leave now, or None."""
         return None

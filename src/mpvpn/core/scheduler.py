@@ -44,7 +44,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 
-from mpvpn.core.flows import classify, describe
+from mpvpn.core.flows import classify, reasons
 from mpvpn.core.linkstats import LinkMeter
 from mpvpn.core.schedbase import PacketScheduler
 
@@ -364,6 +364,7 @@ class Scheduler(PacketScheduler):
         self.peer_nack: bool | None = None
         self._utokens = 0.0
         self._ut = None
+        self._urate = None  # (views, urgent budget rate): the sum over a views list, once
         # counters
         self.c = {
             "enqueued": 0, "released": 0, "urgent": 0, "urgent_over_budget": 0,
@@ -456,7 +457,12 @@ class Scheduler(PacketScheduler):
     def _urgent_ok(self, n: int, views, now: float) -> bool:
         """Token bucket for queue jumping: urgent_share of the estimated capacity."""
         o = self.options
-        rate = max(o.urgent_min_rate, o.urgent_share * sum(v.rate for v in views))
+        cached = self._urate
+        if cached is not None and cached[0] is views:  # the same views: the same rates
+            rate = cached[1]
+        else:
+            rate = max(o.urgent_min_rate, o.urgent_share * sum(v.rate for v in views))
+            self._urate = (views, rate)
         burst = max(16384.0, 0.05 * rate)
         if self._ut is None:
             self._utokens = burst
@@ -481,20 +487,56 @@ class Scheduler(PacketScheduler):
         single best subflow; a large F buys copies."""
         o = self.options
         floor = o.loss_floor
+        etas = None
         if first is None:
-            first = min(views, key=lambda v: v.eta(size, now))
+            # min(views, key=eta): the first of the earliest.  Nothing changes
+            # the meters during this call, so each eta is taken once (inlined
+            # _View.eta: the same arithmetic) and reused for the copies.
+            etas = []
+            best_t = math.inf
+            for v in views:
+                m = v.meter
+                bw = m.bw
+                rate = bw if bw is not None else m.bw0
+                q = m.q - rate * (now - m.t)
+                t = v.owd + ((q if q > 0.0 else 0.0) + size) / rate
+                ldiv = v.ldiv
+                if ldiv:
+                    t /= ldiv
+                etas.append(t)
+                if first is None or t < best_t:
+                    first, best_t = v, t
         chosen = [first]
-        p = max(first.loss or 0.0, floor)
-        rest = [v for v in (views if extra is None else extra) if v is not first]
+        p = first.loss or 0.0
+        if p < floor:
+            p = floor
+        if not F > 0:
+            return chosen
         beta = o.copy_cost
-        while rest and F > 0:
-            j = min(range(len(rest)),
-                    key=lambda i: (max(rest[i].loss or 0.0, floor), rest[i].eta(size, now)))
-            lj = max(rest[j].loss or 0.0, floor)
-            if F * p * (1.0 - lj) - beta <= 0:
+        # (floored loss, eta) of the candidates, in their order; the least
+        # first (min over the tuples: the first of equals), while it pays
+        rest = []
+        if extra is None and etas is not None:
+            for v, t in zip(views, etas):
+                if v is not first:
+                    lv = v.loss or 0.0
+                    rest.append((lv if lv > floor else floor, t, v))
+        else:
+            for v in (views if extra is None else extra):
+                if v is not first:
+                    lv = v.loss or 0.0
+                    rest.append((lv if lv > floor else floor, v.eta(size, now), v))
+        while rest:
+            j = 0
+            bl, be, _ = rest[0]
+            for i in range(1, len(rest)):
+                li, ei, _ = rest[i]
+                if li < bl or (li == bl and ei < be):
+                    j, bl, be = i, li, ei
+            if F * p * (1.0 - bl) - beta <= 0:
                 break
-            chosen.append(rest.pop(j))
-            p *= lj
+            chosen.append(rest.pop(j)[2])
+            p *= bl
         return chosen
 
     def repair_time(self, views) -> float | None:
@@ -631,8 +673,9 @@ class Scheduler(PacketScheduler):
 
     def _note_urgent(self, urg: int) -> None:
         self.c["urgent"] += 1
-        for name in describe(urg):
-            self.urgent_by_reason[name] = self.urgent_by_reason.get(name, 0) + 1
+        by = self.urgent_by_reason
+        for name in reasons(urg):
+            by[name] = by.get(name, 0) + 1
 
     def _release(self, fl: _Flow, size: int, chosen) -> list:
         fl.sent += size
@@ -723,6 +766,160 @@ class Scheduler(PacketScheduler):
         self._release_at = None
         self._push(fl, packet, 0, now, up)
         return None
+
+    def offer_many(self, packets: list, start: int, up, now: float, overhead: int):
+        """:meth:`offer` for ``packets[start:]`` in order, each packet sent at
+        once recorded on its subflows' meters (``meter.on_send(len(packet) +
+        overhead, now)``, what the session records for a datagram) before the
+        next is decided.  The same decisions, counters and state as ``offer``
+        packet by packet with the session recording each send (smpu_send's
+        batch path), with less work per packet: a run of packets of one flow
+        looks its flow and subflows up once (``now`` is the same for all: the
+        link views stay valid), counters are added once, and stage 2 of an
+        ordinary packet is inlined.
+
+        Stops after the first packet that is not sent at once.  Returns
+        ``(end, decided, last)``: ``decided[k]`` lists the subflows for
+        ``packets[start + k]``; if ``end > start + len(decided)``,
+        ``packets[end - 1]`` was queued (``last`` is None) or dropped
+        (``last`` is False), and the session lets the queue release what it
+        may (``pull``) before it offers the rest, as after ``offer``.
+        """
+        decided: list = []
+        end = len(packets)
+        i = start
+        if i >= end:
+            return i, decided, True
+        if not up:
+            return i + 1, decided, self.offer(packets[i], up, now)
+        o = self.options
+        c = self.c
+        small = o.small_bytes
+        urgent_on = o.urgent
+        target = o.queue_target
+        pin_bytes = o.pin_bytes
+        simple = not self._reserved
+        append = decided.append
+        fl = key0 = views = None
+        enq = rel = npinned = nspread = ncopies = 0
+        last = True
+        try:
+            while i < end:
+                if self._qpackets or self._urgent:
+                    # behind what is queued: offer queues it (or drops it)
+                    last = self.offer(packets[i], up, now)
+                    i += 1
+                    break
+                p = packets[i]
+                i += 1
+                key, urg = classify(p, small)
+                if fl is None or key != key0:
+                    # offer's lookups; for the next packets of this flow they
+                    # change nothing (same now: fl.last, the LRU order and the
+                    # views stay as they are)
+                    fl = self._flow(key, now)
+                    key0 = key
+                    if fl.policy is None and simple:
+                        self._all_views(up, now)
+                        views = self._good
+                    else:
+                        views = self._flow_views(fl, up, now)
+                n = len(p)
+                enq += 1
+                mode = fl.mode
+                chosen = primary = None
+                if urg and urgent_on and mode != "duplicate":
+                    if self._urgent_ok(n, views, now):
+                        self._note_urgent(urg)
+                        chosen = self._objective_set(views, o.urgent_value, now, n)
+                        c["urgent_copies"] += len(chosen) - 1
+                    else:
+                        c["urgent_over_budget"] += 1
+                        chosen = self._choose(fl, n, views, now, True)
+                elif mode == "duplicate":
+                    chosen = self._choose(fl, n, views, now, True)
+                elif fl.sent < pin_bytes:
+                    pinned = fl.pinned
+                    if pinned is not None:
+                        for v in views:
+                            if v.member == pinned:
+                                primary = v
+                                break
+                    if primary is None:  # not pinned yet, or its subflow is gone
+                        chosen = self._choose(fl, n, views, now, True)
+                    else:  # _choose's pinned case, inlined (gate: room on it)
+                        m = primary.meter
+                        bw = m.bw
+                        rate = bw if bw is not None else m.bw0
+                        q = m.q - rate * (now - m.t)
+                        if (q if q > 0.0 else 0.0) / rate >= target:
+                            m.held = True
+                            primary = None
+                        else:
+                            npinned += 1
+                else:
+                    # _choose's spread case, inlined: the subflow with room
+                    # where the packet arrives first
+                    best_t = math.inf
+                    for v in views:
+                        m = v.meter
+                        rate = m.bw
+                        if rate is None:
+                            rate = m.bw0
+                        q = m.q - rate * (now - m.t)
+                        if not q > 0.0:
+                            q = 0.0
+                        if q / rate >= target:
+                            continue
+                        t = v.owd + (q + n) / rate
+                        ldiv = v.ldiv
+                        if ldiv:
+                            t /= ldiv
+                        if t < best_t:
+                            primary, best_t = v, t
+                    if primary is None:
+                        for v in views:
+                            v.meter.held = True
+                    else:
+                        nspread += 1
+                if primary is not None:
+                    if mode == "adaptive":
+                        chosen = self._adaptive_set(primary, views, now)
+                    else:
+                        fl.sent += n
+                        fl.packets += 1
+                        rel += 1
+                        primary.meter.on_send(n + overhead, now)
+                        append([primary.sub])
+                        continue
+                if chosen is None:  # blocked: queued (offer's tail)
+                    self._release_at = None
+                    self._push(fl, p, 0, now, up)
+                    last = None
+                    break
+                fl.sent += n
+                fl.packets += 1
+                rel += 1
+                dlen = n + overhead
+                k = len(chosen)
+                if k == 1:
+                    v = chosen[0]
+                    v.meter.on_send(dlen, now)
+                    append([v.sub])
+                else:
+                    ncopies += k - 1
+                    subs = []
+                    for v in chosen:
+                        v.meter.on_send(dlen, now)
+                        subs.append(v.sub)
+                    append(subs)
+        finally:
+            c["enqueued"] += enq
+            c["released"] += rel
+            c["pinned"] += npinned
+            c["spread"] += nspread
+            c["copies"] += ncopies
+        return i, decided, last
 
     def enqueue(self, packet: bytes, up, now: float) -> bool:
         """Queue one user packet; False if it was dropped at once."""

@@ -135,62 +135,40 @@ class SendPath:
         """``send_many`` with a queueing scheduler (aggregate, adaptive): the
         scheduler decides packet by packet as ``send`` has it do (each
         decision sees the backlog the previous ones added, a queued packet
-        pumps the queue), and the packets decided at once are sealed by the C
-        loops, one call per run of packets for the same subflows; the
-        datagrams, their order and the scheduler's state are ``send``'s."""
+        pumps the queue) but a batch at a time (``offer_many``), and the
+        packets decided at once are sealed by the C loops; the datagrams,
+        their order and the scheduler's state are ``send``'s."""
         self._now = now
         up = self._up
-        sched = self._sched
-        offer = sched.offer
+        offer_many = self._sched.offer_many
         over = _HLEN + self._tag_len  # a sealed datagram's bytes beyond the packet
-        runs: list = []  # [packets, targets] in order, consecutive packets with the same targets
-        accepted = 0
-        for p in packets:
-            targets = offer(p, up, now)
-            if not targets:
-                accepted += targets is None  # None: queued; False: dropped
-                if runs:
-                    self._seal_runs(runs, now, loops)
-                    runs = []
+        n = len(packets)
+        i = accepted = 0
+        while i < n:
+            j, decided, last = offer_many(packets, i, up, now, over)
+            k = len(decided)
+            if k:
+                accepted += k
+                self._seal_decided(packets[i:i + k] if i or k < n else packets, decided, now, loops)
+            if j > i + k:  # packets[j - 1] was queued (None) or dropped (False)
+                accepted += last is None
                 self._pump(now)  # as send does: what is queued may leave now
-                continue
-            accepted += 1
-            dlen = len(p) + over
-            for sub in targets:
-                sub.meter.on_send(dlen, now)  # before the next decision, as _transmit does
-            if runs and runs[-1][1] == targets:
-                runs[-1][0].append(p)
-            else:
-                runs.append(([p], targets))
-        if runs:
-            self._seal_runs(runs, now, loops)
+            i = j
         return accepted
 
-    def _seal_runs(self, runs: list, now: float, loops) -> None:
-        """Seal ``[(packets, targets), ...]`` with the next sequence numbers
-        (C loops), queue the datagrams in order, count them; the meters were
-        fed when the packets were decided."""
+    def _seal_decided(self, packets: list, decided: list, now: float, loops) -> None:
+        """Seal ``packets[k]`` for the subflows ``decided[k]`` with the next
+        sequence numbers (one C call), queue the datagrams in order and count
+        them; the scheduler recorded the sends on the meters."""
         seq = self._seq + 1
-        total = sum(len(r[0]) for r in runs)
+        total = len(packets)
         encrypt, epoch = self.sealer.reserve_data(seq, total)  # nonce guard, counted for rekeying
-        sid = self.session_id
-        sendbuf, mask, out = self._sendbuf, self._sendmask, self._out
-        for pkts, targets in runs:
-            n = len(pkts)
-            dgrams, nbytes = loops.seal_dup(encrypt, sid, epoch, seq, pkts,
-                                            bytes(t.member for t in targets), sendbuf, mask, targets)
-            if len(targets) == 1:
-                m = targets[0].member
-                out += [(m, d) for d in dgrams[0]]
-            else:
-                members = [t.member for t in targets]
-                for k in range(n):
-                    for j, m in enumerate(members):
-                        out.append((m, dgrams[j][k]))
-            for sub in targets:
-                sub.on_data_sent(n, nbytes, now)
-            seq += n
-        self._seq = seq - 1
+        items, per_subflow = loops.seal_each(encrypt, self.session_id, epoch, seq, packets, decided,
+                                             self._sendbuf, self._sendmask)
+        self._out += items
+        for sub, count, nbytes in per_subflow:
+            sub.on_data_sent(count, nbytes, now)
+        self._seq = seq + total - 1
         self.sent += total
 
     # -- 2. a queueing scheduler releases what may leave now ---------------------
