@@ -36,8 +36,10 @@ from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
 from mpvpn.agent import memtrace, receive, send, statusdoc
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, linktest, mss, pairing
+from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, hubforward, linktest, mss, pairing
 from mpvpn.core.admission import HandshakeStamps
+from mpvpn.core.hubforward import HubForward
+from mpvpn.core.peercheck import usable_via
 from mpvpn.core.reconnect import ClientReconnect
 from mpvpn.core.registry import ServerSessions
 from mpvpn.core.scheduler import LinkPolicy, make_scheduler
@@ -113,6 +115,8 @@ class DataSession:
     routes: list = field(default_factory=list)  # CIDR strings routed into the tun
     conn: object = None  # control connection (ClientConnection / ServerConnection)
     started: float = 0.0
+    via: tuple = ()  # client: the other sites the hub forwards to that we route (ViaSite)
+    via_refused: list = field(default_factory=list)  # client: [(site, why)] the hub's we left out
 
     @property
     def session_id(self) -> int:
@@ -166,6 +170,10 @@ class Agent:
         self.stamps = HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
         self.route_table = send.RouteTable()  # destination -> DataSession
+        # server: site-to-site through the hub (base.hub_forward; its refusals also when off)
+        self.hub = HubForward(cfg.base.hub_forward) if self.role == "server" else None
+        self._hub_dirty = False  # the sites changed: tell each what it reaches through us
+        self._hub_syncing = False
         self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
@@ -179,7 +187,8 @@ class Agent:
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
-                         "vnic_recreated": 0}
+                         "vnic_recreated": 0, "hub_forwarded": 0, "hub_refused": 0,
+                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0}
         self._mss = self._mss_limits(cfg)
 
     @staticmethod
@@ -457,7 +466,7 @@ class Agent:
         for ds in list(self.sessions.values()):
             t = ds.sess.get_timer()
             if t is not None and t <= now:
-                self._deliver(ds.sess.handle_timer(now))
+                self._deliver(ds.sess.handle_timer(now), ds)
             self._session_events(ds)
             self._flush_session(ds)
         for c in list(self.controls):
@@ -472,6 +481,7 @@ class Agent:
             if t is not None and t <= now:
                 self.registry.handle_timer(now)
             self._registry_events(now)
+            self._hub_sync(now)
         if self.reconnect is not None and not self._client_connected():
             t = self.reconnect.get_timer()
             if t is not None and t <= now:
@@ -516,7 +526,20 @@ class Agent:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
 
-    def _deliver(self, packets) -> None:
+    def _deliver(self, packets, ds: DataSession | None = None) -> None:
+        """Packets released by session ``ds`` (None: not from a session) go
+        to the tun; on a hub with several sites, those for another site's
+        session go there (mpvpn.core.hubforward), or are dropped and counted."""
+        if ds is not None and self.hub is not None and len(self.sessions) > 1 and packets:
+            packets, out = self.hub.split(ds, packets)
+            c = self.hub.counters
+            self.counters["hub_forwarded"] = c["forwarded"]
+            self.counters["hub_refused"] = c["refused"]
+            self.counters["hub_spoofed"] = c["spoofed"]
+            if out:
+                send.send_batches(out, self.clock(), self.counters)
+            if not packets:
+                return
         try:
             failed = self.tun.write_packets(packets)
         except OSError as e:
@@ -579,7 +602,8 @@ class Agent:
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
-        self._set_routes(ds, list(peer.lans))
+        self._set_routes(ds, self._routes_for(ds))
+        self._hub_dirty = self.hub is not None
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
                  peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
         return ds
@@ -645,8 +669,70 @@ class Agent:
         else:
             self._routes[cidr] = n
 
+    def _routes_for(self, ds: DataSession) -> list:
+        """The CIDRs routed into the tun for ``ds``: the peer's LANs and, on a
+        client of a hub that forwards (its UPDATE's ``via``), the other
+        sites' LANs and vNIC addresses that fit with ours (usable_via)."""
+        routes = list(ds.peer.lans)
+        ds.via, refused = (), []
+        if self.role == "client" and ds.peer.via and ds.conn is not None:
+            ds.via, refused = usable_via(ds.conn.local, ds.peer)
+            for site in ds.via:
+                routes += site.routes
+        if refused and refused != ds.via_refused:
+            self.counters["via_refused"] += len(refused)
+            for name, why in refused:
+                log.warning("hub %s forwards to site %s, not routed here: %s", ds.peer.name, name, why)
+        ds.via_refused = refused
+        return routes
+
     def _rebuild_route_table(self) -> None:
         self.route_table.rebuild(self.sessions.values())
+        if self.hub is not None:
+            self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()])
+
+    def _hub_sync(self, now: float) -> None:
+        """(hub) The sites changed: tell each site, by UPDATE, which other
+        sites it reaches through us (all of them with base.hub_forward, none
+        without), where that differs from what it was last told."""
+        if self._hub_syncing:  # (called again from a pump below: the loop sees the flag)
+            return
+        self._hub_syncing = True
+        try:
+            while self._hub_dirty:
+                self._hub_dirty = False
+                for c in self._hub_announce(now):
+                    self._control_pump(c, now)  # (may free a session: then once more)
+        finally:
+            self._hub_syncing = False
+
+    def _hub_announce(self, now: float) -> list:
+        """Queue the UPDATEs of :meth:`_hub_sync`; the ControlIOs that got one."""
+        sites = [(ds, controlmsg.ViaSite(ds.peer.name, ds.peer.vnc.ip, tuple(ds.peer.lans)))
+                 for ds in self.sessions.values()]
+        if self.hub.enabled:
+            views, cut = hubforward.views(sites)
+            if cut:
+                self.counters["via_truncated"] += cut
+                log.warning("hub: %d site announcement(s) left out (more sites than one UPDATE "
+                            "carries)", cut)
+        else:
+            views = {ds: () for ds, _v in sites}
+        told = []
+        for c in list(self.controls):
+            conn = c.conn
+            ds = self._session_of(conn) if conn is not None else None
+            if ds is None or ds not in views or conn.state is not controlconn.State.ESTABLISHED:
+                continue
+            if views[ds] == conn.via_sent:
+                continue
+            try:
+                conn.send_update(now, via=views[ds])
+            except ValueError as e:  # (cannot happen: our own info is unchanged)
+                log.error("hub: cannot update %s: %s", ds.peer.name, e)
+                continue
+            told.append(c)
+        return told
 
     def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
         ds = self.sessions.pop(session_id, None)
@@ -658,6 +744,7 @@ class Agent:
                 self._route_unref(c)
         ds.routes = []
         self._rebuild_route_table()
+        self._hub_dirty = self.hub is not None
 
     # ------------------------------------------------------------------ control edge
 
@@ -755,7 +842,11 @@ class Agent:
                 c.out += data
                 self._control_write(c)
             self._control_gone(c, closed[0], closed[1], now, closed[2])
+            if self.hub is not None:
+                self._hub_sync(now)
             return
+        if self.hub is not None:
+            self._hub_sync(now)
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         try:
             if self.sel.get_key(c.sock).events != want:
@@ -783,7 +874,9 @@ class Agent:
             if ds is not None:
                 ds.peer = ev.peer
                 self._apply_plan(ds, ev.plan, now)
-                self._set_routes(ds, list(ev.peer.lans))
+                self._set_routes(ds, self._routes_for(ds))
+                if ev.origin == "peer":
+                    self._hub_dirty = self.hub is not None
                 log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
                          len(ev.plan), ", ".join(ev.peer.lans))
         elif isinstance(ev, controlevents.KeysRotated):
@@ -933,7 +1026,8 @@ class Agent:
             self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
             log.error(self.last_error)
             return
-        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
+                "hub_forward")
         from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
@@ -941,6 +1035,10 @@ class Agent:
             self.cfg = new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
+            if self.hub is not None and self.hub.enabled != new.base.hub_forward:
+                self.hub.enabled = new.base.hub_forward  # the sites learn by UPDATE
+                self._hub_dirty = True
+                self._hub_sync(now)
             sc = self._session_config()
             for ds in self.sessions.values():
                 ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle
@@ -1086,7 +1184,7 @@ class Agent:
             last_error=self.last_error, tun=self.tun, routes=self._routes,
             sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
-            uplink_docs=statusdoc.uplinks(self.uplinks.values()))
+            uplink_docs=statusdoc.uplinks(self.uplinks.values()), hub=self.hub)
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""

@@ -131,6 +131,14 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Carriers without a same-type partner on the peer stay idle (the seed's rule); `1` "
             "pairs the leftovers across carriers. Either side may turn it on.",
         ),
+        "hub_forward": Option(
+            "bool", "0",
+            "Server only: forward between client sites (site-to-site through this hub). `1`: "
+            "every site is told the vNIC address and LANs of every other site and routes them "
+            "into its tunnel; the hub passes packets between the sites' sessions itself. `0`: "
+            "sites reach only this hub's LAN, and packets a site sends towards another site "
+            "are dropped and counted.",
+        ),
         "private_key": Option(
             "key32", None,
             "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
@@ -392,6 +400,7 @@ class Base:
     rekey_packets: int = 1 << 26
     reorder_capacity: int = 1024
     pair_unmatched: bool = False
+    hub_forward: bool = False
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
@@ -755,6 +764,9 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     if not sec.has("psk") and role != "server":
         chk.err(sec.path("psk"), MISSING_PSK)
     b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
+    b["hub_forward"] = sec.parsed("hub_forward", _parse_bool, False)
+    if b["hub_forward"] and role == "client":
+        chk.warn(sec.path("hub_forward"), "is a server option; a client ignores it")
 
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
     for name in ("private_key", "peer_public_key"):
@@ -1241,6 +1253,11 @@ def validate(
 
     # cross-checks
     extra = b["lan_subnet"] if b else []
+    if vnc is not None and b and b.get("hub_forward") and b["role"] == "server" \
+            and vnc.network.num_addresses - 2 < 3:
+        chk.warn("orayboxvpn.base.hub_forward", f"the vNIC subnet {vnc.network} has room for one "
+                 "client site only: forwarding between sites needs a larger one (e.g. netmask "
+                 "255.255.255.0 on every site)")
     if vnc is not None:
         vnet = vnc.network
         for net in lan_subnets:
@@ -1300,6 +1317,7 @@ def validate(
         rekey_interval=b["rekey_interval"],
         rekey_packets=b["rekey_packets"],
         pair_unmatched=b["pair_unmatched"],
+        hub_forward=b["hub_forward"] and b["role"] == "server",
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],

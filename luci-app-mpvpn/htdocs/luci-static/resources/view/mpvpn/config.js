@@ -219,6 +219,11 @@ return view.extend({
 			_('Carriers without a same-type partner on the other site stay idle unless this is on; then the leftovers are paired across carriers.'));
 		o.default = '0';
 
+		o = s.taboption('general', form.Flag, 'hub_forward', _('Site-to-site through this hub'),
+			_('Server with several client sites: tell every site the addresses and LANs of the others and forward between them. Off: each site reaches only this router\'s LAN.'));
+		o.default = '0';
+		o.depends('role', 'server');
+
 		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
 			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));
 		o.password = true;
