@@ -55,7 +55,7 @@ def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[li
             # hub: what it passed between this site and the others (null on a client)
             "forwarded": hub.site(ds) if hub is not None else None,
             # client of a forwarding hub: the other sites reached through it
-            "via": [dict(v.to_json(), path="via hub") for v in ds.via],
+            "via": [dict(v.to_json(), path="hub") for v in ds.via],
             "via_refused": [{"name": n, "why": why} for n, why in ds.via_refused],
         })
     return out, links, totals
