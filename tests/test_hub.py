@@ -153,20 +153,38 @@ def test_a_site_routes_only_the_announced_sites_that_fit_with_its_own():
 
 # ------------------------------------------------------------------ a hub and three agents in this process
 
+class HubClock:
+    """time.monotonic, or a moment it is held at (``hold``)."""
+
+    def __init__(self):
+        self.held = None
+
+    def __call__(self) -> float:
+        return time.monotonic() if self.held is None else self.held
+
+    def hold(self) -> None:
+        self.held = time.monotonic()
+
+    def release(self) -> None:
+        self.held = None
+
+
 class Hub:
     """Site B (server, LAN 192.168.20.0/24) with client sites A, C, D on one
     MemoryNet, every vNIC in 172.30.0.0/24."""
 
     def __init__(self, tmp_path, forward: bool = True):
         self.net = MemoryNet()
+        self.hub_clock = HubClock()
         psk = genpsk()
         extra = FAST + ("\toption hub_forward '1'\n" if forward else "")
-        self.b, self.hb = self._site(tmp_path / "b", "server", psk, 2, "172.30.0.2", "192.168.20.1", extra)
+        self.b, self.hb = self._site(tmp_path / "b", "server", psk, 2, "172.30.0.2", "192.168.20.1", extra,
+                                     clock=self.hub_clock)
         self.sites = {}
         for name, (idx, vnc, lan) in CLIENTS.items():
             self.sites[name] = self._site(tmp_path / name, "client", psk, idx, vnc, lan, FAST)
 
-    def _site(self, d, role, psk, idx, vnc, lan, extra):
+    def _site(self, d, role, psk, idx, vnc, lan, extra, clock=time.monotonic):
         d.mkdir()
         text, network = site_config(role, psk, idx, vnc, lan, carriers=CARRIERS, extra_base=extra)
         (d / "orayboxvpn").write_text(text.replace("255.255.255.252", "255.255.255.0"))
@@ -174,7 +192,8 @@ class Hub:
         cfg, problems = cfgmod.load_config(str(d))
         assert cfg is not None, problems
         host = MemoryHost(self.net, [f"10.{i}.0.{idx}" for i in range(1, CARRIERS + 1)])
-        return Agent(cfg, uci_dir=str(d), run_dir=str(d / "run"), io=host, name=f"site-{d.name}"), host
+        return Agent(cfg, uci_dir=str(d), run_dir=str(d / "run"), io=host, name=f"site-{d.name}",
+                     clock=clock), host
 
     def agents(self):
         return [self.b] + [a for a, _h in self.sites.values() if a.tun is not None]
@@ -303,3 +322,88 @@ def test_without_hub_forward_sites_learn_nothing_and_a_forced_route_is_refused(t
         # the hub's own LAN is still reached
         ha.tun.inject(v4(host("a"), "192.168.20.2", b"hub"))
         h.until(lambda: h.hb.tun.written == [v4(host("a"), "192.168.20.2", b"hub")], "the hub's LAN")
+
+
+def _record_deletions(hostobj) -> list:
+    gone = []
+    real = hostobj.netcfg.del_route
+
+    def del_route(dst, ifname):
+        gone.append(dst)
+        return real(dst, ifname)
+    hostobj.netcfg.del_route = del_route
+    return gone
+
+
+def test_a_reconnecting_site_keeps_the_other_sites_routed_until_the_hub_tells_it_again(tmp_path):
+    """Fail closed: a new control session with the same hub replaces the old
+    one; the other sites' routes are carried over (never deleted, so their
+    traffic never takes the default route) until the hub's announcement."""
+    with Hub(tmp_path) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        first = set(a.sessions)
+        gone = _record_deletions(ha)
+        a.rpc_handlers()["reconnect"]({})
+        h.until(lambda: a.sessions and set(a.sessions) != first and a.status()["sessions"][0]["via"],
+                "A's new session told about the others")
+        h.run(0.3)
+        assert gone == [] and h.routes("a") == expected_routes("a")
+
+
+def test_carried_over_sites_are_withdrawn_when_the_hub_does_not_announce_them(tmp_path, monkeypatch):
+    from mpvpn.agent import agent as agentmod
+
+    monkeypatch.setattr(agentmod, "VIA_GRACE", 0.5)
+    with Hub(tmp_path) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        h.b.hub.enabled = False  # (as after a reload without hub_forward, minus the withdrawal)
+        a.rpc_handlers()["reconnect"]({})
+        h.until(lambda: h.routes("a") == {HUB_LAN}, "A's carried-over routes withdrawn")
+        assert a.status()["sessions"][0]["via"] == []
+
+
+def test_a_site_flapping_its_lans_costs_the_others_one_announcement_per_interval(tmp_path):
+    """20 LAN changes of site A while the hub's clock stands still: C and D
+    get the first change at once and then, once the interval has passed, one
+    UPDATE with the final state; never one per flap."""
+    from mpvpn.agent import agent as agentmod
+    from mpvpn.core import controlconn
+
+    with Hub(tmp_path) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        told = []
+        real = controlconn.ServerConnection.send_update
+
+        def send_update(conn, now, uplinks=None, lans=None, via=None):
+            if via is not None:
+                told.append((conn.peer.name, tuple(s.name for s in via),
+                             tuple(x for s in via for x in s.lans)))
+            return real(conn, now, uplinks, lans, via)
+        controlconn.ServerConnection.send_update = send_update
+        try:
+            a, _ha = h.sites["a"]
+            h.run(agentmod.HUB_ANNOUNCE_INTERVAL)  # (the last announcement round is over)
+            h.hub_clock.hold()
+            for k in range(20):
+                for c in a.controls:
+                    c.conn.send_update(time.monotonic(), lans=["192.168.%d.0/24" % (11 + k % 2)])
+                    a._control_pump(c, time.monotonic())
+                h.until(lambda k=k: h.b.registry.counters["sessions_opened"] and all(
+                    "192.168.%d.0/24" % (11 + k % 2) in se["peer"]["lans"]
+                    for se in h.b.status()["sessions"] if se["name"] == "site-a"), "the hub has A's flap")
+            assert sorted(t[0] for t in told) == ["site-c", "site-d"]  # the first flap, at once
+            h.hub_clock.release()
+            h.until(lambda: len(told) == 4, "the final state announced")
+            h.run(0.3)
+        finally:
+            controlconn.ServerConnection.send_update = real
+        assert len(told) == 4
+        assert all("192.168.12.0/24" in t[2] for t in told[2:])  # the last flap (k = 19)
+        for n in ("c", "d"):
+            h.until(lambda n=n: lan("a") not in h.routes(n) and "192.168.12.0/24" in h.routes(n),
+                    f"{n} routes A's final LAN")

@@ -31,6 +31,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
@@ -57,6 +58,12 @@ log = logging.getLogger("mpvpn")
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
 MAX_TIMEOUT = 1.0
 INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
+# a reconnected client keeps routing the other sites of its hub this long
+# while it waits for the hub's first announcement (``via``) on the new session
+VIA_GRACE = 10.0
+# a hub announces site changes at most this often (a site flapping its LANs
+# every few milliseconds costs the others one UPDATE per interval)
+HUB_ANNOUNCE_INTERVAL = 1.0
 
 
 def _hostname_word(text: str) -> str:
@@ -117,6 +124,7 @@ class DataSession:
     started: float = 0.0
     via: tuple = ()  # client: the other sites the hub forwards to that we route (ViaSite)
     via_refused: list = field(default_factory=list)  # client: [(site, why)] the hub's we left out
+    via_until: float | None = None  # client: ``via`` carried over from the session this replaced
 
     @property
     def session_id(self) -> int:
@@ -174,6 +182,7 @@ class Agent:
         self.hub = HubForward(cfg.base.hub_forward) if self.role == "server" else None
         self._hub_dirty = False  # the sites changed: tell each what it reaches through us
         self._hub_syncing = False
+        self._hub_next_at = -math.inf  # no announcement round before this
         self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
@@ -454,6 +463,8 @@ class Agent:
                 ts.append(c.conn.get_timer())
         if self.registry is not None:
             ts.append(self.registry.get_timer())
+        if self._hub_dirty:
+            ts.append(self._hub_next_at)
         if self.reconnect is not None and not self._client_connected():
             ts.append(self.reconnect.get_timer())
         for up in self.uplinks.values():
@@ -464,6 +475,9 @@ class Agent:
 
     def _run_timers(self, now: float) -> None:
         for ds in list(self.sessions.values()):
+            if ds.via_until is not None and now >= ds.via_until:  # the hub said nothing: withdraw
+                ds.peer, ds.via_until = dc_replace(ds.peer, via=()), None
+                self._set_routes(ds, self._routes_for(ds))
             t = ds.sess.get_timer()
             if t is not None and t <= now:
                 self._deliver(ds.sess.handle_timer(now), ds)
@@ -695,13 +709,16 @@ class Agent:
         """(hub) The sites changed: tell each site, by UPDATE, which other
         sites it reaches through us (all of them with base.hub_forward, none
         without), where that differs from what it was last told."""
-        if self._hub_syncing:  # (called again from a pump below: the loop sees the flag)
+        if self._hub_syncing or now < self._hub_next_at:  # (the loop or the timer sees the flag)
             return
         self._hub_syncing = True
         try:
             while self._hub_dirty:
                 self._hub_dirty = False
-                for c in self._hub_announce(now):
+                told = self._hub_announce(now)
+                if told:
+                    self._hub_next_at = now + HUB_ANNOUNCE_INTERVAL
+                for c in told:
                     self._control_pump(c, now)  # (may free a session: then once more)
         finally:
             self._hub_syncing = False
@@ -724,7 +741,9 @@ class Agent:
             ds = self._session_of(conn) if conn is not None else None
             if ds is None or ds not in views or conn.state is not controlconn.State.ESTABLISHED:
                 continue
-            if views[ds] == conn.via_sent:
+            # (a new connection's via_sent is None: a forwarding hub always tells
+            # it, even "nobody"; a hub that does not forward only withdraws)
+            if views[ds] == conn.via_sent or (not self.hub.enabled and not conn.via_sent):
                 continue
             try:
                 conn.send_update(now, via=views[ds])
@@ -858,7 +877,16 @@ class Agent:
         if isinstance(ev, controlevents.SessionEstablished):
             old = [sid for sid, ds in self.sessions.items()
                    if self.role == "client" or ds.peer.name == ev.peer.name]
-            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
+            peer = ev.peer
+            # (client) the other sites of the session this one replaces stay routed
+            # until the hub's first announcement (fail closed, no gap in the routes)
+            carry = [self.sessions[sid].peer.via for sid in old if self.role == "client"
+                     and self.sessions[sid].peer.name == peer.name and self.sessions[sid].peer.via]
+            if carry:
+                peer = dc_replace(peer, via=carry[0])
+            ds = self._new_session(ev.session_id, peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
+            if carry:
+                ds.via_until = now + VIA_GRACE
             for sid in old:
                 if sid != ev.session_id:
                     self._drop_session(sid, "replaced by a new session")
@@ -872,7 +900,7 @@ class Agent:
         elif isinstance(ev, controlevents.PeerUpdated):
             ds = self._session_of(c.conn)
             if ds is not None:
-                ds.peer = ev.peer
+                ds.peer, ds.via_until = ev.peer, None
                 self._apply_plan(ds, ev.plan, now)
                 self._set_routes(ds, self._routes_for(ds))
                 if ev.origin == "peer":
@@ -1028,7 +1056,6 @@ class Agent:
             return
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
                 "hub_forward")
-        from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:

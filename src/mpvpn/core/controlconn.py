@@ -847,7 +847,8 @@ class ServerConnection(_Connection):
         self._session: ServerSession | None = None
         self._peer_seq = 0
         self._keys_for_session = None
-        self.via_sent: tuple = ()  # the other sites we last told this client we forward to
+        # the other sites we last told this client we forward to (None: nothing told yet)
+        self.via_sent: tuple | None = None
 
     def _count(self, reason: str) -> None:
         self.counters[reason] += 1
