@@ -180,6 +180,11 @@ class Agent:
         self.route_table = send.RouteTable()  # destination -> DataSession
         # server: site-to-site through the hub (base.hub_forward; its refusals also when off)
         self.hub = HubForward(cfg.base.hub_forward) if self.role == "server" else None
+        # bench/hub.py's comparison: forwarded packets take the trip through our
+        # kernel (tun -> routing -> tun) instead of going to the session directly
+        self._hub_via_kernel = os.environ.get("MPVPN_HUB_PATH") == "kernel"
+        self._hub_out: dict = {}  # DataSession -> packets from other sites, sent after the read
+        self._reading = False  # inside receive.read_uplink
         self._hub_dirty = False  # the sites changed: tell each what it reaches through us
         self._hub_syncing = False
         self._hub_next_at = -math.inf  # no announcement round before this
@@ -534,7 +539,13 @@ class Agent:
         now = self.clock()
         if up.sock is None:
             return
-        touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        self._reading = True
+        try:
+            touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        finally:
+            self._reading = False
+        if self._hub_out:
+            self._hub_flush()
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
@@ -550,8 +561,13 @@ class Agent:
             self.counters["hub_forwarded"] = c["forwarded"]
             self.counters["hub_refused"] = c["refused"]
             self.counters["hub_spoofed"] = c["spoofed"]
-            if out:
-                send.send_batches(out, self.clock(), self.counters)
+            if out and self._hub_via_kernel:
+                packets = packets + [p for batch in out.values() for p in batch]
+            elif out:
+                for dst, batch in out.items():  # sent once the uplink has been read
+                    self._hub_out.setdefault(dst, []).extend(batch)
+                if not self._reading:
+                    self._hub_flush()
             if not packets:
                 return
         try:
@@ -563,6 +579,12 @@ class Agent:
             failed = len(packets)
         if failed:
             self.counters["tun_write_errors"] += failed
+
+    def _hub_flush(self) -> None:
+        """(hub) Send what other sites sent to a site, one batch per site."""
+        out, self._hub_out = self._hub_out, {}
+        send.send_batches({ds: b for ds, b in out.items() if ds.session_id in self.sessions},
+                          self.clock(), self.counters)
 
     def _flush_session(self, ds: DataSession) -> None:
         send.flush(ds, self.counters)

@@ -31,6 +31,8 @@ from mpvpn.core.controlmsg import MAX_MESSAGE, MAX_VIA
 #: Room for the rest of the UPDATE that carries ``via`` (plan, uplinks, LANs).
 VIA_BUDGET = MAX_MESSAGE - 4096
 
+_REFUSED, _SPOOFED = object(), object()  # HubForward._verdict's drops
+
 # per-site counters (status: sessions[].forwarded)
 SITE_COUNTERS = ("from_packets", "from_bytes", "to_packets", "to_bytes", "refused", "spoofed")
 
@@ -141,26 +143,38 @@ class HubForward:
         local: list = []
         out: dict = {}
         owner = self._claims.owner
+        enabled = self.enabled
+        last = verdict = None  # consecutive packets of one flow share addresses: one lookup
+        refused = spoofed = 0
         for pkt in packets:
-            d = _address(pkt, False)
-            dst = owner(*d) if d is not None else None
-            if dst is None or dst is src:
+            v = pkt[0] >> 4 if pkt else 0
+            if v == 4 and len(pkt) >= 20:
+                key = pkt[12:20]
+            elif v == 6 and len(pkt) >= 40:
+                key = pkt[8:40]
+            else:
                 local.append(pkt)
                 continue
-            if not self.enabled:
-                self.counters["refused"] += 1
-                self._count(src, "refused")
-                continue
-            s = _address(pkt, True)
-            if owner(*s) is not src:
-                self.counters["spoofed"] += 1
-                self._count(src, "spoofed")
-                continue
-            batch = out.get(dst)
-            if batch is None:
-                out[dst] = [pkt]
+            if key != last:
+                last, verdict = key, self._verdict(src, pkt, owner, enabled)
+            if verdict is None:
+                local.append(pkt)
+            elif verdict is _REFUSED:
+                refused += 1
+            elif verdict is _SPOOFED:
+                spoofed += 1
             else:
-                batch.append(pkt)
+                batch = out.get(verdict)
+                if batch is None:
+                    out[verdict] = [pkt]
+                else:
+                    batch.append(pkt)
+        if refused:
+            self.counters["refused"] += refused
+            self._count(src, "refused", refused)
+        if spoofed:
+            self.counters["spoofed"] += spoofed
+            self._count(src, "spoofed", spoofed)
         for dst, batch in out.items():
             n, size = len(batch), sum(map(len, batch))
             self.counters["forwarded"] += n
@@ -170,3 +184,15 @@ class HubForward:
             self._count(dst, "to_packets", n)
             self._count(dst, "to_bytes", size)
         return local, out
+
+    @staticmethod
+    def _verdict(src, pkt, owner, enabled):
+        """None (to the tun), _REFUSED, _SPOOFED or the destination's key."""
+        dst = owner(*_address(pkt, False))
+        if dst is None or dst is src:
+            return None
+        if not enabled:
+            return _REFUSED
+        if owner(*_address(pkt, True)) is not src:
+            return _SPOOFED
+        return dst
