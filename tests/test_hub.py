@@ -407,3 +407,33 @@ def test_a_site_flapping_its_lans_costs_the_others_one_announcement_per_interval
         for n in ("c", "d"):
             h.until(lambda n=n: lan("a") not in h.routes(n) and "192.168.12.0/24" in h.routes(n),
                     f"{n} routes A's final LAN")
+
+
+def test_hub_forward_applies_on_reload_and_the_sites_follow(tmp_path):
+    """SIGHUP with hub_forward switched on: the same sessions, every site
+    told about the others; switched off: everything withdrawn again."""
+    with Hub(tmp_path, forward=False) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == {HUB_LAN} for n in CLIENTS), "only the hub's LAN")
+        ids = set(h.b.sessions)
+        conf = tmp_path / "b" / "orayboxvpn"
+        conf.write_text(conf.read_text().replace("config base 'base'\n",
+                                                 "config base 'base'\n\toption hub_forward '1'\n"))
+        h.b.reload()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        assert set(h.b.sessions) == ids and h.b.status()["hub_forward"] is True
+        conf.write_text(conf.read_text().replace("\toption hub_forward '1'\n", ""))
+        h.b.reload()
+        h.until(lambda: all(h.routes(n) == {HUB_LAN} for n in CLIENTS), "the others withdrawn")
+        assert set(h.b.sessions) == ids and h.b.status()["hub_forward"] is False
+
+
+def test_a_site_announces_at_most_max_lans():
+    lans = [f"10.{i}.0.0/16" for i in range(controlmsg.MAX_LANS + 1)]
+    for msg in ({"type": "UPDATE", "seq": 1, "lans": lans},
+                {"type": "HELLO", "name": "s", "uplinks": [], "vnc": {"ip": "172.30.0.3", "netmask": "24"},
+                 "lans": lans, "mode": "duplicate"}):
+        with pytest.raises(Bad):
+            parse_message(controlmsg.dumps(msg), from_client=True)
+    assert parse_message(controlmsg.dumps({"type": "UPDATE", "seq": 1, "lans": lans[:-1]}),
+                         from_client=True)["lans"] == tuple(lans[:-1])
