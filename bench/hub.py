@@ -7,9 +7,12 @@ one session, one hop), with added latency, CPU seconds per GB of every agent
 on the path and the hub's memory.
 
     python bench/hub.py [--seconds S] [--sites N] [--carriers C] [--json FILE]   (root; needs iperf3)
+    python bench/hub.py --idle 1,10,20 [--seconds S]    (the hub's cost per connected idle site)
 
 The hub serves ``--sites`` client sites (A plus add_site routers c, d, ...);
-the load runs between A and C, the others are connected and idle.
+the load runs between A and C, the others are connected and idle.  With
+``--idle``, for each number of sites: the hub's RSS and CPU share over
+``--seconds`` with every site connected and idle (keepalives only).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +40,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sites", type=int, default=3, help="client sites on the hub (2..25; default 3)")
     ap.add_argument("--carriers", type=int, default=2, help="carriers per site (default 2)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--idle", metavar="N,N,...", help="measure the idle cost at these numbers of sites")
     args = ap.parse_args(argv)
+    if args.idle:
+        return idle(args)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
@@ -85,6 +92,41 @@ def main(argv=None) -> int:
               f"{r['cpu_s_per_gb']:9.1f} {r['hub_rss_mib']:7.1f}M")
     print(f"through the hub / direct pair: {doc['via_hub_over_direct']:.2f}; "
           f"in-process / through the hub's kernel: {via / rows[2]['goodput_mbit']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+    return 0
+
+
+def idle(args) -> int:
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    rows = []
+    for n in (int(x) for x in args.idle.split(",")):
+        if not 1 <= n <= 25:
+            print("--idle: 1..25 sites", file=sys.stderr)
+            return 2
+        letters = "".join(chr(ord("c") + k) for k in range(n - 1))
+        with Lab(args.carriers) as lab, HubLab(lab, letters, forward=True) as h:
+            h.start()
+            pid = h.hub.proc.pid
+            time.sleep(2.0)  # the announcements settle
+            c0, t0 = agentbench.cpu_seconds(pid), time.monotonic()
+            time.sleep(args.seconds)
+            cpu = (agentbench.cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+            rows.append({"sites": n, "hub_rss_mib": agentbench.rss_mib(pid), "hub_cpu_pct": 100 * cpu,
+                         "subflows": n * args.carriers})
+    print(f"hub, idle sites ({args.carriers} carriers each, keepalive_idle 0.75 s), {args.seconds:g} s each")
+    print(f"{'sites':>5} {'subflows':>8} {'hub RSS MiB':>11} {'hub CPU %':>9}")
+    for r in rows:
+        print(f"{r['sites']:5d} {r['subflows']:8d} {r['hub_rss_mib']:11.1f} {r['hub_cpu_pct']:9.2f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        per = (b["hub_rss_mib"] - a["hub_rss_mib"]) / (b["sites"] - a["sites"])
+        cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
+        print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
+    doc = {"idle": rows, "carriers": args.carriers, "seconds": args.seconds}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))

@@ -583,7 +583,7 @@ class Agent:
     def _hub_flush(self) -> None:
         """(hub) Send what other sites sent to a site, one batch per site."""
         out, self._hub_out = self._hub_out, {}
-        send.send_batches({ds: b for ds, b in out.items() if ds.session_id in self.sessions},
+        send.send_batches({ds: b for ds, b in out.items() if self.sessions.get(ds.session_id) is ds},
                           self.clock(), self.counters)
 
     def _flush_session(self, ds: DataSession) -> None:
@@ -927,8 +927,10 @@ class Agent:
                 self._set_routes(ds, self._routes_for(ds))
                 if ev.origin == "peer":
                     self._hub_dirty = self.hub is not None
-                log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
-                         len(ev.plan), ", ".join(ev.peer.lans))
+                d = ev.diff
+                if ev.origin == "peer" or d.added or d.removed or d.changed:  # (not a hub's via)
+                    log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
+                             len(ev.plan), ", ".join(ev.peer.lans))
         elif isinstance(ev, controlevents.KeysRotated):
             ds = self._session_of(c.conn)
             if ds is not None:
