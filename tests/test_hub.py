@@ -437,3 +437,22 @@ def test_a_site_announces_at_most_max_lans():
             parse_message(controlmsg.dumps(msg), from_client=True)
     assert parse_message(controlmsg.dumps({"type": "UPDATE", "seq": 1, "lans": lans[:-1]}),
                          from_client=True)["lans"] == tuple(lans[:-1])
+
+
+@pytest.mark.parametrize("role, mask, warned", [
+    ("server", "255.255.255.252", "room for one client site only"),
+    ("server", "255.255.255.0", None),
+    ("client", "255.255.255.0", "is a server option; a client ignores it"),
+])
+def test_check_warns_about_a_hub_that_cannot_forward(tmp_path, role, mask, warned):
+    text, network = site_config(role, genpsk(), 2, "172.30.0.2", "192.168.20.1", carriers=1,
+                                extra_base="\toption hub_forward '1'\n")
+    (tmp_path / "orayboxvpn").write_text(text.replace("255.255.255.252", mask))
+    (tmp_path / "network").write_text(network)
+    cfg, problems = cfgmod.load_config(str(tmp_path))
+    assert cfg is not None and cfg.base.hub_forward is (role == "server")
+    found = [p for p in problems if "hub_forward" in str(p)]
+    if warned is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and found[0].severity == cfgmod.WARNING and warned in str(found[0])
