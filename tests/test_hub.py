@@ -85,6 +85,20 @@ def test_with_forwarding_off_nothing_goes_from_one_site_to_another():
     assert fw.counters["forwarded"] == 0
 
 
+def test_a_site_kept_apart_is_neither_told_nor_reached():
+    sites = [(k, ViaSite(f"site-{k}", f"172.30.0.{k}", (f"192.168.{k}.0/24",))) for k in (1, 2, 3)]
+    views, cut = hubforward.views(sites, apart={2})
+    assert cut == 0 and views == {1: (sites[2][1],), 2: (), 3: (sites[0][1],)}
+    fw = forwarder()
+    fw.rebuild([("A", "172.30.0.1", ("192.168.10.0/24",)), ("C", "172.30.0.3", ("192.168.30.0/24",)),
+                ("D", "172.30.0.4", ("192.168.40.0/24",))], apart={"D"})
+    to_d, from_d = v4("192.168.10.5", "192.168.40.9"), v4("192.168.40.9", "192.168.10.5")
+    to_c, d_to_hub = v4("192.168.10.5", "192.168.30.9"), v4("192.168.40.9", "192.168.20.2")
+    assert fw.split("A", [to_d, to_c]) == ([], {"C": [to_c]})
+    assert fw.split("D", [from_d, d_to_hub]) == ([d_to_hub], {})
+    assert fw.site("A")["refused"] == 1 and fw.site("D")["refused"] == 1
+
+
 def test_each_site_sees_all_others_within_the_message_budget():
     sites = [(k, ViaSite(f"site-{k}", f"172.30.0.{k}", (f"192.168.{k}.0/24",))) for k in (3, 1, 2)]
     views, cut = hubforward.views(sites)
@@ -173,20 +187,28 @@ class Hub:
     """Site B (server, LAN 192.168.20.0/24) with client sites A, C, D on one
     MemoryNet, every vNIC in 172.30.0.0/24."""
 
-    def __init__(self, tmp_path, forward: bool = True):
+    def __init__(self, tmp_path, forward: bool = True, apart=None):
+        """``apart``: None (one shared key) or the sites whose own key's
+        `config site` section (every site then has one) says ``forward 0``."""
         self.net = MemoryNet()
         self.hub_clock = HubClock()
         psk = genpsk()
+        keys = {n: genpsk() if apart is not None else psk for n in CLIENTS}
         extra = FAST + ("\toption hub_forward '1'\n" if forward else "")
+        sections = "".join(f"\nconfig site 'site_{n}'\n\toption psk '{keys[n]}'\n"
+                           + ("\toption forward '0'\n" if n in apart else "")
+                           for n in CLIENTS) if apart is not None else ""
         self.b, self.hb = self._site(tmp_path / "b", "server", psk, 2, "172.30.0.2", "192.168.20.1", extra,
-                                     clock=self.hub_clock)
+                                     clock=self.hub_clock, sections=sections)
         self.sites = {}
         for name, (idx, vnc, lan) in CLIENTS.items():
-            self.sites[name] = self._site(tmp_path / name, "client", psk, idx, vnc, lan, FAST)
+            self.sites[name] = self._site(tmp_path / name, "client", keys[name], idx, vnc, lan, FAST)
 
-    def _site(self, d, role, psk, idx, vnc, lan, extra, clock=time.monotonic):
+    def _site(self, d, role, psk, idx, vnc, lan, extra, clock=time.monotonic, sections=""):
         d.mkdir()
         text, network = site_config(role, psk, idx, vnc, lan, carriers=CARRIERS, extra_base=extra)
+        if sections:  # only the sites' own keys
+            text = text.replace(f"\toption psk '{psk}'\n", "") + sections
         (d / "orayboxvpn").write_text(text.replace("255.255.255.252", "255.255.255.0"))
         (d / "network").write_text(network)
         cfg, problems = cfgmod.load_config(str(d))
@@ -244,10 +266,12 @@ def host(name: str) -> str:
     return CLIENTS[name][2].rsplit(".", 1)[0] + ".2"
 
 
-def expected_routes(name: str, present=("a", "c", "d")) -> set:
+def expected_routes(name: str, present=("a", "c", "d"), apart=()) -> set:
     out = {HUB_LAN}
+    if name in apart:
+        return out
     for other in present:
-        if other != name:
+        if other != name and other not in apart:
             out |= {lan(other), CLIENTS[other][1] + "/32"}
     return out
 
@@ -456,3 +480,34 @@ def test_check_warns_about_a_hub_that_cannot_forward(tmp_path, role, mask, warne
         assert found == []
     else:
         assert len(found) == 1 and found[0].severity == cfgmod.WARNING and warned in str(found[0])
+
+
+def test_a_site_with_forward_0_stays_apart_and_reload_brings_it_in(tmp_path):
+    """Per-site keys; `config site` site_d has forward 0: A and C reach each
+    other, D is told about nobody and nobody about D, a route forced at A
+    towards D is refused at the hub, D still reaches the hub's LAN.  Setting
+    forward 1 (SIGHUP, sessions kept) brings D in."""
+    with Hub(tmp_path, apart=("d",)) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n, apart=("d",)) for n in CLIENTS),
+                "A and C routing each other, D apart")
+        assert [se["site"] for se in sorted(h.b.status()["sessions"], key=lambda x: x["name"])] == \
+            ["site_a", "site_c", "site_d"]
+        a, ha = h.sites["a"]
+        ds = next(iter(a.sessions.values()))
+        a._set_routes(ds, ds.routes + [lan("d")])  # a compromised A
+        ha.tun.inject(v4(host("a"), host("d"), b"to d"))
+        ha.tun.inject(v4(host("a"), host("c"), b"to c"))
+        h.until(lambda: h.sites["c"][1].tun.written == [v4(host("a"), host("c"), b"to c")], "A reaches C")
+        h.until(lambda: h.b.status()["counters"]["hub_refused"] == 1, "A -> D refused")
+        hd = h.sites["d"][1]
+        hd.tun.inject(v4(host("d"), "192.168.20.2", b"hub"))
+        h.until(lambda: h.hb.tun.written == [v4(host("d"), "192.168.20.2", b"hub")], "D reaches the hub")
+        assert hd.tun.written == []
+        ids = set(h.b.sessions)
+        conf = tmp_path / "b" / "orayboxvpn"
+        conf.write_text(conf.read_text().replace("\toption forward '0'\n", ""))
+        h.b.reload()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) | ({lan("d")} if n == "a" else set())
+                            for n in CLIENTS), "D brought in")
+        assert set(h.b.sessions) == ids

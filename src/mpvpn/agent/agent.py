@@ -725,7 +725,14 @@ class Agent:
     def _rebuild_route_table(self) -> None:
         self.route_table.rebuild(self.sessions.values())
         if self.hub is not None:
-            self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()])
+            self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
+                             self._hub_apart())
+
+    def _hub_apart(self) -> list:
+        """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
+        names = {s.name for s in self.cfg.sites if not s.forward}
+        return [ds for ds in self.sessions.values() if getattr(ds.conn, "site", None) in names] \
+            if names else []
 
     def _hub_sync(self, now: float) -> None:
         """(hub) The sites changed: tell each site, by UPDATE, which other
@@ -750,7 +757,7 @@ class Agent:
         sites = [(ds, controlmsg.ViaSite(ds.peer.name, ds.peer.vnc.ip, tuple(ds.peer.lans)))
                  for ds in self.sessions.values()]
         if self.hub.enabled:
-            views, cut = hubforward.views(sites)
+            views, cut = hubforward.views(sites, apart=frozenset(self._hub_apart()))
             if cut:
                 self.counters["via_truncated"] += cut
                 log.warning("hub: %d site announcement(s) left out (more sites than one UPDATE "
@@ -1083,11 +1090,13 @@ class Agent:
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:
-            self.cfg = new
+            old_sites, self.cfg = self.cfg.sites, new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
-            if self.hub is not None and self.hub.enabled != new.base.hub_forward:
+            if self.hub is not None and (self.hub.enabled != new.base.hub_forward
+                                         or new.sites != old_sites):
                 self.hub.enabled = new.base.hub_forward  # the sites learn by UPDATE
+                self._rebuild_route_table()  # (which sites are kept apart)
                 self._hub_dirty = True
                 self._hub_sync(now)
             sc = self._session_config()

@@ -281,6 +281,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "The LAN subnets this site may announce: each of its LANs must lie inside one "
             "of them, or the hub refuses it. Unset: any LAN that collides with no other site's.",
         ),
+        "forward": Option(
+            "bool", "1",
+            "With the hub's `base.hub_forward 1`: `0` keeps this site out of site-to-site "
+            "forwarding: it is not told about the other sites, they are not told about it, and "
+            "nothing passes between it and them (it still reaches the hub's LAN).",
+        ),
         "enabled": Option("bool", "1", "`0` refuses this site's key."),
     },
     "policy": {
@@ -477,6 +483,7 @@ class SiteKey:
     psk: bytes = field(repr=False)
     vnc_ipaddr: str | None = None  # the vNIC address it must use
     lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
+    forward: bool = True  # takes part in site-to-site forwarding (base.hub_forward)
 
 
 @dataclass(frozen=True)
@@ -1181,7 +1188,7 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
         if sec.has("lan_subnet"):
             lans = [str(net) for net in _lan_subnets(chk, sec)]
             lans = tuple(lans)
-        out.append(SiteKey(sec.ref, psk, vip, lans))
+        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True)))
     if len(out) > MAX_SITES:
         chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
     if out and b and b.get("private_key"):

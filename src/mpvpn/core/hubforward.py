@@ -4,15 +4,17 @@ Two decisions of a hub with several client sites:
 
 * **who is told about whom** (:func:`views`): with ``hub_forward`` on, every
   site learns every other site's name, vNIC address and LANs (``via`` in the
-  hub's UPDATE, docs/control.md) and routes them into its tunnel; with it
-  off, nobody learns anything.  The hub's registry has already made sure
+  hub's UPDATE, docs/control.md) and routes them into its tunnel, except the
+  sites kept *apart* (``config site`` ``forward 0``), which learn nothing and
+  of which nobody learns; with it off, nobody learns anything.  The hub's registry has already made sure
   that no two sites claim the same address or overlapping LANs.
 * **where a packet from a site goes** (:meth:`HubForward.split`): a packet
   that arrived on site S's session and is destined to another site T's
   vNIC address or LAN goes straight to T's session (no trip through the
   hub's kernel) if forwarding is on and its source lies within S's own
   vNIC address and LANs; otherwise it is dropped and counted (``refused``:
-  forwarding is off; ``spoofed``: a source S may not use).  Everything else
+  forwarding is off, or S or T is kept apart; ``spoofed``: a source S may
+  not use).  Everything else
   (the hub's own LAN and vNIC, S's own claims, unknown destinations) goes
   to the hub's tun as before.
 
@@ -37,14 +39,16 @@ _REFUSED, _SPOOFED = object(), object()  # HubForward._verdict's drops
 SITE_COUNTERS = ("from_packets", "from_bytes", "to_packets", "to_bytes", "refused", "spoofed")
 
 
-def views(sites, budget: int = VIA_BUDGET, limit: int = MAX_VIA) -> tuple[dict, int]:
-    """``sites``: ``[(key, ViaSite), ...]``, every site on the hub.  Returns
-    ``({key: tuple of the other sites' ViaSite, by name}, sites left out)``:
-    each site sees all others, at most ``limit`` of them and as many as fit
-    in ``budget`` bytes of JSON (the rest are left out, counted)."""
-    ordered = sorted(sites, key=lambda kv: kv[1].name)
+def views(sites, budget: int = VIA_BUDGET, limit: int = MAX_VIA, apart=frozenset()) -> tuple[dict, int]:
+    """``sites``: ``[(key, ViaSite), ...]``, every site on the hub; ``apart``:
+    the keys kept out of forwarding.  Returns ``({key: tuple of the other
+    sites' ViaSite, by name}, sites left out)``: each site sees all others
+    but those apart (which see nobody), at most ``limit`` of them and as many
+    as fit in ``budget`` bytes of JSON (the rest are left out, counted)."""
+    out = {k: () for k, _v in sites if k in apart}
+    ordered = sorted(((k, v) for k, v in sites if k not in apart), key=lambda kv: kv[1].name)
     sizes = {id(v): len(json.dumps(v.to_json(), separators=(",", ":"))) + 1 for _k, v in ordered}
-    out, cut = {}, 0
+    cut = 0
     for key, me in ordered:
         view, used = [], 0
         for _k, v in ordered:
@@ -109,12 +113,15 @@ class HubForward:
         self.enabled = enabled
         self._claims = Prefixes()
         self._keys: set = set()
+        self._apart: frozenset = frozenset()
         self.counters: Counter = Counter()
         self._sites: dict = {}  # key -> Counter of SITE_COUNTERS
 
-    def rebuild(self, sites) -> None:
+    def rebuild(self, sites, apart=()) -> None:
         """``sites``: ``[(key, vNIC address, LAN CIDRs), ...]``: what each
-        site on the hub claims (checked by the registry: no overlaps)."""
+        site on the hub claims (checked by the registry: no overlaps);
+        ``apart``: the keys kept out of forwarding."""
+        self._apart = frozenset(apart)
         entries, keys = [], set()
         for key, vnc, lans in sites:
             keys.add(key)
@@ -156,7 +163,7 @@ class HubForward:
                 local.append(pkt)
                 continue
             if key != last:
-                last, verdict = key, self._verdict(src, pkt, owner, enabled)
+                last, verdict = key, self._verdict(src, pkt, owner, enabled, self._apart)
             if verdict is None:
                 local.append(pkt)
             elif verdict is _REFUSED:
@@ -186,12 +193,12 @@ class HubForward:
         return local, out
 
     @staticmethod
-    def _verdict(src, pkt, owner, enabled):
+    def _verdict(src, pkt, owner, enabled, apart):
         """None (to the tun), _REFUSED, _SPOOFED or the destination's key."""
         dst = owner(*_address(pkt, False))
         if dst is None or dst is src:
             return None
-        if not enabled:
+        if not enabled or src in apart or dst in apart:
             return _REFUSED
         if owner(*_address(pkt, True)) is not src:
             return _SPOOFED

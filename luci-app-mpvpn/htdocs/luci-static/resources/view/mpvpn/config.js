@@ -461,6 +461,11 @@ return view.extend({
 		o.placeholder = '192.168.30.0/24';
 		o.modalonly = true;
 
+		o = s.option(form.Flag, 'forward', _('Site-to-site'),
+			_('With site-to-site through this hub on: off keeps this site apart. It is not told about the other sites, they are not told about it, and nothing passes between them; it still reaches this router\'s LAN.'));
+		o.default = '1';
+		o.modalonly = true;
+
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
 		s = m.section(form.GridSection, 'policy', _('Link policies'),
