@@ -511,3 +511,25 @@ def test_a_site_with_forward_0_stays_apart_and_reload_brings_it_in(tmp_path):
         h.until(lambda: all(h.routes(n) == expected_routes(n) | ({lan("d")} if n == "a" else set())
                             for n in CLIENTS), "D brought in")
         assert set(h.b.sessions) == ids
+
+
+def test_a_site_key_added_on_reload_is_accepted_without_a_restart(tmp_path):
+    with Hub(tmp_path, apart=()) as h:
+        h.connected()
+        ids = set(h.b.sessions)
+        key = genpsk()
+        conf = tmp_path / "b" / "orayboxvpn"
+        conf.write_text(conf.read_text() + f"\nconfig site 'site_e'\n\toption psk '{key}'\n")
+        h.b.reload()
+        e, he = h._site(tmp_path / "e", "client", key, 5, "172.30.0.5", "192.168.50.1", FAST)
+        h.sites["e"] = (e, he)
+        e.setup()
+        try:
+            h.until(lambda: len(h.b.sessions) == 4, "E's session")
+            assert ids < set(h.b.sessions)
+            st = {se["name"]: se["site"] for se in h.b.status()["sessions"]}
+            assert st["site-e"] == "site_e"
+            h.until(lambda: "192.168.50.0/24" in h.routes("a"), "A told about E")
+        finally:
+            del h.sites["e"]
+            e.teardown()

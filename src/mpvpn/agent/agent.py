@@ -1091,6 +1091,8 @@ class Agent:
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:
             old_sites, self.cfg = self.cfg.sites, new
+            if self.registry is not None and new.sites != old_sites:
+                self.registry.config = self._control_config()  # site keys and claim rules
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
             if self.hub is not None and (self.hub.enabled != new.base.hub_forward
