@@ -533,3 +533,22 @@ def test_a_site_key_added_on_reload_is_accepted_without_a_restart(tmp_path):
         finally:
             del h.sites["e"]
             e.teardown()
+
+
+def test_mpvpn_status_text_lists_a_hubs_sites_and_a_sites_peers_via_the_hub(tmp_path, capsys):
+    from mpvpn import cli
+
+    with Hub(tmp_path) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        h.sites["a"][1].tun.inject(v4(host("a"), host("c"), b"x"))
+        h.until(lambda: h.b.status()["counters"]["hub_forwarded"] == 1, "one packet forwarded")
+        cli._print_status(h.b.status())
+        hub = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("site ")]
+        assert hub == ["site site-a 172.30.0.1 LANs 192.168.10.0/24: forwarded to others 1 pkts, from others 0 pkts",
+                       "site site-c 172.30.0.3 LANs 192.168.30.0/24: forwarded to others 0 pkts, from others 1 pkts",
+                       "site site-d 172.30.0.4 LANs 192.168.40.0/24: forwarded to others 0 pkts, from others 0 pkts"]
+        cli._print_status(h.sites["a"][0].status())
+        via = [ln.strip() for ln in capsys.readouterr().out.splitlines() if "via hub" in ln]
+        assert via == ["via hub site-b: site-c 172.30.0.3 LANs 192.168.30.0/24",
+                       "via hub site-b: site-d 172.30.0.4 LANs 192.168.40.0/24"]
