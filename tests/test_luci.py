@@ -853,7 +853,8 @@ def fixed_documents() -> dict[str, dict]:
                   "phases": 8, "results": results, "peer": "site-b"})
     client = dict(base["sessions"][0], via=[
         {"name": "site-c", "vnc": "172.30.0.3", "lans": ["192.168.30.0/24"], "path": "hub"},
-        {"name": "site-d", "vnc": "172.30.0.4", "lans": [], "path": "hub"}])
+        {"name": "site-d", "vnc": "172.30.0.4", "lans": [], "path": "hub"}],
+        via_refused=[{"name": "site-e", "why": "LAN 192.168.10.0/25 overlaps our LANs"}])
     failed = dict(base, policies=[], sessions=[client], link_test={
         "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
         "started": 1767225600.0, "phase": None, "phases": 8, "results": results[:1]})
@@ -1144,6 +1145,8 @@ def test_browser_status_lists_a_hubs_sites_and_a_sites_peers_via_the_hub(browser
     head = header_rows(view_of(browser["dom"]["failed"]))  # a client: the other sites through its hub
     via = [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-site")]
     assert via == ["site-c 172.30.0.3 — 192.168.30.0/24 through the hub", "site-d 172.30.0.4 through the hub"]
+    assert [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-refused")] == [
+        "site-e offered by the hub but not routed here: LAN 192.168.10.0/25 overlaps our LANs"]
     assert "Connected sites" not in head
 
 

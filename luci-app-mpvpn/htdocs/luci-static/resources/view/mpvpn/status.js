@@ -815,12 +815,14 @@ return view.extend({
 			rows.push([ _('Connected sites'), siteList(sessions) ]);
 
 		/* a client of a hub that forwards between sites (docs/status.md sessions[].via) */
-		var via = [];
+		var via = [], refused = [];
 		sessions.forEach(function(s) {
 			if (Array.isArray(s.via))
 				via = via.concat(s.via.filter(isObj));
+			if (Array.isArray(s.via_refused))
+				refused = refused.concat(s.via_refused.filter(isObj));
 		});
-		if (via.length)
+		if (via.length || refused.length)
 			rows.push([ _('Other sites'), E('div', { 'id': 'mpvpn-via' }, via.map(function(v) {
 				var lans = Array.isArray(v.lans) ? v.lans.filter(function(l) { return l != null; }).map(String) : [];
 				return E('div', { 'class': 'mpvpn-via-site' }, [
@@ -828,7 +830,11 @@ return view.extend({
 					lans.length ? ' — ' + lans.join(', ') : '',
 					' ', small([ (v.path == 'hub') ? _('through the hub') : text(v.path) ])
 				]);
-			})) ]);
+			}).concat(refused.map(function(r) {
+				return E('div', { 'class': 'mpvpn-via-refused', 'style': 'color:' + ORANGE }, [
+					E('strong', [ text(r.name) ]), ' ', _('offered by the hub but not routed here: %s').format(text(r.why))
+				]);
+			}))) ]);
 
 		var up = [ fmtDuration(st.uptime) ];
 		if (isNum(st.since))
