@@ -35,7 +35,7 @@ def test_site_b_is_ok(tmp_path):
     assert code == 0
     assert out == [
         "config OK: role server; mode duplicate; vNIC mpvpn0 172.30.0.2/30 mtu 1400; "
-        "listening on 0.0.0.0:7000; 3 uplink(s): telecom 10.1.0.2, unicom 10.2.0.2, mobile 10.3.0.2; "
+        "listening on 0.0.0.0:7000; site-to-site forwarding off; 3 uplink(s): telecom 10.1.0.2, unicom 10.2.0.2, mobile 10.3.0.2; "
         "LAN 192.168.20.0/24"
     ]
 

@@ -797,7 +797,11 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
                "last_down_reason": EVIL},
               {"member": 2}, None],
     "counters": {"delivered": None, "auth_failures": 3},
-    "sessions": [{"name": EVIL, "state": "connected"}, {"name": "site-c", "state": None}],
+    "sessions": [{"name": EVIL, "state": "connected",
+                  "peer": {"vnc": {"ip": EVIL}, "lans": [EVIL, None]}, "links": [None, {"tx_bytes": "x"}],
+                  "forwarded": {"from_bytes": EVIL, "to_bytes": 1e308, "refused": "3", "spoofed": 2},
+                  "via": [{"name": EVIL, "vnc": EVIL, "lans": [EVIL], "path": EVIL}, None, 7]},
+                 {"name": "site-c", "state": None, "via": EVIL, "forwarded": EVIL}],
     # numbers too big to format, strings where numbers belong, markup in names
     "policies": [{"name": EVIL, "src": EVIL, "dst": 12345, "carriers": EVIL, "exclusive": "yes",
                   "mode": EVIL, "packets": 1e308, "counters": {EVIL: 7, "bytes": "many", "tx_bytes": -1e300}},
@@ -811,6 +815,23 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
                               {"name": None, "direction": "up", "members": [1e308, "2"], "mbps": 1e308,
                                "rtt_ms": -3, "loss": 1e308, "packets": 1e308, "bytes": None}]},
 }
+
+def _hub_session(name, vnc, lan, up, tx, fwd):
+    return {"name": name, "state": "connected", "peer": {"name": name, "vnc": {"ip": vnc}, "lans": [lan]},
+            "links": [{"state": "established" if i < up else "failed", "tx_bytes": tx, "rx_bytes": 2 * tx}
+                      for i in range(2)],
+            "forwarded": dict(fwd), "via": [], "via_refused": []}
+
+
+# a hub's sites (docs/status.md sessions[], base.hub_forward on)
+HUB_SESSIONS = [
+    _hub_session("site-a", "172.30.0.1", "192.168.10.0/24", 2, 1500,
+                 {"from_packets": 10, "from_bytes": 2500000, "to_packets": 9, "to_bytes": 1240,
+                  "refused": 0, "spoofed": 0}),
+    _hub_session("site-c", "172.30.0.3", "192.168.30.0/24", 1, 1000,
+                 {"from_packets": 0, "from_bytes": 0, "to_packets": 0, "to_bytes": 0,
+                  "refused": 4, "spoofed": 2}),
+]
 
 TEST_ERROR = "no session with the peer " + EVIL  # test_links refused (the "failed" run)
 
@@ -832,9 +853,14 @@ def fixed_documents() -> dict[str, dict]:
         {"name": "office", "src": "192.168.10.0/25", "dst": "192.168.20.0/24", "carriers": None,
          "exclusive": False, "mode": "adaptive"},
     ], dataplane=dict(base["dataplane"], c_loops=True, c_loops_off_why=None),
+        sessions=HUB_SESSIONS,
         link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
                   "phases": 8, "results": results, "peer": "site-b"})
-    failed = dict(base, policies=[], link_test={
+    client = dict(base["sessions"][0], via=[
+        {"name": "site-c", "vnc": "172.30.0.3", "lans": ["192.168.30.0/24"], "path": "hub"},
+        {"name": "site-d", "vnc": "172.30.0.4", "lans": [], "path": "hub"}],
+        via_refused=[{"name": "site-e", "why": "LAN 192.168.10.0/25 overlaps our LANs"}])
+    failed = dict(base, policies=[], sessions=[client], link_test={
         "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
         "started": 1767225600.0, "phase": None, "phases": 8, "results": results[:1]})
     return {"running": running, "failed": failed}
@@ -1080,6 +1106,10 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     totals = view.find("table", id="mpvpn-totals")
     auth = totals.find("td", data_counter="auth_failures")
     assert auth.words == "3" and "bold" in auth.attrs.get("style", "")
+    sites = head["Connected sites"].find_all("div", cls="mpvpn-site")
+    assert len(sites) == 2 and sites[0].find("strong").words == EVIL
+    assert "2 with a foreign source dropped" in sites[0].words and "refused" not in sites[0].words
+    assert [d.find("strong").words for d in head["Other sites"].find_all("div", cls="mpvpn-via-site")] == [EVIL]
 
     # policies: the null and string entries are skipped, "yes" is not exclusive
     assert not hidden(view.find(id="mpvpn-policies"))
@@ -1106,6 +1136,23 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     assert res[0]["Throughput"].words == "—" and res[0]["Loss"].words == "—"
     assert res[1]["Throughput"].words == "—" and res[1]["Loss"].words == "—"  # 1e308 Mbit/s, 1e310 %
     assert res[1]["Links"].find("strong").words == "—"
+
+
+def test_browser_status_lists_a_hubs_sites_and_a_sites_peers_via_the_hub(browser):
+    head = header_rows(view_of(browser["dom"]["running"]))  # a hub with two sites
+    sites = head["Connected sites"].find_all("div", cls="mpvpn-site")
+    assert [d.find("strong").words for d in sites] == ["site-a", "site-c"]
+    a, c = (d.words for d in sites)
+    assert "172.30.0.1 — 192.168.10.0/24" in a and "2 of 2 subflows up, sent 3.0 kB, received 6.0 kB" in a
+    assert "forwarded to other sites 2.50 MB, from them 1.2 kB" in a and "refused" not in a
+    assert "1 of 2 subflows up" in c and "4 refused (forwarding off)" in c
+    assert "2 with a foreign source dropped" in c
+    head = header_rows(view_of(browser["dom"]["failed"]))  # a client: the other sites through its hub
+    via = [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-site")]
+    assert via == ["site-c 172.30.0.3 — 192.168.30.0/24 through the hub", "site-d 172.30.0.4 through the hub"]
+    assert [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-refused")] == [
+        "site-e offered by the hub but not routed here: LAN 192.168.10.0/25 overlaps our LANs"]
+    assert "Connected sites" not in head
 
 
 def test_browser_status_explains_an_agent_that_is_not_running(browser):

@@ -80,6 +80,20 @@ def _print_status(st: dict) -> None:
             print(f"  {str(ln.get('peer', '')):<12}{ln['member']:>3} {str(ln.get('type', '')):<10}"
                   f"{str(ln.get('local', '')):<22}{str(ln.get('remote', '')):<22}{ln['state']:<13}"
                   f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}")
+    for se in st.get("sessions") or []:
+        peer = se.get("peer") or {}
+        fwd = se.get("forwarded")
+        if fwd is not None:  # a hub: its sites and what it passed between them
+            print(f"  site {se.get('name')} {(peer.get('vnc') or {}).get('ip')} "
+                  f"LANs {', '.join(peer.get('lans') or []) or 'none'}: forwarded to others "
+                  f"{fwd['from_packets']} pkts, from others {fwd['to_packets']} pkts"
+                  + (f", refused {fwd['refused']}" if fwd.get("refused") else "")
+                  + (f", spoofed {fwd['spoofed']}" if fwd.get("spoofed") else ""))
+        for v in se.get("via") or []:  # a site: the others it reaches through its hub
+            print(f"  via hub {se.get('name')}: {v['name']} {v['vnc']} "
+                  f"LANs {', '.join(v['lans']) or 'none'}")
+        for r in se.get("via_refused") or []:
+            print(f"  not routed (hub {se.get('name')} offers it): {r['name']}: {r['why']}")
     c = st.get("counters") or {}
     if c:
         keys = ("sent", "delivered", "duplicates", "late", "deadline_releases", "reorder_flushes",

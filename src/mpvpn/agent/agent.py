@@ -32,13 +32,16 @@ import socket
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
 from mpvpn.agent import latency, memtrace, receive, send, statusdoc
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, linktest, mss, pairing
+from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, hubforward, linktest, mss, pairing
 from mpvpn.core.admission import HandshakeStamps
+from mpvpn.core.hubforward import HubForward
+from mpvpn.core.peercheck import usable_via
 from mpvpn.core.reconnect import ClientReconnect
 from mpvpn.core.registry import ServerSessions
 from mpvpn.core.scheduler import LinkPolicy, make_scheduler
@@ -56,6 +59,12 @@ log = logging.getLogger("mpvpn")
 UPLINK_RETRY = 5.0  # seconds between attempts to bind an absent uplink address
 MAX_TIMEOUT = 1.0
 INITIAL_LINK_RATE = 1_250_000.0  # bytes/s (10 Mbit/s) assumed per subflow before measuring
+# a reconnected client keeps routing the other sites of its hub this long
+# while it waits for the hub's first announcement (``via``) on the new session
+VIA_GRACE = 10.0
+# a hub announces site changes at most this often (a site flapping its LANs
+# every few milliseconds costs the others one UPDATE per interval)
+HUB_ANNOUNCE_INTERVAL = 1.0
 
 
 def _hostname_word(text: str) -> str:
@@ -129,6 +138,9 @@ class DataSession:
     routes: list = field(default_factory=list)  # CIDR strings routed into the tun
     conn: object = None  # control connection (ClientConnection / ServerConnection)
     started: float = 0.0
+    via: tuple = ()  # client: the other sites the hub forwards to that we route (ViaSite)
+    via_refused: list = field(default_factory=list)  # client: [(site, why)] the hub's we left out
+    via_until: float | None = None  # client: ``via`` carried over from the session this replaced
 
     @property
     def session_id(self) -> int:
@@ -183,6 +195,16 @@ class Agent:
         self.stamps = HandshakeStamps()  # freshness of our first handshake messages
         self._routes: dict[str, int] = {}  # CIDR -> reference count
         self.route_table = send.RouteTable()  # destination -> DataSession
+        # server: site-to-site through the hub (base.hub_forward; its refusals also when off)
+        self.hub = HubForward(cfg.base.hub_forward) if self.role == "server" else None
+        # bench/hub.py's comparison: forwarded packets take the trip through our
+        # kernel (tun -> routing -> tun) instead of going to the session directly
+        self._hub_via_kernel = os.environ.get("MPVPN_HUB_PATH") == "kernel"
+        self._hub_out: dict = {}  # DataSession -> packets from other sites, sent after the read
+        self._reading = False  # inside receive.read_uplink
+        self._hub_dirty = False  # the sites changed: tell each what it reaches through us
+        self._hub_syncing = False
+        self._hub_next_at = -math.inf  # no announcement round before this
         self._link_test: tuple | None = None  # (session id, last status document)
         self._stop = False
         self._reload = False
@@ -196,7 +218,8 @@ class Agent:
         self.counters = {"unknown_session": 0, "malformed": 0, "wrong_uplink": 0,
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
-                         "vnic_recreated": 0}
+                         "vnic_recreated": 0, "hub_forwarded": 0, "hub_refused": 0,
+                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0}
         self._mss = self._mss_limits(cfg)
         # per-stage latency histograms (mpvpn.agent.latency), None unless MPVPN_LATENCY_TRACE=1
         self.trace = latency.LatencyTrace.from_env(clock)
@@ -533,6 +556,8 @@ class Agent:
                 ts.append(c.conn.get_timer())
         if self.registry is not None:
             ts.append(self.registry.get_timer())
+        if self._hub_dirty:
+            ts.append(self._hub_next_at)
         if self.reconnect is not None and not self._client_connected():
             ts.append(self.reconnect.get_timer())
         for up in self.uplinks.values():
@@ -543,9 +568,12 @@ class Agent:
 
     def _run_timers(self, now: float) -> None:
         for ds in list(self.sessions.values()):
+            if ds.via_until is not None and now >= ds.via_until:  # the hub said nothing: withdraw
+                ds.peer, ds.via_until = dc_replace(ds.peer, via=()), None
+                self._set_routes(ds, self._routes_for(ds))
             t = ds.sess.get_timer()
             if t is not None and t <= now:
-                self._deliver(ds.sess.handle_timer(now))
+                self._deliver(ds.sess.handle_timer(now), ds)
             self._session_events(ds)
             self._flush_session(ds)
         for c in list(self.controls):
@@ -562,6 +590,7 @@ class Agent:
             self._registry_events(now)
             if self.registry.guard.changes != self._stamps_saved:
                 self._save_stamps()
+            self._hub_sync(now)
         if self.reconnect is not None and not self._client_connected():
             t = self.reconnect.get_timer()
             if t is not None and t <= now:
@@ -610,18 +639,42 @@ class Agent:
             return
         trace = self.trace
         n0 = up.rx_datagrams
-        touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        self._reading = True
+        try:
+            touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+        finally:
+            self._reading = False
         if trace is not None and up.rx_datagrams != n0:
             n = up.rx_datagrams - n0
             trace.time("udp.read", self.clock() - now, n)
             trace.count("udp.batch", n)
+        if self._hub_out:
+            self._hub_flush()
         for ds in touched:
             if self.registry is not None:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
         self._touched.update(touched)
 
-    def _deliver(self, packets) -> None:
+    def _deliver(self, packets, ds: DataSession | None = None) -> None:
+        """Packets released by session ``ds`` (None: not from a session) go
+        to the tun; on a hub with several sites, those for another site's
+        session go there (mpvpn.core.hubforward), or are dropped and counted."""
+        if ds is not None and self.hub is not None and len(self.sessions) > 1 and packets:
+            packets, out = self.hub.split(ds, packets)
+            c = self.hub.counters
+            self.counters["hub_forwarded"] = c["forwarded"]
+            self.counters["hub_refused"] = c["refused"]
+            self.counters["hub_spoofed"] = c["spoofed"]
+            if out and self._hub_via_kernel:
+                packets = packets + [p for batch in out.values() for p in batch]
+            elif out:
+                for dst, batch in out.items():  # sent once the uplink has been read
+                    self._hub_out.setdefault(dst, []).extend(batch)
+                if not self._reading:
+                    self._hub_flush()
+            if not packets:
+                return
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
         try:
@@ -635,6 +688,12 @@ class Agent:
             failed = len(packets)
         if failed:
             self.counters["tun_write_errors"] += failed
+
+    def _hub_flush(self) -> None:
+        """(hub) Send what other sites sent to a site, one batch per site."""
+        out, self._hub_out = self._hub_out, {}
+        send.send_batches({ds: b for ds, b in out.items() if self.sessions.get(ds.session_id) is ds},
+                          self.clock(), self.counters)
 
     def _flush_session(self, ds: DataSession) -> None:
         send.flush(ds, self.counters)
@@ -686,7 +745,8 @@ class Agent:
         ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
-        self._set_routes(ds, list(peer.lans))
+        self._set_routes(ds, self._routes_for(ds))
+        self._hub_dirty = self.hub is not None
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
                  peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
         return ds
@@ -766,8 +826,82 @@ class Agent:
         else:
             self._routes[cidr] = n
 
+    def _routes_for(self, ds: DataSession) -> list:
+        """The CIDRs routed into the tun for ``ds``: the peer's LANs and, on a
+        client of a hub that forwards (its UPDATE's ``via``), the other
+        sites' LANs and vNIC addresses that fit with ours (usable_via)."""
+        routes = list(ds.peer.lans)
+        ds.via, refused = (), []
+        if self.role == "client" and ds.peer.via and ds.conn is not None:
+            ds.via, refused = usable_via(ds.conn.local, ds.peer)
+            for site in ds.via:
+                routes += site.routes
+        if refused and refused != ds.via_refused:
+            self.counters["via_refused"] += len(refused)
+            for name, why in refused:
+                log.warning("hub %s forwards to site %s, not routed here: %s", ds.peer.name, name, why)
+        ds.via_refused = refused
+        return routes
+
     def _rebuild_route_table(self) -> None:
         self.route_table.rebuild(self.sessions.values())
+        if self.hub is not None:
+            self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
+                             self._hub_apart())
+
+    def _hub_apart(self) -> list:
+        """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
+        names = {s.name for s in self.cfg.sites if not s.forward}
+        return [ds for ds in self.sessions.values() if getattr(ds.conn, "site", None) in names] \
+            if names else []
+
+    def _hub_sync(self, now: float) -> None:
+        """(hub) The sites changed: tell each site, by UPDATE, which other
+        sites it reaches through us (all of them with base.hub_forward, none
+        without), where that differs from what it was last told."""
+        if self._hub_syncing or now < self._hub_next_at:  # (the loop or the timer sees the flag)
+            return
+        self._hub_syncing = True
+        try:
+            while self._hub_dirty:
+                self._hub_dirty = False
+                told = self._hub_announce(now)
+                if told:
+                    self._hub_next_at = now + HUB_ANNOUNCE_INTERVAL
+                for c in told:
+                    self._control_pump(c, now)  # (may free a session: then once more)
+        finally:
+            self._hub_syncing = False
+
+    def _hub_announce(self, now: float) -> list:
+        """Queue the UPDATEs of :meth:`_hub_sync`; the ControlIOs that got one."""
+        sites = [(ds, controlmsg.ViaSite(ds.peer.name, ds.peer.vnc.ip, tuple(ds.peer.lans)))
+                 for ds in self.sessions.values()]
+        if self.hub.enabled:
+            views, cut = hubforward.views(sites, apart=frozenset(self._hub_apart()))
+            if cut:
+                self.counters["via_truncated"] += cut
+                log.warning("hub: %d site announcement(s) left out (more sites than one UPDATE "
+                            "carries)", cut)
+        else:
+            views = {ds: () for ds, _v in sites}
+        told = []
+        for c in list(self.controls):
+            conn = c.conn
+            ds = self._session_of(conn) if conn is not None else None
+            if ds is None or ds not in views or conn.state is not controlconn.State.ESTABLISHED:
+                continue
+            # (a new connection's via_sent is None: a forwarding hub always tells
+            # it, even "nobody"; a hub that does not forward only withdraws)
+            if views[ds] == conn.via_sent or (not self.hub.enabled and not conn.via_sent):
+                continue
+            try:
+                conn.send_update(now, via=views[ds])
+            except ValueError as e:  # (cannot happen: our own info is unchanged)
+                log.error("hub: cannot update %s: %s", ds.peer.name, e)
+                continue
+            told.append(c)
+        return told
 
     def _drop_session(self, session_id: int, reason: str, keep_routes: bool = False) -> None:
         ds = self.sessions.pop(session_id, None)
@@ -779,6 +913,7 @@ class Agent:
                 self._route_unref(c)
         ds.routes = []
         self._rebuild_route_table()
+        self._hub_dirty = self.hub is not None
 
     # ------------------------------------------------------------------ control edge
 
@@ -876,7 +1011,11 @@ class Agent:
                 c.out += data
                 self._control_write(c)
             self._control_gone(c, closed[0], closed[1], now, closed[2])
+            if self.hub is not None:
+                self._hub_sync(now)
             return
+        if self.hub is not None:
+            self._hub_sync(now)
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
         try:
             if self.sel.get_key(c.sock).events != want:
@@ -888,7 +1027,16 @@ class Agent:
         if isinstance(ev, controlevents.SessionEstablished):
             old = [sid for sid, ds in self.sessions.items()
                    if self.role == "client" or ds.peer.name == ev.peer.name]
-            ds = self._new_session(ev.session_id, ev.peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
+            peer = ev.peer
+            # (client) the other sites of the session this one replaces stay routed
+            # until the hub's first announcement (fail closed, no gap in the routes)
+            carry = [self.sessions[sid].peer.via for sid in old if self.role == "client"
+                     and self.sessions[sid].peer.name == peer.name and self.sessions[sid].peer.via]
+            if carry:
+                peer = dc_replace(peer, via=carry[0])
+            ds = self._new_session(ev.session_id, peer, ev.plan, ev.keys, c.conn, now, ev.cipher)
+            if carry:
+                ds.via_until = now + VIA_GRACE
             for sid in old:
                 if sid != ev.session_id:
                     self._drop_session(sid, "replaced by a new session")
@@ -902,11 +1050,15 @@ class Agent:
         elif isinstance(ev, controlevents.PeerUpdated):
             ds = self._session_of(c.conn)
             if ds is not None:
-                ds.peer = ev.peer
+                ds.peer, ds.via_until = ev.peer, None
                 self._apply_plan(ds, ev.plan, now)
-                self._set_routes(ds, list(ev.peer.lans))
-                log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
-                         len(ev.plan), ", ".join(ev.peer.lans))
+                self._set_routes(ds, self._routes_for(ds))
+                if ev.origin == "peer":
+                    self._hub_dirty = self.hub is not None
+                d = ev.diff
+                if ev.origin == "peer" or d.added or d.removed or d.changed:  # (not a hub's via)
+                    log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
+                             len(ev.plan), ", ".join(ev.peer.lans))
         elif isinstance(ev, controlevents.KeysRotated):
             ds = self._session_of(c.conn)
             if ds is not None:
@@ -1054,15 +1206,25 @@ class Agent:
             self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
             log.error(self.last_error)
             return
-        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
-        from dataclasses import replace as dc_replace
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
+                "hub_forward")
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
         if same_rest:
             old = self.cfg
+            old_sites = old.sites
             self.cfg = new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
+            if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
+                self.registry.reconfigure(self._control_config())
+                self._close_revoked_sites(old_sites, new.sites, now)
+            if self.hub is not None and (self.hub.enabled != new.base.hub_forward
+                                         or new.sites != old_sites):
+                self.hub.enabled = new.base.hub_forward  # the sites learn by UPDATE
+                self._rebuild_route_table()  # (which sites are kept apart)
+                self._hub_dirty = True
+                self._hub_sync(now)
             sc = self._session_config()
             for ds in self.sessions.values():
                 ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle
@@ -1074,9 +1236,6 @@ class Agent:
                 for ds in self.sessions.values():
                     self._install_scheduler(ds.sess, ds.peer)
                 log.info("policies changed: %d in effect", len(new.policies))
-            if new.sites != old.sites and self.registry is not None:
-                self.registry.reconfigure(self._control_config())
-                self._close_revoked_sites(old.sites, new.sites, now)
             lan = self._announce_lans(now)
             log.info("reloaded: live options applied%s, tunnel kept", ", LAN change announced" if lan else "")
             return
@@ -1100,8 +1259,11 @@ class Agent:
         claims: its live session no longer has what it authenticated with,
         so it ends ("revoked"); the site reconnects under the new rules (or,
         without a key, is refused).  Other sites keep their sessions."""
-        before = {s.name: s for s in old_sites}
-        after = {s.name: s for s in new_sites}
+        def proof(s):  # what a session authenticated with and may claim (not `forward`)
+            return (s.psk, s.vnc_ipaddr, s.lan_subnets)
+
+        before = {s.name: proof(s) for s in old_sites}
+        after = {s.name: proof(s) for s in new_sites}
         for c in list(self.controls):
             conn = c.conn
             if conn is None or conn.site is None or before.get(conn.site) == after.get(conn.site):
@@ -1230,7 +1392,7 @@ class Agent:
             last_error=self.last_error, tun=self.tun, routes=self._routes,
             sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
-            uplink_docs=statusdoc.uplinks(self.uplinks.values()))
+            uplink_docs=statusdoc.uplinks(self.uplinks.values()), hub=self.hub)
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""

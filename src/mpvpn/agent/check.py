@@ -57,6 +57,8 @@ def summary(config: Config) -> str:
         parts.append("server " + ", ".join(str(a) for a in b.server_address))
     elif b.listen_address:
         parts.append(f"listening on {b.listen_address}")
+    if b.role == "server":
+        parts.append("site-to-site forwarding " + ("on" if b.hub_forward else "off"))
     ups = []
     for u in config.uplinks:
         where = str(u.bind_ip) if u.bind_ip is not None else f"interface {u.interface}"

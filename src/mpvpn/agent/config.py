@@ -140,6 +140,14 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Carriers without a same-type partner on the peer stay idle (the seed's rule); `1` "
             "pairs the leftovers across carriers. Either side may turn it on.",
         ),
+        "hub_forward": Option(
+            "bool", "0",
+            "Server only: forward between client sites (site-to-site through this hub). `1`: "
+            "every site is told the vNIC address and LANs of every other site and routes them "
+            "into its tunnel; the hub passes packets between the sites' sessions itself. `0`: "
+            "sites reach only this hub's LAN, and packets a site sends towards another site "
+            "are dropped and counted.",
+        ),
         "private_key": Option(
             "key32", None,
             "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
@@ -287,6 +295,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "The LAN subnets this site may announce: each of its LANs must lie inside one "
             "of them, or the hub refuses it. Unset: any LAN that collides with no other site's.",
         ),
+        "forward": Option(
+            "bool", "1",
+            "With the hub's `base.hub_forward 1`: `0` keeps this site out of site-to-site "
+            "forwarding: it is not told about the other sites, they are not told about it, and "
+            "nothing passes between it and them (it still reaches the hub's LAN).",
+        ),
         "enabled": Option("bool", "1", "`0` refuses this site's key."),
     },
     "policy": {
@@ -406,6 +420,7 @@ class Base:
     rekey_packets: int = 1 << 26
     reorder_capacity: int = 4096
     pair_unmatched: bool = False
+    hub_forward: bool = False
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
@@ -483,6 +498,7 @@ class SiteKey:
     psk: bytes = field(repr=False)
     vnc_ipaddr: str | None = None  # the vNIC address it must use
     lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
+    forward: bool = True  # takes part in site-to-site forwarding (base.hub_forward)
 
 
 @dataclass(frozen=True)
@@ -780,6 +796,9 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     if not sec.has("psk") and role != "server":
         chk.err(sec.path("psk"), MISSING_PSK)
     b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
+    b["hub_forward"] = sec.parsed("hub_forward", _parse_bool, False)
+    if b["hub_forward"] and role == "client":
+        chk.warn(sec.path("hub_forward"), "is a server option; a client ignores it")
 
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
     for name in ("private_key", "peer_public_key"):
@@ -1195,7 +1214,7 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
         if sec.has("lan_subnet"):
             lans = [str(net) for net in _lan_subnets(chk, sec)]
             lans = tuple(lans)
-        out.append(SiteKey(sec.ref, psk, vip, lans))
+        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True)))
     if len(out) > MAX_SITES:
         chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
     if out and b and b.get("private_key"):
@@ -1267,6 +1286,11 @@ def validate(
 
     # cross-checks
     extra = b["lan_subnet"] if b else []
+    if vnc is not None and b and b.get("hub_forward") and b["role"] == "server" \
+            and vnc.network.num_addresses - 2 < 3:
+        chk.warn("orayboxvpn.base.hub_forward", f"the vNIC subnet {vnc.network} has room for one "
+                 "client site only: forwarding between sites needs a larger one (e.g. netmask "
+                 "255.255.255.0 on every site)")
     if vnc is not None:
         vnet = vnc.network
         for net in lan_subnets:
@@ -1326,6 +1350,7 @@ def validate(
         rekey_interval=b["rekey_interval"],
         rekey_packets=b["rekey_packets"],
         pair_unmatched=b["pair_unmatched"],
+        hub_forward=b["hub_forward"] and b["role"] == "server",
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],

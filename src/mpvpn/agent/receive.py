@@ -10,8 +10,11 @@ into the tun vNIC, in processing order (as wireguard-go's
                                      (``wrong_uplink``)
       -> Session.receive_many()      a GRO batch of one session and member at once (C loops),
          Session.receive_datagram()  otherwise one by one: open, replay window, reorder
-      -> deliver()                   released packets to tun.write_packets in batches of
-                                     DELIVER_BATCH (consecutive TCP segments: one super-segment)
+      -> deliver(packets, session)   released packets, per session they came from, to the
+                                     agent: the tun (tun.write_packets, in batches of up to
+                                     DELIVER_BATCH: consecutive TCP segments make one
+                                     super-segment) or, on a hub, another site's session
+                                     (mpvpn.core.hubforward decides by destination)
       -> (agent) registry.touch, send.flush  the ACKs / NACKs the sessions answered with
 
 Everything here trusts nothing in a datagram before :class:`mpvpn.core.smpu.Session`
@@ -51,9 +54,11 @@ def session_id_of(datagram) -> int:
 def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
     each datagram to its session (``sessions``: id -> DataSession), released
-    packets to ``deliver(list)``.  Returns the sessions that took datagrams."""
+    packets to ``deliver(list, session they came from)``.  Returns the
+    sessions that took datagrams."""
     touched = set()
     out = []  # written in batches: consecutive TCP segments go as one super-segment
+    out_ds = None  # the session the packets in ``out`` came from
     recv = up.batch.recv
     # the session lookup of the previous datagram (same key: same result)
     last_key = cur = member = None
@@ -78,9 +83,13 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
                         cur, member, last_key = ds, first[MEMBER], key
                         touched.add(ds)
                 if key == last_key and len(datagrams[0]) >= MIN_DATAGRAM:
+                    if cur is not out_ds and out:
+                        deliver(out, out_ds)
+                        out = []
+                    out_ds = cur
                     out += cur.sess.receive_many(datagrams, member, now, source=addr)
                     if len(out) >= DELIVER_BATCH:
-                        deliver(out)
+                        deliver(out, out_ds)
                         out = []
                     continue
         for data in datagrams:
@@ -98,10 +107,14 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
                     continue
                 cur, member, last_key = ds, data[MEMBER], key
                 touched.add(ds)
+            if cur is not out_ds and out:
+                deliver(out, out_ds)
+                out = []
+            out_ds = cur
             out += cur.sess.receive_datagram(data, member, now, source=addr)
         if len(out) >= DELIVER_BATCH:
-            deliver(out)
+            deliver(out, out_ds)
             out = []
     if out:
-        deliver(out)
+        deliver(out, out_ds)
     return touched

@@ -23,10 +23,11 @@ def peer_json(p) -> dict:
             "vnc": {"ip": p.vnc.ip, "netmask": p.vnc.netmask}, "lans": list(p.lans)}
 
 
-def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, dict]:
+def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[list, list, dict]:
     """(``sessions``, ``links``, summed session ``counters``) of the document
     for the agent's DataSessions; ``duplicate``: base.mode is duplicate
-    (every established subflow carries every packet: weight 1)."""
+    (every established subflow carries every packet: weight 1); ``hub``: a
+    server's mpvpn.core.hubforward.HubForward (per-site ``forwarded``)."""
     out, links = [], []
     totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
     for ds in sessions:
@@ -51,6 +52,11 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
             "site": ds.conn.site if ds.conn is not None else None,  # hub: the `config site` key it used
             "links": st["links"], "counters": st["counters"],
             "scheduler": st.get("scheduler"),
+            # hub: what it passed between this site and the others (null on a client)
+            "forwarded": hub.site(ds) if hub is not None else None,
+            # client of a forwarding hub: the other sites reached through it
+            "via": [dict(v.to_json(), path="hub") for v in ds.via],
+            "via_refused": [{"name": n, "why": why} for n, why in ds.via_refused],
         })
     return out, links, totals
 
@@ -119,11 +125,11 @@ def uplinks(ups) -> list:
 
 def document(*, version: str, now: float, started: float, state: str, state_since: float,
              role: str, cfg, name: str, last_error, tun, routes, sessions, agent_counters: dict,
-             control: dict, dataplane: dict, link_test, uplink_docs: list) -> dict:
+             control: dict, dataplane: dict, link_test, uplink_docs: list, hub=None) -> dict:
     """The whole document.  ``cfg``: the agent's mpvpn.agent.config.Config;
     ``sessions``: its DataSessions; ``control``: :func:`server_control` or
     :func:`client_control`; ``routes``: the CIDRs routed into the vNIC."""
-    entries, links, totals = session_entries(sessions, now, cfg.base.mode == "duplicate")
+    entries, links, totals = session_entries(sessions, now, cfg.base.mode == "duplicate", hub)
     for k, v in agent_counters.items():
         totals[k] = totals.get(k, 0) + v
     first = entries[0] if entries else None
@@ -143,6 +149,7 @@ def document(*, version: str, now: float, started: float, state: str, state_sinc
         "vnc": {"ifname": tun.name if tun else v.ifname, "address": str(v.ipaddr),
                 "netmask": str(v.netmask), "mtu": v.mtu},
         "routes": sorted(routes),
+        "hub_forward": hub.enabled if hub is not None else None,
         "dataplane": dataplane,
         "control": control,
         "link_test": link_test,

@@ -415,6 +415,8 @@ class _Connection:
             peer = replace(peer, uplinks=m["uplinks"])
         if "lans" in m:
             peer = replace(peer, lans=m["lans"])
+        if "via" in m:  # (a hub's UPDATE only: the schema has it in no other message)
+            peer = replace(peer, via=m["via"])
         check_peer(self.local, peer, self.config.allow_peer_default_route)
         return peer
 
@@ -845,14 +847,17 @@ class ServerConnection(_Connection):
         self._session: ServerSession | None = None
         self._peer_seq = 0
         self._keys_for_session = None
+        # the other sites we last told this client we forward to (None: nothing told yet)
+        self.via_sent: tuple | None = None
 
     def _count(self, reason: str) -> None:
         self.counters[reason] += 1
         if self.registry is not None:
             self.registry.count(reason)
 
-    def send_update(self, now: float, uplinks=None, lans=None) -> None:
-        """Our uplinks and/or LANs changed: re-plan and tell the client.
+    def send_update(self, now: float, uplinks=None, lans=None, via=None) -> None:
+        """Our uplinks and/or LANs changed, or (hub, ``via``: ViaSites) the
+        other sites we forward to for this client: re-plan and tell the client.
         Raises ValueError if the new local info is invalid or clashes with
         the client's."""
         self._now = now
@@ -870,6 +875,9 @@ class ServerConnection(_Connection):
             msg["uplinks"] = [u.to_json() for u in new.uplinks]
         if lans is not None:
             msg["lans"] = list(new.lans)
+        if via is not None:
+            msg["via"] = [v.to_json() for v in via]
+            self.via_sent = tuple(via)
         self._send(msg)
         self._emit(PeerUpdated(self.peer, list(new_plan), d, "local"))
 

@@ -45,6 +45,7 @@ POSTAUTH_MAX_FRAME = MAX_MESSAGE + noise.TAG_LEN
 
 MAX_UPLINKS = 16
 MAX_LANS = 32
+MAX_VIA = 255  # other sites a hub announces to one site (base.hub_forward)
 MAX_VERSIONS = 16
 MAX_TEXT = 256
 MAX_PLAN = 255
@@ -97,10 +98,32 @@ class PeerInfo:
     # server chose for the session (WELCOME); peers without them mean ChaCha20
     ciphers: tuple = (seal.CHACHA,)
     cipher: str | None = None
+    # hub only (base.hub_forward): the other sites it forwards to (ViaSite,
+    # from its UPDATE's ``via``); what a site may use of them: peercheck.usable_via
+    via: tuple = ()
 
     @property
     def networks(self):
         return [ipaddress.ip_network(x) for x in self.lans]
+
+
+@dataclass(frozen=True)
+class ViaSite:
+    """Another site a hub forwards to (``via`` in the hub's UPDATE): its name,
+    vNIC address and LANs."""
+
+    name: str
+    vnc: str  # plain address
+    lans: tuple = ()  # normalized CIDR strings
+
+    @property
+    def routes(self) -> list:
+        """What a site routes to the hub for it: its LANs and its vNIC address."""
+        host = 32 if ":" not in self.vnc else 128
+        return [*self.lans, f"{self.vnc}/{host}"]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "vnc": self.vnc, "lans": list(self.lans)}
 
 
 
@@ -308,6 +331,19 @@ def _parse_lans(v, what: str) -> tuple:
     return tuple(out)
 
 
+def _parse_via(v, what: str) -> tuple:
+    items = _list(v, what, MAX_VIA)
+    out = []
+    for i, x in enumerate(items):
+        d = _obj(x, f"{what}[{i}]", {"name", "vnc", "lans"})
+        name = _match(d["name"], f"{what}[{i}].name", NODE_RE, "a site name [A-Za-z0-9_.-]{1,64}")
+        vnc = _ip(d["vnc"], f"{what}[{i}].vnc")
+        out.append(ViaSite(name, str(vnc), _parse_lans(d["lans"], f"{what}[{i}].lans")))
+    if len({s.name for s in out}) != len(out) or len({s.vnc for s in out}) != len(out):
+        raise Bad("invalid", f"{what}: site names and vNIC addresses must be unique")
+    return tuple(out)
+
+
 def _parse_options(v, what: str) -> dict:
     d = _obj(v, what, set(), {"pair_unmatched", "ciphers", "cipher"})
     out = {"pair_unmatched": _bool(d.get("pair_unmatched", False), f"{what}.pair_unmatched"),
@@ -416,7 +452,7 @@ def parse_message(data, from_client: bool) -> dict:
             if "uplinks" not in d and "lans" not in d:
                 raise Bad("invalid", "UPDATE: nothing to update")
         else:
-            d = _obj(obj, t, {"type", "ack", "plan"}, {"uplinks", "lans"})
+            d = _obj(obj, t, {"type", "ack", "plan"}, {"uplinks", "lans", "via"})
     else:
         d = _obj(obj, t, _SCHEMA_REQ[t] | {"type"}, _SCHEMA_OPT.get(t, set()))
     m = {"type": t}
@@ -442,6 +478,8 @@ def parse_message(data, from_client: bool) -> dict:
             m["uplinks"] = _parse_uplinks(d["uplinks"], "UPDATE.uplinks")
         if "lans" in d:
             m["lans"] = _parse_lans(d["lans"], "UPDATE.lans")
+        if "via" in d:
+            m["via"] = _parse_via(d["via"], "UPDATE.via")
     elif t in ("KEEPALIVE", "KEEPALIVE_ACK"):
         m["n"] = _int(d["n"], f"{t}.n", 0, 2**53)
     elif t == "BYE":

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from mpvpn.core.controlmsg import Bad, PeerInfo, Vnc, parse_info
 
-__all__ = ["check_peer", "peer_problem", "build_local_info", "overlap"]
+__all__ = ["check_peer", "peer_problem", "build_local_info", "overlap", "usable_via"]
 
 def overlap(a, b) -> bool:
     return a.version == b.version and a.overlaps(b)
@@ -75,6 +75,52 @@ def check_peer(local: PeerInfo, peer: PeerInfo, allow_default_route: bool = Fals
             if a.version == n.version and a in n:
                 raise Bad("overlap", f"peer LAN {n} contains uplink address {a} (the tunnel "
                                       "would route its own packets into itself)")
+
+
+def usable_via(local: PeerInfo, hub: PeerInfo) -> tuple[tuple, list]:
+    """The sites a hub forwards to (``hub.via``) that we can route to it:
+    ``(kept ViaSites, [(name, reason), ...] left out)``.  A site is left out
+    (never the connection closed: the other sites stay usable) when its vNIC
+    address is not in our vNIC subnet or is ours or the hub's, or a LAN of
+    it is a default route, overlaps our LANs, the hub's, the vNIC subnet, a
+    site kept before it, or contains an uplink address (ours or the hub's)."""
+    vnet, mine = local.vnc.interface.network, local.vnc.interface.ip
+    taken = [n for n in (*local.networks, *hub.networks) if n.prefixlen]
+    hosts = {mine, hub.vnc.interface.ip}
+    uplink_addrs = [ipaddress.ip_address(u.addr) for u in (*local.uplinks, *hub.uplinks)]
+    kept, refused = [], []
+    for site in hub.via:
+        ip = ipaddress.ip_address(site.vnc)
+        why = None
+        if ip.version != vnet.version or ip not in vnet:
+            why = f"vNIC address {ip} is not in our vNIC subnet {vnet}"
+        elif ip in hosts:
+            why = f"vNIC address {ip} is ours, the hub's or another site's"
+        nets = [ipaddress.ip_network(x) for x in site.lans]
+        for n in nets:
+            if why:
+                break
+            if not n.prefixlen:
+                why = f"LAN {n} is a default route"
+            elif overlap(n, vnet):
+                why = f"LAN {n} overlaps the vNIC subnet {vnet}"
+            elif any(overlap(n, o) for o in taken):
+                why = f"LAN {n} overlaps our LANs, the hub's or another site's"
+            elif any(a.version == n.version and a in n for a in uplink_addrs):
+                why = f"LAN {n} contains an uplink address"
+        if why is None and _check_list_overlap(nets):
+            why = "its LANs overlap each other"
+        if why:
+            refused.append((site.name, why))
+            continue
+        kept.append(site)
+        taken += nets
+        hosts.add(ip)
+    return tuple(kept), refused
+
+
+def _check_list_overlap(nets) -> bool:
+    return any(overlap(a, b) for i, a in enumerate(nets) for b in nets[i + 1:])
 
 
 def peer_problem(local: PeerInfo, peer: PeerInfo, allow_default_route: bool = False):

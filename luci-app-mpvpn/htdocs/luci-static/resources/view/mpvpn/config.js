@@ -228,6 +228,11 @@ return view.extend({
 			_('Carriers without a same-type partner on the other site stay idle unless this is on; then the leftovers are paired across carriers.'));
 		o.default = '0';
 
+		o = s.taboption('general', form.Flag, 'hub_forward', _('Site-to-site through this hub'),
+			_('Server with several client sites: tell every site the addresses and LANs of the others and forward between them. Off: each site reaches only this router\'s LAN.'));
+		o.default = '0';
+		o.depends('role', 'server');
+
 		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
 			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));
 		o.password = true;
@@ -468,6 +473,11 @@ return view.extend({
 			_('The LAN subnets this site may announce: each of its LANs must lie inside one of them. Empty: any LAN that collides with no other site\'s.'));
 		o.datatype = 'cidr';
 		o.placeholder = '192.168.30.0/24';
+		o.modalonly = true;
+
+		o = s.option(form.Flag, 'forward', _('Site-to-site'),
+			_('With site-to-site through this hub on: off keeps this site apart. It is not told about the other sites, they are not told about it, and nothing passes between them; it still reaches this router\'s LAN.'));
+		o.default = '1';
 		o.modalonly = true;
 
 		/* --- config policy (per-host link policies, seed 004) ------------------- */

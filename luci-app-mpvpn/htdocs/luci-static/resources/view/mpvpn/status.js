@@ -373,6 +373,41 @@ function small(children) {
 	return E('small', { 'style': 'opacity:.75' }, children);
 }
 
+/* one line per site session of a hub: name, state, vNIC, LANs, subflows up,
+   traffic and what the hub forwarded between it and the other sites */
+function siteList(sessions) {
+	return E('div', { 'id': 'mpvpn-sites' }, sessions.map(function(s) {
+		var peer = isObj(s.peer) ? s.peer : {},
+		    vnc = isObj(peer.vnc) ? peer.vnc : {},
+		    lans = Array.isArray(peer.lans) ? peer.lans.filter(function(l) { return l != null; }).map(String) : [],
+		    links = Array.isArray(s.links) ? s.links.filter(isObj) : [],
+		    up = links.filter(function(l) { return l.state == 'established'; }).length,
+		    tx = 0, rx = 0,
+		    line = [ E('strong', [ text(s.name) ]), ' (' + sessionState(s.state)[0] + ')' ];
+
+		links.forEach(function(l) {
+			if (isNum(l.tx_bytes)) tx += l.tx_bytes;
+			if (isNum(l.rx_bytes)) rx += l.rx_bytes;
+		});
+		if (vnc.ip != null)
+			line.push(' ', String(vnc.ip));
+		if (lans.length)
+			line.push(' — ', lans.join(', '));
+		line.push(' ', small([ _('%d of %d subflows up').format(up, links.length), ', ',
+			_('sent %s, received %s').format(fmtBytes(tx), fmtBytes(rx)) ]));
+		if (isObj(s.forwarded)) {
+			var f = s.forwarded,
+			    fw = [ _('forwarded to other sites %s, from them %s').format(fmtBytes(f.from_bytes), fmtBytes(f.to_bytes)) ];
+			if (isNum(f.refused) && f.refused > 0)
+				fw.push(', ', _('%s refused (forwarding off)').format(fmtCount(f.refused)));
+			if (isNum(f.spoofed) && f.spoofed > 0)
+				fw.push(', ', E('span', { 'style': 'color:' + RED }, [ _('%s with a foreign source dropped').format(fmtCount(f.spoofed)) ]));
+			line.push(E('br'), small([ E('span', { 'class': 'mpvpn-forwarded' }, fw) ]));
+		}
+		return E('div', { 'class': 'mpvpn-site' }, line);
+	}));
+}
+
 return view.extend({
 	load: function() {
 		return callStatus().then(function(st) {
@@ -788,10 +823,31 @@ return view.extend({
 				return E('div', line);
 			})) ]);
 
-		if (Array.isArray(st.sessions) && st.sessions.length > 1)
-			rows.push([ _('Connected sites'), st.sessions.filter(isObj).map(function(s) {
-				return text(s.name) + ' (' + sessionState(s.state)[0] + ')';
-			}).join(', ') ]);
+		var sessions = Array.isArray(st.sessions) ? st.sessions.filter(isObj) : [];
+		if (sessions.length > 1 || sessions.some(function(s) { return isObj(s.forwarded); }))
+			rows.push([ _('Connected sites'), siteList(sessions) ]);
+
+		/* a client of a hub that forwards between sites (docs/status.md sessions[].via) */
+		var via = [], refused = [];
+		sessions.forEach(function(s) {
+			if (Array.isArray(s.via))
+				via = via.concat(s.via.filter(isObj));
+			if (Array.isArray(s.via_refused))
+				refused = refused.concat(s.via_refused.filter(isObj));
+		});
+		if (via.length || refused.length)
+			rows.push([ _('Other sites'), E('div', { 'id': 'mpvpn-via' }, via.map(function(v) {
+				var lans = Array.isArray(v.lans) ? v.lans.filter(function(l) { return l != null; }).map(String) : [];
+				return E('div', { 'class': 'mpvpn-via-site' }, [
+					E('strong', [ text(v.name) ]), ' ', text(v.vnc),
+					lans.length ? ' — ' + lans.join(', ') : '',
+					' ', small([ (v.path == 'hub') ? _('through the hub') : text(v.path) ])
+				]);
+			}).concat(refused.map(function(r) {
+				return E('div', { 'class': 'mpvpn-via-refused', 'style': 'color:' + ORANGE }, [
+					E('strong', [ text(r.name) ]), ' ', _('offered by the hub but not routed here: %s').format(text(r.why))
+				]);
+			}))) ]);
 
 		var up = [ fmtDuration(st.uptime) ];
 		if (isNum(st.since))

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Hub benchmark in the namespace lab (issue 16): TCP goodput between two
+client sites through a hub with ``base.hub_forward`` (the hub opens each
+packet with one site's keys and seals it with the other's, in-process),
+next to a direct pair measured in the same run (a site and the hub's LAN:
+one session, one hop), with added latency, CPU seconds per GB of every agent
+on the path and the hub's memory.
+
+    python bench/hub.py [--seconds S] [--sites N] [--carriers C] [--json FILE]   (root; needs iperf3)
+    python bench/hub.py --idle 1,10,20 [--seconds S]    (the hub's cost per connected idle site)
+
+The hub serves ``--sites`` client sites (A plus add_site routers c, d, ...);
+the load runs between A and C, the others are connected and idle.  With
+``--idle``, for each number of sites: the hub's RSS and CPU share over
+``--seconds`` with every site connected and idle (keepalives only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import agent as agentbench  # noqa: E402  (bench/agent.py: iperf, ping, CPU and RSS helpers)
+from hublab import HubLab  # noqa: E402
+from netlab import Lab  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--sites", type=int, default=3, help="client sites on the hub (2..25; default 3)")
+    ap.add_argument("--carriers", type=int, default=2, help="carriers per site (default 2)")
+    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--idle", metavar="N,N,...", help="measure the idle cost at these numbers of sites")
+    args = ap.parse_args(argv)
+    if args.idle:
+        return idle(args)
+    if os.geteuid() != 0 or not shutil.which("iperf3"):
+        print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return 2
+    if not 2 <= args.sites <= 25:
+        ap.error("--sites must be 2..25")
+    letters = "".join(chr(ord("c") + k) for k in range(args.sites - 1))
+    rows = []
+    with Lab(args.carriers) as lab, HubLab(lab, letters, forward=True) as h:
+        h.start()
+        a, c = h.sites["a"], h.sites["c"]
+        a.agent.wait(lambda st: c.lan in st["routes"], 30, "A routes C's LAN")
+        hub_pid = h.hub.proc.pid
+        idle_rss = agentbench.rss_mib(hub_pid)
+        rows.append(agentbench.measure(lab, "direct pair: A -> hub LAN (1 session)",
+                                       [a.agent.proc.pid, hub_pid], a.host_ns, lab.hb, "192.168.20.2",
+                                       args.seconds))
+        rows.append(agentbench.measure(lab, "through the hub: A -> C LAN (2 sessions)",
+                                       [a.agent.proc.pid, hub_pid, c.agent.proc.pid], a.host_ns,
+                                       c.host_ns, c.host_ip, args.seconds))
+        st = h.hub.status()
+        fwd = {se["name"]: se["forwarded"] for se in st["sessions"]}
+        rows[-1]["hub_forwarded_packets"] = st["counters"]["hub_forwarded"]
+        rows[-1]["hub_spoofed"] = st["counters"]["hub_spoofed"]
+        for row in rows:
+            row["hub_rss_mib"] = agentbench.rss_mib(hub_pid)
+        # the same, with forwarded packets sent through the hub's kernel (tun ->
+        # routing -> tun: MPVPN_HUB_PATH=kernel), for comparison
+        h.hub.stop()
+        h.hub.start({"MPVPN_HUB_PATH": "kernel"})
+        h.wait_connected()
+        a.agent.wait(lambda st: c.lan in st["routes"], 30, "A routes C's LAN again")
+        hub_pid = h.hub.proc.pid
+        rows.append(agentbench.measure(lab, "through the hub's kernel: A -> C LAN",
+                                       [a.agent.proc.pid, hub_pid, c.agent.proc.pid], a.host_ns,
+                                       c.host_ns, c.host_ip, args.seconds))
+        rows[-1]["hub_rss_mib"] = agentbench.rss_mib(hub_pid)
+    direct, via = rows[0]["goodput_mbit"], rows[1]["goodput_mbit"]
+    doc = {"sites": args.sites, "carriers": args.carriers, "seconds": args.seconds,
+           "hub_rss_idle_mib": idle_rss, "rows": rows, "via_hub_over_direct": via / direct if direct else None,
+           "forwarded_per_site": fwd, "in_process_over_kernel": via / rows[2]["goodput_mbit"]}
+    print(f"hub with {args.sites} client sites, {args.carriers} carriers each, duplicate mode, AEAD; "
+          f"hub RSS {idle_rss:.1f} MiB connected and idle")
+    print(f"{'path':44} {'Mbit/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU s/GB':>9} {'hub RSS':>8}")
+    for r in rows:
+        print(f"{r['path']:44} {r['goodput_mbit']:8.1f} {r['rtt_p50_ms']:7.2f} {r['rtt_p99_ms']:7.2f} "
+              f"{r['cpu_s_per_gb']:9.1f} {r['hub_rss_mib']:7.1f}M")
+    print(f"through the hub / direct pair: {doc['via_hub_over_direct']:.2f}; "
+          f"in-process / through the hub's kernel: {via / rows[2]['goodput_mbit']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+    return 0
+
+
+def idle(args) -> int:
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    rows = []
+    for n in (int(x) for x in args.idle.split(",")):
+        if not 1 <= n <= 25:
+            print("--idle: 1..25 sites", file=sys.stderr)
+            return 2
+        letters = "".join(chr(ord("c") + k) for k in range(n - 1))
+        with Lab(args.carriers) as lab, HubLab(lab, letters, forward=True) as h:
+            h.start()
+            pid = h.hub.proc.pid
+            time.sleep(2.0)  # the announcements settle
+            c0, t0 = agentbench.cpu_seconds(pid), time.monotonic()
+            time.sleep(args.seconds)
+            cpu = (agentbench.cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+            rows.append({"sites": n, "hub_rss_mib": agentbench.rss_mib(pid), "hub_cpu_pct": 100 * cpu,
+                         "subflows": n * args.carriers})
+    print(f"hub, idle sites ({args.carriers} carriers each, keepalive_idle 0.75 s), {args.seconds:g} s each")
+    print(f"{'sites':>5} {'subflows':>8} {'hub RSS MiB':>11} {'hub CPU %':>9}")
+    for r in rows:
+        print(f"{r['sites']:5d} {r['subflows']:8d} {r['hub_rss_mib']:11.1f} {r['hub_cpu_pct']:9.2f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        per = (b["hub_rss_mib"] - a["hub_rss_mib"]) / (b["sites"] - a["sites"])
+        cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
+        print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
+    doc = {"idle": rows, "carriers": args.carriers, "seconds": args.seconds}
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
