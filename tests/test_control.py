@@ -1319,3 +1319,24 @@ def test_the_transition_table_decides_which_messages_a_state_takes(role, state):
             assert dst.closed and TRANSITIONS[role][state][Ev(t)] is State.CLOSED
         elif t in ("KEEPALIVE", "KEEPALIVE_ACK"):
             assert dst.state is TRANSITIONS[role][state][Ev(t)]
+
+
+def test_session_ids_never_take_the_stun_magic_cookie():
+    """SMPU's session id sits where STUN has its magic cookie (bytes 4..7)
+    and STUN shares the uplink sockets (docs/nat.md): a generator that draws
+    the cookie (then 0, then an id in use) must skip them all."""
+    from mpvpn.core.controlconn import STUN_MAGIC_COOKIE, random_session_id
+    from mpvpn.core.stun import MAGIC_COOKIE
+
+    assert STUN_MAGIC_COOKIE == MAGIC_COOKIE
+
+    class Draws:
+        def __init__(self, values):
+            self.values = list(values)
+
+        def getrandbits(self, n):
+            assert n == 32
+            return self.values.pop(0)
+
+    assert random_session_id(Draws([MAGIC_COOKIE, 0, 7, 8]), {7}) == 8
+    assert random_session_id(Draws([MAGIC_COOKIE, MAGIC_COOKIE, 5]), ()) == 5
