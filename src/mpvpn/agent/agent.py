@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
-from mpvpn.agent import memtrace, receive, send, statusdoc
+from mpvpn.agent import memtrace, receive, send, statusdoc, uplinknat
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, linktest, mss, pairing
 from mpvpn.core.admission import HandshakeStamps
@@ -76,6 +76,7 @@ class UplinkIO:
     rx_datagrams: int = 0
     resolved: str | None = None  # address of an uplink given by OpenWrt interface
     device: str | None = None  # Linux device for SO_BINDTODEVICE, where known
+    nat: uplinknat.UplinkNat | None = None  # STUN on this socket (base.stun set)
 
     @property
     def name(self) -> str:
@@ -113,6 +114,7 @@ class DataSession:
     routes: list = field(default_factory=list)  # CIDR strings routed into the tun
     conn: object = None  # control connection (ClientConnection / ServerConnection)
     started: float = 0.0
+    punch: dict = field(default_factory=dict)  # member -> candidates.Punch (NAT traversal)
 
     @property
     def session_id(self) -> int:
@@ -211,9 +213,10 @@ class Agent:
 
     def _session_config(self) -> SessionConfig:
         b = self.cfg.base
+        idle = min(b.keepalive_idle, b.nat_keepalive)  # NAT mappings stay open (docs/nat.md)
         return SessionConfig(
-            subflow=SubflowConfig(keepalive_idle=b.keepalive_idle,
-                                  keepalive_active=min(b.keepalive_active, b.keepalive_idle),
+            subflow=SubflowConfig(keepalive_idle=idle,
+                                  keepalive_active=min(b.keepalive_active, idle),
                                   dead_after=b.dead_after),
             reorder_capacity=b.reorder_capacity,
             hold_max=b.hold_max_ms / 1000.0,
@@ -225,7 +228,8 @@ class Agent:
 
     def _control_config(self) -> controlconn.ControlConfig:
         c = self.cfg
-        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port)
+        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port,
+                              up.nat.candidates() if up.nat is not None else ())
                for up in self.uplinks.values() if up.state == "up"]
         return controlconn.ControlConfig(
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
@@ -347,6 +351,9 @@ class Agent:
         up.batch = batch
         self.sel.register(up.sock, selectors.EVENT_READ, lambda m, u=up: self._on_udp(u))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
+        if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
+            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
+            self._nat_send(up)
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
@@ -450,14 +457,22 @@ class Agent:
         for up in self.uplinks.values():
             if up.state != "up":
                 ts.append(up.retry_at)
+            elif up.nat is not None:
+                ts.append(up.nat.next_deadline())
+        for ds in self.sessions.values():
+            if ds.punch:
+                ts.append(uplinknat.punch_deadline(ds))
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None
 
     def _run_timers(self, now: float) -> None:
+        self._nat_timers(now)
         for ds in list(self.sessions.values()):
             t = ds.sess.get_timer()
             if t is not None and t <= now:
                 self._deliver(ds.sess.handle_timer(now))
+            if ds.punch:
+                uplinknat.punch_timers(ds, now)
             self._session_events(ds)
             self._flush_session(ds)
         for c in list(self.controls):
@@ -516,6 +531,52 @@ class Agent:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
 
+    # ------------------------------------------------------------------ NAT traversal
+
+    def _nat_send(self, up: UplinkIO) -> None:
+        """Send what the uplink's STUN client wants to, from the uplink's socket."""
+        for data, dest in up.nat.take_outgoing():
+            try:
+                up.sock.sendto(data, sockaddr(*dest))
+            except OSError as e:
+                up.tx_errors += 1
+                log.debug("uplink %s: STUN to %s: %s", up.name, dest, e)
+
+    def _nat_timers(self, now: float) -> None:
+        """STUN timers of every uplink; a new public mapping goes to the peers
+        as candidates (UPDATE) and into the punch plans."""
+        changed = False
+        for up in self.uplinks.values():
+            nat = up.nat
+            if nat is None:
+                continue
+            t = nat.next_deadline()
+            if t is not None and t <= now:
+                nat.on_timer(now)
+            self._nat_send(up)
+            changed = nat.mapping_changed() or changed
+        if changed:
+            self._uplinks_changed(now)
+            for ds in self.sessions.values():
+                self._update_punch(ds, now)
+
+    def _update_punch(self, ds: DataSession, now: float) -> None:
+        sc = ds.sess.config.subflow
+
+        def nat_of(member):
+            up = ds.uplink_of.get(member)
+            return up.nat if up is not None else None
+
+        uplinknat.update_punch(ds, nat_of, sockaddr, now, sc.connect_backoff,
+                               max(sc.connect_backoff, sc.connect_backoff_max or sc.keepalive_idle))
+
+    def _nat_recheck(self, now: float) -> None:
+        """SIGHUP / hotplug: every uplink asks its STUN servers again."""
+        for up in self.uplinks.values():
+            if up.nat is not None:
+                up.nat.recheck(now)
+                self._nat_send(up)
+
     def _deliver(self, packets) -> None:
         try:
             failed = self.tun.write_packets(packets)
@@ -526,6 +587,19 @@ class Agent:
             failed = len(packets)
         if failed:
             self.counters["tun_write_errors"] += failed
+
+    def _punch_again(self, ds: DataSession, member: int) -> None:
+        """A punched subflow went down: maybe our NAT mapping changed (NAT
+        reboot, new CGNAT port).  Punch again from the fast pace and ask STUN
+        again; a new mapping goes to the peer as an UPDATE."""
+        p = ds.punch.get(member)
+        if p is None or not p.active:
+            return
+        now = self.clock()
+        p.restart(now)
+        up = ds.uplink_of.get(member)
+        if up is not None and up.nat is not None and up.nat.recheck(now, force=False):
+            self._nat_send(up)
 
     def _flush_session(self, ds: DataSession) -> None:
         send.flush(ds, self.counters)
@@ -539,9 +613,11 @@ class Agent:
                 carrier = spec.type if spec else "?"
                 up = isinstance(ev, SubflowUp)
                 if up:
-                    log.info("%s: subflow %d (%s) up", peer, ev.member, carrier)
+                    log.info("%s: subflow %d (%s) up, %s", peer, ev.member, carrier,
+                             uplinknat.link_path(ds, ev.member))
                 else:
                     log.warning("%s: subflow %d (%s) down: %s", peer, ev.member, carrier, ev.reason)
+                    self._punch_again(ds, ev.member)
                 self._event("orayboxvpn.link", {"peer": peer, "session_id": ds.session_id,
                                                 "member": ev.member, "type": carrier,
                                                 "state": "up" if up else "down",
@@ -616,6 +692,7 @@ class Agent:
             up = ds.uplink_of[member]
             if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
                 sub.meter.bw0 = up.cfg.upload_kbit * 125.0
+        self._update_punch(ds, now)
         self._flush_session(ds)
 
     def _set_routes(self, ds: DataSession, cidrs: list) -> None:
@@ -911,6 +988,7 @@ class Agent:
                     pass
                 up.sock.close()
                 up.sock = up.batch = None
+                up.nat = None
             log.info("uplink %s (interface %s): address %s -> %s", up.name, up.cfg.interface,
                      before or "none", after or "none")
             up.state = "waiting"
@@ -927,13 +1005,15 @@ class Agent:
         Uplinks given by OpenWrt interface are looked up again either way."""
         now = self.clock()
         self.refresh_uplinks(now)
+        self._nat_recheck(now)
         new, problems = cfgmod.load_config(self.uci_dir)
         errors = [p for p in problems if p.severity == cfgmod.ERROR]
         if new is None or errors:
             self.last_error = "reload refused, config has errors: " + "; ".join(str(p) for p in errors[:3])
             log.error(self.last_error)
             return
-        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp")
+        live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
+                "nat_keepalive")
         from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)

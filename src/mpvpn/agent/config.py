@@ -46,6 +46,8 @@ __all__ = [
 
 PACKAGE = "orayboxvpn"
 DEFAULT_PORT = 7000
+STUN_PORT = 3478  # RFC 8489 18.2
+MAX_STUN = 4  # servers a BindingClient asks at once (mpvpn.core.stun)
 PSK_BYTES = 32
 TURN_PORT = 3478  # RFC 8656 default
 MAX_RELAYS = 8
@@ -212,6 +214,19 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "cidr_list", None,
             "Extra subnets behind this router, besides the LAN of `network.lan`, that "
             "the peer routes into the tunnel.",
+        ),
+        "stun": Option(
+            "hostport_list", None,
+            "STUN servers (host:port, port default 3478; at most 4 are used) each uplink asks "
+            "for its public address and port and its kind of NAT, from the uplink's own socket "
+            "(docs/nat.md). The results are sent to the peer as candidates for hole punching. "
+            "Two servers (or one with RFC 5780 OTHER-ADDRESS, as coturn with two addresses) "
+            "tell endpoint-independent from endpoint-dependent NAT. Empty: no STUN.",
+        ),
+        "nat_keepalive": Option(
+            "seconds", "25",
+            "Longest idle keepalive interval of a subflow, so that NAT mappings on the way stay "
+            "open (below the common 30 s UDP timeout of NATs; 1 to 300). Caps `keepalive_idle`.",
         ),
     },
     "vnc": {
@@ -418,6 +433,8 @@ class Base:
     mtu: int = 1400
     mss_clamp: bool = True
     log_level: str = "info"
+    stun: tuple[HostPort, ...] = ()
+    nat_keepalive: float = 25.0
 
     @property
     def port(self) -> int:
@@ -877,6 +894,28 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
             chk.warn(sec.path("server_address"), "is ignored for role 'server'")
     b["server_address"] = tuple(servers)
     b["listen_address"] = listen
+
+    # NAT traversal (docs/nat.md)
+    stun: list[HostPort] = []
+    for item in sec.multi("stun"):
+        try:
+            hp = parse_hostport(item, STUN_PORT, allow_name=True)
+        except ValueError as e:
+            chk.err(sec.path("stun"), str(e))
+            continue
+        ip = hp.ip
+        if ip is not None and (ip.is_unspecified or ip.is_multicast):
+            chk.err(sec.path("stun"), f"{hp} is not a STUN server's address")
+            continue
+        if hp in stun:
+            chk.err(sec.path("stun"), f"{hp} is given twice")
+            continue
+        stun.append(hp)
+    if len(stun) > MAX_STUN:
+        chk.warn(sec.path("stun"), f"{len(stun)} servers: only the first {MAX_STUN} are asked")
+    b["stun"] = tuple(stun)
+    b["nat_keepalive"] = sec.parsed(
+        "nat_keepalive", lambda s: _parse_float(s, 1, 300, "seconds"), _default("nat_keepalive", float))
 
     # extra LAN subnets
     extra: list[IPNetwork] = []
@@ -1388,6 +1427,8 @@ def validate(
         mtu=b["mtu"],
         mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],
+        stun=b["stun"],
+        nat_keepalive=b["nat_keepalive"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,

@@ -3,6 +3,9 @@ into the tun vNIC, in processing order (as wireguard-go's
 ``device/receive.go``)::
 
     BatchSocket.recv()               one recvmsg: datagrams (split by UDP GRO) and their source
+      -> STUN demultiplexer          from a configured STUN server and shaped like STUN (magic
+                                     cookie where SMPU has its session id, which never takes
+                                     that value): to the uplink's UplinkNat (docs/nat.md)
       -> length check                shorter than an SMPU header: counted drop (``malformed``)
       -> session_of()                session id in the header -> the session; none: counted
                                      drop (``unknown_session``), no state kept, no reply
@@ -48,6 +51,14 @@ def session_id_of(datagram) -> int:
     return int.from_bytes(datagram[SESSION_ID], "big")
 
 
+def _to_stun(nat, data, addr, now: float) -> bool:
+    """Hand a STUN datagram to the uplink's STUN client; False: it is SMPU's."""
+    if nat.takes(data, addr):
+        nat.on_datagram(data, addr, now)
+        return True
+    return False
+
+
 def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
     each datagram to its session (``sessions``: id -> DataSession), released
@@ -55,6 +66,7 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     touched = set()
     out = []  # written in batches: consecutive TCP segments go as one super-segment
     recv = up.batch.recv
+    nat = up.nat  # uplinknat.UplinkNat, or None without base.stun
     # the session lookup of the previous datagram (same key: same result)
     last_key = cur = member = None
     for _ in range(BATCH):
@@ -68,6 +80,8 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
             log.debug("uplink %s recv: %s", up.name, e)
             break
         up.rx_datagrams += len(datagrams)
+        if nat is not None and addr[:2] in nat.sources:  # (one set lookup per receive call)
+            datagrams = [d for d in datagrams if not _to_stun(nat, d, addr, now)]
         if len(datagrams) > 1:
             key = datagrams[0][SESSION_KEY]
             if len(key) == SESSION_KEY_LEN and all(d[SESSION_KEY] == key for d in datagrams):

@@ -173,12 +173,19 @@ def flush(ds, counters: dict) -> None:
         return
     subs = ds.sess.subflows
     uplink_of = ds.uplink_of
+    punches = ds.punch  # member -> candidates.Punch (NAT traversal)
     for member, dgrams in runs.items():
         sub = subs.get(member)
         up = uplink_of.get(member)
         if sub is None or up is None or up.batch is None or sub.remote is None:
             continue
-        failed = up.batch.send(dgrams, sub.remote)
+        punch = punches.get(member) if punches else None
+        if punch is None:
+            failed = up.batch.send(dgrams, sub.remote)
+        else:  # NAT hole punching: to every candidate until established (docs/nat.md)
+            failed = 0
+            for dest in punch.destinations(sub.remote, sub.established):
+                failed += up.batch.send(dgrams, dest)
         if failed:
             up.tx_errors += failed
             counters["send_errors"] += failed

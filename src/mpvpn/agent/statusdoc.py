@@ -8,6 +8,7 @@ shows one (a link test's ``started``), passed in as ``wall``.
 
 from __future__ import annotations
 
+from mpvpn.agent.uplinknat import link_path
 from mpvpn.core.subflow import State
 
 # Session counters docs/status.md lists under `counters`: summed over the
@@ -38,6 +39,8 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
             ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
             up = ln["state"] == State.ESTABLISHED.value
             ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
+            ln["path"] = link_path(ds, ln["member"])  # direct / punched (docs/nat.md)
+            ln["relay"] = None  # the TURN relay's address once relayed subflows exist
             links.append(ln)
         for k, v in st["counters"].items():
             if isinstance(v, int):
@@ -112,9 +115,17 @@ def policies(cfg_policies) -> list:
 
 
 def uplinks(ups) -> list:
-    return [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
-             "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
-            for up in ups]
+    out = []
+    for up in ups:
+        nat = up.nat  # uplinknat.UplinkNat (base.stun set) or None
+        public = nat.public_addr if nat is not None else None
+        out.append({"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
+                    "state": up.state, "error": up.error, "tx_errors": up.tx_errors,
+                    "public": f"{public[0]}:{public[1]}" if public and ":" not in public[0]
+                    else (f"[{public[0]}]:{public[1]}" if public else None),
+                    "nat": nat.nat if nat is not None else None,
+                    "stun": nat.status() if nat is not None else None})
+    return out
 
 
 def document(*, version: str, now: float, started: float, state: str, state_since: float,

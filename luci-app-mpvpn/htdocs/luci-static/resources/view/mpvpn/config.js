@@ -300,6 +300,18 @@ return view.extend({
 		o.datatype = 'and(ufloat,range(0.01,60))';
 		o.placeholder = '0.1';
 
+		o = s.taboption('advanced', form.DynamicList, 'stun', _('STUN servers'),
+			_('Servers each uplink asks for its public address and port and its kind of NAT (host:port, port default 3478). The answers go to the other site so that uplinks behind NAT can still reach each other (hole punching). Two servers, or one with two addresses, tell the kinds of NAT apart. Empty: no STUN.'));
+		o.placeholder = 'stun.example.net:3478';
+		o.validate = function(section_id, value) {
+			return checkHostPort(value, true);
+		};
+
+		o = s.taboption('advanced', form.Value, 'nat_keepalive', _('NAT keepalive (s)'),
+			_('Longest idle keepalive interval, so that NAT mappings on the way stay open (1 to 300 seconds; below the usual 30 s UDP timeout of NATs).'));
+		o.datatype = 'and(ufloat,range(1,300))';
+		o.placeholder = '25';
+
 		o = s.taboption('advanced', form.Value, 'dead_after', _('Dead after'),
 			_('A subflow is down after this many consecutive unanswered keepalives (1 to 100).'));
 		o.datatype = 'and(uinteger,range(1,100))';
