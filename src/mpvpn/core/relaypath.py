@@ -43,6 +43,7 @@ from mpvpn.core.stun import Addr, came_from, format_addr, normalize_addr
 # given up at 5.5 s (RFC 8489's 39.5 s default would keep a dead relay's
 # carrier down for that long before the next relay is tried).
 RTO, RC, RM = 0.5, 4, 4
+SUSPECT_TIMEOUT = RTO * (2 ** (RC - 1) - 1) + RM * RTO   # 5.5 s: the relay must answer a refresh
 MAX_PEERS = 8          # per uplink: the peer's candidates, a few moves
 
 
@@ -106,6 +107,7 @@ class RelayPath:
         self.drops: dict[str, int] = {}
         self.counters = {"sent": 0, "received": 0}
         self._old_client_drops: dict[str, int] = {}
+        self._suspect: tuple | None = None     # (deadline, expires_at before, reason)
 
     # ---- control ---------------------------------------------------------
 
@@ -138,6 +140,18 @@ class RelayPath:
         relay as failed and move to the next one."""
         if self.state in ("allocating", "ready") and self._client is not None:
             self._fail_current(reason, now, release=False)
+
+    def suspect(self, reason: str, now: float) -> None:
+        """The subflow through the relay went down, which may be the relay or
+        anything else on the way (the carrier, the peer's side): refresh the
+        allocation now; if the relay does not answer within
+        SUSPECT_TIMEOUT, it counts as failed (``reason`` + why) and the next
+        one is taken.  A relay that answers stays."""
+        if self.state != "ready" or self._client is None or self._suspect is not None:
+            return
+        if self._client.refresh_now(now):
+            self._client.on_timer(now)
+            self._suspect = (now + SUSPECT_TIMEOUT, self._client.expires_at, reason)
 
     def stop(self, now: float) -> None:
         """Release the allocation; the path stays stopped."""
@@ -180,6 +194,15 @@ class RelayPath:
         for c in self._clients():
             c.on_timer(now)
             self._pump(c, now)
+        if self._suspect is not None and self._client is not None:
+            deadline, before, reason = self._suspect
+            if self._client.expires_at != before:
+                self._suspect = None                 # it answered: the relay is fine
+            elif now >= deadline:
+                self._suspect = None
+                self._fail_current(f"{reason}; relay {format_addr(self._client.server)} did not "
+                                   f"answer a refresh in {SUSPECT_TIMEOUT:g} s", now, release=False)
+                return
         if self.state == "waiting" and self.retry_at is not None and now >= self.retry_at:
             self._allocate(now)
 
@@ -187,6 +210,8 @@ class RelayPath:
         times = [t for t in (c.next_deadline() for c in self._clients()) if t is not None]
         if self.state == "waiting" and self.retry_at is not None:
             times.append(self.retry_at)
+        if self._suspect is not None:
+            times.append(self._suspect[0])
         return min(times) if times else None
 
     def take_outgoing(self) -> list[tuple[bytes, Addr]]:
@@ -273,6 +298,7 @@ class RelayPath:
     def _fail_current(self, reason: str, now: float, release: bool) -> None:
         c, relay = self._client, self.relay
         self._client = None
+        self._suspect = None
         self.relayed = None
         self._ready.clear()
         self.last_error = reason
