@@ -447,7 +447,8 @@ def test_config_widgets_follow_option_kinds():
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
                 assert o.get("validate") or "cidr" in dt, where
-            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device"):
+            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device",
+                          "relay_address", "credential"):
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
             elif kind in ("seconds", "fraction"):
                 assert "ufloat" in dt and "range(" in dt, where
@@ -467,8 +468,8 @@ def test_config_widgets_follow_option_kinds():
                 raise AssertionError(f"no check for option kind {kind!r}: extend this test")
             if spec.default is not None:  # shown as the default or as the placeholder
                 assert spec.default in (o.get("default"), o.get("placeholder")), where
-            if kind == "psk":
-                assert o.get("password") is True
+            if kind == "psk" or name == "password":
+                assert o.get("password") is True, where
             if spec.description.startswith("Required."):
                 assert o.get("rmempty") is False, f"{where} is required: rmempty = false"
 
@@ -508,12 +509,15 @@ def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: 
         del base["server_address"]
         base["listen_address"] = "0.0.0.0:7000"
     vnc = dict(_BASELINE["vnc"])
+    relay = {"address": "203.0.113.7", "username": "u", "password": "p"}
     smpu = {"telecom": {"type": "telecom", "bind_ip": "10.1.0.1"},
             "unicom": {"type": "unicom", "bind_ip": "10.2.0.1"}}
     if section == "base":
         base[option] = value
     elif section == "vnc":
         vnc[option] = value
+    elif section == "relay":
+        relay[option] = value
     else:
         smpu["telecom"][option] = value
 
@@ -525,6 +529,7 @@ def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: 
     lines += ["", "config vnc 'vnc'"] + [f"\toption {k} {q(v)}" for k, v in vnc.items()]
     for name, opts in smpu.items():
         lines += ["", f"config smpu '{name}'"] + [f"\toption {k} {q(v)}" for k, v in opts.items()]
+    lines += ["", "config relay 'relay'"] + [f"\toption {k} {q(v)}" for k, v in relay.items()]
     d = tmp_path / f"uci-{abs(hash((section, option, value, role)))}"
     d.mkdir()
     (d / "orayboxvpn").write_text("\n".join(lines) + "\n")
@@ -553,6 +558,11 @@ VALIDATOR_SAMPLES = [
     ("vnc", "ifname", "client", ["mpvpn0", "a" * 15, "a" * 16, "a/b", "a:b", "a b"]),
     ("smpu", "type", "client", ["telecom", "my-carrier.2", "_x", "-x", "a b", "x" * 33]),
     ("smpu", "device", "client", ["eth1", "wan.2", "a" * 16, "a/b"]),
+    ("relay", "address", "client", [
+        "203.0.113.7:3478", "203.0.113.7", "turn.example.net", "[2001:db8::7]:3478", "0.0.0.0",
+        "[::]:3478", "224.0.0.1", "1.2.3.4:0", "bad_host!", "host:x"]),
+    ("relay", "username", "client", ["branch-a", "a b", " ", "x" * 128, "x" * 129, "pä", "t\tab"]),
+    ("relay", "password", "client", ["s3cret pass", "!\"#$%&'()*+,-./:;<=>?@[]^_`{|}~", " ", "p" * 129, "é"]),
 ]
 
 

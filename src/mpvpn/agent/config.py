@@ -35,6 +35,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "Problem",
+    "RelayConf",
     "Uplink",
     "Vnc",
     "load_config",
@@ -48,6 +49,9 @@ DEFAULT_PORT = 7000
 STUN_PORT = 3478  # RFC 8489 18.2
 MAX_STUN = 4  # servers a BindingClient asks at once (mpvpn.core.stun)
 PSK_BYTES = 32
+TURN_PORT = 3478  # RFC 8656 default
+MAX_RELAYS = 8
+CREDENTIAL_MAX = 128
 CARRIER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")  # smpu.type, policy.carrier
 # Per-packet overhead of the tunnel (docs/protocol.md): SMPU 20 + tag 16 + UDP 8 + IP.
 OVERHEAD_IPV4 = 64
@@ -98,6 +102,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
     "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
     "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
+    "relay_address": ("host:port (IPv6 as `[addr]:port`); the port defaults to 3478", "string"),
+    "credential": ("printable ASCII, at most 128 characters", "string"),
 }
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -313,6 +319,21 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "enabled": Option("bool", "1", "`0` ignores this policy."),
     },
+    "relay": {
+        "address": Option(
+            "relay_address", None,
+            "Required. A TURN relay (RFC 8656 over UDP, e.g. coturn) that carries a subflow whose "
+            "direct and punched paths both fail (endpoint-dependent NAT on both ends). Several "
+            "`config relay` sections are tried in order; one that fails is skipped for the next "
+            "for 60 s. The relay sees only ciphertext.",
+        ),
+        "username": Option("credential", None, "Required. The relay's long-term credential: user name."),
+        "password": Option(
+            "credential", None,
+            "Required. The relay's long-term credential: password (keep the file mode 600).",
+        ),
+        "enabled": Option("bool", "1", "`0` leaves this relay out."),
+    },
 }
 
 # What the agent reads from /etc/config/network (documentation only).
@@ -488,6 +509,16 @@ class SiteKey:
 
 
 @dataclass(frozen=True)
+class RelayConf:
+    """A TURN relay (``config relay``), in the configured order."""
+
+    name: str
+    address: HostPort  # a host name is resolved by the agent when it uses the relay
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base
     vnc: Vnc
@@ -495,6 +526,7 @@ class Config:
     lan: Lan
     policies: tuple[Policy, ...] = ()
     sites: tuple[SiteKey, ...] = ()
+    relays: tuple[RelayConf, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -1248,6 +1280,55 @@ def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> l
     return out
 
 
+def _parse_credential(s: str) -> str:
+    """A TURN user name or password: printable ASCII (we do not implement
+    SASLprep/OpaqueString, RFC 8489 9.2.2), at most CREDENTIAL_MAX."""
+    if not s:
+        raise ValueError("is empty")
+    if len(s) > CREDENTIAL_MAX:
+        raise ValueError(f"is {len(s)} characters long: at most {CREDENTIAL_MAX}")
+    if not all(" " <= ch <= "~" for ch in s):
+        raise ValueError("may only hold printable ASCII characters (no tabs, no accents)")
+    return s
+
+
+def _check_relays(chk: _Checker, pkg: uci.Package) -> list[RelayConf]:
+    """``config relay`` sections (TURN relays, in order)."""
+    out: list[RelayConf] = []
+    seen: dict[HostPort, str] = {}
+    for sec in (_Sec(chk, pkg, s) for s in pkg.sections("relay")):
+        sec.unknown_options()
+        enabled = sec.parsed("enabled", _parse_bool, True)
+        address = sec.parsed("address", lambda v: parse_hostport(v, TURN_PORT))
+        if address is None and not sec.has("address"):
+            chk.err(sec.path("address"), "missing: the relay's host:port, e.g. '203.0.113.7:3478'")
+        creds = {}
+        for opt in ("username", "password"):
+            raw = sec.single(opt)
+            if raw is None:
+                if not sec.has(opt):
+                    chk.err(sec.path(opt), f"missing: the relay's {opt} (TURN long-term credential)")
+                continue
+            try:
+                creds[opt] = _parse_credential(raw)
+            except ValueError as e:  # never echo the value: it may be the password
+                chk.err(sec.path(opt), str(e))
+        if address is not None and address.ip is not None and (
+                address.ip.is_unspecified or address.ip.is_multicast):
+            chk.err(sec.path("address"), f"{address} is not a relay's address")
+            address = None
+        if not enabled or address is None or len(creds) != 2:
+            continue
+        if address in seen:
+            chk.err(sec.path("address"), f"{address} is already the relay of {pkg.name}.{seen[address]}")
+            continue
+        seen[address] = sec.ref
+        out.append(RelayConf(sec.ref, address, creds["username"], creds["password"]))
+    if len(out) > MAX_RELAYS:
+        chk.err(f"{pkg.name}.@relay", f"{len(out)} relays: at most {MAX_RELAYS}")
+    return out
+
+
 def validate(
     orayboxvpn: uci.Package,
     network: uci.Package | None = None,
@@ -1276,6 +1357,7 @@ def validate(
     uplinks = _check_uplinks(chk, pkg, default_port)
     policies = _check_policies(chk, pkg, uplinks)
     sites = _check_sites(chk, pkg, b, vnc)
+    relays = _check_relays(chk, pkg)
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks
@@ -1350,7 +1432,7 @@ def validate(
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,
-                  policies=tuple(policies), sites=tuple(sites)), chk.problems
+                  policies=tuple(policies), sites=tuple(sites), relays=tuple(relays)), chk.problems
 
 
 def load_config(uci_dir: str = "/etc/config") -> tuple[Config | None, list[Problem]]:
