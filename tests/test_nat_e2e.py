@@ -41,9 +41,9 @@ def nat_sites(make_lab):
         pytest.skip(reason)
     made = []
 
-    def make(extra_base: str = ""):
+    def make(extra_base: str = "", kinds=("eim", "eim")):
         lab = make_lab(carriers=3)
-        nc = nat.NatCarriers(lab, {MOBILE: ("eim", "eim")})
+        nc = nat.NatCarriers(lab, {MOBILE: kinds})
         made.append(nc)
         server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
                                relay_ports=(50000, 50099), loopback_peers=False,
@@ -87,21 +87,24 @@ def punched_up(st: dict) -> bool:
             and link(st, "mobile")["path"] == "punched")
 
 
-def test_mobile_behind_nat_on_both_sides_is_punched(nat_sites):
-    """e2e 1: both `mobile` uplinks behind endpoint-independent NATs: STUN
+@pytest.mark.parametrize("kinds", [("eim", "eim"), (None, "eim")], ids=["both", "server-only"])
+def test_mobile_behind_nat_is_punched(nat_sites, kinds):
+    """e2e 1: both `mobile` uplinks behind endpoint-independent NATs (and:
+    only the server's, the CGNAT case that used to cost the subflow): STUN
     finds each public mapping, the candidates cross the control connection,
     both ends punch, and all 3 subflows come up (mobile `punched`, the
     others `direct`); LAN-to-LAN ping works, also with mobile alone."""
-    lab, nc, sites = nat_sites()
+    lab, nc, sites = nat_sites(kinds=kinds)
     mc = nc.carrier(MOBILE)
     sites.start(wait=False)
     a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
     b = sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
-    for st, public in ((a, mc.a_public), (b, mc.b_public)):
+    for st, public, kind in ((a, mc.a_public, kinds[0]), (b, mc.b_public, kinds[1])):
         up = uplink(st, "mobile")
         assert up["public"] == f"{public}:7000", up  # the EIM box keeps the port
-        assert up["nat"] == "endpoint-independent", up
-        assert up["stun"]["drops"] == {}, up
+        assert up["nat"] == ("endpoint-independent" if kind else "none"), up
+        # (without NAT the first answer ends the round: the second one is late)
+        assert set(up["stun"]["drops"]) <= ({"unknown_transaction"} if not kind else set()), up
         for other in ("telecom", "unicom"):
             assert link(st, other)["path"] == "direct" and link(st, other)["relay"] is None
             assert uplink(st, other)["public"] is None  # no way to the STUN servers there
