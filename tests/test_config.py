@@ -954,6 +954,55 @@ def test_hub_sites_have_their_own_keys():
     assert [e.split(":")[0] for e in errors(problems)] == ["orayboxvpn.d.psk"]
 
 
+# --- NAT traversal (docs/nat.md) -------------------------------------------------
+
+def test_stun_and_nat_keepalive_defaults():
+    cfg, problems = check(SITE_A)
+    assert problems == []
+    assert cfg.base.stun == () and cfg.base.nat_keepalive == 25.0
+
+
+def test_stun_servers_parsed_with_the_stun_port_by_default():
+    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun 'stun.example.net:3479'\n"
+                                         "\tlist stun '[2001:db8::1]'\n\toption nat_keepalive '2.5'\n\toption psk")
+    cfg, problems = check(text)
+    assert problems == []
+    assert cfg.base.stun == (HostPort("203.0.113.1", 3478), HostPort("stun.example.net", 3479),
+                             HostPort("2001:db8::1", 3478))
+    assert cfg.base.nat_keepalive == 2.5
+
+
+@pytest.mark.parametrize("value, word", [
+    ("203.0.113.1:0", "port"), ("0.0.0.0", "STUN server"), ("224.0.0.1", "STUN server"),
+    ("a b:x", ""), ("[::1", ""),
+])
+def test_bad_stun_server_is_an_error(value, word):
+    text = edit(SITE_A, "\toption psk", f"\tlist stun '{value}'\n\toption psk")
+    cfg, problems = check(text)
+    assert cfg is None
+    errs = errors(problems)
+    assert errs and all("orayboxvpn.base.stun" in e for e in errs), errs
+    assert word in errs[0]
+
+
+def test_duplicate_stun_server_is_an_error_and_more_than_four_a_warning():
+    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun '203.0.113.1:3478'\n\toption psk")
+    cfg, problems = check(text)
+    assert cfg is None and any("given twice" in e for e in errors(problems))
+    five = "".join(f"\tlist stun '203.0.113.{i}'\n" for i in range(1, 6))
+    cfg, problems = check(edit(SITE_A, "\toption psk", five + "\toption psk"))
+    assert cfg is not None and len(cfg.base.stun) == 5
+    assert any("only the first 4" in w for w in warnings(problems))
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "301", "x", "nan"])
+def test_nat_keepalive_out_of_bounds(value):
+    cfg, problems = check(edit(SITE_A, "\toption psk", f"\toption nat_keepalive '{value}'\n\toption psk"))
+    assert cfg is None
+    assert any("orayboxvpn.base.nat_keepalive" in e for e in errors(problems))
+
+
+
 # --- config relay (TURN relays, issue 15) ---------------------------------------
 
 RELAYS = """
@@ -1010,51 +1059,3 @@ def test_too_many_relays_and_unknown_options():
     assert errors(problems) == ["orayboxvpn.@relay: 9 relays: at most 8"]
     cfg, problems = check(SITE_A + edit(RELAYS, "option username 'x'", "option user 'x'"))
     assert "orayboxvpn.off.user: warning: unknown option (ignored); did you mean 'username'?" in warnings(problems)
-
-
-# --- NAT traversal (docs/nat.md) -------------------------------------------------
-
-def test_stun_and_nat_keepalive_defaults():
-    cfg, problems = check(SITE_A)
-    assert problems == []
-    assert cfg.base.stun == () and cfg.base.nat_keepalive == 25.0
-
-
-def test_stun_servers_parsed_with_the_stun_port_by_default():
-    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun 'stun.example.net:3479'\n"
-                                         "\tlist stun '[2001:db8::1]'\n\toption nat_keepalive '2.5'\n\toption psk")
-    cfg, problems = check(text)
-    assert problems == []
-    assert cfg.base.stun == (HostPort("203.0.113.1", 3478), HostPort("stun.example.net", 3479),
-                             HostPort("2001:db8::1", 3478))
-    assert cfg.base.nat_keepalive == 2.5
-
-
-@pytest.mark.parametrize("value, word", [
-    ("203.0.113.1:0", "port"), ("0.0.0.0", "STUN server"), ("224.0.0.1", "STUN server"),
-    ("a b:x", ""), ("[::1", ""),
-])
-def test_bad_stun_server_is_an_error(value, word):
-    text = edit(SITE_A, "\toption psk", f"\tlist stun '{value}'\n\toption psk")
-    cfg, problems = check(text)
-    assert cfg is None
-    errs = errors(problems)
-    assert errs and all("orayboxvpn.base.stun" in e for e in errs), errs
-    assert word in errs[0]
-
-
-def test_duplicate_stun_server_is_an_error_and_more_than_four_a_warning():
-    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun '203.0.113.1:3478'\n\toption psk")
-    cfg, problems = check(text)
-    assert cfg is None and any("given twice" in e for e in errors(problems))
-    five = "".join(f"\tlist stun '203.0.113.{i}'\n" for i in range(1, 6))
-    cfg, problems = check(edit(SITE_A, "\toption psk", five + "\toption psk"))
-    assert cfg is not None and len(cfg.base.stun) == 5
-    assert any("only the first 4" in w for w in warnings(problems))
-
-
-@pytest.mark.parametrize("value", ["0", "0.5", "301", "x", "nan"])
-def test_nat_keepalive_out_of_bounds(value):
-    cfg, problems = check(edit(SITE_A, "\toption psk", f"\toption nat_keepalive '{value}'\n\toption psk"))
-    assert cfg is None
-    assert any("orayboxvpn.base.nat_keepalive" in e for e in errors(problems))

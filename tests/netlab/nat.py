@@ -66,7 +66,7 @@ _BOX_LETTERS = "mnopqrstuvwxyz"   # NatCarriers' boxes (own prefix, so no clash)
 _live: "set[NatLab]" = set()
 
 
-def nat_rules(kind: str, out_if: str) -> str:
+def nat_rules(kind: str, out_if: str, port: int | None = None) -> str:
     """The nftables ruleset (``nft -f`` input) for one NAT kind.
 
     Besides the NAT, the box drops new connections arriving from the outside
@@ -79,12 +79,21 @@ def nat_rules(kind: str, out_if: str) -> str:
     leaves no conntrack entry."""
     if kind not in NAT_KINDS:
         raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
+    if port is not None and (kind != "eim" or not 1 <= port <= 65535):
+        raise ValueError("a fixed public port only for an eim box, 1..65535")
     action = "masquerade" if kind == "eim" else "masquerade random"
+    fixed = ""
+    if port is not None:
+        # one public port for every UDP mapping: still endpoint-independent
+        # (each destination is another tuple), but not the socket's own port
+        fixed = f'    oifname "{out_if}" meta l4proto udp masquerade to :{port}\n'
+
     guard = (f'    iifname "{out_if}" ct state established,related accept\n'
              f'    iifname "{out_if}" drop\n')
     return (f"table ip {NFT_NAT_TABLE} {{\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
+            f"{fixed}"
             f'    oifname "{out_if}" {action}\n'
             f"  }}\n"
             f"  chain input {{\n"
@@ -227,6 +236,16 @@ class _Boxes:
         if not _which("conntrack"):
             raise LabError("`conntrack` missing: install Debian package conntrack")
         self.run(site.nat, ["conntrack", "-F"])
+
+    def reboot(self, site: NatSite, port: int | None = None) -> None:
+        """What a NAT reboot looks like to the hosts behind it: every
+        mapping forgotten (conntrack flushed); with ``port`` (an "eim" box
+        only) new mappings get that public port instead of the source's own,
+        as a CGNAT hands out new ports after a reboot.  ``None`` restores
+        the port-preserving rule."""
+        self.run(site.nat, ["nft", "delete", "table", "ip", NFT_NAT_TABLE])
+        self.run(site.nat, ["nft", "-f", "-"], input=nat_rules(site.kind, "ext", port))
+        self.flush_conntrack(site)
 
     def nat_ruleset(self, site: NatSite) -> str:
         return self.run(site.nat, ["nft", "list", "table", "ip", NFT_NAT_TABLE]).stdout

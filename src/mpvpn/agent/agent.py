@@ -948,6 +948,9 @@ class Agent:
             log.info("control: session %#x established with %s", ev.session_id, ev.peer.name)
             if list(c.conn.local.lans) != self.lans:  # the LAN changed during the handshake
                 self._send_lans(c, now, pump=False)  # (we are inside _control_pump)
+            ups = self._control_config().uplinks
+            if tuple(c.conn.local.uplinks) != ups:  # STUN learnt candidates during the handshake
+                c.conn.send_update(now, uplinks=list(ups))
         elif isinstance(ev, controlevents.PeerUpdated):
             ds = self._session_of(c.conn)
             if ds is not None:

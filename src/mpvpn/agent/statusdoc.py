@@ -40,6 +40,10 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
             ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
             up = ln["state"] == State.ESTABLISHED.value
             ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
+            sub = ds.sess.subflows.get(ln["member"])
+            if sub is not None and sub.remote is not None:  # where it sends now (a NAT's mapping)
+                ln["remote"] = f"[{sub.remote[0]}]:{sub.remote[1]}" if ":" in sub.remote[0] \
+                    else f"{sub.remote[0]}:{sub.remote[1]}"
             ln["relay"] = link_relay(ds, ln["member"])  # the TURN relay carrying it, or None
             ln["relay_reason"] = relay_reason(ds, ln["member"]) if ln["relay"] else None
             # direct / punched / relayed (docs/nat.md)

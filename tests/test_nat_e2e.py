@@ -1,0 +1,168 @@
+"""NAT traversal end to end (issue 15, e2e tests 1 and 4): two real agents
+in the namespace lab, the ``mobile`` carrier (3) of both sites behind
+endpoint-independent nftables NAT boxes (tests/netlab/nat.py NatCarriers),
+coturn as the STUN server in the lab internet, real conntrack.
+
+Needs root/namespaces/nftables (netlab_ready), coturn's ``turnserver`` and
+``conntrack``; each missing one skips with the reason.  Durations are
+never asserted: recovery is checked with the agents' own counters (the
+session id, the subflow's ups/downs, the uplink's mapping changes)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import coturn  # noqa: E402
+import netlab  # noqa: E402
+from agentlab import TwoSites, site_config  # noqa: E402
+from netlab import nat  # noqa: E402
+from test_natlab import PROBE, SRC  # noqa: E402
+
+from mpvpn.core.noise import genpsk  # noqa: E402
+
+STUN_PORT = 3478
+MOBILE = 3  # carrier index of `mobile` in agentlab.site_config
+
+
+@pytest.fixture
+def nat_sites(make_lab):
+    """Factory: (lab, NatCarriers, TwoSites) with mobile behind EIM NATs on
+    both sides and coturn answering STUN on the lab internet's two addresses."""
+    reason = coturn.unavailable_reason() or (None if netlab._which("conntrack") else
+                                             "`conntrack` missing: install Debian package conntrack")
+    if reason:
+        sys.stderr.write(f"\nNAT e2e tests skipped: {reason}\n")
+        pytest.skip(reason)
+    made = []
+
+    def make(extra_base: str = "", kinds=("eim", "eim")):
+        lab = make_lab(carriers=3)
+        nc = nat.NatCarriers(lab, {MOBILE: kinds})
+        made.append(nc)
+        server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
+                               relay_ports=(50000, 50099), loopback_peers=False,
+                               prefix=nc.prefix_argv(nc.inet))
+        made.append(server)
+
+        def probe():
+            return nc.python(nc.inet, PROBE, str(SRC), nat.INET_IPS[0], str(STUN_PORT),
+                             check=False, timeout=10).returncode == 0
+        server.start(timeout=15, probe=probe)
+        stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
+        sites = TwoSites(lab)
+        made.append(sites)
+        psk = genpsk()
+        mc = nc.carrier(MOBILE)
+        for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
+                                              (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
+            text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
+            text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
+            site.write(text, net)
+        return lab, nc, sites
+
+    yield make
+    for thing in reversed(made):
+        thing.close()
+
+
+def link(st: dict, carrier: str) -> dict:
+    (ln,) = [ln for ln in st["links"] if ln["type"] == carrier]
+    return ln
+
+
+def uplink(st: dict, name: str) -> dict:
+    (up,) = [u for u in st["uplinks"] if u["name"] == name]
+    return up
+
+
+def punched_up(st: dict) -> bool:
+    return (st["state"] == "connected"
+            and sum(ln["state"] == "established" for ln in st["links"]) == 3
+            and link(st, "mobile")["path"] == "punched")
+
+
+@pytest.mark.parametrize("kinds", [("eim", "eim"), (None, "eim")], ids=["both", "server-only"])
+def test_mobile_behind_nat_is_punched(nat_sites, kinds):
+    """e2e 1: both `mobile` uplinks behind endpoint-independent NATs (and:
+    only the server's, the CGNAT case that used to cost the subflow): STUN
+    finds each public mapping, the candidates cross the control connection,
+    both ends punch, and all 3 subflows come up (mobile `punched`, the
+    others `direct`); LAN-to-LAN ping works, also with mobile alone."""
+    lab, nc, sites = nat_sites(kinds=kinds)
+    mc = nc.carrier(MOBILE)
+    sites.start(wait=False)
+    a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    b = sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    for st, public, kind in ((a, mc.a_public, kinds[0]), (b, mc.b_public, kinds[1])):
+        up = uplink(st, "mobile")
+        assert up["public"] == f"{public}:7000", up  # the EIM box keeps the port
+        assert up["nat"] == ("endpoint-independent" if kind else "none"), up
+        # (without NAT the first answer ends the round: the second one is late)
+        assert set(up["stun"]["drops"]) <= ({"unknown_transaction"} if not kind else set()), up
+        for other in ("telecom", "unicom"):
+            assert link(st, other)["path"] == "direct" and link(st, other)["relay"] is None
+            assert uplink(st, other)["public"] is None  # no way to the STUN servers there
+    # each side's mobile subflow talks to the other's public mapping
+    assert link(a, "mobile")["remote"] == f"{mc.b_public}:7000"
+    assert link(b, "mobile")["remote"] == f"{mc.a_public}:7000"
+    assert a["session_id"] == b["session_id"]
+    p = lab.ping(lab.ha, "192.168.20.2", count=20, interval=0.02)
+    assert p.received == 20, p
+    # mobile alone carries the LANs' traffic
+    lab.link_down(1)
+    lab.link_down(2)
+    sites.a.wait(lambda st: sum(ln["state"] == "established" for ln in st["links"]) == 1
+                 and link(st, "mobile")["state"] == "established", 30, "only mobile up")
+    p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
+    assert p.received == 10, p
+    assert link(sites.a.status(), "mobile")["downs"] == 0
+
+
+def test_nat_mapping_expiry_and_reboot_without_a_session_restart(nat_sites):
+    """e2e 4, scaled down: NAT UDP timeout 3 s, keepalive_idle 10 s capped
+    by nat_keepalive 1.5 s.  Idle for 3 timeouts: mobile never goes down.
+    Then both NATs reboot (conntrack flushed, new mappings on port 7100):
+    both agents notice (the subflow goes down), ask STUN again, send their
+    new candidates, punch again, and mobile is back in the same session."""
+    lab, nc, sites = nat_sites("\toption keepalive_idle '10'\n\toption nat_keepalive '1.5'\n")
+    mc = nc.carrier(MOBILE)
+    for site in (mc.a_site, mc.b_site):
+        nc.set_udp_timeout(site, 3)
+    sites.start(wait=False)
+    a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    sid = a["session_id"]
+    # idle: 3 NAT timeouts with no user traffic (keepalives only)
+    time.sleep(9)
+    for site in (sites.a, sites.b):
+        st = site.status()
+        ln = link(st, "mobile")
+        assert ln["state"] == "established" and ln["downs"] == 0, ln
+        assert st["session_id"] == sid
+    for site in (mc.a_site, mc.b_site):  # the mappings are there (held open by keepalives)
+        assert any("dport=7000" in e for e in nc.conntrack_udp(site))
+    # NAT reboot on both sides: new public port
+    for site in (mc.a_site, mc.b_site):
+        nc.reboot(site, port=7100)
+
+    def recovered(st):
+        ln = link(st, "mobile")
+        return (ln["state"] == "established" and ln["downs"] >= 1
+                and uplink(st, "mobile")["public"] is not None
+                and uplink(st, "mobile")["public"].endswith(":7100"))
+    a = sites.a.wait(recovered, 30, "mobile re-punched on the new mappings")
+    b = sites.b.wait(recovered, 30, "mobile re-punched on the new mappings")
+    for st in (a, b):
+        assert st["session_id"] == sid  # the session lived on
+        assert uplink(st, "mobile")["stun"]["changes"] >= 1
+        assert link(st, "mobile")["ups"] >= 2
+        assert sum(ln["state"] == "established" for ln in st["links"]) == 3
+    assert link(b, "mobile")["remote"] == f"{mc.a_public}:7100"  # follows the new mapping
+    p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
+    assert p.received == 10, p
