@@ -6,9 +6,11 @@ into the tun vNIC, in processing order (as wireguard-go's
       -> STUN demultiplexer          from a configured STUN server and shaped like STUN (magic
                                      cookie where SMPU has its session id, which never takes
                                      that value): to the uplink's UplinkNat (docs/nat.md)
-      -> relay demultiplexer         from one of the uplink's TURN relays: to its UplinkRelay,
-                                     which gives back the relayed payloads (sealed SMPU
-                                     datagrams) and the peer address each came from
+      (before the STUN demultiplexer: a relay may also be a STUN server)
+      -> relay demultiplexer         from one of the uplink's TURN relays, and ChannelData, a
+                                     Data indication or an answer to a TURN transaction (or
+                                     junk): to its UplinkRelay, which gives back the relayed
+                                     payloads (sealed SMPU datagrams) and the peer each came from
       -> length check                shorter than an SMPU header: counted drop (``malformed``)
       -> session_of()                session id in the header -> the session; none: counted
                                      drop (``unknown_session``), no state kept, no reply
@@ -100,15 +102,20 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
             log.debug("uplink %s recv: %s", up.name, e)
             break
         up.rx_datagrams += len(datagrams)
-        if nat is not None and addr[:2] in nat.sources:  # (one set lookup per receive call)
-            datagrams = [d for d in datagrams if not _to_stun(nat, d, addr, now)]
         if relay is not None and addr[:2] in relay.sources:
-            for peer, payload in relay.unwrap(datagrams, addr, now):
+            # (first: a relay may also be a configured STUN server; its
+            # Binding answers are left for the STUN client)
+            mine = [d for d in datagrams if relay.wants(d)]
+            for peer, payload in relay.unwrap(mine, addr, now):
                 ds, pkts = _receive_one(payload, sockaddr(*peer), up, sessions, counters, now)
                 if ds is not None:
                     touched.add(ds)
                     out += pkts
-            continue
+            if len(mine) == len(datagrams):
+                continue
+            datagrams = [d for d in datagrams if not any(d is m for m in mine)]
+        if nat is not None and addr[:2] in nat.sources:  # (one set lookup per receive call)
+            datagrams = [d for d in datagrams if not _to_stun(nat, d, addr, now)]
         if len(datagrams) > 1:
             key = datagrams[0][SESSION_KEY]
             if len(key) == SESSION_KEY_LEN and all(d[SESSION_KEY] == key for d in datagrams):

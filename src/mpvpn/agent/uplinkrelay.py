@@ -115,6 +115,10 @@ class UplinkRelay:
     def takes(self, addr) -> bool:
         return addr[:2] in self.sources
 
+    def wants(self, data) -> bool:
+        """Of a datagram from a relay server: the relay's (not a STUN answer for UplinkNat)?"""
+        return self.path.wants(data)
+
     def unwrap(self, datagrams, addr, now: float) -> list:
         """Datagrams from a relay server: [(peer, payload)] of what it relayed."""
         out = []
@@ -199,18 +203,9 @@ def describe(ev) -> str:
 # -- glue for the agent's sessions --------------------------------------------------------
 
 def relay_peers(peer_uplink, sockaddr) -> list:
-    """The addresses of a peer uplink our relay must let through, best first:
-    its relay candidates, its srflx and host candidates, its address."""
-    order = {candidates.RELAY: 0, candidates.SRFLX: 1, candidates.HOST: 2}
-    cands = sorted(peer_uplink.candidates, key=lambda c: order.get(c.kind, 3))
-    out = [sockaddr(c.addr, c.port) for c in cands]
-    out.append(sockaddr(peer_uplink.addr, peer_uplink.port))
-    seen, uniq = set(), []
-    for a in out:
-        if a not in seen:
-            seen.add(a)
-            uniq.append(a)
-    return uniq
+    """The peer uplink's relayed addresses: what our relay carries to (relay
+    to relay; its other candidates are tried directly by the punching)."""
+    return [sockaddr(c.addr, c.port) for c in peer_uplink.candidates if c.kind == candidates.RELAY]
 
 
 def has_relay_candidate(peer_uplink) -> bool:

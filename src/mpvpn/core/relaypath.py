@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from mpvpn.core import turn
-from mpvpn.core.stun import Addr, came_from, format_addr, normalize_addr
+from mpvpn.core.stun import (DATA, INDICATION, Addr, came_from, format_addr, looks_like_stun,
+                             normalize_addr, split_type)
 
 # Allocation retransmissions for a fallback path: sends at 0, 0.5, 1.5, 3.5 s,
 # given up at 5.5 s (RFC 8489's 39.5 s default would keep a dead relay's
@@ -170,6 +171,21 @@ class RelayPath:
         """Whether a datagram from ``src`` is the relay's (current or being
         released): the I/O edge hands those to :meth:`on_datagram`."""
         return any(came_from(src, c.server) for c in self._clients())
+
+    def wants(self, data: bytes) -> bool:
+        """Of a datagram from a relay server (:meth:`owns`): is it ours?
+        ChannelData, Data indications and answers to our own transactions
+        are; other STUN (a Binding answer when the relay is also a
+        configured STUN server) is not."""
+        if turn.is_channel_data(data):
+            return True
+        if not looks_like_stun(data):
+            return True                  # junk: ours to count
+        method, cls = split_type((data[0] << 8) | data[1])
+        if cls == INDICATION:
+            return method == DATA
+        txid = bytes(data[8:20])
+        return any(c.has_transaction(txid) for c in self._clients())
 
     def send(self, peer: Sequence, payload: bytes, now: float) -> bool:
         """Queue a sealed datagram for ``peer`` through the relay.  False

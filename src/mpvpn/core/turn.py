@@ -282,6 +282,11 @@ class TurnClient:
         self._requests.clear()
         self._send(_Request(stun.REFRESH, [(stun.LIFETIME, struct.pack("!I", 0))], "release"), now)
 
+    def has_transaction(self, txid: bytes) -> bool:
+        """Is a request with this transaction id waiting for its answer?
+        (For a socket shared with a STUN client talking to the same server.)"""
+        return txid in self._requests
+
     def refresh_now(self, now: float) -> bool:
         """Refresh the allocation at the next :meth:`on_timer` (a liveness
         check: ``expires_at`` moves when the relay answers; a relay that lost
