@@ -296,3 +296,46 @@ def test_random_datagrams_from_the_relay_never_raise(seed):
     drops = sum(path.status(1.0)["drops"].values())
     assert received + drops == n              # every datagram: delivered or a counted drop
     assert path.state == "ready"
+
+
+def test_suspect_keeps_a_relay_that_answers_and_leaves_one_that_does_not():
+    path, net, (r1, r2) = make("ok", "ok")
+    path.set_peers([PEER], 0.0)
+    path.start(0.0)
+    net.pump()
+    refreshes = r1.requests.count(stun.REFRESH)
+    path.suspect("subflow 1 went down", 10.0)
+    net.now = 10.0
+    net.advance(20.0)
+    assert r1.requests.count(stun.REFRESH) == refreshes + 1      # checked at once
+    assert path.relay.address == R1 and path.state == "ready"     # it answered: kept
+    assert [e for e in net.events if isinstance(e, RelayLost)] == []
+    r1.mode = "dead"
+    path.suspect("subflow 1 went down again", 30.0)
+    net.now = 30.0
+    net.advance(35.4)
+    assert path.relay.address == R1                               # still within 5.5 s
+    net.advance(36.0)
+    (lost,) = [e for e in net.events if isinstance(e, RelayLost)]
+    assert lost == RelayLost(R1, "subflow 1 went down again; relay 192.0.2.1:3478 did not "
+                                 "answer a refresh in 5.5 s")
+    assert path.relay.address == R2 and path.state == "ready"
+
+
+def test_wants_separates_turn_from_a_stun_client_on_the_same_server():
+    """A relay that is also a configured STUN server: its Binding answers
+    belong to the STUN client, everything of the TURN client's to the path."""
+    path, net, (r1,) = make("ok")
+    path.set_peers([PEER], 0.0)
+    path.start(0.0)
+    net.pump()
+    binding_answer = stun.encode(stun.BINDING, stun.SUCCESS, b"\x01" * 12, [], fingerprint=True)
+    assert not path.wants(binding_answer)
+    assert path.wants(r1.from_peer(PEER, b"x"))                   # ChannelData
+    assert path.wants(b"junk that is neither")                    # junk: counted by the path
+    data_ind = stun.encode(stun.DATA, stun.INDICATION, b"\x02" * 12, [], fingerprint=True)
+    assert path.wants(data_ind)
+    path.suspect("check", 5.0)                                    # a refresh in flight
+    (req, _), = path.take_outgoing()
+    answer = stun.encode(stun.REFRESH, stun.SUCCESS, stun.decode(req).txid, [], fingerprint=True)
+    assert path.wants(answer)
