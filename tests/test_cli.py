@@ -104,3 +104,20 @@ def test_demo_refuses_bad_values_with_its_own_usage(capsys):
         # the usage line offers what `mpvpn demo` accepts, nothing else (no --rate/--seed)
         assert usage == "usage: mpvpn demo [-h] [--packets PACKETS] [--loss LOSS]", err
         assert argv[0] in err
+
+
+def test_status_text_says_a_link_is_relayed_and_why(capsys):
+    link = {"peer": "b", "member": 1, "type": "mobile", "local": "10.3.1.2:7000",
+            "remote": "203.0.113.1:50100", "state": "established", "rtt_ms": 3.0, "loss": 0.0,
+            "tx_packets": 5, "rx_packets": 5, "path": "relayed", "relay": "203.0.113.1:3478",
+            "relay_reason": "both ends behind NAT, this one symmetric: the direct path did not open"}
+    up = {"name": "mobile", "type": "mobile", "bind_ip": "10.3.1.2", "port": 7000, "state": "up",
+          "relay": {"started": True, "state": "waiting",
+                    "last_error": "allocation failed: relay has insufficient capacity (508 x)"}}
+    cli._print_status({"role": "client", "name": "a", "state": "connected", "links": [link],
+                       "uplinks": [up]})
+    out = capsys.readouterr().out
+    assert ("via relay 203.0.113.1:3478: both ends behind NAT, this one symmetric: the direct "
+            "path did not open") in out
+    assert "relay: waiting: allocation failed: relay has insufficient capacity (508 x)" in out
+    assert cli.relay_words(dict(link, path="direct")) is None
