@@ -41,17 +41,17 @@ def relay_sections(*addresses, user="alice", password="secret") -> str:
 class Relays:
     """coturn in the lab internet (STUN on both addresses, TURN relaying from .1)."""
 
-    def __init__(self, nc, extra=(), ports=(50000, 50199)):
-        self.nc, self.extra, self.ports = nc, list(extra), ports
+    def __init__(self, nc, extra=(), ports=(50000, 50199), port=PORT):
+        self.nc, self.extra, self.ports, self.port = nc, list(extra), ports, port
         self.server = None
 
     def start(self):
-        self.server = coturn.Coturn(listen=nat.INET_IPS, port=PORT, relay_ip=nat.INET_IPS[0],
+        self.server = coturn.Coturn(listen=nat.INET_IPS, port=self.port, relay_ip=nat.INET_IPS[0],
                                     relay_ports=self.ports, loopback_peers=False,
                                     prefix=self.nc.prefix_argv(self.nc.inet), extra=self.extra)
 
         def probe():
-            return self.nc.python(self.nc.inet, PROBE, str(SRC), nat.INET_IPS[0], str(PORT),
+            return self.nc.python(self.nc.inet, PROBE, str(SRC), nat.INET_IPS[0], str(self.port),
                                   check=False, timeout=10).returncode == 0
         self.server.start(timeout=15, probe=probe)
         return self
@@ -76,13 +76,18 @@ def relay_sites(make_lab):
     made = []
 
     def make(relays=(RELAY,), kinds=("edm", "edm"), extra_base="", coturn_extra=(), password="secret",
-             relay_ports=(50000, 50199)):
+             relay_ports=(50000, 50199), udp_timeout=None, turn_port=None):
         lab = make_lab(carriers=3)
         nc = nat.NatCarriers(lab, {MOBILE: kinds})
         made.append(nc)
+        if udp_timeout is not None:
+            for site in (nc.carrier(MOBILE).a_site, nc.carrier(MOBILE).b_site):
+                nc.set_udp_timeout(site, udp_timeout)
         server = Relays(nc, coturn_extra, relay_ports)
         made.append(server)
         server.start()
+        if turn_port is not None:  # a TURN server of its own, apart from STUN's flows
+            made.append(Relays(nc, coturn_extra, (50200, 50299), turn_port).start())
         stun = "".join(f"\tlist stun '{ip}:{PORT}'\n" for ip in nat.INET_IPS)
         sites = TwoSites(lab)
         made.append(sites)
@@ -269,3 +274,45 @@ def test_junk_from_the_relay_address_is_counted(relay_sites):
     counted = sum(r["drops"].values()) + st["counters"]["malformed"] + st["counters"]["unknown_session"] \
         + st["counters"]["auth_failures"]
     assert counted >= len(junk), (r["drops"], st["counters"])
+
+
+def test_relayed_pair_moves_to_the_direct_path_when_one_appears(relay_sites):
+    """While relayed, the agents keep probing the peer's direct candidates:
+    the NAT boxes become endpoint-independent (new flows only; the flows to
+    the relay keep their mappings), the old STUN mappings expire, a STUN
+    re-check (SIGHUP) learns the new public ports and sends them; the probes
+    to them get through, and mobile moves from the relay to the direct
+    (punched) path in the same session, without going down."""
+    import signal
+
+    # (the relay on its own port: a STUN server's flow that is also the
+    # relay's would keep its old mapping; the NAT's UDP timeout is short so
+    # that the STUN flows' old mappings are gone when the re-check comes)
+    turn_relay = f"{nat.INET_IPS[0]}:{PORT + 2}"
+    lab, nc, relays, sites = relay_sites(relays=(turn_relay,), udp_timeout=3, turn_port=PORT + 2)
+    mc = nc.carrier(MOBILE)
+    sites.start(wait=False)
+    a = sites.a.wait(relayed_up, 60, "mobile relayed")
+    sites.b.wait(relayed_up, 60, "mobile relayed")
+    assert link(a, "mobile")["relay"] == turn_relay
+    for site in (mc.a_site, mc.b_site):
+        nc.change_kind(site, "eim")
+    time.sleep(4.5)
+    for s in (sites.a, sites.b):
+        s.proc.send_signal(signal.SIGHUP)  # re-check: the new mappings go to the peer
+
+    def direct(st):
+        ln = link(st, "mobile")
+        return ln["state"] == "established" and ln["path"] == "punched" and ln["relay"] is None
+    a2 = sites.a.wait(direct, 60, "mobile on the direct path")
+    b2 = sites.b.wait(direct, 60, "mobile on the direct path")
+    # each end talks to the other's NAT directly (its public mapping), no relay
+    assert link(a2, "mobile")["remote"].startswith(f"{mc.b_public}:")
+    assert link(b2, "mobile")["remote"].startswith(f"{mc.a_public}:")
+    for st in (a2, b2):
+        assert st["session_id"] == a["session_id"]
+        assert link(st, "mobile")["downs"] == 0          # moved, never went down
+        assert uplink(st, "mobile")["nat"] == "endpoint-independent"
+    assert "moved from the relay to punched" in sites.a.log()
+    p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
+    assert p.received == 10, p

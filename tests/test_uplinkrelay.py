@@ -133,7 +133,7 @@ def test_send_path_wraps_what_goes_to_a_relayed_peer():
     sub = SimpleNamespace(remote=PEER_RELAYED, established=True)
     sess = SimpleNamespace(datagrams_by_member=lambda: {1: [b"sealed-1", b"sealed-2"]},
                            subflows={1: sub})
-    ds = SimpleNamespace(sess=sess, uplink_of={1: up}, punch={}, plan={})
+    ds = SimpleNamespace(sess=sess, uplink_of={1: up}, punch={}, plan={}, upgrade=set())
     send.flush(ds, {"send_errors": 0}, 1.0)
     assert [d for d, dest in batch.sent] == [turn.encode_channel_data(turn.CHANNEL_MIN, b"sealed-1"),
                                            turn.encode_channel_data(turn.CHANNEL_MIN, b"sealed-2")]
@@ -145,3 +145,27 @@ def test_send_path_wraps_what_goes_to_a_relayed_peer():
     send.flush(ds, {"send_errors": 0}, 1.0)
     assert batch.sent == [(b"sealed-1", ("10.3.2.2", 7000)), (b"sealed-2", ("10.3.2.2", 7000))]
     assert link_relay(ds, 1) is None
+
+
+def test_an_upgrade_flush_also_tries_the_direct_candidates_once():
+    """While relayed, a flush marked for upgrade (a probe) goes through the
+    relay as always and also straight to the peer's direct candidates; the
+    mark is used up."""
+    from mpvpn.core.candidates import Punch
+
+    r, fake = ready_relay()
+    batch = Batch()
+    up = SimpleNamespace(batch=batch, relay=r, tx_errors=0)
+    sub = SimpleNamespace(remote=PEER_RELAYED, established=True)
+    sess = SimpleNamespace(datagrams_by_member=lambda: {1: [b"probe"]}, subflows={1: sub})
+    punch = Punch(initiator=True)
+    srflx = ("203.0.113.203", 7000)
+    punch.update([("10.3.2.2", 7000), srflx, PEER_RELAYED], True, 0.0)
+    ds = SimpleNamespace(sess=sess, uplink_of={1: up}, punch={1: punch}, plan={}, upgrade={1})
+    send.flush(ds, {"send_errors": 0}, 1.0)
+    assert batch.sent == [(turn.encode_channel_data(turn.CHANNEL_MIN, b"probe"), SRV),
+                          (b"probe", ("10.3.2.2", 7000)), (b"probe", srflx)]
+    assert ds.upgrade == set()
+    batch.sent.clear()
+    send.flush(ds, {"send_errors": 0}, 1.1)
+    assert batch.sent == [(turn.encode_channel_data(turn.CHANNEL_MIN, b"probe"), SRV)]

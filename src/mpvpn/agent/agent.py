@@ -117,6 +117,9 @@ class DataSession:
     started: float = 0.0
     punch: dict = field(default_factory=dict)  # member -> candidates.Punch (NAT traversal)
     down_since: dict = field(default_factory=dict)  # member -> when it was last seen unestablished
+    upgrade_at: dict = field(default_factory=dict)  # relayed member -> next direct probe
+    upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
+    upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
 
     @property
     def session_id(self) -> int:
@@ -479,6 +482,7 @@ class Agent:
                 ts.append(uplinknat.punch_deadline(ds))
             for since in ds.down_since.values():
                 ts.append(since + uplinkrelay.RELAY_AFTER)
+            ts.extend(ds.upgrade_at.values())
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None
 
@@ -618,6 +622,7 @@ class Agent:
                         f"the peer's uplink {pu.name} is relayed", now):
                     log.info("uplink %s: the peer's uplink %s is relayed; relaying too", up.name, pu.name)
                 peers.setdefault(up, []).extend(uplinkrelay.relay_peers(pu, sockaddr))
+                self._relay_upgrade(ds, member, up, now)
         changed = False
         for up in self.uplinks.values():
             r = up.relay
@@ -643,6 +648,36 @@ class Agent:
             self._uplinks_changed(now)
             for ds in self.sessions.values():
                 self._update_punch(ds, now)
+
+    def _relay_upgrade(self, ds: DataSession, member: int, up: UplinkIO, now: float) -> None:
+        """While relayed, probe the peer's direct candidates now and then
+        (at once when they change): an authenticated probe that gets through
+        moves the peer's end to the direct path (SMPU follows the source),
+        its answer moves ours."""
+        sub = ds.sess.subflows.get(member)
+        p = ds.punch.get(member)
+        relayed = sub is not None and sub.established and sub.remote is not None \
+            and up.relay.carries(sub.remote)
+        if not relayed or p is None:
+            if member in ds.upgrade_at:
+                ds.upgrade_at.pop(member, None)
+                ds.upgrade_targets.pop(member, None)
+                if sub is not None and sub.established:
+                    log.info("%s: subflow %d moved from the relay to %s", ds.peer.name, member,
+                             uplinknat.link_path(ds, member))
+            return
+        direct = tuple(t for t in p.targets if not up.relay.carries(t))
+        if not direct:
+            return
+        if direct != ds.upgrade_targets.get(member):
+            ds.upgrade_targets[member] = direct
+            ds.upgrade_at[member] = now              # new candidates: try them now
+        if now < ds.upgrade_at.get(member, now):
+            return
+        ds.upgrade_at[member] = now + uplinkrelay.UPGRADE_INTERVAL
+        ds.upgrade.add(member)
+        ds.sess.punch(member, now)
+        self._flush_session(ds)
 
     def _relay_send(self, up: UplinkIO) -> None:
         if up.batch is None:

@@ -174,6 +174,7 @@ def flush(ds, counters: dict, now: float = 0.0) -> None:
     subs = ds.sess.subflows
     uplink_of = ds.uplink_of
     punches = ds.punch  # member -> candidates.Punch (NAT traversal)
+    upgrades = ds.upgrade  # relayed members whose datagrams also go direct this once
     for member, dgrams in runs.items():
         sub = subs.get(member)
         up = uplink_of.get(member)
@@ -191,6 +192,12 @@ def flush(ds, counters: dict, now: float = 0.0) -> None:
                     failed += relay.send(up.batch, dgrams, dest, now)
                 else:
                     failed += up.batch.send(dgrams, dest)
+            if upgrades and member in upgrades and punch is not None:
+                # relayed: this flush (a probe) also tries the direct candidates
+                upgrades.discard(member)
+                for dest in punch.targets:
+                    if relay is None or not relay.carries(dest):
+                        failed += up.batch.send(dgrams, dest)
         if failed:
             up.tx_errors += failed
             counters["send_errors"] += failed

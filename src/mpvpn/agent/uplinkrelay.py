@@ -42,6 +42,7 @@ log = logging.getLogger("mpvpn")
 
 RELAY_AFTER = 4.0     # seconds a subflow stays unestablished before its uplink relays
 RELAY_RETRY = 10.0    # a failed relay is tried again after this long
+UPGRADE_INTERVAL = 15.0  # while relayed: a probe to the peer's direct candidates this often
 
 
 def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
