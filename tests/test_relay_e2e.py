@@ -316,3 +316,21 @@ def test_relayed_pair_moves_to_the_direct_path_when_one_appears(relay_sites):
     assert "moved from the relay to punched" in sites.a.log()
     p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
     assert p.received == 10, p
+
+
+def test_a_relay_change_on_reload_restarts_the_sessions_with_it(relay_sites):
+    """SIGHUP with a changed `config relay`: the uplinks' relay paths are
+    made at start, so the agent restarts its sessions with the new list."""
+    import signal
+
+    lab, nc, relays, sites = relay_sites()
+    sites.start(wait=False)
+    sites.a.wait(relayed_up, 60, "mobile relayed")
+    text = (sites.a.uci_dir / "orayboxvpn").read_text()
+    (sites.a.uci_dir / "orayboxvpn").write_text(text + relay_sections(NOWHERE))
+    sites.a.proc.send_signal(signal.SIGHUP)
+    st = sites.a.wait(lambda st: len((uplink(st, "mobile")["relay"] or {}).get("relays", [])) == 2,
+                      30, "the new relay list in use")
+    assert [r["address"] for r in uplink(st, "mobile")["relay"]["relays"]] == [RELAY, NOWHERE]
+    assert "reloaded: configuration changed, restarting sessions" in sites.a.log()
+    sites.a.wait(relayed_up, 60, "mobile relayed again")

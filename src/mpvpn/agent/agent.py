@@ -1151,7 +1151,8 @@ class Agent:
                 "nat_keepalive")
         from dataclasses import replace as dc_replace
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
-                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
+                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks
+                     and new.relays == self.cfg.relays)  # (the uplinks' relay paths are made at start)
         if same_rest:
             self.cfg = new
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
