@@ -538,8 +538,8 @@ class Agent:
         for data, dest in up.nat.take_outgoing():
             try:
                 up.sock.sendto(data, sockaddr(*dest))
-            except OSError as e:
-                up.tx_errors += 1
+            except OSError as e:  # (no route to that server from this uplink: counted there)
+                up.nat.send_errors += 1
                 log.debug("uplink %s: STUN to %s: %s", up.name, dest, e)
 
     def _nat_timers(self, now: float) -> None:

@@ -69,6 +69,7 @@ class UplinkNat:
         self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
         self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
         self.changes = 0  # times the public mapping changed after the first one
+        self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
         self.client.start(now)
@@ -149,7 +150,8 @@ class UplinkNat:
         return candidates.local_candidates(self.local[0], self.local[1], self.public_addr)
 
     def status(self) -> dict:
-        return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes)
+        return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
+                    send_errors=self.send_errors, problems=list(self.problems))
 
 
 # -- hole punching in the agent's sessions ------------------------------------------------
