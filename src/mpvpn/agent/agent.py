@@ -536,11 +536,8 @@ class Agent:
     def _nat_send(self, up: UplinkIO) -> None:
         """Send what the uplink's STUN client wants to, from the uplink's socket."""
         for data, dest in up.nat.take_outgoing():
-            try:
-                up.sock.sendto(data, sockaddr(*dest))
-            except OSError as e:  # (no route to that server from this uplink: counted there)
-                up.nat.send_errors += 1
-                log.debug("uplink %s: STUN to %s: %s", up.name, dest, e)
+            # (refused, e.g. no route to that server from this uplink: counted there)
+            up.nat.send_errors += up.batch.send([data], sockaddr(*dest))
 
     def _nat_timers(self, now: float) -> None:
         """STUN timers of every uplink; a new public mapping goes to the peers
