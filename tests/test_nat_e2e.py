@@ -22,6 +22,7 @@ import coturn  # noqa: E402
 import netlab  # noqa: E402
 from agentlab import TwoSites, site_config  # noqa: E402
 from netlab import nat  # noqa: E402
+from stats import binomial_interval  # noqa: E402
 from test_natlab import PROBE, SRC  # noqa: E402
 
 from mpvpn.core.noise import genpsk  # noqa: E402
@@ -122,6 +123,28 @@ def test_mobile_behind_nat_is_punched(nat_sites, kinds):
     p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
     assert p.received == 10, p
     assert link(sites.a.status(), "mobile")["downs"] == 0
+
+
+def test_with_loss_on_every_carrier_delivered_loss_is_p_cubed_with_mobile_punched(nat_sites):
+    """e2e 1's loss part: 20 % loss on every carrier (the punched mobile one
+    included), duplicate mode: a packet is lost only when all three lose it
+    (p^3 = 0.8 %), so the punched subflow carries its full share."""
+    lab, nc, sites = nat_sites()
+    sites.start(wait=False)
+    sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    for c in (1, 2, 3):
+        lab.set_loss(c, 20, direction="a2b")  # echo requests cross lossy carriers, replies do not
+    n = 3000
+    p = lab.ping(lab.ha, "192.168.20.2", count=n, interval=0.004, timeout=2.0)
+    lost = p.sent - p.received
+    lo, hi = binomial_interval(p.sent, 0.2 ** 3)
+    assert p.sent == n and lo <= lost <= hi, (lost, (lo, hi))
+    st = sites.b.status()
+    mobile = link(st, "mobile")
+    assert mobile["path"] == "punched" and mobile["state"] == "established"
+    # the punched subflow delivered about 80 % of the requests (as each carrier)
+    assert mobile["rx_packets"] >= binomial_interval(n, 0.8)[0], mobile
 
 
 def test_nat_mapping_expiry_and_reboot_without_a_session_restart(nat_sites):
