@@ -429,3 +429,54 @@ def test_stun_on_the_uplink_sockets_candidates_reach_the_peer_and_sighup_recheck
         assert {u["name"]: u for u in sa["uplinks"]}["mobile"]["stun"]["changes"] == 1
         assert sb["session_id"] == sid
         assert {ln["type"]: ln["ups"] for ln in sb["links"]} == ups_before
+
+
+def test_bad_stun_input_is_counted_and_the_tunnel_keeps_serving(tmp_path):
+    """Issue 15 e2e 5, the STUN part: answers with a wrong transaction id,
+    malformed or oversized ones from a configured server, and a STUN answer
+    from an address that is not a server: no traceback, each one counted
+    where it went (the STUN client's drops, or SMPU's unknown_session), the
+    subflows stay up and the mapping learnt stays."""
+    from mpvpn.core import stun
+
+    stun_opts = "".join(f"\tlist stun '{h}:{p}'\n" for h, p in FakeStun.ADDRS)
+    with Pair(tmp_path, extra_base=FAST + stun_opts) as pair:
+        fake = FakeStun(pair.net, lambda src: ("198.51.100.1", 7000) if src[0] == "10.3.0.1" else src)
+
+        def ready():
+            fake.pump()
+            sa = pair.a.status()
+            return (sa["state"] == "connected"
+                    and sum(ln["state"] == "established" for ln in sa["links"]) == CARRIERS
+                    and all(u["public"] for u in sa["uplinks"]) and sa)
+        sa = pair.until(ready, "connected, every uplink's mapping known")
+        before = sa["counters"]["unknown_session"]
+        ups_before = {ln["type"]: ln["ups"] for ln in sa["links"]}
+        mobile = ("10.3.0.1", 7000)
+        server = fake.eps[0]
+        txid = bytes(12)
+        good = stun.encode(stun.BINDING, stun.SUCCESS, txid,
+                           [(stun.XOR_MAPPED_ADDRESS, stun.encode_address(("192.0.2.66", 1), xor=True,
+                                                                          txid=txid))], fingerprint=True)
+        bad_fp = bytearray(good)
+        bad_fp[-1] ^= 1
+        # shaped like STUN (length field = body) but an attribute runs past the end
+        malformed = (good[:2] + (8).to_bytes(2, "big") + good[4:20]
+                     + (0x0020).to_bytes(2, "big") + (0xFF).to_bytes(2, "big") + bytes(4))
+        assert stun.looks_like_stun(malformed)
+        oversized = stun.encode(stun.BINDING, stun.SUCCESS, txid, [(stun.SOFTWARE, b"x" * 1600)])
+        request = stun.encode(stun.BINDING, stun.REQUEST, txid)
+        for d in (good, bytes(bad_fp), malformed, oversized, request):
+            server.send([d], mobile)  # from a configured server
+        pair.net.deliver(("198.51.100.66", 3478), mobile, good)  # a STUN answer from elsewhere
+        pair.run(0.3)
+        sa = pair.a.status()
+        drops = {u["name"]: u for u in sa["uplinks"]}["mobile"]["stun"]["drops"]
+        # (no round is running: a well-formed answer is an unknown transaction, whatever its fingerprint)
+        assert drops.get("unknown_transaction", 0) >= 2, drops
+        assert drops.get("malformed") == 1 and drops.get("oversized") == 1, drops
+        assert drops.get("not_a_binding_response") == 1, drops
+        assert sa["counters"]["unknown_session"] == before + 1  # the one from elsewhere: SMPU's
+        assert {u["name"]: u for u in sa["uplinks"]}["mobile"]["public"] == "198.51.100.1:7000"
+        assert {ln["type"]: ln["ups"] for ln in sa["links"]} == ups_before
+        assert sum(ln["state"] == "established" for ln in sa["links"]) == CARRIERS
