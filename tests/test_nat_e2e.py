@@ -18,74 +18,28 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import coturn  # noqa: E402
-import netlab  # noqa: E402
-from agentlab import TwoSites, site_config  # noqa: E402
-from netlab import nat  # noqa: E402
+from natsites import MOBILE, NatSites, link, punched_up, unavailable_reason, uplink  # noqa: E402
 from stats import binomial_interval  # noqa: E402
-from test_natlab import PROBE, SRC  # noqa: E402
-
-from mpvpn.core.noise import genpsk  # noqa: E402
-
-STUN_PORT = 3478
-MOBILE = 3  # carrier index of `mobile` in agentlab.site_config
 
 
 @pytest.fixture
 def nat_sites(make_lab):
-    """Factory: (lab, NatCarriers, TwoSites) with mobile behind EIM NATs on
-    both sides and coturn answering STUN on the lab internet's two addresses."""
-    reason = coturn.unavailable_reason() or (None if netlab._which("conntrack") else
-                                             "`conntrack` missing: install Debian package conntrack")
+    """Factory: (lab, NatCarriers, TwoSites) with mobile behind NATs of
+    ``kinds`` and coturn answering STUN on the lab internet (tests/natsites.py)."""
+    reason = unavailable_reason()
     if reason:
         sys.stderr.write(f"\nNAT e2e tests skipped: {reason}\n")
         pytest.skip(reason)
     made = []
 
     def make(extra_base: str = "", kinds=("eim", "eim")):
-        lab = make_lab(carriers=3)
-        nc = nat.NatCarriers(lab, {MOBILE: kinds})
-        made.append(nc)
-        server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
-                               relay_ports=(50000, 50099), loopback_peers=False,
-                               prefix=nc.prefix_argv(nc.inet))
-        made.append(server)
-
-        def probe():
-            return nc.python(nc.inet, PROBE, str(SRC), nat.INET_IPS[0], str(STUN_PORT),
-                             check=False, timeout=10).returncode == 0
-        server.start(timeout=15, probe=probe)
-        stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
-        sites = TwoSites(lab)
-        made.append(sites)
-        psk = genpsk()
-        mc = nc.carrier(MOBILE)
-        for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
-                                              (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
-            text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
-            text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
-            site.write(text, net)
-        return lab, nc, sites
+        ns = NatSites(make_lab(carriers=3), kinds, extra_base)
+        made.append(ns)
+        return ns.lab, ns.nc, ns.sites
 
     yield make
-    for thing in reversed(made):
-        thing.close()
-
-
-def link(st: dict, carrier: str) -> dict:
-    (ln,) = [ln for ln in st["links"] if ln["type"] == carrier]
-    return ln
-
-
-def uplink(st: dict, name: str) -> dict:
-    (up,) = [u for u in st["uplinks"] if u["name"] == name]
-    return up
-
-
-def punched_up(st: dict) -> bool:
-    return (st["state"] == "connected"
-            and sum(ln["state"] == "established" for ln in st["links"]) == 3
-            and link(st, "mobile")["path"] == "punched")
+    for ns in reversed(made):
+        ns.close()
 
 
 @pytest.mark.parametrize("kinds", [("eim", "eim"), (None, "eim")], ids=["both", "server-only"])
