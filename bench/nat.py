@@ -1,25 +1,31 @@
 #!/usr/bin/env python3
-"""NAT traversal in the namespace lab (issue 15): time from agent start to
-3 of 3 subflows for a direct `mobile` pair and for one punched through two
-endpoint-independent NATs (tests/natsites.py: nftables NAT boxes, coturn as
-the STUN server); keepalive bytes per second that hold the punched pair's
-NAT mappings open while idle; and the time from a NAT reboot on both ends
-(conntrack flushed, new public ports) to the pair back up in the same
-session.  (Relayed pairs come with the TURN relay fallback.)
+"""NAT traversal benchmark in the namespace lab (issue 15): the cost of the
+TURN relay, measured next to a direct carrier in the same run.
 
-    python bench/nat.py [--runs N] [--idle S] [--keepalive S] [--json FILE]     (root)
+Two real agents; carrier 3 (``mobile``) of both sites behind endpoint-
+dependent ("symmetric") nftables NAT boxes, so it comes up relayed, relay to
+relay, through the real coturn in the lab internet (tests/netlab/nat.py,
+tests/test_relay_e2e.py); carriers 1 and 2 are direct.
 
-Times are taken from outside by polling the agents' status every 0.1 s, so
-they include up to 0.1 s of polling; they are for orientation, no test
-asserts them.
+* time from agent start until ``mobile`` is relayed (3 of 3 subflows);
+* the agent's own link test (``mpvpn test-links``: each link alone, both
+  directions): capacity and goodput of the relayed ``mobile`` next to the
+  direct ``telecom``, and their ratio (the relay's cost);
+* idle keepalive traffic per subflow (bytes/s out, from the agents' link
+  counters over an idle period), relayed next to direct.
+
+    python bench/nat.py [--phase S] [--idle S] [--rate MBIT] [--json FILE]   (root; needs turnserver)
+
+``--rate`` limits carriers 1 and 3 to the same rate (tc tbf), so the ratio
+compares paths of equal capacity; without it both run as fast as this
+machine's CPUs let them (coturn forwards in user space, twice per datagram).
+Numbers are for orientation; no test asserts them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,95 +34,92 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from agentlab import TwoSites  # noqa: E402
-from natsites import NatSites, link, punched_up, unavailable_reason, uplink  # noqa: E402
-from netlab import Lab  # noqa: E402
+import coturn  # noqa: E402
+from agentlab import TwoSites, site_config  # noqa: E402
+from netlab import Lab, nat, unavailable_reason  # noqa: E402
+from test_relay_e2e import MOBILE, PORT, RELAY, Relays, link, relay_sections, relayed_up  # noqa: E402
+
+from mpvpn.core.noise import genpsk  # noqa: E402
+from mpvpn.io import rpc  # noqa: E402
 
 
-def until(site, pred, what: str, timeout: float = 60.0) -> float:
-    """Seconds until ``pred(status)`` holds (polled every 0.1 s)."""
-    t0 = time.monotonic()
-    site.wait(pred, timeout, what)
-    return time.monotonic() - t0
+def link_test(site, seconds: float) -> dict:
+    path = rpc.socket_path(site.run_dir)
+    started = rpc.call(path, "test_links", {"duration": seconds})
+    if started.get("error"):
+        raise RuntimeError(started["error"])
+    while True:
+        time.sleep(0.5)
+        doc = (rpc.call(path, "status") or {}).get("link_test") or {}
+        if doc.get("state") in ("done", "failed"):
+            return doc
 
 
-def direct_run() -> float:
-    with Lab(3) as lab, TwoSites(lab) as ts:
-        t0 = time.monotonic()
-        ts.start(wait=False)
-        ts.a.wait_connected(3, 60)
-        ts.b.wait_connected(3, 60)
-        return time.monotonic() - t0
-
-
-def punched_run(idle: float, keepalive: float | None, port: int) -> dict:
-    extra = ""
-    if keepalive is not None:
-        extra = f"\toption keepalive_idle '{keepalive}'\n\toption nat_keepalive '{keepalive}'\n"
-    with Lab(3) as lab, NatSites(lab, ("eim", "eim"), extra) as ns:
-        t0 = time.monotonic()
-        ns.sites.start(wait=False)
-        ns.sites.a.wait(punched_up, 60, "mobile punched")
-        ns.sites.b.wait(punched_up, 60, "mobile punched")
-        start = time.monotonic() - t0
-        time.sleep(1.0)
-        st0 = ns.sites.a.status()
-        time.sleep(idle)
-        st1 = ns.sites.a.status()
-        tx = link(st1, "mobile")["tx_bytes"] - link(st0, "mobile")["tx_bytes"]
-        down_idle = link(st1, "mobile")["downs"]
-        sid = st1["session_id"]
-        for site in (ns.mobile.a_site, ns.mobile.b_site):
-            ns.nc.reboot(site, port=port)
-        t1 = time.monotonic()
-
-        def back(st):
-            return (link(st, "mobile")["state"] == "established" and link(st, "mobile")["downs"] > down_idle
-                    and (uplink(st, "mobile")["public"] or "").endswith(f":{port}"))
-        ns.sites.a.wait(back, 60, "mobile back after the NAT reboot")
-        ns.sites.b.wait(back, 60, "mobile back after the NAT reboot")
-        recover = time.monotonic() - t1
-        same = ns.sites.a.status()["session_id"] == sid == ns.sites.b.status()["session_id"]
-        return {"start_s": start, "keepalive_bytes_per_s": tx / idle, "downs_while_idle": down_idle,
-                "reboot_recovery_s": recover, "same_session": same}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--idle", type=float, default=10.0, help="idle window for keepalive bytes (s)")
-    ap.add_argument("--keepalive", type=float, default=None,
-                    help="keepalive_idle and nat_keepalive for the punched runs (default: the defaults)")
-    ap.add_argument("--json", metavar="FILE")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root (network namespaces)", file=sys.stderr)
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--phase", type=float, default=2.0, help="seconds per link-test phase")
+    ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle for the keepalive rate")
+    ap.add_argument("--rate", type=float, default=None, help="Mbit/s limit on carriers 1 and 3")
+    ap.add_argument("--json", help="write the results here too")
+    args = ap.parse_args()
+    reason = unavailable_reason() or coturn.unavailable_reason()
+    if reason:
+        print(f"bench/nat.py: {reason}", file=sys.stderr)
         return 2
-    why = unavailable_reason()
-    if why:
-        print(f"cannot run: {why}", file=sys.stderr)
-        return 2
-    direct = [direct_run() for _ in range(args.runs)]
-    punched = [punched_run(args.idle, args.keepalive, 7100 + i) for i in range(args.runs)]
-
-    def med(xs):
-        return statistics.median(xs)
-    print(f"{args.runs} runs each; keepalive {args.keepalive or 'default'}")
-    print(f"start -> 3 of 3 subflows, direct:         median {med(direct):.2f} s  "
-          f"(min {min(direct):.2f}, max {max(direct):.2f})")
-    starts = [r["start_s"] for r in punched]
-    print(f"start -> 3 of 3 subflows, mobile punched: median {med(starts):.2f} s  "
-          f"(min {min(starts):.2f}, max {max(starts):.2f})")
-    ka = [r["keepalive_bytes_per_s"] for r in punched]
-    print(f"keepalive on the idle punched subflow:    median {med(ka):.0f} B/s (one direction, "
-          f"downs while idle: {sum(r['downs_while_idle'] for r in punched)})")
-    rec = [r["reboot_recovery_s"] for r in punched]
-    print(f"NAT reboot (both ends, new ports) -> back: median {med(rec):.2f} s  "
-          f"(min {min(rec):.2f}, max {max(rec):.2f}); same session: "
-          f"{all(r['same_session'] for r in punched)}")
+    out: dict = {"phase_s": args.phase, "idle_s": args.idle, "rate_mbit": args.rate}
+    with Lab(carriers=3) as lab:
+        nc = nat.NatCarriers(lab, {MOBILE: ("edm", "edm")})
+        relays = Relays(nc).start()
+        sites = TwoSites(lab)
+        try:
+            psk = genpsk()
+            mc = nc.carrier(MOBILE)
+            stun = "".join(f"\tlist stun '{ip}:{PORT}'\n" for ip in nat.INET_IPS)
+            for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
+                                                  (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
+                text, net = site_config(role, psk, idx, vnc, lan, 3, stun)
+                text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
+                site.write(text + relay_sections(RELAY), net)
+            if args.rate:
+                for c in (1, MOBILE):
+                    lab.set_rate(c, args.rate)
+            t0 = time.monotonic()
+            sites.start(wait=False)
+            st = sites.a.wait(relayed_up, 60, "mobile relayed")
+            out["relayed_after_s"] = round(time.monotonic() - t0, 2)
+            out["relay_why"] = st["uplinks"][2]["relay"]["why"] if st["uplinks"][2]["relay"] else None
+            sites.b.wait(relayed_up, 60, "mobile relayed")
+            time.sleep(1.0)
+            # idle keepalive traffic per subflow
+            before = {ln["type"]: ln["tx_bytes"] for ln in sites.a.status()["links"]}
+            time.sleep(args.idle)
+            st = sites.a.status()
+            out["keepalive_bytes_per_s"] = {ln["type"]: round((ln["tx_bytes"] - before[ln["type"]]) / args.idle, 1)
+                                            for ln in st["links"]}
+            doc = link_test(sites.a, args.phase)
+            res = {(r["name"], r["direction"]): r for r in doc.get("results") or []}
+            rows = {}
+            for name in ("telecom", "unicom", "mobile"):
+                for d in ("up", "down"):
+                    r = res.get((name, d))
+                    if r:
+                        rows[f"{name} {d}"] = {k: r.get(k) for k in ("mbps", "goodput_mbps", "rtt_ms", "loss")}
+            out["link_test"] = rows
+            out["link_test_state"] = doc.get("state")
+            ratios = {}
+            for d in ("up", "down"):
+                m, t = rows.get(f"mobile {d}"), rows.get(f"telecom {d}")
+                if m and t and t.get("goodput_mbps"):
+                    ratios[d] = round(m["goodput_mbps"] / t["goodput_mbps"], 3)
+            out["relayed_over_direct_goodput"] = ratios
+            out["mobile_path"] = link(sites.a.status(), "mobile")["path"]
+        finally:
+            sites.close()
+            relays.close()
+            nc.close()
+    print(json.dumps(out, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "nat", "direct_start_s": direct, "punched": punched},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

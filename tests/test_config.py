@@ -1002,6 +1002,7 @@ def test_nat_keepalive_out_of_bounds(value):
     assert any("orayboxvpn.base.nat_keepalive" in e for e in errors(problems))
 
 
+
 # --- config relay (TURN relays, issue 15) ---------------------------------------
 
 RELAYS = """

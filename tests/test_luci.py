@@ -795,11 +795,12 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
     "vnc": {"ifname": EVIL, "address": None, "netmask": None, "mtu": None},
     "routes": [EVIL, None], "control": None,
     "uplinks": [{"name": EVIL, "type": EVIL, "bind_ip": None, "port": None, "state": "waiting",
-                 "error": "address missing " + EVIL}, None],
+                 "error": "address missing " + EVIL,
+                 "relay": {"started": True, "state": "waiting", "last_error": "relay down " + EVIL}}, None],
     "links": [{"member": 1, "session_id": None, "peer": EVIL, "name": EVIL, "type": EVIL,
                "local": EVIL, "remote": None, "state": EVIL, "rtt_ms": None, "rttvar_ms": None,
                "loss": None, "loss_in": None, "tx_bytes": None, "rx_bytes": None, "weight": None,
-               "last_down_reason": EVIL},
+               "last_down_reason": EVIL, "path": "relayed", "relay": EVIL, "relay_reason": EVIL},
               {"member": 2}, None],
     "counters": {"delivered": None, "auth_failures": 3},
     "sessions": [{"name": EVIL, "state": "connected"}, {"name": "site-c", "state": None}],
@@ -1081,6 +1082,10 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     rows = link_rows(view)
     assert len(rows) == 2  # the null entry is skipped
     assert rows[0]["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == EVIL
+    # docs/status.md links[].path relayed: the relay and why, in words (as text)
+    assert rows[0]["Carrier"].find("span", cls="mpvpn-relayed").words == f"via relay {EVIL}: {EVIL}"
+    assert rows[1]["Carrier"].find("span", cls="mpvpn-relayed") is None
+    assert head["Uplinks"].find("span", cls="mpvpn-relay-error").words == f"relay: relay down {EVIL}"
     assert rows[1]["RTT"].words == "—never heard" and rows[1]["Weight"].words == "—"
     totals = view.find("table", id="mpvpn-totals")
     auth = totals.find("td", data_counter="auth_failures")

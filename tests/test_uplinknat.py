@@ -96,6 +96,7 @@ def test_demultiplexer_gives_stun_only_what_comes_from_a_server_and_looks_like_s
     class Up:
         name = "mobile"
         rx_datagrams = 0
+        relay = None  # (no config relay)
 
     up = Up()
     up.nat = nat

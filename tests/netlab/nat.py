@@ -247,6 +247,15 @@ class _Boxes:
         self.run(site.nat, ["nft", "-f", "-"], input=nat_rules(site.kind, "ext", port))
         self.flush_conntrack(site)
 
+    def change_kind(self, site: NatSite, kind: str) -> None:
+        """Replace the box's NAT rule by another kind's, keeping conntrack:
+        flows that exist keep their mappings, new flows get the new kind's
+        (an operator reconfiguring a CGNAT; a test that a relayed pair moves
+        to the direct path once one exists)."""
+        rules = nat_rules(kind, "ext")          # (checks the kind)
+        self.run(site.nat, ["nft", "delete", "table", "ip", NFT_NAT_TABLE])
+        self.run(site.nat, ["nft", "-f", "-"], input=rules)
+
     def nat_ruleset(self, site: NatSite) -> str:
         return self.run(site.nat, ["nft", "list", "table", "ip", NFT_NAT_TABLE]).stdout
 

@@ -325,7 +325,7 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Required. A TURN relay (RFC 8656 over UDP, e.g. coturn) that carries a subflow whose "
             "direct and punched paths both fail (endpoint-dependent NAT on both ends). Several "
             "`config relay` sections are tried in order; one that fails is skipped for the next "
-            "for 60 s. The relay sees only ciphertext.",
+            "for 10 s. Configure relays on both sites. The relay sees only ciphertext.",
         ),
         "username": Option("credential", None, "Required. The relay's long-term credential: user name."),
         "password": Option(

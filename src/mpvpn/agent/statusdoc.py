@@ -9,6 +9,7 @@ shows one (a link test's ``started``), passed in as ``wall``.
 from __future__ import annotations
 
 from mpvpn.agent.uplinknat import link_path
+from mpvpn.agent.uplinkrelay import link_relay, relay_reason
 from mpvpn.core.subflow import State
 
 # Session counters docs/status.md lists under `counters`: summed over the
@@ -43,8 +44,10 @@ def session_entries(sessions, now: float, duplicate: bool) -> tuple[list, list, 
             if sub is not None and sub.remote is not None:  # where it sends now (a NAT's mapping)
                 ln["remote"] = f"[{sub.remote[0]}]:{sub.remote[1]}" if ":" in sub.remote[0] \
                     else f"{sub.remote[0]}:{sub.remote[1]}"
-            ln["path"] = link_path(ds, ln["member"])  # direct / punched (docs/nat.md)
-            ln["relay"] = None  # the TURN relay's address once relayed subflows exist
+            ln["relay"] = link_relay(ds, ln["member"])  # the TURN relay carrying it, or None
+            ln["relay_reason"] = relay_reason(ds, ln["member"]) if ln["relay"] else None
+            # direct / punched / relayed (docs/nat.md)
+            ln["path"] = "relayed" if ln["relay"] else link_path(ds, ln["member"])
             links.append(ln)
         for k, v in st["counters"].items():
             if isinstance(v, int):
@@ -118,7 +121,7 @@ def policies(cfg_policies) -> list:
             for p in cfg_policies]
 
 
-def uplinks(ups) -> list:
+def uplinks(ups, now: float = 0.0) -> list:
     out = []
     for up in ups:
         nat = up.nat  # uplinknat.UplinkNat (base.stun set) or None
@@ -128,7 +131,8 @@ def uplinks(ups) -> list:
                     "public": f"{public[0]}:{public[1]}" if public and ":" not in public[0]
                     else (f"[{public[0]}]:{public[1]}" if public else None),
                     "nat": nat.nat if nat is not None else None,
-                    "stun": nat.status() if nat is not None else None})
+                    "stun": nat.status() if nat is not None else None,
+                    "relay": up.relay.status(now) if up.relay is not None else None})
     return out
 
 
