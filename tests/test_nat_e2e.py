@@ -18,73 +18,28 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import coturn  # noqa: E402
-import netlab  # noqa: E402
-from agentlab import TwoSites, site_config  # noqa: E402
-from netlab import nat  # noqa: E402
-from test_natlab import PROBE, SRC  # noqa: E402
-
-from mpvpn.core.noise import genpsk  # noqa: E402
-
-STUN_PORT = 3478
-MOBILE = 3  # carrier index of `mobile` in agentlab.site_config
+from natsites import MOBILE, NatSites, link, punched_up, unavailable_reason, uplink  # noqa: E402
+from stats import binomial_interval  # noqa: E402
 
 
 @pytest.fixture
 def nat_sites(make_lab):
-    """Factory: (lab, NatCarriers, TwoSites) with mobile behind EIM NATs on
-    both sides and coturn answering STUN on the lab internet's two addresses."""
-    reason = coturn.unavailable_reason() or (None if netlab._which("conntrack") else
-                                             "`conntrack` missing: install Debian package conntrack")
+    """Factory: (lab, NatCarriers, TwoSites) with mobile behind NATs of
+    ``kinds`` and coturn answering STUN on the lab internet (tests/natsites.py)."""
+    reason = unavailable_reason()
     if reason:
         sys.stderr.write(f"\nNAT e2e tests skipped: {reason}\n")
         pytest.skip(reason)
     made = []
 
     def make(extra_base: str = "", kinds=("eim", "eim")):
-        lab = make_lab(carriers=3)
-        nc = nat.NatCarriers(lab, {MOBILE: kinds})
-        made.append(nc)
-        server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
-                               relay_ports=(50000, 50099), loopback_peers=False,
-                               prefix=nc.prefix_argv(nc.inet))
-        made.append(server)
-
-        def probe():
-            return nc.python(nc.inet, PROBE, str(SRC), nat.INET_IPS[0], str(STUN_PORT),
-                             check=False, timeout=10).returncode == 0
-        server.start(timeout=15, probe=probe)
-        stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
-        sites = TwoSites(lab)
-        made.append(sites)
-        psk = genpsk()
-        mc = nc.carrier(MOBILE)
-        for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
-                                              (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
-            text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
-            text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
-            site.write(text, net)
-        return lab, nc, sites
+        ns = NatSites(make_lab(carriers=3), kinds, extra_base)
+        made.append(ns)
+        return ns.lab, ns.nc, ns.sites
 
     yield make
-    for thing in reversed(made):
-        thing.close()
-
-
-def link(st: dict, carrier: str) -> dict:
-    (ln,) = [ln for ln in st["links"] if ln["type"] == carrier]
-    return ln
-
-
-def uplink(st: dict, name: str) -> dict:
-    (up,) = [u for u in st["uplinks"] if u["name"] == name]
-    return up
-
-
-def punched_up(st: dict) -> bool:
-    return (st["state"] == "connected"
-            and sum(ln["state"] == "established" for ln in st["links"]) == 3
-            and link(st, "mobile")["path"] == "punched")
+    for ns in reversed(made):
+        ns.close()
 
 
 @pytest.mark.parametrize("kinds", [("eim", "eim"), (None, "eim")], ids=["both", "server-only"])
@@ -122,6 +77,28 @@ def test_mobile_behind_nat_is_punched(nat_sites, kinds):
     p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
     assert p.received == 10, p
     assert link(sites.a.status(), "mobile")["downs"] == 0
+
+
+def test_with_loss_on_every_carrier_delivered_loss_is_p_cubed_with_mobile_punched(nat_sites):
+    """e2e 1's loss part: 20 % loss on every carrier (the punched mobile one
+    included), duplicate mode: a packet is lost only when all three lose it
+    (p^3 = 0.8 %), so the punched subflow carries its full share."""
+    lab, nc, sites = nat_sites()
+    sites.start(wait=False)
+    sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    for c in (1, 2, 3):
+        lab.set_loss(c, 20, direction="a2b")  # echo requests cross lossy carriers, replies do not
+    n = 3000
+    p = lab.ping(lab.ha, "192.168.20.2", count=n, interval=0.004, timeout=2.0)
+    lost = p.sent - p.received
+    lo, hi = binomial_interval(p.sent, 0.2 ** 3)
+    assert p.sent == n and lo <= lost <= hi, (lost, (lo, hi))
+    st = sites.b.status()
+    mobile = link(st, "mobile")
+    assert mobile["path"] == "punched" and mobile["state"] == "established"
+    # the punched subflow delivered about 80 % of the requests (as each carrier)
+    assert mobile["rx_packets"] >= binomial_interval(n, 0.8)[0], mobile
 
 
 def test_nat_mapping_expiry_and_reboot_without_a_session_restart(nat_sites):

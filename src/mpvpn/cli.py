@@ -77,6 +77,9 @@ def _print_status(st: dict) -> None:
         print(f"  last error: {st['last_error']}")
     for up in st.get("uplinks", []):
         extra = f" ({up['error']})" if up.get("error") else ""
+        if up.get("nat") is not None:  # base.stun set (docs/nat.md)
+            nat = {"none": "no NAT", "unknown": "NAT unknown"}.get(up["nat"], f"{up['nat']} NAT")
+            extra += f", public {up['public']} ({nat})" if up.get("public") else f", {nat}"
         print(f"  uplink {up['name']:<10} {up.get('type', ''):<10} {up.get('bind_ip')}:{up.get('port')} "
               f"{up.get('state')}{extra}")
         r = up.get("relay") or {}
@@ -90,7 +93,8 @@ def _print_status(st: dict) -> None:
             rtt = "-" if ln.get("rtt_ms") is None else f"{ln['rtt_ms']:.1f}"
             print(f"  {str(ln.get('peer', '')):<12}{ln['member']:>3} {str(ln.get('type', '')):<10}"
                   f"{str(ln.get('local', '')):<22}{str(ln.get('remote', '')):<22}{ln['state']:<13}"
-                  f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}")
+                  f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}"
+                  + (f"  {ln['path']}" if ln.get("path") == "punched" else ""))
             words = relay_words(ln)
             if words:
                 print(f"      {words}")

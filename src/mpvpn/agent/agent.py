@@ -366,7 +366,7 @@ class Agent:
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
         if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
             up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
-            self._nat_send(up)
+            up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
             up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
 
@@ -487,7 +487,10 @@ class Agent:
         return min(ts) if ts else None
 
     def _run_timers(self, now: float) -> None:
-        self._nat_timers(now)
+        if uplinknat.run_timers(self.uplinks.values(), now):  # a new public mapping:
+            self._uplinks_changed(now)  # candidates to the peers (UPDATE)
+            for ds in self.sessions.values():
+                uplinknat.update_punch(ds, now)
         self._relay_timers(now)
         for ds in list(self.sessions.values()):
             t = ds.sess.get_timer()
@@ -553,45 +556,6 @@ class Agent:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
 
-    # ------------------------------------------------------------------ NAT traversal
-
-    def _nat_send(self, up: UplinkIO) -> None:
-        """Send what the uplink's STUN client wants to, from the uplink's socket."""
-        for data, dest in up.nat.take_outgoing():
-            try:
-                up.sock.sendto(data, sockaddr(*dest))
-            except OSError as e:
-                up.tx_errors += 1
-                log.debug("uplink %s: STUN to %s: %s", up.name, dest, e)
-
-    def _nat_timers(self, now: float) -> None:
-        """STUN timers of every uplink; a new public mapping goes to the peers
-        as candidates (UPDATE) and into the punch plans."""
-        changed = False
-        for up in self.uplinks.values():
-            nat = up.nat
-            if nat is None:
-                continue
-            t = nat.next_deadline()
-            if t is not None and t <= now:
-                nat.on_timer(now)
-            self._nat_send(up)
-            changed = nat.mapping_changed() or changed
-        if changed:
-            self._uplinks_changed(now)
-            for ds in self.sessions.values():
-                self._update_punch(ds, now)
-
-    def _update_punch(self, ds: DataSession, now: float) -> None:
-        sc = ds.sess.config.subflow
-
-        def nat_of(member):
-            up = ds.uplink_of.get(member)
-            return up.nat if up is not None else None
-
-        uplinknat.update_punch(ds, nat_of, sockaddr, now, sc.connect_backoff,
-                               max(sc.connect_backoff, sc.connect_backoff_max or sc.keepalive_idle))
-
     # ------------------------------------------------------------------ TURN relays
 
     def _relay_timers(self, now: float) -> None:
@@ -647,7 +611,7 @@ class Agent:
         if changed:
             self._uplinks_changed(now)
             for ds in self.sessions.values():
-                self._update_punch(ds, now)
+                uplinknat.update_punch(ds, now)
 
     def _relay_upgrade(self, ds: DataSession, member: int, up: UplinkIO, now: float) -> None:
         """While relayed, probe the peer's direct candidates now and then
@@ -697,13 +661,6 @@ class Agent:
                          self.clock())
         self._relay_send(up)
 
-    def _nat_recheck(self, now: float) -> None:
-        """SIGHUP / hotplug: every uplink asks its STUN servers again."""
-        for up in self.uplinks.values():
-            if up.nat is not None:
-                up.nat.recheck(now)
-                self._nat_send(up)
-
     def _deliver(self, packets) -> None:
         try:
             failed = self.tun.write_packets(packets)
@@ -714,19 +671,6 @@ class Agent:
             failed = len(packets)
         if failed:
             self.counters["tun_write_errors"] += failed
-
-    def _punch_again(self, ds: DataSession, member: int) -> None:
-        """A punched subflow went down: maybe our NAT mapping changed (NAT
-        reboot, new CGNAT port).  Punch again from the fast pace and ask STUN
-        again; a new mapping goes to the peer as an UPDATE."""
-        p = ds.punch.get(member)
-        if p is None or not p.active:
-            return
-        now = self.clock()
-        p.restart(now)
-        up = ds.uplink_of.get(member)
-        if up is not None and up.nat is not None and up.nat.recheck(now, force=False):
-            self._nat_send(up)
 
     def _flush_session(self, ds: DataSession) -> None:
         send.flush(ds, self.counters, self.clock())
@@ -745,7 +689,7 @@ class Agent:
                 else:
                     log.warning("%s: subflow %d (%s) down: %s", peer, ev.member, carrier, ev.reason)
                     self._relay_path_dead(ds, ev.member, ev.reason)
-                    self._punch_again(ds, ev.member)
+                    uplinknat.punch_again(ds, ev.member, self.clock())  # NAT reboot?
                 self._event("orayboxvpn.link", {"peer": peer, "session_id": ds.session_id,
                                                 "member": ev.member, "type": carrier,
                                                 "state": "up" if up else "down",
@@ -820,7 +764,7 @@ class Agent:
             up = ds.uplink_of[member]
             if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
                 sub.meter.bw0 = up.cfg.upload_kbit * 125.0
-        self._update_punch(ds, now)
+        uplinknat.update_punch(ds, now)
         self._flush_session(ds)
 
     def _set_routes(self, ds: DataSession, cidrs: list) -> None:
@@ -1140,7 +1084,7 @@ class Agent:
         Uplinks given by OpenWrt interface are looked up again either way."""
         now = self.clock()
         self.refresh_uplinks(now)
-        self._nat_recheck(now)
+        uplinknat.recheck_all(self.uplinks.values(), now)
         new, problems = cfgmod.load_config(self.uci_dir)
         errors = [p for p in problems if p.severity == cfgmod.ERROR]
         if new is None or errors:

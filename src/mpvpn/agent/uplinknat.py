@@ -22,6 +22,7 @@ import socket
 
 from mpvpn.core import candidates, stun
 from mpvpn.core.candidates import Punch
+from mpvpn.io.udp import sockaddr
 
 log = logging.getLogger("mpvpn")
 
@@ -69,6 +70,7 @@ class UplinkNat:
         self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
         self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
         self.changes = 0  # times the public mapping changed after the first one
+        self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
         self.client.start(now)
@@ -97,6 +99,13 @@ class UplinkNat:
 
     def take_outgoing(self) -> list:
         return self.client.take_outgoing()
+
+    def send(self, batch) -> None:
+        """Send what the STUN client wants to through the uplink's
+        BatchSocket ``batch``; refusals (e.g. no route to that server from
+        this uplink) count in ``send_errors``."""
+        for data, dest in self.client.take_outgoing():
+            self.send_errors += batch.send([data], sockaddr(*dest))
 
     def recheck(self, now: float, force: bool = True) -> bool:
         """Start a STUN round now (SIGHUP, hotplug); ``force=False`` (a
@@ -149,7 +158,50 @@ class UplinkNat:
         return candidates.local_candidates(self.local[0], self.local[1], self.public_addr)
 
     def status(self) -> dict:
-        return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes)
+        return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
+                    send_errors=self.send_errors, problems=list(self.problems))
+
+
+# -- what the agent calls -------------------------------------------------------------------
+
+def run_timers(uplinks, now: float) -> bool:
+    """STUN timers and output of every uplink (UplinkIO with ``nat`` and
+    ``batch``); True when a round changed a public mapping (then the
+    candidates must go to the peers and into the punch plans)."""
+    changed = False
+    for up in uplinks:
+        nat = up.nat
+        if nat is None or up.batch is None:
+            continue
+        t = nat.next_deadline()
+        if t is not None and t <= now:
+            nat.on_timer(now)
+        nat.send(up.batch)
+        changed = nat.mapping_changed() or changed
+    return changed
+
+
+def recheck_all(uplinks, now: float) -> None:
+    """SIGHUP / hotplug: every uplink asks its STUN servers again."""
+    for up in uplinks:
+        if up.nat is not None and up.batch is not None:
+            up.nat.recheck(now)
+            up.nat.send(up.batch)
+
+
+def punch_again(ds, member: int, now: float) -> None:
+    """Subflow ``member`` of session ``ds`` went down: if it punches, maybe
+    a NAT mapping changed (NAT reboot, new CGNAT port): punch again from the
+    fast pace and ask STUN again (at most every MIN_RECHECK_GAP); a new
+    mapping then goes to the peer as an UPDATE (run_timers)."""
+    p = ds.punch.get(member)
+    if p is None or not p.active:
+        return
+    p.restart(now)
+    up = ds.uplink_of.get(member)
+    if up is not None and up.nat is not None and up.batch is not None \
+            and up.nat.recheck(now, force=False):
+        up.nat.send(up.batch)
 
 
 # -- hole punching in the agent's sessions ------------------------------------------------
@@ -161,12 +213,15 @@ def punch_targets(peer_uplink) -> list:
     return out
 
 
-def update_punch(ds, uplink_nat_of, sockaddr, now: float, backoff: float, backoff_max: float) -> None:
+def update_punch(ds, now: float) -> None:
     """Bring ``ds.punch`` (member -> Punch) in line with the plan and the
     candidates of both sides: a pair punches when either end is behind NAT
     (our uplink's STUN mapping differs from its address, or the peer
-    announced candidates).  ``uplink_nat_of(member)``: our uplink's
-    UplinkNat or None; ``sockaddr(addr, port)``: the socket address."""
+    announced candidates).  The responder's punch probes take the pace of
+    the initiator's CONNECT retries (the subflow's backoff)."""
+    sc = ds.sess.config.subflow
+    backoff = sc.connect_backoff
+    backoff_max = max(backoff, sc.connect_backoff_max or sc.keepalive_idle)
     peer_ups = {u.name: u for u in ds.peer.uplinks}
     for member in [m for m in ds.punch if m not in ds.plan]:
         del ds.punch[member]
@@ -174,7 +229,8 @@ def update_punch(ds, uplink_nat_of, sockaddr, now: float, backoff: float, backof
         pu = peer_ups.get(spec.remote)
         if pu is None:
             continue
-        nat = uplink_nat_of(member)
+        up = ds.uplink_of.get(member)
+        nat = up.nat if up is not None else None
         active = bool(pu.candidates) or (nat is not None and nat.behind_nat)
         p = ds.punch.get(member)
         if p is None:
