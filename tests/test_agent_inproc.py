@@ -370,3 +370,140 @@ def test_a_reload_applies_changed_sites_and_policies_to_live_sessions(tmp_path):
         p.until(lambda: p.b.status()["control"]["closed_by_reason"].get("revoked") == 1, "revoked")
         p.until(lambda: p.b.control_counters.get("bad_psk", 0) >= 1, "the old key refused")
         assert p.b.sessions == {}
+
+
+class FakeStun:
+    """Two STUN servers on the MemoryNet that answer Binding requests with
+    the mapping ``mapped(source)`` (the codec of mpvpn.core.stun, as coturn
+    answers: XOR-MAPPED-ADDRESS and FINGERPRINT; the real coturn is in
+    tests/test_natlab.py and tests/test_nat_e2e.py)."""
+
+    ADDRS = (("203.0.113.1", 3478), ("203.0.113.2", 3478))
+
+    def __init__(self, net, mapped):
+        from fakes import MemoryUDP
+
+        self.mapped = mapped
+        self.eps = []
+        for a in self.ADDRS:
+            ep = MemoryUDP(net, a, gro=False)
+            net.udp[a] = ep
+            self.eps.append(ep)
+        self.requests = 0
+
+    def pump(self) -> None:
+        from mpvpn.core import stun
+
+        for ep in self.eps:
+            while ep.queue:
+                (data,), src = ep.recv()
+                m = stun.decode(data)
+                self.requests += 1
+                value = stun.encode_address(self.mapped(src), xor=True, txid=m.txid)
+                ep.send([stun.encode(stun.BINDING, stun.SUCCESS, m.txid, [(stun.XOR_MAPPED_ADDRESS, value)],
+                                     fingerprint=True)], src)
+
+
+def test_stun_on_the_uplink_sockets_candidates_reach_the_peer_and_sighup_rechecks(tmp_path):
+    """base.stun: each uplink asks from its own socket (the answers are
+    demultiplexed off the SMPU socket), A's mobile uplink learns a mapping
+    that is not its address (behind NAT), its candidates reach B, which
+    then punches that pair (path `punched`); a SIGHUP (reload) asks again,
+    a new mapping goes to B as an UPDATE in the same session."""
+    port = {"mobile": 7000}
+
+    def mapped(src):
+        return ("198.51.100.1", port["mobile"]) if src[0] == "10.3.0.1" else src  # A's mobile is NATed
+
+    stun_opts = "".join(f"\tlist stun '{h}:{p}'\n" for h, p in FakeStun.ADDRS)
+    with Pair(tmp_path, extra_base=FAST + stun_opts) as pair:
+        fake = FakeStun(pair.net, mapped)
+
+        def ready():
+            fake.pump()
+            sb = pair.b.status()
+            return (sb["state"] == "connected"
+                    and sum(ln["state"] == "established" for ln in sb["links"]) == CARRIERS
+                    and any(ln["path"] == "punched" for ln in sb["links"]) and sb)
+        sb = pair.until(ready, "B punches towards A's mobile candidates")
+        sa = pair.a.status()
+        ups = {u["name"]: u for u in sa["uplinks"]}
+        assert ups["mobile"]["public"] == "198.51.100.1:7000" and ups["mobile"]["nat"] == "endpoint-independent"
+        assert ups["telecom"]["public"] == "10.1.0.1:7000" and ups["telecom"]["nat"] == "none"
+        assert all(u["stun"]["drops"] == {} or set(u["stun"]["drops"]) == {"unknown_transaction"}
+                   for u in sa["uplinks"])
+        paths = {ln["type"]: ln["path"] for ln in sb["links"]}
+        assert paths == {"telecom": "direct", "unicom": "direct", "mobile": "punched"}
+        assert {ln["type"]: ln["path"] for ln in sa["links"]}["mobile"] == "punched"
+        assert sa["counters"]["unknown_session"] == 0  # no STUN answer went to SMPU
+        (ds,) = pair.b.sessions.values()
+        (mob,) = [u for u in ds.peer.uplinks if u.type == "mobile"]
+        assert [(c.kind, c.addr, c.port) for c in mob.candidates] == [
+            ("host", "10.3.0.1", 7000), ("srflx", "198.51.100.1", 7000)]
+        sid, ups_before = sb["session_id"], {ln["type"]: ln["ups"] for ln in sb["links"]}
+        asked = fake.requests
+        port["mobile"] = 7100  # the NAT hands out a new port; SIGHUP (hotplug) asks again
+        pair.a.reload()
+
+        def learnt():
+            fake.pump()
+            (ds,) = pair.b.sessions.values()
+            (mob,) = [u for u in ds.peer.uplinks if u.type == "mobile"]
+            return any(c.port == 7100 for c in mob.candidates)
+        pair.until(learnt, "the new mapping reaches B as an UPDATE")
+        assert fake.requests >= asked + 2 * CARRIERS
+        sa, sb = pair.a.status(), pair.b.status()
+        assert {u["name"]: u for u in sa["uplinks"]}["mobile"]["stun"]["changes"] == 1
+        assert sb["session_id"] == sid
+        assert {ln["type"]: ln["ups"] for ln in sb["links"]} == ups_before
+
+
+def test_bad_stun_input_is_counted_and_the_tunnel_keeps_serving(tmp_path):
+    """Issue 15 e2e 5, the STUN part: answers with a wrong transaction id,
+    malformed or oversized ones from a configured server, and a STUN answer
+    from an address that is not a server: no traceback, each one counted
+    where it went (the STUN client's drops, or SMPU's unknown_session), the
+    subflows stay up and the mapping learnt stays."""
+    from mpvpn.core import stun
+
+    stun_opts = "".join(f"\tlist stun '{h}:{p}'\n" for h, p in FakeStun.ADDRS)
+    with Pair(tmp_path, extra_base=FAST + stun_opts) as pair:
+        fake = FakeStun(pair.net, lambda src: ("198.51.100.1", 7000) if src[0] == "10.3.0.1" else src)
+
+        def ready():
+            fake.pump()
+            sa = pair.a.status()
+            return (sa["state"] == "connected"
+                    and sum(ln["state"] == "established" for ln in sa["links"]) == CARRIERS
+                    and all(u["public"] for u in sa["uplinks"]) and sa)
+        sa = pair.until(ready, "connected, every uplink's mapping known")
+        before = sa["counters"]["unknown_session"]
+        ups_before = {ln["type"]: ln["ups"] for ln in sa["links"]}
+        mobile = ("10.3.0.1", 7000)
+        server = fake.eps[0]
+        txid = bytes(12)
+        good = stun.encode(stun.BINDING, stun.SUCCESS, txid,
+                           [(stun.XOR_MAPPED_ADDRESS, stun.encode_address(("192.0.2.66", 1), xor=True,
+                                                                          txid=txid))], fingerprint=True)
+        bad_fp = bytearray(good)
+        bad_fp[-1] ^= 1
+        # shaped like STUN (length field = body) but an attribute runs past the end
+        malformed = (good[:2] + (8).to_bytes(2, "big") + good[4:20]
+                     + (0x0020).to_bytes(2, "big") + (0xFF).to_bytes(2, "big") + bytes(4))
+        assert stun.looks_like_stun(malformed)
+        oversized = stun.encode(stun.BINDING, stun.SUCCESS, txid, [(stun.SOFTWARE, b"x" * 1600)])
+        request = stun.encode(stun.BINDING, stun.REQUEST, txid)
+        for d in (good, bytes(bad_fp), malformed, oversized, request):
+            server.send([d], mobile)  # from a configured server
+        pair.net.deliver(("198.51.100.66", 3478), mobile, good)  # a STUN answer from elsewhere
+        pair.run(0.3)
+        sa = pair.a.status()
+        drops = {u["name"]: u for u in sa["uplinks"]}["mobile"]["stun"]["drops"]
+        # (no round is running: a well-formed answer is an unknown transaction, whatever its fingerprint)
+        assert drops.get("unknown_transaction", 0) >= 2, drops
+        assert drops.get("malformed") == 1 and drops.get("oversized") == 1, drops
+        assert drops.get("not_a_binding_response") == 1, drops
+        assert sa["counters"]["unknown_session"] == before + 1  # the one from elsewhere: SMPU's
+        assert {u["name"]: u for u in sa["uplinks"]}["mobile"]["public"] == "198.51.100.1:7000"
+        assert {ln["type"]: ln["ups"] for ln in sa["links"]} == ups_before
+        assert sum(ln["state"] == "established" for ln in sa["links"]) == CARRIERS

@@ -173,3 +173,15 @@ def test_a_static_private_key_counts_as_a_secret(tmp_path):
     (tmp_path / "orayboxvpn").chmod(0o644)
     out = run(d)[1]
     assert any("holds a secret (private_key, psk)" in line for line in out), out
+
+
+def test_a_relay_password_counts_as_a_secret(tmp_path):
+    text = SITE_A + ("\nconfig relay\n\toption address '203.0.113.7'\n"
+                     "\toption username 'branch-a'\n\toption password 'hunter2-turn'\n")
+    d = write(tmp_path, text, NETWORK_A)
+    (tmp_path / "orayboxvpn").chmod(0o640)
+    code, out = run(d)
+    assert code == 0, out
+    assert any("holds a secret (password, psk) and is readable by group" in line for line in out), out
+    assert "relay 203.0.113.7:3478" in out[-1]
+    assert not any("hunter2-turn" in line for line in out)

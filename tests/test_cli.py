@@ -190,3 +190,42 @@ def test_link_test_progress_with_missed_polls_and_an_old_agent():
     assert lines == [cli.format_phase_result(2, 4, res)]
     assert cli.format_phase_result(0, 1, {"name": "x", "direction": "up", "loss": None}).endswith(
         "- Mbit/s, goodput - Mbit/s, rtt - ms, loss -")
+
+
+def test_status_text_says_where_an_uplink_is_behind_nat_and_which_links_are_punched(capsys):
+    link = {"peer": "b", "member": 1, "type": "mobile", "local": "10.3.1.2:7000",
+            "remote": "203.0.113.203:7000", "state": "established", "rtt_ms": 2.0, "loss": 0.0,
+            "tx_packets": 5, "rx_packets": 5}
+    doc = {"role": "client", "name": "a", "state": "connected", "state_text": "connected",
+           "uplinks": [{"name": "mobile", "type": "mobile", "bind_ip": "10.3.1.2", "port": 7000,
+                        "state": "up", "error": None, "public": "203.0.113.103:7000",
+                        "nat": "endpoint-independent"},
+                       {"name": "telecom", "type": "telecom", "bind_ip": "10.1.0.1", "port": 7000,
+                        "state": "up", "error": None, "public": None, "nat": "unknown"},
+                       {"name": "unicom", "type": "unicom", "bind_ip": "10.2.0.1", "port": 7000,
+                        "state": "up", "error": None, "public": None, "nat": None}],
+           "links": [dict(link, path="punched"), dict(link, member=2, type="telecom", path="direct")]}
+    cli._print_status(doc)
+    out = capsys.readouterr().out.splitlines()
+    ups = [ln for ln in out if ln.strip().startswith("uplink")]
+    assert ups[0].endswith("up, public 203.0.113.103:7000 (endpoint-independent NAT)")
+    assert ups[1].endswith("up, NAT unknown") and ups[2].endswith(" up")
+    rows = [ln for ln in out if "203.0.113.203:7000" in ln]
+    assert rows[0].endswith("  punched") and not rows[1].endswith("direct")
+
+
+def test_status_text_says_a_link_is_relayed_and_why(capsys):
+    link = {"peer": "b", "member": 1, "type": "mobile", "local": "10.3.1.2:7000",
+            "remote": "203.0.113.1:50100", "state": "established", "rtt_ms": 3.0, "loss": 0.0,
+            "tx_packets": 5, "rx_packets": 5, "path": "relayed", "relay": "203.0.113.1:3478",
+            "relay_reason": "both ends behind NAT, this one symmetric: the direct path did not open"}
+    up = {"name": "mobile", "type": "mobile", "bind_ip": "10.3.1.2", "port": 7000, "state": "up",
+          "relay": {"started": True, "state": "waiting",
+                    "last_error": "allocation failed: relay has insufficient capacity (508 x)"}}
+    cli._print_status({"role": "client", "name": "a", "state": "connected", "links": [link],
+                       "uplinks": [up]})
+    out = capsys.readouterr().out
+    assert ("via relay 203.0.113.1:3478: both ends behind NAT, this one symmetric: the direct "
+            "path did not open") in out
+    assert "relay: waiting: allocation failed: relay has insufficient capacity (508 x)" in out
+    assert cli.relay_words(dict(link, path="direct")) is None

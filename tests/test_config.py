@@ -720,7 +720,7 @@ def test_parse_hostport_rejects(text):
 
 
 def test_options_table_is_consistent():
-    assert set(config.OPTIONS) == {"base", "vnc", "smpu", "site", "policy"}
+    assert set(config.OPTIONS) == {"base", "vnc", "smpu", "site", "policy", "relay"}
     for section, options in config.OPTIONS.items():
         for name, opt in options.items():
             assert uci.validate_name(name)
@@ -965,3 +965,110 @@ def test_the_configured_site_name_is_the_agents_name():
     assert Agent(cfg).name == "shop-2"
     cfg, _ = check(SITE_A)
     assert cfg.base.name is None and Agent(cfg).name.endswith("-172.30.0.1")  # <hostname>-<vNIC>
+
+
+# --- NAT traversal (docs/nat.md) -------------------------------------------------
+
+def test_stun_and_nat_keepalive_defaults():
+    cfg, problems = check(SITE_A)
+    assert problems == []
+    assert cfg.base.stun == () and cfg.base.nat_keepalive == 25.0
+
+
+def test_stun_servers_parsed_with_the_stun_port_by_default():
+    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun 'stun.example.net:3479'\n"
+                                         "\tlist stun '[2001:db8::1]'\n\toption nat_keepalive '2.5'\n\toption psk")
+    cfg, problems = check(text)
+    assert problems == []
+    assert cfg.base.stun == (HostPort("203.0.113.1", 3478), HostPort("stun.example.net", 3479),
+                             HostPort("2001:db8::1", 3478))
+    assert cfg.base.nat_keepalive == 2.5
+
+
+@pytest.mark.parametrize("value, word", [
+    ("203.0.113.1:0", "port"), ("0.0.0.0", "STUN server"), ("224.0.0.1", "STUN server"),
+    ("a b:x", ""), ("[::1", ""),
+])
+def test_bad_stun_server_is_an_error(value, word):
+    text = edit(SITE_A, "\toption psk", f"\tlist stun '{value}'\n\toption psk")
+    cfg, problems = check(text)
+    assert cfg is None
+    errs = errors(problems)
+    assert errs and all("orayboxvpn.base.stun" in e for e in errs), errs
+    assert word in errs[0]
+
+
+def test_duplicate_stun_server_is_an_error_and_more_than_four_a_warning():
+    text = edit(SITE_A, "\toption psk", "\tlist stun '203.0.113.1'\n\tlist stun '203.0.113.1:3478'\n\toption psk")
+    cfg, problems = check(text)
+    assert cfg is None and any("given twice" in e for e in errors(problems))
+    five = "".join(f"\tlist stun '203.0.113.{i}'\n" for i in range(1, 6))
+    cfg, problems = check(edit(SITE_A, "\toption psk", five + "\toption psk"))
+    assert cfg is not None and len(cfg.base.stun) == 5
+    assert any("only the first 4" in w for w in warnings(problems))
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "301", "x", "nan"])
+def test_nat_keepalive_out_of_bounds(value):
+    cfg, problems = check(edit(SITE_A, "\toption psk", f"\toption nat_keepalive '{value}'\n\toption psk"))
+    assert cfg is None
+    assert any("orayboxvpn.base.nat_keepalive" in e for e in errors(problems))
+
+
+
+# --- config relay (TURN relays, issue 15) ---------------------------------------
+
+RELAYS = """
+config relay 'r1'
+	option address 'turn1.example.net:3479'
+	option username 'branch-a'
+	option password 's3cret pass'
+
+config relay
+	option address '203.0.113.7'
+	option username 'branch-a'
+	option password 'other'
+
+config relay 'off'
+	option address '[2001:db8::7]:5000'
+	option username 'x'
+	option password 'y'
+	option enabled '0'
+"""
+
+
+def test_relays_in_order_with_defaults():
+    cfg, problems = check(SITE_A + RELAYS)
+    assert errors(problems) == [] and warnings(problems) == []
+    assert [(r.name, str(r.address), r.username, r.password) for r in cfg.relays] == [
+        ("r1", "turn1.example.net:3479", "branch-a", "s3cret pass"),
+        ("@relay[1]", "203.0.113.7:3478", "branch-a", "other"),
+    ]
+    assert "s3cret" not in repr(cfg.relays)          # the password stays out of reprs/logs
+    assert check(SITE_A)[0].relays == ()
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("option address 'turn1.example.net:3479'", "", "orayboxvpn.r1.address: missing: the relay's host:port, e.g. '203.0.113.7:3478'"),
+    ("option address 'turn1.example.net:3479'", "option address 'turn1:99999'", "orayboxvpn.r1.address: port '99999' is not a number from 1 to 65535"),
+    ("option address 'turn1.example.net:3479'", "option address '0.0.0.0'", "orayboxvpn.r1.address: 0.0.0.0:3478 is not a relay's address"),
+    ("option address 'turn1.example.net:3479'", "option address '203.0.113.7:3478'", "orayboxvpn.@relay[1].address: 203.0.113.7:3478 is already the relay of orayboxvpn.r1"),
+    ("\toption username 'branch-a'\n\toption password 's3cret pass'", "\toption username 'branch-a'", "orayboxvpn.r1.password: missing: the relay's password (TURN long-term credential)"),
+    ("option password 's3cret pass'", "option password 'pässwort'", "orayboxvpn.r1.password: may only hold printable ASCII characters (no tabs, no accents)"),
+    ("option password 's3cret pass'", "option password '" + "p" * 129 + "'", "orayboxvpn.r1.password: is 129 characters long: at most 128"),
+    ("option username 'branch-a'\n\toption password 's3cret pass'", "option username ' '\n\toption password 's3cret pass'", "orayboxvpn.r1.username: is empty"),
+])
+def test_relay_errors(old, new, message):
+    cfg, problems = check(SITE_A + edit(RELAYS, old, new))
+    assert cfg is None
+    assert errors(problems) == [message]
+    assert "pässwort" not in str(problems) and "p" * 129 not in str(problems)
+
+
+def test_too_many_relays_and_unknown_options():
+    many = "".join(f"\nconfig relay\n\toption address '203.0.113.{i}'\n\toption username 'u'\n"
+                   f"\toption password 'p'\n" for i in range(1, 10))
+    cfg, problems = check(SITE_A + many)
+    assert errors(problems) == ["orayboxvpn.@relay: 9 relays: at most 8"]
+    cfg, problems = check(SITE_A + edit(RELAYS, "option username 'x'", "option user 'x'"))
+    assert "orayboxvpn.off.user: warning: unknown option (ignored); did you mean 'username'?" in warnings(problems)

@@ -1370,3 +1370,69 @@ def test_the_records_file_round_trips_and_refuses_what_is_not_one(tmp_path):
         path.write_bytes(bad)
         with pytest.raises(ValueError):
             stampstore.load(path)
+
+
+def test_session_ids_never_take_the_stun_magic_cookie():
+    """SMPU's session id sits where STUN has its magic cookie (bytes 4..7)
+    and STUN shares the uplink sockets (docs/nat.md): a generator that draws
+    the cookie (then 0, then an id in use) must skip them all."""
+    from mpvpn.core.controlconn import STUN_MAGIC_COOKIE, random_session_id
+    from mpvpn.core.stun import MAGIC_COOKIE
+
+    assert STUN_MAGIC_COOKIE == MAGIC_COOKIE
+
+    class Draws:
+        def __init__(self, values):
+            self.values = list(values)
+
+        def getrandbits(self, n):
+            assert n == 32
+            return self.values.pop(0)
+
+    assert random_session_id(Draws([MAGIC_COOKIE, 0, 7, 8]), {7}) == 8
+    assert random_session_id(Draws([MAGIC_COOKIE, MAGIC_COOKIE, 5]), ()) == 5
+
+
+# --- candidates (issue 15, docs/control.md) ---------------------------------------
+
+def _cand_update(cands):
+    return json.dumps({"type": "UPDATE", "seq": 1, "uplinks": [
+        {"name": "mobile", "type": "mobile", "addr": "10.200.0.2", "port": 7000,
+         "candidates": cands}]}).encode()
+
+
+def test_candidates_parse_into_the_uplink_and_round_trip():
+    from mpvpn.core.candidates import Candidate
+
+    cands = [{"kind": "host", "addr": "10.200.0.2", "port": 7000},
+             {"kind": "srflx", "addr": "203.0.113.10", "port": 7000},
+             {"kind": "relay", "addr": "2001:db8::7", "port": 49152}]
+    got, why, _ = decode_message(_cand_update(cands), from_client=True)
+    assert why is None
+    up = got["uplinks"][0]
+    assert up.candidates == (Candidate("host", "10.200.0.2", 7000), Candidate("srflx", "203.0.113.10", 7000),
+                             Candidate("relay", "2001:db8::7", 49152))
+    assert up.to_json()["candidates"] == cands
+    assert "candidates" not in Uplink("a", "t", "10.0.0.1", 1).to_json()  # peers before issue 15
+
+
+@pytest.mark.parametrize("cands, word", [
+    ([{"kind": "srflx", "addr": f"203.0.113.{i}", "port": 1} for i in range(5)], "at most 4"),
+    ([{"kind": "srflx", "addr": "203.0.113.1", "port": 1}] * 2, "share one address"),
+    ([{"kind": "host", "addr": "203.0.113.1", "port": 1},
+      {"kind": "srflx", "addr": "203.0.113.1", "port": 1}], "share one address"),
+    ([{"kind": "prflx", "addr": "203.0.113.1", "port": 1}], "kind"),
+    ([{"kind": "srflx", "addr": "203.0.113.1", "port": 0}], "port"),
+    ([{"kind": "srflx", "addr": "203.0.113.1", "port": 65536}], "port"),
+    ([{"kind": "srflx", "addr": "0.0.0.0", "port": 1}], "unicast"),
+    ([{"kind": "srflx", "addr": "239.1.1.1", "port": 1}], "unicast"),
+    ([{"kind": "srflx", "addr": "fe80::1%eth0", "port": 1}], "plain IP"),
+    ([{"kind": "srflx", "addr": "x" * 100, "port": 1}], "at most 45"),
+    ([{"kind": "srflx", "addr": "203.0.113.1", "port": 1, "extra": 1}], "unknown field"),
+    ([{"kind": "srflx", "addr": "203.0.113.1"}], "missing field"),
+    ({"kind": "srflx"}, "list"),
+    (["203.0.113.1:1"], "object"),
+])
+def test_candidates_bounds(cands, word):
+    msg, why, text = decode_message(_cand_update(cands), from_client=True)
+    assert msg is None and why == "invalid" and word in text, text

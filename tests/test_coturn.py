@@ -255,3 +255,94 @@ def test_binding_over_ipv6_loopback():
             assert t.relayed[0] == "::1"
     finally:
         s6.close()
+
+
+# ---- RelayPath (core/relaypath.py): one uplink's relay use ------------------
+
+def _drive_paths(socks_paths, until, timeout):
+    """Run several (socket, RelayPath) pairs until ``until()``."""
+    import select as _select
+
+    end = time.monotonic() + timeout
+    while True:
+        for s, p in socks_paths:
+            for data, dest in p.take_outgoing():
+                s.sendto(data, dest)
+        if until():
+            return True
+        now = time.monotonic()
+        if now >= end:
+            return False
+        dls = [d for d in (p.next_deadline() for _, p in socks_paths) if d is not None]
+        wait = max(0.0, min([end] + dls) - now)
+        r, _, _ = _select.select([s for s, _ in socks_paths], [], [], min(wait, 0.2))
+        now = time.monotonic()
+        for s, p in socks_paths:
+            if s in r:
+                data, src = s.recvfrom(65535)
+                assert p.owns(src)
+                p.on_datagram(data, src, now)
+            dl = p.next_deadline()
+            if dl is not None and now >= dl:
+                p.on_timer(now)
+
+
+def test_relay_paths_relay_to_relay_through_coturn(server):
+    """Both uplinks allocate (each through its own NAT, in the field) and
+    send to the other's relayed address: the sealed datagram goes uplink A
+    -> relay -> (relayed A -> relayed B) -> uplink B and back.  A's first
+    configured relay does not answer: after RelayPath's 5.5 s allocate
+    timeout it moves to the second (coturn)."""
+    from mpvpn.core import relaypath
+
+    dead = ("127.0.0.1", coturn.free_udp_port("127.0.0.1"))
+    good = turn.Relay(server.address, "alice", "secret")
+    a = relaypath.RelayPath(turn.RelayList([turn.Relay(dead, "alice", "secret"), good]))
+    b = relaypath.RelayPath(turn.RelayList([good]))
+    sa = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sb = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sa.bind(("127.0.0.1", 0))
+    sb.bind(("127.0.0.1", 0))
+    ev = {id(a): [], id(b): []}
+    pairs = [(sa, a), (sb, b)]
+
+    def collect():
+        for _, p in pairs:
+            ev[id(p)].extend(p.take_events())
+
+    try:
+        t0 = time.monotonic()
+        a.start(t0)
+        b.start(t0)
+        assert _drive_paths(pairs, lambda: (collect(), a.state == b.state == "ready")[1], 20), \
+            (a.status(time.monotonic()), b.status(time.monotonic()))
+        lost = [e for e in ev[id(a)] if isinstance(e, relaypath.RelayLost)]
+        assert len(lost) == 1 and lost[0].relay == dead and "no answer" in lost[0].reason
+        assert a.relay == good and a.relayed != b.relayed
+        a.set_peers([b.relayed], time.monotonic())
+        b.set_peers([a.relayed], time.monotonic())
+        assert _drive_paths(pairs, lambda: (collect(), a.peer_ready(b.relayed) and b.peer_ready(a.relayed))[1], 10)
+        got = {id(a): [], id(b): []}
+
+        def received():
+            collect()
+            for _, p in pairs:
+                got[id(p)] += [e for e in ev[id(p)] if isinstance(e, relaypath.Received)]
+                ev[id(p)] = [e for e in ev[id(p)] if not isinstance(e, relaypath.Received)]
+            return len(got[id(a)]) >= 3 and len(got[id(b)]) >= 3
+
+        for i in range(3):
+            assert a.send(b.relayed, b"sealed-a-%d" % i, time.monotonic())
+            assert b.send(a.relayed, b"sealed-b-%d" % i, time.monotonic())
+        assert _drive_paths(pairs, received, 10)
+        assert got[id(b)] == [relaypath.Received(a.relayed, b"sealed-a-%d" % i) for i in range(3)]
+        assert got[id(a)] == [relaypath.Received(b.relayed, b"sealed-b-%d" % i) for i in range(3)]
+        for _, p in pairs:
+            assert p.status(time.monotonic())["drops"] == {}
+        now = time.monotonic()
+        a.stop(now)
+        b.stop(now)
+        assert _drive_paths(pairs, lambda: not a.owns(server.address) and not b.owns(server.address), 10)
+    finally:
+        sa.close()
+        sb.close()

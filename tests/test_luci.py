@@ -447,7 +447,8 @@ def test_config_widgets_follow_option_kinds():
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
                 assert o.get("validate") or "cidr" in dt, where
-            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device", "site_name"):
+            elif kind in ("hostport", "psk", "key32", "netmask", "carrier", "ifname", "device", "site_name",
+                          "relay_address", "credential"):
                 assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
                 # o.value() suggestions make LuCI render a ui.Combobox, which
                 # never runs the validator on an empty choice (validation.js):
@@ -472,8 +473,8 @@ def test_config_widgets_follow_option_kinds():
                 raise AssertionError(f"no check for option kind {kind!r}: extend this test")
             if spec.default is not None:  # shown as the default or as the placeholder
                 assert spec.default in (o.get("default"), o.get("placeholder")), where
-            if kind == "psk":
-                assert o.get("password") is True
+            if kind == "psk" or name == "password":
+                assert o.get("password") is True, where
             if spec.description.startswith("Required."):
                 assert o.get("rmempty") is False, f"{where} is required: rmempty = false"
 
@@ -513,12 +514,15 @@ def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: 
         del base["server_address"]
         base["listen_address"] = "0.0.0.0:7000"
     vnc = dict(_BASELINE["vnc"])
+    relay = {"address": "203.0.113.7", "username": "u", "password": "p"}
     smpu = {"telecom": {"type": "telecom", "bind_ip": "10.1.0.1"},
             "unicom": {"type": "unicom", "bind_ip": "10.2.0.1"}}
     if section == "base":
         base[option] = value
     elif section == "vnc":
         vnc[option] = value
+    elif section == "relay":
+        relay[option] = value
     else:
         smpu["telecom"][option] = value
 
@@ -530,6 +534,7 @@ def agent_problems(tmp_path: Path, section: str, option: str, value: str, role: 
     lines += ["", "config vnc 'vnc'"] + [f"\toption {k} {q(v)}" for k, v in vnc.items()]
     for name, opts in smpu.items():
         lines += ["", f"config smpu '{name}'"] + [f"\toption {k} {q(v)}" for k, v in opts.items()]
+    lines += ["", "config relay 'relay'"] + [f"\toption {k} {q(v)}" for k, v in relay.items()]
     d = tmp_path / f"uci-{abs(hash((section, option, value, role)))}"
     d.mkdir()
     (d / "orayboxvpn").write_text("\n".join(lines) + "\n")
@@ -558,6 +563,11 @@ VALIDATOR_SAMPLES = [
     ("vnc", "ifname", "client", ["mpvpn0", "a" * 15, "a" * 16, "a/b", "a:b", "a b"]),
     ("smpu", "type", "client", ["telecom", "my-carrier.2", "_x", "-x", "a b", "x" * 33]),
     ("smpu", "device", "client", ["eth1", "wan.2", "a" * 16, "a/b"]),
+    ("relay", "address", "client", [
+        "203.0.113.7:3478", "203.0.113.7", "turn.example.net", "[2001:db8::7]:3478", "0.0.0.0",
+        "[::]:3478", "224.0.0.1", "1.2.3.4:0", "bad_host!", "host:x"]),
+    ("relay", "username", "client", ["branch-a", "a b", " ", "x" * 128, "x" * 129, "pä", "t\tab"]),
+    ("relay", "password", "client", ["s3cret pass", "!\"#$%&'()*+,-./:;<=>?@[]^_`{|}~", " ", "p" * 129, "é"]),
 ]
 
 
@@ -790,11 +800,12 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
     "vnc": {"ifname": EVIL, "address": None, "netmask": None, "mtu": None},
     "routes": [EVIL, None], "control": None,
     "uplinks": [{"name": EVIL, "type": EVIL, "bind_ip": None, "port": None, "state": "waiting",
-                 "error": "address missing " + EVIL}, None],
+                 "error": "address missing " + EVIL,
+                 "relay": {"started": True, "state": "waiting", "last_error": "relay down " + EVIL}}, None],
     "links": [{"member": 1, "session_id": None, "peer": EVIL, "name": EVIL, "type": EVIL,
                "local": EVIL, "remote": None, "state": EVIL, "rtt_ms": None, "rttvar_ms": None,
                "loss": None, "loss_in": None, "tx_bytes": None, "rx_bytes": None, "weight": None,
-               "last_down_reason": EVIL},
+               "last_down_reason": EVIL, "path": "relayed", "relay": EVIL, "relay_reason": EVIL},
               {"member": 2}, None],
     "counters": {"delivered": None, "auth_failures": 3},
     "sessions": [{"name": EVIL, "state": "connected",
@@ -1102,6 +1113,10 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     rows = link_rows(view)
     assert len(rows) == 2  # the null entry is skipped
     assert rows[0]["State"].find("span", cls="mpvpn-badge").attrs["data-state"] == EVIL
+    # docs/status.md links[].path relayed: the relay and why, in words (as text)
+    assert rows[0]["Carrier"].find("span", cls="mpvpn-relayed").words == f"via relay {EVIL}: {EVIL}"
+    assert rows[1]["Carrier"].find("span", cls="mpvpn-relayed") is None
+    assert head["Uplinks"].find("span", cls="mpvpn-relay-error").words == f"relay: relay down {EVIL}"
     assert rows[1]["RTT"].words == "—never heard" and rows[1]["Weight"].words == "—"
     totals = view.find("table", id="mpvpn-totals")
     auth = totals.find("td", data_counter="auth_failures")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -242,3 +243,100 @@ def test_punching_and_relay_through_the_nats(natlab):
     finally:
         for s in (a, b, c):
             s.close()
+
+
+# ---- carriers of a netlab.Lab behind NAT boxes (NatCarriers) -------------
+
+def _recv(sock, timeout=1.0):
+    sock.settimeout(timeout)
+    try:
+        return sock.recvfrom(2048)
+    except (TimeoutError, OSError):
+        return None
+
+
+def _bound(nc, ns, ip, port=0, device=None):
+    s = nc.socket(ns)
+    if device:      # as the agent does (io/udp.py open_uplink)
+        s.setsockopt(socket.SOL_SOCKET, 25, device.encode() + b"\0")
+    s.bind((ip, port))
+    return s
+
+
+def test_lab_carrier_behind_nat(make_lab):
+    """Carrier 2 of a plain Lab: site A behind an EIM NAT, site B public;
+    carrier 3: both sides behind EDM NATs.  A datagram from A's NATed uplink
+    reaches B's uplink with the NAT's public address as source (port kept
+    by EIM), the reply comes back; unsolicited inbound is dropped (fw4 wan
+    zone); the lab's link_down/set_loss still act on the rebuilt carrier;
+    carrier 1 is untouched."""
+    lab = make_lab(carriers=3)
+    with nat.NatCarriers(lab, {2: ("eim", None), 3: ("edm", "edm")}) as nc:
+        c2, c3 = nc.carrier(2), nc.carrier(3)
+        assert c2.a_public == c2.a_site.public_ip and c2.b_public == c2.b_ip
+        assert all(netlab.NAME_RE.match(ns) for ns in nc.namespaces)
+        assert set(lab.leftovers()) == set(lab.namespaces)    # own prefix: the Lab never sees the boxes
+        # carrier 1 as before
+        assert lab.reachable("ra", lab.carrier(1).b_ip)
+        a = _bound(nc, lab.ra, c2.a_ip, device="c2")
+        b = _bound(nc, lab.rb, c2.b_ip, device="c2")
+        try:
+            a_port = a.getsockname()[1]
+            a.sendto(b"out", (c2.b_public, b.getsockname()[1]))
+            got = _recv(b)
+            assert got == (b"out", (c2.a_public, a_port))      # EIM keeps the port
+            b.sendto(b"back", got[1])
+            assert _recv(a) == (b"back", (c2.b_ip, b.getsockname()[1]))
+            # unsolicited: to a port with no mapping, and to the mapped port
+            # from a source the mapping was not made for (port-dependent filter)
+            b.sendto(b"nobody-asked", (c2.a_public, a_port + 1))
+            b2 = _bound(nc, lab.rb, c2.b_ip, device="c2")
+            b2.sendto(b"other-port", (c2.a_public, a_port))
+            assert _recv(a, 0.5) is None
+            b2.close()
+            # the lab's impairments still work on the rebuilt carrier
+            lab.link_down(2)
+            a.sendto(b"while-down", (c2.b_public, b.getsockname()[1]))
+            assert _recv(b, 0.5) is None
+            lab.link_up(2)
+            lab.set_loss(2, 100, "a2b")
+            a.sendto(b"lossy", (c2.b_public, b.getsockname()[1]))
+            assert _recv(b, 0.5) is None
+            lab.set_loss(2, 0)
+            a.sendto(b"again", (c2.b_public, b.getsockname()[1]))
+            assert _recv(b) == (b"again", (c2.a_public, a_port))
+        finally:
+            a.close()
+            b.close()
+        # EDM on both ends: neither can reach the other's public address
+        # (no mapping on the receiving NAT), both reach the internet
+        x = _bound(nc, lab.ra, c3.a_ip, device="c3")
+        y = _bound(nc, lab.rb, c3.b_ip, device="c3")
+        srv = nc.socket(nc.inet)
+        srv.bind((nat.INET_IPS[0], 0))
+        try:
+            for s, peer in ((x, c3.b_public), (y, c3.a_public)):
+                s.sendto(b"to-peer", (peer, 40000))
+                s.sendto(b"to-server", srv.getsockname())
+            seen = {_recv(srv)[1][0], _recv(srv)[1][0]}
+            assert seen == {c3.a_public, c3.b_public}
+            assert _recv(x, 0.3) is None and _recv(y, 0.3) is None
+            if netlab._which("conntrack"):      # one mapping per destination
+                assert len(nc.conntrack_udp(c3.a_site)) == 2
+        finally:
+            for s in (x, y, srv):
+                s.close()
+        prefix = nc.prefix
+    assert not [n for n in netlab.list_lab_namespaces() if n.startswith(prefix + "-")]
+    assert not (netlab.MARKER_DIR / f"{prefix}.json").exists()
+    assert lab.reachable("ra", lab.carrier(1).b_ip)
+
+
+def test_nat_carriers_refuses_what_it_cannot_build(make_lab):
+    lab = make_lab(carriers=2, delays={1: 0})
+    with pytest.raises(ValueError, match="shim"):
+        nat.NatCarriers(lab, {1: ("eim", None)})
+    with pytest.raises(ValueError, match="either side"):
+        nat.NatCarriers(lab, {2: (None, None)})
+    with pytest.raises(ValueError, match="NAT kinds"):
+        nat.NatCarriers(lab, {2: ("cone", None)})

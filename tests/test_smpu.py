@@ -871,3 +871,41 @@ def test_a_duplicate_mode_receiver_asks_for_everything_from_a_peer_that_does_not
     assert pair.b.nack_enabled and pair.b.nack_rx.ask_rate is None
     assert c["nack_declined"] == 0 and c["nack_seqs"] > 50
     assert set(range(4000)) - set(indices(pair.delivered["b"])) == set()
+
+
+def test_a_responder_punch_probe_moves_the_initiators_remote_and_the_open_completes():
+    """NAT hole punching (docs/nat.md): the responder's punch probe, an
+    authenticated KEEPALIVE sent while nothing is established, changes no
+    state on the initiator but teaches it where the responder really is;
+    the next CONNECT goes there and the subflow comes up."""
+    from mpvpn.core.seal import Sealer
+
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    init = Session(7, initiator=True, sealer=Sealer(k1, k2, 1))
+    resp = Session(7, initiator=False, sealer=Sealer(k2, k1, 1))
+    si = init.add_subflow(1, 0.0)
+    si.remote = ("10.200.0.2", 7000)  # the responder's private address: unreachable
+    sr = resp.add_subflow(1, 0.0)
+    init.datagrams_to_send()  # the first CONNECT is lost on the way
+    resp.punch(1, 0.0)
+    resp.punch(99, 0.0)  # no such member: nothing
+    (m, probe), = resp.datagrams_to_send()
+    assert m == 1 and sr.punches == 1 and sr.state.value == "closed"
+    init.receive_datagram(probe, 1, 0.01, source=("203.0.113.10", 7000))
+    assert si.remote == ("203.0.113.10", 7000) and si.state.value == "connect_sent"
+    assert si.unexpected == 1
+    # a forged probe (bad tag) from elsewhere moves nothing
+    forged = bytearray(probe)
+    forged[-1] ^= 1
+    init.receive_datagram(bytes(forged), 1, 0.02, source=("198.51.100.66", 1))
+    assert si.remote == ("203.0.113.10", 7000)
+    now = 0.3
+    for _ in range(4):  # CONNECT retry -> CONNECT-ACK -> ACK
+        init.handle_timer(now)
+        for m, d in init.datagrams_to_send():
+            resp.receive_datagram(d, m, now, source=("203.0.113.11", 7000))
+        for m, d in resp.datagrams_to_send():
+            init.receive_datagram(d, m, now, source=("203.0.113.10", 7000))
+        now += 0.3
+    assert si.established and sr.established
+    assert sr.remote == ("203.0.113.11", 7000)

@@ -55,6 +55,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+def relay_words(ln: dict) -> str | None:
+    """A relayed link in words: "via relay 203.0.113.7:3478: <why>"."""
+    if ln.get("path") != "relayed" or not ln.get("relay"):
+        return None
+    why = ln.get("relay_reason")
+    return f"via relay {ln['relay']}" + (f": {why}" if why else "")
+
+
 def _print_status(st: dict) -> None:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
@@ -69,8 +77,14 @@ def _print_status(st: dict) -> None:
         print(f"  last error: {st['last_error']}")
     for up in st.get("uplinks", []):
         extra = f" ({up['error']})" if up.get("error") else ""
+        if up.get("nat") is not None:  # base.stun set (docs/nat.md)
+            nat = {"none": "no NAT", "unknown": "NAT unknown"}.get(up["nat"], f"{up['nat']} NAT")
+            extra += f", public {up['public']} ({nat})" if up.get("public") else f", {nat}"
         print(f"  uplink {up['name']:<10} {up.get('type', ''):<10} {up.get('bind_ip')}:{up.get('port')} "
               f"{up.get('state')}{extra}")
+        r = up.get("relay") or {}
+        if r.get("started") and r.get("state") != "ready" and r.get("last_error"):
+            print(f"      relay: {r.get('state')}: {r['last_error']}")
     links = st.get("links") or []
     if links:
         print(f"  {'peer':<12}{'#':>3} {'carrier':<10}{'local':<22}{'remote':<22}{'state':<13}"
@@ -79,7 +93,11 @@ def _print_status(st: dict) -> None:
             rtt = "-" if ln.get("rtt_ms") is None else f"{ln['rtt_ms']:.1f}"
             print(f"  {str(ln.get('peer', '')):<12}{ln['member']:>3} {str(ln.get('type', '')):<10}"
                   f"{str(ln.get('local', '')):<22}{str(ln.get('remote', '')):<22}{ln['state']:<13}"
-                  f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}")
+                  f"{rtt:>8}{pct(ln.get('loss')):>7}{ln['tx_packets']:>10}{ln['rx_packets']:>10}"
+                  + (f"  {ln['path']}" if ln.get("path") == "punched" else ""))
+            words = relay_words(ln)
+            if words:
+                print(f"      {words}")
     for se in st.get("sessions") or []:
         peer = se.get("peer") or {}
         fwd = se.get("forwarded")

@@ -622,6 +622,10 @@ def seed_corpus() -> list[bytes]:
     moved = [dict(u) for u in ups]
     moved[0]["addr"] = "120.22.1.99"
     upd_c = _j({"type": "UPDATE", "seq": 1, "uplinks": moved})
+    natted = [dict(u) for u in ups]  # an uplink behind NAT with its candidates (issue 15)
+    natted[0]["candidates"] = [{"kind": "host", "addr": natted[0]["addr"], "port": natted[0]["port"]},
+                               {"kind": "srflx", "addr": "203.0.113.10", "port": 40000}]
+    upd_n = _j({"type": "UPDATE", "seq": 1, "uplinks": natted})
     upd_l = _j({"type": "UPDATE", "seq": 1, "lans": ["192.168.1.0/24", "192.168.7.0/24"]})
     upd_s = _j({"type": "UPDATE", "ack": 0, "plan": st["plan"]})
     hello, welcome = st["hello_pt"], st["welcome_pt"]
@@ -633,6 +637,7 @@ def seed_corpus() -> list[bytes]:
             _script(path, [S + ka, S + kack, S + ka]),
             _script(path, [S + (upd_c if path == 2 else upd_s), S + ka, S + ka]),
             _script(path, [S + upd_l, S + ka]),
+            _script(path, [S + upd_n, S + ka]),
             _script(path, [S + bye]),
             _script(path, [S + err]),
             _script(path, [S + rk1]),

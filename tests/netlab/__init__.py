@@ -719,7 +719,9 @@ s.recv(1)
             if carrier in self._down and self._down[carrier] == "blackhole":
                 rules.append(f"add rule inet {NFT_TABLE} {c.ifname} counter drop")
             pct = self._loss.get((carrier, d), 0.0)
-            if pct > 0:
+            if pct >= 100:      # numgen's "mod 10000 < 10000" is out of nft's range
+                rules.append(f"add rule inet {NFT_TABLE} {c.ifname} counter drop")
+            elif pct > 0:
                 rules.append(f"add rule inet {NFT_TABLE} {c.ifname} "
                              f"numgen random mod 10000 < {int(round(pct * 100))} counter drop")
             self.run(self._rx_ns(d), ["nft", "-f", "-"], input="\n".join(rules) + "\n")

@@ -54,18 +54,19 @@ from typing import Sequence
 import netlab
 from netlab import LabError, MARKER_DIR, _sh, _which, list_lab_namespaces
 
-__all__ = ["NatLab", "NatSite", "NAT_KINDS", "nat_rules", "INET_IPS"]
+__all__ = ["NatLab", "NatCarriers", "NatCarrier", "NatSite", "NAT_KINDS", "nat_rules", "INET_IPS"]
 
 NAT_KINDS = ("eim", "edm")
 NFT_NAT_TABLE = "mpvnat"
 INET_IPS = ("203.0.113.1", "203.0.113.2")     # the internet namespace (servers)
 _ROUTER_LETTERS = "vwxyz"
 _NAT_LETTERS = "mnopq"
+_BOX_LETTERS = "mnopqrstuvwxyz"   # NatCarriers' boxes (own prefix, so no clash)
 
 _live: "set[NatLab]" = set()
 
 
-def nat_rules(kind: str, out_if: str) -> str:
+def nat_rules(kind: str, out_if: str, port: int | None = None) -> str:
     """The nftables ruleset (``nft -f`` input) for one NAT kind.
 
     Besides the NAT, the box drops new connections arriving from the outside
@@ -78,12 +79,21 @@ def nat_rules(kind: str, out_if: str) -> str:
     leaves no conntrack entry."""
     if kind not in NAT_KINDS:
         raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
+    if port is not None and (kind != "eim" or not 1 <= port <= 65535):
+        raise ValueError("a fixed public port only for an eim box, 1..65535")
     action = "masquerade" if kind == "eim" else "masquerade random"
+    fixed = ""
+    if port is not None:
+        # one public port for every UDP mapping: still endpoint-independent
+        # (each destination is another tuple), but not the socket's own port
+        fixed = f'    oifname "{out_if}" meta l4proto udp masquerade to :{port}\n'
+
     guard = (f'    iifname "{out_if}" ct state established,related accept\n'
              f'    iifname "{out_if}" drop\n')
     return (f"table ip {NFT_NAT_TABLE} {{\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
+            f"{fixed}"
             f'    oifname "{out_if}" {action}\n'
             f"  }}\n"
             f"  chain input {{\n"
@@ -109,67 +119,34 @@ class NatSite:
     public_ip: str       # the NAT box's address on the internet side
 
 
-class NatLab:
-    """Routers behind NAT boxes on a shared internet namespace.
+class _Boxes:
+    """What NatLab and NatCarriers share: running things in their own
+    namespaces, the NAT boxes' conntrack state, teardown.  Subclasses set
+    ``prefix``, ``inet``, ``namespaces`` and ``sites`` (NatSite)."""
 
-    ``NatLab(kinds=("eim",))`` builds one NAT of each given kind.  Use
-    :meth:`run` / :meth:`popen` / :meth:`python` to run things inside a
-    namespace (same signatures as :class:`netlab.Lab`)."""
+    prefix: str
+    inet: str
+    namespaces: list
+    sites: list
+    _closed: bool
+    _procs: list
 
-    def __init__(self, kinds: Sequence[str] = ("eim", "edm")):
-        if not 1 <= len(kinds) <= len(_ROUTER_LETTERS):
-            raise ValueError(f"1..{len(_ROUTER_LETTERS)} NATs")
-        for k in kinds:
-            if k not in NAT_KINDS:
-                raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
-        self._closed = False
-        self._procs: list[subprocess.Popen] = []
-        self.prefix = prefix = netlab.claim_prefix()  # netlab.Lab's names and counter
-        self.inet = f"{prefix}-ri"
-        self.sites = [NatSite(k, kind, f"{prefix}-r{_ROUTER_LETTERS[k]}",
-                              f"{prefix}-r{_NAT_LETTERS[k]}", f"10.{200 + k}.0.2",
-                              f"203.0.113.{10 + k}") for k, kind in enumerate(kinds)]
-        self.namespaces = [self.inet] + [ns for s in self.sites for ns in (s.nat, s.router)]
-        netlab.mark_owner(prefix, self.namespaces)
-        _live.add(self)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def _build(self) -> None:
-        for ns in self.namespaces:
-            _sh(["ip", "netns", "add", ns])
-            forward = "1" if ns != self.inet and any(ns == s.nat for s in self.sites) else "0"
-            self.run(ns, ["sh", "-ec",
-                          "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; "
-                          "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
-                          f"echo {forward} > /proc/sys/net/ipv4/ip_forward"])
-        batch: dict[str, list[str]] = {ns: ["link set lo up"] for ns in self.namespaces}
-        # internet: a bridge that every NAT box's "ext" link joins
-        batch[self.inet] += ["link add inet type bridge", "link set inet up"]
-        batch[self.inet] += [f"addr add {ip}/24 dev inet" for ip in INET_IPS]
-        for s in self.sites:
-            k = s.index
-            _sh(["ip", "link", "add", "wan", "netns", s.router, "type", "veth",
-                 "peer", "name", "lan", "netns", s.nat])
-            _sh(["ip", "link", "add", "ext", "netns", s.nat, "type", "veth",
-                 "peer", "name", f"n{k}", "netns", self.inet])
-            batch[s.router] += [f"addr add {s.router_ip}/24 dev wan", "link set wan up",
-                                f"route add default via 10.{200 + k}.0.1"]
-            batch[s.nat] += [f"addr add 10.{200 + k}.0.1/24 dev lan", "link set lan up",
-                             f"addr add {s.public_ip}/24 dev ext", "link set ext up"]
-            batch[self.inet] += [f"link set n{k} master inet", f"link set n{k} up"]
-        for ns, cmds in batch.items():
-            _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
-        for s in self.sites:
-            self.run(s.nat, ["nft", "-f", "-"], input=nat_rules(s.kind, "ext"))
+    @staticmethod
+    def _setup_ns(ns: str, forward: bool) -> None:
+        _sh(["ip", "netns", "add", ns])
+        _sh(["ip", "netns", "exec", ns, "sh", "-ec",
+             "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; "
+             "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter; "
+             "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+             f"echo {1 if forward else 0} > /proc/sys/net/ipv4/ip_forward"])
 
     # ---- running things --------------------------------------------------
 
+    def _runnable(self) -> list:
+        return self.namespaces
+
     def _argv(self, ns: str, cmd) -> list[str]:
-        if ns not in self.namespaces:
+        if ns not in self._runnable():
             raise LabError(f"{ns} is not a namespace of {self.prefix}")
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         return ["ip", "netns", "exec", ns, *argv]
@@ -260,6 +237,25 @@ class NatLab:
             raise LabError("`conntrack` missing: install Debian package conntrack")
         self.run(site.nat, ["conntrack", "-F"])
 
+    def reboot(self, site: NatSite, port: int | None = None) -> None:
+        """What a NAT reboot looks like to the hosts behind it: every
+        mapping forgotten (conntrack flushed); with ``port`` (an "eim" box
+        only) new mappings get that public port instead of the source's own,
+        as a CGNAT hands out new ports after a reboot.  ``None`` restores
+        the port-preserving rule."""
+        self.run(site.nat, ["nft", "delete", "table", "ip", NFT_NAT_TABLE])
+        self.run(site.nat, ["nft", "-f", "-"], input=nat_rules(site.kind, "ext", port))
+        self.flush_conntrack(site)
+
+    def change_kind(self, site: NatSite, kind: str) -> None:
+        """Replace the box's NAT rule by another kind's, keeping conntrack:
+        flows that exist keep their mappings, new flows get the new kind's
+        (an operator reconfiguring a CGNAT; a test that a relayed pair moves
+        to the direct path once one exists)."""
+        rules = nat_rules(kind, "ext")          # (checks the kind)
+        self.run(site.nat, ["nft", "delete", "table", "ip", NFT_NAT_TABLE])
+        self.run(site.nat, ["nft", "-f", "-"], input=rules)
+
     def nat_ruleset(self, site: NatSite) -> str:
         return self.run(site.nat, ["nft", "list", "table", "ip", NFT_NAT_TABLE]).stdout
 
@@ -280,11 +276,216 @@ class NatLab:
         if left:
             raise LabError(f"left over after teardown: {left}")
 
-    def __enter__(self) -> "NatLab":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NatLab(_Boxes):
+    """Routers behind NAT boxes on a shared internet namespace.
+
+    ``NatLab(kinds=("eim",))`` builds one NAT of each given kind.  Use
+    :meth:`run` / :meth:`popen` / :meth:`python` to run things inside a
+    namespace (same signatures as :class:`netlab.Lab`)."""
+
+    def __init__(self, kinds: Sequence[str] = ("eim", "edm")):
+        if not 1 <= len(kinds) <= len(_ROUTER_LETTERS):
+            raise ValueError(f"1..{len(_ROUTER_LETTERS)} NATs")
+        for k in kinds:
+            if k not in NAT_KINDS:
+                raise ValueError(f"NAT kind must be one of {NAT_KINDS}")
+        self._closed = False
+        self._procs: list[subprocess.Popen] = []
+        self.prefix = prefix = netlab.claim_prefix()  # netlab.Lab's names and counter
+        self.inet = f"{prefix}-ri"
+        self.sites = [NatSite(k, kind, f"{prefix}-r{_ROUTER_LETTERS[k]}",
+                              f"{prefix}-r{_NAT_LETTERS[k]}", f"10.{200 + k}.0.2",
+                              f"203.0.113.{10 + k}") for k, kind in enumerate(kinds)]
+        self.namespaces = [self.inet] + [ns for s in self.sites for ns in (s.nat, s.router)]
+        netlab.mark_owner(prefix, self.namespaces)
+        _live.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        for ns in self.namespaces:
+            self._setup_ns(ns, forward=any(ns == s.nat for s in self.sites))
+        batch: dict[str, list[str]] = {ns: ["link set lo up"] for ns in self.namespaces}
+        # internet: a bridge that every NAT box's "ext" link joins
+        batch[self.inet] += ["link add inet type bridge", "link set inet up"]
+        batch[self.inet] += [f"addr add {ip}/24 dev inet" for ip in INET_IPS]
+        for s in self.sites:
+            k = s.index
+            _sh(["ip", "link", "add", "wan", "netns", s.router, "type", "veth",
+                 "peer", "name", "lan", "netns", s.nat])
+            _sh(["ip", "link", "add", "ext", "netns", s.nat, "type", "veth",
+                 "peer", "name", f"n{k}", "netns", self.inet])
+            batch[s.router] += [f"addr add {s.router_ip}/24 dev wan", "link set wan up",
+                                f"route add default via 10.{200 + k}.0.1"]
+            batch[s.nat] += [f"addr add 10.{200 + k}.0.1/24 dev lan", "link set lan up",
+                             f"addr add {s.public_ip}/24 dev ext", "link set ext up"]
+            batch[self.inet] += [f"link set n{k} master inet", f"link set n{k} up"]
+        for ns, cmds in batch.items():
+            _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
+        for s in self.sites:
+            self.run(s.nat, ["nft", "-f", "-"], input=nat_rules(s.kind, "ext"))
+
+
+
+@dataclass(frozen=True)
+class NatCarrier:
+    """One carrier of a :class:`netlab.Lab` rebuilt through the internet.
+
+    ``a_ip``/``b_ip``: the addresses the routers have on ``c<i>`` (what an
+    agent binds to); ``a_public``/``b_public``: what the other side and the
+    servers in the internet see (the NAT box's address, or ``a_ip`` itself
+    when that side has no NAT).  ``a_site``/``b_site``: the NAT boxes (for
+    :meth:`NatCarriers.flush_conntrack` and friends), None without NAT."""
+
+    index: int
+    ifname: str
+    a_kind: str | None
+    b_kind: str | None
+    a_ip: str
+    b_ip: str
+    a_public: str
+    b_public: str
+    a_site: NatSite | None
+    b_site: NatSite | None
+
+
+class NatCarriers(_Boxes):
+    """Put carriers of a :class:`netlab.Lab` behind NAT boxes.
+
+    ``NatCarriers(lab, {3: ("edm", "edm"), 2: ("eim", None)})`` replaces
+    carrier 3's veth pair (``ra:c3 -- rb:c3``) by::
+
+        ra:c3 10.3.1.2 -- lan [NAT box, ext 203.0.113.103] --+
+                                                             |-- internet (bridge;
+        rb:c3 10.3.2.2 -- lan [NAT box, ext 203.0.113.203] --+   203.0.113.1, .2)
+
+    and a side without NAT (kind None) puts the router's ``c<i>`` on the
+    internet itself (203.0.113.1xx / .2xx).  The routers keep the interface
+    name ``c<i>``, so the lab's ``set_loss``/``link_down`` (nftables on the
+    routers' ingress, ``ip link set c<i> down``) act on the new path as
+    before.  Each rebuilt side gets a routing table of its own, selected by
+    source address (``ip rule from <c<i> address> lookup 100+i``), as
+    OpenWrt's mwan3 does for several uplinks; an agent binding its socket
+    to the address (and device) leaves through that carrier.
+
+    Namespaces (NAT boxes ``<prefix>-r<m..>``, internet ``<prefix>-ri``)
+    have a prefix and marker of their own, so :meth:`netlab.Lab.leftovers`
+    never sees them and :func:`netlab.cleanup_stale` removes them when the
+    owner died; :meth:`close` (context manager, atexit) tears them down
+    (the rebuilt ``c<i>`` links go with them).  Only unshimmed carriers
+    (no ``delays``) can be rebuilt."""
+
+    def __init__(self, lab: "netlab.Lab", sides: dict):
+        if not sides:
+            raise ValueError("no carrier to put behind a NAT")
+        for i, pair in sides.items():
+            c = lab.carrier(i)
+            if c.shimmed:
+                raise ValueError(f"carrier {i} goes through the delay shim; build it without delay")
+            if len(pair) != 2 or any(k is not None and k not in NAT_KINDS for k in pair):
+                raise ValueError(f"carrier {i}: a pair of NAT kinds {NAT_KINDS} or None")
+            if pair == (None, None):
+                raise ValueError(f"carrier {i}: no NAT on either side; leave it as it is")
+            if not 1 <= i <= 99:
+                raise ValueError("carriers 1..99 only")
+        if sum(k is not None for pair in sides.values() for k in pair) > len(_BOX_LETTERS):
+            raise ValueError(f"at most {len(_BOX_LETTERS)} NAT boxes")
+        self._closed = False
+        self._procs = []
+        self.lab = lab
+        self.prefix = prefix = netlab.claim_prefix()
+        self.inet = f"{prefix}-ri"
+        self.sites = []
+        self.carriers: dict[int, NatCarrier] = {}
+        letters = iter(_BOX_LETTERS)
+        for i in sorted(sides):
+            per_side = {}
+            for side, kind in zip("ab", sides[i]):
+                private = f"10.{i}.{1 if side == 'a' else 2}.2"
+                public = f"203.0.113.{(100 if side == 'a' else 200) + i}"
+                if kind is None:
+                    per_side[side] = (None, public, public, None)
+                    continue
+                site = NatSite(len(self.sites), kind, lab.ra if side == "a" else lab.rb,
+                               f"{prefix}-r{next(letters)}", private, public)
+                self.sites.append(site)
+                per_side[side] = (kind, private, public, site)
+            (ak, aip, apub, asite), (bk, bip, bpub, bsite) = per_side["a"], per_side["b"]
+            self.carriers[i] = NatCarrier(i, lab.carrier(i).ifname, ak, bk, aip, bip,
+                                          apub, bpub, asite, bsite)
+        self.namespaces = [self.inet] + [s.nat for s in self.sites]
+        netlab.mark_owner(prefix, self.namespaces)
+        _live.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _runnable(self) -> list:
+        return self.namespaces + [self.lab.ra, self.lab.rb]
+
+    def carrier(self, i: int) -> NatCarrier:
+        return self.carriers[i]
+
+    def _build(self) -> None:
+        lab = self.lab
+        for ns in self.namespaces:
+            self._setup_ns(ns, forward=ns != self.inet)
+        batch: dict[str, list[str]] = {ns: ["link set lo up"] for ns in self.namespaces}
+        batch[lab.ra], batch[lab.rb] = [], []
+        batch[self.inet] += ["link add inet type bridge", "link set inet up"]
+        batch[self.inet] += [f"addr add {ip}/24 dev inet" for ip in INET_IPS]
+        k = 0
+        for c in self.carriers.values():
+            i, name = c.index, c.ifname
+            _sh(["ip", "-n", lab.ra, "link", "del", name])     # the veth pair, both ends
+            for side, router, kind, ip, public, site in (
+                    ("a", lab.ra, c.a_kind, c.a_ip, c.a_public, c.a_site),
+                    ("b", lab.rb, c.b_kind, c.b_ip, c.b_public, c.b_site)):
+                table = 100 + i
+                idx = (1000 if side == "a" else 2000) + i    # what netlab.Lab gave c<i>
+                k += 1
+                if site is None:
+                    # the router itself is on the internet
+                    _sh(["ip", "link", "add", name, "netns", router, "index", str(idx),
+                         "type", "veth", "peer", "name", f"p{k}", "netns", self.inet,
+                         "index", str(8000 + k)])
+                    batch[self.inet] += [f"link set p{k} master inet", f"link set p{k} up"]
+                    batch[router] += [f"addr add {ip}/24 dev {name} noprefixroute",
+                                      f"link set {name} up",
+                                      f"route add 203.0.113.0/24 dev {name} src {ip} table {table}"]
+                else:
+                    gw = ip.rsplit(".", 1)[0] + ".1"
+                    _sh(["ip", "link", "add", name, "netns", router, "index", str(idx),
+                         "type", "veth", "peer", "name", "lan", "netns", site.nat,
+                         "index", str(8100 + k)])
+                    _sh(["ip", "link", "add", "ext", "netns", site.nat, "index", str(8200 + k),
+                         "type", "veth", "peer", "name", f"p{k}", "netns", self.inet,
+                         "index", str(8000 + k)])
+                    batch[self.inet] += [f"link set p{k} master inet", f"link set p{k} up"]
+                    batch[site.nat] += [f"addr add {gw}/24 dev lan", "link set lan up",
+                                        f"addr add {public}/24 dev ext", "link set ext up"]
+                    batch[router] += [f"addr add {ip}/24 dev {name}", f"link set {name} up",
+                                      f"route add default via {gw} dev {name} table {table}"]
+                batch[router] += [f"rule add from {ip} lookup {table} pref {1000 + i}"]
+        for ns, cmds in batch.items():
+            if cmds:
+                _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
+        for s in self.sites:
+            self.run(s.nat, ["nft", "-f", "-"], input=nat_rules(s.kind, "ext"))
+        lab._wait_oper_up([lab.ra, lab.rb], [c.ifname for c in self.carriers.values()])
+        lab._wait_oper_up(self.namespaces)
 
 
 @atexit.register

@@ -36,9 +36,10 @@ from dataclasses import replace as dc_replace
 
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
-from mpvpn.agent import latency, memtrace, receive, send, statusdoc
+from mpvpn.agent import latency, memtrace, receive, send, statusdoc, uplinknat, uplinkrelay
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.core import controlconn, controlevents, controlmsg, fastpath, hubforward, linktest, mss, pairing
+from mpvpn.core import (candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
+                        linktest, mss, pairing)
 from mpvpn.core.admission import HandshakeStamps
 from mpvpn.core.hubforward import HubForward
 from mpvpn.core.peercheck import usable_via
@@ -101,6 +102,8 @@ class UplinkIO:
     rx_datagrams: int = 0
     resolved: str | None = None  # address of an uplink given by OpenWrt interface
     device: str | None = None  # Linux device for SO_BINDTODEVICE, where known
+    nat: uplinknat.UplinkNat | None = None  # STUN on this socket (base.stun set)
+    relay: uplinkrelay.UplinkRelay | None = None  # TURN relays on this socket (config relay)
 
     @property
     def name(self) -> str:
@@ -141,6 +144,11 @@ class DataSession:
     via: tuple = ()  # client: the other sites the hub forwards to that we route (ViaSite)
     via_refused: list = field(default_factory=list)  # client: [(site, why)] the hub's we left out
     via_until: float | None = None  # client: ``via`` carried over from the session this replaced
+    punch: dict = field(default_factory=dict)  # member -> candidates.Punch (NAT traversal)
+    down_since: dict = field(default_factory=dict)  # member -> when it was last seen unestablished
+    upgrade_at: dict = field(default_factory=dict)  # relayed member -> next direct probe
+    upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
+    upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
 
     @property
     def session_id(self) -> int:
@@ -256,9 +264,10 @@ class Agent:
 
     def _session_config(self) -> SessionConfig:
         b = self.cfg.base
+        idle = min(b.keepalive_idle, b.nat_keepalive)  # NAT mappings stay open (docs/nat.md)
         return SessionConfig(
-            subflow=SubflowConfig(keepalive_idle=b.keepalive_idle,
-                                  keepalive_active=min(b.keepalive_active, b.keepalive_idle),
+            subflow=SubflowConfig(keepalive_idle=idle,
+                                  keepalive_active=min(b.keepalive_active, idle),
                                   dead_after=b.dead_after),
             reorder_capacity=b.reorder_capacity,
             hold_max=b.hold_max_ms / 1000.0,
@@ -271,7 +280,7 @@ class Agent:
 
     def _control_config(self) -> controlconn.ControlConfig:
         c = self.cfg
-        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port)
+        ups = [pairing.Uplink(up.wire_name, up.cfg.type, up.addr, up.cfg.port, self._candidates(up))
                for up in self.uplinks.values() if up.state == "up"]
         return controlconn.ControlConfig(
             psk=c.base.psk, name=self.name, uplinks=tuple(ups),
@@ -285,6 +294,15 @@ class Agent:
             site_psks=tuple((s.name, s.psk) for s in c.sites) if self.role == "server" else (),
             site_claims=tuple((s.name, s.vnc_ipaddr, s.lan_subnets) for s in c.sites) if self.role == "server" else (),
         )
+
+    @staticmethod
+    def _candidates(up: UplinkIO) -> tuple:
+        """What an uplink announces: STUN's host/srflx candidates, its relayed address."""
+        cands = list(up.nat.candidates()) if up.nat is not None else []
+        rc = up.relay.candidate() if up.relay is not None else None
+        if rc is not None:
+            cands.append(rc)
+        return tuple(cands[:candidates.MAX_CANDIDATES])
 
     def _uplink_by_wire_name(self, name: str) -> UplinkIO | None:
         for up in self.uplinks.values():
@@ -397,6 +415,11 @@ class Agent:
             batch.stamp(lambda waited, n, t=self.trace: t.time("udp.queue", waited, n))
         self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
+        if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
+            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
+            up.nat.send(up.batch)
+        if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
+            up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
@@ -563,10 +586,26 @@ class Agent:
         for up in self.uplinks.values():
             if up.state != "up":
                 ts.append(up.retry_at)
+            else:
+                if up.nat is not None:
+                    ts.append(up.nat.next_deadline())
+                if up.relay is not None:
+                    ts.append(up.relay.next_deadline())
+        for ds in self.sessions.values():
+            if ds.punch:
+                ts.append(uplinknat.punch_deadline(ds))
+            for since in ds.down_since.values():
+                ts.append(since + uplinkrelay.RELAY_AFTER)
+            ts.extend(ds.upgrade_at.values())
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None
 
     def _run_timers(self, now: float) -> None:
+        if uplinknat.run_timers(self.uplinks.values(), now):  # a new public mapping:
+            self._uplinks_changed(now)  # candidates to the peers (UPDATE)
+            for ds in self.sessions.values():
+                uplinknat.update_punch(ds, now)
+        self._relay_timers(now)
         for ds in list(self.sessions.values()):
             if ds.via_until is not None and now >= ds.via_until:  # the hub said nothing: withdraw
                 ds.peer, ds.via_until = dc_replace(ds.peer, via=()), None
@@ -574,6 +613,8 @@ class Agent:
             t = ds.sess.get_timer()
             if t is not None and t <= now:
                 self._deliver(ds.sess.handle_timer(now), ds)
+            if ds.punch:
+                uplinknat.punch_timers(ds, now)
             self._session_events(ds)
             self._flush_session(ds)
         for c in list(self.controls):
@@ -656,6 +697,111 @@ class Agent:
             self._flush_session(ds)
         self._touched.update(touched)
 
+    # ------------------------------------------------------------------ TURN relays
+
+    def _relay_timers(self, now: float) -> None:
+        """Which uplinks relay (a subflow on it unestablished for RELAY_AFTER,
+        or the peer's uplink offers a relay candidate), their peers, timers
+        and events; a new relayed address goes to the peers (UPDATE)."""
+        if not self.cfg.relays:
+            return
+        peers: dict = {}  # UplinkIO -> peer addresses its relay must let through
+        for ds in self.sessions.values():
+            peer_ups = {u.name: u for u in ds.peer.uplinks}
+            for member, spec in ds.plan.items():
+                up = ds.uplink_of.get(member)
+                sub = ds.sess.subflows.get(member)
+                pu = peer_ups.get(spec.remote)
+                if up is None or up.relay is None or sub is None or pu is None:
+                    continue
+                if sub.established:
+                    ds.down_since.pop(member, None)
+                else:
+                    since = ds.down_since.setdefault(member, now)
+                    if now - since >= uplinkrelay.RELAY_AFTER and up.relay.want(
+                            f"subflow {member} ({spec.type}) did not open in "
+                            f"{uplinkrelay.RELAY_AFTER:g} s", now):
+                        log.info("uplink %s: subflow %d (%s) did not open directly; using a relay",
+                                 up.name, member, spec.type)
+                if uplinkrelay.has_relay_candidate(pu) and up.relay.want(
+                        f"the peer's uplink {pu.name} is relayed", now):
+                    log.info("uplink %s: the peer's uplink %s is relayed; relaying too", up.name, pu.name)
+                peers.setdefault(up, []).extend(uplinkrelay.relay_peers(pu, sockaddr))
+                self._relay_upgrade(ds, member, up, now)
+        changed = False
+        for up in self.uplinks.values():
+            r = up.relay
+            if r is None or up.state != "up" or not r.started:
+                continue
+            if up in peers:
+                r.set_peers(peers[up], now)
+            t = r.next_deadline()
+            if t is not None and t <= now:
+                r.on_timer(now)
+            for ev in r.take_events():
+                text = uplinkrelay.describe(ev)
+                if isinstance(ev, (uplinkrelay.RelayUp,)):
+                    log.info("uplink %s: %s", up.name, text)
+                    changed = True
+                elif isinstance(ev, (uplinkrelay.RelayLost, uplinkrelay.NoRelay)):
+                    log.warning("uplink %s: %s", up.name, text)
+                    changed = True
+                else:
+                    log.debug("uplink %s: %s", up.name, text)
+            self._relay_send(up)
+        if changed:
+            self._uplinks_changed(now)
+            for ds in self.sessions.values():
+                uplinknat.update_punch(ds, now)
+
+    def _relay_upgrade(self, ds: DataSession, member: int, up: UplinkIO, now: float) -> None:
+        """While relayed, probe the peer's direct candidates now and then
+        (at once when they change): an authenticated probe that gets through
+        moves the peer's end to the direct path (SMPU follows the source),
+        its answer moves ours."""
+        sub = ds.sess.subflows.get(member)
+        p = ds.punch.get(member)
+        relayed = sub is not None and sub.established and sub.remote is not None \
+            and up.relay.carries(sub.remote)
+        if not relayed or p is None:
+            if member in ds.upgrade_at:
+                ds.upgrade_at.pop(member, None)
+                ds.upgrade_targets.pop(member, None)
+                if sub is not None and sub.established:
+                    log.info("%s: subflow %d moved from the relay to %s", ds.peer.name, member,
+                             uplinknat.link_path(ds, member))
+            return
+        direct = tuple(t for t in p.targets if not up.relay.carries(t))
+        if not direct:
+            return
+        if direct != ds.upgrade_targets.get(member):
+            ds.upgrade_targets[member] = direct
+            ds.upgrade_at[member] = now              # new candidates: try them now
+        if now < ds.upgrade_at.get(member, now):
+            return
+        ds.upgrade_at[member] = now + uplinkrelay.UPGRADE_INTERVAL
+        ds.upgrade.add(member)
+        ds.sess.punch(member, now)
+        self._flush_session(ds)
+
+    def _relay_send(self, up: UplinkIO) -> None:
+        if up.batch is None:
+            return
+        failed = up.relay.flush(up.batch)
+        if failed:
+            up.tx_errors += failed
+
+    def _relay_path_dead(self, ds: DataSession, member: int, reason: str) -> None:
+        """A relayed subflow went down: check its relay (the next one if it is dead)."""
+        up = ds.uplink_of.get(member)
+        sub = ds.sess.subflows.get(member)
+        if up is None or up.relay is None or sub is None or sub.remote is None \
+                or not up.relay.carries(sub.remote):
+            return
+        up.relay.suspect(f"subflow {member} through relay {up.relay.server} went down ({reason})",
+                         self.clock())
+        self._relay_send(up)
+
     def _deliver(self, packets, ds: DataSession | None = None) -> None:
         """Packets released by session ``ds`` (None: not from a session) go
         to the tun; on a hub with several sites, those for another site's
@@ -696,7 +842,7 @@ class Agent:
                           self.clock(), self.counters)
 
     def _flush_session(self, ds: DataSession) -> None:
-        send.flush(ds, self.counters)
+        send.flush(ds, self.counters, self.clock())
 
     def _session_events(self, ds: DataSession) -> bool:
         """Act on the session's events (log, ubus); whether there were any."""
@@ -710,9 +856,12 @@ class Agent:
                 carrier = spec.type if spec else "?"
                 up = isinstance(ev, SubflowUp)
                 if up:
-                    log.info("%s: subflow %d (%s) up", peer, ev.member, carrier)
+                    log.info("%s: subflow %d (%s) up, %s", peer, ev.member, carrier,
+                             uplinknat.link_path(ds, ev.member))
                 else:
                     log.warning("%s: subflow %d (%s) down: %s", peer, ev.member, carrier, ev.reason)
+                    self._relay_path_dead(ds, ev.member, ev.reason)
+                    uplinknat.punch_again(ds, ev.member, self.clock())  # NAT reboot?
                 self._event("orayboxvpn.link", {"peer": peer, "session_id": ds.session_id,
                                                 "member": ev.member, "type": carrier,
                                                 "state": "up" if up else "down",
@@ -797,6 +946,7 @@ class Agent:
             up = ds.uplink_of[member]
             if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
                 sub.meter.bw0 = up.cfg.upload_kbit * 125.0
+        uplinknat.update_punch(ds, now)
         self._flush_session(ds)
 
     def _set_routes(self, ds: DataSession, cidrs: list) -> None:
@@ -1047,6 +1197,9 @@ class Agent:
             log.info("control: session %#x established with %s", ev.session_id, ev.peer.name)
             if list(c.conn.local.lans) != self.lans:  # the LAN changed during the handshake
                 self._send_lans(c, now, pump=False)  # (we are inside _control_pump)
+            ups = self._control_config().uplinks
+            if tuple(c.conn.local.uplinks) != ups:  # STUN learnt candidates during the handshake
+                c.conn.send_update(now, uplinks=list(ups))
         elif isinstance(ev, controlevents.PeerUpdated):
             ds = self._session_of(c.conn)
             if ds is not None:
@@ -1182,8 +1335,13 @@ class Agent:
                     self.sel.unregister(up.sock)
                 except (KeyError, ValueError):
                     pass
+                if up.relay is not None:
+                    up.relay.stop(now)
+                    self._relay_send(up)
                 up.sock.close()
                 up.sock = up.batch = None
+                up.nat = None
+                up.relay = None
             log.info("uplink %s (interface %s): address %s -> %s", up.name, up.cfg.interface,
                      before or "none", after or "none")
             up.state = "waiting"
@@ -1200,6 +1358,7 @@ class Agent:
         Uplinks given by OpenWrt interface are looked up again either way."""
         now = self.clock()
         self.refresh_uplinks(now)
+        uplinknat.recheck_all(self.uplinks.values(), now)
         new, problems = cfgmod.load_config(self.uci_dir)
         errors = [p for p in problems if p.severity == cfgmod.ERROR]
         if new is None or errors:
@@ -1207,9 +1366,10 @@ class Agent:
             log.error(self.last_error)
             return
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
-                "hub_forward")
+                "hub_forward", "nat_keepalive")
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
-                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks)
+                     and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks
+                     and new.relays == self.cfg.relays)  # (the uplinks' relay paths are made at start)
         if same_rest:
             old = self.cfg
             old_sites = old.sites
@@ -1334,6 +1494,12 @@ class Agent:
         self._routes.clear()
         self.sessions.clear()
         for up in self.uplinks.values():
+            if up.relay is not None and up.relay.started:  # release the allocation (best effort)
+                try:
+                    up.relay.stop(now)
+                    self._relay_send(up)
+                except Exception:
+                    log.exception("releasing the relay of uplink %s", up.name)
             if up.sock is not None:
                 up.sock.close()
                 up.sock = up.batch = None
@@ -1392,7 +1558,7 @@ class Agent:
             last_error=self.last_error, tun=self.tun, routes=self._routes,
             sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
-            uplink_docs=statusdoc.uplinks(self.uplinks.values()), hub=self.hub)
+            uplink_docs=statusdoc.uplinks(self.uplinks.values(), now), hub=self.hub)
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""

@@ -66,10 +66,12 @@ def summary(config: Config) -> str:
     parts.append(f"{len(config.enabled_uplinks)} uplink(s): " + ", ".join(ups))
     lan = ", ".join(str(n) for n in config.lan.subnets) or "none"
     parts.append(f"LAN {lan}")
+    if config.relays:
+        parts.append("relay " + ", ".join(str(r.address) for r in config.relays))
     return "; ".join(parts)
 
 
-SECRET_OPTIONS = ("psk", "private_key")
+SECRET_OPTIONS = ("psk", "private_key", "password")
 
 
 def file_problems(uci_dir: str) -> list[Problem]:

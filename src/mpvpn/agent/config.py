@@ -35,6 +35,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "Problem",
+    "RelayConf",
     "Uplink",
     "Vnc",
     "load_config",
@@ -45,7 +46,12 @@ __all__ = [
 
 PACKAGE = "orayboxvpn"
 DEFAULT_PORT = 7000
+STUN_PORT = 3478  # RFC 8489 18.2
+MAX_STUN = 4  # servers a BindingClient asks at once (mpvpn.core.stun)
 PSK_BYTES = 32
+TURN_PORT = 3478  # RFC 8656 default
+MAX_RELAYS = 8
+CREDENTIAL_MAX = 128
 CARRIER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")  # smpu.type, policy.carrier
 # Per-packet overhead of the tunnel (docs/protocol.md): SMPU 20 + tag 16 + UDP 8 + IP.
 OVERHEAD_IPV4 = 64
@@ -98,6 +104,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
     "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
     "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
+    "relay_address": ("host:port (IPv6 as `[addr]:port`); the port defaults to 3478", "string"),
+    "credential": ("printable ASCII, at most 128 characters", "string"),
 }
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -229,6 +237,19 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Extra subnets behind this router, besides the LAN of `network.lan`, that "
             "the peer routes into the tunnel.",
         ),
+        "stun": Option(
+            "hostport_list", None,
+            "STUN servers (host:port, port default 3478; at most 4 are used) each uplink asks "
+            "for its public address and port and its kind of NAT, from the uplink's own socket "
+            "(docs/nat.md). The results are sent to the peer as candidates for hole punching. "
+            "Two servers (or one with RFC 5780 OTHER-ADDRESS, as coturn with two addresses) "
+            "tell endpoint-independent from endpoint-dependent NAT. Empty: no STUN.",
+        ),
+        "nat_keepalive": Option(
+            "seconds", "25",
+            "Longest idle keepalive interval of a subflow, so that NAT mappings on the way stay "
+            "open (below the common 30 s UDP timeout of NATs; 1 to 300). Caps `keepalive_idle`.",
+        ),
     },
     "vnc": {
         "ipaddr": Option(
@@ -325,6 +346,21 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "urgent packets still go before it).",
         ),
         "enabled": Option("bool", "1", "`0` ignores this policy."),
+    },
+    "relay": {
+        "address": Option(
+            "relay_address", None,
+            "Required. A TURN relay (RFC 8656 over UDP, e.g. coturn) that carries a subflow whose "
+            "direct and punched paths both fail (endpoint-dependent NAT on both ends). Several "
+            "`config relay` sections are tried in order; one that fails is skipped for the next "
+            "for 10 s. Configure relays on both sites. The relay sees only ciphertext.",
+        ),
+        "username": Option("credential", None, "Required. The relay's long-term credential: user name."),
+        "password": Option(
+            "credential", None,
+            "Required. The relay's long-term credential: password (keep the file mode 600).",
+        ),
+        "enabled": Option("bool", "1", "`0` leaves this relay out."),
     },
 }
 
@@ -427,6 +463,8 @@ class Base:
     mss_clamp: bool = True
     log_level: str = "info"
     name: str | None = None  # None: <hostname>-<vNIC address>
+    stun: tuple[HostPort, ...] = ()
+    nat_keepalive: float = 25.0
 
     @property
     def port(self) -> int:
@@ -502,6 +540,16 @@ class SiteKey:
 
 
 @dataclass(frozen=True)
+class RelayConf:
+    """A TURN relay (``config relay``), in the configured order."""
+
+    name: str
+    address: HostPort  # a host name is resolved by the agent when it uses the relay
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     base: Base
     vnc: Vnc
@@ -509,6 +557,7 @@ class Config:
     lan: Lan
     policies: tuple[Policy, ...] = ()
     sites: tuple[SiteKey, ...] = ()
+    relays: tuple[RelayConf, ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -891,6 +940,28 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["server_address"] = tuple(servers)
     b["listen_address"] = listen
 
+    # NAT traversal (docs/nat.md)
+    stun: list[HostPort] = []
+    for item in sec.multi("stun"):
+        try:
+            hp = parse_hostport(item, STUN_PORT, allow_name=True)
+        except ValueError as e:
+            chk.err(sec.path("stun"), str(e))
+            continue
+        ip = hp.ip
+        if ip is not None and (ip.is_unspecified or ip.is_multicast):
+            chk.err(sec.path("stun"), f"{hp} is not a STUN server's address")
+            continue
+        if hp in stun:
+            chk.err(sec.path("stun"), f"{hp} is given twice")
+            continue
+        stun.append(hp)
+    if len(stun) > MAX_STUN:
+        chk.warn(sec.path("stun"), f"{len(stun)} servers: only the first {MAX_STUN} are asked")
+    b["stun"] = tuple(stun)
+    b["nat_keepalive"] = sec.parsed(
+        "nat_keepalive", lambda s: _parse_float(s, 1, 300, "seconds"), _default("nat_keepalive", float))
+
     # extra LAN subnets
     extra: list[IPNetwork] = []
     for net in _lan_subnets(chk, sec):
@@ -1254,6 +1325,55 @@ def _check_policies(chk: _Checker, pkg: uci.Package, uplinks: list[Uplink]) -> l
     return out
 
 
+def _parse_credential(s: str) -> str:
+    """A TURN user name or password: printable ASCII (we do not implement
+    SASLprep/OpaqueString, RFC 8489 9.2.2), at most CREDENTIAL_MAX."""
+    if not s:
+        raise ValueError("is empty")
+    if len(s) > CREDENTIAL_MAX:
+        raise ValueError(f"is {len(s)} characters long: at most {CREDENTIAL_MAX}")
+    if not all(" " <= ch <= "~" for ch in s):
+        raise ValueError("may only hold printable ASCII characters (no tabs, no accents)")
+    return s
+
+
+def _check_relays(chk: _Checker, pkg: uci.Package) -> list[RelayConf]:
+    """``config relay`` sections (TURN relays, in order)."""
+    out: list[RelayConf] = []
+    seen: dict[HostPort, str] = {}
+    for sec in (_Sec(chk, pkg, s) for s in pkg.sections("relay")):
+        sec.unknown_options()
+        enabled = sec.parsed("enabled", _parse_bool, True)
+        address = sec.parsed("address", lambda v: parse_hostport(v, TURN_PORT))
+        if address is None and not sec.has("address"):
+            chk.err(sec.path("address"), "missing: the relay's host:port, e.g. '203.0.113.7:3478'")
+        creds = {}
+        for opt in ("username", "password"):
+            raw = sec.single(opt)
+            if raw is None:
+                if not sec.has(opt):
+                    chk.err(sec.path(opt), f"missing: the relay's {opt} (TURN long-term credential)")
+                continue
+            try:
+                creds[opt] = _parse_credential(raw)
+            except ValueError as e:  # never echo the value: it may be the password
+                chk.err(sec.path(opt), str(e))
+        if address is not None and address.ip is not None and (
+                address.ip.is_unspecified or address.ip.is_multicast):
+            chk.err(sec.path("address"), f"{address} is not a relay's address")
+            address = None
+        if not enabled or address is None or len(creds) != 2:
+            continue
+        if address in seen:
+            chk.err(sec.path("address"), f"{address} is already the relay of {pkg.name}.{seen[address]}")
+            continue
+        seen[address] = sec.ref
+        out.append(RelayConf(sec.ref, address, creds["username"], creds["password"]))
+    if len(out) > MAX_RELAYS:
+        chk.err(f"{pkg.name}.@relay", f"{len(out)} relays: at most {MAX_RELAYS}")
+    return out
+
+
 def validate(
     orayboxvpn: uci.Package,
     network: uci.Package | None = None,
@@ -1282,6 +1402,7 @@ def validate(
     uplinks = _check_uplinks(chk, pkg, default_port)
     policies = _check_policies(chk, pkg, uplinks)
     sites = _check_sites(chk, pkg, b, vnc)
+    relays = _check_relays(chk, pkg)
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks
@@ -1358,10 +1479,12 @@ def validate(
         mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],
         name=b["name"],
+        stun=b["stun"],
+        nat_keepalive=b["nat_keepalive"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,
-                  policies=tuple(policies), sites=tuple(sites)), chk.problems
+                  policies=tuple(policies), sites=tuple(sites), relays=tuple(relays)), chk.problems
 
 
 def load_config(uci_dir: str = "/etc/config") -> tuple[Config | None, list[Problem]]:

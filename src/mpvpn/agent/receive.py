@@ -3,6 +3,14 @@ into the tun vNIC, in processing order (as wireguard-go's
 ``device/receive.go``)::
 
     BatchSocket.recv()               one recvmsg: datagrams (split by UDP GRO) and their source
+      -> STUN demultiplexer          from a configured STUN server and shaped like STUN (magic
+                                     cookie where SMPU has its session id, which never takes
+                                     that value): to the uplink's UplinkNat (docs/nat.md)
+      (before the STUN demultiplexer: a relay may also be a STUN server)
+      -> relay demultiplexer         from one of the uplink's TURN relays, and ChannelData, a
+                                     Data indication or an answer to a TURN transaction (or
+                                     junk): to its UplinkRelay, which gives back the relayed
+                                     payloads (sealed SMPU datagrams) and the peer each came from
       -> length check                shorter than an SMPU header: counted drop (``malformed``)
       -> session_of()                session id in the header -> the session; none: counted
                                      drop (``unknown_session``), no state kept, no reply
@@ -28,6 +36,7 @@ import errno
 import logging
 
 from mpvpn.core import wire
+from mpvpn.io.udp import sockaddr
 
 log = logging.getLogger("mpvpn")
 
@@ -51,6 +60,29 @@ def session_id_of(datagram) -> int:
     return int.from_bytes(datagram[SESSION_ID], "big")
 
 
+def _to_stun(nat, data, addr, now: float) -> bool:
+    """Hand a STUN datagram to the uplink's STUN client; False: it is SMPU's."""
+    if nat.takes(data, addr):
+        nat.on_datagram(data, addr, now)
+        return True
+    return False
+
+
+def _receive_one(data, source, up, sessions: dict, counters: dict, now: float):
+    """One datagram that came through a relay: (its session or None, packets)."""
+    if len(data) < MIN_DATAGRAM:
+        counters["malformed"] += 1
+        return None, []
+    ds = sessions.get(session_id_of(data))
+    if ds is None:
+        counters["unknown_session"] += 1
+        return None, []
+    if ds.uplink_of.get(data[MEMBER]) is not up:
+        counters["wrong_uplink"] += 1
+        return None, []
+    return ds, ds.sess.receive_datagram(data, data[MEMBER], now, source=source)
+
+
 def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
     each datagram to its session (``sessions``: id -> DataSession), released
@@ -60,6 +92,8 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     out = []  # written in batches: consecutive TCP segments go as one super-segment
     out_ds = None  # the session the packets in ``out`` came from
     recv = up.batch.recv
+    nat = up.nat  # uplinknat.UplinkNat, or None without base.stun
+    relay = up.relay  # uplinkrelay.UplinkRelay, or None without config relay
     # the session lookup of the previous datagram (same key: same result)
     last_key = cur = member = None
     for _ in range(BATCH):
@@ -73,6 +107,20 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
             log.debug("uplink %s recv: %s", up.name, e)
             break
         up.rx_datagrams += len(datagrams)
+        if relay is not None and addr[:2] in relay.sources:
+            # (first: a relay may also be a configured STUN server; its
+            # Binding answers are left for the STUN client)
+            mine = [d for d in datagrams if relay.wants(d)]
+            for peer, payload in relay.unwrap(mine, addr, now):
+                ds, pkts = _receive_one(payload, sockaddr(*peer), up, sessions, counters, now)
+                if ds is not None:
+                    touched.add(ds)
+                    out += pkts
+            if len(mine) == len(datagrams):
+                continue
+            datagrams = [d for d in datagrams if not any(d is m for m in mine)]
+        if nat is not None and addr[:2] in nat.sources:  # (one set lookup per receive call)
+            datagrams = [d for d in datagrams if not _to_stun(nat, d, addr, now)]
         if len(datagrams) > 1:
             key = datagrams[0][SESSION_KEY]
             if len(key) == SESSION_KEY_LEN and all(d[SESSION_KEY] == key for d in datagrams):

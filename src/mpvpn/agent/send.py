@@ -160,10 +160,10 @@ def send_batches(touched: dict, now: float, counters: dict, trace=None) -> None:
     for ds, batch in touched.items():
         ds.sess.send_many(batch, now)
         if trace is None:
-            flush(ds, counters)
+            flush(ds, counters, now)
         else:
             t1 = trace.clock()
-            flush(ds, counters)
+            flush(ds, counters, now)
             trace.time("send.seal", t1 - now, len(batch))
             trace.time("send.udp", trace.clock() - t1, len(batch))
         sealer = ds.sess.sealer
@@ -171,7 +171,7 @@ def send_batches(touched: dict, now: float, counters: dict, trace=None) -> None:
             ds.conn.note_sealed(sealer.send_epoch, sealer.sealed, now)
 
 
-def flush(ds, counters: dict) -> None:
+def flush(ds, counters: dict, now: float = 0.0) -> None:
     """Send what session ``ds`` has queued, each member's datagrams through
     the uplink carrying it to the subflow's remote address; datagrams the
     socket refused count as the uplink's ``tx_errors`` and ``send_errors``."""
@@ -180,12 +180,31 @@ def flush(ds, counters: dict) -> None:
         return
     subs = ds.sess.subflows
     uplink_of = ds.uplink_of
+    punches = ds.punch  # member -> candidates.Punch (NAT traversal)
+    upgrades = ds.upgrade  # relayed members whose datagrams also go direct this once
     for member, dgrams in runs.items():
         sub = subs.get(member)
         up = uplink_of.get(member)
         if sub is None or up is None or up.batch is None or sub.remote is None:
             continue
-        failed = up.batch.send(dgrams, sub.remote)
+        punch = punches.get(member) if punches else None
+        relay = up.relay  # uplinkrelay.UplinkRelay or None
+        if punch is None and relay is None:
+            failed = up.batch.send(dgrams, sub.remote)
+        else:  # NAT hole punching: to every candidate until established (docs/nat.md)
+            failed = 0
+            dests = (sub.remote,) if punch is None else punch.destinations(sub.remote, sub.established)
+            for dest in dests:
+                if relay is not None and relay.carries(dest):  # through our TURN relay
+                    failed += relay.send(up.batch, dgrams, dest, now)
+                else:
+                    failed += up.batch.send(dgrams, dest)
+            if upgrades and member in upgrades and punch is not None:
+                # relayed: this flush (a probe) also tries the direct candidates
+                upgrades.discard(member)
+                for dest in punch.targets:
+                    if relay is None or not relay.carries(dest):
+                        failed += up.batch.send(dgrams, dest)
         if failed:
             up.tx_errors += failed
             counters["send_errors"] += failed

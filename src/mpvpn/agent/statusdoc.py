@@ -8,6 +8,8 @@ shows one (a link test's ``started``), passed in as ``wall``.
 
 from __future__ import annotations
 
+from mpvpn.agent.uplinknat import link_path
+from mpvpn.agent.uplinkrelay import link_relay, relay_reason
 from mpvpn.core.subflow import State
 
 # Session counters docs/status.md lists under `counters`: summed over the
@@ -39,6 +41,14 @@ def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[li
             ln["quality"] = round(quality.get(ln["member"], 0.0), 4)
             up = ln["state"] == State.ESTABLISHED.value
             ln["weight"] = (1.0 if up else 0.0) if duplicate else ln["quality"]
+            sub = ds.sess.subflows.get(ln["member"])
+            if sub is not None and sub.remote is not None:  # where it sends now (a NAT's mapping)
+                ln["remote"] = f"[{sub.remote[0]}]:{sub.remote[1]}" if ":" in sub.remote[0] \
+                    else f"{sub.remote[0]}:{sub.remote[1]}"
+            ln["relay"] = link_relay(ds, ln["member"])  # the TURN relay carrying it, or None
+            ln["relay_reason"] = relay_reason(ds, ln["member"]) if ln["relay"] else None
+            # direct / punched / relayed (docs/nat.md)
+            ln["path"] = "relayed" if ln["relay"] else link_path(ds, ln["member"])
             links.append(ln)
         for k, v in st["counters"].items():
             if isinstance(v, int):
@@ -117,10 +127,19 @@ def policies(cfg_policies) -> list:
             for p in cfg_policies]
 
 
-def uplinks(ups) -> list:
-    return [{"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
-             "state": up.state, "error": up.error, "tx_errors": up.tx_errors}
-            for up in ups]
+def uplinks(ups, now: float = 0.0) -> list:
+    out = []
+    for up in ups:
+        nat = up.nat  # uplinknat.UplinkNat (base.stun set) or None
+        public = nat.public_addr if nat is not None else None
+        out.append({"name": up.name, "type": up.cfg.type, "bind_ip": up.addr, "port": up.cfg.port,
+                    "state": up.state, "error": up.error, "tx_errors": up.tx_errors,
+                    "public": f"{public[0]}:{public[1]}" if public and ":" not in public[0]
+                    else (f"[{public[0]}]:{public[1]}" if public else None),
+                    "nat": nat.nat if nat is not None else None,
+                    "stun": nat.status() if nat is not None else None,
+                    "relay": up.relay.status(now) if up.relay is not None else None})
+    return out
 
 
 def document(*, version: str, now: float, started: float, state: str, state_since: float,

@@ -217,11 +217,17 @@ class ControlConfig:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+# The STUN magic cookie (RFC 8489 6): SMPU puts the session id where STUN
+# puts the cookie (bytes 4..7), and STUN shares the uplink sockets
+# (docs/nat.md), so no session may carry it.
+STUN_MAGIC_COOKIE = 0x2112A442
+
+
 def random_session_id(rng, used) -> int:
-    """A random, nonzero session ID not in ``used``."""
+    """A random session ID not in ``used``, neither 0 nor the STUN magic cookie."""
     for _ in range(64):
         sid = rng.getrandbits(32)
-        if sid and sid not in used:
+        if sid and sid != STUN_MAGIC_COOKIE and sid not in used:
             return sid
     raise Bad("busy", "could not allocate a session ID", "busy")
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 
 from mpvpn.core import noise, pairing, seal
+from mpvpn.core.candidates import KINDS as CANDIDATE_KINDS
+from mpvpn.core.candidates import MAX_CANDIDATES, Candidate
 from mpvpn.core.pairing import Uplink
 
 # --- constants -----------------------------------------------------------------
@@ -274,15 +276,41 @@ def _ip(v, what: str):
         raise Bad("invalid", f"{what}: {safe_text(s, 45)!r} is not an IP address") from None
 
 
+def _unicast(v, what: str):
+    addr = _ip(v, what)
+    if addr.is_unspecified or addr.is_multicast:
+        raise Bad("invalid", f"{what}: {addr} is not a unicast address")
+    return addr
+
+
+def _parse_candidates(v, what: str) -> tuple:
+    """``candidates`` of an uplink (docs/control.md, mpvpn.core.candidates)."""
+    items = _list(v, what, MAX_CANDIDATES)
+    out = []
+    for i, x in enumerate(items):
+        w = f"{what}[{i}]"
+        d = _obj(x, w, {"kind", "addr", "port"})
+        kind = _str(d["kind"], f"{w}.kind", 8)
+        if kind not in CANDIDATE_KINDS:
+            raise Bad("invalid", f"{w}.kind: expected one of {', '.join(CANDIDATE_KINDS)}")
+        addr = _unicast(d["addr"], f"{w}.addr")
+        out.append(Candidate(kind, str(addr), _int(d["port"], f"{w}.port", 1, 65535)))
+    eps = [c.endpoint for c in out]
+    if len(set(eps)) != len(eps):
+        raise Bad("invalid", f"{what}: two candidates share one address and port")
+    return tuple(out)
+
+
 def _parse_uplink(v, what: str) -> Uplink:
-    d = _obj(v, what, {"name", "type", "addr", "port"})
+    d = _obj(v, what, {"name", "type", "addr", "port"}, {"candidates"})
     name = _match(d["name"], f"{what}.name", UPLINK_RE, "an uplink name [A-Za-z0-9_.-]{1,32}")
     typ = _match(d["type"], f"{what}.type", WORD_RE, "a carrier type [a-z0-9_-]{1,32}")
     addr = _ip(d["addr"], f"{what}.addr")
     if addr.is_unspecified or addr.is_multicast:
         raise Bad("invalid", f"{what}.addr: {addr} is not a unicast address")
     port = _int(d["port"], f"{what}.port", 1, 65535)
-    return Uplink(name, typ, str(addr), port)
+    cands = _parse_candidates(d["candidates"], f"{what}.candidates") if "candidates" in d else ()
+    return Uplink(name, typ, str(addr), port, cands)
 
 
 def _parse_uplinks(v, what: str) -> tuple:

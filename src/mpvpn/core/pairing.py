@@ -43,12 +43,15 @@ MAX_MEMBER = 255
 @dataclass(frozen=True)
 class Uplink:
     """One local or remote uplink: ``name`` (unique per side), carrier
-    ``type``, and the UDP endpoint ``addr``:``port`` its subflows use."""
+    ``type``, and the UDP endpoint ``addr``:``port`` its subflows use;
+    ``candidates``: other ways to reach it when it is behind NAT
+    (:class:`mpvpn.core.candidates.Candidate`; they never change the plan)."""
 
     name: str
     type: str
     addr: str
     port: int
+    candidates: tuple = ()
 
     @property
     def family(self) -> int:
@@ -58,7 +61,10 @@ class Uplink:
             return 0
 
     def to_json(self) -> dict:
-        return {"name": self.name, "type": self.type, "addr": self.addr, "port": self.port}
+        d = {"name": self.name, "type": self.type, "addr": self.addr, "port": self.port}
+        if self.candidates:  # (only then: peers before issue 15 refuse unknown fields)
+            d["candidates"] = [c.to_json() for c in self.candidates]
+        return d
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,13 @@ class Session(SendPath, ReceivePath):
             sub.open(now)
         return sub
 
+    def punch(self, member: int, now: float) -> None:
+        """Send one NAT punch probe on subflow ``member`` (Subflow.punch)."""
+        sub = self.subflows.get(member)
+        if sub is not None and sub.state is not State.CLOSING:
+            self._now = now
+            sub.punch(now)
+
     def remove_subflow(self, member: int, now: float) -> None:
         """Close a subflow gracefully (2-way close); it leaves when closed."""
         sub = self.subflows.get(member)

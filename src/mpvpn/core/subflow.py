@@ -132,6 +132,7 @@ class Subflow:
         self.meta = dict(meta or {})  # carrier type, addresses: for status only
         self.remote = None  # where the I/O layer sends this subflow's datagrams (opaque)
         self.roams = 0  # times an authenticated control datagram moved ``remote``
+        self.punches = 0  # NAT punch probes sent (responder, docs/nat.md)
         # mpvpn.core.linkstats.LinkMeter: the session's model of this link's rate
         # and backlog (None for a bare subflow outside a session)
         self.meter = meter
@@ -222,6 +223,15 @@ class Subflow:
             self._next_probe = None
             self._retry_interval = self.config.connect_backoff
             self._send_connect(now)
+
+    def punch(self, now: float) -> None:
+        """NAT hole punching (docs/nat.md): send one probe (KEEPALIVE) to the
+        peer although the subflow is not established, so that the NATs on
+        the way see us talk to the peer and let its CONNECT in.  Changes no
+        state; a peer that is not established either ignores it (counted as
+        ``unexpected``) but follows its source address."""
+        self.punches += 1
+        self._send_probe(Op.KEEPALIVE, now)
 
     def close(self, now: float, reason: int = wire.CloseReason.NORMAL) -> None:
         """Administrative close: 2-way CLOSE / CLOSE-ACK."""

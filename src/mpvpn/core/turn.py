@@ -282,6 +282,21 @@ class TurnClient:
         self._requests.clear()
         self._send(_Request(stun.REFRESH, [(stun.LIFETIME, struct.pack("!I", 0))], "release"), now)
 
+    def has_transaction(self, txid: bytes) -> bool:
+        """Is a request with this transaction id waiting for its answer?
+        (For a socket shared with a STUN client talking to the same server.)"""
+        return txid in self._requests
+
+    def refresh_now(self, now: float) -> bool:
+        """Refresh the allocation at the next :meth:`on_timer` (a liveness
+        check: ``expires_at`` moves when the relay answers; a relay that lost
+        the allocation answers 437, which ends it).  False unless allocated."""
+        if self.state != "allocated":
+            return False
+        if not self._pending("refresh"):
+            self._refresh_at = now
+        return True
+
     def on_datagram(self, data: bytes, src: Sequence, now: float) -> None:
         if len(data) > MAX_DATAGRAM:
             self._drop("oversized")

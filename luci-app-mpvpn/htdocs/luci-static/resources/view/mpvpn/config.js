@@ -145,6 +145,41 @@ function implicitDefault(o) {
 	return o;
 }
 
+/* a TURN relay: host:port (port 3478 when left out); not 0.0.0.0/:: or multicast */
+function validateRelayAddress(section_id, value) {
+	var r = checkHostPort(value, true), host;
+
+	if (r !== true)
+		return r;
+
+	if (String(value).trim() === '')
+		return _('Required: the relay\'s address, e.g. 203.0.113.7:3478');
+
+	host = String(value).trim();
+	host = (host.charAt(0) == '[') ? host.replace(/^\[([^\]]*)\].*$/, '$1') : host.replace(/:.*$/, '');
+	if (host == '0.0.0.0' || host == '::' || /^(22[4-9]|23[0-9])\./.test(host) || /^ff/i.test(host))
+		return _('Expecting the address of a relay server');
+
+	return true;
+}
+
+/* a TURN user name or password: printable ASCII, at most 128 characters */
+function validateCredential(section_id, value) {
+	if (value == null || value === '')
+		return _('Required: the relay\'s user name and password');
+
+	if (String(value).trim() === '')
+		return _('Expecting more than spaces');
+
+	if (value.length > 128)
+		return _('At most 128 characters');
+
+	if (!/^[\x20-\x7e]+$/.test(value))
+		return _('Only printable ASCII characters (no accents)');
+
+	return true;
+}
+
 function validIfname(value) {
 	return value.length > 0 && value.length < 16 && value != '.' && value != '..' && !/[\/:\s]/.test(value);
 }
@@ -278,6 +313,18 @@ return view.extend({
 			_('Keepalive interval of a subflow while data flows (0.01 to 60 seconds).'));
 		o.datatype = 'and(ufloat,range(0.01,60))';
 		o.placeholder = '0.1';
+
+		o = s.taboption('advanced', form.DynamicList, 'stun', _('STUN servers'),
+			_('Servers each uplink asks for its public address and port and its kind of NAT (host:port, port default 3478). The answers go to the other site so that uplinks behind NAT can still reach each other (hole punching). Two servers, or one with two addresses, tell the kinds of NAT apart. Empty: no STUN.'));
+		o.placeholder = 'stun.example.net:3478';
+		o.validate = function(section_id, value) {
+			return checkHostPort(value, true);
+		};
+
+		o = s.taboption('advanced', form.Value, 'nat_keepalive', _('NAT keepalive (s)'),
+			_('Longest idle keepalive interval, so that NAT mappings on the way stay open (1 to 300 seconds; below the usual 30 s UDP timeout of NATs).'));
+		o.datatype = 'and(ufloat,range(1,300))';
+		o.placeholder = '25';
 
 		o = s.taboption('advanced', form.Value, 'dead_after', _('Dead after'),
 			_('A subflow is down after this many consecutive unanswered keepalives (1 to 100).'));
@@ -524,6 +571,36 @@ return view.extend({
 		o.value('duplicate', _('Duplicate'));
 		o.value('aggregate', _('Aggregate'));
 		o.value('adaptive', _('Adaptive'));
+
+		/* --- config relay (TURN relays for uplinks behind symmetric NAT) -------- */
+
+		s = m.section(form.GridSection, 'relay', _('Relays'),
+			_('TURN relays (e.g. coturn) for carriers whose direct path does not open, typically when both ends are behind symmetric NAT (mobile networks). They are tried in order; a relay that fails is skipped for the next. The relay forwards the encrypted traffic and cannot read it.'));
+		s.anonymous = true;
+		s.addremove = true;
+		s.sortable = true;
+		s.nodescriptions = true;
+
+		o = s.option(form.Flag, 'enabled', _('Enabled'));
+		o.default = '1';
+		o.editable = true;
+
+		o = s.option(form.Value, 'address', _('Relay address'),
+			_('The relay\'s address and port, e.g. 203.0.113.7:3478 or turn.example.net (port 3478 when left out).'));
+		o.rmempty = false;
+		o.validate = validateRelayAddress;
+
+		o = s.option(form.Value, 'username', _('User name'),
+			_('The relay account\'s user name.'));
+		o.rmempty = false;
+		o.validate = validateCredential;
+
+		o = s.option(form.Value, 'password', _('Password'),
+			_('The relay account\'s password.'));
+		o.password = true;
+		o.rmempty = false;
+		o.modalonly = true;
+		o.validate = validateCredential;
 
 		return m.render();
 	}

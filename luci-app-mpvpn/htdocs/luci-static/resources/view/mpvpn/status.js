@@ -810,6 +810,11 @@ return view.extend({
 					line.push(' ', String(u.bind_ip) + (isNum(u.port) ? ':' + u.port : ''));
 				if (u.error != null)
 					line.push(' ', E('span', { 'style': 'color:' + RED }, [ String(u.error) ]));
+				/* docs/status.md uplinks[].relay: a relay in use that failed says why */
+				if (isObj(u.relay) && u.relay.started && u.relay.state != 'ready' && u.relay.last_error != null)
+					line.push(' ', E('span', { 'class': 'mpvpn-relay-error', 'style': 'color:' + RED }, [
+						_('relay: %s').format(String(u.relay.last_error))
+					]));
 
 				/* "up" is the local side only: the socket is bound to the uplink's address */
 				var down = (u.state == 'up' && u.name != null) ? links.filter(function(l) {
@@ -912,6 +917,13 @@ return view.extend({
 				carrier.push(E('br'), small([ String(l.type) ]));
 			if (multiPeer && l.peer != null)
 				carrier.push(E('br'), small([ _('to %s').format(String(l.peer)) ]));
+			/* docs/status.md links[].path: a subflow carried by a TURN relay, and why */
+			if (l.path == 'relayed' && l.relay != null)
+				carrier.push(E('br'), small([ E('span', { 'class': 'mpvpn-relayed' }, [
+					(l.relay_reason != null)
+						? _('via relay %s: %s').format(String(l.relay), String(l.relay_reason))
+						: _('via relay %s').format(String(l.relay))
+				]) ]));
 
 			var stateCell = [ badge(ls[0], ls[1], l.state) ];
 			if (l.state != 'established' && l.last_down_reason)

@@ -1,0 +1,270 @@
+"""NAT state of one uplink and the agent's hole-punching glue (issue 15,
+docs/nat.md).
+
+:class:`UplinkNat` is the I/O edge of :class:`mpvpn.core.stun.BindingClient`
+for one uplink: it resolves ``base.stun`` (DNS is the edge's business, not
+the core's), shares the uplink's UDP socket with SMPU (the receive path
+hands it what :meth:`UplinkNat.takes` claims: a datagram from a configured
+STUN server that :func:`mpvpn.core.stun.looks_like_stun`), and keeps the
+public mapping and NAT kind the status shows and the candidates announce.
+
+The functions below wire :class:`mpvpn.core.candidates.Punch` into the
+agent's sessions: which subflows punch, where to, and the responder's
+punch probes.  The agent calls them explicitly; nothing here reaches into
+a session's or subflow's private state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from mpvpn.core import candidates, stun
+from mpvpn.core.candidates import Punch
+from mpvpn.io.udp import sockaddr
+
+log = logging.getLogger("mpvpn")
+
+RECHECK_INTERVAL = 300.0  # seconds between STUN rounds (also on SIGHUP, hotplug, a punched link down)
+MIN_RECHECK_GAP = 2.0  # a subflow going down asks again, at most this often per uplink
+
+
+def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
+    """``base.stun`` (HostPort list) as (ip, port) of ``family`` (4 or 6),
+    and the problems (one line each) for the names that gave none."""
+    out, problems = [], []
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    for hp in servers:
+        ip = hp.ip
+        if ip is not None:
+            if ip.version == family:
+                out.append((str(ip), hp.port))
+            continue
+        try:
+            infos = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as e:
+            problems.append(f"cannot resolve STUN server {hp}: {e}")
+            continue
+        for info in infos[:1]:
+            out.append((info[4][0], info[4][1]))
+    seen, uniq = set(), []
+    for a in out:
+        if a not in seen:
+            seen.add(a)
+            uniq.append(a)
+    return uniq, problems
+
+
+class UplinkNat:
+    """Discovery (STUN) on one uplink's socket: public mapping and NAT kind."""
+
+    def __init__(self, servers, local: tuple[str, int], now: float, *,
+                 resolve=socket.getaddrinfo, recheck_interval: float = RECHECK_INTERVAL):
+        self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
+        family = ipaddress.ip_address(self.local[0]).version
+        resolved, self.problems = resolve_servers(servers, family, resolve)
+        for p in self.problems:
+            log.warning("%s", p)
+        self.client = stun.BindingClient(resolved, self.local, recheck_interval=recheck_interval)
+        self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
+        self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
+        self.changes = 0  # times the public mapping changed after the first one
+        self.send_errors = 0  # requests the socket refused (no route to the server, ...)
+        self._announced = None  # the public mapping the candidates were last built from
+        self._last_recheck = now
+        self.client.start(now)
+
+    # -- the receive path's demultiplexer --------------------------------------------
+
+    def takes(self, data, addr) -> bool:
+        """Is this datagram (from ``addr``) for STUN?  From a configured
+        server and shaped like STUN; anything else is SMPU's."""
+        if addr[:2] in self.sources and stun.looks_like_stun(data):
+            return True
+        if addr[:2] in self.sources:
+            self.not_stun += 1
+        return False
+
+    def on_datagram(self, data, addr, now: float) -> None:
+        self.client.on_datagram(bytes(data), addr[:2], now)
+
+    # -- timers ------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self.client.next_deadline()
+
+    def on_timer(self, now: float) -> None:
+        self.client.on_timer(now)
+
+    def take_outgoing(self) -> list:
+        return self.client.take_outgoing()
+
+    def send(self, batch) -> None:
+        """Send what the STUN client wants to through the uplink's
+        BatchSocket ``batch``; refusals (e.g. no route to that server from
+        this uplink) count in ``send_errors``."""
+        for data, dest in self.client.take_outgoing():
+            self.send_errors += batch.send([data], sockaddr(*dest))
+
+    def recheck(self, now: float, force: bool = True) -> bool:
+        """Start a STUN round now (SIGHUP, hotplug); ``force=False`` (a
+        punched subflow went down) at most every MIN_RECHECK_GAP seconds
+        and not while a round runs.  Returns whether a round started."""
+        if not force and (self.client.busy or now - self._last_recheck < MIN_RECHECK_GAP):
+            return False
+        self._last_recheck = now
+        self.client.recheck(now)
+        return True
+
+    def mapping_changed(self) -> bool:
+        """Did a finished round change the public mapping since the last
+        call?  (Then the candidates must go to the peer in an UPDATE.)"""
+        events = self.client.take_events()
+        if not events:
+            return False
+        public = self.public_addr
+        if public == self._announced:
+            return False
+        if self._announced is not None:
+            self.changes += 1
+            log.info("uplink %s:%d: public mapping %s -> %s (NAT %s)", *self.local,
+                     stun.format_addr(self._announced), stun.format_addr(public) if public else "none",
+                     self.nat)
+        else:
+            log.info("uplink %s:%d: public mapping %s, NAT %s", *self.local,
+                     stun.format_addr(public) if public else "none", self.nat)
+        self._announced = public
+        return True
+
+    # -- what the rest of the agent reads --------------------------------------------------
+
+    @property
+    def public_addr(self) -> tuple | None:
+        r = self.client.result
+        return tuple(r.public) if r is not None and r.public is not None else None
+
+    @property
+    def nat(self) -> str:
+        r = self.client.result
+        return r.nat if r is not None else stun.NAT_UNKNOWN
+
+    @property
+    def behind_nat(self) -> bool:
+        return candidates.behind_nat(self.public_addr, self.local)
+
+    def candidates(self) -> tuple:
+        """The candidates to announce (none when no NAT is known)."""
+        return candidates.local_candidates(self.local[0], self.local[1], self.public_addr)
+
+    def status(self) -> dict:
+        return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
+                    send_errors=self.send_errors, problems=list(self.problems))
+
+
+# -- what the agent calls -------------------------------------------------------------------
+
+def run_timers(uplinks, now: float) -> bool:
+    """STUN timers and output of every uplink (UplinkIO with ``nat`` and
+    ``batch``); True when a round changed a public mapping (then the
+    candidates must go to the peers and into the punch plans)."""
+    changed = False
+    for up in uplinks:
+        nat = up.nat
+        if nat is None or up.batch is None:
+            continue
+        t = nat.next_deadline()
+        if t is not None and t <= now:
+            nat.on_timer(now)
+        nat.send(up.batch)
+        changed = nat.mapping_changed() or changed
+    return changed
+
+
+def recheck_all(uplinks, now: float) -> None:
+    """SIGHUP / hotplug: every uplink asks its STUN servers again."""
+    for up in uplinks:
+        if up.nat is not None and up.batch is not None:
+            up.nat.recheck(now)
+            up.nat.send(up.batch)
+
+
+def punch_again(ds, member: int, now: float) -> None:
+    """Subflow ``member`` of session ``ds`` went down: if it punches, maybe
+    a NAT mapping changed (NAT reboot, new CGNAT port): punch again from the
+    fast pace and ask STUN again (at most every MIN_RECHECK_GAP); a new
+    mapping then goes to the peer as an UPDATE (run_timers)."""
+    p = ds.punch.get(member)
+    if p is None or not p.active:
+        return
+    p.restart(now)
+    up = ds.uplink_of.get(member)
+    if up is not None and up.nat is not None and up.batch is not None \
+            and up.nat.recheck(now, force=False):
+        up.nat.send(up.batch)
+
+
+# -- hole punching in the agent's sessions ------------------------------------------------
+
+def punch_targets(peer_uplink) -> list:
+    """Where the peer's uplink may be reached: its address, then its candidates."""
+    out = [(peer_uplink.addr, peer_uplink.port)]
+    out += [c.endpoint for c in peer_uplink.candidates]
+    return out
+
+
+def update_punch(ds, now: float) -> None:
+    """Bring ``ds.punch`` (member -> Punch) in line with the plan and the
+    candidates of both sides: a pair punches when either end is behind NAT
+    (our uplink's STUN mapping differs from its address, or the peer
+    announced candidates).  The responder's punch probes take the pace of
+    the initiator's CONNECT retries (the subflow's backoff)."""
+    sc = ds.sess.config.subflow
+    backoff = sc.connect_backoff
+    backoff_max = max(backoff, sc.connect_backoff_max or sc.keepalive_idle)
+    peer_ups = {u.name: u for u in ds.peer.uplinks}
+    for member in [m for m in ds.punch if m not in ds.plan]:
+        del ds.punch[member]
+    for member, spec in ds.plan.items():
+        pu = peer_ups.get(spec.remote)
+        if pu is None:
+            continue
+        up = ds.uplink_of.get(member)
+        nat = up.nat if up is not None else None
+        active = bool(pu.candidates) or (nat is not None and nat.behind_nat)
+        p = ds.punch.get(member)
+        if p is None:
+            if not active:
+                continue
+            p = ds.punch[member] = Punch(ds.sess.initiator, backoff, backoff_max)
+        targets = [sockaddr(a, port) for a, port in punch_targets(pu)]
+        if p.update(targets, active, now) and active:
+            log.info("%s: subflow %d (%s) punches towards %s", ds.peer.name, member, spec.type,
+                     ", ".join(f"{t[0]}:{t[1]}" for t in p.targets))
+
+
+def punch_deadline(ds) -> float | None:
+    """The earliest responder punch probe due in session ``ds``."""
+    t = None
+    for member, p in ds.punch.items():
+        sub = ds.sess.subflows.get(member)
+        if sub is None:
+            continue
+        d = p.next_deadline(sub.established)
+        if d is not None and (t is None or d < t):
+            t = d
+    return t
+
+
+def punch_timers(ds, now: float) -> None:
+    """Send the responder punch probes due now (they leave with the next flush)."""
+    for member, p in ds.punch.items():
+        sub = ds.sess.subflows.get(member)
+        if sub is not None and p.due(now, sub.established):
+            ds.sess.punch(member, now)
+
+
+def link_path(ds, member: int) -> str:
+    """``links[].path``: ``punched`` when the pair punches through NAT, else ``direct``."""
+    p = ds.punch.get(member)
+    return "punched" if p is not None and p.active else "direct"

@@ -1,0 +1,125 @@
+"""mpvpn.agent.uplinknat: the STUN edge of one uplink (resolution of
+base.stun, the demultiplexer on the shared socket, mapping changes, the
+re-check pacing) and the punch glue, with a fake clock and STUN answers
+made by the codec (the real server is in tests/test_natlab.py and
+tests/test_nat_e2e.py)."""
+
+import socket
+
+import pytest
+
+from mpvpn.agent import receive
+from mpvpn.agent.config import HostPort
+from mpvpn.agent.uplinknat import MIN_RECHECK_GAP, UplinkNat, resolve_servers
+from mpvpn.core import stun, wire
+
+S1, S2 = ("203.0.113.1", 3478), ("203.0.113.2", 3478)
+LOCAL = ("10.3.1.2", 7000)
+
+
+def answer(req: bytes, mapped) -> bytes:
+    m = stun.decode(req)
+    return stun.encode(stun.BINDING, stun.SUCCESS, m.txid,
+                       [(stun.XOR_MAPPED_ADDRESS, stun.encode_address(mapped, xor=True, txid=m.txid))],
+                       fingerprint=True)
+
+
+def no_dns(*a, **k):
+    raise AssertionError("numeric servers need no DNS")
+
+
+def serve(nat, now, mapped_for) -> None:
+    """Answer every request the client has queued from ``mapped_for[server]``."""
+    for data, dest in nat.take_outgoing():
+        reply = answer(data, mapped_for[dest])
+        assert nat.takes(reply, dest)
+        nat.on_datagram(reply, dest, now)
+
+
+def test_resolution_keeps_the_family_and_reports_names_that_fail():
+    def fake(host, port, fam, typ):
+        assert fam == socket.AF_INET and typ == socket.SOCK_DGRAM
+        if host == "stun.example.net":
+            return [(fam, typ, 17, "", ("192.0.2.9", port)), (fam, typ, 17, "", ("192.0.2.10", port))]
+        raise socket.gaierror(-2, "Name or service not known")
+
+    servers = [HostPort("203.0.113.1", 3478), HostPort("2001:db8::1", 3478),
+               HostPort("stun.example.net", 3479), HostPort("nope.invalid", 3478),
+               HostPort("203.0.113.1", 3478)]
+    got, problems = resolve_servers(servers, 4, fake)
+    assert got == [("203.0.113.1", 3478), ("192.0.2.9", 3479)]
+    assert len(problems) == 1 and "nope.invalid" in problems[0]
+
+
+def test_two_servers_same_mapping_is_eim_and_candidates_follow():
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, 0.0, resolve=no_dns)
+    assert nat.nat == "unknown" and nat.public_addr is None and nat.candidates() == ()
+    serve(nat, 0.01, {S1: ("198.51.100.7", 7000), S2: ("198.51.100.7", 7000)})
+    assert nat.nat == "endpoint-independent" and nat.public_addr == ("198.51.100.7", 7000)
+    assert nat.behind_nat
+    assert [c.kind for c in nat.candidates()] == ["host", "srflx"]
+    assert nat.mapping_changed() and not nat.mapping_changed() and nat.changes == 0
+    # a forced re-check (SIGHUP) learns a new port: one change
+    assert nat.recheck(5.0)
+    serve(nat, 5.01, {S1: ("198.51.100.7", 7100), S2: ("198.51.100.7", 7100)})
+    assert nat.mapping_changed() and nat.changes == 1
+    assert nat.candidates()[1].port == 7100
+    # the same mapping again is no change
+    nat.recheck(10.0)
+    serve(nat, 10.01, {S1: ("198.51.100.7", 7100), S2: ("198.51.100.7", 7100)})
+    assert not nat.mapping_changed() and nat.status()["changes"] == 1
+
+
+def test_no_nat_means_no_candidates():
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, 0.0, resolve=no_dns)
+    serve(nat, 0.01, {S1: LOCAL, S2: LOCAL})
+    assert nat.nat == "none" and not nat.behind_nat and nat.candidates() == ()
+
+
+def test_demultiplexer_gives_stun_only_what_comes_from_a_server_and_looks_like_stun():
+    nat = UplinkNat([HostPort(*S1)], LOCAL, 0.0, resolve=no_dns)
+    (req, dest), = nat.take_outgoing()
+    reply = answer(req, ("198.51.100.7", 7000))
+    assert not nat.takes(reply, ("198.51.100.66", 3478))  # not a configured server: SMPU's
+    smpu = bytes([wire.VERSION]) + bytes(wire.HEADER_LEN + 20)
+    assert not nat.takes(smpu, S1) and nat.not_stun == 1  # from the server, but not STUN
+    # through the receive path: the STUN answer never reaches a session
+    class Batch:
+        def __init__(self, items):
+            self.items = list(items)
+
+        def recv(self):
+            if not self.items:
+                raise BlockingIOError
+            return self.items.pop(0)
+
+    class Up:
+        name = "mobile"
+        rx_datagrams = 0
+        relay = None  # (no config relay)
+
+    up = Up()
+    up.nat = nat
+    up.batch = Batch([([reply], S1), ([smpu], S1)])
+    counters = {"malformed": 0, "unknown_session": 0, "wrong_uplink": 0}
+    receive.read_uplink(up, {}, counters, lambda pkts: None, 0.01)
+    assert nat.public_addr == ("198.51.100.7", 7000)
+    assert counters["unknown_session"] == 1  # the SMPU-shaped one went on to SMPU
+    assert nat.client.drops == {}
+
+
+def test_a_down_subflow_rechecks_at_most_every_gap_and_not_during_a_round():
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, 0.0, resolve=no_dns)
+    assert not nat.recheck(0.5, force=False)  # the first round is running
+    serve(nat, 0.6, {S1: ("198.51.100.7", 7000), S2: ("198.51.100.7", 7000)})
+    assert not nat.recheck(1.0, force=False)  # too soon after the last start
+    assert nat.recheck(MIN_RECHECK_GAP + 0.1, force=False)
+    assert len(nat.take_outgoing()) == 2
+
+
+def test_an_ipv6_uplink_asks_ipv6_servers_only():
+    nat = UplinkNat([HostPort(*S1), HostPort("2001:db8::1", 3478)], ("2001:db8:3::2", 7000), 0.0,
+                    resolve=no_dns)
+    assert nat.sources == frozenset({("2001:db8::1", 3478)})
+    with pytest.raises(ValueError):
+        UplinkNat([], ("not-an-ip", 1), 0.0)
