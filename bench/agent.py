@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="duplicate",
                     help="base.mode of both agents for the 3-carrier rows, comma-separated: duplicate, "
                          "aggregate, adaptive; default duplicate")
-    ap.add_argument("--nack", default="off",
+    ap.add_argument("--nack", default="on",
                     help="base.nack of both agents (duplicate mode repairs), comma-separated: off, on; "
-                         "default off (the mode's default)")
+                         "default on (the default of every mode since issue 17)")
     ap.add_argument("--no-one-carrier", dest="one_carrier", action="store_false",
                     help="skip the 1-carrier rows")
     args = ap.parse_args(argv)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             os.environ["MPVPN_TUN_OFFLOAD"] = mode  # inherited by both agents (see mpvpn.io.tun)
             os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"  # see mpvpn.core.fastpath
             cloops = (", C" if fast == "on" else "") + (", nack" if nack == "on" else "")
-            extra = ("\toption nack '1'\n" if nack == "on" else "") + f"\toption mode '{base_mode}'\n"
+            extra = f"\toption nack '{1 if nack == 'on' else 0}'\n\toption mode '{base_mode}'\n"
             with TwoSites(lab, carriers=n, extra_base=extra) as ts:
                 ts.start(subflows=n)
                 rows.append(measure(lab, f"mpvpn ({base_mode + ' x3' if n == 3 else '1 carrier'}, AEAD, {mode}{cloops})",
