@@ -5,6 +5,7 @@ send recorded on the meters before the next decision
 decisions, same stopping point, same scheduler and meter state, from link
 states reached by real traffic (measured rates, loss, RTTs, queues)."""
 
+import contextlib
 import copy
 import struct
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpvpn.core import fastpath
+from mpvpn.core import fastpath, smpu_send
 from mpvpn.core.schedbase import PacketScheduler
 from mpvpn.core.seal import Sealer
 from mpvpn.core.scheduler import LinkPolicy, make_scheduler
@@ -133,6 +134,17 @@ def test_offer_many_decides_as_offer_packet_by_packet(mode, rate, pol, pin, loss
 K1, K2 = bytes(range(32)), bytes(range(32, 64))
 
 
+@contextlib.contextmanager
+def python_path():
+    """The send side without the C loops (the reference), for one session's calls."""
+    saved = smpu_send._LOOPS
+    smpu_send._LOOPS = None
+    try:
+        yield
+    finally:
+        smpu_send._LOOPS = saved
+
+
 @pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["aggregate", "adaptive"]), st.sampled_from([3e5, 2e6, 5e7]),
@@ -140,26 +152,52 @@ K1, K2 = bytes(range(32)), bytes(range(32, 64))
        st.lists(st.tuples(BATCH, st.sampled_from([0.0, 0.0005, 0.003])), min_size=1, max_size=6))
 def test_send_many_seals_what_send_sends_in_send_s_order(mode, rate, pin, pol, batches):
     """Session level: ``send_many`` (offer_many, then the C loops' seal_each
-    for what was decided at once) against ``send`` packet by packet (offer,
+    for what was decided at once) and the C loops' queue pump against
+    ``send`` packet by packet and the pump without the C loops (offer / pull,
     the Python transmit): the same datagrams in the same order, the same
     send buffer, scheduler and subflow counters, the same queue."""
     pairs = []
     for _ in range(2):
         p = SimPair(3, delay=0.001, sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
         assert p.handshake()
-        p.a.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=POLICIES[pol])
+        for s in (p.a, p.b):  # (b's mode makes it NACK)
+            s.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=POLICIES[pol])
         pairs.append(p)
     py, c = pairs
     now = py.now
     for batch, dt in batches:
         now += dt
-        accepted = sum(1 for p in batch if py.a.send(p, now))
+        with python_path():
+            accepted = sum(1 for p in batch if py.a.send(p, now))
         assert c.a.send_many(batch, now) == accepted
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
         assert c.a.scheduler.pending == py.a.scheduler.pending
-        for p in (py, c):
-            p.a.handle_timer(now + 0.001)
+        with python_path():  # time passes: what is queued leaves (the Python _pump)
+            py.a.handle_timer(now + 0.001)
+        c.a.handle_timer(now + 0.001)  # (the C loops' _pump)
+        sent = py.a.datagrams_to_send()
+        assert c.a.datagrams_to_send() == sent
+        # the peer gets all but every 4th, asks for the missing ones (NACK);
+        # the re-sends leave ahead of what is queued, in both pumps
+        for k, (m, d) in enumerate(sent):
+            if k % 4 != 1:
+                for pair in (py, c):
+                    pair.b.receive_datagram(d, m, now + 0.002)
+        for pair in (py, c):
+            for step in range(1, 21):  # the peer's timers: its NACKs
+                t = now + 0.002 + step * 0.001
+                due = pair.b.get_timer()
+                if due is not None and due <= t:
+                    pair.b.handle_timer(t)
+        back = py.b.datagrams_to_send()
+        assert c.b.datagrams_to_send() == back
+        with python_path():
+            for m, d in back:
+                py.a.receive_datagram(d, m, now + 0.023)
+        for m, d in back:
+            c.a.receive_datagram(d, m, now + 0.023)
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
+        now += 0.023
     assert c.a.scheduler.c == py.a.scheduler.c
     assert c.a.scheduler.urgent_by_reason == py.a.scheduler.urgent_by_reason
     assert state(c) == state(py)
@@ -169,6 +207,7 @@ def test_send_many_seals_what_send_sends_in_send_s_order(mode, rate, pin, pol, b
     assert [sub.status(0.0) for sub in c.a.subflows.values()] == \
         [sub.status(0.0) for sub in py.a.subflows.values()]
     assert c.a.sealer.sealed == py.a.sealer.sealed and c.a.sent == py.a.sent
+    assert c.a.retransmits == py.a.retransmits
 
 
 # -- classification: the C loops' copy against flows.classify_py -----------------------

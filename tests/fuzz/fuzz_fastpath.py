@@ -8,7 +8,9 @@ Input: the first byte picks the loop, the rest is its input:
   LAN: untrusted);
 * 2 -- ``open_run``: datagrams (1-byte length each) as received on a
   subflow, against a fixed receiver state (sealed with known keys, so some
-  of the seed inputs authenticate).
+  of the seed inputs authenticate);
+* 3 -- ``classify``: one inner packet from the LAN (the scheduler's flow
+  key and urgency), against ``mpvpn.core.flows.classify_py``.
 
 Asserts, for every input: no crash and no exception but the documented
 ``ValueError`` of ``split``; ``split`` and ``coalesce`` give exactly what the
@@ -35,7 +37,7 @@ _INSTRUMENT = atheris is not None and __name__ == "__main__"
 with atheris.instrument_imports(include=["mpvpn"]) if _INSTRUMENT else contextlib.nullcontext():
     from cryptography.exceptions import InvalidTag
 
-    from mpvpn.core import fastpath
+    from mpvpn.core import fastpath, flows
     from mpvpn.io import offload
     from mpvpn.core.seal import Sealer
 
@@ -91,16 +93,24 @@ def _open_run(datagrams: list[bytes]) -> None:
         assert all(p in opened for p in got)
 
 
+def _classify(packet: bytes) -> None:
+    want = flows.classify_py(packet, 128)
+    if C is not None:
+        assert C.classify(packet, 128) == want, packet
+
+
 def TestOneInput(data: bytes) -> None:
     if not data:
         return
-    kind, rest = data[0] % 3, data[1:]
+    kind, rest = data[0] % 4, data[1:]
     if kind == 0:
         _split(rest)
     elif kind == 1:
         _coalesce(_chunks(rest))
-    else:
+    elif kind == 2:
         _open_run(_chunks(rest))
+    else:
+        _classify(rest)
 
 
 # --- seed corpus ------------------------------------------------------------------------
@@ -130,6 +140,8 @@ def seed_corpus() -> list[bytes]:
     sealer = Sealer(_KEY, _KEY, 1)
     dgrams = [_sealed(sealer, 4, b"a" * 40), _sealed(sealer, 5, b"b" * 40), _sealed(sealer, 6, b"c" * 30)]
     out.append(b"\2" + b"".join(bytes([len(d)]) + d for d in dgrams if 0 < len(d) < 256))
+    out += [b"\3" + s for s in segs[:2]]  # classify: a TCP segment, then garbage-ish
+    out.append(b"\3" + bytes([0x60]) + bytes(45))
     return out
 
 

@@ -1,5 +1,7 @@
 /*
- * Optional C loops for SMPU's duplicate-mode data path (mpvpn.fastpath).
+ * Optional C loops for SMPU's data path (mpvpn.fastpath): duplicate mode's
+ * sealing and receiving, and for aggregate/adaptive the scheduler's flow
+ * classification and the sealing of what it decided.
  *
  * Same bytes on the wire and the same state changes as the pure-Python path
  * in mpvpn.smpu (which stays the reference and the fallback): these loops

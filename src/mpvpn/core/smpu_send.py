@@ -180,9 +180,13 @@ class SendPath:
             return
         sched = self._sched
         pull = sched.pull
-        transmit = self._transmit
         out = self._out
         limit = self.config.max_queue
+        loops = _LOOPS
+        if loops is not None and self.sealer is not None:
+            self._pump_sealing(now, loops)
+            return
+        transmit = self._transmit
         while len(out) < limit:
             if sched.retransmit_pending():
                 r = sched.pull_retransmit(up, now)
@@ -196,6 +200,45 @@ class SendPath:
             if item is None:
                 break
             transmit(item[0], item[1], now)
+
+    def _pump_sealing(self, now: float, loops) -> None:
+        """``_pump`` with the C loops: what ``pull`` releases is recorded on
+        the meters as it leaves (the next ``pull`` sees it, as after
+        ``_transmit``) and sealed in one C call (``seal_each``) before a
+        re-send is queued and at the end: the same datagrams in the same order."""
+        up = self._up
+        sched = self._sched
+        pull = sched.pull
+        out = self._out
+        limit = self.config.max_queue
+        over = _HLEN + self._tag_len
+        packets: list = []
+        decided: list = []
+        pending = 0  # datagrams pulled, not yet in out
+        while len(out) + pending < limit:
+            if sched.retransmit_pending():
+                r = sched.pull_retransmit(up, now)
+                if r is not None:  # stage 3: re-sends first
+                    if packets:  # what was pulled before it goes out before it
+                        self._seal_decided(packets, decided, now, loops)
+                        packets, decided, pending = [], [], 0
+                    entry = self._sendbuf[r[0] & self._sendmask]
+                    if entry is not None and entry[0] == r[0]:
+                        if self._retransmit_entry(entry, [s.member for s in r[1]], now):
+                            self.nack_tx.resent()
+                    continue
+            item = pull(up, now)
+            if item is None:
+                break
+            packet, targets = item
+            dlen = len(packet) + over
+            for sub in targets:
+                sub.meter.on_send(dlen, now)
+            packets.append(packet)
+            decided.append(targets)
+            pending += len(targets)
+        if packets:
+            self._seal_decided(packets, decided, now, loops)
 
     # -- 3. seal once, one copy per chosen subflow, keep for re-sends ---------------
 
