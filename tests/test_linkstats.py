@@ -294,3 +294,15 @@ def test_jitter_does_not_make_a_lightly_used_link_look_busy():
     assert all(m.samples > 5 for m in meters)
     assert all(m.rate >= 0.5e6 for m in meters), [round(m.rate) for m in meters]
     assert all(0 < m.noise <= m.MAX_NOISE for m in meters)
+
+
+def test_a_meter_is_seeded_only_with_a_positive_rate():
+    from mpvpn.core.linkstats import LinkMeter
+
+    m = LinkMeter()
+    m.seed(250_000.0)
+    assert m.bw0 == 250_000.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            m.seed(bad)
+    assert m.bw0 == 250_000.0

@@ -500,3 +500,15 @@ def test_give_up_releases_the_line_only_at_its_head():
     assert buf.push(4, "late", 0.0) == [] and buf.late == 1  # a re-send after all: late
     assert buf.push(9, 9, 0.0) == []
     assert buf.give_up([7, 8]) == [9] and buf.last == 9
+
+
+def test_the_buffer_checks_the_hold_it_is_given():
+    rb = ReorderBuffer(16, 0.01)
+    rb.set_hold(0.05, 0.2)
+    assert (rb.hold, rb.hold_cap) == (0.05, 0.2)
+    rb.set_hold(None)
+    assert (rb.hold, rb.hold_cap) == (None, 0.2)  # the cap stays unless given
+    for bad in ((-1.0, None), (float("nan"), None), (0.1, -0.5)):
+        with pytest.raises(ValueError):
+            rb.set_hold(*bad)
+    assert (rb.hold, rb.hold_cap) == (None, 0.2)

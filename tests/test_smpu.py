@@ -920,3 +920,17 @@ def test_a_responder_punch_probe_moves_the_initiators_remote_and_the_open_comple
         now += 0.3
     assert si.established and sr.established
     assert sr.remote == ("203.0.113.11", 7000)
+
+
+def test_retune_applies_live_options_checked_and_all_or_nothing():
+    pair = SimPair(2)
+    assert pair.handshake()
+    s = pair.a
+    s.retune(keepalive_idle=2.0, keepalive_active=0.2, dead_after=5, hold_max=0.3)
+    sub = s.config.subflow
+    assert (sub.keepalive_idle, sub.keepalive_active, sub.dead_after) == (2.0, 0.2, 5)
+    assert s.config.hold_max == 0.3 and s.reorder.hold_cap == 0.3
+    assert all(f.config.keepalive_idle == 2.0 for f in s.subflows.values())  # the subflows' own view
+    with pytest.raises(ValueError):
+        s.retune(keepalive_idle=2.0, keepalive_active=0.2, dead_after=0, hold_max=0.3)
+    assert sub.dead_after == 5 and s.config.hold_max == 0.3

@@ -945,7 +945,7 @@ class Agent:
             sub.remote = sockaddr(spec.remote_addr, spec.remote_port)
             up = ds.uplink_of[member]
             if up is not None and up.cfg.upload_kbit:  # smpu.upload: the link's rate until measured
-                sub.meter.bw0 = up.cfg.upload_kbit * 125.0
+                sub.meter.seed(up.cfg.upload_kbit * 125.0)
         uplinknat.update_punch(ds, now)
         self._flush_session(ds)
 
@@ -1387,11 +1387,9 @@ class Agent:
                 self._hub_sync(now)
             sc = self._session_config()
             for ds in self.sessions.values():
-                ds.sess.config.subflow.keepalive_idle = sc.subflow.keepalive_idle
-                ds.sess.config.subflow.keepalive_active = sc.subflow.keepalive_active
-                ds.sess.config.subflow.dead_after = sc.subflow.dead_after
-                ds.sess.config.hold_max = sc.hold_max
-                ds.sess.reorder.hold_cap = sc.hold_max
+                ds.sess.retune(keepalive_idle=sc.subflow.keepalive_idle,
+                               keepalive_active=sc.subflow.keepalive_active,
+                               dead_after=sc.subflow.dead_after, hold_max=sc.hold_max)
             if new.policies != old.policies:
                 for ds in self.sessions.values():
                     self._install_scheduler(ds.sess, ds.peer)

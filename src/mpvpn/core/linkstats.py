@@ -212,6 +212,13 @@ class LinkMeter:
 
     BUCKET = 0.1
 
+    def seed(self, bw0: float) -> None:
+        """The rate (bytes/s) assumed until the first sample: a configured
+        upload speed, or the scheduler's start rate."""
+        if not bw0 > 0:
+            raise ValueError(f"bw0 must be > 0, got {bw0!r}")
+        self.bw0 = bw0
+
     def _roll(self, now: float) -> None:
         b = int(now / self.BUCKET)
         if b != self._bucket:

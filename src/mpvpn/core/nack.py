@@ -79,6 +79,19 @@ class NackReceiver:
         self._ask_mark = 0  # rx_high when the tokens were last topped up
         self.nack_declined = 0  # missing numbers given up: over the ask budget
 
+    def set_timing(self, wait: float, wait_min: float, interval: float) -> None:
+        """The session's timing from the paths' RTTs (Session._update_hold):
+        the wait without order evidence, the least wait, one round per interval."""
+        if not (0 <= wait_min <= wait) or not interval >= 0:
+            raise ValueError(f"bad NACK timing: wait {wait!r}, wait_min {wait_min!r}, interval {interval!r}")
+        self.wait, self.wait_min, self.interval = wait, wait_min, interval
+
+    def set_ask_budget(self, rate: float | None, burst: float = 16.0) -> None:
+        """First asks per packet received (None: ask for everything), up to ``burst``."""
+        if rate is not None and not rate >= 0 or not burst >= 1:
+            raise ValueError(f"bad ask budget: rate {rate!r}, burst {burst!r}")
+        self.ask_rate, self.ask_burst = rate, burst
+
     def reset(self) -> None:
         """NACKs were turned off: forget what is missing and asked for."""
         self.missing.clear()

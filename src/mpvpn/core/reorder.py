@@ -117,6 +117,17 @@ class ReorderBuffer:
         self.hold_cap: float | None = None
         self.reset(start)
 
+    def set_hold(self, hold: float | None, cap: float | None = None) -> None:
+        """The session's hold (seconds a gap may hold later packets; None:
+        none) and its cap for NACK deferrals (None: leave it), checked here."""
+        if hold is not None and not hold >= 0:  # also rejects NaN
+            raise ValueError(f"hold must be None or >= 0, got {hold!r}")
+        if cap is not None and not cap >= 0:
+            raise ValueError(f"hold cap must be >= 0, got {cap!r}")
+        self.hold = hold
+        if cap is not None:
+            self.hold_cap = cap
+
     def reset(self, start: int = 0) -> None:
         """Forget all buffered items and given-up ranges; ``X = start``.
 

@@ -40,7 +40,7 @@ interface :mod:`mpvpn.core.schedbase`'s.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mpvpn.core import linktest, wire
 from mpvpn.core.linkstats import LinkMeter
@@ -190,7 +190,7 @@ class Session(SendPath, ReceivePath):
         self._sendmask = c.send_buffer - 1
         hold = c.hold_initial if c.hold == -1.0 else c.hold
         self.reorder = ReorderBuffer(c.reorder_capacity, hold)
-        self.reorder.hold_cap = c.hold_max  # NACK deferrals end there
+        self.reorder.set_hold(hold, c.hold_max)  # NACK deferrals end at the cap
         self._out: deque = deque()
         self._bulk: dict[int, list] = {}  # member -> sealed DATA from send_many (C loops)
         self._bulk_n = 0
@@ -234,7 +234,7 @@ class Session(SendPath, ReceivePath):
         bw0 = sched.initial_rate
         if bw0:
             for sub in self.subflows.values():
-                sub.meter.bw0 = bw0
+                sub.meter.seed(bw0)
         if old is not sched:
             # packets queued in the old one are gone; its drops stay counted
             self._sched_drops += old.pending + old.dropped
@@ -395,11 +395,8 @@ class Session(SendPath, ReceivePath):
         nrx = self.nack_rx
         up = [s for s in self._up if s.rtt.srtt is not None]
         if not up:
-            nrx.wait = nrx.wait_min = c.nack_wait_min
-            nrx.interval = c.nack_interval
-            self.reorder.hold_cap = c.hold_max
-            if c.hold == -1.0:
-                self.reorder.hold = c.hold_initial
+            nrx.set_timing(c.nack_wait_min, c.nack_wait_min, c.nack_interval)
+            self.reorder.set_hold(c.hold_initial if c.hold == -1.0 else self.reorder.hold, c.hold_max)
             return
         srtts = sorted(s.rtt.srtt for s in up)
         spread = srtts[-1] - srtts[0]
@@ -424,16 +421,29 @@ class Session(SendPath, ReceivePath):
             repair = spread / 2 + wait_min + 1.5 * second + 4 * var + interval
             hold = max(hold, repair)
             cap = max(cap, min(c.hold_limit, 2 * repair))  # a repair and a retry fit
-        self.reorder.hold_cap = cap
         if c.hold == -1.0:
-            self.reorder.hold = hold = min(cap, max(c.hold_min, hold))
-        elif c.hold is not None:
-            hold = c.hold
+            hold = min(cap, max(c.hold_min, hold))
+            self.reorder.set_hold(hold, cap)
+        else:
+            self.reorder.set_hold(self.reorder.hold, cap)
+            if c.hold is not None:
+                hold = c.hold
         # Without evidence from the subflows' order (see _nack_tick), a gap is
         # taken for a loss after about the RTT spread, at most half the hold.
-        nrx.wait_min = wait_min
-        nrx.interval = interval
-        nrx.wait = max(wait_min, min(hold / 2, base))
+        nrx.set_timing(max(wait_min, min(hold / 2, base)), wait_min, interval)
+
+    def retune(self, *, keepalive_idle: float, keepalive_active: float, dead_after: int,
+               hold_max: float) -> None:
+        """Live options changed (the agent's reload): keepalive timing, dead
+        detection and the hold's cap, checked as SessionConfig checks them."""
+        sub = self.config.subflow
+        trial = replace(self.config, hold_max=hold_max,
+                        subflow=replace(sub, keepalive_idle=keepalive_idle,
+                                        keepalive_active=keepalive_active, dead_after=dead_after))
+        trial.validate()
+        sub.keepalive_idle, sub.keepalive_active, sub.dead_after = keepalive_idle, keepalive_active, dead_after
+        self.config.hold_max = hold_max
+        self.reorder.set_hold(self.reorder.hold, hold_max)
 
     def _update_ask_budget(self) -> None:
         """Duplicate mode: every carrier carried every packet, so one missing
@@ -445,14 +455,13 @@ class Session(SendPath, ReceivePath):
         c = self.config
         nrx = self.nack_rx
         if not (self._dup_all if self.peer_duplicates is None else self.peer_duplicates):
-            nrx.ask_rate = None
+            nrx.set_ask_budget(None)
             return
         luck = 1.0 if self._up else 0.0
         for s in self._up:
             lost = s.loss_in.loss
             luck *= 0.0 if lost is None else lost
-        nrx.ask_rate = c.dup_ask_factor * luck + c.dup_ask_floor
-        nrx.ask_burst = float(c.dup_ask_burst)
+        nrx.set_ask_budget(c.dup_ask_factor * luck + c.dup_ask_floor, float(c.dup_ask_burst))
 
     # -- status -------------------------------------------------------------------
 
