@@ -61,3 +61,14 @@ def test_the_check_sees_a_violation(tmp_path, monkeypatch):
     (tmp_path / "core" / "x.py").write_text("import os\nfrom socket import socket\n")
     monkeypatch.setattr(f"{__name__}.SRC", tmp_path)
     assert "core/x.py imports socket" in violations("core")
+
+
+def test_readme_names_every_module_where_a_newcomer_looks():
+    """README's "How it works" table names each module (issue 14: a
+    newcomer finds each concept in the module named for it)."""
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## How it works"):readme.index("The protocol logic is sans-I/O")]
+    missing = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py")) + [SRC / "core" / "_fastpath.c"]
+               if p.name not in ("__init__.py", "__main__.py") and p.parent != SRC
+               and f"`{p.relative_to(SRC)}`" not in table]
+    assert missing == []
