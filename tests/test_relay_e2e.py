@@ -298,6 +298,8 @@ def test_relayed_pair_moves_to_the_direct_path_when_one_appears(relay_sites):
     for site in (mc.a_site, mc.b_site):
         nc.change_kind(site, "eim")
     time.sleep(4.5)
+    for site in (mc.a_site, mc.b_site):   # mappings live long enough for both ends' probes
+        nc.set_udp_timeout(site, 30)
     for s in (sites.a, sites.b):
         s.proc.send_signal(signal.SIGHUP)  # re-check: the new mappings go to the peer
 

@@ -774,9 +774,12 @@ class Agent:
         direct = tuple(t for t in p.targets if not up.relay.carries(t))
         if not direct:
             return
-        if direct != ds.upgrade_targets.get(member):
-            ds.upgrade_targets[member] = direct
-            ds.upgrade_at[member] = now              # new candidates: try them now
+        # new candidates on either end (the peer's UPDATE, our own STUN
+        # re-check): try at once, so that both ends' probes meet in the NATs
+        key = (direct, up.nat.public_addr if up.nat is not None else None)
+        if key != ds.upgrade_targets.get(member):
+            ds.upgrade_targets[member] = key
+            ds.upgrade_at[member] = now
         if now < ds.upgrade_at.get(member, now):
             return
         ds.upgrade_at[member] = now + uplinkrelay.UPGRADE_INTERVAL
