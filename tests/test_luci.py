@@ -801,12 +801,13 @@ HOSTILE_DOC = {  # docs/status.md shape, with markup in every string and nulls e
     "routes": [EVIL, None], "control": None,
     "uplinks": [{"name": EVIL, "type": EVIL, "bind_ip": None, "port": None, "state": "waiting",
                  "error": "address missing " + EVIL,
-                 "relay": {"started": True, "state": "waiting", "last_error": "relay down " + EVIL}}, None],
+                 "relay": {"started": True, "state": "waiting", "last_error": "relay down " + EVIL},
+                 "nat": "endpoint-dependent", "public": EVIL}, None],
     "links": [{"member": 1, "session_id": None, "peer": EVIL, "name": EVIL, "type": EVIL,
                "local": EVIL, "remote": None, "state": EVIL, "rtt_ms": None, "rttvar_ms": None,
                "loss": None, "loss_in": None, "tx_bytes": None, "rx_bytes": None, "weight": None,
                "last_down_reason": EVIL, "path": "relayed", "relay": EVIL, "relay_reason": EVIL},
-              {"member": 2}, None],
+              {"member": 2, "path": "punched", "remote": EVIL}, None],
     "counters": {"delivered": None, "auth_failures": 3},
     "sessions": [{"name": EVIL, "state": "connected",
                   "peer": {"vnc": {"ip": EVIL}, "lans": [EVIL, None]}, "links": [None, {"tx_bytes": "x"}],
@@ -1116,6 +1117,10 @@ def test_browser_status_escapes_agent_text_and_tolerates_missing_fields(browser)
     # docs/status.md links[].path relayed: the relay and why, in words (as text)
     assert rows[0]["Carrier"].find("span", cls="mpvpn-relayed").words == f"via relay {EVIL}: {EVIL}"
     assert rows[1]["Carrier"].find("span", cls="mpvpn-relayed") is None
+    # links[].path punched and uplinks[].nat/public, in words (docs/status.md)
+    assert rows[1]["Carrier"].find("span", cls="mpvpn-punched").words == f"through NAT (hole punched), to {EVIL}"
+    assert head["Uplinks"].find("span", cls="mpvpn-nat").words == (
+        f"behind symmetric NAT: {EVIL} (needs a relay when the other end is behind NAT too)")
     assert head["Uplinks"].find("span", cls="mpvpn-relay-error").words == f"relay: relay down {EVIL}"
     assert rows[1]["RTT"].words == "—never heard" and rows[1]["Weight"].words == "—"
     totals = view.find("table", id="mpvpn-totals")

@@ -810,6 +810,19 @@ return view.extend({
 					line.push(' ', String(u.bind_ip) + (isNum(u.port) ? ':' + u.port : ''));
 				if (u.error != null)
 					line.push(' ', E('span', { 'style': 'color:' + RED }, [ String(u.error) ]));
+				/* docs/status.md uplinks[].public / nat: what STUN learnt (null without base.stun) */
+				var natWords = {
+					'none': _('public address, no NAT'),
+					'endpoint-independent': _('behind NAT: %s (hole punching works)'),
+					'endpoint-dependent': _('behind symmetric NAT: %s (needs a relay when the other end is behind NAT too)'),
+					'unknown': _('NAT kind not known yet')
+				};
+				if (u.nat != null && natWords[u.nat] != null)
+					line.push(E('br'), small([ E('span', { 'class': 'mpvpn-nat' }, [
+						(u.nat == 'endpoint-independent' || u.nat == 'endpoint-dependent')
+							? natWords[u.nat].format(u.public != null ? String(u.public) : '?')
+							: natWords[u.nat]
+					]) ]));
 				/* docs/status.md uplinks[].relay: a relay in use that failed says why */
 				if (isObj(u.relay) && u.relay.started && u.relay.state != 'ready' && u.relay.last_error != null)
 					line.push(' ', E('span', { 'class': 'mpvpn-relay-error', 'style': 'color:' + RED }, [
@@ -917,6 +930,11 @@ return view.extend({
 				carrier.push(E('br'), small([ String(l.type) ]));
 			if (multiPeer && l.peer != null)
 				carrier.push(E('br'), small([ _('to %s').format(String(l.peer)) ]));
+			/* docs/status.md links[].path: a subflow that NAT hole punching opened */
+			if (l.path == 'punched')
+				carrier.push(E('br'), small([ E('span', { 'class': 'mpvpn-punched' }, [
+					_('through NAT (hole punched), to %s').format(l.remote != null ? String(l.remote) : '?')
+				]) ]));
 			/* docs/status.md links[].path: a subflow carried by a TURN relay, and why */
 			if (l.path == 'relayed' && l.relay != null)
 				carrier.push(E('br'), small([ E('span', { 'class': 'mpvpn-relayed' }, [
