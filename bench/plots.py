@@ -2,12 +2,16 @@
 """Pictures of the benchmarks' JSON, written next to it (development only: matplotlib
 is in the ``bench`` extra of pyproject.toml, never in the router package).
 
-    python bench/plots.py FILE.json [...]     FILE.png beside each (bench "loss" for now)
+    python bench/plots.py FILE.json [...]     FILE.png beside each (benches loss, failover)
 
 :func:`loss_plot` draws ``bench/loss.py``'s p^N table: delivered loss against the loss
 on every carrier, one series per number of carriers, each measured point with the
 range chance allows for its sample size (exact binomial, 99 %: mpvpn.tools.demo's
 ``lost_range``) and the model p^N as a line.
+
+:func:`failover_plot` draws ``bench/failover.py``'s runs: one timeline per mode,
+packets the receiver got per 10 ms bin around the moment the busiest carrier was
+set down, with that moment, the agent's detection and the longest stall marked.
 """
 
 from __future__ import annotations
@@ -77,12 +81,67 @@ def loss_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     return out
 
 
+MODE_COLOURS = {"duplicate": "#2ca02c", "aggregate": "#1f77b4", "adaptive": "#9467bd"}
+
+
+def failover_window(row: dict, before: float = 0.5, after: float = 1.5) -> dict:
+    """One failover row on an axis whose 0 is the failure: bin starts (s) and
+    arrivals per bin from ``before`` s ahead of it to ``after`` s past it, the
+    detection and the stall on that axis, and the rate one bin should see."""
+    tl = row["timeline"]
+    w, f = tl["bin_s"], tl["fail_at_s"]
+    first, last = max(0, int((f - before) / w)), int((f + after) / w)
+    counts = tl["counts"][first:last + 1]
+    return {"t": [round(i * w - f, 6) for i in range(first, first + len(counts))], "counts": counts,
+            "detected": row["detection_s"], "bin_s": w,
+            "stall": None if tl["stall_at_s"] is None else (tl["stall_at_s"] - f, tl["stall_s"]),
+            "expected": row["rate_pps"] * w}
+
+
+def failover_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Write the timelines of ``bench/failover.py``'s rows to ``path`` (PNG), one panel a mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.6 + 1.5 * len(rows)), dpi=110, sharex=True,
+                             squeeze=False)
+    for ax, row in zip(axes[:, 0], rows):
+        v = failover_window(row)
+        colour = MODE_COLOURS.get(row["mode"], "black")
+        ax.step(v["t"], v["counts"], where="post", color=colour, lw=1.2, label="packets received")
+        ax.axhline(v["expected"], color="grey", lw=0.8, ls=":", label=f"sent ({v['expected']:g} a bin)")
+        ax.axvline(0, color="#d62728", lw=1.5, label=f"{row['failed']} set down")
+        if v["detected"] is not None:
+            ax.axvline(v["detected"], color="#ff7f0e", lw=1.5, ls="--",
+                       label=f"agent marks it down (+{1000 * v['detected']:.0f} ms)")
+        if v["stall"] is not None and v["t"] and v["t"][0] <= v["stall"][0] <= v["t"][-1] + v["bin_s"]:
+            ax.axvspan(v["stall"][0], v["stall"][0] + v["stall"][1], color=colour, alpha=0.15,
+                       label=f"longest stall ({1000 * v['stall'][1]:.0f} ms)")
+        ax.set_ylim(0, max([v["expected"] * 2] + v["counts"]) * 1.1)
+        ax.set_ylabel(f"packets per {1000 * v['bin_s']:g} ms", fontsize=8)
+        ax.set_title(f"{row['mode']}: {row['lost']} of {row['packets']} lost", fontsize=9, loc="left")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
+    axes[-1, 0].set_xlabel("time from the carrier failure (s)")
+    fig.suptitle(title or f"A carrier fails under a {rows[0]['rate_pps']:g} packets/s UDP stream, "
+                 "two agents in the lab", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_file(json_path: str | Path) -> list[Path]:
     """The pictures for one benchmark JSON file, next to it."""
     doc = json.loads(Path(json_path).read_text())
     out = []
     if doc.get("bench") == "loss" and doc.get("rows"):
         out.append(loss_plot(doc["rows"], Path(json_path).with_suffix(".png")))
+    if doc.get("bench") == "failover" and doc.get("rows"):
+        out.append(failover_plot(doc["rows"], Path(json_path).with_suffix(".png")))
     return out
 
 

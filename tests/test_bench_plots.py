@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import failover  # noqa: E402
 import plots  # noqa: E402
 
 from mpvpn.tools.demo import lost_range  # noqa: E402
@@ -64,3 +65,68 @@ def test_plotting_stays_off_the_router():
     assert meta["optional-dependencies"]["bench"] == ["matplotlib>=3"]
     assert "matplotlib" not in (ROOT / "package" / "orayboxvpn" / "Makefile").read_text()
     assert not any("matplotlib" in p.read_text() for p in (ROOT / "src" / "mpvpn").rglob("*.py"))
+
+
+def _failover_run(mode: str, stall: float, lost: int = 0) -> dict:
+    """A synthetic bench/failover.py row: 4000 packets at 1000/s from t=100 s, the
+    carrier set down at 101.5 s; packets sent in the 40 ms before it and while
+    the stall lasts reach the receiver only ``stall`` s after the failure (none,
+    then a burst), ``lost`` of the others never; the rest 20.5 ms after they were
+    sent (off the bins' edges)."""
+    packets = []
+    for i in range(4000 - lost):
+        sent = 100.0 + i / 1000
+        late = 101.46 <= sent < 101.5 + stall
+        packets.append([i, sent, 101.5 + stall + 0.0015 if late else sent + 0.0205])
+    tl = failover.timeline(packets, 101.5)
+    return {"mode": mode, "failed": "telecom", "packets": 4000, "rate_pps": 1000.0,
+            "delivered": len(packets), "lost": lost, "stall_s": tl["stall_s"], "detection_s": 0.21,
+            "nack_seqs": 40, "nack_retransmits": 40, "skipped": 0, "timeline": tl}
+
+
+def test_failover_timeline_bins_arrivals_around_the_failure():
+    r = _failover_run("aggregate", 0.12, lost=3)
+    tl = r["timeline"]
+    assert tl["bin_s"] == 0.01 and sum(tl["counts"]) == 3997 and tl["fail_at_s"] == pytest.approx(1.5)
+    # steady 10 a bin, nothing while the stall lasts, then the held-back burst
+    assert tl["counts"][50:140] == [10] * 90
+    assert tl["counts"][148:162] == [0] * 14 and tl["counts"][162] > 10
+    # from the last on-time arrival (sent at 1.459 s) to the burst
+    assert tl["stall_at_s"] == pytest.approx(1.4795) and tl["stall_s"] == pytest.approx(0.142)
+    empty = failover.timeline([], 101.5)
+    assert empty["counts"] == [] and empty["stall_at_s"] is None
+    v = plots.failover_window(r)
+    assert v["t"][0] == pytest.approx(-0.5) and v["t"][-1] == pytest.approx(1.5)
+    assert len(v["t"]) == len(v["counts"]) == 201 and v["counts"][0] == 10 and v["expected"] == 10
+    assert v["detected"] == 0.21 and v["stall"] == pytest.approx((-0.0205, 0.142))
+
+
+def test_failover_json_gets_its_picture(tmp_path, monkeypatch):
+    try:
+        import matplotlib
+    except ImportError:
+        reason = "matplotlib is not installed (pip install -e '.[bench]')"
+        sys.stderr.write(f"\nplot check skipped: {reason}\n")
+        pytest.skip(reason)
+    import matplotlib.figure
+
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+    rows = [_failover_run("duplicate", 0.0), _failover_run("aggregate", 0.12), _failover_run("adaptive", 0.08)]
+    f = tmp_path / "failover.json"
+    f.write_text(json.dumps({"bench": "failover", "rate_pps": 1000.0, "packets": 4000, "rows": rows}))
+    assert plots.plot_file(f) == [tmp_path / "failover.png"]
+    assert _png_size(tmp_path / "failover.png") == (770, 671)  # 7 x (1.6 + 3 x 1.5) in at 110 dpi
+    axes = figs[0].axes
+    assert [ax.get_title(loc="left") for ax in axes] == ["duplicate: 0 of 4000 lost", "aggregate: 0 of 4000 lost",
+                                                          "adaptive: 0 of 4000 lost"]
+    assert axes[-1].get_xlabel() == "time from the carrier failure (s)"
+    assert all(ax.get_ylabel() == "packets per 10 ms" for ax in axes)
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert labels == ["packets received", "sent (10 a bin)", "telecom set down", "agent marks it down (+210 ms)",
+                      "longest stall (142 ms)"]
+    f.write_text(json.dumps({"bench": "failover", "rows": []}))
+    (tmp_path / "failover.png").unlink()
+    assert plots.plot_file(f) == [] and not (tmp_path / "failover.png").exists()
