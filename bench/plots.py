@@ -2,7 +2,7 @@
 """Pictures of the benchmarks' JSON, written next to it (development only: matplotlib
 is in the ``bench`` extra of pyproject.toml, never in the router package).
 
-    python bench/plots.py FILE.json [...]     FILE.png beside each (benches loss, failover)
+    python bench/plots.py FILE.json [...]     FILE.png beside each (benches loss, failover, aggregate)
 
 :func:`loss_plot` draws ``bench/loss.py``'s p^N table: delivered loss against the loss
 on every carrier, one series per number of carriers, each measured point with the
@@ -12,6 +12,11 @@ range chance allows for its sample size (exact binomial, 99 %: mpvpn.tools.demo'
 :func:`failover_plot` draws ``bench/failover.py``'s runs: one timeline per mode,
 packets the receiver got per 10 ms bin around the moment the busiest carrier was
 set down, with that moment, the agent's detection and the longest stall marked.
+
+:func:`aggregate_plot` draws ``bench/aggregate.py``'s TCP goodput: a panel per
+congestion control, a group of bars per loss setting, a bar per mode (steady
+state, iperf3) with the whole sha256-checked transfer as a dot, against the
+carriers' sum, what TCP got from the carriers alone and the fastest carrier.
 """
 
 from __future__ import annotations
@@ -134,6 +139,65 @@ def failover_plot(rows: list[dict], path: str | Path, title: str = "") -> Path:
     return out
 
 
+def aggregate_groups(rows: list[dict]) -> dict:
+    """cc -> loss on the 30 Mbit/s carrier -> mode -> (steady, whole) Mbit/s, in run
+    order; repeated runs of one setting are averaged."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault(r["cc"], {}).setdefault(r["loss_on_30"], {}).setdefault(r["mode"], []).append(
+            (r["steady_mbit"], r["goodput_mbit"]))
+    return {cc: {loss: {m: tuple(sum(v[i] for v in vs) / len(vs) for i in (0, 1)) for m, vs in by_mode.items()}
+                 for loss, by_mode in by_loss.items()} for cc, by_loss in acc.items()}
+
+
+def aggregate_plot(doc: dict, path: str | Path, title: str = "") -> Path:
+    """Write the goodput picture of a ``bench/aggregate.py`` JSON document to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = aggregate_groups(doc["rows"])
+    rates = doc["rates_mbit"]
+    total, best = sum(rates.values()), max(rates.values())
+    alone = sum(c["tcp_mbit"] for c in doc.get("carriers") or []) or None
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.5 + 3.5 * len(groups), 4.5), dpi=110, sharey=True,
+                             squeeze=False)
+    for ax, (cc, by_loss) in zip(axes[0], groups.items()):
+        modes = list(dict.fromkeys(m for by_mode in by_loss.values() for m in by_mode))
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            xs = [i + (j - (len(modes) - 1) / 2) * width for i, by_mode in enumerate(by_loss.values())
+                  if mode in by_mode]
+            vals = [by_mode[mode] for by_mode in by_loss.values() if mode in by_mode]
+            colour = MODE_COLOURS.get(mode, "black")
+            bars = ax.bar(xs, [v[0] for v in vals], width * 0.9, color=colour, alpha=0.8, label=f"{mode} (steady)")
+            ax.bar_label(bars, labels=[f"{v[0]:.0f}" for v in vals], fontsize=7, padding=1)
+            ax.plot(xs, [v[1] for v in vals], "o", color="black", ms=4, mfc="white",
+                    label="whole transfer" if j == 0 else None)
+        ax.axhline(total, color="black", lw=1, label=f"carriers' sum ({total:g})")
+        if alone:
+            ax.axhline(alone, color="grey", lw=1, ls="--", label=f"TCP on the carriers alone ({alone:.0f})")
+        ax.axhline(best, color="#d62728", lw=1, ls=":", label=f"fastest carrier ({best:g})")
+        ax.set_xticks(range(len(by_loss)),
+                      [f"{100 * loss:g} % loss on the 30 Mbit/s" if loss else "clean carriers"  # loss_on_30
+                       for loss in by_loss])
+        ax.set_title(f"TCP {cc}", fontsize=9)
+        ax.set_ylim(0, total * 1.5)  # room for the legend above the sum
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("goodput (Mbit/s)")
+    axes[0, -1].legend(fontsize=7, loc="upper right", ncol=2)
+    d = doc.get("delays_ms")
+    delays = f", {'/'.join(f'{v[0]:g}' for v in d.values())} ms one way" if d else ""
+    fig.suptitle(title or f"One TCP download through two agents, carriers of "
+                 f"{'/'.join(f'{v:g}' for v in rates.values())} Mbit/s{delays}", fontsize=9)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_file(json_path: str | Path) -> list[Path]:
     """The pictures for one benchmark JSON file, next to it."""
     doc = json.loads(Path(json_path).read_text())
@@ -142,6 +206,8 @@ def plot_file(json_path: str | Path) -> list[Path]:
         out.append(loss_plot(doc["rows"], Path(json_path).with_suffix(".png")))
     if doc.get("bench") == "failover" and doc.get("rows"):
         out.append(failover_plot(doc["rows"], Path(json_path).with_suffix(".png")))
+    if doc.get("bench") == "aggregate" and doc.get("rows"):
+        out.append(aggregate_plot(doc, Path(json_path).with_suffix(".png")))
     return out
 
 

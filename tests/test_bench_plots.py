@@ -130,3 +130,61 @@ def test_failover_json_gets_its_picture(tmp_path, monkeypatch):
     f.write_text(json.dumps({"bench": "failover", "rows": []}))
     (tmp_path / "failover.png").unlink()
     assert plots.plot_file(f) == [] and not (tmp_path / "failover.png").exists()
+
+
+def _aggregate_doc() -> dict:
+    """A synthetic bench/aggregate.py document (its keys, after a JSON round trip):
+    two ccs x two losses x three modes, the clean cubic aggregate run twice."""
+    rows = []
+    for cc in ("cubic", "bbr"):
+        for loss in (0, 5):
+            for mode, steady in (("duplicate", 47.0), ("aggregate", 91.0), ("adaptive", 90.0)):
+                s = steady - loss - (3 if cc == "bbr" else 0)
+                rows.append({"mode": mode, "loss_on_30": loss / 100, "delays": True, "cc": cc,
+                             "goodput_mbit": s - 6, "steady_mbit": s, "steady_vs_sum": s / 100, "streams": 1,
+                             "vs_sum": (s - 6) / 100, "vs_best_single": (s - 6) / 50, "intact": True})
+    rows.append(dict(rows[1], steady_mbit=89.0, goodput_mbit=83.0))
+    carriers = [{"carrier": c, "tbf_mbit": m, "tcp_mbit": 0.956 * m} for c, m in ((1, 50), (2, 30), (3, 20))]
+    return json.loads(json.dumps({"bench": "aggregate", "rates_mbit": {1: 50, 2: 30, 3: 20},
+                                  "delays_ms": {1: (10, 2), 2: (25, 3), 3: (40, 4)},
+                                  "carriers": carriers, "rows": rows}))
+
+
+def test_aggregate_groups_by_cc_loss_and_mode():
+    g = plots.aggregate_groups(_aggregate_doc()["rows"])
+    assert list(g) == ["cubic", "bbr"] and list(g["bbr"]) == [0, 0.05]
+    assert list(g["cubic"][0]) == ["duplicate", "aggregate", "adaptive"]
+    assert g["cubic"][0]["aggregate"] == (90.0, 84.0)  # two runs averaged
+    assert g["bbr"][0.05]["adaptive"] == (82.0, 76.0)
+
+
+def test_aggregate_json_gets_its_picture(tmp_path, monkeypatch):
+    try:
+        import matplotlib
+    except ImportError:
+        reason = "matplotlib is not installed (pip install -e '.[bench]')"
+        sys.stderr.write(f"\nplot check skipped: {reason}\n")
+        pytest.skip(reason)
+    import matplotlib.figure
+
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+    f = tmp_path / "aggregate.json"
+    f.write_text(json.dumps(_aggregate_doc()))
+    assert plots.plot_file(f) == [tmp_path / "aggregate.png"]
+    assert _png_size(tmp_path / "aggregate.png") == (1155, 495)  # (3.5 + 2 x 3.5) x 4.5 in at 110 dpi
+    axes = figs[0].axes
+    assert [ax.get_title() for ax in axes] == ["TCP cubic", "TCP bbr"]
+    assert axes[0].get_ylabel() == "goodput (Mbit/s)"
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == ["clean carriers", "5 % loss on the 30 Mbit/s"]
+    bars = [round(p.get_height(), 3) for p in axes[0].patches]
+    assert bars == [47.0, 42.0, 90.0, 86.0, 90.0, 85.0]  # per mode, clean then lossy
+    labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
+    assert sorted(labels) == sorted(["duplicate (steady)", "whole transfer", "aggregate (steady)", "adaptive (steady)",
+                                     "carriers' sum (100)", "TCP on the carriers alone (96)", "fastest carrier (50)"])
+    assert "50/30/20 Mbit/s, 10/25/40 ms one way" in figs[0]._suptitle.get_text()
+    f.write_text(json.dumps(dict(_aggregate_doc(), rows=[])))
+    (tmp_path / "aggregate.png").unlink()
+    assert plots.plot_file(f) == [] and not (tmp_path / "aggregate.png").exists()
