@@ -256,7 +256,8 @@ def main(argv=None) -> int:
         except ImportError as e:
             print(f"no picture: {e}", file=sys.stderr)
         else:
-            print(f"picture: {aggregate_plot(json.loads(Path(args.json).read_text()), Path(args.json).with_suffix('.png'))}")
+            doc = json.loads(Path(args.json).read_text())
+            print(f"picture: {aggregate_plot(doc, Path(args.json).with_suffix('.png'))}")
     return 0
 
 
