@@ -172,7 +172,7 @@ def aggregate_plot(doc: dict, path: str | Path, title: str = "") -> Path:
             vals = [by_mode[mode] for by_mode in by_loss.values() if mode in by_mode]
             colour = MODE_COLOURS.get(mode, "black")
             bars = ax.bar(xs, [v[0] for v in vals], width * 0.9, color=colour, alpha=0.8, label=f"{mode} (steady)")
-            ax.bar_label(bars, labels=[f"{v[0]:.0f}" for v in vals], fontsize=7, padding=1)
+            ax.bar_label(bars, labels=[f"{v[0]:.0f}" for v in vals], fontsize=8, label_type="center", color="white")
             ax.plot(xs, [v[1] for v in vals], "o", color="black", ms=4, mfc="white",
                     label="whole transfer" if j == 0 else None)
         ax.axhline(total, color="black", lw=1, label=f"carriers' sum ({total:g})")
