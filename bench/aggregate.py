@@ -8,6 +8,8 @@ directions, nftables, after the shim).  Goodput is quoted against the
 100 Mbit/s sum and against the fastest single carrier (what duplicate mode
 can reach): steady state (iperf3, first 3 s omitted) and a whole
 fixed-size transfer with sha256 check (which includes the ramp-up).
+With --json FILE the goodput is also drawn into FILE.png (bench/plots.py;
+matplotlib, ``pip install -e '.[bench]'``).
 
 First, the carriers alone (router to router, no tunnel): TCP goodput of
 each against its tbf rate, the ping RTT, and the shim's counters (frames it
@@ -249,6 +251,13 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"bench": "aggregate", "rates_mbit": RATES,
                                                "delays_ms": DELAYS if delays else None,
                                                "carriers": carriers, "rows": rows}, indent=2))
+        try:  # the picture next to the JSON (matplotlib: pip install -e '.[bench]')
+            from plots import aggregate_plot
+        except ImportError as e:
+            print(f"no picture: {e}", file=sys.stderr)
+        else:
+            doc = json.loads(Path(args.json).read_text())
+            print(f"picture: {aggregate_plot(doc, Path(args.json).with_suffix('.png'))}")
     return 0
 
 

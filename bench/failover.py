@@ -11,6 +11,12 @@ down (detection).  Target (issue 7): no stall longer than detection; no
 packet lost (duplicate mode by construction, aggregate/adaptive by NACK
 repair of the dead carrier's in-flight tail).
 
+Each row also keeps the receiver's timeline: packets that arrived per 10 ms
+bin from the first packet sent, with the moment the carrier was set down
+(``fail_at_s``) on the same clock (CLOCK_MONOTONIC is one clock for every
+namespace).  With --json FILE the timelines are drawn into FILE.png
+(bench/plots.py; matplotlib, ``pip install -e '.[bench]'``).
+
     python bench/failover.py [--rate PPS] [--packets N] [--before S] [--no-delay]
                              [--modes duplicate,aggregate,adaptive] [--json FILE]   (root)
 """
@@ -28,18 +34,40 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from agentlab import UDP_GAP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
+from agentlab import UDP_LATENCY_SINK, UDP_SOURCE, TwoSites  # noqa: E402
 from netlab import Lab  # noqa: E402
 from wan import make_lab  # noqa: E402
 
 CARRIERS = ("telecom", "unicom", "mobile")
+BIN_S = 0.010
+
+
+def timeline(packets: list, t_fail: float, bin_s: float = BIN_S) -> dict:
+    """The receiver's view of one run: ``packets`` are UDP_LATENCY_SINK's
+    [number, sent, arrived] rows (monotonic seconds), ``t_fail`` when the carrier
+    was set down.  Returns arrivals per ``bin_s`` from the first send, where the
+    failure and the longest pause between two arrivals (the stall) fall on that
+    axis, and the stall's length."""
+    if not packets:
+        return {"bin_s": bin_s, "counts": [], "fail_at_s": None, "stall_s": 0.0, "stall_at_s": None}
+    t0 = min(p[1] for p in packets)
+    arr = sorted(p[2] - t0 for p in packets)
+    counts = [0] * (int(arr[-1] / bin_s) + 1)
+    for a in arr:
+        counts[int(a / bin_s)] += 1
+    gap, at = 0.0, None
+    for x, y in zip(arr, arr[1:]):
+        if y - x > gap:
+            gap, at = y - x, x
+    return {"bin_s": bin_s, "counts": counts, "fail_at_s": round(t_fail - t0, 4),
+            "stall_s": round(gap, 4), "stall_at_s": None if at is None else round(at, 4)}
 
 
 def one(lab: Lab, mode: str, args) -> dict:
     with TwoSites(lab, extra_base=f"\toption mode '{mode}'\n") as ts:
         ts.start()
         time.sleep(1.0)  # a few keepalives: RTTs measured, hold settled
-        sink = lab.python_popen(lab.hb, UDP_GAP_SINK, "192.168.20.2", "6000", "3",
+        sink = lab.python_popen(lab.hb, UDP_LATENCY_SINK, "192.168.20.2", "6000", "3",
                                 stdout=subprocess.PIPE, text=True)
         assert sink.stdout.readline().strip() == "ready"
         before = {ln["type"]: ln["data_tx"] for ln in ts.a.status()["links"]}
@@ -58,15 +86,16 @@ def one(lab: Lab, mode: str, args) -> dict:
                     detected = time.monotonic() - t_fail
             time.sleep(0.02)
         out, _ = sink.communicate(timeout=30)
-        got, gap = out.split()
+        packets = json.loads(out)["packets"]
+        tl = timeline(packets, t_fail)
         cb = ts.b.status()["counters"]
         ca = ts.a.status()["counters"]
         lab.link_up(1 + CARRIERS.index(busiest))
-        return {"mode": mode, "failed": busiest, "packets": args.packets, "delivered": int(got),
-                "lost": args.packets - int(got), "stall_s": float(gap),
+        return {"mode": mode, "failed": busiest, "packets": args.packets, "rate_pps": args.rate,
+                "delivered": len(packets), "lost": args.packets - len(packets), "stall_s": tl["stall_s"],
                 "detection_s": None if detected is None else round(detected, 3),
                 "nack_seqs": cb.get("nack_seqs", 0), "nack_retransmits": ca.get("nack_retransmits", 0),
-                "skipped": cb.get("skipped", 0)}
+                "skipped": cb.get("skipped", 0), "timeline": tl}
 
 
 def main() -> int:
@@ -91,7 +120,15 @@ def main() -> int:
         print(f"{r['mode']:<11}{r['failed']:<9}{r['lost']:>6}{1000 * r['stall_s']:>10.0f}{det:>11}"
               f"{r['nack_seqs']:>8}{r['nack_retransmits']:>9}{r['skipped']:>9}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"bench": "failover", "rate_pps": args.rate,
+                                               "packets": args.packets, "delays": not args.no_delay,
+                                               "rows": rows}, indent=1))
+        try:  # the picture next to the JSON (matplotlib: pip install -e '.[bench]')
+            from plots import failover_plot
+        except ImportError as e:
+            print(f"no picture: {e}", file=sys.stderr)
+        else:
+            print(f"picture: {failover_plot(rows, Path(args.json).with_suffix('.png'))}")
     return 0
 
 

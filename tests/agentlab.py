@@ -209,28 +209,9 @@ except socket.timeout:
 print(len(seen), dups, max(seen) if seen else -1, flush=True)
 """
 
-# The longest pause between two arrivals (bench/failover.py).
-UDP_GAP_SINK = r"""
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-try: s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
-except OSError: s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(60); seen = set(); last = None; gap = 0.0
-print("ready", flush=True)
-try:
-    while True:
-        d, _ = s.recvfrom(2048); now = time.monotonic(); seen.add(int.from_bytes(d[:4], "big"))
-        s.settimeout(float(sys.argv[3]))
-        if last is not None: gap = max(gap, now - last)
-        last = now
-except socket.timeout:
-    pass
-print(len(seen), round(gap, 4), flush=True)
-"""
-
 # Per packet: its number, when UDP_SOURCE sent it and when it arrived here
-# (CLOCK_MONOTONIC: one clock for every namespace of the machine), as JSON.
+# (CLOCK_MONOTONIC: one clock for every namespace of the machine), as JSON
+# (bench/failover.py draws its timeline from it).
 UDP_LATENCY_SINK = r"""
 import json, socket, struct, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
