@@ -66,6 +66,26 @@ function validPort(s) {
 	return /^[0-9]{1,5}$/.test(s) && +s >= 1 && +s <= 65535;
 }
 
+/*
+ * A list of sections of one type (uplinks, sites, policies, relays) as a
+ * table, each row with its Enabled flag first.  `named`: rows have names
+ * (section names the agent shows); `ordered`: the order matters (the first
+ * matching policy, the first relay) and rows can be dragged.
+ */
+function listSection(m, type, title, description, named, ordered) {
+	var s = m.section(form.GridSection, type, title, description);
+	s.anonymous = !named;
+	s.addremove = true;
+	if (ordered)
+		s.sortable = true;
+	s.nodescriptions = true;
+
+	var o = s.option(form.Flag, 'enabled', _('Enabled'));
+	o.default = '1';
+	o.editable = true;
+	return s;
+}
+
 /* host:port, [v6addr]:port or a host alone (port 7000), as mpvpn.agent.config.parse_hostport */
 function checkHostPort(value, allowName) {
 	var s = String(value).trim(), host, port = null, m;
@@ -428,16 +448,9 @@ return view.extend({
 
 		/* --- config smpu (one per uplink) -------------------------------------- */
 
-		s = m.section(form.GridSection, 'smpu', _('Uplinks'),
-			_('One uplink per carrier. Each uplink is paired with the peer\'s uplink of the same carrier type, one subflow per pair. Give either the uplink\'s own address or its OpenWrt interface.'));
-		s.anonymous = false;
-		s.addremove = true;
-		s.sortable = true;
-		s.nodescriptions = true;
-
-		o = s.option(form.Flag, 'enabled', _('Enabled'));
-		o.default = '1';
-		o.editable = true;
+		s = listSection(m, 'smpu', _('Uplinks'),
+			_('One uplink per carrier. Each uplink is paired with the peer\'s uplink of the same carrier type, one subflow per pair. Give either the uplink\'s own address or its OpenWrt interface.'),
+			true, true);
 
 		/*
 		 * A plain text field, not a list of suggestions: LuCI's ui.Combobox is
@@ -495,15 +508,9 @@ return view.extend({
 
 		/* --- config site (a hub's per-site keys) ------------------------------- */
 
-		s = m.section(form.GridSection, 'site', _('Client sites (server)'),
-			_('A server with several client sites can give each its own pre-shared key (that site\'s key in its general settings). A leaked key then cuts off one site, and the status shows which site each session is. Clients ignore these.'));
-		s.anonymous = false;
-		s.addremove = true;
-		s.nodescriptions = true;
-
-		o = s.option(form.Flag, 'enabled', _('Enabled'));
-		o.default = '1';
-		o.editable = true;
+		s = listSection(m, 'site', _('Client sites (server)'),
+			_('A server with several client sites can give each its own pre-shared key (that site\'s key in its general settings). A leaked key then cuts off one site, and the status shows which site each session is. Clients ignore these.'),
+			true, false);
 
 		o = s.option(form.Value, 'psk', _('Pre-shared key'),
 			_('This site\'s own key: 32 random bytes in base64.'));
@@ -529,16 +536,9 @@ return view.extend({
 
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
-		s = m.section(form.GridSection, 'policy', _('Link policies'),
-			_('Which carriers the traffic of a LAN host or subnet may use. The first matching policy wins; if none of its carriers is up, the traffic falls back to the others.'));
-		s.anonymous = false;
-		s.addremove = true;
-		s.sortable = true;
-		s.nodescriptions = true;
-
-		o = s.option(form.Flag, 'enabled', _('Enabled'));
-		o.default = '1';
-		o.editable = true;
+		s = listSection(m, 'policy', _('Link policies'),
+			_('Which carriers the traffic of a LAN host or subnet may use. The first matching policy wins; if none of its carriers is up, the traffic falls back to the others.'),
+			true, true);
 
 		o = s.option(form.Value, 'src', _('Source host or subnet'),
 			_('LAN host or subnet whose traffic this policy steers, e.g. 192.168.10.50 or 192.168.10.0/25.'));
@@ -574,16 +574,9 @@ return view.extend({
 
 		/* --- config relay (TURN relays for uplinks behind symmetric NAT) -------- */
 
-		s = m.section(form.GridSection, 'relay', _('Relays'),
-			_('TURN relays (e.g. coturn) for carriers whose direct path does not open, typically when both ends are behind symmetric NAT (mobile networks). They are tried in order; a relay that fails is skipped for the next. The relay forwards the encrypted traffic and cannot read it.'));
-		s.anonymous = true;
-		s.addremove = true;
-		s.sortable = true;
-		s.nodescriptions = true;
-
-		o = s.option(form.Flag, 'enabled', _('Enabled'));
-		o.default = '1';
-		o.editable = true;
+		s = listSection(m, 'relay', _('Relays'),
+			_('TURN relays (e.g. coturn) for carriers whose direct path does not open, typically when both ends are behind symmetric NAT (mobile networks). They are tried in order; a relay that fails is skipped for the next. The relay forwards the encrypted traffic and cannot read it.'),
+			false, true);
 
 		o = s.option(form.Value, 'address', _('Relay address'),
 			_('The relay\'s address and port, e.g. 203.0.113.7:3478 or turn.example.net (port 3478 when left out).'));
