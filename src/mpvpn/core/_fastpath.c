@@ -100,6 +100,77 @@ static uint64_t get_be64(const unsigned char *p) {
     return v;
 }
 
+/* Seal one packet as DATA under seq (hdr/nonce prepared by the caller): a
+ * new reference to the sealed datagram (header member 0), or NULL. */
+static PyObject *
+seal_one(PyObject *encrypt, unsigned char *hdr, unsigned char *nonce, PyObject *pkt, uint64_t seq)
+{
+    if (!PyBytes_Check(pkt)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be bytes");
+        return NULL;
+    }
+    Py_ssize_t plen = PyBytes_GET_SIZE(pkt);
+    if (plen > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "packet too long");
+        return NULL;
+    }
+    hdr[OFF_MEMBER] = 0;
+    hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
+    put_be64(hdr + OFF_SEQ, seq);
+    memcpy(nonce + 4, hdr + OFF_SEQ, 8);
+    PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
+    PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
+    if (nb == NULL || ab == NULL) {
+        Py_XDECREF(nb); Py_XDECREF(ab);
+        return NULL;
+    }
+    PyObject *cargs[3] = {nb, pkt, ab};
+    PyObject *ct = PyObject_Vectorcall(encrypt, cargs, 3, NULL);
+    Py_DECREF(nb); Py_DECREF(ab);
+    if (ct == NULL)
+        return NULL;
+    if (!PyBytes_Check(ct)) {
+        Py_DECREF(ct);
+        PyErr_SetString(PyExc_TypeError, "encrypt did not return bytes");
+        return NULL;
+    }
+    Py_ssize_t clen = PyBytes_GET_SIZE(ct);
+    PyObject *sealed = PyBytes_FromStringAndSize(NULL, HLEN + clen);
+    if (sealed != NULL) {
+        char *sp = PyBytes_AS_STRING(sealed);
+        memcpy(sp, hdr, HLEN);
+        memcpy(sp + HLEN, PyBytes_AS_STRING(ct), clen);
+    }
+    Py_DECREF(ct);
+    return sealed;
+}
+
+/* The DATA header every packet of a batch shares (length, sequence number and
+ * member are filled in per packet by seal_one) and the nonce's zero prefix. */
+static void
+init_data_header(unsigned char *hdr, unsigned char *nonce, unsigned long session, int epoch)
+{
+    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
+    hdr[OFF_FLAGS] = F_SEALED;
+    put_be32(hdr + OFF_SESSION, (uint32_t)session);
+    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
+    memset(nonce, 0, 4);
+}
+
+/* The send buffer's entry for seq: (seq, sealed datagram, targets), for
+ * re-sends.  0, or -1 with an exception set. */
+static int
+keep_for_resend(PyObject *sendbuf, unsigned long long mask, uint64_t seq, PyObject *sealed,
+                PyObject *targets)
+{
+    PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
+    PyObject *entry = seqo ? PyTuple_Pack(3, seqo, sealed, targets) : NULL;
+    Py_XDECREF(seqo);
+    if (entry == NULL)
+        return -1;
+    return PyList_SetItem(sendbuf, (Py_ssize_t)(seq & mask), entry);
+}
+
 static PyObject *
 seal_dup(PyObject *self, PyObject *args)
 {
@@ -128,52 +199,14 @@ seal_dup(PyObject *self, PyObject *args)
         goto fail;
     }
     unsigned char hdr[HLEN], nonce[12];
-    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
-    hdr[OFF_FLAGS] = F_SEALED;
-    put_be32(hdr + OFF_SESSION, (uint32_t)session);
-    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
-    memset(nonce, 0, 4);
+    init_data_header(hdr, nonce, session, epoch);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pkt = PyList_GET_ITEM(packets, i);
-        if (!PyBytes_Check(pkt)) {
-            PyErr_SetString(PyExc_TypeError, "packets must be bytes");
-            goto fail;
-        }
-        Py_ssize_t plen = PyBytes_GET_SIZE(pkt);
-        if (plen > 0xFFFF) {
-            PyErr_SetString(PyExc_ValueError, "packet too long");
-            goto fail;
-        }
         uint64_t seq = seq0 + (uint64_t)i;
-        hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
-        put_be64(hdr + OFF_SEQ, seq);
-        memcpy(nonce + 4, hdr + OFF_SEQ, 8);
-        PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
-        PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
-        if (nb == NULL || ab == NULL) {
-            Py_XDECREF(nb); Py_XDECREF(ab);
+        PyObject *sealed = seal_one(encrypt, hdr, nonce, PyList_GET_ITEM(packets, i), seq);
+        if (sealed == NULL)
             goto fail;
-        }
-        PyObject *cargs[3] = {nb, pkt, ab};
-        PyObject *ct = PyObject_Vectorcall(encrypt, cargs, 3, NULL);
-        Py_DECREF(nb); Py_DECREF(ab);
-        if (ct == NULL)
-            goto fail;
-        if (!PyBytes_Check(ct)) {
-            Py_DECREF(ct);
-            PyErr_SetString(PyExc_TypeError, "encrypt did not return bytes");
-            goto fail;
-        }
-        Py_ssize_t clen = PyBytes_GET_SIZE(ct), dlen = HLEN + clen;
-        PyObject *sealed = PyBytes_FromStringAndSize(NULL, dlen);
-        if (sealed == NULL) {
-            Py_DECREF(ct);
-            goto fail;
-        }
-        char *sp = PyBytes_AS_STRING(sealed);
-        memcpy(sp, hdr, HLEN);
-        memcpy(sp + HLEN, PyBytes_AS_STRING(ct), clen);
-        Py_DECREF(ct);
+        Py_ssize_t dlen = PyBytes_GET_SIZE(sealed);
+        const char *sp = PyBytes_AS_STRING(sealed);
         total += dlen;
         for (Py_ssize_t j = 0; j < nm; j++) {
             PyObject *copy = PyBytes_FromStringAndSize(sp, dlen);
@@ -184,13 +217,9 @@ seal_dup(PyObject *self, PyObject *args)
             PyBytes_AS_STRING(copy)[OFF_MEMBER] = mb[j];
             PyList_SET_ITEM(PyList_GET_ITEM(runs, j), i, copy);
         }
-        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
-        PyObject *entry = seqo ? PyTuple_Pack(3, seqo, sealed, targets) : NULL;
-        Py_XDECREF(seqo);
+        int r = keep_for_resend(sendbuf, mask, seq, sealed, targets);
         Py_DECREF(sealed);
-        if (entry == NULL)
-            goto fail;
-        if (PyList_SetItem(sendbuf, (Py_ssize_t)(seq & mask), entry) < 0)
+        if (r < 0)
             goto fail;
     }
     result = Py_BuildValue("(OK)", runs, total);
@@ -345,51 +374,6 @@ fail:
     return NULL;
 }
 
-/* Seal one packet as DATA under seq (hdr/nonce prepared by the caller): a
- * new reference to the sealed datagram (header member 0), or NULL. */
-static PyObject *
-seal_one(PyObject *encrypt, unsigned char *hdr, unsigned char *nonce, PyObject *pkt, uint64_t seq)
-{
-    if (!PyBytes_Check(pkt)) {
-        PyErr_SetString(PyExc_TypeError, "packets must be bytes");
-        return NULL;
-    }
-    Py_ssize_t plen = PyBytes_GET_SIZE(pkt);
-    if (plen > 0xFFFF) {
-        PyErr_SetString(PyExc_ValueError, "packet too long");
-        return NULL;
-    }
-    hdr[OFF_MEMBER] = 0;
-    hdr[OFF_LENGTH] = plen >> 8; hdr[OFF_LENGTH + 1] = plen & 0xff;
-    put_be64(hdr + OFF_SEQ, seq);
-    memcpy(nonce + 4, hdr + OFF_SEQ, 8);
-    PyObject *nb = PyBytes_FromStringAndSize((const char *)nonce, 12);
-    PyObject *ab = PyBytes_FromStringAndSize((const char *)hdr, HLEN);
-    if (nb == NULL || ab == NULL) {
-        Py_XDECREF(nb); Py_XDECREF(ab);
-        return NULL;
-    }
-    PyObject *cargs[3] = {nb, pkt, ab};
-    PyObject *ct = PyObject_Vectorcall(encrypt, cargs, 3, NULL);
-    Py_DECREF(nb); Py_DECREF(ab);
-    if (ct == NULL)
-        return NULL;
-    if (!PyBytes_Check(ct)) {
-        Py_DECREF(ct);
-        PyErr_SetString(PyExc_TypeError, "encrypt did not return bytes");
-        return NULL;
-    }
-    Py_ssize_t clen = PyBytes_GET_SIZE(ct);
-    PyObject *sealed = PyBytes_FromStringAndSize(NULL, HLEN + clen);
-    if (sealed != NULL) {
-        char *sp = PyBytes_AS_STRING(sealed);
-        memcpy(sp, hdr, HLEN);
-        memcpy(sp + HLEN, PyBytes_AS_STRING(ct), clen);
-    }
-    Py_DECREF(ct);
-    return sealed;
-}
-
 static PyObject *
 seal_each(PyObject *self, PyObject *args)
 {
@@ -419,11 +403,7 @@ seal_each(PyObject *self, PyObject *args)
     if (items == NULL)
         return NULL;
     unsigned char hdr[HLEN], nonce[12];
-    hdr[OFF_VERSION] = VERSION; hdr[OFF_OPCODE] = OP_DATA; hdr[OFF_MEMBER] = 0;
-    hdr[OFF_FLAGS] = F_SEALED;
-    put_be32(hdr + OFF_SESSION, (uint32_t)session);
-    hdr[OFF_EPOCH] = (unsigned char)epoch; hdr[OFF_RESERVED] = 0;
-    memset(nonce, 0, 4);
+    init_data_header(hdr, nonce, session, epoch);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *targets = PyList_GET_ITEM(decided, i);
         if (!PyList_Check(targets) && !PyTuple_Check(targets)) {
@@ -478,13 +458,9 @@ seal_each(PyObject *self, PyObject *args)
             cnt[k]++;
             byt[k] += (unsigned long long)dlen;
         }
-        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
-        PyObject *entry = seqo ? PyTuple_Pack(3, seqo, sealed, targets) : NULL;
-        Py_XDECREF(seqo);
+        int kept = keep_for_resend(sendbuf, mask, seq, sealed, targets);
         Py_DECREF(sealed);
-        if (entry == NULL)
-            goto fail;
-        if (PyList_SetItem(sendbuf, (Py_ssize_t)(seq & mask), entry) < 0)
+        if (kept < 0)
             goto fail;
     }
     /* the subflows are still referenced by decided (borrowed until here) */
