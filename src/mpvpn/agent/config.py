@@ -593,6 +593,29 @@ def _parse_choice(s: str, choices: tuple[str, ...]) -> str:
 _SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # = controlmsg.NODE_RE
 
 
+def _remote_hostports(chk: "_Checker", sec: "_Sec", option: str, port: int, unusable,
+                      unique: bool = False) -> list[HostPort]:
+    """Each item of a list option as a host:port to send to (a name, or an
+    address neither unspecified nor multicast: else ``unusable(hp)`` is the
+    error); with ``unique`` an item given twice is an error too."""
+    out: list[HostPort] = []
+    for item in sec.multi(option):
+        try:
+            hp = parse_hostport(item, port, allow_name=True)
+        except ValueError as e:
+            chk.err(sec.path(option), str(e))
+            continue
+        ip = hp.ip
+        if ip is not None and (ip.is_unspecified or ip.is_multicast):
+            chk.err(sec.path(option), unusable(hp))
+            continue
+        if unique and hp in out:
+            chk.err(sec.path(option), f"{hp} is given twice")
+            continue
+        out.append(hp)
+    return out
+
+
 def _parse_site_name(s: str) -> str:
     if _SITE_NAME_RE.fullmatch(s):
         return s
@@ -901,18 +924,8 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["name"] = sec.parsed("name", _parse_site_name, None)
 
     # addresses
-    servers: list[HostPort] = []
-    for item in sec.multi("server_address"):
-        try:
-            hp = parse_hostport(item, DEFAULT_PORT, allow_name=True)
-        except ValueError as e:
-            chk.err(sec.path("server_address"), str(e))
-            continue
-        ip = hp.ip
-        if ip is not None and (ip.is_unspecified or ip.is_multicast):
-            chk.err(sec.path("server_address"), f"cannot connect to {hp}: give the server's address")
-            continue
-        servers.append(hp)
+    servers = _remote_hostports(chk, sec, "server_address", DEFAULT_PORT,
+                                lambda hp: f"cannot connect to {hp}: give the server's address")
     listen = None
     if sec.has("listen_address"):
         raw = sec.single("listen_address")
@@ -941,21 +954,8 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["listen_address"] = listen
 
     # NAT traversal (docs/nat.md)
-    stun: list[HostPort] = []
-    for item in sec.multi("stun"):
-        try:
-            hp = parse_hostport(item, STUN_PORT, allow_name=True)
-        except ValueError as e:
-            chk.err(sec.path("stun"), str(e))
-            continue
-        ip = hp.ip
-        if ip is not None and (ip.is_unspecified or ip.is_multicast):
-            chk.err(sec.path("stun"), f"{hp} is not a STUN server's address")
-            continue
-        if hp in stun:
-            chk.err(sec.path("stun"), f"{hp} is given twice")
-            continue
-        stun.append(hp)
+    stun = _remote_hostports(chk, sec, "stun", STUN_PORT, lambda hp: f"{hp} is not a STUN server's address",
+                             unique=True)
     if len(stun) > MAX_STUN:
         chk.warn(sec.path("stun"), f"{len(stun)} servers: only the first {MAX_STUN} are asked")
     b["stun"] = tuple(stun)

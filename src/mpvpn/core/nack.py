@@ -117,7 +117,6 @@ class NackReceiver:
         missing = self.missing
         head = next(iter(missing))
         if head < self.passed_all(now):
-            c = self.config
             t = max(now, missing[head] + self.wait_min, self.last + self.interval)
             if self.next is None or t < self.next:
                 self.next = t
