@@ -40,6 +40,20 @@ def unavailable_reason() -> str | None:
                                            "`conntrack` missing: install Debian package conntrack")
 
 
+def write_configs(sites, nc, extra_base: str = "", sections: str = "") -> None:
+    """Both sites' configs (one fresh PSK): STUN on the lab internet's two
+    addresses, ``mobile`` bound to its address behind the NAT box,
+    ``extra_base`` in `config base`, ``sections`` appended (e.g. relays)."""
+    stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
+    psk = genpsk()
+    mc = nc.carrier(MOBILE)
+    for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
+                                          (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
+        text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
+        text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
+        site.write(text + sections, net)
+
+
 class NatSites:
     """``lab`` (a netlab.Lab with 3 carriers), ``nc`` (NatCarriers: mobile
     behind NATs of ``kinds`` (client, server); None = no NAT on that side),
@@ -61,17 +75,9 @@ class NatSites:
                 return self.nc.python(self.nc.inet, PROBE, SRC, nat.INET_IPS[0], str(STUN_PORT),
                                       check=False, timeout=10).returncode == 0
             self.server.start(timeout=15, probe=probe)
-            stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
             self.sites = TwoSites(lab)
             self._made.append(self.sites)
-            psk = genpsk()
-            mc = self.nc.carrier(MOBILE)
-            for site, role, idx, vnc, lan, ip in (
-                    (self.sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
-                    (self.sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
-                text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
-                text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
-                site.write(text, net)
+            write_configs(self.sites, self.nc, extra_base)
         except BaseException:
             self.close()
             raise

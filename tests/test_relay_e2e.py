@@ -20,12 +20,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import coturn  # noqa: E402
-import netlab  # noqa: E402
-from agentlab import Stream, TwoSites, site_config  # noqa: E402
+from agentlab import Stream, TwoSites  # noqa: E402
 from netlab import nat  # noqa: E402
 from test_natlab import PROBE, SRC  # noqa: E402
+from natsites import link, unavailable_reason, uplink, write_configs  # noqa: E402
 
-from mpvpn.core.noise import genpsk  # noqa: E402
 
 PORT = 3478
 MOBILE = 3  # carrier index of `mobile` in agentlab.site_config
@@ -68,8 +67,7 @@ class Relays:
 def relay_sites(make_lab):
     """Factory: (lab, NatCarriers, Relays, TwoSites) with mobile behind EDM NATs
     on both sides; ``relays``: the `config relay` addresses of both sites."""
-    reason = coturn.unavailable_reason() or (None if netlab._which("conntrack") else
-                                             "`conntrack` missing: install Debian package conntrack")
+    reason = unavailable_reason()
     if reason:
         sys.stderr.write(f"\nrelay e2e tests skipped: {reason}\n")
         pytest.skip(reason)
@@ -88,31 +86,14 @@ def relay_sites(make_lab):
         server.start()
         if turn_port is not None:  # a TURN server of its own, apart from STUN's flows
             made.append(Relays(nc, coturn_extra, (50200, 50299), turn_port).start())
-        stun = "".join(f"\tlist stun '{ip}:{PORT}'\n" for ip in nat.INET_IPS)
         sites = TwoSites(lab)
         made.append(sites)
-        psk = genpsk()
-        mc = nc.carrier(MOBILE)
-        for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
-                                              (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
-            text, net = site_config(role, psk, idx, vnc, lan, 3, stun + extra_base)
-            text = text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'")
-            site.write(text + relay_sections(*relays, password=password), net)
+        write_configs(sites, nc, extra_base, relay_sections(*relays, password=password))
         return lab, nc, server, sites
 
     yield make
     for thing in reversed(made):
         thing.close()
-
-
-def link(st: dict, carrier: str) -> dict:
-    (ln,) = [ln for ln in st["links"] if ln["type"] == carrier]
-    return ln
-
-
-def uplink(st: dict, name: str) -> dict:
-    (up,) = [u for u in st["uplinks"] if u["name"] == name]
-    return up
 
 
 def relayed_up(st: dict) -> bool:
@@ -207,7 +188,7 @@ def test_relay_killed_mid_session(relay_sites):
     sent, got, dups = s.stop()
     assert sent > 0 and (got, dups) == (sent, 0), (sent, got, dups)   # telecom/unicom carried all
     r = uplink(st, "mobile")["relay"]
-    assert f"did not answer a refresh in 5.5 s" in r["last_error"], r
+    assert "did not answer a refresh in 5.5 s" in r["last_error"], r
     assert f"through relay {RELAY} went down" in r["last_error"], r
     assert r["state"] in ("waiting", "allocating")
     for other in ("telecom", "unicom"):
