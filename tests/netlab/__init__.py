@@ -131,6 +131,24 @@ def _sh(args: Sequence[str], timeout: float = 60, check: bool = True,
     return cp
 
 
+def run_in_ns(argv: list[str], ns: str, *, timeout: float, check: bool = True,
+              input: str | bytes | None = None, text: bool = True,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``ip netns exec <ns> ...`` (``argv``) in its own session, output
+    captured; LabError on timeout, or on a non-zero exit when ``check``."""
+    if isinstance(input, str) and not text:
+        input = input.encode()
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=text, input=input,
+                            timeout=timeout, env=env, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"timeout after {timeout}s in {ns}: {shlex.join(argv[4:])}") from e
+    if check and cp.returncode != 0:
+        raise LabError(f"command failed in {ns} ({cp.returncode}): "
+                       f"{shlex.join(argv[4:])}\n{cp.stdout}{cp.stderr}".rstrip())
+    return cp
+
+
 def _proc_starttime(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -557,18 +575,8 @@ class Lab:
         """Run ``cmd`` (argv list, or a string for ``sh -c``) in namespace ``ns``
         and return the CompletedProcess (stdout/stderr captured).  Raises
         LabError on timeout, or on non-zero exit when ``check``."""
-        argv = self._argv(ns, cmd)
-        if isinstance(input, str) and not text:
-            input = input.encode()
-        try:
-            cp = subprocess.run(argv, capture_output=True, text=text, input=input,
-                                timeout=timeout, env=env, start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            raise LabError(f"timeout after {timeout}s in {ns}: {shlex.join(argv[4:])}") from e
-        if check and cp.returncode != 0:
-            raise LabError(f"command failed in {ns} ({cp.returncode}): "
-                           f"{shlex.join(argv[4:])}\n{cp.stdout}{cp.stderr}".rstrip())
-        return cp
+        return run_in_ns(self._argv(ns, cmd), ns, timeout=timeout, check=check, input=input,
+                         text=text, env=env)
 
     def popen(self, ns: str, cmd: str | Sequence[str], **kw) -> subprocess.Popen:
         """Start a background process in ``ns`` (own process group); the lab

@@ -153,16 +153,7 @@ class _Boxes:
 
     def run(self, ns: str, cmd, *, timeout: float = 30, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess:
-        argv = self._argv(ns, cmd)
-        try:
-            cp = subprocess.run(argv, capture_output=True, text=True, input=input,
-                                timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired as e:
-            raise LabError(f"timeout after {timeout}s in {ns}: {argv[4:]}") from e
-        if check and cp.returncode != 0:
-            raise LabError(f"command failed in {ns} ({cp.returncode}): {argv[4:]}\n"
-                           f"{cp.stdout}{cp.stderr}".rstrip())
-        return cp
+        return netlab.run_in_ns(self._argv(ns, cmd), ns, timeout=timeout, check=check, input=input)
 
     def popen(self, ns: str, cmd, **kw) -> subprocess.Popen:
         kw.setdefault("start_new_session", True)
