@@ -785,6 +785,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def chromium_dumps(procs: dict, t0: float, budget: float = 90):
+    """(name, DOM dump) of each headless Chromium run in ``procs``, all of them
+    within ``budget`` seconds from ``t0``; a run that times out or fails is an
+    AssertionError with the end of its stderr."""
+    for name, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=max(1.0, budget - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"chromium run {name!r} timed out:\n{stderr[-2000:]}")
+        assert p.returncode == 0, f"chromium run {name!r} failed ({p.returncode}):\n{stderr[-2000:]}"
+        yield name, stdout
+
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars"]
@@ -924,14 +939,7 @@ def browser(tmp_path_factory):
             cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *flags, url]
             procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True, cwd=out_dir)
-        for name, p in procs.items():
-            try:
-                stdout, stderr = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                stdout, stderr = p.communicate()
-                raise AssertionError(f"chromium run {name!r} timed out:\n{stderr[-2000:]}")
-            assert p.returncode == 0, f"chromium run {name!r} failed ({p.returncode}):\n{stderr[-2000:]}"
+        for name, stdout in chromium_dumps(procs, t0):
             results[name] = stdout
             (out_dir / f"{name}.html").write_text(stdout)
     finally:

@@ -42,7 +42,7 @@ import luci_i18n as i18n
 from mpvpn.tools import lmo
 from luci_harness import server as harness_server
 from luci_harness.simagent import SimAgentBackend
-from test_luci import CHROMIUM_FLAGS, find_chromium, js_strings, parse_html, view_of
+from test_luci import CHROMIUM_FLAGS, chromium_dumps, find_chromium, js_strings, parse_html, view_of
 
 APP = i18n.APP
 VIEWS = APP / "htdocs" / "luci-static" / "resources" / "view"
@@ -388,14 +388,7 @@ def zh_page(tmp_path_factory):
                    "--virtual-time-budget=9000", *flags, url]
             procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                            text=True, cwd=out_dir)
-        for name, p in procs.items():
-            try:
-                stdout, stderr = p.communicate(timeout=max(1.0, 90 - (time.monotonic() - t0)))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                stdout, stderr = p.communicate()
-                raise AssertionError(f"chromium run {name!r} timed out:\n{stderr[-2000:]}")
-            assert p.returncode == 0, f"chromium run {name!r} failed ({p.returncode}):\n{stderr[-2000:]}"
+        for name, stdout in chromium_dumps(procs, t0):
             results[name] = stdout
     finally:
         for p in procs.values():
