@@ -374,6 +374,234 @@ fail:
     return NULL;
 }
 
+/* -- the reorder buffer and the NACK receiver's per-packet bookkeeping ------
+ *
+ * reorder_push(pairs, start, buf, arrivals, limit, last, skip_lo, skip_hi, tlast, capacity, now)
+ *     mpvpn.core.reorder.ReorderBuffer.push_opened_py for pairs[start:] (the
+ *     (seq, item) pairs open_new opened), on the buffer's own state, which
+ *     ReorderBuffer.push_opened hands over: ``buf`` its dict seq -> item
+ *     (updated here), ``arrivals`` its deque of (arrival time, seq)
+ *     (appended to, cleared when the buffer runs empty), ``limit`` the
+ *     deque's compaction length.  Per pair, check_copy then push: a stale
+ *     copy (seq <= last, or buffered) is counted; seq == last + 1 is released
+ *     with what follows it in the buffer; anything higher is buffered with
+ *     the arrival time max(now, tlast).  Stops before a pair that needs the
+ *     Python path (a flush: a new number at a full buffer; a stale copy
+ *     below skip_lo, maybe in an older given-up range) and after an append
+ *     that takes the deque past ``limit`` (the caller compacts it).  Never
+ *     called while numbers given up ahead of the line wait (ReorderBuffer._given).
+ *     Returns (index, released, last, tlast, dup, late, accepted, handover):
+ *     accepted the (seq, last after it) of each pair taken, as
+ *     NackReceiver.on_data_many wants them; handover 1 when it stopped
+ *     before pairs[index] for the Python path, 0 when it took everything or
+ *     stopped for a compaction.
+ *
+ * nack_gaps(missing, rx_high, arrivals, send_buffer, track, now)
+ *     The per-packet part of NackReceiver.on_data_many_py on its ``missing``
+ *     dict (seq -> when noticed; updated here, insertion order kept): for
+ *     each (seq, delivered up to) in ``arrivals``, a number above rx_high + 1
+ *     notes the gap below it (at most ``track`` numbers missing at once, none
+ *     older than seq - send_buffer), one at or below rx_high is no longer
+ *     missing.  Returns (rx_high, top, noted, untracked): top the highest
+ *     seq, noted whether any number was noted missing (the caller sets its
+ *     timer once: ``now`` is one value for the batch), untracked the numbers
+ *     left out for ``track``.
+ */
+static PyObject *
+reorder_push(PyObject *self, PyObject *args)
+{
+    PyObject *pairs, *buf, *arrivals, *nowo;
+    Py_ssize_t start, limit, capacity;
+    long long last, skip_lo, skip_hi;
+    double tlast;
+    if (!PyArg_ParseTuple(args, "O!nO!OnLLLdnO!", &PyList_Type, &pairs, &start, &PyDict_Type, &buf,
+                          &arrivals, &limit, &last, &skip_lo, &skip_hi, &tlast, &capacity,
+                          &PyFloat_Type, &nowo))
+        return NULL;
+    double now = PyFloat_AS_DOUBLE(nowo);
+    Py_ssize_t n = PyList_GET_SIZE(pairs), i = start;
+    unsigned long long dup = 0, late = 0;
+    int handover = 0, stored = 0;  /* handover: stopped before pairs[i] for the Python path */
+    PyObject *out = PyList_New(0), *acc = PyList_New(0), *tobj = NULL, *result = NULL;
+    PyObject *append = PyObject_GetAttrString(arrivals, "append");
+    if (out == NULL || acc == NULL || append == NULL)
+        goto done;
+    if (now < tlast) {  /* arrival times stay monotone (ReorderBuffer.push) */
+        tobj = PyFloat_FromDouble(tlast);
+        if (tobj == NULL)
+            goto done;
+    } else {
+        tobj = nowo;
+        Py_INCREF(tobj);
+    }
+    for (; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "pairs must hold (seq, item) tuples");
+            goto done;
+        }
+        PyObject *seqo = PyTuple_GET_ITEM(pair, 0), *item = PyTuple_GET_ITEM(pair, 1);
+        int overflow;
+        long long seq = PyLong_AsLongLongAndOverflow(seqo, &overflow);
+        if (seq == -1 && PyErr_Occurred())
+            goto done;
+        if (overflow) {
+            handover = 1;  /* the Python path knows big numbers */
+            break;
+        }
+        if (seq <= last) {
+            if (seq > skip_hi)
+                dup++;
+            else if (seq >= skip_lo)
+                late++;
+            else {
+                handover = 1;  /* maybe in an older given-up range */
+                break;
+            }
+            continue;
+        }
+        int held = PyDict_Contains(buf, seqo);
+        if (held < 0)
+            goto done;
+        if (held) {
+            dup++;
+            continue;
+        }
+        if (seq == last + 1) {
+            if (PyList_Append(out, item) < 0)
+                goto done;
+            last = seq;
+            if (PyDict_GET_SIZE(buf)) {
+                for (;;) {
+                    PyObject *k = PyLong_FromLongLong(last + 1);
+                    if (k == NULL)
+                        goto done;
+                    PyObject *nxt = PyDict_GetItemWithError(buf, k);  /* borrowed */
+                    if (nxt == NULL) {
+                        Py_DECREF(k);
+                        if (PyErr_Occurred())
+                            goto done;
+                        break;
+                    }
+                    Py_INCREF(nxt);
+                    int r = PyDict_DelItem(buf, k);
+                    Py_DECREF(k);
+                    if (r < 0 || PyList_Append(out, nxt) < 0) {
+                        Py_DECREF(nxt);
+                        goto done;
+                    }
+                    Py_DECREF(nxt);
+                    last++;
+                }
+                if (!PyDict_GET_SIZE(buf)) {
+                    PyObject *r = PyObject_CallMethod(arrivals, "clear", NULL);
+                    if (r == NULL)
+                        goto done;
+                    Py_DECREF(r);
+                }
+            }
+        } else {
+            if (PyDict_GET_SIZE(buf) >= capacity) {
+                handover = 1;  /* a flush: the Python path */
+                break;
+            }
+            if (PyDict_SetItem(buf, seqo, item) < 0)
+                goto done;
+            stored = 1;
+            PyObject *ent = PyTuple_Pack(2, tobj, seqo);
+            if (ent == NULL)
+                goto done;
+            PyObject *r = PyObject_CallOneArg(append, ent);
+            Py_DECREF(ent);
+            if (r == NULL)
+                goto done;
+            Py_DECREF(r);
+        }
+        PyObject *a = Py_BuildValue("(OL)", seqo, last);
+        if (a == NULL)
+            goto done;
+        int r = PyList_Append(acc, a);
+        Py_DECREF(a);
+        if (r < 0)
+            goto done;
+        if (seq != last) {  /* buffered: past the deque's limit the caller compacts it */
+            Py_ssize_t len = PyObject_Length(arrivals);
+            if (len < 0)
+                goto done;
+            if (len > limit) {
+                i++;
+                break;
+            }
+        }
+    }
+    if (stored && now > tlast)
+        tlast = now;
+    result = Py_BuildValue("(nOLdKKOi)", i, out, last, tlast, dup, late, acc, handover);
+done:
+    Py_XDECREF(out);
+    Py_XDECREF(acc);
+    Py_XDECREF(tobj);
+    Py_XDECREF(append);
+    return result;
+}
+
+static PyObject *
+nack_gaps(PyObject *self, PyObject *args)
+{
+    PyObject *missing, *arrivals, *nowo;
+    long long high, send_buffer, track;
+    if (!PyArg_ParseTuple(args, "O!LO!LLO!", &PyDict_Type, &missing, &high, &PyList_Type, &arrivals,
+                          &send_buffer, &track, &PyFloat_Type, &nowo))
+        return NULL;
+    long long top = 0, untracked = 0;
+    int noted = 0;
+    Py_ssize_t n = PyList_GET_SIZE(arrivals);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyList_GET_ITEM(arrivals, i);
+        long long seq, upto;
+        if (!PyArg_ParseTuple(a, "LL", &seq, &upto))
+            return NULL;
+        if (seq > top)
+            top = seq;
+        if (seq > high) {
+            if (seq > high + 1) {  /* NackReceiver._note_gap */
+                long long lo = (high > upto ? high : upto) + 1;
+                if (seq - send_buffer > lo)
+                    lo = seq - send_buffer;
+                long long room = track - (long long)PyDict_GET_SIZE(missing);
+                long long hi = lo + (room > 0 ? room : 0);
+                if (hi > seq)
+                    hi = seq;
+                if (hi < seq)
+                    untracked += seq - hi;
+                for (long long s = lo; s < hi; s++) {
+                    PyObject *k = PyLong_FromLongLong(s);
+                    if (k == NULL)
+                        return NULL;
+                    int r = PyDict_SetItem(missing, k, nowo);
+                    Py_DECREF(k);
+                    if (r < 0)
+                        return NULL;
+                }
+                if (hi > lo)
+                    noted = 1;
+            }
+            high = seq;
+        } else if (PyDict_GET_SIZE(missing)) {
+            PyObject *k = PyLong_FromLongLong(seq);
+            if (k == NULL)
+                return NULL;
+            int r = PyDict_Contains(missing, k);
+            if (r > 0)
+                r = PyDict_DelItem(missing, k);
+            Py_DECREF(k);
+            if (r < 0)
+                return NULL;
+        }
+    }
+    return Py_BuildValue("(LLiL)", high, top, noted, untracked);
+}
+
 static PyObject *
 seal_each(PyObject *self, PyObject *args)
 {
@@ -1131,6 +1359,8 @@ static PyMethodDef methods[] = {
     {"classify", (PyCFunction)(void (*)(void))classify, METH_VARARGS | METH_KEYWORDS, "(flow key, urgent bits) of one inner IP datagram."},
     {"open_run", open_run, METH_VARARGS, "Receive in-order or stale sealed DATA."},
     {"open_new", open_new, METH_VARARGS, "Open sealed DATA while the reorder buffer holds some."},
+    {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
+    {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
     {NULL, NULL, 0, NULL},

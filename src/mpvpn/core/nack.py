@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpvpn.core import wire
+from mpvpn.core.fastpath import LOOPS as _LOOPS
 
 
 @dataclass
@@ -137,6 +138,27 @@ class NackReceiver:
             self._if_passed(now)
 
     def on_data_many(self, member: int, arrivals: list, now: float) -> None:
+        """:meth:`on_data_many_py` with its per-packet part in the C loops
+        where built (``nack_gaps``: the same numbers missing, in the same
+        order, the same highest ones; tests compare them)."""
+        if not arrivals:
+            return
+        if _LOOPS is None or now.__class__ is not float:
+            return self.on_data_many_py(member, arrivals, now)
+        c = self.config
+        high, top, noted, untracked = _LOOPS.nack_gaps(
+            self.missing, self.rx_high, arrivals, c.send_buffer, c.nack_track, now)
+        self.rx_high = high
+        self.nack_untracked += untracked
+        if noted:  # what _note_gap does per gap: ``now`` is one value for the batch
+            t = max(now + self.wait, self.last + self.interval)
+            if self.next is None or t < self.next:
+                self.next = t
+        self.note_high(member, top, now)
+        if self.missing:
+            self._if_passed(now)
+
+    def on_data_many_py(self, member: int, arrivals: list, now: float) -> None:
         """:meth:`on_data` for a batch that came on ``member`` at ``now`` (the
         C loop's ``open_new``): ``arrivals`` the ``(seq, delivered_up_to)``
         of each, in order.  The same numbers missing and the same highest

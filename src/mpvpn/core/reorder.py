@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from mpvpn.core.fastpath import LOOPS as _LOOPS
+
 __all__ = ["ReorderBuffer"]
 
 # How many given-up ranges are remembered to tell "late" from "duplicate".
@@ -190,6 +192,69 @@ class ReorderBuffer:
         """Count stale copies the caller dropped without :meth:`push`."""
         self.duplicates += duplicates
         self.late += late
+
+    # -- a batch of opened copies (mpvpn.core.fastpath's open_new) ---------------
+
+    def push_opened(self, pairs: list, now: float) -> tuple:
+        """:meth:`push_opened_py` through the C loops where built (the same
+        released items, state and counters: tests compare them); the C loop
+        hands back what needs this class's other paths (a flush, a copy in an
+        older given-up range, compacting the arrivals), done here."""
+        loops = _LOOPS
+        if loops is None or self._given or now.__class__ is not float:
+            return self.push_opened_py(pairs, now)
+        out: list = []
+        accepted: list = []
+        dup = late = 0
+        i, n = 0, len(pairs)
+        while i < n:
+            skips = self._skips
+            lo, hi = skips[-1] if skips else (1, 0)
+            j, got, last, tlast, d, lt, acc, handover = loops.reorder_push(
+                pairs, i, self._buf, self._arrivals, self._arrivals_limit, self.last, lo, hi,
+                self._tlast, self.capacity, now)
+            self.delivered += last - self.last
+            self.last = last
+            self._tlast = tlast
+            self.duplicates += d
+            self.late += lt
+            dup += d
+            late += lt
+            out += got
+            accepted += acc
+            if handover:  # the pair the C loop left: the Python path
+                o, a, d, lt = self.push_opened_py(pairs[j:j + 1], now)
+                out += o
+                accepted += a
+                dup += d
+                late += lt
+                j += 1
+            elif len(self._arrivals) > self._arrivals_limit:
+                self._compact()
+            i = j
+        return out, accepted, dup, late
+
+    def push_opened_py(self, pairs: list, now: float) -> tuple:
+        """:meth:`check_copy` and :meth:`push` for each ``(seq, item)`` pair
+        (copies opened in arrival order).  Returns ``(released, accepted,
+        duplicates, late)``: the items released, in order; the ``(seq, X
+        after it)`` of each pair taken (for the NACK bookkeeping); the stale
+        copies, counted here as :meth:`check_copy` counts them."""
+        out: list = []
+        accepted = []
+        dup = late = 0
+        push = self.push
+        for seq, item in pairs:
+            stale = self.check_copy(seq)
+            if stale:
+                if stale == 2:
+                    late += 1
+                else:
+                    dup += 1
+                continue
+            out += push(seq, item, now)
+            accepted.append((seq, self.last))
+        return out, accepted, dup, late
 
     # -- the per-packet path -------------------------------------------------
 

@@ -99,12 +99,12 @@ class ReceivePath:
                     i = j
                     if i >= n:
                         break
-            else:  # a gap is open: open new copies in C, reorder here
-                j = self._open_new(datagrams, i, member, now, sub, out,
-                                   cur, cur_dec, prev, prev_dec)
-                if j > i:
-                    i = j
-                    continue
+            # a gap is open, or opens here: new copies opened and reordered in C
+            j = self._open_new(datagrams, i, member, now, sub, out,
+                               cur, cur_dec, prev, prev_dec)
+            if j > i:
+                i = j
+                continue
             out += self.receive_datagram(datagrams[i], member, now, source)
             i += 1
         return out
@@ -128,18 +128,12 @@ class ReceivePath:
             self.auth_failures += bad
         if dup or late:
             reorder.count_stale(dup, late)
-        arrivals = []  # (seq, delivered up to) for the NACK bookkeeping
-        push = reorder.push
-        for seq, payload in opened:
-            stale = reorder.check_copy(seq)  # (counted there) the same number twice in the batch
-            if stale:
-                if stale == 2:
-                    late += 1
-                else:
-                    dup += 1
-                continue
-            out += push(seq, payload, now)
-            arrivals.append((seq, reorder.last))
+        # (seq, delivered up to) of each taken, for the NACK bookkeeping; the
+        # stale ones (the same number twice in the batch) counted there
+        got, arrivals, d2, late2 = reorder.push_opened(opened, now)
+        out += got
+        dup += d2
+        late += late2
         accepted = len(arrivals)
         if self.nack_enabled:
             self.nack_rx.on_data_many(member, arrivals, now)
