@@ -17,7 +17,11 @@ dropped or failed to send: 0 means it kept up).  The shim's counters are
 also read after every agent run.
 
     python bench/aggregate.py [--bytes N] [--seconds S] [--modes M,..] [--losses 0,5]
-                              [--cc cubic,bbr] [--no-delay] [--json FILE]   (root, iperf3)
+                              [--cc cubic,bbr] [--no-delay] [--cold S [--cold-only]] [--runs N]
+                              [--json FILE]   (root, iperf3)
+
+``--cold S`` first runs iperf3 for S seconds right after the agents came up
+(issue 17 item 3: a whole transfer from a cold start, the ramp included).
 """
 
 from __future__ import annotations
@@ -139,6 +143,15 @@ def run_mode(mode: str, loss: int, delays: bool, cc: str | None, args) -> dict:
         if loss:
             lab.set_loss(2, loss)
         ts.start()
+        cold = None
+        if args.cold:
+            # a cold start: the first transfer after the agents came up, no
+            # second omitted (the ramp included: links not yet measured)
+            cold_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.cold, omit=0, cc=cc)
+            cold = cold_bps / 1e6
+            if args.cold_only:
+                return {"mode": mode, "loss_on_30": loss / 100, "delays": delays, "cc": cc or "default",
+                        "cold_mbit": cold, "cold_vs_sum": cold / sum(RATES.values())}
         s0 = shim_counters(lab)
         t0, r0 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
         st0 = ts.a.status()
@@ -163,7 +176,7 @@ def run_mode(mode: str, loss: int, delays: bool, cc: str | None, args) -> dict:
     ca, ca0 = st["counters"], st1["counters"]
     total = sum(RATES.values())
     return {"mode": mode, "loss_on_30": loss / 100, "delays": delays, "cc": cc or "default",
-            "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total, "streams": args.streams,
+            "cold_mbit": cold, "goodput_mbit": mbit, "steady_mbit": steady, "steady_vs_sum": steady / total, "streams": args.streams,
             "vs_sum": mbit / total, "vs_best_single": mbit / max(RATES.values()),
             "intact": (got, sha_rx) == (sent, sha_tx),
             "wire_bytes_per_byte": (wire(st) - wire(st1)) / max(1, got),
@@ -199,8 +212,14 @@ def main(argv=None) -> int:
                          "and macOS default; bbr: what this machine's kernel defaults to)")
     ap.add_argument("--no-delay", action="store_true", help="carriers without the delay shim")
     ap.add_argument("--skip-check", action="store_true", help="no per-carrier check")
+    ap.add_argument("--cold", type=float, default=0.0, metavar="S",
+                    help="first an S-second iperf3 right after the agents start (cold start, ramp included)")
+    ap.add_argument("--cold-only", action="store_true", help="only the cold-start run (with --cold)")
+    ap.add_argument("--runs", type=int, default=1, help="each row this many times")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    if args.cold_only and not args.cold:
+        ap.error("--cold-only needs --cold S")
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -209,8 +228,17 @@ def main(argv=None) -> int:
     losses = [int(x) for x in args.losses.split(",") if x]
     ccs = [c for c in args.cc.split(",") if c] or [None]
     carriers = [] if args.skip_check else check_carriers(delays, 5.0, ccs[0])
-    rows = [run_mode(mode, loss, delays, cc, args) for cc in ccs for loss in losses for mode in modes]
+    rows = [run_mode(mode, loss, delays, cc, args) for _ in range(args.runs)
+            for cc in ccs for loss in losses for mode in modes]
     print(describe(delays))
+    if args.cold_only:
+        print(f"TCP through two agents from a cold start: iperf3 {args.cold:g} s right after the agents came up")
+        for r in rows:
+            print(f"{r['cc']:<6}{r['mode']:<10}{100 * r['loss_on_30']:>3.0f}% on 30: cold {r['cold_mbit']:6.1f} Mbit/s "
+                  f"({r['cold_vs_sum']:.3f} of the sum)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"bench": "aggregate", "rates_mbit": RATES, "rows": rows}, indent=2))
+        return 0
     if carriers:
         print(f"{'carrier':<8}{'tbf':>6}{'TCP':>8}{'vs tbf':>8}{'ping min/avg/max ms':>22}"
               f"{'shim fwd':>10}{'dropped':>9}{'errors':>8}")
@@ -229,6 +257,10 @@ def main(argv=None) -> int:
               "of the sum); through the agents each 1400-byte packet carries 64 bytes more")
     print(f"TCP through two agents: iperf3 {args.seconds:.0f} s after 3 s, {args.streams} flow(s) (steady), then "
           f"{args.bytes / 1e6:.0f} MB sha256-checked (whole)")
+    if args.cold:
+        for r in rows:
+            print(f"  {r['cc']:<6}{r['mode']:<10}{100 * r['loss_on_30']:>3.0f}%: cold start, {args.cold:g} s: "
+                  f"{r['cold_mbit']:.1f} Mbit/s")
     print(f"{'cc':<6}{'mode':<10}{'loss on 30':>11}{'steady':>8}{'vs sum':>8}{'vs TCP':>8}{'whole':>8}{'vs sum':>8}"
           f"{'vs best':>8}{'copies':>8}{'wire/byte':>10}{'intact':>7}{'skipped':>8}{'shim drop':>10}")
     for r in rows:

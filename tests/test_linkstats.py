@@ -306,3 +306,25 @@ def test_a_meter_is_seeded_only_with_a_positive_rate():
         with pytest.raises(ValueError):
             m.seed(bad)
     assert m.bw0 == 250_000.0
+
+
+def test_on_send_seq_keeps_the_state_of_on_send_per_datagram():
+    """The scheduler's C spread loop (Scheduler.offer_many) records a run's
+    datagrams on each meter at once: the same state, bit for bit (the backlog
+    is added up one datagram at a time, as on_send rounds it)."""
+    import copy
+
+    rng = random.Random(11)
+    for _ in range(200):
+        m = LinkMeter(bw0=rng.choice([125e3, 1.25e6, 3.7e6]))
+        now = rng.random()
+        m.on_send(rng.randint(60, 1500), now)
+        if rng.random() < 0.5:
+            m.bw = rng.uniform(1e5, 1e7)
+        now += rng.choice([0.0, 1e-4, 0.003, 0.5])  # the backlog drained partly, wholly or not at all
+        sizes = [rng.randint(60, 1500) for _ in range(rng.randint(1, 40))]
+        ref = copy.deepcopy(m)
+        for n in sizes:
+            ref.on_send(n, now)
+        m.on_send_seq(sizes, now)
+        assert {k: getattr(m, k) for k in LinkMeter.__slots__} == {k: getattr(ref, k) for k in LinkMeter.__slots__}

@@ -301,3 +301,41 @@ def test_objective_set_chooses_as_the_greedy_reference(mode, rate, loss, seed, c
         extra = views[(pick & 1):] if pick & 2 else None
         assert sched._objective_set(views, F, now, size, first, extra) == \
             objective_set_reference(sched, views, F, now, size, first, extra)
+
+
+@pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+@pytest.mark.parametrize("rate", [2e5, 2e7])
+def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(rate, monkeypatch):
+    """Issue 17 item 3, the sender: a flow's run past its pin (a TSO
+    super-segment's segments) is decided by the C loop (``spread_run``) after
+    its first packet, with offer's decisions and state -- the chosen
+    subflows, the meters bit for bit, the flow, the counters -- also when
+    the links fill up mid-run and the rest queues (rate 2e5)."""
+    from mpvpn.core import scheduler as sched_mod
+
+    taken = []
+    inner = sched_mod._spread_run
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[0] - args[1])
+        return r
+
+    monkeypatch.setattr(sched_mod, "_spread_run", counting)
+    ref = warmed("aggregate", rate, (), 0, 0.0, 3)
+    fast = copy.deepcopy(ref)
+    for k in range(6):
+        batch = [tcp(40001, data=1200) for _ in range(40)] + [tcp(40002, data=600) for _ in range(5)]
+        now = ref.now + 0.002 * k
+        ref.now = fast.now = now
+        i = 0
+        while i < len(batch):
+            j_r, d_r, last_r = PacketScheduler.offer_many(ref.a.scheduler, batch, i, ref.a.up, now, OVER)
+            j_f, d_f, last_f = fast.a.scheduler.offer_many(batch, i, fast.a.up, now, OVER)
+            assert (j_f, members(d_f), last_f) == (j_r, members(d_r), last_r)
+            assert state(fast) == state(ref)
+            for pair in (ref, fast):
+                while pair.a.scheduler.pull(pair.a.up, now) is not None:
+                    pass
+            i = j_r
+    assert sum(taken) > (150 if rate > 1e6 else 5)  # at 2e5 most of it queues (the pump: Python)

@@ -1353,6 +1353,130 @@ fail:
     return out;
 }
 
+/* -- the scheduler's spread decision (mpvpn.core.scheduler.Scheduler.offer_many) --
+ *
+ * spread_run(packets, start, key, small, urgent_on, subs, q, rate, owd, ldiv, target, overhead)
+ *     Stage 2's spread case of Scheduler.offer_many for packets[start:] while
+ *     they belong to the flow ``key`` (classify's key; an urgent packet, when
+ *     ``urgent_on``, stops the run) and a subflow has room: each goes on the
+ *     subflow where it arrives first, eta = owd + (q + len) / rate (divided by
+ *     ldiv when not 0), among those whose modelled backlog q / rate is below
+ *     ``target``; the chosen one's q grows by len + overhead (what
+ *     LinkMeter.on_send adds).  ``subs``, ``q``, ``rate``, ``owd``, ``ldiv``:
+ *     one entry per view, q the backlog at ``now`` (LinkMeter.backlog), rate
+ *     the meter's.  Stops before a packet of another flow, an urgent one, or
+ *     one with no subflow with room (the caller's Python path).  Returns
+ *     (index, decided, sizes, nbytes): decided[k] = [subflow] per packet taken,
+ *     sizes[j] the datagram sizes sent on view j in order (for
+ *     LinkMeter.on_send_seq), nbytes the user bytes taken.
+ */
+#define MAXV 64
+static PyObject *classify(PyObject *self, PyObject *args, PyObject *kwargs);
+
+static PyObject *
+spread_run(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl;
+    Py_ssize_t start, small, overhead;
+    int urgent_on;
+    double target;
+    if (!PyArg_ParseTuple(args, "O!nOnpO!O!O!O!O!dn", &PyList_Type, &packets, &start, &key, &small,
+                          &urgent_on, &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
+                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &target, &overhead))
+        return NULL;
+    Py_ssize_t nv = PyList_GET_SIZE(subs);
+    if (nv > MAXV || PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv
+            || PyList_GET_SIZE(owdl) != nv || PyList_GET_SIZE(ldivl) != nv) {
+        PyErr_SetString(PyExc_ValueError, "one q, rate, owd and ldiv per subflow (at most 64)");
+        return NULL;
+    }
+    double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
+        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
+        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
+        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
+        if (PyErr_Occurred())
+            return NULL;
+        if (!(rate[k] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyList_GET_SIZE(packets), i = start;
+    unsigned long long nbytes = 0;
+    PyObject *decided = PyList_New(0), *sizes = PyList_New(nv), *result = NULL;
+    if (decided == NULL || sizes == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        PyObject *l = PyList_New(0);
+        if (l == NULL)
+            goto done;
+        PyList_SET_ITEM(sizes, k, l);
+    }
+    for (; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(p))
+            break;  /* the Python path says what it makes of it */
+        PyObject *cargs = Py_BuildValue("(On)", p, small);
+        if (cargs == NULL)
+            goto done;
+        PyObject *kr = classify(NULL, cargs, NULL);
+        Py_DECREF(cargs);
+        if (kr == NULL)
+            goto done;
+        long urg = PyLong_AsLong(PyTuple_GET_ITEM(kr, 1));
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(kr, 0), key, Py_EQ);
+        Py_DECREF(kr);
+        if (same < 0 || (urg == -1 && PyErr_Occurred()))
+            goto done;
+        if (!same || (urg && urgent_on))
+            break;
+        Py_ssize_t len = PyBytes_GET_SIZE(p);
+        int best = -1;
+        double best_t = 0.0;
+        for (Py_ssize_t k = 0; k < nv; k++) {  /* Scheduler._choose's spread case */
+            double qk = q[k] > 0.0 ? q[k] : 0.0;
+            if (qk / rate[k] >= target)
+                continue;
+            double t = owd[k] + (qk + (double)len) / rate[k];
+            if (ldiv[k] != 0.0)
+                t /= ldiv[k];
+            if (best < 0 || t < best_t) {
+                best = (int)k;
+                best_t = t;
+            }
+        }
+        if (best < 0)
+            break;  /* no room: the Python path holds and queues it */
+        Py_ssize_t dlen = len + overhead;
+        q[best] = (q[best] > 0.0 ? q[best] : 0.0) + (double)dlen;
+        PyObject *sub = PyList_GET_ITEM(subs, best);
+        PyObject *one = PyList_New(1);
+        if (one == NULL)
+            goto done;
+        Py_INCREF(sub);
+        PyList_SET_ITEM(one, 0, sub);
+        int r = PyList_Append(decided, one);
+        Py_DECREF(one);
+        if (r < 0)
+            goto done;
+        PyObject *d = PyLong_FromSsize_t(dlen);
+        if (d == NULL)
+            goto done;
+        r = PyList_Append(PyList_GET_ITEM(sizes, best), d);
+        Py_DECREF(d);
+        if (r < 0)
+            goto done;
+        nbytes += (unsigned long long)len;
+    }
+    result = Py_BuildValue("(nOOK)", i, decided, sizes, nbytes);
+done:
+    Py_XDECREF(decided);
+    Py_XDECREF(sizes);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
     {"seal_each", seal_each, METH_VARARGS, "Seal packets once, one copy per subflow each has."},
@@ -1361,6 +1485,7 @@ static PyMethodDef methods[] = {
     {"open_new", open_new, METH_VARARGS, "Open sealed DATA while the reorder buffer holds some."},
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
+    {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
     {NULL, NULL, 0, NULL},

@@ -284,6 +284,18 @@ class LinkMeter:
             self.q += nbytes
         self.tx += nbytes
 
+    def on_send_seq(self, sizes: list, now: float) -> None:
+        """Datagrams of ``sizes`` bytes went out one after the other at ``now``:
+        the same state as :meth:`on_send` for each (the backlog added to one
+        datagram at a time, as those calls round it)."""
+        self.on_send(sizes[0], now)
+        q = self.q
+        for n in sizes[1:]:
+            q += n
+        self.q = q
+        self.tx += sum(sizes) - sizes[0]
+        self._sent_b[1] += len(sizes) - 1
+
     def on_send_many(self, count: int, nbytes: int, now: float) -> None:
         """``count`` datagrams of ``nbytes`` in all went out together at ``now``."""
         if int(now / self.BUCKET) != self._bucket:

@@ -44,6 +44,7 @@ import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 
+from mpvpn.core.fastpath import LOOPS as _LOOPS
 from mpvpn.core.flows import classify, reasons
 from mpvpn.core.linkstats import LinkMeter
 from mpvpn.core.schedbase import PacketScheduler
@@ -116,6 +117,9 @@ class LinkPolicy:
 def _carrier_match(carriers: tuple, sub) -> bool:
     return (str(sub.meta.get("type", "")) in carriers or sub.name in carriers
             or str(sub.member) in carriers)
+
+
+_spread_run = None if _LOOPS is None else _LOOPS.spread_run
 
 
 @dataclass
@@ -803,6 +807,8 @@ class Scheduler(PacketScheduler):
         fl = key0 = views = None
         enq = rel = npinned = nspread = ncopies = 0
         last = True
+        run_c = _spread_run  # the spread case in the C loops (None: not built)
+        spread_c = False  # may the current flow's next packets go through run_c?
         try:
             while i < end:
                 if self._qpackets or self._urgent:
@@ -810,6 +816,27 @@ class Scheduler(PacketScheduler):
                     last = self.offer(packets[i], up, now)
                     i += 1
                     break
+                if spread_c and fl.sent >= pin_bytes:
+                    # the rest of this flow's run, spread case, decided in C
+                    j, part, sizes, nbytes = run_c(
+                        packets, i, key0, small, urgent_on, [v.sub for v in views],
+                        [v.meter.q - v.meter.rate * (now - v.meter.t) for v in views],
+                        [v.meter.rate for v in views], [v.owd for v in views],
+                        [float(v.ldiv or 0.0) for v in views], target, overhead)
+                    if j > i:
+                        k = j - i
+                        for v, sz in zip(views, sizes):
+                            if sz:
+                                v.meter.on_send_seq(sz, now)
+                        fl.sent += nbytes
+                        fl.packets += k
+                        enq += k
+                        rel += k
+                        nspread += k
+                        decided += part
+                        i = j
+                        if i >= end:
+                            break
                 p = packets[i]
                 i += 1
                 key, urg = classify(p, small)
@@ -822,8 +849,10 @@ class Scheduler(PacketScheduler):
                     if fl.policy is None and simple:
                         self._all_views(up, now)
                         views = self._good
+                        spread_c = run_c is not None and fl.mode == "aggregate"
                     else:
                         views = self._flow_views(fl, up, now)
+                        spread_c = False
                 n = len(p)
                 enq += 1
                 mode = fl.mode
@@ -1223,6 +1252,8 @@ class Scheduler(PacketScheduler):
                 "loss_persistent": v.lrand,
                 "suspect": v.suspect,
                 "stale": v.stale,
+                "startup": m.startup,  # still doubling its estimate (LinkMeter)
+                "samples": m.samples,
             }
         return {
             "mode": self.mode,
