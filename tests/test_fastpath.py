@@ -236,3 +236,21 @@ def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(n
     assert got_c == got_py and len(got_c) > 0.98 * 64 * 30
     assert counters(py.b) == counters(c.b)
     assert len(calls) > 10
+
+
+@needs_c
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.binary(max_size=8)), max_size=60),
+       st.dictionaries(st.integers(0, 5), st.lists(st.binary(max_size=4), max_size=3), max_size=3))
+def test_group_pairs_groups_like_datagrams_by_member_s_loop(pairs, runs):
+    """datagrams_by_member's per-datagram loop (aggregate/adaptive queue
+    (member, datagram) pairs) in C: the same runs, in the same order, from a
+    deque as the session holds them, onto runs already there (send_many's)."""
+    from collections import deque
+
+    ref = {m: list(r) for m, r in runs.items()}
+    for m, d in pairs:
+        ref.setdefault(m, []).append(d)
+    got = {m: list(r) for m, r in runs.items()}
+    assert fastpath.LOOPS.group_pairs(deque(pairs), got) is None
+    assert got == ref and list(got) == list(ref)

@@ -558,8 +558,13 @@ nack_gaps(PyObject *self, PyObject *args)
     Py_ssize_t n = PyList_GET_SIZE(arrivals);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyList_GET_ITEM(arrivals, i);
-        long long seq, upto;
-        if (!PyArg_ParseTuple(a, "LL", &seq, &upto))
+        if (!PyTuple_Check(a) || PyTuple_GET_SIZE(a) != 2) {
+            PyErr_SetString(PyExc_TypeError, "arrivals must hold (seq, delivered up to) tuples");
+            return NULL;
+        }
+        long long seq = PyLong_AsLongLong(PyTuple_GET_ITEM(a, 0));
+        long long upto = PyLong_AsLongLong(PyTuple_GET_ITEM(a, 1));
+        if ((seq == -1 || upto == -1) && PyErr_Occurred())
             return NULL;
         if (seq > top)
             top = seq;
@@ -1477,6 +1482,61 @@ done:
     return result;
 }
 
+/* group_pairs(pairs, runs)
+ *     Session.datagrams_by_member's loop: append each (member, datagram) of
+ *     ``pairs`` (a sequence: the session's deque) to runs[member] (a new list for a member not there yet), in
+ *     order.  Returns None. */
+static PyObject *
+group_pairs(PyObject *self, PyObject *args)
+{
+    PyObject *given, *runs;
+    if (!PyArg_ParseTuple(args, "OO!", &given, &PyDict_Type, &runs))
+        return NULL;
+    PyObject *pairs = PySequence_Fast(given, "pairs must be a sequence");  /* a deque: copied */
+    if (pairs == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(pairs);
+    PyObject *lastm = NULL, *lastrun = NULL;  /* borrowed: the previous pair's member and run */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pr = PySequence_Fast_GET_ITEM(pairs, i);
+        if (!PyTuple_Check(pr) || PyTuple_GET_SIZE(pr) != 2) {
+            PyErr_SetString(PyExc_TypeError, "pairs must hold (member, datagram) tuples");
+            goto fail;
+        }
+        PyObject *m = PyTuple_GET_ITEM(pr, 0), *d = PyTuple_GET_ITEM(pr, 1);
+        PyObject *run = NULL;
+        if (lastm != NULL && m == lastm)
+            run = lastrun;
+        else {
+            run = PyDict_GetItemWithError(runs, m);
+            if (run == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                run = PyList_New(0);
+                if (run == NULL)
+                    goto fail;
+                int r = PyDict_SetItem(runs, m, run);
+                Py_DECREF(run);  /* the dict holds it */
+                if (r < 0)
+                    goto fail;
+            }
+            if (!PyList_Check(run)) {
+                PyErr_SetString(PyExc_TypeError, "runs must map members to lists");
+                goto fail;
+            }
+            lastm = m;
+            lastrun = run;
+        }
+        if (PyList_Append(run, d) < 0)
+            goto fail;
+    }
+    Py_DECREF(pairs);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(pairs);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"seal_dup", seal_dup, METH_VARARGS, "Seal packets once, one copy per member."},
     {"seal_each", seal_each, METH_VARARGS, "Seal packets once, one copy per subflow each has."},
@@ -1486,6 +1546,7 @@ static PyMethodDef methods[] = {
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
+    {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
     {NULL, NULL, 0, NULL},

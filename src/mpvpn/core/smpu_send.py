@@ -389,11 +389,14 @@ class SendPath:
         self._bulk_n = 0
         out = self._out
         if out:
-            for m, d in out:
-                run = runs.get(m)
-                if run is None:
-                    runs[m] = [d]
-                else:
-                    run.append(d)
+            if _LOOPS is not None:
+                _LOOPS.group_pairs(out, runs)  # the loop below, in C
+            else:
+                for m, d in out:
+                    run = runs.get(m)
+                    if run is None:
+                        runs[m] = [d]
+                    else:
+                        run.append(d)
             out.clear()
         return runs
