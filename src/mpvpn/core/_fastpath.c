@@ -1370,7 +1370,8 @@ fail:
  *     LinkMeter.on_send adds).  ``subs``, ``q``, ``rate``, ``owd``, ``ldiv``:
  *     one entry per view, q the backlog at ``now`` (LinkMeter.backlog), rate
  *     the meter's.  Stops before a packet of another flow, an urgent one, or
- *     one with no subflow with room (the caller's Python path).  Returns
+ *     one with no subflow with room (the caller's Python path; with more than
+ *     64 subflows it takes nothing).  Returns
  *     (index, decided, sizes, nbytes): decided[k] = [subflow] per packet taken,
  *     sizes[j] the datagram sizes sent on view j in order (for
  *     LinkMeter.on_send_seq), nbytes the user bytes taken.
@@ -1390,11 +1391,13 @@ spread_run(PyObject *self, PyObject *args)
                           &PyList_Type, &owdl, &PyList_Type, &ldivl, &target, &overhead))
         return NULL;
     Py_ssize_t nv = PyList_GET_SIZE(subs);
-    if (nv > MAXV || PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv
+    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv
             || PyList_GET_SIZE(owdl) != nv || PyList_GET_SIZE(ldivl) != nv) {
-        PyErr_SetString(PyExc_ValueError, "one q, rate, owd and ldiv per subflow (at most 64)");
+        PyErr_SetString(PyExc_ValueError, "one q, rate, owd and ldiv per subflow");
         return NULL;
     }
+    if (nv > MAXV)  /* more subflows than this loop keeps: nothing taken, the Python path decides */
+        return Py_BuildValue("(n[][]K)", start, 0ULL);
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
     for (Py_ssize_t k = 0; k < nv; k++) {
         q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));

@@ -849,7 +849,7 @@ class Scheduler(PacketScheduler):
                     if fl.policy is None and simple:
                         self._all_views(up, now)
                         views = self._good
-                        spread_c = run_c is not None and fl.mode == "aggregate"
+                        spread_c = run_c is not None and fl.mode == "aggregate" and len(views) <= 64
                     else:
                         views = self._flow_views(fl, up, now)
                         spread_c = False
