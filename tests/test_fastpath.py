@@ -199,6 +199,36 @@ def test_the_c_loops_use_wire_py_s_datagram_layout():
     assert got == expected
 
 
+def carry_per_member(py, c, rounds, per_round, size, keep, tick=None):
+    """Send ``rounds`` x ``per_round`` numbered packets of ``size`` + 4 bytes
+    with ``py.a``; of its datagrams keep those ``keep(member, datagram)``
+    says, and hand each member's batch to ``py.b`` datagram by datagram and to
+    ``c.b`` at once (``receive_many``), checking after each batch that both
+    miss the same numbers (NACK state), and after each round run both
+    receivers' timers ``tick`` seconds on, if given.  Returns what each
+    delivered, after a last timer 10 s on."""
+    got_py, got_c = [], []
+    for k in range(rounds):
+        for i in range(per_round):
+            py.a.send((per_round * k + i).to_bytes(4, "big") + bytes(size), py.now)
+        by_member = {}
+        for m, d in py.a.datagrams_to_send():
+            if keep(m, d):
+                by_member.setdefault(m, []).append(d)
+        for m, batch in by_member.items():
+            for d in batch:
+                got_py += py.b.receive_datagram(d, m, py.now)
+            got_c += c.b.receive_many(batch, m, c.now)
+            assert list(c.b.nack_rx.missing.items()) == list(py.b.nack_rx.missing.items())
+            assert c.b.nack_rx.next == py.b.nack_rx.next
+        if tick is not None:
+            got_py += py.b.handle_timer(py.now + tick)
+            got_c += c.b.handle_timer(c.now + tick)
+    got_py += py.b.handle_timer(py.now + 10)
+    got_c += c.b.handle_timer(c.now + 10)
+    return got_py, got_c
+
+
 @needs_c
 @pytest.mark.parametrize("nack", [False, True])
 def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(nack, monkeypatch):
@@ -218,21 +248,7 @@ def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(n
 
     monkeypatch.setattr(fastpath.LOOPS, "open_new", counting)
     rng = random.Random(5)
-    got_py, got_c = [], []
-    for k in range(30):
-        for i in range(64):
-            py.a.send((64 * k + i).to_bytes(4, "big") + bytes(100), py.now)
-        by_member = {}
-        for m, d in py.a.datagrams_to_send():
-            if rng.random() >= 0.2:
-                by_member.setdefault(m, []).append(d)
-        for m, batch in by_member.items():
-            for d in batch:
-                got_py += py.b.receive_datagram(d, m, py.now)
-            got_c += c.b.receive_many(batch, m, c.now)
-            assert list(c.b.nack_rx.missing) == list(py.b.nack_rx.missing)
-    got_py += py.b.handle_timer(py.now + 10)
-    got_c += c.b.handle_timer(c.now + 10)
+    got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
     assert got_c == got_py and len(got_c) > 0.98 * 64 * 30
     assert counters(py.b) == counters(c.b)
     assert len(calls) > 10

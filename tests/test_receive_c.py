@@ -126,7 +126,7 @@ def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(na
     (before: every packet went through ReorderBuffer.push in Python)."""
     import random
 
-    from test_fastpath import counters, pair_of_sessions
+    from test_fastpath import carry_per_member, counters, pair_of_sessions
 
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
@@ -140,25 +140,11 @@ def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(na
 
     monkeypatch.setattr(fastpath.LOOPS, "reorder_push", counting)
     rng = random.Random(7)
-    got_py, got_c = [], []
-    for k in range(40):
-        for i in range(48):
-            py.a.send((48 * k + i).to_bytes(4, "big") + bytes(200), py.now)
-        by_member = {}
-        for m, d in py.a.datagrams_to_send():
-            seq = int.from_bytes(d[12:20], "big")
-            if m == seq % 3 + 1 and rng.random() >= 0.02:
-                by_member.setdefault(m, []).append(d)
-        for m, batch in by_member.items():
-            for d in batch:
-                got_py += py.b.receive_datagram(d, m, py.now)
-            got_c += c.b.receive_many(batch, m, c.now)
-            assert list(c.b.nack_rx.missing.items()) == list(py.b.nack_rx.missing.items())
-            assert c.b.nack_rx.next == py.b.nack_rx.next
-        got_py += py.b.handle_timer(py.now + 0.001)
-        got_c += c.b.handle_timer(c.now + 0.001)
-    got_py += py.b.handle_timer(py.now + 10)
-    got_c += c.b.handle_timer(c.now + 10)
+
+    def spread(m, d):  # packet k on member k % 3 + 1 only; 2 % lost
+        return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= 0.02
+
+    got_py, got_c = carry_per_member(py, c, 40, 48, 200, spread, tick=0.001)
     assert got_c == got_py and len(got_c) > 0.95 * 48 * 40
     assert counters(py.b) == counters(c.b)
     assert sum(taken) > 0.6 * len(got_c)
