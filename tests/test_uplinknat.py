@@ -123,3 +123,88 @@ def test_an_ipv6_uplink_asks_ipv6_servers_only():
     assert nat.sources == frozenset({("2001:db8::1", 3478)})
     with pytest.raises(ValueError):
         UplinkNat([], ("not-an-ip", 1), 0.0)
+
+
+# -- the punch glue: a NAT reboot must not wait for the dead verdict ------------------------
+
+class _Batch:
+    """The uplink's BatchSocket as uplinknat uses it: ``send(datagrams, dest)``
+    returns how many the socket refused (none here); records what went where."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, dgrams, dest):
+        self.sent += [(bytes(d), dest) for d in dgrams]
+        return 0
+
+
+def _punched_session(keepalive_idle: float):
+    """An established one-subflow session (simnet) seen as the agent's
+    DataSession: its plan, the peer's uplink with NAT candidates, our uplink
+    with STUN (first round answered: behind NAT)."""
+    from types import SimpleNamespace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.core.candidates import Candidate
+    from mpvpn.core.smpu import SessionConfig
+    from mpvpn.core.subflow import SubflowConfig
+    from mpvpn.tools.simnet import SimPair
+
+    pair = SimPair(1, config=SessionConfig(subflow=SubflowConfig(keepalive_idle=keepalive_idle)))
+    assert pair.handshake()
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, pair.now, resolve=no_dns)
+    serve(nat, pair.now, {S1: ("198.51.100.7", 7000), S2: ("198.51.100.7", 7000)})
+    up = SimpleNamespace(nat=nat, batch=_Batch(), relay=None)
+    peer_up = SimpleNamespace(name="mobile", addr="10.3.2.2", port=7000,
+                              candidates=(Candidate("host", "10.3.2.2", 7000),
+                                          Candidate("srflx", "203.0.113.20", 7000)))
+    ds = SimpleNamespace(sess=pair.a, peer=SimpleNamespace(name="b", uplinks=(peer_up,)),
+                         plan={1: SimpleNamespace(remote="mobile", type="mobile")},
+                         uplink_of={1: up}, punch={}, upgrade=set(), keepalives_seen={})
+    uplinknat.update_punch(ds, pair.now)
+    assert ds.punch[1].active and not ds.punch[1].rushing(pair.now)
+    return pair, ds, up, peer_up
+
+
+def test_new_peer_candidates_make_an_established_pair_punch_again_and_ask_stun():
+    from dataclasses import replace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.core.candidates import Candidate
+
+    pair, ds, up, peer_up = _punched_session(25.0)
+    pair.run(MIN_RECHECK_GAP + 0.5)
+    sub = pair.a.subflows[1]
+    assert sub.established
+    # the peer's NAT rebooted: its UPDATE brings a new srflx port
+    peer_up.candidates = (peer_up.candidates[0], replace(peer_up.candidates[1], port=40001))
+    assert isinstance(peer_up.candidates[1], Candidate)
+    now = pair.now
+    uplinknat.update_punch(ds, now)
+    p = ds.punch[1]
+    assert p.rushing(now) and ("203.0.113.20", 40001) in [t[:2] for t in p.targets]
+    assert {d for _, d in up.batch.sent} == {S1, S2}  # our own mapping may have moved too
+    # the rush's first probe is due at once and leaves for every target
+    assert uplinknat.punch_deadline(ds) == now
+    uplinknat.punch_timers(ds, now)
+    assert sub.punches == 1 and 1 in ds.upgrade and sub.established
+
+
+def test_a_long_keepalive_asks_stun_with_each_idle_keepalive_of_a_punched_pair():
+    from mpvpn.agent import uplinknat
+
+    for keepalive, expect in ((10.0, True), (0.75, False)):  # window 40 s vs 3 s
+        pair, ds, up, _ = _punched_session(keepalive)
+        sub = pair.a.subflows[1]
+        pair.run(MIN_RECHECK_GAP + 0.5)
+        uplinknat.punch_timers(ds, pair.now)  # learns the keepalive count
+        sent = sub.probes_sent
+        while sub.probes_sent == sent:
+            pair.run(0.05)
+        before = len(up.batch.sent)
+        uplinknat.punch_timers(ds, pair.now)
+        asked = {d for _, d in up.batch.sent[before:]}
+        assert (asked == {S1, S2}) is expect, keepalive
+        uplinknat.punch_timers(ds, pair.now)  # no new keepalive: no new round
+        assert len(up.batch.sent) == before + (2 if expect else 0)

@@ -149,6 +149,7 @@ class DataSession:
     upgrade_at: dict = field(default_factory=dict)  # relayed member -> next direct probe
     upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
     upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
+    keepalives_seen: dict = field(default_factory=dict)  # member -> probes_sent (uplinknat.punch_timers)
 
     @property
     def session_id(self) -> int:

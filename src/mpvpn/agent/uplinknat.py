@@ -28,6 +28,13 @@ log = logging.getLogger("mpvpn")
 
 RECHECK_INTERVAL = 300.0  # seconds between STUN rounds (also on SIGHUP, hotplug, a punched link down)
 MIN_RECHECK_GAP = 2.0  # a subflow going down asks again, at most this often per uplink
+# A NAT reboot (new public port) must not wait for the dead verdict,
+# (dead_after + 1) idle keepalives: where that is longer than this, an uplink
+# with an established punched pair asks STUN again with each of its idle
+# keepalives (at most every MIN_RECHECK_GAP), and new peer candidates make
+# an established pair punch again (Punch.rush) for REPUNCH_SPAN seconds.
+RECOVER_WITHIN = 3.0
+REPUNCH_SPAN = 5.0
 
 
 def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
@@ -237,10 +244,25 @@ def update_punch(ds, now: float) -> None:
             if not active:
                 continue
             p = ds.punch[member] = Punch(ds.sess.initiator, backoff, backoff_max)
+        before = p.targets
         targets = [sockaddr(a, port) for a, port in punch_targets(pu)]
         if p.update(targets, active, now) and active:
             log.info("%s: subflow %d (%s) punches towards %s", ds.peer.name, member, spec.type,
                      ", ".join(f"{t[0]}:{t[1]}" for t in p.targets))
+            sub = ds.sess.subflows.get(member)
+            if before and p.targets != before and sub is not None and sub.established:
+                _peer_moved(ds, member, p, up, now)
+
+
+def _peer_moved(ds, member: int, p: Punch, up, now: float) -> None:
+    """The peer announced new candidates for an established punched pair
+    (its NAT rebooted?): punch again at once from both ends (the peer does
+    when our answer or our own new mapping reaches it), and ask STUN whether
+    our mapping moved too (the same event may have hit both ends)."""
+    p.rush(now, REPUNCH_SPAN)
+    if up is not None and up.nat is not None and up.batch is not None \
+            and up.nat.recheck(now, force=False):
+        up.nat.send(up.batch)
 
 
 def punch_deadline(ds) -> float | None:
@@ -257,11 +279,28 @@ def punch_deadline(ds) -> float | None:
 
 
 def punch_timers(ds, now: float) -> None:
-    """Send the responder punch probes due now (they leave with the next flush)."""
+    """Send the punch probes due now (they leave with the next flush: a
+    rushing established pair's to every target, through ``ds.upgrade``), and
+    on uplinks where a NAT reboot would otherwise wait for a slow dead
+    verdict, ask STUN again with each idle keepalive of a punched pair."""
     for member, p in ds.punch.items():
         sub = ds.sess.subflows.get(member)
-        if sub is not None and p.due(now, sub.established):
+        if sub is None:
+            continue
+        established = sub.established
+        if p.due(now, established):
             ds.sess.punch(member, now)
+            if established:
+                ds.upgrade.add(member)  # this flush also goes to every target
+        if established and p.active:
+            seen = ds.keepalives_seen.get(member)
+            ds.keepalives_seen[member] = sub.probes_sent
+            interval, need = sub.probe_plan(now)
+            if seen is not None and sub.probes_sent != seen and interval * (need + 1) > RECOVER_WITHIN:
+                up = ds.uplink_of.get(member)
+                if up is not None and up.nat is not None and up.batch is not None \
+                        and up.nat.recheck(now, force=False):
+                    up.nat.send(up.batch)
 
 
 def link_path(ds, member: int) -> str:

@@ -587,6 +587,7 @@ class Subflow:
             "last_rx_age": None if self.last_rx is None else round(now - self.last_rx, 3),
             "ups": self.ups,
             "downs": self.downs,
+            "roams": self.roams,
             "last_down_reason": self.last_down_reason,
             "last_down_age": None if self.last_down_at is None else round(now - self.last_down_at, 3),
             # the detection time of the last dead verdict: silence until it came
