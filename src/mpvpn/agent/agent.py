@@ -420,7 +420,8 @@ class Agent:
             up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
             up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
-            up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
+            up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port),
+                                               retry_after=self.cfg.base.relay_retry)
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
@@ -596,7 +597,7 @@ class Agent:
             if ds.punch:
                 ts.append(uplinknat.punch_deadline(ds))
             for since in ds.down_since.values():
-                ts.append(since + uplinkrelay.RELAY_AFTER)
+                ts.append(since + self.cfg.base.relay_after)
             ts.extend(ds.upgrade_at.values())
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None
@@ -701,7 +702,7 @@ class Agent:
     # ------------------------------------------------------------------ TURN relays
 
     def _relay_timers(self, now: float) -> None:
-        """Which uplinks relay (a subflow on it unestablished for RELAY_AFTER,
+        """Which uplinks relay (a subflow on it unestablished for base.relay_after,
         or the peer's uplink offers a relay candidate), their peers, timers
         and events; a new relayed address goes to the peers (UPDATE)."""
         if not self.cfg.relays:
@@ -719,9 +720,9 @@ class Agent:
                     ds.down_since.pop(member, None)
                 else:
                     since = ds.down_since.setdefault(member, now)
-                    if now - since >= uplinkrelay.RELAY_AFTER and up.relay.want(
-                            f"subflow {member} ({spec.type}) did not open in "
-                            f"{uplinkrelay.RELAY_AFTER:g} s", now):
+                    after = self.cfg.base.relay_after
+                    if now - since >= after and up.relay.want(
+                            f"subflow {member} ({spec.type}) did not open in {after:g} s", now):
                         log.info("uplink %s: subflow %d (%s) did not open directly; using a relay",
                                  up.name, member, spec.type)
                 if uplinkrelay.has_relay_candidate(pu) and up.relay.want(
@@ -1370,7 +1371,7 @@ class Agent:
             log.error(self.last_error)
             return
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
-                "hub_forward", "nat_keepalive")
+                "hub_forward", "nat_keepalive", "relay_after")
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks
                      and new.relays == self.cfg.relays)  # (the uplinks' relay paths are made at start)

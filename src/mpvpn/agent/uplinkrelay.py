@@ -10,7 +10,7 @@ destination is a peer reachable through the relay (:meth:`carries`).
 How a pair ends up relayed (both sides run the same rules):
 
 * an uplink starts its relay when a subflow on it has not been established
-  for :data:`RELAY_AFTER` seconds (the direct open and the punching failed),
+  for ``base.relay_after`` seconds (default 4; the direct open and the punching failed),
   or when the peer's uplink announces a ``relay`` candidate;
 * its relayed address goes to the peer as a ``relay`` candidate (UPDATE),
   and the peer uplink's candidates (relay first, then srflx, host, its
@@ -40,8 +40,7 @@ from mpvpn.core.stun import format_addr
 
 log = logging.getLogger("mpvpn")
 
-RELAY_AFTER = 4.0     # seconds a subflow stays unestablished before its uplink relays
-RELAY_RETRY = 10.0    # a failed relay is tried again after this long
+RELAY_RETRY = 10.0    # a failed relay is tried again after this long (base.relay_retry's default)
 UPGRADE_INTERVAL = 15.0  # while relayed: a probe to the peer's direct candidates this often
 
 
