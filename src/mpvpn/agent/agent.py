@@ -53,6 +53,7 @@ from mpvpn.core.subflow import State, SubflowConfig
 from mpvpn.io import ifaddr, instance, rpc, stampstore
 from mpvpn.io import ubus as ubusmod
 from mpvpn.io.hostio import HostIO
+from mpvpn.io.resolve import Resolver
 from mpvpn.io.udp import BatchSocket, UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
@@ -194,6 +195,7 @@ class Agent:
         self.rpc: rpc.RpcServer | None = None
         self.ubus: ubusmod.UbusTransport | None = None
         self._posted: queue.SimpleQueue = queue.SimpleQueue()  # calls from other threads
+        self.resolver = Resolver(self.post)  # relay names looked up off the loop (io/resolve.py)
         self.uplinks: dict[str, UplinkIO] = {}
         self.sessions: dict[int, DataSession] = {}
         self.controls: list[ControlIO] = []
@@ -421,6 +423,7 @@ class Agent:
             up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
             up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port),
+                                               lookup=self.resolver.lookup, now=now,
                                                retry_after=self.cfg.base.relay_retry)
 
     def _start_server(self, now: float) -> None:
@@ -596,8 +599,10 @@ class Agent:
         for ds in self.sessions.values():
             if ds.punch:
                 ts.append(uplinknat.punch_deadline(ds))
-            for since in ds.down_since.values():
-                ts.append(since + self.cfg.base.relay_after)
+            for member, since in ds.down_since.items():
+                up = ds.uplink_of.get(member)
+                if up is not None and up.relay is not None:
+                    ts.append(up.relay.start_deadline(since + self.cfg.base.relay_after))
             ts.extend(ds.upgrade_at.values())
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None

@@ -41,12 +41,26 @@ from mpvpn.core.stun import format_addr
 log = logging.getLogger("mpvpn")
 
 RELAY_RETRY = 10.0    # a failed relay is tried again after this long (base.relay_retry's default)
+LOOKUP_WAIT = 10.0    # a relay that is needed waits this long for its names' lookups, then goes without
 UPGRADE_INTERVAL = 15.0  # while relayed: a probe to the peer's direct candidates this often
+
+
+def _relay_from(r, result) -> tuple:
+    """(turn.Relay or None, problem or None) for RelayConf ``r`` from a
+    getaddrinfo ``result``: its list, or the exception it raised."""
+    if isinstance(result, BaseException):
+        return None, f"cannot resolve relay {r.address}: {result}"
+    if not result:
+        return None, None
+    a = result[0][4]
+    return turn.Relay((str(ipaddress.ip_address(a[0])), a[1]), r.username, r.password), None
 
 
 def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
     """``config relay`` (RelayConf list) as turn.Relay of ``family`` (4 or 6),
-    in order, and the problems (one line each) for names that gave none."""
+    in order, and the problems (one line each) for names that gave none
+    (blocking: for tools and tests; the agent looks names up through
+    :class:`UplinkRelay`'s ``lookup``)."""
     out, problems = [], []
     fam = socket.AF_INET6 if family == 6 else socket.AF_INET
     for r in relays:
@@ -56,13 +70,14 @@ def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[lis
                 out.append(turn.Relay((str(ip), r.address.port), r.username, r.password))
             continue
         try:
-            infos = resolve(r.address.host, r.address.port, fam, socket.SOCK_DGRAM)
+            result = resolve(r.address.host, r.address.port, fam, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as e:
-            problems.append(f"cannot resolve relay {r.address}: {e}")
-            continue
-        if infos:
-            a = infos[0][4]
-            out.append(turn.Relay((str(ipaddress.ip_address(a[0])), a[1]), r.username, r.password))
+            result = e
+        relay, problem = _relay_from(r, result)
+        if relay is not None:
+            out.append(relay)
+        if problem:
+            problems.append(problem)
     return out, problems
 
 
@@ -70,29 +85,96 @@ class UplinkRelay:
     """One uplink's relay use (see the module docstring)."""
 
     def __init__(self, relays, local: tuple[str, int], *, resolve=socket.getaddrinfo,
-                 retry_after: float = RELAY_RETRY, path_factory=RelayPath):
+                 lookup=None, now: float = 0.0, retry_after: float = RELAY_RETRY,
+                 path_factory=RelayPath):
+        """``lookup(host, port, family, done)`` (mpvpn.io.resolve.Resolver):
+        relay names are looked up off the loop and the relay list is made
+        when the answers are in (:meth:`want` waits up to LOOKUP_WAIT for
+        them); without it, ``resolve`` (getaddrinfo) answers at once."""
         self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
         family = ipaddress.ip_address(self.local[0]).version
-        resolved, self.problems = resolve_relays(relays, family, resolve)
-        for p in self.problems:
-            log.warning("%s", p)
-        self.path = path_factory(turn.RelayList(resolved, retry_after=retry_after))
-        self.sources = frozenset(r.address for r in resolved)  # the demultiplexer's test
+        self._retry_after = retry_after
+        self._path_factory = path_factory
+        self.problems: list[str] = []
+        self._since = now
+        if lookup is None:
+            resolved, problems = resolve_relays(relays, family, resolve)
+            self._slots: list = [(r, True) for r in resolved]  # (turn.Relay | None | RelayConf, settled)
+            self._note(problems)
+        else:
+            fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+            self._slots = []
+            names = []
+            for r in relays:
+                ip = r.address.ip
+                if ip is None:
+                    names.append((len(self._slots), r))
+                    self._slots.append((r, False))
+                elif ip.version == family:
+                    self._slots.append((turn.Relay((str(ip), r.address.port), r.username, r.password), True))
+            for i, r in names:
+                lookup(r.address.host, r.address.port, fam, lambda res, i=i, r=r: self._looked_up(i, r, res))
+        self._make_path()
         self.started = False
         self.why: str | None = None   # why it relays (status, logs)
         self._peers: tuple = ()
         self.events: list = []        # RelayUp / RelayLost / NoRelay / PeerReady for the agent
 
+    # -- names ----------------------------------------------------------------------
+
+    @property
+    def looking_up(self) -> bool:
+        """Are relay names still being looked up?"""
+        return any(not settled for _, settled in self._slots)
+
+    def _looked_up(self, i: int, r, result) -> None:
+        """A name lookup's answer (on the agent's thread)."""
+        relay, problem = _relay_from(r, result)
+        if problem:
+            self._note([problem])
+        if self.started:  # went without it (LOOKUP_WAIT): kept for the status only
+            log.info("relay %s resolved after relaying had started; used after a restart", r.address)
+            return
+        self._slots[i] = (relay, True)
+        self._make_path()
+
+    def _note(self, problems) -> None:
+        for p in problems:
+            log.warning("%s", p)
+            self.problems.append(p)
+
+    def _make_path(self) -> None:
+        resolved = [x for x, settled in self._slots if settled and x is not None]
+        self.path = self._path_factory(turn.RelayList(resolved, retry_after=self._retry_after))
+        self.sources = frozenset(r.address for r in resolved)  # the demultiplexer's test
+
     # -- when ----------------------------------------------------------------------
 
     def want(self, why: str, now: float) -> bool:
-        """Start relaying (once); returns whether this call started it."""
-        if self.started or not self.sources:
+        """Start relaying (once); returns whether this call started it.  While
+        relay names are being looked up it waits (up to LOOKUP_WAIT from the
+        start) so that the configured order holds."""
+        if self.started:
+            return False
+        if self.looking_up and now - self._since < LOOKUP_WAIT:
+            return False
+        if not self.sources:
             return False
         self.started, self.why = True, why
         self.path.start(now)
         self._collect()
         return True
+
+    def start_deadline(self, due: float) -> float | None:
+        """When :meth:`want` may next start relaying, for a subflow down
+        until ``due`` (its trigger): None once started or when it never can
+        (no relay resolved, no lookup pending) -- a deadline left in the
+        past would make the agent's loop spin."""
+        if self.started:
+            return None
+        if self.looking_up:
+            return max(due, self._since + LOOKUP_WAIT)  # an answer wakes the loop sooner
+        return due if self.sources else None
 
     def suspect(self, reason: str, now: float) -> None:
         """A relayed subflow went down: check the relay (RelayPath.suspect)."""
@@ -183,7 +265,7 @@ class UplinkRelay:
 
     def status(self, now: float) -> dict:
         return dict(self.path.status(now), started=self.started, why=self.why,
-                    problems=list(self.problems))
+                    looking_up=self.looking_up, problems=list(self.problems))
 
 
 def describe(ev) -> str:
