@@ -180,3 +180,36 @@ def test_a_nat_reboot_with_a_long_keepalive_is_recovered_before_any_dead_verdict
         assert st["session_id"] == sid and ln["downs"] == 0 and ln["roams"] >= 1, ln
     p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
     assert p.received == 10, p
+
+
+def test_a_server_behind_nat_without_stun_is_reached_by_punching_anyway(nat_sites):
+    """The server's mobile uplink sits behind an EIM NAT and neither site has
+    base.stun: nothing tells either end about the NAT, the address the
+    server announces for mobile is its private one, and the client's
+    CONNECTs to it go nowhere.  After PUNCH_ANYWAY_AFTER the server (the
+    responder) punches anyway: its probes reach the client's mobile uplink
+    from the NAT's mapping, the client follows their source, and its next
+    CONNECT passes the NAT that the probes opened (session 5 never opened
+    this pair)."""
+    from agentlab import site_config
+
+    from mpvpn.core.noise import genpsk
+
+    lab, nc, sites = nat_sites(kinds=(None, "eim"))
+    mc = nc.carrier(MOBILE)
+    psk = genpsk()
+    for site, role, idx, vnc, lan, ip in ((sites.a, "client", 1, "172.30.0.1", "192.168.10.1", mc.a_ip),
+                                          (sites.b, "server", 2, "172.30.0.2", "192.168.20.1", mc.b_ip)):
+        text, net = site_config(role, psk, idx, vnc, lan, 3, "")  # no base.stun
+        site.write(text.replace(f"option bind_ip '10.{MOBILE}.0.{idx}'", f"option bind_ip '{ip}'"), net)
+    sites.start(wait=False)
+
+    def mobile_up(st):
+        return sum(ln["state"] == "established" for ln in st["links"]) == 3 and st
+    a = sites.a.wait(mobile_up, 30, "3 of 3 subflows, mobile punched anyway")
+    b = sites.b.wait(mobile_up, 30, "3 of 3 subflows, mobile punched anyway")
+    assert link(a, "mobile")["remote"] == f"{mc.b_public}:7000"  # followed the probes' source
+    assert link(b, "mobile")["path"] == "punched" and link(a, "mobile")["path"] == "punched"
+    assert uplink(b, "mobile")["public"] is None  # (no STUN: nobody told it)
+    p = lab.ping(lab.ha, "192.168.20.2", count=10, interval=0.05)
+    assert p.received == 10, p

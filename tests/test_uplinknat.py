@@ -161,7 +161,8 @@ def _punched_session(keepalive_idle: float):
                                           Candidate("srflx", "203.0.113.20", 7000)))
     ds = SimpleNamespace(sess=pair.a, peer=SimpleNamespace(name="b", uplinks=(peer_up,)),
                          plan={1: SimpleNamespace(remote="mobile", type="mobile")},
-                         uplink_of={1: up}, punch={}, upgrade=set(), keepalives_seen={})
+                         uplink_of={1: up}, punch={}, upgrade=set(), keepalives_seen={},
+                         stuck_since={}, punch_anyway={})
     uplinknat.update_punch(ds, pair.now)
     assert ds.punch[1].active and not ds.punch[1].rushing(pair.now)
     return pair, ds, up, peer_up
@@ -208,3 +209,49 @@ def test_a_long_keepalive_asks_stun_with_each_idle_keepalive_of_a_punched_pair()
         assert (asked == {S1, S2}) is expect, keepalive
         uplinknat.punch_timers(ds, pair.now)  # no new keepalive: no new round
         assert len(up.batch.sent) == before + (2 if expect else 0)
+
+
+def test_a_pair_that_does_not_open_punches_anyway_and_its_responder_probes_the_peer():
+    """No base.stun here, no candidates from the peer: nothing says NAT.  A
+    responder behind such a NAT is not reachable at the address it
+    announced; after PUNCH_ANYWAY_AFTER its punch probes go to the peer's
+    uplink, whose subflow follows their source (our unknown public mapping)."""
+    from types import SimpleNamespace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.agent.uplinknat import PUNCH_ANYWAY_AFTER
+    from mpvpn.tools.simnet import SimPair
+
+    pair = SimPair(1)
+    pair.set(1, up=False)  # the initiator's CONNECTs do not arrive: nothing opens
+    pair.run(0.5)
+    peer_up = SimpleNamespace(name="mobile", addr="10.3.1.1", port=7000, candidates=())
+    spec = SimpleNamespace(remote="mobile", type="mobile", remote_addr="10.3.1.1", remote_port=7000)
+    ds = SimpleNamespace(sess=pair.b, peer=SimpleNamespace(name="a", uplinks=(peer_up,)), plan={1: spec},
+                         uplink_of={1: SimpleNamespace(nat=None, batch=None, relay=None)}, punch={},
+                         upgrade=set(), keepalives_seen={}, stuck_since={}, punch_anyway={})
+    sub = pair.b.subflows[1]
+    t0 = pair.now
+    uplinknat.update_punch(ds, t0)
+    assert ds.punch == {}  # nothing says NAT
+    assert uplinknat.punch_when_stuck(ds, t0) == t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_when_stuck(ds, t0 + 1.0) == t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_when_stuck(ds, t0 + PUNCH_ANYWAY_AFTER) is None
+    p = ds.punch[1]
+    assert ds.punch_anyway == {1: 0} and p.active and p.targets == (("10.3.1.1", 7000),)
+    now = t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_deadline(ds) == now
+    uplinknat.punch_timers(ds, now)
+    assert sub.punches == 1
+    # it never opened before punching: punched, wherever it opened
+    pair.set(1, up=True)
+    pair.run(2.0)
+    assert sub.established and uplinknat.link_path(ds, 1) == "punched"
+    assert uplinknat.punch_when_stuck(ds, pair.now) is None and ds.stuck_since == {}
+    # a pair that had opened directly, punched after an outage, and came back
+    # at the announced address is still direct; moved to a mapping: punched
+    ds.punch_anyway[1] = 1
+    sub.remote = ("10.3.1.1", 7000)
+    assert uplinknat.link_path(ds, 1) == "direct"
+    sub.remote = ("203.0.113.103", 7000)
+    assert uplinknat.link_path(ds, 1) == "punched"

@@ -151,6 +151,9 @@ class DataSession:
     upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
     upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
     keepalives_seen: dict = field(default_factory=dict)  # member -> probes_sent (uplinknat.punch_timers)
+    stuck_since: dict = field(default_factory=dict)  # member -> unestablished since (uplinknat.punch_when_stuck)
+    punch_anyway: dict = field(default_factory=dict)  # member that did not open directly -> its ups then
+    stuck_due: float | None = None  # when punch_when_stuck wants to look again
 
     @property
     def session_id(self) -> int:
@@ -599,6 +602,7 @@ class Agent:
         for ds in self.sessions.values():
             if ds.punch:
                 ts.append(uplinknat.punch_deadline(ds))
+            ts.append(ds.stuck_due)
             for member, since in ds.down_since.items():
                 up = ds.uplink_of.get(member)
                 if up is not None and up.relay is not None:
@@ -620,6 +624,7 @@ class Agent:
             t = ds.sess.get_timer()
             if t is not None and t <= now:
                 self._deliver(ds.sess.handle_timer(now), ds)
+            ds.stuck_due = uplinknat.punch_when_stuck(ds, now)
             if ds.punch:
                 uplinknat.punch_timers(ds, now)
             self._session_events(ds)

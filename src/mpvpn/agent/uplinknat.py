@@ -35,6 +35,11 @@ MIN_RECHECK_GAP = 2.0  # a subflow going down asks again, at most this often per
 # an established pair punch again (Punch.rush) for REPUNCH_SPAN seconds.
 RECOVER_WITHIN = 3.0
 REPUNCH_SPAN = 5.0
+# A pair that nothing shows to be behind NAT (no candidates from the peer, no
+# base.stun here) but that did not open in this long punches anyway: a side
+# behind NAT without STUN cannot be reached at the address it announces, but
+# its punch probes reach the other end, which follows their source.
+PUNCH_ANYWAY_AFTER = 2.0
 
 
 def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
@@ -238,7 +243,7 @@ def update_punch(ds, now: float) -> None:
             continue
         up = ds.uplink_of.get(member)
         nat = up.nat if up is not None else None
-        active = bool(pu.candidates) or (nat is not None and nat.behind_nat)
+        active = bool(pu.candidates) or (nat is not None and nat.behind_nat) or member in ds.punch_anyway
         p = ds.punch.get(member)
         if p is None:
             if not active:
@@ -263,6 +268,32 @@ def _peer_moved(ds, member: int, p: Punch, up, now: float) -> None:
     if up is not None and up.nat is not None and up.batch is not None \
             and up.nat.recheck(now, force=False):
         up.nat.send(up.batch)
+
+
+def punch_when_stuck(ds, now: float) -> float | None:
+    """Pairs that did not open within PUNCH_ANYWAY_AFTER although nothing
+    says NAT is involved punch from then on (``ds.punch_anyway``): the
+    responder's punch probes go to the peer's uplink, whose subflow follows
+    their source -- our public mapping, unknown to us without base.stun --
+    and its next CONNECT passes our NAT.  Returns the next time to look."""
+    due = None
+    stuck = ds.stuck_since
+    for member in ds.plan:
+        sub = ds.sess.subflows.get(member)
+        if sub is None or sub.established:
+            stuck.pop(member, None)
+            continue
+        if member in ds.punch_anyway:
+            continue
+        since = stuck.setdefault(member, now)
+        if now - since >= PUNCH_ANYWAY_AFTER:
+            ds.punch_anyway[member] = sub.ups  # opened before? (link_path)
+            log.info("%s: subflow %d did not open in %g s; punching anyway (a NAT without "
+                     "base.stun on either end?)", ds.peer.name, member, PUNCH_ANYWAY_AFTER)
+            update_punch(ds, now)
+        elif due is None or since + PUNCH_ANYWAY_AFTER < due:
+            due = since + PUNCH_ANYWAY_AFTER
+    return due
 
 
 def punch_deadline(ds) -> float | None:
@@ -304,6 +335,15 @@ def punch_timers(ds, now: float) -> None:
 
 
 def link_path(ds, member: int) -> str:
-    """``links[].path``: ``punched`` when the pair punches through NAT, else ``direct``."""
+    """``links[].path``: ``punched`` when the pair punches through NAT, else
+    ``direct`` -- also for a pair that had opened directly and punched
+    anyway after an outage, but came back at the address the peer announced."""
     p = ds.punch.get(member)
-    return "punched" if p is not None and p.active else "direct"
+    if p is None or not p.active:
+        return "direct"
+    ups_before = ds.punch_anyway.get(member)
+    if ups_before:
+        sub, spec = ds.sess.subflows.get(member), ds.plan.get(member)
+        if sub is not None and spec is not None and sub.remote == sockaddr(spec.remote_addr, spec.remote_port):
+            return "direct"
+    return "punched"
