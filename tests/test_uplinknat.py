@@ -255,3 +255,36 @@ def test_a_pair_that_does_not_open_punches_anyway_and_its_responder_probes_the_p
     assert uplinknat.link_path(ds, 1) == "direct"
     sub.remote = ("203.0.113.103", 7000)
     assert uplinknat.link_path(ds, 1) == "punched"
+
+
+def test_server_names_are_looked_up_off_the_loop_and_the_first_round_waits_for_them():
+    from mpvpn.agent.uplinknat import LOOKUP_WAIT
+
+    asked = []
+    nat = UplinkNat([HostPort("stun.example.net", 3479), HostPort(*S2), HostPort("nope.invalid", 3478)],
+                    LOCAL, 100.0, lookup=lambda *a: asked.append(a))
+    assert [(h, p, f) for h, p, f, _ in asked] == [("stun.example.net", 3479, socket.AF_INET),
+                                                     ("nope.invalid", 3478, socket.AF_INET)]
+    assert nat.looking_up and nat.status()["looking_up"] and nat.take_outgoing() == []
+    assert nat.next_deadline() == 100.0 + LOOKUP_WAIT and not nat.recheck(101.0)
+    asked[1][3](socket.gaierror(-2, "Name or service not known"))
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (S1[0], 3479))])
+    assert not nat.looking_up and "cannot resolve STUN server nope.invalid:3478" in nat.problems[0]
+    assert nat.next_deadline() <= 101.0
+    nat.on_timer(101.0)  # the first round, to every server in the configured order
+    assert [d for _, d in nat.take_outgoing()] == [(S1[0], 3479), S2]
+    assert nat.sources == {(S1[0], 3479), S2}  # the demultiplexer knows the resolved server
+
+
+def test_a_hanging_server_lookup_delays_stun_by_lookup_wait_at_most():
+    from mpvpn.agent.uplinknat import LOOKUP_WAIT
+
+    asked = []
+    nat = UplinkNat([HostPort("stun.example.net", 3478), HostPort(*S2)], LOCAL, 0.0,
+                    lookup=lambda *a: asked.append(a))
+    nat.on_timer(LOOKUP_WAIT - 0.1)
+    assert nat.take_outgoing() == []
+    nat.on_timer(LOOKUP_WAIT)
+    assert [d for _, d in nat.take_outgoing()] == [S2]  # goes with what it has
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", S1)])  # too late: kept out
+    assert nat.sources == {S2}

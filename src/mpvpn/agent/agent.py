@@ -198,7 +198,7 @@ class Agent:
         self.rpc: rpc.RpcServer | None = None
         self.ubus: ubusmod.UbusTransport | None = None
         self._posted: queue.SimpleQueue = queue.SimpleQueue()  # calls from other threads
-        self.resolver = Resolver(self.post)  # relay names looked up off the loop (io/resolve.py)
+        self.resolver = Resolver(self.post)  # STUN and relay names looked up off the loop (io/resolve.py)
         self.uplinks: dict[str, UplinkIO] = {}
         self.sessions: dict[int, DataSession] = {}
         self.controls: list[ControlIO] = []
@@ -422,7 +422,8 @@ class Agent:
         self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
         if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
-            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
+            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now,
+                                         lookup=self.resolver.lookup)
             up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
             up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 
 from mpvpn.core import candidates, stun
@@ -42,9 +43,32 @@ REPUNCH_SPAN = 5.0
 PUNCH_ANYWAY_AFTER = 2.0
 
 
+LOOKUP_WAIT = 10.0  # STUN waits this long for server names being looked up, then asks the others
+
+
+def _server_from(hp, result) -> tuple:
+    """((ip, port) or None, problem or None) for HostPort ``hp`` from a
+    getaddrinfo ``result``: its list, or the exception it raised."""
+    if isinstance(result, BaseException):
+        return None, f"cannot resolve STUN server {hp}: {result}"
+    for info in result[:1]:
+        return (info[4][0], info[4][1]), None
+    return None, None
+
+
+def _unique(addrs) -> list:
+    seen, uniq = set(), []
+    for a in addrs:
+        if a is not None and a not in seen:
+            seen.add(a)
+            uniq.append(a)
+    return uniq
+
+
 def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
     """``base.stun`` (HostPort list) as (ip, port) of ``family`` (4 or 6),
-    and the problems (one line each) for the names that gave none."""
+    and the problems (one line each) for the names that gave none
+    (blocking: for tests and tools; the agent passes UplinkNat a ``lookup``)."""
     out, problems = [], []
     fam = socket.AF_INET6 if family == 6 else socket.AF_INET
     for hp in servers:
@@ -54,38 +78,89 @@ def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[l
                 out.append((str(ip), hp.port))
             continue
         try:
-            infos = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
+            result = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as e:
-            problems.append(f"cannot resolve STUN server {hp}: {e}")
-            continue
-        for info in infos[:1]:
-            out.append((info[4][0], info[4][1]))
-    seen, uniq = set(), []
-    for a in out:
-        if a not in seen:
-            seen.add(a)
-            uniq.append(a)
-    return uniq, problems
+            result = e
+        addr, problem = _server_from(hp, result)
+        out.append(addr)
+        if problem:
+            problems.append(problem)
+    return _unique(out), problems
 
 
 class UplinkNat:
     """Discovery (STUN) on one uplink's socket: public mapping and NAT kind."""
 
     def __init__(self, servers, local: tuple[str, int], now: float, *,
-                 resolve=socket.getaddrinfo, recheck_interval: float = RECHECK_INTERVAL):
+                 resolve=socket.getaddrinfo, lookup=None, recheck_interval: float = RECHECK_INTERVAL):
+        """``lookup(host, port, family, done)`` (mpvpn.io.resolve.Resolver):
+        server names are looked up off the loop and the first round starts
+        when the answers are in (at most LOOKUP_WAIT later); without it,
+        ``resolve`` (getaddrinfo) answers at once."""
         self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
         family = ipaddress.ip_address(self.local[0]).version
-        resolved, self.problems = resolve_servers(servers, family, resolve)
-        for p in self.problems:
-            log.warning("%s", p)
-        self.client = stun.BindingClient(resolved, self.local, recheck_interval=recheck_interval)
-        self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
+        self._recheck_interval = recheck_interval
+        self.problems: list[str] = []
+        self._since = now
+        self._start_due: float | None = None  # a (new) client's first round, when due
+        if lookup is None:
+            resolved, problems = resolve_servers(servers, family, resolve)
+            self._slots: list = [(a, True) for a in resolved]  # ((ip, port) | None | HostPort, settled)
+            self._note(problems)
+        else:
+            fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+            self._slots = []
+            names = []
+            for hp in servers:
+                ip = hp.ip
+                if ip is None:
+                    names.append((len(self._slots), hp))
+                    self._slots.append((hp, False))
+                elif ip.version == family:
+                    self._slots.append(((str(ip), hp.port), True))
+            for i, hp in names:
+                lookup(hp.host, hp.port, fam, lambda res, i=i, hp=hp: self._looked_up(i, hp, res))
+        self._make_client()
         self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
         self.changes = 0  # times the public mapping changed after the first one
         self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
-        self.client.start(now)
+        if self.looking_up:
+            self._start_due = now + LOOKUP_WAIT  # or when the answers come
+        else:
+            self.client.start(now)
+
+    # -- server names ----------------------------------------------------------------
+
+    @property
+    def looking_up(self) -> bool:
+        """Are STUN server names still being looked up?"""
+        return any(not settled for _, settled in self._slots)
+
+    def _looked_up(self, i: int, hp, result) -> None:
+        """A name lookup's answer (on the agent's thread): when it was the
+        last one, a client with every server asks at the next timer."""
+        addr, problem = _server_from(hp, result)
+        if problem:
+            self._note([problem])
+        if self._start_due is None:  # LOOKUP_WAIT passed: asking the others already
+            log.info("STUN server %s resolved late; used after a restart", hp)
+            return
+        self._slots[i] = (addr, True)
+        if not self.looking_up:
+            self._make_client()
+            self._start_due = -math.inf  # due at once
+
+    def _note(self, problems) -> None:
+        for p in problems:
+            log.warning("%s", p)
+            self.problems.append(p)
+
+    def _make_client(self) -> None:
+        servers = _unique(a for a, settled in self._slots if settled)
+        self.client = stun.BindingClient(servers, self.local, recheck_interval=self._recheck_interval)
+        self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
 
     # -- the receive path's demultiplexer --------------------------------------------
 
@@ -104,9 +179,18 @@ class UplinkNat:
     # -- timers ------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        if self._start_due is not None:
+            return self._start_due
         return self.client.next_deadline()
 
     def on_timer(self, now: float) -> None:
+        if self._start_due is not None:
+            if now < self._start_due:
+                return
+            self._start_due = None
+            self._last_recheck = now
+            self.client.start(now)
+            return
         self.client.on_timer(now)
 
     def take_outgoing(self) -> list:
@@ -123,6 +207,8 @@ class UplinkNat:
         """Start a STUN round now (SIGHUP, hotplug); ``force=False`` (a
         punched subflow went down) at most every MIN_RECHECK_GAP seconds
         and not while a round runs.  Returns whether a round started."""
+        if self._start_due is not None:
+            return False  # the first round waits for the server names
         if not force and (self.client.busy or now - self._last_recheck < MIN_RECHECK_GAP):
             return False
         self._last_recheck = now
@@ -171,7 +257,8 @@ class UplinkNat:
 
     def status(self) -> dict:
         return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
-                    send_errors=self.send_errors, problems=list(self.problems))
+                    send_errors=self.send_errors, looking_up=self.looking_up,
+                    problems=list(self.problems))
 
 
 # -- what the agent calls -------------------------------------------------------------------
