@@ -534,10 +534,10 @@ def test_a_relay_name_that_hangs_in_dns_does_not_stall_the_agent(tmp_path):
             pair.connected()
             assert asked == ["turn.example.test"] * CARRIERS
             ups = [u for u in pair.b.uplinks.values() if u.relay is not None]
-            assert len(ups) == CARRIERS and all(u.relay.looking_up for u in ups)
+            assert len(ups) == CARRIERS and all(u.relay.names.looking_up for u in ups)
             assert all(u["relay"]["looking_up"] for u in pair.b.status()["uplinks"])
         finally:
             release.set()
-        pair.until(lambda: not any(u.relay.looking_up for u in ups), "the answers applied on the loop")
+        pair.until(lambda: not any(u.relay.names.looking_up for u in ups), "the answers applied on the loop")
         assert all(u.relay.sources == {("203.0.113.9", 3478)} for u in ups)
         assert pair.b.resolver.finished == CARRIERS

@@ -42,6 +42,24 @@ def nat_sites(make_lab):
         ns.close()
 
 
+def start_punched(sites) -> int:
+    """Start both agents, wait for 3 of 3 subflows with mobile punched; the session id."""
+    sites.start(wait=False)
+    a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
+    return a["session_id"]
+
+
+def recovered_towards(peer_public: str, port: int = 7100):
+    """Status predicate: mobile established, sending to the peer's new NAT
+    mapping ``peer_public:port``, our own new mapping learnt (after a NAT reboot)."""
+    def recovered(st):
+        ln = link(st, "mobile")
+        return (ln["state"] == "established" and ln["remote"] == f"{peer_public}:{port}"
+                and (uplink(st, "mobile")["public"] or "").endswith(f":{port}"))
+    return recovered
+
+
 @pytest.mark.parametrize("kinds", [("eim", "eim"), (None, "eim")], ids=["both", "server-only"])
 def test_mobile_behind_nat_is_punched(nat_sites, kinds):
     """e2e 1: both `mobile` uplinks behind endpoint-independent NATs (and:
@@ -114,10 +132,7 @@ def test_nat_mapping_expiry_and_reboot_without_a_session_restart(nat_sites):
     mc = nc.carrier(MOBILE)
     for site in (mc.a_site, mc.b_site):
         nc.set_udp_timeout(site, 3)
-    sites.start(wait=False)
-    a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
-    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
-    sid = a["session_id"]
+    sid = start_punched(sites)
     # idle: 3 NAT timeouts with no user traffic (keepalives only)
     time.sleep(9)
     for site in (sites.a, sites.b):
@@ -131,12 +146,6 @@ def test_nat_mapping_expiry_and_reboot_without_a_session_restart(nat_sites):
     for site in (mc.a_site, mc.b_site):
         nc.reboot(site, port=7100)
 
-    def recovered_towards(peer_public):
-        def recovered(st):
-            ln = link(st, "mobile")
-            return (ln["state"] == "established" and ln["remote"] == f"{peer_public}:7100"
-                    and (uplink(st, "mobile")["public"] or "").endswith(":7100"))
-        return recovered
     a = sites.a.wait(recovered_towards(mc.b_public), 30, "mobile re-punched on the new mappings")
     b = sites.b.wait(recovered_towards(mc.a_public), 30, "mobile re-punched on the new mappings")
     for st in (a, b):
@@ -159,20 +168,11 @@ def test_a_nat_reboot_with_a_long_keepalive_is_recovered_before_any_dead_verdict
     verdict came first, however slow the machine)."""
     lab, nc, sites = nat_sites("\toption keepalive_idle '10'\n\toption nat_keepalive '10'\n")
     mc = nc.carrier(MOBILE)
-    sites.start(wait=False)
-    a = sites.a.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
-    sites.b.wait(punched_up, 30, "3 of 3 subflows, mobile punched")
-    sid = a["session_id"]
+    sid = start_punched(sites)
     time.sleep(2)
     for site in (mc.a_site, mc.b_site):
         nc.reboot(site, port=7100)
 
-    def recovered_towards(peer_public):
-        def recovered(st):
-            ln = link(st, "mobile")
-            return (ln["state"] == "established" and ln["remote"] == f"{peer_public}:7100"
-                    and (uplink(st, "mobile")["public"] or "").endswith(":7100"))
-        return recovered
     a = sites.a.wait(recovered_towards(mc.b_public), 30, "mobile moved to the new mappings")
     b = sites.b.wait(recovered_towards(mc.a_public), 30, "mobile moved to the new mappings")
     for st in (a, b):

@@ -265,11 +265,11 @@ def test_server_names_are_looked_up_off_the_loop_and_the_first_round_waits_for_t
                     LOCAL, 100.0, lookup=lambda *a: asked.append(a))
     assert [(h, p, f) for h, p, f, _ in asked] == [("stun.example.net", 3479, socket.AF_INET),
                                                      ("nope.invalid", 3478, socket.AF_INET)]
-    assert nat.looking_up and nat.status()["looking_up"] and nat.take_outgoing() == []
+    assert nat.names.looking_up and nat.status()["looking_up"] and nat.take_outgoing() == []
     assert nat.next_deadline() == 100.0 + LOOKUP_WAIT and not nat.recheck(101.0)
     asked[1][3](socket.gaierror(-2, "Name or service not known"))
     asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (S1[0], 3479))])
-    assert not nat.looking_up and "cannot resolve STUN server nope.invalid:3478" in nat.problems[0]
+    assert not nat.names.looking_up and "cannot resolve STUN server nope.invalid:3478" in nat.names.problems[0]
     assert nat.next_deadline() <= 101.0
     nat.on_timer(101.0)  # the first round, to every server in the configured order
     assert [d for _, d in nat.take_outgoing()] == [(S1[0], 3479), S2]

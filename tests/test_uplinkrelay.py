@@ -186,13 +186,13 @@ def test_relay_names_are_looked_up_off_the_loop_and_keep_the_configured_order():
     r = UplinkRelay(relays, LOCAL, lookup=lookup, now=100.0)
     assert [(h, p, f) for h, p, f, _ in asked] == [("turn.example.net", 3479, socket.AF_INET),
                                                      ("nope.invalid", 3478, socket.AF_INET)]
-    assert r.looking_up and r.status(100.0)["looking_up"]
+    assert r.names.looking_up and r.status(100.0)["looking_up"]
     assert r.sources == {("203.0.113.7", 3478)}  # numeric ones are there at once
     assert r.start_deadline(104.0) == 100.0 + LOOKUP_WAIT and not r.want("down 4 s", 104.0)
     asked[1][3](socket.gaierror(-2, "Name or service not known"))
-    assert r.looking_up and r.problems and "cannot resolve relay nope.invalid:3478" in r.problems[0]
+    assert r.names.looking_up and r.names.problems and "cannot resolve relay nope.invalid:3478" in r.names.problems[0]
     asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.9", 3479))])
-    assert not r.looking_up and r.start_deadline(104.0) == 104.0
+    assert not r.names.looking_up and r.start_deadline(104.0) == 104.0
     assert [x["address"] for x in r.status(104.0)["relays"]] == ["192.0.2.9:3479", "203.0.113.7:3478"]
     assert r.want("down 4 s", 104.0) and r.start_deadline(104.0) is None  # started: no deadline
 

@@ -23,6 +23,7 @@ import socket
 
 from mpvpn.core import candidates, stun
 from mpvpn.core.candidates import Punch
+from mpvpn.io.resolve import NameList
 from mpvpn.io.udp import sockaddr
 
 log = logging.getLogger("mpvpn")
@@ -46,20 +47,15 @@ PUNCH_ANYWAY_AFTER = 2.0
 LOOKUP_WAIT = 10.0  # STUN waits this long for server names being looked up, then asks the others
 
 
-def _server_from(hp, result) -> tuple:
-    """((ip, port) or None, problem or None) for HostPort ``hp`` from a
-    getaddrinfo ``result``: its list, or the exception it raised."""
-    if isinstance(result, BaseException):
-        return None, f"cannot resolve STUN server {hp}: {result}"
-    for info in result[:1]:
-        return (info[4][0], info[4][1]), None
-    return None, None
+def _servers(servers, family: int, **kw) -> NameList:
+    return NameList(servers, family, address=lambda hp: hp, make=lambda hp, ip, port: (ip, port),
+                    what="STUN server", **kw)
 
 
 def _unique(addrs) -> list:
     seen, uniq = set(), []
     for a in addrs:
-        if a is not None and a not in seen:
+        if a not in seen:
             seen.add(a)
             uniq.append(a)
     return uniq
@@ -69,23 +65,8 @@ def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[l
     """``base.stun`` (HostPort list) as (ip, port) of ``family`` (4 or 6),
     and the problems (one line each) for the names that gave none
     (blocking: for tests and tools; the agent passes UplinkNat a ``lookup``)."""
-    out, problems = [], []
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    for hp in servers:
-        ip = hp.ip
-        if ip is not None:
-            if ip.version == family:
-                out.append((str(ip), hp.port))
-            continue
-        try:
-            result = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as e:
-            result = e
-        addr, problem = _server_from(hp, result)
-        out.append(addr)
-        if problem:
-            problems.append(problem)
-    return _unique(out), problems
+    names = _servers(servers, family, resolve=resolve)
+    return _unique(names.values()), names.problems
 
 
 class UplinkNat:
@@ -100,65 +81,33 @@ class UplinkNat:
         self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
         family = ipaddress.ip_address(self.local[0]).version
         self._recheck_interval = recheck_interval
-        self.problems: list[str] = []
-        self._since = now
         self._start_due: float | None = None  # a (new) client's first round, when due
-        if lookup is None:
-            resolved, problems = resolve_servers(servers, family, resolve)
-            self._slots: list = [(a, True) for a in resolved]  # ((ip, port) | None | HostPort, settled)
-            self._note(problems)
-        else:
-            fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-            self._slots = []
-            names = []
-            for hp in servers:
-                ip = hp.ip
-                if ip is None:
-                    names.append((len(self._slots), hp))
-                    self._slots.append((hp, False))
-                elif ip.version == family:
-                    self._slots.append(((str(ip), hp.port), True))
-            for i, hp in names:
-                lookup(hp.host, hp.port, fam, lambda res, i=i, hp=hp: self._looked_up(i, hp, res))
+        self.names = _servers(servers, family, lookup=lookup, resolve=resolve, on_answer=self._looked_up)
         self._make_client()
         self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
         self.changes = 0  # times the public mapping changed after the first one
         self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
-        if self.looking_up:
+        if self.names.looking_up:
             self._start_due = now + LOOKUP_WAIT  # or when the answers come
         else:
             self.client.start(now)
 
     # -- server names ----------------------------------------------------------------
 
-    @property
-    def looking_up(self) -> bool:
-        """Are STUN server names still being looked up?"""
-        return any(not settled for _, settled in self._slots)
-
-    def _looked_up(self, i: int, hp, result) -> None:
+    def _looked_up(self) -> None:
         """A name lookup's answer (on the agent's thread): when it was the
         last one, a client with every server asks at the next timer."""
-        addr, problem = _server_from(hp, result)
-        if problem:
-            self._note([problem])
         if self._start_due is None:  # LOOKUP_WAIT passed: asking the others already
-            log.info("STUN server %s resolved late; used after a restart", hp)
+            log.info("a STUN server name resolved late; used after a restart")
             return
-        self._slots[i] = (addr, True)
-        if not self.looking_up:
+        if not self.names.looking_up:
             self._make_client()
             self._start_due = -math.inf  # due at once
 
-    def _note(self, problems) -> None:
-        for p in problems:
-            log.warning("%s", p)
-            self.problems.append(p)
-
     def _make_client(self) -> None:
-        servers = _unique(a for a, settled in self._slots if settled)
+        servers = _unique(self.names.values())
         self.client = stun.BindingClient(servers, self.local, recheck_interval=self._recheck_interval)
         self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
 
@@ -257,8 +206,8 @@ class UplinkNat:
 
     def status(self) -> dict:
         return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
-                    send_errors=self.send_errors, looking_up=self.looking_up,
-                    problems=list(self.problems))
+                    send_errors=self.send_errors, looking_up=self.names.looking_up,
+                    problems=list(self.names.problems))
 
 
 # -- what the agent calls -------------------------------------------------------------------

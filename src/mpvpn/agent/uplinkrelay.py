@@ -37,6 +37,7 @@ import socket
 from mpvpn.core import candidates, turn
 from mpvpn.core.relaypath import NoRelay, PeerReady, Received, RelayLost, RelayPath, RelayUp
 from mpvpn.core.stun import format_addr
+from mpvpn.io.resolve import NameList
 
 log = logging.getLogger("mpvpn")
 
@@ -45,15 +46,10 @@ LOOKUP_WAIT = 10.0    # a relay that is needed waits this long for its names' lo
 UPGRADE_INTERVAL = 15.0  # while relayed: a probe to the peer's direct candidates this often
 
 
-def _relay_from(r, result) -> tuple:
-    """(turn.Relay or None, problem or None) for RelayConf ``r`` from a
-    getaddrinfo ``result``: its list, or the exception it raised."""
-    if isinstance(result, BaseException):
-        return None, f"cannot resolve relay {r.address}: {result}"
-    if not result:
-        return None, None
-    a = result[0][4]
-    return turn.Relay((str(ipaddress.ip_address(a[0])), a[1]), r.username, r.password), None
+def _relays(relays, family: int, **kw) -> NameList:
+    return NameList(relays, family, address=lambda r: r.address,
+                    make=lambda r, ip, port: turn.Relay((ip, port), r.username, r.password),
+                    what="relay", **kw)
 
 
 def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
@@ -61,24 +57,8 @@ def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[lis
     in order, and the problems (one line each) for names that gave none
     (blocking: for tools and tests; the agent looks names up through
     :class:`UplinkRelay`'s ``lookup``)."""
-    out, problems = [], []
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    for r in relays:
-        ip = r.address.ip
-        if ip is not None:
-            if ip.version == family:
-                out.append(turn.Relay((str(ip), r.address.port), r.username, r.password))
-            continue
-        try:
-            result = resolve(r.address.host, r.address.port, fam, socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as e:
-            result = e
-        relay, problem = _relay_from(r, result)
-        if relay is not None:
-            out.append(relay)
-        if problem:
-            problems.append(problem)
-    return out, problems
+    names = _relays(relays, family, resolve=resolve)
+    return names.values(), names.problems
 
 
 class UplinkRelay:
@@ -95,56 +75,25 @@ class UplinkRelay:
         family = ipaddress.ip_address(self.local[0]).version
         self._retry_after = retry_after
         self._path_factory = path_factory
-        self.problems: list[str] = []
         self._since = now
-        if lookup is None:
-            resolved, problems = resolve_relays(relays, family, resolve)
-            self._slots: list = [(r, True) for r in resolved]  # (turn.Relay | None | RelayConf, settled)
-            self._note(problems)
-        else:
-            fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-            self._slots = []
-            names = []
-            for r in relays:
-                ip = r.address.ip
-                if ip is None:
-                    names.append((len(self._slots), r))
-                    self._slots.append((r, False))
-                elif ip.version == family:
-                    self._slots.append((turn.Relay((str(ip), r.address.port), r.username, r.password), True))
-            for i, r in names:
-                lookup(r.address.host, r.address.port, fam, lambda res, i=i, r=r: self._looked_up(i, r, res))
-        self._make_path()
         self.started = False
+        self.names = _relays(relays, family, lookup=lookup, resolve=resolve, on_answer=self._looked_up)
+        self._make_path()
         self.why: str | None = None   # why it relays (status, logs)
         self._peers: tuple = ()
         self.events: list = []        # RelayUp / RelayLost / NoRelay / PeerReady for the agent
 
     # -- names ----------------------------------------------------------------------
 
-    @property
-    def looking_up(self) -> bool:
-        """Are relay names still being looked up?"""
-        return any(not settled for _, settled in self._slots)
-
-    def _looked_up(self, i: int, r, result) -> None:
-        """A name lookup's answer (on the agent's thread)."""
-        relay, problem = _relay_from(r, result)
-        if problem:
-            self._note([problem])
+    def _looked_up(self) -> None:
+        """A name lookup's answer came (on the agent's thread)."""
         if self.started:  # went without it (LOOKUP_WAIT): kept for the status only
-            log.info("relay %s resolved after relaying had started; used after a restart", r.address)
+            log.info("a relay name resolved after relaying had started; used after a restart")
             return
-        self._slots[i] = (relay, True)
         self._make_path()
 
-    def _note(self, problems) -> None:
-        for p in problems:
-            log.warning("%s", p)
-            self.problems.append(p)
-
     def _make_path(self) -> None:
-        resolved = [x for x, settled in self._slots if settled and x is not None]
+        resolved = self.names.values()
         self.path = self._path_factory(turn.RelayList(resolved, retry_after=self._retry_after))
         self.sources = frozenset(r.address for r in resolved)  # the demultiplexer's test
 
@@ -156,7 +105,7 @@ class UplinkRelay:
         start) so that the configured order holds."""
         if self.started:
             return False
-        if self.looking_up and now - self._since < LOOKUP_WAIT:
+        if self.names.looking_up and now - self._since < LOOKUP_WAIT:
             return False
         if not self.sources:
             return False
@@ -172,7 +121,7 @@ class UplinkRelay:
         past would make the agent's loop spin."""
         if self.started:
             return None
-        if self.looking_up:
+        if self.names.looking_up:
             return max(due, self._since + LOOKUP_WAIT)  # an answer wakes the loop sooner
         return due if self.sources else None
 
@@ -265,7 +214,7 @@ class UplinkRelay:
 
     def status(self, now: float) -> dict:
         return dict(self.path.status(now), started=self.started, why=self.why,
-                    looking_up=self.looking_up, problems=list(self.problems))
+                    looking_up=self.names.looking_up, problems=list(self.names.problems))
 
 
 def describe(ev) -> str:

@@ -18,8 +18,12 @@ The standard library's threads are all it takes (no asyncio, no c-ares).
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import socket
 import threading
+
+log = logging.getLogger("mpvpn")
 
 
 class Resolver:
@@ -49,3 +53,65 @@ class Resolver:
     def _finish(self, done, res) -> None:
         self.finished += 1
         done(res)
+
+
+class NameList:
+    """Configured entries (in their order) whose address may be a host name:
+    numeric ones of the socket's ``family`` (4 or 6) are there at once,
+    names are looked up through ``lookup`` (a :class:`Resolver`'s, answers
+    later) or, without it, ``resolve`` (getaddrinfo, at once: tests and
+    tools).  ``address(entry)`` gives the entry's HostPort (``host``,
+    ``port``, ``ip``); ``make(entry, ip, port)`` the value kept for it;
+    ``what`` names the entries in problems ("cannot resolve relay x:3478:
+    ..."); ``on_answer()`` runs (on the loop's thread) after each late answer."""
+
+    def __init__(self, entries, family: int, *, address, make, what: str, lookup=None,
+                 resolve=socket.getaddrinfo, on_answer=None):
+        self.problems: list[str] = []
+        self._make = make
+        self._what = what
+        self._on_answer = on_answer
+        self._slots: list = []  # [value or None, settled]
+        fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+        names = []
+        for e in entries:
+            hp = address(e)
+            if hp.ip is None:
+                names.append((len(self._slots), e, hp))
+                self._slots.append([None, False])
+            elif hp.ip.version == family:
+                self._slots.append([make(e, str(hp.ip), hp.port), True])
+        for i, e, hp in names:
+            if lookup is not None:
+                lookup(hp.host, hp.port, fam, lambda res, i=i, e=e, hp=hp: self._late(i, e, hp, res))
+                continue
+            try:
+                res = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
+            except (OSError, UnicodeError) as err:
+                res = err
+            self._settle(i, e, hp, res)
+
+    @property
+    def looking_up(self) -> bool:
+        """Are names still being looked up?"""
+        return any(not settled for _, settled in self._slots)
+
+    def values(self) -> list:
+        """The values of the entries known so far, in the configured order."""
+        return [v for v, settled in self._slots if settled and v is not None]
+
+    def _settle(self, i: int, entry, hp, res) -> None:
+        value = None
+        if isinstance(res, BaseException):
+            problem = f"cannot resolve {self._what} {hp}: {res}"
+            log.warning("%s", problem)
+            self.problems.append(problem)
+        elif res:
+            a = res[0][4]
+            value = self._make(entry, str(ipaddress.ip_address(a[0].split("%")[0])), a[1])
+        self._slots[i] = [value, True]
+
+    def _late(self, i: int, entry, hp, res) -> None:
+        self._settle(i, entry, hp, res)
+        if self._on_answer is not None:
+            self._on_answer()
