@@ -65,16 +65,22 @@ def punched_run(idle: float, keepalive: float | None, port: int) -> dict:
         st1 = ns.sites.a.status()
         tx = link(st1, "mobile")["tx_bytes"] - link(st0, "mobile")["tx_bytes"]
         down_idle = link(st1, "mobile")["downs"]
+        roams_idle = {s: link(s.status(), "mobile")["roams"] for s in (ns.sites.a, ns.sites.b)}
         sid = st1["session_id"]
         for site in (ns.mobile.a_site, ns.mobile.b_site):
             ns.nc.reboot(site, port=port)
         t1 = time.monotonic()
 
-        def back(st):
-            return (link(st, "mobile")["state"] == "established" and link(st, "mobile")["downs"] > down_idle
-                    and (uplink(st, "mobile")["public"] or "").endswith(f":{port}"))
-        ns.sites.a.wait(back, 60, "mobile back after the NAT reboot")
-        ns.sites.b.wait(back, 60, "mobile back after the NAT reboot")
+        def back_on(site):
+            # back: established on the new mapping, after going down and up
+            # again, or (re-punched while established) moved to the peer's new one
+            def back(st):
+                lk = link(st, "mobile")
+                return (lk["state"] == "established" and (lk["downs"] > down_idle or lk["roams"] > roams_idle[site])
+                        and (uplink(st, "mobile")["public"] or "").endswith(f":{port}"))
+            return back
+        ns.sites.a.wait(back_on(ns.sites.a), 200, "mobile back after the NAT reboot")
+        ns.sites.b.wait(back_on(ns.sites.b), 200, "mobile back after the NAT reboot")
         recover = time.monotonic() - t1
         same = ns.sites.a.status()["session_id"] == sid == ns.sites.b.status()["session_id"]
         return {"start_s": start, "keepalive_bytes_per_s": tx / idle, "downs_while_idle": down_idle,

@@ -507,3 +507,37 @@ def test_bad_stun_input_is_counted_and_the_tunnel_keeps_serving(tmp_path):
         assert {u["name"]: u for u in sa["uplinks"]}["mobile"]["public"] == "198.51.100.1:7000"
         assert {ln["type"]: ln["ups"] for ln in sa["links"]} == ups_before
         assert sum(ln["state"] == "established" for ln in sa["links"]) == CARRIERS
+
+
+def test_a_relay_name_that_hangs_in_dns_does_not_stall_the_agent(tmp_path):
+    """`config relay` by name: the lookup runs in a thread (mpvpn.io.resolve);
+    while it hangs (a dead DNS server) the agent's loop carries on -- the
+    sites connect --, and the answer, when it comes, is applied on the loop."""
+    import threading
+
+    from mpvpn.io.resolve import Resolver
+
+    release = threading.Event()
+    asked = []
+
+    def hanging_gai(host, port, family, type_):
+        asked.append(host)
+        release.wait(60)
+        return [(family, type_, 17, "", ("203.0.113.9", port))]
+
+    relay = ("\nconfig relay\n\toption address 'turn.example.test'\n"
+             "\toption username 'u'\n\toption password 'p'\n")
+    pair = Pair(tmp_path, b_sections=relay)
+    pair.b.resolver = Resolver(pair.b.post, getaddrinfo=hanging_gai)
+    with pair:
+        try:
+            pair.connected()
+            assert asked == ["turn.example.test"] * CARRIERS
+            ups = [u for u in pair.b.uplinks.values() if u.relay is not None]
+            assert len(ups) == CARRIERS and all(u.relay.names.looking_up for u in ups)
+            assert all(u["relay"]["looking_up"] for u in pair.b.status()["uplinks"])
+        finally:
+            release.set()
+        pair.until(lambda: not any(u.relay.names.looking_up for u in ups), "the answers applied on the loop")
+        assert all(u.relay.sources == {("203.0.113.9", 3478)} for u in ups)
+        assert pair.b.resolver.finished == CARRIERS

@@ -71,3 +71,24 @@ def test_punch_checks_its_backoff():
         Punch(True, backoff=0)
     with pytest.raises(ValueError):
         Punch(True, backoff=2, backoff_max=1)
+
+
+def test_rush_punches_an_established_pair_for_a_while_in_either_role():
+    for initiator in (True, False):
+        p = Punch(initiator=initiator, backoff=0.2, backoff_max=25.0)
+        p.update([A, B], active=True, now=0.0)
+        assert p.next_deadline(True) is None and not p.due(0.0, established=True)
+        p.rush(100.0, span=5.0)
+        assert p.rushing(100.0) and p.rushes == 1
+        times, t = [], 100.0
+        while t is not None:
+            if p.due(t, established=True):
+                times.append(round(t, 3))
+            t = p.next_deadline(True)
+        assert times == [100.0, 100.2, 100.6, 101.4, 103.0]  # doubling from the fast pace, for 5 s
+        assert not p.rushing(105.0) and not p.due(200.0, established=True)
+        # datagrams still go to the remote only: the caller sends the probes everywhere
+        assert p.destinations(C, established=True) == (C,)
+    idle = Punch(initiator=False)
+    idle.rush(0.0, span=5.0)  # no NAT involved: nothing to punch
+    assert not idle.rushing(0.0) and idle.rushes == 0

@@ -1072,3 +1072,37 @@ def test_too_many_relays_and_unknown_options():
     assert errors(problems) == ["orayboxvpn.@relay: 9 relays: at most 8"]
     cfg, problems = check(SITE_A + edit(RELAYS, "option username 'x'", "option user 'x'"))
     assert "orayboxvpn.off.user: warning: unknown option (ignored); did you mean 'username'?" in warnings(problems)
+
+
+def test_relay_trigger_and_retry_defaults_and_values():
+    cfg, problems = check(SITE_A + RELAYS)
+    assert (cfg.base.relay_after, cfg.base.relay_retry) == (4.0, 10.0)
+    text = edit(SITE_A, "\toption psk", "\toption relay_after '6.5'\n\toption relay_retry '30'\n\toption psk")
+    cfg, problems = check(text + RELAYS)
+    assert errors(problems) == [] and warnings(problems) == []
+    assert (cfg.base.relay_after, cfg.base.relay_retry) == (6.5, 30.0)
+
+
+@pytest.mark.parametrize("option, value, word", [
+    ("relay_after", "0", "out of range: use 1 to 600 seconds"), ("relay_after", "601", "out of range"),
+    ("relay_after", "soon", "is not a number"), ("relay_retry", "0.5", "out of range: use 1 to 3600 seconds"),
+    ("relay_retry", "inf", "out of range"),
+])
+def test_relay_trigger_and_retry_out_of_bounds(option, value, word):
+    cfg, problems = check(edit(SITE_A, "\toption psk", f"\toption {option} '{value}'\n\toption psk") + RELAYS)
+    assert cfg is None
+    errs = [e for e in errors(problems) if f"orayboxvpn.base.{option}" in e]
+    assert errs and word in errs[0], errors(problems)
+
+
+def test_relay_trigger_warnings():
+    # shorter than hole punching takes: the pairs it would open get relayed
+    cfg, problems = check(edit(SITE_A, "\toption psk", "\toption relay_after '1.5'\n\toption psk") + RELAYS)
+    assert cfg is not None and cfg.base.relay_after == 1.5
+    assert any("orayboxvpn.base.relay_after" in w and "hole punching" in w for w in warnings(problems))
+    # without a relay to use, both say so
+    cfg, problems = check(edit(SITE_A, "\toption psk", "\toption relay_after '8'\n\toption relay_retry '20'\n"
+                                                         "\toption psk"))
+    assert cfg is not None
+    for opt in ("relay_after", "relay_retry"):
+        assert any(f"orayboxvpn.base.{opt}" in w and "no effect" in w for w in warnings(problems)), opt

@@ -123,3 +123,168 @@ def test_an_ipv6_uplink_asks_ipv6_servers_only():
     assert nat.sources == frozenset({("2001:db8::1", 3478)})
     with pytest.raises(ValueError):
         UplinkNat([], ("not-an-ip", 1), 0.0)
+
+
+# -- the punch glue: a NAT reboot must not wait for the dead verdict ------------------------
+
+class _Batch:
+    """The uplink's BatchSocket as uplinknat uses it: ``send(datagrams, dest)``
+    returns how many the socket refused (none here); records what went where."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, dgrams, dest):
+        self.sent += [(bytes(d), dest) for d in dgrams]
+        return 0
+
+
+def _punched_session(keepalive_idle: float):
+    """An established one-subflow session (simnet) seen as the agent's
+    DataSession: its plan, the peer's uplink with NAT candidates, our uplink
+    with STUN (first round answered: behind NAT)."""
+    from types import SimpleNamespace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.core.candidates import Candidate
+    from mpvpn.core.smpu import SessionConfig
+    from mpvpn.core.subflow import SubflowConfig
+    from mpvpn.tools.simnet import SimPair
+
+    pair = SimPair(1, config=SessionConfig(subflow=SubflowConfig(keepalive_idle=keepalive_idle)))
+    assert pair.handshake()
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, pair.now, resolve=no_dns)
+    serve(nat, pair.now, {S1: ("198.51.100.7", 7000), S2: ("198.51.100.7", 7000)})
+    up = SimpleNamespace(nat=nat, batch=_Batch(), relay=None)
+    peer_up = SimpleNamespace(name="mobile", addr="10.3.2.2", port=7000,
+                              candidates=(Candidate("host", "10.3.2.2", 7000),
+                                          Candidate("srflx", "203.0.113.20", 7000)))
+    ds = SimpleNamespace(sess=pair.a, peer=SimpleNamespace(name="b", uplinks=(peer_up,)),
+                         plan={1: SimpleNamespace(remote="mobile", type="mobile")},
+                         uplink_of={1: up}, punch={}, upgrade=set(), keepalives_seen={},
+                         stuck_since={}, punch_anyway={})
+    uplinknat.update_punch(ds, pair.now)
+    assert ds.punch[1].active and not ds.punch[1].rushing(pair.now)
+    return pair, ds, up, peer_up
+
+
+def test_new_peer_candidates_make_an_established_pair_punch_again_and_ask_stun():
+    from dataclasses import replace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.core.candidates import Candidate
+
+    pair, ds, up, peer_up = _punched_session(25.0)
+    pair.run(MIN_RECHECK_GAP + 0.5)
+    sub = pair.a.subflows[1]
+    assert sub.established
+    # the peer's NAT rebooted: its UPDATE brings a new srflx port
+    peer_up.candidates = (peer_up.candidates[0], replace(peer_up.candidates[1], port=40001))
+    assert isinstance(peer_up.candidates[1], Candidate)
+    now = pair.now
+    uplinknat.update_punch(ds, now)
+    p = ds.punch[1]
+    assert p.rushing(now) and ("203.0.113.20", 40001) in [t[:2] for t in p.targets]
+    assert {d for _, d in up.batch.sent} == {S1, S2}  # our own mapping may have moved too
+    # the rush's first probe is due at once and leaves for every target
+    assert uplinknat.punch_deadline(ds) == now
+    uplinknat.punch_timers(ds, now)
+    assert sub.punches == 1 and 1 in ds.upgrade and sub.established
+
+
+def test_a_long_keepalive_asks_stun_with_each_idle_keepalive_of_a_punched_pair():
+    from mpvpn.agent import uplinknat
+
+    for keepalive, expect in ((10.0, True), (0.75, False)):  # window 40 s vs 3 s
+        pair, ds, up, _ = _punched_session(keepalive)
+        sub = pair.a.subflows[1]
+        pair.run(MIN_RECHECK_GAP + 0.5)
+        uplinknat.punch_timers(ds, pair.now)  # learns the keepalive count
+        sent = sub.probes_sent
+        while sub.probes_sent == sent:
+            pair.run(0.05)
+        before = len(up.batch.sent)
+        uplinknat.punch_timers(ds, pair.now)
+        asked = {d for _, d in up.batch.sent[before:]}
+        assert (asked == {S1, S2}) is expect, keepalive
+        uplinknat.punch_timers(ds, pair.now)  # no new keepalive: no new round
+        assert len(up.batch.sent) == before + (2 if expect else 0)
+
+
+def test_a_pair_that_does_not_open_punches_anyway_and_its_responder_probes_the_peer():
+    """No base.stun here, no candidates from the peer: nothing says NAT.  A
+    responder behind such a NAT is not reachable at the address it
+    announced; after PUNCH_ANYWAY_AFTER its punch probes go to the peer's
+    uplink, whose subflow follows their source (our unknown public mapping)."""
+    from types import SimpleNamespace
+
+    from mpvpn.agent import uplinknat
+    from mpvpn.agent.uplinknat import PUNCH_ANYWAY_AFTER
+    from mpvpn.tools.simnet import SimPair
+
+    pair = SimPair(1)
+    pair.set(1, up=False)  # the initiator's CONNECTs do not arrive: nothing opens
+    pair.run(0.5)
+    peer_up = SimpleNamespace(name="mobile", addr="10.3.1.1", port=7000, candidates=())
+    spec = SimpleNamespace(remote="mobile", type="mobile", remote_addr="10.3.1.1", remote_port=7000)
+    ds = SimpleNamespace(sess=pair.b, peer=SimpleNamespace(name="a", uplinks=(peer_up,)), plan={1: spec},
+                         uplink_of={1: SimpleNamespace(nat=None, batch=None, relay=None)}, punch={},
+                         upgrade=set(), keepalives_seen={}, stuck_since={}, punch_anyway={})
+    sub = pair.b.subflows[1]
+    t0 = pair.now
+    uplinknat.update_punch(ds, t0)
+    assert ds.punch == {}  # nothing says NAT
+    assert uplinknat.punch_when_stuck(ds, t0) == t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_when_stuck(ds, t0 + 1.0) == t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_when_stuck(ds, t0 + PUNCH_ANYWAY_AFTER) is None
+    p = ds.punch[1]
+    assert ds.punch_anyway == {1: 0} and p.active and p.targets == (("10.3.1.1", 7000),)
+    now = t0 + PUNCH_ANYWAY_AFTER
+    assert uplinknat.punch_deadline(ds) == now
+    uplinknat.punch_timers(ds, now)
+    assert sub.punches == 1
+    # it never opened before punching: punched, wherever it opened
+    pair.set(1, up=True)
+    pair.run(2.0)
+    assert sub.established and uplinknat.link_path(ds, 1) == "punched"
+    assert uplinknat.punch_when_stuck(ds, pair.now) is None and ds.stuck_since == {}
+    # a pair that had opened directly, punched after an outage, and came back
+    # at the announced address is still direct; moved to a mapping: punched
+    ds.punch_anyway[1] = 1
+    sub.remote = ("10.3.1.1", 7000)
+    assert uplinknat.link_path(ds, 1) == "direct"
+    sub.remote = ("203.0.113.103", 7000)
+    assert uplinknat.link_path(ds, 1) == "punched"
+
+
+def test_server_names_are_looked_up_off_the_loop_and_the_first_round_waits_for_them():
+    from mpvpn.agent.uplinknat import LOOKUP_WAIT
+
+    asked = []
+    nat = UplinkNat([HostPort("stun.example.net", 3479), HostPort(*S2), HostPort("nope.invalid", 3478)],
+                    LOCAL, 100.0, lookup=lambda *a: asked.append(a))
+    assert [(h, p, f) for h, p, f, _ in asked] == [("stun.example.net", 3479, socket.AF_INET),
+                                                     ("nope.invalid", 3478, socket.AF_INET)]
+    assert nat.names.looking_up and nat.status()["looking_up"] and nat.take_outgoing() == []
+    assert nat.next_deadline() == 100.0 + LOOKUP_WAIT and not nat.recheck(101.0)
+    asked[1][3](socket.gaierror(-2, "Name or service not known"))
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (S1[0], 3479))])
+    assert not nat.names.looking_up and "cannot resolve STUN server nope.invalid:3478" in nat.names.problems[0]
+    assert nat.next_deadline() <= 101.0
+    nat.on_timer(101.0)  # the first round, to every server in the configured order
+    assert [d for _, d in nat.take_outgoing()] == [(S1[0], 3479), S2]
+    assert nat.sources == {(S1[0], 3479), S2}  # the demultiplexer knows the resolved server
+
+
+def test_a_hanging_server_lookup_delays_stun_by_lookup_wait_at_most():
+    from mpvpn.agent.uplinknat import LOOKUP_WAIT
+
+    asked = []
+    nat = UplinkNat([HostPort("stun.example.net", 3478), HostPort(*S2)], LOCAL, 0.0,
+                    lookup=lambda *a: asked.append(a))
+    nat.on_timer(LOOKUP_WAIT - 0.1)
+    assert nat.take_outgoing() == []
+    nat.on_timer(LOOKUP_WAIT)
+    assert [d for _, d in nat.take_outgoing()] == [S2]  # goes with what it has
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", S1)])  # too late: kept out
+    assert nat.sources == {S2}

@@ -169,3 +169,49 @@ def test_an_upgrade_flush_also_tries_the_direct_candidates_once():
     batch.sent.clear()
     send.flush(ds, {"send_errors": 0}, 1.1)
     assert batch.sent == [(turn.encode_channel_data(turn.CHANNEL_MIN, b"probe"), SRV)]
+
+
+def test_relay_names_are_looked_up_off_the_loop_and_keep_the_configured_order():
+    """With ``lookup`` (the agent's Resolver) the constructor only asks; the
+    list is made when the answers come (on the loop's thread), in the
+    configured order, and relaying waits for them (up to LOOKUP_WAIT)."""
+    from mpvpn.agent.uplinkrelay import LOOKUP_WAIT
+
+    asked = []
+
+    def lookup(host, port, family, done):
+        asked.append((host, port, family, done))
+
+    relays = [conf("turn.example.net", 3479), conf("2001:db8::7"), conf("nope.invalid"), conf("203.0.113.7")]
+    r = UplinkRelay(relays, LOCAL, lookup=lookup, now=100.0)
+    assert [(h, p, f) for h, p, f, _ in asked] == [("turn.example.net", 3479, socket.AF_INET),
+                                                     ("nope.invalid", 3478, socket.AF_INET)]
+    assert r.names.looking_up and r.status(100.0)["looking_up"]
+    assert r.sources == {("203.0.113.7", 3478)}  # numeric ones are there at once
+    assert r.start_deadline(104.0) == 100.0 + LOOKUP_WAIT and not r.want("down 4 s", 104.0)
+    asked[1][3](socket.gaierror(-2, "Name or service not known"))
+    assert r.names.looking_up and r.names.problems and "cannot resolve relay nope.invalid:3478" in r.names.problems[0]
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.9", 3479))])
+    assert not r.names.looking_up and r.start_deadline(104.0) == 104.0
+    assert [x["address"] for x in r.status(104.0)["relays"]] == ["192.0.2.9:3479", "203.0.113.7:3478"]
+    assert r.want("down 4 s", 104.0) and r.start_deadline(104.0) is None  # started: no deadline
+
+
+def test_a_hanging_lookup_delays_relaying_by_lookup_wait_at_most():
+    from mpvpn.agent.uplinkrelay import LOOKUP_WAIT
+
+    asked = []
+    r = UplinkRelay([conf("turn.example.net"), conf(*SRV)], LOCAL, lookup=lambda *a: asked.append(a), now=0.0)
+    assert not r.want("down", LOOKUP_WAIT - 0.1)
+    assert r.want("down", LOOKUP_WAIT)  # goes with what it has
+    asked[0][3]([(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.9", 3478))])  # too late: kept out
+    assert r.sources == {SRV} and r.started
+
+
+def test_no_resolvable_relay_means_no_deadline_for_the_loop():
+    """A subflow that stays down with nothing to relay through must not leave
+    the agent a deadline in the past (its loop would spin)."""
+    asked = []
+    r = UplinkRelay([conf("nope.invalid")], LOCAL, lookup=lambda *a: asked.append(a), now=0.0)
+    asked[0][3](socket.gaierror(-2, "Name or service not known"))
+    assert r.start_deadline(4.0) is None and not r.want("down", 50.0)

@@ -53,6 +53,7 @@ from mpvpn.core.subflow import State, SubflowConfig
 from mpvpn.io import ifaddr, instance, rpc, stampstore
 from mpvpn.io import ubus as ubusmod
 from mpvpn.io.hostio import HostIO
+from mpvpn.io.resolve import Resolver
 from mpvpn.io.udp import BatchSocket, UplinkUnavailable, sockaddr
 
 log = logging.getLogger("mpvpn")
@@ -149,6 +150,10 @@ class DataSession:
     upgrade_at: dict = field(default_factory=dict)  # relayed member -> next direct probe
     upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
     upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
+    keepalives_seen: dict = field(default_factory=dict)  # member -> probes_sent (uplinknat.punch_timers)
+    stuck_since: dict = field(default_factory=dict)  # member -> unestablished since (uplinknat.punch_when_stuck)
+    punch_anyway: dict = field(default_factory=dict)  # member that did not open directly -> its ups then
+    stuck_due: float | None = None  # when punch_when_stuck wants to look again
 
     @property
     def session_id(self) -> int:
@@ -193,6 +198,7 @@ class Agent:
         self.rpc: rpc.RpcServer | None = None
         self.ubus: ubusmod.UbusTransport | None = None
         self._posted: queue.SimpleQueue = queue.SimpleQueue()  # calls from other threads
+        self.resolver = Resolver(self.post)  # STUN and relay names looked up off the loop (io/resolve.py)
         self.uplinks: dict[str, UplinkIO] = {}
         self.sessions: dict[int, DataSession] = {}
         self.controls: list[ControlIO] = []
@@ -416,10 +422,13 @@ class Agent:
         self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
         if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
-            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now)
+            up.nat = uplinknat.UplinkNat(self.cfg.base.stun, (up.addr, up.cfg.port), now,
+                                         lookup=self.resolver.lookup)
             up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
-            up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
+            up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port),
+                                               lookup=self.resolver.lookup, now=now,
+                                               retry_after=self.cfg.base.relay_retry)
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
@@ -594,8 +603,11 @@ class Agent:
         for ds in self.sessions.values():
             if ds.punch:
                 ts.append(uplinknat.punch_deadline(ds))
-            for since in ds.down_since.values():
-                ts.append(since + uplinkrelay.RELAY_AFTER)
+            ts.append(ds.stuck_due)
+            for member, since in ds.down_since.items():
+                up = ds.uplink_of.get(member)
+                if up is not None and up.relay is not None:
+                    ts.append(up.relay.start_deadline(since + self.cfg.base.relay_after))
             ts.extend(ds.upgrade_at.values())
         ts = [t for t in ts if t is not None]
         return min(ts) if ts else None
@@ -613,6 +625,7 @@ class Agent:
             t = ds.sess.get_timer()
             if t is not None and t <= now:
                 self._deliver(ds.sess.handle_timer(now), ds)
+            ds.stuck_due = uplinknat.punch_when_stuck(ds, now)
             if ds.punch:
                 uplinknat.punch_timers(ds, now)
             self._session_events(ds)
@@ -700,7 +713,7 @@ class Agent:
     # ------------------------------------------------------------------ TURN relays
 
     def _relay_timers(self, now: float) -> None:
-        """Which uplinks relay (a subflow on it unestablished for RELAY_AFTER,
+        """Which uplinks relay (a subflow on it unestablished for base.relay_after,
         or the peer's uplink offers a relay candidate), their peers, timers
         and events; a new relayed address goes to the peers (UPDATE)."""
         if not self.cfg.relays:
@@ -718,9 +731,9 @@ class Agent:
                     ds.down_since.pop(member, None)
                 else:
                     since = ds.down_since.setdefault(member, now)
-                    if now - since >= uplinkrelay.RELAY_AFTER and up.relay.want(
-                            f"subflow {member} ({spec.type}) did not open in "
-                            f"{uplinkrelay.RELAY_AFTER:g} s", now):
+                    after = self.cfg.base.relay_after
+                    if now - since >= after and up.relay.want(
+                            f"subflow {member} ({spec.type}) did not open in {after:g} s", now):
                         log.info("uplink %s: subflow %d (%s) did not open directly; using a relay",
                                  up.name, member, spec.type)
                 if uplinkrelay.has_relay_candidate(pu) and up.relay.want(
@@ -1369,7 +1382,7 @@ class Agent:
             log.error(self.last_error)
             return
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
-                "hub_forward", "nat_keepalive")
+                "hub_forward", "nat_keepalive", "relay_after")
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks
                      and new.relays == self.cfg.relays)  # (the uplinks' relay paths are made at start)

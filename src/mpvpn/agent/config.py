@@ -48,6 +48,7 @@ PACKAGE = "orayboxvpn"
 DEFAULT_PORT = 7000
 STUN_PORT = 3478  # RFC 8489 18.2
 MAX_STUN = 4  # servers a BindingClient asks at once (mpvpn.core.stun)
+RELAY_AFTER_PUNCH = 2.0  # below this base.relay_after relays pairs punching would open (docs/nat.md)
 PSK_BYTES = 32
 TURN_PORT = 3478  # RFC 8656 default
 MAX_RELAYS = 8
@@ -189,7 +190,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
         ),
         "dead_after": Option(
             "count", "3",
-            "A subflow is dead after this many consecutive unanswered keepalives (1 to 100).",
+            "A subflow is dead after this many consecutive unanswered keepalives on a clean path "
+            "(1 to 100); on a lossy or not yet measured one more, sent faster to the same window "
+            "(docs/protocol.md \"Liveness\").",
         ),
         "target_loss": Option(
             "fraction", "0.001",
@@ -249,6 +252,18 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "seconds", "25",
             "Longest idle keepalive interval of a subflow, so that NAT mappings on the way stay "
             "open (below the common 30 s UDP timeout of NATs; 1 to 300). Caps `keepalive_idle`.",
+        ),
+        "relay_after": Option(
+            "seconds", "4",
+            "With `config relay` sections: how long a subflow may stay unestablished (its direct "
+            "open and hole punching failed) before its uplink asks a relay (1 to 600). Shorter "
+            "than ~2 s relays pairs that punching would still have opened.",
+        ),
+        "relay_retry": Option(
+            "seconds", "10",
+            "With `config relay` sections: a relay that failed (no answer, an error) is skipped "
+            "for this long before it is tried again; when every relay failed, the uplink tries "
+            "again after this long (1 to 3600).",
         ),
     },
     "vnc": {
@@ -353,7 +368,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "Required. A TURN relay (RFC 8656 over UDP, e.g. coturn) that carries a subflow whose "
             "direct and punched paths both fail (endpoint-dependent NAT on both ends). Several "
             "`config relay` sections are tried in order; one that fails is skipped for the next "
-            "for 10 s. Configure relays on both sites. The relay sees only ciphertext.",
+            "for `base.relay_retry` (10 s). Configure relays on both sites. The relay sees only "
+            "ciphertext.",
         ),
         "username": Option("credential", None, "Required. The relay's long-term credential: user name."),
         "password": Option(
@@ -465,6 +481,8 @@ class Base:
     name: str | None = None  # None: <hostname>-<vNIC address>
     stun: tuple[HostPort, ...] = ()
     nat_keepalive: float = 25.0
+    relay_after: float = 4.0
+    relay_retry: float = 10.0
 
     @property
     def port(self) -> int:
@@ -961,6 +979,13 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["stun"] = tuple(stun)
     b["nat_keepalive"] = sec.parsed(
         "nat_keepalive", lambda s: _parse_float(s, 1, 300, "seconds"), _default("nat_keepalive", float))
+    b["relay_after"] = sec.parsed(
+        "relay_after", lambda s: _parse_float(s, 1, 600, "seconds"), _default("relay_after", float))
+    if sec.has("relay_after") and b["relay_after"] < RELAY_AFTER_PUNCH:
+        chk.warn(sec.path("relay_after"), f"{b['relay_after']:g} s: hole punching often needs "
+                 f"{RELAY_AFTER_PUNCH:g} s or more, so pairs it would open go through a relay")
+    b["relay_retry"] = sec.parsed(
+        "relay_retry", lambda s: _parse_float(s, 1, 3600, "seconds"), _default("relay_retry", float))
 
     # extra LAN subnets
     extra: list[IPNetwork] = []
@@ -1403,6 +1428,10 @@ def validate(
     policies = _check_policies(chk, pkg, uplinks)
     sites = _check_sites(chk, pkg, b, vnc)
     relays = _check_relays(chk, pkg)
+    if b and not relays:
+        for opt in ("relay_after", "relay_retry"):
+            if b["_sec"].has(opt):
+                chk.warn(b["_sec"].path(opt), "has no effect without a `config relay` section")
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
 
     # cross-checks
@@ -1481,6 +1510,8 @@ def validate(
         name=b["name"],
         stun=b["stun"],
         nat_keepalive=b["nat_keepalive"],
+        relay_after=b["relay_after"],
+        relay_retry=b["relay_retry"],
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,

@@ -18,62 +18,98 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 
 from mpvpn.core import candidates, stun
 from mpvpn.core.candidates import Punch
+from mpvpn.io.resolve import NameList
 from mpvpn.io.udp import sockaddr
 
 log = logging.getLogger("mpvpn")
 
 RECHECK_INTERVAL = 300.0  # seconds between STUN rounds (also on SIGHUP, hotplug, a punched link down)
 MIN_RECHECK_GAP = 2.0  # a subflow going down asks again, at most this often per uplink
+# A NAT reboot (new public port) must not wait for the dead verdict,
+# (dead_after + 1) idle keepalives: where that is longer than this, an uplink
+# with an established punched pair asks STUN again with each of its idle
+# keepalives (at most every MIN_RECHECK_GAP), and new peer candidates make
+# an established pair punch again (Punch.rush) for REPUNCH_SPAN seconds.
+RECOVER_WITHIN = 3.0
+REPUNCH_SPAN = 5.0
+# A pair that nothing shows to be behind NAT (no candidates from the peer, no
+# base.stun here) but that did not open in this long punches anyway: a side
+# behind NAT without STUN cannot be reached at the address it announces, but
+# its punch probes reach the other end, which follows their source.
+PUNCH_ANYWAY_AFTER = 2.0
+
+
+LOOKUP_WAIT = 10.0  # STUN waits this long for server names being looked up, then asks the others
+
+
+def _servers(servers, family: int, **kw) -> NameList:
+    return NameList(servers, family, address=lambda hp: hp, make=lambda hp, ip, port: (ip, port),
+                    what="STUN server", **kw)
+
+
+def _unique(addrs) -> list:
+    seen, uniq = set(), []
+    for a in addrs:
+        if a not in seen:
+            seen.add(a)
+            uniq.append(a)
+    return uniq
 
 
 def resolve_servers(servers, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
     """``base.stun`` (HostPort list) as (ip, port) of ``family`` (4 or 6),
-    and the problems (one line each) for the names that gave none."""
-    out, problems = [], []
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    for hp in servers:
-        ip = hp.ip
-        if ip is not None:
-            if ip.version == family:
-                out.append((str(ip), hp.port))
-            continue
-        try:
-            infos = resolve(hp.host, hp.port, fam, socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as e:
-            problems.append(f"cannot resolve STUN server {hp}: {e}")
-            continue
-        for info in infos[:1]:
-            out.append((info[4][0], info[4][1]))
-    seen, uniq = set(), []
-    for a in out:
-        if a not in seen:
-            seen.add(a)
-            uniq.append(a)
-    return uniq, problems
+    and the problems (one line each) for the names that gave none
+    (blocking: for tests and tools; the agent passes UplinkNat a ``lookup``)."""
+    names = _servers(servers, family, resolve=resolve)
+    return _unique(names.values()), names.problems
 
 
 class UplinkNat:
     """Discovery (STUN) on one uplink's socket: public mapping and NAT kind."""
 
     def __init__(self, servers, local: tuple[str, int], now: float, *,
-                 resolve=socket.getaddrinfo, recheck_interval: float = RECHECK_INTERVAL):
+                 resolve=socket.getaddrinfo, lookup=None, recheck_interval: float = RECHECK_INTERVAL):
+        """``lookup(host, port, family, done)`` (mpvpn.io.resolve.Resolver):
+        server names are looked up off the loop and the first round starts
+        when the answers are in (at most LOOKUP_WAIT later); without it,
+        ``resolve`` (getaddrinfo) answers at once."""
         self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
         family = ipaddress.ip_address(self.local[0]).version
-        resolved, self.problems = resolve_servers(servers, family, resolve)
-        for p in self.problems:
-            log.warning("%s", p)
-        self.client = stun.BindingClient(resolved, self.local, recheck_interval=recheck_interval)
-        self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
+        self._recheck_interval = recheck_interval
+        self._start_due: float | None = None  # a (new) client's first round, when due
+        self.names = _servers(servers, family, lookup=lookup, resolve=resolve, on_answer=self._looked_up)
+        self._make_client()
         self.not_stun = 0  # datagrams from a STUN server that are not STUN (to SMPU)
         self.changes = 0  # times the public mapping changed after the first one
         self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
-        self.client.start(now)
+        if self.names.looking_up:
+            self._start_due = now + LOOKUP_WAIT  # or when the answers come
+        else:
+            self.client.start(now)
+
+    # -- server names ----------------------------------------------------------------
+
+    def _looked_up(self) -> None:
+        """A name lookup's answer (on the agent's thread): when it was the
+        last one, a client with every server asks at the next timer."""
+        if self._start_due is None:  # LOOKUP_WAIT passed: asking the others already
+            log.info("a STUN server name resolved late; used after a restart")
+            return
+        if not self.names.looking_up:
+            self._make_client()
+            self._start_due = -math.inf  # due at once
+
+    def _make_client(self) -> None:
+        servers = _unique(self.names.values())
+        self.client = stun.BindingClient(servers, self.local, recheck_interval=self._recheck_interval)
+        self.sources = frozenset(self.client.servers)  # the demultiplexer's first test
 
     # -- the receive path's demultiplexer --------------------------------------------
 
@@ -92,9 +128,18 @@ class UplinkNat:
     # -- timers ------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        if self._start_due is not None:
+            return self._start_due
         return self.client.next_deadline()
 
     def on_timer(self, now: float) -> None:
+        if self._start_due is not None:
+            if now < self._start_due:
+                return
+            self._start_due = None
+            self._last_recheck = now
+            self.client.start(now)
+            return
         self.client.on_timer(now)
 
     def take_outgoing(self) -> list:
@@ -111,6 +156,8 @@ class UplinkNat:
         """Start a STUN round now (SIGHUP, hotplug); ``force=False`` (a
         punched subflow went down) at most every MIN_RECHECK_GAP seconds
         and not while a round runs.  Returns whether a round started."""
+        if self._start_due is not None:
+            return False  # the first round waits for the server names
         if not force and (self.client.busy or now - self._last_recheck < MIN_RECHECK_GAP):
             return False
         self._last_recheck = now
@@ -159,7 +206,8 @@ class UplinkNat:
 
     def status(self) -> dict:
         return dict(self.client.status(), not_stun=self.not_stun, changes=self.changes,
-                    send_errors=self.send_errors, problems=list(self.problems))
+                    send_errors=self.send_errors, looking_up=self.names.looking_up,
+                    problems=list(self.names.problems))
 
 
 # -- what the agent calls -------------------------------------------------------------------
@@ -231,16 +279,57 @@ def update_punch(ds, now: float) -> None:
             continue
         up = ds.uplink_of.get(member)
         nat = up.nat if up is not None else None
-        active = bool(pu.candidates) or (nat is not None and nat.behind_nat)
+        active = bool(pu.candidates) or (nat is not None and nat.behind_nat) or member in ds.punch_anyway
         p = ds.punch.get(member)
         if p is None:
             if not active:
                 continue
             p = ds.punch[member] = Punch(ds.sess.initiator, backoff, backoff_max)
+        before = p.targets
         targets = [sockaddr(a, port) for a, port in punch_targets(pu)]
         if p.update(targets, active, now) and active:
             log.info("%s: subflow %d (%s) punches towards %s", ds.peer.name, member, spec.type,
                      ", ".join(f"{t[0]}:{t[1]}" for t in p.targets))
+            sub = ds.sess.subflows.get(member)
+            if before and p.targets != before and sub is not None and sub.established:
+                _peer_moved(ds, member, p, up, now)
+
+
+def _peer_moved(ds, member: int, p: Punch, up, now: float) -> None:
+    """The peer announced new candidates for an established punched pair
+    (its NAT rebooted?): punch again at once from both ends (the peer does
+    when our answer or our own new mapping reaches it), and ask STUN whether
+    our mapping moved too (the same event may have hit both ends)."""
+    p.rush(now, REPUNCH_SPAN)
+    if up is not None and up.nat is not None and up.batch is not None \
+            and up.nat.recheck(now, force=False):
+        up.nat.send(up.batch)
+
+
+def punch_when_stuck(ds, now: float) -> float | None:
+    """Pairs that did not open within PUNCH_ANYWAY_AFTER although nothing
+    says NAT is involved punch from then on (``ds.punch_anyway``): the
+    responder's punch probes go to the peer's uplink, whose subflow follows
+    their source -- our public mapping, unknown to us without base.stun --
+    and its next CONNECT passes our NAT.  Returns the next time to look."""
+    due = None
+    stuck = ds.stuck_since
+    for member in ds.plan:
+        sub = ds.sess.subflows.get(member)
+        if sub is None or sub.established:
+            stuck.pop(member, None)
+            continue
+        if member in ds.punch_anyway:
+            continue
+        since = stuck.setdefault(member, now)
+        if now - since >= PUNCH_ANYWAY_AFTER:
+            ds.punch_anyway[member] = sub.ups  # opened before? (link_path)
+            log.info("%s: subflow %d did not open in %g s; punching anyway (a NAT without "
+                     "base.stun on either end?)", ds.peer.name, member, PUNCH_ANYWAY_AFTER)
+            update_punch(ds, now)
+        elif due is None or since + PUNCH_ANYWAY_AFTER < due:
+            due = since + PUNCH_ANYWAY_AFTER
+    return due
 
 
 def punch_deadline(ds) -> float | None:
@@ -257,14 +346,40 @@ def punch_deadline(ds) -> float | None:
 
 
 def punch_timers(ds, now: float) -> None:
-    """Send the responder punch probes due now (they leave with the next flush)."""
+    """Send the punch probes due now (they leave with the next flush: a
+    rushing established pair's to every target, through ``ds.upgrade``), and
+    on uplinks where a NAT reboot would otherwise wait for a slow dead
+    verdict, ask STUN again with each idle keepalive of a punched pair."""
     for member, p in ds.punch.items():
         sub = ds.sess.subflows.get(member)
-        if sub is not None and p.due(now, sub.established):
+        if sub is None:
+            continue
+        established = sub.established
+        if p.due(now, established):
             ds.sess.punch(member, now)
+            if established:
+                ds.upgrade.add(member)  # this flush also goes to every target
+        if established and p.active:
+            seen = ds.keepalives_seen.get(member)
+            ds.keepalives_seen[member] = sub.probes_sent
+            interval, need = sub.probe_plan(now)
+            if seen is not None and sub.probes_sent != seen and interval * (need + 1) > RECOVER_WITHIN:
+                up = ds.uplink_of.get(member)
+                if up is not None and up.nat is not None and up.batch is not None \
+                        and up.nat.recheck(now, force=False):
+                    up.nat.send(up.batch)
 
 
 def link_path(ds, member: int) -> str:
-    """``links[].path``: ``punched`` when the pair punches through NAT, else ``direct``."""
+    """``links[].path``: ``punched`` when the pair punches through NAT, else
+    ``direct`` -- also for a pair that had opened directly and punched
+    anyway after an outage, but came back at the address the peer announced."""
     p = ds.punch.get(member)
-    return "punched" if p is not None and p.active else "direct"
+    if p is None or not p.active:
+        return "direct"
+    ups_before = ds.punch_anyway.get(member)
+    if ups_before:
+        sub, spec = ds.sess.subflows.get(member), ds.plan.get(member)
+        if sub is not None and spec is not None and sub.remote == sockaddr(spec.remote_addr, spec.remote_port):
+            return "direct"
+    return "punched"

@@ -10,7 +10,7 @@ destination is a peer reachable through the relay (:meth:`carries`).
 How a pair ends up relayed (both sides run the same rules):
 
 * an uplink starts its relay when a subflow on it has not been established
-  for :data:`RELAY_AFTER` seconds (the direct open and the punching failed),
+  for ``base.relay_after`` seconds (default 4; the direct open and the punching failed),
   or when the peer's uplink announces a ``relay`` candidate;
 * its relayed address goes to the peer as a ``relay`` candidate (UPDATE),
   and the peer uplink's candidates (relay first, then srflx, host, its
@@ -37,63 +37,93 @@ import socket
 from mpvpn.core import candidates, turn
 from mpvpn.core.relaypath import NoRelay, PeerReady, Received, RelayLost, RelayPath, RelayUp
 from mpvpn.core.stun import format_addr
+from mpvpn.io.resolve import NameList
 
 log = logging.getLogger("mpvpn")
 
-RELAY_AFTER = 4.0     # seconds a subflow stays unestablished before its uplink relays
-RELAY_RETRY = 10.0    # a failed relay is tried again after this long
+RELAY_RETRY = 10.0    # a failed relay is tried again after this long (base.relay_retry's default)
+LOOKUP_WAIT = 10.0    # a relay that is needed waits this long for its names' lookups, then goes without
 UPGRADE_INTERVAL = 15.0  # while relayed: a probe to the peer's direct candidates this often
+
+
+def _relays(relays, family: int, **kw) -> NameList:
+    return NameList(relays, family, address=lambda r: r.address,
+                    make=lambda r, ip, port: turn.Relay((ip, port), r.username, r.password),
+                    what="relay", **kw)
 
 
 def resolve_relays(relays, family: int, resolve=socket.getaddrinfo) -> tuple[list, list]:
     """``config relay`` (RelayConf list) as turn.Relay of ``family`` (4 or 6),
-    in order, and the problems (one line each) for names that gave none."""
-    out, problems = [], []
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    for r in relays:
-        ip = r.address.ip
-        if ip is not None:
-            if ip.version == family:
-                out.append(turn.Relay((str(ip), r.address.port), r.username, r.password))
-            continue
-        try:
-            infos = resolve(r.address.host, r.address.port, fam, socket.SOCK_DGRAM)
-        except (OSError, UnicodeError) as e:
-            problems.append(f"cannot resolve relay {r.address}: {e}")
-            continue
-        if infos:
-            a = infos[0][4]
-            out.append(turn.Relay((str(ipaddress.ip_address(a[0])), a[1]), r.username, r.password))
-    return out, problems
+    in order, and the problems (one line each) for names that gave none
+    (blocking: for tools and tests; the agent looks names up through
+    :class:`UplinkRelay`'s ``lookup``)."""
+    names = _relays(relays, family, resolve=resolve)
+    return names.values(), names.problems
 
 
 class UplinkRelay:
     """One uplink's relay use (see the module docstring)."""
 
     def __init__(self, relays, local: tuple[str, int], *, resolve=socket.getaddrinfo,
-                 retry_after: float = RELAY_RETRY, path_factory=RelayPath):
+                 lookup=None, now: float = 0.0, retry_after: float = RELAY_RETRY,
+                 path_factory=RelayPath):
+        """``lookup(host, port, family, done)`` (mpvpn.io.resolve.Resolver):
+        relay names are looked up off the loop and the relay list is made
+        when the answers are in (:meth:`want` waits up to LOOKUP_WAIT for
+        them); without it, ``resolve`` (getaddrinfo) answers at once."""
         self.local = (str(ipaddress.ip_address(local[0])), int(local[1]))
         family = ipaddress.ip_address(self.local[0]).version
-        resolved, self.problems = resolve_relays(relays, family, resolve)
-        for p in self.problems:
-            log.warning("%s", p)
-        self.path = path_factory(turn.RelayList(resolved, retry_after=retry_after))
-        self.sources = frozenset(r.address for r in resolved)  # the demultiplexer's test
+        self._retry_after = retry_after
+        self._path_factory = path_factory
+        self._since = now
         self.started = False
+        self.names = _relays(relays, family, lookup=lookup, resolve=resolve, on_answer=self._looked_up)
+        self._make_path()
         self.why: str | None = None   # why it relays (status, logs)
         self._peers: tuple = ()
         self.events: list = []        # RelayUp / RelayLost / NoRelay / PeerReady for the agent
 
+    # -- names ----------------------------------------------------------------------
+
+    def _looked_up(self) -> None:
+        """A name lookup's answer came (on the agent's thread)."""
+        if self.started:  # went without it (LOOKUP_WAIT): kept for the status only
+            log.info("a relay name resolved after relaying had started; used after a restart")
+            return
+        self._make_path()
+
+    def _make_path(self) -> None:
+        resolved = self.names.values()
+        self.path = self._path_factory(turn.RelayList(resolved, retry_after=self._retry_after))
+        self.sources = frozenset(r.address for r in resolved)  # the demultiplexer's test
+
     # -- when ----------------------------------------------------------------------
 
     def want(self, why: str, now: float) -> bool:
-        """Start relaying (once); returns whether this call started it."""
-        if self.started or not self.sources:
+        """Start relaying (once); returns whether this call started it.  While
+        relay names are being looked up it waits (up to LOOKUP_WAIT from the
+        start) so that the configured order holds."""
+        if self.started:
+            return False
+        if self.names.looking_up and now - self._since < LOOKUP_WAIT:
+            return False
+        if not self.sources:
             return False
         self.started, self.why = True, why
         self.path.start(now)
         self._collect()
         return True
+
+    def start_deadline(self, due: float) -> float | None:
+        """When :meth:`want` may next start relaying, for a subflow down
+        until ``due`` (its trigger): None once started or when it never can
+        (no relay resolved, no lookup pending) -- a deadline left in the
+        past would make the agent's loop spin."""
+        if self.started:
+            return None
+        if self.names.looking_up:
+            return max(due, self._since + LOOKUP_WAIT)  # an answer wakes the loop sooner
+        return due if self.sources else None
 
     def suspect(self, reason: str, now: float) -> None:
         """A relayed subflow went down: check the relay (RelayPath.suspect)."""
@@ -184,7 +214,7 @@ class UplinkRelay:
 
     def status(self, now: float) -> dict:
         return dict(self.path.status(now), started=self.started, why=self.why,
-                    problems=list(self.problems))
+                    looking_up=self.names.looking_up, problems=list(self.names.problems))
 
 
 def describe(ev) -> str:

@@ -21,6 +21,14 @@ CONNECT, sends punch probes paced with a doubling backoff
 (``backoff`` .. ``backoff_max``), from the start again when the targets
 change or the subflow goes down.
 
+An established pair whose peer announces new candidates (a NAT on its end
+rebooted and STUN saw a new mapping) :meth:`Punch.rush` es: for a few
+seconds both ends, initiator too, send punch probes to every target
+although established, so the NATs open towards the new mappings and the
+subflow moves there (SMPU follows the source of authenticated datagrams)
+without waiting for a dead verdict, which takes (dead_after + 1) idle
+keepalives -- 100 s with a 25 s ``nat_keepalive``.
+
 Sans-I/O: addresses are opaque tuples chosen by the caller (the agent
 passes socket addresses); no sockets, no clock.
 """
@@ -100,8 +108,10 @@ class Punch:
         self.targets: tuple = ()  # where to send while not established, in order
         self._next: float | None = None  # responder: next punch probe
         self._interval = backoff
-        self.probes = 0  # punch probes sent (responder)
+        self.probes = 0  # punch probes sent (responder; either role while rushing)
         self.rounds = 0  # times punching (re)started: plan change or subflow down
+        self.rushes = 0  # times an established pair punched again (new peer candidates)
+        self._rush_until: float | None = None  # established: punch probes until then
 
     def update(self, targets, active: bool, now: float) -> bool:
         """New candidates of the peer's uplink (``targets``: its host
@@ -127,6 +137,21 @@ class Punch:
         if self.active:
             self.rounds += 1
 
+    def rush(self, now: float, span: float) -> None:
+        """The peer's candidates changed while established: punch probes (from
+        either role) go out for ``span`` seconds from the fastest pace, to
+        every target (:meth:`rushing`), although the subflow is established."""
+        if not self.active or span <= 0:
+            return
+        self.rushes += 1
+        self._rush_until = now + span
+        self._interval = self.backoff
+        self._next = now
+
+    def rushing(self, now: float) -> bool:
+        """Is an established pair punching again (see :meth:`rush`)?"""
+        return self._rush_until is not None and now < self._rush_until
+
     def destinations(self, remote, established: bool) -> tuple:
         """Where a datagram of the subflow goes: ``remote`` only once
         established (or when not punching), else ``remote`` and every target."""
@@ -137,13 +162,19 @@ class Punch:
         return (remote,) + self.targets
 
     def next_deadline(self, established: bool) -> float | None:
-        """When :meth:`due` wants to run (responder, not established)."""
-        return None if established else self._next
+        """When :meth:`due` wants to run (responder, not established; either
+        role while rushing)."""
+        if established:
+            ru = self._rush_until
+            return self._next if ru is not None and self._next is not None and self._next < ru else None
+        return self._next
 
     def due(self, now: float, established: bool) -> bool:
         """Is a punch probe due now?  (Then the caller sends one and it is
         counted; the next one comes after the doubled interval.)"""
-        if established or self._next is None or now < self._next:
+        if self._next is None or now < self._next:
+            return False
+        if established and not self.rushing(now):
             return False
         self.probes += 1
         self._next = now + self._interval

@@ -114,6 +114,42 @@ class LossEstimator:
         return None if v is None else int(round(v * 1_000_000))
 
 
+class ProbeFailure:
+    """How often one of our probes goes unanswered (the round trip of a probe
+    and its answer fails): the number dead detection sizes its count of
+    missed probes with.  Sans-I/O; fed one outcome per probe.
+
+    Counted over the last ``window`` probes (exponentially weighted by count,
+    not by time, so that an idle link keeps its evidence).  :attr:`rate` is
+    the mean of a Beta posterior with ``PRIOR_FAIL`` failed and ``PRIOR_OK``
+    answered pseudo probes: a third -- about a round trip at 20 % loss each
+    way (36 %) -- weighing a sixth of a probe, so a link nothing has been
+    learnt about counts as lossy until its first probes came back (below
+    1 % after 5 answered), and a lossy link's own probes say how lossy.
+    """
+
+    __slots__ = ("window", "n", "failed", "rate")
+
+    PRIOR_FAIL = 0.05
+    PRIOR_OK = 0.1
+
+    def __init__(self, window: int = 200):
+        if window < 1:
+            raise ValueError("need window >= 1")
+        self.window = window
+        self.n = 0.0  # weighted probes observed
+        self.failed = 0.0  # of which unanswered
+        self.rate = self.PRIOR_FAIL / (self.PRIOR_FAIL + self.PRIOR_OK)
+
+    def observe(self, answered: bool) -> None:
+        """One probe's outcome is known: answered, or given up (a later probe
+        was answered first, or the subflow went dead)."""
+        keep = 1.0 - 1.0 / self.window
+        self.n = self.n * keep + 1.0
+        self.failed = self.failed * keep + (0.0 if answered else 1.0)
+        self.rate = (self.failed + self.PRIOR_FAIL) / (self.n + self.PRIOR_FAIL + self.PRIOR_OK)
+
+
 class LinkMeter:
     """Sender-side model of one subflow's bottleneck: delivery rate and backlog.
 

@@ -271,7 +271,7 @@ class _View:
             if unanswered >= 2:  # else below any threshold (need >= 2): skip the work
                 fast = cfg.keepalive_active
                 rto = rtt.timeout() or 0.2
-                need = sub.probe_plan(now)[1] - 1  # lossy paths need more unanswered probes
+                need = sub.measured_need() - 1  # lossy paths need more unanswered probes
                 # ... and long ones have several in flight normally
                 need = max(2, need, int(rto / fast) + 2)
                 self.suspect = unanswered >= need and silent > rto + fast

@@ -14,11 +14,12 @@ control datagrams through the session's ``_emit`` callable.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
 from mpvpn.core import wire
-from mpvpn.core.linkstats import LossEstimator, RttEstimator
+from mpvpn.core.linkstats import LossEstimator, ProbeFailure, RttEstimator
 from mpvpn.core.wire import Op
 
 
@@ -87,10 +88,11 @@ class SubflowConfig:
     keepalive_idle: float = 0.75  # probe interval with no user data flowing
     keepalive_active: float = 0.1  # probe interval while user data flows
     dead_after: int = 3  # consecutive unanswered probes that make a subflow dead
-    # On a lossy path a few lost probes prove nothing: probes are then sent
-    # faster and more must go unanswered, keeping the detection time
-    # ((dead_after + 1) * interval) while holding the chance that a live
-    # subflow is declared dead to about probe_false_dead per probe.
+    # On a lossy (or not yet measured) path a few lost probes prove nothing:
+    # probes are then sent faster and more must go unanswered, keeping the
+    # detection time ((dead_after + 1) * interval) while holding the chance
+    # that a live subflow is declared dead to about probe_false_dead per
+    # probe interval (see probe_plan).
     probe_false_dead: float = 1e-6
     max_probes: int = 30
     connect_backoff: float = 0.2  # first CONNECT retry; doubles each time
@@ -148,8 +150,13 @@ class Subflow:
         self._retries = 0
         self._next_probe: float | None = None
         self._last_probe_tx = 0.0
-        self.probes_unanswered = 0  # probes sent since the last KEEPALIVE-ACK
-        self.last_answer: float | None = None  # last KEEPALIVE-ACK / handshake answer
+        # our KEEPALIVEs (their timestamps) that no answer from the peer has
+        # covered yet: the unanswered probes dead detection counts
+        self._outstanding: deque[int] = deque()
+        self._proven = 0  # newest timestamp of ours the peer echoed
+        self.probe_fail = ProbeFailure()  # how often a probe round trip fails
+        self.probes_sent = 0  # KEEPALIVEs sent while established (probe intervals)
+        self.last_answer: float | None = None  # last echo of ours / handshake answer
         self._close_reason = int(wire.CloseReason.NORMAL)
         self.data_tx_at = -1.0  # last time user data went out on this subflow
         # echo state for probes
@@ -193,7 +200,8 @@ class Subflow:
             if new is S.ESTABLISHED:
                 self.ups += 1
                 self.established_at = now
-                self.probes_unanswered = 0
+                self._outstanding.clear()
+                self._proven = 0
                 self.last_answer = now
                 self._last_probe_tx = now
                 self._next_probe = now + self._probe_interval(now)
@@ -354,13 +362,34 @@ class Subflow:
             self.loss_out_ppm = loss_ppm
         if echo:
             self._rtt_from_echo(echo, echo_delay, now)
+            self._on_echo(echo, now)
         if opcode == Op.KEEPALIVE:
             self._send_probe(Op.KEEPALIVE_ACK, now)
-        else:
-            # Only an answer to our own probe proves the path works both ways:
-            # a peer that still hears us but cannot reach us must go dead.
-            self.probes_unanswered = 0
-            self.last_answer = now
+
+    @property
+    def probes_unanswered(self) -> int:
+        """Our probes sent after the newest one the peer is known to have heard."""
+        return len(self._outstanding)
+
+    def _on_echo(self, echo: int, now: float) -> None:
+        """A probe from the peer (its answer to ours, or its own keepalive)
+        echoes the newest timestamp of ours it had heard: proof that our
+        direction worked then.  Only such an echo proves the path both ways
+        (the peer's DATA proves just its own direction: a peer that still
+        reaches us but cannot hear us must go dead).  Probes of ours older
+        than the echo and not echoed themselves failed their round trip."""
+        if echo <= self._proven or echo > _ts(now):
+            return  # stale (reordered) or impossible: no new evidence
+        self._proven = echo
+        self.last_answer = now
+        out = self._outstanding
+        fail = self.probe_fail
+        while out and out[0] < echo:
+            out.popleft()
+            fail.observe(False)
+        if out and out[0] == echo:
+            out.popleft()
+            fail.observe(True)
 
     def _rtt_from_echo(self, echo_ts: int, delay_us: int, now: float,
                        provisional: bool = False) -> None:
@@ -399,22 +428,43 @@ class Subflow:
     def probe_plan(self, now: float) -> tuple[float, int]:
         """(probe interval, unanswered probes that mean dead) for this moment.
 
-        Clean path: the configured interval and ``dead_after``.  Lossy path:
-        a probe round trip fails with p = 1 - (1 - loss_out)(1 - loss_in);
-        require n probes with p**n <= probe_false_dead and send them n+1 to
-        a detection window, so the window stays the same.
+        A probe round trip fails with probability p, taken as the larger of
+        1 - (1 - loss_in)(1 - loss_out) (the loss estimators: quick to follow
+        a change while data flows) and the share of our last ~200 probes
+        that went unanswered (:class:`~mpvpn.core.linkstats.ProbeFailure`:
+        counted by probe, so an idle link keeps its evidence, and with a
+        prior, so a fresh link counts as lossy until its first probes come
+        back: that start is when a fixed 3-probe rule flapped).  Require n
+        probes with p**n <= probe_false_dead (at least ``dead_after``, at
+        most ``max_probes``) and send n+1 of them to a detection window, so
+        the window ((dead_after + 1) x the configured interval) stays the
+        same.
+        A clean, well-probed path: the configured interval and ``dead_after``.
         """
         c = self.config
         base = c.keepalive_active if now - self.data_tx_at < c.keepalive_idle else c.keepalive_idle
-        n = c.dead_after
+        n = self._need(max(self._measured_fail(), self.probe_fail.rate))
+        return base * (c.dead_after + 1) / (n + 1), n
+
+    def measured_need(self) -> int:
+        """Unanswered probes that are unusual at the *measured* loss alone
+        (point estimates, no allowance for few samples): what a scheduler's
+        suspicion -- quick, and cheap when wrong -- compares against."""
+        return self._need(self._measured_fail())
+
+    def _measured_fail(self) -> float:
         lin = self.loss_in.loss or 0.0
         lout = self.loss_out_ppm / 1_000_000 if self.loss_out_ppm else 0.0
-        pf = min(0.9, 1.0 - (1.0 - lin) * (1.0 - lout))
+        return 1.0 - (1.0 - lin) * (1.0 - lout)
+
+    def _need(self, pf: float) -> int:
+        c = self.config
+        pf = min(0.9, pf)
         if pf > 0.0:
             need = math.ceil(math.log(c.probe_false_dead) / math.log(pf))
-            if need > n:
-                n = min(c.max_probes, need)
-        return base * (c.dead_after + 1) / (n + 1), n
+            if need > c.dead_after:
+                return min(c.max_probes, need)
+        return c.dead_after
 
     def _probe_interval(self, now: float) -> float:
         return self.probe_plan(now)[0]
@@ -463,7 +513,12 @@ class Subflow:
                     self._go_dead(now)
                     return
             self._send_probe(Op.KEEPALIVE, now)
-            self.probes_unanswered += 1
+            self.probes_sent += 1
+            out = self._outstanding
+            if len(out) >= 4 * self.config.max_probes:
+                out.popleft()  # long silence below the RTO: keep a bounded record
+                self.probe_fail.observe(False)
+            out.append(_ts(now))
             self._last_probe_tx = now
             self._next_probe = now + interval
         elif self.deadline is not None and now >= self.deadline:
@@ -490,7 +545,9 @@ class Subflow:
             self.dead_silence = now - self.last_answer
         self._fire(E.DEAD, now, f"no answer to {self.probes_unanswered} probes")
         self._next_probe = None
-        self.probes_unanswered = 0
+        for _ in self._outstanding:
+            self.probe_fail.observe(False)
+        self._outstanding.clear()
         if self.state is S.CONNECT_SENT:
             # re-probe quickly, capped at the idle keepalive interval
             self._retry_interval = self.config.connect_backoff
@@ -530,6 +587,7 @@ class Subflow:
             "last_rx_age": None if self.last_rx is None else round(now - self.last_rx, 3),
             "ups": self.ups,
             "downs": self.downs,
+            "roams": self.roams,
             "last_down_reason": self.last_down_reason,
             "last_down_age": None if self.last_down_at is None else round(now - self.last_down_at, 3),
             # the detection time of the last dead verdict: silence until it came

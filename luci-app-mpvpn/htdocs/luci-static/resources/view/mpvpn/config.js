@@ -346,6 +346,16 @@ return view.extend({
 		o.datatype = 'and(ufloat,range(1,300))';
 		o.placeholder = '25';
 
+		o = s.taboption('advanced', form.Value, 'relay_after', _('Relay after (s)'),
+			_('With relays configured: how long a subflow may stay down (direct path and hole punching failed) before its uplink uses a relay (1 to 600 seconds).'));
+		o.datatype = 'and(ufloat,range(1,600))';
+		o.placeholder = '4';
+
+		o = s.taboption('advanced', form.Value, 'relay_retry', _('Relay retry (s)'),
+			_('A relay that failed is skipped for this long before it is tried again (1 to 3600 seconds).'));
+		o.datatype = 'and(ufloat,range(1,3600))';
+		o.placeholder = '10';
+
 		o = s.taboption('advanced', form.Value, 'dead_after', _('Dead after'),
 			_('A subflow is down after this many consecutive unanswered keepalives (1 to 100).'));
 		o.datatype = 'and(uinteger,range(1,100))';
