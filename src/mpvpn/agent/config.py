@@ -156,6 +156,16 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "sites reach only this hub's LAN, and packets a site sends towards another site "
             "are dropped and counted.",
         ),
+        "direct": Option(
+            "bool", "1",
+            "Direct paths between sites (with a hub's `hub_forward 1`). On a site: `1` lets two "
+            "sites of one hub that talk to each other open a session of their own, straight "
+            "between their carriers (NAT hole punching as with the hub), keyed by a handshake "
+            "between the two sites that the hub cannot read; their traffic goes back through "
+            "the hub within the dead-detection time when that path fails. `0`: everything "
+            "between sites goes through the hub. On the hub: `0` offers no direct paths to "
+            "any site. Both sites and the hub must allow it.",
+        ),
         "private_key": Option(
             "key32", None,
             "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
@@ -457,6 +467,7 @@ class Base:
     reorder_capacity: int = 4096
     pair_unmatched: bool = False
     hub_forward: bool = False
+    direct: bool = True
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
@@ -869,6 +880,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
         chk.err(sec.path("psk"), MISSING_PSK)
     b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
     b["hub_forward"] = sec.parsed("hub_forward", _parse_bool, False)
+    b["direct"] = sec.parsed("direct", _parse_bool, True)
     if b["hub_forward"] and role == "client":
         chk.warn(sec.path("hub_forward"), "is a server option; a client ignores it")
 
@@ -1472,6 +1484,7 @@ def validate(
         rekey_packets=b["rekey_packets"],
         pair_unmatched=b["pair_unmatched"],
         hub_forward=b["hub_forward"] and b["role"] == "server",
+        direct=b["direct"],
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],

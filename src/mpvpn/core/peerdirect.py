@@ -1,0 +1,480 @@
+"""Direct site-to-site paths (issue 16), sans-I/O: who is offered a
+direct path, the relayed key handshake, and the bounds on both.
+
+Two sites A and C of one hub (``base.hub_forward``) that talk to each
+other through it may open a session of their own, with subflows straight
+between their carriers (docs/control.md "Direct paths between sites"):
+
+1. **Offer** (:class:`DirectBroker`, the hub): a pair whose packets the hub
+   forwarded during the last round (:meth:`mpvpn.core.hubforward.HubForward.take_pairs`)
+   and whose two sites announced a direct key (HELLO ``options.direct_key``:
+   the site allows direct paths) gets a ``PEER_OFFER`` on each site's
+   control channel: the other site's name, its direct key (the hub vouches
+   "site C proved its site key and announced direct key K"), its uplinks
+   with their NAT candidates, a session ID free on the hub (so free on both
+   sites, whose hub sessions the hub numbered), which side initiates, the
+   ciphers, and a random 32-byte token.
+2. **Handshake** (:class:`DirectPeers`, each site): a Noise ``KKpsk0``
+   handshake between the two sites' direct keys, psk = the token, prologue
+   = protocol label, session ID and both names.  Its two messages travel as
+   ``PEER_HS`` through the hub's control channels, opaque to the hub: the
+   hub knows the token but neither private key, so it cannot compute the
+   session's keys (docs/security.md says what an *active* hub could do).
+3. **Data**: each site opens a data session (mpvpn.core.smpu) with the keys
+   of that handshake, per-carrier subflows by the client-server pairing
+   rules (the initiator as client), hole punching towards the candidates
+   (mpvpn.core.candidates) -- that part is the agent's
+   (mpvpn.agent.directpeers).
+
+Bounds: the hub offers at most :data:`MAX_OFFERS_PER_ROUND` pairs per
+round and :data:`MAX_PAIRS_PER_SITE` live pairs per site; a pair whose
+offer ended (timeout, failure, a site gave up) is offered again only
+after a backoff that doubles (:data:`RETRY_MIN` .. :data:`RETRY_MAX`).  A
+site's ``PEER_HS`` is relayed only for a live offer it is part of, each
+step once and in order, else refused with a reason (``PEER_END``) and
+counted.  A site takes offers only from its hub, for a site the hub
+forwards to, at most :data:`MAX_DIRECT` at once, with a session ID of its
+own not in use; anything else is refused (``PEER_END`` with the reason)
+and counted.
+
+Nothing here touches a socket or a clock: messages and ``now`` in,
+messages out.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mpvpn.core import noise, seal
+from mpvpn.core.controlconn import STUN_MAGIC_COOKIE
+from mpvpn.core.controlmsg import b64
+
+PROLOGUE = b"orayboxvpn direct v1"
+
+OFFER_INTERVAL = 1.0  # the hub looks at the pairs that talk through it this often
+MAX_OFFERS_PER_ROUND = 8  # new pairs offered per round
+MAX_PAIRS_PER_SITE = 32  # live pairs one site takes part in (the hub's bound)
+HS_TIMEOUT = 10.0  # an offer whose two handshake messages were not relayed by then ends
+RETRY_MIN = 30.0  # a pair whose offer ended is offered again after this ...
+RETRY_MAX = 600.0  # ... doubling up to this
+MAX_DIRECT = 32  # direct peers one site keeps at once
+OPEN_TIMEOUT = 20.0  # a site gives up a direct session not up this long after its keys
+DOWN_TIMEOUT = 60.0  # ... or down this long (its traffic went back to the hub at once)
+
+
+def _key(a: str, b: str) -> tuple:
+    return (a, b) if a < b else (b, a)
+
+
+def end_message(name: str, session_id: int, reason: str, text: str = "") -> dict:
+    return {"type": "PEER_END", "name": name, "session_id": session_id, "reason": reason,
+            "text": text}
+
+
+# ------------------------------------------------------------------ the hub
+
+
+@dataclass(frozen=True)
+class SiteView:
+    """What the hub knows of a site for direct paths (from its session)."""
+
+    name: str
+    key: bytes | None  # its direct key; None: it takes no direct paths
+    uplinks: tuple  # pairing.Uplink, with candidates
+    ciphers: tuple
+    mode: str
+    pair_unmatched: bool
+
+
+@dataclass
+class Pair:
+    """One offered (then keyed) direct pair on the hub: ``initiator`` and
+    ``responder`` are site names."""
+
+    initiator: str
+    responder: str
+    session_id: int
+    offered: float
+    steps: set = field(default_factory=set)  # handshake steps relayed (1, 2)
+
+    @property
+    def keyed(self) -> bool:
+        return self.steps == {1, 2}
+
+    def other(self, name: str) -> str:
+        return self.responder if name == self.initiator else self.initiator
+
+
+class DirectBroker:
+    """The hub's side (see the module docstring).  ``enabled``: the hub's
+    ``base.direct`` (with ``base.hub_forward``)."""
+
+    def __init__(self, enabled: bool, rng: random.Random | None = None):
+        self.enabled = enabled
+        self._rng = rng or random.SystemRandom()
+        self._pairs: dict[int, Pair] = {}  # session id -> pair
+        self._by_key: dict[tuple, Pair] = {}
+        self._retry: dict[tuple, tuple[float, float]] = {}  # key -> (not before, next backoff)
+        self._next_round = 0.0
+        self.counters: Counter = Counter()
+
+    # -- offers ---------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """The next stalled offer's end (the rounds come with the agent's timers)."""
+        t = [p.offered + HS_TIMEOUT for p in self._pairs.values() if not p.keyed]
+        return min(t) if t else None
+
+    def round_due(self, now: float) -> bool:
+        """Is it time for :meth:`offers`?"""
+        return self.enabled and now >= self._next_round
+
+    def offers(self, sites: dict, talking, used_ids, now: float) -> list:
+        """``sites``: name -> SiteView of every site session; ``talking``:
+        (name, name) pairs the hub forwarded between since the last round;
+        ``used_ids``: session IDs in use on the hub.  Returns ``[(site name,
+        message), ...]`` to send (two PEER_OFFERs per new pair)."""
+        out: list = []
+        if not self.round_due(now):
+            return out
+        self._next_round = now + OFFER_INTERVAL
+        load = Counter()
+        for p in self._pairs.values():
+            load[p.initiator] += 1
+            load[p.responder] += 1
+        made = 0
+        for a, b in sorted({_key(x, y) for x, y in talking if x != y}):
+            key = (a, b)
+            if key in self._by_key:
+                continue
+            sa, sb = sites.get(a), sites.get(b)
+            if sa is None or sb is None or sa.key is None or sb.key is None:
+                continue
+            retry = self._retry.get(key)
+            if retry is not None and now < retry[0]:
+                continue
+            if made >= MAX_OFFERS_PER_ROUND:
+                self.counters["direct_offers_deferred"] += 1
+                continue
+            if load[a] >= MAX_PAIRS_PER_SITE or load[b] >= MAX_PAIRS_PER_SITE:
+                self.counters["direct_pairs_limited"] += 1
+                continue
+            sid = self._session_id(set(used_ids))
+            token = self._rng.getrandbits(256).to_bytes(32, "big")
+            pair = Pair(a, b, sid, now)  # (the smaller name initiates)
+            self._pairs[sid] = pair
+            self._by_key[key] = pair
+            load[a] += 1
+            load[b] += 1
+            made += 1
+            self.counters["direct_offers"] += 1
+            out.append((a, self._offer(sb, pair, True, token, sa)))
+            out.append((b, self._offer(sa, pair, False, token, sb)))
+        return out
+
+    def _session_id(self, used: set) -> int:
+        for _ in range(64):
+            sid = self._rng.getrandbits(32)
+            if sid and sid != STUN_MAGIC_COOKIE and sid not in used and sid not in self._pairs:
+                return sid
+        raise RuntimeError("no free session ID")  # 2**32 IDs, a few hundred in use
+
+    @staticmethod
+    def _offer(other: SiteView, pair: Pair, initiator: bool, token: bytes, me: SiteView) -> dict:
+        return {"type": "PEER_OFFER", "name": other.name, "key": b64(other.key),
+                "uplinks": [u.to_json() for u in other.uplinks], "session_id": pair.session_id,
+                "initiator": initiator, "token": b64(token), "ciphers": list(other.ciphers),
+                "mode": other.mode, "pair_unmatched": bool(other.pair_unmatched or me.pair_unmatched)}
+
+    # -- what sites send ----------------------------------------------------------------------
+    def on_message(self, site: str, m: dict, now: float) -> list:
+        """A PEER_HS or PEER_END from ``site`` (the name its session goes by):
+        ``[(site name, message), ...]`` to send (relayed, or the refusal)."""
+        t = m["type"]
+        pair = self._pairs.get(m["session_id"])
+        if pair is None or site not in (pair.initiator, pair.responder) or pair.other(site) != m["name"]:
+            self.counters["direct_refused"] += 1
+            if t == "PEER_END":  # (nothing to answer an end with)
+                return []
+            return [(site, end_message(m["name"], m["session_id"], "no_offer",
+                                       "no direct pair with that site and session"))]
+        other = pair.other(site)
+        if t == "PEER_END":
+            self._end(pair, now, failed=m["reason"] != "closed")
+            self.counters["direct_ended"] += 1
+            return [(other, end_message(site, pair.session_id, m["reason"], m["text"]))]
+        step = m["step"]
+        want = (1 if site == pair.initiator else 2)
+        if step != want or step in pair.steps or (step == 2 and 1 not in pair.steps):
+            self.counters["direct_refused"] += 1
+            self._end(pair, now, failed=True)
+            text = f"handshake step {step} out of order"
+            return [(site, end_message(other, pair.session_id, "refused", text)),
+                    (other, end_message(site, pair.session_id, "refused", text))]
+        pair.steps.add(step)
+        self.counters["direct_relayed"] += 1
+        if pair.keyed:
+            self._retry.pop(_key(pair.initiator, pair.responder), None)
+        return [(other, {"type": "PEER_HS", "name": site, "session_id": pair.session_id,
+                         "step": step, "hs": b64(m["hs"])})]
+
+    def site_gone(self, name: str, now: float) -> list:
+        """``name``'s session ended: its pairs end; the other sides are told."""
+        out = []
+        for pair in [p for p in self._pairs.values() if name in (p.initiator, p.responder)]:
+            self._end(pair, now, failed=False)
+            out.append((pair.other(name), end_message(name, pair.session_id, "peer_left",
+                                                      "the site left the hub")))
+        for key in [k for k in self._retry if name in k]:
+            del self._retry[key]
+        return out
+
+    def handle_timer(self, now: float) -> list:
+        """Offers whose handshake did not pass within HS_TIMEOUT end."""
+        out = []
+        for pair in [p for p in self._pairs.values() if not p.keyed and now >= p.offered + HS_TIMEOUT]:
+            self._end(pair, now, failed=True)
+            self.counters["direct_timeouts"] += 1
+            for a, b in ((pair.initiator, pair.responder), (pair.responder, pair.initiator)):
+                out.append((a, end_message(b, pair.session_id, "timeout",
+                                           "the direct handshake did not finish in time")))
+        return out
+
+    def disable(self, now: float) -> list:
+        """``base.direct`` turned off on the hub: every pair ends."""
+        out = []
+        for pair in list(self._pairs.values()):
+            self._end(pair, now, failed=False)
+            for a, b in ((pair.initiator, pair.responder), (pair.responder, pair.initiator)):
+                out.append((a, end_message(b, pair.session_id, "disabled",
+                                           "the hub no longer offers direct paths")))
+        return out
+
+    def _end(self, pair: Pair, now: float, failed: bool) -> None:
+        key = _key(pair.initiator, pair.responder)
+        self._pairs.pop(pair.session_id, None)
+        if self._by_key.get(key) is pair:
+            del self._by_key[key]
+        if failed:
+            prev = self._retry.get(key)
+            wait = RETRY_MIN if prev is None else min(RETRY_MAX, prev[1])
+            self._retry[key] = (now + wait, min(RETRY_MAX, wait * 2))
+        else:
+            self._retry[key] = (now + RETRY_MIN, RETRY_MIN)
+
+    def status(self) -> list:
+        return [{"sites": [p.initiator, p.responder], "session_id": p.session_id,
+                 "state": "keyed" if p.keyed else "offered"}
+                for p in sorted(self._pairs.values(), key=lambda p: (p.initiator, p.responder))]
+
+
+# ------------------------------------------------------------------ a site
+
+
+def prologue(session_id: int, initiator: str, responder: str) -> bytes:
+    return (PROLOGUE + session_id.to_bytes(4, "big") + initiator.encode() + b"\0"
+            + responder.encode())
+
+
+@dataclass
+class DirectPeer:
+    """One direct peer of a site: the hub's offer, the handshake, and
+    (once keyed) what the agent's data session reports."""
+
+    name: str
+    session_id: int
+    initiator: bool
+    key: bytes  # its direct key, as the hub vouched for it
+    uplinks: tuple
+    cipher: str
+    mode: str
+    pair_unmatched: bool
+    offered: float
+    hs: object = None  # noise.Handshake until keyed
+    keys: object = None  # noise.SessionKeys once keyed
+    keyed_at: float | None = None
+    up: bool = False
+    since: float = 0.0  # of the current up/down state (after keyed)
+    ups: int = 0  # times it came up (traffic moved direct)
+    downs: int = 0  # times it went down (traffic back to the hub)
+
+
+@dataclass(frozen=True)
+class Keyed:
+    """The handshake with ``peer`` is done: open its data session."""
+
+    peer: DirectPeer
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The direct session with ``name`` ends (``reason``): drop its data
+    session; its traffic goes through the hub."""
+
+    name: str
+    session_id: int
+    reason: str
+    text: str
+
+
+class DirectPeers:
+    """A site's side (see the module docstring).  ``static``: our direct
+    private key (None: we take no direct paths); ``ciphers``: ours, best
+    first."""
+
+    def __init__(self, name: str, static: bytes | None, ciphers: tuple):
+        self.name = name
+        self.static = static
+        self.public = noise.public_key(static) if static is not None else None
+        self.ciphers = tuple(ciphers)
+        self.peers: dict[str, DirectPeer] = {}
+        self.counters: Counter = Counter()
+
+    @property
+    def enabled(self) -> bool:
+        return self.static is not None
+
+    def on_message(self, m: dict, via: set, used_ids: set, now: float) -> tuple[list, list]:
+        """A PEER_* message from the hub.  ``via``: the names of the sites
+        the hub forwards to that we route; ``used_ids``: our sessions' IDs.
+        Returns (messages for the hub, events: Keyed / Ended)."""
+        t = m["type"]
+        if t == "PEER_OFFER":
+            return self._on_offer(m, via, used_ids, now)
+        p = self.peers.get(m["name"])
+        if p is None or p.session_id != m["session_id"]:
+            self.counters["direct_stale"] += 1  # (an end that crossed ours, say)
+            return [], []
+        if t == "PEER_END":
+            del self.peers[p.name]
+            self.counters["direct_ended_by_peer"] += 1
+            return [], [Ended(p.name, p.session_id, m["reason"], m["text"])]
+        return self._on_hs(p, m, now)
+
+    def _refuse(self, m: dict, reason: str, text: str) -> tuple[list, list]:
+        self.counters["direct_refused"] += 1
+        self.counters[f"direct_refused_{reason}"] += 1
+        return [end_message(m["name"], m["session_id"], reason, text)], []
+
+    def _on_offer(self, m: dict, via: set, used_ids: set, now: float) -> tuple[list, list]:
+        name = m["name"]
+        if not self.enabled:
+            return self._refuse(m, "disabled", "direct paths are off here")
+        if name not in via or name == self.name:
+            return self._refuse(m, "not_via", "not a site the hub forwards to for us")
+        if m["session_id"] in used_ids and (name not in self.peers
+                                            or self.peers[name].session_id != m["session_id"]):
+            return self._refuse(m, "session_id", "session ID in use here")
+        events = []
+        old = self.peers.pop(name, None)
+        if old is not None:  # the hub offers anew: the old session goes
+            events.append(Ended(name, old.session_id, "replaced", "a new offer"))
+        elif len(self.peers) >= MAX_DIRECT:
+            return self._refuse(m, "too_many", f"at most {MAX_DIRECT} direct peers")
+        theirs = tuple(m["ciphers"])
+        mine = self.ciphers
+        init_c, resp_c = (mine, theirs) if m["initiator"] else (theirs, mine)
+        cipher = seal.choose_cipher(init_c, resp_c) or seal.CHACHA
+        ini, resp = (self.name, name) if m["initiator"] else (name, self.name)
+        try:
+            hs = noise.Handshake("KKpsk0", m["initiator"], m["token"],
+                                 prologue(m["session_id"], ini, resp), s=self.static, rs=m["key"])
+        except ValueError as e:  # (a key the hub vouched for that X25519 refuses)
+            return self._refuse(m, "invalid", str(e)[:120])
+        p = DirectPeer(name, m["session_id"], m["initiator"], m["key"], tuple(m["uplinks"]), cipher,
+                       m["mode"], m["pair_unmatched"], now, hs=hs)
+        self.peers[name] = p
+        self.counters["direct_offers"] += 1
+        out = []
+        if p.initiator:
+            out.append({"type": "PEER_HS", "name": name, "session_id": p.session_id, "step": 1,
+                        "hs": b64(hs.write_message(b""))})
+        return out, events
+
+    def _on_hs(self, p: DirectPeer, m: dict, now: float) -> tuple[list, list]:
+        want = 2 if p.initiator else 1
+        if p.hs is None or m["step"] != want:
+            return self._fail(p, "refused", f"unexpected handshake step {m['step']}")
+        try:
+            p.hs.read_message(m["hs"])
+            out = []
+            if not p.initiator:
+                out.append({"type": "PEER_HS", "name": p.name, "session_id": p.session_id,
+                            "step": 2, "hs": b64(p.hs.write_message(b""))})
+            p.keys = p.hs.split()
+        except noise.NoiseError:
+            return self._fail(p, "auth", "the direct handshake failed authentication "
+                                         "(not the key the hub vouched for)")
+        p.hs = None
+        p.keyed_at = p.since = now
+        self.counters["direct_keyed"] += 1
+        return out, [Keyed(p)]
+
+    def _fail(self, p: DirectPeer, reason: str, text: str) -> tuple[list, list]:
+        del self.peers[p.name]
+        self.counters[f"direct_{reason}"] += 1
+        return ([end_message(p.name, p.session_id, reason, text)],
+                [Ended(p.name, p.session_id, reason, text)])
+
+    def set_up(self, name: str, up: bool, now: float) -> bool:
+        """The data session with ``name`` came up / went down; whether that
+        changed anything."""
+        p = self.peers.get(name)
+        if p is None or p.keys is None or p.up == up:
+            return False
+        p.up, p.since = up, now
+        if up:
+            p.ups += 1
+        else:
+            p.downs += 1
+        return True
+
+    def end(self, name: str, reason: str, text: str = "") -> list:
+        """We end the direct session with ``name`` (hub session replaced,
+        reload turned direct off): the messages for the hub."""
+        p = self.peers.pop(name, None)
+        if p is None:
+            return []
+        return [end_message(name, p.session_id, reason, text)]
+
+    def next_deadline(self) -> float | None:
+        t = [self._deadline(p) for p in self.peers.values()]
+        t = [x for x in t if x is not None]
+        return min(t) if t else None
+
+    @staticmethod
+    def _deadline(p: DirectPeer) -> float | None:
+        if p.keys is None:
+            return p.offered + HS_TIMEOUT
+        if p.up:
+            return None
+        return p.since + (OPEN_TIMEOUT if p.ups == 0 else DOWN_TIMEOUT)
+
+    def handle_timer(self, now: float) -> tuple[list, list]:
+        """Give up what did not come up (or stayed down) in time: messages
+        for the hub, Ended events."""
+        out, events = [], []
+        for p in list(self.peers.values()):
+            t = self._deadline(p)
+            if t is None or now < t:
+                continue
+            if p.keys is None:
+                text = "the direct handshake did not finish in time"
+            elif p.ups == 0:
+                text = f"no direct subflow came up within {OPEN_TIMEOUT:g} s"
+            else:
+                text = f"down for {DOWN_TIMEOUT:g} s"
+            o, e = self._fail(p, "timeout", text)
+            out += o
+            events += e
+        return out, events
+
+    def status(self, now: float) -> list:
+        return [{"name": p.name, "session_id": p.session_id,
+                 "state": "direct" if p.up else "via hub",
+                 "phase": "handshake" if p.keys is None else ("up" if p.up else "down"),
+                 "initiator": p.initiator, "cipher": p.cipher,
+                 "since": round(now - (p.since if p.keys is not None else p.offered), 3),
+                 "ups": p.ups, "downs": p.downs}
+                for p in sorted(self.peers.values(), key=lambda p: p.name)]

@@ -1,0 +1,251 @@
+"""Direct paths between the sites of one hub (issue 16): the messages
+(PEER_OFFER / PEER_HS / PEER_END, mpvpn.core.controlmsg), the hub's broker
+and a site's peers (mpvpn.core.peerdirect), and three client agents with a
+hub in this process (tests/test_hub.py's Hub over tests/fakes.py): traffic
+moves off the hub once the direct session is up and back when its path is
+cut.  The namespace e2e with NATs is in tests/test_direct_lab.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+
+import pytest
+from test_hub import CLIENTS, Hub, expected_routes, host, v4
+
+from mpvpn.core import noise, peerdirect
+from mpvpn.core.controlmsg import MAX_UPLINKS, parse_message
+from mpvpn.core.pairing import Uplink
+
+# ------------------------------------------------------------------ messages
+
+
+def _offer(**kw) -> dict:
+    d = {"type": "PEER_OFFER", "name": "site-c", "key": base64.b64encode(bytes(range(32))).decode(),
+         "uplinks": [{"name": "lte", "type": "lte", "addr": "10.1.0.3", "port": 7000}],
+         "session_id": 77, "initiator": True, "token": base64.b64encode(bytes(32)).decode(),
+         "ciphers": ["chacha20-poly1305"], "mode": "duplicate", "pair_unmatched": False}
+    d.update(kw)
+    return d
+
+
+def _parse(d: dict, from_client: bool):
+    return parse_message(json.dumps(d).encode(), from_client)
+
+
+def test_peer_messages_are_parsed_strictly_and_an_offer_only_comes_from_the_hub():
+    m = _parse(_offer(), from_client=False)
+    assert m["key"] == bytes(range(32)) and m["uplinks"][0].addr == "10.1.0.3" and m["initiator"]
+    with pytest.raises(Exception, match="wrong direction"):
+        _parse(_offer(), from_client=True)
+    ups = [{"name": f"u{i}", "type": "lte", "addr": f"10.1.{i}.3", "port": 7000}
+           for i in range(MAX_UPLINKS + 1)]
+    for bad in (dict(uplinks=ups), dict(key="AAAA"), dict(session_id=0), dict(token=5),
+                dict(initiator="yes"), dict(extra=1)):
+        with pytest.raises(Exception):
+            _parse(_offer(**bad), from_client=False)
+    hs = {"type": "PEER_HS", "name": "site-a", "session_id": 5, "step": 1,
+          "hs": base64.b64encode(bytes(48)).decode()}
+    assert _parse(hs, from_client=True)["hs"] == bytes(48)
+    for bad in (dict(step=3), dict(hs=base64.b64encode(bytes(8)).decode()), dict(name="../x")):
+        with pytest.raises(Exception):
+            _parse({**hs, **bad}, from_client=True)
+
+
+# ------------------------------------------------------------------ the broker and the peers
+
+
+def _site(name: str, key: bytes | None, n: int = 1) -> peerdirect.SiteView:
+    ups = tuple(Uplink(f"u{i}", "lte", f"10.{i}.0.{ord(name[-1]) % 50}", 7000) for i in range(1, n + 1))
+    return peerdirect.SiteView(name, key, ups, ("chacha20-poly1305",), "duplicate", False)
+
+
+def _wire(out: list) -> list:
+    """What the broker/peers send, as the receiving machine parses it."""
+    res = []
+    for to, msg in out:
+        res.append((to, parse_message(json.dumps(msg).encode(), from_client=False)))
+    return res
+
+
+def _keys(*names):
+    return {n: noise.generate_keypair() for n in names}
+
+
+def test_the_hub_offers_pairs_that_talk_and_relays_a_handshake_it_cannot_read():
+    keys = _keys("a", "c", "d")
+    sites = {n: _site(n, keys[n][1]) for n in keys}
+    b = peerdirect.DirectBroker(True, random.Random(1))
+    assert b.offers(sites, set(), {1, 2}, 0.0) == []  # nobody talks: nothing offered
+    out = _wire(b.offers(sites, {("c", "a"), ("a", "c")}, {1, 2}, 1.0))
+    assert [to for to, _m in out] == ["a", "c"]
+    (_, oa), (_, oc) = out
+    assert oa["name"] == "c" and oc["name"] == "a" and oa["session_id"] == oc["session_id"]
+    assert oa["key"] == keys["c"][1] and oc["key"] == keys["a"][1] and oa["initiator"] != oc["initiator"]
+    # the same pair is not offered twice while the offer lives
+    assert b.offers(sites, {("a", "c")}, set(), 5.0) == []
+    pa = peerdirect.DirectPeers("a", keys["a"][0], ("chacha20-poly1305",))
+    pc = peerdirect.DirectPeers("c", keys["c"][0], ("chacha20-poly1305",))
+    to_hub, ev = pa.on_message(oa, {"c", "d"}, {1}, 1.0)
+    assert ev == [] and to_hub[0]["step"] == 1
+    m1 = parse_message(json.dumps(to_hub[0]).encode(), from_client=True)
+    relayed = _wire(b.on_message("a", m1, 1.0))
+    assert relayed[0][0] == "c" and relayed[0][1]["name"] == "a"
+    pc.on_message(oc, {"a"}, {2}, 1.0)
+    to_hub, ev_c = pc.on_message(relayed[0][1], {"a"}, {2}, 1.0)
+    m2 = parse_message(json.dumps(to_hub[0]).encode(), from_client=True)
+    (_, r2), = _wire(b.on_message("c", m2, 1.0))
+    _, ev_a = pa.on_message(r2, {"c"}, {1}, 1.0)
+    ka, kc = ev_a[0].peer.keys, ev_c[0].peer.keys
+    assert ka.data_send_key == kc.data_recv_key and ka.data_recv_key == kc.data_send_key
+    assert b.status()[0]["state"] == "keyed"
+    # the hub holds the token and both public keys, not a private one: a
+    # responder it plays with a key of its own fails against A's first message
+    hub_key = noise.generate_keypair()[0]
+    fake = noise.Handshake("KKpsk0", False, oc["token"],
+                           peerdirect.prologue(oa["session_id"], "a", "c"), s=hub_key, rs=keys["a"][1])
+    with pytest.raises(noise.NoiseError):
+        fake.read_message(m1["hs"])
+    # a step out of order, or for a pair the site is not part of: refused with a reason, counted
+    (to, end), = _wire(b.on_message("d", {**m1, "name": "c"}, 2.0))
+    assert to == "d" and end["type"] == "PEER_END" and end["reason"] == "no_offer"
+    assert b.counters["direct_refused"] == 1
+
+
+def test_the_hub_bounds_offers_and_backs_off_a_pair_that_failed():
+    keys = _keys(*[f"s{i:02d}" for i in range(12)])
+    sites = {n: _site(n, k[1]) for n, k in keys.items()}
+    sites["nokey"] = _site("nokey", None)
+    b = peerdirect.DirectBroker(True, random.Random(2))
+    names = sorted(keys)
+    talking = {(x, y) for x in names for y in names if x < y} | {("s00", "nokey")}
+    out = b.offers(sites, talking, set(), 0.0)
+    assert len(out) == 2 * peerdirect.MAX_OFFERS_PER_ROUND
+    assert all(m["name"] != "nokey" and to != "nokey" for to, m in out)  # a site without a key: none
+    assert b.counters["direct_offers_deferred"] > 0
+    assert b.offers(sites, talking, set(), 0.5) == []  # one round per OFFER_INTERVAL
+    # the stalled offers end after HS_TIMEOUT, both sides told; the pairs wait RETRY_MIN
+    ends = b.handle_timer(peerdirect.HS_TIMEOUT + 0.1)
+    assert len(ends) == 2 * peerdirect.MAX_OFFERS_PER_ROUND and all(m["reason"] == "timeout" for _t, m in ends)
+    offered = {tuple(sorted((to, m["name"]))) for to, m in out}
+    later = b.offers(sites, talking, set(), peerdirect.HS_TIMEOUT + 1.0)
+    assert offered.isdisjoint({tuple(sorted((to, m["name"]))) for to, m in later})
+    again = b.offers(sites, offered, set(), peerdirect.HS_TIMEOUT + 0.1 + peerdirect.RETRY_MIN + 1)
+    assert again  # after the backoff they are offered again
+
+
+def test_a_site_refuses_offers_it_cannot_take_with_a_reason():
+    k = noise.generate_keypair()
+    p = peerdirect.DirectPeers("a", k[0], ("chacha20-poly1305",))
+    offer = parse_message(json.dumps(_offer()).encode(), from_client=False)
+    out, ev = p.on_message(offer, {"site-d"}, set(), 0.0)  # not a site the hub forwards to for us
+    assert out[0]["reason"] == "not_via" and ev == [] and not p.peers
+    out, _ev = p.on_message(offer, {"site-c"}, {77}, 0.0)  # its session ID is ours
+    assert out[0]["reason"] == "session_id"
+    off = peerdirect.DirectPeers("a", None, ("chacha20-poly1305",))
+    assert off.on_message(offer, {"site-c"}, set(), 0.0)[0][0]["reason"] == "disabled"
+    for i in range(peerdirect.MAX_DIRECT):
+        o = dict(offer, name=f"s{i}", session_id=100 + i)
+        assert p.on_message(o, {f"s{i}"}, set(), 0.0)[0][0]["type"] == "PEER_HS"
+    out, _ev = p.on_message(offer, {"site-c"}, set(), 0.0)
+    assert out[0]["reason"] == "too_many" and p.counters["direct_refused"] == 3
+    # an offer that never gets its answer ends after HS_TIMEOUT (the hub is told)
+    out, ev = p.handle_timer(peerdirect.HS_TIMEOUT + 1)
+    assert len(ev) == peerdirect.MAX_DIRECT and all(m["reason"] == "timeout" for m in out)
+
+
+# ------------------------------------------------------------------ three agents and a hub
+
+
+def _direct_state(h, name: str, other: str):
+    for p in h.sites[name][0].status()["direct"]["peers"]:
+        if p["name"] == f"site-{other}":
+            return p["state"]
+    return None
+
+
+def _addrs(name: str) -> set:
+    idx = CLIENTS[name][0]
+    return {f"10.{i}.0.{idx}" for i in (1, 2)}
+
+
+def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_fails(tmp_path):
+    with Hub(tmp_path, direct=True) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        c, hc = h.sites["c"]
+        sent = []
+
+        def ping(k: int) -> None:
+            p = v4(host("a"), host("c"), b"ping %d" % k)
+            sent.append(p)
+            ha.tun.inject(p)
+
+        def forwarded() -> int:
+            return h.b.status()["counters"]["hub_forwarded"]
+
+        # A talks to C through the hub: the hub offers both a direct path
+        for k in range(3):
+            ping(k)
+        h.until(lambda: len(hc.tun.written) == 3, "the first pings through the hub")
+        assert forwarded() == 3
+        h.until(lambda: _direct_state(h, "a", "c") == "direct" and _direct_state(h, "c", "a") == "direct",
+                "A and C direct")
+        assert _direct_state(h, "a", "d") is None  # D talked to nobody: no direct path
+        st = a.status()
+        via = {v["name"]: v["path"] for v in st["sessions"][0]["via"]}
+        assert via == {"site-c": "direct", "site-d": "hub"}
+        assert [s["direct"] for s in st["sessions"]] == [False, True]
+        # from now on the hub forwards nothing between them, both ways
+        base = forwarded()
+        for k in range(3, 23):
+            ping(k)
+            hc.tun.inject(v4(host("c"), host("a"), b"pong %d" % k))
+            h.run(0.01)
+        h.until(lambda: len(hc.tun.written) == 23 and len(ha.tun.written) == 20, "pings direct")
+        assert forwarded() == base
+        assert sorted(hc.tun.written) == sorted(sent)
+        # a source C may not use (D's LAN) on the direct session: dropped and counted
+        hc.tun.inject(v4(host("d"), host("a"), b"spoof"))
+        h.until(lambda: a.status()["direct"]["counters"]["direct_spoofed"] == 1, "spoof counted")
+        assert len(ha.tun.written) == 20
+        # the direct path is cut (both carriers, both ways); the hub's paths stay
+        cut = _addrs("a") | _addrs("c")
+        h.net.drop = lambda src, dst, _d: src[0] in cut and dst[0] in cut
+        t_cut = a.clock()
+        k = 23
+        while _direct_state(h, "a", "c") != "via hub" or _direct_state(h, "c", "a") != "via hub":
+            ping(k)
+            k += 1
+            h.run(0.02)
+            assert a.clock() - t_cut < 10, "the direct path was not declared dead"
+        waited = a.clock() - t_cut
+        print("back via hub after", round(waited, 3), "s")
+        # back through the hub: every ping sent from now on arrives, and the hub forwards them
+        base = forwarded()
+        n0 = len(sent)
+        for j in range(10):
+            ping(k + j)
+            h.run(0.01)
+        h.until(lambda: set(sent[n0:]) <= set(hc.tun.written), "pings back through the hub")
+        assert forwarded() >= base + 10
+        dead = a.cfg.base.dead_after * a.cfg.base.keepalive_idle
+        assert waited < dead + 3.0, (waited, dead)
+
+
+def test_without_direct_on_the_hub_nothing_is_offered(tmp_path):
+    with Hub(tmp_path, direct=True) as h:
+        h.b.direct.set_enabled(False, h.b.clock())
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        for k in range(5):
+            h.sites["a"][1].tun.inject(v4(host("a"), host("c"), b"%d" % k))
+            h.run(0.3)
+        h.run(1.2)
+        assert h.b.status()["direct"]["pairs"] == []
+        assert h.sites["a"][0].status()["direct"]["peers"] == []
+        assert h.b.status()["counters"]["hub_forwarded"] == 5
+        time.sleep(0)
