@@ -199,14 +199,17 @@ class DirectPaths:
 
     def session_state(self, ds, up: bool, now: float) -> None:
         """(site) A direct session came up / lost its last subflow."""
-        if self.peers is None or not self.peers.set_up(ds.peer.name, up, now):
+        heard = [sub.last_rx for sub in ds.sess.subflows.values() if sub.last_rx is not None]
+        quiet = now - max(heard) if heard else None
+        if self.peers is None or not self.peers.set_up(ds.peer.name, up, now, quiet):
             return
         if up:
             log.info("direct: traffic with %s now goes direct (session %#x)", ds.peer.name,
                      ds.session_id)
         else:
-            log.warning("direct: path to %s down; its traffic goes through the hub again",
-                        ds.peer.name)
+            log.warning("direct: path to %s down (nothing heard for %s s); its traffic goes "
+                        "through the hub again", ds.peer.name,
+                        "?" if quiet is None else f"{quiet:.2f}")
         self.port.routes_changed()
 
     def via_changed(self, hub, now: float) -> None:

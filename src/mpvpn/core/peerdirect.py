@@ -298,6 +298,8 @@ class DirectPeer:
     since: float = 0.0  # of the current up/down state (after keyed)
     ups: int = 0  # times it came up (traffic moved direct)
     downs: int = 0  # times it went down (traffic back to the hub)
+    first_up: float | None = None  # when it first came up
+    last_quiet: float | None = None  # (agent) at the last down: seconds since a datagram was heard
 
 
 @dataclass(frozen=True)
@@ -417,17 +419,20 @@ class DirectPeers:
         return ([end_message(p.name, p.session_id, reason, text)],
                 [Ended(p.name, p.session_id, reason, text)])
 
-    def set_up(self, name: str, up: bool, now: float) -> bool:
-        """The data session with ``name`` came up / went down; whether that
-        changed anything."""
+    def set_up(self, name: str, up: bool, now: float, quiet: float | None = None) -> bool:
+        """The data session with ``name`` came up / went down (``quiet``:
+        seconds since it last heard a datagram); whether that changed anything."""
         p = self.peers.get(name)
         if p is None or p.keys is None or p.up == up:
             return False
         p.up, p.since = up, now
         if up:
             p.ups += 1
+            if p.first_up is None:
+                p.first_up = now
         else:
             p.downs += 1
+            p.last_quiet = quiet
         return True
 
     def end(self, name: str, reason: str, text: str = "") -> list:
@@ -476,5 +481,10 @@ class DirectPeers:
                  "phase": "handshake" if p.keys is None else ("up" if p.up else "down"),
                  "initiator": p.initiator, "cipher": p.cipher,
                  "since": round(now - (p.since if p.keys is not None else p.offered), 3),
-                 "ups": p.ups, "downs": p.downs}
+                 "ups": p.ups, "downs": p.downs,
+                 # from the hub's offer to the keys, and to the first direct subflow up
+                 "keyed_after": None if p.keyed_at is None else round(p.keyed_at - p.offered, 3),
+                 "up_after": None if p.first_up is None else round(p.first_up - p.offered, 3),
+                 # at the last switch back to the hub: how long nothing had been heard
+                 "down_quiet": None if p.last_quiet is None else round(p.last_quiet, 3)}
                 for p in sorted(self.peers.values(), key=lambda p: p.name)]
