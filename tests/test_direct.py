@@ -15,6 +15,7 @@ import time
 import pytest
 from test_hub import CLIENTS, Hub, expected_routes, host, v4
 
+from mpvpn import cli
 from mpvpn.core import noise, peerdirect
 from mpvpn.core.controlmsg import MAX_UPLINKS, parse_message
 from mpvpn.core.pairing import Uplink
@@ -171,7 +172,7 @@ def _addrs(name: str) -> set:
     return {f"10.{i}.0.{idx}" for i in (1, 2)}
 
 
-def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_fails(tmp_path):
+def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_fails(tmp_path, capsys):
     with Hub(tmp_path, direct=True) as h:
         h.connected()
         h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
@@ -199,6 +200,14 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
         via = {v["name"]: v["path"] for v in st["sessions"][0]["via"]}
         assert via == {"site-c": "direct", "site-d": "hub"}
         assert [s["direct"] for s in st["sessions"]] == [False, True]
+        # `mpvpn status` in words, on the site and on the hub
+        cli._print_status(st)
+        cli._print_status(h.b.status())
+        out = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+        assert "direct (hub site-b stands by): site-c 172.30.0.3 LANs 192.168.30.0/24" in out
+        assert "via hub site-b: site-d 172.30.0.4 LANs 192.168.40.0/24" in out
+        assert any(ln.startswith("direct peer site-c: direct (subflow up for ") for ln in out), out
+        assert "direct pair site-a <-> site-c: keyed" in out
         # from now on the hub forwards nothing between them, both ways
         base = forwarded()
         for k in range(3, 23):
@@ -223,7 +232,6 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
             h.run(0.02)
             assert a.clock() - t_cut < 10, "the direct path was not declared dead"
         waited = a.clock() - t_cut
-        print("back via hub after", round(waited, 3), "s")
         # back through the hub: every ping sent from now on arrives, and the hub forwards them
         base = forwarded()
         n0 = len(sent)
@@ -234,6 +242,18 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
         assert forwarded() >= base + 10
         dead = a.cfg.base.dead_after * a.cfg.base.keepalive_idle
         assert waited < dead + 3.0, (waited, dead)
+        # the path heals: the subflows open again and the traffic leaves the hub once more
+        h.net.drop = None
+        h.until(lambda: _direct_state(h, "a", "c") == "direct" and _direct_state(h, "c", "a") == "direct",
+                "A and C direct again")
+        peers = {p["name"]: p for p in a.status()["direct"]["peers"]}
+        assert peers["site-c"]["ups"] == 2 and peers["site-c"]["downs"] == 1
+        base, n0 = forwarded(), len(sent)
+        for j in range(5):
+            ping(1000 + j)
+            h.run(0.01)
+        h.until(lambda: set(sent[n0:]) <= set(hc.tun.written), "pings direct again")
+        assert forwarded() == base
 
 
 def test_without_direct_on_the_hub_nothing_is_offered(tmp_path):

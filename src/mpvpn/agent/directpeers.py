@@ -274,10 +274,10 @@ class DirectPaths:
 
     def status(self, now: float) -> dict:
         if self.broker is not None:
-            return {"enabled": self.broker.enabled, "pairs": self.broker.status(),
+            return {"enabled": self.broker.enabled, "peers": None, "pairs": self.broker.status(),
                     "counters": dict(self.broker.counters)}
         p = self.peers
-        return {"enabled": p.enabled, "peers": p.status(now),
+        return {"enabled": p.enabled, "peers": p.status(now), "pairs": None,
                 "counters": {**dict(p.counters), **self.counters}}
 
     def path_of(self, name: str) -> str:
