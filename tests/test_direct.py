@@ -115,6 +115,62 @@ def test_the_hub_offers_pairs_that_talk_and_relays_a_handshake_it_cannot_read():
     assert b.counters["direct_refused"] == 1
 
 
+def _keyed_pair(rekey_interval: float = 120.0):
+    """A broker and two sites' peers through one full handshake at t=1."""
+    keys = _keys("a", "c")
+    sites = {n: _site(n, keys[n][1]) for n in keys}
+    b = peerdirect.DirectBroker(True, random.Random(3))
+    (_, oa), (_, oc) = _wire(b.offers(sites, {("a", "c")}, set(), 1.0))
+    pa = peerdirect.DirectPeers("a", keys["a"][0], ("chacha20-poly1305",), rekey_interval)
+    pc = peerdirect.DirectPeers("c", keys["c"][0], ("chacha20-poly1305",), rekey_interval)
+    pc.on_message(oc, {"a"}, set(), 1.0)
+    msgs, _ev = pa.on_message(oa, {"c"}, set(), 1.0)
+    return b, pa, pc, msgs
+
+
+def _through(b, site, msgs, peers, via, now):
+    """Messages of ``site`` through the broker to the other side's peers:
+    (what that side answers, its events)."""
+    out, events = [], []
+    for msg in msgs:
+        for to, relayed in _wire(b.on_message(site, parse_message(json.dumps(msg).encode(), True), now)):
+            o, e = peers[to].on_message(relayed, via[to], set(), now)
+            out.append((to, o))
+            events += e
+    return out, events
+
+
+def test_a_direct_session_is_rekeyed_through_the_hub_and_the_old_keys_retire():
+    b, pa, pc, msgs = _keyed_pair(rekey_interval=30.0)
+    peers, via = {"a": pa, "c": pc}, {"a": {"c"}, "c": {"a"}}
+    ((_to, answer),), ev_c = _through(b, "a", msgs, peers, via, 1.0)
+    _, ev_a = _through(b, "c", answer, peers, via, 1.0)
+    k1 = ev_a[0].peer.keys
+    assert pa.set_up("c", True, 1.0) and pc.set_up("a", True, 1.0)  # (the agents' sessions came up)
+    assert pa.next_deadline() == 31.0  # the initiator rekeys after rekey_interval
+    out, ev = pa.handle_timer(31.0)
+    assert ev == [] and out[0]["epoch"] == 2 and out[0]["step"] == 1
+    ((_to, answer),), ev_c = _through(b, "a", out, peers, via, 31.0)
+    assert isinstance(ev_c[0], peerdirect.Rekeyed) and not ev_c[0].sending  # the responder defers
+    _, ev_a = _through(b, "c", answer, peers, via, 31.0)
+    assert isinstance(ev_a[0], peerdirect.Rekeyed) and ev_a[0].sending and ev_a[0].epoch == 2
+    ka, kc = ev_a[0].keys, ev_c[0].keys
+    assert ka.data_send_key == kc.data_recv_key and ka.data_send_key != k1.data_send_key
+    assert pa.peers["c"].epoch == pc.peers["a"].epoch == 2
+    assert b.counters["direct_rekeys"] == 1
+    # the previous epoch retires after KEY_OVERLAP
+    _out, ev = pc.handle_timer(31.0 + peerdirect.KEY_OVERLAP)
+    assert ev == [peerdirect.Retire(pc.peers["a"], 1)]
+    # a second rekey right away is refused by the hub (flood bound): the pair ends, both told
+    p = pa.peers["c"]
+    hs = noise.Handshake("KKpsk0", True, p.token, peerdirect.prologue(p.session_id, "a", "c") + b"\x03",
+                         s=pa.static, rs=p.key)
+    m = {"type": "PEER_HS", "name": "c", "session_id": p.session_id, "step": 1, "epoch": 3,
+         "hs": base64.b64encode(hs.write_message(b"")).decode()}
+    ends = _wire(b.on_message("a", parse_message(json.dumps(m).encode(), True), 31.5))
+    assert {(to, e["reason"]) for to, e in ends} == {("a", "refused"), ("c", "refused")}
+
+
 def test_the_hub_bounds_offers_and_backs_off_a_pair_that_failed():
     keys = _keys(*[f"s{i:02d}" for i in range(12)])
     sites = {n: _site(n, k[1]) for n, k in keys.items()}
@@ -269,3 +325,36 @@ def test_without_direct_on_the_hub_nothing_is_offered(tmp_path):
         assert h.sites["a"][0].status()["direct"]["peers"] == []
         assert h.b.status()["counters"]["hub_forwarded"] == 5
         time.sleep(0)
+
+
+def test_a_direct_session_rekeys_under_traffic_without_losing_a_packet(tmp_path):
+    with Hub(tmp_path, direct=True, extra="\toption rekey_interval '1'\n") as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        c, hc = h.sites["c"]
+        ha.tun.inject(v4(host("a"), host("c"), b"hello"))
+        h.until(lambda: _direct_state(h, "a", "c") == "direct" and _direct_state(h, "c", "a") == "direct",
+                "A and C direct")
+        base = h.b.status()["counters"]["hub_forwarded"]
+        sent = []
+        k = 0
+
+        def epoch() -> int:
+            return {p["name"]: p["epoch"] for p in a.status()["direct"]["peers"]}["site-c"]
+        while epoch() < 4:  # three rekeys under a packet every 10 ms
+            p = v4(host("a"), host("c"), b"r %d" % k)
+            sent.append(p)
+            ha.tun.inject(p)
+            k += 1
+            h.run(0.01)
+            assert k < 3000, "no rekey"
+        h.until(lambda: set(sent) <= set(hc.tun.written), "every packet across the rekeys")
+        assert h.b.status()["counters"]["hub_forwarded"] == base
+        assert _direct_state(h, "a", "c") == "direct"
+        peers = {p["name"]: p for p in c.status()["direct"]["peers"]}
+        assert peers["site-a"]["epoch"] >= 3 and peers["site-a"]["downs"] == 0
+        st = c.status()
+        direct_sid = peers["site-a"]["session_id"]
+        se = [s for s in st["sessions"] if s["session_id"] == direct_sid][0]
+        assert se["counters"]["auth_failures"] == 0

@@ -244,7 +244,7 @@ class Agent:
                       flush_control=self._control_flush,
                       talking=self.hub.take_pairs if self.hub is not None else set),
             self.role, self.name, cfg.base.direct, cfg.base.private_key,
-            seal.preferred_ciphers(), cfg.base.hub_forward)
+            seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:

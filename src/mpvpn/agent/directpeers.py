@@ -54,14 +54,16 @@ class DirectPaths:
     """One agent's direct paths: the broker on a hub, the peers on a site."""
 
     def __init__(self, port: AgentPort, role: str, name: str, enabled: bool,
-                 static: bytes | None, ciphers: tuple, hub_forward: bool = False):
+                 static: bytes | None, ciphers: tuple, hub_forward: bool = False,
+                 rekey_interval: float = 120.0):
         self.port = port
         self.role = role
         self.broker = peerdirect.DirectBroker(enabled and hub_forward) if role == "server" else None
         if role == "client":
             if enabled and static is None:
                 static, _pub = noise.generate_keypair()  # this run's direct key (never stored)
-            self.peers = peerdirect.DirectPeers(name, static if enabled else None, ciphers)
+            self.peers = peerdirect.DirectPeers(name, static if enabled else None, ciphers,
+                                                rekey_interval)
         else:
             self.peers = None
         self._sources: dict = {}  # direct DataSession -> Prefixes of what its peer may send from
@@ -150,6 +152,8 @@ class DirectPaths:
     # ------------------------------------------------------------------ site
 
     def _send_hub(self, c, out: list, now: float) -> None:
+        if c is None:
+            return
         for msg in out:
             try:
                 c.conn.send_peer(msg, now)
@@ -168,6 +172,16 @@ class DirectPaths:
         for ev in events:
             if isinstance(ev, peerdirect.Keyed):
                 self._open(ev.peer, via.get(ev.peer.name), hub, now)
+            elif isinstance(ev, peerdirect.Rekeyed):
+                ds = self.port.sessions().get(ev.peer.session_id)
+                if ds is not None and ds.direct:
+                    ds.sess.sealer.rotate(ev.keys.data_send_key, ev.keys.data_recv_key, ev.epoch,
+                                          defer_send=not ev.sending)
+                    log.info("direct: session with %s rekeyed (epoch %d)", ev.peer.name, ev.epoch)
+            elif isinstance(ev, peerdirect.Retire):
+                ds = self.port.sessions().get(ev.peer.session_id)
+                if ds is not None and ds.direct and ds.sess.sealer.prev_epoch == ev.epoch:
+                    ds.sess.sealer.drop_previous()
             else:
                 self._close(ev.session_id, f"{ev.reason}: {ev.text}" if ev.text else ev.reason)
 

@@ -461,6 +461,7 @@ _SCHEMA_OPT = {
     "BYE": {"text"},
     "ERROR": {"text"},
     "REKEY": {"hs"},
+    "PEER_HS": {"epoch"},
     "PEER_END": {"text"},
 }
 #: the messages of direct site-to-site paths, all of them post-handshake;
@@ -568,6 +569,7 @@ def parse_message(data, from_client: bool) -> dict:
         elif t == "PEER_HS":
             m["step"] = _int(d["step"], "PEER_HS.step", 1, 2)
             m["hs"] = _parse_hs(d["hs"], "PEER_HS.hs")
+            m["epoch"] = _int(d.get("epoch", 1), "PEER_HS.epoch", 1, 255)  # 2..: a rekey
         else:
             m["reason"] = _match(d["reason"], "PEER_END.reason", WORD_RE, "a reason word")
             m["text"] = safe_text(_str(d.get("text", ""), "PEER_END.text", MAX_TEXT))

@@ -62,6 +62,13 @@ RETRY_MAX = 600.0  # ... doubling up to this
 MAX_DIRECT = 32  # direct peers one site keeps at once
 OPEN_TIMEOUT = 20.0  # a site gives up a direct session not up this long after its keys
 DOWN_TIMEOUT = 60.0  # ... or down this long (its traffic went back to the hub at once)
+MIN_REKEY_GAP = 1.0  # the hub relays a pair's rekeys at most this often (a flood bound)
+KEY_OVERLAP = 10.0  # a site keeps the previous epoch's receive key this long after a rekey
+
+
+def next_epoch(e: int) -> int:
+    """Key epochs cycle 1..255 (the SMPU header's epoch byte; 0 = unsealed)."""
+    return e % 255 + 1
 
 
 def _key(a: str, b: str) -> tuple:
@@ -97,11 +104,10 @@ class Pair:
     responder: str
     session_id: int
     offered: float
-    steps: set = field(default_factory=set)  # handshake steps relayed (1, 2)
-
-    @property
-    def keyed(self) -> bool:
-        return self.steps == {1, 2}
+    steps: set = field(default_factory=set)  # handshake steps relayed (1, 2) of ``epoch``
+    epoch: int = 1  # the handshake being relayed: 1, then each rekey's
+    keyed: bool = False  # the first handshake went through
+    rekeyed: float = 0.0  # when the last handshake (first or rekey) started
 
     def other(self, name: str) -> str:
         return self.responder if name == self.initiator else self.initiator
@@ -122,7 +128,8 @@ class DirectBroker:
 
     # -- offers ---------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        """The next stalled offer's end (the rounds come with the agent's timers)."""
+        """The next stalled offer's end (the rounds come with the agent's timers;
+        a stalled rekey is the sites' business)."""
         t = [p.offered + HS_TIMEOUT for p in self._pairs.values() if not p.keyed]
         return min(t) if t else None
 
@@ -204,20 +211,29 @@ class DirectBroker:
             self._end(pair, now, failed=m["reason"] != "closed")
             self.counters["direct_ended"] += 1
             return [(other, end_message(site, pair.session_id, m["reason"], m["text"]))]
-        step = m["step"]
+        step, epoch = m["step"], m["epoch"]
         want = (1 if site == pair.initiator else 2)
-        if step != want or step in pair.steps or (step == 2 and 1 not in pair.steps):
+        rekey = (pair.keyed and epoch == next_epoch(pair.epoch) and step == 1
+                 and now >= pair.rekeyed + MIN_REKEY_GAP)
+        if step != want or (not rekey and (epoch != pair.epoch or step in pair.steps
+                                           or (step == 2 and 1 not in pair.steps))):
             self.counters["direct_refused"] += 1
             self._end(pair, now, failed=True)
-            text = f"handshake step {step} out of order"
+            text = f"handshake step {step} of epoch {epoch} out of order"
             return [(site, end_message(other, pair.session_id, "refused", text)),
                     (other, end_message(site, pair.session_id, "refused", text))]
+        if rekey:
+            pair.epoch, pair.steps = epoch, set()
+            self.counters["direct_rekeys"] += 1
+        if step == 1:
+            pair.rekeyed = now
         pair.steps.add(step)
         self.counters["direct_relayed"] += 1
-        if pair.keyed:
+        if pair.steps == {1, 2} and not pair.keyed:
+            pair.keyed = True
             self._retry.pop(_key(pair.initiator, pair.responder), None)
         return [(other, {"type": "PEER_HS", "name": site, "session_id": pair.session_id,
-                         "step": step, "hs": b64(m["hs"])})]
+                         "step": step, "epoch": epoch, "hs": b64(m["hs"])})]
 
     def site_gone(self, name: str, now: float) -> list:
         """``name``'s session ended: its pairs end; the other sides are told."""
@@ -286,6 +302,7 @@ class DirectPeer:
     session_id: int
     initiator: bool
     key: bytes  # its direct key, as the hub vouched for it
+    token: bytes  # the hub's psk for this pair's handshakes
     uplinks: tuple
     cipher: str
     mode: str
@@ -300,6 +317,10 @@ class DirectPeer:
     downs: int = 0  # times it went down (traffic back to the hub)
     first_up: float | None = None  # when it first came up
     last_quiet: float | None = None  # (agent) at the last down: seconds since a datagram was heard
+    epoch: int = 1  # the newest data-key epoch
+    rekey_at: float | None = None  # initiator: when the next rekey starts
+    rekey: object = None  # initiator: (epoch, noise.Handshake, started) of a rekey under way
+    retire: tuple | None = None  # (previous epoch, when its receive key goes)
 
 
 @dataclass(frozen=True)
@@ -307,6 +328,27 @@ class Keyed:
     """The handshake with ``peer`` is done: open its data session."""
 
     peer: DirectPeer
+
+
+@dataclass(frozen=True)
+class Rekeyed:
+    """New data keys for ``epoch`` of the direct session with ``peer``
+    (``keys``: noise.SessionKeys): install them; ``sending``: send with
+    them at once (the initiator), else once the peer's first datagram under
+    them arrives (the responder: mpvpn.core.seal.Sealer.rotate defer_send)."""
+
+    peer: DirectPeer
+    epoch: int
+    keys: object
+    sending: bool
+
+
+@dataclass(frozen=True)
+class Retire:
+    """The previous key epoch of the direct session with ``peer`` is over."""
+
+    peer: DirectPeer
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -325,8 +367,10 @@ class DirectPeers:
     private key (None: we take no direct paths); ``ciphers``: ours, best
     first."""
 
-    def __init__(self, name: str, static: bytes | None, ciphers: tuple):
+    def __init__(self, name: str, static: bytes | None, ciphers: tuple,
+                 rekey_interval: float = 120.0):
         self.name = name
+        self.rekey_interval = rekey_interval
         self.static = static
         self.public = noise.public_key(static) if static is not None else None
         self.ciphers = tuple(ciphers)
@@ -384,8 +428,8 @@ class DirectPeers:
                                  prologue(m["session_id"], ini, resp), s=self.static, rs=m["key"])
         except ValueError as e:  # (a key the hub vouched for that X25519 refuses)
             return self._refuse(m, "invalid", str(e)[:120])
-        p = DirectPeer(name, m["session_id"], m["initiator"], m["key"], tuple(m["uplinks"]), cipher,
-                       m["mode"], m["pair_unmatched"], now, hs=hs)
+        p = DirectPeer(name, m["session_id"], m["initiator"], m["key"], m["token"],
+                       tuple(m["uplinks"]), cipher, m["mode"], m["pair_unmatched"], now, hs=hs)
         self.peers[name] = p
         self.counters["direct_offers"] += 1
         out = []
@@ -394,7 +438,14 @@ class DirectPeers:
                         "hs": b64(hs.write_message(b""))})
         return out, events
 
+    def _handshake(self, p: DirectPeer, initiator: bool, epoch: int):
+        ini, resp = (self.name, p.name) if p.initiator else (p.name, self.name)
+        pro = prologue(p.session_id, ini, resp) + (bytes([epoch]) if epoch != 1 else b"")
+        return noise.Handshake("KKpsk0", initiator, p.token, pro, s=self.static, rs=p.key)
+
     def _on_hs(self, p: DirectPeer, m: dict, now: float) -> tuple[list, list]:
+        if p.keys is not None:
+            return self._on_rekey(p, m, now)
         want = 2 if p.initiator else 1
         if p.hs is None or m["step"] != want:
             return self._fail(p, "refused", f"unexpected handshake step {m['step']}")
@@ -410,8 +461,40 @@ class DirectPeers:
                                          "(not the key the hub vouched for)")
         p.hs = None
         p.keyed_at = p.since = now
+        if p.initiator:
+            p.rekey_at = now + self.rekey_interval
         self.counters["direct_keyed"] += 1
         return out, [Keyed(p)]
+
+    def _on_rekey(self, p: DirectPeer, m: dict, now: float) -> tuple[list, list]:
+        """A rekey's handshake message (epoch > 1): the responder answers and
+        installs the new keys (sending once confirmed), the initiator
+        installs them and sends with them at once."""
+        e = m["epoch"]
+        try:
+            if not p.initiator and m["step"] == 1 and e == next_epoch(p.epoch):
+                hs = self._handshake(p, False, e)
+                hs.read_message(m["hs"])
+                reply = hs.write_message(b"")
+                keys = hs.split()
+                out = [{"type": "PEER_HS", "name": p.name, "session_id": p.session_id, "step": 2,
+                        "epoch": e, "hs": b64(reply)}]
+                sending = False
+            elif p.initiator and m["step"] == 2 and p.rekey is not None and p.rekey[0] == e:
+                hs = p.rekey[1]
+                hs.read_message(m["hs"])
+                keys = hs.split()
+                p.rekey = None
+                p.rekey_at = now + self.rekey_interval
+                out, sending = [], True
+            else:
+                return self._fail(p, "refused", f"unexpected rekey step {m['step']} of epoch {e}")
+        except noise.NoiseError:
+            return self._fail(p, "auth", "the direct rekey failed authentication")
+        prev, p.epoch = p.epoch, e
+        p.retire = (prev, now + KEY_OVERLAP)
+        self.counters["direct_rekeyed"] += 1
+        return out, [Rekeyed(p, e, keys, sending)]
 
     def _fail(self, p: DirectPeer, reason: str, text: str) -> tuple[list, list]:
         del self.peers[p.name]
@@ -452,9 +535,14 @@ class DirectPeers:
     def _deadline(p: DirectPeer) -> float | None:
         if p.keys is None:
             return p.offered + HS_TIMEOUT
-        if p.up:
-            return None
-        return p.since + (OPEN_TIMEOUT if p.ups == 0 else DOWN_TIMEOUT)
+        t = [] if p.up else [p.since + (OPEN_TIMEOUT if p.ups == 0 else DOWN_TIMEOUT)]
+        if p.rekey is not None:
+            t.append(p.rekey[2] + HS_TIMEOUT)
+        elif p.rekey_at is not None:
+            t.append(p.rekey_at)
+        if p.retire is not None:
+            t.append(p.retire[1])
+        return min(t) if t else None
 
     def handle_timer(self, now: float) -> tuple[list, list]:
         """Give up what did not come up (or stayed down) in time: messages
@@ -466,10 +554,24 @@ class DirectPeers:
                 continue
             if p.keys is None:
                 text = "the direct handshake did not finish in time"
-            elif p.ups == 0:
-                text = f"no direct subflow came up within {OPEN_TIMEOUT:g} s"
+            elif not p.up and now >= p.since + (OPEN_TIMEOUT if p.ups == 0 else DOWN_TIMEOUT):
+                text = (f"no direct subflow came up within {OPEN_TIMEOUT:g} s" if p.ups == 0
+                        else f"down for {DOWN_TIMEOUT:g} s")
+            elif p.rekey is not None and now >= p.rekey[2] + HS_TIMEOUT:
+                text = "the direct rekey was not answered in time"
             else:
-                text = f"down for {DOWN_TIMEOUT:g} s"
+                if p.retire is not None and now >= p.retire[1]:
+                    events.append(Retire(p, p.retire[0]))
+                    p.retire = None
+                if p.rekey is None and p.rekey_at is not None and now >= p.rekey_at:
+                    e = next_epoch(p.epoch)
+                    hs = self._handshake(p, True, e)
+                    p.rekey = (e, hs, now)
+                    p.rekey_at = None
+                    self.counters["direct_rekey_started"] += 1
+                    out.append({"type": "PEER_HS", "name": p.name, "session_id": p.session_id,
+                                "step": 1, "epoch": e, "hs": b64(hs.write_message(b""))})
+                continue
             o, e = self._fail(p, "timeout", text)
             out += o
             events += e
@@ -479,7 +581,7 @@ class DirectPeers:
         return [{"name": p.name, "session_id": p.session_id,
                  "state": "direct" if p.up else "via hub",
                  "phase": "handshake" if p.keys is None else ("up" if p.up else "down"),
-                 "initiator": p.initiator, "cipher": p.cipher,
+                 "initiator": p.initiator, "cipher": p.cipher, "epoch": p.epoch,
                  "since": round(now - (p.since if p.keys is not None else p.offered), 3),
                  "ups": p.ups, "downs": p.downs,
                  # from the hub's offer to the keys, and to the first direct subflow up
