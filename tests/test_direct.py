@@ -310,6 +310,20 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
             h.run(0.01)
         h.until(lambda: set(sent[n0:]) <= set(hc.tun.written), "pings direct again")
         assert forwarded() == base
+        # the hub passes C's new candidates (as after a NAT reboot) to A: A punches towards them too
+        pa = peers["site-c"]
+        ds = a.sessions[pa["session_id"]]
+        ups = [dict(u.to_json(), candidates=[{"kind": "srflx", "addr": "203.0.113.9", "port": 40000 + i}])
+               for i, u in enumerate(ds.peer.uplinks)]
+        offer = {"type": "PEER_OFFER", "name": "site-c", "session_id": pa["session_id"],
+                 "key": base64.b64encode(c.direct.public_key).decode(), "uplinks": ups,
+                 "initiator": pa["initiator"], "token": base64.b64encode(a.direct.peers.peers["site-c"].token).decode(),
+                 "ciphers": ["chacha20-poly1305"], "mode": "duplicate", "pair_unmatched": False}
+        a.direct.on_message(a.controls[0], parse_message(json.dumps(offer).encode(), False), a.clock())
+        assert [u.candidates[0].addr for u in ds.peer.uplinks] == ["203.0.113.9"] * 2
+        targets = {t for p in ds.punch.values() for t in p.targets}
+        assert {("203.0.113.9", 40000), ("203.0.113.9", 40001)} <= targets
+        assert _direct_state(h, "a", "c") == "direct"
 
 
 def test_without_direct_on_the_hub_nothing_is_offered(tmp_path):
@@ -358,3 +372,31 @@ def test_a_direct_session_rekeys_under_traffic_without_losing_a_packet(tmp_path)
         direct_sid = peers["site-a"]["session_id"]
         se = [s for s in st["sessions"] if s["session_id"] == direct_sid][0]
         assert se["counters"]["auth_failures"] == 0
+
+
+def test_a_sites_new_candidates_reach_its_direct_peer_as_an_update_of_the_pair():
+    from mpvpn.core.candidates import Candidate
+
+    b, pa, pc, msgs = _keyed_pair()
+    peers, via = {"a": pa, "c": pc}, {"a": {"c"}, "c": {"a"}}
+    ((_to, answer),), _ev = _through(b, "a", msgs, peers, via, 1.0)
+    _through(b, "c", answer, peers, via, 1.0)
+    sid = pa.peers["c"].session_id
+    old = pa.peers["c"].uplinks
+    # C's NAT rebooted: a new public port (its UPDATE to the hub)
+    up = old[0]
+    moved = Uplink(up.name, up.type, up.addr, up.port,
+                   (Candidate("host", up.addr, up.port), Candidate("srflx", "203.0.113.9", 40001)))
+    sites = {n: _site(n, pk) for n, pk in (("a", pa.public), ("c", pc.public))}
+    sites["c"] = peerdirect.SiteView("c", pc.public, (moved,), ("chacha20-poly1305",), "duplicate", False)
+    b.site_moved("c")
+    out = _wire(b.offers(sites, set(), {sid}, 2.0))
+    assert [(to, m["session_id"]) for to, m in out] == [("a", sid)]  # only the other side, same pair
+    to_hub, ev = pa.on_message(out[0][1], {"c"}, {sid}, 2.0)
+    assert to_hub == [] and ev == [peerdirect.Moved(pa.peers["c"])]
+    assert pa.peers["c"].uplinks == (moved,) and pa.counters["direct_updates"] == 1
+    # the same again changes nothing; a changed key on the "update" ends the pair
+    assert pa.on_message(out[0][1], {"c"}, {sid}, 2.1) == ([], [])
+    forged = dict(out[0][1], key=noise.generate_keypair()[1])
+    end, ev = pa.on_message(forged, {"c"}, {sid}, 2.2)
+    assert end[0]["reason"] == "refused" and isinstance(ev[0], peerdirect.Ended) and "c" not in pa.peers

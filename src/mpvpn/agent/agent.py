@@ -240,6 +240,7 @@ class Agent:
         self.direct = DirectPaths(
             AgentPort(sessions=lambda: self.sessions, controls=lambda: self.controls,
                       session_of=self._session_of, new_session=self._new_direct_session,
+                      replan=self._replan_direct,
                       drop_session=self._drop_session, routes_changed=self._rebuild_route_table,
                       flush_control=self._control_flush,
                       talking=self.hub.take_pairs if self.hub is not None else set),
@@ -933,6 +934,11 @@ class Agent:
         return self._new_session(session_id, peer, plan, keys, None, now, cipher,
                                  initiator=initiator, direct=True)
 
+    def _replan_direct(self, ds: DataSession, peer, plan, now: float) -> None:
+        """(site) A direct session's peer uplinks, candidates or our own uplinks changed."""
+        ds.peer = peer
+        self._apply_plan(ds, plan, now)
+
     def _install_scheduler(self, sess: Session, peer) -> None:
         """The scheduler of base.mode with our policies (at session start, and
         on a reload that changed the policies)."""
@@ -1263,6 +1269,8 @@ class Agent:
                     self._hub_dirty = self.hub is not None
                     if self.role == "client":
                         self.direct.via_changed(ds, now)
+                    else:
+                        self.direct.site_moved(ds)
                 d = ev.diff
                 if ev.origin == "peer" or d.added or d.removed or d.changed:  # (not a hub's via)
                     log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,

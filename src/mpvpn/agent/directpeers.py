@@ -44,6 +44,7 @@ class AgentPort:
     controls: Callable[[], list]  # ControlIO of live control connections
     session_of: Callable  # control machine -> DataSession or None
     new_session: Callable  # (session id, PeerInfo, plan, DataKeys, cipher, initiator, now) -> ds
+    replan: Callable  # (ds, PeerInfo, plan, now): a direct session's peer or own uplinks changed
     drop_session: Callable  # (session id, reason)
     routes_changed: Callable[[], None]  # the route table must be rebuilt (a direct session's state)
     flush_control: Callable  # (ControlIO): write what its machine queued
@@ -172,6 +173,11 @@ class DirectPaths:
         for ev in events:
             if isinstance(ev, peerdirect.Keyed):
                 self._open(ev.peer, via.get(ev.peer.name), hub, now)
+            elif isinstance(ev, peerdirect.Moved):
+                ds = self.port.sessions().get(ev.peer.session_id)
+                if ds is not None and ds.direct and hub is not None:
+                    self._replan(ds, hub, ev.peer.uplinks, now)
+                    log.info("direct: %s's uplinks or candidates changed; re-planned", ev.peer.name)
             elif isinstance(ev, peerdirect.Rekeyed):
                 ds = self.port.sessions().get(ev.peer.session_id)
                 if ds is not None and ds.direct:
@@ -204,6 +210,21 @@ class DirectPaths:
                  "stays with the hub until a direct subflow is up", p.name, p.session_id,
                  "initiator" if p.initiator else "responder", len(plan))
 
+    def _replan(self, ds, hub, uplinks, now: float, only_if_changed: bool = False) -> None:
+        """New peer uplinks (``uplinks``) or own ones (the hub session's
+        ``local``): the plan, member IDs kept (pairing.plan ``previous``)."""
+        p = self.peers.peers.get(ds.peer.name)
+        if p is None:
+            return
+        old = sorted(ds.plan.values(), key=lambda x: x.member)
+        plan = pairing.plan(hub.conn.local.uplinks, uplinks, p.pair_unmatched, old,
+                            local_is_client=p.initiator)
+        if only_if_changed and plan == old:
+            return
+        peer = PeerInfo(ds.peer.name, tuple(uplinks), ds.peer.vnc, ds.peer.lans, ds.peer.mode,
+                        ds.peer.pair_unmatched)
+        self.port.replan(ds, peer, plan, now)
+
     def _close(self, session_id: int, reason: str) -> None:
         ds = self.port.sessions().get(session_id)
         if ds is not None and ds.direct:
@@ -226,11 +247,20 @@ class DirectPaths:
                         "?" if quiet is None else f"{quiet:.2f}")
         self.port.routes_changed()
 
+    def site_moved(self, ds) -> None:
+        """(hub) A site's UPDATE changed its uplinks or candidates."""
+        if self.broker is not None:
+            self.broker.site_moved(ds.peer.name)
+
     def via_changed(self, hub, now: float) -> None:
-        """(site) The hub's ``via`` changed: direct peers it no longer
-        forwards to for us end."""
+        """(site) The hub's UPDATE: direct peers it no longer forwards to for
+        us end; the others are re-planned if our own uplinks changed."""
         if self.peers is None:
             return
+        for ds in list(self.port.sessions().values()):
+            p = self.peers.peers.get(ds.peer.name) if ds.direct else None
+            if p is not None and hub.conn is not None:
+                self._replan(ds, hub, p.uplinks, now, only_if_changed=True)
         names = {v.name for v in hub.via}
         c = self._hub_control()
         for name in [n for n in self.peers.peers if n not in names]:

@@ -104,6 +104,7 @@ class Pair:
     responder: str
     session_id: int
     offered: float
+    token: bytes = b""
     steps: set = field(default_factory=set)  # handshake steps relayed (1, 2) of ``epoch``
     epoch: int = 1  # the handshake being relayed: 1, then each rekey's
     keyed: bool = False  # the first handshake went through
@@ -124,6 +125,7 @@ class DirectBroker:
         self._by_key: dict[tuple, Pair] = {}
         self._retry: dict[tuple, tuple[float, float]] = {}  # key -> (not before, next backoff)
         self._next_round = 0.0
+        self._moved: set = set()  # sites whose uplinks or candidates changed since the last round
         self.counters: Counter = Counter()
 
     # -- offers ---------------------------------------------------------------------------
@@ -146,6 +148,7 @@ class DirectBroker:
         if not self.round_due(now):
             return out
         self._next_round = now + OFFER_INTERVAL
+        out += self._updates(sites)
         load = Counter()
         for p in self._pairs.values():
             load[p.initiator] += 1
@@ -169,7 +172,7 @@ class DirectBroker:
                 continue
             sid = self._session_id(set(used_ids))
             token = self._rng.getrandbits(256).to_bytes(32, "big")
-            pair = Pair(a, b, sid, now)  # (the smaller name initiates)
+            pair = Pair(a, b, sid, now, token)  # (the smaller name initiates)
             self._pairs[sid] = pair
             self._by_key[key] = pair
             load[a] += 1
@@ -178,6 +181,24 @@ class DirectBroker:
             self.counters["direct_offers"] += 1
             out.append((a, self._offer(sb, pair, True, token, sa)))
             out.append((b, self._offer(sa, pair, False, token, sb)))
+        return out
+
+    def site_moved(self, name: str) -> None:
+        """Site ``name``'s uplinks or their candidates changed (its UPDATE):
+        its pairs' other sites get them in the next round (a PEER_OFFER with
+        the pair's session ID: an update, not a new pair)."""
+        self._moved.add(name)
+
+    def _updates(self, sites: dict) -> list:
+        out = []
+        moved, self._moved = self._moved, set()
+        for pair in self._pairs.values():
+            for name in (pair.initiator, pair.responder):
+                other = pair.other(name)
+                if name in moved and name in sites and other in sites and sites[name].key is not None:
+                    self.counters["direct_updates"] += 1
+                    out.append((other, self._offer(sites[name], pair, other == pair.initiator,
+                                                   pair.token, sites[other])))
         return out
 
     def _session_id(self, used: set) -> int:
@@ -352,6 +373,14 @@ class Retire:
 
 
 @dataclass(frozen=True)
+class Moved:
+    """The other site's uplinks or candidates changed: re-plan and punch
+    towards ``peer.uplinks``."""
+
+    peer: DirectPeer
+
+
+@dataclass(frozen=True)
 class Ended:
     """The direct session with ``name`` ends (``reason``): drop its data
     session; its traffic goes through the hub."""
@@ -409,8 +438,10 @@ class DirectPeers:
             return self._refuse(m, "disabled", "direct paths are off here")
         if name not in via or name == self.name:
             return self._refuse(m, "not_via", "not a site the hub forwards to for us")
-        if m["session_id"] in used_ids and (name not in self.peers
-                                            or self.peers[name].session_id != m["session_id"]):
+        cur = self.peers.get(name)
+        if cur is not None and cur.session_id == m["session_id"]:
+            return self._on_update(cur, m)
+        if m["session_id"] in used_ids:
             return self._refuse(m, "session_id", "session ID in use here")
         events = []
         old = self.peers.pop(name, None)
@@ -437,6 +468,19 @@ class DirectPeers:
             out.append({"type": "PEER_HS", "name": name, "session_id": p.session_id, "step": 1,
                         "hs": b64(hs.write_message(b""))})
         return out, events
+
+    def _on_update(self, p: DirectPeer, m: dict) -> tuple[list, list]:
+        """The hub's offer again for a pair we have: the other site's uplinks
+        or candidates changed (nothing else may: key, token and roles are
+        the pair's)."""
+        if m["key"] != p.key or m["token"] != p.token or m["initiator"] != p.initiator:
+            return self._fail(p, "refused", "the hub changed the pair's key, token or roles")
+        uplinks = tuple(m["uplinks"])
+        if uplinks == p.uplinks:
+            return [], []
+        p.uplinks = uplinks
+        self.counters["direct_updates"] += 1
+        return [], [Moved(p)] if p.keys is not None else []
 
     def _handshake(self, p: DirectPeer, initiator: bool, epoch: int):
         ini, resp = (self.name, p.name) if p.initiator else (p.name, self.name)
