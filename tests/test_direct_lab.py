@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import coturn  # noqa: E402
 from agentlab import Site, site_config  # noqa: E402
-from natsites import PROBE, SRC, STUN_PORT  # noqa: E402
+from natsites import STUN_PORT, lab_stun, start_stun  # noqa: E402
 from netlab import nat  # noqa: E402
 
 from mpvpn.core.noise import genpsk  # noqa: E402
@@ -48,14 +48,8 @@ def direct_lab(netlab_ready):
     tmp = tempfile.TemporaryDirectory(prefix="mpvpn-direct-")
     agents = []
     try:
-        server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
-                               relay_ports=(50000, 50099), loopback_peers=False,
-                               prefix=lab.prefix_argv(lab.inet))
-
-        def probe():
-            return lab.python(lab.inet, PROBE, SRC, nat.INET_IPS[0], str(STUN_PORT),
-                              check=False, timeout=10).returncode == 0
-        server.start(timeout=15, probe=probe)
+        server = lab_stun(lab)
+        start_stun(server, lab)
         work = Path(tmp.name)
         psk = genpsk()
         stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)

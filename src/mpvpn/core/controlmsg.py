@@ -375,13 +375,17 @@ def _parse_via(v, what: str) -> tuple:
     return tuple(out)
 
 
-def _key32(v, what: str) -> bytes:
-    """A 32-byte X25519 public key in base64."""
-    s = _str(v, what, 44)
+def _base64(v, what: str, limit: int) -> bytes:
+    s = _str(v, what, limit)
     try:
-        raw = base64.b64decode(s, validate=True)
+        return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         raise Bad("invalid", f"{what}: not base64") from None
+
+
+def _key32(v, what: str) -> bytes:
+    """A 32-byte X25519 public key (or token) in base64."""
+    raw = _base64(v, what, 44)
     if len(raw) != noise.KEY_LEN:
         raise Bad("invalid", f"{what}: expected a {noise.KEY_LEN}-byte key")
     return raw
@@ -430,11 +434,7 @@ def _parse_plan(v, what: str) -> list:
 
 
 def _parse_hs(v, what: str) -> bytes:
-    s = _str(v, what, 700)
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise Bad("invalid", f"{what}: not base64") from None
+    raw = _base64(v, what, 700)
     if not MIN_HANDSHAKE_MSG <= len(raw) <= PREAUTH_MAX_FRAME:
         raise Bad("invalid", f"{what}: handshake message of {len(raw)} bytes")
     return raw
