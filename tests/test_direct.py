@@ -400,3 +400,13 @@ def test_a_sites_new_candidates_reach_its_direct_peer_as_an_update_of_the_pair()
     forged = dict(out[0][1], key=noise.generate_keypair()[1])
     end, ev = pa.on_message(forged, {"c"}, {sid}, 2.2)
     assert end[0]["reason"] == "refused" and isinstance(ev[0], peerdirect.Ended) and "c" not in pa.peers
+
+
+def test_a_site_flooding_the_hub_with_handshake_messages_gets_few_answers_and_is_counted():
+    b = peerdirect.DirectBroker(True, random.Random(4))
+    m = {"type": "PEER_HS", "name": "site-c", "step": 1, "epoch": 1, "hs": bytes(48)}
+    answers = [b.on_message("site-a", dict(m, session_id=1000 + i), 5.2) for i in range(50)]
+    assert sum(len(x) for x in answers) == peerdirect.MAX_REFUSALS
+    assert b.counters["direct_refused"] == 50 and b.counters["direct_refused_quiet"] == 40
+    assert len(b.on_message("site-a", dict(m, session_id=7), 6.0)) == 1  # the next second: answered
+    assert len(b.on_message("site-d", dict(m, session_id=7), 5.3)) == 1  # other sites are not affected

@@ -1657,8 +1657,9 @@ class Agent:
         peer = args.get("peer")
         if peer is not None and not isinstance(peer, str):
             return {"error": "peer must be a site name"}
-        cands = [ds for ds in self.sessions.values()
-                 if ds.sess.connected and (peer is None or ds.peer.name == peer)]
+        cands = sorted((ds for ds in self.sessions.values()  # (the hub before direct sessions)
+                        if ds.sess.connected and (peer is None or ds.peer.name == peer)),
+                       key=lambda ds: ds.direct)
         if not cands:
             return {"error": f"no connected session with {peer}" if peer else "no connected session"}
         if self._link_test is not None and self._link_test[1].get("state") == "running":

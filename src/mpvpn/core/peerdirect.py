@@ -62,6 +62,7 @@ RETRY_MAX = 600.0  # ... doubling up to this
 MAX_DIRECT = 32  # direct peers one site keeps at once
 OPEN_TIMEOUT = 20.0  # a site gives up a direct session not up this long after its keys
 DOWN_TIMEOUT = 60.0  # ... or down this long (its traffic went back to the hub at once)
+MAX_REFUSALS = 10  # refusals the hub answers per site per second (the rest: counted only)
 MIN_REKEY_GAP = 1.0  # the hub relays a pair's rekeys at most this often (a flood bound)
 KEY_OVERLAP = 10.0  # a site keeps the previous epoch's receive key this long after a rekey
 
@@ -126,6 +127,7 @@ class DirectBroker:
         self._retry: dict[tuple, tuple[float, float]] = {}  # key -> (not before, next backoff)
         self._next_round = 0.0
         self._moved: set = set()  # sites whose uplinks or candidates changed since the last round
+        self._refusals: dict = {}  # site -> (second, refusals answered in it)
         self.counters: Counter = Counter()
 
     # -- offers ---------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class DirectBroker:
         pair = self._pairs.get(m["session_id"])
         if pair is None or site not in (pair.initiator, pair.responder) or pair.other(site) != m["name"]:
             self.counters["direct_refused"] += 1
-            if t == "PEER_END":  # (nothing to answer an end with)
+            if t == "PEER_END" or not self._may_answer(site, now):  # (an end needs no answer)
                 return []
             return [(site, end_message(m["name"], m["session_id"], "no_offer",
                                        "no direct pair with that site and session"))]
@@ -256,6 +258,18 @@ class DirectBroker:
         return [(other, {"type": "PEER_HS", "name": site, "session_id": pair.session_id,
                          "step": step, "epoch": epoch, "hs": b64(m["hs"])})]
 
+    def _may_answer(self, site: str, now: float) -> bool:
+        """At most MAX_REFUSALS answered refusals per site per second."""
+        sec = int(now)
+        start, n = self._refusals.get(site, (sec, 0))
+        if start != sec:
+            n = 0
+        if n >= MAX_REFUSALS:
+            self.counters["direct_refused_quiet"] += 1
+            return False
+        self._refusals[site] = (sec, n + 1)
+        return True
+
     def site_gone(self, name: str, now: float) -> list:
         """``name``'s session ended: its pairs end; the other sides are told."""
         out = []
@@ -265,6 +279,7 @@ class DirectBroker:
                                                       "the site left the hub")))
         for key in [k for k in self._retry if name in k]:
             del self._retry[key]
+        self._refusals.pop(name, None)
         return out
 
     def handle_timer(self, now: float) -> list:
