@@ -410,3 +410,30 @@ def test_a_site_flooding_the_hub_with_handshake_messages_gets_few_answers_and_is
     assert b.counters["direct_refused"] == 50 and b.counters["direct_refused_quiet"] == 40
     assert len(b.on_message("site-a", dict(m, session_id=7), 6.0)) == 1  # the next second: answered
     assert len(b.on_message("site-d", dict(m, session_id=7), 5.3)) == 1  # other sites are not affected
+
+
+def test_a_site_the_hub_keeps_off_direct_paths_talks_through_the_hub_and_reload_ends_its_pairs(tmp_path):
+    with Hub(tmp_path, direct=True, apart=()) as h:  # (every site has its own `config site`)
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        ha, hc = h.sites["a"][1], h.sites["c"][1]
+        ha.tun.inject(v4(host("a"), host("c"), b"1"))
+        h.until(lambda: _direct_state(h, "a", "c") == "direct", "A and C direct")
+        # the hub's `config site 'site_c'` gets direct 0; SIGHUP
+        conf = tmp_path / "b" / "orayboxvpn"
+        text = conf.read_text()
+        conf.write_text(text.replace("config site 'site_c'\n", "config site 'site_c'\n\toption direct '0'\n"))
+        h.b.reload()
+        h.until(lambda: _direct_state(h, "a", "c") is None and _direct_state(h, "c", "a") is None,
+                "A and C's direct session ended")
+        assert h.b.status()["sessions"] and len(h.b.status()["sessions"]) == 3  # (no session restarted)
+        base = h.b.status()["counters"]["hub_forwarded"]
+        for k in range(4):
+            ha.tun.inject(v4(host("a"), host("c"), b"again %d" % k))
+            h.run(0.5)
+        h.until(lambda: h.b.status()["counters"]["hub_forwarded"] == base + 4, "through the hub")
+        assert h.b.status()["direct"]["pairs"] == [] and _direct_state(h, "a", "c") is None
+        assert len([p for p in hc.tun.written if p.endswith(b"again 3")]) == 1
+        # A and D may still go direct
+        ha.tun.inject(v4(host("a"), host("d"), b"d"))
+        h.until(lambda: _direct_state(h, "a", "d") == "direct", "A and D direct")

@@ -243,7 +243,8 @@ class Agent:
                       replan=self._replan_direct,
                       drop_session=self._drop_session, routes_changed=self._rebuild_route_table,
                       flush_control=self._control_flush,
-                      talking=self.hub.take_pairs if self.hub is not None else set),
+                      talking=self.hub.take_pairs if self.hub is not None else set,
+                      may_go_direct=self._may_go_direct),
             self.role, self.name, cfg.base.direct, cfg.base.private_key,
             seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
 
@@ -1040,6 +1041,11 @@ class Agent:
             self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
                              self._hub_apart())
 
+    def _may_go_direct(self, ds: DataSession) -> bool:
+        """(hub) May this site be offered direct paths (its `config site` ``direct``)?"""
+        site = getattr(ds.conn, "site", None)
+        return site is None or all(s.direct for s in self.cfg.sites if s.name == site)
+
     def _hub_apart(self) -> list:
         """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
         names = {s.name for s in self.cfg.sites if not s.forward}
@@ -1446,6 +1452,7 @@ class Agent:
             if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
                 self.registry.reconfigure(self._control_config())
                 self._close_revoked_sites(old_sites, new.sites, now)
+                self.direct.sites_changed(now)  # (`config site` direct)
             if self.hub is not None and (self.hub.enabled != new.base.hub_forward
                                          or new.sites != old_sites):
                 self.hub.enabled = new.base.hub_forward  # the sites learn by UPDATE

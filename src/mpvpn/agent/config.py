@@ -332,6 +332,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "forwarding: it is not told about the other sites, they are not told about it, and "
             "nothing passes between it and them (it still reaches the hub's LAN).",
         ),
+        "direct": Option(
+            "bool", "1",
+            "With the hub's `base.direct 1`: `0` offers this site no direct paths to other "
+            "sites, so everything between it and them passes the hub (to filter or log it "
+            "there). The site may also refuse them itself (its own `base.direct`).",
+        ),
         "enabled": Option("bool", "1", "`0` refuses this site's key."),
     },
     "policy": {
@@ -548,6 +554,7 @@ class SiteKey:
     vnc_ipaddr: str | None = None  # the vNIC address it must use
     lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
     forward: bool = True  # takes part in site-to-site forwarding (base.hub_forward)
+    direct: bool = True  # may be offered direct paths to other sites (base.direct)
 
 
 @dataclass(frozen=True)
@@ -1297,7 +1304,8 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
         if sec.has("lan_subnet"):
             lans = [str(net) for net in _lan_subnets(chk, sec)]
             lans = tuple(lans)
-        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True)))
+        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True),
+                           sec.parsed("direct", _parse_bool, True)))
     if len(out) > MAX_SITES:
         chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
     if out and b and b.get("private_key"):

@@ -49,6 +49,7 @@ class AgentPort:
     routes_changed: Callable[[], None]  # the route table must be rebuilt (a direct session's state)
     flush_control: Callable  # (ControlIO): write what its machine queued
     talking: Callable[[], set]  # (hub) (from ds, to ds) forwarded since the last call
+    may_go_direct: Callable  # (hub) ds -> whether its site may be offered direct paths (config site)
 
 
 class DirectPaths:
@@ -113,7 +114,8 @@ class DirectPaths:
             sites = {}
             for ds in self.port.sessions().values():
                 p = ds.peer
-                sites[p.name] = peerdirect.SiteView(p.name, p.direct_key, p.uplinks, p.ciphers,
+                key = p.direct_key if self.port.may_go_direct(ds) else None  # (None: no offers)
+                sites[p.name] = peerdirect.SiteView(p.name, key, p.uplinks, p.ciphers,
                                                     p.mode, p.pair_unmatched)
             names = {(a.peer.name, b2.peer.name) for a, b2 in talking}
             out += b.offers(sites, names, set(self.port.sessions()), now)
@@ -131,6 +133,15 @@ class DirectPaths:
         b.enabled = enabled
         if not enabled:
             self._send_sites(b.disable(now), now)
+
+    def sites_changed(self, now: float) -> None:
+        """(hub) `config site` changed on reload: the pairs of sites that may
+        no longer go direct end."""
+        if self.broker is None:
+            return
+        for ds in list(self.port.sessions().values()):
+            if not self.port.may_go_direct(ds):
+                self._send_sites(self.broker.disallow(ds.peer.name, now), now)
 
     def _send_sites(self, out: list, now: float) -> None:
         if not out:

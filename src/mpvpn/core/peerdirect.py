@@ -282,6 +282,17 @@ class DirectBroker:
         self._refusals.pop(name, None)
         return out
 
+    def disallow(self, name: str, now: float) -> list:
+        """Site ``name`` may no longer go direct (the hub's `config site`
+        ``direct 0`` on reload): its pairs end, both sides told."""
+        out = []
+        for pair in [p for p in self._pairs.values() if name in (p.initiator, p.responder)]:
+            self._end(pair, now, failed=False)
+            for a, b in ((pair.initiator, pair.responder), (pair.responder, pair.initiator)):
+                out.append((a, end_message(b, pair.session_id, "disabled",
+                                           f"the hub no longer offers {name} direct paths")))
+        return out
+
     def handle_timer(self, now: float) -> list:
         """Offers whose handshake did not pass within HS_TIMEOUT end."""
         out = []

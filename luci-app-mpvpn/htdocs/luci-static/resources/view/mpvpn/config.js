@@ -538,6 +538,11 @@ return view.extend({
 		o.default = '1';
 		o.modalonly = true;
 
+		o = s.option(form.Flag, 'direct', _('Direct paths'),
+			_('With direct paths on: off offers this site none, so everything between it and the other sites passes this hub (to filter or log it here).'));
+		o.default = '1';
+		o.modalonly = true;
+
 		/* --- config policy (per-host link policies, seed 004) ------------------- */
 
 		s = listSection(m, 'policy', _('Link policies'),
