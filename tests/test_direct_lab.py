@@ -106,12 +106,14 @@ def test_two_sites_behind_nat_go_direct_and_back_through_the_hub_when_the_path_i
                and len(st["sessions"][0]["via"]) == 1,
                30, "connected to the hub through the NAT, the other site announced")
     # continuous pings A -> C's vNIC (through the hub first)
+    t_ping = time.monotonic()
     ping = lab.popen(na.router, ["ping", "-n", "-i", "0.1", "-W", "1", SITES["c"][1]],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         st_a = a.wait(lambda st: (_peer(st, "site-c") or {}).get("state") == "direct", 30,
                       "A's traffic to C direct")
         c.wait(lambda st: (_peer(st, "site-a") or {}).get("state") == "direct", 15, "C's traffic to A direct")
+        to_direct = time.monotonic() - t_ping  # (polled every 0.1 s)
         pa = _peer(st_a, "site-c")
         assert pa["keyed_after"] is not None and pa["up_after"] is not None
         links = [ln for ln in st_a["links"] if ln["session_id"] == pa["session_id"]]
@@ -141,7 +143,8 @@ def test_two_sites_behind_nat_go_direct_and_back_through_the_hub_when_the_path_i
     seqs = sorted(int(x) for x in re.findall(r"icmp_seq=(\d+)", out))
     replies = len(seqs)
     lost = (seqs[-1] - seqs[0] + 1 - replies) if seqs else None
-    sys.stderr.write(f"\ndirect lab: direct after {pa['up_after']} s from the offer "
+    sys.stderr.write(f"\ndirect lab: both sites direct {to_direct:.2f} s after the first ping; "
+                     f"A direct {pa['up_after']} s after the hub's offer "
                      f"(keyed after {pa['keyed_after']} s); back through the hub "
                      f"{waited:.2f} s after the cut (agent: nothing heard for {pa['down_quiet']} s); "
                      f"{replies} ping replies, {lost} lost between the first and the last\n")
