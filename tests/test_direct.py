@@ -437,3 +437,15 @@ def test_a_site_the_hub_keeps_off_direct_paths_talks_through_the_hub_and_reload_
         # A and D may still go direct
         ha.tun.inject(v4(host("a"), host("d"), b"d"))
         h.until(lambda: _direct_state(h, "a", "d") == "direct", "A and D direct")
+
+
+def test_the_hub_never_gives_a_site_the_session_id_of_a_direct_pair():
+    from test_control import connect, server_cfg
+
+    from mpvpn.core.registry import ServerSessions
+
+    _c, s, _reg = connect(registry=ServerSessions(server_cfg(), rng=random.Random(1)))
+    taken = s.session_id  # what this seed gives the first site
+    reg = ServerSessions(server_cfg(), rng=random.Random(1), reserved=lambda: {taken})
+    _c, s2, _reg = connect(registry=reg)
+    assert s2.session_id is not None and s2.session_id != taken

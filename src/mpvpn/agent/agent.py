@@ -437,7 +437,7 @@ class Agent:
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
-        self.registry = ServerSessions(self._control_config())
+        self.registry = ServerSessions(self._control_config(), reserved=self.direct.reserved_ids)
         self._restore_stamps()
         try:
             s = self.io.listen(la.host, la.port)

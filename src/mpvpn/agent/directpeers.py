@@ -109,7 +109,9 @@ class DirectPaths:
         if b is None:
             return
         out = b.handle_timer(now)
-        if b.round_due(now):
+        if not b.enabled:
+            self._talking.clear()
+        elif b.round_due(now):
             talking, self._talking = self._talking, set()
             sites = {}
             for ds in self.port.sessions().values():
@@ -121,18 +123,18 @@ class DirectPaths:
             out += b.offers(sites, names, set(self.port.sessions()), now)
         self._send_sites(out, now)
 
+    def reserved_ids(self) -> set:
+        """(hub) Session IDs of the direct pairs offered (no site session gets one)."""
+        return self.broker.session_ids() if self.broker is not None else set()
+
     def site_gone(self, name: str, now: float) -> None:
         if self.broker is not None:
             self._send_sites(self.broker.site_gone(name, now), now)
 
     def set_enabled(self, enabled: bool, now: float) -> None:
         """(hub) base.direct / hub_forward changed on reload."""
-        b = self.broker
-        if b is None or b.enabled == enabled:
-            return
-        b.enabled = enabled
-        if not enabled:
-            self._send_sites(b.disable(now), now)
+        if self.broker is not None:
+            self._send_sites(self.broker.set_enabled(enabled, now), now)
 
     def sites_changed(self, now: float) -> None:
         """(hub) `config site` changed on reload: the pairs of sites that may

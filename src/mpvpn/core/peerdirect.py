@@ -137,6 +137,15 @@ class DirectBroker:
         t = [p.offered + HS_TIMEOUT for p in self._pairs.values() if not p.keyed]
         return min(t) if t else None
 
+    def session_ids(self) -> set:
+        """The session IDs of the live pairs (the hub's registry gives them to no site)."""
+        return set(self._pairs)
+
+    def set_enabled(self, enabled: bool, now: float) -> list:
+        """``base.direct`` / ``hub_forward`` changed: off ends every pair."""
+        was, self.enabled = self.enabled, enabled
+        return self.disable(now) if was and not enabled else []
+
     def round_due(self, now: float) -> bool:
         """Is it time for :meth:`offers`?"""
         return self.enabled and now >= self._next_round
