@@ -449,3 +449,27 @@ def test_the_hub_never_gives_a_site_the_session_id_of_a_direct_pair():
     reg = ServerSessions(server_cfg(), rng=random.Random(1), reserved=lambda: {taken})
     _c, s2, _reg = connect(registry=reg)
     assert s2.session_id is not None and s2.session_id != taken
+
+
+def test_a_direct_session_follows_the_other_sites_lans_as_the_hub_announces_them(tmp_path):
+    with Hub(tmp_path, direct=True) as h:
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        c, hc = h.sites["c"]
+        ha.tun.inject(v4(host("a"), host("c"), b"1"))
+        h.until(lambda: _direct_state(h, "a", "c") == "direct", "A and C direct")
+        sid = {p["name"]: p for p in a.status()["direct"]["peers"]}["site-c"]["session_id"]
+        # C moves its LAN to 192.168.31.0/24 (an UPDATE to the hub; the hub tells A)
+        for ctl in c.controls:
+            ctl.conn.send_update(time.monotonic(), lans=["192.168.31.0/24"])
+            c._control_pump(ctl, time.monotonic())
+        h.until(lambda: a.sessions[sid].routes == ["192.168.31.0/24"], "A's direct session follows")
+        assert "192.168.30.0/24" not in h.routes("a") and "192.168.31.0/24" in h.routes("a")
+        # C's old LAN is no longer a source A takes on the direct session; the new one is
+        hc.tun.inject(v4("192.168.30.2", host("a"), b"old"))
+        hc.tun.inject(v4("192.168.31.2", host("a"), b"new"))
+        h.until(lambda: any(p.endswith(b"new") for p in ha.tun.written), "the new LAN's packet")
+        assert not any(p.endswith(b"old") for p in ha.tun.written)
+        assert a.status()["direct"]["counters"]["direct_spoofed"] == 1  # (it came the direct way)
+        assert _direct_state(h, "a", "c") == "direct"

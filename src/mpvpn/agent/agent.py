@@ -936,9 +936,11 @@ class Agent:
                                  initiator=initiator, direct=True)
 
     def _replan_direct(self, ds: DataSession, peer, plan, now: float) -> None:
-        """(site) A direct session's peer uplinks, candidates or our own uplinks changed."""
+        """(site) A direct session's peer uplinks, candidates or LANs, or our
+        own uplinks changed."""
         ds.peer = peer
         self._apply_plan(ds, plan, now)
+        self._set_routes(ds, self._routes_for(ds))
 
     def _install_scheduler(self, sess: Session, peer) -> None:
         """The scheduler of base.mode with our policies (at session start, and

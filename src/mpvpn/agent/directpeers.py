@@ -215,13 +215,17 @@ class DirectPaths:
                             local_is_client=p.initiator)
         keys = DataKeys(1, p.keys.data_send_key, p.keys.data_recv_key)
         ds = self.port.new_session(p.session_id, peer, plan, keys, p.cipher, p.initiator, now)
-        nets = [ipaddress.ip_network(c) for c in site.routes]
-        pf = Prefixes()
-        pf.rebuild([(n, ds) for n in nets])
-        self._sources[ds] = pf
+        self._claims(ds, site)
         log.info("direct: keyed with %s (session %#x, %s, %d subflow(s) planned); its traffic "
                  "stays with the hub until a direct subflow is up", p.name, p.session_id,
                  "initiator" if p.initiator else "responder", len(plan))
+
+    def _claims(self, ds, site) -> None:
+        """What the other site may send from on ``ds``: its ``via`` entry's
+        vNIC address and LANs (as the hub announces them now)."""
+        pf = Prefixes()
+        pf.rebuild([(ipaddress.ip_network(c), ds) for c in site.routes])
+        self._sources[ds] = pf
 
     def _replan(self, ds, hub, uplinks, now: float, only_if_changed: bool = False) -> None:
         """New peer uplinks (``uplinks``) or own ones (the hub session's
@@ -270,11 +274,22 @@ class DirectPaths:
         us end; the others are re-planned if our own uplinks changed."""
         if self.peers is None:
             return
+        via = {v.name: v for v in hub.via}
         for ds in list(self.port.sessions().values()):
             p = self.peers.peers.get(ds.peer.name) if ds.direct else None
-            if p is not None and hub.conn is not None:
-                self._replan(ds, hub, p.uplinks, now, only_if_changed=True)
-        names = {v.name for v in hub.via}
+            site = via.get(ds.peer.name)
+            if p is None or site is None or hub.conn is None:
+                continue
+            self._replan(ds, hub, p.uplinks, now, only_if_changed=True)
+            if (site.vnc, tuple(site.lans)) != (ds.peer.vnc.ip, tuple(ds.peer.lans)):
+                # the other site's LANs changed: the direct session routes and
+                # accepts what the hub announces now, no more
+                host = 32 if ":" not in site.vnc else 128
+                peer = PeerInfo(ds.peer.name, ds.peer.uplinks, Vnc(site.vnc, str(host)),
+                                tuple(site.lans), ds.peer.mode, ds.peer.pair_unmatched)
+                self.port.replan(ds, peer, sorted(ds.plan.values(), key=lambda x: x.member), now)
+                self._claims(ds, site)
+        names = set(via)
         c = self._hub_control()
         for name in [n for n in self.peers.peers if n not in names]:
             p = self.peers.peers[name]
