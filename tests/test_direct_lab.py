@@ -39,12 +39,18 @@ TURN_MS = 100.0  # the agent acts on a dead verdict within the turn of its loop 
 
 
 @pytest.fixture
-def direct_lab(netlab_ready):
+def direct_lab(netlab_ready, request):
+    """(lab, hub, sites): the sites behind NATs of the kind ``request.param``
+    (default ``eim``); behind ``edm`` NATs they also have the lab's coturn as
+    `config relay`."""
     reason = coturn.unavailable_reason()
     if reason:
         sys.stderr.write(f"\ndirect path lab test skipped: {reason}\n")
         pytest.skip(reason)
-    lab = nat.NatLab(kinds=("eim", "eim"))
+    kind = getattr(request, "param", "eim")
+    relays = (f"\nconfig relay\n\toption address '{nat.INET_IPS[0]}:{STUN_PORT}'\n"
+              "\toption username 'alice'\n\toption password 'secret'\n") if kind == "edm" else ""
+    lab = nat.NatLab(kinds=(kind, kind))
     server = None
     tmp = tempfile.TemporaryDirectory(prefix="mpvpn-direct-")
     agents = []
@@ -56,12 +62,12 @@ def direct_lab(netlab_ready):
         stun = "".join(f"\tlist stun '{ip}:{STUN_PORT}'\n" for ip in nat.INET_IPS)
         fast = f"\toption keepalive_idle '{KEEPALIVE}'\n\toption dead_after '{DEAD_AFTER}'\n"
 
-        def config(role, idx, vnc, lan, bind, extra):
+        def config(role, idx, vnc, lan, bind, extra, sections=""):
             text, network = site_config(role, psk, idx, vnc, lan, 1, fast + extra)
             text = text.replace(f"option bind_ip '10.1.0.{idx}'", f"option bind_ip '{bind}'")
             text = text.replace("option server_address '10.1.0.2:7000'",
                                 f"option server_address '{HUB_IP}:7000'")
-            return text.replace("255.255.255.252", "255.255.255.0"), network
+            return text.replace("255.255.255.252", "255.255.255.0") + sections, network
 
         hub = Site(lab, lab.inet, work, "hub")
         hub.write(*config("server", 2, "172.30.0.2", "192.168.20.1", HUB_IP,
@@ -69,7 +75,8 @@ def direct_lab(netlab_ready):
         sites = {}
         for (name, (idx, vnc, lan)), ns in zip(SITES.items(), lab.sites):
             s = Site(lab, ns.router, work, name)
-            s.write(*config("client", idx, vnc, lan, ns.router_ip, stun + f"\toption name 'site-{name}'\n"))
+            s.write(*config("client", idx, vnc, lan, ns.router_ip, stun + f"\toption name 'site-{name}'\n",
+                            relays))
             sites[name] = s
         agents = [hub, *sites.values()]
         hub.start()
@@ -153,3 +160,34 @@ def test_two_sites_behind_nat_go_direct_and_back_through_the_hub_when_the_path_i
                      f"{waited:.2f} s after the cut (agent: nothing heard for {pa['down_quiet']} s); "
                      f"{replies} ping replies, {lost} lost between the first and the last\n")
     assert replies > 0
+
+
+@pytest.mark.parametrize("direct_lab", ["edm"], indirect=True)
+def test_two_sites_behind_symmetric_nats_go_direct_through_a_relay(direct_lab):
+    """Both sites behind endpoint-dependent NATs: punching cannot open the
+    pair, so a site's relay (`config relay`) takes it after RELAY_AFTER; its
+    relayed candidate reaches the other site as an update of the hub's offer,
+    and their traffic leaves the hub all the same (through the relay)."""
+    lab, hub, sites = direct_lab
+    a, c = sites["a"], sites["c"]
+    na, _nc = lab.sites
+    for s in (a, c):
+        s.wait(lambda st: st["state"] == "connected" and len(st["sessions"][0]["via"]) == 1,
+               30, "connected to the hub, the other site announced")
+    ping = lab.popen(na.router, ["ping", "-n", "-i", "0.2", "-W", "1", SITES["c"][1]],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        st_a = a.wait(lambda st: (_peer(st, "site-c") or {}).get("state") == "direct", 40,
+                      "A's traffic to C direct through a relay")
+        pa = _peer(st_a, "site-c")
+        links = [ln for ln in st_a["links"] if ln["session_id"] == pa["session_id"]]
+        assert any(ln["path"] == "relayed" for ln in links), links
+        time.sleep(0.5)
+        f0 = _forwarded(hub)
+        time.sleep(2.0)
+        assert _forwarded(hub) == f0
+    finally:
+        ping.terminate()
+        out, _err = ping.communicate(timeout=10)
+    sys.stderr.write(f"\ndirect lab (edm, relayed): A direct {pa['up_after']} s after the hub's offer; "
+                     f"{len(re.findall(r'icmp_seq=', out))} ping replies\n")
