@@ -32,15 +32,19 @@ class HubSite:
 
 class HubLab:
     """``letters``: the add_site sites besides A (e.g. "cd"); ``forward``:
-    base.hub_forward on the hub; ``extra_base``: more base options for all."""
+    base.hub_forward on the hub; ``extra_base``: more base options for all;
+    ``direct``: base.direct (off here unless asked: what these labs measure
+    and test is the hub's forwarding, so no pair may move off the hub)."""
 
     def __init__(self, lab, letters="cd", forward: bool = True, extra_base: str = "",
-                 with_a: bool = True):
+                 with_a: bool = True, direct: bool = False):
         self.lab = lab
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-hub-")
         work = Path(self._tmp.name)
         psk = genpsk()
         n = lab.n
+        if not direct:
+            extra_base += "\toption direct '0'\n"
         hub_extra = extra_base + ("\toption hub_forward '1'\n" if forward else "")
         self.hub = Site(lab, lab.rb, work, "b")
         self.hub.write(*self._masked(site_config("server", psk, 2, "172.30.0.2", "192.168.20.1", n,

@@ -40,6 +40,23 @@ def unavailable_reason() -> str | None:
                                            "`conntrack` missing: install Debian package conntrack")
 
 
+def lab_stun(boxes) -> coturn.Coturn:
+    """coturn answering STUN and TURN on the lab internet's two addresses of
+    ``boxes`` (a nat.NatCarriers or nat.NatLab); not started: :func:`start_stun`."""
+    return coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
+                         relay_ports=(50000, 50099), loopback_peers=False,
+                         prefix=boxes.prefix_argv(boxes.inet))
+
+
+def start_stun(server: coturn.Coturn, boxes) -> None:
+    """Start ``server`` (:func:`lab_stun`) and wait until it answers a Binding
+    request from inside the lab internet."""
+    def probe():
+        return boxes.python(boxes.inet, PROBE, SRC, nat.INET_IPS[0], str(STUN_PORT),
+                            check=False, timeout=10).returncode == 0
+    server.start(timeout=15, probe=probe)
+
+
 def write_configs(sites, nc, extra_base: str = "", sections: str = "") -> None:
     """Both sites' configs (one fresh PSK): STUN on the lab internet's two
     addresses, ``mobile`` bound to its address behind the NAT box,
@@ -66,15 +83,9 @@ class NatSites:
             self.lab = lab
             self.nc = nat.NatCarriers(lab, {MOBILE: tuple(kinds)})
             self._made.append(self.nc)
-            self.server = coturn.Coturn(listen=nat.INET_IPS, port=STUN_PORT, relay_ip=nat.INET_IPS[0],
-                                        relay_ports=(50000, 50099), loopback_peers=False,
-                                        prefix=self.nc.prefix_argv(self.nc.inet))
+            self.server = lab_stun(self.nc)
             self._made.append(self.server)
-
-            def probe():
-                return self.nc.python(self.nc.inet, PROBE, SRC, nat.INET_IPS[0], str(STUN_PORT),
-                                      check=False, timeout=10).returncode == 0
-            self.server.start(timeout=15, probe=probe)
+            start_stun(self.server, self.nc)
             self.sites = TwoSites(lab)
             self._made.append(self.sites)
             write_configs(self.sites, self.nc, extra_base)

@@ -187,14 +187,19 @@ class Hub:
     """Site B (server, LAN 192.168.20.0/24) with client sites A, C, D on one
     MemoryNet, every vNIC in 172.30.0.0/24."""
 
-    def __init__(self, tmp_path, forward: bool = True, apart=None):
+    def __init__(self, tmp_path, forward: bool = True, apart=None, direct: bool = False,
+                 extra: str = ""):
         """``apart``: None (one shared key) or the sites whose own key's
-        `config site` section (every site then has one) says ``forward 0``."""
+        `config site` section (every site then has one) says ``forward 0``;
+        ``direct``: base.direct everywhere (direct paths between sites:
+        tests/test_direct.py; off here, where the hub's forwarding is tested);
+        ``extra``: more base options for every agent."""
         self.net = MemoryNet()
         self.hub_clock = HubClock()
         psk = genpsk()
         keys = {n: genpsk() if apart is not None else psk for n in CLIENTS}
-        extra = FAST + ("\toption hub_forward '1'\n" if forward else "")
+        site_extra = FAST + ("" if direct else "\toption direct '0'\n") + extra
+        extra = site_extra + ("\toption hub_forward '1'\n" if forward else "")
         sections = "".join(f"\nconfig site 'site_{n}'\n\toption psk '{keys[n]}'\n"
                            + ("\toption forward '0'\n" if n in apart else "")
                            for n in CLIENTS) if apart is not None else ""
@@ -202,7 +207,8 @@ class Hub:
                                      clock=self.hub_clock, sections=sections)
         self.sites = {}
         for name, (idx, vnc, lan) in CLIENTS.items():
-            self.sites[name] = self._site(tmp_path / name, "client", keys[name], idx, vnc, lan, FAST)
+            self.sites[name] = self._site(tmp_path / name, "client", keys[name], idx, vnc, lan,
+                                          site_extra)
 
     def _site(self, d, role, psk, idx, vnc, lan, extra, clock=time.monotonic, sections=""):
         d.mkdir()

@@ -881,13 +881,25 @@ def fixed_documents() -> dict[str, dict]:
          "exclusive": False, "mode": "adaptive"},
     ], dataplane=dict(base["dataplane"], c_loops=True, c_loops_off_why=None),
         sessions=HUB_SESSIONS,
+        direct={"enabled": True, "peers": None, "counters": {},
+                "pairs": [{"sites": ["site-a", "site-c"], "session_id": 7, "state": "keyed"},
+                          {"sites": ["site-a", EVIL], "session_id": 8, "state": "offered"}]},
         link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
                   "phases": 8, "results": results, "peer": "site-b"})
     client = dict(base["sessions"][0], via=[
-        {"name": "site-c", "vnc": "172.30.0.3", "lans": ["192.168.30.0/24"], "path": "hub"},
+        {"name": "site-c", "vnc": "172.30.0.3", "lans": ["192.168.30.0/24"], "path": "direct"},
         {"name": "site-d", "vnc": "172.30.0.4", "lans": [], "path": "hub"}],
         via_refused=[{"name": "site-e", "why": "LAN 192.168.10.0/25 overlaps our LANs"}])
-    failed = dict(base, policies=[], sessions=[client], link_test={
+    # a direct session with site-c (docs/status.md sessions[].direct, direct.peers)
+    to_c = dict(base["sessions"][0], session_id=7, name="site-c", direct=True, via=[], via_refused=[])
+    peer = {"session_id": 7, "initiator": True, "cipher": "chacha20-poly1305", "keyed_after": 0.01,
+            "up_after": 0.03, "down_quiet": 0.9}
+    failed = dict(base, policies=[], sessions=[client, to_c], direct={
+        "enabled": True, "pairs": None, "counters": {},
+        "peers": [dict(peer, name="site-c", state="direct", phase="up", since=52.0, ups=2, downs=1),
+                  dict(peer, name="site-d", state="via hub", phase="down", since=3.0, ups=1, downs=1),
+                  dict(peer, name=EVIL, state=EVIL, phase=EVIL, since=None, ups=0, downs=0)]},
+        link_test={
         "id": 5, "state": "failed", "error": "the peer stopped answering " + EVIL,
         "started": 1767225600.0, "phase": None, "phases": 8, "results": results[:1]})
     return {"running": running, "failed": failed}
@@ -1177,10 +1189,20 @@ def test_browser_status_lists_a_hubs_sites_and_a_sites_peers_via_the_hub(browser
     assert "2 with a foreign source dropped" in c
     head = header_rows(view_of(browser["dom"]["failed"]))  # a client: the other sites through its hub
     via = [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-site")]
-    assert via == ["site-c 172.30.0.3 — 192.168.30.0/24 through the hub", "site-d 172.30.0.4 through the hub"]
+    assert via == ["site-c 172.30.0.3 — 192.168.30.0/24 direct (the hub stands by)",
+                   "site-d 172.30.0.4 through the hub"]
     assert [d.words for d in head["Other sites"].find_all("div", cls="mpvpn-via-refused")] == [
         "site-e offered by the hub but not routed here: LAN 192.168.10.0/25 overlaps our LANs"]
-    assert "Connected sites" not in head
+    assert "Connected sites" not in head  # (its direct session with site-c is no connected site)
+    peers = [d.words for d in head["Direct paths"].find_all("div", cls="mpvpn-direct-peer")]
+    assert peers[0].startswith("direct site-c direct: a subflow between the two sites is up for ")
+    assert "back to the hub 1 times" in peers[0]
+    assert peers[1].startswith("via hub site-d through the hub: no direct subflow is up")
+    assert EVIL in peers[2] and len(peers) == 3  # words it does not know are shown as text
+    head = header_rows(view_of(browser["dom"]["running"]))  # the hub's pairs
+    pairs = [d.words for d in head["Direct paths"].find_all("div", cls="mpvpn-direct-pair")]
+    assert pairs[0] == "site-a ↔ site-c keyed: the two sites talk directly where their subflows are up"
+    assert pairs[1].startswith("site-a ↔ " + EVIL + " offered")
 
 
 def test_browser_status_explains_an_agent_that_is_not_running(browser):

@@ -108,15 +108,36 @@ def _print_status(st: dict) -> None:
                   + (f", refused {fwd['refused']}" if fwd.get("refused") else "")
                   + (f", spoofed {fwd['spoofed']}" if fwd.get("spoofed") else ""))
         for v in se.get("via") or []:  # a site: the others it reaches through its hub
-            print(f"  via hub {se.get('name')}: {v['name']} {v['vnc']} "
-                  f"LANs {', '.join(v['lans']) or 'none'}")
+            if v.get("path") == "direct":  # (a direct session carries it; the hub stands by)
+                print(f"  direct (hub {se.get('name')} stands by): {v['name']} {v['vnc']} "
+                      f"LANs {', '.join(v['lans']) or 'none'}")
+            else:
+                print(f"  via hub {se.get('name')}: {v['name']} {v['vnc']} "
+                      f"LANs {', '.join(v['lans']) or 'none'}")
         for r in se.get("via_refused") or []:
             print(f"  not routed (hub {se.get('name')} offers it): {r['name']}: {r['why']}")
+    _print_direct(st.get("direct") or {})
     c = st.get("counters") or {}
     if c:
         keys = ("sent", "delivered", "duplicates", "late", "deadline_releases", "reorder_flushes",
                 "malformed", "auth_failures", "replays", "unknown_session")
         print("  " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
+
+
+def _print_direct(d: dict) -> None:
+    """Direct paths between sites (status ``direct``) in words."""
+    phases = {"handshake": "handshake through the hub", "up": "subflow up",
+              "down": "no subflow up, traffic through the hub"}
+    for p in d.get("peers") or []:
+        moves = f", back to the hub {p['downs']}x" if p.get("downs") else ""
+        print(f"  direct peer {p['name']}: {p['state']} ({phases.get(p.get('phase'), p.get('phase'))} "
+              f"for {p.get('since', 0):.0f} s, session {p['session_id']:#x}{moves})")
+    for pair in d.get("pairs") or []:
+        print(f"  direct pair {' <-> '.join(pair['sites'])}: {pair['state']}")
+    refused = {k: v for k, v in (d.get("counters") or {}).items()
+               if v and (k.startswith("direct_refused") or k == "direct_spoofed")}
+    if refused:
+        print("  direct paths refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items())))
 
 
 def _show(doc: dict, as_json: bool, text) -> None:

@@ -628,6 +628,14 @@ def seed_corpus() -> list[bytes]:
     upd_n = _j({"type": "UPDATE", "seq": 1, "uplinks": natted})
     upd_l = _j({"type": "UPDATE", "seq": 1, "lans": ["192.168.1.0/24", "192.168.7.0/24"]})
     upd_s = _j({"type": "UPDATE", "ack": 0, "plan": st["plan"]})
+    # direct site-to-site paths (mpvpn.core.peerdirect): an offer (only the hub's is valid),
+    # a relayed handshake step and an end, both ways
+    offer = _j({"type": "PEER_OFFER", "name": "site-c", "key": "QUFB" * 10 + "QUE=",
+                "uplinks": natted, "session_id": 77, "initiator": True, "token": "QUFB" * 10 + "QUE=",
+                "ciphers": ["chacha20-poly1305"], "mode": "duplicate", "pair_unmatched": False})
+    peer_hs = _j({"type": "PEER_HS", "name": "site-c", "session_id": 77, "step": 1, "epoch": 2,
+                  "hs": "QUFB" * 16})
+    peer_end = _j({"type": "PEER_END", "name": "site-c", "session_id": 77, "reason": "timeout"})
     hello, welcome = st["hello_pt"], st["welcome_pt"]
     S, P = b"\x00", bytes([7 | 2 << 3])  # send, pump
     T = bytes([7 | 3 << 3])  # tick
@@ -641,6 +649,7 @@ def seed_corpus() -> list[bytes]:
             _script(path, [S + bye]),
             _script(path, [S + err]),
             _script(path, [S + rk1]),
+            _script(path, [S + offer, S + peer_hs, S + peer_end, S + ka]),
             _script(path, [RK, P, S + ka, P, T + b"\x05", S + ka]),
             _script(path, [RK, S + rk3, S + ka]),
             _script(path, [S + ka, b"\x03", S + ka]),  # replay

@@ -37,9 +37,10 @@ from dataclasses import replace as dc_replace
 from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
 from mpvpn.agent import latency, memtrace, receive, send, statusdoc, uplinknat, uplinkrelay
+from mpvpn.agent.directpeers import AgentPort, DirectPaths
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.core import (candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
-                        linktest, mss, pairing)
+                        linktest, mss, pairing, seal)
 from mpvpn.core.admission import HandshakeStamps
 from mpvpn.core.hubforward import HubForward
 from mpvpn.core.peercheck import usable_via
@@ -154,6 +155,7 @@ class DataSession:
     stuck_since: dict = field(default_factory=dict)  # member -> unestablished since (uplinknat.punch_when_stuck)
     punch_anyway: dict = field(default_factory=dict)  # member that did not open directly -> its ups then
     stuck_due: float | None = None  # when punch_when_stuck wants to look again
+    direct: bool = False  # a direct session with another site of our hub (agent.directpeers)
 
     @property
     def session_id(self) -> int:
@@ -240,6 +242,17 @@ class Agent:
         self._woke: float | None = None  # (trace) when select() last returned
         self._due: float | None = None  # earliest timer deadline (inf: none); None: ask again
         self._touched: set = set()  # sessions the data path touched this turn
+        # direct paths between sites (base.direct): the broker on a hub, the peers on a site
+        self.direct = DirectPaths(
+            AgentPort(sessions=lambda: self.sessions, controls=lambda: self.controls,
+                      session_of=self._session_of, new_session=self._new_direct_session,
+                      replan=self._replan_direct,
+                      drop_session=self._drop_session, routes_changed=self._rebuild_route_table,
+                      flush_control=self._control_flush,
+                      talking=self.hub.take_pairs if self.hub is not None else set,
+                      may_go_direct=self._may_go_direct),
+            self.role, self.name, cfg.base.direct, cfg.base.private_key,
+            seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -299,6 +312,7 @@ class Agent:
             control_port=c.base.listen_address.port if self.role == "server" and c.base.listen_address else None,
             site_psks=tuple((s.name, s.psk) for s in c.sites) if self.role == "server" else (),
             site_claims=tuple((s.name, s.vnc_ipaddr, s.lan_subnets) for s in c.sites) if self.role == "server" else (),
+            direct_key=self.direct.public_key,
         )
 
     @staticmethod
@@ -432,7 +446,7 @@ class Agent:
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
-        self.registry = ServerSessions(self._control_config())
+        self.registry = ServerSessions(self._control_config(), reserved=self.direct.reserved_ids)
         self._restore_stamps()
         try:
             s = self.io.listen(la.host, la.port)
@@ -590,6 +604,7 @@ class Agent:
             ts.append(self.registry.get_timer())
         if self._hub_dirty:
             ts.append(self._hub_next_at)
+        ts.append(self.direct.next_deadline())
         if self.reconnect is not None and not self._client_connected():
             ts.append(self.reconnect.get_timer())
         for up in self.uplinks.values():
@@ -645,6 +660,9 @@ class Agent:
             if self.registry.guard.changes != self._stamps_saved:
                 self._save_stamps()
             self._hub_sync(now)
+            self.direct.hub_round(now)
+        else:
+            self.direct.site_timers(now)
         if self.reconnect is not None and not self._client_connected():
             t = self.reconnect.get_timer()
             if t is not None and t <= now:
@@ -821,7 +839,10 @@ class Agent:
     def _deliver(self, packets, ds: DataSession | None = None) -> None:
         """Packets released by session ``ds`` (None: not from a session) go
         to the tun; on a hub with several sites, those for another site's
-        session go there (mpvpn.core.hubforward), or are dropped and counted."""
+        session go there (mpvpn.core.hubforward), or are dropped and counted;
+        from a direct session, only sources its peer may use (agent.directpeers)."""
+        if ds is not None and ds.direct:
+            packets = self.direct.filter(ds, packets)
         if ds is not None and self.hub is not None and len(self.sessions) > 1 and packets:
             packets, out = self.hub.split(ds, packets)
             c = self.hub.counters
@@ -884,10 +905,14 @@ class Agent:
                                                 "reason": "" if up else ev.reason})
             elif isinstance(ev, SessionUp):
                 log.info("%s: session %#x connected", peer, ds.session_id)
+                if ds.direct:
+                    self.direct.session_state(ds, True, self.clock())
                 self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
                                                    "state": "connected"})
             elif isinstance(ev, SessionDown):
                 log.warning("%s: session %#x has no subflow up (%s)", peer, ds.session_id, ev.reason)
+                if ds.direct:
+                    self.direct.session_state(ds, False, self.clock())
                 self._event("orayboxvpn.session", {"peer": peer, "session_id": ds.session_id,
                                                    "state": "down", "reason": ev.reason})
             elif isinstance(ev, SubflowClosed):
@@ -898,16 +923,17 @@ class Agent:
     # ------------------------------------------------------------------ sessions
 
     def _new_session(self, session_id: int, peer, plan, keys, conn, now: float,
-                     cipher: str = "chacha20-poly1305") -> DataSession:
+                     cipher: str = "chacha20-poly1305", initiator: bool | None = None,
+                     direct: bool = False) -> DataSession:
         sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
-        sess = Session(session_id, initiator=(self.role == "client"),
+        sess = Session(session_id, initiator=(self.role == "client") if initiator is None else initiator,
                        config=self._session_config(), sealer=sealer)
         # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
         # enough for most WAN uplinks, high enough that TCP's slow start is
         # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
         self._install_scheduler(sess, peer)
         sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
-        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
+        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now, direct=direct)
         self.sessions[session_id] = ds
         self._apply_plan(ds, plan, now)
         self._set_routes(ds, self._routes_for(ds))
@@ -915,6 +941,19 @@ class Agent:
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
                  peer.name, len(plan), ", ".join(peer.lans) or "none", cipher)
         return ds
+
+    def _new_direct_session(self, session_id: int, peer, plan, keys, cipher: str, initiator: bool,
+                            now: float) -> DataSession:
+        """(site) A keyed direct session with another site (agent.directpeers)."""
+        return self._new_session(session_id, peer, plan, keys, None, now, cipher,
+                                 initiator=initiator, direct=True)
+
+    def _replan_direct(self, ds: DataSession, peer, plan, now: float) -> None:
+        """(site) A direct session's peer uplinks, candidates or LANs, or our
+        own uplinks changed."""
+        ds.peer = peer
+        self._apply_plan(ds, plan, now)
+        self._set_routes(ds, self._routes_for(ds))
 
     def _install_scheduler(self, sess: Session, peer) -> None:
         """The scheduler of base.mode with our policies (at session start, and
@@ -1010,10 +1049,17 @@ class Agent:
         return routes
 
     def _rebuild_route_table(self) -> None:
-        self.route_table.rebuild(self.sessions.values())
+        # (a direct session with a subflow up comes before the hub session's
+        # routes to the same site; one without is left out: agent.directpeers)
+        self.route_table.rebuild(self.direct.route_order(list(self.sessions.values())))
         if self.hub is not None:
             self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
                              self._hub_apart())
+
+    def _may_go_direct(self, ds: DataSession) -> bool:
+        """(hub) May this site be offered direct paths (its `config site` ``direct``)?"""
+        site = getattr(ds.conn, "site", None)
+        return site is None or all(s.direct for s in self.cfg.sites if s.name == site)
 
     def _hub_apart(self) -> list:
         """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
@@ -1080,6 +1126,8 @@ class Agent:
         ds.routes = []
         self._rebuild_route_table()
         self._hub_dirty = self.hub is not None
+        if self.hub is not None:
+            self.direct.site_gone(ds.peer.name, self.clock())
 
     # ------------------------------------------------------------------ control edge
 
@@ -1155,6 +1203,20 @@ class Agent:
         except OSError:
             c.out.clear()
 
+    def _control_flush(self, c: ControlIO) -> None:
+        """Write what the machine of ``c`` queued (no events: those wait for its pump)."""
+        data = c.conn.data_to_send()
+        if not data:
+            return
+        c.out += data
+        self._control_write(c)
+        if c.out:
+            try:
+                self.sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                lambda m, c=c: self._on_control(c, m))
+            except (KeyError, ValueError):
+                pass
+
     def _control_pump(self, c: ControlIO, now: float) -> None:
         """Move the machine's output to the socket and act on its events."""
         conn = c.conn
@@ -1192,7 +1254,7 @@ class Agent:
     def _control_event(self, c: ControlIO, ev, now: float):
         if isinstance(ev, controlevents.SessionEstablished):
             old = [sid for sid, ds in self.sessions.items()
-                   if self.role == "client" or ds.peer.name == ev.peer.name]
+                   if (self.role == "client" and not ds.direct) or ds.peer.name == ev.peer.name]
             peer = ev.peer
             # (client) the other sites of the session this one replaces stay routed
             # until the hub's first announcement (fail closed, no gap in the routes)
@@ -1206,6 +1268,8 @@ class Agent:
             for sid in old:
                 if sid != ev.session_id:
                     self._drop_session(sid, "replaced by a new session")
+            if self.role == "client":
+                self.direct.hub_replaced()
             self.last_error = None
             if self.reconnect is not None:
                 learned = [(u.addr, ev.peer.control_port or c.addr[1]) for u in ev.peer.uplinks]
@@ -1224,6 +1288,10 @@ class Agent:
                 self._set_routes(ds, self._routes_for(ds))
                 if ev.origin == "peer":
                     self._hub_dirty = self.hub is not None
+                    if self.role == "client":
+                        self.direct.via_changed(ds, now)
+                    else:
+                        self.direct.site_moved(ds)
                 d = ev.diff
                 if ev.origin == "peer" or d.added or d.removed or d.changed:  # (not a hub's via)
                     log.info("control: %s updated: plan %d subflow(s), LANs %s", ev.peer.name,
@@ -1244,11 +1312,15 @@ class Agent:
             who = "peer reports" if ev.by_peer else "refused peer"
             self.last_error = f"{who} {ev.code}: {ev.text}" if ev.text else f"{who} {ev.code}"
             log.error("control: %s", self.last_error)
+        elif isinstance(ev, controlevents.PeerMessage):
+            self.direct.on_message(c, ev.message, now)
         elif isinstance(ev, controlevents.ConnectionClosed):
             return ev.reason, ev.text, ev.retry_after
         return None
 
     def _session_of(self, conn) -> DataSession | None:
+        if conn is None:
+            return None
         for ds in self.sessions.values():
             if ds.conn is conn:
                 return ds
@@ -1395,9 +1467,11 @@ class Agent:
             if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
                 self.registry.reconfigure(self._control_config())
                 self._close_revoked_sites(old_sites, new.sites, now)
+                self.direct.sites_changed(now)  # (`config site` direct)
             if self.hub is not None and (self.hub.enabled != new.base.hub_forward
                                          or new.sites != old_sites):
                 self.hub.enabled = new.base.hub_forward  # the sites learn by UPDATE
+                self.direct.set_enabled(new.base.direct and new.base.hub_forward, now)
                 self._rebuild_route_table()  # (which sites are kept apart)
                 self._hub_dirty = True
                 self._hub_sync(now)
@@ -1572,7 +1646,8 @@ class Agent:
             last_error=self.last_error, tun=self.tun, routes=self._routes,
             sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
-            uplink_docs=statusdoc.uplinks(self.uplinks.values(), now), hub=self.hub)
+            uplink_docs=statusdoc.uplinks(self.uplinks.values(), now), hub=self.hub,
+            direct=self.direct.status(now), via_path=self.direct.path_of)
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""
@@ -1604,8 +1679,9 @@ class Agent:
         peer = args.get("peer")
         if peer is not None and not isinstance(peer, str):
             return {"error": "peer must be a site name"}
-        cands = [ds for ds in self.sessions.values()
-                 if ds.sess.connected and (peer is None or ds.peer.name == peer)]
+        cands = sorted((ds for ds in self.sessions.values()  # (the hub before direct sessions)
+                        if ds.sess.connected and (peer is None or ds.peer.name == peer)),
+                       key=lambda ds: ds.direct)
         if not cands:
             return {"error": f"no connected session with {peer}" if peer else "no connected session"}
         if self._link_test is not None and self._link_test[1].get("state") == "running":

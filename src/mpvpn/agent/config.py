@@ -157,6 +157,16 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "sites reach only this hub's LAN, and packets a site sends towards another site "
             "are dropped and counted.",
         ),
+        "direct": Option(
+            "bool", "1",
+            "Direct paths between sites (with a hub's `hub_forward 1`). On a site: `1` lets two "
+            "sites of one hub that talk to each other open a session of their own, straight "
+            "between their carriers (NAT hole punching as with the hub), keyed by a handshake "
+            "between the two sites that the hub cannot read; their traffic goes back through "
+            "the hub within the dead-detection time when that path fails. `0`: everything "
+            "between sites goes through the hub. On the hub: `0` offers no direct paths to "
+            "any site. Both sites and the hub must allow it.",
+        ),
         "private_key": Option(
             "key32", None,
             "Optional: this site's X25519 private key (`mpvpn genkey`). With `peer_public_key` the "
@@ -337,6 +347,12 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "forwarding: it is not told about the other sites, they are not told about it, and "
             "nothing passes between it and them (it still reaches the hub's LAN).",
         ),
+        "direct": Option(
+            "bool", "1",
+            "With the hub's `base.direct 1`: `0` offers this site no direct paths to other "
+            "sites, so everything between it and them passes the hub (to filter or log it "
+            "there). The site may also refuse them itself (its own `base.direct`).",
+        ),
         "enabled": Option("bool", "1", "`0` refuses this site's key."),
     },
     "policy": {
@@ -473,6 +489,7 @@ class Base:
     reorder_capacity: int = 4096
     pair_unmatched: bool = False
     hub_forward: bool = False
+    direct: bool = True
     private_key: bytes | None = field(default=None, repr=False)
     peer_public_key: bytes | None = None
     mtu: int = 1400
@@ -555,6 +572,7 @@ class SiteKey:
     vnc_ipaddr: str | None = None  # the vNIC address it must use
     lan_subnets: tuple[str, ...] | None = None  # the LANs it may announce (inside these)
     forward: bool = True  # takes part in site-to-site forwarding (base.hub_forward)
+    direct: bool = True  # may be offered direct paths to other sites (base.direct)
 
 
 @dataclass(frozen=True)
@@ -887,6 +905,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
         chk.err(sec.path("psk"), MISSING_PSK)
     b["pair_unmatched"] = sec.parsed("pair_unmatched", _parse_bool, False)
     b["hub_forward"] = sec.parsed("hub_forward", _parse_bool, False)
+    b["direct"] = sec.parsed("direct", _parse_bool, True)
     if b["hub_forward"] and role == "client":
         chk.warn(sec.path("hub_forward"), "is a server option; a client ignores it")
 
@@ -1310,7 +1329,8 @@ def _check_sites(chk: _Checker, pkg: uci.Package, b: dict | None,
         if sec.has("lan_subnet"):
             lans = [str(net) for net in _lan_subnets(chk, sec)]
             lans = tuple(lans)
-        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True)))
+        out.append(SiteKey(sec.ref, psk, vip, lans, sec.parsed("forward", _parse_bool, True),
+                           sec.parsed("direct", _parse_bool, True)))
     if len(out) > MAX_SITES:
         chk.err(f"{pkg.name}.@site", f"{len(out)} sites: at most {MAX_SITES}")
     if out and b and b.get("private_key"):
@@ -1501,6 +1521,7 @@ def validate(
         rekey_packets=b["rekey_packets"],
         pair_unmatched=b["pair_unmatched"],
         hub_forward=b["hub_forward"] and b["role"] == "server",
+        direct=b["direct"],
         private_key=b["private_key"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],

@@ -25,11 +25,13 @@ def peer_json(p) -> dict:
             "vnc": {"ip": p.vnc.ip, "netmask": p.vnc.netmask}, "lans": list(p.lans)}
 
 
-def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[list, list, dict]:
+def session_entries(sessions, now: float, duplicate: bool, hub=None,
+                    via_path=None) -> tuple[list, list, dict]:
     """(``sessions``, ``links``, summed session ``counters``) of the document
     for the agent's DataSessions; ``duplicate``: base.mode is duplicate
     (every established subflow carries every packet: weight 1); ``hub``: a
-    server's mpvpn.core.hubforward.HubForward (per-site ``forwarded``)."""
+    server's mpvpn.core.hubforward.HubForward (per-site ``forwarded``);
+    ``via_path``: site name -> ``direct`` or ``hub`` (agent.directpeers)."""
     out, links = [], []
     totals: dict[str, int] = dict.fromkeys(SESSION_COUNTERS, 0)  # present with no session too
     for ds in sessions:
@@ -56,6 +58,7 @@ def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[li
         sealer = ds.sess.sealer
         out.append({
             "session_id": ds.session_id, "name": ds.peer.name,
+            "direct": ds.direct,  # a direct session with another site of our hub
             "state": st["state"], "peer": peer_json(ds.peer), "routes": list(ds.routes),
             "hold_ms": st["hold_ms"], "epoch": sealer.send_epoch if sealer else 0,
             "cipher": sealer.cipher if sealer else None,
@@ -65,7 +68,7 @@ def session_entries(sessions, now: float, duplicate: bool, hub=None) -> tuple[li
             # hub: what it passed between this site and the others (null on a client)
             "forwarded": hub.site(ds) if hub is not None else None,
             # client of a forwarding hub: the other sites reached through it
-            "via": [dict(v.to_json(), path="hub") for v in ds.via],
+            "via": [dict(v.to_json(), path=via_path(v.name) if via_path else "hub") for v in ds.via],
             "via_refused": [{"name": n, "why": why} for n, why in ds.via_refused],
         })
     return out, links, totals
@@ -144,11 +147,15 @@ def uplinks(ups, now: float = 0.0) -> list:
 
 def document(*, version: str, now: float, started: float, state: str, state_since: float,
              role: str, cfg, name: str, last_error, tun, routes, sessions, agent_counters: dict,
-             control: dict, dataplane: dict, link_test, uplink_docs: list, hub=None) -> dict:
+             control: dict, dataplane: dict, link_test, uplink_docs: list, hub=None,
+             direct=None, via_path=None) -> dict:
     """The whole document.  ``cfg``: the agent's mpvpn.agent.config.Config;
     ``sessions``: its DataSessions; ``control``: :func:`server_control` or
-    :func:`client_control`; ``routes``: the CIDRs routed into the vNIC."""
-    entries, links, totals = session_entries(sessions, now, cfg.base.mode == "duplicate", hub)
+    :func:`client_control`; ``routes``: the CIDRs routed into the vNIC;
+    ``direct``: agent.directpeers.DirectPaths.status(), ``via_path`` its path_of."""
+    sessions = sorted(sessions, key=lambda ds: ds.direct)  # (the hub session first)
+    entries, links, totals = session_entries(sessions, now, cfg.base.mode == "duplicate", hub,
+                                             via_path)
     for k, v in agent_counters.items():
         totals[k] = totals.get(k, 0) + v
     first = entries[0] if entries else None
@@ -169,6 +176,7 @@ def document(*, version: str, now: float, started: float, state: str, state_sinc
                 "netmask": str(v.netmask), "mtu": v.mtu},
         "routes": sorted(routes),
         "hub_forward": hub.enabled if hub is not None else None,
+        "direct": direct,
         "dataplane": dataplane,
         "control": control,
         "link_test": link_test,

@@ -40,9 +40,9 @@ from mpvpn.core.admission import (BUSY_LEN, BUSY_MAGIC, MAC_LEN, PREAUTH_FAILURE
                                   HandshakeGuard, HandshakeStamps, check_busy_reply, mac_key,
                                   stamp_first_message)
 from mpvpn.core.controlevents import (ConnectionClosed, DataKeys, HandshakeComplete, KeysActivated,
-                                      KeysRetired, KeysRotated, PeerUpdated, ProtocolError,
-                                      SessionEstablished)
-from mpvpn.core.controlmsg import (MAX_MESSAGE, MIN_HANDSHAKE_MSG, POSTAUTH_MAX_FRAME,
+                                      KeysRetired, KeysRotated, PeerMessage, PeerUpdated,
+                                      ProtocolError, SessionEstablished)
+from mpvpn.core.controlmsg import (MAX_MESSAGE, MIN_HANDSHAKE_MSG, PEER_TYPES, POSTAUTH_MAX_FRAME,
                                    PREAUTH_MAX_FRAME, PROLOGUE, REKEY_PROLOGUE, VERSIONS, WORD_RE,
                                    Bad, FrameDecoder, PeerInfo, Vnc, dumps, encode_frame, info_json,
                                    parse_handshake_reply, parse_message, parse_versions_offer,
@@ -85,12 +85,16 @@ class Ev(Enum):
     REKEY = "REKEY"
     BYE = "BYE"
     ERROR = "ERROR"
+    PEER_OFFER = "PEER_OFFER"
+    PEER_HS = "PEER_HS"
+    PEER_END = "PEER_END"
 
 
 S, E = State, Ev
 
 _CHANNEL_UP = {E.UPDATE: S.ESTABLISHED, E.KEEPALIVE: S.ESTABLISHED,
                E.KEEPALIVE_ACK: S.ESTABLISHED, E.REKEY: S.ESTABLISHED,
+               E.PEER_HS: S.ESTABLISHED, E.PEER_END: S.ESTABLISHED,
                E.BYE: S.CLOSED, E.ERROR: S.CLOSED}
 
 #: The method that handles each message event (ERROR, BYE, KEEPALIVE* and
@@ -99,6 +103,7 @@ _HANDLERS: dict[Ev, str] = {
     E.HELLO: "_on_hello", E.WELCOME: "_on_welcome", E.UPDATE: "_on_update",
     E.KEEPALIVE: "_on_keepalive", E.KEEPALIVE_ACK: "_on_keepalive_ack", E.REKEY: "_on_rekey",
     E.BYE: "_on_bye", E.ERROR: "_on_error",
+    E.PEER_OFFER: "_on_peer", E.PEER_HS: "_on_peer", E.PEER_END: "_on_peer",
 }
 
 #: The whole control state machine of both roles, in the style of h11's
@@ -111,7 +116,7 @@ TRANSITIONS: dict[Role, dict[State, dict[Ev, State]]] = {
     Role.CLIENT: {
         S.HANDSHAKE: {E.MSG2: S.HELLO, E.BUSY: S.CLOSED},
         S.HELLO: {E.WELCOME: S.ESTABLISHED, E.BYE: S.CLOSED, E.ERROR: S.CLOSED},
-        S.ESTABLISHED: _CHANNEL_UP,
+        S.ESTABLISHED: {**_CHANNEL_UP, E.PEER_OFFER: S.ESTABLISHED},  # (only the hub offers)
         S.CLOSED: {},
     },
     Role.SERVER: {
@@ -169,6 +174,9 @@ class ControlConfig:
     # subnets or None), ...) from `config site` vnc_ipaddr / lan_subnet;
     # None: not restricted (only collisions with other sites are refused)
     site_claims: tuple = ()
+    # the X25519 public key of our direct site-to-site sessions, announced in
+    # HELLO (None: we take no direct paths; mpvpn.core.peerdirect)
+    direct_key: bytes | None = None
 
     def keys(self) -> list:
         """The PSKs a server accepts, ``[(site name or None, psk), ...]``."""
@@ -198,7 +206,9 @@ class ControlConfig:
         info = build_local_info(self.name, ups, vnc, list(self.lans), self.mode, self.pair_unmatched,
                                 self.control_port)
         self.claim_rules()
-        return replace(info, ciphers=ciphers)
+        if self.direct_key is not None and len(self.direct_key) != noise.KEY_LEN:
+            raise ValueError(f"direct_key must be {noise.KEY_LEN} bytes")
+        return replace(info, ciphers=ciphers, direct_key=self.direct_key)
 
     def claim_rules(self) -> dict:
         """``site_claims`` checked and normalized: ``{site: (vNIC address
@@ -540,6 +550,23 @@ class _Connection:
 
     def _on_keepalive_ack(self, m: dict, now: float) -> None:
         pass  # any message counts as life (_on_message)
+
+    def _on_peer(self, m: dict, now: float) -> None:
+        self._count("peer_messages_in")
+        self._emit(PeerMessage(m))
+
+    def send_peer(self, msg: dict, now: float) -> None:
+        """Send a message about a direct site-to-site path (``msg``: a dict
+        with ``type`` one of PEER_TYPES, in the wire shape; the hub sends
+        PEER_OFFER, both sides PEER_HS and PEER_END).  ValueError if the
+        channel is not up or the message is not one of those."""
+        if self.state is not State.ESTABLISHED:
+            raise ValueError("not established")
+        if msg.get("type") not in PEER_TYPES or (msg["type"] == "PEER_OFFER" and self.is_client):
+            raise ValueError(f"not a message this side sends: {msg.get('type')!r}")
+        self._now = now
+        self._count("peer_messages_out")
+        self._send(msg)
 
     def _unexpected(self, m: dict):
         return Bad("invalid", f"unexpected {m['type']} in state {self.state.value}", "unexpected")

@@ -107,3 +107,12 @@ class SessionFreed:
     conn: object = field(default=None, repr=False, compare=False)  # its ServerConnection, if any
 
 
+
+
+@dataclass(frozen=True)
+class PeerMessage:
+    """A message about a direct site-to-site path (PEER_OFFER, PEER_HS,
+    PEER_END; parsed and bounded by :mod:`mpvpn.core.controlmsg`): the hub's
+    broker or the site's direct peers (:mod:`mpvpn.core.peerdirect`) decide."""
+
+    message: dict

@@ -103,6 +103,9 @@ class PeerInfo:
     # hub only (base.hub_forward): the other sites it forwards to (ViaSite,
     # from its UPDATE's ``via``); what a site may use of them: peercheck.usable_via
     via: tuple = ()
+    # the X25519 public key this site uses for direct site-to-site sessions
+    # (HELLO ``options.direct_key``; None: it takes no direct paths)
+    direct_key: bytes | None = None
 
     @property
     def networks(self):
@@ -372,16 +375,37 @@ def _parse_via(v, what: str) -> tuple:
     return tuple(out)
 
 
+def _base64(v, what: str, limit: int) -> bytes:
+    s = _str(v, what, limit)
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise Bad("invalid", f"{what}: not base64") from None
+
+
+def _key32(v, what: str) -> bytes:
+    """A 32-byte X25519 public key (or token) in base64."""
+    raw = _base64(v, what, 44)
+    if len(raw) != noise.KEY_LEN:
+        raise Bad("invalid", f"{what}: expected a {noise.KEY_LEN}-byte key")
+    return raw
+
+
+def _parse_ciphers(v, what: str) -> tuple:
+    items = _list(v, what, 8)
+    words = tuple(_match(c, f"{what}[]", WORD_RE, "a cipher name") for c in items)
+    if not words or len(set(words)) != len(words):
+        raise Bad("invalid", f"{what} must be a non-empty list without repeats")
+    return words  # unknown names are allowed (newer peers) and never chosen
+
+
 def _parse_options(v, what: str) -> dict:
-    d = _obj(v, what, set(), {"pair_unmatched", "ciphers", "cipher"})
+    d = _obj(v, what, set(), {"pair_unmatched", "ciphers", "cipher", "direct_key"})
     out = {"pair_unmatched": _bool(d.get("pair_unmatched", False), f"{what}.pair_unmatched"),
-           "ciphers": (seal.CHACHA,), "cipher": None}
+           "ciphers": (seal.CHACHA,), "cipher": None,
+           "direct_key": _key32(d["direct_key"], f"{what}.direct_key") if "direct_key" in d else None}
     if "ciphers" in d:
-        items = _list(d["ciphers"], f"{what}.ciphers", 8)
-        words = tuple(_match(c, f"{what}.ciphers[]", WORD_RE, "a cipher name") for c in items)
-        if not words or len(set(words)) != len(words):
-            raise Bad("invalid", f"{what}.ciphers must be a non-empty list without repeats")
-        out["ciphers"] = words  # unknown names are allowed (newer peers) and never chosen
+        out["ciphers"] = _parse_ciphers(d["ciphers"], f"{what}.ciphers")
     if "cipher" in d:
         out["cipher"] = _match(d["cipher"], f"{what}.cipher", WORD_RE, "a cipher name")
     return out
@@ -395,7 +419,7 @@ def parse_info(d: dict, what: str) -> PeerInfo:
     mode = _match(d["mode"], f"{what}.mode", WORD_RE, "a mode word [a-z0-9_-]{1,32}")
     opts = _parse_options(d.get("options", {}), f"{what}.options")
     return PeerInfo(name, uplinks, vnc, lans, mode, opts["pair_unmatched"],
-                    ciphers=opts["ciphers"], cipher=opts["cipher"])
+                    ciphers=opts["ciphers"], cipher=opts["cipher"], direct_key=opts["direct_key"])
 
 
 def _parse_plan(v, what: str) -> list:
@@ -410,11 +434,7 @@ def _parse_plan(v, what: str) -> list:
 
 
 def _parse_hs(v, what: str) -> bytes:
-    s = _str(v, what, 700)
-    try:
-        raw = base64.b64decode(s, validate=True)
-    except (binascii.Error, ValueError):
-        raise Bad("invalid", f"{what}: not base64") from None
+    raw = _base64(v, what, 700)
     if not MIN_HANDSHAKE_MSG <= len(raw) <= PREAUTH_MAX_FRAME:
         raise Bad("invalid", f"{what}: handshake message of {len(raw)} bytes")
     return raw
@@ -429,6 +449,11 @@ _SCHEMA_REQ = {
     "BYE": {"reason"},
     "ERROR": {"code"},
     "REKEY": {"step", "epoch"},
+    # direct site-to-site paths (docs/control.md "Direct paths between sites")
+    "PEER_OFFER": {"name", "key", "uplinks", "session_id", "initiator", "token", "ciphers",
+                   "mode", "pair_unmatched"},
+    "PEER_HS": {"name", "session_id", "step", "hs"},
+    "PEER_END": {"name", "session_id", "reason"},
 }
 _SCHEMA_OPT = {
     "HELLO": {"options"},
@@ -436,7 +461,12 @@ _SCHEMA_OPT = {
     "BYE": {"text"},
     "ERROR": {"text"},
     "REKEY": {"hs"},
+    "PEER_HS": {"epoch"},
+    "PEER_END": {"text"},
 }
+#: the messages of direct site-to-site paths, all of them post-handshake;
+#: PEER_OFFER only from the hub, the others both ways
+PEER_TYPES = ("PEER_OFFER", "PEER_HS", "PEER_END")
 
 
 def _no_dups(pairs):
@@ -470,9 +500,9 @@ def parse_message(data, from_client: bool) -> dict:
     obj = loads(data)
     t = obj.get("type")
     if type(t) is not str or t not in ("HELLO", "WELCOME", "UPDATE", "KEEPALIVE",
-                                       "KEEPALIVE_ACK", "BYE", "ERROR", "REKEY"):
+                                       "KEEPALIVE_ACK", "BYE", "ERROR", "REKEY") + PEER_TYPES:
         raise Bad("invalid", f"unknown message type {safe_text(t, 32)!r}")
-    if (t == "HELLO" and not from_client) or (t == "WELCOME" and from_client):
+    if (t == "HELLO" and not from_client) or (t in ("WELCOME", "PEER_OFFER") and from_client):
         raise Bad("invalid", f"{t} in the wrong direction")
     if t == "UPDATE":
         if from_client:
@@ -525,6 +555,24 @@ def parse_message(data, from_client: bool) -> dict:
             m["hs"] = _parse_hs(d["hs"], "REKEY.hs")
         elif "hs" in d:
             raise Bad("invalid", "REKEY step 3 carries no handshake message")
+    elif t in PEER_TYPES:
+        m["name"] = _match(d["name"], f"{t}.name", NODE_RE, "a site name [A-Za-z0-9_.-]{1,64}")
+        m["session_id"] = _int(d["session_id"], f"{t}.session_id", 1, 0xFFFFFFFF)
+        if t == "PEER_OFFER":
+            m["key"] = _key32(d["key"], "PEER_OFFER.key")
+            m["uplinks"] = _parse_uplinks(d["uplinks"], "PEER_OFFER.uplinks")
+            m["initiator"] = _bool(d["initiator"], "PEER_OFFER.initiator")
+            m["token"] = _key32(d["token"], "PEER_OFFER.token")
+            m["ciphers"] = _parse_ciphers(d["ciphers"], "PEER_OFFER.ciphers")
+            m["mode"] = _match(d["mode"], "PEER_OFFER.mode", WORD_RE, "a mode word")
+            m["pair_unmatched"] = _bool(d["pair_unmatched"], "PEER_OFFER.pair_unmatched")
+        elif t == "PEER_HS":
+            m["step"] = _int(d["step"], "PEER_HS.step", 1, 2)
+            m["hs"] = _parse_hs(d["hs"], "PEER_HS.hs")
+            m["epoch"] = _int(d.get("epoch", 1), "PEER_HS.epoch", 1, 255)  # 2..: a rekey
+        else:
+            m["reason"] = _match(d["reason"], "PEER_END.reason", WORD_RE, "a reason word")
+            m["text"] = safe_text(_str(d.get("text", ""), "PEER_END.text", MAX_TEXT))
     return m
 
 
@@ -544,9 +592,16 @@ def decode_message(data, from_client: bool) -> tuple[dict | None, str | None, st
 
 
 def info_json(info: PeerInfo) -> dict:
+    opts = {"pair_unmatched": info.pair_unmatched, "ciphers": list(info.ciphers)}
+    if info.direct_key is not None:
+        opts["direct_key"] = b64(info.direct_key)
     return {"name": info.name, "uplinks": [u.to_json() for u in info.uplinks],
             "vnc": info.vnc.to_json(), "lans": list(info.lans), "mode": info.mode,
-            "options": {"pair_unmatched": info.pair_unmatched, "ciphers": list(info.ciphers)}}
+            "options": opts}
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
 
 
 

@@ -77,6 +77,9 @@ def _address(pkt, src: bool) -> tuple[int, int] | None:
     return None
 
 
+packet_address = _address  # (public name: agent.directpeers checks sources with it)
+
+
 class Prefixes:
     """Longest-prefix match of addresses to owners: one dict per
     (version, prefix length), looked up longest first."""
@@ -116,6 +119,7 @@ class HubForward:
         self._apart: frozenset = frozenset()
         self.counters: Counter = Counter()
         self._sites: dict = {}  # key -> Counter of SITE_COUNTERS
+        self._talking: set = set()  # (from key, to key) forwarded since take_pairs()
 
     def rebuild(self, sites, apart=()) -> None:
         """``sites``: ``[(key, vNIC address, LAN CIDRs), ...]``: what each
@@ -183,6 +187,7 @@ class HubForward:
             self.counters["spoofed"] += spoofed
             self._count(src, "spoofed", spoofed)
         for dst, batch in out.items():
+            self._talking.add((src, dst))
             n, size = len(batch), sum(map(len, batch))
             self.counters["forwarded"] += n
             self.counters["forwarded_bytes"] += size
@@ -191,6 +196,12 @@ class HubForward:
             self._count(dst, "to_packets", n)
             self._count(dst, "to_bytes", size)
         return local, out
+
+    def take_pairs(self) -> set:
+        """The (from, to) pairs of keys forwarded between since the last
+        call (mpvpn.core.peerdirect offers them a direct path)."""
+        out, self._talking = self._talking, set()
+        return out
 
     @staticmethod
     def _verdict(src, pkt, owner, enabled, apart):

@@ -114,7 +114,7 @@ class ServerSessions:
     def __init__(self, config: ControlConfig, *, rng: random.Random | None = None,
                  max_sessions: int = 256, session_timeout: float = 90.0, limiter=_DEFAULT,
                  guard: HandshakeGuard | None = None, max_pending: int = 1024,
-                 max_pending_per_source: int = 32, penalty_pending: int = 4):
+                 max_pending_per_source: int = 32, penalty_pending: int = 4, reserved=None):
         self.local = config.local_info()  # validated up front; what new connections announce
         self.config = config
         self.rng = rng or random.SystemRandom()
@@ -134,6 +134,9 @@ class ServerSessions:
         self.by_identity: dict[tuple, ServerSession] = {}
         self.counters: Counter = Counter()
         self._events: deque = deque()
+        # session IDs in use elsewhere on this hub, never given to a site:
+        # the direct sessions it offered (mpvpn.core.peerdirect), a callable -> set
+        self._reserved = reserved
 
     # -- public ------------------------------------------------------------------------------------
     def reconfigure(self, config: ControlConfig) -> None:
@@ -289,7 +292,8 @@ class ServerSessions:
         old = self.by_identity.get(identity)
         if old is None and len(self.sessions) >= self.max_sessions:
             raise Bad("busy", f"server is full ({self.max_sessions} sessions)", "busy")
-        sid = random_session_id(self.rng, self.sessions)
+        used = self.sessions if self._reserved is None else set(self.sessions) | self._reserved()
+        sid = random_session_id(self.rng, used)
         if old is not None:
             self._free(old, "replaced")
             self._drop_conn(old, "replaced", "a new connection from this site replaced the session")

@@ -288,6 +288,10 @@ return view.extend({
 		o.default = '0';
 		o.depends('role', 'server');
 
+		o = s.taboption('general', form.Flag, 'direct', _('Direct paths between sites'),
+			_('Two sites of one hub that talk to each other open a session of their own, straight between their carriers where NAT allows, keyed so that the hub cannot read it; their traffic goes back through the hub when that path fails. Both sites and the hub must allow it. Off: everything between sites passes the hub.'));
+		o.default = '1';
+
 		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
 			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));
 		o.password = true;
@@ -541,6 +545,11 @@ return view.extend({
 
 		o = s.option(form.Flag, 'forward', _('Site-to-site'),
 			_('With site-to-site through this hub on: off keeps this site apart. It is not told about the other sites, they are not told about it, and nothing passes between them; it still reaches this router\'s LAN.'));
+		o.default = '1';
+		o.modalonly = true;
+
+		o = s.option(form.Flag, 'direct', _('Direct paths'),
+			_('With direct paths on: off offers this site none, so everything between it and the other sites passes this hub (to filter or log it here).'));
 		o.default = '1';
 		o.modalonly = true;
 

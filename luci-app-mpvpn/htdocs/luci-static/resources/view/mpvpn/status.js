@@ -841,7 +841,10 @@ return view.extend({
 				return E('div', line);
 			})) ]);
 
-		var sessions = Array.isArray(st.sessions) ? st.sessions.filter(isObj) : [];
+		/* direct sessions with other sites are listed under "Direct paths", not as connected sites */
+		var sessions = Array.isArray(st.sessions) ? st.sessions.filter(function(s) {
+			return isObj(s) && s.direct !== true;
+		}) : [];
 		if (sessions.length > 1 || sessions.some(function(s) { return isObj(s.forwarded); }))
 			rows.push([ _('Connected sites'), siteList(sessions) ]);
 
@@ -859,11 +862,41 @@ return view.extend({
 				return E('div', { 'class': 'mpvpn-via-site' }, [
 					E('strong', [ text(v.name) ]), ' ', text(v.vnc),
 					lans.length ? ' — ' + lans.join(', ') : '',
-					' ', small([ (v.path == 'hub') ? _('through the hub') : text(v.path) ])
+					' ', small([ (v.path == 'hub') ? _('through the hub')
+						: (v.path == 'direct') ? _('direct (the hub stands by)') : text(v.path) ])
 				]);
 			}).concat(refused.map(function(r) {
 				return E('div', { 'class': 'mpvpn-via-refused', 'style': 'color:' + ORANGE }, [
 					E('strong', [ text(r.name) ]), ' ', _('offered by the hub but not routed here: %s').format(text(r.why))
+				]);
+			}))) ]);
+
+		/* direct paths between sites (docs/status.md direct): a site's peers, a hub's pairs */
+		var direct = isObj(st.direct) ? st.direct : {},
+		    peers = Array.isArray(direct.peers) ? direct.peers.filter(isObj) : [],
+		    pairs = Array.isArray(direct.pairs) ? direct.pairs.filter(isObj) : [];
+		var phaseWords = {
+			'handshake': _('through the hub: the two sites are exchanging keys'),
+			'up': _('direct: a subflow between the two sites is up'),
+			'down': _('through the hub: no direct subflow is up')
+		};
+		if (peers.length || pairs.length)
+			rows.push([ _('Direct paths'), E('div', { 'id': 'mpvpn-direct' }, peers.map(function(p) {
+				var up = (p.state == 'direct');
+				var line = [ badge(up ? _('direct') : _('via hub'), up ? GREEN : ORANGE, p.state), ' ',
+					E('strong', [ text(p.name) ]), ' ',
+					small([ phaseWords[p.phase] != null ? phaseWords[p.phase] : text(p.phase) ]) ];
+				if (isNum(p.since))
+					line.push(' ', small([ _('for %s').format(fmtDuration(p.since)) ]));
+				if (isNum(p.downs) && p.downs > 0)
+					line.push(' ', small([ _('back to the hub %d times').format(p.downs) ]));
+				return E('div', { 'class': 'mpvpn-direct-peer' }, line);
+			}).concat(pairs.map(function(p) {
+				var sites = Array.isArray(p.sites) ? p.sites.map(text) : [];
+				return E('div', { 'class': 'mpvpn-direct-pair' }, [
+					E('strong', [ sites.join(' \u2194 ') ]), ' ',
+					small([ (p.state == 'keyed') ? _('keyed: the two sites talk directly where their subflows are up')
+						: (p.state == 'offered') ? _('offered: the two sites are exchanging keys') : text(p.state) ])
 				]);
 			}))) ]);
 
