@@ -223,3 +223,66 @@ def test_udp_receive_stamps_measure_the_wait_in_the_socket():
     finally:
         rx.close()
         tx.close()
+
+
+# -- the shortest path for an answer -------------------------------------------------------
+
+def echo_on_write(tun, reply) -> None:
+    """Make the in-memory vNIC answer each packet written into it with
+    ``reply(packet)`` from inside the write, as the kernel does for a ping to
+    a host behind the router: the ICMP echo reply is routed back into the tun
+    before write() returns (the softirq runs on the writer's CPU)."""
+    real = tun.write_packets
+
+    def write_packets(packets):
+        failed = real(packets)
+        for p in packets:
+            r = reply(p)
+            if r is not None:
+                tun.inject(r)
+        return failed
+    tun.write_packets = write_packets
+
+
+def log_uplinks(host, log: list) -> None:
+    """Record ("recv", n) and ("send", n) of ``host``'s uplink sockets in call order."""
+    for ep in host.uplinks.values():
+        recv, send_ = ep.recv, ep.send
+
+        def r(recv=recv):
+            out = recv()
+            log.append(("recv", len(out[0])))
+            return out
+
+        def s(datagrams, addr, send_=send_):
+            log.append(("send", len(datagrams)))
+            return send_(datagrams, addr)
+        ep.recv, ep.send = r, s
+
+
+def test_an_answer_leaves_before_the_stale_copies_are_read(tmp_path):
+    """B reads the first copy of a request, writes it into the tun, and the
+    kernel's answer is in the tun before the write returns: the answer goes
+    out in that turn, before B reads the other two copies of the request
+    (which were queued in its other sockets all along)."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        for agent in (p.a, p.b):
+            frozen(agent)
+            settle(agent)
+        request = ipv4_udp(*TO_B, b"ping")
+        answer = ipv4_udp(*reversed(TO_B), b"pong")
+        echo_on_write(p.hb.tun, lambda pkt: answer if pkt == request else None)
+        p.ha.tun.inject(request)
+        p.a.step(0)  # three copies queued at B, one per uplink
+        assert sum(len(ep.queue) for ep in p.hb.uplinks.values()) == 3
+        log: list = []
+        log_uplinks(p.hb, log)
+        p.b.step(0)
+        assert p.hb.tun.written[-1] == request
+        sends = [i for i, (what, _n) in enumerate(log) if what == "send"]
+        recvs = [i for i, (what, _n) in enumerate(log) if what == "recv"]
+        assert len(recvs) == 3 and len(sends) >= 3, log
+        assert sends[2] < recvs[1], log  # the answer on all three subflows before the second copy
+        p.a.step(0)
+        assert p.ha.tun.written[-1] == answer

@@ -234,6 +234,7 @@ class Agent:
         self._woke: float | None = None  # (trace) when select() last returned
         self._due: float | None = None  # earliest timer deadline (inf: none); None: ask again
         self._touched: set = set()  # sessions the data path touched this turn
+        self._wrote_tun = False  # packets went into the tun since the uplink read began
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -680,6 +681,7 @@ class Agent:
             return
         trace = self.trace
         n0 = up.rx_datagrams
+        self._wrote_tun = False
         self._reading = True
         try:
             touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
@@ -696,6 +698,16 @@ class Agent:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
         self._touched.update(touched)
+        if self._wrote_tun:
+            # The answer takes the shortest path: what the packets just written
+            # made the kernel send back (a ping's reply, a TCP ACK, the next
+            # segments an ACK released) is often in the tun already, written
+            # from inside our write.  Read it now, before the other uplinks'
+            # events of this turn (in duplicate mode: the stale copies of the
+            # same packets) and another select().
+            self._wrote_tun = False
+            if self.tun is not None:
+                self._on_tun(selectors.EVENT_READ)
 
     # ------------------------------------------------------------------ TURN relays
 
@@ -828,6 +840,7 @@ class Agent:
         t0 = self.clock() if trace is not None else 0.0
         try:
             failed = self.tun.write_packets(packets)
+            self._wrote_tun = True
             if trace is not None:
                 trace.time("tun.write", self.clock() - t0, len(packets))
         except OSError as e:
