@@ -5,11 +5,12 @@ timers are due, counts decide the rest."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 from test_agent_inproc import Pair, ipv4_udp
 
-from mpvpn.agent import latency
+from mpvpn.agent import latency, send
 from mpvpn.agent.agent import DataPathHandler
 
 TO_B = ("192.168.10.2", "192.168.20.2")
@@ -286,3 +287,119 @@ def test_an_answer_leaves_before_the_stale_copies_are_read(tmp_path):
         assert sends[2] < recvs[1], log  # the answer on all three subflows before the second copy
         p.a.step(0)
         assert p.ha.tun.written[-1] == answer
+
+
+# -- sparse packets ahead of the bulk, and the tun's standing queue -----------------------
+
+def ipv4_tcp(src: str, dst: str, payload: bytes = b"", flags: int = 0x10, sport: int = 40000) -> bytes:
+    """An IPv4 TCP segment (20-byte header, no options; checksums zero)."""
+    tcp = (sport.to_bytes(2, "big") + (5201).to_bytes(2, "big") + bytes(8) + bytes([0x50, flags])
+           + (65535).to_bytes(2, "big") + bytes(4))
+    total = 20 + len(tcp) + len(payload)
+    hdr = (bytes([0x45, 0]) + total.to_bytes(2, "big") + bytes(4) + bytes([64, 6]) + b"\0\0"
+           + ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed)
+    return hdr + tcp + payload
+
+
+def ipv4_ping(src: str, dst: str, seq: int) -> bytes:
+    icmp = bytes([8, 0, 0, 0, 0, 1]) + seq.to_bytes(2, "big") + bytes(56)
+    hdr = (bytes([0x45, 0]) + (20 + len(icmp)).to_bytes(2, "big") + bytes(4) + bytes([64, 1]) + b"\0\0"
+           + ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed)
+    return hdr + icmp
+
+
+def reader(reads: list):
+    """A tun.read_packets over ``reads`` (each a list of packets: one read)."""
+    it = iter(reads)
+    return lambda: next(it, None)
+
+
+def test_overtakes_lets_sparse_packets_ahead_and_never_tcp_data():
+    assert send.overtakes(ipv4_ping(*TO_B, 1))
+    assert send.overtakes(ipv4_udp(*TO_B, b"voice"))
+    assert send.overtakes(ipv4_tcp(*TO_B))  # a pure ACK
+    assert not send.overtakes(ipv4_tcp(*TO_B, b"x"))  # data: its flow's order matters
+    for flag in (0x01, 0x02, 0x04):  # FIN, SYN, RST
+        assert not send.overtakes(ipv4_tcp(*TO_B, flags=0x10 | flag))
+    frag = bytearray(ipv4_udp(*TO_B, b"tail"))
+    frag[6] = 0x20  # more fragments
+    assert not send.overtakes(bytes(frag))
+    assert not send.overtakes(b"") and not send.overtakes(b"\x45" + bytes(10))
+
+
+def test_read_tun_puts_sparse_packets_ahead_of_the_bulk_of_the_turn_and_keeps_each_flow_in_order():
+    ds = object()
+    bulk = [ipv4_tcp(*TO_B, bytes([i]) * 1400) for i in range(6)]
+    ping = ipv4_ping(*TO_B, 1)
+    ack = ipv4_tcp(*TO_B)
+    voice_big, voice_small = ipv4_udp(*TO_B, b"V" * 1000, sport=7000), ipv4_udp(*TO_B, b"v", sport=7000)
+    game = ipv4_udp(*TO_B, b"g", sport=7001)
+    reads = [bulk[:3], [voice_big], bulk[3:5], [ping], [voice_small], [ack], [bulk[5]], [game]]
+    touched, drained = send.read_tun(reader(reads), None, lambda p: ds, {"tun_no_route": 0})
+    assert drained
+    out = touched[ds]
+    assert out[:3] == [ping, ack, game]  # sparse, in their read order
+    # the rest in read order: the small voice frame stays behind its flow's big one
+    assert out[3:] == bulk[:3] + [voice_big] + bulk[3:5] + [voice_small, bulk[5]]
+
+
+def test_read_tun_says_whether_the_turn_emptied_the_tun():
+    ds = object()
+    def reads(n):
+        return reader([[ipv4_tcp(*TO_B, b"x" * 1400)] for _ in range(n)])
+    touched, drained = send.read_tun(reads(10), None, lambda p: ds, {}, budget=4)
+    assert not drained and len(touched[ds]) == 4
+    touched, drained = send.read_tun(reads(3), None, lambda p: ds, {}, budget=4)
+    assert drained and len(touched[ds]) == 3
+
+
+def test_a_ping_behind_a_bulk_backlog_leaves_first(tmp_path):
+    """In one turn A reads 40 bulk segments and then a ping: the ping is
+    sealed and sent ahead of them, so B writes it into its tun first."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        for agent in (p.a, p.b):
+            frozen(agent)
+            settle(agent)
+        bulk = [ipv4_tcp(*TO_B, i.to_bytes(2, "big") * 700) for i in range(40)]
+        ping = ipv4_ping(*TO_B, 7)
+        for pkt in bulk + [ping]:
+            p.ha.tun.inject(pkt)
+        n0 = len(p.hb.tun.written)
+        p.a.step(0)
+        for _ in range(4):
+            p.b.step(0)
+        got = p.hb.tun.written[n0:]
+        assert got[0] == ping and got[1:] == bulk
+
+
+def test_a_tun_no_turn_empties_loses_a_bulk_packet_after_the_interval_and_never_a_small_one(tmp_path):
+    """The standing queue in the vNIC's ring (mpvpn.core.aqm): while every
+    turn stops at its batch budget, the agent drops bulk packets at CoDel's
+    pace and counts them; the pings in the same queue all get through."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        t = frozen(p.a)
+        settle(p.a)
+        frozen(p.b)
+        sent_bulk = sent_pings = 0
+        for turn in range(40):  # each turn finds more than a batch waiting
+            for i in range(send.BATCH + 10):
+                p.ha.tun.inject(ipv4_tcp(*TO_B, b"b" * 1000))
+                sent_bulk += 1
+            p.ha.tun.inject(ipv4_ping(*TO_B, turn))
+            sent_pings += 1
+            p.a.step(0)
+            t[0] += 0.001  # 1 ms per turn: 40 ms of standing queue
+        left = []
+        while (r := p.ha.tun.read_packets()) is not None:  # what the agent never read
+            left += r
+        for _ in range(400):
+            p.b.step(0)
+        drops = p.a.counters["tun_aqm_drops"]
+        assert drops >= 3  # first after 10 ms, then faster (test_aqm.py has the law)
+        written = p.hb.tun.written
+        read_pings = sent_pings - sum(1 for w in left if w[9] == 1)
+        read_bulk = sent_bulk - sum(1 for w in left if w[9] == 6)
+        assert sum(1 for w in written if w[9] == 1) == read_pings > 0  # every ping A read arrived
+        assert sum(1 for w in written if w[9] == 6) == read_bulk - drops

@@ -38,7 +38,7 @@ from mpvpn import __version__
 from mpvpn.agent import config as cfgmod
 from mpvpn.agent import latency, memtrace, receive, send, statusdoc, uplinknat, uplinkrelay
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.core import (candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
+from mpvpn.core import (aqm, candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
                         linktest, mss, pairing)
 from mpvpn.core.admission import HandshakeStamps
 from mpvpn.core.hubforward import HubForward
@@ -227,7 +227,7 @@ class Agent:
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
                          "vnic_recreated": 0, "hub_forwarded": 0, "hub_refused": 0,
-                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0}
+                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0, "tun_aqm_drops": 0}
         self._mss = self._mss_limits(cfg)
         # per-stage latency histograms (mpvpn.agent.latency), None unless MPVPN_LATENCY_TRACE=1
         self.trace = latency.LatencyTrace.from_env(clock)
@@ -235,6 +235,8 @@ class Agent:
         self._due: float | None = None  # earliest timer deadline (inf: none); None: ask again
         self._touched: set = set()  # sessions the data path touched this turn
         self._wrote_tun = False  # packets went into the tun since the uplink read began
+        # CoDel over the tun's ring (mpvpn.core.aqm); MPVPN_TUN_AQM=0 turns it off (bench)
+        self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "1") != "0" else None
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -659,14 +661,17 @@ class Agent:
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
         try:
-            touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
-                                    self.counters)
+            touched, drained = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
+                                             self.counters)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
             self._vnic_vanished(e)
             return
         now = self.clock()
+        if self.tun_aqm is not None and self.tun_aqm.on_turn(drained, now):
+            if aqm.drop_one_bulk(touched.values()):  # a standing queue in the tun's ring
+                self.counters["tun_aqm_drops"] += 1
         if trace is not None and touched:
             n = sum(len(b) for b in touched.values())
             trace.time("tun.read", now - t0, n)
