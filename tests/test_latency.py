@@ -403,3 +403,72 @@ def test_a_tun_no_turn_empties_loses_a_bulk_packet_after_the_interval_and_never_
         read_bulk = sent_bulk - sum(1 for w in left if w[9] == 6)
         assert sum(1 for w in written if w[9] == 1) == read_pings > 0  # every ping A read arrived
         assert sum(1 for w in written if w[9] == 6) == read_bulk - drops
+
+
+def test_with_a_tun_backlog_the_uplinks_are_read_before_the_bulk(tmp_path):
+    """A is sealing bulk TCP (its tun had more than a batch waiting last
+    turn); an answer from B is queued in A's uplinks.  The next turn reads
+    every uplink (and writes the answer into the tun) before it seals the
+    next batch of bulk, and the answer does not pull a bulk batch in
+    ahead of the other uplinks either."""
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        for agent in (p.a, p.b):
+            frozen(agent)
+            settle(agent)
+        for _ in range(send.BATCH + 50):
+            p.ha.tun.inject(ipv4_tcp(*TO_B, b"b" * 1000))
+        p.a.step(0)  # one batch: the tun still has a backlog
+        answer = ipv4_udp(*reversed(TO_B), b"pong")
+        p.hb.tun.inject(answer)
+        p.b.step(0)  # three copies of the answer queued at A
+        log: list = []
+        log_uplinks(p.ha, log)
+        p.a.step(0)
+        assert answer in p.ha.tun.written
+        whats = [what for what, _n in log]
+        assert whats.count("recv") == 3 and "send" in whats, log
+        assert whats.index("send") > max(i for i, w in enumerate(whats) if w == "recv"), log
+
+
+def age(host, seconds: float) -> None:
+    """Make everything queued in ``host``'s uplink sockets look ``seconds``
+    older (the receive stamps the kernel would have put on it)."""
+    for ep in host.uplinks.values():
+        ep.queue = type(ep.queue)((d, src, when - seconds) for d, src, when in ep.queue)
+
+
+def test_a_standing_queue_in_the_sockets_loses_a_bulk_packet_and_never_a_ping(tmp_path):
+    """Bulk toward B outruns B: what B reads has waited 5 ms in its socket
+    buffers, turn after turn.  After CoDel's interval B drops bulk packets
+    (after opening them: no gap for the NACK machinery to repair), counted
+    as rx_aqm_drops; every ping arrives.  Without the wait, nothing drops."""
+    def run(p, wait: float, turns: int = 40) -> tuple[int, int, int]:
+        t = frozen(p.b)
+        frozen(p.a)
+        settle(p.a)
+        settle(p.b)
+        n0 = len(p.hb.tun.written)
+        bulk = 0
+        for turn in range(turns):
+            for _ in range(20):
+                p.ha.tun.inject(ipv4_tcp(*TO_B, b"b" * 1000))
+                bulk += 1
+            p.ha.tun.inject(ipv4_ping(*TO_B, turn))
+            p.a.step(0)
+            age(p.hb, wait)
+            p.b.step(0)
+            t[0] += 0.001
+        for _ in range(10):
+            p.b.step(0)
+        got = p.hb.tun.written[n0:]
+        return bulk, sum(1 for w in got if w[9] == 6), sum(1 for w in got if w[9] == 1)
+
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        bulk, got_bulk, got_pings = run(p, 0.0)
+        assert p.b.counters["rx_aqm_drops"] == 0 and got_bulk == bulk and got_pings == 40
+        bulk, got_bulk, got_pings = run(p, 0.005)
+        drops = p.b.counters["rx_aqm_drops"]
+        assert drops >= 3 and got_bulk == bulk - drops and got_pings == 40
+        assert p.b.status()["sessions"][0]["counters"]["nacks_sent"] == 0  # no gap to repair

@@ -227,7 +227,8 @@ class Agent:
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
                          "vnic_recreated": 0, "hub_forwarded": 0, "hub_refused": 0,
-                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0, "tun_aqm_drops": 0}
+                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0, "tun_aqm_drops": 0,
+                         "rx_aqm_drops": 0}
         self._mss = self._mss_limits(cfg)
         # per-stage latency histograms (mpvpn.agent.latency), None unless MPVPN_LATENCY_TRACE=1
         self.trace = latency.LatencyTrace.from_env(clock)
@@ -235,8 +236,12 @@ class Agent:
         self._due: float | None = None  # earliest timer deadline (inf: none); None: ask again
         self._touched: set = set()  # sessions the data path touched this turn
         self._wrote_tun = False  # packets went into the tun since the uplink read began
-        # CoDel over the tun's ring (mpvpn.core.aqm); MPVPN_TUN_AQM=0 turns it off (bench)
+        self._tun_backlog = False  # the last tun turn stopped at its budget: more was waiting
+        # CoDel over the tun's ring and over the uplinks' socket buffers (mpvpn.core.aqm);
+        # MPVPN_TUN_AQM=0 / MPVPN_RX_AQM=0 turn them off (bench knobs)
         self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "1") != "0" else None
+        self.rx_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_RX_AQM", "1") != "0" else None
+        self._rx_drop = False  # rx_aqm asked for a drop: the next bulk packet delivered
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -414,8 +419,8 @@ class Agent:
             return
         up.state, up.error = "up", None
         up.batch = batch
-        if self.trace is not None:  # the wait in the socket buffer, from the kernel's stamps
-            batch.stamp(lambda waited, n, t=self.trace: t.time("udp.queue", waited, n))
+        if self.trace is not None or self.rx_aqm is not None:  # the kernel's receive stamps
+            batch.stamp(self._on_stamp)
         self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
         if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
@@ -512,6 +517,11 @@ class Agent:
         if trace is not None:
             self._woke = self.clock()
         full = not events
+        if self._tun_backlog and len(events) > 1:
+            # A tun with a backlog (bulk TCP being sealed) goes last: the
+            # uplinks' datagrams (a ping's reply, the ACKs) wait for the
+            # turn's bulk otherwise.
+            events.sort(key=self._tun_last)
         for key, mask in events:
             key.data(mask)
             if key.data.__class__ is not DataPathHandler:
@@ -533,6 +543,20 @@ class Agent:
             self._run_timers(now)
             if trace is not None:
                 trace.time("loop.timers", self.clock() - now)
+
+    def _on_stamp(self, waited: float, n: int) -> None:
+        """A receive from an uplink: its datagrams waited ``waited`` seconds in
+        the socket buffer (the kernel's stamp).  In duplicate mode the copies
+        on the other uplinks wait longer, but a copy read in time keeps the
+        queue below the target: what CoDel watches is the minimum."""
+        if self.trace is not None:
+            self.trace.time("udp.queue", waited, n)
+        q = self.rx_aqm
+        if q is not None and q.on_turn(waited <= aqm.TARGET, self.clock()):
+            self._rx_drop = True
+
+    def _tun_last(self, event) -> bool:
+        return event[0].fileobj is self.tun
 
     def stop(self) -> None:
         self._stop = True
@@ -669,6 +693,7 @@ class Agent:
             self._vnic_vanished(e)
             return
         now = self.clock()
+        self._tun_backlog = not drained
         if self.tun_aqm is not None and self.tun_aqm.on_turn(drained, now):
             if aqm.drop_one_bulk(touched.values()):  # a standing queue in the tun's ring
                 self.counters["tun_aqm_drops"] += 1
@@ -705,13 +730,14 @@ class Agent:
         self._touched.update(touched)
         if self._wrote_tun:
             # The answer takes the shortest path: what the packets just written
-            # made the kernel send back (a ping's reply, a TCP ACK, the next
-            # segments an ACK released) is often in the tun already, written
-            # from inside our write.  Read it now, before the other uplinks'
-            # events of this turn (in duplicate mode: the stale copies of the
-            # same packets) and another select().
+            # made the kernel send back (a ping's reply, a TCP ACK) is often in
+            # the tun already, written from inside our write.  Read it now,
+            # before the other uplinks' events of this turn (in duplicate mode:
+            # the stale copies of the same packets) and another select() --
+            # unless the tun has a backlog (bulk waiting to be sealed): then
+            # it gets its turn after the uplinks (see step()).
             self._wrote_tun = False
-            if self.tun is not None:
+            if self.tun is not None and not self._tun_backlog:
                 self._on_tun(selectors.EVENT_READ)
 
     # ------------------------------------------------------------------ TURN relays
@@ -841,6 +867,11 @@ class Agent:
                     self._hub_flush()
             if not packets:
                 return
+        if self._rx_drop and self._reading and aqm.drop_one_bulk((packets,)):
+            # a standing queue in the uplinks' socket buffers (bulk TCP toward
+            # us outruns this agent): one bulk packet lost tells its sender
+            self._rx_drop = False
+            self.counters["rx_aqm_drops"] += 1
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
         try:

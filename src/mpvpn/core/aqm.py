@@ -26,6 +26,7 @@ from __future__ import annotations
 from math import sqrt
 
 INTERVAL = 0.010  # s: how long a standing queue may last before the first drop
+TARGET = 0.001  # s: a socket buffer's sojourn (the kernel's receive stamp) above this is standing
 BULK_MIN = 512  # bytes: shorter packets (ACKs, pings, VoIP, DNS) are never dropped here
 
 
@@ -33,7 +34,10 @@ class StandingQueue:
     """CoDel's state machine over "did this turn empty the queue?".
 
     ``on_turn(drained, now)`` after each turn that read the queue: True when
-    one bulk packet of this turn should be dropped (counted in ``drops``)."""
+    one bulk packet of this turn should be dropped (counted in ``drops``).
+    For a queue whose sojourn is known (a UDP socket buffer, from the
+    kernel's receive stamps) ``drained`` is "the sojourn was at most
+    TARGET", which is CoDel's own test (RFC 8289 section 4.2)."""
 
     __slots__ = ("interval", "first_above", "dropping", "count", "last_count", "drop_next", "drops")
 
