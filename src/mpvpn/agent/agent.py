@@ -684,21 +684,31 @@ class Agent:
         """The tun is readable: mpvpn.agent.send, from the read to the UDP send."""
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
+        lone_took = [0.0, 0]  # (trace) the first read's sending time, its packets
+
+        def lone(ds, pkts):  # the turn's first read leaves at once (send.read_tun)
+            t = self.clock()
+            send.send_batches({ds: pkts}, t, self.counters, trace)
+            self._touched.add(ds)
+            if trace is not None:
+                lone_took[:] = self.clock() - t, len(pkts)
         try:
             touched, drained = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
-                                             self.counters)
+                                             self.counters, first=lone)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
             self._vnic_vanished(e)
             return
         now = self.clock()
+        if trace is not None:
+            t0 += lone_took[0]  # (tun.read: the reads, not the first read's sending)
         self._tun_backlog = not drained
         if self.tun_aqm is not None and self.tun_aqm.on_turn(drained, now):
             if aqm.drop_one_bulk(touched.values()):  # a standing queue in the tun's ring
                 self.counters["tun_aqm_drops"] += 1
-        if trace is not None and touched:
-            n = sum(len(b) for b in touched.values())
+        if trace is not None and (touched or lone_took[1]):
+            n = sum(len(b) for b in touched.values()) + lone_took[1]
             trace.time("tun.read", now - t0, n)
             trace.count("tun.batch", n)
         send.send_batches(touched, now, self.counters, trace)

@@ -170,16 +170,21 @@ def _udp_key(p):
     return None
 
 
-def read_tun(read, limits, route, counters: dict, budget: int = BATCH) -> tuple[dict, bool]:
+def read_tun(read, limits, route, counters: dict, budget: int = BATCH, first=None) -> tuple[dict, bool]:
     """Read up to ``budget`` packets with ``read`` (tun.read_packets: a list,
     or None when empty), clamp SYNs, route: ({session: its packets}, whether
-    the tun was emptied).  Each session's packets are in read order, except
+    the tun was emptied).  ``first(session, packets)``, if given, takes the
+    turn's first routed read at once, before the tun is read again: a lone
+    packet (a ping when nothing else is queued) leaves without waiting for
+    the read that finds the tun empty; its packets are not in the result.
+    Each session's packets are in read order, except
     that packets that :func:`overtakes` allows go first (in their own read
     order): under bulk TCP a ping does not wait for the bulk read before it
     to be sealed and sent.  A flow's own order holds: TCP data never moves,
     and a small UDP packet stays behind the larger ones of its flow read
     before it.  OSError from the tun (EBADFD: the device was deleted) goes
     to the caller."""
+    lone = first
     touched: dict = {}
     front = None  # session -> its sparse packets, when there are any
     bulk_udp = None  # UDP flows (_udp_key) with a large packet in this turn
@@ -197,6 +202,10 @@ def read_tun(read, limits, route, counters: dict, budget: int = BATCH) -> tuple[
         ds = route(first)  # segments share the destination
         if ds is None:
             counters["tun_no_route"] += len(pkts)
+            continue
+        if lone is not None:
+            lone(ds, pkts)
+            lone = None
             continue
         if len(first) <= SPARSE_MAX:
             if len(pkts) == 1 and overtakes(first) and (bulk_udp is None or _udp_key(first) not in bulk_udp):
