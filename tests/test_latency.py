@@ -486,11 +486,20 @@ def age(host, seconds: float) -> None:
         ep.queue = type(ep.queue)((d, src, when - seconds) for d, src, when in ep.queue)
 
 
-def test_a_standing_queue_in_the_sockets_loses_a_bulk_packet_and_never_a_ping(tmp_path):
+def test_without_the_experiment_the_uplinks_are_not_stamped_and_nothing_is_dropped_there(tmp_path):
+    with Pair(tmp_path, extra_base="") as p:
+        p.connected()
+        assert p.b.rx_aqm is None
+        assert all(ep._on_stamp is None for ep in p.hb.uplinks.values())
+
+
+def test_a_standing_queue_in_the_sockets_loses_a_bulk_packet_and_never_a_ping(tmp_path, monkeypatch):
     """Bulk toward B outruns B: what B reads has waited 5 ms in its socket
     buffers, turn after turn.  After CoDel's interval B drops bulk packets
     (after opening them: no gap for the NACK machinery to repair), counted
-    as rx_aqm_drops; every ping arrives.  Without the wait, nothing drops."""
+    as rx_aqm_drops; every ping arrives.  Without the wait, nothing drops.
+    (An experiment, MPVPN_RX_AQM=1.)"""
+    monkeypatch.setenv("MPVPN_RX_AQM", "1")
     def run(p, wait: float, turns: int = 40) -> tuple[int, int, int]:
         t = frozen(p.b)
         frozen(p.a)
