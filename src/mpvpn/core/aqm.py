@@ -1,4 +1,6 @@
-"""Active queue management for the vNIC's ring (issue 17 item 1).
+"""Active queue management for the agent's own queues (issue 17 item 1):
+the vNIC's ring, and (an experiment, off unless ``MPVPN_RX_AQM=1``) the
+uplinks' socket buffers.
 
 Bulk TCP entering the tunnel fills whatever queue sits in front of the
 slowest stage.  When that stage is the sending agent (sealing three copies of
@@ -18,7 +20,11 @@ x0.7) its window per loss and the standing queue drains, while the ring
 never runs dry for long (that would cost throughput): the drop rate grows
 only as long as the queue stands.
 
-Sans-I/O: whether the ring was drained and ``now`` in, drop decisions out.
+The same state machine watches the uplinks' socket buffers when asked to:
+there the kernel's receive stamp gives the sojourn, and a receive that
+waited at most :data:`TARGET` counts as "drained" (CoDel's own test).
+
+Sans-I/O: whether the queue was drained and ``now`` in, drop decisions out.
 """
 
 from __future__ import annotations
