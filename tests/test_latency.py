@@ -421,10 +421,13 @@ def test_a_ping_behind_a_bulk_backlog_leaves_first(tmp_path):
         assert got == [bulk[0], ping] + bulk[1:]
 
 
-def test_a_tun_no_turn_empties_loses_a_bulk_packet_after_the_interval_and_never_a_small_one(tmp_path):
+def test_a_tun_no_turn_empties_loses_a_bulk_packet_after_the_interval_and_never_a_small_one(tmp_path,
+                                                                                           monkeypatch):
     """The standing queue in the vNIC's ring (mpvpn.core.aqm): while every
     turn stops at its batch budget, the agent drops bulk packets at CoDel's
-    pace and counts them; the pings in the same queue all get through."""
+    pace and counts them; the pings in the same queue all get through.
+    (An experiment, MPVPN_TUN_AQM=1.)"""
+    monkeypatch.setenv("MPVPN_TUN_AQM", "1")
     with Pair(tmp_path, extra_base="") as p:
         p.connected()
         t = frozen(p.a)
@@ -486,10 +489,10 @@ def age(host, seconds: float) -> None:
         ep.queue = type(ep.queue)((d, src, when - seconds) for d, src, when in ep.queue)
 
 
-def test_without_the_experiment_the_uplinks_are_not_stamped_and_nothing_is_dropped_there(tmp_path):
+def test_without_the_experiments_nothing_is_dropped_and_the_uplinks_are_not_stamped(tmp_path):
     with Pair(tmp_path, extra_base="") as p:
         p.connected()
-        assert p.b.rx_aqm is None
+        assert p.b.rx_aqm is None and p.a.tun_aqm is None
         assert all(ep._on_stamp is None for ep in p.hb.uplinks.values())
 
 

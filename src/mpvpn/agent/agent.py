@@ -237,10 +237,11 @@ class Agent:
         self._touched: set = set()  # sessions the data path touched this turn
         self._wrote_tun = False  # packets went into the tun since the uplink read began
         self._tun_backlog = False  # the last tun turn stopped at its budget: more was waiting
-        # CoDel over the tun's ring (mpvpn.core.aqm; MPVPN_TUN_AQM=0 turns it off) and, an
-        # experiment off by default (MPVPN_RX_AQM=1: no gain measured, the stamps cost CPU;
-        # docs/performance.md "Latency"), over the uplinks' socket buffers
-        self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "1") != "0" else None
+        # CoDel over the tun's ring and over the uplinks' socket buffers (mpvpn.core.aqm):
+        # experiments, off unless MPVPN_TUN_AQM=1 / MPVPN_RX_AQM=1 (measured: the first
+        # shortens the queue under load but gave back throughput on a CPU-bound agent, the
+        # second gained nothing and its stamps cost CPU; docs/performance.md "Latency")
+        self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "0") == "1" else None
         self.rx_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_RX_AQM", "0") == "1" else None
         self._rx_drop = False  # rx_aqm asked for a drop: the next bulk packet delivered
 

@@ -1,6 +1,9 @@
 """Active queue management for the agent's own queues (issue 17 item 1):
-the vNIC's ring, and (an experiment, off unless ``MPVPN_RX_AQM=1``) the
-uplinks' socket buffers.
+the vNIC's ring and the uplinks' socket buffers.  Both are experiments the
+agent runs only when asked (``MPVPN_TUN_AQM=1``, ``MPVPN_RX_AQM=1``): the
+first shortened the queue under load but gave back throughput where the
+agent's CPU is the bottleneck, the second gained nothing measurable
+(docs/performance.md "Latency").
 
 Bulk TCP entering the tunnel fills whatever queue sits in front of the
 slowest stage.  When that stage is the sending agent (sealing three copies of
