@@ -39,8 +39,8 @@ from mpvpn.agent import config as cfgmod
 from mpvpn.agent import latency, memtrace, receive, send, statusdoc, uplinknat, uplinkrelay
 from mpvpn.agent.directpeers import AgentPort, DirectPaths
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
-from mpvpn.core import (candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
-                        linktest, mss, pairing, seal)
+from mpvpn.core import (aqm, candidates, controlconn, controlevents, controlmsg, fastpath,
+                        hubforward, linktest, mss, pairing, seal)
 from mpvpn.core.admission import HandshakeStamps
 from mpvpn.core.hubforward import HubForward
 from mpvpn.core.peercheck import usable_via
@@ -235,7 +235,8 @@ class Agent:
                          "tun_write_errors": 0, "tun_no_route": 0, "send_errors": 0,
                          "control_connects": 0, "control_failures": 0, "mss_clamped": 0,
                          "vnic_recreated": 0, "hub_forwarded": 0, "hub_refused": 0,
-                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0}
+                         "hub_spoofed": 0, "via_truncated": 0, "via_refused": 0, "tun_aqm_drops": 0,
+                         "rx_aqm_drops": 0}
         self._mss = self._mss_limits(cfg)
         # per-stage latency histograms (mpvpn.agent.latency), None unless MPVPN_LATENCY_TRACE=1
         self.trace = latency.LatencyTrace.from_env(clock)
@@ -253,6 +254,15 @@ class Agent:
                       may_go_direct=self._may_go_direct),
             self.role, self.name, cfg.base.direct, cfg.base.private_key,
             seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
+        self._wrote_tun = False  # packets went into the tun since the uplink read began
+        self._tun_backlog = False  # the last tun turn stopped at its budget: more was waiting
+        # CoDel over the tun's ring and over the uplinks' socket buffers (mpvpn.core.aqm):
+        # experiments, off unless MPVPN_TUN_AQM=1 / MPVPN_RX_AQM=1 (measured: the first
+        # shortens the queue under load but gave back throughput on a CPU-bound agent, the
+        # second gained nothing and its stamps cost CPU; docs/performance.md "Latency")
+        self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "0") == "1" else None
+        self.rx_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_RX_AQM", "0") == "1" else None
+        self._rx_drop = False  # rx_aqm asked for a drop: the next bulk packet delivered
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -431,8 +441,8 @@ class Agent:
             return
         up.state, up.error = "up", None
         up.batch = batch
-        if self.trace is not None:  # the wait in the socket buffer, from the kernel's stamps
-            batch.stamp(lambda waited, n, t=self.trace: t.time("udp.queue", waited, n))
+        if self.trace is not None or self.rx_aqm is not None:  # the kernel's receive stamps
+            batch.stamp(self._on_stamp)
         self.sel.register(up.sock, selectors.EVENT_READ, DataPathHandler(lambda m, u=up: self._on_udp(u)))
         log.info("uplink %s (%s) bound to %s:%d", up.name, up.cfg.type, up.addr, up.cfg.port)
         if self.cfg.base.stun:  # discovery from the uplink's own socket (docs/nat.md)
@@ -532,6 +542,11 @@ class Agent:
         if trace is not None:
             self._woke = self.clock()
         full = not events
+        if self._tun_backlog and len(events) > 1:
+            # A tun with a backlog (bulk TCP being sealed) goes last: the
+            # uplinks' datagrams (a ping's reply, the ACKs) wait for the
+            # turn's bulk otherwise.
+            events.sort(key=self._tun_last)
         for key, mask in events:
             key.data(mask)
             if key.data.__class__ is not DataPathHandler:
@@ -553,6 +568,20 @@ class Agent:
             self._run_timers(now)
             if trace is not None:
                 trace.time("loop.timers", self.clock() - now)
+
+    def _on_stamp(self, waited: float, n: int) -> None:
+        """A receive from an uplink: its datagrams waited ``waited`` seconds in
+        the socket buffer (the kernel's stamp).  In duplicate mode the copies
+        on the other uplinks wait longer, but a copy read in time keeps the
+        queue below the target: what CoDel watches is the minimum."""
+        if self.trace is not None:
+            self.trace.time("udp.queue", waited, n)
+        q = self.rx_aqm
+        if q is not None and q.on_turn(waited <= aqm.TARGET, self.clock()):
+            self._rx_drop = True
+
+    def _tun_last(self, event) -> bool:
+        return event[0].fileobj is self.tun
 
     def stop(self) -> None:
         self._stop = True
@@ -688,17 +717,31 @@ class Agent:
         """The tun is readable: mpvpn.agent.send, from the read to the UDP send."""
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
+        lone_took = [0.0, 0]  # (trace) the first read's sending time, its packets
+
+        def lone(ds, pkts):  # the turn's first read leaves at once (send.read_tun)
+            t = self.clock()
+            send.send_batches({ds: pkts}, t, self.counters, trace)
+            self._touched.add(ds)
+            if trace is not None:
+                lone_took[:] = self.clock() - t, len(pkts)
         try:
-            touched = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
-                                    self.counters)
+            touched, drained = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
+                                             self.counters, first=lone)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
             self._vnic_vanished(e)
             return
         now = self.clock()
-        if trace is not None and touched:
-            n = sum(len(b) for b in touched.values())
+        if trace is not None:
+            t0 += lone_took[0]  # (tun.read: the reads, not the first read's sending)
+        self._tun_backlog = not drained
+        if self.tun_aqm is not None and self.tun_aqm.on_turn(drained, now):
+            if aqm.drop_one_bulk(touched.values()):  # a standing queue in the tun's ring
+                self.counters["tun_aqm_drops"] += 1
+        if trace is not None and (touched or lone_took[1]):
+            n = sum(len(b) for b in touched.values()) + lone_took[1]
             trace.time("tun.read", now - t0, n)
             trace.count("tun.batch", n)
         send.send_batches(touched, now, self.counters, trace)
@@ -711,6 +754,7 @@ class Agent:
             return
         trace = self.trace
         n0 = up.rx_datagrams
+        self._wrote_tun = False
         self._reading = True
         try:
             touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
@@ -727,6 +771,17 @@ class Agent:
                 self.registry.touch(ds.session_id, now)
             self._flush_session(ds)
         self._touched.update(touched)
+        if self._wrote_tun:
+            # The answer takes the shortest path: what the packets just written
+            # made the kernel send back (a ping's reply, a TCP ACK) is often in
+            # the tun already, written from inside our write.  Read it now,
+            # before the other uplinks' events of this turn (in duplicate mode:
+            # the stale copies of the same packets) and another select() --
+            # unless the tun has a backlog (bulk waiting to be sealed): then
+            # it gets its turn after the uplinks (see step()).
+            self._wrote_tun = False
+            if self.tun is not None and not self._tun_backlog:
+                self._on_tun(selectors.EVENT_READ)
 
     # ------------------------------------------------------------------ TURN relays
 
@@ -858,10 +913,16 @@ class Agent:
                     self._hub_flush()
             if not packets:
                 return
+        if self._rx_drop and self._reading and aqm.drop_one_bulk((packets,)):
+            # a standing queue in the uplinks' socket buffers (bulk TCP toward
+            # us outruns this agent): one bulk packet lost tells its sender
+            self._rx_drop = False
+            self.counters["rx_aqm_drops"] += 1
         trace = self.trace
         t0 = self.clock() if trace is not None else 0.0
         try:
             failed = self.tun.write_packets(packets)
+            self._wrote_tun = True
             if trace is not None:
                 trace.time("tun.write", self.clock() - t0, len(packets))
         except OSError as e:

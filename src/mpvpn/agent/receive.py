@@ -86,8 +86,9 @@ def _receive_one(data, source, up, sessions: dict, counters: dict, now: float):
 def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
     each datagram to its session (``sessions``: id -> DataSession), released
-    packets to ``deliver(list, session they came from)``.  Returns the
-    sessions that took datagrams."""
+    packets to ``deliver(list, session they came from)``: those of the first
+    receive before the second, the rest in batches.  Returns the sessions
+    that took datagrams."""
     touched = set()
     out = []  # written in batches: consecutive TCP segments go as one super-segment
     out_ds = None  # the session the packets in ``out`` came from
@@ -96,7 +97,12 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     relay = up.relay  # uplinkrelay.UplinkRelay, or None without config relay
     # the session lookup of the previous datagram (same key: same result)
     last_key = cur = member = None
-    for _ in range(BATCH):
+    for i in range(BATCH):
+        if i == 1 and out:
+            # the first receive's packets go to the tun at once: a lone packet
+            # does not wait for the receive that finds the socket empty
+            deliver(out, out_ds)
+            out = []
         try:
             datagrams, addr = recv()
         except (BlockingIOError, InterruptedError):

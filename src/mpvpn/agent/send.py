@@ -5,7 +5,10 @@ peer as SMPU datagrams, in processing order (as wireguard-go's
     tun.read_packets()            one packet, or the segments of a TCP super-segment
       -> clamp_syn()              a TCP SYN gets an MSS that fits the vNIC (base.mss_clamp)
       -> RouteTable.lookup()      the session whose peer owns the destination; none: counted drop
-      -> (batched per session, in order, up to BATCH packets per wake-up)
+      -> (batched per session, in order, up to BATCH packets per wake-up;
+          sparse packets (a ping, a VoIP frame, an ACK) ahead of the bulk)
+      -> StandingQueue            (agent) no read emptied the tun for a while: drop
+                                  one bulk packet (mpvpn.core.aqm, CoDel's control law)
       -> Session.send_many()      sequence, seal (C loops where built), schedule onto subflows
       -> flush()                  Session.datagrams_by_member(): each member's datagrams
       -> BatchSocket.send()       to the member's remote address through its uplink (UDP GSO)
@@ -35,9 +38,13 @@ IPV6_HLEN = 40
 IPV6_NEXT_HEADER = 6
 IPV6_DST = slice(24, 40)
 TCP_PROTOCOL = 6
+UDP_PROTOCOL = 17
 TCP_HLEN = 20
+TCP_DATA_OFFSET = 12  # offset in the TCP header (high nibble: header length in words)
 TCP_FLAGS = 13  # offset in the TCP header
-TCP_SYN = 0x02
+TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
+SPARSE_PROTOCOLS = frozenset({1, 17, 58})  # ICMP, UDP, ICMPv6
+SPARSE_MAX = 300  # bytes: a packet this small may overtake the bulk of its turn (overtakes())
 MSS_OPTION_LEN = 4
 MIN_SYN4 = IPV4_HLEN + TCP_HLEN + MSS_OPTION_LEN  # 44: an IPv4 SYN that can carry an MSS option
 MIN_SYN6 = IPV6_HLEN + TCP_HLEN + MSS_OPTION_LEN  # 64
@@ -125,29 +132,107 @@ class RouteTable:
 
 # ---------------------------------------------------------------- 3. read and batch
 
-def read_tun(read, limits, route, counters: dict, budget: int = BATCH) -> dict:
+def overtakes(p) -> bool:
+    """May this packet (at most SPARSE_MAX bytes) go ahead of the bulk read
+    in the same turn?  ICMP, UDP and pure TCP ACKs (no payload, no SYN, FIN
+    or RST) of IPv4 without options or fragments, or IPv6 without extension
+    headers: what a flow sends sparsely and waits for (a ping, a VoIP frame,
+    a game update, DNS, the ACKs of the other direction).  Never a TCP
+    segment with data, whose order within its flow TCP relies on."""
+    n = len(p)
+    first = p[0] if n else 0
+    if first == IPV4_NO_OPTIONS and n >= IPV4_HLEN:
+        if p[6] & 0x3F or p[7]:  # MF or an offset: a fragment
+            return False
+        proto = p[IPV4_PROTOCOL]
+        off = IPV4_HLEN
+    elif first >> 4 == 6 and n >= IPV6_HLEN:
+        proto = p[IPV6_NEXT_HEADER]
+        off = IPV6_HLEN
+    else:
+        return False
+    if proto in SPARSE_PROTOCOLS:
+        return True
+    if proto != TCP_PROTOCOL or n < off + TCP_HLEN:
+        return False
+    return (n == off + (p[off + TCP_DATA_OFFSET] >> 4) * 4
+            and not p[off + TCP_FLAGS] & (TCP_SYN | TCP_FIN | TCP_RST))
+
+
+def _udp_key(p):
+    """Addresses and ports of a UDP packet (IPv4 without options, IPv6
+    without extension headers), or None for anything else."""
+    first = p[0]
+    if first == IPV4_NO_OPTIONS and p[IPV4_PROTOCOL] == UDP_PROTOCOL:
+        return p[12:24]
+    if first >> 4 == 6 and p[IPV6_NEXT_HEADER] == UDP_PROTOCOL:
+        return p[8:44]
+    return None
+
+
+def read_tun(read, limits, route, counters: dict, budget: int = BATCH, first=None) -> tuple[dict, bool]:
     """Read up to ``budget`` packets with ``read`` (tun.read_packets: a list,
-    or None when empty), clamp SYNs, route: {session: its packets, in order}.
-    OSError from the tun (EBADFD: the device was deleted) goes to the caller."""
+    or None when empty), clamp SYNs, route: ({session: its packets}, whether
+    the tun was emptied).  ``first(session, packets)``, if given, takes the
+    turn's first routed read at once, before the tun is read again: a lone
+    packet (a ping when nothing else is queued) leaves without waiting for
+    the read that finds the tun empty; its packets are not in the result.
+    Each session's packets are in read order, except
+    that packets that :func:`overtakes` allows go first (in their own read
+    order): under bulk TCP a ping does not wait for the bulk read before it
+    to be sealed and sent.  A flow's own order holds: TCP data never moves,
+    and a small UDP packet stays behind the larger ones of its flow read
+    before it.  OSError from the tun (EBADFD: the device was deleted) goes
+    to the caller."""
+    lone = first
     touched: dict = {}
+    front = None  # session -> its sparse packets, when there are any
+    bulk_udp = None  # UDP flows (_udp_key) with a large packet in this turn
+    drained = False
     while budget > 0:
         pkts = read()
         if pkts is None:
+            drained = True
             break
         if not pkts:
             continue
         pkts = clamp_syn(pkts, limits, counters)
         budget -= len(pkts)
-        ds = route(pkts[0])  # segments share the destination
+        first = pkts[0]
+        ds = route(first)  # segments share the destination
         if ds is None:
             counters["tun_no_route"] += len(pkts)
             continue
+        if lone is not None:
+            lone(ds, pkts)
+            lone = None
+            continue
+        if len(first) <= SPARSE_MAX:
+            if len(pkts) == 1 and overtakes(first) and (bulk_udp is None or _udp_key(first) not in bulk_udp):
+                if front is None:
+                    front = {}
+                f = front.get(ds)
+                if f is None:
+                    front[ds] = [first]
+                    touched.setdefault(ds, [])
+                else:
+                    f.append(first)
+                continue
+        elif first[IPV4_PROTOCOL if first[0] == IPV4_NO_OPTIONS else IPV6_NEXT_HEADER] == UDP_PROTOCOL:
+            key = _udp_key(first)
+            if key is not None:
+                if bulk_udp is None:
+                    bulk_udp = set()
+                bulk_udp.add(key)
         batch = touched.get(ds)
         if batch is None:
             touched[ds] = pkts if isinstance(pkts, list) else list(pkts)
         else:
             batch += pkts
-    return touched
+    if front:
+        for ds, sparse in front.items():
+            touched[ds] = sparse + touched[ds]
+    return touched, drained
 
 
 # ---------------------------------------------------------------- 4. seal, schedule, send
