@@ -7,12 +7,19 @@ one session, one hop), with added latency, CPU seconds per GB of every agent
 on the path and the hub's memory.
 
     python bench/hub.py [--seconds S] [--sites N] [--carriers C] [--json FILE]   (root; needs iperf3)
-    python bench/hub.py --idle 1,10,20 [--seconds S]    (the hub's cost per connected idle site)
+    python bench/hub.py --idle 1,10,50 [--made ns|crowd] [--seconds S]
+                                          (the hub's cost per connected idle site)
 
 The hub serves ``--sites`` client sites (A plus add_site routers c, d, ...);
 the load runs between A and C, the others are connected and idle.  With
 ``--idle``, for each number of sites: the hub's RSS and CPU share over
-``--seconds`` with every site connected and idle (keepalives only).
+``--seconds`` with every site connected and idle (keepalives only).  Sites
+are made (``--made``) as one namespace pair per site (``ns``: netlab's
+add_site, at most 25 sites) or as agents sharing one namespace, each bound to
+its own addresses on shared veths to the hub (``crowd``: netlab's add_crowd,
+up to 150; the default when a count exceeds 25).  Either way every site is
+a real agent process with its own control connection and UDP subflows; the
+hub sees no difference but the source addresses.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--carriers", type=int, default=2, help="carriers per site (default 2)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--idle", metavar="N,N,...", help="measure the idle cost at these numbers of sites")
+    ap.add_argument("--made", choices=("ns", "crowd"),
+                    help="--idle: a namespace pair per site (ns, <= 25) or agents sharing one (crowd, <= 150)")
     args = ap.parse_args(argv)
     if args.idle:
         return idle(args)
@@ -102,31 +111,46 @@ def idle(args) -> int:
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 2
+    counts = [int(x) for x in args.idle.split(",")]
+    made = args.made or ("crowd" if max(counts) > 25 else "ns")
+    top = 25 if made == "ns" else 150
+    if not all(1 <= n <= top for n in counts):
+        print(f"--idle: 1..{top} sites with --made {made}", file=sys.stderr)
+        return 2
     rows = []
-    for n in (int(x) for x in args.idle.split(",")):
-        if not 1 <= n <= 25:
-            print("--idle: 1..25 sites", file=sys.stderr)
-            return 2
-        letters = "".join(chr(ord("c") + k) for k in range(n - 1))
-        with Lab(args.carriers) as lab, HubLab(lab, letters, forward=True) as h:
+    for n in counts:
+        if made == "ns":
+            letters = "".join(chr(ord("c") + k) for k in range(n - 1))
+            hub_of = lambda lab, letters=letters: HubLab(lab, letters, forward=True)  # noqa: E731
+        else:
+            hub_of = lambda lab, n=n: HubLab(lab, "", forward=True, with_a=False, crowd=n)  # noqa: E731
+        with Lab(args.carriers) as lab, hub_of(lab) as h:
             h.start()
             pid = h.hub.proc.pid
             time.sleep(2.0)  # the announcements settle
             c0, t0 = agentbench.cpu_seconds(pid), time.monotonic()
             time.sleep(args.seconds)
             cpu = (agentbench.cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+            st = h.hub.status()
             rows.append({"sites": n, "hub_rss_mib": agentbench.rss_mib(pid), "hub_cpu_pct": 100 * cpu,
-                         "subflows": n * args.carriers})
-    print(f"hub, idle sites ({args.carriers} carriers each, keepalive_idle 0.75 s), {args.seconds:g} s each")
-    print(f"{'sites':>5} {'subflows':>8} {'hub RSS MiB':>11} {'hub CPU %':>9}")
+                         "subflows": n * args.carriers, "sessions": len(st["sessions"]),
+                         "established": sum(ln["state"] == "established"
+                                            for se in st["sessions"] for ln in se["links"])})
+    how = ("a namespace pair per site (netlab add_site)" if made == "ns" else
+           "agents sharing one namespace, each bound to its own addresses (netlab add_crowd)")
+    print(f"hub, idle sites ({args.carriers} carriers each, keepalive_idle 0.75 s, hub_forward on), "
+          f"{args.seconds:g} s each; sites: {how}, every one a real agent process")
+    print(f"{'sites':>5} {'sessions':>8} {'subflows up':>11} {'hub RSS MiB':>11} {'hub CPU %':>9}")
     for r in rows:
-        print(f"{r['sites']:5d} {r['subflows']:8d} {r['hub_rss_mib']:11.1f} {r['hub_cpu_pct']:9.2f}")
+        print(f"{r['sites']:5d} {r['sessions']:8d} {r['established']:11d} {r['hub_rss_mib']:11.1f} "
+              f"{r['hub_cpu_pct']:9.2f}")
+    doc = {"idle": rows, "carriers": args.carriers, "seconds": args.seconds, "made": made}
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         per = (b["hub_rss_mib"] - a["hub_rss_mib"]) / (b["sites"] - a["sites"])
         cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
+        doc["per_site_kib"], doc["per_site_cpu_pct"] = per * 1024, cpu
         print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
-    doc = {"idle": rows, "carriers": args.carriers, "seconds": args.seconds}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))

@@ -3,6 +3,11 @@ router B (``rb``) is the hub (LAN 192.168.20.0/24, vNIC 172.30.0.2), site A
 is router ``ra`` (LAN 192.168.10.0/24, vNIC .1), and every further site is a
 :meth:`netlab.Lab.add_site` router (``r<letter>``, LAN 192.168.<30+k>.0/24,
 vNIC 172.30.0.<3+k>), each with its own links to the hub on every carrier.
+``crowd`` adds that many more client sites as agents sharing one namespace
+(:meth:`netlab.Lab.add_crowd`; member k: name ``x<k>``, vNIC 172.30.0.<100+k>
+on tun ``mpx<k>``, LAN 192.168.<100+k>.0/24 announced but not present):
+they connect and keep their sessions like any site, but share one routing
+table, so they are for idle and handshake measurements, not traffic.
 All vNICs share 172.30.0.0/24.  Used by tests/test_hub_lab.py and bench/hub.py."""
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class HubLab:
     base.hub_forward on the hub; ``extra_base``: more base options for all."""
 
     def __init__(self, lab, letters="cd", forward: bool = True, extra_base: str = "",
-                 with_a: bool = True):
+                 with_a: bool = True, crowd: int = 0):
         self.lab = lab
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-hub-")
         work = Path(self._tmp.name)
@@ -61,6 +66,25 @@ class HubLab:
             agent = Site(lab, ls.router, work, letter)
             agent.write(*self._masked((text, network)))
             self.sites[letter] = HubSite(letter, agent, ls.host, ls.host_ip, ls.lan, vnc)
+        if crowd:
+            self._add_crowd(crowd, psk, work, extra_base)
+
+    def _add_crowd(self, count: int, psk: str, work: Path, extra_base: str) -> None:
+        if not 0 <= count <= 150:
+            raise ValueError("a crowd of 0..150 sites (vNIC 172.30.0.100-249)")
+        crowd = self.lab.add_crowd(count)
+        for k, ips in enumerate(crowd.members):
+            name, vnc = f"x{k}", f"172.30.0.{100 + k}"
+            text, network = site_config("client", psk, 1, vnc, f"192.168.{100 + k}.1", self.lab.n,
+                                        extra_base)
+            for i, ip in ips.items():
+                text = text.replace(f"option bind_ip '10.{i}.0.1'", f"option bind_ip '{ip}'")
+            text = text.replace("config vnc 'vnc'\n", f"config vnc 'vnc'\n\toption ifname 'mpx{k}'\n")
+            agent = Site(self.lab, crowd.ns, work, name)
+            agent.write(*self._masked((text, network)))
+            self.sites[name] = HubSite(name, agent, crowd.ns, "", f"192.168.{100 + k}.0/24", vnc)
+
+    @staticmethod
 
     @staticmethod
     def _masked(pair):
