@@ -7,6 +7,8 @@ one session, one hop), with added latency, CPU seconds per GB of every agent
 on the path and the hub's memory.
 
     python bench/hub.py [--seconds S] [--sites N] [--carriers C] [--json FILE]   (root; needs iperf3)
+    python bench/hub.py --handshakes [--keys K] [--seconds S] [--inflight N]
+                                          (handshakes per second, and a storm's cost to the others)
     python bench/hub.py --idle 1,10,50 [--made ns|crowd] [--seconds S]
                                           (the hub's cost per connected idle site)
 
@@ -20,6 +22,18 @@ its own addresses on shared veths to the hub (``crowd``: netlab's add_crowd,
 up to 150; the default when a count exceeds 25).  Either way every site is
 a real agent process with its own control connection and UDP subflows; the
 hub sees no difference but the source addresses.
+
+``--handshakes``: the hub has ``--keys`` ``config site`` sections (each
+site its own PSK: a first message costs one keyed hash per key) and site A
+connected; a storm client (bench/hubstorm.py, the real client machine over
+real TCP, ``--inflight`` connections at once, from its own namespace) opens
+connections for ``--seconds`` per phase: ``junk`` (random first messages),
+``replay`` (one captured genuine first message again and again),
+``genuine`` (handshake to WELCOME with the sites' keys in turn, under the
+hub's default handshake budget), and ``genuine`` again with the budget
+lifted (``MPVPN_HANDSHAKE_RATE``, the hub restarted: what its CPU
+sustains).  Meanwhile A's LAN host pings the hub's LAN host 200 times a
+second: the loss and RTT say what the storm costs an established session.
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,9 +66,14 @@ def main(argv=None) -> int:
     ap.add_argument("--idle", metavar="N,N,...", help="measure the idle cost at these numbers of sites")
     ap.add_argument("--made", choices=("ns", "crowd"),
                     help="--idle: a namespace pair per site (ns, <= 25) or agents sharing one (crowd, <= 150)")
+    ap.add_argument("--handshakes", action="store_true", help="handshakes per second and a storm's cost")
+    ap.add_argument("--keys", type=int, default=50, help="--handshakes: config site sections on the hub")
+    ap.add_argument("--inflight", type=int, default=32, help="--handshakes: connections open at once")
     args = ap.parse_args(argv)
     if args.idle:
         return idle(args)
+    if args.handshakes:
+        return handshakes(args)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
@@ -151,6 +172,99 @@ def idle(args) -> int:
         cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
         doc["per_site_kib"], doc["per_site_cpu_pct"] = per * 1024, cpu
         print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+    return 0
+
+
+def _ping_during(lab, seconds: float, out: dict) -> threading.Thread:
+    """A's LAN host pings the hub's LAN host every 5 ms for ``seconds`` (in a thread)."""
+    n = int(seconds / 0.005)
+
+    def run():
+        out["ping"] = lab.ping(lab.ha, lab.hb_ip, count=n, interval=0.005, timeout=2.0,
+                               extra=("-w", f"{seconds + 20:g}"))
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _phase(lab, h, label: str, kind: str | None, keyfile: Path, source: str, args) -> dict:
+    pid = h.hub.proc.pid
+    before = h.hub.status()["control"]
+    got: dict = {}
+    c0, t0 = agentbench.cpu_seconds(pid), time.monotonic()
+    pinger = _ping_during(lab, args.seconds, got)
+    storm = None
+    if kind is None:
+        time.sleep(args.seconds)
+    else:
+        cp = lab.run(lab.ns("rx"), [sys.executable, str(HERE / "hubstorm.py"), kind, "--server",
+                                    f"{lab.carrier(1).b_ip}:7000", "--keys", str(keyfile),
+                                    "--seconds", f"{args.seconds:g}", "--inflight", str(args.inflight),
+                                    "--source", source], timeout=args.seconds + 120)
+        storm = json.loads(cp.stdout.strip().splitlines()[-1])
+    cpu = agentbench.cpu_seconds(pid) - c0
+    dt = time.monotonic() - t0
+    pinger.join()
+    ping = got["ping"]
+    after = h.hub.status()["control"]
+    closed = {k: v - before["closed_by_reason"].get(k, 0) for k, v in after["closed_by_reason"].items()
+              if v != before["closed_by_reason"].get(k, 0)}
+    ended = sum(storm["counts"].values()) if storm else 0
+    ok = storm["counts"].get("ok", 0) if storm else 0
+    return {"phase": label, "storm": storm, "hub_cpu_s": cpu, "hub_cpu_pct": 100 * cpu / dt,
+            "connections_per_s": ended / storm["seconds"] if storm else 0.0,
+            "handshakes_per_s": ok / storm["seconds"] if storm else 0.0,
+            "hub_cpu_ms_per_connection": 1000 * cpu / ended if ended else None,
+            "hub_cpu_ms_per_handshake": 1000 * cpu / ok if ok else None,
+            "hub_closed_by_reason": closed, "ping_sent": ping.sent, "ping_received": ping.received,
+            "ping_avg_ms": ping.rtt_avg, "ping_max_ms": ping.rtt_max}
+
+
+def handshakes(args) -> int:
+    if os.geteuid() != 0:
+        print("needs root", file=sys.stderr)
+        return 2
+    if not 1 <= args.keys <= 100:
+        print("--keys: 1..100", file=sys.stderr)
+        return 2
+    from mpvpn.core.noise import genpsk
+
+    keys = [(f"s{k}", genpsk(), f"172.30.0.{150 + k}") for k in range(args.keys)]
+    sections = "".join(f"\nconfig site 's{k}'\n\toption psk '{psk}'\n" for k, (_n, psk, _v) in enumerate(keys))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mpvpn-storm-") as tmp, Lab(args.carriers) as lab, \
+            HubLab(lab, "", forward=True, hub_sections=sections) as h:
+        keyfile = Path(tmp) / "keys.json"
+        keyfile.write_text(json.dumps(keys))
+        source = lab.add_crowd(1).members[0][1]  # the storm's own namespace and address
+        h.start()
+        for label, kind in (("idle (no storm)", None), ("junk first messages", "junk"),
+                            ("replayed first message", "replay"),
+                            ("genuine, default budget", "genuine")):
+            rows.append(_phase(lab, h, label, kind, keyfile, source, args))
+        h.hub.stop()
+        h.hub.start({"MPVPN_HANDSHAKE_RATE": "100000"})
+        h.wait_connected()
+        rows.append(_phase(lab, h, "genuine, budget lifted", "genuine", keyfile, source, args))
+    print(f"hub with {args.keys} `config site` keys and site A connected ({args.carriers} carriers); "
+          f"storm: {args.inflight} connections at once from another namespace, {args.seconds:g} s a "
+          f"phase; A's LAN host pings the hub's LAN every 5 ms meanwhile")
+    print(f"{'phase':26} {'conn/s':>7} {'hs/s':>7} {'hub CPU%':>8} {'ms/conn':>8} {'ms/hs':>6} "
+          f"{'ping lost':>9} {'avg ms':>6} {'max ms':>7}")
+    for r in rows:
+        per_c, per_h = r["hub_cpu_ms_per_connection"], r["hub_cpu_ms_per_handshake"]
+        print(f"{r['phase']:26} {r['connections_per_s']:7.0f} {r['handshakes_per_s']:7.1f} "
+              f"{r['hub_cpu_pct']:8.1f} {per_c if per_c is not None else float('nan'):8.3f} "
+              f"{per_h if per_h is not None else float('nan'):6.2f} "
+              f"{r['ping_sent'] - r['ping_received']:4d}/{r['ping_sent']:<4d} "
+              f"{r['ping_avg_ms'] or float('nan'):6.2f} {r['ping_max_ms'] or float('nan'):7.1f}")
+    for r in rows:
+        if r["storm"]:
+            print(f"  {r['phase']}: client saw {r['storm']['counts']}; hub closed {r['hub_closed_by_reason']}")
+    doc = {"keys": args.keys, "inflight": args.inflight, "seconds": args.seconds, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))

@@ -37,10 +37,11 @@ class HubSite:
 
 class HubLab:
     """``letters``: the add_site sites besides A (e.g. "cd"); ``forward``:
-    base.hub_forward on the hub; ``extra_base``: more base options for all."""
+    base.hub_forward on the hub; ``extra_base``: more base options for all;
+    ``hub_sections``: more UCI sections of the hub (e.g. ``config site``)."""
 
     def __init__(self, lab, letters="cd", forward: bool = True, extra_base: str = "",
-                 with_a: bool = True, crowd: int = 0):
+                 with_a: bool = True, crowd: int = 0, hub_sections: str = ""):
         self.lab = lab
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-hub-")
         work = Path(self._tmp.name)
@@ -49,7 +50,7 @@ class HubLab:
         hub_extra = extra_base + ("\toption hub_forward '1'\n" if forward else "")
         self.hub = Site(lab, lab.rb, work, "b")
         self.hub.write(*self._masked(site_config("server", psk, 2, "172.30.0.2", "192.168.20.1", n,
-                                                 hub_extra)))
+                                                 hub_extra), hub_sections))
         self.sites: dict[str, HubSite] = {}
         if with_a:
             a = Site(lab, lab.ra, work, "a")
@@ -87,9 +88,9 @@ class HubLab:
     @staticmethod
 
     @staticmethod
-    def _masked(pair):
+    def _masked(pair, sections: str = ""):
         text, network = pair
-        return text.replace(*VNIC_MASK), network
+        return text.replace(*VNIC_MASK) + sections, network
 
     def start(self, env_extra: dict | None = None) -> None:
         self.hub.start(env_extra)

@@ -40,7 +40,7 @@ from mpvpn.agent import latency, memtrace, receive, send, statusdoc, uplinknat, 
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.core import (candidates, controlconn, controlevents, controlmsg, fastpath, hubforward,
                         linktest, mss, pairing)
-from mpvpn.core.admission import HandshakeStamps
+from mpvpn.core.admission import HandshakeGuard, HandshakeStamps
 from mpvpn.core.hubforward import HubForward
 from mpvpn.core.peercheck import usable_via
 from mpvpn.core.reconnect import ClientReconnect
@@ -423,7 +423,11 @@ class Agent:
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
-        self.registry = ServerSessions(self._control_config())
+        # bench/hub.py --handshakes: the handshake budget raised to find the
+        # CPU's own ceiling (MPVPN_HANDSHAKE_RATE handshakes per second)
+        rate = float(os.environ.get("MPVPN_HANDSHAKE_RATE") or 0)
+        guard = HandshakeGuard(rate, 2 * rate) if rate > 0 else None
+        self.registry = ServerSessions(self._control_config(), guard=guard)
         self._restore_stamps()
         try:
             s = self.io.listen(la.host, la.port)
