@@ -1,0 +1,62 @@
+"""A group of UDP sockets on one address and port, one per worker, with the
+kernel choosing each datagram's socket by its SMPU session id
+(:mod:`mpvpn.core.shard`; Linux >= 4.5 for SO_ATTACH_REUSEPORT_CBPF).
+
+The kernel numbers a group's sockets in the order they were bound, and
+when one closes it moves the last one into its place: whoever owns the
+group keeps every socket open for as long as the group is used (a worker
+that dies must not take its index with it), and binds them in order here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+
+from mpvpn.core.shard import reuseport_program
+from mpvpn.io import udp
+
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
+
+
+class _SockFilter(ctypes.Structure):  # struct sock_filter (linux/filter.h)
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def attach_program(sock: socket.socket, n: int) -> None:
+    """Attach the session-id program for ``n`` sockets to ``sock``'s group
+    (any member will do: the program belongs to the group)."""
+    prog = reuseport_program(n)
+    insns = (_SockFilter * len(prog))(*(_SockFilter(*i) for i in prog))
+    fprog = _SockFprog(len(prog), insns)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot steer datagrams to workers by session "
+                               f"(SO_ATTACH_REUSEPORT_CBPF, Linux >= 4.5): {e.strerror}") from None
+
+
+def open_group(bind_ip: str, port: int, n: int, device: str | None = None,
+               opener=udp.open_uplink) -> list[socket.socket]:
+    """``n`` non-blocking UDP sockets bound to ``bind_ip:port`` (``opener``:
+    :func:`mpvpn.io.udp.open_uplink`'s checks and options), in index order,
+    with the session-id program attached.  ``port`` 0 is not allowed: every
+    socket must bind the same port."""
+    if port == 0 and n > 1:
+        raise ValueError("a socket group needs a fixed port")
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(opener(bind_ip, port, device, reuseport=True))
+        attach_program(socks[0], n)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
