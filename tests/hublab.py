@@ -38,16 +38,17 @@ class HubSite:
 class HubLab:
     """``letters``: the add_site sites besides A (e.g. "cd"); ``forward``:
     base.hub_forward on the hub; ``extra_base``: more base options for all;
-    ``hub_sections``: more UCI sections of the hub (e.g. ``config site``)."""
+    ``hub_sections``: more UCI sections of the hub (e.g. ``config site``);
+    ``hub_base``: more base options of the hub alone."""
 
     def __init__(self, lab, letters="cd", forward: bool = True, extra_base: str = "",
-                 with_a: bool = True, crowd: int = 0, hub_sections: str = ""):
+                 with_a: bool = True, crowd: int = 0, hub_sections: str = "", hub_base: str = ""):
         self.lab = lab
         self._tmp = tempfile.TemporaryDirectory(prefix="mpvpn-hub-")
         work = Path(self._tmp.name)
         psk = genpsk()
         n = lab.n
-        hub_extra = extra_base + ("\toption hub_forward '1'\n" if forward else "")
+        hub_extra = extra_base + hub_base + ("\toption hub_forward '1'\n" if forward else "")
         self.hub = Site(lab, lab.rb, work, "b")
         self.hub.write(*self._masked(site_config("server", psk, 2, "172.30.0.2", "192.168.20.1", n,
                                                  hub_extra), hub_sections))

@@ -100,9 +100,13 @@ def test_stun_short_datagrams_and_junk_go_to_the_main_socket():
             s.close()
 
 
-def test_a_group_needs_every_member_and_a_fixed_port():
-    with pytest.raises(ValueError):
-        reuseport.open_group("127.0.0.1", 0, 2)
+def test_a_group_shares_one_port_and_needs_every_member():
+    socks = reuseport.open_group("127.0.0.1", 0, 3)  # port 0: the first one's, for all
+    try:
+        assert len({s.getsockname() for s in socks}) == 1
+    finally:
+        for s in socks:
+            s.close()
     with pytest.raises(ValueError):
         shard.reuseport_program(0)
     port = _free_port()

@@ -149,6 +149,7 @@ class DataSession:
     upgrade_at: dict = field(default_factory=dict)  # relayed member -> next direct probe
     upgrade_targets: dict = field(default_factory=dict)  # relayed member -> direct targets probed
     upgrade: set = field(default_factory=set)  # members whose next flush also goes direct (send.flush)
+    worker: int = 0  # the process holding it (base.workers: mpvpn.agent.workers; 0 = the main one)
 
     @property
     def session_id(self) -> int:
@@ -198,6 +199,8 @@ class Agent:
         self.controls: list[ControlIO] = []
         self.listener: socket.socket | None = None
         self.registry: ServerSessions | None = None
+        self.index = 0  # which data-path process this is (mpvpn.agent.workers; 0: the main one)
+        self.workers = None  # server with base.workers > 1: the other processes (WorkerPool)
         self._stamps_saved = 0  # HandshakeGuard.changes when its records were last saved
         self.reconnect: ClientReconnect | None = None
         self.stamps = HandshakeStamps()  # freshness of our first handshake messages
@@ -321,6 +324,8 @@ class Agent:
         v = self.cfg.vnc
         self._remove_leftovers(v.ifname)
         self._open_vnic()
+        if self.role == "server":
+            self._start_workers()
         for u in self.cfg.enabled_uplinks:
             self.uplinks[u.name] = UplinkIO(u)
             self._open_uplink(self.uplinks[u.name], now)
@@ -399,7 +404,10 @@ class Agent:
             up.retry_at = now + UPLINK_RETRY
             return
         try:
-            up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
+            if self.workers is not None:  # a socket per worker, datagrams steered by session
+                up.sock, batch = self.workers.open_uplink(up)
+            else:
+                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -420,6 +428,15 @@ class Agent:
             up.nat.send(up.batch)
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
             up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
+
+    def _start_workers(self) -> None:
+        """base.workers > 1: the data path over that many processes (mpvpn.agent.workers)."""
+        from mpvpn.agent import workers
+
+        n = workers.resolve_workers(self.cfg.base.workers)
+        if n > 1:
+            self.workers = workers.WorkerPool(self, n)
+            self.workers.start(self.tun, os.environ.get("MPVPN_LOG", "auto"))
 
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
@@ -890,17 +907,21 @@ class Agent:
 
     def _new_session(self, session_id: int, peer, plan, keys, conn, now: float,
                      cipher: str = "chacha20-poly1305") -> DataSession:
-        sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
-        sess = Session(session_id, initiator=(self.role == "client"),
-                       config=self._session_config(), sealer=sealer)
-        # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
-        # enough for most WAN uplinks, high enough that TCP's slow start is
-        # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
-        self._install_scheduler(sess, peer)
-        sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
-        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now)
-        self.sessions[session_id] = ds
-        self._apply_plan(ds, plan, now)
+        if self.workers is not None and self.workers.owner(session_id) != self.index:
+            ds = self.workers.open_session(session_id, peer, plan, keys, conn, now, cipher)
+            self.sessions[session_id] = ds
+        else:
+            sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
+            sess = Session(session_id, initiator=(self.role == "client"),
+                           config=self._session_config(), sealer=sealer)
+            # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
+            # enough for most WAN uplinks, high enough that TCP's slow start is
+            # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
+            self._install_scheduler(sess, peer)
+            sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
+            ds = DataSession(sess=sess, peer=peer, conn=conn, started=now, worker=self.index)
+            self.sessions[session_id] = ds
+            self._apply_plan(ds, plan, now)
         self._set_routes(ds, self._routes_for(ds))
         self._hub_dirty = self.hub is not None
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
@@ -925,6 +946,9 @@ class Agent:
         """Make the session's subflows match ``plan``: new members open, gone
         members close, a member whose endpoints moved keeps its state and
         (initiator) runs its handshake again on the new path."""
+        if ds.worker != self.index:  # held by a data-path worker: it applies the plan
+            self.workers.plan(ds, plan)
+            return
         new = {s.member: s for s in plan}
         for member in [m for m in ds.plan if m not in new]:
             ds.sess.remove_subflow(member, now)
@@ -1005,6 +1029,8 @@ class Agent:
         if self.hub is not None:
             self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
                              self._hub_apart())
+        if self.workers is not None:  # every process knows every session
+            self.workers.table(self.sessions.values(), self._hub_apart(), self.hub.enabled)
 
     def _hub_apart(self) -> list:
         """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
@@ -1065,6 +1091,8 @@ class Agent:
         if ds is None:
             return
         log.info("session %#x with %s ended: %s", session_id, ds.peer.name, reason)
+        if ds.worker != self.index and self.workers is not None:
+            self.workers.drop(ds, reason)
         if not keep_routes:
             for c in ds.routes:
                 self._route_unref(c)
@@ -1381,6 +1409,8 @@ class Agent:
             old = self.cfg
             old_sites = old.sites
             self.cfg = new
+            if self.workers is not None:
+                self.workers.reconfigure(new)
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
             if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
@@ -1475,6 +1505,9 @@ class Agent:
                 self._flush_session(ds)
             except Exception:
                 log.exception("closing session %#x", ds.session_id)
+        if self.workers is not None:  # they close their sessions (CLOSE to the peers) and exit
+            self.workers.stop()
+            self.workers = None
         for c in list(self.controls):
             if c.conn is not None:
                 try:
@@ -1557,13 +1590,17 @@ class Agent:
                                            self.control_counters, self.registry)
         else:
             ctl = statusdoc.client_control(self.controls, self.reconnect, self.started)
-        return statusdoc.document(
+        doc = statusdoc.document(
             version=__version__, now=now, started=self.started, state=self.state,
             state_since=self.state_since, role=self.role, cfg=self.cfg, name=self.name,
             last_error=self.last_error, tun=self.tun, routes=self._routes,
-            sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
+            sessions=[ds for ds in self.sessions.values() if ds.worker == self.index],
+            agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
             uplink_docs=statusdoc.uplinks(self.uplinks.values(), now), hub=self.hub)
+        if self.workers is not None:  # the workers' sessions and counters
+            self.workers.status(doc, self.hub)
+        return doc
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""

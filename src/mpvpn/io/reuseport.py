@@ -46,14 +46,13 @@ def open_group(bind_ip: str, port: int, n: int, device: str | None = None,
                opener=udp.open_uplink) -> list[socket.socket]:
     """``n`` non-blocking UDP sockets bound to ``bind_ip:port`` (``opener``:
     :func:`mpvpn.io.udp.open_uplink`'s checks and options), in index order,
-    with the session-id program attached.  ``port`` 0 is not allowed: every
-    socket must bind the same port."""
-    if port == 0 and n > 1:
-        raise ValueError("a socket group needs a fixed port")
+    with the session-id program attached.  ``port`` 0: the port the first
+    one got, for all."""
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
             socks.append(opener(bind_ip, port, device, reuseport=True))
+            port = socks[0].getsockname()[1]
         attach_program(socks[0], n)
     except BaseException:
         for s in socks:

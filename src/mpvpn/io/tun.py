@@ -102,6 +102,20 @@ class LinuxTun:
         self.vnet_hdr = self.offload != "off"
         os.set_blocking(self._fd, False)
 
+    @classmethod
+    def adopt(cls, fd: int, name: str, offload: str) -> "LinuxTun":
+        """The tun of another process of this agent (a data-path worker's copy
+        of its file descriptor, mpvpn.agent.workers), in the offload mode
+        that process set up (``offload``: what is in effect there)."""
+        if offload not in OFFLOAD_MODES:
+            raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
+        tun = cls.__new__(cls)
+        tun.offload, tun.offload_error, tun.name = offload, "", name
+        tun._pending, tun.split_errors, tun._fd = deque(), 0, fd
+        tun.vnet_hdr = offload != "off"
+        os.set_blocking(fd, False)
+        return tun
+
     def fileno(self) -> int:
         return self._fd
 
