@@ -9,6 +9,8 @@ on the path and the hub's memory.
     python bench/hub.py [--seconds S] [--sites N] [--carriers C] [--json FILE]   (root; needs iperf3)
     python bench/hub.py --handshakes [--keys K] [--seconds S] [--inflight N]
                                           (handshakes per second, and a storm's cost to the others)
+    python bench/hub.py --workers 1,2 [--seconds S] [--rounds R]
+                                          (forwarding between two site pairs, hub in 1 vs 2 processes)
     python bench/hub.py --idle 1,10,50 [--made ns|crowd] [--seconds S]
                                           (the hub's cost per connected idle site)
 
@@ -22,6 +24,20 @@ its own addresses on shared veths to the hub (``crowd``: netlab's add_crowd,
 up to 150; the default when a count exceeds 25).  Either way every site is
 a real agent process with its own control connection and UDP subflows; the
 hub sees no difference but the source addresses.
+
+``--workers 1,2``: the hub (``base.workers``) forwards between two pairs
+of client sites at once (A -> C and D -> E, iperf3 each, every site on its
+own namespace and carriers); with 2 processes the sites reconnect until
+each pair's sessions sit in one process and the two pairs in different
+ones (session ids are random: the placement a hub with many sites gets on
+average is half of that).  Goodput of both pairs together, CPU seconds
+per GB of the hub's processes and of all agents, and the ratio against 1
+process measured in the same run.  Everything -- the four sites, iperf3
+and the hub -- shares this machine's cores, so the hub is rarely what
+limits; ``--hub-cap P`` puts each hub process in its own cgroup capped at
+P % of one core (bench/cost.py's CpuCap: a router's slow core per process),
+so that the hub limits and the ratio says how its data path scales with
+cores.
 
 ``--handshakes``: the hub has ``--keys`` ``config site`` sections (each
 site its own PSK: a first message costs one keyed hash per key) and site A
@@ -67,6 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--made", choices=("ns", "crowd"),
                     help="--idle: a namespace pair per site (ns, <= 25) or agents sharing one (crowd, <= 150)")
     ap.add_argument("--handshakes", action="store_true", help="handshakes per second and a storm's cost")
+    ap.add_argument("--workers", metavar="N,N", help="forwarding with the hub in these numbers of processes")
+    ap.add_argument("--rounds", type=int, default=1, help="--workers: measure each count this often")
+    ap.add_argument("--hub-cap", type=float, metavar="P",
+                    help="--workers: each hub process capped at P %% of one core (cgroup)")
     ap.add_argument("--keys", type=int, default=50, help="--handshakes: config site sections on the hub")
     ap.add_argument("--inflight", type=int, default=32, help="--handshakes: connections open at once")
     args = ap.parse_args(argv)
@@ -74,6 +94,8 @@ def main(argv=None) -> int:
         return idle(args)
     if args.handshakes:
         return handshakes(args)
+    if args.workers:
+        return workers_bench(args)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
@@ -172,6 +194,111 @@ def idle(args) -> int:
         cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
         doc["per_site_kib"], doc["per_site_cpu_pct"] = per * 1024, cpu
         print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc))
+    return 0
+
+
+def _hub_pids(h) -> list[int]:
+    st = h.hub.status()
+    return [h.hub.proc.pid] + [int(p) for p in (st.get("workers") or {}).get("pids", {}).values()]
+
+
+def _place(h, n: int) -> dict:
+    """With n > 1: restart sites until A and C share a process, D and E
+    share another one; {site: process}."""
+    def where():
+        st = h.hub.status()
+        by_vnc = {s.vnc: name for name, s in h.sites.items()}
+        return {by_vnc[se["peer"]["vnc"]["ip"]]: se["session_id"] % n for se in st["sessions"]}
+
+    for _ in range(40):
+        w = where()
+        if n == 1 or (w["c"] == w["a"] and w["d"] != w["a"] and w["e"] == w["d"]):
+            return w
+        name = "c" if w["c"] != w["a"] else "d" if w["d"] == w["a"] else "e"
+        site = h.sites[name]
+        site.agent.stop()
+        site.agent.start()
+        h.wait_connected()
+        site.agent.wait(lambda st, nm=name: st["routes"] == h.expected_routes(nm), 30, "routes")
+    raise RuntimeError(f"could not place the pairs: {where()}")
+
+
+def workers_bench(args) -> int:
+    if os.geteuid() != 0 or not shutil.which("iperf3"):
+        print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
+        return 2
+    counts = [int(x) for x in args.workers.split(",")]
+    rows = []
+    for _round in range(args.rounds):
+        for n in counts:
+            with Lab(args.carriers) as lab, HubLab(lab, "cde", forward=True,
+                                                   hub_base=f"\toption workers '{n}'\n") as h:
+                h.start()
+                for name, s in h.sites.items():
+                    s.agent.wait(lambda st, nm=name: st["routes"] == h.expected_routes(nm), 30, "routes")
+                placed = _place(h, n)
+                hub = _hub_pids(h)
+                caps = []
+                if args.hub_cap:
+                    from cost import CpuCap
+                    for i, pid in enumerate(hub):
+                        caps.append(CpuCap(f"mpvpn-hubcap-{os.getpid()}-{i}", args.hub_cap))
+                        caps[-1].add(pid)
+                sites = [s.agent.proc.pid for s in h.sites.values()]
+                got = {}
+                pairs = (("a", "c"), ("d", "e"))
+
+                def run(src, dst):
+                    d = h.sites[dst]
+                    got[(src, dst)] = agentbench.iperf(lab, h.sites[src].host_ns, d.host_ns, d.host_ip,
+                                                       args.seconds)
+
+                c_hub0, c_all0 = ([agentbench.cpu_seconds(p) for p in hub],
+                                  sum(agentbench.cpu_seconds(p) for p in hub + sites))
+                t0 = time.monotonic()
+                threads = [threading.Thread(target=run, args=p) for p in pairs]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                dt = time.monotonic() - t0
+                c_hub = [agentbench.cpu_seconds(p) - c for p, c in zip(hub, c_hub0)]
+                c_all = sum(agentbench.cpu_seconds(p) for p in hub + sites) - c_all0
+                nbytes = sum(b for _bps, b in got.values())
+                st = h.hub.status()
+                for cap in caps:
+                    cap.close()
+                rows.append({"workers": n, "placement": placed,
+                             "goodput_mbit": sum(bps for bps, _b in got.values()) / 1e6,
+                             "per_pair_mbit": {f"{a}->{b}": got[(a, b)][0] / 1e6 for a, b in pairs},
+                             "hub_cpu_pct": [100 * c / dt for c in c_hub],
+                             "hub_cpu_s_per_gb": sum(c_hub) / (nbytes / 1e9),
+                             "all_cpu_s_per_gb": c_all / (nbytes / 1e9),
+                             "worker_drops": st["counters"].get("worker_drops", 0),
+                             "hub_forwarded": st["counters"]["hub_forwarded"]})
+    print(f"hub forwarding between two site pairs at once (A->C, D->E; iperf3 {args.seconds:g} s each; "
+          f"{args.carriers} carriers per site, duplicate mode, AEAD); the hub in 1 or more processes "
+          f"(base.workers), each pair's sessions in one process; all on this machine's "
+          f"{os.cpu_count()} cores" + (f"; each hub process capped at {args.hub_cap:g} % of a core"
+                                       if args.hub_cap else ""))
+    print(f"{'workers':>7} {'Mbit/s':>8} {'A->C':>7} {'D->E':>7} {'hub CPU % per process':>22} "
+          f"{'hub s/GB':>8} {'all s/GB':>8} {'drops':>6}")
+    for r in rows:
+        pp = list(r["per_pair_mbit"].values())
+        print(f"{r['workers']:7d} {r['goodput_mbit']:8.1f} {pp[0]:7.1f} {pp[1]:7.1f} "
+              f"{' / '.join(f'{c:.0f}' for c in r['hub_cpu_pct']):>22} {r['hub_cpu_s_per_gb']:8.2f} "
+              f"{r['all_cpu_s_per_gb']:8.2f} {r['worker_drops']:6d}")
+    base = [r["goodput_mbit"] for r in rows if r["workers"] == counts[0]]
+    doc = {"rows": rows, "seconds": args.seconds, "carriers": args.carriers, "hub_cap": args.hub_cap}
+    for n in counts[1:]:
+        more = [r["goodput_mbit"] for r in rows if r["workers"] == n]
+        ratios = [m / b for m, b in zip(more, base) if b]
+        doc[f"ratio_{n}_over_{counts[0]}"] = ratios
+        print(f"goodput with {n} processes / with {counts[0]}: "
+              f"{', '.join(f'{x:.2f}' for x in ratios)} (per round)")
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))
