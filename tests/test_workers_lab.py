@@ -4,7 +4,10 @@ sharded by id between the main process and a worker; site-to-site through
 the hub (within a process and across the two), site to the hub's LAN and
 back, every packet arrives exactly once, the status document lists every
 session with counters from both processes, and a worker that dies ends the
-agent with the reason (procd starts it again)."""
+agent with the reason (procd starts it again).  The hub rekeys by volume
+alone (``rekey_packets`` at its minimum, the interval far away): the
+volume its workers seal reaches the main process, which holds the control
+connections, and the new keys reach the workers, without a packet lost."""
 
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import time
 from agentlab import Stream
 from hublab import HubLab
 
-WORKERS = "\toption workers '2'\n"
+WORKERS = "\toption workers '2'\n\toption rekey_packets '1000'\n"
+NO_TIMED_REKEY = "\toption rekey_interval '3600'\n"
 
 
 def placement(h: HubLab) -> dict:
@@ -45,7 +49,7 @@ def mixed(h: HubLab, tries: int = 12) -> dict:
 
 def test_two_workers_carry_every_packet_once_and_status_counts_both(make_lab):
     lab = make_lab(carriers=2)
-    with HubLab(lab, "cd", forward=True, hub_base=WORKERS) as h:
+    with HubLab(lab, "cd", forward=True, hub_base=WORKERS, extra_base=NO_TIMED_REKEY) as h:
         h.start()
         for name, s in h.sites.items():
             s.agent.wait(lambda st, n=name: st["routes"] == h.expected_routes(n), 20, f"{name}'s routes")
@@ -55,18 +59,21 @@ def test_two_workers_carry_every_packet_once_and_status_counts_both(make_lab):
         for i, (src, dst) in enumerate(itertools.permutations(names, 2)):  # within and across
             d = h.sites[dst]
             streams[(src, dst)] = Stream(lab, h.sites[src].host_ns, d.host_ns, d.host_ip, 6000 + i,
-                                         rate=100, quiet=3).start()
+                                         rate=200, quiet=3).start()
         for i, name in enumerate(names):  # each site to the hub's LAN (written to the tun by its holder)
             streams[(name, "hub")] = Stream(lab, h.sites[name].host_ns, lab.hb, lab.hb_ip, 6100 + i,
                                             rate=100, quiet=3).start()
         streams[("hub", "c")] = Stream(lab, lab.hb, h.sites["c"].host_ns, h.sites["c"].host_ip, 6200,
                                        rate=100, quiet=3).start()  # the tun read, handed over
-        time.sleep(3)
+        time.sleep(8)
         for key, s in streams.items():
             sent, got, dups = s.stop()
             assert sent > 100 and (got, dups) == (sent, 0), (key, where, sent, got, dups)
         st = h.hub.status()
         assert len(st["sessions"]) == 3 and all(se["state"] == "connected" for se in st["sessions"])
+        # rekeyed by the volume the holder sealed (reported to the main process), keys installed there
+        assert all(se["epoch"] >= 2 for se in st["sessions"]), [se["epoch"] for se in st["sessions"]]
+        assert st["control"]["registry"].get("rekey_volume", 0) >= 3
         assert st["workers"]["count"] == 2
         assert st["workers"]["sessions"] == {"1": sum(1 for k in where.values() if k == 1)}
         assert len(st["links"]) == 3 * lab.n  # every session's links, from both processes
