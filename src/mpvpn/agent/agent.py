@@ -366,9 +366,12 @@ class Agent:
     def _open_vnic(self) -> None:
         """Create the tun vNIC, give it its address and MTU, watch it."""
         v = self.cfg.vnc
-        self.tun = self.io.open_tun(v.ifname)
+        n = self._data_processes()
+        self.tun = self.io.open_tun(v.ifname, n) if n > 1 else self.io.open_tun(v.ifname)
         self.net.configure(self.tun.name, str(v.interface), v.mtu)
         self.sel.register(self.tun, selectors.EVENT_READ, DataPathHandler(self._on_tun))
+        if self.workers is not None:  # made again under them: a queue each
+            self.workers.new_tun(self.tun)
 
     def _vnic_vanished(self, err: OSError) -> None:
         """The tun device was deleted under us (its fd reports EBADFD): make it
@@ -429,11 +432,18 @@ class Agent:
         if self.cfg.relays:  # started when a pair needs it (docs/nat.md)
             up.relay = uplinkrelay.UplinkRelay(self.cfg.relays, (up.addr, up.cfg.port))
 
+    def _data_processes(self) -> int:
+        """How many processes carry the data path (base.workers, on a server)."""
+        if self.role != "server" or self.cfg.base.workers == 1:
+            return 1
+        from mpvpn.agent import workers
+        return workers.resolve_workers(self.cfg.base.workers)
+
     def _start_workers(self) -> None:
         """base.workers > 1: the data path over that many processes (mpvpn.agent.workers)."""
         from mpvpn.agent import workers
 
-        n = workers.resolve_workers(self.cfg.base.workers)
+        n = self._data_processes()
         if n > 1:
             self.workers = workers.WorkerPool(self, n)
             self.workers.start(self.tun, os.environ.get("MPVPN_LOG", "auto"))

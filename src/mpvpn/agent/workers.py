@@ -22,9 +22,11 @@ sessions whose id modulo n is its index (:mod:`mpvpn.core.shard`):
   Session interface the loop calls, whose ``send_many`` hands the packets
   over to the holder (``packets``; worker to worker through the main
   process).
-* **tun**: only the main process reads it (packets for a worker's session
-  are handed over); every process writes what it opens into the same tun
-  file descriptor (one packet per write).
+* **tun**: a multi-queue tun (IFF_MULTI_QUEUE), a queue per process; the
+  kernel sends a flow to the queue that last wrote a packet of it (the
+  holder of the session it came from), others by hash: a packet read for a
+  session held elsewhere is handed over.  A tun made again under the agent
+  (deleted by someone) gets new queues, sent to the workers.
 * **back to the main process**: data-plane liveness (``touch``, for the
   registry's expiry), sealed counts (``sealed``, for rekeying by volume),
   subflow and session state and events (``state``, ``event``), and each
@@ -51,7 +53,7 @@ import subprocess
 import sys
 import time
 
-from mpvpn.agent.agent import Agent, DataSession, UplinkIO
+from mpvpn.agent.agent import Agent, DataPathHandler, DataSession, UplinkIO
 from mpvpn.agent import statusdoc
 from mpvpn.core import linktest, shard
 from mpvpn.io import reuseport
@@ -275,8 +277,9 @@ class WorkerPool:
             theirs.close()
             ch = Channel(mine)
             self.procs[k], self.channels[k] = proc, ch
-            ch.send(("init", k, self.n, a.cfg, a.name, tun.name, tun.offload, log_mode),
-                    fds=[tun.fileno()])
+            queue = tun.take_queue()
+            ch.send(("init", k, self.n, a.cfg, a.name, tun.name, tun.offload, log_mode), fds=[queue])
+            os.close(queue)  # the worker's now
             a.sel.register(ch.sock, selectors.EVENT_READ, lambda _m, k=k: self.on_readable(k))
         log.info("data path over %d processes: %s", self.n,
                  ", ".join(f"worker {k} pid {p.pid}" for k, p in self.procs.items()))
@@ -304,6 +307,13 @@ class WorkerPool:
             for s in socks:
                 s.close()
         self.channels, self.procs, self.groups = {}, {}, {}
+
+    def new_tun(self, tun) -> None:
+        """The tun was made again: each worker its new queue."""
+        for ch in self.channels.values():
+            queue = tun.take_queue()
+            ch.send(("tun", tun.name, tun.offload), fds=[queue])
+            os.close(queue)
 
     def open_uplink(self, up: UplinkIO):
         """The uplink's socket group: socket 0 (and its BatchSocket) for the
@@ -459,8 +469,8 @@ class WorkerPool:
 
 class WorkerAgent(Agent):
     """A data-path worker: the agent's sessions, data path and hub
-    forwarding for the sessions the main process gives it.  No control
-    connection, no routes, no tun reads, no status socket or ubus."""
+    forwarding for the sessions the main process gives it, and its queue of
+    the tun.  No control connection, no routes, no status socket or ubus."""
 
     def __init__(self, channel: Channel, index: int, n: int, cfg, name: str, tun):
         super().__init__(cfg, run_dir="/nonexistent", name=name)
@@ -471,8 +481,27 @@ class WorkerAgent(Agent):
         self._report_at = 0.0
 
     def setup(self) -> None:
-        self.tun = self._pending_tun  # written, never read here (the main process reads it)
+        self._use_tun(self._pending_tun)
         self.sel.register(self.channel.sock, selectors.EVENT_READ, self._on_channel)
+
+    def _use_tun(self, tun) -> None:
+        """Our queue of the agent's multi-queue tun: read and written here."""
+        self.tun = tun
+        self._tun_gone = False
+        self.sel.register(tun, selectors.EVENT_READ, DataPathHandler(self._on_tun))
+
+    def _vnic_vanished(self, err: OSError) -> None:
+        """The tun was deleted: the main process makes it again and sends our
+        new queue (``tun``); until then what we would write is lost, counted."""
+        if self._tun_gone:
+            return
+        self._tun_gone = True
+        log.warning("worker %d: the vNIC vanished (%s); waiting for the main process to make it "
+                    "again", self.index, err.strerror or err)
+        try:
+            self.sel.unregister(self.tun)
+        except (KeyError, ValueError):
+            pass
 
     def teardown(self) -> None:
         self.channel.send_packets = lambda *a: 0  # nothing more to hand over
@@ -554,6 +583,11 @@ class WorkerAgent(Agent):
                 self._hub_flush()
         elif kind == "uplink":
             self._adopt_uplink(m[1], fds.pop(0), now)
+        elif kind == "tun":
+            if not self._tun_gone:
+                self.sel.unregister(self.tun)
+            self.tun.close()
+            self._use_tun(_adopt_tun(fds.pop(0), m[1], m[2]))
         elif kind == "session":
             _, sid, peer, plan, keys, cipher, site = m
             self._drop_session(sid, "replaced")
@@ -611,7 +645,6 @@ class WorkerAgent(Agent):
                     ds.uplink_of[member] = up
 
     def _udp_handler(self, up):
-        from mpvpn.agent.agent import DataPathHandler
         return DataPathHandler(lambda _m, u=up: self._on_udp(u))
 
     def _table(self, rows, apart_ids, hub_enabled: bool) -> None:
