@@ -29,8 +29,9 @@ hub sees no difference but the source addresses.
 of client sites at once (A -> C and D -> E, iperf3 each, every site on its
 own namespace and carriers); with 2 processes the sites reconnect until
 each pair's sessions sit in one process and the two pairs in different
-ones (session ids are random: the placement a hub with many sites gets on
-average is half of that).  Goodput of both pairs together, CPU seconds
+ones (``--placement crossed``: each pair split over the two processes,
+every forwarded packet handed over; session ids are random, so a hub with
+many sites sees half of its site-to-site traffic crossed).  Goodput of both pairs together, CPU seconds
 per GB of the hub's processes and of all agents, and the ratio against 1
 process measured in the same run.  Everything -- the four sites, iperf3
 and the hub -- shares this machine's cores, so the hub is rarely what
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--handshakes", action="store_true", help="handshakes per second and a storm's cost")
     ap.add_argument("--workers", metavar="N,N", help="forwarding with the hub in these numbers of processes")
     ap.add_argument("--rounds", type=int, default=1, help="--workers: measure each count this often")
+    ap.add_argument("--placement", choices=("paired", "crossed"), default="paired",
+                    help="--workers: each pair in one process (paired) or split over two (crossed)")
     ap.add_argument("--hub-cap", type=float, metavar="P",
                     help="--workers: each hub process capped at P %% of one core (cgroup)")
     ap.add_argument("--keys", type=int, default=50, help="--handshakes: config site sections on the hub")
@@ -205,9 +208,10 @@ def _hub_pids(h) -> list[int]:
     return [h.hub.proc.pid] + [int(p) for p in (st.get("workers") or {}).get("pids", {}).values()]
 
 
-def _place(h, n: int) -> dict:
+def _place(h, n: int, crossed: bool = False) -> dict:
     """With n > 1: restart sites until A and C share a process, D and E
-    share another one; {site: process}."""
+    share another one (``crossed``: A and C in different processes, D and E
+    too: every forwarded packet is handed over); {site: process}."""
     def where():
         st = h.hub.status()
         by_vnc = {s.vnc: name for name, s in h.sites.items()}
@@ -215,9 +219,14 @@ def _place(h, n: int) -> dict:
 
     for _ in range(40):
         w = where()
-        if n == 1 or (w["c"] == w["a"] and w["d"] != w["a"] and w["e"] == w["d"]):
+        if crossed:
+            if n == 1 or (w["c"] != w["a"] and w["e"] != w["d"]):
+                return w
+            name = "c" if w["c"] == w["a"] else "e"
+        elif n == 1 or (w["c"] == w["a"] and w["d"] != w["a"] and w["e"] == w["d"]):
             return w
-        name = "c" if w["c"] != w["a"] else "d" if w["d"] == w["a"] else "e"
+        else:
+            name = "c" if w["c"] != w["a"] else "d" if w["d"] == w["a"] else "e"
         site = h.sites[name]
         site.agent.stop()
         site.agent.start()
@@ -239,7 +248,7 @@ def workers_bench(args) -> int:
                 h.start()
                 for name, s in h.sites.items():
                     s.agent.wait(lambda st, nm=name: st["routes"] == h.expected_routes(nm), 30, "routes")
-                placed = _place(h, n)
+                placed = _place(h, n, args.placement == "crossed")
                 hub = _hub_pids(h)
                 caps = []
                 if args.hub_cap:
@@ -281,7 +290,9 @@ def workers_bench(args) -> int:
                              "hub_forwarded": st["counters"]["hub_forwarded"]})
     print(f"hub forwarding between two site pairs at once (A->C, D->E; iperf3 {args.seconds:g} s each; "
           f"{args.carriers} carriers per site, duplicate mode, AEAD); the hub in 1 or more processes "
-          f"(base.workers), each pair's sessions in one process; all on this machine's "
+          f"(base.workers), each pair's sessions "
+          f"{'in one process' if args.placement == 'paired' else 'in two processes (handed over)'}; "
+          f"all on this machine's "
           f"{os.cpu_count()} cores" + (f"; each hub process capped at {args.hub_cap:g} % of a core"
                                        if args.hub_cap else ""))
     print(f"{'workers':>7} {'Mbit/s':>8} {'A->C':>7} {'D->E':>7} {'hub CPU % per process':>22} "
@@ -292,7 +303,8 @@ def workers_bench(args) -> int:
               f"{' / '.join(f'{c:.0f}' for c in r['hub_cpu_pct']):>22} {r['hub_cpu_s_per_gb']:8.2f} "
               f"{r['all_cpu_s_per_gb']:8.2f} {r['worker_drops']:6d}")
     base = [r["goodput_mbit"] for r in rows if r["workers"] == counts[0]]
-    doc = {"rows": rows, "seconds": args.seconds, "carriers": args.carriers, "hub_cap": args.hub_cap}
+    doc = {"rows": rows, "seconds": args.seconds, "carriers": args.carriers, "hub_cap": args.hub_cap,
+           "placement": args.placement}
     for n in counts[1:]:
         more = [r["goodput_mbit"] for r in rows if r["workers"] == n]
         ratios = [m / b for m, b in zip(more, base) if b]

@@ -23,6 +23,11 @@ WORKERS = "\toption workers '2'\n\toption rekey_packets '1000'\n"
 NO_TIMED_REKEY = "\toption rekey_interval '3600'\n"
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def placement(h: HubLab) -> dict:
     """site name -> the process holding its session on the hub (0: main)."""
     st = h.hub.status()
@@ -54,6 +59,12 @@ def test_two_workers_carry_every_packet_once_and_status_counts_both(make_lab):
         for name, s in h.sites.items():
             s.agent.wait(lambda st, n=name: st["routes"] == h.expected_routes(n), 20, f"{name}'s routes")
         where = mixed(h)
+        # idle, the worker sleeps until its sessions' next timer (a loop that
+        # spins would use the whole 3 s; sleeping costs a few ms)
+        worker = int(h.hub.status()["workers"]["pids"]["1"])
+        cpu0 = cpu_seconds(worker)
+        time.sleep(3)
+        assert cpu_seconds(worker) - cpu0 < 1.0
         names = list(h.sites)
         streams = {}
         for i, (src, dst) in enumerate(itertools.permutations(names, 2)):  # within and across

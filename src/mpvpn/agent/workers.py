@@ -373,6 +373,8 @@ class WorkerPool:
             os.close(fd)
         for m in msgs:
             self._on_message(k, m)
+        if self.agent._hub_out:  # what every message handed over, one batch per session
+            self.agent._hub_flush()
         if eof:
             self._died(k)
 
@@ -393,9 +395,8 @@ class WorkerPool:
         if kind == "packets":
             _, sid, pkts = m
             ds = a.sessions.get(sid)
-            if ds is not None:
+            if ds is not None:  # ours, or relayed to the worker that holds it
                 a._hub_out.setdefault(ds, []).extend(pkts)
-                a._hub_flush()
         elif kind == "touch":
             if a.registry is not None:
                 for sid in m[1]:
@@ -517,7 +518,12 @@ class WorkerAgent(Agent):
         finally:
             self.teardown()
 
-    # the main process holds routes and control connections
+    # the main process holds routes and control connections, and tells the
+    # sites about each other (Agent._hub_sync): nothing to announce here
+    def _next_timer(self) -> float | None:
+        self._hub_dirty = False
+        return super()._next_timer()
+
     def _route_ref(self, cidr: str) -> None:
         self._routes[cidr] = self._routes.get(cidr, 0) + 1
 
@@ -568,6 +574,8 @@ class WorkerAgent(Agent):
         fds = list(fds)
         for m in msgs:
             self._on_message(m, fds)
+        if self._hub_out:  # what every message handed over, one batch per session
+            self._hub_flush()
         if eof:
             log.error("worker %d: the main process is gone; stopping", self.index)
             self._stop = True
@@ -580,7 +588,6 @@ class WorkerAgent(Agent):
             ds = self.sessions.get(sid)
             if ds is not None and ds.worker == self.index:
                 self._hub_out.setdefault(ds, []).extend(pkts)
-                self._hub_flush()
         elif kind == "uplink":
             self._adopt_uplink(m[1], fds.pop(0), now)
         elif kind == "tun":
