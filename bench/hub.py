@@ -147,6 +147,11 @@ def main(argv=None) -> int:
               f"{r['cpu_s_per_gb']:9.1f} {r['hub_rss_mib']:7.1f}M")
     print(f"through the hub / direct pair: {doc['via_hub_over_direct']:.2f}; "
           f"in-process / through the hub's kernel: {via / rows[2]['goodput_mbit']:.2f}")
+    return _emit(args, doc)
+
+
+def _emit(args, doc: dict) -> int:
+    """The run's document: to ``--json FILE`` if asked, and as the last line."""
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc))
@@ -197,10 +202,7 @@ def idle(args) -> int:
         cpu = (b["hub_cpu_pct"] - a["hub_cpu_pct"]) / (b["sites"] - a["sites"])
         doc["per_site_kib"], doc["per_site_cpu_pct"] = per * 1024, cpu
         print(f"per added site: {per * 1024:.0f} KiB RSS, {cpu:.3f} % CPU")
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-    print(json.dumps(doc))
-    return 0
+    return _emit(args, doc)
 
 
 def _hub_pids(h) -> list[int]:
@@ -311,10 +313,7 @@ def workers_bench(args) -> int:
         doc[f"ratio_{n}_over_{counts[0]}"] = ratios
         print(f"goodput with {n} processes / with {counts[0]}: "
               f"{', '.join(f'{x:.2f}' for x in ratios)} (per round)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-    print(json.dumps(doc))
-    return 0
+    return _emit(args, doc)
 
 
 def _ping_during(lab, seconds: float, out: dict) -> threading.Thread:
@@ -410,10 +409,7 @@ def handshakes(args) -> int:
         if r["storm"]:
             print(f"  {r['phase']}: client saw {r['storm']['counts']}; hub closed {r['hub_closed_by_reason']}")
     doc = {"keys": args.keys, "inflight": args.inflight, "seconds": args.seconds, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2))
-    print(json.dumps(doc))
-    return 0
+    return _emit(args, doc)
 
 
 if __name__ == "__main__":
