@@ -241,7 +241,7 @@ def workers_bench(args) -> int:
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
-    counts = [int(x) for x in args.workers.split(",")]
+    counts = list(dict.fromkeys(int(x) for x in args.workers.split(",")))  # (repeat with --rounds)
     rows = []
     for _round in range(args.rounds):
         for n in counts:

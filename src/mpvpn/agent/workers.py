@@ -478,6 +478,7 @@ class WorkerAgent(Agent):
         self.channel, self.index, self.n = channel, index, n  # (index: Agent's, 0 there)
         self._pending_tun = tun
         self._heard: set = set()
+        self._apart_ids: frozenset = frozenset()  # sessions kept out of forwarding (``table``)
         self._reported: dict = {}  # session id -> last (connected, up, members) sent
         self._report_at = 0.0
 
@@ -503,10 +504,6 @@ class WorkerAgent(Agent):
             self.sel.unregister(self.tun)
         except (KeyError, ValueError):
             pass
-
-    def teardown(self) -> None:
-        self.channel.send_packets = lambda *a: 0  # nothing more to hand over
-        super().teardown()
 
     def run(self) -> int:
         self.setup()
@@ -676,8 +673,7 @@ class WorkerAgent(Agent):
         self._rebuild_route_table()
 
     def _hub_apart(self) -> list:
-        ids = getattr(self, "_apart_ids", frozenset())
-        return [ds for ds in self.sessions.values() if ds.session_id in ids]
+        return [ds for ds in self.sessions.values() if ds.session_id in self._apart_ids]
 
     def _reconfigure(self, cfg) -> None:
         old = self.cfg
