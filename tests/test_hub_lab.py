@@ -266,7 +266,9 @@ def test_a_crowd_of_sites_stays_connected_through_a_handshake_storm(make_lab, tm
         st = h.hub.status()
         assert storms["junk"]["counts"].get("closed_by_hub", 0) > 0
         assert storms["junk"]["counts"].get("answered", 0) == 0  # junk gets no word
-        assert st["control"]["closed_by_reason"].get("bad_psk", 0) >= storms["junk"]["counts"]["closed_by_hub"]
+        closed = st["control"]["closed_by_reason"]  # junk fails its MAC, or waits too long and is evicted
+        assert closed.get("bad_psk", 0) > 0
+        assert closed.get("bad_psk", 0) + closed.get("evicted", 0) >= storms["junk"]["counts"]["closed_by_hub"]
         assert storms["genuine"]["counts"].get("ok", 0) > 0
         after = {se["peer"]["vnc"]["ip"]: se["session_id"] for se in st["sessions"]
                  if se["peer"]["vnc"]["ip"] in before}
