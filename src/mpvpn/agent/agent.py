@@ -74,18 +74,20 @@ def _hostname_word(text: str) -> str:
 
 
 class DataPathHandler:
-    """A selector callback of the data path (the tun, an uplink's socket).
-    After these alone the loop skips the timers' full round unless one is
-    due: they only touch sessions, whose deadlines it asks again (see
-    :meth:`Agent.step`); anything else (control, ubus, rpc) gets the full round."""
+    """A selector callback of the data path (the tun, an uplink's socket, a
+    data-path worker's channel).  After these alone the loop skips the
+    timers' full round unless one is due or the callback returns true (it
+    did more than move packets): they only touch sessions, whose deadlines
+    it asks again (see :meth:`Agent.step`); anything else (control, ubus,
+    rpc) gets the full round."""
 
     __slots__ = ("fn",)
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, mask) -> None:
-        self.fn(mask)
+    def __call__(self, mask):
+        return self.fn(mask)
 
 
 @dataclass(eq=False)
@@ -541,8 +543,7 @@ class Agent:
             self._woke = self.clock()
         full = not events
         for key, mask in events:
-            key.data(mask)
-            if key.data.__class__ is not DataPathHandler:
+            if key.data(mask) or key.data.__class__ is not DataPathHandler:
                 full = True
         now = self.clock()
         touched = self._touched

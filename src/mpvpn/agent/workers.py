@@ -280,7 +280,7 @@ class WorkerPool:
             queue = tun.take_queue()
             ch.send(("init", k, self.n, a.cfg, a.name, tun.name, tun.offload, log_mode), fds=[queue])
             os.close(queue)  # the worker's now
-            a.sel.register(ch.sock, selectors.EVENT_READ, lambda _m, k=k: self.on_readable(k))
+            a.sel.register(ch.sock, selectors.EVENT_READ, DataPathHandler(lambda _m, k=k: self.on_readable(k)))
         log.info("data path over %d processes: %s", self.n,
                  ", ".join(f"worker {k} pid {p.pid}" for k, p in self.procs.items()))
 
@@ -367,16 +367,21 @@ class WorkerPool:
         return n
 
     # -- from the workers
-    def on_readable(self, k: int) -> None:
+    def on_readable(self, k: int) -> bool:
+        """A worker's messages; whether any was more than packets (then the
+        agent's loop runs its full round: a DataPathHandler)."""
         msgs, fds, eof = self.channels[k].receive()
         for fd in fds:
             os.close(fd)
         for m in msgs:
             self._on_message(k, m)
-        if self.agent._hub_out:  # what every message handed over, one batch per session
-            self.agent._hub_flush()
+        a = self.agent
+        if a._hub_out:  # what every message handed over, one batch per session
+            a._touched.update(ds for ds in a._hub_out if ds.worker == a.index)
+            a._hub_flush()
         if eof:
             self._died(k)
+        return any(m[0] != "packets" for m in msgs)
 
     def _died(self, k: int) -> None:
         p = self.procs[k]
@@ -484,7 +489,7 @@ class WorkerAgent(Agent):
 
     def setup(self) -> None:
         self._use_tun(self._pending_tun)
-        self.sel.register(self.channel.sock, selectors.EVENT_READ, self._on_channel)
+        self.sel.register(self.channel.sock, selectors.EVENT_READ, DataPathHandler(self._on_channel))
 
     def _use_tun(self, tun) -> None:
         """Our queue of the agent's multi-queue tun: read and written here."""
@@ -566,16 +571,20 @@ class WorkerAgent(Agent):
         if sealed:
             self.channel.send(("sealed", sealed))
 
-    def _on_channel(self, _mask) -> None:
+    def _on_channel(self, _mask) -> bool:
+        """The main process's messages; whether any was more than packets
+        (then the loop's full round: a DataPathHandler)."""
         msgs, fds, eof = self.channel.receive()
         fds = list(fds)
         for m in msgs:
             self._on_message(m, fds)
         if self._hub_out:  # what every message handed over, one batch per session
+            self._touched.update(ds for ds in self._hub_out if ds.worker == self.index)
             self._hub_flush()
         if eof:
             log.error("worker %d: the main process is gone; stopping", self.index)
             self._stop = True
+        return eof or any(m[0] != "packets" for m in msgs)
 
     def _on_message(self, m, fds: list) -> None:
         kind = m[0]
