@@ -466,6 +466,8 @@ class WorkerPool:
                     se["forwarded"][name] = se["forwarded"].get(name, 0) + v
         for name, v in self.counters.items():
             doc["counters"][name] = doc["counters"].get(name, 0) + v
+        if doc["session_id"] is None and doc["sessions"]:  # the main process holds none
+            doc["session_id"], doc["peer"] = doc["sessions"][0]["session_id"], doc["sessions"][0]["peer"]
         doc["state_text"] = statusdoc.state_text(doc["state"], "server", self.agent.sessions.values(), ())
         doc["workers"] = {"count": self.n, "pids": {str(k): p.pid for k, p in self.procs.items()},
                           "sessions": {str(k): len(part["sessions"]) for k, part in self._status.items()}}

@@ -10,33 +10,29 @@ that dies must not take its index with it), and binds them in order here.
 
 from __future__ import annotations
 
-import ctypes
+import array
 import socket
+import struct
 
 from mpvpn.core.shard import reuseport_program
 from mpvpn.io import udp
 
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
-
-
-class _SockFilter(ctypes.Structure):  # struct sock_filter (linux/filter.h)
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):  # struct sock_fprog
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+SOCK_FILTER = struct.Struct("@HBBI")  # struct sock_filter (linux/filter.h): code, jt, jf, k
+SOCK_FPROG = struct.Struct("@HP")  # struct sock_fprog: len, then (aligned) the filter's address
 
 
 def attach_program(sock: socket.socket, n: int) -> None:
     """Attach the session-id program for ``n`` sockets to ``sock``'s group
-    (any member will do: the program belongs to the group)."""
+    (any member will do: the program belongs to the group).  The kernel
+    copies the instructions during the call; ``array`` gives their address
+    (no ctypes: OpenWrt packages it apart from python3-light)."""
     prog = reuseport_program(n)
-    insns = (_SockFilter * len(prog))(*(_SockFilter(*i) for i in prog))
-    fprog = _SockFprog(len(prog), insns)
+    insns = array.array("B", b"".join(SOCK_FILTER.pack(*i) for i in prog))
+    fprog = SOCK_FPROG.pack(len(prog), insns.buffer_info()[0])
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as e:
         raise OSError(e.errno, f"cannot steer datagrams to workers by session "
                                f"(SO_ATTACH_REUSEPORT_CBPF, Linux >= 4.5): {e.strerror}") from None
