@@ -8,9 +8,15 @@ sites learn nothing and cannot reach each other."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+import threading
+from pathlib import Path
 
 from hublab import HubLab
+
+from mpvpn.core.noise import genpsk
 
 COUNT = 10
 # ping waits for every reply up to a deadline (-w; without it, ping gives up
@@ -165,7 +171,6 @@ def test_twenty_sites_one_restarting_one_sending_junk_and_nobody_else_loses_a_pa
     counted."""
     import random
     import subprocess
-    import threading
 
     from agentlab import Stream
 
@@ -221,3 +226,50 @@ def test_twenty_sites_one_restarting_one_sending_junk_and_nobody_else_loses_a_pa
         assert fwd[junk_site.vnc]["spoofed"] == 200 and fwd[h.sites["d"].vnc]["spoofed"] == 0
         for name, s in h.sites.items():
             s.agent.wait(lambda st, n=name: st["routes"] == h.expected_routes(n), 30, f"{name}'s routes")
+
+
+STORM = Path(__file__).resolve().parent.parent / "bench" / "hubstorm.py"
+
+
+def test_a_crowd_of_sites_stays_connected_through_a_handshake_storm(make_lab, tmp_path):
+    """Sites made as agents sharing one namespace (netlab add_crowd) connect
+    like any site; a storm of junk first messages and of genuine handshakes
+    with other sites' keys (bench/hubstorm.py: the real client machine over
+    TCP) costs the established sessions nothing: every ping from A's LAN to
+    the hub's LAN arrives, and no session of A or the crowd is replaced."""
+    lab = make_lab(carriers=2)
+    keys = [(f"s{k}", genpsk(), f"172.30.0.{150 + k}") for k in range(5)]
+    sections = "".join(f"\nconfig site 's{k}'\n\toption psk '{psk}'\n" for k, (_n, psk, _v) in enumerate(keys))
+    keyfile = tmp_path / "keys.json"
+    keyfile.write_text(json.dumps(keys))
+    with HubLab(lab, "", forward=True, crowd=4, hub_sections=sections) as h:
+        h.start()
+        before = {se["peer"]["vnc"]["ip"]: se["session_id"] for se in h.hub.status()["sessions"]}
+        assert set(before) == {h.sites[n].vnc for n in ("a", "x0", "x1", "x2", "x3")}
+        for name in ("x0", "x3"):  # a crowd site is routed at the hub like any other
+            assert h.sites[name].lan in h.hub.status()["routes"]
+        got = {}
+        pinger = threading.Thread(target=lambda: got.update(ping=lab.ping(
+            lab.ha, lab.hb_ip, count=400, interval=0.01, extra=("-w", "60"))))
+        pinger.start()
+        storms = {}
+        source = h.sites["x0"].agent  # the crowd's namespace, its first member's address
+        src_ip = lab.run(source.ns, ["ip", "-4", "-o", "addr", "show", "dev", "y1"]).stdout.split()[3]
+        for kind in ("junk", "genuine"):
+            cp = lab.run(source.ns, [sys.executable, str(STORM), kind, "--server", f"{lab.carrier(1).b_ip}:7000",
+                                     "--keys", str(keyfile), "--seconds", "2", "--inflight", "8",
+                                     "--source", src_ip.split("/")[0]], timeout=120)
+            storms[kind] = json.loads(cp.stdout.strip().splitlines()[-1])
+        pinger.join()
+        ping = got["ping"]
+        assert ping.sent == 400 and ping.received == 400, ping.output
+        st = h.hub.status()
+        assert storms["junk"]["counts"].get("closed_by_hub", 0) > 0
+        assert storms["junk"]["counts"].get("answered", 0) == 0  # junk gets no word
+        closed = st["control"]["closed_by_reason"]  # junk fails its MAC, or waits too long and is evicted
+        assert closed.get("bad_psk", 0) > 0
+        assert closed.get("bad_psk", 0) + closed.get("evicted", 0) >= storms["junk"]["counts"]["closed_by_hub"]
+        assert storms["genuine"]["counts"].get("ok", 0) > 0
+        after = {se["peer"]["vnc"]["ip"]: se["session_id"] for se in st["sessions"]
+                 if se["peer"]["vnc"]["ip"] in before}
+        assert after == before  # nobody was replaced or dropped

@@ -469,6 +469,8 @@ def test_config_widgets_follow_option_kinds():
                 assert o["widget"] == "widgets.NetworkSelect", where
             elif kind == "port":
                 assert "port" in dt, where
+            elif kind == "workers":
+                assert o["widget"] == "form.Value" and o.get("validate") == "<function>", where
             else:
                 raise AssertionError(f"no check for option kind {kind!r}: extend this test")
             if spec.default is not None:  # shown as the default or as the placeholder

@@ -177,3 +177,55 @@ def test_a_name_taken_by_another_device_is_refused_clearly(throwaway_netns):
     r = run(REFUSED_CODE)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "refused" and r.stdout.split()[2] == "True", r.stdout
+
+
+MQ_CODE = r"""
+import os, select, socket, struct, sys
+sys.path.insert(0, sys.argv[1])
+from mpvpn.io.tun import LinuxTun
+from mpvpn.io import offload as o
+from mpvpn.io.netcfg import NetConfig
+
+t = LinuxTun("mqt0", offload="off", queues=2)
+q1 = LinuxTun.adopt(t.take_queue(), t.name, t.offload)
+NetConfig().configure("mqt0", "10.72.0.1/24", 1400)
+queues = [t, q1]
+for q in queues:
+    while q.read_packets() is not None:
+        pass
+echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+echo.bind(("10.72.0.1", 7))
+
+def udp(src, sport, payload):
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 1, 0x4000, 64, 17, 0,
+                               socket.inet_aton(src), socket.inet_aton("10.72.0.1")))
+    ip[10:12] = o.checksum(ip).to_bytes(2, "big")
+    return bytes(ip) + struct.pack("!HHHH", sport, 7, 8 + len(payload), 0) + payload
+
+wrong = 0
+for f in range(24):
+    src, sport = f"10.72.0.{2 + f}", 5000 + f
+    assert queues[f % 2].write(udp(src, sport, b"ping %d" % f))
+    data, addr = echo.recvfrom(100)
+    echo.sendto(data, addr)  # the reply goes back into the tun: which queue?
+    got = None
+    while got is None:
+        r, _, _ = select.select(queues, [], [], 2)
+        assert r, "no reply"
+        for q in r:
+            for p in q.read_packets() or []:
+                if p[9] == 17 and socket.inet_ntoa(p[16:20]) == src:
+                    got = queues.index(q)
+    wrong += got != f % 2
+print("wrong", wrong)
+"""
+
+
+def test_a_multi_queue_tun_sends_a_flow_back_to_the_queue_that_wrote_it(throwaway_netns):
+    """What base.workers relies on (mpvpn.agent.workers): each worker writes
+    its sessions' packets into its own queue, and the kernel (tun's automatic
+    flow steering) sends the replies of those flows to that queue."""
+    run, _cmd = throwaway_netns
+    r = run(MQ_CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["wrong", "0"]

@@ -77,7 +77,7 @@ LAN_B = ("192.168.20.1", "192.168.20.2")
 LAN_PREFIX = 24
 # ifindex bases of the lab's veth ends (carrier i adds i); all distinct.
 _IDX = {"lan_r": 10, "lan_h": 20, "ra": 1000, "rb": 2000, "wan_a": 3000, "wan_b": 4000,
-        "site_r": 5000, "site_b": 6000, "site_lan": 7000}
+        "site_r": 5000, "site_b": 6000, "site_lan": 7000, "crowd_r": 8000, "crowd_b": 8500}
 
 _counter_lock = threading.Lock()
 _counter = 0
@@ -300,6 +300,14 @@ class Site:
     carrier_ips: dict    # carrier index -> the router's address on that carrier
 
 
+@dataclass
+class Crowd:
+    """Client sites sharing one namespace (:meth:`Lab.add_crowd`)."""
+
+    ns: str
+    members: list        # per member: carrier index -> its address on that carrier
+
+
 # --------------------------------------------------------------------------
 # the lab
 
@@ -486,6 +494,51 @@ class Lab:
             _sh(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
         self._wait_oper_up([r, h])
         return Site(letter, r, h, f"{lan}.1", f"{lan}.2", f"{lan}.0/{LAN_PREFIX}", links)
+
+    def add_crowd(self, count: int) -> "Crowd":
+        """Room for ``count`` client sites in ONE namespace (``rx``), for hub
+        tests and benches with more sites than :meth:`add_site`'s letters (and
+        than one namespace per site is worth): one veth per carrier to router
+        B (``y<i>`` in rx, ``x<i>`` in rb: 10.<200+i>.0.0/16, B is
+        10.<200+i>.255.254), and member k's own address on each, 10.<200+i>.<k
+        // 250>.<k % 250 + 1>, reaching B's carrier address 10.<i>.0.2 through
+        it.  The members are separate processes bound to their own addresses
+        (real sockets, real routing to the hub); they share one routing table,
+        so their routes into their tunnels overlap (the first one wins)."""
+        if not 1 <= count <= 250 * 250:
+            raise ValueError("a crowd has 1..62500 members")
+        if 200 + self.n > 255:
+            raise ValueError("a crowd needs carriers <= 55")
+        ns = f"{self.prefix}-rx"
+        if ns in self.namespaces:
+            raise ValueError("the lab has a crowd already")
+        with self._lock:
+            self.namespaces.append(ns)
+            self._ns_map["rx"] = ns
+            (MARKER_DIR / f"{self.prefix}.json").write_text(json.dumps(
+                {"pid": os.getpid(), "starttime": _proc_starttime(os.getpid()),
+                 "namespaces": self.namespaces}))
+        _sh(["ip", "netns", "add", ns])
+        self.run(ns, ["sh", "-ec", "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter; "
+                                   "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"])
+        batch = {ns: ["link set lo up"], self.rb: []}
+        members: list[dict] = [{} for _ in range(count)]
+        for i in self.carriers:
+            net = f"10.{200 + i}"
+            _sh(["ip", "link", "add", f"y{i}", "netns", ns, "index", str(_IDX["crowd_r"] + i),
+                 "type", "veth", "peer", "name", f"x{i}", "netns", self.rb,
+                 "index", str(_IDX["crowd_b"] + i)])
+            batch[self.rb] += [f"addr add {net}.255.254/16 dev x{i}", f"link set x{i} up"]
+            batch[ns] += [f"link set y{i} up"]
+            for k in range(count):
+                ip = f"{net}.{k // 250}.{k % 250 + 1}"
+                batch[ns].append(f"addr add {ip}/16 dev y{i}")
+                members[k][i] = ip
+            batch[ns].append(f"route add {self.carriers[i].b_ip}/32 via {net}.255.254 dev y{i}")
+        for n, cmds in batch.items():
+            _sh(["ip", "-n", n, "-batch", "-"], input="\n".join(cmds) + "\n")
+        self._wait_oper_up([ns])
+        return Crowd(ns, members)
 
     def _wait_oper_up(self, namespaces: Iterable[str], ifnames: Iterable[str] | None = None,
                       timeout: float = 3.0) -> None:

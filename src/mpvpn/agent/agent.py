@@ -41,7 +41,7 @@ from mpvpn.agent.directpeers import AgentPort, DirectPaths
 from mpvpn.agent.statusdoc import SESSION_COUNTERS  # noqa: F401  (where tests and tools look)
 from mpvpn.core import (aqm, candidates, controlconn, controlevents, controlmsg, fastpath,
                         hubforward, linktest, mss, pairing, seal)
-from mpvpn.core.admission import HandshakeStamps
+from mpvpn.core.admission import HandshakeGuard, HandshakeStamps
 from mpvpn.core.hubforward import HubForward
 from mpvpn.core.peercheck import usable_via
 from mpvpn.core.reconnect import ClientReconnect
@@ -76,18 +76,20 @@ def _hostname_word(text: str) -> str:
 
 
 class DataPathHandler:
-    """A selector callback of the data path (the tun, an uplink's socket).
-    After these alone the loop skips the timers' full round unless one is
-    due: they only touch sessions, whose deadlines it asks again (see
-    :meth:`Agent.step`); anything else (control, ubus, rpc) gets the full round."""
+    """A selector callback of the data path (the tun, an uplink's socket, a
+    data-path worker's channel).  After these alone the loop skips the
+    timers' full round unless one is due or the callback returns true (it
+    did more than move packets): they only touch sessions, whose deadlines
+    it asks again (see :meth:`Agent.step`); anything else (control, ubus,
+    rpc) gets the full round."""
 
     __slots__ = ("fn",)
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, mask) -> None:
-        self.fn(mask)
+    def __call__(self, mask):
+        return self.fn(mask)
 
 
 @dataclass(eq=False)
@@ -156,6 +158,7 @@ class DataSession:
     punch_anyway: dict = field(default_factory=dict)  # member that did not open directly -> its ups then
     stuck_due: float | None = None  # when punch_when_stuck wants to look again
     direct: bool = False  # a direct session with another site of our hub (agent.directpeers)
+    worker: int = 0  # the process holding it (base.workers: mpvpn.agent.workers; 0 = the main one)
 
     @property
     def session_id(self) -> int:
@@ -206,6 +209,8 @@ class Agent:
         self.controls: list[ControlIO] = []
         self.listener: socket.socket | None = None
         self.registry: ServerSessions | None = None
+        self.index = 0  # which data-path process this is (mpvpn.agent.workers; 0: the main one)
+        self.workers = None  # server with base.workers > 1: the other processes (WorkerPool)
         self._stamps_saved = 0  # HandshakeGuard.changes when its records were last saved
         self.reconnect: ClientReconnect | None = None
         self.stamps = HandshakeStamps()  # freshness of our first handshake messages
@@ -250,7 +255,7 @@ class Agent:
                       replan=self._replan_direct,
                       drop_session=self._drop_session, routes_changed=self._rebuild_route_table,
                       flush_control=self._control_flush,
-                      talking=self.hub.take_pairs if self.hub is not None else set,
+                      talking=self._talking_pairs,
                       may_go_direct=self._may_go_direct),
             self.role, self.name, cfg.base.direct, cfg.base.private_key,
             seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
@@ -351,6 +356,8 @@ class Agent:
         v = self.cfg.vnc
         self._remove_leftovers(v.ifname)
         self._open_vnic()
+        if self.role == "server":
+            self._start_workers()
         for u in self.cfg.enabled_uplinks:
             self.uplinks[u.name] = UplinkIO(u)
             self._open_uplink(self.uplinks[u.name], now)
@@ -391,9 +398,12 @@ class Agent:
     def _open_vnic(self) -> None:
         """Create the tun vNIC, give it its address and MTU, watch it."""
         v = self.cfg.vnc
-        self.tun = self.io.open_tun(v.ifname)
+        n = self._data_processes()
+        self.tun = self.io.open_tun(v.ifname, n) if n > 1 else self.io.open_tun(v.ifname)
         self.net.configure(self.tun.name, str(v.interface), v.mtu)
         self.sel.register(self.tun, selectors.EVENT_READ, DataPathHandler(self._on_tun))
+        if self.workers is not None:  # made again under them: a queue each
+            self.workers.new_tun(self.tun)
 
     def _vnic_vanished(self, err: OSError) -> None:
         """The tun device was deleted under us (its fd reports EBADFD): make it
@@ -429,7 +439,10 @@ class Agent:
             up.retry_at = now + UPLINK_RETRY
             return
         try:
-            up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
+            if self.workers is not None:  # a socket per worker, datagrams steered by session
+                up.sock, batch = self.workers.open_uplink(up)
+            else:
+                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -454,9 +467,30 @@ class Agent:
                                                lookup=self.resolver.lookup, now=now,
                                                retry_after=self.cfg.base.relay_retry)
 
+    def _data_processes(self) -> int:
+        """How many processes carry the data path (base.workers, on a server)."""
+        if self.role != "server" or self.cfg.base.workers == 1:
+            return 1
+        from mpvpn.agent import workers
+        return workers.resolve_workers(self.cfg.base.workers)
+
+    def _start_workers(self) -> None:
+        """base.workers > 1: the data path over that many processes (mpvpn.agent.workers)."""
+        from mpvpn.agent import workers
+
+        n = self._data_processes()
+        if n > 1:
+            self.workers = workers.WorkerPool(self, n)
+            self.workers.start(self.tun, os.environ.get("MPVPN_LOG", "auto"))
+
     def _start_server(self, now: float) -> None:
         la = self.cfg.base.listen_address
-        self.registry = ServerSessions(self._control_config(), reserved=self.direct.reserved_ids)
+        # bench/hub.py --handshakes: the handshake budget raised to find the
+        # CPU's own ceiling (MPVPN_HANDSHAKE_RATE handshakes per second)
+        rate = float(os.environ.get("MPVPN_HANDSHAKE_RATE") or 0)
+        guard = HandshakeGuard(rate, 2 * rate) if rate > 0 else None
+        self.registry = ServerSessions(self._control_config(), guard=guard,
+                                       reserved=self.direct.reserved_ids)
         self._restore_stamps()
         try:
             s = self.io.listen(la.host, la.port)
@@ -548,8 +582,7 @@ class Agent:
             # turn's bulk otherwise.
             events.sort(key=self._tun_last)
         for key, mask in events:
-            key.data(mask)
-            if key.data.__class__ is not DataPathHandler:
+            if key.data(mask) or key.data.__class__ is not DataPathHandler:
                 full = True
         now = self.clock()
         touched = self._touched
@@ -986,17 +1019,23 @@ class Agent:
     def _new_session(self, session_id: int, peer, plan, keys, conn, now: float,
                      cipher: str = "chacha20-poly1305", initiator: bool | None = None,
                      direct: bool = False) -> DataSession:
-        sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
-        sess = Session(session_id, initiator=(self.role == "client") if initiator is None else initiator,
-                       config=self._session_config(), sealer=sealer)
-        # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
-        # enough for most WAN uplinks, high enough that TCP's slow start is
-        # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
-        self._install_scheduler(sess, peer)
-        sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
-        ds = DataSession(sess=sess, peer=peer, conn=conn, started=now, direct=direct)
-        self.sessions[session_id] = ds
-        self._apply_plan(ds, plan, now)
+        if self.workers is not None and self.workers.owner(session_id) != self.index:
+            ds = self.workers.open_session(session_id, peer, plan, keys, conn, now, cipher)
+            self.sessions[session_id] = ds
+        else:
+            sealer = Sealer(keys.send, keys.recv, keys.epoch, cipher=cipher)
+            sess = Session(session_id,
+                           initiator=(self.role == "client") if initiator is None else initiator,
+                           config=self._session_config(), sealer=sealer)
+            # A fresh subflow is assumed to carry 10 Mbit/s until measured: low
+            # enough for most WAN uplinks, high enough that TCP's slow start is
+            # not cut by our own queue (1 Mbit/s cost a 3 s ramp-up in the lab).
+            self._install_scheduler(sess, peer)
+            sess.linktest.load_size = self.cfg.vnc.mtu  # a test's load: full-size packets
+            ds = DataSession(sess=sess, peer=peer, conn=conn, started=now, direct=direct,
+                             worker=self.index)
+            self.sessions[session_id] = ds
+            self._apply_plan(ds, plan, now)
         self._set_routes(ds, self._routes_for(ds))
         self._hub_dirty = self.hub is not None
         log.info("session %#x with %s: %d subflow(s) planned, peer LANs %s, cipher %s", session_id,
@@ -1034,6 +1073,9 @@ class Agent:
         """Make the session's subflows match ``plan``: new members open, gone
         members close, a member whose endpoints moved keeps its state and
         (initiator) runs its handshake again on the new path."""
+        if ds.worker != self.index:  # held by a data-path worker: it applies the plan
+            self.workers.plan(ds, plan)
+            return
         new = {s.member: s for s in plan}
         for member in [m for m in ds.plan if m not in new]:
             ds.sess.remove_subflow(member, now)
@@ -1116,6 +1158,16 @@ class Agent:
         if self.hub is not None:
             self.hub.rebuild([(ds, ds.peer.vnc.ip, ds.peer.lans) for ds in self.sessions.values()],
                              self._hub_apart())
+        if self.workers is not None:  # every process knows every session
+            self.workers.table(self.sessions.values(), self._hub_apart(), self.hub.enabled)
+
+    def _talking_pairs(self) -> set:
+        """(hub) Pairs of sites forwarded between since the last call, by this
+        process and by the workers (base.workers)."""
+        pairs = self.hub.take_pairs() if self.hub is not None else set()
+        if self.workers is not None:
+            pairs |= self.workers.take_pairs()
+        return pairs
 
     def _may_go_direct(self, ds: DataSession) -> bool:
         """(hub) May this site be offered direct paths (its `config site` ``direct``)?"""
@@ -1181,6 +1233,8 @@ class Agent:
         if ds is None:
             return
         log.info("session %#x with %s ended: %s", session_id, ds.peer.name, reason)
+        if ds.worker != self.index and self.workers is not None:
+            self.workers.drop(ds, reason)
         if not keep_routes:
             for c in ds.routes:
                 self._route_unref(c)
@@ -1523,6 +1577,8 @@ class Agent:
             old = self.cfg
             old_sites = old.sites
             self.cfg = new
+            if self.workers is not None:
+                self.workers.reconfigure(new)
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
             if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
@@ -1619,6 +1675,9 @@ class Agent:
                 self._flush_session(ds)
             except Exception:
                 log.exception("closing session %#x", ds.session_id)
+        if self.workers is not None:  # they close their sessions (CLOSE to the peers) and exit
+            self.workers.stop()
+            self.workers = None
         for c in list(self.controls):
             if c.conn is not None:
                 try:
@@ -1701,14 +1760,18 @@ class Agent:
                                            self.control_counters, self.registry)
         else:
             ctl = statusdoc.client_control(self.controls, self.reconnect, self.started)
-        return statusdoc.document(
+        doc = statusdoc.document(
             version=__version__, now=now, started=self.started, state=self.state,
             state_since=self.state_since, role=self.role, cfg=self.cfg, name=self.name,
             last_error=self.last_error, tun=self.tun, routes=self._routes,
-            sessions=list(self.sessions.values()), agent_counters=self.counters, control=ctl,
+            sessions=[ds for ds in self.sessions.values() if ds.worker == self.index],
+            agent_counters=self.counters, control=ctl,
             dataplane=self._dataplane_status(), link_test=self._link_test_status(now),
             uplink_docs=statusdoc.uplinks(self.uplinks.values(), now), hub=self.hub,
             direct=self.direct.status(now), via_path=self.direct.path_of)
+        if self.workers is not None:  # the workers' sessions and counters
+            self.workers.status(doc, self.hub)
+        return doc
 
     def _dataplane_status(self) -> dict:
         """How packets are moved: the C loops (mpvpn.core.fastpath) and the tun's offloads."""

@@ -107,6 +107,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
     "relay_address": ("host:port (IPv6 as `[addr]:port`); the port defaults to 3478", "string"),
     "credential": ("printable ASCII, at most 128 characters", "string"),
+    "workers": ("`auto`, or a whole number 1 to 64", "string"),
 }
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -274,6 +275,14 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "With `config relay` sections: a relay that failed (no answer, an error) is skipped "
             "for this long before it is tried again; when every relay failed, the uplink tries "
             "again after this long (1 to 3600).",
+        ),
+        "workers": Option(
+            "workers", "1",
+            "Server only: processes that carry the data path, each holding the sessions whose "
+            "ID modulo this number is its index (the kernel steers every datagram to its "
+            "process; the main one keeps control, routes and status). `1`: one process, as "
+            "without the option. `auto`: one per CPU core. For a hub with many sites on a "
+            "multi-core router; not with `config relay` or `stun`.",
         ),
     },
     "vnc": {
@@ -500,6 +509,7 @@ class Base:
     nat_keepalive: float = 25.0
     relay_after: float = 4.0
     relay_retry: float = 10.0
+    workers: int | str = 1  # data-path processes (server); "auto": one per CPU core
 
     @property
     def port(self) -> int:
@@ -676,6 +686,14 @@ def _parse_int(s: str, lo: int, hi: int, unit: str = "") -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{_q(s)} is out of range: use {lo} to {hi} {unit}".rstrip())
     return v
+
+
+def _parse_workers(s: str) -> int | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    if not re.fullmatch(r"[0-9]{1,3}", s.strip()) or not 1 <= int(s) <= 64:
+        raise ValueError(f"{_q(s)} is neither `auto` nor a whole number of processes 1 to 64")
+    return int(s)
 
 
 def _parse_kbit(s: str) -> int:
@@ -1005,6 +1023,13 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
                  f"{RELAY_AFTER_PUNCH:g} s or more, so pairs it would open go through a relay")
     b["relay_retry"] = sec.parsed(
         "relay_retry", lambda s: _parse_float(s, 1, 3600, "seconds"), _default("relay_retry", float))
+    b["workers"] = sec.parsed("workers", _parse_workers, 1)
+    if b["workers"] != 1 and role == "client":
+        chk.warn(sec.path("workers"), "is a server option; a client ignores it")
+    elif b["workers"] != 1 and stun:
+        chk.err(sec.path("workers"), "several data-path processes cannot use `stun` (NAT "
+                                     "discovery and hole punching live in one process): set "
+                                     "workers 1 or remove stun")
 
     # extra LAN subnets
     extra: list[IPNetwork] = []
@@ -1453,6 +1478,9 @@ def validate(
             if b["_sec"].has(opt):
                 chk.warn(b["_sec"].path(opt), "has no effect without a `config relay` section")
     lan_subnets, lan_addresses = _check_lan(chk, network, network_missing)
+    if relays and b and b.get("workers", 1) != 1 and b["role"] == "server":
+        chk.err("orayboxvpn.base.workers", "several data-path processes cannot use `config relay` "
+                                           "(a relayed subflow lives in one process): set workers 1")
 
     # cross-checks
     extra = b["lan_subnet"] if b else []
@@ -1533,6 +1561,7 @@ def validate(
         nat_keepalive=b["nat_keepalive"],
         relay_after=b["relay_after"],
         relay_retry=b["relay_retry"],
+        workers=b["workers"] if b["role"] == "server" else 1,
     )
     lan = Lan(subnets=tuple(all_lan), addresses=tuple(lan_addresses), extra=tuple(extra))
     return Config(base=base, vnc=vnc, uplinks=tuple(uplinks), lan=lan,

@@ -22,9 +22,9 @@ counts what it drops in the agent's ``counters``.
 
 from __future__ import annotations
 
-import ipaddress
 
 from mpvpn.core import mss
+from mpvpn.core.hubforward import network
 
 BATCH = 256  # packets taken from one fd per wake-up before looking at the others
 
@@ -110,8 +110,8 @@ class RouteTable:
         """From ``sessions`` (DataSession-like: ``routes``, ``peer.vnc.ip``)."""
         table = []
         for ds in sessions:
-            nets = [ipaddress.ip_network(c) for c in ds.routes]
-            nets.append(ipaddress.ip_network(f"{ds.peer.vnc.ip}/{32 if ':' not in ds.peer.vnc.ip else 128}"))
+            nets = [network(c) for c in ds.routes]
+            nets.append(network(f"{ds.peer.vnc.ip}/{32 if ':' not in ds.peer.vnc.ip else 128}"))
             for n in nets:
                 table.append((n.prefixlen, n.version, int(n.network_address), int(n.netmask), ds))
         table.sort(key=lambda e: -e[0])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections import Counter
+from functools import lru_cache
 
 from mpvpn.core.controlmsg import MAX_MESSAGE, MAX_VIA
 
@@ -63,6 +64,15 @@ def views(sites, budget: int = VIA_BUDGET, limit: int = MAX_VIA, apart=frozenset
     return out, cut
 
 
+@lru_cache(maxsize=4096)
+def network(text: str):
+    """``ipaddress.ip_network(text)``, remembered: the hub rebuilds its
+    tables from every session's CIDR strings on each join and leave, and
+    parsing them again made a join cost O(sites) ``ipaddress`` work (half
+    the hub's CPU in a 50-site handshake storm, bench/hub.py --handshakes)."""
+    return ipaddress.ip_network(text)
+
+
 def _address(pkt, src: bool) -> tuple[int, int] | None:
     """(IP version, source or destination address as an int) of an IP packet."""
     if not pkt:
@@ -95,7 +105,7 @@ class Prefixes:
         for net, owner in entries:
             key = (net.prefixlen, net.version)
             levels.setdefault(key, {})[int(net.network_address)] = owner
-        self._levels = [(v, int(ipaddress.ip_network(f"{'0.0.0.0' if v == 4 else '::'}/{p}").netmask),
+        self._levels = [(v, int(network(f"{'0.0.0.0' if v == 4 else '::'}/{p}").netmask),
                          table)
                         for (p, v), table in sorted(levels.items(), key=lambda kv: -kv[0][0])]
 
@@ -129,9 +139,8 @@ class HubForward:
         entries, keys = [], set()
         for key, vnc, lans in sites:
             keys.add(key)
-            ip = ipaddress.ip_address(vnc)
-            entries.append((ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"), key))
-            entries += [(ipaddress.ip_network(c), key) for c in lans]
+            entries.append((network(f"{vnc}/{128 if ':' in vnc else 32}"), key))
+            entries += [(network(c), key) for c in lans]
         self._claims.rebuild(entries)
         self._keys = keys
         self._sites = {k: c for k, c in self._sites.items() if k in keys}

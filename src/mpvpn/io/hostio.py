@@ -30,9 +30,10 @@ class HostIO:
         self.tun_factory = tun_factory
         self.net_factory = net_factory
 
-    def open_tun(self, name: str):
-        """The vNIC: ``name``, ``fileno()``, ``read_packets()``, ``write_packets()``, ``close()``."""
-        return self.tun_factory(name)
+    def open_tun(self, name: str, queues: int = 1):
+        """The vNIC: ``name``, ``fileno()``, ``read_packets()``, ``write_packets()``, ``close()``;
+        ``queues`` > 1: also ``take_queue()`` (mpvpn.agent.workers)."""
+        return self.tun_factory(name, queues=queues) if queues > 1 else self.tun_factory(name)
 
     def netconfig(self):
         """Addresses, routes and links (mpvpn.io.netcfg.NetConfig's methods)."""

@@ -37,7 +37,7 @@ MAX_PACKET = 65535
 READ_SIZE = MAX_PACKET + _ofl.VNET_HDR_LEN
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
-IFF_TUN, IFF_NO_PI, IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
+IFF_TUN, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0001, 0x1000, 0x4000, 0x0100
 IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags (ifr_flags), padding to 40 bytes
 TUN_PATH = "/dev/net/tun"
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
@@ -67,9 +67,12 @@ def valid_ifname(name: str) -> bool:
 
 class LinuxTun:
     """A non-persistent, non-blocking tun device (layer 3, no packet info);
-    packets move with os.read/os.write on its fd."""
+    packets move with os.read/os.write on its fd.  ``queues`` > 1: a
+    multi-queue device (IFF_MULTI_QUEUE) whose other queues
+    :meth:`take_queue` hands out (one per data-path worker: the kernel
+    sends each flow to the queue that last wrote a packet of it)."""
 
-    def __init__(self, name: str, offload: str | None = None):
+    def __init__(self, name: str, offload: str | None = None, queues: int = 1):
         if not valid_ifname(name):
             raise TunError(errno.EINVAL, f"invalid interface name {name!r}")
         if offload is None:
@@ -83,10 +86,12 @@ class LinuxTun:
         self._pending: deque = deque()  # segments of a super-segment not yet returned by read()
         self.split_errors = 0
         self._fd = -1
+        self._queues: list[int] = []  # the other queues' fds, not handed out yet
+        mq = IFF_MULTI_QUEUE if queues > 1 else 0
         if offload != "off":
             fd = -1
             try:
-                fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+                fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | mq)
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload == "tso" else 0)
                 self._fd, self.offload = fd, offload
             except OSError as e:
@@ -95,12 +100,39 @@ class LinuxTun:
                     os.close(fd)  # not persistent: the device goes with it
         if self._fd < 0:
             try:
-                self._fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI)
+                self._fd, self.name = open_tun(name, IFF_TUN | IFF_NO_PI | mq)
             except OSError as e:
                 raise TunError(e.errno or errno.EPERM, f"cannot create tun {name!r}: {e} "
                                                        "(is kmod-tun loaded? running as root?)") from None
         self.vnet_hdr = self.offload != "off"
         os.set_blocking(self._fd, False)
+        try:
+            for _ in range(queues - 1):  # same flags: the kernel refuses a queue that differs
+                fd, _name = open_tun(self.name, IFF_TUN | IFF_NO_PI | mq
+                                     | (IFF_VNET_HDR if self.vnet_hdr else 0))
+                self._queues.append(fd)
+        except OSError as e:
+            self.close()
+            raise TunError(e.errno or errno.EPERM, f"cannot open {queues} queues of tun "
+                                                   f"{self.name!r}: {e}") from None
+
+    def take_queue(self) -> int:
+        """Another queue's fd (a multi-queue tun), now the caller's to close."""
+        return self._queues.pop()
+
+    @classmethod
+    def adopt(cls, fd: int, name: str, offload: str) -> "LinuxTun":
+        """The tun of another process of this agent (a data-path worker's copy
+        of its file descriptor, mpvpn.agent.workers), in the offload mode
+        that process set up (``offload``: what is in effect there)."""
+        if offload not in OFFLOAD_MODES:
+            raise TunError(errno.EINVAL, f"invalid offload mode {offload!r} (one of {OFFLOAD_MODES})")
+        tun = cls.__new__(cls)
+        tun.offload, tun.offload_error, tun.name = offload, "", name
+        tun._pending, tun.split_errors, tun._fd, tun._queues = deque(), 0, fd, []
+        tun.vnet_hdr = offload != "off"
+        os.set_blocking(fd, False)
+        return tun
 
     def fileno(self) -> int:
         return self._fd
@@ -178,6 +210,9 @@ class LinuxTun:
         return failed
 
     def close(self) -> None:
+        for fd in self._queues:
+            os.close(fd)
+        self._queues = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -38,8 +38,10 @@ def rcvbuf_from_env(environ=os.environ) -> int | None:
 
 
 def open_uplink(bind_ip: str, port: int, device: str | None = None,
-                buffer: int = BUFFER) -> socket.socket:
-    """A non-blocking UDP socket bound to ``bind_ip:port`` (and ``device``).
+                buffer: int = BUFFER, reuseport: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``bind_ip:port`` (and ``device``);
+    ``reuseport``: one of a group of sockets on that address and port
+    (SO_REUSEPORT; :mod:`mpvpn.io.reuseport`).
 
     Raises :class:`UplinkUnavailable` when the address is absent (a DHCP or
     PPPoE uplink that is not up yet) and ``OSError`` with a clear message
@@ -57,6 +59,8 @@ def open_uplink(bind_ip: str, port: int, device: str | None = None,
                 pass
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_REUSEPORT", 15), 1)
         if device:
             try:
                 s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, device.encode() + b"\0")

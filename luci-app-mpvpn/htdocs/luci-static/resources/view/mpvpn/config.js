@@ -165,6 +165,15 @@ function implicitDefault(o) {
 	return o;
 }
 
+/* base.workers: auto, or a whole number 1 to 64 (empty: 1) */
+function validateWorkers(section_id, value) {
+	if (value == null || value === '' || /^auto$/i.test(value))
+		return true;
+	if (/^[0-9]{1,2}$/.test(value) && +value >= 1 && +value <= 64)
+		return true;
+	return _('Expecting auto or a whole number from 1 to 64');
+}
+
 /* a TURN relay: host:port (port 3478 when left out); not 0.0.0.0/:: or multicast */
 function validateRelayAddress(section_id, value) {
 	var r = checkHostPort(value, true), host;
@@ -359,6 +368,12 @@ return view.extend({
 			_('A relay that failed is skipped for this long before it is tried again (1 to 3600 seconds).'));
 		o.datatype = 'and(ufloat,range(1,3600))';
 		o.placeholder = '10';
+
+		o = s.taboption('advanced', form.Value, 'workers', _('Data-path processes'),
+			_('Server only: processes that carry the tunnels, each holding some of the sites (auto: one per CPU core). For a hub with many sites whose CPU is the limit; 1 keeps everything in one process. Not with STUN servers or relays.'));
+		o.placeholder = '1';
+		o.validate = validateWorkers;
+		o.depends('role', 'server');
 
 		o = s.taboption('advanced', form.Value, 'dead_after', _('Dead after'),
 			_('A subflow is down after this many consecutive unanswered keepalives (1 to 100).'));
