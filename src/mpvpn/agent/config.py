@@ -980,18 +980,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
     for name in ("private_key", "peer_public_key"):
         raw = sec.single(name)
-        b[name] = None
-        if raw is None:
-            continue
-        try:
-            key = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            chk.err(sec.path(name), "is not valid base64 (make a key pair with `mpvpn genkey`)")
-            continue
-        if len(key) != PSK_BYTES:
-            chk.err(sec.path(name), f"decodes to {len(key)} bytes; an X25519 key is exactly {PSK_BYTES}")
-            continue
-        b[name] = key
+        b[name] = None if raw is None else _key32(chk, sec.path(name), raw)
     if (b["private_key"] is None) != (b["peer_public_key"] is None) and not (
             sec.has("private_key") and sec.has("peer_public_key")):
         missing = "peer_public_key" if b["private_key"] is not None else "private_key"
