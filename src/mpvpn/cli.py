@@ -368,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_genpsk)
     what = "print a new X25519 private key (base64); see pubkey"
     k = sub.add_parser("genkey", help=what, description="print a new X25519 private key (base64) "
-                       "for base.private_key or base.direct_private_key; `mpvpn pubkey` gives the public key for the peer's "
-                       "base.peer_public_key")
+                       "for base.private_key or base.direct_private_key; `mpvpn pubkey` gives the "
+                       "public key for the peer's base.peer_public_key (or the other sites' "
+                       "direct_peer_key)")
     k.set_defaults(func=_cmd_genkey)
     what = "read a private key on stdin, print its public key"
     pk = sub.add_parser("pubkey", help=what, description="read a private key (base64, e.g. from "
