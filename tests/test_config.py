@@ -837,6 +837,33 @@ def test_static_keys_are_optional_and_come_in_pairs():
     assert any("private_key: is not valid base64" in e for e in errs) and all("!!!" not in e for e in errs)
 
 
+def test_direct_key_pins():
+    """base.direct_private_key / direct_peer_key / direct_pinned_only (docs/security.md pinning)."""
+    from mpvpn.core.noise import generate_keypair
+
+    priv, _pub = generate_keypair()
+    _p, pub_c = generate_keypair()
+    b64 = lambda k: base64.b64encode(k).decode()  # noqa: E731
+    pins = (f"\tlist direct_peer_key 'site-c={b64(pub_c)}'\n"
+            f"\tlist direct_peer_key 'site-d={b64(pub_c)}'\n")
+    ok = edit(SITE_A, "config base 'base'\n", "config base 'base'\n"
+              f"\toption direct_private_key '{b64(priv)}'\n" + pins + "\toption direct_pinned_only '1'\n")
+    cfg, problems = check(ok)
+    assert problems == [] and cfg.base.direct_private_key == priv and cfg.base.direct_pinned_only
+    assert cfg.base.direct_peer_key == (("site-c", pub_c), ("site-d", pub_c))
+    assert b64(priv) not in repr(cfg)
+    # pins without a static key of our own: the sites that pin us cannot; check says so
+    cfg, problems = check(edit(SITE_A, "config base 'base'\n", "config base 'base'\n" + pins))
+    assert errors(problems) == [] and cfg.base.direct_private_key is None
+    assert any("direct_peer_key" in str(p) and "made at each start" in str(p) for p in problems)
+    for bad, what in ((f"site-c {b64(pub_c)}", "is not `site name=public key`"),
+                      ("site-c=c2hvcnQ=", "decodes to 5 bytes"), ("../x=" + b64(pub_c), "is not `site name")):
+        errs = errors(check(edit(ok, f"site-c={b64(pub_c)}", bad))[1])
+        assert any(what in e for e in errs), (bad, errs)
+    two = edit(ok, f"site-d={b64(pub_c)}", f"site-c={b64(priv)}")
+    assert any("two different keys pinned for site-c" in e for e in errors(check(two)[1]))
+
+
 def test_nack_option():
     assert check(SITE_A)[0].base.nack is None  # auto: the mode decides
     for raw, want in (("1", True), ("0", False), ("auto", None)):

@@ -8,6 +8,7 @@ cut.  The namespace e2e with NATs is in tests/test_direct_lab.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import time
@@ -102,7 +103,7 @@ def test_the_hub_offers_pairs_that_talk_and_relays_a_handshake_it_cannot_read():
     _, ev_a = pa.on_message(r2, {"c"}, {1}, 1.0)
     ka, kc = ev_a[0].peer.keys, ev_c[0].peer.keys
     assert ka.data_send_key == kc.data_recv_key and ka.data_recv_key == kc.data_send_key
-    assert b.status()[0]["state"] == "keyed"
+    assert b.status(1.0)[0]["state"] == "keyed"
     # the hub holds the token and both public keys, not a private one: a
     # responder it plays with a key of its own fails against A's first message
     hub_key = noise.generate_keypair()[0]
@@ -224,6 +225,14 @@ def _direct_state(h, name: str, other: str):
     return None
 
 
+def _hub_path(h) -> str | None:
+    """The hub's inference for the pair A-C (``direct.pairs[].path``)."""
+    for p in h.b.status()["direct"]["pairs"]:
+        if p["sites"] == ["site-a", "site-c"]:
+            return p["path"]
+    return None
+
+
 # the agent acts on a subflow's dead verdict within the turn of its loop that
 # made it (the verdict's silence and the switch's are read a few ms apart)
 TURN_MS = 100.0
@@ -282,7 +291,9 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
         assert "direct (hub site-b stands by): site-c 172.30.0.3 LANs 192.168.30.0/24" in out
         assert "via hub site-b: site-d 172.30.0.4 LANs 192.168.40.0/24" in out
         assert any(ln.startswith("direct peer site-c: direct (subflow up for ") for ln in out), out
-        assert "direct pair site-a <-> site-c: keyed" in out
+        # (the hub forwarded their first pings a moment ago: it cannot tell them direct yet)
+        assert any(ln.startswith("direct pair site-a <-> site-c: keyed, via hub (last forwarded")
+                   for ln in out), out
         # from now on the hub forwards nothing between them, both ways
         base = forwarded()
         for k in range(3, 23):
@@ -292,6 +303,8 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
         h.until(lambda: len(hc.tun.written) == 23 and len(ha.tun.written) == 20, "pings direct")
         assert forwarded() == base
         assert sorted(hc.tun.written) == sorted(sent)
+        # the hub infers from its own forwarding that the pair went direct
+        h.until(lambda: _hub_path(h) == "direct", "the hub's pair says direct")
         # a source C may not use (D's LAN) on the direct session: dropped and counted
         hc.tun.inject(v4(host("d"), host("a"), b"spoof"))
         h.until(lambda: a.status()["direct"]["counters"]["direct_spoofed"] == 1, "spoof counted")
@@ -314,6 +327,7 @@ def test_two_sites_move_their_traffic_off_the_hub_and_back_when_the_direct_path_
             h.run(0.01)
         h.until(lambda: set(sent[n0:]) <= set(hc.tun.written), "pings back through the hub")
         assert forwarded() >= base + 10
+        h.until(lambda: _hub_path(h) == "via hub", "the hub's pair says via hub again")
         # the traffic moved at the dead verdict itself: the agent had heard nothing on the
         # direct session for no longer than its subflows' dead detection took
         assert _moved_at_the_verdict(a, "site-c")
@@ -492,3 +506,112 @@ def test_a_direct_session_follows_the_other_sites_lans_as_the_hub_announces_them
         assert not any(p.endswith(b"old") for p in ha.tun.written)
         assert a.status()["direct"]["counters"]["direct_spoofed"] == 1  # (it came the direct way)
         assert _direct_state(h, "a", "c") == "direct"
+
+
+# ------------------------------------------------------------------ pinned direct keys
+
+
+def test_a_site_refuses_an_offer_whose_key_is_not_the_one_it_pinned():
+    keys = _keys("a", "c", "hub")
+    offer = parse_message(json.dumps(_offer(name="c", key=base64.b64encode(keys["hub"][1]).decode()))
+                          .encode(), from_client=False)
+    p = peerdirect.DirectPeers("a", keys["a"][0], ("chacha20-poly1305",), pins={"c": keys["c"][1]})
+    out, ev = p.on_message(offer, {"c"}, set(), 5.0)
+    assert out[0]["type"] == "PEER_END" and out[0]["reason"] == "key_mismatch" and not p.peers
+    assert ev == [peerdirect.PinRefused("c", keys["hub"][1], keys["c"][1])]
+    assert p.counters["direct_refused_key_mismatch"] == 1
+    (pin,) = p.pin_status(7.0)
+    assert pin["state"] == "mismatch" and pin["mismatches"] == 1 and pin["last_age"] == 2.0
+    assert base64.b64decode(pin["last_key"]) == keys["hub"][1]
+    # the pinned key is taken: the handshake starts
+    good = dict(offer, key=keys["c"][1])
+    out, ev = p.on_message(good, {"c"}, set(), 8.0)
+    assert out[0]["type"] == "PEER_HS" and ev == [] and p.pin_status(8.0)[0]["state"] == "matched"
+    # pinned only: an unpinned site is refused; a reload's new pins end a peer they refuse
+    only = peerdirect.DirectPeers("a", keys["a"][0], ("chacha20-poly1305",), pins={"c": keys["c"][1]},
+                                  pinned_only=True)
+    out, _ev = only.on_message(dict(good, name="d", session_id=78), {"c", "d"}, set(), 1.0)
+    assert out[0]["reason"] == "not_pinned" and not only.peers
+    assert p.set_pins({"c": keys["hub"][1]}, False) == [("c", "key_mismatch")]
+    assert p.set_pins({"c": keys["c"][1]}, False) == []
+
+
+def _pin_config(ka: bytes, kc_pub: bytes, kc: bytes) -> dict:
+    b = base64.b64encode
+    return {"a": f"\toption direct_private_key '{b(ka).decode()}'\n"
+                 f"\tlist direct_peer_key 'site-c={b(kc_pub).decode()}'\n",
+            "c": f"\toption direct_private_key '{b(kc).decode()}'\n"}
+
+
+def test_a_hub_that_passes_another_key_for_a_pinned_site_gets_no_direct_path(tmp_path, capsys, caplog,
+                                                                              monkeypatch):
+    """An active hub hands A a key of its own as C's direct key (to sit in
+    the middle): A pinned C's key, refuses the offer, says so, and its
+    traffic with C stays through the hub; once the hub passes C's real key,
+    A and C go direct."""
+    ka, _pa = noise.generate_keypair()
+    kc, pc = noise.generate_keypair()
+    evil = noise.generate_keypair()[1]
+    monkeypatch.setattr(peerdirect, "RETRY_MIN", 0.5)  # (the hub offers the pair again soon)
+    with Hub(tmp_path, direct=True, per_site=_pin_config(ka, pc, kc)) as h:
+        broker = h.b.direct.broker
+        honest = broker.offers
+        lying = [True]
+
+        def offers(sites, talking, used, now):
+            if lying[0] and "site-c" in sites:  # the hub's view of C's key is its own
+                sites = dict(sites, **{"site-c": dataclasses.replace(sites["site-c"], key=evil)})
+            return honest(sites, talking, used, now)
+
+        monkeypatch.setattr(broker, "offers", offers)
+        h.connected()
+        h.until(lambda: all(h.routes(n) == expected_routes(n) for n in CLIENTS), "every site's routes")
+        a, ha = h.sites["a"]
+        c, hc = h.sites["c"]
+
+        def pin():
+            return a.status()["direct"]["pins"][0]
+
+        sent = []
+        k = 0
+        while pin()["mismatches"] < 2:  # (offered, refused, offered again after the backoff)
+            p = v4(host("a"), host("c"), b"via hub %d" % k)
+            sent.append(p)
+            ha.tun.inject(p)
+            k += 1
+            h.run(0.05)
+            assert k < 400 * WAIT_SCALE, "no offer refused"
+        assert pin()["state"] == "mismatch" and base64.b64decode(pin()["last_key"]) == evil
+        assert _direct_state(h, "a", "c") is None
+        assert a.status()["direct"]["counters"]["direct_refused_key_mismatch"] >= 2
+        h.until(lambda: h.b.status()["direct"]["counters"].get("direct_ended_key_mismatch", 0) >= 2,
+                "the hub told of both refusals")
+        assert any(r.levelname == "ERROR" and "REFUSED" in r.getMessage() for r in caplog.records)
+        # every packet went through the hub, none over a direct session
+        h.until(lambda: set(sent) <= set(hc.tun.written), "every ping through the hub")
+        assert h.b.status()["counters"]["hub_forwarded"] >= len(sent)
+        assert all(not s["direct"] for s in c.status()["sessions"])
+        cli._print_status(a.status())
+        out = [ln.strip() for ln in capsys.readouterr().out.splitlines()]
+        assert any(ln.startswith("direct pin site-c: KEY MISMATCH: refused") for ln in out), out
+        assert (f"this site's direct key: {base64.b64encode(_pa).decode()} (static: other sites may pin it "
+                f"with list direct_peer_key 'site-a={base64.b64encode(_pa).decode()}')") in out
+        # the hub passes C's real key: A takes it, and A and C go direct
+        lying[0] = False
+
+        def talk_until_direct():
+            ha.tun.inject(v4(host("a"), host("c"), b"again"))  # (offers go to pairs that talk)
+            h.run(0.05)
+            return _direct_state(h, "a", "c") == "direct" and _direct_state(h, "c", "a") == "direct"
+        h.until(talk_until_direct, "A and C direct with the pinned key")
+        assert pin()["state"] == "matched"
+        # a reload that pins another key for C ends the direct session: back through the hub
+        conf = tmp_path / "a" / "orayboxvpn"
+        conf.write_text(conf.read_text().replace(base64.b64encode(pc).decode(),
+                                                 base64.b64encode(evil).decode()))
+        a.reload()
+        assert _direct_state(h, "a", "c") is None
+        base = h.b.status()["counters"]["hub_forwarded"]
+        ha.tun.inject(v4(host("a"), host("c"), b"after reload"))
+        h.until(lambda: any(p.endswith(b"after reload") for p in hc.tun.written), "through the hub")
+        assert h.b.status()["counters"]["hub_forwarded"] == base + 1

@@ -188,12 +188,13 @@ class Hub:
     MemoryNet, every vNIC in 172.30.0.0/24."""
 
     def __init__(self, tmp_path, forward: bool = True, apart=None, direct: bool = False,
-                 extra: str = ""):
+                 extra: str = "", per_site=None):
         """``apart``: None (one shared key) or the sites whose own key's
         `config site` section (every site then has one) says ``forward 0``;
         ``direct``: base.direct everywhere (direct paths between sites:
         tests/test_direct.py; off here, where the hub's forwarding is tested);
-        ``extra``: more base options for every agent."""
+        ``extra``: more base options for every agent; ``per_site``: client
+        name -> more base options for that site alone."""
         self.net = MemoryNet()
         self.hub_clock = HubClock()
         psk = genpsk()
@@ -208,7 +209,7 @@ class Hub:
         self.sites = {}
         for name, (idx, vnc, lan) in CLIENTS.items():
             self.sites[name] = self._site(tmp_path / name, "client", keys[name], idx, vnc, lan,
-                                          site_extra)
+                                          site_extra + (per_site or {}).get(name, ""))
 
     def _site(self, d, role, psk, idx, vnc, lan, extra, clock=time.monotonic, sections=""):
         d.mkdir()

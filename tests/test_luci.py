@@ -442,7 +442,7 @@ def test_config_widgets_follow_option_kinds():
                 assert choices == _choices(kind), where
             elif kind == "net":
                 assert "ipaddr" in dt and "cidr" in dt, where
-            elif kind == "carrier_list":
+            elif kind in ("carrier_list", "pin_list"):
                 assert o["widget"] == "form.DynamicList" and o.get("validate") == "<function>", where
             elif kind in ("hostport_list", "cidr_list"):
                 assert o["widget"] == "form.DynamicList", where
@@ -884,8 +884,13 @@ def fixed_documents() -> dict[str, dict]:
     ], dataplane=dict(base["dataplane"], c_loops=True, c_loops_off_why=None),
         sessions=HUB_SESSIONS,
         direct={"enabled": True, "peers": None, "counters": {},
-                "pairs": [{"sites": ["site-a", "site-c"], "session_id": 7, "state": "keyed"},
-                          {"sites": ["site-a", EVIL], "session_id": 8, "state": "offered"}]},
+                "key": None, "key_static": None, "pins": None, "pinned_only": None,
+                "pairs": [{"sites": ["site-a", "site-c"], "session_id": 7, "state": "keyed",
+                           "path": "direct", "forwarded_age": 12.0},
+                          {"sites": ["site-a", EVIL], "session_id": 8, "state": "offered",
+                           "path": "via hub", "forwarded_age": 0.5},
+                          {"sites": ["site-c", "site-d"], "session_id": 9, "state": "keyed",
+                           "path": "via hub", "forwarded_age": 0.5}]},
         link_test={"id": 4, "state": "running", "error": None, "started": 1767225600.0, "phase": 2,
                   "phases": 8, "results": results, "peer": "site-b"})
     client = dict(base["sessions"][0], via=[
@@ -897,7 +902,12 @@ def fixed_documents() -> dict[str, dict]:
     peer = {"session_id": 7, "initiator": True, "cipher": "chacha20-poly1305", "keyed_after": 0.01,
             "up_after": 0.03, "down_quiet": 0.9}
     failed = dict(base, policies=[], sessions=[client, to_c], direct={
-        "enabled": True, "pairs": None, "counters": {},
+        "enabled": True, "pairs": None, "counters": {}, "pinned_only": False,
+        "key": "wntloJ1TK4Xot4RQUZIh1oEh+fPUqfZvuM6d+IKTmDE=", "key_static": True,
+        "pins": [{"name": "site-c", "key": "SRxKaYVOxG6fQZFDuNY1bayG7QTlZzjKDySTFtY6Omw=", "state": "matched",
+                  "mismatches": 0, "last_key": None, "last_age": None},
+                 {"name": "site-d", "key": "SRxKaYVOxG6fQZFDuNY1bayG7QTlZzjKDySTFtY6Omw=", "state": "mismatch",
+                  "mismatches": 3, "last_key": EVIL, "last_age": 4.0}],
         "peers": [dict(peer, name="site-c", state="direct", phase="up", since=52.0, ups=2, downs=1),
                   dict(peer, name="site-d", state="via hub", phase="down", since=3.0, ups=1, downs=1),
                   dict(peer, name=EVIL, state=EVIL, phase=EVIL, since=None, ups=0, downs=0)]},
@@ -1203,8 +1213,16 @@ def test_browser_status_lists_a_hubs_sites_and_a_sites_peers_via_the_hub(browser
     assert EVIL in peers[2] and len(peers) == 3  # words it does not know are shown as text
     head = header_rows(view_of(browser["dom"]["running"]))  # the hub's pairs
     pairs = [d.words for d in head["Direct paths"].find_all("div", cls="mpvpn-direct-pair")]
-    assert pairs[0] == "site-a ↔ site-c keyed: the two sites talk directly where their subflows are up"
+    assert pairs[0] == "site-a ↔ site-c keyed; direct (inferred: this hub forwards nothing between them)"
     assert pairs[1].startswith("site-a ↔ " + EVIL + " offered")
+    assert pairs[2] == "site-c ↔ site-d keyed; via hub (this hub still forwards between them)"
+    head = header_rows(view_of(browser["dom"]["failed"]))  # the client's own key and its pins
+    assert head["Direct key of this site"].words == ("wntloJ1TK4Xot4RQUZIh1oEh+fPUqfZvuM6d+IKTmDE= "
+                                                     "static: other sites may pin it")
+    pins = [d.words for d in head["Pinned direct keys"].find_all("div", cls="mpvpn-direct-pin")]
+    assert pins[0] == "matched site-c"
+    assert pins[1] == (f"key mismatch site-d the hub offered another key 3 times (last: {EVIL}); refused, "
+                       "the traffic stays through the hub")
 
 
 def test_browser_status_explains_an_agent_that_is_not_running(browser):

@@ -116,7 +116,7 @@ def _print_status(st: dict) -> None:
                       f"LANs {', '.join(v['lans']) or 'none'}")
         for r in se.get("via_refused") or []:
             print(f"  not routed (hub {se.get('name')} offers it): {r['name']}: {r['why']}")
-    _print_direct(st.get("direct") or {})
+    _print_direct(st.get("direct") or {}, st.get("name"))
     c = st.get("counters") or {}
     if c:
         keys = ("sent", "delivered", "duplicates", "late", "deadline_releases", "reorder_flushes",
@@ -124,8 +124,20 @@ def _print_status(st: dict) -> None:
         print("  " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
 
 
-def _print_direct(d: dict) -> None:
+def _print_direct(d: dict, name) -> None:
     """Direct paths between sites (status ``direct``) in words."""
+    if d.get("key"):
+        print(f"  this site's direct key: {d['key']} "
+              + (f"(static: other sites may pin it with list direct_peer_key '{name}={d['key']}')"
+                 if d.get("key_static") else
+                 "(made at this start: set base.direct_private_key so other sites can pin it)"))
+    for pin in d.get("pins") or []:
+        if pin.get("state") == "mismatch":
+            print(f"  direct pin {pin['name']}: KEY MISMATCH: refused {pin['mismatches']} offer(s) "
+                  f"from the hub with key {pin['last_key']} (last {pin.get('last_age') or 0:.0f} s "
+                  f"ago); pinned {pin['key']}; its traffic stays through the hub")
+        else:
+            print(f"  direct pin {pin['name']}: {pin.get('state')} ({pin['key']})")
     phases = {"handshake": "handshake through the hub", "up": "subflow up",
               "down": "no subflow up, traffic through the hub"}
     for p in d.get("peers") or []:
@@ -133,9 +145,15 @@ def _print_direct(d: dict) -> None:
         print(f"  direct peer {p['name']}: {p['state']} ({phases.get(p.get('phase'), p.get('phase'))} "
               f"for {p.get('since', 0):.0f} s, session {p['session_id']:#x}{moves})")
     for pair in d.get("pairs") or []:
-        print(f"  direct pair {' <-> '.join(pair['sites'])}: {pair['state']}")
+        path = pair.get("path")
+        age = pair.get("forwarded_age")
+        seen = ("nothing forwarded between them since the offer" if age is None
+                else f"last forwarded between them {age:.0f} s ago")
+        how = ("direct (inferred: " if path == "direct" else "via hub (") + seen + ")"
+        print(f"  direct pair {' <-> '.join(pair['sites'])}: {pair['state']}"
+              + (f", {how}" if pair.get("state") == "keyed" else ""))
     refused = {k: v for k, v in (d.get("counters") or {}).items()
-               if v and (k.startswith("direct_refused") or k == "direct_spoofed")}
+               if v and (k.startswith(("direct_refused", "direct_ended_")) or k == "direct_spoofed")}
     if refused:
         print("  direct paths refused: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items())))
 
@@ -350,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_genpsk)
     what = "print a new X25519 private key (base64); see pubkey"
     k = sub.add_parser("genkey", help=what, description="print a new X25519 private key (base64) "
-                       "for base.private_key; `mpvpn pubkey` gives the public key for the peer's "
-                       "base.peer_public_key")
+                       "for base.private_key or base.direct_private_key; `mpvpn pubkey` gives the "
+                       "public key for the peer's base.peer_public_key (or the other sites' "
+                       "direct_peer_key)")
     k.set_defaults(func=_cmd_genkey)
     what = "read a private key on stdin, print its public key"
     pk = sub.add_parser("pubkey", help=what, description="read a private key (base64, e.g. from "

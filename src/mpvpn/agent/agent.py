@@ -257,8 +257,9 @@ class Agent:
                       flush_control=self._control_flush,
                       talking=self._talking_pairs,
                       may_go_direct=self._may_go_direct),
-            self.role, self.name, cfg.base.direct, cfg.base.private_key,
-            seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval)
+            self.role, self.name, cfg.base.direct, cfg.base.direct_private_key or cfg.base.private_key,
+            seal.preferred_ciphers(), cfg.base.hub_forward, cfg.base.rekey_interval,
+            dict(cfg.base.direct_peer_key), cfg.base.direct_pinned_only)
         self._wrote_tun = False  # packets went into the tun since the uplink read began
         self._tun_backlog = False  # the last tun turn stopped at its budget: more was waiting
         # CoDel over the tun's ring and over the uplinks' socket buffers (mpvpn.core.aqm):
@@ -1569,7 +1570,7 @@ class Agent:
             log.error(self.last_error)
             return
         live = ("log_level", "keepalive_idle", "keepalive_active", "dead_after", "hold_max_ms", "mss_clamp",
-                "hub_forward", "nat_keepalive", "relay_after")
+                "hub_forward", "nat_keepalive", "relay_after", "direct_peer_key", "direct_pinned_only")
         same_rest = (dc_replace(new.base, **{k: getattr(self.cfg.base, k) for k in live}) == self.cfg.base
                      and new.vnc == self.cfg.vnc and new.uplinks == self.cfg.uplinks
                      and new.relays == self.cfg.relays)  # (the uplinks' relay paths are made at start)
@@ -1581,6 +1582,7 @@ class Agent:
                 self.workers.reconfigure(new)
             logging.getLogger().setLevel(getattr(logging, new.base.log_level.upper(), logging.INFO))
             self._mss = self._mss_limits(new)
+            self.direct.set_pins(dict(new.base.direct_peer_key), new.base.direct_pinned_only, now)
             if new.sites != old_sites and self.registry is not None:  # site keys and claim rules
                 self.registry.reconfigure(self._control_config())
                 self._close_revoked_sites(old_sites, new.sites, now)

@@ -98,6 +98,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "carrier": ("word: letters, digits, `_`, `-`, `.`", "string"),
     "site_name": ("word: letters, digits, `_`, `-`, `.`, at most 64, starting with a letter or digit",
                   "string"),
+    "pin_list": ("`site name=public key` (base64 of 32 bytes), several as a list", "list(string)"),
     "ipaddr": ("IPv4 or IPv6 address", "ipaddr"),
     "network": ("OpenWrt interface (UCI section name in /etc/config/network)", "uciname"),
     "device": ("Linux network device", "string"),
@@ -167,6 +168,25 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "the hub within the dead-detection time when that path fails. `0`: everything "
             "between sites goes through the hub. On the hub: `0` offers no direct paths to "
             "any site. Both sites and the hub must allow it.",
+        ),
+        "direct_private_key": Option(
+            "key32", None,
+            "Site: this site's static direct key (`mpvpn genkey`), so that other sites can pin "
+            "its public key (`direct_peer_key`; `mpvpn status` prints it). Unset: "
+            "`private_key` if set, else a key made at each start (nobody can pin it).",
+        ),
+        "direct_peer_key": Option(
+            "pin_list", None,
+            "Site: pins the direct keys of other sites, e.g. `list direct_peer_key "
+            "'branch-c=BASE64'` (the other site's `mpvpn status` prints its key). An offer "
+            "from the hub for that site with another key is refused (`key_mismatch`, logged "
+            "as an error, shown in the status), so an active hub cannot sit in the middle of "
+            "a direct session: that traffic stays through the hub.",
+        ),
+        "direct_pinned_only": Option(
+            "bool", "0",
+            "Site: `1` goes direct only with the sites pinned in `direct_peer_key`; the "
+            "others' traffic stays through the hub (`not_pinned`).",
         ),
         "private_key": Option(
             "key32", None,
@@ -500,6 +520,9 @@ class Base:
     hub_forward: bool = False
     direct: bool = True
     private_key: bytes | None = field(default=None, repr=False)
+    direct_private_key: bytes | None = field(default=None, repr=False)
+    direct_peer_key: tuple = ()  # ((site name, 32-byte public key), ...): pinned direct keys
+    direct_pinned_only: bool = False
     peer_public_key: bytes | None = None
     mtu: int = 1400
     mss_clamp: bool = True
@@ -799,6 +822,51 @@ def _lan_subnets(chk, sec):
         yield net
 
 
+def _key32(chk, path: str, raw: str) -> bytes | None:
+    """A base64 X25519 key, or None with the problem reported (never echoing it)."""
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        chk.err(path, "is not valid base64 (make a key pair with `mpvpn genkey`)")
+        return None
+    if len(key) != PSK_BYTES:
+        chk.err(path, f"decodes to {len(key)} bytes; an X25519 key is exactly {PSK_BYTES}")
+        return None
+    return key
+
+
+def _direct_pins(chk, sec, b: dict, role) -> None:
+    """base.direct_private_key, direct_peer_key (``name=key`` pins) and
+    direct_pinned_only (docs/security.md "pinning direct keys")."""
+    raw = sec.single("direct_private_key")
+    b["direct_private_key"] = None if raw is None else _key32(chk, sec.path("direct_private_key"), raw)
+    pins: dict = {}
+    for item in sec.multi("direct_peer_key"):
+        name, sep, key = item.partition("=")
+        if not sep or not _SITE_NAME_RE.fullmatch(name):
+            chk.err(sec.path("direct_peer_key"), f"{_q(item[:80])} is not `site name=public key`")
+            continue
+        k = _key32(chk, sec.path("direct_peer_key"), key)
+        if k is None:
+            continue
+        if name in pins and pins[name] != k:
+            chk.err(sec.path("direct_peer_key"), f"two different keys pinned for {name}")
+            continue
+        pins[name] = k
+    b["direct_peer_key"] = tuple(sorted(pins.items()))
+    b["direct_pinned_only"] = sec.parsed("direct_pinned_only", _parse_bool, False)
+    direct_opts = [n for n in ("direct_private_key", "direct_peer_key", "direct_pinned_only") if sec.has(n)]
+    if role == "server" and direct_opts:
+        chk.warn(sec.path(direct_opts[0]), "is a site (client) option; a hub ignores it")
+    elif b["direct_pinned_only"] and not pins:
+        chk.warn(sec.path("direct_pinned_only"), "with no `direct_peer_key`: no site goes direct")
+    if role == "client" and pins and b["direct_private_key"] is None and b.get("private_key") is None:
+        chk.warn(sec.path("direct_peer_key"),
+                 "this site's own direct key is made at each start, so the sites that pin it "
+                 "refuse it after a restart: set `direct_private_key` (`mpvpn genkey`) and give "
+                 "them its public key (`mpvpn status` prints it)")
+
+
 def _parse_network(s: str) -> tuple[IPNetwork, bool]:
     """A subnet; bare addresses are host routes. Returns (network, had host bits)."""
     try:
@@ -930,23 +998,13 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     # optional static keys (Noise KKpsk0): both or neither; never echo the private one
     for name in ("private_key", "peer_public_key"):
         raw = sec.single(name)
-        b[name] = None
-        if raw is None:
-            continue
-        try:
-            key = base64.b64decode(raw, validate=True)
-        except (binascii.Error, ValueError):
-            chk.err(sec.path(name), "is not valid base64 (make a key pair with `mpvpn genkey`)")
-            continue
-        if len(key) != PSK_BYTES:
-            chk.err(sec.path(name), f"decodes to {len(key)} bytes; an X25519 key is exactly {PSK_BYTES}")
-            continue
-        b[name] = key
+        b[name] = None if raw is None else _key32(chk, sec.path(name), raw)
     if (b["private_key"] is None) != (b["peer_public_key"] is None) and not (
             sec.has("private_key") and sec.has("peer_public_key")):
         missing = "peer_public_key" if b["private_key"] is not None else "private_key"
         chk.err(sec.path(missing), "missing: static keys are used only in pairs "
                                    "(private_key here and the peer's public key), or not at all")
+    _direct_pins(chk, sec, b, role)
 
     b["mode"] = sec.parsed("mode", lambda s: _parse_choice(s, ("duplicate", "aggregate", "adaptive")), _default("mode"))
     b["nack"] = {"auto": None, "1": True, "0": False}[
@@ -1551,6 +1609,9 @@ def validate(
         hub_forward=b["hub_forward"] and b["role"] == "server",
         direct=b["direct"],
         private_key=b["private_key"],
+        direct_private_key=b["direct_private_key"],
+        direct_peer_key=b["direct_peer_key"],
+        direct_pinned_only=b["direct_pinned_only"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],
         mtu=b["mtu"],

@@ -30,7 +30,7 @@ from typing import Callable
 
 from mpvpn.core import noise, pairing, peerdirect
 from mpvpn.core.controlevents import DataKeys
-from mpvpn.core.controlmsg import PeerInfo, Vnc
+from mpvpn.core.controlmsg import PeerInfo, Vnc, b64
 from mpvpn.core.hubforward import Prefixes, packet_address
 
 log = logging.getLogger("mpvpn")
@@ -57,15 +57,20 @@ class DirectPaths:
 
     def __init__(self, port: AgentPort, role: str, name: str, enabled: bool,
                  static: bytes | None, ciphers: tuple, hub_forward: bool = False,
-                 rekey_interval: float = 120.0):
+                 rekey_interval: float = 120.0, pins: dict | None = None,
+                 pinned_only: bool = False):
+        """``static``: the site's direct key (base.direct_private_key, else
+        base.private_key; None: one made here for this run, which nobody can
+        pin); ``pins``: site name -> pinned direct key (base.direct_peer_key)."""
         self.port = port
         self.role = role
         self.broker = peerdirect.DirectBroker(enabled and hub_forward) if role == "server" else None
+        self.key_static = static is not None
         if role == "client":
             if enabled and static is None:
                 static, _pub = noise.generate_keypair()  # this run's direct key (never stored)
             self.peers = peerdirect.DirectPeers(name, static if enabled else None, ciphers,
-                                                rekey_interval)
+                                                rekey_interval, pins, pinned_only)
         else:
             self.peers = None
         self._sources: dict = {}  # direct DataSession -> Prefixes of what its peer may send from
@@ -197,6 +202,11 @@ class DirectPaths:
                     ds.sess.sealer.rotate(ev.keys.data_send_key, ev.keys.data_recv_key, ev.epoch,
                                           defer_send=not ev.sending)
                     log.info("direct: session with %s rekeyed (epoch %d)", ev.peer.name, ev.epoch)
+            elif isinstance(ev, peerdirect.PinRefused):
+                log.error("direct: REFUSED the hub's offer of a direct path to %s: it carries the "
+                          "key %s, but %s is pinned here (base.direct_peer_key). Either %s's direct "
+                          "key changed, or the hub is trying to sit in the middle; its traffic "
+                          "stays through the hub", ev.name, b64(ev.key), b64(ev.pinned), ev.name)
             elif isinstance(ev, peerdirect.Retire):
                 ds = self.port.sessions().get(ev.peer.session_id)
                 if ds is not None and ds.direct and ds.sess.sealer.prev_epoch == ev.epoch:
@@ -308,6 +318,20 @@ class DirectPaths:
             self.peers.end(name, "closed")
             self._close(p.session_id, "new hub session")
 
+    def set_pins(self, pins: dict, pinned_only: bool, now: float) -> None:
+        """(site) base.direct_peer_key / direct_pinned_only changed on reload:
+        direct sessions the new pins refuse end (their traffic goes back
+        through the hub)."""
+        if self.peers is None:
+            return
+        c = self._hub_control()
+        for name, reason in self.peers.set_pins(pins, pinned_only):
+            sid = self.peers.peers[name].session_id
+            log.warning("direct: ending the direct session with %s: %s under the new pins",
+                        name, reason)
+            self._send_hub(c, self.peers.end(name, reason, "refused by this site's new pins"), now)
+            self._close(sid, reason)
+
     def site_timers(self, now: float) -> None:
         if self.peers is None:
             return
@@ -346,10 +370,14 @@ class DirectPaths:
 
     def status(self, now: float) -> dict:
         if self.broker is not None:
-            return {"enabled": self.broker.enabled, "peers": None, "pairs": self.broker.status(),
+            return {"enabled": self.broker.enabled, "peers": None, "pairs": self.broker.status(now),
+                    "key": None, "key_static": None, "pins": None, "pinned_only": None,
                     "counters": dict(self.broker.counters)}
         p = self.peers
         return {"enabled": p.enabled, "peers": p.status(now), "pairs": None,
+                "key": b64(p.public) if p.public is not None else None,
+                "key_static": self.key_static, "pins": p.pin_status(now),
+                "pinned_only": p.pinned_only,
                 "counters": {**dict(p.counters), **self.counters}}
 
     def path_of(self, name: str) -> str:

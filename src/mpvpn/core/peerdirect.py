@@ -64,6 +64,8 @@ OPEN_TIMEOUT = 20.0  # a site gives up a direct session not up this long after i
 DOWN_TIMEOUT = 60.0  # ... or down this long (its traffic went back to the hub at once)
 MAX_REFUSALS = 10  # refusals the hub answers per site per second (the rest: counted only)
 MIN_REKEY_GAP = 1.0  # the hub relays a pair's rekeys at most this often (a flood bound)
+PIN_REASONS = ("key_mismatch", "not_pinned")  # a site's refusals by its pins (base.direct_peer_key)
+DIRECT_QUIET = 3.0  # (hub status) a keyed pair it forwarded nothing between for this long: "direct"
 KEY_OVERLAP = 10.0  # a site keeps the previous epoch's receive key this long after a rekey
 
 
@@ -128,6 +130,7 @@ class DirectBroker:
         self._next_round = 0.0
         self._moved: set = set()  # sites whose uplinks or candidates changed since the last round
         self._refusals: dict = {}  # site -> (second, refusals answered in it)
+        self._forwarded: dict = {}  # live pair's key -> the round that last saw the hub forward for it
         self.counters: Counter = Counter()
 
     # -- offers ---------------------------------------------------------------------------
@@ -159,13 +162,16 @@ class DirectBroker:
         if not self.round_due(now):
             return out
         self._next_round = now + OFFER_INTERVAL
+        talking = {_key(x, y) for x, y in talking if x != y}
+        for key in talking & self._by_key.keys():
+            self._forwarded[key] = now
         out += self._updates(sites)
         load = Counter()
         for p in self._pairs.values():
             load[p.initiator] += 1
             load[p.responder] += 1
         made = 0
-        for a, b in sorted({_key(x, y) for x, y in talking if x != y}):
+        for a, b in sorted(talking):
             key = (a, b)
             if key in self._by_key:
                 continue
@@ -186,6 +192,7 @@ class DirectBroker:
             pair = Pair(a, b, sid, now, token)  # (the smaller name initiates)
             self._pairs[sid] = pair
             self._by_key[key] = pair
+            self._forwarded[key] = now  # (it was offered because the hub forwarded for it)
             load[a] += 1
             load[b] += 1
             made += 1
@@ -242,6 +249,8 @@ class DirectBroker:
         if t == "PEER_END":
             self._end(pair, now, failed=m["reason"] != "closed")
             self.counters["direct_ended"] += 1
+            if m["reason"] in PIN_REASONS:  # (a site refused the key we passed on)
+                self.counters[f"direct_ended_{m['reason']}"] += 1
             return [(other, end_message(site, pair.session_id, m["reason"], m["text"]))]
         step, epoch = m["step"], m["epoch"]
         want = (1 if site == pair.initiator else 2)
@@ -328,6 +337,7 @@ class DirectBroker:
         self._pairs.pop(pair.session_id, None)
         if self._by_key.get(key) is pair:
             del self._by_key[key]
+            self._forwarded.pop(key, None)
         if failed:
             prev = self._retry.get(key)
             wait = RETRY_MIN if prev is None else min(RETRY_MAX, prev[1])
@@ -335,10 +345,23 @@ class DirectBroker:
         else:
             self._retry[key] = (now + RETRY_MIN, RETRY_MIN)
 
-    def status(self) -> list:
-        return [{"sites": [p.initiator, p.responder], "session_id": p.session_id,
-                 "state": "keyed" if p.keyed else "offered"}
-                for p in sorted(self._pairs.values(), key=lambda p: (p.initiator, p.responder))]
+    def status(self, now: float) -> list:
+        """The live pairs.  ``path`` is an inference from what the hub sees
+        (docs/status.md): ``direct`` for a keyed pair the hub forwarded
+        nothing between for :data:`DIRECT_QUIET` s (their traffic goes over
+        the direct session -- or they are silent), else ``via hub``;
+        ``forwarded_age``: seconds since the round (one per OFFER_INTERVAL)
+        that last saw the hub forward between them."""
+        out = []
+        for p in sorted(self._pairs.values(), key=lambda p: (p.initiator, p.responder)):
+            seen = self._forwarded.get(_key(p.initiator, p.responder))
+            age = None if seen is None else round(now - seen, 3)
+            out.append({"sites": [p.initiator, p.responder], "session_id": p.session_id,
+                        "state": "keyed" if p.keyed else "offered",
+                        "path": ("direct" if p.keyed and (age is None or age >= DIRECT_QUIET)
+                                 else "via hub"),
+                        "forwarded_age": age})
+        return out
 
 
 # ------------------------------------------------------------------ a site
@@ -408,6 +431,18 @@ class Retire:
 
 
 @dataclass(frozen=True)
+class PinRefused:
+    """The hub offered a direct path to ``name`` with ``key``, not the key
+    this site pinned for it (``base.direct_peer_key``): refused
+    (``key_mismatch``); the agent logs it loudly.  Its traffic stays
+    through the hub."""
+
+    name: str
+    key: bytes
+    pinned: bytes
+
+
+@dataclass(frozen=True)
 class Moved:
     """The other site's uplinks or candidates changed: re-plan and punch
     towards ``peer.uplinks``."""
@@ -432,7 +467,8 @@ class DirectPeers:
     first."""
 
     def __init__(self, name: str, static: bytes | None, ciphers: tuple,
-                 rekey_interval: float = 120.0):
+                 rekey_interval: float = 120.0, pins: dict | None = None,
+                 pinned_only: bool = False):
         self.name = name
         self.rekey_interval = rekey_interval
         self.static = static
@@ -440,6 +476,26 @@ class DirectPeers:
         self.ciphers = tuple(ciphers)
         self.peers: dict[str, DirectPeer] = {}
         self.counters: Counter = Counter()
+        self.pins: dict[str, bytes] = dict(pins or {})  # site name -> its pinned direct key
+        self.pinned_only = pinned_only  # only pinned sites go direct
+        self._mismatch: dict[str, tuple] = {}  # name -> (refusals, last key offered, when)
+
+    def set_pins(self, pins: dict, pinned_only: bool) -> list:
+        """New pins (reload): the names of the peers whose key the new pins
+        refuse, with the reason (``[(name, reason), ...]``; end them with
+        :meth:`end`)."""
+        self.pins, self.pinned_only = dict(pins), pinned_only
+        for name in [n for n in self._mismatch if n not in self.pins]:
+            del self._mismatch[name]
+        return [(p.name, r) for p in self.peers.values() if (r := self._pin_verdict(p.name, p.key))]
+
+    def _pin_verdict(self, name: str, key: bytes) -> str | None:
+        pin = self.pins.get(name)
+        if pin is not None and key != pin:
+            return "key_mismatch"
+        if pin is None and self.pinned_only:
+            return "not_pinned"
+        return None
 
     @property
     def enabled(self) -> bool:
@@ -473,6 +529,14 @@ class DirectPeers:
             return self._refuse(m, "disabled", "direct paths are off here")
         if name not in via or name == self.name:
             return self._refuse(m, "not_via", "not a site the hub forwards to for us")
+        verdict = self._pin_verdict(name, m["key"])
+        if verdict == "key_mismatch":
+            n = self._mismatch.get(name, (0,))[0] + 1
+            self._mismatch[name] = (n, m["key"], now)
+            out, _ = self._refuse(m, verdict, "not the direct key pinned for that site here")
+            return out, [PinRefused(name, m["key"], self.pins[name])]
+        if verdict == "not_pinned":
+            return self._refuse(m, verdict, "this site goes direct only with pinned sites")
         cur = self.peers.get(name)
         if cur is not None and cur.session_id == m["session_id"]:
             return self._on_update(cur, m)
@@ -669,3 +733,16 @@ class DirectPeers:
                  # at the last switch back to the hub: how long nothing had been heard
                  "down_quiet": None if p.last_quiet is None else round(p.last_quiet, 3)}
                 for p in sorted(self.peers.values(), key=lambda p: p.name)]
+
+    def pin_status(self, now: float) -> list:
+        """The pinned sites: their key, and the offers refused for carrying another."""
+        out = []
+        for name, key in sorted(self.pins.items()):
+            n, last, when = self._mismatch.get(name, (0, None, None))
+            p = self.peers.get(name)
+            out.append({"name": name, "key": b64(key),
+                        "state": ("mismatch" if n and (p is None or p.key != key)
+                                  else "matched" if p is not None else "unused"),
+                        "mismatches": n, "last_key": b64(last) if last is not None else None,
+                        "last_age": None if when is None else round(now - when, 3)})
+        return out

@@ -36,6 +36,18 @@ function validatePsk(section_id, value) {
 	return true;
 }
 
+/* base.direct_peer_key: "site name=public key" (mpvpn.agent.config._direct_pins) */
+function validatePin(section_id, value) {
+	if (value == null || value === '')
+		return true;
+
+	var m = /^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})=(.*)$/.exec(value);
+	if (!m)
+		return _('Expecting "site name=public key", e.g. branch-c=BASE64.');
+
+	return validatePsk(section_id, m[2]);
+}
+
 var IPV4_RE = /^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/;
 var HOSTNAME_RE = /^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
 
@@ -300,6 +312,22 @@ return view.extend({
 		o = s.taboption('general', form.Flag, 'direct', _('Direct paths between sites'),
 			_('Two sites of one hub that talk to each other open a session of their own, straight between their carriers where NAT allows, keyed so that the hub cannot read it; their traffic goes back through the hub when that path fails. Both sites and the hub must allow it. Off: everything between sites passes the hub.'));
 		o.default = '1';
+
+		o = s.taboption('advanced', form.Value, 'direct_private_key', _('Direct key (optional)'),
+			_('This site\'s static key for direct paths (mpvpn genkey), so that other sites can pin its public key (the status page and mpvpn status show it). Unset: a new key at every start, which nobody can pin.'));
+		o.password = true;
+		o.validate = validatePsk;
+		o.depends('role', 'client');
+
+		o = s.taboption('advanced', form.DynamicList, 'direct_peer_key', _('Pinned direct keys'),
+			_('Other sites\' direct keys as "site name=public key". An offer from the hub for such a site with another key is refused and its traffic stays through the hub, so the hub cannot sit in the middle of a direct path.'));
+		o.validate = validatePin;
+		o.depends('role', 'client');
+
+		o = s.taboption('advanced', form.Flag, 'direct_pinned_only', _('Direct only with pinned sites'),
+			_('Go direct only with the sites pinned above; the traffic with all others stays through the hub.'));
+		o.default = '0';
+		o.depends('role', 'client');
 
 		o = s.taboption('advanced', form.Value, 'private_key', _('Private key (optional)'),
 			_('This site\'s X25519 private key (mpvpn genkey). With the peer\'s public key, the handshake also proves both sites\' keys, so a leaked pre-shared key alone cannot impersonate a site. Set both or neither.'));

@@ -880,6 +880,22 @@ return view.extend({
 			'up': _('direct: a subflow between the two sites is up'),
 			'down': _('through the hub: no direct subflow is up')
 		};
+		var pins = Array.isArray(direct.pins) ? direct.pins.filter(isObj) : [];
+		if (typeof(direct.key) == 'string')
+			rows.push([ _('Direct key of this site'), E('span', { 'id': 'mpvpn-direct-key' }, [
+				E('code', [ direct.key ]), ' ',
+				small([ direct.key_static ? _('static: other sites may pin it')
+					: _('made at this start: set a direct key so that other sites can pin it') ]) ]) ]);
+		if (pins.length)
+			rows.push([ _('Pinned direct keys'), E('div', { 'id': 'mpvpn-direct-pins' }, pins.map(function(p) {
+				var bad = (p.state == 'mismatch');
+				var line = [ badge(bad ? _('key mismatch') : (p.state == 'matched') ? _('matched') : _('unused'),
+					bad ? RED : (p.state == 'matched') ? GREEN : ORANGE, p.state), ' ', E('strong', [ text(p.name) ]) ];
+				if (bad)
+					line.push(' ', small([ _('the hub offered another key %d times (last: %s); refused, the traffic stays through the hub')
+						.format(isNum(p.mismatches) ? p.mismatches : 0, text(p.last_key)) ]));
+				return E('div', { 'class': 'mpvpn-direct-pin' }, line);
+			})) ]);
 		if (peers.length || pairs.length)
 			rows.push([ _('Direct paths'), E('div', { 'id': 'mpvpn-direct' }, peers.map(function(p) {
 				var up = (p.state == 'direct');
@@ -895,8 +911,9 @@ return view.extend({
 				var sites = Array.isArray(p.sites) ? p.sites.map(text) : [];
 				return E('div', { 'class': 'mpvpn-direct-pair' }, [
 					E('strong', [ sites.join(' \u2194 ') ]), ' ',
-					small([ (p.state == 'keyed') ? _('keyed: the two sites talk directly where their subflows are up')
-						: (p.state == 'offered') ? _('offered: the two sites are exchanging keys') : text(p.state) ])
+					small([ (p.state != 'keyed') ? ((p.state == 'offered') ? _('offered: the two sites are exchanging keys') : text(p.state))
+						: (p.path == 'direct') ? _('keyed; direct (inferred: this hub forwards nothing between them)')
+						: _('keyed; via hub (this hub still forwards between them)') ])
 				]);
 			}))) ]);
 
