@@ -1485,6 +1485,190 @@ done:
     return result;
 }
 
+/* urgent_run(packets, start, key, small, subs, q, rate, owd, ldiv, loss, F, floor, beta, tokens, overhead)
+ *     Stage 3 of Scheduler.offer_many for packets[start:] while they are
+ *     urgent (classify's bits not 0) and belong to the flow ``key``, and the
+ *     urgent budget (``tokens``, refilled by the caller for ``now``: within
+ *     one ``now`` nothing refills it) holds each: Scheduler._objective_set
+ *     with ``F``, ``floor`` (loss_floor) and ``beta`` (copy_cost): the
+ *     subflow where the packet arrives first (eta as spread_run's, the first
+ *     of the earliest), then, while F * prod(L) * (1 - L_j) - beta > 0, the
+ *     candidate with the least floored loss (earliest eta breaking ties, the
+ *     first of equals).  Each chosen subflow's q grows by len + overhead
+ *     (LinkMeter.on_send).  ``loss``: one float per view (None as 0).  Stops
+ *     before a packet of another flow, a non-urgent one, or one the budget
+ *     does not hold (the caller's Python path; more than 64 subflows: nothing
+ *     taken).  Returns (index, decided, sizes, nbytes, copies, tokens, urgs):
+ *     decided[k] the subflows per packet taken, sizes[j] the datagram sizes
+ *     sent on view j in order, nbytes the user bytes taken, copies the
+ *     copies beyond the first, tokens what the budget has left, urgs {urgent
+ *     bits: packets} in first-seen order.
+ */
+static PyObject *
+urgent_run(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl, *lossl;
+    Py_ssize_t start, small, overhead;
+    double F, floor_, beta, tokens;
+    if (!PyArg_ParseTuple(args, "O!nOnO!O!O!O!O!O!ddddn", &PyList_Type, &packets, &start, &key, &small,
+                          &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
+                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &PyList_Type, &lossl,
+                          &F, &floor_, &beta, &tokens, &overhead))
+        return NULL;
+    Py_ssize_t nv = PyList_GET_SIZE(subs);
+    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv || PyList_GET_SIZE(owdl) != nv
+            || PyList_GET_SIZE(ldivl) != nv || PyList_GET_SIZE(lossl) != nv) {
+        PyErr_SetString(PyExc_ValueError, "one q, rate, owd, ldiv and loss per subflow");
+        return NULL;
+    }
+    if (nv == 0 || nv > MAXV)  /* the Python path decides */
+        return Py_BuildValue("(n[][]Knd{})", start, 0ULL, (Py_ssize_t)0, tokens);
+    double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV], loss[MAXV], eta[MAXV];
+    int cand[MAXV], chosen[MAXV];
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
+        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
+        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
+        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
+        double l = PyFloat_AsDouble(PyList_GET_ITEM(lossl, k));
+        loss[k] = l > floor_ ? l : floor_;  /* _objective_set's floored loss */
+        if (PyErr_Occurred())
+            return NULL;
+        if (!(rate[k] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
+    unsigned long long nbytes = 0;
+    PyObject *decided = PyList_New(0), *sizes = PyList_New(nv), *urgs = PyDict_New(), *result = NULL;
+    if (decided == NULL || sizes == NULL || urgs == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        PyObject *l = PyList_New(0);
+        if (l == NULL)
+            goto done;
+        PyList_SET_ITEM(sizes, k, l);
+    }
+    for (; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(p))
+            break;
+        PyObject *cargs = Py_BuildValue("(On)", p, small);
+        if (cargs == NULL)
+            goto done;
+        PyObject *kr = classify(NULL, cargs, NULL);
+        Py_DECREF(cargs);
+        if (kr == NULL)
+            goto done;
+        PyObject *urgo = PyTuple_GET_ITEM(kr, 1);
+        Py_INCREF(urgo);
+        long urg = PyLong_AsLong(urgo);
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(kr, 0), key, Py_EQ);
+        Py_DECREF(kr);
+        if (same < 0 || (urg == -1 && PyErr_Occurred())) {
+            Py_DECREF(urgo);
+            goto done;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(p);
+        if (!same || !urg || !(tokens >= (double)len)) {
+            Py_DECREF(urgo);
+            break;
+        }
+        tokens -= (double)len;  /* Scheduler._urgent_ok */
+        int first = -1;
+        double best_t = 0.0;
+        for (Py_ssize_t k = 0; k < nv; k++) {
+            double qk = q[k] > 0.0 ? q[k] : 0.0;
+            double t = owd[k] + (qk + (double)len) / rate[k];
+            if (ldiv[k] != 0.0)
+                t /= ldiv[k];
+            eta[k] = t;
+            if (first < 0 || t < best_t) {
+                first = (int)k;
+                best_t = t;
+            }
+        }
+        int nc = 0, nr = 0;
+        chosen[nc++] = first;
+        double pr = loss[first];
+        if (F > 0.0) {
+            for (Py_ssize_t k = 0; k < nv; k++)
+                if (k != first)
+                    cand[nr++] = (int)k;
+            while (nr > 0) {
+                int j = 0;
+                double bl = loss[cand[0]], be = eta[cand[0]];
+                for (int r = 1; r < nr; r++) {
+                    double li = loss[cand[r]], ei = eta[cand[r]];
+                    if (li < bl || (li == bl && ei < be)) {
+                        j = r;
+                        bl = li;
+                        be = ei;
+                    }
+                }
+                if (F * pr * (1.0 - bl) - beta <= 0.0)
+                    break;
+                chosen[nc++] = cand[j];
+                for (int r = j; r < nr - 1; r++)  /* rest.pop(j): the order kept */
+                    cand[r] = cand[r + 1];
+                nr--;
+                pr *= bl;
+            }
+        }
+        PyObject *one = PyList_New(nc);
+        if (one == NULL) {
+            Py_DECREF(urgo);
+            goto done;
+        }
+        Py_ssize_t dlen = len + overhead;
+        PyObject *d = PyLong_FromSsize_t(dlen);
+        if (d == NULL) {
+            Py_DECREF(one);
+            Py_DECREF(urgo);
+            goto done;
+        }
+        int r = 0;
+        for (int c = 0; c < nc; c++) {
+            int k = chosen[c];
+            PyObject *sub = PyList_GET_ITEM(subs, k);
+            Py_INCREF(sub);
+            PyList_SET_ITEM(one, c, sub);
+            q[k] = (q[k] > 0.0 ? q[k] : 0.0) + (double)dlen;
+            if (r == 0)
+                r = PyList_Append(PyList_GET_ITEM(sizes, k), d);
+        }
+        Py_DECREF(d);
+        if (r == 0)
+            r = PyList_Append(decided, one);
+        Py_DECREF(one);
+        if (r == 0) {  /* urgs[urg] += 1 */
+            PyObject *cnt = PyDict_GetItemWithError(urgs, urgo);
+            long have = 0;
+            if (cnt != NULL)
+                have = PyLong_AsLong(cnt);
+            else if (PyErr_Occurred())
+                r = -1;
+            if (r == 0) {
+                PyObject *nw = PyLong_FromLong(have + 1);
+                r = nw == NULL ? -1 : PyDict_SetItem(urgs, urgo, nw);
+                Py_XDECREF(nw);
+            }
+        }
+        Py_DECREF(urgo);
+        if (r < 0)
+            goto done;
+        copies += nc - 1;
+        nbytes += (unsigned long long)len;
+    }
+    result = Py_BuildValue("(nOOKndO)", i, decided, sizes, nbytes, copies, tokens, urgs);
+done:
+    Py_XDECREF(decided);
+    Py_XDECREF(sizes);
+    Py_XDECREF(urgs);
+    return result;
+}
+
 /* group_pairs(pairs, runs)
  *     Session.datagrams_by_member's loop: append each (member, datagram) of
  *     ``pairs`` (a sequence: the session's deque) to runs[member] (a new list for a member not there yet), in
@@ -1549,6 +1733,7 @@ static PyMethodDef methods[] = {
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
+    {"urgent_run", urgent_run, METH_VARARGS, "Scheduler.offer_many's urgent case for a run of one flow."},
     {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
