@@ -734,32 +734,83 @@ flow_result(int v, int proto, const unsigned char *src, const unsigned char *dst
     return Py_BuildValue("((iiy#y#ll)l)", v, proto, src, alen, dst, alen, sport, dport, urgent);
 }
 
-static PyObject *
-classify(PyObject *self, PyObject *args, PyObject *kwargs)
+/* classify's result without Python objects (for the C loops' runs) */
+struct fkey {
+    int v, proto;
+    Py_ssize_t alen;
+    long sport, dport, urgent;
+    unsigned char src[16], dst[16];
+};
+
+static void
+fkey_set(struct fkey *k, int v, int proto, const unsigned char *src, const unsigned char *dst,
+         Py_ssize_t alen, long sport, long dport, long urgent)
 {
-    static char *kwlist[] = {"packet", "small", NULL};
-    Py_buffer buf;
-    Py_ssize_t small = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
-        return NULL;
-    const unsigned char *p = buf.buf;
-    Py_ssize_t n = buf.len, off, end;
+    memset(k, 0, sizeof *k);
+    k->urgent = urgent;
+    if (v == 0)
+        return;
+    k->v = v;
+    k->proto = proto;
+    k->alen = alen;
+    memcpy(k->src, src, (size_t)alen);
+    memcpy(k->dst, dst, (size_t)alen);
+    k->sport = sport;
+    k->dport = dport;
+}
+
+/* the same flow key (classify's key tuples equal) */
+static int
+fkey_eq(const struct fkey *a, const struct fkey *b)
+{
+    return a->v == b->v && a->proto == b->proto && a->alen == b->alen && a->sport == b->sport
+           && a->dport == b->dport && memcmp(a->src, b->src, (size_t)a->alen) == 0
+           && memcmp(a->dst, b->dst, (size_t)a->alen) == 0;
+}
+
+/* classify's key tuple (v, proto, src, dst, sport, dport) as an fkey; -1 (TypeError) if it is not one */
+static int
+fkey_from(PyObject *key, struct fkey *k)
+{
+    memset(k, 0, sizeof *k);
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 6 || !PyBytes_Check(PyTuple_GET_ITEM(key, 2))
+            || !PyBytes_Check(PyTuple_GET_ITEM(key, 3))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2)) > 16
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 3)) != PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2))) {
+        PyErr_SetString(PyExc_TypeError, "key must be classify's flow key");
+        return -1;
+    }
+    k->v = (int)PyLong_AsLong(PyTuple_GET_ITEM(key, 0));
+    k->proto = (int)PyLong_AsLong(PyTuple_GET_ITEM(key, 1));
+    k->sport = PyLong_AsLong(PyTuple_GET_ITEM(key, 4));
+    k->dport = PyLong_AsLong(PyTuple_GET_ITEM(key, 5));
+    if (PyErr_Occurred())
+        return -1;
+    k->alen = PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2));
+    memcpy(k->src, PyBytes_AS_STRING(PyTuple_GET_ITEM(key, 2)), (size_t)k->alen);
+    memcpy(k->dst, PyBytes_AS_STRING(PyTuple_GET_ITEM(key, 3)), (size_t)k->alen);
+    return 0;
+}
+
+static void
+classify_raw(const unsigned char *p, Py_ssize_t n, Py_ssize_t small, struct fkey *k)
+{
+    Py_ssize_t off, end;
     long urgent = 0;
     int v, proto, dscp, fragmented;
     const unsigned char *src, *dst;
     Py_ssize_t alen;
-    PyObject *r;
     if (n < 1) {
-        r = flow_result(0, 0, NULL, NULL, 0, 0, 0, 0);
-        goto out;
+        fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, 0);
+        return;
     }
     if (n <= small)
         urgent = U_SMALL;
     if (n >= 20 && p[0] >> 4 == 4) {
         Py_ssize_t ihl = (p[0] & 0x0F) * 4, length = get16(p + 2);
         if (ihl < 20 || n < ihl) {
-            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
-            goto out;
+            fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, urgent);
+            return;
         }
         v = 4;
         dscp = p[1] >> 2;
@@ -771,8 +822,8 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
     } else {
         v = p[0] >> 4;
         if (v != 6 || n < 40) {
-            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
-            goto out;
+            fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, urgent);
+            return;
         }
         dscp = ((p[0] & 0x0F) << 2) | (p[1] >> 6);
         proto = p[6];
@@ -806,8 +857,8 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
         urgent |= U_DSCP;
     if (proto == 6) {
         if (fragmented || off + 4 > end) {
-            r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
-            goto out;
+            fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent);
+            return;
         }
         long sport = get16(p + off), dport = get16(p + off + 2);
         if (sport == 53 || dport == 53)
@@ -824,26 +875,37 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
                     urgent |= U_ACK;
             }
         }
-        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, sport, dport, urgent);
+        return;
     }
     if (proto == 1 || proto == 58) {
-        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
+        return;
     }
     if (fragmented || proto != 17 || off + 4 > end) {
-        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent);
+        return;
     }
     {
         long sport = get16(p + off), dport = get16(p + off + 2);
         if (sport == 53 || dport == 53)
             urgent |= U_DNS;
-        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+        fkey_set(k, v, proto, src, dst, alen, sport, dport, urgent);
     }
-out:
+}
+
+static PyObject *
+classify(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"packet", "small", NULL};
+    Py_buffer buf;
+    Py_ssize_t small = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
+        return NULL;
+    struct fkey k;
+    classify_raw(buf.buf, buf.len, small, &k);
     PyBuffer_Release(&buf);
-    return r;
+    return flow_result(k.v, k.proto, k.src, k.dst, k.alen, k.sport, k.dport, k.urgent);
 }
 
 static PyObject *
@@ -1377,7 +1439,6 @@ fail:
  *     LinkMeter.on_send_seq), nbytes the user bytes taken.
  */
 #define MAXV 64
-static PyObject *classify(PyObject *self, PyObject *args, PyObject *kwargs);
 
 static PyObject *
 spread_run(PyObject *self, PyObject *args)
@@ -1398,6 +1459,9 @@ spread_run(PyObject *self, PyObject *args)
     }
     if (nv > MAXV)  /* more subflows than this loop keeps: nothing taken, the Python path decides */
         return Py_BuildValue("(n[][]K)", start, 0ULL);
+    struct fkey k0;
+    if (fkey_from(key, &k0) < 0)
+        return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
     for (Py_ssize_t k = 0; k < nv; k++) {
         q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
@@ -1426,19 +1490,9 @@ spread_run(PyObject *self, PyObject *args)
         PyObject *p = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(p))
             break;  /* the Python path says what it makes of it */
-        PyObject *cargs = Py_BuildValue("(On)", p, small);
-        if (cargs == NULL)
-            goto done;
-        PyObject *kr = classify(NULL, cargs, NULL);
-        Py_DECREF(cargs);
-        if (kr == NULL)
-            goto done;
-        long urg = PyLong_AsLong(PyTuple_GET_ITEM(kr, 1));
-        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(kr, 0), key, Py_EQ);
-        Py_DECREF(kr);
-        if (same < 0 || (urg == -1 && PyErr_Occurred()))
-            goto done;
-        if (!same || (urg && urgent_on))
+        struct fkey pk;
+        classify_raw((const unsigned char *)PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), small, &pk);
+        if (!fkey_eq(&pk, &k0) || (pk.urgent && urgent_on))
             break;
         Py_ssize_t len = PyBytes_GET_SIZE(p);
         int best = -1;
@@ -1523,6 +1577,9 @@ urgent_run(PyObject *self, PyObject *args)
     }
     if (nv == 0 || nv > MAXV)  /* the Python path decides */
         return Py_BuildValue("(n[][]Knd{})", start, 0ULL, (Py_ssize_t)0, tokens);
+    struct fkey k0;
+    if (fkey_from(key, &k0) < 0)
+        return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV], loss[MAXV], eta[MAXV];
     int cand[MAXV], chosen[MAXV];
     for (Py_ssize_t k = 0; k < nv; k++) {
@@ -1554,27 +1611,14 @@ urgent_run(PyObject *self, PyObject *args)
         PyObject *p = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(p))
             break;
-        PyObject *cargs = Py_BuildValue("(On)", p, small);
-        if (cargs == NULL)
-            goto done;
-        PyObject *kr = classify(NULL, cargs, NULL);
-        Py_DECREF(cargs);
-        if (kr == NULL)
-            goto done;
-        PyObject *urgo = PyTuple_GET_ITEM(kr, 1);
-        Py_INCREF(urgo);
-        long urg = PyLong_AsLong(urgo);
-        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(kr, 0), key, Py_EQ);
-        Py_DECREF(kr);
-        if (same < 0 || (urg == -1 && PyErr_Occurred())) {
-            Py_DECREF(urgo);
-            goto done;
-        }
+        struct fkey pk;
         Py_ssize_t len = PyBytes_GET_SIZE(p);
-        if (!same || !urg || !(tokens >= (double)len)) {
-            Py_DECREF(urgo);
+        classify_raw((const unsigned char *)PyBytes_AS_STRING(p), len, small, &pk);
+        if (!fkey_eq(&pk, &k0) || !pk.urgent || !(tokens >= (double)len))
             break;
-        }
+        PyObject *urgo = PyLong_FromLong(pk.urgent);
+        if (urgo == NULL)
+            goto done;
         tokens -= (double)len;  /* Scheduler._urgent_ok */
         int first = -1;
         double best_t = 0.0;
