@@ -629,6 +629,7 @@ seal_each(PyObject *self, PyObject *args)
     }
     /* the subflows used, in order of first use (a handful: compared by identity) */
     PyObject *subs[256];
+    long mem[256];  /* their members, read once per call */
     Py_ssize_t cnt[256];
     unsigned long long byt[256];
     int nsubs = 0;
@@ -651,14 +652,33 @@ seal_each(PyObject *self, PyObject *args)
         const char *sp = PyBytes_AS_STRING(sealed);
         for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(targets); j++) {
             PyObject *sub = PySequence_Fast_GET_ITEM(targets, j);
-            PyObject *mo = PyObject_GetAttrString(sub, "member");
-            long m = mo ? PyLong_AsLong(mo) : -1;
-            if (mo != NULL && (m < 0 || m > 255)) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_ValueError, "member out of range");
+            int k = 0;
+            while (k < nsubs && subs[k] != sub)
+                k++;
+            if (k == nsubs) {  /* a subflow not seen in this call: its member, once */
+                if (nsubs == 256) {
+                    Py_DECREF(sealed);
+                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
+                    goto fail;
+                }
+                PyObject *mo = PyObject_GetAttrString(sub, "member");
+                long m = mo ? PyLong_AsLong(mo) : -1;
+                Py_XDECREF(mo);
+                if (mo != NULL && (m < 0 || m > 255)) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_ValueError, "member out of range");
+                }
+                if (PyErr_Occurred()) {
+                    Py_DECREF(sealed);
+                    goto fail;
+                }
+                subs[nsubs] = sub; mem[nsubs] = m; cnt[nsubs] = 0; byt[nsubs] = 0;
+                nsubs++;
             }
-            if (PyErr_Occurred()) {
-                Py_XDECREF(mo); Py_DECREF(sealed);
+            long m = mem[k];
+            PyObject *mo = PyLong_FromLong(m);  /* 0-255: the interpreter's cached ints */
+            if (mo == NULL) {
+                Py_DECREF(sealed);
                 goto fail;
             }
             PyObject *copy = PyBytes_FromStringAndSize(sp, dlen);
@@ -675,18 +695,6 @@ seal_each(PyObject *self, PyObject *args)
             if (r < 0) {
                 Py_DECREF(sealed);
                 goto fail;
-            }
-            int k = 0;
-            while (k < nsubs && subs[k] != sub)
-                k++;
-            if (k == nsubs) {
-                if (nsubs == 256) {
-                    Py_DECREF(sealed);
-                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
-                    goto fail;
-                }
-                subs[nsubs] = sub; cnt[nsubs] = 0; byt[nsubs] = 0;
-                nsubs++;
             }
             cnt[k]++;
             byt[k] += (unsigned long long)dlen;
