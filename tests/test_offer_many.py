@@ -303,6 +303,23 @@ def test_objective_set_chooses_as_the_greedy_reference(mode, rate, loss, seed, c
             objective_set_reference(sched, views, F, now, size, first, extra)
 
 
+def _count_taken(name, setattr_):
+    """Wrap the scheduler's C run ``name`` (installed with ``setattr_``):
+    the returned list gets the packets each call took."""
+    from mpvpn.core import scheduler as sched_mod
+
+    taken = []
+    inner = getattr(sched_mod, name)
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[0] - args[1])
+        return r
+
+    setattr_(sched_mod, name, counting)
+    return taken
+
+
 @pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
 @pytest.mark.parametrize("rate", [2e5, 2e7])
 def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(rate, monkeypatch):
@@ -311,17 +328,7 @@ def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(ra
     its first packet, with offer's decisions and state -- the chosen
     subflows, the meters bit for bit, the flow, the counters -- also when
     the links fill up mid-run and the rest queues (rate 2e5)."""
-    from mpvpn.core import scheduler as sched_mod
-
-    taken = []
-    inner = sched_mod._spread_run
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(r[0] - args[1])
-        return r
-
-    monkeypatch.setattr(sched_mod, "_spread_run", counting)
+    taken = _count_taken("_spread_run", monkeypatch.setattr)
     ref = warmed("aggregate", rate, (), 0, 0.0, 3)
     fast = copy.deepcopy(ref)
     for k in range(6):
@@ -371,15 +378,8 @@ def _counted_urgent_runs(mode, rate, loss, fb, seed, batches):
     """Packets the C loop took per call, the decisions held to offer's."""
     from mpvpn.core import scheduler as sched_mod
 
-    taken = []
     inner = sched_mod._urgent_run
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(r[0] - args[1])
-        return r
-
-    sched_mod._urgent_run = counting
+    taken = _count_taken("_urgent_run", lambda mod, name, f: setattr(mod, name, f))
     try:
         _urgent_runs_as_offer(mode, rate, loss, fb, seed, batches)
     finally:

@@ -1448,6 +1448,21 @@ fail:
  */
 #define MAXV 64
 
+/* [[], [], ...]: nv new lists (the runs' datagram sizes per view) */
+static PyObject *
+empty_lists(Py_ssize_t nv)
+{
+    PyObject *out = PyList_New(nv);
+    for (Py_ssize_t k = 0; out != NULL && k < nv; k++) {
+        PyObject *l = PyList_New(0);
+        if (l == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k, l);
+    }
+    return out;
+}
+
 static PyObject *
 spread_run(PyObject *self, PyObject *args)
 {
@@ -1485,15 +1500,9 @@ spread_run(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start;
     unsigned long long nbytes = 0;
-    PyObject *decided = PyList_New(0), *sizes = PyList_New(nv), *result = NULL;
+    PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *result = NULL;
     if (decided == NULL || sizes == NULL)
         goto done;
-    for (Py_ssize_t k = 0; k < nv; k++) {
-        PyObject *l = PyList_New(0);
-        if (l == NULL)
-            goto done;
-        PyList_SET_ITEM(sizes, k, l);
-    }
     for (; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(p))
@@ -1606,15 +1615,9 @@ urgent_run(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
     unsigned long long nbytes = 0;
-    PyObject *decided = PyList_New(0), *sizes = PyList_New(nv), *urgs = PyDict_New(), *result = NULL;
+    PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *urgs = PyDict_New(), *result = NULL;
     if (decided == NULL || sizes == NULL || urgs == NULL)
         goto done;
-    for (Py_ssize_t k = 0; k < nv; k++) {
-        PyObject *l = PyList_New(0);
-        if (l == NULL)
-            goto done;
-        PyList_SET_ITEM(sizes, k, l);
-    }
     for (; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(p))
