@@ -68,7 +68,7 @@ POLICIES = [
 ]
 
 
-def warmed(mode, rate, policies, pin, loss, seed):
+def warmed(mode, rate, policies, pin, loss, seed, **opts):
     """A session pair after a second of mixed traffic over unequal links: the
     meters measured, loss reported, flows pinned and spread."""
     pair = SimPair(0, seed=seed)
@@ -80,7 +80,7 @@ def warmed(mode, rate, policies, pin, loss, seed):
     for side in ("a", "b"):
         pair.links[(side, 2)].loss = loss
     for s in (pair.a, pair.b):
-        s.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=policies)
+        s.scheduler = make_scheduler(mode, initial_rate=rate, pin_bytes=pin, policies=policies, **opts)
     for i in range(300):
         pair.send("a", tcp(40000 + i % 3, data=1200) if i % 7 else tcp(40000 + i % 3))
         pair.run(1200 / rate / 2)
@@ -303,6 +303,23 @@ def test_objective_set_chooses_as_the_greedy_reference(mode, rate, loss, seed, c
             objective_set_reference(sched, views, F, now, size, first, extra)
 
 
+def _count_taken(name, setattr_):
+    """Wrap the scheduler's C run ``name`` (installed with ``setattr_``):
+    the returned list gets the packets each call took."""
+    from mpvpn.core import scheduler as sched_mod
+
+    taken = []
+    inner = getattr(sched_mod, name)
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[0] - args[1])
+        return r
+
+    setattr_(sched_mod, name, counting)
+    return taken
+
+
 @pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
 @pytest.mark.parametrize("rate", [2e5, 2e7])
 def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(rate, monkeypatch):
@@ -311,17 +328,7 @@ def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(ra
     its first packet, with offer's decisions and state -- the chosen
     subflows, the meters bit for bit, the flow, the counters -- also when
     the links fill up mid-run and the rest queues (rate 2e5)."""
-    from mpvpn.core import scheduler as sched_mod
-
-    taken = []
-    inner = sched_mod._spread_run
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(r[0] - args[1])
-        return r
-
-    monkeypatch.setattr(sched_mod, "_spread_run", counting)
+    taken = _count_taken("_spread_run", monkeypatch.setattr)
     ref = warmed("aggregate", rate, (), 0, 0.0, 3)
     fast = copy.deepcopy(ref)
     for k in range(6):
@@ -339,3 +346,107 @@ def test_a_bulk_flow_past_its_pin_is_spread_in_the_c_loop_as_offer_spreads_it(ra
                     pass
             i = j_r
     assert sum(taken) > (150 if rate > 1e6 else 5)  # at 2e5 most of it queues (the pump: Python)
+
+
+URGENT = st.one_of(
+    st.builds(lambda f: tcp(40000 + f), st.integers(0, 2)),  # pure ACKs of the warm flows
+    st.builds(lambda f: tcp(41000 + f, flags=0x02), st.integers(0, 1)),  # SYN
+    st.builds(lambda d: udp(5353, d, dport=53), st.integers(0, 200)),  # DNS
+    st.builds(lambda f, d: udp(5000 + f, d), st.integers(0, 1), st.integers(0, 80)),  # small UDP
+)
+
+
+@pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["aggregate", "adaptive"]), st.sampled_from([2e5, 2e7]),
+       st.sampled_from([0.0, 0.05, 0.3]), st.sampled_from([(100.0, 0.001), (0.0, 0.001), (1e4, 0.5)]),
+       st.integers(0, 2**16),
+       st.lists(st.tuples(st.lists(st.tuples(st.one_of(URGENT, PACKET), st.integers(1, 120)),
+                                   min_size=1, max_size=4),
+                          st.sampled_from([0.0, 0.0, 0.0005, 0.02])), min_size=1, max_size=4))
+def test_urgent_runs_are_decided_in_the_c_loop_as_offer_decides_them(mode, rate, loss, fb, seed, batches):
+    """Issue 17 item 3: a flow's run of urgent packets (64-byte segments,
+    ACKs, DNS) is decided by the C loop (``urgent_run``: the urgent budget
+    and _objective_set's copies per packet) with offer's decisions and
+    state -- the chosen subflows in order, the meters bit for bit, the flow,
+    the urgent counters and reasons, the budget -- also when the budget runs
+    out mid-run (the rest: the Python path) and with loss (copies)."""
+    _counted_urgent_runs(mode, rate, loss, fb, seed, batches)
+
+
+def _counted_urgent_runs(mode, rate, loss, fb, seed, batches):
+    """Packets the C loop took per call, the decisions held to offer's."""
+    from mpvpn.core import scheduler as sched_mod
+
+    inner = sched_mod._urgent_run
+    taken = _count_taken("_urgent_run", lambda mod, name, f: setattr(mod, name, f))
+    try:
+        _urgent_runs_as_offer(mode, rate, loss, fb, seed, batches)
+    finally:
+        sched_mod._urgent_run = inner
+    return taken
+
+
+@pytest.mark.skipif(fastpath.LOOPS is None, reason=f"C loops {fastpath.WHY}: run `make fastpath`")
+@pytest.mark.parametrize("loss", [0.0, 0.3])
+def test_64_byte_segments_are_decided_in_the_c_loop(loss):
+    """A TSO super-segment of 64-byte segments (urgent: small) with the
+    queue empty: the C loop takes them, the budget runs out mid-batch and
+    the rest goes the Python way (over budget), all as offer decides."""
+    seg = tcp(40005, data=24)
+    taken = _counted_urgent_runs(
+        "aggregate", 2e7, loss, (100.0, 0.001), 7, [([(seg, 400)], 0.0), ([(seg, 400)], 0.0005)])
+    assert sum(taken) > 250
+
+
+def _urgent_runs_as_offer(mode, rate, loss, fb, seed, batches):
+    F, beta = fb
+    ref = warmed(mode, rate, (), 5000, loss, seed, urgent_value=F, copy_cost=beta)
+    fast = copy.deepcopy(ref)
+    for runs, dt in batches:
+        batch = [p for p, k in runs for _ in range(k)]
+        now = ref.now + dt
+        ref.now = fast.now = now
+        i = 0
+        while i < len(batch):
+            j_r, d_r, last_r = PacketScheduler.offer_many(ref.a.scheduler, batch, i, ref.a.up, now, OVER)
+            j_f, d_f, last_f = fast.a.scheduler.offer_many(batch, i, fast.a.up, now, OVER)
+            assert (j_f, members(d_f)) == (j_r, members(d_r))
+            if j_r > i + len(d_r):
+                assert last_f is last_r
+            assert state(fast) == state(ref)
+            for pair in (ref, fast):
+                while pair.a.scheduler.pull(pair.a.up, now) is not None:
+                    pass
+            assert state(fast) == state(ref)
+            i = j_r
+
+
+def test_urgent_run_c_chooses_as_objective_set():
+    """The C loop's copy set for urgent packets on crafted views: ties in
+    loss broken by the earliest arrival, the first of equals, the greedy
+    gain test, the chosen backlog growing per packet."""
+    if fastpath.LOOPS is None:
+        pytest.skip(f"C loops {fastpath.WHY}: run `make fastpath`")
+    run = fastpath.LOOPS.urgent_run
+    ack = tcp(40000)
+    subs = ["s0", "s1", "s2"]
+    # equal etas and losses: the first; a copy on the next least lossy (s1 and s2
+    # tie on loss: s1's earlier eta wins), gain 100 * 0.1 * 0.8 - 2 > 0; a third
+    # would gain 100 * 0.02 * 0.8 - 2 < 0
+    j, dec, sizes, nb, copies, tok, urgs = run(
+        [ack, ack], 0, fastpath.LOOPS.classify(ack, 128)[0], 128, subs, [0.0, 0.0, 50.0],
+        [1e6, 1e6, 1e6], [0.01, 0.01, 0.01], [0.0, 0.0, 0.0], [0.1, 0.2, 0.2], 100.0, 0.001, 2.0,
+        1e9, 36)
+    assert j == 2 and dec == [["s0", "s1"], ["s2", "s0"]]
+    # packet 2: s0 and s1 now hold 76 B, s2 50: s2 arrives first; then s0 (loss 0.1)
+    assert sizes == [[76, 76], [76], [76]] and nb == 80 and copies == 2 and tok == 1e9 - 80
+    assert urgs == {fastpath.LOOPS.classify(ack, 128)[1]: 2}
+    # the budget holds one packet: one taken; F = 0: no copies; another flow stops the run
+    j, dec, *_ = run([ack, ack], 0, fastpath.LOOPS.classify(ack, 128)[0], 128, subs, [0.0] * 3,
+                     [1e6] * 3, [0.01] * 3, [0.0] * 3, [0.1] * 3, 0.0, 0.001, 0.001, 50.0, 36)
+    assert (j, dec) == (1, [["s0"]])
+    other = tcp(40001)
+    j, dec, *_ = run([ack, other], 0, fastpath.LOOPS.classify(ack, 128)[0], 128, subs, [0.0] * 3,
+                     [1e6] * 3, [0.01] * 3, [0.0] * 3, [0.1] * 3, 0.0, 0.001, 0.001, 1e9, 36)
+    assert (j, dec) == (1, [["s0"]])

@@ -629,6 +629,7 @@ seal_each(PyObject *self, PyObject *args)
     }
     /* the subflows used, in order of first use (a handful: compared by identity) */
     PyObject *subs[256];
+    long mem[256];  /* their members, read once per call */
     Py_ssize_t cnt[256];
     unsigned long long byt[256];
     int nsubs = 0;
@@ -651,14 +652,33 @@ seal_each(PyObject *self, PyObject *args)
         const char *sp = PyBytes_AS_STRING(sealed);
         for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(targets); j++) {
             PyObject *sub = PySequence_Fast_GET_ITEM(targets, j);
-            PyObject *mo = PyObject_GetAttrString(sub, "member");
-            long m = mo ? PyLong_AsLong(mo) : -1;
-            if (mo != NULL && (m < 0 || m > 255)) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_ValueError, "member out of range");
+            int k = 0;
+            while (k < nsubs && subs[k] != sub)
+                k++;
+            if (k == nsubs) {  /* a subflow not seen in this call: its member, once */
+                if (nsubs == 256) {
+                    Py_DECREF(sealed);
+                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
+                    goto fail;
+                }
+                PyObject *mo = PyObject_GetAttrString(sub, "member");
+                long m = mo ? PyLong_AsLong(mo) : -1;
+                Py_XDECREF(mo);
+                if (mo != NULL && (m < 0 || m > 255)) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_ValueError, "member out of range");
+                }
+                if (PyErr_Occurred()) {
+                    Py_DECREF(sealed);
+                    goto fail;
+                }
+                subs[nsubs] = sub; mem[nsubs] = m; cnt[nsubs] = 0; byt[nsubs] = 0;
+                nsubs++;
             }
-            if (PyErr_Occurred()) {
-                Py_XDECREF(mo); Py_DECREF(sealed);
+            long m = mem[k];
+            PyObject *mo = PyLong_FromLong(m);  /* 0-255: the interpreter's cached ints */
+            if (mo == NULL) {
+                Py_DECREF(sealed);
                 goto fail;
             }
             PyObject *copy = PyBytes_FromStringAndSize(sp, dlen);
@@ -675,18 +695,6 @@ seal_each(PyObject *self, PyObject *args)
             if (r < 0) {
                 Py_DECREF(sealed);
                 goto fail;
-            }
-            int k = 0;
-            while (k < nsubs && subs[k] != sub)
-                k++;
-            if (k == nsubs) {
-                if (nsubs == 256) {
-                    Py_DECREF(sealed);
-                    PyErr_SetString(PyExc_ValueError, "more than 256 subflows");
-                    goto fail;
-                }
-                subs[nsubs] = sub; cnt[nsubs] = 0; byt[nsubs] = 0;
-                nsubs++;
             }
             cnt[k]++;
             byt[k] += (unsigned long long)dlen;
@@ -734,32 +742,83 @@ flow_result(int v, int proto, const unsigned char *src, const unsigned char *dst
     return Py_BuildValue("((iiy#y#ll)l)", v, proto, src, alen, dst, alen, sport, dport, urgent);
 }
 
-static PyObject *
-classify(PyObject *self, PyObject *args, PyObject *kwargs)
+/* classify's result without Python objects (for the C loops' runs) */
+struct fkey {
+    int v, proto;
+    Py_ssize_t alen;
+    long sport, dport, urgent;
+    unsigned char src[16], dst[16];
+};
+
+static void
+fkey_set(struct fkey *k, int v, int proto, const unsigned char *src, const unsigned char *dst,
+         Py_ssize_t alen, long sport, long dport, long urgent)
 {
-    static char *kwlist[] = {"packet", "small", NULL};
-    Py_buffer buf;
-    Py_ssize_t small = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
-        return NULL;
-    const unsigned char *p = buf.buf;
-    Py_ssize_t n = buf.len, off, end;
+    memset(k, 0, sizeof *k);
+    k->urgent = urgent;
+    if (v == 0)
+        return;
+    k->v = v;
+    k->proto = proto;
+    k->alen = alen;
+    memcpy(k->src, src, (size_t)alen);
+    memcpy(k->dst, dst, (size_t)alen);
+    k->sport = sport;
+    k->dport = dport;
+}
+
+/* the same flow key (classify's key tuples equal) */
+static int
+fkey_eq(const struct fkey *a, const struct fkey *b)
+{
+    return a->v == b->v && a->proto == b->proto && a->alen == b->alen && a->sport == b->sport
+           && a->dport == b->dport && memcmp(a->src, b->src, (size_t)a->alen) == 0
+           && memcmp(a->dst, b->dst, (size_t)a->alen) == 0;
+}
+
+/* classify's key tuple (v, proto, src, dst, sport, dport) as an fkey; -1 (TypeError) if it is not one */
+static int
+fkey_from(PyObject *key, struct fkey *k)
+{
+    memset(k, 0, sizeof *k);
+    if (!PyTuple_Check(key) || PyTuple_GET_SIZE(key) != 6 || !PyBytes_Check(PyTuple_GET_ITEM(key, 2))
+            || !PyBytes_Check(PyTuple_GET_ITEM(key, 3))
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2)) > 16
+            || PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 3)) != PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2))) {
+        PyErr_SetString(PyExc_TypeError, "key must be classify's flow key");
+        return -1;
+    }
+    k->v = (int)PyLong_AsLong(PyTuple_GET_ITEM(key, 0));
+    k->proto = (int)PyLong_AsLong(PyTuple_GET_ITEM(key, 1));
+    k->sport = PyLong_AsLong(PyTuple_GET_ITEM(key, 4));
+    k->dport = PyLong_AsLong(PyTuple_GET_ITEM(key, 5));
+    if (PyErr_Occurred())
+        return -1;
+    k->alen = PyBytes_GET_SIZE(PyTuple_GET_ITEM(key, 2));
+    memcpy(k->src, PyBytes_AS_STRING(PyTuple_GET_ITEM(key, 2)), (size_t)k->alen);
+    memcpy(k->dst, PyBytes_AS_STRING(PyTuple_GET_ITEM(key, 3)), (size_t)k->alen);
+    return 0;
+}
+
+static void
+classify_raw(const unsigned char *p, Py_ssize_t n, Py_ssize_t small, struct fkey *k)
+{
+    Py_ssize_t off, end;
     long urgent = 0;
     int v, proto, dscp, fragmented;
     const unsigned char *src, *dst;
     Py_ssize_t alen;
-    PyObject *r;
     if (n < 1) {
-        r = flow_result(0, 0, NULL, NULL, 0, 0, 0, 0);
-        goto out;
+        fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, 0);
+        return;
     }
     if (n <= small)
         urgent = U_SMALL;
     if (n >= 20 && p[0] >> 4 == 4) {
         Py_ssize_t ihl = (p[0] & 0x0F) * 4, length = get16(p + 2);
         if (ihl < 20 || n < ihl) {
-            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
-            goto out;
+            fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, urgent);
+            return;
         }
         v = 4;
         dscp = p[1] >> 2;
@@ -771,8 +830,8 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
     } else {
         v = p[0] >> 4;
         if (v != 6 || n < 40) {
-            r = flow_result(0, 0, NULL, NULL, 0, 0, 0, urgent);
-            goto out;
+            fkey_set(k, 0, 0, NULL, NULL, 0, 0, 0, urgent);
+            return;
         }
         dscp = ((p[0] & 0x0F) << 2) | (p[1] >> 6);
         proto = p[6];
@@ -806,8 +865,8 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
         urgent |= U_DSCP;
     if (proto == 6) {
         if (fragmented || off + 4 > end) {
-            r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
-            goto out;
+            fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent);
+            return;
         }
         long sport = get16(p + off), dport = get16(p + off + 2);
         if (sport == 53 || dport == 53)
@@ -824,26 +883,37 @@ classify(PyObject *self, PyObject *args, PyObject *kwargs)
                     urgent |= U_ACK;
             }
         }
-        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, sport, dport, urgent);
+        return;
     }
     if (proto == 1 || proto == 58) {
-        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent | U_ICMP);
+        return;
     }
     if (fragmented || proto != 17 || off + 4 > end) {
-        r = flow_result(v, proto, src, dst, alen, 0, 0, urgent);
-        goto out;
+        fkey_set(k, v, proto, src, dst, alen, 0, 0, urgent);
+        return;
     }
     {
         long sport = get16(p + off), dport = get16(p + off + 2);
         if (sport == 53 || dport == 53)
             urgent |= U_DNS;
-        r = flow_result(v, proto, src, dst, alen, sport, dport, urgent);
+        fkey_set(k, v, proto, src, dst, alen, sport, dport, urgent);
     }
-out:
+}
+
+static PyObject *
+classify(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"packet", "small", NULL};
+    Py_buffer buf;
+    Py_ssize_t small = 128;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|n", kwlist, &buf, &small))
+        return NULL;
+    struct fkey k;
+    classify_raw(buf.buf, buf.len, small, &k);
     PyBuffer_Release(&buf);
-    return r;
+    return flow_result(k.v, k.proto, k.src, k.dst, k.alen, k.sport, k.dport, k.urgent);
 }
 
 static PyObject *
@@ -1377,7 +1447,21 @@ fail:
  *     LinkMeter.on_send_seq), nbytes the user bytes taken.
  */
 #define MAXV 64
-static PyObject *classify(PyObject *self, PyObject *args, PyObject *kwargs);
+
+/* [[], [], ...]: nv new lists (the runs' datagram sizes per view) */
+static PyObject *
+empty_lists(Py_ssize_t nv)
+{
+    PyObject *out = PyList_New(nv);
+    for (Py_ssize_t k = 0; out != NULL && k < nv; k++) {
+        PyObject *l = PyList_New(0);
+        if (l == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k, l);
+    }
+    return out;
+}
 
 static PyObject *
 spread_run(PyObject *self, PyObject *args)
@@ -1398,6 +1482,9 @@ spread_run(PyObject *self, PyObject *args)
     }
     if (nv > MAXV)  /* more subflows than this loop keeps: nothing taken, the Python path decides */
         return Py_BuildValue("(n[][]K)", start, 0ULL);
+    struct fkey k0;
+    if (fkey_from(key, &k0) < 0)
+        return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
     for (Py_ssize_t k = 0; k < nv; k++) {
         q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
@@ -1413,32 +1500,16 @@ spread_run(PyObject *self, PyObject *args)
     }
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start;
     unsigned long long nbytes = 0;
-    PyObject *decided = PyList_New(0), *sizes = PyList_New(nv), *result = NULL;
+    PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *result = NULL;
     if (decided == NULL || sizes == NULL)
         goto done;
-    for (Py_ssize_t k = 0; k < nv; k++) {
-        PyObject *l = PyList_New(0);
-        if (l == NULL)
-            goto done;
-        PyList_SET_ITEM(sizes, k, l);
-    }
     for (; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(packets, i);
         if (!PyBytes_Check(p))
             break;  /* the Python path says what it makes of it */
-        PyObject *cargs = Py_BuildValue("(On)", p, small);
-        if (cargs == NULL)
-            goto done;
-        PyObject *kr = classify(NULL, cargs, NULL);
-        Py_DECREF(cargs);
-        if (kr == NULL)
-            goto done;
-        long urg = PyLong_AsLong(PyTuple_GET_ITEM(kr, 1));
-        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(kr, 0), key, Py_EQ);
-        Py_DECREF(kr);
-        if (same < 0 || (urg == -1 && PyErr_Occurred()))
-            goto done;
-        if (!same || (urg && urgent_on))
+        struct fkey pk;
+        classify_raw((const unsigned char *)PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), small, &pk);
+        if (!fkey_eq(&pk, &k0) || (pk.urgent && urgent_on))
             break;
         Py_ssize_t len = PyBytes_GET_SIZE(p);
         int best = -1;
@@ -1482,6 +1553,174 @@ spread_run(PyObject *self, PyObject *args)
 done:
     Py_XDECREF(decided);
     Py_XDECREF(sizes);
+    return result;
+}
+
+/* urgent_run(packets, start, key, small, subs, q, rate, owd, ldiv, loss, F, floor, beta, tokens, overhead)
+ *     Stage 3 of Scheduler.offer_many for packets[start:] while they are
+ *     urgent (classify's bits not 0) and belong to the flow ``key``, and the
+ *     urgent budget (``tokens``, refilled by the caller for ``now``: within
+ *     one ``now`` nothing refills it) holds each: Scheduler._objective_set
+ *     with ``F``, ``floor`` (loss_floor) and ``beta`` (copy_cost): the
+ *     subflow where the packet arrives first (eta as spread_run's, the first
+ *     of the earliest), then, while F * prod(L) * (1 - L_j) - beta > 0, the
+ *     candidate with the least floored loss (earliest eta breaking ties, the
+ *     first of equals).  Each chosen subflow's q grows by len + overhead
+ *     (LinkMeter.on_send).  ``loss``: one float per view (None as 0).  Stops
+ *     before a packet of another flow, a non-urgent one, or one the budget
+ *     does not hold (the caller's Python path; more than 64 subflows: nothing
+ *     taken).  Returns (index, decided, sizes, nbytes, copies, tokens, urgs):
+ *     decided[k] the subflows per packet taken, sizes[j] the datagram sizes
+ *     sent on view j in order, nbytes the user bytes taken, copies the
+ *     copies beyond the first, tokens what the budget has left, urgs {urgent
+ *     bits: packets} in first-seen order.
+ */
+static PyObject *
+urgent_run(PyObject *self, PyObject *args)
+{
+    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl, *lossl;
+    Py_ssize_t start, small, overhead;
+    double F, floor_, beta, tokens;
+    if (!PyArg_ParseTuple(args, "O!nOnO!O!O!O!O!O!ddddn", &PyList_Type, &packets, &start, &key, &small,
+                          &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
+                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &PyList_Type, &lossl,
+                          &F, &floor_, &beta, &tokens, &overhead))
+        return NULL;
+    Py_ssize_t nv = PyList_GET_SIZE(subs);
+    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv || PyList_GET_SIZE(owdl) != nv
+            || PyList_GET_SIZE(ldivl) != nv || PyList_GET_SIZE(lossl) != nv) {
+        PyErr_SetString(PyExc_ValueError, "one q, rate, owd, ldiv and loss per subflow");
+        return NULL;
+    }
+    if (nv == 0 || nv > MAXV)  /* the Python path decides */
+        return Py_BuildValue("(n[][]Knd{})", start, 0ULL, (Py_ssize_t)0, tokens);
+    struct fkey k0;
+    if (fkey_from(key, &k0) < 0)
+        return NULL;
+    double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV], loss[MAXV], eta[MAXV];
+    int cand[MAXV], chosen[MAXV];
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
+        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
+        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
+        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
+        double l = PyFloat_AsDouble(PyList_GET_ITEM(lossl, k));
+        loss[k] = l > floor_ ? l : floor_;  /* _objective_set's floored loss */
+        if (PyErr_Occurred())
+            return NULL;
+        if (!(rate[k] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
+    unsigned long long nbytes = 0;
+    PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *urgs = PyDict_New(), *result = NULL;
+    if (decided == NULL || sizes == NULL || urgs == NULL)
+        goto done;
+    for (; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_Check(p))
+            break;
+        struct fkey pk;
+        Py_ssize_t len = PyBytes_GET_SIZE(p);
+        classify_raw((const unsigned char *)PyBytes_AS_STRING(p), len, small, &pk);
+        if (!fkey_eq(&pk, &k0) || !pk.urgent || !(tokens >= (double)len))
+            break;
+        PyObject *urgo = PyLong_FromLong(pk.urgent);
+        if (urgo == NULL)
+            goto done;
+        tokens -= (double)len;  /* Scheduler._urgent_ok */
+        int first = -1;
+        double best_t = 0.0;
+        for (Py_ssize_t k = 0; k < nv; k++) {
+            double qk = q[k] > 0.0 ? q[k] : 0.0;
+            double t = owd[k] + (qk + (double)len) / rate[k];
+            if (ldiv[k] != 0.0)
+                t /= ldiv[k];
+            eta[k] = t;
+            if (first < 0 || t < best_t) {
+                first = (int)k;
+                best_t = t;
+            }
+        }
+        int nc = 0, nr = 0;
+        chosen[nc++] = first;
+        double pr = loss[first];
+        if (F > 0.0) {
+            for (Py_ssize_t k = 0; k < nv; k++)
+                if (k != first)
+                    cand[nr++] = (int)k;
+            while (nr > 0) {
+                int j = 0;
+                double bl = loss[cand[0]], be = eta[cand[0]];
+                for (int r = 1; r < nr; r++) {
+                    double li = loss[cand[r]], ei = eta[cand[r]];
+                    if (li < bl || (li == bl && ei < be)) {
+                        j = r;
+                        bl = li;
+                        be = ei;
+                    }
+                }
+                if (F * pr * (1.0 - bl) - beta <= 0.0)
+                    break;
+                chosen[nc++] = cand[j];
+                for (int r = j; r < nr - 1; r++)  /* rest.pop(j): the order kept */
+                    cand[r] = cand[r + 1];
+                nr--;
+                pr *= bl;
+            }
+        }
+        PyObject *one = PyList_New(nc);
+        if (one == NULL) {
+            Py_DECREF(urgo);
+            goto done;
+        }
+        Py_ssize_t dlen = len + overhead;
+        PyObject *d = PyLong_FromSsize_t(dlen);
+        if (d == NULL) {
+            Py_DECREF(one);
+            Py_DECREF(urgo);
+            goto done;
+        }
+        int r = 0;
+        for (int c = 0; c < nc; c++) {
+            int k = chosen[c];
+            PyObject *sub = PyList_GET_ITEM(subs, k);
+            Py_INCREF(sub);
+            PyList_SET_ITEM(one, c, sub);
+            q[k] = (q[k] > 0.0 ? q[k] : 0.0) + (double)dlen;
+            if (r == 0)
+                r = PyList_Append(PyList_GET_ITEM(sizes, k), d);
+        }
+        Py_DECREF(d);
+        if (r == 0)
+            r = PyList_Append(decided, one);
+        Py_DECREF(one);
+        if (r == 0) {  /* urgs[urg] += 1 */
+            PyObject *cnt = PyDict_GetItemWithError(urgs, urgo);
+            long have = 0;
+            if (cnt != NULL)
+                have = PyLong_AsLong(cnt);
+            else if (PyErr_Occurred())
+                r = -1;
+            if (r == 0) {
+                PyObject *nw = PyLong_FromLong(have + 1);
+                r = nw == NULL ? -1 : PyDict_SetItem(urgs, urgo, nw);
+                Py_XDECREF(nw);
+            }
+        }
+        Py_DECREF(urgo);
+        if (r < 0)
+            goto done;
+        copies += nc - 1;
+        nbytes += (unsigned long long)len;
+    }
+    result = Py_BuildValue("(nOOKndO)", i, decided, sizes, nbytes, copies, tokens, urgs);
+done:
+    Py_XDECREF(decided);
+    Py_XDECREF(sizes);
+    Py_XDECREF(urgs);
     return result;
 }
 
@@ -1549,6 +1788,7 @@ static PyMethodDef methods[] = {
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
+    {"urgent_run", urgent_run, METH_VARARGS, "Scheduler.offer_many's urgent case for a run of one flow."},
     {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},

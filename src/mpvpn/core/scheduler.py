@@ -120,6 +120,7 @@ def _carrier_match(carriers: tuple, sub) -> bool:
 
 
 _spread_run = None if _LOOPS is None else _LOOPS.spread_run
+_urgent_run = None if _LOOPS is None else _LOOPS.urgent_run
 
 
 @dataclass
@@ -460,6 +461,14 @@ class Scheduler(PacketScheduler):
 
     def _urgent_ok(self, n: int, views, now: float) -> bool:
         """Token bucket for queue jumping: urgent_share of the estimated capacity."""
+        self._urgent_refill(views, now)
+        if self._utokens >= n:
+            self._utokens -= n
+            return True
+        return False
+
+    def _urgent_refill(self, views, now: float) -> None:
+        """The urgent budget's refill up to ``now`` (its burst when new)."""
         o = self.options
         cached = self._urate
         if cached is not None and cached[0] is views:  # the same views: the same rates
@@ -473,10 +482,38 @@ class Scheduler(PacketScheduler):
         else:
             self._utokens = min(burst, self._utokens + rate * max(0.0, now - self._ut))
         self._ut = now
-        if self._utokens >= n:
-            self._utokens -= n
-            return True
-        return False
+
+    def _urgent_run(self, packets: list, i: int, key, fl: _Flow, views, now: float,
+                    overhead: int) -> tuple:
+        """Stage 3 for the urgent packets of ``fl`` from ``packets[i]`` on, in
+        the C loops (``urgent_run``: _urgent_ok and _objective_set per packet,
+        the same arithmetic), recorded as offer_many records them: the meters
+        (``on_send_seq``), the flow, the urgent counters and the budget.
+        Returns (end, decided, copies); end == i when the C loop took nothing
+        (the budget does not hold packets[i]: the Python path says so)."""
+        o = self.options
+        self._urgent_refill(views, now)
+        meters = [v.meter for v in views]
+        j, part, sizes, nbytes, copies, self._utokens, urgs = _urgent_run(
+            packets, i, key, o.small_bytes, [v.sub for v in views],
+            [m.q - m.rate * (now - m.t) for m in meters], [m.rate for m in meters],
+            [v.owd for v in views], [float(v.ldiv or 0.0) for v in views],
+            [float(v.loss or 0.0) for v in views], o.urgent_value, o.loss_floor, o.copy_cost,
+            self._utokens, overhead)
+        if j > i:
+            for m, sz in zip(meters, sizes):
+                if sz:
+                    m.on_send_seq(sz, now)
+            fl.sent += nbytes
+            fl.packets += j - i
+            c = self.c
+            c["urgent"] += j - i
+            c["urgent_copies"] += copies
+            by = self.urgent_by_reason
+            for urg, k in urgs.items():
+                for name in reasons(urg):
+                    by[name] = by.get(name, 0) + k
+        return j, part, copies
 
     def _objective_set(self, views, F: float, now: float, size: int = 0, first=None,
                        extra=None) -> list:
@@ -809,6 +846,7 @@ class Scheduler(PacketScheduler):
         last = True
         run_c = _spread_run  # the spread case in the C loops (None: not built)
         spread_c = False  # may the current flow's next packets go through run_c?
+        urgent_c = False  # may its urgent packets go through _urgent_run?
         try:
             while i < end:
                 if self._qpackets or self._urgent:
@@ -850,14 +888,24 @@ class Scheduler(PacketScheduler):
                         self._all_views(up, now)
                         views = self._good
                         spread_c = run_c is not None and fl.mode == "aggregate" and len(views) <= 64
+                        urgent_c = urgent_on and _urgent_run is not None and 0 < len(views) <= 64
                     else:
                         views = self._flow_views(fl, up, now)
-                        spread_c = False
+                        spread_c = urgent_c = False
                 n = len(p)
                 enq += 1
                 mode = fl.mode
                 chosen = primary = None
                 if urg and urgent_on and mode != "duplicate":
+                    if urgent_c:  # this flow's run of urgent packets, in C
+                        j, part, k = self._urgent_run(packets, i - 1, key0, fl, views, now, overhead)
+                        if j >= i:
+                            enq += j - i
+                            rel += j - i + 1
+                            ncopies += k
+                            decided += part
+                            i = j
+                            continue
                     if self._urgent_ok(n, views, now):
                         self._note_urgent(urg)
                         chosen = self._objective_set(views, o.urgent_value, now, n)
