@@ -297,6 +297,22 @@ data_of(PyObject *d, int member, unsigned long session, const unsigned char **pp
     return 1;
 }
 
+/* A number at or below the last one opened: a later copy of it (``dup``), a
+ * copy within skip_lo..skip_hi, the newest range the reorder buffer gave up
+ * (``late``), or 0 for an older one, which the full path must judge. */
+static inline int
+count_old_copy(uint64_t seq, unsigned long long skip_lo, unsigned long long skip_hi,
+               unsigned long long *dup, unsigned long long *late)
+{
+    if (seq > skip_hi)
+        (*dup)++;
+    else if (seq >= skip_lo)
+        (*late)++;
+    else
+        return 0;
+    return 1;
+}
+
 static PyObject *
 open_new(PyObject *self, PyObject *args)
 {
@@ -321,11 +337,7 @@ open_new(PyObject *self, PyObject *args)
         if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &seq))
             break;
         if (seq <= last) {  /* a later copy: no decryption */
-            if (seq > skip_hi)
-                dup++;
-            else if (seq >= skip_lo)
-                late++;
-            else
+            if (!count_old_copy(seq, skip_lo, skip_hi, &dup, &late))
                 break;  /* maybe in an older given-up range */
             rx_bytes += len;
             continue;
@@ -951,11 +963,7 @@ open_run(PyObject *self, PyObject *args)
             break;
         uint64_t seq = get_be64(p + OFF_SEQ);
         if (seq <= last) {  /* a later copy: no decryption */
-            if (seq > skip_hi)
-                dup++;
-            else if (seq >= skip_lo)
-                late++;
-            else
+            if (!count_old_copy(seq, skip_lo, skip_hi, &dup, &late))
                 break;  /* maybe in an older given-up range */
             rx_bytes += len;
             continue;

@@ -191,10 +191,8 @@ class SendPath:
             if sched.retransmit_pending():
                 r = sched.pull_retransmit(up, now)
                 if r is not None:  # stage 3: re-sends first
-                    entry = self._sendbuf[r[0] & self._sendmask]
-                    if entry is not None and entry[0] == r[0]:
-                        if self._retransmit_entry(entry, [s.member for s in r[1]], now):
-                            self.nack_tx.resent()
+                    if self.retransmit(r[0], [s.member for s in r[1]], now):
+                        self.nack_tx.resent()
                     continue
             item = pull(up, now)
             if item is None:
@@ -222,10 +220,8 @@ class SendPath:
                     if packets:  # what was pulled before it goes out before it
                         self._seal_decided(packets, decided, now, loops)
                         packets, decided, pending = [], [], 0
-                    entry = self._sendbuf[r[0] & self._sendmask]
-                    if entry is not None and entry[0] == r[0]:
-                        if self._retransmit_entry(entry, [s.member for s in r[1]], now):
-                            self.nack_tx.resent()
+                    if self.retransmit(r[0], [s.member for s in r[1]], now):
+                        self.nack_tx.resent()
                     continue
             item = pull(up, now)
             if item is None:
