@@ -40,6 +40,27 @@ def ipv4_syn(src: str, dst: str, mss: int) -> bytes:
     return hdr + tcp
 
 
+
+def run_agents(agents, seconds: float) -> None:
+    """Turn the agents' loops (``agents()``: the ones running now) for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for a in agents():
+            a.step(0.002)
+
+
+def step_until(agents, pred, what: str, timeout: float = 10.0):
+    """Turn the agents' loops (``agents()``: the ones running now) until
+    ``pred()`` is true; its value, or a failed assertion naming ``what``."""
+    end = time.monotonic() + timeout * WAIT_SCALE
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        for a in agents():
+            a.step(0.002)
+
 class Pair:
     """Site A (client, LAN 192.168.10.0/24) and site B (server, LAN
     192.168.20.0/24) as in tests/agentlab.py, on one MemoryNet."""
@@ -71,20 +92,10 @@ class Pair:
             agent.teardown()
 
     def run(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.a.step(0.002)
-            self.b.step(0.002)
+        run_agents(lambda: (self.a, self.b), seconds)
 
     def until(self, pred, what: str, timeout: float = 10.0):
-        end = time.monotonic() + timeout * WAIT_SCALE
-        while True:
-            got = pred()
-            if got:
-                return got
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            self.a.step(0.002)
-            self.b.step(0.002)
+        return step_until(lambda: (self.a, self.b), pred, what, timeout)
 
     def connected(self, subflows: int = CARRIERS):
         def ok():

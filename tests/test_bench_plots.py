@@ -42,13 +42,31 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_loss_json_gets_its_picture(tmp_path):
+@pytest.fixture
+def matplotlib_module():
+    """matplotlib (a dev-only extra), or the test skipped with the reason printed."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         reason = "matplotlib is not installed (pip install -e '.[bench]')"
         sys.stderr.write(f"\nplot check skipped: {reason}\n")
         pytest.skip(reason)
+    return matplotlib
+
+
+@pytest.fixture
+def saved_figures(matplotlib_module, monkeypatch) -> list:
+    """Every matplotlib figure the test saves, in order (saved as before)."""
+    import matplotlib.figure
+
+    figs = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+    return figs
+
+
+def test_loss_json_gets_its_picture(tmp_path, matplotlib_module):
     f = tmp_path / "loss.json"
     f.write_text(json.dumps({"bench": "loss", "rows": rows(), "modes": []}))
     assert plots.plot_file(f) == [tmp_path / "loss.png"]
@@ -101,19 +119,8 @@ def test_failover_timeline_bins_arrivals_around_the_failure():
     assert v["detected"] == 0.21 and v["stall"] == pytest.approx((-0.0205, 0.142))
 
 
-def test_failover_json_gets_its_picture(tmp_path, monkeypatch):
-    try:
-        import matplotlib
-    except ImportError:
-        reason = "matplotlib is not installed (pip install -e '.[bench]')"
-        sys.stderr.write(f"\nplot check skipped: {reason}\n")
-        pytest.skip(reason)
-    import matplotlib.figure
-
-    figs = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+def test_failover_json_gets_its_picture(tmp_path, saved_figures):
+    figs = saved_figures
     rows = [_failover_run("duplicate", 0.0), _failover_run("aggregate", 0.12), _failover_run("adaptive", 0.08)]
     f = tmp_path / "failover.json"
     f.write_text(json.dumps({"bench": "failover", "rate_pps": 1000.0, "packets": 4000, "rows": rows}))
@@ -158,19 +165,8 @@ def test_aggregate_groups_by_cc_loss_and_mode():
     assert g["bbr"][0.05]["adaptive"] == (82.0, 76.0)
 
 
-def test_aggregate_json_gets_its_picture(tmp_path, monkeypatch):
-    try:
-        import matplotlib
-    except ImportError:
-        reason = "matplotlib is not installed (pip install -e '.[bench]')"
-        sys.stderr.write(f"\nplot check skipped: {reason}\n")
-        pytest.skip(reason)
-    import matplotlib.figure
-
-    figs = []
-    save = matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                        lambda self, *a, **k: (figs.append(self), save(self, *a, **k))[1])
+def test_aggregate_json_gets_its_picture(tmp_path, saved_figures):
+    figs = saved_figures
     f = tmp_path / "aggregate.json"
     f.write_text(json.dumps(_aggregate_doc()))
     assert plots.plot_file(f) == [tmp_path / "aggregate.png"]

@@ -10,9 +10,9 @@ import ipaddress
 import time
 
 import pytest
-from agentlab import WAIT_SCALE, site_config
+from agentlab import site_config
 from fakes import MemoryHost, MemoryNet
-from test_agent_inproc import FAST, ipv4_udp
+from test_agent_inproc import FAST, ipv4_udp, run_agents, step_until
 
 from mpvpn.agent import config as cfgmod
 from mpvpn.agent.agent import Agent
@@ -238,20 +238,10 @@ class Hub:
             a.teardown()
 
     def until(self, pred, what: str, timeout: float = 10.0):
-        end = time.monotonic() + timeout * WAIT_SCALE
-        while True:
-            got = pred()
-            if got:
-                return got
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            for a in self.agents():
-                a.step(0.002)
+        return step_until(self.agents, pred, what, timeout)
 
     def run(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for a in self.agents():
-                a.step(0.002)
+        run_agents(self.agents, seconds)
 
     def connected(self, names=tuple(CLIENTS)) -> None:
         def up(agent, sessions):

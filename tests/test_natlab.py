@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import coturn  # noqa: E402
 import netlab  # noqa: E402
+from natsites import PROBE  # noqa: E402
 from netlab import nat  # noqa: E402
 
 from mpvpn.core import stun, turn  # noqa: E402
@@ -45,15 +46,6 @@ print(json.dumps({"local": list(s.getsockname()), "nat": r and r.nat,
                   "error": r and r.error, "drops": c.drops}))
 """
 
-PROBE = r"""
-import socket, sys, os
-sys.path[:0] = [sys.argv[1]]
-from mpvpn.core import stun
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.3)
-t = os.urandom(12)
-s.sendto(stun.encode(stun.BINDING, stun.REQUEST, t), (sys.argv[2], int(sys.argv[3])))
-sys.exit(0 if stun.decode(s.recvfrom(2048)[0]).txid == t else 1)
-"""
 
 
 def test_nat_rules_text():

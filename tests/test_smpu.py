@@ -27,6 +27,23 @@ def lose_everywhere(pair, payload, members=(1, 2)):
         pair.set(m, "a", up=True)
 
 
+def lose_first_resend(pair) -> list:
+    """a's first re-send is lost on the way (recorded as sent, never sent);
+    later ones go out.  Returns the list of re-sent numbers, as they come."""
+    inner = pair.a._retransmit_entry
+    calls = []
+
+    def lose_first(entry, members, now):
+        calls.append(entry[0])
+        if len(calls) == 1:  # sent, and lost on the way
+            pair.a._sendbuf[entry[0] & pair.a._sendmask] = (entry[0], entry[1], entry[2], now)
+            return True
+        return inner(entry, members, now)
+
+    pair.a._retransmit_entry = lose_first
+    return calls
+
+
 def test_every_packet_goes_out_on_every_established_subflow():
     pair = SimPair(3)
     assert pair.handshake()
@@ -462,17 +479,7 @@ def test_a_lost_re_send_is_asked_for_again():
     for retries in (2, 0):
         pair = _nack_pair(config=SessionConfig(nack_retries=retries))
         pair.stream("a", 10, 1000.0)
-        inner = pair.a._retransmit_entry
-        calls = []
-
-        def lose_first(entry, members, now, inner=inner, calls=calls):
-            calls.append(entry[0])
-            if len(calls) == 1:  # sent, and lost on the way
-                pair.a._sendbuf[entry[0] & pair.a._sendmask] = (entry[0], entry[1], entry[2], now)
-                return True
-            return inner(entry, members, now)
-
-        pair.a._retransmit_entry = lose_first
+        calls = lose_first_resend(pair)
         lose_everywhere(pair, b"lost-twice")
         rest = pair.stream("a", 10, 1000.0, first=11)
         pair.run(0.5)
@@ -715,17 +722,7 @@ def test_a_lost_re_send_is_repaired_by_the_retry_at_any_rtt(delay):
     pair.b.scheduler = _NackOnly()
     pair.stream("a", 20, 1000.0)
     pair.run(1.0)  # probes: RTT estimates
-    inner = pair.a._retransmit_entry
-    calls = []
-
-    def lose_first(entry, members, now):
-        calls.append(entry[0])
-        if len(calls) == 1:  # sent, and lost on the way
-            pair.a._sendbuf[entry[0] & pair.a._sendmask] = (entry[0], entry[1], entry[2], now)
-            return True
-        return inner(entry, members, now)
-
-    pair.a._retransmit_entry = lose_first
+    calls = lose_first_resend(pair)
     n = len(pair.delivered["b"])
     lose_everywhere(pair, b"lost-twice")
     rest = pair.stream("a", 10, 1000.0, first=21)

@@ -131,6 +131,20 @@ class _Boxes:
     _closed: bool
     _procs: list
 
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        """Own the namespaces (netlab.mark_owner: a crashed run's are swept),
+        build them, and tear down what was made when building fails."""
+        netlab.mark_owner(self.prefix, self.namespaces)
+        _live.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
     @staticmethod
     def _setup_ns(ns: str, forward: bool) -> None:
         _sh(["ip", "netns", "add", ns])
@@ -295,13 +309,7 @@ class NatLab(_Boxes):
                               f"{prefix}-r{_NAT_LETTERS[k]}", f"10.{200 + k}.0.2",
                               f"203.0.113.{10 + k}") for k, kind in enumerate(kinds)]
         self.namespaces = [self.inet] + [ns for s in self.sites for ns in (s.nat, s.router)]
-        netlab.mark_owner(prefix, self.namespaces)
-        _live.add(self)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        self._start()
 
     def _build(self) -> None:
         for ns in self.namespaces:
@@ -415,13 +423,7 @@ class NatCarriers(_Boxes):
             self.carriers[i] = NatCarrier(i, lab.carrier(i).ifname, ak, bk, aip, bip,
                                           apub, bpub, asite, bsite)
         self.namespaces = [self.inet] + [s.nat for s in self.sites]
-        netlab.mark_owner(prefix, self.namespaces)
-        _live.add(self)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
+        self._start()
 
     def _runnable(self) -> list:
         return self.namespaces + [self.lab.ra, self.lab.rb]
