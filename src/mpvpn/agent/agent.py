@@ -164,6 +164,13 @@ class DataSession:
     def session_id(self) -> int:
         return self.sess.session_id
 
+    @property
+    def site(self) -> str | None:
+        """(server) The `config site` whose key the client proved: its
+        connection's (a worker's ConnInfo carries it too); None for
+        `base.psk` or a session without a control connection (direct)."""
+        return None if self.conn is None else self.conn.site
+
 
 @dataclass(eq=False)
 class ControlIO:
@@ -1172,13 +1179,13 @@ class Agent:
 
     def _may_go_direct(self, ds: DataSession) -> bool:
         """(hub) May this site be offered direct paths (its `config site` ``direct``)?"""
-        site = getattr(ds.conn, "site", None)
+        site = ds.site
         return site is None or all(s.direct for s in self.cfg.sites if s.name == site)
 
     def _hub_apart(self) -> list:
         """(hub) The sessions of sites kept out of forwarding (`config site` forward 0)."""
         names = {s.name for s in self.cfg.sites if not s.forward}
-        return [ds for ds in self.sessions.values() if getattr(ds.conn, "site", None) in names] \
+        return [ds for ds in self.sessions.values() if ds.site in names] \
             if names else []
 
     def _hub_sync(self, now: float) -> None:

@@ -337,7 +337,7 @@ class WorkerPool:
     # -- sessions
     def open_session(self, session_id: int, peer, plan, keys, conn, now: float, cipher: str) -> DataSession:
         k = self.owner(session_id)
-        site = getattr(conn, "site", None)
+        site = None if conn is None else conn.site
         self.channels[k].send(("session", session_id, peer, plan, keys, cipher, site))
         sess = WorkerSession(session_id, k, self.hand_over,
                              WorkerSealer(self.channels[k].send, session_id, keys.epoch))
@@ -352,7 +352,7 @@ class WorkerPool:
     def table(self, sessions, apart, hub_enabled: bool) -> None:
         """Every session, who holds it, what it claims: to every worker."""
         apart_ids = frozenset(ds.session_id for ds in apart)
-        rows = [(ds.session_id, ds.worker, ds.peer, getattr(ds.conn, "site", None), tuple(ds.routes))
+        rows = [(ds.session_id, ds.worker, ds.peer, ds.site, tuple(ds.routes))
                 for ds in sessions]
         msg = ("table", rows, apart_ids, hub_enabled)
         if msg == self._last_table:
