@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from agent import iperf, pct, ping_rtts  # noqa: E402
+from agent import iperf, pct  # noqa: E402
 from agentlab import UDP_SINK, UDP_SOURCE, TwoSites  # noqa: E402
 from netlab import Lab  # noqa: E402
 from wan import DELAYS, LABS, RATES, describe, make_lab  # noqa: E402
@@ -93,6 +93,8 @@ def mode_table(args, lab_name: str) -> list:
                                  "skipped": b1["counters"].get("skipped", 0) - b0["counters"].get("skipped", 0),
                                  "nack_too_late": b1["counters"].get("nack_too_late", 0)
                                  - b0["counters"].get("nack_too_late", 0),
+                                 "tx_sched_drops": a1["counters"].get("tx_sched_drops", 0)
+                                 - a0["counters"].get("tx_sched_drops", 0),
                                  "hold_ms": (b1.get("sessions") or [{}])[0].get("hold_ms"),
                                  "sink_rcvbuf_errors": e1 - e0})
                 for c in RATES:
@@ -326,15 +328,16 @@ def main(argv=None) -> int:
         for name in labs:
             print(f"{name}: {describe(LABS[name])}")
         print(f"{'lab':<5}{'scenario':<30}{'mode':<11}{'delivered loss':>15}{'wire/byte':>10}{'dgrams/pkt':>11}"
-              f"{'re-sends':>9}{'skipped':>8}{'late':>6}{'hold ms':>8}{'rcvbuf':>7}")
+              f"{'re-sends':>9}{'skipped':>8}{'late':>6}{'qdrop':>6}{'hold ms':>8}{'rcvbuf':>7}")
         for r in modes:
             hold = "-" if r["hold_ms"] is None else f"{r['hold_ms']:.1f}"
             print(f"{r['lab']:<5}{r['scenario']:<30}{r['mode']:<11}{100 * r['delivered_loss']:>14.3f}%"
                   f"{r['wire_per_delivered_byte']:>10.2f}{r['datagrams_per_packet']:>11.2f}{r['retransmits']:>9}"
-                  f"{r['skipped']:>8}{r['nack_too_late']:>6}{hold:>8}{r['sink_rcvbuf_errors']:>7}")
+                  f"{r['skipped']:>8}{r['nack_too_late']:>6}{r['tx_sched_drops']:>6}{hold:>8}{r['sink_rcvbuf_errors']:>7}")
         print("wire/byte: bytes A put on the wire (data, copies, re-sends, probes, headers) per inner byte "
               "delivered; dgrams/pkt: DATA datagrams per user packet; skipped: numbers B gave up; "
-              "late: numbers B found missing too late to ask for; hold: B's reorder hold at the end; "
+              "late: numbers B found missing too late to ask for; qdrop: packets A's scheduler queue dropped "
+              "(tx_sched_drops: overflow or older than max_sojourn, never sent); hold: B's reorder hold at the end; "
               "rcvbuf: datagrams the sink's host dropped (socket buffer full; should be 0)")
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "loss", "rates_mbit": RATES,
