@@ -162,6 +162,56 @@ def test_two_sites_behind_nat_go_direct_and_back_through_the_hub_when_the_path_i
     assert replies > 0
 
 
+def test_a_nat_reboot_with_new_ports_moves_the_direct_path_to_the_new_mapping(direct_lab):
+    """Both sites direct through EIM NATs; A's NAT box reboots and hands out
+    new public ports (conntrack flushed, 7100).  A's STUN round sees the new
+    mapping, A tells the hub (UPDATE), the hub sends C an update of its
+    offer with A's new candidate, and the pair is direct again on the new
+    mapping: C's direct subflow is fed from A's new public port (C accepts
+    only the sources the hub announced for A, so without the update C would
+    drop them as spoofed), and the hub's forwarded counter stops again."""
+    lab, hub, sites = direct_lab
+    a, c = sites["a"], sites["c"]
+    na, _nc = lab.sites
+    for s in (a, c):
+        s.wait(lambda st: st["state"] == "connected" and st["uplinks"][0]["public"] is not None
+               and len(st["sessions"][0]["via"]) == 1,
+               30, "connected to the hub through the NAT, the other site announced")
+    ping = lab.popen(na.router, ["ping", "-n", "-i", "0.1", "-W", "1", SITES["c"][1]],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        a.wait(lambda st: (_peer(st, "site-c") or {}).get("state") == "direct", 30, "A's traffic to C direct")
+        st_c = c.wait(lambda st: (_peer(st, "site-a") or {}).get("state") == "direct", 15,
+                      "C's traffic to A direct")
+        sid = _peer(st_c, "site-a")["session_id"]
+        before = {ln["remote"] for ln in st_c["links"] if ln["session_id"] == sid}
+        assert before and all(r.startswith(f"{na.public_ip}:") and not r.endswith(":7100") for r in before), before
+
+        lab.reboot(na, port=7100)
+
+        def moved(st):
+            p = _peer(st, "site-a") or {}
+            return p.get("state") == "direct" and any(
+                ln["session_id"] == p.get("session_id") and ln["state"] == "established"
+                and ln["remote"] == f"{na.public_ip}:7100" for ln in st["links"])
+
+        c.wait(moved, 40, "C's direct subflow to A on A's new mapping")
+        st_a = a.wait(lambda st: (_peer(st, "site-c") or {}).get("state") == "direct", 15,
+                      "A's traffic to C direct again")
+        assert st_a["uplinks"][0]["public"].endswith(":7100"), st_a["uplinks"][0]
+        time.sleep(0.5)
+        f0 = _forwarded(hub)
+        time.sleep(2.0)
+        assert _forwarded(hub) == f0  # the hub forwards nothing between them again
+    finally:
+        ping.terminate()
+        out, _err = ping.communicate(timeout=10)
+    seqs = sorted(int(x) for x in re.findall(r"icmp_seq=(\d+)", out))
+    sys.stderr.write(f"\ndirect lab (NAT reboot): {len(seqs)} ping replies, "
+                     f"{(seqs[-1] - seqs[0] + 1 - len(seqs)) if seqs else None} lost between the first and the last\n")
+    assert seqs
+
+
 @pytest.mark.parametrize("direct_lab", ["edm"], indirect=True)
 def test_two_sites_behind_symmetric_nats_go_direct_through_a_relay(direct_lab):
     """Both sites behind endpoint-dependent NATs: punching cannot open the

@@ -117,6 +117,38 @@ def test_a_down_subflow_rechecks_at_most_every_gap_and_not_during_a_round():
     assert len(nat.take_outgoing()) == 2
 
 
+def test_a_refused_recheck_is_asked_when_the_gap_allows_and_sees_the_new_mapping():
+    """A NAT reboot right after a round (the agent's first, at start): the
+    punched subflow that goes down asks within MIN_RECHECK_GAP, which is
+    refused -- the round then starts when the gap has passed, by the
+    timers, instead of never (session 6 dropped it: a direct path stayed
+    on the old mapping until its session timed out)."""
+    nat = UplinkNat([HostPort(*S1), HostPort(*S2)], LOCAL, 0.0, resolve=no_dns)
+    serve(nat, 0.1, {S1: ("198.51.100.7", 7000), S2: ("198.51.100.7", 7000)})
+    assert nat.mapping_changed() and nat.public_addr == ("198.51.100.7", 7000)
+    assert not nat.recheck(1.0, force=False)  # the reboot: too soon after the first round
+    assert nat.take_outgoing() == [] and nat.next_deadline() == MIN_RECHECK_GAP
+    nat.on_timer(MIN_RECHECK_GAP - 0.01)
+    assert nat.take_outgoing() == []
+    nat.on_timer(MIN_RECHECK_GAP)
+    serve(nat, MIN_RECHECK_GAP + 0.05, {S1: ("198.51.100.7", 7100), S2: ("198.51.100.7", 7100)})
+    assert nat.mapping_changed() and nat.public_addr == ("198.51.100.7", 7100) and nat.changes == 1
+    assert nat.next_deadline() > MIN_RECHECK_GAP + 60  # nothing more due but the periodic round
+
+
+def test_a_recheck_asked_during_a_round_runs_after_it():
+    nat = UplinkNat([HostPort(*S1)], LOCAL, 0.0, resolve=no_dns)
+    out = nat.take_outgoing()  # the first round's request, not answered yet
+    assert len(out) == 1
+    assert not nat.recheck(MIN_RECHECK_GAP + 1, force=False)  # busy
+    assert nat.take_outgoing() == []
+    for data, dest in out:
+        nat.on_datagram(answer(data, ("198.51.100.7", 7000)), dest, MIN_RECHECK_GAP + 1.5)
+    assert not nat.client.busy and nat.next_deadline() == MIN_RECHECK_GAP
+    nat.on_timer(MIN_RECHECK_GAP + 1.5)
+    assert len(nat.take_outgoing()) == 1  # the asked round
+
+
 def test_an_ipv6_uplink_asks_ipv6_servers_only():
     nat = UplinkNat([HostPort(*S1), HostPort("2001:db8::1", 3478)], ("2001:db8:3::2", 7000), 0.0,
                     resolve=no_dns)

@@ -89,6 +89,11 @@ class UplinkNat:
         self.send_errors = 0  # requests the socket refused (no route to the server, ...)
         self._announced = None  # the public mapping the candidates were last built from
         self._last_recheck = now
+        # A non-forced recheck that came too soon or during a round is not
+        # dropped but due here: the event that asked (a punched subflow
+        # down) may have come just after the round's requests left, so that
+        # round saw the old mapping and nothing else would ask again.
+        self._recheck_due: float | None = None
         if self.names.looking_up:
             self._start_due = now + LOOKUP_WAIT  # or when the answers come
         else:
@@ -130,7 +135,10 @@ class UplinkNat:
     def next_deadline(self) -> float | None:
         if self._start_due is not None:
             return self._start_due
-        return self.client.next_deadline()
+        t = self.client.next_deadline()
+        if self._recheck_due is not None and not self.client.busy:  # (after the running round)
+            t = self._recheck_due if t is None else min(t, self._recheck_due)
+        return t
 
     def on_timer(self, now: float) -> None:
         if self._start_due is not None:
@@ -141,6 +149,8 @@ class UplinkNat:
             self.client.start(now)
             return
         self.client.on_timer(now)
+        if self._recheck_due is not None and now >= self._recheck_due and not self.client.busy:
+            self.recheck(now)
 
     def take_outgoing(self) -> list:
         return self.client.take_outgoing()
@@ -155,11 +165,14 @@ class UplinkNat:
     def recheck(self, now: float, force: bool = True) -> bool:
         """Start a STUN round now (SIGHUP, hotplug); ``force=False`` (a
         punched subflow went down) at most every MIN_RECHECK_GAP seconds
-        and not while a round runs.  Returns whether a round started."""
+        and not while a round runs: then the round starts when both allow
+        (the timers, next_deadline).  Returns whether a round started now."""
         if self._start_due is not None:
             return False  # the first round waits for the server names
         if not force and (self.client.busy or now - self._last_recheck < MIN_RECHECK_GAP):
+            self._recheck_due = self._last_recheck + MIN_RECHECK_GAP
             return False
+        self._recheck_due = None
         self._last_recheck = now
         self.client.recheck(now)
         return True
