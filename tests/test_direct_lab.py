@@ -101,6 +101,15 @@ def _peer(st: dict, name: str) -> dict | None:
     return None
 
 
+def _connected(*sites, public: bool = True) -> None:
+    """Wait until each site is connected to the hub (through its NAT, with a
+    STUN mapping when ``public``) and was told of the other site."""
+    for s in sites:
+        s.wait(lambda st: st["state"] == "connected" and len(st["sessions"][0]["via"]) == 1
+               and (not public or st["uplinks"][0]["public"] is not None),
+               30, "connected to the hub through the NAT, the other site announced")
+
+
 def _forwarded(hub) -> int:
     return hub.status()["counters"]["hub_forwarded"]
 
@@ -109,10 +118,7 @@ def test_two_sites_behind_nat_go_direct_and_back_through_the_hub_when_the_path_i
     lab, hub, sites = direct_lab
     a, c = sites["a"], sites["c"]
     na, nc = lab.sites
-    for s in (a, c):
-        s.wait(lambda st: st["state"] == "connected" and st["uplinks"][0]["public"] is not None
-               and len(st["sessions"][0]["via"]) == 1,
-               30, "connected to the hub through the NAT, the other site announced")
+    _connected(a, c)
     # continuous pings A -> C's vNIC (through the hub first)
     t_ping = time.monotonic()
     ping = lab.popen(na.router, ["ping", "-n", "-i", "0.1", "-W", "1", SITES["c"][1]],
@@ -167,16 +173,13 @@ def test_a_nat_reboot_with_new_ports_moves_the_direct_path_to_the_new_mapping(di
     new public ports (conntrack flushed, 7100).  A's STUN round sees the new
     mapping, A tells the hub (UPDATE), the hub sends C an update of its
     offer with A's new candidate, and the pair is direct again on the new
-    mapping: C's direct subflow is fed from A's new public port (C accepts
-    only the sources the hub announced for A, so without the update C would
-    drop them as spoofed), and the hub's forwarded counter stops again."""
+    mapping: C's direct subflow is fed from A's new public port (C's NAT
+    passes only what comes from where C sent to, so without the update
+    nothing of A's reaches C), and the hub's forwarded counter stops again."""
     lab, hub, sites = direct_lab
     a, c = sites["a"], sites["c"]
     na, _nc = lab.sites
-    for s in (a, c):
-        s.wait(lambda st: st["state"] == "connected" and st["uplinks"][0]["public"] is not None
-               and len(st["sessions"][0]["via"]) == 1,
-               30, "connected to the hub through the NAT, the other site announced")
+    _connected(a, c)
     ping = lab.popen(na.router, ["ping", "-n", "-i", "0.1", "-W", "1", SITES["c"][1]],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -221,9 +224,7 @@ def test_two_sites_behind_symmetric_nats_go_direct_through_a_relay(direct_lab):
     lab, hub, sites = direct_lab
     a, c = sites["a"], sites["c"]
     na, _nc = lab.sites
-    for s in (a, c):
-        s.wait(lambda st: st["state"] == "connected" and len(st["sessions"][0]["via"]) == 1,
-               30, "connected to the hub, the other site announced")
+    _connected(a, c, public=False)
     ping = lab.popen(na.router, ["ping", "-n", "-i", "0.2", "-W", "1", SITES["c"][1]],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
