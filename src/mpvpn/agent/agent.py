@@ -456,9 +456,10 @@ class Agent:
             return
         try:
             if self.workers is not None:  # a socket per worker, datagrams steered by session
-                up.sock, batch = self.workers.open_uplink(up)
+                up.sock, batch = self.workers.open_uplink(up, self.cfg.base.rx_buffer << 10)
             else:
-                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
+                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device,
+                                                     rcvbuf=self.cfg.base.rx_buffer << 10)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)

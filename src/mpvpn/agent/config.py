@@ -106,6 +106,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
     "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
     "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
+    "kib": ("KiB, whole number, 32 to 16384", "range(32,16384)"),
     "relay_address": ("host:port (IPv6 as `[addr]:port`); the port defaults to 3478", "string"),
     "credential": ("printable ASCII, at most 128 characters", "string"),
     "workers": ("`auto`, or a whole number 1 to 64", "string"),
@@ -252,6 +253,17 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "(16 to 65536). It must hold a repair's round trip of packets: TCP at "
             "~500 Mbit/s with 10-20 ms of queueing in the agents needs 1000-2000 "
             "(1024 overflowed at 20 % loss per carrier). Up to ~6 MB per peer while full.",
+        ),
+        "rx_buffer": Option(
+            "kib", "256",
+            "Kernel receive buffer of each uplink's socket, in KiB (32 to 16384; the kernel "
+            "accounts twice this in packet memory). When this agent's CPU is the bottleneck, "
+            "bulk TCP keeps it full and every other packet (a ping, a VoIP frame) waits behind "
+            "it: its size is the latency under load. 256 is what a stock kernel already gives "
+            "(net.core.rmem_max 212992 caps larger requests); 4096 was the earlier request: "
+            "in the lab ~15-25 % more bulk TCP on a CPU-bound agent, but 4-7x the ping's added "
+            "delay under load (docs/performance.md \"Latency\"). Set as root it is applied "
+            "beyond net.core.rmem_max.",
         ),
         "mtu": Option(
             "mtu", "1400",
@@ -516,6 +528,7 @@ class Base:
     rekey_interval: float = 120.0
     rekey_packets: int = 1 << 26
     reorder_capacity: int = 4096
+    rx_buffer: int = 256  # KiB: each uplink socket's SO_RCVBUF
     pair_unmatched: bool = False
     hub_forward: bool = False
     direct: bool = True
@@ -1029,6 +1042,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["reorder_capacity"] = sec.parsed(
         "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
     )
+    b["rx_buffer"] = sec.parsed("rx_buffer", lambda s: _parse_int(s, 32, 16384, "KiB"), _default("rx_buffer", int))
     b["mtu"] = sec.parsed("mtu", lambda s: _parse_int(s, 576, 9000, "bytes"), _default("mtu", int))
     b["mss_clamp"] = sec.parsed("mss_clamp", _parse_bool, True)
     b["log_level"] = sec.parsed(
@@ -1614,6 +1628,7 @@ def validate(
         direct_pinned_only=b["direct_pinned_only"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],
+        rx_buffer=b["rx_buffer"],
         mtu=b["mtu"],
         mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],
