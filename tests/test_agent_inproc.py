@@ -561,3 +561,7 @@ def test_each_uplink_socket_gets_the_configured_receive_buffer(tmp_path):
         p.connected()
         assert list(p.ha.rcvbufs.values()) == [64 << 10] * CARRIERS
         assert list(p.hb.rcvbufs.values()) == [64 << 10] * CARRIERS
+    (tmp_path / "unset").mkdir()
+    with Pair(tmp_path / "unset") as p:  # unset: the kernel's cap (mpvpn.io.udp.open_uplink)
+        p.connected()
+        assert list(p.ha.rcvbufs.values()) == [None] * CARRIERS

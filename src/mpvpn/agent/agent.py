@@ -282,6 +282,8 @@ class Agent:
         self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "0") == "1" else None
         self.rx_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_RX_AQM", "0") == "1" else None
         self._rx_drop = False  # rx_aqm asked for a drop: the next bulk packet delivered
+        # each uplink socket's receive buffer in bytes (None: the kernel's cap on 4 MiB)
+        self._rcvbuf = None if cfg.base.rx_buffer is None else cfg.base.rx_buffer << 10
         self._tun_budget = _env_int("MPVPN_TUN_BATCH", send.BATCH)  # (experiment knobs)
         self._rx_budget = _env_int("MPVPN_RX_BATCH", receive.BATCH)
 
@@ -456,10 +458,9 @@ class Agent:
             return
         try:
             if self.workers is not None:  # a socket per worker, datagrams steered by session
-                up.sock, batch = self.workers.open_uplink(up, self.cfg.base.rx_buffer << 10)
+                up.sock, batch = self.workers.open_uplink(up, self._rcvbuf)
             else:
-                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device,
-                                                     rcvbuf=self.cfg.base.rx_buffer << 10)
+                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device, rcvbuf=self._rcvbuf)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)

@@ -324,9 +324,9 @@ class WorkerPool:
             ch.send(("tun", tun.name, tun.offload), fds=[queue])
             os.close(queue)
 
-    def open_uplink(self, up: UplinkIO, rcvbuf: int = udp.RCVBUF):
+    def open_uplink(self, up: UplinkIO, rcvbuf: int | None = None):
         """The uplink's socket group (each with a receive buffer of ``rcvbuf``
-        bytes): socket 0 (and its BatchSocket) for the main process, socket k
+        bytes; None: the kernel's cap): socket 0 (and its BatchSocket) for the main process, socket k
         sent to worker k."""
         for s in self.groups.pop(up.name, []):
             s.close()

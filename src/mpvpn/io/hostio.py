@@ -14,7 +14,7 @@ import ipaddress
 import socket
 
 from mpvpn.io import ubus as ubusmod
-from mpvpn.io.udp import RCVBUF, BatchSocket, open_uplink
+from mpvpn.io.udp import BatchSocket, open_uplink
 
 
 class HostIO:
@@ -39,9 +39,9 @@ class HostIO:
         """Addresses, routes and links (mpvpn.io.netcfg.NetConfig's methods)."""
         return self.net_factory()
 
-    def open_uplink(self, addr: str, port: int, device: str | None, rcvbuf: int = RCVBUF):
+    def open_uplink(self, addr: str, port: int, device: str | None, rcvbuf: int | None = None):
         """(socket for the selector, its BatchSocket); ``rcvbuf``: its receive
-        buffer in bytes; raises :class:`mpvpn.io.udp.UplinkUnavailable` while
+        buffer in bytes (None: the kernel's cap); raises :class:`mpvpn.io.udp.UplinkUnavailable` while
         ``addr`` is absent, OSError otherwise."""
         sock = open_uplink(addr, port, device, rcvbuf=rcvbuf)
         return sock, BatchSocket(sock)
