@@ -209,8 +209,10 @@ def format_summary(doc: dict) -> str:
     t = doc.get("bulk_tcp")
     if t:
         lines.append("  bulk sender (medians): " + ", ".join(f"{k} {v:g}" for k, v in t.items()))
+    for site, deltas in (doc.get("agent_counters") or {}).items():
+        lines.append(f"  agent {site} counters under load: " + ", ".join(f"{k} +{v}" for k, v in sorted(deltas.items())))
     for ns, d in doc.items():
-        if ns == "bulk_tcp":
+        if ns in ("bulk_tcp", "agent_counters"):
             continue
         lines.append(f"  {ns}: {d['samples']} samples; tun qlen {d['tun_qlen']} tx_dropped +{d['tun_tx_dropped']}; "
                      f"ring ~{d['ring_p50']} frames p50, max {d['ring_max']}; "

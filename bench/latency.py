@@ -106,9 +106,16 @@ def cpu_seconds(pids) -> float:
     return sum(one(p) for p in pids)
 
 
-def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=(), devs=None) -> dict:
+def counter_deltas(before: dict, after: dict) -> dict:
+    """{site: {counter: increase}} of the agents' status counters, nonzero only."""
+    return {site: {k: v - before[site].get(k, 0) for k, v in after[site].items()
+                   if isinstance(v, int) and v != before[site].get(k, 0)} for site in after}
+
+
+def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=(), devs=None, counters=None) -> dict:
     """Idle ping, then ping while iperf3 runs src -> dst through the same path.
     ``devs``: {namespace: vNIC} whose kernel queues ``--diag`` samples under load;
+    ``counters()``: the agents' status counters, whose increase under load ``--diag`` reports;
     ``trace(reset)``: the agents' stage histograms (reset=True: start afresh);
     ``pids``: the tunnel's processes, whose CPU time per idle ping is reported
     (CPU time, unlike RTT, hardly moves with the machine's load)."""
@@ -127,8 +134,11 @@ def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=(), devs=
         trace(True)
     if sampler is not None:
         sampler.start()
+    c0 = counters() if args.diag and counters is not None else None
     loaded = phase_stats(*ping_rtts(lab, src_ns, dst_ip, args.count, args.interval))
     queues = sampler.stop() if sampler is not None else None
+    if c0 is not None:
+        queues = dict(queues or {}, agent_counters=counter_deltas(c0, counters()))
     extra = trace(False) if trace is not None else None
     mbit = bulk_end(srv, cli, dur)
     row = {"path": label, "idle": idle, "loaded": loaded, "bulk_mbit": mbit}
@@ -192,6 +202,14 @@ def mpvpn(lab, args, mode: str, fast: str, txqueuelen: int = 0) -> dict:
             for ns in (lab.ra, lab.rb):
                 lab.run(ns, ["ip", "link", "set", "dev", "mpvpn0", "txqueuelen", str(txqueuelen)])
 
+        def counters() -> dict:
+            from mpvpn.io import rpc
+            out = {}
+            for site in (ts.a, ts.b):
+                doc = rpc.call(rpc.socket_path(str(site.run_dir)), "status", {}, timeout=5.0)
+                out[site.name] = dict(doc.get("counters") or {})  # (its sessions' counters, summed)
+            return out
+
         def trace(reset: bool) -> dict:
             from mpvpn.io import rpc
             return {site.name: rpc.call(rpc.socket_path(str(site.run_dir)), "latency",
@@ -209,7 +227,7 @@ def mpvpn(lab, args, mode: str, fast: str, txqueuelen: int = 0) -> dict:
         try:
             return measure(lab, label, lab.ha, lab.hb, "192.168.20.2", args,
                            trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid),
-                           devs={lab.ra: "mpvpn0", lab.rb: "mpvpn0"})
+                           devs={lab.ra: "mpvpn0", lab.rb: "mpvpn0"}, counters=counters)
         finally:
             for c in caps:
                 c.close()
