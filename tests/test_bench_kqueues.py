@@ -75,3 +75,9 @@ def test_qdisc_backlog_and_drops():
 def test_env_variants_one_row_per_combination():
     assert latency.env_variants([]) == [{}]
     assert latency.env_variants(["A=1,2", "B=x"]) == [{"A": "1", "B": "x"}, {"A": "2", "B": "x"}]
+
+
+def test_counter_deltas_keep_what_grew():
+    before = {"a": {"sent": 10, "late": 0, "skipped": 2}}
+    after = {"a": {"sent": 25, "late": 0, "skipped": 2, "nack_declined": 3, "state": "up"}}
+    assert latency.counter_deltas(before, after) == {"a": {"sent": 15, "nack_declined": 3}}
