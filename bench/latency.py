@@ -23,8 +23,13 @@ p50 / p99 added over the raw carrier's p50 / p99 of the same phase):
 
 With ``--trace`` the agents run with ``MPVPN_LATENCY_TRACE=1`` and the
 bench prints each agent's per-stage histogram (mpvpn.agent.latency) for the
-idle and the loaded phase.  Experiment knobs (docs/performance.md "Latency"):
-``--offload``, ``--txqueuelen``, ``--rcvbuf``, ``--cap``.  Machine load from other jobs shows in every row alike: quote
+idle and the loaded phase.  ``--diag`` samples the kernel queues of both ends
+under load (bench/kqueues.py: socket buffers and their drops, the tun ring's
+depth and drops, the bulk sender's cwnd / RTT).  ``--cc`` picks the bulk
+sender's congestion control (the host's default otherwise: bbr and cubic
+queue differently).  Experiment knobs (docs/performance.md "Latency"):
+``--offload``, ``--txqueuelen`` and ``--rcvbuf`` (lists: one row each),
+``--env NAME=V1,V2`` (one row per value), ``--cap``.  Machine load from other jobs shows in every row alike: quote
 ratios and ranges of ``--repeat`` runs, not single figures.
 """
 
@@ -49,7 +54,10 @@ sys.path.insert(0, str(HERE))
 from agentlab import TwoSites  # noqa: E402
 from netlab import Lab  # noqa: E402
 
+import kqueues  # noqa: E402
+
 GLORYTUN_BUILT = Path("/opt/peers/glorytun/glorytun")
+CC = ""  # the bulk sender's congestion control (--cc; "": the host's default)
 
 
 def pct(xs, q):
@@ -70,7 +78,8 @@ def bulk_start(lab, src_ns, dst_ns, dst_ip, seconds: float):
     srv = lab.popen(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
     time.sleep(0.3)
-    cli = lab.popen(src_ns, ["iperf3", "-c", dst_ip, "-t", str(seconds), "-J"],
+    cc = ["-C", CC] if CC else []
+    cli = lab.popen(src_ns, ["iperf3", "-c", dst_ip, "-t", str(seconds), "-J", *cc],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     return srv, cli
 
@@ -97,8 +106,16 @@ def cpu_seconds(pids) -> float:
     return sum(one(p) for p in pids)
 
 
-def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=()) -> dict:
+def counter_deltas(before: dict, after: dict) -> dict:
+    """{site: {counter: increase}} of the agents' status counters, nonzero only."""
+    return {site: {k: v - before[site].get(k, 0) for k, v in after[site].items()
+                   if isinstance(v, int) and v != before[site].get(k, 0)} for site in after}
+
+
+def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=(), devs=None, counters=None) -> dict:
     """Idle ping, then ping while iperf3 runs src -> dst through the same path.
+    ``devs``: {namespace: vNIC} whose kernel queues ``--diag`` samples under load;
+    ``counters()``: the agents' status counters, whose increase under load ``--diag`` reports;
     ``trace(reset)``: the agents' stage histograms (reset=True: start afresh);
     ``pids``: the tunnel's processes, whose CPU time per idle ping is reported
     (CPU time, unlike RTT, hardly moves with the machine's load)."""
@@ -110,14 +127,23 @@ def measure(lab, label, src_ns, dst_ns, dst_ip, args, trace=None, pids=()) -> di
         idle["cpu_us_per_ping"] = (cpu_seconds(pids) - c0) / idle["n"] * 1e6
     idle_trace = trace(False) if trace is not None else None
     dur = args.count * args.interval + 3.0
+    sampler = kqueues.Sampler(lab, devs, tcp_ns=src_ns).calibrate() if args.diag and devs else None
     srv, cli = bulk_start(lab, src_ns, dst_ns, dst_ip, dur)
     time.sleep(1.5)  # past slow start: the queues are as full as bulk TCP keeps them
     if trace is not None:
         trace(True)
+    if sampler is not None:
+        sampler.start()
+    c0 = counters() if args.diag and counters is not None else None
     loaded = phase_stats(*ping_rtts(lab, src_ns, dst_ip, args.count, args.interval))
+    queues = sampler.stop() if sampler is not None else None
+    if c0 is not None:
+        queues = dict(queues or {}, agent_counters=counter_deltas(c0, counters()))
     extra = trace(False) if trace is not None else None
     mbit = bulk_end(srv, cli, dur)
     row = {"path": label, "idle": idle, "loaded": loaded, "bulk_mbit": mbit}
+    if queues is not None:
+        row["kernel_queues"] = queues
     if extra is not None:
         row["trace"] = {"idle": idle_trace, "loaded": extra}
     return row
@@ -132,7 +158,7 @@ def yardstick(lab, args) -> dict:
     try:
         assert fa.stdout.readline().strip() == "ready" and fb.stdout.readline().strip() == "ready"
         return measure(lab, "yardstick (python fwd, 1 carrier, plain)", lab.ha, lab.hb, "192.168.20.2", args,
-                       pids=(fa.pid, fb.pid))
+                       pids=(fa.pid, fb.pid), devs={lab.ra: "yard0", lab.rb: "yard0"})
     finally:
         Lab.stop(fa)
         Lab.stop(fb)
@@ -160,21 +186,29 @@ def glorytun(lab, args, skipped: list) -> dict | None:
                 skipped.append("glorytun: started but 192.168.20.2 not reachable through it")
                 return None
             return measure(lab, "glorytun 0.3.4 (x3 paths, AEGIS-256)", lab.ha, lab.hb, "192.168.20.2", args,
-                           pids=t.pids_a + t.pids_b)
+                           pids=t.pids_a + t.pids_b, devs={lab.ra: "gta", lab.rb: "gtb"})
         finally:
             t.close(lab)
             for ns, dev in ((lab.ra, "gta"), (lab.rb, "gtb")):
                 lab.run(ns, ["ip", "link", "del", dev], check=False)
 
 
-def mpvpn(lab, args, mode: str, fast: str) -> dict:
+def mpvpn(lab, args, mode: str, fast: str, txqueuelen: int = 0) -> dict:
     os.environ["MPVPN_FASTPATH"] = "1" if fast == "on" else "0"
     env = {"MPVPN_LATENCY_TRACE": "1"} if args.trace else None
     with TwoSites(lab, carriers=3, extra_base=f"\toption mode '{mode}'\n") as ts:
         ts.start(subflows=3, env_extra=env)
-        if args.txqueuelen:  # the vNICs' ring (an experiment: the agent leaves the kernel's default)
+        if txqueuelen:  # the vNICs' ring (an experiment)
             for ns in (lab.ra, lab.rb):
-                lab.run(ns, ["ip", "link", "set", "dev", "mpvpn0", "txqueuelen", str(args.txqueuelen)])
+                lab.run(ns, ["ip", "link", "set", "dev", "mpvpn0", "txqueuelen", str(txqueuelen)])
+
+        def counters() -> dict:
+            from mpvpn.io import rpc
+            out = {}
+            for site in (ts.a, ts.b):
+                doc = rpc.call(rpc.socket_path(str(site.run_dir)), "status", {}, timeout=5.0)
+                out[site.name] = dict(doc.get("counters") or {})  # (its sessions' counters, summed)
+            return out
 
         def trace(reset: bool) -> dict:
             from mpvpn.io import rpc
@@ -192,10 +226,21 @@ def mpvpn(lab, args, mode: str, fast: str) -> dict:
             label += f" capped {args.cap:g} %"
         try:
             return measure(lab, label, lab.ha, lab.hb, "192.168.20.2", args,
-                           trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid))
+                           trace=trace if args.trace else None, pids=(ts.a.proc.pid, ts.b.proc.pid),
+                           devs={lab.ra: "mpvpn0", lab.rb: "mpvpn0"}, counters=counters)
         finally:
             for c in caps:
                 c.close()
+
+
+def env_variants(specs: list) -> list:
+    """``["A=1,2", "B=x"]`` -> [{A: 1, B: x}, {A: 2, B: x}]: one mpvpn row per
+    combination (``--env``); no specs: one row with the inherited environment."""
+    out = [{}]
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        out = [dict(e, **{name: v}) for e in out for v in values.split(",")]
+    return out
 
 
 def one_run(args) -> tuple[list, list]:
@@ -208,15 +253,24 @@ def one_run(args) -> tuple[list, list]:
             r = glorytun(lab, args, skipped)
             if r is not None:
                 rows.append(r)
-        for rcvbuf in args.rcvbuf.split(","):
-            if rcvbuf:
-                os.environ["MPVPN_UDP_RCVBUF"] = rcvbuf  # inherited by both agents (mpvpn.io.udp)
-            for mode in args.modes.split(","):
-                for fast in args.fastpath.split(","):
-                    rows.append(mpvpn(lab, args, mode, fast))
-                    if rcvbuf:
-                        rows[-1]["path"] += f" rcvbuf {int(rcvbuf) >> 10}k"
-            os.environ.pop("MPVPN_UDP_RCVBUF", None)
+        for envs in env_variants(args.env):
+            os.environ.update(envs)  # inherited by both agents
+            for rcvbuf in args.rcvbuf.split(","):
+                if rcvbuf:
+                    os.environ["MPVPN_UDP_RCVBUF"] = rcvbuf  # (mpvpn.io.udp)
+                for mode in args.modes.split(","):
+                    for fast, txq in ((f, q) for f in args.fastpath.split(",") for q in args.txqueuelen.split(",")):
+                        rows.append(mpvpn(lab, args, mode, fast, int(txq or 0)))
+                        if txq:
+                            rows[-1]["path"] += f" txqlen {txq}"
+                        if rcvbuf:
+                            rows[-1]["path"] += f" rcvbuf {int(rcvbuf) >> 10}k"
+                        if envs:
+                            rows[-1]["path"] += " " + " ".join(f"{k[6:] if k.startswith('MPVPN_') else k}={v}"
+                                                               for k, v in envs.items())
+                os.environ.pop("MPVPN_UDP_RCVBUF", None)
+            for k in envs:
+                os.environ.pop(k, None)
     raw = rows[0]
     for r in rows:
         for ph in ("idle", "loaded"):
@@ -256,15 +310,23 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="duplicate", help="base.mode of the mpvpn rows (comma-separated)")
     ap.add_argument("--fastpath", default="on", help="C loops of the mpvpn rows: on, off (comma-separated)")
     ap.add_argument("--rcvbuf", default="", help="MPVPN_UDP_RCVBUF values for the mpvpn rows (comma-separated bytes)")
-    ap.add_argument("--txqueuelen", type=int, default=0, help="set the agents' vNIC txqueuelen (experiment)")
+    ap.add_argument("--txqueuelen", default="",
+                    help="set the agents' vNIC txqueuelen (experiment; comma-separated: one row each)")
     ap.add_argument("--offload", default="", help="MPVPN_TUN_OFFLOAD for the mpvpn rows (off, gro, tso)")
     ap.add_argument("--cap", type=float, default=0, help="cap each agent at this %% of one core (cgroup)")
     ap.add_argument("--trace", action="store_true", help="agents with MPVPN_LATENCY_TRACE=1; print stages")
+    ap.add_argument("--diag", action="store_true",
+                    help="sample the ends' kernel queues under load (socket buffers, tun ring, qdisc)")
+    ap.add_argument("--cc", default="", help="the bulk TCP's congestion control (cubic, bbr; default the host's)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=V1,V2",
+                    help="run the mpvpn rows once per value of this agent environment variable (experiments)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("needs root and iperf3 (apt-get install iperf3)", file=sys.stderr)
         return 2
+    global CC
+    CC = args.cc
     if args.offload:
         os.environ["MPVPN_TUN_OFFLOAD"] = args.offload  # inherited by both agents (mpvpn.io.tun)
     runs = []
@@ -278,6 +340,9 @@ def main(argv=None) -> int:
         for why in skipped:
             print(f"skipped: {why}")
         for r in rows:
+            if r.get("kernel_queues"):
+                print(f"-- kernel queues under load, {r['path']} (--diag) --")
+                print(kqueues.format_summary(r["kernel_queues"]))
             if r.get("trace"):
                 print_trace(r["trace"])
         sys.stdout.flush()

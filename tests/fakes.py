@@ -229,6 +229,7 @@ class MemoryHost:
         self.tun: MemoryTun | None = None
         self.netcfg = MemoryNetConfig(self)
         self.uplinks: dict[tuple, MemoryUDP] = {}
+        self.rcvbufs: dict[tuple, int | None] = {}  # (ip, port) -> the receive buffer asked for
 
     def open_tun(self, name: str) -> MemoryTun:
         self.tun = MemoryTun(name)
@@ -244,7 +245,8 @@ class MemoryHost:
     def netconfig(self) -> MemoryNetConfig:
         return self.netcfg
 
-    def open_uplink(self, addr: str, port: int, device: str | None):
+    def open_uplink(self, addr: str, port: int, device: str | None, rcvbuf: int | None = None):
+        """(mpvpn.io.hostio.HostIO.open_uplink) ``rcvbuf`` is recorded in ``rcvbufs``."""
         ip = str(ipaddress.ip_address(addr))
         if ip not in self.addresses:
             raise UplinkUnavailable(errno.EADDRNOTAVAIL, f"address {ip} is not configured on this host")
@@ -253,6 +255,7 @@ class MemoryHost:
         ep = MemoryUDP(self.net, (ip, port))
         self.net.udp[(ip, port)] = ep
         self.uplinks[(ip, port)] = ep
+        self.rcvbufs[(ip, port)] = rcvbuf
         return ep, ep
 
     def listen(self, host: str, port: int, backlog: int = 64) -> MemoryListener:

@@ -552,3 +552,16 @@ def test_a_relay_name_that_hangs_in_dns_does_not_stall_the_agent(tmp_path):
         pair.until(lambda: not any(u.relay.names.looking_up for u in ups), "the answers applied on the loop")
         assert all(u.relay.sources == {("203.0.113.9", 3478)} for u in ups)
         assert pair.b.resolver.finished == CARRIERS
+
+
+def test_each_uplink_socket_gets_the_configured_receive_buffer(tmp_path):
+    """base.rx_buffer (KiB) is what the agent asks for on every uplink's
+    socket (the queue bulk TCP fills when this agent is the bottleneck)."""
+    with Pair(tmp_path, extra_base=FAST + "\toption rx_buffer '64'\n") as p:
+        p.connected()
+        assert list(p.ha.rcvbufs.values()) == [64 << 10] * CARRIERS
+        assert list(p.hb.rcvbufs.values()) == [64 << 10] * CARRIERS
+    (tmp_path / "unset").mkdir()
+    with Pair(tmp_path / "unset") as p:  # unset: the kernel's cap (mpvpn.io.udp.open_uplink)
+        p.connected()
+        assert list(p.ha.rcvbufs.values()) == [None] * CARRIERS

@@ -142,6 +142,7 @@ def test_site_a_client(tmp_path):
     assert cfg.base.mode == "duplicate"
     assert (cfg.base.keepalive_idle, cfg.base.keepalive_active, cfg.base.dead_after) == (0.75, 0.1, 3)
     assert (cfg.base.hold_max_ms, cfg.base.reorder_capacity, cfg.base.mtu) == (200, 4096, 1400)
+    assert cfg.base.rx_buffer is None  # unset: the kernel caps the agent's 4 MiB request
     assert cfg.vnc.ipaddr == ipaddress.IPv4Address("172.30.0.1")
     assert str(cfg.vnc.interface) == "172.30.0.1/30"
     assert str(cfg.vnc.netmask) == "255.255.255.252"
@@ -395,6 +396,8 @@ def test_options_of_the_other_role_are_warned_about():
         ("dead_after", "0", "'0' is out of range: use 1 to 100"),
         ("hold_max_ms", "100000", "'100000' is out of range: use 0 to 10000 ms"),
         ("reorder_capacity", "8", "'8' is out of range: use 16 to 65536 packets"),
+        ("rx_buffer", "16", "'16' is out of range: use 32 to 16384 KiB"),
+        ("rx_buffer", "1M", "'1M' is not a whole number"),
         ("mtu", "100", "'100' is out of range: use 576 to 9000 bytes"),
         ("mode", "striping", "'striping' is not allowed: use 'duplicate', 'aggregate' or 'adaptive'"),
         ("log_level", "loud", "'loud' is not allowed: use 'debug', 'info', 'warning' or 'error'"),
@@ -408,12 +411,13 @@ def test_tuning_errors(option, value, message):
 def test_tuning_values():
     extra = ("option mode 'adaptive'\n\toption keepalive_idle '1.5'\n\toption keepalive_active '0.2'\n"
              "\toption dead_after '5'\n\toption hold_max_ms '0'\n\toption reorder_capacity '4096'\n"
-             "\toption mtu '1300'\n\toption log_level 'debug'\n\toption psk")
+             "\toption mtu '1300'\n\toption log_level 'debug'\n\toption rx_buffer '4096'\n\toption psk")
     cfg, problems = check(edit(SITE_A, "option psk", extra))
     assert problems == []
     b = cfg.base
     assert (b.mode, b.keepalive_idle, b.keepalive_active, b.dead_after) == ("adaptive", 1.5, 0.2, 5)
     assert (b.hold_max_ms, b.reorder_capacity, b.mtu, b.log_level) == (0, 4096, 1300, "debug")
+    assert b.rx_buffer == 4096
     assert cfg.vnc.mtu == 1300
 
 

@@ -461,6 +461,8 @@ def test_config_widgets_follow_option_kinds():
                 assert "uinteger" in dt and "range(" in dt, where
             elif kind == "mtu":
                 assert "range(576,9000)" in dt, where
+            elif kind == "kib":
+                assert "uinteger" in dt and "range(32,16384)" in dt, where
             elif kind == "ip4cidr":
                 assert "ip4addr" in dt and "cidr4" in dt, where
             elif kind == "ipaddr":

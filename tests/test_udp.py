@@ -23,6 +23,26 @@ def test_bound_to_the_uplink_address_and_non_blocking():
         s.close()
 
 
+def test_the_receive_buffer_is_the_size_asked_for(monkeypatch):
+    """SO_RCVBUF is what open_uplink is asked for (the kernel reports twice
+    the request: its bookkeeping): the queue bulk TCP fills under load.  As
+    root a configured size holds even beyond net.core.rmem_max
+    (SO_RCVBUFFORCE); unconfigured, the 4 MiB request stays capped there."""
+    import os
+
+    monkeypatch.delenv("MPVPN_UDP_RCVBUF", raising=False)
+    rmem_max = int(open("/proc/sys/net/core/rmem_max").read())
+    for asked in (None, 64 << 10, 2 * rmem_max):  # (the last: only root gets it)
+        s = open_uplink("127.0.0.1", 0) if asked is None else open_uplink("127.0.0.1", 0, rcvbuf=asked)
+        try:
+            want = 4 << 20 if asked is None else asked
+            if asked is None or os.geteuid() != 0:
+                want = min(want, rmem_max)
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * want
+        finally:
+            s.close()
+
+
 def test_absent_address_is_retryable_not_fatal():
     with pytest.raises(UplinkUnavailable, match="not configured"):
         open_uplink("192.0.2.123", 7000)  # TEST-NET-1: never on this host

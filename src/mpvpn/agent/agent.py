@@ -70,6 +70,12 @@ VIA_GRACE = 10.0
 HUB_ANNOUNCE_INTERVAL = 1.0
 
 
+def _env_int(name: str, default: int) -> int:
+    """A positive integer from the environment (a bench knob), else ``default``."""
+    v = os.environ.get(name, "")
+    return int(v) if v.isdigit() and int(v) > 0 else default
+
+
 def _hostname_word(text: str) -> str:
     word = "".join(c if c.isalnum() or c in "_.-" else "-" for c in text)[:40].strip("-.")
     return word if word and word[0].isalnum() else "site"
@@ -276,6 +282,10 @@ class Agent:
         self.tun_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_TUN_AQM", "0") == "1" else None
         self.rx_aqm = aqm.StandingQueue() if os.environ.get("MPVPN_RX_AQM", "0") == "1" else None
         self._rx_drop = False  # rx_aqm asked for a drop: the next bulk packet delivered
+        # each uplink socket's receive buffer in bytes (None: the kernel's cap on 4 MiB)
+        self._rcvbuf = None if cfg.base.rx_buffer is None else cfg.base.rx_buffer << 10
+        self._tun_budget = _env_int("MPVPN_TUN_BATCH", send.BATCH)  # (experiment knobs)
+        self._rx_budget = _env_int("MPVPN_RX_BATCH", receive.BATCH)
 
     @staticmethod
     def _mss_limits(cfg: cfgmod.Config) -> tuple[int, int] | None:
@@ -448,9 +458,9 @@ class Agent:
             return
         try:
             if self.workers is not None:  # a socket per worker, datagrams steered by session
-                up.sock, batch = self.workers.open_uplink(up)
+                up.sock, batch = self.workers.open_uplink(up, self._rcvbuf)
             else:
-                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device)
+                up.sock, batch = self.io.open_uplink(up.addr, up.cfg.port, up.device, rcvbuf=self._rcvbuf)
         except UplinkUnavailable as e:
             if up.state != "waiting" or up.error != str(e.strerror):
                 log.warning("uplink %s: %s; retrying every %.0f s", up.name, e.strerror, UPLINK_RETRY)
@@ -768,7 +778,7 @@ class Agent:
                 lone_took[:] = self.clock() - t, len(pkts)
         try:
             touched, drained = send.read_tun(self.tun.read_packets, self._mss, self.route_table.lookup,
-                                             self.counters, first=lone)
+                                             self.counters, budget=self._tun_budget, first=lone)
         except OSError as e:
             if e.errno != errno.EBADFD:
                 raise
@@ -798,7 +808,8 @@ class Agent:
         self._wrote_tun = False
         self._reading = True
         try:
-            touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now)
+            touched = receive.read_uplink(up, self.sessions, self.counters, self._deliver, now,
+                                          budget=self._rx_budget)
         finally:
             self._reading = False
         if trace is not None and up.rx_datagrams != n0:

@@ -106,6 +106,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "net": ("address or subnet (CIDR)", "or(ipaddr,cidr)"),
     "carrier_list": ("carrier types (`smpu` `type`), several as a list", "list(string)"),
     "kbit": ("kbit/s, whole number, 8 to 100000000", "uinteger"),
+    "kib": ("KiB, whole number, 32 to 16384", "range(32,16384)"),
     "relay_address": ("host:port (IPv6 as `[addr]:port`); the port defaults to 3478", "string"),
     "credential": ("printable ASCII, at most 128 characters", "string"),
     "workers": ("`auto`, or a whole number 1 to 64", "string"),
@@ -252,6 +253,18 @@ OPTIONS: dict[str, dict[str, Option]] = {
             "(16 to 65536). It must hold a repair's round trip of packets: TCP at "
             "~500 Mbit/s with 10-20 ms of queueing in the agents needs 1000-2000 "
             "(1024 overflowed at 20 % loss per carrier). Up to ~6 MB per peer while full.",
+        ),
+        "rx_buffer": Option(
+            "kib", None,
+            "Optional: kernel receive buffer of each uplink's socket, in KiB (32 to 16384; the "
+            "kernel accounts twice this in packet memory), applied as set (beyond "
+            "net.core.rmem_max: the agent runs as root). When this agent's CPU is the "
+            "bottleneck, bulk TCP keeps it full and every other packet (a ping, a VoIP frame) "
+            "waits behind it: its size is the delay under load. Unset: the agent asks for 4096 "
+            "and the kernel caps that at net.core.rmem_max (212992 bytes on many kernels). In "
+            "the lab (rmem_max 4 MiB) 256 instead of 4096 cut a ping's added delay under a "
+            "cubic download 5x and under bbr 1.3x, for 0.6x of cubic's bulk throughput "
+            "(docs/performance.md \"Latency\").",
         ),
         "mtu": Option(
             "mtu", "1400",
@@ -516,6 +529,7 @@ class Base:
     rekey_interval: float = 120.0
     rekey_packets: int = 1 << 26
     reorder_capacity: int = 4096
+    rx_buffer: int | None = None  # KiB: each uplink socket's SO_RCVBUF (None: 4 MiB asked, rmem_max caps)
     pair_unmatched: bool = False
     hub_forward: bool = False
     direct: bool = True
@@ -1029,6 +1043,7 @@ def _check_base(chk: _Checker, pkg: uci.Package) -> dict | None:
     b["reorder_capacity"] = sec.parsed(
         "reorder_capacity", lambda s: _parse_int(s, 16, 65536, "packets"), _default("reorder_capacity", int)
     )
+    b["rx_buffer"] = sec.parsed("rx_buffer", lambda s: _parse_int(s, 32, 16384, "KiB"), None)
     b["mtu"] = sec.parsed("mtu", lambda s: _parse_int(s, 576, 9000, "bytes"), _default("mtu", int))
     b["mss_clamp"] = sec.parsed("mss_clamp", _parse_bool, True)
     b["log_level"] = sec.parsed(
@@ -1614,6 +1629,7 @@ def validate(
         direct_pinned_only=b["direct_pinned_only"],
         peer_public_key=b["peer_public_key"],
         reorder_capacity=b["reorder_capacity"],
+        rx_buffer=b["rx_buffer"],
         mtu=b["mtu"],
         mss_clamp=b["mss_clamp"],
         log_level=b["log_level"],

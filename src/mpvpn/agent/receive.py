@@ -83,8 +83,8 @@ def _receive_one(data, source, up, sessions: dict, counters: dict, now: float):
     return ds, ds.sess.receive_datagram(data, data[MEMBER], now, source=source)
 
 
-def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
-    """Up to BATCH receives from uplink ``up`` (``up.batch``: a BatchSocket),
+def read_uplink(up, sessions: dict, counters: dict, deliver, now: float, budget: int = BATCH) -> set:
+    """Up to ``budget`` receives from uplink ``up`` (``up.batch``: a BatchSocket),
     each datagram to its session (``sessions``: id -> DataSession), released
     packets to ``deliver(list, session they came from)``: those of the first
     receive before the second, the rest in batches.  Returns the sessions
@@ -97,7 +97,7 @@ def read_uplink(up, sessions: dict, counters: dict, deliver, now: float) -> set:
     relay = up.relay  # uplinkrelay.UplinkRelay, or None without config relay
     # the session lookup of the previous datagram (same key: same result)
     last_key = cur = member = None
-    for i in range(BATCH):
+    for i in range(budget):
         if i == 1 and out:
             # the first receive's packets go to the tun at once: a lone packet
             # does not wait for the receive that finds the socket empty

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import pickle
@@ -57,7 +58,7 @@ from dataclasses import replace as dc_replace
 from mpvpn.agent.agent import Agent, DataPathHandler, DataSession, UplinkIO
 from mpvpn.agent import statusdoc
 from mpvpn.core import linktest, shard
-from mpvpn.io import reuseport
+from mpvpn.io import reuseport, udp
 from mpvpn.io.udp import BatchSocket
 
 log = logging.getLogger("mpvpn")
@@ -323,12 +324,14 @@ class WorkerPool:
             ch.send(("tun", tun.name, tun.offload), fds=[queue])
             os.close(queue)
 
-    def open_uplink(self, up: UplinkIO):
-        """The uplink's socket group: socket 0 (and its BatchSocket) for the
-        main process, socket k sent to worker k."""
+    def open_uplink(self, up: UplinkIO, rcvbuf: int | None = None):
+        """The uplink's socket group (each with a receive buffer of ``rcvbuf``
+        bytes; None: the kernel's cap): socket 0 (and its BatchSocket) for the main process, socket k
+        sent to worker k."""
         for s in self.groups.pop(up.name, []):
             s.close()
-        socks = reuseport.open_group(up.addr, up.cfg.port, self.n, up.device)
+        socks = reuseport.open_group(up.addr, up.cfg.port, self.n, up.device,
+                                     opener=functools.partial(udp.open_uplink, rcvbuf=rcvbuf))
         self.groups[up.name] = socks
         for k, ch in self.channels.items():
             ch.send(("uplink", up.name), fds=[socks[k].fileno()])

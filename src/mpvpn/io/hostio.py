@@ -39,10 +39,11 @@ class HostIO:
         """Addresses, routes and links (mpvpn.io.netcfg.NetConfig's methods)."""
         return self.net_factory()
 
-    def open_uplink(self, addr: str, port: int, device: str | None):
-        """(socket for the selector, its BatchSocket); raises
-        :class:`mpvpn.io.udp.UplinkUnavailable` while ``addr`` is absent, OSError otherwise."""
-        sock = open_uplink(addr, port, device)
+    def open_uplink(self, addr: str, port: int, device: str | None, rcvbuf: int | None = None):
+        """(socket for the selector, its BatchSocket); ``rcvbuf``: its receive
+        buffer in bytes (None: the kernel's cap); raises :class:`mpvpn.io.udp.UplinkUnavailable` while
+        ``addr`` is absent, OSError otherwise."""
+        sock = open_uplink(addr, port, device, rcvbuf=rcvbuf)
         return sock, BatchSocket(sock)
 
     def listen(self, host: str, port: int, backlog: int = 64):

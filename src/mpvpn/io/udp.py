@@ -17,7 +17,8 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = 103  # linux/udp.h: send one buffer as many equal datagrams (GSO)
 UDP_GRO = 104  # linux/udp.h: receive coalesced datagrams of one flow
-BUFFER = 4 << 20
+BUFFER = 4 << 20  # SO_SNDBUF, and SO_RCVBUF when none is configured (the kernel caps both at *mem_max)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # as root: beyond net.core.rmem_max
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in the kernel
 GSO_MAX_BYTES = 65000  # stay under the 64 KiB IP datagram limit
 _CMSG_SPACE = socket.CMSG_SPACE(4)
@@ -37,11 +38,28 @@ def rcvbuf_from_env(environ=os.environ) -> int | None:
     return int(v) if v.isdigit() and int(v) > 0 else None
 
 
+def set_rcvbuf(s: socket.socket, size: int, force: bool = True) -> None:
+    """SO_RCVBUF = ``size`` bytes (the kernel accounts twice that);
+    ``force``: also beyond net.core.rmem_max where allowed (SO_RCVBUFFORCE,
+    root): the configured queue, not whatever the host's sysctl caps it at."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE if force else socket.SO_RCVBUF, size)
+    except OSError:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        except OSError:
+            pass
+
+
 def open_uplink(bind_ip: str, port: int, device: str | None = None,
-                buffer: int = BUFFER, reuseport: bool = False) -> socket.socket:
+                buffer: int = BUFFER, reuseport: bool = False, rcvbuf: int | None = None) -> socket.socket:
     """A non-blocking UDP socket bound to ``bind_ip:port`` (and ``device``);
     ``reuseport``: one of a group of sockets on that address and port
-    (SO_REUSEPORT; :mod:`mpvpn.io.reuseport`).
+    (SO_REUSEPORT; :mod:`mpvpn.io.reuseport`); ``rcvbuf``: its receive
+    buffer in bytes, applied as given (``base.rx_buffer``; ``MPVPN_UDP_RCVBUF``
+    overrides it); None: ``buffer``, capped by the kernel at rmem_max.  When
+    this agent is the bottleneck, bulk TCP keeps it full and every other
+    packet waits behind it.
 
     Raises :class:`UplinkUnavailable` when the address is absent (a DHCP or
     PPPoE uplink that is not up yet) and ``OSError`` with a clear message
@@ -52,11 +70,12 @@ def open_uplink(bind_ip: str, port: int, device: str | None = None,
     s = socket.socket(family, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
-        for opt, size in ((socket.SO_RCVBUF, rcvbuf_from_env() or buffer), (socket.SO_SNDBUF, buffer)):
-            try:
-                s.setsockopt(socket.SOL_SOCKET, opt, size)
-            except OSError:
-                pass
+        asked = rcvbuf_from_env() or rcvbuf
+        set_rcvbuf(s, asked or buffer, force=asked is not None)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        except OSError:
+            pass
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuseport:

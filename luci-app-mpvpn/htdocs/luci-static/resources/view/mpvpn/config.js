@@ -428,6 +428,11 @@ return view.extend({
 		o.datatype = 'and(uinteger,range(16,65536))';
 		o.placeholder = '4096';
 
+		o = s.taboption('advanced', form.Value, 'rx_buffer', _('Uplink receive buffer (KiB)'),
+			_('Kernel receive buffer of each uplink socket (32 to 16384; empty: 4096 capped by the kernel\'s limit). When the router\'s CPU is the bottleneck, bulk downloads keep it full and a call or a game waits behind it: smaller (256) means less delay under load, larger more bulk throughput.'));
+		o.datatype = 'and(uinteger,range(32,16384))';
+		o.placeholder = _('kernel limit');
+
 		o = s.taboption('advanced', form.Value, 'mtu', _('Tunnel MTU'),
 			_('MTU of the tunnel interface. 1400 keeps encapsulated packets within a 1500-byte path (overhead: 64 bytes over IPv4 uplinks, 84 over IPv6).'));
 		o.datatype = 'and(uinteger,range(576,9000))';
