@@ -427,6 +427,36 @@ def test_a_carrier_failing_mid_stream_costs_little_and_stalls_less_than_detectio
 
 # -- per-host policies (seed 004) ----------------------------------------------------
 
+def test_a_failed_carrier_s_re_sends_wait_their_turn_instead_of_expiring():
+    """The re-sends for a failed carrier's tail leave one after another at
+    the survivors' pace, and the receiver holds the line for them; a queued
+    re-send is dropped only ``retransmit_max_wait`` after its turn (the
+    re-sends ahead of it, at the modelled rate of the subflows that may
+    take it), not 50 ms after its NACK came: before, all but the first 20
+    of a 300-packet tail expired while waiting and were asked for again, too
+    late."""
+    pair = make_pair()
+    sched = pair.a.scheduler
+    up = pair.a.up
+    t0 = t = pair.now
+    for seq in range(1, 301):
+        sched.queue_retransmit(seq, [up[0]], 1000, t0, up)
+    sent = 0
+    while sched.retransmit_pending() and t < t0 + 5.0:
+        r = sched.pull_retransmit(up, t)
+        if r is None:
+            t += 0.001
+            continue
+        assert up[0] not in r[1]  # never on the carrier that lost it
+        for sub in r[1]:
+            sub.meter.on_send(1000, t)  # as the session's re-send does
+        sent += 1
+    assert sent == 300 and sched.c["retransmits_expired"] == 0
+    # one that waited its turn and more is still dropped
+    sched.queue_retransmit(301, [up[0]], 1000, t, up)
+    assert sched.pull_retransmit(up, t + 1.0) is None and sched.c["retransmits_expired"] == 1
+
+
 def test_policies_restrict_and_reserve_carriers():
     pol = [LinkPolicy(src="192.168.1.10/32", carriers=("sub2",)),
            LinkPolicy(src="192.168.1.20/32", carriers=("3",), exclusive=True),
