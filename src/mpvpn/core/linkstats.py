@@ -434,7 +434,8 @@ class LinkMeter:
             sample = (tx0 - ref[1]) * (1.0 - min(self.loss, 0.9)) / (t_pass - ref[0])
             app_limited = empties != ref[3]
             busy = qd > busy_delay and ref[2] > busy_delay
-            if busy and not app_limited and (qd > self.STARTUP_FULL * ref[4] or not self.startup):
+            if busy and not app_limited and (not self.startup or qd > self.STARTUP_FULL * mqd
+                                             and ref[2] > self.STARTUP_FULL * ref[4]):
                 # Start-up ends when a link we kept loaded met a queue.  Both:
                 # on a jittery path a lightly used link's probes look "busy"
                 # before the jitter is learned (noise), and ending start-up
