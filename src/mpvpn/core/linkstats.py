@@ -158,7 +158,7 @@ class LinkMeter:
 
     __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span", "noise", "loss",
                  "samples", "last_sample", "last_echo", "probe_qdelay", "min_rtt", "startup",
-                 "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass", "_grown_at",
+                 "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass", "_grown_at", "_was_held",
                  "_bucket", "_sent_b", "_nack_b")
 
     MAX_PROBES = 64  # sent probes remembered (echoes of older ones are ignored)
@@ -208,6 +208,7 @@ class LinkMeter:
         self._last_echo_ts = 0
         self._last_tpass = float("-inf")
         self._grown_at = float("-inf")  # when start-up last grew the estimate on a drained queue
+        self._was_held = False  # held between the last two echoes
         # datagrams sent and NACKed (sent only here), per 100 ms: [previous, current]
         self._bucket = 0
         self._sent_b = [0, 0]
@@ -252,8 +253,10 @@ class LinkMeter:
     @property
     def ramping(self) -> bool:
         """Still in start-up and the scheduler held traffic for this link
-        since the last echo: faster probes would find its rate sooner."""
-        return self.startup and self.held
+        since the echo before last: faster probes would find its rate
+        sooner.  (``held`` alone is cleared by every echo, and a probe
+        falling due right after one would not count.)"""
+        return self.startup and (self.held or self._was_held)
 
     @property
     def rate(self) -> float:
@@ -343,7 +346,7 @@ class LinkMeter:
         self._probes.clear()
         self._marks.clear()
         self._empties += 1
-        self.held = False
+        self.held = self._was_held = False
 
     def on_probe_sent(self, ts_us: int, now: float) -> None:
         self._advance(now)
@@ -418,6 +421,7 @@ class LinkMeter:
                 # in start-up)
                 self.bw = rate * (self.STARTUP_GAIN if self.startup else self.gain_up)
                 self._grown_at = now
+            self._was_held = self.held
             self.held = False
             if real <= 0.0 < self.q:
                 self._empties += 1
