@@ -260,6 +260,9 @@ def test_config_validation():
     with pytest.raises(ValueError):
         SubflowConfig(dead_after=0).validate()
     with pytest.raises(ValueError):
+        SubflowConfig(keepalive_startup=0.0).validate()
+    SubflowConfig(keepalive_active=0.01, keepalive_startup=0.02).validate()  # (the agent's minimum)
+    with pytest.raises(ValueError):
         SessionConfig(send_buffer=1000).validate()
 
 

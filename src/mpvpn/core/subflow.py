@@ -110,8 +110,8 @@ class SubflowConfig:
     def validate(self) -> None:
         if not 0 < self.keepalive_active <= self.keepalive_idle:
             raise ValueError("need 0 < keepalive_active <= keepalive_idle")
-        if not 0 < self.keepalive_startup <= self.keepalive_active:
-            raise ValueError("need 0 < keepalive_startup <= keepalive_active")
+        if not self.keepalive_startup > 0:  # (above keepalive_active: no faster probes)
+            raise ValueError("need keepalive_startup > 0")
         if self.dead_after < 1:
             raise ValueError("dead_after must be >= 1")
         if not 0 < self.probe_false_dead < 1 or self.max_probes < self.dead_after:
