@@ -272,6 +272,9 @@ def test_config_validation():
     with pytest.raises(ValueError):
         SubflowConfig(dead_after=0).validate()
     with pytest.raises(ValueError):
+        SubflowConfig(keepalive_startup=0.0).validate()
+    SubflowConfig(keepalive_active=0.01, keepalive_startup=0.02).validate()  # (the agent's minimum)
+    with pytest.raises(ValueError):
         SessionConfig(send_buffer=1000).validate()
 
 
@@ -429,3 +432,39 @@ def test_the_peers_own_keepalives_count_as_answers():
     pair.session("b").handle_timer(pair.now)
     pair.run(0.015)
     assert a.probes_unanswered == 0
+
+
+def test_a_ramping_meter_probes_every_half_rtt_without_hastening_the_dead_verdict():
+    """While its link meter is in start-up and the scheduler holds traffic for
+    it (LinkMeter.ramping), a subflow probes every half RTT (each echo may
+    double the estimate) instead of every keepalive_active; the dead verdict
+    still waits for dead_after probe intervals of silence."""
+    pair = SimPair(2, delay=0.020)  # RTT 40 ms: a probe every 20 ms while ramping
+    assert pair.handshake()
+    sf = pair.a.subflows[1]
+
+    def probes():
+        return sf.tx_packets - sf.data_tx
+
+    def stream(seconds, ramping, first):
+        n, end = first, pair.now + seconds
+        while pair.now < end:
+            if ramping:
+                sf.meter.held = True  # as the scheduler does while the link is full
+            pair.send("a", n.to_bytes(4, "big") + bytes(96))
+            n += 1
+            pair.run(0.005)
+        return n
+
+    n = stream(0.3, False, 0)  # data flowing: the active interval
+    p0 = probes()
+    n = stream(1.0, False, n)
+    assert sf.meter.startup and 8 <= probes() - p0 <= 12  # every 100 ms
+    p0 = probes()
+    n = stream(1.0, True, n)
+    assert 40 <= probes() - p0 <= 55  # every ~20 ms
+    t_fail = pair.now
+    pair.set(1, up=False)
+    stream(1.0, True, n)
+    down = _time_to_down(pair, "a", 1)
+    assert down is not None and 0.3 <= down - t_fail <= 0.5  # as without ramping

@@ -87,6 +87,13 @@ RESPONDER_OVERRIDES: dict[tuple[State, Ev], State] = {
 class SubflowConfig:
     keepalive_idle: float = 0.75  # probe interval with no user data flowing
     keepalive_active: float = 0.1  # probe interval while user data flows
+    # While the link meter is in start-up and the scheduler holds traffic
+    # for this subflow (LinkMeter.ramping), probe every half RTT, but not
+    # faster than this: each echo may double the rate estimate, so a
+    # carrier is learnt in a few round trips instead of a few probe
+    # intervals.  Probe scheduling only: the dead verdict keeps counting
+    # time by probe_plan's interval.
+    keepalive_startup: float = 0.01
     dead_after: int = 3  # consecutive unanswered probes that make a subflow dead
     # On a lossy (or not yet measured) path a few lost probes prove nothing:
     # probes are then sent faster and more must go unanswered, keeping the
@@ -105,6 +112,8 @@ class SubflowConfig:
     def validate(self) -> None:
         if not 0 < self.keepalive_active <= self.keepalive_idle:
             raise ValueError("need 0 < keepalive_active <= keepalive_idle")
+        if not self.keepalive_startup > 0:  # (above keepalive_active: no faster probes)
+            raise ValueError("need keepalive_startup > 0")
         if self.dead_after < 1:
             raise ValueError("dead_after must be >= 1")
         if not 0 < self.probe_false_dead < 1 or self.max_probes < self.dead_after:
@@ -469,6 +478,18 @@ class Subflow:
     def _probe_interval(self, now: float) -> float:
         return self.probe_plan(now)[0]
 
+    def _ramp_interval(self, interval: float) -> float:
+        """The gap to the next probe: ``interval``, or half an RTT (at least
+        ``keepalive_startup``) while the meter is ramping up."""
+        m = self.meter
+        if m is None or not m.ramping:
+            return interval
+        srtt = self.rtt.srtt
+        fast = self.config.keepalive_startup
+        if srtt is not None and srtt / 2 > fast:
+            fast = srtt / 2
+        return fast if fast < interval else interval
+
     def on_sent(self, nbytes: int) -> None:
         """A control datagram of ``nbytes`` went out on this subflow."""
         self.tx_packets += 1
@@ -520,7 +541,7 @@ class Subflow:
                 self.probe_fail.observe(False)
             out.append(_ts(now))
             self._last_probe_tx = now
-            self._next_probe = now + interval
+            self._next_probe = now + self._ramp_interval(interval)
         elif self.deadline is not None and now >= self.deadline:
             if st is S.CONNECT_SENT:
                 self._fire(E.RETRY, now)
