@@ -598,11 +598,13 @@ def _pinned_failover(pps: int, size: int, delays, rates, seed: int = 1, cut_afte
 
 
 def test_a_failed_carrier_s_whole_in_flight_tail_is_repaired_in_one_round():
-    # ~100 packets were in flight on the dead carrier: more than one NACK's 64
-    # numbers, and the hold is only 8 ms on these 1 ms paths, so every NACK
-    # for the tail goes in the same round and the receiver waits for the
-    # re-sends instead of giving the numbers up
-    lost, cb, ca = _pinned_failover(1000, 1000, (0.001,) * 3, (None,) * 3)
+    # ~130 packets went onto the dead carrier before the scheduler suspected
+    # it: more than two NACKs' 64 numbers, and the hold is only 8 ms on these
+    # 1 ms paths, so every NACK for the tail goes in the same round and the
+    # receiver waits for the re-sends instead of giving the numbers up.
+    # (4000/s: at 1000/s the quick re-probe of an overdue probe has the
+    # carrier suspected after ~12 packets, too few to need several NACKs.)
+    lost, cb, ca = _pinned_failover(4000, 1000, (0.001,) * 3, (None,) * 3)
     assert lost == [] and cb["skipped"] == 0
     assert cb["nack_seqs"] > wire.NACK_SPAN and ca["nack_retransmits"] == cb["nack_seqs"]
     assert cb["nack_too_late"] == 0

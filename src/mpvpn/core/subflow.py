@@ -159,6 +159,7 @@ class Subflow:
         self._retries = 0
         self._next_probe: float | None = None
         self._last_probe_tx = 0.0
+        self._recheck = False  # _next_probe is the overdue check of the last probe
         # our KEEPALIVEs (their timestamps) that no answer from the peer has
         # covered yet: the unanswered probes dead detection counts
         self._outstanding: deque[int] = deque()
@@ -214,6 +215,7 @@ class Subflow:
                 self.last_answer = now
                 self._last_probe_tx = now
                 self._next_probe = now + self._probe_interval(now)
+                self._recheck = False
                 self._retries = 0
             elif old is S.ESTABLISHED:
                 self.downs += 1
@@ -527,6 +529,13 @@ class Subflow:
             if self._next_probe is None or now < self._next_probe:
                 return
             interval, need = self.probe_plan(now)
+            if self._recheck:
+                self._recheck = False
+                if not self._outstanding:  # answered in time: the regular gap
+                    due = self._last_probe_tx + self._ramp_interval(interval)
+                    if now < due:
+                        self._next_probe = due
+                        return
             if self.probes_unanswered >= need:
                 silent = now - (self.last_answer if self.last_answer is not None else now)
                 rto = self.rtt.timeout() or 0.0
@@ -542,6 +551,19 @@ class Subflow:
             out.append(_ts(now))
             self._last_probe_tx = now
             self._next_probe = now + self._ramp_interval(interval)
+            # While user data flows here, a probe (the only one unanswered)
+            # still unanswered after an RTO is followed by the next one at
+            # once rather than a probe interval later (once: later ones keep
+            # the interval): the scheduler suspects a subflow on its second
+            # unanswered probe, and every ms a dead carrier stays unsuspected
+            # at a high send rate is packets the send buffer (and the
+            # receiver's NACK tracking) must cover.  The dead verdict counts
+            # time (silence), not probes: it comes no sooner.
+            rto = self.rtt.timeout(self.config.keepalive_startup)
+            if rto is not None and len(out) == 1 and now - self.data_tx_at < self.config.keepalive_idle \
+                    and now + rto < self._next_probe:
+                self._next_probe = now + rto
+                self._recheck = True
         elif self.deadline is not None and now >= self.deadline:
             if st is S.CONNECT_SENT:
                 self._fire(E.RETRY, now)
