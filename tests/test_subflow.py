@@ -468,3 +468,46 @@ def test_a_ramping_meter_probes_every_half_rtt_without_hastening_the_dead_verdic
     stream(1.0, True, n)
     down = _time_to_down(pair, "a", 1)
     assert down is not None and 0.3 <= down - t_fail <= 0.5  # as without ramping
+
+
+def test_an_unanswered_probe_is_followed_by_the_next_one_an_rto_later_while_data_flows():
+    """While user data flows, the one probe outstanding still unanswered after
+    an RTO brings the next probe at once (the scheduler suspects a subflow on
+    its second unanswered probe), not a keepalive_active later; once, and
+    the dead verdict still waits for its silence."""
+    pair = SimPair(2, delay=0.010)  # RTT 20 ms, RTO ~20-30 ms
+    assert pair.handshake()
+    sf = pair.a.subflows[1]
+    n = 0
+
+    def step():
+        nonlocal n
+        pair.send("a", n.to_bytes(4, "big") + bytes(96))
+        n += 1
+        pair.run(0.001)
+
+    for _ in range(500):  # data flowing: the active interval, probes answered
+        step()
+    assert sf.probes_unanswered <= 1
+    while sf.probes_unanswered:  # just after an answer
+        step()
+    t_fail, heard = pair.now, sf.last_answer
+    pair.set(1, up=False)
+    sent = []  # when each probe after the cut left
+    p = sf.tx_packets - sf.data_tx
+    while len(sent) < 3 and pair.now - t_fail < 1.0:
+        step()
+        q = sf.tx_packets - sf.data_tx
+        if q != p:
+            sent.append(pair.now)
+            p = q
+    gap = sf.config.keepalive_active
+    assert len(sent) == 3 and sent[0] - t_fail <= gap + 0.002
+    rto = sf.rtt.timeout()
+    assert sent[1] - sent[0] <= rto + 0.002 < gap / 2  # the re-probe
+    assert sent[2] - sent[1] >= gap - rto - 0.002  # then the regular schedule
+    while pair.now - t_fail < 1.0:
+        step()
+    down = _time_to_down(pair, "a", 1)
+    # silence decides, as before: dead_after probe intervals since the last answer
+    assert down is not None and 0.3 <= down - heard <= 0.5
