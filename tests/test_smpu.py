@@ -631,11 +631,13 @@ def _pinned_failover(pps: int, size: int, delays, rates, seed: int = 1, cut_afte
 
 
 def test_a_failed_carrier_s_whole_in_flight_tail_is_repaired_in_one_round():
-    # ~100 packets were in flight on the dead carrier: more than one NACK's 64
-    # numbers, and the hold is only 8 ms on these 1 ms paths, so every NACK
-    # for the tail goes in the same round and the receiver waits for the
-    # re-sends instead of giving the numbers up
-    lost, cb, ca = _pinned_failover(1000, 1000, (0.001,) * 3, (None,) * 3)
+    # ~130 packets went onto the dead carrier before the scheduler suspected
+    # it: more than two NACKs' 64 numbers, and the hold is only 8 ms on these
+    # 1 ms paths, so every NACK for the tail goes in the same round and the
+    # receiver waits for the re-sends instead of giving the numbers up.
+    # (4000/s: at 1000/s the quick re-probe of an overdue probe has the
+    # carrier suspected after ~12 packets, too few to need several NACKs.)
+    lost, cb, ca = _pinned_failover(4000, 1000, (0.001,) * 3, (None,) * 3)
     assert lost == [] and cb["skipped"] == 0
     assert cb["nack_seqs"] > wire.NACK_SPAN and ca["nack_retransmits"] == cb["nack_seqs"]
     assert cb["nack_too_late"] == 0
@@ -648,7 +650,7 @@ def test_a_carrier_failing_under_a_fast_flow_loses_nothing_at_any_phase_of_the_p
     fastest of three carriers of 96, 48 and 48 Mbit/s (simnet's rates are
     bytes/s): when it fails, the survivors carry 96 Mbit/s -- no congestion,
     so nothing may be lost.  The scheduler keeps sending onto the dead
-    carrier until its probes go unanswered (100-200 ms, depending on where
+    carrier until its probes go unanswered (up to 200 ms, depending on where
     in the 100 ms probe interval the cut falls -- hence the sweep over a
     whole interval), and the receiver sees the gap only once data comes over
     another carrier.  Before: 44-542 (5000/s) and 23-183 (2000/s) packets
@@ -663,8 +665,8 @@ def test_a_carrier_failing_under_a_fast_flow_loses_nothing_at_any_phase_of_the_p
     assert lost == [], (len(lost), lost[:10])
     assert ca["tx_sched_drops"] == 0 and ca["nack_unavailable"] == 0 and ca["nack_budget_drops"] == 0
     assert cb["nack_untracked"] == 0 and cb["skipped"] == 0
-    # the tail is a few hundred packets: more than the fixed burst of 128
-    assert ca["nack_retransmits"] > 128
+    if pps == 5000:  # the tail is a few hundred packets: more than the fixed burst of 128
+        assert ca["nack_retransmits"] > 128
 
 
 def test_a_slow_subflow_that_delivers_in_bursts_still_hides_its_in_flight_packets():
