@@ -52,17 +52,20 @@ class SendBufferSizer:
         self._now = float("-inf")
         self._seq = 0
 
-    def note(self, now: float, seq: int) -> None:
-        """The session has numbered ``seq`` packets by ``now``."""
+    def note(self, now: float, seq: int) -> bool:
+        """The session has numbered ``seq`` packets by ``now``.  True when
+        that took a new mark (a step passed): only then can :meth:`wanted`
+        say something new."""
         self._now, self._seq = now, seq
         marks = self._marks
         if marks:
             t0, s0 = marks[-1]
             dt = now - t0
             if dt < self.STEP:
-                return
+                return False
             self.rate = (seq - s0) / dt
         marks.append((now, seq))
+        return True
 
     def wanted(self, keep: float, current: int) -> int:
         """The capacity to use now, given the ``current`` one: the packets of

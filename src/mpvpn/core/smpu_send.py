@@ -307,7 +307,8 @@ class SendPath:
         dead-detection window -- must still be here when the NACKs for it
         come, and they may come as late as the hold's cap after that."""
         sizer = self._sendsizer
-        sizer.note(now, self._seq)
+        if not sizer.note(now, self._seq):  # (timers fire far more often than a step)
+            return
         sub = self.config.subflow
         cap = self.reorder.hold_cap
         keep = (sub.dead_after + 1) * sub.keepalive_active + (cap if cap is not None else self.config.hold_max)
