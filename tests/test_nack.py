@@ -170,3 +170,32 @@ def test_a_failed_carrier_s_whole_tail_is_tracked_and_its_round_may_hold_past_th
     assert 0.2 + 0.08 < r.cap < 0.2 + 0.12 and r.cap <= cfg.hold_limit
     reorder.defer(r.defer, r.cap)
     assert r.defer > t + 0.2 and reorder.expire(t + 0.2 + 0.01) == []  # 1001 still held
+
+
+def test_overlapping_rounds_do_not_add_their_stretches_up():
+    """Under steady loss a repair is always on its way, so deferrals
+    overlap; each round's stretch of the cap is its own re-sends' serial
+    time on top of the RTTs' cap, never on top of the stretch still running
+    (else a few ms per round would have grown the cap to hold_limit, and a
+    gap whose re-sends were all lost would hold the line for a second)."""
+    cfg = SessionConfig()
+    rx = NackReceiver(cfg)
+    reorder = ReorderBuffer(4096, 0.05)
+    reorder.hold_cap = 0.2
+    up = [_Sub(2, 0.02), _Sub(3, 0.03)]
+    t, seq, caps = 0.0, 1, []
+    while t < 2.0:
+        for _ in range(50):  # data every 0.2 ms, one in 50 lost
+            seq += 1
+            reorder.push(seq, seq, t)
+            rx.on_data(1, seq, t, reorder.last)
+            t += 0.0002
+        seq += 1  # lost
+        if rx.next is not None and rx.next <= t:
+            r = rx.tick(t, up, reorder)
+            if r.defer is not None:
+                reorder.defer(r.defer, r.cap)
+                caps.append(r.cap)
+            reorder.expire(t)
+    assert len(caps) > 100 and reorder.hold_until > t - 0.05  # the deferrals overlapped
+    assert max(c for c in caps if c is not None) < 0.2 + 0.01  # one round's few numbers each

@@ -285,8 +285,9 @@ class NackReceiver:
             self._ask_mark = self.rx_high
         passed = self.passed_all(now)
         wait_min = self.wait_min
-        cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
+        base_cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
         held = reorder.hold_until
+        cap = base_cap
         if held > now and reorder.defer_cap > cap:  # a burst's repair is under way (below)
             cap = reorder.defer_cap
         late = self.LATE if self.config.hold == -1.0 else 0.0
@@ -408,10 +409,12 @@ class NackReceiver:
             # hold_limit): with the RTT's cap alone, a failed carrier's tail
             # of ~900 packets at 5000/s was still arriving when the line
             # gave it up.
-            limit = cap + burst
-            limit = cap if limit <= cap else min(limit, max(cap, self.config.hold_limit))
-            defer = min(until, oldest + limit)
-            defer_cap = limit if limit > cap else None
+            # (from the RTTs' cap, not a running burst's: under steady loss
+            # the deferrals overlap, and the stretch must not add up)
+            limit = base_cap + burst
+            limit = base_cap if limit <= base_cap else min(limit, max(base_cap, self.config.hold_limit))
+            defer = min(until, oldest + (limit if limit > cap else cap))
+            defer_cap = limit if limit > base_cap else None
         if not missing and not asked:
             self.next = None
             return NackRound(payloads, targets, defer, declined, defer_cap)
