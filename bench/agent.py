@@ -47,10 +47,12 @@ def rss_mib(pid: int) -> float:
 
 
 def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0, streams: int = 1,
-          cc: str | None = None) -> tuple[float, int]:
+          cc: str | None = None, trace: dict | None = None) -> tuple[float, int]:
     """TCP goodput (bit/s) and bytes received, iperf3 src -> dst (the first
     ``omit`` seconds, slow start, not counted; ``streams`` parallel TCP flows;
-    ``cc`` the congestion control, default the host's)."""
+    ``cc`` the congestion control, default the host's).  ``trace``, if
+    given, gets the sender's Mbit/s per second (``mbit``) and its TCP
+    retransmissions (``retransmits``, per second and in all)."""
     srv = lab.popen(dst_ns, ["iperf3", "-s", "-1", "-B", dst_ip], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
     time.sleep(0.3)
@@ -58,7 +60,13 @@ def iperf(lab, src_ns, dst_ns, dst_ip, seconds: float, omit: int = 0, streams: i
                          "-P", str(streams)] + (["-C", cc] if cc else []),
                 timeout=seconds + omit + 30)
     srv.wait(10)
-    end = json.loads(r.stdout)["end"]["sum_received"]
+    doc = json.loads(r.stdout)
+    if trace is not None:
+        sums = [iv["sum"] for iv in doc.get("intervals", ())]
+        trace["mbit"] = [round(x["bits_per_second"] / 1e6, 1) for x in sums]
+        trace["retransmits"] = [x.get("retransmits") for x in sums]
+        trace["retransmits_total"] = doc["end"].get("sum_sent", {}).get("retransmits")
+    end = doc["end"]["sum_received"]
     return end["bits_per_second"], end["bytes"]
 
 

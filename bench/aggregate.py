@@ -21,7 +21,10 @@ also read after every agent run.
                               [--json FILE]   (root, iperf3)
 
 ``--cold S`` first runs iperf3 for S seconds right after the agents came up
-(issue 17 item 3: a whole transfer from a cold start, the ramp included).
+(issue 17 item 3: a whole transfer from a cold start, the ramp included);
+with --cold-only each run also prints the sender's Mbit/s per second and
+its TCP retransmissions (and keeps them in --json), to tell a stall from a
+slow ramp.
 """
 
 from __future__ import annotations
@@ -147,11 +150,13 @@ def run_mode(mode: str, loss: int, delays: bool, cc: str | None, args) -> dict:
         if args.cold:
             # a cold start: the first transfer after the agents came up, no
             # second omitted (the ramp included: links not yet measured)
-            cold_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.cold, omit=0, cc=cc)
+            trace: dict = {}
+            cold_bps, _ = iperf(lab, lab.ha, lab.hb, "192.168.20.2", args.cold, omit=0, cc=cc, trace=trace)
             cold = cold_bps / 1e6
             if args.cold_only:
                 return {"mode": mode, "loss_on_30": loss / 100, "delays": delays, "cc": cc or "default",
-                        "cold_mbit": cold, "cold_vs_sum": cold / sum(RATES.values())}
+                        "cold_mbit": cold, "cold_vs_sum": cold / sum(RATES.values()),
+                        "cold_trace": trace}
         s0 = shim_counters(lab)
         t0, r0 = tbf_drops(lab), udp_rcvbuf_errors(lab, lab.rb)
         st0 = ts.a.status()
@@ -234,8 +239,10 @@ def main(argv=None) -> int:
     if args.cold_only:
         print(f"TCP through two agents from a cold start: iperf3 {args.cold:g} s right after the agents came up")
         for r in rows:
+            t = r["cold_trace"]
             print(f"{r['cc']:<6}{r['mode']:<10}{100 * r['loss_on_30']:>3.0f}% on 30: cold {r['cold_mbit']:6.1f} Mbit/s "
-                  f"({r['cold_vs_sum']:.3f} of the sum)")
+                  f"({r['cold_vs_sum']:.3f} of the sum); per second {t.get('mbit')}, "
+                  f"TCP retransmits {t.get('retransmits_total')}")
         if args.json:
             Path(args.json).write_text(json.dumps({"bench": "aggregate", "rates_mbit": RATES, "rows": rows}, indent=2))
         return 0

@@ -328,3 +328,27 @@ def test_on_send_seq_keeps_the_state_of_on_send_per_datagram():
             ref.on_send(n, now)
         m.on_send_seq(sizes, now)
         assert {k: getattr(m, k) for k in LinkMeter.__slots__} == {k: getattr(ref, k) for k in LinkMeter.__slots__}
+
+
+def test_meter_start_up_grows_on_a_queue_shorter_than_modelled_once_per_round_trip():
+    """The scheduler holds queue_target (15 ms) of the *estimate* on a link:
+    right after each burst even a link several times faster than the guess
+    shows a few ms of queue, so "no queue at all" never held and start-up
+    learnt a 10x link in 0.35 s of 20 ms round trips (and ended early on
+    jitter).  A probe that met at most half the modelled queue grows the
+    estimate, once per round trip (probes come every half RTT in start-up:
+    the ones sent before a growth measured the old rate), and start-up ends
+    on a queue near the modelled one."""
+    for jitter in (0.0, 0.004):
+        m = LinkMeter(bw0=100e3)
+        m.note_rtt(0.020)
+        link = Bottleneck(m, rate=1e6, jitter=jitter)
+        worst = 0.0
+        for _ in range(4):
+            link.run(0.05, send_rate=2e6, gate=0.015, probe_every=0.01)
+            worst = max(worst, link.queue() / 1e6)
+        assert 0.8e6 < m.bw < 1.3e6, (jitter, m.bw)  # (the old rule: 0.19-0.38e6)
+        assert worst < 0.03  # one doubling per round trip: no runaway queue
+        link.run(0.5, send_rate=2e6, gate=0.015, probe_every=0.01)
+        assert m.bw == pytest.approx(1e6, rel=0.05)
+        assert not m.startup  # the queue met what the model put there

@@ -140,3 +140,62 @@ def test_copies_puts_a_nack_on_every_subflow():
     up = [_Sub(1, 0.01), _Sub(2, 0.02), _Sub(3, 0.03)]
     r = rx.tick(rx.next, list(up), reorder, copies=3)
     assert sorted(s.member for s in r.targets) == [1, 2, 3]
+
+
+def test_a_failed_carrier_s_whole_tail_is_tracked_and_its_round_may_hold_past_the_cap():
+    """A carrier failing under a flow at 5000 packets/s shows the receiver
+    one gap of ~900 numbers at once (the data comes over another carrier only
+    once the sender suspects the dead one).  Every number is tracked -- the
+    peer's send buffer may still hold it (before: 512, the rest given up as
+    ``nack_untracked``) -- and a round asking for such a burst holds the line
+    past the RTTs' cap by the time its re-sends take one after another, up to
+    ``hold_limit`` (before: the tail's end was given up while its re-sends
+    were still coming)."""
+    cfg = SessionConfig()
+    rx = NackReceiver(cfg)
+    reorder = ReorderBuffer(4096, 0.05)
+    reorder.hold_cap = 0.2
+    t = 0.0
+    for seq in range(1, 101):  # data every 0.2 ms on member 1
+        reorder.push(seq, seq, t)
+        rx.on_data(1, seq, t, reorder.last)
+        t += 0.0002
+    reorder.push(1001, 1001, t)
+    rx.on_data(2, 1001, t, reorder.last)  # 101..1000 missing
+    assert len(rx.missing) == 900 and rx.nack_untracked == 0
+    r = rx.tick(rx.next, [_Sub(2, 0.05), _Sub(3, 0.08)], reorder)
+    asked = [s for p in r.payloads for s in wire.nack_decode(p)]
+    assert asked == list(range(101, 101 + 8 * wire.NACK_SPAN))  # a round's 8 NACKs; the rest next
+    # 512 re-sends one after another at the data's pace (0.2 ms): ~0.1 s more
+    assert 0.2 + 0.08 < r.cap < 0.2 + 0.12 and r.cap <= cfg.hold_limit
+    reorder.defer(r.defer, r.cap)
+    assert r.defer > t + 0.2 and reorder.expire(t + 0.2 + 0.01) == []  # 1001 still held
+
+
+def test_overlapping_rounds_do_not_add_their_stretches_up():
+    """Under steady loss a repair is always on its way, so deferrals
+    overlap; each round's stretch of the cap is its own re-sends' serial
+    time on top of the RTTs' cap, never on top of the stretch still running
+    (else a few ms per round would have grown the cap to hold_limit, and a
+    gap whose re-sends were all lost would hold the line for a second)."""
+    cfg = SessionConfig()
+    rx = NackReceiver(cfg)
+    reorder = ReorderBuffer(4096, 0.05)
+    reorder.hold_cap = 0.2
+    up = [_Sub(2, 0.02), _Sub(3, 0.03)]
+    t, seq, caps = 0.0, 1, []
+    while t < 2.0:
+        for _ in range(50):  # data every 0.2 ms, one in 50 lost
+            seq += 1
+            reorder.push(seq, seq, t)
+            rx.on_data(1, seq, t, reorder.last)
+            t += 0.0002
+        seq += 1  # lost
+        if rx.next is not None and rx.next <= t:
+            r = rx.tick(t, up, reorder)
+            if r.defer is not None:
+                reorder.defer(r.defer, r.cap)
+                caps.append(r.cap)
+            reorder.expire(t)
+    assert len(caps) > 100 and reorder.hold_until > t - 0.05  # the deferrals overlapped
+    assert max(c for c in caps if c is not None) < 0.2 + 0.01  # one round's few numbers each

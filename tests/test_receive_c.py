@@ -100,11 +100,11 @@ def nack_state(rx: NackReceiver) -> dict:
 
 @needs_c
 @settings(max_examples=300, deadline=None)
-@given(track=st.integers(1, 40), send_buffer=st.sampled_from([8, 64, 1024]),
+@given(track=st.integers(1, 40), send_buffer=st.sampled_from([8, 64, 1024]),  # the peer's most: send_buffer_max
        batches=st.lists(st.tuples(st.integers(1, 3), st.lists(st.tuples(st.integers(-10, 40), st.integers(-5, 0)),
                                                               max_size=30), st.floats(0, 0.01)), max_size=20))
 def test_on_data_many_in_c_notes_the_gaps_the_python_reference_notes(track, send_buffer, batches):
-    cfg = SessionConfig(nack_track=track, send_buffer=send_buffer)
+    cfg = SessionConfig(nack_track=track, send_buffer=send_buffer, send_buffer_max=send_buffer)
     py, c = NackReceiver(cfg), NackReceiver(cfg)
     now = 1.0
     for member, arrivals, dt in batches:

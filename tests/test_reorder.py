@@ -512,3 +512,23 @@ def test_the_buffer_checks_the_hold_it_is_given():
         with pytest.raises(ValueError):
             rb.set_hold(*bad)
     assert (rb.hold, rb.hold_cap) == (None, 0.2)
+
+
+def test_a_burst_s_deferral_may_keep_items_past_the_cap_until_it_ends():
+    """A failed carrier's tail is repaired one re-send after another: its
+    deferral brings its own, longer cap (the engine bounds it); the next
+    deferral, once it is over, does not inherit it."""
+    rb = ReorderBuffer(capacity=64, hold=0.010)
+    rb.hold_cap = 0.100
+    rb.push(1, "a", 0.0)
+    rb.push(3, "c", 0.0)  # 2 missing
+    rb.defer(0.300, cap=0.250)
+    assert rb.next_deadline() == 0.250
+    assert rb.expire(0.200) == []  # past hold_cap: the re-sends are still coming
+    assert rb.expire(0.250) == ["c"] and rb.skipped == 1  # but not past its own cap
+    rb.push(5, "e", 0.295)  # 4 missing
+    assert rb.expire(0.300) == []  # the deferral is over
+    rb.defer(0.500)
+    assert rb.next_deadline() == pytest.approx(0.395)  # hold_cap again
+    with pytest.raises(ValueError):
+        rb.defer(0.6, cap=-1.0)

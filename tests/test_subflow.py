@@ -272,6 +272,9 @@ def test_config_validation():
     with pytest.raises(ValueError):
         SubflowConfig(dead_after=0).validate()
     with pytest.raises(ValueError):
+        SubflowConfig(keepalive_startup=0.0).validate()
+    SubflowConfig(keepalive_active=0.01, keepalive_startup=0.02).validate()  # (the agent's minimum)
+    with pytest.raises(ValueError):
         SessionConfig(send_buffer=1000).validate()
 
 
@@ -429,3 +432,82 @@ def test_the_peers_own_keepalives_count_as_answers():
     pair.session("b").handle_timer(pair.now)
     pair.run(0.015)
     assert a.probes_unanswered == 0
+
+
+def test_a_ramping_meter_probes_every_half_rtt_without_hastening_the_dead_verdict():
+    """While its link meter is in start-up and the scheduler holds traffic for
+    it (LinkMeter.ramping), a subflow probes every half RTT (each echo may
+    double the estimate) instead of every keepalive_active; the dead verdict
+    still waits for dead_after probe intervals of silence."""
+    pair = SimPair(2, delay=0.020)  # RTT 40 ms: a probe every 20 ms while ramping
+    assert pair.handshake()
+    sf = pair.a.subflows[1]
+
+    def probes():
+        return sf.tx_packets - sf.data_tx
+
+    def stream(seconds, ramping, first):
+        n, end = first, pair.now + seconds
+        while pair.now < end:
+            if ramping:
+                sf.meter.held = True  # as the scheduler does while the link is full
+            pair.send("a", n.to_bytes(4, "big") + bytes(96))
+            n += 1
+            pair.run(0.005)
+        return n
+
+    n = stream(0.3, False, 0)  # data flowing: the active interval
+    p0 = probes()
+    n = stream(1.0, False, n)
+    assert sf.meter.startup and 8 <= probes() - p0 <= 12  # every 100 ms
+    p0 = probes()
+    n = stream(1.0, True, n)
+    assert 40 <= probes() - p0 <= 55  # every ~20 ms
+    t_fail = pair.now
+    pair.set(1, up=False)
+    stream(1.0, True, n)
+    down = _time_to_down(pair, "a", 1)
+    assert down is not None and 0.3 <= down - t_fail <= 0.5  # as without ramping
+
+
+def test_an_unanswered_probe_is_followed_by_the_next_one_an_rto_later_while_data_flows():
+    """While user data flows, the one probe outstanding still unanswered after
+    an RTO brings the next probe at once (the scheduler suspects a subflow on
+    its second unanswered probe), not a keepalive_active later; once, and
+    the dead verdict still waits for its silence."""
+    pair = SimPair(2, delay=0.010)  # RTT 20 ms, RTO ~20-30 ms
+    assert pair.handshake()
+    sf = pair.a.subflows[1]
+    n = 0
+
+    def step():
+        nonlocal n
+        pair.send("a", n.to_bytes(4, "big") + bytes(96))
+        n += 1
+        pair.run(0.001)
+
+    for _ in range(500):  # data flowing: the active interval, probes answered
+        step()
+    assert sf.probes_unanswered <= 1
+    while sf.probes_unanswered:  # just after an answer
+        step()
+    t_fail, heard = pair.now, sf.last_answer
+    pair.set(1, up=False)
+    sent = []  # when each probe after the cut left
+    p = sf.tx_packets - sf.data_tx
+    while len(sent) < 3 and pair.now - t_fail < 1.0:
+        step()
+        q = sf.tx_packets - sf.data_tx
+        if q != p:
+            sent.append(pair.now)
+            p = q
+    gap = sf.config.keepalive_active
+    assert len(sent) == 3 and sent[0] - t_fail <= gap + 0.002
+    rto = sf.rtt.timeout()
+    assert sent[1] - sent[0] <= rto + 0.002 < gap / 2  # the re-probe
+    assert sent[2] - sent[1] >= gap - rto - 0.002  # then the regular schedule
+    while pair.now - t_fail < 1.0:
+        step()
+    down = _time_to_down(pair, "a", 1)
+    # silence decides, as before: dead_after probe intervals since the last answer
+    assert down is not None and 0.3 <= down - heard <= 0.5

@@ -413,7 +413,8 @@ fail:
  *     dict (seq -> when noticed; updated here, insertion order kept): for
  *     each (seq, delivered up to) in ``arrivals``, a number above rx_high + 1
  *     notes the gap below it (at most ``track`` numbers missing at once, none
- *     older than seq - send_buffer), one at or below rx_high is no longer
+ *     older than seq - send_buffer: the most the peer's send buffer holds,
+ *     SessionConfig.send_buffer_max), one at or below rx_high is no longer
  *     missing.  Returns (rx_high, top, noted, untracked): top the highest
  *     seq, noted whether any number was noted missing (the caller sets its
  *     timer once: ``now`` is one value for the batch), untracked the numbers

@@ -194,7 +194,7 @@ class LinkMeter:
 
     __slots__ = ("bw", "bw0", "q", "t", "tx", "held", "busy_delay", "gain_up", "smooth", "span", "noise", "loss",
                  "samples", "last_sample", "last_echo", "probe_qdelay", "min_rtt", "startup",
-                 "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass",
+                 "_probes", "_marks", "_empties", "_last_echo_ts", "_last_tpass", "_grown_at", "_was_held",
                  "_bucket", "_sent_b", "_nack_b")
 
     MAX_PROBES = 64  # sent probes remembered (echoes of older ones are ignored)
@@ -202,6 +202,8 @@ class LinkMeter:
     FRESH_ECHO = 0.05  # an echo that waited longer at the peer does not re-anchor the queue
 
     STARTUP_GAIN = 2.0
+    STARTUP_DRAIN = 0.5  # start-up: a probe meeting at most this share of the modelled queue -> grow
+    STARTUP_FULL = 0.75  # start-up ends only on a queue of at least this share of the modelled one
     MAX_NOISE = 0.0125  # the jitter allowance never exceeds 2 * this
 
     def __init__(self, bw0: float = 125_000.0, busy_delay: float = 0.003, gain_up: float = 1.25,
@@ -241,6 +243,8 @@ class LinkMeter:
         self._empties = 0  # times the model queue ran empty (app-limited moments)
         self._last_echo_ts = 0
         self._last_tpass = float("-inf")
+        self._grown_at = float("-inf")  # when start-up last grew the estimate on a drained queue
+        self._was_held = False  # held between the last two echoes
         # datagrams sent and NACKed (sent only here), per 100 ms: [previous, current]
         self._bucket = 0
         self._sent_b = [0, 0]
@@ -281,6 +285,14 @@ class LinkMeter:
     def nacked_recently(self, now: float) -> int:
         self._roll(now)
         return self._nack_b[0] + self._nack_b[1]
+
+    @property
+    def ramping(self) -> bool:
+        """Still in start-up and the scheduler held traffic for this link
+        since the echo before last: faster probes would find its rate
+        sooner.  (``held`` alone is cleared by every echo, and a probe
+        falling due right after one would not count.)"""
+        return self.startup and (self.held or self._was_held)
 
     @property
     def rate(self) -> float:
@@ -370,13 +382,15 @@ class LinkMeter:
         self._probes.clear()
         self._marks.clear()
         self._empties += 1
-        self.held = False
+        self.held = self._was_held = False
 
     def on_probe_sent(self, ts_us: int, now: float) -> None:
         self._advance(now)
         probes = self._probes
         # idle: only the probe itself in the model queue
-        probes[ts_us] = (now, self.tx, self._empties, self.q <= 1500.0)
+        # (the model's queueing delay ahead of the probe: in start-up, what
+        # the probe really met is compared with it)
+        probes[ts_us] = (now, self.tx, self._empties, self.q <= 1500.0, self.q / self.rate)
         if len(probes) > self.MAX_PROBES:
             del probes[next(iter(probes))]
 
@@ -389,7 +403,7 @@ class LinkMeter:
         if rec is None:
             return None
         self._last_echo_ts = echo_ts_us
-        t0, tx0, empties, idle = rec
+        t0, tx0, empties, idle, mqd = rec
         self.note_rtt(now - echo_delay - t0)
         base = self.min_rtt
         if min_rtt is not None and (base is None or min_rtt < base):
@@ -418,8 +432,9 @@ class LinkMeter:
             # (the strict threshold here: with the jitter allowance a real
             # queue of up to 2 * noise would read as none and the estimate
             # would keep growing past the link's rate)
-            if (self.held and (empties == self._empties or self.bw is None)
-                    and qd <= self.busy_delay and real <= rate * self.busy_delay):
+            if (self.held and (empties == self._empties or self.bw is None) and t0 >= self._grown_at
+                    and (qd <= self.busy_delay and real <= rate * self.busy_delay
+                         or self.startup and qd <= self.STARTUP_DRAIN * mqd)):
                 # The scheduler held traffic for this link and kept it loaded
                 # (the model queue never ran empty since the probe left), yet
                 # the probe met no queue (measured, not modelled: a rate
@@ -431,7 +446,18 @@ class LinkMeter:
                 # and the estimate doubled past the carrier's rate.  A link
                 # never measured has no estimate to protect: held is enough,
                 # so a spare carrier is ready when the busy one fails.)
+                # In start-up the scheduler keeps queue_target of backlog
+                # at the estimated rate, so even a link twice as fast as
+                # the estimate shows a few ms of queue right after each
+                # burst: there, a probe that waited at most STARTUP_DRAIN
+                # of the queue the model put ahead of it saw the link drain
+                # at least that much faster than the estimate.
+                # (a probe sent before the last growth measured the old rate:
+                # one growth per round trip, as probes come every half RTT
+                # in start-up)
                 self.bw = rate * (self.STARTUP_GAIN if self.startup else self.gain_up)
+                self._grown_at = now
+            self._was_held = self.held
             self.held = False
             if real <= 0.0 < self.q:
                 self._empties += 1
@@ -448,11 +474,16 @@ class LinkMeter:
             sample = (tx0 - ref[1]) * (1.0 - min(self.loss, 0.9)) / (t_pass - ref[0])
             app_limited = empties != ref[3]
             busy = qd > busy_delay and ref[2] > busy_delay
-            if busy and not app_limited:
+            if busy and not app_limited and (not self.startup or qd > self.STARTUP_FULL * mqd
+                                             and ref[2] > self.STARTUP_FULL * ref[4]):
                 # Start-up ends when a link we kept loaded met a queue.  Both:
                 # on a jittery path a lightly used link's probes look "busy"
                 # before the jitter is learned (noise), and ending start-up
                 # there left a far link at a fraction of its rate for seconds.
+                # And the queue met was about what the model put there
+                # (STARTUP_FULL of it): a link faster than its estimate
+                # drains our own bursts sooner, and that is no sign of a
+                # full bottleneck.
                 self.startup = False
             bw = self.bw
             if bw is None:
@@ -471,7 +502,7 @@ class LinkMeter:
                 self.bw = bw + self.smooth * (sample - bw)
             self.samples += 1
             self.last_sample = sample
-        marks.append((t_pass, tx0, qd, empties))
+        marks.append((t_pass, tx0, qd, empties, mqd))
         if len(marks) > self.MAX_MARKS:
             marks.popleft()
         return sample

@@ -42,6 +42,7 @@ class NackRound:
     targets: list
     defer: float | None
     given_up: list | None = None  # missing numbers not asked for (over the ask budget): give them up now
+    cap: float | None = None  # with ``defer``: how long it may keep an item (ReorderBuffer.defer)
 
 
 class NackReceiver:
@@ -50,7 +51,7 @@ class NackReceiver:
     LATE = 0.02  # s: how late past the automatic hold a round still asks (see tick)
 
     def __init__(self, config):
-        self.config = config  # mpvpn.core.smpu.SessionConfig (nack_*, hold_max, send_buffer)
+        self.config = config  # mpvpn.core.smpu.SessionConfig (nack_*, hold_max, send_buffer_max)
         self.missing: dict[int, float] = {}  # seq -> when its gap was noticed
         # asked for, re-send not here yet: seq -> [ask again at, gap noticed at, asks left]
         self.asked: dict[int, list] = {}
@@ -147,7 +148,7 @@ class NackReceiver:
             return self.on_data_many_py(member, arrivals, now)
         c = self.config
         high, top, noted, untracked = _LOOPS.nack_gaps(
-            self.missing, self.rx_high, arrivals, c.send_buffer, c.nack_track, now)
+            self.missing, self.rx_high, arrivals, c.send_buffer_max, c.nack_track, now)
         self.rx_high = high
         self.nack_untracked += untracked
         if noted:  # what _note_gap does per gap: ``now`` is one value for the batch
@@ -202,7 +203,7 @@ class NackReceiver:
         lo = max(self.rx_high, delivered_up_to) + 1
         missing = self.missing
         c = self.config
-        lo = max(lo, seq - c.send_buffer)  # the sender no longer has older ones
+        lo = max(lo, seq - c.send_buffer_max)  # the sender no longer has older ones
         room = c.nack_track - len(missing)
         hi = min(seq, lo + max(0, room))
         if hi < seq:
@@ -244,6 +245,7 @@ class NackReceiver:
         payloads: list[bytes] = []
         targets: list = []
         defer: float | None = None
+        defer_cap: float | None = None
         missing = self.missing
         asked = self.asked
         if not missing and not asked:
@@ -283,8 +285,11 @@ class NackReceiver:
             self._ask_mark = self.rx_high
         passed = self.passed_all(now)
         wait_min = self.wait_min
-        cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
+        base_cap = reorder.hold_cap if reorder.hold_cap is not None else self.config.hold_max
         held = reorder.hold_until
+        cap = base_cap
+        if held > now and reorder.defer_cap > cap:  # a burst's repair is under way (below)
+            cap = reorder.defer_cap
         late = self.LATE if self.config.hold == -1.0 else 0.0
         again: list[int] = []  # asked for before, due again
         again_next = None
@@ -398,10 +403,21 @@ class NackReceiver:
                     until = again_at
                     if again_next is None or again_at < again_next:
                         again_next = again_at
-            defer = min(until, oldest + cap)
+            # The cap bounds one repair and a retry by the round trips; the
+            # re-sends of a burst come one after the other on top of that,
+            # so its deferral may keep the line that much longer (never past
+            # hold_limit): with the RTT's cap alone, a failed carrier's tail
+            # of ~900 packets at 5000/s was still arriving when the line
+            # gave it up.
+            # (from the RTTs' cap, not a running burst's: under steady loss
+            # the deferrals overlap, and the stretch must not add up)
+            limit = base_cap + burst
+            limit = base_cap if limit <= base_cap else min(limit, max(base_cap, self.config.hold_limit))
+            defer = min(until, oldest + (limit if limit > cap else cap))
+            defer_cap = limit if limit > base_cap else None
         if not missing and not asked:
             self.next = None
-            return NackRound(payloads, targets, defer, declined)
+            return NackRound(payloads, targets, defer, declined, defer_cap)
         if missing and nxt is None:
             nxt = next(iter(missing.values())) + wait
         if again_next is not None and (nxt is None or again_next < nxt):
@@ -410,7 +426,7 @@ class NackReceiver:
             self.next = None
         else:
             self.next = max(nxt, now + interval) if due else max(nxt, now)
-        return NackRound(payloads, targets, defer, declined)
+        return NackRound(payloads, targets, defer, declined, defer_cap)
 
 
 class NackSender:

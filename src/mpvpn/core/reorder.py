@@ -85,6 +85,7 @@ class ReorderBuffer:
         "skipped",
         "hold_until",
         "hold_cap",
+        "defer_cap",
         "deferrals",
         "given_up",
         "_given",
@@ -141,6 +142,7 @@ class ReorderBuffer:
         self._tlast = float("-inf")  # latest arrival time stored
         self._skips: deque = deque(maxlen=SKIP_MEMORY)  # (lo, hi), ascending
         self.hold_until = float("-inf")  # see defer()
+        self.defer_cap = 0.0  # the running deferral's own cap, if above hold_cap (see defer())
         self._given: set = set()  # numbers give_up() gave up ahead of the line
 
     def __len__(self) -> int:
@@ -338,19 +340,33 @@ class ReorderBuffer:
         t = t0 + hold
         if t >= self.hold_until:
             return t
-        cap = self.hold_cap
+        cap = self.deferral_cap
         if cap is not None and t0 + cap < self.hold_until:
             return t0 + cap if t0 + cap > t else t
         return self.hold_until
 
-    def defer(self, until: float) -> None:
+    @property
+    def deferral_cap(self) -> float | None:
+        """How long a deferral may keep an item: ``hold_cap``, or the running
+        deferral's own cap if that is longer (None: no cap)."""
+        cap = self.hold_cap
+        return cap if cap is None or cap >= self.defer_cap else self.defer_cap
+
+    def defer(self, until: float, cap: float | None = None) -> None:
         """No deadline release before ``until`` (a repair for a gap is on its
         way: the engine asked for it), except of items that waited
-        ``hold_cap``.  Items still wait at least ``hold``; in-order delivery
-        and flushes are unaffected."""
+        ``hold_cap`` -- or ``cap``, if given and longer, until this deferral
+        ends: the repair of a burst (a failed carrier's whole in-flight tail)
+        comes one re-send after another, and the engine bounds how much
+        longer that may take.  Items still wait at least ``hold``; in-order
+        delivery and flushes are unaffected."""
+        if cap is not None and not cap >= 0:
+            raise ValueError(f"deferral cap must be >= 0, got {cap!r}")
         if until > self.hold_until:
             self.hold_until = until
             self.deferrals += 1
+        if cap is not None and cap > self.defer_cap:
+            self.defer_cap = cap
 
     def give_up(self, seqs) -> list:
         """Give up missing numbers at once (the engine will not ask for them:
@@ -405,10 +421,12 @@ class ReorderBuffer:
         """
         hold = self.hold
         buf = self._buf
+        if now >= self.hold_until:
+            self.defer_cap = 0.0  # the deferral is over (a new one brings its own)
         if hold is None or not buf:
             return []
         if now < self.hold_until:  # a repair is on its way: wait, up to the cap
-            cap = self.hold_cap
+            cap = self.deferral_cap
             if cap is None:
                 return []
             if cap > hold:

@@ -102,8 +102,10 @@ class PacketScheduler(ABC):
         """Queued re-sends are waiting (``pull_retransmit`` has something)."""
         return False
 
-    def queue_retransmit(self, seq: int, carried, size: int, now: float) -> None:
-        """Queue a re-send of ``seq`` (a queueing scheduler paces re-sends)."""
+    def queue_retransmit(self, seq: int, carried, size: int, now: float, up=()) -> None:
+        """Queue a re-send of ``seq`` (a queueing scheduler paces re-sends;
+        ``up``: the established subflows, whose pace says how long the
+        re-sends queued ahead of it take)."""
         raise NotImplementedError("not a queueing scheduler")
 
     def pull_retransmit(self, up, now: float):

@@ -145,7 +145,7 @@ class SchedulerOptions:
     urgent_min_rate: float = 64_000.0  # ...but at least this many bytes/s
     urgent_value: float = 100.0  # F for urgent packets (seed 000's objective)
     retransmit_value: float = 5.0  # F for retransmissions: a 2nd copy only above about 1 % loss
-    retransmit_max_wait: float = 0.05  # s: a queued re-send older than this is dropped
+    retransmit_max_wait: float = 0.05  # s: a queued re-send waiting this long past its turn is dropped
     retransmit_queue: float = 0.03  # s: modelled backlog a re-send may still join (at least
     #                                 queue_target: re-sends are few and late; one that expires here is lost)
     copy_cost: float = 0.05  # beta: cost of each extra copy (in units of the best utility)
@@ -352,7 +352,8 @@ class Scheduler(PacketScheduler):
         self._active: deque = deque()  # flows with queued packets, DRR order
         self._active_prio: deque = deque()  # the same for flows of priority policies, served first
         self._urgent: deque = deque()  # (packet, flow): strict priority
-        self._retx: deque = deque()  # (seq, carried, size, queued_at): before everything
+        self._retx: deque = deque()  # (seq, carried, size, expires_at): before everything
+        self._retx_bytes = 0  # their sizes
         self._qbytes = 0
         self._qpackets = 0
         self._release_at: float | None = None
@@ -1208,13 +1209,29 @@ class Scheduler(PacketScheduler):
 
     # -- stage 3: retransmissions ------------------------------------------------------
 
-    def queue_retransmit(self, seq: int, carried, size: int, now: float) -> None:
+    def queue_retransmit(self, seq: int, carried, size: int, now: float, up=()) -> None:
         """Queue a re-send (a NACK): it leaves before any other packet, as
-        soon as a subflow other than the carrier(s) has room."""
-        self._retx.append((seq, carried, size, now))
+        soon as a subflow other than the carrier(s) has room.  It is dropped
+        once it can no longer beat the receiver's hold: ``retransmit_max_wait``
+        after it could have left -- after the re-sends queued ahead of it, at
+        the modelled rate of the subflows in ``up`` that may take it (not
+        suspect, not a carrier).  (A failed carrier's tail is hundreds of
+        re-sends; the receiver holds the line for them one after the other,
+        and dropping them 50 ms after the NACK came, while they waited their
+        turn, made it ask again, too late.)"""
+        retx = self._retx
+        rate = 0.0
+        if up:
+            carried_m = {getattr(s, "member", s) for s in carried or ()}
+            for v in self._all_views(up, now):
+                if not v.suspect and v.member not in carried_m:
+                    rate += v.rate
+        ahead = self._retx_bytes / rate if rate > 0.0 else 0.0
+        retx.append((seq, carried, size, now + self.options.retransmit_max_wait + ahead))
+        self._retx_bytes += size
         self.c["retransmits_queued"] += 1
-        if len(self._retx) > 1024:
-            self._retx.popleft()
+        if len(retx) > self.options.queue_max_packets:
+            self._retx_bytes -= retx.popleft()[2]
             self.c["retransmits_expired"] += 1
         self._release_at = None
 
@@ -1225,17 +1242,18 @@ class Scheduler(PacketScheduler):
     def pull_retransmit(self, up, now: float):
         """The next queued re-send ``(seq, subflows)`` that may leave now, or None."""
         retx = self._retx
-        max_wait = self.options.retransmit_max_wait
         while retx and up:
-            seq, carried, size, t_in = retx[0]
-            if now - t_in > max_wait:  # too late to beat the receiver's hold
+            seq, carried, size, expires = retx[0]
+            if now > expires:  # too late to beat the receiver's hold
                 retx.popleft()
+                self._retx_bytes -= size
                 self.c["retransmits_expired"] += 1
                 continue
             targets = self.retransmit_targets(carried, up, now, size, gate=True)
             if targets is None:
                 return None
             retx.popleft()
+            self._retx_bytes -= size
             return seq, targets
         return None
 

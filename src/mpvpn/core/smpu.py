@@ -49,6 +49,7 @@ from mpvpn.core.nack import NackReceiver, NackSender
 from mpvpn.core.reorder import ReorderBuffer
 from mpvpn.core.replay import ReplayWindow
 from mpvpn.core.schedbase import DuplicateAll, PacketScheduler, as_scheduler
+from mpvpn.core.sendbuf import SendBufferSizer
 from mpvpn.core.smpu_receive import ReceivePath
 from mpvpn.core.smpu_send import SendPath
 from mpvpn.core.subflow import State, Subflow, SubflowConfig
@@ -67,14 +68,19 @@ class SessionConfig:
     hold_max: float = 0.200  # the hold's cap; with NACKs stretched to fit a repair and a retry...
     hold_limit: float = 1.0  # ...but never past this (RTT 300 ms: ~0.5 s for one repair)
     hold_initial: float = 0.050  # automatic hold before any RTT is measured
-    send_buffer: int = 1024  # recent packets kept for retransmission (power of two)
+    # recent packets kept for re-sends (powers of two): the packets of the
+    # last keep time at the send rate -- the dead-detection window plus the
+    # hold's cap (mpvpn.core.sendbuf) -- at least send_buffer, at most
+    # send_buffer_max (the memory bound: ~12 MB of 1400-byte datagrams)
+    send_buffer: int = 1024
+    send_buffer_max: int = 8192
     max_payload: int = 65535 - 8 - 40 - wire.HEADER_LEN - wire.TAG_LEN
     max_queue: int = 65536  # outgoing datagrams not yet collected by the I/O layer
     # NACK (on when the scheduler says so: ``scheduler.nack``)
     nack_interval: float = 0.005  # at most one NACK round per interval (less on short paths)...
     nack_floor: float = 0.0005  # ...never below this; nor the NACK waits (timer granularity)
     nack_copies: int = 2  # a NACK goes out on this many (fastest) subflows
-    nack_track: int = 512  # missing sequence numbers remembered at once
+    nack_track: int = 8192  # missing sequence numbers remembered at once (what the peer's send buffer may hold)
     nack_wait_min: float = 0.003  # never ask sooner than this after a gap appears (less on short paths)
     nack_per_round: int = 8  # NACK payloads (64 numbers each) one round may send
     nack_retries: int = 2  # a number whose re-send did not come is asked for again, this often
@@ -102,6 +108,8 @@ class SessionConfig:
             raise ValueError("need 0 <= hold_min <= hold_max and hold_limit >= 0")
         if self.send_buffer < 1 or self.send_buffer & (self.send_buffer - 1):
             raise ValueError("send_buffer must be a power of two")
+        if self.send_buffer_max < self.send_buffer or self.send_buffer_max & (self.send_buffer_max - 1):
+            raise ValueError("send_buffer_max must be a power of two, at least send_buffer")
         if not 0 < self.max_payload <= wire.MAX_PAYLOAD:
             raise ValueError("max_payload out of range")
         if self.dup_ask_factor < 0 or self.dup_ask_floor < 0 or self.dup_ask_burst < 1:
@@ -188,6 +196,7 @@ class Session(SendPath, ReceivePath):
         self._seq = 0
         self._sendbuf: list = [None] * c.send_buffer
         self._sendmask = c.send_buffer - 1
+        self._sendsizer = SendBufferSizer(c.send_buffer, c.send_buffer_max)
         hold = c.hold_initial if c.hold == -1.0 else c.hold
         self.reorder = ReorderBuffer(c.reorder_capacity, hold)
         self.reorder.set_hold(hold, c.hold_max)  # NACK deferrals end at the cap
@@ -352,6 +361,7 @@ class Session(SendPath, ReceivePath):
         """Run due timers; returns user packets released by the hold deadline."""
         self._now = now
         self.nack_tx.mark_rate(now, self.sent)
+        self._fit_send_buffer(now)
         for member, sub in list(self.subflows.items()):
             d = sub.next_deadline()
             if d is not None and d <= now:

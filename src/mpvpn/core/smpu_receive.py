@@ -278,5 +278,5 @@ class ReceivePath:
             for sub in r.targets:
                 self._emit(sub, Op.NACK, payload)
         if r.defer is not None:
-            self.reorder.defer(r.defer)
+            self.reorder.defer(r.defer, r.cap)
         return self.reorder.give_up(r.given_up) if r.given_up else []

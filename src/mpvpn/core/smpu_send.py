@@ -286,7 +286,7 @@ class SendPath:
                 carried[0].meter.note_nack(now)  # evidence against that subflow
             if queueing:
                 # paced like everything else, but ahead of it (see _pump)
-                sched.queue_retransmit(seq, carried, len(entry[1]), now)
+                sched.queue_retransmit(seq, carried, len(entry[1]), now, up)
                 sendbuf[seq & mask] = (seq, entry[1], carried, now)
                 tx.spend()
                 continue
@@ -299,6 +299,31 @@ class SendPath:
                 tx.resent()
         if queueing:
             self._pump(now)
+
+    def _fit_send_buffer(self, now: float) -> None:
+        """Size the send buffer for the packets of the keep time at the send
+        rate (mpvpn.core.sendbuf): a failed carrier's whole tail -- what went
+        onto it until the scheduler stopped using it, at most the
+        dead-detection window -- must still be here when the NACKs for it
+        come, and they may come as late as the hold's cap after that."""
+        sizer = self._sendsizer
+        if not sizer.note(now, self._seq):  # (timers fire far more often than a step)
+            return
+        sub = self.config.subflow
+        cap = self.reorder.hold_cap
+        keep = (sub.dead_after + 1) * sub.keepalive_active + (cap if cap is not None else self.config.hold_max)
+        old = self._sendbuf
+        n = sizer.wanted(keep, len(old))
+        if n == len(old):
+            return
+        omask, mask = self._sendmask, n - 1
+        ring = [None] * n
+        last = self._seq
+        for seq in range(max(0, last - min(n, len(old)) + 1), last + 1):  # the newest ones move
+            entry = old[seq & omask]
+            if entry is not None and entry[0] == seq:
+                ring[seq & mask] = entry
+        self._sendbuf, self._sendmask = ring, mask
 
     def retransmit(self, seq: int, members, now: float) -> bool:
         """Send ``seq`` again from the send buffer on the given established subflows."""

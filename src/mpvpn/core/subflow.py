@@ -87,6 +87,13 @@ RESPONDER_OVERRIDES: dict[tuple[State, Ev], State] = {
 class SubflowConfig:
     keepalive_idle: float = 0.75  # probe interval with no user data flowing
     keepalive_active: float = 0.1  # probe interval while user data flows
+    # While the link meter is in start-up and the scheduler holds traffic
+    # for this subflow (LinkMeter.ramping), probe every half RTT, but not
+    # faster than this: each echo may double the rate estimate, so a
+    # carrier is learnt in a few round trips instead of a few probe
+    # intervals.  Probe scheduling only: the dead verdict keeps counting
+    # time by probe_plan's interval.
+    keepalive_startup: float = 0.01
     dead_after: int = 3  # consecutive unanswered probes that make a subflow dead
     # On a lossy (or not yet measured) path a few lost probes prove nothing:
     # probes are then sent faster and more must go unanswered, keeping the
@@ -105,6 +112,8 @@ class SubflowConfig:
     def validate(self) -> None:
         if not 0 < self.keepalive_active <= self.keepalive_idle:
             raise ValueError("need 0 < keepalive_active <= keepalive_idle")
+        if not self.keepalive_startup > 0:  # (above keepalive_active: no faster probes)
+            raise ValueError("need keepalive_startup > 0")
         if self.dead_after < 1:
             raise ValueError("dead_after must be >= 1")
         if not 0 < self.probe_false_dead < 1 or self.max_probes < self.dead_after:
@@ -150,6 +159,7 @@ class Subflow:
         self._retries = 0
         self._next_probe: float | None = None
         self._last_probe_tx = 0.0
+        self._recheck = False  # _next_probe is the overdue check of the last probe
         # our KEEPALIVEs (their timestamps) that no answer from the peer has
         # covered yet: the unanswered probes dead detection counts
         self._outstanding: deque[int] = deque()
@@ -205,6 +215,7 @@ class Subflow:
                 self.last_answer = now
                 self._last_probe_tx = now
                 self._next_probe = now + self._probe_interval(now)
+                self._recheck = False
                 self._retries = 0
             elif old is S.ESTABLISHED:
                 self.downs += 1
@@ -469,6 +480,18 @@ class Subflow:
     def _probe_interval(self, now: float) -> float:
         return self.probe_plan(now)[0]
 
+    def _ramp_interval(self, interval: float) -> float:
+        """The gap to the next probe: ``interval``, or half an RTT (at least
+        ``keepalive_startup``) while the meter is ramping up."""
+        m = self.meter
+        if m is None or not m.ramping:
+            return interval
+        srtt = self.rtt.srtt
+        fast = self.config.keepalive_startup
+        if srtt is not None and srtt / 2 > fast:
+            fast = srtt / 2
+        return fast if fast < interval else interval
+
     def on_sent(self, nbytes: int) -> None:
         """A control datagram of ``nbytes`` went out on this subflow."""
         self.tx_packets += 1
@@ -506,6 +529,13 @@ class Subflow:
             if self._next_probe is None or now < self._next_probe:
                 return
             interval, need = self.probe_plan(now)
+            if self._recheck:
+                self._recheck = False
+                if not self._outstanding:  # answered in time: the regular gap
+                    due = self._last_probe_tx + self._ramp_interval(interval)
+                    if now < due:
+                        self._next_probe = due
+                        return
             if self.probes_unanswered >= need:
                 silent = now - (self.last_answer if self.last_answer is not None else now)
                 rto = self.rtt.timeout() or 0.0
@@ -520,7 +550,20 @@ class Subflow:
                 self.probe_fail.observe(False)
             out.append(_ts(now))
             self._last_probe_tx = now
-            self._next_probe = now + interval
+            self._next_probe = now + self._ramp_interval(interval)
+            # While user data flows here, a probe (the only one unanswered)
+            # still unanswered after an RTO is followed by the next one at
+            # once rather than a probe interval later (once: later ones keep
+            # the interval): the scheduler suspects a subflow on its second
+            # unanswered probe, and every ms a dead carrier stays unsuspected
+            # at a high send rate is packets the send buffer (and the
+            # receiver's NACK tracking) must cover.  The dead verdict counts
+            # time (silence), not probes: it comes no sooner.
+            rto = self.rtt.timeout(self.config.keepalive_startup)
+            if rto is not None and len(out) == 1 and now - self.data_tx_at < self.config.keepalive_idle \
+                    and now + rto < self._next_probe:
+                self._next_probe = now + rto
+                self._recheck = True
         elif self.deadline is not None and now >= self.deadline:
             if st is S.CONNECT_SENT:
                 self._fire(E.RETRY, now)
