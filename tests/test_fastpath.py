@@ -240,18 +240,99 @@ def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(n
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
     calls = []
-    inner = fastpath.LOOPS.open_new
+    inner = fastpath.LOOPS.receive_new
 
     def counting(*args):
         calls.append(1)
         return inner(*args)
 
-    monkeypatch.setattr(fastpath.LOOPS, "open_new", counting)
+    monkeypatch.setattr(fastpath.LOOPS, "receive_new", counting)
     rng = random.Random(5)
     got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
     assert got_c == got_py and len(got_c) > 0.98 * 64 * 30
     assert counters(py.b) == counters(c.b)
     assert len(calls) > 10
+
+
+@needs_c
+@settings(max_examples=40, deadline=None)
+@given(capacity=st.integers(1, 12), nack=st.booleans(), loss=st.sampled_from([0.0, 0.05, 0.3]),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_small_reorder_buffer_flushes_compacts_and_gives_up_like_receive_datagram(capacity, nack,
+                                                                                    loss, seed):
+    """Spread packets (each on one path), lost at random, into a reorder buffer
+    of a few places: the C loop stops before a flush and after its arrivals
+    deque passes its limit, and NACK rounds give numbers up ahead of the line
+    (open_new's path): same deliveries, counters and NACK state as the
+    per-packet path, batch after batch."""
+    from mpvpn.core.smpu import SessionConfig
+
+    pairs = []
+    for _ in range(2):
+        p = SimPair(3, delay=0.001, config=SessionConfig(reorder_capacity=capacity),
+                    sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
+        assert p.handshake()
+        p.b.nack_enabled = nack
+        pairs.append(p)
+    py, c = pairs
+    rng = random.Random(seed)
+
+    def keep(m, d):
+        return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= loss
+
+    got_py, got_c = carry_per_member(py, c, 8, 40, 30, keep, tick=0.002)
+    assert got_c == got_py
+    assert counters(py.b) == counters(c.b)
+    assert c.b.reorder.flushes == py.b.reorder.flushes
+
+
+@needs_c
+def test_receive_new_compacts_the_arrivals_and_leaves_given_up_numbers_to_open_new(monkeypatch):
+    """Arrivals 2, 4, 1, 6, 3, 8, 5, ... keep the reorder buffer from running
+    empty while released entries pile up in its arrivals deque (the C loop
+    stops after it passes its limit; the buffer compacts it); numbers given
+    up ahead of the line make the batch take open_new and push's Python path.
+    Same deliveries and counters as the per-packet path."""
+    from mpvpn.core.smpu import SessionConfig
+
+    calls = {"open_new": 0, "receive_new": 0}
+    for name in calls:
+        inner = getattr(fastpath.LOOPS, name)
+
+        def counting(*args, inner=inner, name=name):
+            calls[name] += 1
+            return inner(*args)
+
+        monkeypatch.setattr(fastpath.LOOPS, name, counting)
+    sessions = []
+    for _ in range(2):
+        p = SimPair(1, delay=0.001, config=SessionConfig(reorder_capacity=4),
+                    sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
+        assert p.handshake()
+        for i in range(60):
+            assert p.a.send(bytes([i]) * 30, p.now)
+        sessions.append(p)
+    py, c = sessions
+    dg = {s: {int.from_bytes(d[12:20], "big"): d for _, d in s.a.datagrams_to_send()} for s in sessions}
+    base = min(dg[py])
+    order = [2, 4, 1]
+    for k in range(3, 25):
+        order += [2 * k, 2 * k - 3]
+    got_py = [x for s in order for x in py.b.receive_datagram(dg[py][base - 1 + s], 1, py.now)]
+    got_c = c.b.receive_many([dg[c][base - 1 + s] for s in order], 1, c.now)
+    assert got_c == got_py and len(got_c) > 40
+    assert counters(py.b) == counters(c.b)
+    assert calls["open_new"] == 0 and calls["receive_new"] >= 3  # it stopped to compact
+    assert len(c.b.reorder._arrivals) <= 2 * 4
+    for s in sessions:
+        assert s.b.reorder.give_up([base + 49, base + 51]) == []
+    rest = [51, 53, 47, 54, 49, 56, 55, 58, 57, 60, 59]  # 50, 52 never come
+    got_py = [x for s in rest for x in py.b.receive_datagram(dg[py][base - 1 + s], 1, py.now)]
+    got_c = c.b.receive_many([dg[c][base - 1 + s] for s in rest], 1, c.now)
+    assert got_c == got_py and len(got_c) > 5
+    assert counters(py.b) == counters(c.b)
+    assert py.b.reorder.given_up == c.b.reorder.given_up > 0
+    assert calls["open_new"] > 0
 
 
 @needs_c

@@ -122,8 +122,10 @@ def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(na
     """Aggregate mode's arrivals: each packet on one subflow (packet k on
     member k % 3 + 1, as spreading does), so every subflow's batch is out of
     order; some lost.  receive_many delivers, counts and notes gaps as the
-    per-packet path does, and the reorder buffer's C loop takes the batches
-    (before: every packet went through ReorderBuffer.push in Python)."""
+    per-packet path does, and one C loop opens, reorders and notes the gaps
+    of the batches (``receive_new``; before session 6 every packet went
+    through ReorderBuffer.push in Python, before session 8 three C calls
+    per batch with Python between them)."""
     import random
 
     from test_fastpath import carry_per_member, counters, pair_of_sessions
@@ -131,14 +133,14 @@ def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(na
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
     taken = []
-    inner = fastpath.LOOPS.reorder_push
+    inner = fastpath.LOOPS.receive_new
 
     def counting(*args):
         r = inner(*args)
-        taken.append(len(r[6]))
+        taken.append(r[8])
         return r
 
-    monkeypatch.setattr(fastpath.LOOPS, "reorder_push", counting)
+    monkeypatch.setattr(fastpath.LOOPS, "receive_new", counting)
     rng = random.Random(7)
 
     def spread(m, d):  # packet k on member k % 3 + 1 only; 2 % lost

@@ -419,6 +419,175 @@ fail:
  *     timer once: ``now`` is one value for the batch), untracked the numbers
  *     left out for ``track``.
  */
+/* The reorder buffer's state while a C loop pushes into it: its dict and
+ * deque (handed over by ReorderBuffer), X and the newest given-up range. */
+struct reorder_st {
+    PyObject *buf, *arrivals, *append, *tobj, *out;  /* tobj: the arrival time stored */
+    Py_ssize_t limit, capacity;
+    long long last, skip_lo, skip_hi;
+    int stored;  /* something was buffered (tlast moves to now) */
+};
+
+static int
+reorder_open(struct reorder_st *r, PyObject *arrivals, double tlast, PyObject *nowo)
+{
+    r->arrivals = arrivals;
+    r->stored = 0;
+    r->out = PyList_New(0);
+    r->append = PyObject_GetAttrString(arrivals, "append");
+    if (PyFloat_AS_DOUBLE(nowo) < tlast)  /* arrival times stay monotone (ReorderBuffer.push) */
+        r->tobj = PyFloat_FromDouble(tlast);
+    else {
+        r->tobj = nowo;
+        Py_INCREF(nowo);
+    }
+    return r->out != NULL && r->append != NULL && r->tobj != NULL ? 0 : -1;
+}
+
+static void
+reorder_close(struct reorder_st *r)
+{
+    Py_XDECREF(r->out);
+    Py_XDECREF(r->append);
+    Py_XDECREF(r->tobj);
+}
+
+/* ReorderBuffer.push for a new number (seq > X, not buffered; seq == X + 1
+ * or the buffer has room): released with what follows it in the buffer, or
+ * buffered with its arrival time.  1 when buffered and the arrivals deque
+ * went past its limit (the caller stops after it: ReorderBuffer compacts),
+ * 0, or -1 with an exception set. */
+static int
+reorder_take(struct reorder_st *r, PyObject *seqo, long long seq, PyObject *item)
+{
+    if (seq == r->last + 1) {
+        if (PyList_Append(r->out, item) < 0)
+            return -1;
+        r->last = seq;
+        if (!PyDict_GET_SIZE(r->buf))
+            return 0;
+        while (r->last < LLONG_MAX) {
+            PyObject *k = PyLong_FromLongLong(r->last + 1);
+            if (k == NULL)
+                return -1;
+            PyObject *nxt = PyDict_GetItemWithError(r->buf, k);  /* borrowed */
+            if (nxt == NULL) {
+                Py_DECREF(k);
+                if (PyErr_Occurred())
+                    return -1;
+                break;
+            }
+            Py_INCREF(nxt);
+            int e = PyDict_DelItem(r->buf, k);
+            Py_DECREF(k);
+            if (e < 0 || PyList_Append(r->out, nxt) < 0) {
+                Py_DECREF(nxt);
+                return -1;
+            }
+            Py_DECREF(nxt);
+            r->last++;
+        }
+        if (!PyDict_GET_SIZE(r->buf)) {
+            PyObject *e = PyObject_CallMethod(r->arrivals, "clear", NULL);
+            if (e == NULL)
+                return -1;
+            Py_DECREF(e);
+        }
+        return 0;
+    }
+    if (PyDict_SetItem(r->buf, seqo, item) < 0)
+        return -1;
+    r->stored = 1;
+    PyObject *ent = PyTuple_Pack(2, r->tobj, seqo);
+    if (ent == NULL)
+        return -1;
+    PyObject *e = PyObject_CallOneArg(r->append, ent);
+    Py_DECREF(ent);
+    if (e == NULL)
+        return -1;
+    Py_DECREF(e);
+    Py_ssize_t len = PyObject_Length(r->arrivals);
+    if (len < 0)
+        return -1;
+    return len > r->limit;
+}
+
+/* The NACK receiver's state while a C loop notes gaps: its dict of missing
+ * numbers (seq -> when noticed, insertion order kept). */
+struct nack_st {
+    PyObject *missing, *nowo;
+    long long high, top, send_buffer, track, untracked;
+    int noted;
+};
+
+/* NackReceiver.on_data's per-packet part for DATA seq, after which the
+ * reorder buffer has delivered up to ``upto``.  0, or -1 with an exception. */
+static int
+nack_one(struct nack_st *s, long long seq, long long upto)
+{
+    if (seq > s->top)
+        s->top = seq;
+    if (seq > s->high) {
+        if (seq > s->high + 1) {  /* NackReceiver._note_gap */
+            long long lo = (s->high > upto ? s->high : upto) + 1;
+            if (seq - s->send_buffer > lo)
+                lo = seq - s->send_buffer;
+            long long room = s->track - (long long)PyDict_GET_SIZE(s->missing);
+            long long hi = lo + (room > 0 ? room : 0);
+            if (hi > seq)
+                hi = seq;
+            if (hi < seq)
+                s->untracked += seq - hi;
+            for (long long q = lo; q < hi; q++) {
+                PyObject *k = PyLong_FromLongLong(q);
+                if (k == NULL)
+                    return -1;
+                int e = PyDict_SetItem(s->missing, k, s->nowo);
+                Py_DECREF(k);
+                if (e < 0)
+                    return -1;
+            }
+            if (hi > lo)
+                s->noted = 1;
+        }
+        s->high = seq;
+    } else if (PyDict_GET_SIZE(s->missing)) {
+        PyObject *k = PyLong_FromLongLong(seq);
+        if (k == NULL)
+            return -1;
+        int e = PyDict_Contains(s->missing, k);
+        if (e > 0)
+            e = PyDict_DelItem(s->missing, k);
+        Py_DECREF(k);
+        if (e < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* (seq, last) for the arrivals list: what NackReceiver.on_data_many wants */
+static int
+append_arrival(PyObject *acc, PyObject *seqo, long long seq, long long last)
+{
+    PyObject *lo;
+    if (seq == last) {
+        lo = seqo;
+        Py_INCREF(lo);
+    } else if ((lo = PyLong_FromLongLong(last)) == NULL)
+        return -1;
+    PyObject *a = PyTuple_New(2);
+    if (a == NULL) {
+        Py_DECREF(lo);
+        return -1;
+    }
+    Py_INCREF(seqo);
+    PyTuple_SET_ITEM(a, 0, seqo);
+    PyTuple_SET_ITEM(a, 1, lo);
+    int e = PyList_Append(acc, a);
+    Py_DECREF(a);
+    return e;
+}
+
 static PyObject *
 reorder_push(PyObject *self, PyObject *args)
 {
@@ -433,19 +602,11 @@ reorder_push(PyObject *self, PyObject *args)
     double now = PyFloat_AS_DOUBLE(nowo);
     Py_ssize_t n = PyList_GET_SIZE(pairs), i = start;
     unsigned long long dup = 0, late = 0;
-    int handover = 0, stored = 0;  /* handover: stopped before pairs[i] for the Python path */
-    PyObject *out = PyList_New(0), *acc = PyList_New(0), *tobj = NULL, *result = NULL;
-    PyObject *append = PyObject_GetAttrString(arrivals, "append");
-    if (out == NULL || acc == NULL || append == NULL)
+    int handover = 0;  /* stopped before pairs[i] for the Python path */
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, skip_lo, skip_hi, 0};
+    PyObject *acc = PyList_New(0), *result = NULL;
+    if (reorder_open(&r, arrivals, tlast, nowo) < 0 || acc == NULL)
         goto done;
-    if (now < tlast) {  /* arrival times stay monotone (ReorderBuffer.push) */
-        tobj = PyFloat_FromDouble(tlast);
-        if (tobj == NULL)
-            goto done;
-    } else {
-        tobj = nowo;
-        Py_INCREF(tobj);
-    }
     for (; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(pairs, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -457,11 +618,11 @@ reorder_push(PyObject *self, PyObject *args)
         long long seq = PyLong_AsLongLongAndOverflow(seqo, &overflow);
         if (seq == -1 && PyErr_Occurred())
             goto done;
-        if (overflow) {
+        if (overflow || (seq > 0 && seq == LLONG_MAX)) {
             handover = 1;  /* the Python path knows big numbers */
             break;
         }
-        if (seq <= last) {
+        if (seq <= r.last) {
             if (seq > skip_hi)
                 dup++;
             else if (seq >= skip_lo)
@@ -479,94 +640,35 @@ reorder_push(PyObject *self, PyObject *args)
             dup++;
             continue;
         }
-        if (seq == last + 1) {
-            if (PyList_Append(out, item) < 0)
-                goto done;
-            last = seq;
-            if (PyDict_GET_SIZE(buf)) {
-                for (;;) {
-                    PyObject *k = PyLong_FromLongLong(last + 1);
-                    if (k == NULL)
-                        goto done;
-                    PyObject *nxt = PyDict_GetItemWithError(buf, k);  /* borrowed */
-                    if (nxt == NULL) {
-                        Py_DECREF(k);
-                        if (PyErr_Occurred())
-                            goto done;
-                        break;
-                    }
-                    Py_INCREF(nxt);
-                    int r = PyDict_DelItem(buf, k);
-                    Py_DECREF(k);
-                    if (r < 0 || PyList_Append(out, nxt) < 0) {
-                        Py_DECREF(nxt);
-                        goto done;
-                    }
-                    Py_DECREF(nxt);
-                    last++;
-                }
-                if (!PyDict_GET_SIZE(buf)) {
-                    PyObject *r = PyObject_CallMethod(arrivals, "clear", NULL);
-                    if (r == NULL)
-                        goto done;
-                    Py_DECREF(r);
-                }
-            }
-        } else {
-            if (PyDict_GET_SIZE(buf) >= capacity) {
-                handover = 1;  /* a flush: the Python path */
-                break;
-            }
-            if (PyDict_SetItem(buf, seqo, item) < 0)
-                goto done;
-            stored = 1;
-            PyObject *ent = PyTuple_Pack(2, tobj, seqo);
-            if (ent == NULL)
-                goto done;
-            PyObject *r = PyObject_CallOneArg(append, ent);
-            Py_DECREF(ent);
-            if (r == NULL)
-                goto done;
-            Py_DECREF(r);
+        if (seq != r.last + 1 && PyDict_GET_SIZE(buf) >= capacity) {
+            handover = 1;  /* a flush: the Python path */
+            break;
         }
-        PyObject *a = Py_BuildValue("(OL)", seqo, last);
-        if (a == NULL)
+        int past = reorder_take(&r, seqo, seq, item);
+        if (past < 0 || append_arrival(acc, seqo, seq, r.last) < 0)
             goto done;
-        int r = PyList_Append(acc, a);
-        Py_DECREF(a);
-        if (r < 0)
-            goto done;
-        if (seq != last) {  /* buffered: past the deque's limit the caller compacts it */
-            Py_ssize_t len = PyObject_Length(arrivals);
-            if (len < 0)
-                goto done;
-            if (len > limit) {
-                i++;
-                break;
-            }
+        if (past) {  /* past the deque's limit the caller compacts it */
+            i++;
+            break;
         }
     }
-    if (stored && now > tlast)
+    if (r.stored && now > tlast)
         tlast = now;
-    result = Py_BuildValue("(nOLdKKOi)", i, out, last, tlast, dup, late, acc, handover);
+    result = Py_BuildValue("(nOLdKKOi)", i, r.out, r.last, tlast, dup, late, acc, handover);
 done:
-    Py_XDECREF(out);
+    reorder_close(&r);
     Py_XDECREF(acc);
-    Py_XDECREF(tobj);
-    Py_XDECREF(append);
     return result;
 }
 
 static PyObject *
 nack_gaps(PyObject *self, PyObject *args)
 {
-    PyObject *missing, *arrivals, *nowo;
-    long long high, send_buffer, track;
-    if (!PyArg_ParseTuple(args, "O!LO!LLO!", &PyDict_Type, &missing, &high, &PyList_Type, &arrivals,
-                          &send_buffer, &track, &PyFloat_Type, &nowo))
+    PyObject *arrivals;
+    struct nack_st s = {NULL, NULL, 0, 0, 0, 0, 0, 0};
+    if (!PyArg_ParseTuple(args, "O!LO!LLO!", &PyDict_Type, &s.missing, &s.high, &PyList_Type, &arrivals,
+                          &s.send_buffer, &s.track, &PyFloat_Type, &s.nowo))
         return NULL;
-    long long top = 0, untracked = 0;
-    int noted = 0;
     Py_ssize_t n = PyList_GET_SIZE(arrivals);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyList_GET_ITEM(arrivals, i);
@@ -578,45 +680,131 @@ nack_gaps(PyObject *self, PyObject *args)
         long long upto = PyLong_AsLongLong(PyTuple_GET_ITEM(a, 1));
         if ((seq == -1 || upto == -1) && PyErr_Occurred())
             return NULL;
-        if (seq > top)
-            top = seq;
-        if (seq > high) {
-            if (seq > high + 1) {  /* NackReceiver._note_gap */
-                long long lo = (high > upto ? high : upto) + 1;
-                if (seq - send_buffer > lo)
-                    lo = seq - send_buffer;
-                long long room = track - (long long)PyDict_GET_SIZE(missing);
-                long long hi = lo + (room > 0 ? room : 0);
-                if (hi > seq)
-                    hi = seq;
-                if (hi < seq)
-                    untracked += seq - hi;
-                for (long long s = lo; s < hi; s++) {
-                    PyObject *k = PyLong_FromLongLong(s);
-                    if (k == NULL)
-                        return NULL;
-                    int r = PyDict_SetItem(missing, k, nowo);
-                    Py_DECREF(k);
-                    if (r < 0)
-                        return NULL;
-                }
-                if (hi > lo)
-                    noted = 1;
+        if (nack_one(&s, seq, upto) < 0)
+            return NULL;
+    }
+    return Py_BuildValue("(LLiL)", s.high, s.top, s.noted, s.untracked);
+}
+
+/* receive_new(datagrams, start, member, session, cur_epoch, cur_decrypt, prev_epoch, prev_decrypt,
+ *             invalid_tag, buf, arrivals, limit, last, skip_lo, skip_hi, tlast, capacity, now,
+ *             missing, rx_high, send_buffer, track)
+ *     open_new, ReorderBuffer.push and NackReceiver.on_data for each
+ *     datagram in turn, as Session._receive_data does per datagram: a stale
+ *     copy (seq <= last, or buffered: also one opened earlier in this batch)
+ *     is counted before any decryption (dup, or late within skip_lo..skip_hi);
+ *     a new one is opened and released (seq == last + 1, with what follows
+ *     it in ``buf``) or buffered (``buf``, ``arrivals``: the reorder buffer's
+ *     own dict and deque, as reorder_push takes them), then its number goes
+ *     through NACK gap bookkeeping on ``missing`` (nack_gaps's; None: NACKs
+ *     off).  Stops before a datagram that needs the full path (not this
+ *     member's well-formed sealed DATA, an unknown epoch, a stale copy below
+ *     skip_lo, a new number at a full buffer: a flush, a number the 64-bit
+ *     signed arithmetic cannot hold) and after one that took ``arrivals``
+ *     past ``limit`` (the caller compacts it).  Returns (index, released,
+ *     last, tlast, dup, late, rx_bytes, auth_fail, accepted, rx_high, top,
+ *     noted, untracked): released the plaintexts in order, accepted how many
+ *     were taken; the NACK figures as nack_gaps's (0 with NACKs off).
+ */
+static PyObject *
+receive_new(PyObject *self, PyObject *args)
+{
+    PyObject *dgrams, *cur_dec, *prev_dec, *invalid_tag, *buf, *arrivals, *nowo, *missing;
+    Py_ssize_t start, limit, capacity;
+    int member, cur_epoch, prev_epoch;
+    unsigned long session;
+    long long last, skip_lo, skip_hi;
+    double tlast;
+    struct nack_st s = {NULL, NULL, 0, 0, 0, 0, 0, 0};
+    if (!PyArg_ParseTuple(args, "O!nikiOiOOO!OnLLLdnO!OLLL", &PyList_Type, &dgrams, &start, &member,
+                          &session, &cur_epoch, &cur_dec, &prev_epoch, &prev_dec, &invalid_tag,
+                          &PyDict_Type, &buf, &arrivals, &limit, &last, &skip_lo, &skip_hi, &tlast,
+                          &capacity, &PyFloat_Type, &nowo, &missing, &s.high, &s.send_buffer, &s.track))
+        return NULL;
+    if (missing != Py_None && !PyDict_Check(missing)) {
+        PyErr_SetString(PyExc_TypeError, "missing must be a dict or None");
+        return NULL;
+    }
+    if (last < 0) {
+        PyErr_SetString(PyExc_ValueError, "last must be >= 0");
+        return NULL;
+    }
+    s.missing = missing;
+    s.nowo = nowo;
+    Py_ssize_t n = PyList_GET_SIZE(dgrams), i = start;
+    unsigned long long dup = 0, late = 0, rx_bytes = 0, auth_fail = 0, accepted = 0;
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, skip_lo, skip_hi, 0};
+    PyObject *result = NULL;
+    if (reorder_open(&r, arrivals, tlast, nowo) < 0)
+        goto done;
+    for (; i < n; i++) {
+        const unsigned char *p;
+        Py_ssize_t len;
+        uint64_t useq;
+        if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &useq))
+            break;
+        if (useq >= (uint64_t)LLONG_MAX)
+            break;  /* the full path knows big numbers */
+        long long seq = (long long)useq;
+        if (seq <= r.last) {  /* a later copy: no decryption */
+            if (seq > skip_hi)
+                dup++;
+            else if (seq >= skip_lo)
+                late++;
+            else
+                break;  /* maybe in an older given-up range */
+            rx_bytes += len;
+            continue;
+        }
+        PyObject *seqo = PyLong_FromLongLong(seq);
+        if (seqo == NULL)
+            goto done;
+        int held = PyDict_Contains(buf, seqo);
+        if (held < 0) {
+            Py_DECREF(seqo);
+            goto done;
+        }
+        if (held) {  /* buffered already: a later copy */
+            Py_DECREF(seqo);
+            dup++;
+            rx_bytes += len;
+            continue;
+        }
+        if (seq != r.last + 1 && PyDict_GET_SIZE(buf) >= capacity) {
+            Py_DECREF(seqo);
+            break;  /* a flush: the full path */
+        }
+        int why;
+        PyObject *pt = open_one(p, len, cur_epoch, cur_dec, prev_epoch, prev_dec, invalid_tag, &why);
+        if (pt == NULL) {
+            Py_DECREF(seqo);
+            if (why == 1)
+                break;  /* unknown epoch: counted by the full path */
+            if (why == 2) {
+                auth_fail++;
+                continue;
             }
-            high = seq;
-        } else if (PyDict_GET_SIZE(missing)) {
-            PyObject *k = PyLong_FromLongLong(seq);
-            if (k == NULL)
-                return NULL;
-            int r = PyDict_Contains(missing, k);
-            if (r > 0)
-                r = PyDict_DelItem(missing, k);
-            Py_DECREF(k);
-            if (r < 0)
-                return NULL;
+            goto done;
+        }
+        rx_bytes += len;
+        accepted++;
+        int past = reorder_take(&r, seqo, seq, pt);
+        Py_DECREF(seqo);
+        Py_DECREF(pt);
+        if (past < 0 || (missing != Py_None && nack_one(&s, seq, r.last) < 0))
+            goto done;
+        if (past) {
+            i++;
+            break;
         }
     }
-    return Py_BuildValue("(LLiL)", high, top, noted, untracked);
+    if (r.stored && PyFloat_AS_DOUBLE(nowo) > tlast)
+        tlast = PyFloat_AS_DOUBLE(nowo);
+    result = Py_BuildValue("(nOLdKKKKKLLiL)", i, r.out, r.last, tlast, dup, late, rx_bytes, auth_fail,
+                           accepted, s.high, s.top, s.noted, s.untracked);
+done:
+    reorder_close(&r);
+    return result;
 }
 
 static PyObject *
@@ -1795,6 +1983,7 @@ static PyMethodDef methods[] = {
     {"open_new", open_new, METH_VARARGS, "Open sealed DATA while the reorder buffer holds some."},
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
+    {"receive_new", receive_new, METH_VARARGS, "open_new, reorder and NACK bookkeeping per datagram."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
     {"urgent_run", urgent_run, METH_VARARGS, "Scheduler.offer_many's urgent case for a run of one flow."},
     {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
