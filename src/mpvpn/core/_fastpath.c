@@ -1626,23 +1626,80 @@ fail:
 
 /* -- the scheduler's spread decision (mpvpn.core.scheduler.Scheduler.offer_many) --
  *
- * spread_run(packets, start, key, small, urgent_on, subs, q, rate, owd, ldiv, target, overhead)
+ * spread_run(packets, start, key, small, urgent_on, ones, meters, now, owd, ldiv, target, overhead)
  *     Stage 2's spread case of Scheduler.offer_many for packets[start:] while
  *     they belong to the flow ``key`` (classify's key; an urgent packet, when
  *     ``urgent_on``, stops the run) and a subflow has room: each goes on the
  *     subflow where it arrives first, eta = owd + (q + len) / rate (divided by
  *     ldiv when not 0), among those whose modelled backlog q / rate is below
  *     ``target``; the chosen one's q grows by len + overhead (what
- *     LinkMeter.on_send adds).  ``subs``, ``q``, ``rate``, ``owd``, ``ldiv``:
- *     one entry per view, q the backlog at ``now`` (LinkMeter.backlog), rate
- *     the meter's.  Stops before a packet of another flow, an urgent one, or
- *     one with no subflow with room (the caller's Python path; with more than
- *     64 subflows it takes nothing).  Returns
- *     (index, decided, sizes, nbytes): decided[k] = [subflow] per packet taken,
- *     sizes[j] the datagram sizes sent on view j in order (for
- *     LinkMeter.on_send_seq), nbytes the user bytes taken.
+ *     LinkMeter.on_send adds).  One entry per view: ``ones`` a [subflow]
+ *     list (what decided holds for a packet on it: shared, as duplicate mode
+ *     shares ``up``), ``meters`` its LinkMeter (read: rate, and q at ``now``
+ *     as offer_many computes it), ``owd``, ``ldiv`` floats.  Stops before a
+ *     packet of another flow, an urgent one, or one with no subflow with
+ *     room (the caller's Python path; with more than 64 subflows it takes
+ *     nothing).  Returns (index, decided, sizes, nbytes): decided[k] the
+ *     [subflow] list per packet taken, sizes[j] the datagram sizes sent on
+ *     view j in order (for LinkMeter.on_send_seq), nbytes the user bytes taken.
  */
 #define MAXV 64
+
+static PyObject *s_q, *s_t, *s_bw, *s_bw0;  /* LinkMeter's attribute names, interned at import */
+
+/* What the runs need of each view's LinkMeter at ``now``, read (never
+ * written) from the meter: its rate (``bw`` once measured, else ``bw0``:
+ * LinkMeter.rate) and its backlog before flooring, q - rate * (now - t), the
+ * expression offer_many uses.  0, or -1 with an exception set. */
+static int
+meter_views(PyObject *meters, Py_ssize_t nv, double now, double *q, double *rate)
+{
+    if (!PyList_Check(meters) || PyList_GET_SIZE(meters) != nv) {
+        PyErr_SetString(PyExc_ValueError, "one meter per subflow");
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        PyObject *m = PyList_GET_ITEM(meters, k);
+        PyObject *bw = PyObject_GetAttr(m, s_bw);
+        if (bw == Py_None) {
+            Py_DECREF(bw);
+            bw = PyObject_GetAttr(m, s_bw0);
+        }
+        PyObject *mq = bw ? PyObject_GetAttr(m, s_q) : NULL;
+        PyObject *mt = mq ? PyObject_GetAttr(m, s_t) : NULL;
+        if (mt != NULL) {
+            double r = PyFloat_AsDouble(bw), vq = PyFloat_AsDouble(mq), vt = PyFloat_AsDouble(mt);
+            rate[k] = r;
+            q[k] = vq - r * (now - vt);
+        }
+        Py_XDECREF(bw);
+        Py_XDECREF(mq);
+        Py_XDECREF(mt);
+        if (mt == NULL || PyErr_Occurred())
+            return -1;
+        if (!(rate[k] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The float list ``l`` (nv long) into a[] */
+static int
+floats_of(PyObject *l, Py_ssize_t nv, double *a, const char *what)
+{
+    if (!PyList_Check(l) || PyList_GET_SIZE(l) != nv) {
+        PyErr_Format(PyExc_ValueError, "one %s per subflow", what);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        a[k] = PyFloat_AsDouble(PyList_GET_ITEM(l, k));
+        if (a[k] == -1.0 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
 
 /* [[], [], ...]: nv new lists (the runs' datagram sizes per view) */
 static PyObject *
@@ -1662,35 +1719,28 @@ empty_lists(Py_ssize_t nv)
 static PyObject *
 spread_run(PyObject *self, PyObject *args)
 {
-    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl;
+    PyObject *packets, *key, *ones, *meters, *owdl, *ldivl;
     Py_ssize_t start, small, overhead;
     int urgent_on;
-    double target;
-    if (!PyArg_ParseTuple(args, "O!nOnpO!O!O!O!O!dn", &PyList_Type, &packets, &start, &key, &small,
-                          &urgent_on, &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
-                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &target, &overhead))
+    double target, now;
+    if (!PyArg_ParseTuple(args, "O!nOnpO!OdOOdn", &PyList_Type, &packets, &start, &key, &small,
+                          &urgent_on, &PyList_Type, &ones, &meters, &now, &owdl, &ldivl, &target,
+                          &overhead))
         return NULL;
-    Py_ssize_t nv = PyList_GET_SIZE(subs);
-    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv
-            || PyList_GET_SIZE(owdl) != nv || PyList_GET_SIZE(ldivl) != nv) {
-        PyErr_SetString(PyExc_ValueError, "one q, rate, owd and ldiv per subflow");
-        return NULL;
-    }
+    Py_ssize_t nv = PyList_GET_SIZE(ones);
     if (nv > MAXV)  /* more subflows than this loop keeps: nothing taken, the Python path decides */
         return Py_BuildValue("(n[][]K)", start, 0ULL);
     struct fkey k0;
     if (fkey_from(key, &k0) < 0)
         return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
+    if (meter_views(meters, nv, now, q, rate) < 0 || floats_of(owdl, nv, owd, "owd") < 0
+            || floats_of(ldivl, nv, ldiv, "ldiv") < 0)
+        return NULL;
     for (Py_ssize_t k = 0; k < nv; k++) {
-        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
-        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
-        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
-        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
-        if (PyErr_Occurred())
-            return NULL;
-        if (!(rate[k] > 0.0)) {
-            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+        PyObject *one = PyList_GET_ITEM(ones, k);
+        if (!PyList_Check(one) || PyList_GET_SIZE(one) != 1) {
+            PyErr_SetString(PyExc_ValueError, "ones must hold [subflow] lists");
             return NULL;
         }
     }
@@ -1726,14 +1776,9 @@ spread_run(PyObject *self, PyObject *args)
             break;  /* no room: the Python path holds and queues it */
         Py_ssize_t dlen = len + overhead;
         q[best] = (q[best] > 0.0 ? q[best] : 0.0) + (double)dlen;
-        PyObject *sub = PyList_GET_ITEM(subs, best);
-        PyObject *one = PyList_New(1);
-        if (one == NULL)
-            goto done;
-        Py_INCREF(sub);
-        PyList_SET_ITEM(one, 0, sub);
-        int r = PyList_Append(decided, one);
-        Py_DECREF(one);
+        /* [subflow]: the caller's list for it, shared by the packets it
+         * carries (as duplicate mode's share ``up``: read, never changed) */
+        int r = PyList_Append(decided, PyList_GET_ITEM(ones, best));
         if (r < 0)
             goto done;
         PyObject *d = PyLong_FromSsize_t(dlen);
@@ -1752,7 +1797,7 @@ done:
     return result;
 }
 
-/* urgent_run(packets, start, key, small, subs, q, rate, owd, ldiv, loss, F, floor, beta, tokens, overhead)
+/* urgent_run(packets, start, key, small, subs, meters, now, owd, ldiv, loss, F, floor, beta, tokens, overhead)
  *     Stage 3 of Scheduler.offer_many for packets[start:] while they are
  *     urgent (classify's bits not 0) and belong to the flow ``key``, and the
  *     urgent budget (``tokens``, refilled by the caller for ``now``: within
@@ -1762,7 +1807,8 @@ done:
  *     of the earliest), then, while F * prod(L) * (1 - L_j) - beta > 0, the
  *     candidate with the least floored loss (earliest eta breaking ties, the
  *     first of equals).  Each chosen subflow's q grows by len + overhead
- *     (LinkMeter.on_send).  ``loss``: one float per view (None as 0).  Stops
+ *     (LinkMeter.on_send).  ``meters``, ``owd``, ``ldiv``: as spread_run's;
+ *     ``loss``: one float per view (None as 0).  Stops
  *     before a packet of another flow, a non-urgent one, or one the budget
  *     does not hold (the caller's Python path; more than 64 subflows: nothing
  *     taken).  Returns (index, decided, sizes, nbytes, copies, tokens, urgs):
@@ -1774,20 +1820,14 @@ done:
 static PyObject *
 urgent_run(PyObject *self, PyObject *args)
 {
-    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl, *lossl;
+    PyObject *packets, *key, *subs, *meters, *owdl, *ldivl, *lossl;
     Py_ssize_t start, small, overhead;
-    double F, floor_, beta, tokens;
-    if (!PyArg_ParseTuple(args, "O!nOnO!O!O!O!O!O!ddddn", &PyList_Type, &packets, &start, &key, &small,
-                          &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
-                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &PyList_Type, &lossl,
+    double F, floor_, beta, tokens, now;
+    if (!PyArg_ParseTuple(args, "O!nOnO!OdOOOddddn", &PyList_Type, &packets, &start, &key, &small,
+                          &PyList_Type, &subs, &meters, &now, &owdl, &ldivl, &lossl,
                           &F, &floor_, &beta, &tokens, &overhead))
         return NULL;
     Py_ssize_t nv = PyList_GET_SIZE(subs);
-    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv || PyList_GET_SIZE(owdl) != nv
-            || PyList_GET_SIZE(ldivl) != nv || PyList_GET_SIZE(lossl) != nv) {
-        PyErr_SetString(PyExc_ValueError, "one q, rate, owd, ldiv and loss per subflow");
-        return NULL;
-    }
     if (nv == 0 || nv > MAXV)  /* the Python path decides */
         return Py_BuildValue("(n[][]Knd{})", start, 0ULL, (Py_ssize_t)0, tokens);
     struct fkey k0;
@@ -1795,20 +1835,11 @@ urgent_run(PyObject *self, PyObject *args)
         return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV], loss[MAXV], eta[MAXV];
     int cand[MAXV], chosen[MAXV];
-    for (Py_ssize_t k = 0; k < nv; k++) {
-        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
-        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
-        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
-        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
-        double l = PyFloat_AsDouble(PyList_GET_ITEM(lossl, k));
-        loss[k] = l > floor_ ? l : floor_;  /* _objective_set's floored loss */
-        if (PyErr_Occurred())
-            return NULL;
-        if (!(rate[k] > 0.0)) {
-            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
-            return NULL;
-        }
-    }
+    if (meter_views(meters, nv, now, q, rate) < 0 || floats_of(owdl, nv, owd, "owd") < 0
+            || floats_of(ldivl, nv, ldiv, "ldiv") < 0 || floats_of(lossl, nv, loss, "loss") < 0)
+        return NULL;
+    for (Py_ssize_t k = 0; k < nv; k++)
+        loss[k] = loss[k] > floor_ ? loss[k] : floor_;  /* _objective_set's floored loss */
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
     unsigned long long nbytes = 0;
     PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *urgs = PyDict_New(), *result = NULL;
@@ -2000,6 +2031,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
+    s_q = PyUnicode_InternFromString("q");
+    s_t = PyUnicode_InternFromString("t");
+    s_bw = PyUnicode_InternFromString("bw");
+    s_bw0 = PyUnicode_InternFromString("bw0");
+    if (s_q == NULL || s_t == NULL || s_bw == NULL || s_bw0 == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

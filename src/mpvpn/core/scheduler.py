@@ -360,6 +360,8 @@ class Scheduler(PacketScheduler):
         self._views_t = -math.inf
         self._views: list = []
         self._good: list = []  # the views that are not suspect (or all)
+        self._cv_for = None  # the views list _cv describes
+        self._cv: tuple = ()  # what the C runs read of those views (_c_views)
         self._fviews: dict = {}  # id(policy) -> _flow_views for the current views
         self._rate_sum = 0.0
         self._repair = None  # id(views) -> {None: repair fits, member: P(repair fails)}
@@ -395,6 +397,18 @@ class Scheduler(PacketScheduler):
             self._views_up = up
             self._views_t = now
         return self._views
+
+    def _c_views(self, views: list) -> tuple:
+        """What the C runs (spread_run, urgent_run) take of ``views``: a
+        [subflow] list per view (what ``decided`` holds for a packet sent on
+        it alone), the subflows, their meters (read there at ``now``), owd,
+        ldiv and loss as floats.  The same until the views are rebuilt."""
+        if self._cv_for is not views:
+            self._cv = ([[v.sub] for v in views], [v.sub for v in views], [v.meter for v in views],
+                        [v.owd for v in views], [float(v.ldiv or 0.0) for v in views],
+                        [float(v.loss or 0.0) for v in views])
+            self._cv_for = views
+        return self._cv
 
     def _flow_views(self, fl: _Flow, up, now: float) -> list:
         """The subflows this flow may use: policy-allowed, not suspect (unless
@@ -493,13 +507,10 @@ class Scheduler(PacketScheduler):
         (the budget does not hold packets[i]: the Python path says so)."""
         o = self.options
         self._urgent_refill(views, now)
-        meters = [v.meter for v in views]
+        _, subs, meters, owd, ldiv, loss = self._c_views(views)
         j, part, sizes, nbytes, copies, self._utokens, urgs = _urgent_run(
-            packets, i, key, o.small_bytes, [v.sub for v in views],
-            [m.q - m.rate * (now - m.t) for m in meters], [m.rate for m in meters],
-            [v.owd for v in views], [float(v.ldiv or 0.0) for v in views],
-            [float(v.loss or 0.0) for v in views], o.urgent_value, o.loss_floor, o.copy_cost,
-            self._utokens, overhead)
+            packets, i, key, o.small_bytes, subs, meters, now, owd, ldiv, loss, o.urgent_value,
+            o.loss_floor, o.copy_cost, self._utokens, overhead)
         if j > i:
             for m, sz in zip(meters, sizes):
                 if sz:
@@ -856,11 +867,10 @@ class Scheduler(PacketScheduler):
                     break
                 if spread_c and fl.sent >= pin_bytes:
                     # the rest of this flow's run, spread case, decided in C
+                    ones, _, meters, owd, ldiv, _ = self._c_views(views)
                     j, part, sizes, nbytes = run_c(
-                        packets, i, key0, small, urgent_on, [v.sub for v in views],
-                        [v.meter.q - v.meter.rate * (now - v.meter.t) for v in views],
-                        [v.meter.rate for v in views], [v.owd for v in views],
-                        [float(v.ldiv or 0.0) for v in views], target, overhead)
+                        packets, i, key0, small, urgent_on, ones, meters, now, owd, ldiv, target,
+                        overhead)
                     if j > i:
                         k = j - i
                         for v, sz in zip(views, sizes):
