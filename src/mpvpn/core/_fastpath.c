@@ -1843,6 +1843,14 @@ urgent_run(PyObject *self, PyObject *args)
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
     unsigned long long nbytes = 0;
     PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *urgs = PyDict_New(), *result = NULL;
+    /* packets per urgent bit set (flows.Urgent: 8 bits), in first-seen order */
+    Py_ssize_t ucount[256] = {0};
+    unsigned char useen[256];
+    int nseen = 0;
+    /* the chosen lists of one or two subflows, shared by the packets that
+     * take the same ones in the same order (read, never changed) */
+#define SHARED 8
+    PyObject *shared[SHARED][SHARED + 1] = {{NULL}};
     if (decided == NULL || sizes == NULL || urgs == NULL)
         goto done;
     for (; i < n; i++) {
@@ -1854,9 +1862,6 @@ urgent_run(PyObject *self, PyObject *args)
         classify_raw((const unsigned char *)PyBytes_AS_STRING(p), len, small, &pk);
         if (!fkey_eq(&pk, &k0) || !pk.urgent || !(tokens >= (double)len))
             break;
-        PyObject *urgo = PyLong_FromLong(pk.urgent);
-        if (urgo == NULL)
-            goto done;
         tokens -= (double)len;  /* Scheduler._urgent_ok */
         int first = -1;
         double best_t = 0.0;
@@ -1898,57 +1903,92 @@ urgent_run(PyObject *self, PyObject *args)
                 pr *= bl;
             }
         }
-        PyObject *one = PyList_New(nc);
+        PyObject **slot = NULL;
+        if (nc <= 2 && chosen[0] < SHARED && (nc == 1 || chosen[1] < SHARED))
+            slot = &shared[chosen[0]][nc == 1 ? SHARED : chosen[1]];
+        PyObject *one = slot != NULL ? *slot : NULL;
         if (one == NULL) {
-            Py_DECREF(urgo);
+            one = PyList_New(nc);
+            if (one == NULL)
+                goto done;
+            for (int c = 0; c < nc; c++) {
+                PyObject *sub = PyList_GET_ITEM(subs, chosen[c]);
+                Py_INCREF(sub);
+                PyList_SET_ITEM(one, c, sub);
+            }
+            if (slot != NULL) {
+                *slot = one;  /* the table's reference, until the end */
+                Py_INCREF(one);  /* and this packet's */
+            }
+        } else
+            Py_INCREF(one);
+        int r = PyList_Append(decided, one);
+        Py_DECREF(one);
+        if (r < 0)
             goto done;
-        }
         Py_ssize_t dlen = len + overhead;
         PyObject *d = PyLong_FromSsize_t(dlen);
-        if (d == NULL) {
-            Py_DECREF(one);
-            Py_DECREF(urgo);
+        if (d == NULL)
             goto done;
-        }
-        int r = 0;
         for (int c = 0; c < nc; c++) {
             int k = chosen[c];
-            PyObject *sub = PyList_GET_ITEM(subs, k);
-            Py_INCREF(sub);
-            PyList_SET_ITEM(one, c, sub);
             q[k] = (q[k] > 0.0 ? q[k] : 0.0) + (double)dlen;
             if (r == 0)
                 r = PyList_Append(PyList_GET_ITEM(sizes, k), d);
         }
         Py_DECREF(d);
-        if (r == 0)
-            r = PyList_Append(decided, one);
-        Py_DECREF(one);
-        if (r == 0) {  /* urgs[urg] += 1 */
-            PyObject *cnt = PyDict_GetItemWithError(urgs, urgo);
-            long have = 0;
-            if (cnt != NULL)
-                have = PyLong_AsLong(cnt);
-            else if (PyErr_Occurred())
-                r = -1;
-            if (r == 0) {
-                PyObject *nw = PyLong_FromLong(have + 1);
-                r = nw == NULL ? -1 : PyDict_SetItem(urgs, urgo, nw);
-                Py_XDECREF(nw);
-            }
-        }
-        Py_DECREF(urgo);
         if (r < 0)
             goto done;
+        if (ucount[pk.urgent & 0xff]++ == 0)
+            useen[nseen++] = (unsigned char)(pk.urgent & 0xff);
         copies += nc - 1;
         nbytes += (unsigned long long)len;
     }
+    for (int u = 0; u < nseen; u++) {  /* urgs: {urgent bits: packets}, first seen first */
+        PyObject *ko = PyLong_FromLong(useen[u]), *vo = PyLong_FromSsize_t(ucount[useen[u]]);
+        int r = ko == NULL || vo == NULL ? -1 : PyDict_SetItem(urgs, ko, vo);
+        Py_XDECREF(ko);
+        Py_XDECREF(vo);
+        if (r < 0)
+            goto done;
+    }
     result = Py_BuildValue("(nOOKndO)", i, decided, sizes, nbytes, copies, tokens, urgs);
 done:
+    for (int a = 0; a < SHARED; a++)
+        for (int b = 0; b <= SHARED; b++)
+            Py_XDECREF(shared[a][b]);
     Py_XDECREF(decided);
     Py_XDECREF(sizes);
     Py_XDECREF(urgs);
     return result;
+}
+
+/* add_seq(q, sizes, start) -> (q', total)
+ *     LinkMeter.on_send_seq's loop: q + sizes[start] + sizes[start + 1] + ...
+ *     added one at a time, in order (the same float rounding as one on_send
+ *     each), and those sizes' sum.  ``sizes`` a list of ints. */
+static PyObject *
+add_seq(PyObject *self, PyObject *args)
+{
+    double q;
+    PyObject *sizes;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "dO!n", &q, &PyList_Type, &sizes, &start))
+        return NULL;
+    long long total = 0;
+    Py_ssize_t n = PyList_GET_SIZE(sizes);
+    for (Py_ssize_t i = start < 0 ? 0 : start; i < n; i++) {
+        long long v = PyLong_AsLongLong(PyList_GET_ITEM(sizes, i));
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < 0 || v > (1LL << 40)) {
+            PyErr_SetString(PyExc_ValueError, "sizes must be datagram sizes");
+            return NULL;
+        }
+        q += (double)v;
+        total += v;
+    }
+    return Py_BuildValue("(dL)", q, total);
 }
 
 /* group_pairs(pairs, runs)
@@ -2017,6 +2057,7 @@ static PyMethodDef methods[] = {
     {"receive_new", receive_new, METH_VARARGS, "open_new, reorder and NACK bookkeeping per datagram."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
     {"urgent_run", urgent_run, METH_VARARGS, "Scheduler.offer_many's urgent case for a run of one flow."},
+    {"add_seq", add_seq, METH_VARARGS, "LinkMeter.on_send_seq's loop: sizes added one at a time."},
     {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
