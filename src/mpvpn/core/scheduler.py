@@ -1102,28 +1102,9 @@ class Scheduler(PacketScheduler):
             return None
         target = o.queue_target
         # Nothing can leave while no subflow has room: say when one will.
-        earliest = math.inf
-        for v in self._all_views(up, now):
-            m = v.meter  # wait = qdelay - target (inlined)
-            rate = m.bw
-            if rate is None:
-                rate = m.bw0
-            q = m.q - rate * (now - m.t)
-            if not q > 0.0:
-                q = 0.0
-            wait = q / rate - target
-            if wait < 0.0:
-                break
-            if wait < earliest:
-                earliest = wait
-        else:
-            for v in self._views:
-                v.meter.held = True
-            self.c["blocked"] += 1
-            t = now + max(earliest, 1e-4)
-            if self._retx and self._release_at is not None and self._release_at > now:
-                t = min(t, self._release_at)
-            self._release_at = t
+        earliest = self._no_room(up, now)
+        if earliest is not None:
+            self._blocked_pull(now, earliest)
             return None
         release_at = math.inf
         max_sojourn = o.max_sojourn
@@ -1209,6 +1190,62 @@ class Scheduler(PacketScheduler):
         else:
             self._release_at = None
         return None
+
+    def _no_room(self, up, now: float) -> float | None:
+        """None if a subflow has room now (its modelled delay below
+        ``queue_target``), else the least wait until one has."""
+        target = self.options.queue_target
+        earliest = math.inf
+        for v in self._all_views(up, now):
+            m = v.meter  # wait = qdelay - target (inlined)
+            rate = m.bw
+            if rate is None:
+                rate = m.bw0
+            q = m.q - rate * (now - m.t)
+            if not q > 0.0:
+                q = 0.0
+            wait = q / rate - target
+            if wait < 0.0:
+                return None
+            if wait < earliest:
+                earliest = wait
+        return earliest
+
+    def _blocked_pull(self, now: float, earliest: float) -> None:
+        """What a ``pull`` that finds no subflow with room records."""
+        for v in self._views:
+            v.meter.held = True
+        self.c["blocked"] += 1
+        t = now + max(earliest, 1e-4)
+        if self._retx and self._release_at is not None and self._release_at > now:
+            t = min(t, self._release_at)
+        self._release_at = t
+
+    def offer_blocked(self, packets: list, start: int, up, now: float) -> tuple:
+        """:meth:`PacketScheduler.offer_blocked`: while no subflow has room
+        now (nothing is sent meanwhile, so none gets any) and no urgent
+        packet or re-send waits (those ``pull`` and the pump take first),
+        each packet is queued (``offer`` behind the queue: ``enqueue``) and
+        the session's ``pull`` after it recorded as blocked.  An urgent
+        packet put in the urgent queue ends the run (``pump``: it leaves
+        without room)."""
+        end = len(packets)
+        i = start
+        if (i >= end or not up or self._urgent or self._retx or not self._qpackets
+                or not (self._active or self._active_prio)):
+            return i, 0, False
+        earliest = self._no_room(up, now)
+        if earliest is None:
+            return i, 0, False
+        queued = 0
+        enqueue = self.enqueue
+        while i < end:
+            queued += enqueue(packets[i], up, now)
+            i += 1
+            if self._urgent:
+                return i, queued, True
+            self._blocked_pull(now, earliest)
+        return i, queued, False
 
     def next_release(self) -> float | None:
         """When ``pull`` may release something (None: the queue is empty)."""
