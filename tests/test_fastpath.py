@@ -74,6 +74,15 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
     for p in (py, c):
         p.a.scheduler = make_scheduler(mode, initial_rate=2e6)
     rng = random.Random(3)
+    queued_behind = []  # packets queued by offer_blocked (no room: the pump skipped)
+    inner = c.a.scheduler.offer_blocked
+
+    def counting(packets, start, up, now):
+        r = inner(packets, start, up, now)
+        queued_behind.append(r[0] - start)
+        return r
+
+    c.a.scheduler.offer_blocked = counting
 
     def pkt(sport, size, flags=0x10):
         ip = bytes([0x45, 0]) + size.to_bytes(2, "big") + bytes(4) + bytes([64, 6, 0, 0]) \
@@ -98,6 +107,7 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
     assert counters(py.a) == counters(c.a)
     assert c.a.scheduler.c == py.a.scheduler.c
+    assert sum(queued_behind) > 50
     assert sendbuf_entries(py.a) == sendbuf_entries(c.a)
     assert c.a.sealer.sealed == py.a.sealer.sealed >= py.a.sent > 0
 
@@ -280,10 +290,23 @@ def test_a_small_reorder_buffer_flushes_compacts_and_gives_up_like_receive_datag
     def keep(m, d):
         return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= loss
 
-    got_py, got_c = carry_per_member(py, c, 8, 40, 30, keep, tick=0.002)
+    taken = []
+    inner = fastpath.LOOPS.receive_new
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[8])
+        return r
+
+    fastpath.LOOPS.receive_new = counting
+    try:
+        got_py, got_c = carry_per_member(py, c, 8, 40, 30, keep, tick=0.002)
+    finally:
+        fastpath.LOOPS.receive_new = inner
     assert got_c == got_py
     assert counters(py.b) == counters(c.b)
     assert c.b.reorder.flushes == py.b.reorder.flushes
+    assert sum(taken) > len(got_c) / 4  # the C loop took batches between its stops
 
 
 @needs_c
