@@ -743,8 +743,8 @@ receive_new(PyObject *self, PyObject *args)
         uint64_t useq;
         if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &useq))
             break;
-        if (useq >= (uint64_t)LLONG_MAX)
-            break;  /* the full path knows big numbers */
+        if (useq >= (1ULL << 62))
+            break;  /* the full path knows big numbers (and the gap arithmetic stays in range) */
         long long seq = (long long)useq;
         if (seq <= r.last) {  /* a later copy: no decryption */
             if (seq > skip_hi)
