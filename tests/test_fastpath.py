@@ -1,6 +1,7 @@
 """The C loops (mpvpn.core._fastpath) against the pure-Python path they replace:
 same datagrams on the wire, same deliveries, same counters."""
 
+import contextlib
 import random
 
 import pytest
@@ -209,6 +210,25 @@ def test_the_c_loops_use_wire_py_s_datagram_layout():
     assert got == expected
 
 
+@contextlib.contextmanager
+def taken_by_receive_new():
+    """While inside: a list of what each call of the C loop ``receive_new``
+    took (datagrams accepted)."""
+    taken = []
+    inner = fastpath.LOOPS.receive_new
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[8])
+        return r
+
+    fastpath.LOOPS.receive_new = counting
+    try:
+        yield taken
+    finally:
+        fastpath.LOOPS.receive_new = inner
+
+
 def carry_per_member(py, c, rounds, per_round, size, keep, tick=None):
     """Send ``rounds`` x ``per_round`` numbered packets of ``size`` + 4 bytes
     with ``py.a``; of its datagrams keep those ``keep(member, datagram)``
@@ -241,24 +261,17 @@ def carry_per_member(py, c, rounds, per_round, size, keep, tick=None):
 
 @needs_c
 @pytest.mark.parametrize("nack", [False, True])
-def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(nack, monkeypatch):
+def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(nack):
     """20 % loss on each of three paths: a gap is open nearly all the time
-    (copies come per path, batch after batch), and open_new carries the
-    batches (before: the per-packet Python path did, at about twice the CPU
-    of a clean run).  Same deliveries, counters and NACK state as the
-    per-packet path."""
+    (copies come per path, batch after batch), and the C loop carries the
+    batches (receive_new: open, reorder, NACK gaps; before session 6 the
+    per-packet Python path did, at about twice the CPU of a clean run).
+    Same deliveries, counters and NACK state as the per-packet path."""
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
-    calls = []
-    inner = fastpath.LOOPS.receive_new
-
-    def counting(*args):
-        calls.append(1)
-        return inner(*args)
-
-    monkeypatch.setattr(fastpath.LOOPS, "receive_new", counting)
     rng = random.Random(5)
-    got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
+    with taken_by_receive_new() as calls:
+        got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
     assert got_c == got_py and len(got_c) > 0.98 * 64 * 30
     assert counters(py.b) == counters(c.b)
     assert len(calls) > 10
@@ -290,19 +303,8 @@ def test_a_small_reorder_buffer_flushes_compacts_and_gives_up_like_receive_datag
     def keep(m, d):
         return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= loss
 
-    taken = []
-    inner = fastpath.LOOPS.receive_new
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(r[8])
-        return r
-
-    fastpath.LOOPS.receive_new = counting
-    try:
+    with taken_by_receive_new() as taken:
         got_py, got_c = carry_per_member(py, c, 8, 40, 30, keep, tick=0.002)
-    finally:
-        fastpath.LOOPS.receive_new = inner
     assert got_c == got_py
     assert counters(py.b) == counters(c.b)
     assert c.b.reorder.flushes == py.b.reorder.flushes

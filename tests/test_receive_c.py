@@ -118,7 +118,7 @@ def test_on_data_many_in_c_notes_the_gaps_the_python_reference_notes(track, send
 
 @needs_c
 @pytest.mark.parametrize("nack", [False, True])
-def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(nack, monkeypatch):
+def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(nack):
     """Aggregate mode's arrivals: each packet on one subflow (packet k on
     member k % 3 + 1, as spreading does), so every subflow's batch is out of
     order; some lost.  receive_many delivers, counts and notes gaps as the
@@ -128,25 +128,17 @@ def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(na
     per batch with Python between them)."""
     import random
 
-    from test_fastpath import carry_per_member, counters, pair_of_sessions
+    from test_fastpath import carry_per_member, counters, pair_of_sessions, taken_by_receive_new
 
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
-    taken = []
-    inner = fastpath.LOOPS.receive_new
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(r[8])
-        return r
-
-    monkeypatch.setattr(fastpath.LOOPS, "receive_new", counting)
     rng = random.Random(7)
 
     def spread(m, d):  # packet k on member k % 3 + 1 only; 2 % lost
         return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= 0.02
 
-    got_py, got_c = carry_per_member(py, c, 40, 48, 200, spread, tick=0.001)
+    with taken_by_receive_new() as taken:
+        got_py, got_c = carry_per_member(py, c, 40, 48, 200, spread, tick=0.001)
     assert got_c == got_py and len(got_c) > 0.95 * 48 * 40
     assert counters(py.b) == counters(c.b)
     assert sum(taken) > 0.6 * len(got_c)

@@ -313,20 +313,78 @@ count_old_copy(uint64_t seq, unsigned long long skip_lo, unsigned long long skip
     return 1;
 }
 
+/* The receive loops' per-datagram start, as _receive_data has it: before any
+ * decryption a copy at or below ``last`` (count_old_copy) or already in
+ * ``held`` (a duplicate) is counted with its bytes in *rx_bytes; a new one is
+ * opened (a tag that does not verify counted in *auth_fail).  With ``full``
+ * set, a new number other than last + 1 stops the loop unopened (a flush:
+ * the full path).  Returns 0 opened (*seqo, *pt: new references), 1 counted
+ * (next datagram), 2 stop here (the full path: an older given-up range, an
+ * unknown epoch, a flush), -1 with an exception set. */
+struct opener {
+    int cur_epoch, prev_epoch;
+    PyObject *cur_dec, *prev_dec, *invalid_tag;
+    unsigned long long dup, late, rx_bytes, auth_fail;
+};
+
+static int
+open_copy(struct opener *o, const unsigned char *p, Py_ssize_t len, uint64_t seq,
+          unsigned long long last, unsigned long long skip_lo, unsigned long long skip_hi,
+          PyObject *held, int full, PyObject **seqo, PyObject **pt)
+{
+    if (seq <= last) {  /* a later copy: no decryption */
+        if (!count_old_copy(seq, skip_lo, skip_hi, &o->dup, &o->late))
+            return 2;  /* maybe in an older given-up range */
+        o->rx_bytes += len;
+        return 1;
+    }
+    PyObject *k = PyLong_FromUnsignedLongLong(seq);
+    if (k == NULL)
+        return -1;
+    int in = PyDict_Contains(held, k);
+    if (in) {  /* buffered already: a later copy (or an error) */
+        Py_DECREF(k);
+        if (in < 0)
+            return -1;
+        o->dup++;
+        o->rx_bytes += len;
+        return 1;
+    }
+    if (full && seq != last + 1) {
+        Py_DECREF(k);
+        return 2;
+    }
+    int why;
+    *pt = open_one(p, len, o->cur_epoch, o->cur_dec, o->prev_epoch, o->prev_dec, o->invalid_tag, &why);
+    if (*pt == NULL) {
+        Py_DECREF(k);
+        if (why == 1)
+            return 2;  /* unknown epoch: counted by the full path */
+        if (why == 2) {
+            o->auth_fail++;
+            return 1;
+        }
+        return -1;
+    }
+    o->rx_bytes += len;
+    *seqo = k;
+    return 0;
+}
+
 static PyObject *
 open_new(PyObject *self, PyObject *args)
 {
-    PyObject *dgrams, *buffered, *cur_dec, *prev_dec, *invalid_tag;
+    PyObject *dgrams, *buffered;
     Py_ssize_t start;
-    int member, cur_epoch, prev_epoch;
+    int member;
     unsigned long session;
     unsigned long long last, skip_lo, skip_hi;
+    struct opener o = {0, 0, NULL, NULL, NULL, 0, 0, 0, 0};
     if (!PyArg_ParseTuple(args, "O!nikKKKO!iOiOO", &PyList_Type, &dgrams, &start, &member, &session,
-                          &last, &skip_lo, &skip_hi, &PyDict_Type, &buffered, &cur_epoch, &cur_dec,
-                          &prev_epoch, &prev_dec, &invalid_tag))
+                          &last, &skip_lo, &skip_hi, &PyDict_Type, &buffered, &o.cur_epoch, &o.cur_dec,
+                          &o.prev_epoch, &o.prev_dec, &o.invalid_tag))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(dgrams), i = start;
-    unsigned long long dup = 0, late = 0, rx_bytes = 0, auth_fail = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -336,38 +394,14 @@ open_new(PyObject *self, PyObject *args)
         uint64_t seq;
         if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &seq))
             break;
-        if (seq <= last) {  /* a later copy: no decryption */
-            if (!count_old_copy(seq, skip_lo, skip_hi, &dup, &late))
-                break;  /* maybe in an older given-up range */
-            rx_bytes += len;
+        PyObject *seqo, *pt;
+        int st = open_copy(&o, p, len, seq, last, skip_lo, skip_hi, buffered, 0, &seqo, &pt);
+        if (st < 0)
+            goto fail;
+        if (st == 2)
+            break;
+        if (st == 1)
             continue;
-        }
-        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
-        if (seqo == NULL)
-            goto fail;
-        int held = PyDict_Contains(buffered, seqo);
-        if (held < 0) {
-            Py_DECREF(seqo);
-            goto fail;
-        }
-        if (held) {  /* buffered already: a later copy */
-            Py_DECREF(seqo);
-            dup++;
-            rx_bytes += len;
-            continue;
-        }
-        int why;
-        PyObject *pt = open_one(p, len, cur_epoch, cur_dec, prev_epoch, prev_dec, invalid_tag, &why);
-        if (pt == NULL) {
-            Py_DECREF(seqo);
-            if (why == 1)
-                break;  /* unknown epoch: counted by the full path */
-            if (why == 2) {
-                auth_fail++;
-                continue;
-            }
-            goto fail;
-        }
         PyObject *pair = PyTuple_Pack(2, seqo, pt);
         Py_DECREF(seqo);
         Py_DECREF(pt);
@@ -378,9 +412,8 @@ open_new(PyObject *self, PyObject *args)
             goto fail;
         }
         Py_DECREF(pair);
-        rx_bytes += len;
     }
-    return Py_BuildValue("(nNKKKK)", i, out, dup, late, rx_bytes, auth_fail);
+    return Py_BuildValue("(nNKKKK)", i, out, o.dup, o.late, o.rx_bytes, o.auth_fail);
 fail:
     Py_DECREF(out);
     return NULL;
@@ -420,11 +453,11 @@ fail:
  *     left out for ``track``.
  */
 /* The reorder buffer's state while a C loop pushes into it: its dict and
- * deque (handed over by ReorderBuffer), X and the newest given-up range. */
+ * deque (handed over by ReorderBuffer) and X. */
 struct reorder_st {
     PyObject *buf, *arrivals, *append, *tobj, *out;  /* tobj: the arrival time stored */
     Py_ssize_t limit, capacity;
-    long long last, skip_lo, skip_hi;
+    long long last;
     int stored;  /* something was buffered (tlast moves to now) */
 };
 
@@ -603,7 +636,7 @@ reorder_push(PyObject *self, PyObject *args)
     Py_ssize_t n = PyList_GET_SIZE(pairs), i = start;
     unsigned long long dup = 0, late = 0;
     int handover = 0;  /* stopped before pairs[i] for the Python path */
-    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, skip_lo, skip_hi, 0};
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, 0};
     PyObject *acc = PyList_New(0), *result = NULL;
     if (reorder_open(&r, arrivals, tlast, nowo) < 0 || acc == NULL)
         goto done;
@@ -709,15 +742,17 @@ nack_gaps(PyObject *self, PyObject *args)
 static PyObject *
 receive_new(PyObject *self, PyObject *args)
 {
-    PyObject *dgrams, *cur_dec, *prev_dec, *invalid_tag, *buf, *arrivals, *nowo, *missing;
+    PyObject *dgrams, *buf, *arrivals, *nowo, *missing;
     Py_ssize_t start, limit, capacity;
-    int member, cur_epoch, prev_epoch;
+    int member;
     unsigned long session;
-    long long last, skip_lo, skip_hi;
+    long long last;
+    unsigned long long skip_lo, skip_hi;
     double tlast;
+    struct opener o = {0, 0, NULL, NULL, NULL, 0, 0, 0, 0};
     struct nack_st s = {NULL, NULL, 0, 0, 0, 0, 0, 0};
-    if (!PyArg_ParseTuple(args, "O!nikiOiOOO!OnLLLdnO!OLLL", &PyList_Type, &dgrams, &start, &member,
-                          &session, &cur_epoch, &cur_dec, &prev_epoch, &prev_dec, &invalid_tag,
+    if (!PyArg_ParseTuple(args, "O!nikiOiOOO!OnLKKdnO!OLLL", &PyList_Type, &dgrams, &start, &member,
+                          &session, &o.cur_epoch, &o.cur_dec, &o.prev_epoch, &o.prev_dec, &o.invalid_tag,
                           &PyDict_Type, &buf, &arrivals, &limit, &last, &skip_lo, &skip_hi, &tlast,
                           &capacity, &PyFloat_Type, &nowo, &missing, &s.high, &s.send_buffer, &s.track))
         return NULL;
@@ -732,8 +767,8 @@ receive_new(PyObject *self, PyObject *args)
     s.missing = missing;
     s.nowo = nowo;
     Py_ssize_t n = PyList_GET_SIZE(dgrams), i = start;
-    unsigned long long dup = 0, late = 0, rx_bytes = 0, auth_fail = 0, accepted = 0;
-    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, skip_lo, skip_hi, 0};
+    unsigned long long accepted = 0;
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, 0};
     PyObject *result = NULL;
     if (reorder_open(&r, arrivals, tlast, nowo) < 0)
         goto done;
@@ -745,48 +780,16 @@ receive_new(PyObject *self, PyObject *args)
             break;
         if (useq >= (1ULL << 62))
             break;  /* the full path knows big numbers (and the gap arithmetic stays in range) */
+        PyObject *seqo, *pt;
+        int st = open_copy(&o, p, len, useq, (unsigned long long)r.last, skip_lo, skip_hi, buf,
+                           PyDict_GET_SIZE(buf) >= capacity, &seqo, &pt);
+        if (st < 0)
+            goto done;
+        if (st == 2)
+            break;
+        if (st == 1)
+            continue;
         long long seq = (long long)useq;
-        if (seq <= r.last) {  /* a later copy: no decryption */
-            if (seq > skip_hi)
-                dup++;
-            else if (seq >= skip_lo)
-                late++;
-            else
-                break;  /* maybe in an older given-up range */
-            rx_bytes += len;
-            continue;
-        }
-        PyObject *seqo = PyLong_FromLongLong(seq);
-        if (seqo == NULL)
-            goto done;
-        int held = PyDict_Contains(buf, seqo);
-        if (held < 0) {
-            Py_DECREF(seqo);
-            goto done;
-        }
-        if (held) {  /* buffered already: a later copy */
-            Py_DECREF(seqo);
-            dup++;
-            rx_bytes += len;
-            continue;
-        }
-        if (seq != r.last + 1 && PyDict_GET_SIZE(buf) >= capacity) {
-            Py_DECREF(seqo);
-            break;  /* a flush: the full path */
-        }
-        int why;
-        PyObject *pt = open_one(p, len, cur_epoch, cur_dec, prev_epoch, prev_dec, invalid_tag, &why);
-        if (pt == NULL) {
-            Py_DECREF(seqo);
-            if (why == 1)
-                break;  /* unknown epoch: counted by the full path */
-            if (why == 2) {
-                auth_fail++;
-                continue;
-            }
-            goto done;
-        }
-        rx_bytes += len;
         accepted++;
         int past = reorder_take(&r, seqo, seq, pt);
         Py_DECREF(seqo);
@@ -800,8 +803,8 @@ receive_new(PyObject *self, PyObject *args)
     }
     if (r.stored && PyFloat_AS_DOUBLE(nowo) > tlast)
         tlast = PyFloat_AS_DOUBLE(nowo);
-    result = Py_BuildValue("(nOLdKKKKKLLiL)", i, r.out, r.last, tlast, dup, late, rx_bytes, auth_fail,
-                           accepted, s.high, s.top, s.noted, s.untracked);
+    result = Py_BuildValue("(nOLdKKKKKLLiL)", i, r.out, r.last, tlast, o.dup, o.late, o.rx_bytes,
+                           o.auth_fail, accepted, s.high, s.top, s.noted, s.untracked);
 done:
     reorder_close(&r);
     return result;

@@ -125,11 +125,7 @@ class ReceivePath:
             -1 if prev is None else prev, prev_dec, InvalidTag)
         if j == i:
             return i
-        ok = j - i - bad
-        if ok:
-            sub.on_receive(nbytes, now, ok)
-        if bad:
-            self.auth_failures += bad
+        self._took(sub, j - i, bad, nbytes, now)
         if dup or late:
             reorder.count_stale(dup, late)
         # (seq, delivered up to) of each taken, for the NACK bookkeeping; the
@@ -147,6 +143,15 @@ class ReceivePath:
             sub.on_data(now, accepted)
         return j
 
+    def _took(self, sub, n: int, bad: int, nbytes: int, now: float) -> None:
+        """A C loop took ``n`` datagrams of ``sub`` (``nbytes``), ``bad`` of
+        them not authentic (counted, changing nothing else)."""
+        ok = n - bad
+        if ok:
+            sub.on_receive(nbytes, now, ok)
+        if bad:
+            self.auth_failures += bad
+
     def _receive_new(self, datagrams, i, member, now, sub, out, cur, cur_dec, prev, prev_dec,
                      state) -> int:
         """``_open_new`` with the reorder buffer's push and the NACK gap
@@ -162,11 +167,7 @@ class ReceivePath:
             InvalidTag, *state, now, missing, high, send_buffer, track)
         if j == i:
             return i
-        ok = j - i - bad
-        if ok:
-            sub.on_receive(nbytes, now, ok)
-        if bad:
-            self.auth_failures += bad
+        self._took(sub, j - i, bad, nbytes, now)
         self.reorder.took_pushed(last, tlast, dup, late)
         out += got
         if accepted:
