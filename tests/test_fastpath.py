@@ -1,6 +1,7 @@
 """The C loops (mpvpn.core._fastpath) against the pure-Python path they replace:
 same datagrams on the wire, same deliveries, same counters."""
 
+import contextlib
 import random
 
 import pytest
@@ -74,6 +75,15 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
     for p in (py, c):
         p.a.scheduler = make_scheduler(mode, initial_rate=2e6)
     rng = random.Random(3)
+    queued_behind = []  # packets queued by offer_blocked (no room: the pump skipped)
+    inner = c.a.scheduler.offer_blocked
+
+    def counting(packets, start, up, now):
+        r = inner(packets, start, up, now)
+        queued_behind.append(r[0] - start)
+        return r
+
+    c.a.scheduler.offer_blocked = counting
 
     def pkt(sport, size, flags=0x10):
         ip = bytes([0x45, 0]) + size.to_bytes(2, "big") + bytes(4) + bytes([64, 6, 0, 0]) \
@@ -98,6 +108,7 @@ def test_send_many_with_a_queueing_scheduler_makes_send_s_datagrams_in_send_s_or
         assert c.a.datagrams_to_send() == py.a.datagrams_to_send()
     assert counters(py.a) == counters(c.a)
     assert c.a.scheduler.c == py.a.scheduler.c
+    assert sum(queued_behind) > 50
     assert sendbuf_entries(py.a) == sendbuf_entries(c.a)
     assert c.a.sealer.sealed == py.a.sealer.sealed >= py.a.sent > 0
 
@@ -199,6 +210,25 @@ def test_the_c_loops_use_wire_py_s_datagram_layout():
     assert got == expected
 
 
+@contextlib.contextmanager
+def taken_by_receive_new():
+    """While inside: a list of what each call of the C loop ``receive_new``
+    took (datagrams accepted)."""
+    taken = []
+    inner = fastpath.LOOPS.receive_new
+
+    def counting(*args):
+        r = inner(*args)
+        taken.append(r[8])
+        return r
+
+    fastpath.LOOPS.receive_new = counting
+    try:
+        yield taken
+    finally:
+        fastpath.LOOPS.receive_new = inner
+
+
 def carry_per_member(py, c, rounds, per_round, size, keep, tick=None):
     """Send ``rounds`` x ``per_round`` numbered packets of ``size`` + 4 bytes
     with ``py.a``; of its datagrams keep those ``keep(member, datagram)``
@@ -231,27 +261,103 @@ def carry_per_member(py, c, rounds, per_round, size, keep, tick=None):
 
 @needs_c
 @pytest.mark.parametrize("nack", [False, True])
-def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(nack, monkeypatch):
+def test_while_a_gap_is_open_the_c_loop_opens_new_copies_like_receive_datagram(nack):
     """20 % loss on each of three paths: a gap is open nearly all the time
-    (copies come per path, batch after batch), and open_new carries the
-    batches (before: the per-packet Python path did, at about twice the CPU
-    of a clean run).  Same deliveries, counters and NACK state as the
-    per-packet path."""
+    (copies come per path, batch after batch), and the C loop carries the
+    batches (receive_new: open, reorder, NACK gaps; before session 6 the
+    per-packet Python path did, at about twice the CPU of a clean run).
+    Same deliveries, counters and NACK state as the per-packet path."""
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
-    calls = []
-    inner = fastpath.LOOPS.open_new
-
-    def counting(*args):
-        calls.append(1)
-        return inner(*args)
-
-    monkeypatch.setattr(fastpath.LOOPS, "open_new", counting)
     rng = random.Random(5)
-    got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
+    with taken_by_receive_new() as calls:
+        got_py, got_c = carry_per_member(py, c, 30, 64, 100, lambda m, d: rng.random() >= 0.2)
     assert got_c == got_py and len(got_c) > 0.98 * 64 * 30
     assert counters(py.b) == counters(c.b)
     assert len(calls) > 10
+
+
+@needs_c
+@settings(max_examples=40, deadline=None)
+@given(capacity=st.integers(1, 12), nack=st.booleans(), loss=st.sampled_from([0.0, 0.05, 0.3]),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_small_reorder_buffer_flushes_compacts_and_gives_up_like_receive_datagram(capacity, nack,
+                                                                                    loss, seed):
+    """Spread packets (each on one path), lost at random, into a reorder buffer
+    of a few places: the C loop stops before a flush and after its arrivals
+    deque passes its limit, and NACK rounds give numbers up ahead of the line
+    (open_new's path): same deliveries, counters and NACK state as the
+    per-packet path, batch after batch."""
+    from mpvpn.core.smpu import SessionConfig
+
+    pairs = []
+    for _ in range(2):
+        p = SimPair(3, delay=0.001, config=SessionConfig(reorder_capacity=capacity),
+                    sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
+        assert p.handshake()
+        p.b.nack_enabled = nack
+        pairs.append(p)
+    py, c = pairs
+    rng = random.Random(seed)
+
+    def keep(m, d):
+        return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= loss
+
+    with taken_by_receive_new() as taken:
+        got_py, got_c = carry_per_member(py, c, 8, 40, 30, keep, tick=0.002)
+    assert got_c == got_py
+    assert counters(py.b) == counters(c.b)
+    assert c.b.reorder.flushes == py.b.reorder.flushes
+    assert sum(taken) > len(got_c) / 4  # the C loop took batches between its stops
+
+
+@needs_c
+def test_receive_new_compacts_the_arrivals_and_leaves_given_up_numbers_to_open_new(monkeypatch):
+    """Arrivals 2, 4, 1, 6, 3, 8, 5, ... keep the reorder buffer from running
+    empty while released entries pile up in its arrivals deque (the C loop
+    stops after it passes its limit; the buffer compacts it); numbers given
+    up ahead of the line make the batch take open_new and push's Python path.
+    Same deliveries and counters as the per-packet path."""
+    from mpvpn.core.smpu import SessionConfig
+
+    calls = {"open_new": 0, "receive_new": 0}
+    for name in calls:
+        inner = getattr(fastpath.LOOPS, name)
+
+        def counting(*args, inner=inner, name=name):
+            calls[name] += 1
+            return inner(*args)
+
+        monkeypatch.setattr(fastpath.LOOPS, name, counting)
+    sessions = []
+    for _ in range(2):
+        p = SimPair(1, delay=0.001, config=SessionConfig(reorder_capacity=4),
+                    sealers=(Sealer(K1, K2, 1), Sealer(K2, K1, 1)))
+        assert p.handshake()
+        for i in range(60):
+            assert p.a.send(bytes([i]) * 30, p.now)
+        sessions.append(p)
+    py, c = sessions
+    dg = {s: {int.from_bytes(d[12:20], "big"): d for _, d in s.a.datagrams_to_send()} for s in sessions}
+    base = min(dg[py])
+    order = [2, 4, 1]
+    for k in range(3, 25):
+        order += [2 * k, 2 * k - 3]
+    got_py = [x for s in order for x in py.b.receive_datagram(dg[py][base - 1 + s], 1, py.now)]
+    got_c = c.b.receive_many([dg[c][base - 1 + s] for s in order], 1, c.now)
+    assert got_c == got_py and len(got_c) > 40
+    assert counters(py.b) == counters(c.b)
+    assert calls["open_new"] == 0 and calls["receive_new"] >= 3  # it stopped to compact
+    assert len(c.b.reorder._arrivals) <= 2 * 4
+    for s in sessions:
+        assert s.b.reorder.give_up([base + 49, base + 51]) == []
+    rest = [51, 53, 47, 54, 49, 56, 55, 58, 57, 60, 59]  # 50, 52 never come
+    got_py = [x for s in rest for x in py.b.receive_datagram(dg[py][base - 1 + s], 1, py.now)]
+    got_c = c.b.receive_many([dg[c][base - 1 + s] for s in rest], 1, c.now)
+    assert got_c == got_py and len(got_c) > 5
+    assert counters(py.b) == counters(c.b)
+    assert py.b.reorder.given_up == c.b.reorder.given_up > 0
+    assert calls["open_new"] > 0
 
 
 @needs_c

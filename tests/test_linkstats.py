@@ -308,11 +308,19 @@ def test_a_meter_is_seeded_only_with_a_positive_rate():
     assert m.bw0 == 250_000.0
 
 
-def test_on_send_seq_keeps_the_state_of_on_send_per_datagram():
+@pytest.mark.parametrize("c_loop", [True, False])
+def test_on_send_seq_keeps_the_state_of_on_send_per_datagram(c_loop, monkeypatch):
     """The scheduler's C spread loop (Scheduler.offer_many) records a run's
     datagrams on each meter at once: the same state, bit for bit (the backlog
-    is added up one datagram at a time, as on_send rounds it)."""
+    is added up one datagram at a time, as on_send rounds it), with the C
+    loops' add_seq and with the Python loop it replaces."""
     import copy
+
+    from mpvpn.core import fastpath, linkstats
+
+    if c_loop and fastpath.LOOPS is None:
+        pytest.skip(f"C loops {fastpath.WHY}: run `make fastpath`")
+    monkeypatch.setattr(linkstats, "_LOOPS", fastpath.LOOPS if c_loop else None)
 
     rng = random.Random(11)
     for _ in range(200):

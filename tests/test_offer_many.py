@@ -8,6 +8,7 @@ states reached by real traffic (measured rates, loss, RTTs, queues)."""
 import contextlib
 import copy
 import struct
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -428,7 +429,15 @@ def test_urgent_run_c_chooses_as_objective_set():
     gain test, the chosen backlog growing per packet."""
     if fastpath.LOOPS is None:
         pytest.skip(f"C loops {fastpath.WHY}: run `make fastpath`")
-    run = fastpath.LOOPS.urgent_run
+    loops = fastpath.LOOPS
+
+    def run(packets, start, key, small, subs, q, rate, owd, ldiv, loss, F, floor, beta, tokens, over):
+        # meters with backlog q at now = 1.0, and rate bw (measured) or bw0
+        meters = [SimpleNamespace(q=qk, t=1.0, bw=rk if k % 2 else None, bw0=rk)
+                  for k, (qk, rk) in enumerate(zip(q, rate))]
+        return loops.urgent_run(packets, start, key, small, subs, meters, 1.0, owd, ldiv, loss, F,
+                                floor, beta, tokens, over)
+
     ack = tcp(40000)
     subs = ["s0", "s1", "s2"]
     # equal etas and losses: the first; a copy on the next least lossy (s1 and s2

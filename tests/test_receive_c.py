@@ -118,33 +118,27 @@ def test_on_data_many_in_c_notes_the_gaps_the_python_reference_notes(track, send
 
 @needs_c
 @pytest.mark.parametrize("nack", [False, True])
-def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(nack, monkeypatch):
+def test_spread_packets_stay_in_the_c_loops_and_deliver_like_receive_datagram(nack):
     """Aggregate mode's arrivals: each packet on one subflow (packet k on
     member k % 3 + 1, as spreading does), so every subflow's batch is out of
     order; some lost.  receive_many delivers, counts and notes gaps as the
-    per-packet path does, and the reorder buffer's C loop takes the batches
-    (before: every packet went through ReorderBuffer.push in Python)."""
+    per-packet path does, and one C loop opens, reorders and notes the gaps
+    of the batches (``receive_new``; before session 6 every packet went
+    through ReorderBuffer.push in Python, before session 8 three C calls
+    per batch with Python between them)."""
     import random
 
-    from test_fastpath import carry_per_member, counters, pair_of_sessions
+    from test_fastpath import carry_per_member, counters, pair_of_sessions, taken_by_receive_new
 
     py, c = pair_of_sessions()
     py.b.nack_enabled = c.b.nack_enabled = nack
-    taken = []
-    inner = fastpath.LOOPS.reorder_push
-
-    def counting(*args):
-        r = inner(*args)
-        taken.append(len(r[6]))
-        return r
-
-    monkeypatch.setattr(fastpath.LOOPS, "reorder_push", counting)
     rng = random.Random(7)
 
     def spread(m, d):  # packet k on member k % 3 + 1 only; 2 % lost
         return m == int.from_bytes(d[12:20], "big") % 3 + 1 and rng.random() >= 0.02
 
-    got_py, got_c = carry_per_member(py, c, 40, 48, 200, spread, tick=0.001)
+    with taken_by_receive_new() as taken:
+        got_py, got_c = carry_per_member(py, c, 40, 48, 200, spread, tick=0.001)
     assert got_c == got_py and len(got_c) > 0.95 * 48 * 40
     assert counters(py.b) == counters(c.b)
     assert sum(taken) > 0.6 * len(got_c)

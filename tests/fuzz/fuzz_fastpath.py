@@ -10,12 +10,17 @@ Input: the first byte picks the loop, the rest is its input:
   subflow, against a fixed receiver state (sealed with known keys, so some
   of the seed inputs authenticate);
 * 3 -- ``classify``: one inner packet from the LAN (the scheduler's flow
-  key and urgency), against ``mpvpn.core.flows.classify_py``.
+  key and urgency), against ``mpvpn.core.flows.classify_py``;
+* 4 -- ``receive_new``: datagrams as for 2, into a reorder buffer holding a
+  number ahead of a gap (capacity 4: flushes stop the loop) with NACK gap
+  bookkeeping on or off.
 
 Asserts, for every input: no crash and no exception but the documented
 ``ValueError`` of ``split``; ``split`` and ``coalesce`` give exactly what the
 Python reference in ``mpvpn.io.offload`` gives (or both refuse); ``open_run``
-stops inside the list and delivers only what authenticates, in order.
+stops inside the list and delivers only what authenticates, in order;
+``receive_new`` too, and keeps the buffer within its capacity and above
+what it released.
 
 Without the compiled loops (``make fastpath``) the target checks the Python
 reference alone.  Run under atheris: ``python tests/fuzz/fuzz_fastpath.py``
@@ -93,6 +98,31 @@ def _open_run(datagrams: list[bytes]) -> None:
         assert all(p in opened for p in got)
 
 
+def _receive_new(datagrams: list[bytes]) -> None:
+    if C is None:
+        return
+    from collections import deque
+
+    start = datagrams[0][0] % (len(datagrams) + 1) if datagrams and datagrams[0] else 0
+    nack = bool(start & 1)
+    buf, arrivals = {7: b"held"}, deque([(0.5, 7)])
+    missing = {4: 0.5, 5: 0.5, 6: 0.5} if nack else None
+    last, capacity = 3, 4
+    (i, got, new_last, tlast, dup, late, nbytes, bad, accepted, high, top, noted,
+     untracked) = C.receive_new(datagrams, start, 1, _SID, 1, _RECV.data_decryptors()[1], -1, None,
+                                InvalidTag, buf, arrivals, 8, last, 2, 3, 0.5, capacity, 1.0,
+                                missing, 7, 1024, 64)
+    assert start <= i <= len(datagrams)
+    assert dup + late + accepted + bad <= i - start
+    assert new_last == last + len(got) and tlast >= 0.5
+    assert len(buf) <= capacity and all(k > new_last for k in buf)
+    if got:  # only what authenticates (or was held), in order
+        opened = {_RECV.open(d) for d in datagrams[start:i] if len(d) >= 36} | {b"held"}
+        assert all(p in opened for p in got)
+    if not nack:
+        assert (high, top, noted, untracked) == (7, 0, 0, 0)
+
+
 def _classify(packet: bytes) -> None:
     want = flows.classify_py(packet, 128)
     if C is not None:
@@ -102,15 +132,17 @@ def _classify(packet: bytes) -> None:
 def TestOneInput(data: bytes) -> None:
     if not data:
         return
-    kind, rest = data[0] % 4, data[1:]
+    kind, rest = data[0] % 5, data[1:]
     if kind == 0:
         _split(rest)
     elif kind == 1:
         _coalesce(_chunks(rest))
     elif kind == 2:
         _open_run(_chunks(rest))
-    else:
+    elif kind == 3:
         _classify(rest)
+    else:
+        _receive_new(_chunks(rest))
 
 
 # --- seed corpus ------------------------------------------------------------------------
@@ -140,6 +172,9 @@ def seed_corpus() -> list[bytes]:
     sealer = Sealer(_KEY, _KEY, 1)
     dgrams = [_sealed(sealer, 4, b"a" * 40), _sealed(sealer, 5, b"b" * 40), _sealed(sealer, 6, b"c" * 30)]
     out.append(b"\2" + b"".join(bytes([len(d)]) + d for d in dgrams if 0 < len(d) < 256))
+    more = dgrams + [_sealed(Sealer(_KEY, _KEY, 1), s, b"d" * 20) for s in (9, 8, 11, 12, 13, 2)] + dgrams[:1]
+    for lead in (b"\x02", b"\x03"):  # NACK bookkeeping off / on (receive_new's start byte)
+        out.append(b"\4" + bytes([1]) + lead + b"".join(bytes([len(d)]) + d for d in more if 0 < len(d) < 256))
     out += [b"\3" + s for s in segs[:2]]  # classify: a TCP segment, then garbage-ish
     out.append(b"\3" + bytes([0x60]) + bytes(45))
     return out

@@ -313,20 +313,78 @@ count_old_copy(uint64_t seq, unsigned long long skip_lo, unsigned long long skip
     return 1;
 }
 
+/* The receive loops' per-datagram start, as _receive_data has it: before any
+ * decryption a copy at or below ``last`` (count_old_copy) or already in
+ * ``held`` (a duplicate) is counted with its bytes in *rx_bytes; a new one is
+ * opened (a tag that does not verify counted in *auth_fail).  With ``full``
+ * set, a new number other than last + 1 stops the loop unopened (a flush:
+ * the full path).  Returns 0 opened (*seqo, *pt: new references), 1 counted
+ * (next datagram), 2 stop here (the full path: an older given-up range, an
+ * unknown epoch, a flush), -1 with an exception set. */
+struct opener {
+    int cur_epoch, prev_epoch;
+    PyObject *cur_dec, *prev_dec, *invalid_tag;
+    unsigned long long dup, late, rx_bytes, auth_fail;
+};
+
+static int
+open_copy(struct opener *o, const unsigned char *p, Py_ssize_t len, uint64_t seq,
+          unsigned long long last, unsigned long long skip_lo, unsigned long long skip_hi,
+          PyObject *held, int full, PyObject **seqo, PyObject **pt)
+{
+    if (seq <= last) {  /* a later copy: no decryption */
+        if (!count_old_copy(seq, skip_lo, skip_hi, &o->dup, &o->late))
+            return 2;  /* maybe in an older given-up range */
+        o->rx_bytes += len;
+        return 1;
+    }
+    PyObject *k = PyLong_FromUnsignedLongLong(seq);
+    if (k == NULL)
+        return -1;
+    int in = PyDict_Contains(held, k);
+    if (in) {  /* buffered already: a later copy (or an error) */
+        Py_DECREF(k);
+        if (in < 0)
+            return -1;
+        o->dup++;
+        o->rx_bytes += len;
+        return 1;
+    }
+    if (full && seq != last + 1) {
+        Py_DECREF(k);
+        return 2;
+    }
+    int why;
+    *pt = open_one(p, len, o->cur_epoch, o->cur_dec, o->prev_epoch, o->prev_dec, o->invalid_tag, &why);
+    if (*pt == NULL) {
+        Py_DECREF(k);
+        if (why == 1)
+            return 2;  /* unknown epoch: counted by the full path */
+        if (why == 2) {
+            o->auth_fail++;
+            return 1;
+        }
+        return -1;
+    }
+    o->rx_bytes += len;
+    *seqo = k;
+    return 0;
+}
+
 static PyObject *
 open_new(PyObject *self, PyObject *args)
 {
-    PyObject *dgrams, *buffered, *cur_dec, *prev_dec, *invalid_tag;
+    PyObject *dgrams, *buffered;
     Py_ssize_t start;
-    int member, cur_epoch, prev_epoch;
+    int member;
     unsigned long session;
     unsigned long long last, skip_lo, skip_hi;
+    struct opener o = {0, 0, NULL, NULL, NULL, 0, 0, 0, 0};
     if (!PyArg_ParseTuple(args, "O!nikKKKO!iOiOO", &PyList_Type, &dgrams, &start, &member, &session,
-                          &last, &skip_lo, &skip_hi, &PyDict_Type, &buffered, &cur_epoch, &cur_dec,
-                          &prev_epoch, &prev_dec, &invalid_tag))
+                          &last, &skip_lo, &skip_hi, &PyDict_Type, &buffered, &o.cur_epoch, &o.cur_dec,
+                          &o.prev_epoch, &o.prev_dec, &o.invalid_tag))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(dgrams), i = start;
-    unsigned long long dup = 0, late = 0, rx_bytes = 0, auth_fail = 0;
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -336,38 +394,14 @@ open_new(PyObject *self, PyObject *args)
         uint64_t seq;
         if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &seq))
             break;
-        if (seq <= last) {  /* a later copy: no decryption */
-            if (!count_old_copy(seq, skip_lo, skip_hi, &dup, &late))
-                break;  /* maybe in an older given-up range */
-            rx_bytes += len;
+        PyObject *seqo, *pt;
+        int st = open_copy(&o, p, len, seq, last, skip_lo, skip_hi, buffered, 0, &seqo, &pt);
+        if (st < 0)
+            goto fail;
+        if (st == 2)
+            break;
+        if (st == 1)
             continue;
-        }
-        PyObject *seqo = PyLong_FromUnsignedLongLong(seq);
-        if (seqo == NULL)
-            goto fail;
-        int held = PyDict_Contains(buffered, seqo);
-        if (held < 0) {
-            Py_DECREF(seqo);
-            goto fail;
-        }
-        if (held) {  /* buffered already: a later copy */
-            Py_DECREF(seqo);
-            dup++;
-            rx_bytes += len;
-            continue;
-        }
-        int why;
-        PyObject *pt = open_one(p, len, cur_epoch, cur_dec, prev_epoch, prev_dec, invalid_tag, &why);
-        if (pt == NULL) {
-            Py_DECREF(seqo);
-            if (why == 1)
-                break;  /* unknown epoch: counted by the full path */
-            if (why == 2) {
-                auth_fail++;
-                continue;
-            }
-            goto fail;
-        }
         PyObject *pair = PyTuple_Pack(2, seqo, pt);
         Py_DECREF(seqo);
         Py_DECREF(pt);
@@ -378,9 +412,8 @@ open_new(PyObject *self, PyObject *args)
             goto fail;
         }
         Py_DECREF(pair);
-        rx_bytes += len;
     }
-    return Py_BuildValue("(nNKKKK)", i, out, dup, late, rx_bytes, auth_fail);
+    return Py_BuildValue("(nNKKKK)", i, out, o.dup, o.late, o.rx_bytes, o.auth_fail);
 fail:
     Py_DECREF(out);
     return NULL;
@@ -420,6 +453,175 @@ fail:
  *     timer once: ``now`` is one value for the batch), untracked the numbers
  *     left out for ``track``.
  */
+/* The reorder buffer's state while a C loop pushes into it: its dict and
+ * deque (handed over by ReorderBuffer) and X. */
+struct reorder_st {
+    PyObject *buf, *arrivals, *append, *tobj, *out;  /* tobj: the arrival time stored */
+    Py_ssize_t limit, capacity;
+    long long last;
+    int stored;  /* something was buffered (tlast moves to now) */
+};
+
+static int
+reorder_open(struct reorder_st *r, PyObject *arrivals, double tlast, PyObject *nowo)
+{
+    r->arrivals = arrivals;
+    r->stored = 0;
+    r->out = PyList_New(0);
+    r->append = PyObject_GetAttrString(arrivals, "append");
+    if (PyFloat_AS_DOUBLE(nowo) < tlast)  /* arrival times stay monotone (ReorderBuffer.push) */
+        r->tobj = PyFloat_FromDouble(tlast);
+    else {
+        r->tobj = nowo;
+        Py_INCREF(nowo);
+    }
+    return r->out != NULL && r->append != NULL && r->tobj != NULL ? 0 : -1;
+}
+
+static void
+reorder_close(struct reorder_st *r)
+{
+    Py_XDECREF(r->out);
+    Py_XDECREF(r->append);
+    Py_XDECREF(r->tobj);
+}
+
+/* ReorderBuffer.push for a new number (seq > X, not buffered; seq == X + 1
+ * or the buffer has room): released with what follows it in the buffer, or
+ * buffered with its arrival time.  1 when buffered and the arrivals deque
+ * went past its limit (the caller stops after it: ReorderBuffer compacts),
+ * 0, or -1 with an exception set. */
+static int
+reorder_take(struct reorder_st *r, PyObject *seqo, long long seq, PyObject *item)
+{
+    if (seq == r->last + 1) {
+        if (PyList_Append(r->out, item) < 0)
+            return -1;
+        r->last = seq;
+        if (!PyDict_GET_SIZE(r->buf))
+            return 0;
+        while (r->last < LLONG_MAX) {
+            PyObject *k = PyLong_FromLongLong(r->last + 1);
+            if (k == NULL)
+                return -1;
+            PyObject *nxt = PyDict_GetItemWithError(r->buf, k);  /* borrowed */
+            if (nxt == NULL) {
+                Py_DECREF(k);
+                if (PyErr_Occurred())
+                    return -1;
+                break;
+            }
+            Py_INCREF(nxt);
+            int e = PyDict_DelItem(r->buf, k);
+            Py_DECREF(k);
+            if (e < 0 || PyList_Append(r->out, nxt) < 0) {
+                Py_DECREF(nxt);
+                return -1;
+            }
+            Py_DECREF(nxt);
+            r->last++;
+        }
+        if (!PyDict_GET_SIZE(r->buf)) {
+            PyObject *e = PyObject_CallMethod(r->arrivals, "clear", NULL);
+            if (e == NULL)
+                return -1;
+            Py_DECREF(e);
+        }
+        return 0;
+    }
+    if (PyDict_SetItem(r->buf, seqo, item) < 0)
+        return -1;
+    r->stored = 1;
+    PyObject *ent = PyTuple_Pack(2, r->tobj, seqo);
+    if (ent == NULL)
+        return -1;
+    PyObject *e = PyObject_CallOneArg(r->append, ent);
+    Py_DECREF(ent);
+    if (e == NULL)
+        return -1;
+    Py_DECREF(e);
+    Py_ssize_t len = PyObject_Length(r->arrivals);
+    if (len < 0)
+        return -1;
+    return len > r->limit;
+}
+
+/* The NACK receiver's state while a C loop notes gaps: its dict of missing
+ * numbers (seq -> when noticed, insertion order kept). */
+struct nack_st {
+    PyObject *missing, *nowo;
+    long long high, top, send_buffer, track, untracked;
+    int noted;
+};
+
+/* NackReceiver.on_data's per-packet part for DATA seq, after which the
+ * reorder buffer has delivered up to ``upto``.  0, or -1 with an exception. */
+static int
+nack_one(struct nack_st *s, long long seq, long long upto)
+{
+    if (seq > s->top)
+        s->top = seq;
+    if (seq > s->high) {
+        if (seq > s->high + 1) {  /* NackReceiver._note_gap */
+            long long lo = (s->high > upto ? s->high : upto) + 1;
+            if (seq - s->send_buffer > lo)
+                lo = seq - s->send_buffer;
+            long long room = s->track - (long long)PyDict_GET_SIZE(s->missing);
+            long long hi = lo + (room > 0 ? room : 0);
+            if (hi > seq)
+                hi = seq;
+            if (hi < seq)
+                s->untracked += seq - hi;
+            for (long long q = lo; q < hi; q++) {
+                PyObject *k = PyLong_FromLongLong(q);
+                if (k == NULL)
+                    return -1;
+                int e = PyDict_SetItem(s->missing, k, s->nowo);
+                Py_DECREF(k);
+                if (e < 0)
+                    return -1;
+            }
+            if (hi > lo)
+                s->noted = 1;
+        }
+        s->high = seq;
+    } else if (PyDict_GET_SIZE(s->missing)) {
+        PyObject *k = PyLong_FromLongLong(seq);
+        if (k == NULL)
+            return -1;
+        int e = PyDict_Contains(s->missing, k);
+        if (e > 0)
+            e = PyDict_DelItem(s->missing, k);
+        Py_DECREF(k);
+        if (e < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* (seq, last) for the arrivals list: what NackReceiver.on_data_many wants */
+static int
+append_arrival(PyObject *acc, PyObject *seqo, long long seq, long long last)
+{
+    PyObject *lo;
+    if (seq == last) {
+        lo = seqo;
+        Py_INCREF(lo);
+    } else if ((lo = PyLong_FromLongLong(last)) == NULL)
+        return -1;
+    PyObject *a = PyTuple_New(2);
+    if (a == NULL) {
+        Py_DECREF(lo);
+        return -1;
+    }
+    Py_INCREF(seqo);
+    PyTuple_SET_ITEM(a, 0, seqo);
+    PyTuple_SET_ITEM(a, 1, lo);
+    int e = PyList_Append(acc, a);
+    Py_DECREF(a);
+    return e;
+}
+
 static PyObject *
 reorder_push(PyObject *self, PyObject *args)
 {
@@ -434,19 +636,11 @@ reorder_push(PyObject *self, PyObject *args)
     double now = PyFloat_AS_DOUBLE(nowo);
     Py_ssize_t n = PyList_GET_SIZE(pairs), i = start;
     unsigned long long dup = 0, late = 0;
-    int handover = 0, stored = 0;  /* handover: stopped before pairs[i] for the Python path */
-    PyObject *out = PyList_New(0), *acc = PyList_New(0), *tobj = NULL, *result = NULL;
-    PyObject *append = PyObject_GetAttrString(arrivals, "append");
-    if (out == NULL || acc == NULL || append == NULL)
+    int handover = 0;  /* stopped before pairs[i] for the Python path */
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, 0};
+    PyObject *acc = PyList_New(0), *result = NULL;
+    if (reorder_open(&r, arrivals, tlast, nowo) < 0 || acc == NULL)
         goto done;
-    if (now < tlast) {  /* arrival times stay monotone (ReorderBuffer.push) */
-        tobj = PyFloat_FromDouble(tlast);
-        if (tobj == NULL)
-            goto done;
-    } else {
-        tobj = nowo;
-        Py_INCREF(tobj);
-    }
     for (; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(pairs, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -458,11 +652,11 @@ reorder_push(PyObject *self, PyObject *args)
         long long seq = PyLong_AsLongLongAndOverflow(seqo, &overflow);
         if (seq == -1 && PyErr_Occurred())
             goto done;
-        if (overflow) {
+        if (overflow || (seq > 0 && seq == LLONG_MAX)) {
             handover = 1;  /* the Python path knows big numbers */
             break;
         }
-        if (seq <= last) {
+        if (seq <= r.last) {
             if (seq > skip_hi)
                 dup++;
             else if (seq >= skip_lo)
@@ -480,94 +674,35 @@ reorder_push(PyObject *self, PyObject *args)
             dup++;
             continue;
         }
-        if (seq == last + 1) {
-            if (PyList_Append(out, item) < 0)
-                goto done;
-            last = seq;
-            if (PyDict_GET_SIZE(buf)) {
-                for (;;) {
-                    PyObject *k = PyLong_FromLongLong(last + 1);
-                    if (k == NULL)
-                        goto done;
-                    PyObject *nxt = PyDict_GetItemWithError(buf, k);  /* borrowed */
-                    if (nxt == NULL) {
-                        Py_DECREF(k);
-                        if (PyErr_Occurred())
-                            goto done;
-                        break;
-                    }
-                    Py_INCREF(nxt);
-                    int r = PyDict_DelItem(buf, k);
-                    Py_DECREF(k);
-                    if (r < 0 || PyList_Append(out, nxt) < 0) {
-                        Py_DECREF(nxt);
-                        goto done;
-                    }
-                    Py_DECREF(nxt);
-                    last++;
-                }
-                if (!PyDict_GET_SIZE(buf)) {
-                    PyObject *r = PyObject_CallMethod(arrivals, "clear", NULL);
-                    if (r == NULL)
-                        goto done;
-                    Py_DECREF(r);
-                }
-            }
-        } else {
-            if (PyDict_GET_SIZE(buf) >= capacity) {
-                handover = 1;  /* a flush: the Python path */
-                break;
-            }
-            if (PyDict_SetItem(buf, seqo, item) < 0)
-                goto done;
-            stored = 1;
-            PyObject *ent = PyTuple_Pack(2, tobj, seqo);
-            if (ent == NULL)
-                goto done;
-            PyObject *r = PyObject_CallOneArg(append, ent);
-            Py_DECREF(ent);
-            if (r == NULL)
-                goto done;
-            Py_DECREF(r);
+        if (seq != r.last + 1 && PyDict_GET_SIZE(buf) >= capacity) {
+            handover = 1;  /* a flush: the Python path */
+            break;
         }
-        PyObject *a = Py_BuildValue("(OL)", seqo, last);
-        if (a == NULL)
+        int past = reorder_take(&r, seqo, seq, item);
+        if (past < 0 || append_arrival(acc, seqo, seq, r.last) < 0)
             goto done;
-        int r = PyList_Append(acc, a);
-        Py_DECREF(a);
-        if (r < 0)
-            goto done;
-        if (seq != last) {  /* buffered: past the deque's limit the caller compacts it */
-            Py_ssize_t len = PyObject_Length(arrivals);
-            if (len < 0)
-                goto done;
-            if (len > limit) {
-                i++;
-                break;
-            }
+        if (past) {  /* past the deque's limit the caller compacts it */
+            i++;
+            break;
         }
     }
-    if (stored && now > tlast)
+    if (r.stored && now > tlast)
         tlast = now;
-    result = Py_BuildValue("(nOLdKKOi)", i, out, last, tlast, dup, late, acc, handover);
+    result = Py_BuildValue("(nOLdKKOi)", i, r.out, r.last, tlast, dup, late, acc, handover);
 done:
-    Py_XDECREF(out);
+    reorder_close(&r);
     Py_XDECREF(acc);
-    Py_XDECREF(tobj);
-    Py_XDECREF(append);
     return result;
 }
 
 static PyObject *
 nack_gaps(PyObject *self, PyObject *args)
 {
-    PyObject *missing, *arrivals, *nowo;
-    long long high, send_buffer, track;
-    if (!PyArg_ParseTuple(args, "O!LO!LLO!", &PyDict_Type, &missing, &high, &PyList_Type, &arrivals,
-                          &send_buffer, &track, &PyFloat_Type, &nowo))
+    PyObject *arrivals;
+    struct nack_st s = {NULL, NULL, 0, 0, 0, 0, 0, 0};
+    if (!PyArg_ParseTuple(args, "O!LO!LLO!", &PyDict_Type, &s.missing, &s.high, &PyList_Type, &arrivals,
+                          &s.send_buffer, &s.track, &PyFloat_Type, &s.nowo))
         return NULL;
-    long long top = 0, untracked = 0;
-    int noted = 0;
     Py_ssize_t n = PyList_GET_SIZE(arrivals);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyList_GET_ITEM(arrivals, i);
@@ -579,45 +714,101 @@ nack_gaps(PyObject *self, PyObject *args)
         long long upto = PyLong_AsLongLong(PyTuple_GET_ITEM(a, 1));
         if ((seq == -1 || upto == -1) && PyErr_Occurred())
             return NULL;
-        if (seq > top)
-            top = seq;
-        if (seq > high) {
-            if (seq > high + 1) {  /* NackReceiver._note_gap */
-                long long lo = (high > upto ? high : upto) + 1;
-                if (seq - send_buffer > lo)
-                    lo = seq - send_buffer;
-                long long room = track - (long long)PyDict_GET_SIZE(missing);
-                long long hi = lo + (room > 0 ? room : 0);
-                if (hi > seq)
-                    hi = seq;
-                if (hi < seq)
-                    untracked += seq - hi;
-                for (long long s = lo; s < hi; s++) {
-                    PyObject *k = PyLong_FromLongLong(s);
-                    if (k == NULL)
-                        return NULL;
-                    int r = PyDict_SetItem(missing, k, nowo);
-                    Py_DECREF(k);
-                    if (r < 0)
-                        return NULL;
-                }
-                if (hi > lo)
-                    noted = 1;
-            }
-            high = seq;
-        } else if (PyDict_GET_SIZE(missing)) {
-            PyObject *k = PyLong_FromLongLong(seq);
-            if (k == NULL)
-                return NULL;
-            int r = PyDict_Contains(missing, k);
-            if (r > 0)
-                r = PyDict_DelItem(missing, k);
-            Py_DECREF(k);
-            if (r < 0)
-                return NULL;
+        if (nack_one(&s, seq, upto) < 0)
+            return NULL;
+    }
+    return Py_BuildValue("(LLiL)", s.high, s.top, s.noted, s.untracked);
+}
+
+/* receive_new(datagrams, start, member, session, cur_epoch, cur_decrypt, prev_epoch, prev_decrypt,
+ *             invalid_tag, buf, arrivals, limit, last, skip_lo, skip_hi, tlast, capacity, now,
+ *             missing, rx_high, send_buffer, track)
+ *     open_new, ReorderBuffer.push and NackReceiver.on_data for each
+ *     datagram in turn, as Session._receive_data does per datagram: a stale
+ *     copy (seq <= last, or buffered: also one opened earlier in this batch)
+ *     is counted before any decryption (dup, or late within skip_lo..skip_hi);
+ *     a new one is opened and released (seq == last + 1, with what follows
+ *     it in ``buf``) or buffered (``buf``, ``arrivals``: the reorder buffer's
+ *     own dict and deque, as reorder_push takes them), then its number goes
+ *     through NACK gap bookkeeping on ``missing`` (nack_gaps's; None: NACKs
+ *     off).  Stops before a datagram that needs the full path (not this
+ *     member's well-formed sealed DATA, an unknown epoch, a stale copy below
+ *     skip_lo, a new number at a full buffer: a flush, a number the 64-bit
+ *     signed arithmetic cannot hold) and after one that took ``arrivals``
+ *     past ``limit`` (the caller compacts it).  Returns (index, released,
+ *     last, tlast, dup, late, rx_bytes, auth_fail, accepted, rx_high, top,
+ *     noted, untracked): released the plaintexts in order, accepted how many
+ *     were taken; the NACK figures as nack_gaps's (0 with NACKs off).
+ */
+static PyObject *
+receive_new(PyObject *self, PyObject *args)
+{
+    PyObject *dgrams, *buf, *arrivals, *nowo, *missing;
+    Py_ssize_t start, limit, capacity;
+    int member;
+    unsigned long session;
+    long long last;
+    unsigned long long skip_lo, skip_hi;
+    double tlast;
+    struct opener o = {0, 0, NULL, NULL, NULL, 0, 0, 0, 0};
+    struct nack_st s = {NULL, NULL, 0, 0, 0, 0, 0, 0};
+    if (!PyArg_ParseTuple(args, "O!nikiOiOOO!OnLKKdnO!OLLL", &PyList_Type, &dgrams, &start, &member,
+                          &session, &o.cur_epoch, &o.cur_dec, &o.prev_epoch, &o.prev_dec, &o.invalid_tag,
+                          &PyDict_Type, &buf, &arrivals, &limit, &last, &skip_lo, &skip_hi, &tlast,
+                          &capacity, &PyFloat_Type, &nowo, &missing, &s.high, &s.send_buffer, &s.track))
+        return NULL;
+    if (missing != Py_None && !PyDict_Check(missing)) {
+        PyErr_SetString(PyExc_TypeError, "missing must be a dict or None");
+        return NULL;
+    }
+    if (last < 0) {
+        PyErr_SetString(PyExc_ValueError, "last must be >= 0");
+        return NULL;
+    }
+    s.missing = missing;
+    s.nowo = nowo;
+    Py_ssize_t n = PyList_GET_SIZE(dgrams), i = start;
+    unsigned long long accepted = 0;
+    struct reorder_st r = {buf, NULL, NULL, NULL, NULL, limit, capacity, last, 0};
+    PyObject *result = NULL;
+    if (reorder_open(&r, arrivals, tlast, nowo) < 0)
+        goto done;
+    for (; i < n; i++) {
+        const unsigned char *p;
+        Py_ssize_t len;
+        uint64_t useq;
+        if (!data_of(PyList_GET_ITEM(dgrams, i), member, session, &p, &len, &useq))
+            break;
+        if (useq >= (1ULL << 62))
+            break;  /* the full path knows big numbers (and the gap arithmetic stays in range) */
+        PyObject *seqo, *pt;
+        int st = open_copy(&o, p, len, useq, (unsigned long long)r.last, skip_lo, skip_hi, buf,
+                           PyDict_GET_SIZE(buf) >= capacity, &seqo, &pt);
+        if (st < 0)
+            goto done;
+        if (st == 2)
+            break;
+        if (st == 1)
+            continue;
+        long long seq = (long long)useq;
+        accepted++;
+        int past = reorder_take(&r, seqo, seq, pt);
+        Py_DECREF(seqo);
+        Py_DECREF(pt);
+        if (past < 0 || (missing != Py_None && nack_one(&s, seq, r.last) < 0))
+            goto done;
+        if (past) {
+            i++;
+            break;
         }
     }
-    return Py_BuildValue("(LLiL)", high, top, noted, untracked);
+    if (r.stored && PyFloat_AS_DOUBLE(nowo) > tlast)
+        tlast = PyFloat_AS_DOUBLE(nowo);
+    result = Py_BuildValue("(nOLdKKKKKLLiL)", i, r.out, r.last, tlast, o.dup, o.late, o.rx_bytes,
+                           o.auth_fail, accepted, s.high, s.top, s.noted, s.untracked);
+done:
+    reorder_close(&r);
+    return result;
 }
 
 static PyObject *
@@ -1439,23 +1630,80 @@ fail:
 
 /* -- the scheduler's spread decision (mpvpn.core.scheduler.Scheduler.offer_many) --
  *
- * spread_run(packets, start, key, small, urgent_on, subs, q, rate, owd, ldiv, target, overhead)
+ * spread_run(packets, start, key, small, urgent_on, ones, meters, now, owd, ldiv, target, overhead)
  *     Stage 2's spread case of Scheduler.offer_many for packets[start:] while
  *     they belong to the flow ``key`` (classify's key; an urgent packet, when
  *     ``urgent_on``, stops the run) and a subflow has room: each goes on the
  *     subflow where it arrives first, eta = owd + (q + len) / rate (divided by
  *     ldiv when not 0), among those whose modelled backlog q / rate is below
  *     ``target``; the chosen one's q grows by len + overhead (what
- *     LinkMeter.on_send adds).  ``subs``, ``q``, ``rate``, ``owd``, ``ldiv``:
- *     one entry per view, q the backlog at ``now`` (LinkMeter.backlog), rate
- *     the meter's.  Stops before a packet of another flow, an urgent one, or
- *     one with no subflow with room (the caller's Python path; with more than
- *     64 subflows it takes nothing).  Returns
- *     (index, decided, sizes, nbytes): decided[k] = [subflow] per packet taken,
- *     sizes[j] the datagram sizes sent on view j in order (for
- *     LinkMeter.on_send_seq), nbytes the user bytes taken.
+ *     LinkMeter.on_send adds).  One entry per view: ``ones`` a [subflow]
+ *     list (what decided holds for a packet on it: shared, as duplicate mode
+ *     shares ``up``), ``meters`` its LinkMeter (read: rate, and q at ``now``
+ *     as offer_many computes it), ``owd``, ``ldiv`` floats.  Stops before a
+ *     packet of another flow, an urgent one, or one with no subflow with
+ *     room (the caller's Python path; with more than 64 subflows it takes
+ *     nothing).  Returns (index, decided, sizes, nbytes): decided[k] the
+ *     [subflow] list per packet taken, sizes[j] the datagram sizes sent on
+ *     view j in order (for LinkMeter.on_send_seq), nbytes the user bytes taken.
  */
 #define MAXV 64
+
+static PyObject *s_q, *s_t, *s_bw, *s_bw0;  /* LinkMeter's attribute names, interned at import */
+
+/* What the runs need of each view's LinkMeter at ``now``, read (never
+ * written) from the meter: its rate (``bw`` once measured, else ``bw0``:
+ * LinkMeter.rate) and its backlog before flooring, q - rate * (now - t), the
+ * expression offer_many uses.  0, or -1 with an exception set. */
+static int
+meter_views(PyObject *meters, Py_ssize_t nv, double now, double *q, double *rate)
+{
+    if (!PyList_Check(meters) || PyList_GET_SIZE(meters) != nv) {
+        PyErr_SetString(PyExc_ValueError, "one meter per subflow");
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        PyObject *m = PyList_GET_ITEM(meters, k);
+        PyObject *bw = PyObject_GetAttr(m, s_bw);
+        if (bw == Py_None) {
+            Py_DECREF(bw);
+            bw = PyObject_GetAttr(m, s_bw0);
+        }
+        PyObject *mq = bw ? PyObject_GetAttr(m, s_q) : NULL;
+        PyObject *mt = mq ? PyObject_GetAttr(m, s_t) : NULL;
+        if (mt != NULL) {
+            double r = PyFloat_AsDouble(bw), vq = PyFloat_AsDouble(mq), vt = PyFloat_AsDouble(mt);
+            rate[k] = r;
+            q[k] = vq - r * (now - vt);
+        }
+        Py_XDECREF(bw);
+        Py_XDECREF(mq);
+        Py_XDECREF(mt);
+        if (mt == NULL || PyErr_Occurred())
+            return -1;
+        if (!(rate[k] > 0.0)) {
+            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The float list ``l`` (nv long) into a[] */
+static int
+floats_of(PyObject *l, Py_ssize_t nv, double *a, const char *what)
+{
+    if (!PyList_Check(l) || PyList_GET_SIZE(l) != nv) {
+        PyErr_Format(PyExc_ValueError, "one %s per subflow", what);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        a[k] = PyFloat_AsDouble(PyList_GET_ITEM(l, k));
+        if (a[k] == -1.0 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
 
 /* [[], [], ...]: nv new lists (the runs' datagram sizes per view) */
 static PyObject *
@@ -1475,35 +1723,28 @@ empty_lists(Py_ssize_t nv)
 static PyObject *
 spread_run(PyObject *self, PyObject *args)
 {
-    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl;
+    PyObject *packets, *key, *ones, *meters, *owdl, *ldivl;
     Py_ssize_t start, small, overhead;
     int urgent_on;
-    double target;
-    if (!PyArg_ParseTuple(args, "O!nOnpO!O!O!O!O!dn", &PyList_Type, &packets, &start, &key, &small,
-                          &urgent_on, &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
-                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &target, &overhead))
+    double target, now;
+    if (!PyArg_ParseTuple(args, "O!nOnpO!OdOOdn", &PyList_Type, &packets, &start, &key, &small,
+                          &urgent_on, &PyList_Type, &ones, &meters, &now, &owdl, &ldivl, &target,
+                          &overhead))
         return NULL;
-    Py_ssize_t nv = PyList_GET_SIZE(subs);
-    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv
-            || PyList_GET_SIZE(owdl) != nv || PyList_GET_SIZE(ldivl) != nv) {
-        PyErr_SetString(PyExc_ValueError, "one q, rate, owd and ldiv per subflow");
-        return NULL;
-    }
+    Py_ssize_t nv = PyList_GET_SIZE(ones);
     if (nv > MAXV)  /* more subflows than this loop keeps: nothing taken, the Python path decides */
         return Py_BuildValue("(n[][]K)", start, 0ULL);
     struct fkey k0;
     if (fkey_from(key, &k0) < 0)
         return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV];
+    if (meter_views(meters, nv, now, q, rate) < 0 || floats_of(owdl, nv, owd, "owd") < 0
+            || floats_of(ldivl, nv, ldiv, "ldiv") < 0)
+        return NULL;
     for (Py_ssize_t k = 0; k < nv; k++) {
-        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
-        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
-        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
-        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
-        if (PyErr_Occurred())
-            return NULL;
-        if (!(rate[k] > 0.0)) {
-            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
+        PyObject *one = PyList_GET_ITEM(ones, k);
+        if (!PyList_Check(one) || PyList_GET_SIZE(one) != 1) {
+            PyErr_SetString(PyExc_ValueError, "ones must hold [subflow] lists");
             return NULL;
         }
     }
@@ -1539,14 +1780,9 @@ spread_run(PyObject *self, PyObject *args)
             break;  /* no room: the Python path holds and queues it */
         Py_ssize_t dlen = len + overhead;
         q[best] = (q[best] > 0.0 ? q[best] : 0.0) + (double)dlen;
-        PyObject *sub = PyList_GET_ITEM(subs, best);
-        PyObject *one = PyList_New(1);
-        if (one == NULL)
-            goto done;
-        Py_INCREF(sub);
-        PyList_SET_ITEM(one, 0, sub);
-        int r = PyList_Append(decided, one);
-        Py_DECREF(one);
+        /* [subflow]: the caller's list for it, shared by the packets it
+         * carries (as duplicate mode's share ``up``: read, never changed) */
+        int r = PyList_Append(decided, PyList_GET_ITEM(ones, best));
         if (r < 0)
             goto done;
         PyObject *d = PyLong_FromSsize_t(dlen);
@@ -1565,7 +1801,7 @@ done:
     return result;
 }
 
-/* urgent_run(packets, start, key, small, subs, q, rate, owd, ldiv, loss, F, floor, beta, tokens, overhead)
+/* urgent_run(packets, start, key, small, subs, meters, now, owd, ldiv, loss, F, floor, beta, tokens, overhead)
  *     Stage 3 of Scheduler.offer_many for packets[start:] while they are
  *     urgent (classify's bits not 0) and belong to the flow ``key``, and the
  *     urgent budget (``tokens``, refilled by the caller for ``now``: within
@@ -1575,7 +1811,8 @@ done:
  *     of the earliest), then, while F * prod(L) * (1 - L_j) - beta > 0, the
  *     candidate with the least floored loss (earliest eta breaking ties, the
  *     first of equals).  Each chosen subflow's q grows by len + overhead
- *     (LinkMeter.on_send).  ``loss``: one float per view (None as 0).  Stops
+ *     (LinkMeter.on_send).  ``meters``, ``owd``, ``ldiv``: as spread_run's;
+ *     ``loss``: one float per view (None as 0).  Stops
  *     before a packet of another flow, a non-urgent one, or one the budget
  *     does not hold (the caller's Python path; more than 64 subflows: nothing
  *     taken).  Returns (index, decided, sizes, nbytes, copies, tokens, urgs):
@@ -1587,20 +1824,14 @@ done:
 static PyObject *
 urgent_run(PyObject *self, PyObject *args)
 {
-    PyObject *packets, *key, *subs, *ql, *ratel, *owdl, *ldivl, *lossl;
+    PyObject *packets, *key, *subs, *meters, *owdl, *ldivl, *lossl;
     Py_ssize_t start, small, overhead;
-    double F, floor_, beta, tokens;
-    if (!PyArg_ParseTuple(args, "O!nOnO!O!O!O!O!O!ddddn", &PyList_Type, &packets, &start, &key, &small,
-                          &PyList_Type, &subs, &PyList_Type, &ql, &PyList_Type, &ratel,
-                          &PyList_Type, &owdl, &PyList_Type, &ldivl, &PyList_Type, &lossl,
+    double F, floor_, beta, tokens, now;
+    if (!PyArg_ParseTuple(args, "O!nOnO!OdOOOddddn", &PyList_Type, &packets, &start, &key, &small,
+                          &PyList_Type, &subs, &meters, &now, &owdl, &ldivl, &lossl,
                           &F, &floor_, &beta, &tokens, &overhead))
         return NULL;
     Py_ssize_t nv = PyList_GET_SIZE(subs);
-    if (PyList_GET_SIZE(ql) != nv || PyList_GET_SIZE(ratel) != nv || PyList_GET_SIZE(owdl) != nv
-            || PyList_GET_SIZE(ldivl) != nv || PyList_GET_SIZE(lossl) != nv) {
-        PyErr_SetString(PyExc_ValueError, "one q, rate, owd, ldiv and loss per subflow");
-        return NULL;
-    }
     if (nv == 0 || nv > MAXV)  /* the Python path decides */
         return Py_BuildValue("(n[][]Knd{})", start, 0ULL, (Py_ssize_t)0, tokens);
     struct fkey k0;
@@ -1608,23 +1839,22 @@ urgent_run(PyObject *self, PyObject *args)
         return NULL;
     double q[MAXV], rate[MAXV], owd[MAXV], ldiv[MAXV], loss[MAXV], eta[MAXV];
     int cand[MAXV], chosen[MAXV];
-    for (Py_ssize_t k = 0; k < nv; k++) {
-        q[k] = PyFloat_AsDouble(PyList_GET_ITEM(ql, k));
-        rate[k] = PyFloat_AsDouble(PyList_GET_ITEM(ratel, k));
-        owd[k] = PyFloat_AsDouble(PyList_GET_ITEM(owdl, k));
-        ldiv[k] = PyFloat_AsDouble(PyList_GET_ITEM(ldivl, k));
-        double l = PyFloat_AsDouble(PyList_GET_ITEM(lossl, k));
-        loss[k] = l > floor_ ? l : floor_;  /* _objective_set's floored loss */
-        if (PyErr_Occurred())
-            return NULL;
-        if (!(rate[k] > 0.0)) {
-            PyErr_SetString(PyExc_ValueError, "rates must be > 0");
-            return NULL;
-        }
-    }
+    if (meter_views(meters, nv, now, q, rate) < 0 || floats_of(owdl, nv, owd, "owd") < 0
+            || floats_of(ldivl, nv, ldiv, "ldiv") < 0 || floats_of(lossl, nv, loss, "loss") < 0)
+        return NULL;
+    for (Py_ssize_t k = 0; k < nv; k++)
+        loss[k] = loss[k] > floor_ ? loss[k] : floor_;  /* _objective_set's floored loss */
     Py_ssize_t n = PyList_GET_SIZE(packets), i = start, copies = 0;
     unsigned long long nbytes = 0;
     PyObject *decided = PyList_New(0), *sizes = empty_lists(nv), *urgs = PyDict_New(), *result = NULL;
+    /* packets per urgent bit set (flows.Urgent: 8 bits), in first-seen order */
+    Py_ssize_t ucount[256] = {0};
+    unsigned char useen[256];
+    int nseen = 0;
+    /* the chosen lists of one or two subflows, shared by the packets that
+     * take the same ones in the same order (read, never changed) */
+#define SHARED 8
+    PyObject *shared[SHARED][SHARED + 1] = {{NULL}};
     if (decided == NULL || sizes == NULL || urgs == NULL)
         goto done;
     for (; i < n; i++) {
@@ -1636,9 +1866,6 @@ urgent_run(PyObject *self, PyObject *args)
         classify_raw((const unsigned char *)PyBytes_AS_STRING(p), len, small, &pk);
         if (!fkey_eq(&pk, &k0) || !pk.urgent || !(tokens >= (double)len))
             break;
-        PyObject *urgo = PyLong_FromLong(pk.urgent);
-        if (urgo == NULL)
-            goto done;
         tokens -= (double)len;  /* Scheduler._urgent_ok */
         int first = -1;
         double best_t = 0.0;
@@ -1680,57 +1907,92 @@ urgent_run(PyObject *self, PyObject *args)
                 pr *= bl;
             }
         }
-        PyObject *one = PyList_New(nc);
+        PyObject **slot = NULL;
+        if (nc <= 2 && chosen[0] < SHARED && (nc == 1 || chosen[1] < SHARED))
+            slot = &shared[chosen[0]][nc == 1 ? SHARED : chosen[1]];
+        PyObject *one = slot != NULL ? *slot : NULL;
         if (one == NULL) {
-            Py_DECREF(urgo);
+            one = PyList_New(nc);
+            if (one == NULL)
+                goto done;
+            for (int c = 0; c < nc; c++) {
+                PyObject *sub = PyList_GET_ITEM(subs, chosen[c]);
+                Py_INCREF(sub);
+                PyList_SET_ITEM(one, c, sub);
+            }
+            if (slot != NULL) {
+                *slot = one;  /* the table's reference, until the end */
+                Py_INCREF(one);  /* and this packet's */
+            }
+        } else
+            Py_INCREF(one);
+        int r = PyList_Append(decided, one);
+        Py_DECREF(one);
+        if (r < 0)
             goto done;
-        }
         Py_ssize_t dlen = len + overhead;
         PyObject *d = PyLong_FromSsize_t(dlen);
-        if (d == NULL) {
-            Py_DECREF(one);
-            Py_DECREF(urgo);
+        if (d == NULL)
             goto done;
-        }
-        int r = 0;
         for (int c = 0; c < nc; c++) {
             int k = chosen[c];
-            PyObject *sub = PyList_GET_ITEM(subs, k);
-            Py_INCREF(sub);
-            PyList_SET_ITEM(one, c, sub);
             q[k] = (q[k] > 0.0 ? q[k] : 0.0) + (double)dlen;
             if (r == 0)
                 r = PyList_Append(PyList_GET_ITEM(sizes, k), d);
         }
         Py_DECREF(d);
-        if (r == 0)
-            r = PyList_Append(decided, one);
-        Py_DECREF(one);
-        if (r == 0) {  /* urgs[urg] += 1 */
-            PyObject *cnt = PyDict_GetItemWithError(urgs, urgo);
-            long have = 0;
-            if (cnt != NULL)
-                have = PyLong_AsLong(cnt);
-            else if (PyErr_Occurred())
-                r = -1;
-            if (r == 0) {
-                PyObject *nw = PyLong_FromLong(have + 1);
-                r = nw == NULL ? -1 : PyDict_SetItem(urgs, urgo, nw);
-                Py_XDECREF(nw);
-            }
-        }
-        Py_DECREF(urgo);
         if (r < 0)
             goto done;
+        if (ucount[pk.urgent & 0xff]++ == 0)
+            useen[nseen++] = (unsigned char)(pk.urgent & 0xff);
         copies += nc - 1;
         nbytes += (unsigned long long)len;
     }
+    for (int u = 0; u < nseen; u++) {  /* urgs: {urgent bits: packets}, first seen first */
+        PyObject *ko = PyLong_FromLong(useen[u]), *vo = PyLong_FromSsize_t(ucount[useen[u]]);
+        int r = ko == NULL || vo == NULL ? -1 : PyDict_SetItem(urgs, ko, vo);
+        Py_XDECREF(ko);
+        Py_XDECREF(vo);
+        if (r < 0)
+            goto done;
+    }
     result = Py_BuildValue("(nOOKndO)", i, decided, sizes, nbytes, copies, tokens, urgs);
 done:
+    for (int a = 0; a < SHARED; a++)
+        for (int b = 0; b <= SHARED; b++)
+            Py_XDECREF(shared[a][b]);
     Py_XDECREF(decided);
     Py_XDECREF(sizes);
     Py_XDECREF(urgs);
     return result;
+}
+
+/* add_seq(q, sizes, start) -> (q', total)
+ *     LinkMeter.on_send_seq's loop: q + sizes[start] + sizes[start + 1] + ...
+ *     added one at a time, in order (the same float rounding as one on_send
+ *     each), and those sizes' sum.  ``sizes`` a list of ints. */
+static PyObject *
+add_seq(PyObject *self, PyObject *args)
+{
+    double q;
+    PyObject *sizes;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "dO!n", &q, &PyList_Type, &sizes, &start))
+        return NULL;
+    long long total = 0;
+    Py_ssize_t n = PyList_GET_SIZE(sizes);
+    for (Py_ssize_t i = start < 0 ? 0 : start; i < n; i++) {
+        long long v = PyLong_AsLongLong(PyList_GET_ITEM(sizes, i));
+        if (v == -1 && PyErr_Occurred())
+            return NULL;
+        if (v < 0 || v > (1LL << 40)) {
+            PyErr_SetString(PyExc_ValueError, "sizes must be datagram sizes");
+            return NULL;
+        }
+        q += (double)v;
+        total += v;
+    }
+    return Py_BuildValue("(dL)", q, total);
 }
 
 /* group_pairs(pairs, runs)
@@ -1796,8 +2058,10 @@ static PyMethodDef methods[] = {
     {"open_new", open_new, METH_VARARGS, "Open sealed DATA while the reorder buffer holds some."},
     {"reorder_push", reorder_push, METH_VARARGS, "ReorderBuffer.push_opened on the buffer's state."},
     {"nack_gaps", nack_gaps, METH_VARARGS, "NackReceiver.on_data_many's per-packet part."},
+    {"receive_new", receive_new, METH_VARARGS, "open_new, reorder and NACK bookkeeping per datagram."},
     {"spread_run", spread_run, METH_VARARGS, "Scheduler.offer_many's spread case for a run of one flow."},
     {"urgent_run", urgent_run, METH_VARARGS, "Scheduler.offer_many's urgent case for a run of one flow."},
+    {"add_seq", add_seq, METH_VARARGS, "LinkMeter.on_send_seq's loop: sizes added one at a time."},
     {"group_pairs", group_pairs, METH_VARARGS, "Session.datagrams_by_member's loop: pairs into runs per member."},
     {"split", split, METH_O, "Plain packets (complete checksums) of one vnet-hdr tun read."},
     {"coalesce", coalesce, METH_O, "Tun writes for packets, in-order TCP segments merged."},
@@ -1812,6 +2076,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
+    s_q = PyUnicode_InternFromString("q");
+    s_t = PyUnicode_InternFromString("t");
+    s_bw = PyUnicode_InternFromString("bw");
+    s_bw0 = PyUnicode_InternFromString("bw0");
+    if (s_q == NULL || s_t == NULL || s_bw == NULL || s_bw0 == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from mpvpn.core.fastpath import LOOPS as _LOOPS
+
 
 class RttEstimator:
     """Smoothed RTT and RTT variance, RFC 6298 section 2 (alpha 1/8, beta 1/4)."""
@@ -337,11 +339,15 @@ class LinkMeter:
         the same state as :meth:`on_send` for each (the backlog added to one
         datagram at a time, as those calls round it)."""
         self.on_send(sizes[0], now)
-        q = self.q
-        for n in sizes[1:]:
-            q += n
-        self.q = q
-        self.tx += sum(sizes) - sizes[0]
+        if _LOOPS is not None:  # the loop below, in C
+            self.q, rest = _LOOPS.add_seq(self.q, sizes, 1)
+            self.tx += rest
+        else:
+            q = self.q
+            for n in sizes[1:]:
+                q += n
+            self.q = q
+            self.tx += sum(sizes) - sizes[0]
         self._sent_b[1] += len(sizes) - 1
 
     def on_send_many(self, count: int, nbytes: int, now: float) -> None:

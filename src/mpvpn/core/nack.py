@@ -147,8 +147,22 @@ class NackReceiver:
         if _LOOPS is None or now.__class__ is not float:
             return self.on_data_many_py(member, arrivals, now)
         c = self.config
-        high, top, noted, untracked = _LOOPS.nack_gaps(
-            self.missing, self.rx_high, arrivals, c.send_buffer_max, c.nack_track, now)
+        self.gaps_noted(member, *_LOOPS.nack_gaps(
+            self.missing, self.rx_high, arrivals, c.send_buffer_max, c.nack_track, now), now)
+
+    def gap_state(self) -> tuple:
+        """What a C loop that notes gaps itself needs (``nack_gaps``,
+        ``receive_new``): ``(missing, rx_high, send_buffer_max, track)``, the
+        dict of missing numbers its own; report with :meth:`gaps_noted`."""
+        c = self.config
+        return self.missing, self.rx_high, c.send_buffer_max, c.nack_track
+
+    def gaps_noted(self, member: int, high: int, top: int, noted: bool, untracked: int,
+                   now: float) -> None:
+        """A C loop did :meth:`on_data_many_py`'s per-packet part for DATA
+        that came on ``member`` at ``now`` (highest number now ``high``, the
+        batch's highest ``top``; ``noted``: numbers were noted missing):
+        the rest of it, once per batch."""
         self.rx_high = high
         self.nack_untracked += untracked
         if noted:  # what _note_gap does per gap: ``now`` is one value for the batch

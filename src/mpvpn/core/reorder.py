@@ -195,6 +195,36 @@ class ReorderBuffer:
         self.duplicates += duplicates
         self.late += late
 
+    # -- a batch of datagrams opened and pushed in C (fastpath's receive_new) ------
+
+    def push_state(self) -> tuple | None:
+        """What a C loop that pushes new copies itself needs (``receive_new``:
+        :meth:`check_copy` and :meth:`push` per datagram, on this buffer's
+        own dict and deque), or None while numbers given up ahead of the
+        line wait (``push``'s other path): ``(buf, arrivals, arrivals limit,
+        X, lo, hi, tlast, capacity)``, ``lo..hi`` the newest given-up range
+        ((1, 0): none).  Report what it did with :meth:`took_pushed`."""
+        if self._given:
+            return None
+        skips = self._skips
+        lo, hi = skips[-1] if skips else (1, 0)
+        return self._buf, self._arrivals, self._arrivals_limit, self.last, lo, hi, self._tlast, self.capacity
+
+    def took_pushed(self, last: int, tlast: float, duplicates: int, late: int) -> None:
+        """A C loop pushed into the state :meth:`push_state` handed over: ``X``
+        is ``last`` (what it released counted as delivered), the latest
+        arrival stored ``tlast``; the stale copies it dropped are counted.
+        Compacts the arrivals deque past its limit, as ``push`` does."""
+        if last < self.last or tlast < self._tlast:
+            raise ValueError(f"not a push after {self.last}: {last}")
+        self.delivered += last - self.last
+        self.last = last
+        self._tlast = tlast
+        self.duplicates += duplicates
+        self.late += late
+        if len(self._arrivals) > self._arrivals_limit:
+            self._compact()
+
     # -- a batch of opened copies (mpvpn.core.fastpath's open_new) ---------------
 
     def push_opened(self, pairs: list, now: float) -> tuple:

@@ -88,6 +88,17 @@ class PacketScheduler(ABC):
             decided.append(targets)
         return i, decided, True
 
+    def offer_blocked(self, packets: list, start: int, up, now: float) -> tuple:
+        """After ``pull`` returned None: ``offer`` for ``packets[start:]``
+        while nothing may leave now whatever is queued (then each ``pull``
+        the session makes after an ``offer`` returns None, and is accounted
+        as ``pull`` accounts it, here).  Returns ``(end, queued, pump)``:
+        ``queued`` how many of ``packets[start:end]`` were queued (the rest
+        dropped); ``pump`` True when the session must pull after
+        ``packets[end - 1]`` (it may leave now).  The reference takes
+        nothing: ``(start, 0, False)``."""
+        return start, 0, False
+
     def pull(self, up, now: float):
         """The next queued ``(packet, subflows)`` that may leave now, or None."""
         return None

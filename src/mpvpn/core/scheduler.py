@@ -361,6 +361,8 @@ class Scheduler(PacketScheduler):
         self._views_t = -math.inf
         self._views: list = []
         self._good: list = []  # the views that are not suspect (or all)
+        self._cv_for = None  # the views list _cv describes
+        self._cv: tuple = ()  # what the C runs read of those views (_c_views)
         self._fviews: dict = {}  # id(policy) -> _flow_views for the current views
         self._rate_sum = 0.0
         self._repair = None  # id(views) -> {None: repair fits, member: P(repair fails)}
@@ -396,6 +398,18 @@ class Scheduler(PacketScheduler):
             self._views_up = up
             self._views_t = now
         return self._views
+
+    def _c_views(self, views: list) -> tuple:
+        """What the C runs (spread_run, urgent_run) take of ``views``: a
+        [subflow] list per view (what ``decided`` holds for a packet sent on
+        it alone), the subflows, their meters (read there at ``now``), owd,
+        ldiv and loss as floats.  The same until the views are rebuilt."""
+        if self._cv_for is not views:
+            self._cv = ([[v.sub] for v in views], [v.sub for v in views], [v.meter for v in views],
+                        [v.owd for v in views], [float(v.ldiv or 0.0) for v in views],
+                        [float(v.loss or 0.0) for v in views])
+            self._cv_for = views
+        return self._cv
 
     def _flow_views(self, fl: _Flow, up, now: float) -> list:
         """The subflows this flow may use: policy-allowed, not suspect (unless
@@ -494,13 +508,10 @@ class Scheduler(PacketScheduler):
         (the budget does not hold packets[i]: the Python path says so)."""
         o = self.options
         self._urgent_refill(views, now)
-        meters = [v.meter for v in views]
+        _, subs, meters, owd, ldiv, loss = self._c_views(views)
         j, part, sizes, nbytes, copies, self._utokens, urgs = _urgent_run(
-            packets, i, key, o.small_bytes, [v.sub for v in views],
-            [m.q - m.rate * (now - m.t) for m in meters], [m.rate for m in meters],
-            [v.owd for v in views], [float(v.ldiv or 0.0) for v in views],
-            [float(v.loss or 0.0) for v in views], o.urgent_value, o.loss_floor, o.copy_cost,
-            self._utokens, overhead)
+            packets, i, key, o.small_bytes, subs, meters, now, owd, ldiv, loss, o.urgent_value,
+            o.loss_floor, o.copy_cost, self._utokens, overhead)
         if j > i:
             for m, sz in zip(meters, sizes):
                 if sz:
@@ -857,11 +868,10 @@ class Scheduler(PacketScheduler):
                     break
                 if spread_c and fl.sent >= pin_bytes:
                     # the rest of this flow's run, spread case, decided in C
+                    ones, _, meters, owd, ldiv, _ = self._c_views(views)
                     j, part, sizes, nbytes = run_c(
-                        packets, i, key0, small, urgent_on, [v.sub for v in views],
-                        [v.meter.q - v.meter.rate * (now - v.meter.t) for v in views],
-                        [v.meter.rate for v in views], [v.owd for v in views],
-                        [float(v.ldiv or 0.0) for v in views], target, overhead)
+                        packets, i, key0, small, urgent_on, ones, meters, now, owd, ldiv, target,
+                        overhead)
                     if j > i:
                         k = j - i
                         for v, sz in zip(views, sizes):
@@ -1093,28 +1103,9 @@ class Scheduler(PacketScheduler):
             return None
         target = o.queue_target
         # Nothing can leave while no subflow has room: say when one will.
-        earliest = math.inf
-        for v in self._all_views(up, now):
-            m = v.meter  # wait = qdelay - target (inlined)
-            rate = m.bw
-            if rate is None:
-                rate = m.bw0
-            q = m.q - rate * (now - m.t)
-            if not q > 0.0:
-                q = 0.0
-            wait = q / rate - target
-            if wait < 0.0:
-                break
-            if wait < earliest:
-                earliest = wait
-        else:
-            for v in self._views:
-                v.meter.held = True
-            self.c["blocked"] += 1
-            t = now + max(earliest, 1e-4)
-            if self._retx and self._release_at is not None and self._release_at > now:
-                t = min(t, self._release_at)
-            self._release_at = t
+        earliest = self._no_room(up, now)
+        if earliest is not None:
+            self._blocked_pull(now, earliest)
             return None
         release_at = math.inf
         max_sojourn = o.max_sojourn
@@ -1200,6 +1191,62 @@ class Scheduler(PacketScheduler):
         else:
             self._release_at = None
         return None
+
+    def _no_room(self, up, now: float) -> float | None:
+        """None if a subflow has room now (its modelled delay below
+        ``queue_target``), else the least wait until one has."""
+        target = self.options.queue_target
+        earliest = math.inf
+        for v in self._all_views(up, now):
+            m = v.meter  # wait = qdelay - target (inlined)
+            rate = m.bw
+            if rate is None:
+                rate = m.bw0
+            q = m.q - rate * (now - m.t)
+            if not q > 0.0:
+                q = 0.0
+            wait = q / rate - target
+            if wait < 0.0:
+                return None
+            if wait < earliest:
+                earliest = wait
+        return earliest
+
+    def _blocked_pull(self, now: float, earliest: float) -> None:
+        """What a ``pull`` that finds no subflow with room records."""
+        for v in self._views:
+            v.meter.held = True
+        self.c["blocked"] += 1
+        t = now + max(earliest, 1e-4)
+        if self._retx and self._release_at is not None and self._release_at > now:
+            t = min(t, self._release_at)
+        self._release_at = t
+
+    def offer_blocked(self, packets: list, start: int, up, now: float) -> tuple:
+        """:meth:`PacketScheduler.offer_blocked`: while no subflow has room
+        now (nothing is sent meanwhile, so none gets any) and no urgent
+        packet or re-send waits (those ``pull`` and the pump take first),
+        each packet is queued (``offer`` behind the queue: ``enqueue``) and
+        the session's ``pull`` after it recorded as blocked.  An urgent
+        packet put in the urgent queue ends the run (``pump``: it leaves
+        without room)."""
+        end = len(packets)
+        i = start
+        if (i >= end or not up or self._urgent or self._retx or not self._qpackets
+                or not (self._active or self._active_prio)):
+            return i, 0, False
+        earliest = self._no_room(up, now)
+        if earliest is None:
+            return i, 0, False
+        queued = 0
+        enqueue = self.enqueue
+        while i < end:
+            queued += enqueue(packets[i], up, now)
+            i += 1
+            if self._urgent:
+                return i, queued, True
+            self._blocked_pull(now, earliest)
+        return i, queued, False
 
     def next_release(self) -> float | None:
         """When ``pull`` may release something (None: the queue is empty)."""

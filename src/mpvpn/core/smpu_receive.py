@@ -115,17 +115,17 @@ class ReceivePath:
         ``_receive_data`` does), pushed here one by one with the NACK
         bookkeeping of the per-packet path.  Returns where it stopped."""
         reorder = self.reorder
+        state = reorder.push_state() if now.__class__ is float else None
+        if state is not None:
+            return self._receive_new(datagrams, i, member, now, sub, out, cur, cur_dec, prev, prev_dec,
+                                     state)
         last, lo, hi, held = reorder.held_state()
         j, opened, dup, late, nbytes, bad = _LOOPS.open_new(
             datagrams, i, member, self.session_id, last, lo, hi, held, cur, cur_dec,
             -1 if prev is None else prev, prev_dec, InvalidTag)
         if j == i:
             return i
-        ok = j - i - bad
-        if ok:
-            sub.on_receive(nbytes, now, ok)
-        if bad:
-            self.auth_failures += bad
+        self._took(sub, j - i, bad, nbytes, now)
         if dup or late:
             reorder.count_stale(dup, late)
         # (seq, delivered up to) of each taken, for the NACK bookkeeping; the
@@ -141,6 +141,41 @@ class ReceivePath:
             sub.on_stale(dup, late)
         if accepted:
             sub.on_data(now, accepted)
+        return j
+
+    def _took(self, sub, n: int, bad: int, nbytes: int, now: float) -> None:
+        """A C loop took ``n`` datagrams of ``sub`` (``nbytes``), ``bad`` of
+        them not authentic (counted, changing nothing else)."""
+        ok = n - bad
+        if ok:
+            sub.on_receive(nbytes, now, ok)
+        if bad:
+            self.auth_failures += bad
+
+    def _receive_new(self, datagrams, i, member, now, sub, out, cur, cur_dec, prev, prev_dec,
+                     state) -> int:
+        """``_open_new`` with the reorder buffer's push and the NACK gap
+        bookkeeping in the same C loop, datagram by datagram as
+        ``_receive_data`` does them (``receive_new``, on the state
+        ``ReorderBuffer.push_state`` and ``NackReceiver.gap_state`` hand
+        over); the counters once per batch.  Returns where it stopped."""
+        nack = self.nack_rx if self.nack_enabled else None
+        missing, high, send_buffer, track = nack.gap_state() if nack is not None else (None, 0, 0, 0)
+        (j, got, last, tlast, dup, late, nbytes, bad, accepted, high, top, noted,
+         untracked) = _LOOPS.receive_new(
+            datagrams, i, member, self.session_id, cur, cur_dec, -1 if prev is None else prev, prev_dec,
+            InvalidTag, *state, now, missing, high, send_buffer, track)
+        if j == i:
+            return i
+        self._took(sub, j - i, bad, nbytes, now)
+        self.reorder.took_pushed(last, tlast, dup, late)
+        out += got
+        if accepted:
+            if nack is not None:
+                nack.gaps_noted(member, high, top, noted, untracked, now)
+            sub.on_data(now, accepted)
+        if dup or late:
+            sub.on_stale(dup, late)
         return j
 
     # -- 2. one datagram: DATA fast path, else classify, authenticate, dispatch -------

@@ -141,6 +141,7 @@ class SendPath:
         self._now = now
         up = self._up
         offer_many = self._sched.offer_many
+        blocked = self._sched.offer_blocked
         over = _HLEN + self._tag_len  # a sealed datagram's bytes beyond the packet
         n = len(packets)
         i = accepted = 0
@@ -153,6 +154,14 @@ class SendPath:
             if j > i + k:  # packets[j - 1] was queued (None) or dropped (False)
                 accepted += last is None
                 self._pump(now)  # as send does: what is queued may leave now
+                # while nothing may leave (no room), the rest queues behind
+                # it: the scheduler offers it and accounts each pump's pull
+                j2, queued, pump = blocked(packets, j, up, now)
+                if j2 > j:
+                    accepted += queued
+                    j = j2
+                    if pump:
+                        self._pump(now)
             i = j
         return accepted
 
