@@ -12,8 +12,14 @@ class _Rtt:
 
 
 class _Sub:
-    def __init__(self, member, srtt):
-        self.member, self.rtt = member, _Rtt(srtt)
+    """What NackReceiver.tick reads of a subflow (mpvpn.core.subflow.Subflow):
+    ``member``, ``rtt.srtt`` and ``suspect(now)``."""
+
+    def __init__(self, member, srtt, suspect=False):
+        self.member, self.rtt, self._suspect = member, _Rtt(srtt), suspect
+
+    def suspect(self, now):
+        return self._suspect
 
 
 def test_a_gap_is_asked_for_on_the_fastest_subflows_and_the_line_is_held():
@@ -37,6 +43,22 @@ def test_a_gap_is_asked_for_on_the_fastest_subflows_and_the_line_is_held():
     reorder.push(2, "b", 0.02)
     rx.on_data(2, 2, 0.02, reorder.last)
     assert rx.tick(rx.last, [fast], reorder).payloads == []  # rate limit: nothing yet
+
+
+def test_a_suspect_subflow_gets_a_nack_copy_only_after_the_others():
+    """The carrier that just failed under a flow caused the gap, is still
+    established (no dead verdict yet) and was often the fastest: a NACK copy
+    on it is lost, so with two copies only one would reach the sender."""
+    for copies, want in ((None, [2, 3]), (3, [2, 3, 1])):  # 3: duplicate mode, every subflow
+        rx = NackReceiver(SessionConfig())
+        reorder = ReorderBuffer(64, 0.1)
+        reorder.push(1, "a", 0.0)
+        rx.on_data(1, 1, 0.0, reorder.last)
+        reorder.push(5, "e", 0.001)
+        rx.on_data(2, 5, 0.001, reorder.last)
+        failed, mid, slow = _Sub(1, 0.010, suspect=True), _Sub(2, 0.020), _Sub(3, 0.050)
+        r = rx.tick(rx.next, [failed, mid, slow], reorder, copies)
+        assert [s.member for s in r.targets] == want
 
 
 def test_reset_forgets_everything_missing():

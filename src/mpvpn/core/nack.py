@@ -370,7 +370,10 @@ class NackReceiver:
         if due and up:
             for s in due:
                 missing.pop(s, None)
-            up.sort(key=lambda sub: sub.rtt.srtt if sub.rtt.srtt is not None else 1e9)
+            # the fastest first, but not a suspect one (probes unanswered: the
+            # carrier that just failed and caused these gaps is still
+            # established, and often the fastest)
+            up.sort(key=lambda sub: (sub.suspect(now), sub.rtt.srtt if sub.rtt.srtt is not None else 1e9))
             # a burst of losses (a carrier failing under a flow) can need more
             # than one NACK's 64 numbers: they all go in this round, since the
             # next one may come after the hold deadline

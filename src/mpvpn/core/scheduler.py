@@ -257,28 +257,15 @@ class _View:
         self.ldiv = 1.0 - min(loss, 0.9) if loss else 0.0
         # seed 000: f = 1/RTT + alpha*BW (alpha = 1/alpha_bytes), u = (1-L) f
         self.u = (1.0 - (loss or 0.0)) * (1.0 / max(srtt, 1e-4) + self.rate / opts.alpha_bytes)
-        # Probes unanswered (2 on a clean path, one less than the subflow's
-        # dead threshold on a lossy one) for longer than an RTO plus a fast
-        # probe interval: suspect -- no new traffic -- before it is dead.
+        # suspect (Subflow.suspect: probes unanswered too long) -- no new
+        # traffic -- before it is dead
         last = sub.last_answer
+        self.suspect = sub.suspect(now)
         if last is None:
-            self.suspect = False
             self.stale = True
         else:
-            silent = now - last
-            cfg = sub.config
-            idle = cfg.keepalive_idle
-            unanswered = sub.probes_unanswered
-            if unanswered >= 2:  # else below any threshold (need >= 2): skip the work
-                fast = cfg.keepalive_active
-                rto = rtt.timeout() or 0.2
-                need = sub.measured_need() - 1  # lossy paths need more unanswered probes
-                # ... and long ones have several in flight normally
-                need = max(2, need, int(rto / fast) + 2)
-                self.suspect = unanswered >= need and silent > rto + fast
-            else:
-                self.suspect = False
-            self.stale = loss is None or rtt.srtt is None or silent > idle + opts.stale_after
+            self.stale = (loss is None or rtt.srtt is None
+                          or now - last > sub.config.keepalive_idle + opts.stale_after)
         # NACKs are faster evidence: most of what went out only here lately
         # was asked for again (a carrier that just died drops everything).
         if (meter.nacked_recently(now) >= opts.suspect_nacks

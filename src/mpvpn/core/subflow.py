@@ -457,6 +457,22 @@ class Subflow:
         n = self._need(max(self._measured_fail(), self.probe_fail.rate))
         return base * (c.dead_after + 1) / (n + 1), n
 
+    def suspect(self, now: float) -> bool:
+        """Probes unanswered (2 on a clean path, one less than the dead
+        threshold on a lossy one, more where several are in flight
+        normally) for longer than an RTO plus a fast probe interval: the
+        path probably failed, before the dead verdict.  Quick and cheap when
+        wrong: the scheduler sends no new traffic here, the NACK receiver
+        asks on other subflows first."""
+        last = self.last_answer
+        unanswered = len(self._outstanding)
+        if last is None or unanswered < 2:  # below any threshold (need >= 2)
+            return False
+        fast = self.config.keepalive_active
+        rto = self.rtt.timeout() or 0.2
+        need = max(2, self.measured_need() - 1, int(rto / fast) + 2)
+        return unanswered >= need and now - last > rto + fast
+
     def measured_need(self) -> int:
         """Unanswered probes that are unusual at the *measured* loss alone
         (point estimates, no allowance for few samples): what a scheduler's
