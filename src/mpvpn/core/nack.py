@@ -428,9 +428,8 @@ class NackReceiver:
             # gave it up.
             # (from the RTTs' cap, not a running burst's: under steady loss
             # the deferrals overlap, and the stretch must not add up)
-            limit = base_cap + burst
-            limit = base_cap if limit <= base_cap else min(limit, max(base_cap, self.config.hold_limit))
-            defer = min(until, oldest + (limit if limit > cap else cap))
+            limit = min(base_cap + burst, max(base_cap, self.config.hold_limit))  # burst >= 0
+            defer = min(until, oldest + max(limit, cap))
             defer_cap = limit if limit > base_cap else None
         if not missing and not asked:
             self.next = None
